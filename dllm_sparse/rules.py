@@ -1,0 +1,240 @@
+"""Sparsification rules: map a tensor [..., d] to a boolean keep-mask along its last dimension.
+
+The contract is ``shared/specs/sparsification.md``. Every rule is a small frozen object with two verbs:
+
+    rule.mask(x)  -> bool tensor, True where the entry is kept
+    rule(x)       -> x with every other entry set to exactly 0 (kept entries unchanged, no rescaling)
+
+Zeros are never "kept": a keep-mask is always a subset of the non-zero entries, so an all-zero row gets an
+empty mask and stays zero, and p = 1 keeps exactly the non-zero entries.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "SparsityRule",
+    "TopP",
+    "TopK",
+    "MaxP",
+    "make_rule",
+    "top_p_mask_reference",
+    "top_p_threshold",
+    "top_p_mask",
+]
+
+
+# --------------------------------------------------------------------------------------------------------
+# top-p: reference (sort + cumulative sum in float64) and fast (bisection on the threshold, no sort)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check_p(p: float) -> float:
+    p = float(p)
+    if not (0.0 < p <= 1.0) or math.isnan(p):
+        raise ValueError(f"p must be in (0, 1], got {p}. Use p = 1 for the dense model (keeps every non-zero).")
+    return p
+
+
+def top_p_mask_reference(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The spec, literally: sort |v| descending, find the smallest k whose running sum reaches p·||v||_1,
+    tau = k-th largest |v|, keep every entry with |v| >= tau (ties kept). Float64 throughout. Slow; it
+    defines correctness for the fast path and the kernels."""
+    p = _check_p(p)
+    a = x.detach().abs().to(torch.float64)
+    if p >= 1.0:
+        return a > 0
+    sorted_a, _ = torch.sort(a, dim=-1, descending=True)
+    csum = torch.cumsum(sorted_a, dim=-1)
+    target = p * csum[..., -1:]
+    # k - 1 = number of prefixes whose sum is still below the target.
+    k_minus_1 = (csum < target).sum(dim=-1, keepdim=True).clamp(max=a.shape[-1] - 1)
+    tau = torch.gather(sorted_a, -1, k_minus_1)
+    return (a >= tau) & (a > 0)
+
+
+_INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def top_p_threshold(x: torch.Tensor, p: float, acc_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-row top-p threshold tau (shape [..., 1], float32; float64 for float64 input) without sorting.
+
+    Why this works: S(t) = sum of |v_i| >= t is non-increasing in t, and the spec's tau is exactly the
+    largest t with S(t) >= p·||v||_1 (it is always an entry value). For non-negative floats the integer
+    bit pattern is monotone in the value, so a bisection over bit patterns finds tau *exactly* in 31
+    steps (63 for float64), each a compare and a masked row sum.
+    ``acc_dtype``: dtype of the mass sums; float64 by default on CPU (matches the reference bit for bit up to
+    summation order), float32 on GPUs (the spec's minimum).
+    """
+    p = _check_p(p)
+    a = x.detach().abs()
+    search_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    a = a.to(search_dtype)
+    if acc_dtype is None:
+        acc_dtype = torch.float64 if a.device.type == "cpu" else torch.float32
+    int_dtype = _INT_VIEW[search_dtype]
+    total = a.sum(dim=-1, keepdim=True, dtype=acc_dtype)
+    target = total * p
+    # Invariant: S(lo) >= target (lo = +0.0 always qualifies), S(hi) < target (above the max there is no mass).
+    lo = torch.zeros_like(total, dtype=int_dtype)
+    hi = a.amax(dim=-1, keepdim=True).view(int_dtype) + 1
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    for _ in range(64 if int_dtype == torch.int64 else 32):
+        mid = lo + (hi - lo) // 2
+        t = mid.view(search_dtype)
+        ok = torch.where(a >= t, a, zero).sum(dim=-1, keepdim=True, dtype=acc_dtype) >= target
+        lo = torch.where(ok, mid, lo)
+        hi = torch.where(ok, hi, mid)
+        # The loop bound covers the full bit range; most rows converge well before it on real data.
+    return lo.view(search_dtype)
+
+
+def top_p_mask(x: torch.Tensor, p: float, acc_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Fast top-p keep-mask (bisection threshold); equal to :func:`top_p_mask_reference`."""
+    p = _check_p(p)
+    a = x.detach().abs()
+    if p >= 1.0:
+        return a > 0
+    tau = top_p_threshold(x, p, acc_dtype)
+    a = a.to(tau.dtype)
+    return (a >= tau) & (a > 0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Rule objects
+# --------------------------------------------------------------------------------------------------------
+
+_SCOPES = ("token", "sequence")
+
+
+class SparsityRule(ABC):
+    """Base class. Subclasses implement :meth:`_row_mask` on a [..., d] tensor."""
+
+    scope: str = "token"
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scope == "sequence":
+            # One selection over all tokens x features of a sample ([..., T, d] -> [..., T*d]); this is what the
+            # paper's public code did for its LLaDA figure. Not the default.
+            if x.dim() < 2:
+                raise ValueError("scope='sequence' needs activations shaped [..., tokens, features]")
+            flat = x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+            return self._row_mask(flat).reshape(x.shape)
+        return self._row_mask(x)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.masked_fill(~self.mask(x), 0)
+
+    @abstractmethod
+    def _row_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Keep-mask along the last dimension."""
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the rule keeps every non-zero entry (so it cannot change any output)."""
+        return False
+
+    @abstractmethod
+    def to_dict(self) -> dict:
+        """A JSON-able description, e.g. {"rule": "top_p", "threshold": 0.9, "scope": "token"}."""
+
+
+def _check_scope(scope: str) -> None:
+    if scope not in _SCOPES:
+        raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
+
+
+@dataclass(frozen=True)
+class TopP(SparsityRule):
+    """Keep the largest-magnitude entries holding a fraction ``p`` of the row's L1 mass (the paper's rule).
+
+    ``method="bisect"`` finds the threshold without sorting (the GPU path); ``method="sort"`` is the reference.
+    Both give the same masks (tests/test_rules.py). ``"auto"`` (default) sorts on CPU, where a row sort
+    measured 2x faster than 32 bisection passes (256 x 1536 fp32: 15 ms vs 31 ms), and bisects elsewhere.
+    """
+
+    p: float
+    scope: str = "token"
+    method: str = "auto"
+
+    def __post_init__(self):
+        object.__setattr__(self, "p", _check_p(self.p))
+        _check_scope(self.scope)
+        if self.method not in ("auto", "bisect", "sort"):
+            raise ValueError(f"method must be 'auto', 'bisect' or 'sort', got {self.method!r}")
+
+    def _row_mask(self, x):
+        use_sort = self.method == "sort" or (self.method == "auto" and x.device.type == "cpu")
+        return top_p_mask_reference(x, self.p) if use_sort else top_p_mask(x, self.p)
+
+    @property
+    def is_identity(self):
+        return self.p >= 1.0
+
+    def to_dict(self):
+        return {"rule": "top_p", "threshold": self.p, "scope": self.scope}
+
+
+@dataclass(frozen=True)
+class TopK(SparsityRule):
+    """Keep the k = ceil((1 - sparsity) * d) largest |v_i| of each row."""
+
+    sparsity: float
+    scope: str = "token"
+
+    def __post_init__(self):
+        s = float(self.sparsity)
+        if not (0.0 <= s < 1.0) or math.isnan(s):
+            raise ValueError(f"sparsity must be in [0, 1), got {s}. Use 0 for the dense model.")
+        object.__setattr__(self, "sparsity", s)
+        _check_scope(self.scope)
+
+    def _row_mask(self, x):
+        d = x.shape[-1]
+        k = min(d, math.ceil((1.0 - self.sparsity) * d))
+        a = x.detach().abs()
+        idx = torch.topk(a, k, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, idx, True)
+        return keep & (a > 0)
+
+    @property
+    def is_identity(self):
+        return self.sparsity == 0.0
+
+    def to_dict(self):
+        return {"rule": "top_k", "threshold": self.sparsity, "scope": self.scope}
+
+
+@dataclass(frozen=True)
+class MaxP(SparsityRule):
+    """Keep entries with |v_i| >= p * max|v| (always keeps the largest entry)."""
+
+    p: float
+    scope: str = "token"
+
+    def __post_init__(self):
+        object.__setattr__(self, "p", _check_p(self.p))
+        _check_scope(self.scope)
+
+    def _row_mask(self, x):
+        a = x.detach().abs().float()
+        return (a >= self.p * a.amax(dim=-1, keepdim=True)) & (a > 0)
+
+    def to_dict(self):
+        return {"rule": "max_p", "threshold": self.p, "scope": self.scope}
+
+
+_RULES = {"top_p": TopP, "top_k": TopK, "max_p": MaxP}
+
+
+def make_rule(name: str, threshold: float, scope: str = "token") -> SparsityRule:
+    """Build a rule from its name (``top_p``, ``top_k``, ``max_p``) and threshold, e.g. from a CLI flag."""
+    key = name.replace("-", "_").lower()
+    if key not in _RULES:
+        raise ValueError(f"unknown rule {name!r}; choose one of {sorted(_RULES)}")
+    return _RULES[key](threshold, scope=scope)

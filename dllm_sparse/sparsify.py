@@ -1,0 +1,186 @@
+"""The masking path: sparsify one FFN site of a model with a rule, through forward hooks.
+
+    with sparsify(model, site="input", rule=TopP(0.9)) as stats:
+        model(input_ids, attention_mask=attention_mask)
+    print(stats.mean())
+
+Masks are computed afresh from the current activations at every forward call (every denoising step, every
+decoded token): no state is carried between calls. The hooks are always removed on exit, also when the body
+raises, so the model is bit-identical to the untouched one afterwards. This path defines what sparsity
+*does*; :mod:`dllm_sparse.kernels` makes it save time.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+
+from .adapters import FFNModules, find_ffns
+from .rules import SparsityRule
+from .sites import FFNSite
+from .stats import SparsityStats
+
+__all__ = ["sparsify", "Sparsifier", "MaskEvent", "MaskSelector"]
+
+
+@dataclass
+class MaskEvent:
+    """What a mask observer sees at every selection."""
+
+    layer: int
+    site: FFNSite
+    keep: torch.Tensor  # bool [..., d], True = kept
+    tag: object  # the statistics' current tag (step index, "prefill", ...)
+    valid: torch.Tensor | None  # [batch, S] attention mask of real tokens, if the model was given one
+
+
+# A mask selector replaces "apply the rule" with anything that returns a keep-mask, e.g. a mask-reuse
+# policy: selector(layer, site, x, rule) -> bool keep-mask shaped like x.
+MaskSelector = Callable[[int, FFNSite, torch.Tensor, SparsityRule], torch.Tensor]
+
+
+class Sparsifier:
+    """Attaches (and detaches) the hooks of one site on every selected layer. Prefer :func:`sparsify`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        site: FFNSite | str,
+        rule: SparsityRule,
+        layers: Iterable[int] | None = None,
+        stats: SparsityStats | None = None,
+        mask_observers: Iterable[Callable[[MaskEvent], None]] = (),
+        select_mask: MaskSelector | None = None,
+    ):
+        if not isinstance(rule, SparsityRule):
+            raise TypeError(f"rule must be a SparsityRule such as TopP(0.9), got {rule!r}")
+        self.model = model
+        self.site = FFNSite.parse(site)
+        self.rule = rule
+        self.stats = stats if stats is not None else SparsityStats()
+        self.observers = list(mask_observers)
+        self.select_mask = select_mask
+        all_ffns = find_ffns(model)
+        self.ffns = _select_layers(all_ffns, layers)
+        if self.site is FFNSite.GATE:
+            acts = [id(f.act) for f in all_ffns]
+            if len(set(acts)) != len(acts):
+                raise ValueError(f"{type(model).__name__} shares one activation module between layers; the gate "
+                                 "site needs one activation module per layer (hooks identify layers by module)")
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._valid: torch.Tensor | None = None  # attention mask of the forward call in flight
+        self._input_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ---- the one operation every hook performs -----------------------------------------------------------
+    def _apply(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        if self.select_mask is not None:
+            keep = self.select_mask(layer, self.site, x, self.rule)
+        else:
+            keep = self.rule.mask(x)
+        out = x.masked_fill(~keep, 0)
+        self.stats.add(layer, self.site, out, self._valid)
+        if self.stats.record_masks:
+            self.stats.add_mask(layer, self.site, keep)
+        for observer in self.observers:
+            observer(MaskEvent(layer, self.site, keep, self.stats.tag, self._valid))
+        return out
+
+    # ---- hooks -----------------------------------------------------------------------------------------------
+    def attach(self) -> "Sparsifier":
+        if self._handles:
+            raise RuntimeError("this Sparsifier is already attached")
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(self._release_mask))
+            for ffn in self.ffns:
+                self._attach_one(ffn)
+        except BaseException:
+            self.detach()
+            raise
+        return self
+
+    def _attach_one(self, ffn: FFNModules) -> None:
+        layer, add = ffn.layer, self._handles.append
+        if self.site is FFNSite.INPUT:
+            # gate and up receive the same tensor x: select once, serve the sparse x to both projections.
+            hook = self._input_pre_hook(layer)
+            add(ffn.gate.register_forward_pre_hook(hook))
+            add(ffn.up.register_forward_pre_hook(hook))
+        elif self.site is FFNSite.GATE:
+            add(ffn.act.register_forward_hook(lambda m, args, out: self._apply(layer, out)))
+        elif self.site is FFNSite.UP:
+            add(ffn.up.register_forward_hook(lambda m, args, out: self._apply(layer, out)))
+        else:  # INTERMEDIATE: the input of the down projection
+            add(ffn.down.register_forward_pre_hook(lambda m, args: (self._apply(layer, args[0]), *args[1:])))
+
+    def _input_pre_hook(self, layer: int):
+        def hook(module, args):
+            x = args[0]
+            cached = self._input_cache.pop(layer, None)
+            if cached is not None and cached[0] is x:
+                return (cached[1], *args[1:])  # second projection of the same x
+            sparse_x = self._apply(layer, x)
+            self._input_cache[layer] = (x, sparse_x)
+            return (sparse_x, *args[1:])
+
+        return hook
+
+    def _capture_mask(self, module, args, kwargs):
+        am = kwargs.get("attention_mask")
+        self._valid = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
+
+    def _release_mask(self, module, args, output):
+        self._valid = None
+        self._input_cache.clear()
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._input_cache.clear()
+        self._valid = None
+
+
+def _select_layers(ffns: list[FFNModules], layers: Iterable[int] | None) -> list[FFNModules]:
+    if layers is None:
+        return ffns
+    n = len(ffns)
+    chosen = []
+    for i in layers:
+        if not -n <= int(i) < n:
+            raise ValueError(f"layer {i} out of range: the model has {n} FFN layers (0..{n - 1})")
+        chosen.append(ffns[int(i) % n])
+    return sorted({f.layer: f for f in chosen}.values(), key=lambda f: f.layer)
+
+
+@contextmanager
+def sparsify(
+    model: nn.Module,
+    site: FFNSite | str,
+    rule: SparsityRule,
+    layers: Iterable[int] | None = None,
+    stats: SparsityStats | None = None,
+    record_masks: bool = False,
+    mask_observers: Iterable[Callable[[MaskEvent], None]] = (),
+    select_mask: MaskSelector | None = None,
+) -> Iterator[SparsityStats]:
+    """Sparsify ``site`` of every selected FFN with ``rule`` inside the block; yields the statistics.
+
+    ``layers``: indices (all by default). ``stats``: an existing :class:`SparsityStats` to add to (e.g. one
+    per run across several ``sparsify`` blocks). ``record_masks``: keep every keep-mask (memory!).
+    ``mask_observers``: callables receiving a :class:`MaskEvent` at each selection. ``select_mask``: replaces
+    the rule's selection (mask-reuse policies).
+    """
+    if stats is None:
+        stats = SparsityStats(record_masks=record_masks)
+    elif record_masks:
+        stats.record_masks = True
+    sp = Sparsifier(model, site, rule, layers, stats, mask_observers, select_mask).attach()
+    try:
+        yield sp.stats
+    finally:
+        sp.detach()

@@ -1,0 +1,148 @@
+"""Measured sparsity, kept apart per tag (a step, "prefill"...), token group, layer and site.
+
+Sparsity of one vector = fraction of its entries that are exactly zero after the rule. Counts stay on the
+activations' device as running tensors (no host sync inside a forward pass); they are read only when a
+report is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Hashable, Iterator
+
+import torch
+
+ALL = "all"  # the group of every real (non-padding) token; always counted
+
+
+@dataclass
+class _Count:
+    zeros: torch.Tensor  # sum over counted tokens of the number of zero entries (float64 scalar tensor)
+    tokens: torch.Tensor  # number of counted tokens
+    width: int  # entries per token (d_model or d_ff)
+
+
+@dataclass
+class SparsityStats:
+    """Running sparsity statistics. A forward call is counted under the current :attr:`tag` and for every
+    token group: ``"all"`` (real tokens, from the model's attention mask) plus the groups set by the caller
+    with :meth:`tagged` (boolean [batch, tokens] masks such as ``prompt`` / ``masked`` / ``decoded``)."""
+
+    record_masks: bool = False
+    tag: Hashable = "default"
+    groups: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[tuple, _Count] = field(default_factory=dict)
+    masks: list[dict] = field(default_factory=list)  # only with record_masks=True
+
+    # ---- tagging ---------------------------------------------------------------------------------------
+    @contextmanager
+    def tagged(self, tag: Hashable, groups: dict[str, torch.Tensor] | None = None) -> Iterator["SparsityStats"]:
+        """Count the forward calls made inside under ``tag`` (and the extra token ``groups``)."""
+        old = (self.tag, self.groups)
+        self.tag, self.groups = tag, dict(groups or {})
+        try:
+            yield self
+        finally:
+            self.tag, self.groups = old
+
+    # ---- accumulation (called from the hooks) ------------------------------------------------------------
+    def add(self, layer: int, site: str, out: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Count the zeros of ``out`` [..., d]; ``valid`` is a [batch, tokens] mask of real tokens or None."""
+        zeros = (out == 0).sum(dim=-1)  # [...]: zero entries per token
+        groups = {ALL: None, **self.groups}
+        for name, g in groups.items():
+            m = _combine(valid, g, zeros)
+            if m is None:
+                z, n = zeros.sum(dtype=torch.float64), torch.tensor(float(zeros.numel()), dtype=torch.float64)
+            else:
+                z, n = (zeros * m).sum(dtype=torch.float64), m.sum(dtype=torch.float64)
+            key = (self.tag, name, layer, str(site))
+            c = self.counts.get(key)
+            if c is None:
+                self.counts[key] = _Count(z, n, out.shape[-1])
+            else:
+                c.zeros = c.zeros + z
+                c.tokens = c.tokens + n
+
+    def add_mask(self, layer: int, site: str, keep: torch.Tensor) -> None:
+        self.masks.append({"tag": self.tag, "layer": layer, "site": str(site), "keep": keep.detach().cpu()})
+
+    # ---- reports -------------------------------------------------------------------------------------------
+    def records(self) -> list[dict]:
+        """One tidy row per (tag, group, layer, site): sparsity, tokens, width."""
+        rows = []
+        for (tag, group, layer, site), c in sorted(self.counts.items(), key=lambda kv: tuple(map(str, kv[0]))):
+            tokens = float(c.tokens)
+            rows.append({
+                "tag": tag, "group": group, "layer": layer, "site": site, "tokens": int(tokens), "width": c.width,
+                "sparsity": float(c.zeros) / (tokens * c.width) if tokens else float("nan"),
+            })
+        rows.sort(key=lambda r: (str(r["tag"]), r["group"], r["site"], r["layer"]))
+        return rows
+
+    @property
+    def tags(self) -> list:
+        return list(dict.fromkeys(k[0] for k in self.counts))
+
+    def per_layer(self, site: str | None = None, tag: Hashable | None = None, group: str = ALL) -> dict[int, float]:
+        """Sparsity per layer, pooled over tags (or for one ``tag``); ``site`` may be omitted when only one
+        site was measured."""
+        site = self._one_site(site)
+        zeros: dict[int, float] = {}
+        entries: dict[int, float] = {}
+        for (t, g, layer, s), c in self.counts.items():
+            if s == site and g == group and (tag is None or t == tag):
+                zeros[layer] = zeros.get(layer, 0.0) + float(c.zeros)
+                entries[layer] = entries.get(layer, 0.0) + float(c.tokens) * c.width
+        return {k: (zeros[k] / entries[k] if entries[k] else float("nan")) for k in sorted(zeros)}
+
+    def mean(self, site: str | None = None, tag: Hashable | None = None, group: str = ALL) -> float:
+        """Mean over layers of the per-layer sparsity (the figure every curve uses as its x-axis)."""
+        per = [v for v in self.per_layer(site, tag, group).values() if v == v]
+        return sum(per) / len(per) if per else float("nan")
+
+    def sites(self) -> list[str]:
+        return sorted({k[3] for k in self.counts})
+
+    def _one_site(self, site: str | None) -> str:
+        if site is not None:
+            return str(site)
+        sites = self.sites()
+        if len(sites) != 1:
+            raise ValueError(f"these statistics hold sites {sites}; name one with site=...")
+        return sites[0]
+
+    def to_dict(self) -> dict:
+        return {
+            "mean": {s: self.mean(s) for s in self.sites()},
+            "per_layer": {s: self.per_layer(s) for s in self.sites()},
+            "records": self.records(),
+        }
+
+    def to_json(self, path=None, **kw) -> str:
+        text = json.dumps(self.to_dict(), default=str, **kw)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
+
+
+def _combine(valid: torch.Tensor | None, group: torch.Tensor | None, zeros: torch.Tensor) -> torch.Tensor | None:
+    """AND of the padding mask and a caller's group mask, aligned to the activations' token dims.
+
+    Masks are [batch, S] with S >= tokens (a KV-cached decode step sees only the last tokens of the mask),
+    so they are right-aligned. Activations that are not [batch, tokens, d] are counted whole.
+    """
+    shape, out = zeros.shape, None
+    for m in (valid, group):
+        if m is None:
+            continue
+        if len(shape) != 2 or m.dim() != 2 or m.shape[0] != shape[0] or m.shape[1] < shape[1]:
+            if m is group:
+                raise ValueError(f"token group mask of shape {tuple(m.shape)} does not fit activations {tuple(shape)}")
+            continue
+        m = m[:, m.shape[1] - shape[1]:].to(device=zeros.device, dtype=torch.bool)
+        out = m if out is None else out & m
+    return out
