@@ -29,6 +29,7 @@ sampling code never passes a mask, so for unpadded inputs the two agree.)
 """
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,8 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 __all__ = [
     "LLADA_MASK_TOKEN_ID",
-    "LLaDAConfig",
     "LLaDABlock",
+    "LLaDAConfig",
     "LLaDAModel",
     "LLaDAModelLM",
     "RMSNorm",
@@ -80,7 +81,7 @@ class LLaDAConfig(PretrainedConfig):
 
     model_type = "llada"
     # `transformers` code (and other modules of this package) reads the standard names; map them onto LLaDA's.
-    attribute_map = {
+    attribute_map: ClassVar[dict[str, str]] = {
         "hidden_size": "d_model",
         "num_hidden_layers": "n_layers",
         "num_attention_heads": "n_heads",
@@ -171,20 +172,20 @@ def tiny_llada_config(**overrides) -> LLaDAConfig:
 
     Token 99 is the mask token; eos/pad are 98. Any field can be overridden by keyword.
     """
-    fields = dict(
-        d_model=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        mlp_hidden_size=128,
-        vocab_size=100,
-        embedding_size=100,
-        max_sequence_length=128,
-        rope_theta=10000.0,
-        mask_token_id=99,
-        eos_token_id=98,
-        pad_token_id=98,
-    )
+    fields = {
+        "d_model": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "mlp_hidden_size": 128,
+        "vocab_size": 100,
+        "embedding_size": 100,
+        "max_sequence_length": 128,
+        "rope_theta": 10000.0,
+        "mask_token_id": 99,
+        "eos_token_id": 98,
+        "pad_token_id": 98,
+    }
     fields.update(overrides)
     return LLaDAConfig(**fields)
 
@@ -238,7 +239,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, full_precision: bool = True) -> torch.Tensor:
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, full_precision: bool = True
+) -> torch.Tensor:
     """Rotate ``x`` of shape ``[B, H, T, head_dim]`` by the tables from :func:`rotary_cos_sin`.
 
     With ``full_precision`` (LLaDA's ``rope_full_precision=True``) the rotation is done in float32 and the result
@@ -374,22 +377,22 @@ class LLaDAModel(nn.Module):
         _check_supported(config)
         self.config = config
         n_emb = config.embedding_size or config.vocab_size
+        norm_bias = config.include_bias if config.bias_for_layer_norm is None else config.bias_for_layer_norm
         self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(n_emb, config.d_model),
-                blocks=nn.ModuleList(LLaDABlock(config, i) for i in range(config.n_layers)),
-                ln_f=RMSNorm(
-                    config.d_model,
-                    config.rms_norm_eps,
-                    config.layer_norm_with_affine,
-                    config.include_bias if config.bias_for_layer_norm is None else config.bias_for_layer_norm,
+            {
+                "wte": nn.Embedding(n_emb, config.d_model),
+                "blocks": nn.ModuleList(LLaDABlock(config, i) for i in range(config.n_layers)),
+                "ln_f": RMSNorm(
+                    config.d_model, config.rms_norm_eps, config.layer_norm_with_affine, norm_bias
                 ),
                 # With weight tying this Linear's weight is replaced by wte.weight (PreTrainedModel.tie_weights);
                 # the original code has no ff_out then and uses F.linear(x, wte.weight) without bias.
-                ff_out=nn.Linear(config.d_model, n_emb, bias=config.include_bias and not config.weight_tying),
-            )
+                "ff_out": nn.Linear(
+                    config.d_model, n_emb, bias=config.include_bias and not config.weight_tying
+                ),
+            }
         )
-        # Set by PreTrainedModel.gradient_checkpointing_enable().
+        # Set by PreTrainedModel.activation_checkpointing_enable() / gradient_checkpointing_enable().
         self.gradient_checkpointing = False
 
     def forward(
@@ -441,7 +444,9 @@ def _padding_mask(attention_mask: torch.Tensor | None, B: int, T: int) -> torch.
     if attention_mask is None:
         return None
     if attention_mask.shape != (B, T):
-        raise ValueError(f"attention_mask must have shape [batch, seq] = {(B, T)}, got {tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"attention_mask must have shape [batch, seq] = {(B, T)}, got {tuple(attention_mask.shape)}"
+        )
     keep = attention_mask.bool()
     if bool(keep.all()):
         return None  # no padding: leave SDPA free to pick its fastest (mask-less) kernel
@@ -459,8 +464,11 @@ class LLaDAModelLM(PreTrainedModel):
     config_class = LLaDAConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    _no_split_modules = ["LLaDABlock"]
-    _tied_weights_keys = {"model.transformer.ff_out.weight": "model.transformer.wte.weight"}
+    _no_split_modules: ClassVar[list[str]] = ["LLaDABlock"]
+    # Used only when config.tie_word_embeddings (= weight_tying) is true.
+    _tied_weights_keys: ClassVar[dict[str, str]] = {
+        "model.transformer.ff_out.weight": "model.transformer.wte.weight"
+    }
     supports_gradient_checkpointing = True
     _supports_sdpa = True
 
@@ -545,7 +553,9 @@ class LLaDAModelLM(PreTrainedModel):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device), ignore_index=-100
+                logits.float().reshape(-1, logits.shape[-1]),
+                labels.reshape(-1).to(logits.device),
+                ignore_index=-100,
             )
         if return_dict is False or (return_dict is None and not self.config.return_dict):
             out = (logits,) + ((hidden_states,) if hidden_states is not None else ())
