@@ -9,14 +9,13 @@ The core API::
     print(stats.mean())
 """
 
+from . import llada as _llada  # noqa: F401  (registers model_type "llada" with the transformers Auto classes)
 from .adapters import ADAPTERS, FFNAdapter, FFNModules, detect_adapter, find_ffns, register_adapter
+from .loading import LoadedModel, load_model
 from .rules import MaxP, SparsityRule, TopK, TopP, make_rule, top_p_mask, top_p_mask_reference, top_p_threshold
 from .sites import ALL_SITES, FFNSite
 from .sparsify import MaskEvent, Sparsifier, sparsify
 from .stats import SparsityStats
-
-from . import llada as _llada  # noqa: F401,E402  (registers model_type "llada" with the transformers Auto classes)
-from .loading import LoadedModel, load_model  # noqa: E402
 
 __version__ = "0.1.0"
 

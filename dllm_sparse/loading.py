@@ -19,9 +19,10 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -114,10 +115,10 @@ def _smollm2_hf_dir(**_: Any) -> Path:
     return hf_dir
 
 
-EMBEDDED_MODELS: dict[str, Callable[..., "str | Path | LoadedModel"]] = {"smollm2-135m": _smollm2_hf_dir}
+EMBEDDED_MODELS: dict[str, Callable[..., str | Path | LoadedModel]] = {"smollm2-135m": _smollm2_hf_dir}
 
 
-def register_embedded(name: str, resolver: Callable[..., "str | Path | LoadedModel"]) -> None:
+def register_embedded(name: str, resolver: Callable[..., str | Path | LoadedModel]) -> None:
     """Add an embedded model name. The resolver is called with ``dtype=`` and ``device=`` keywords and
     returns a loadable path, or a :class:`LoadedModel` (for models built from parts, e.g. base + adapter)."""
     EMBEDDED_MODELS[name] = resolver

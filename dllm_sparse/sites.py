@@ -12,7 +12,7 @@ class FFNSite(str, Enum):
     INTERMEDIATE = "intermediate"  # act(W_gate x) * (W_up x), input of W_down (d_ff)
 
     @classmethod
-    def parse(cls, site: "FFNSite | str") -> "FFNSite":
+    def parse(cls, site: FFNSite | str) -> FFNSite:
         if isinstance(site, FFNSite):
             return site
         try:

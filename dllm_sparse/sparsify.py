@@ -12,9 +12,9 @@ raises, so the model is bit-identical to the untouched one afterwards. This path
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -90,7 +90,7 @@ class Sparsifier:
         return out
 
     # ---- hooks -----------------------------------------------------------------------------------------------
-    def attach(self) -> "Sparsifier":
+    def attach(self) -> Sparsifier:
         if self._handles:
             raise RuntimeError("this Sparsifier is already attached")
         try:

@@ -8,9 +8,9 @@ report is asked for.
 from __future__ import annotations
 
 import json
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Hashable, Iterator
 
 import torch
 
@@ -38,7 +38,7 @@ class SparsityStats:
 
     # ---- tagging ---------------------------------------------------------------------------------------
     @contextmanager
-    def tagged(self, tag: Hashable, groups: dict[str, torch.Tensor] | None = None) -> Iterator["SparsityStats"]:
+    def tagged(self, tag: Hashable, groups: dict[str, torch.Tensor] | None = None) -> Iterator[SparsityStats]:
         """Count the forward calls made inside under ``tag`` (and the extra token ``groups``)."""
         old = (self.tag, self.groups)
         self.tag, self.groups = tag, dict(groups or {})
