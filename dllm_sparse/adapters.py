@@ -88,7 +88,9 @@ def _resolve(model: nn.Module, adapter: FFNAdapter) -> list[FFNModules] | None:
     """The adapter's FFNs on this model, or None when its names do not fit."""
     candidates = [
         m for name, m in model.named_modules()
-        if isinstance(m, nn.ModuleList) and (name == adapter.layers or name.endswith("." + adapter.layers))
+        if isinstance(m, nn.ModuleList)
+        and (name == adapter.layers or name.endswith("." + adapter.layers)
+             or adapter.layers.endswith("." + name))  # a base model (LlamaModel: "layers" of "model.layers")
     ]
     for blocks in candidates:
         ffns = []

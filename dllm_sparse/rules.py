@@ -196,7 +196,11 @@ class TopK(SparsityRule):
 
     def _row_mask(self, x):
         d = x.shape[-1]
-        k = min(d, math.ceil((1.0 - self.sparsity) * d))
+        # ceil((1 - s) d) of the decimal s the caller meant: (1 - 0.7) * 10 is 3.0000000000000004 in binary
+        # floats, and a bare ceil would keep 4 entries instead of 3. Snap products within rounding of an integer.
+        kf = (1.0 - self.sparsity) * d
+        k = round(kf) if abs(kf - round(kf)) <= 1e-9 * max(1.0, kf) else math.ceil(kf)
+        k = min(d, max(k, 1 if d else 0))
         a = x.detach().abs()
         idx = torch.topk(a, k, dim=-1, sorted=False).indices
         keep = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, idx, True)
@@ -222,7 +226,8 @@ class MaxP(SparsityRule):
         _check_scope(self.scope)
 
     def _row_mask(self, x):
-        a = x.detach().abs().float()
+        a = x.detach().abs()
+        a = a if a.dtype == torch.float64 else a.float()  # float32 would round float64 near-ties together
         return (a >= self.p * a.amax(dim=-1, keepdim=True)) & (a > 0)
 
     def to_dict(self):

@@ -12,6 +12,7 @@ raises, so the model is bit-identical to the untouched one afterwards. This path
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -131,6 +132,11 @@ class Sparsifier:
 
     def _capture_mask(self, module, args, kwargs):
         am = kwargs.get("attention_mask")
+        if am is None and len(args) > 1:  # model(input_ids, attention_mask) given positionally
+            try:
+                am = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments.get("attention_mask")
+            except (TypeError, ValueError):
+                am = None
         self._valid = am if isinstance(am, torch.Tensor) and am.dim() == 2 else None
 
     def _release_mask(self, module, args, output):

@@ -55,7 +55,8 @@ class SparsityStats:
         for name, g in groups.items():
             m = _combine(valid, g, zeros)
             if m is None:
-                z, n = zeros.sum(dtype=torch.float64), torch.tensor(float(zeros.numel()), dtype=torch.float64)
+                z = zeros.sum(dtype=torch.float64)
+                n = torch.tensor(float(zeros.numel()), dtype=torch.float64, device=zeros.device)
             else:
                 z, n = (zeros * m).sum(dtype=torch.float64), m.sum(dtype=torch.float64)
             key = (self.tag, name, layer, str(site))

@@ -1,0 +1,111 @@
+"""Shared tiny-model factories for the test suite.
+
+Every factory builds a randomly initialised model (seeded, float32, eval mode) small enough for a shared 2-core
+CPU: hidden size 32, FFN width 64, 2 layers, vocabulary 128.
+
+    def test_something(tiny_model):
+        model = tiny_model("qwen2")          # one of FAMILIES
+        model = tiny_model("llama", num_hidden_layers=3, seed=1)
+
+    def test_other(tiny_llama):              # the same as tiny_model("llama")
+        ...
+
+``build_tiny_model`` is the plain function behind the fixtures (tests can also import it with
+``from conftest import build_tiny_model``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 128
+HIDDEN = 32
+FFN = 64
+LAYERS = 2
+
+# Adapter family -> what detect_adapter must answer for the model the factory builds.
+FAMILIES = ("llama", "qwen2", "mistral", "gemma3", "dream", "llada")
+
+
+class DreamLikeConfig(Qwen2Config):
+    """Dream-7B keeps Qwen2.5's module names; only ``model_type`` tells it apart (the real model is remote code)."""
+
+    model_type = "dream"
+
+
+def _common(**overrides) -> dict:
+    fields = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        hidden_act="silu",
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    fields.update(overrides)
+    return fields
+
+
+def build_tiny_model(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny random model of ``family`` (see FAMILIES); config fields can be overridden by keyword."""
+    torch.manual_seed(seed)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**_common(**overrides)))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**_common(**overrides)))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**_common(sliding_window=None, **overrides)))
+    elif family == "dream":
+        model = Qwen2ForCausalLM(DreamLikeConfig(**_common(**overrides)))
+    elif family == "gemma3":
+        fields = _common(head_dim=8, sliding_window=16, query_pre_attn_scalar=8, **overrides)
+        fields.pop("hidden_act")
+        fields.setdefault("hidden_activation", "gelu_pytorch_tanh")
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**fields))
+    elif family == "llada":
+        from dllm_sparse.llada import LLaDAModelLM, tiny_llada_config
+
+        fields = dict(d_model=HIDDEN, n_heads=4, n_kv_heads=2, mlp_hidden_size=FFN, n_layers=LAYERS,
+                      vocab_size=VOCAB, embedding_size=VOCAB, mask_token_id=VOCAB - 1, eos_token_id=VOCAB - 2,
+                      pad_token_id=VOCAB - 2)
+        fields.update(overrides)
+        model = LLaDAModelLM(tiny_llada_config(**fields))
+    else:
+        raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")
+    return model.float().eval()
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory fixture: ``tiny_model(family, seed=0, **config_overrides)``."""
+    return build_tiny_model
+
+
+@pytest.fixture
+def tiny_llama() -> torch.nn.Module:
+    """A tiny random LlamaForCausalLM (2 layers, hidden 32, FFN 64)."""
+    return build_tiny_model("llama")
+
+
+@pytest.fixture
+def token_ids() -> torch.Tensor:
+    """A seeded [2, 7] batch of token ids (no special tokens)."""
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(3, VOCAB - 3, (2, 7), generator=g)
