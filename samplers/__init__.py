@@ -1,0 +1,30 @@
+"""Generation for masked-diffusion and autoregressive LMs behind one interface (``dllm_sparse.samplers``).
+
+    from dllm_sparse.samplers import generate, GenerationConfig, StepSparsity, MaskOverlapTracker
+    from dllm_sparse import TopP, load_model
+
+    lm = load_model("smollm2-135m")
+    tracker = MaskOverlapTracker(layers=[0, 10, 20])
+    sp = StepSparsity("input", TopP(0.9), mask_observers=[tracker])
+    out = generate(lm, prompts=["Tell me a joke."], config=GenerationConfig(max_new_tokens=32),
+                   sparsity=sp, callbacks=[tracker], apply_chat_template=True)
+    print(out.texts[0], out.nfe, out.tokens_per_second, sp.per_step())
+
+Spec: ``shared/specs/generation.md``. The sampler loops are the only place with generation logic;
+everything else (sparsity, statistics, mask tracking) attaches through callbacks and module hooks.
+"""
+
+from .autoregressive import AutoregressiveGenerator
+from .common import encode_prompts, left_pad
+from .config import GenerationCallback, GenerationConfig, GenerationResult, StepInfo, StepState
+from .diffusion import MaskedDiffusionGenerator, num_transfer_tokens, resolve_mask_id, validate_geometry
+from .generate import detect_kind, generate, make_generator
+from .step_sparsity import StepSparsity
+from .tracking import MaskOverlapTracker, PackedMask, mask_overlap
+
+__all__ = [
+    "GenerationConfig", "GenerationResult", "StepInfo", "StepState", "GenerationCallback",
+    "MaskedDiffusionGenerator", "AutoregressiveGenerator", "generate", "make_generator", "detect_kind",
+    "StepSparsity", "MaskOverlapTracker", "PackedMask", "mask_overlap",
+    "validate_geometry", "num_transfer_tokens", "resolve_mask_id", "encode_prompts", "left_pad",
+]

@@ -1,0 +1,260 @@
+"""Pieces both generators share: prompt encoding and left padding, callbacks, stop ids, seeds, output cutting."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from .config import GenerationCallback, GenerationConfig, StepState
+
+__all__ = [
+    "encode_prompts",
+    "left_pad",
+    "model_device",
+    "resolve_pad_id",
+    "resolve_stop_ids",
+    "row_generators",
+    "CallbackList",
+    "cut_output",
+]
+
+# Strings of end-of-sequence / end-of-turn tokens of common chat vocabularies (LLaMA-3 / LLaDA, ChatML
+# (Qwen, SmolLM2), GPT-2 style, Gemma). Added to the stop ids when the tokenizer knows them.
+_END_TOKENS = ("<|eot_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<eos>")
+# LLaDA-8B constants (spec): end-of-sequence and end-of-turn.
+_LLADA_END_IDS = (126081, 126348)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the input embeddings (first parameter for models without ``get_input_embeddings``)."""
+    try:
+        emb = model.get_input_embeddings()
+        return emb.weight.device
+    except (AttributeError, NotImplementedError):
+        return next(model.parameters()).device
+
+
+def _as_id_lists(prompts: Any, tokenizer: Any, apply_chat_template: bool) -> list[list[int]] | None:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(prompts, torch.Tensor):
+        return None
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
+    if all(isinstance(p, str) for p in prompts):
+        if tokenizer is None:
+            raise ValueError("text prompts need a tokenizer; pass tokenizer=... or token ids")
+        out = []
+        for p in prompts:
+            if apply_chat_template:
+                ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                    tokenize=True)
+                if isinstance(ids, dict) or hasattr(ids, "keys"):
+                    ids = ids["input_ids"]
+            else:
+                ids = tokenizer(p, add_special_tokens=True)["input_ids"]
+            out.append([int(i) for i in ids])
+        return out
+    if all(isinstance(p, (list, tuple)) for p in prompts):
+        return [[int(i) for i in p] for p in prompts]
+    raise TypeError("prompts must be a string, a list of strings, a list of id lists, or an id tensor [B, P]")
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists: (input_ids [B, P], attention_mask [B, P])."""
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("empty prompt: every prompt needs at least one token")
+    P = max(len(r) for r in rows)
+    ids = torch.full((len(rows), P), int(pad_id), dtype=torch.long)
+    am = torch.zeros((len(rows), P), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, P - len(r):] = torch.tensor(r, dtype=torch.long)
+        am[i, P - len(r):] = 1
+    return ids, am
+
+
+def encode_prompts(
+    prompts: Any,
+    tokenizer: Any = None,
+    pad_id: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    apply_chat_template: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts (text, id lists or an id tensor) -> left-padded (input_ids, attention_mask) on the CPU."""
+    rows = _as_id_lists(prompts, tokenizer, apply_chat_template)
+    if rows is None:  # a tensor
+        ids = prompts if prompts.dim() == 2 else prompts[None]
+        ids = ids.long()
+        if attention_mask is None:
+            am = torch.ones_like(ids)
+        else:
+            am = attention_mask.reshape(ids.shape).long().to(ids.device)
+            # Left padding only: once a row has started, every later position is real.
+            if bool((am[:, 1:] < am[:, :-1]).any()):
+                raise ValueError("attention_mask must describe left padding (zeros only before the first real "
+                                 "token of each row); re-pad the batch on the left")
+        if bool((am.sum(dim=1) == 0).any()):
+            raise ValueError("empty prompt: every prompt needs at least one real token")
+        return ids, am
+    if pad_id is None:
+        pad_id = 0
+    return left_pad(rows, pad_id)
+
+
+def resolve_pad_id(config: GenerationConfig, model: Any, tokenizer: Any, eos_ids: Sequence[int] = ()) -> int:
+    if config.pad_id is not None:
+        return int(config.pad_id)
+    for source in (tokenizer, getattr(model, "config", None)):
+        pid = getattr(source, "pad_token_id", None) if source is not None else None
+        if isinstance(pid, int):
+            return pid
+    if eos_ids:
+        return int(eos_ids[0])
+    return 0
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value if v is not None]
+
+
+def resolve_stop_ids(config: GenerationConfig, model: Any, tokenizer: Any, family: str = "") -> tuple[int, ...]:
+    """``config.stop_token_ids`` or, when None, the end-of-sequence / end-of-turn ids of model and tokenizer."""
+    if config.stop_token_ids is not None:
+        return tuple(config.stop_token_ids)
+    ids: list[int] = []
+    mcfg = getattr(model, "config", None)
+    ids += _ids(getattr(mcfg, "eos_token_id", None))
+    gen_cfg = getattr(model, "generation_config", None)
+    ids += _ids(getattr(gen_cfg, "eos_token_id", None))
+    if tokenizer is not None:
+        ids += _ids(getattr(tokenizer, "eos_token_id", None))
+        try:
+            vocab = tokenizer.get_vocab()
+        except Exception:  # noqa: BLE001 - some tokenizers have no vocab dict
+            vocab = {}
+        ids += [vocab[t] for t in _END_TOKENS if t in vocab]
+    if family == "llada":
+        n_vocab = getattr(mcfg, "vocab_size", 0) or 0
+        ids += [i for i in _LLADA_END_IDS if i < n_vocab]
+    return tuple(dict.fromkeys(ids))
+
+
+def row_seeds(config: GenerationConfig, batch: int) -> list[int]:
+    seed = config.seed
+    if seed is None:
+        base = int(torch.randint(0, 2**62, (1,)).item())  # from the global RNG: torch.manual_seed governs it
+        return [base + r for r in range(batch)]
+    if isinstance(seed, int):
+        return [seed + r for r in range(batch)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != batch:
+        raise ValueError(f"seed has {len(seeds)} entries for a batch of {batch} prompts; give one per row or an int")
+    return seeds
+
+
+def row_generators(config: GenerationConfig, batch: int, device: torch.device) -> list[torch.Generator]:
+    """One ``torch.Generator`` per row (seeded ``seed + r``), on the model's device."""
+    gens = []
+    for s in row_seeds(config, batch):
+        g = torch.Generator(device=device)
+        g.manual_seed(s)
+        gens.append(g)
+    return gens
+
+
+def cut_output(ids: list[int], stop_ids: Iterable[int], text_fn: Callable[[list[int]], str] | None,
+               stop_strings: Sequence[str]) -> tuple[list[int], str, bool]:
+    """Cut ``ids`` before the first stop id; decode; cut the text before the first stop string.
+    Returns (ids, text, stopped)."""
+    stop = set(stop_ids)
+    stopped = False
+    for i, t in enumerate(ids):
+        if t in stop:
+            ids, stopped = ids[:i], True
+            break
+    text = text_fn(ids) if text_fn is not None else ""
+    cut = min((text.find(s) for s in stop_strings if s and s in text), default=-1)
+    if cut >= 0:
+        text, stopped = text[:cut], True
+    return ids, text, stopped
+
+
+class CallbackList:
+    """Runs callbacks in order at step begin/end (reverse order at the end of generation)."""
+
+    def __init__(self, callbacks: Iterable[Any] = ()):
+        self.items: list[Any] = []
+        for cb in callbacks or ():
+            if cb is None:
+                continue
+            if not any(hasattr(cb, m) for m in ("on_step_begin", "on_step_end", "on_generation_begin",
+                                                "on_generation_end")):
+                if not callable(cb):
+                    raise TypeError(f"callback {cb!r} is neither a GenerationCallback nor callable")
+                cb = _FunctionCallback(cb)
+            self.items.append(cb)
+        self._started: list[Any] = []
+
+    def _call(self, cb: Any, name: str, state: StepState):
+        fn = getattr(cb, name, None)
+        return fn(state) if fn is not None else None
+
+    def generation_begin(self, state: StepState) -> None:
+        for cb in self.items:
+            self._started.append(cb)
+            self._call(cb, "on_generation_begin", state)
+
+    def step_begin(self, state: StepState) -> None:
+        for cb in self.items:
+            self._call(cb, "on_step_begin", state)
+
+    def step_end(self, state: StepState) -> bool:
+        """True when a callback asked to stop."""
+        for cb in self.items:
+            out = self._call(cb, "on_step_end", state)
+            if out is True or (isinstance(out, dict) and out.get("stop")):
+                state.stop_requested = True
+        return state.stop_requested
+
+    def generation_end(self, state: StepState) -> None:
+        errors = []
+        for cb in reversed(self._started):
+            try:
+                self._call(cb, "on_generation_end", state)
+            except Exception as e:  # noqa: BLE001 - end every callback, re-raise the first error afterwards
+                errors.append(e)
+        self._started.clear()
+        if errors:
+            raise errors[0]
+
+
+class _FunctionCallback(GenerationCallback):
+    def __init__(self, fn: Callable[[StepState], Any]):
+        self.fn = fn
+
+    def on_step_end(self, state: StepState):
+        return self.fn(state)
+
+
+class Timer:
+    """Wall clock that waits for the device before reading (CUDA kernels are asynchronous)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.t0 = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self._now() - self.t0

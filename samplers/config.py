@@ -1,0 +1,265 @@
+"""The common generation interface: a config in, a result out, and the per-step state callbacks see.
+
+Both generators (:class:`~dllm_sparse.samplers.diffusion.MaskedDiffusionGenerator` and
+:class:`~dllm_sparse.samplers.autoregressive.AutoregressiveGenerator`) take a :class:`GenerationConfig` and
+return a :class:`GenerationResult`. During generation they call :class:`GenerationCallback` objects with a
+:class:`StepState` before (``on_step_begin``) and after (``on_step_end``) every forward pass; sparsification,
+statistics and mask tracking attach there (and through module hooks), never inside a sampler loop.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Hashable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+
+__all__ = [
+    "GenerationConfig",
+    "GenerationResult",
+    "StepInfo",
+    "StepState",
+    "GenerationCallback",
+    "REMASKING",
+]
+
+REMASKING = ("low_confidence", "random")
+
+
+@dataclass
+class GenerationConfig:
+    """Settings of one generation call. ``gen_length`` is an alias of ``max_new_tokens`` (constructor keyword
+    and attribute).
+
+    Common fields:
+        max_new_tokens: tokens to generate (diffusion: the canvas length after the prompt, ``gen_length``).
+        temperature: 0 = greedy / argmax; T > 0 samples softmax(logits / T).
+        stop_token_ids: ids that end a sequence. ``None`` = the model's and tokenizer's end-of-sequence and
+            end-of-turn ids; ``()`` = none. AR: generation of a row stops there; diffusion: the output is cut
+            there (the canvas is always filled).
+        stop_strings: strings that end a sequence (AR: stops the row; both: the text is cut before them).
+        seed: int, a sequence of one int per row, or None (drawn from torch's global RNG). Row r uses a
+            ``torch.Generator`` seeded with ``seed + r`` (or ``seed[r]``), so a row of a batch draws the same
+            numbers as the same prompt generated alone with that row's seed.
+        pad_id: padding id for left-padded batches (default: tokenizer's pad, else the model config's, else
+            the end-of-sequence id).
+
+    Diffusion-only fields (LLaDA sampler, spec ``generation.md``):
+        steps: denoising steps (default ``gen_length``), a multiple of the number of blocks.
+        block_length: block size (default ``gen_length``: pure diffusion); must divide ``gen_length``.
+        cfg_scale: classifier-free guidance w; logits = uncond + (w + 1)(cond - uncond). 0 = off.
+        remasking: ``"low_confidence"`` or ``"random"``.
+        mask_id: mask token id (default: model config ``mask_token_id``, tokenizer, or the family constant).
+        logit_shift: Dream-style shift (position i predicted from the output at i - 1). ``None`` = on for the
+            Dream family, off otherwise.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    stop_token_ids: Sequence[int] | None = None
+    stop_strings: Sequence[str] = ()
+    seed: int | Sequence[int] | None = None
+    pad_id: int | None = None
+    # diffusion only
+    steps: int | None = None
+    block_length: int | None = None
+    cfg_scale: float = 0.0
+    remasking: str = "low_confidence"
+    mask_id: int | None = None
+    logit_shift: bool | None = None
+
+    def __post_init__(self):
+        if int(self.max_new_tokens) < 1:
+            raise ValueError(f"max_new_tokens / gen_length must be >= 1, got {self.max_new_tokens}")
+        self.max_new_tokens = int(self.max_new_tokens)
+        self.temperature = float(self.temperature)
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0 (0 disables guidance), got {self.cfg_scale}")
+        if self.remasking not in REMASKING:
+            raise ValueError(f"remasking must be one of {REMASKING}, got {self.remasking!r}")
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = (self.stop_strings,)
+        self.stop_strings = tuple(self.stop_strings)
+        if self.stop_token_ids is not None:
+            if isinstance(self.stop_token_ids, int):
+                self.stop_token_ids = (self.stop_token_ids,)
+            self.stop_token_ids = tuple(int(i) for i in self.stop_token_ids)
+
+    @property
+    def gen_length(self) -> int:
+        return self.max_new_tokens
+
+    @gen_length.setter
+    def gen_length(self, value: int) -> None:
+        self.max_new_tokens = int(value)
+
+    def replace(self, **changes) -> GenerationConfig:
+        """A copy with some fields changed (``gen_length`` accepted)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        if "gen_length" in changes:
+            changes["max_new_tokens"] = changes.pop("gen_length")
+        unknown = set(changes) - set(values)
+        if unknown:
+            raise TypeError(f"unknown GenerationConfig fields: {sorted(unknown)}")
+        values.update(changes)
+        return GenerationConfig(**values)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["gen_length"] = self.max_new_tokens
+        return d
+
+
+_dataclass_init = GenerationConfig.__init__
+
+
+def _init_with_alias(self, *args, gen_length: int | None = None, **kwargs):
+    if gen_length is not None:
+        if "max_new_tokens" in kwargs and int(kwargs["max_new_tokens"]) != int(gen_length):
+            raise ValueError(f"gen_length ({gen_length}) and max_new_tokens ({kwargs['max_new_tokens']}) "
+                             "are the same setting; give one of them")
+        kwargs["max_new_tokens"] = gen_length
+    _dataclass_init(self, *args, **kwargs)
+
+
+_init_with_alias.__doc__ = _dataclass_init.__doc__
+GenerationConfig.__init__ = _init_with_alias  # type: ignore[method-assign]
+
+
+@dataclass
+class StepInfo:
+    """One step of the per-step trace (JSON-able)."""
+
+    step: int
+    block: int
+    tag: Hashable  # the statistics tag of this step's forward: step index, or "prefill" (AR step 0)
+    nfe: int  # forward passes so far (cumulative, after this step)
+    time: float  # seconds since the start of generation, at the end of this step
+    committed: list[list[int]]  # per row: generated-token indices (0 = first new token) written this step
+    tokens: list[list[int]]  # per row: the ids written there
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    """What a generator returns.
+
+    ``sequences``: [B, P + n] left-padded prompts followed by the generated canvas (diffusion) or tokens (AR;
+    rows that stopped early are filled with the pad id). ``ids``: per row, the generated ids cut before the
+    first stop id / stop string / (diffusion stopped early) mask id. ``texts``: their decoding (empty
+    strings without a tokenizer). ``num_tokens``: tokens the sampler produced (diffusion: committed canvas
+    positions; AR: tokens decoded per row until it stopped, stop token included), the numerator of
+    ``tokens_per_second``. ``nfe``: forward passes (with classifier-free guidance the conditional and
+    unconditional halves are batched in one call and count as 2).
+    """
+
+    sequences: torch.Tensor
+    prompt_length: int
+    ids: list[list[int]]
+    texts: list[str]
+    nfe: int
+    wall_time: float
+    num_tokens: int
+    trace: list[StepInfo] = field(default_factory=list)
+    finish_reasons: list[str] = field(default_factory=list)  # "stop", "length" or "callback" per row
+    kind: str = ""
+    config: GenerationConfig | None = None
+    stats: Any = None  # SparsityStats when generated with sparsity=...
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.num_tokens / self.wall_time if self.wall_time > 0 else float("nan")
+
+    @property
+    def generated(self) -> torch.Tensor:
+        """[B, n]: the generated part of ``sequences`` (not cut at stop ids)."""
+        return self.sequences[:, self.prompt_length:]
+
+    def summary(self) -> dict:
+        return {
+            "kind": self.kind, "nfe": self.nfe, "wall_time": self.wall_time, "num_tokens": self.num_tokens,
+            "tokens_per_second": self.tokens_per_second, "finish_reasons": list(self.finish_reasons),
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            **self.summary(),
+            "config": self.config.to_dict() if self.config is not None else None,
+            "ids": self.ids,
+            "texts": self.texts,
+            "trace": [s.to_dict() for s in self.trace],
+        }
+
+    def save_trace(self, path) -> None:
+        """Write :meth:`to_dict` (summary, config, outputs and the per-step trace) as JSON."""
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1, default=str)
+
+
+@dataclass
+class StepState:
+    """What callbacks see. Built by the generator before each forward pass and updated after it.
+
+    At ``on_step_begin``: ``canvas`` is the (conditional) forward input; ``groups`` are boolean token masks
+    shaped like the forward batch ([B_fwd, S], right-aligned to the activations' token dim, the convention of
+    :meth:`dllm_sparse.stats.SparsityStats.tagged`): ``prompt`` (real prompt tokens), ``masked`` (positions
+    still holding the mask token, diffusion) and ``decoded`` (generated positions already written).
+    ``forward_batch`` is B, or 2B with classifier-free guidance (conditional rows first).
+
+    At ``on_step_end``: ``canvas`` includes this step's tokens, ``committed`` is a bool [B, S] of the positions
+    written this step, ``new_tokens`` (AR) the [B] tokens appended. Return ``True`` or ``{"stop": True}``
+    from ``on_step_end`` (or call :meth:`request_stop`) to stop generation after this step.
+    """
+
+    kind: str  # "diffusion" or "ar"
+    model: Any
+    config: GenerationConfig
+    batch_size: int
+    prompt_length: int  # padded prompt length P
+    num_steps: int  # planned steps (AR: max_new_tokens)
+    step: int = 0
+    block: int = 0
+    step_in_block: int = 0
+    tag: Hashable = 0
+    canvas: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None  # [B, S] of real tokens
+    prompt_mask: torch.Tensor | None = None  # [B, S] real prompt tokens
+    masked: torch.Tensor | None = None  # [B, S] positions holding the mask token at the forward input
+    groups: dict[str, torch.Tensor] = field(default_factory=dict)
+    forward_batch: int = 0
+    committed: torch.Tensor | None = None
+    new_tokens: torch.Tensor | None = None
+    nfe: int = 0
+    elapsed: float = 0.0
+    stop_requested: bool = False
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+
+
+class GenerationCallback:
+    """Base class of generation callbacks; override any subset. A plain callable ``fn(state)`` passed in
+    ``callbacks=`` is used as ``on_step_end``.
+
+    Order per call: ``on_generation_begin`` once, then per step ``on_step_begin`` (before the forward) and
+    ``on_step_end`` (after the tokens were written), then ``on_generation_end`` (always, also when generation
+    raises; callbacks are ended in reverse order).
+    """
+
+    def on_generation_begin(self, state: StepState) -> None:
+        pass
+
+    def on_step_begin(self, state: StepState) -> None:
+        pass
+
+    def on_step_end(self, state: StepState) -> bool | dict | None:
+        pass
+
+    def on_generation_end(self, state: StepState) -> None:
+        pass

@@ -1,0 +1,313 @@
+"""LLaDA's masked-diffusion sampler (spec: ``shared/specs/generation.md``), with per-step callbacks.
+
+    gen = MaskedDiffusionGenerator(model, tokenizer)
+    out = gen.generate(["Hello"], GenerationConfig(gen_length=128, steps=128, block_length=32))
+
+The loop, per block and per step:
+
+1. canvas = left-padded prompt + ``gen_length`` mask tokens; prompt positions never change.
+2. At a block's start, n = its masked positions (per row); step i of the block commits n // s tokens, plus one
+   on the first n % s steps (s = steps per block).
+3. One forward pass over the whole canvas (no cache). With ``cfg_scale`` w > 0 the canvas with every real
+   prompt token replaced by the mask id is batched with it (conditional rows first) and
+   logits = uncond + (w + 1)(cond - uncond).
+4. x0 = argmax(logits) at temperature 0; at T > 0 float64 Gumbel-max: argmax(exp(logits) / (-log u)^T).
+   Confidence: softmax probability of x0 (``low_confidence``) or u ~ U(0, 1) (``random``); -inf outside the
+   current block and at positions that are not masked. The k most confident masked positions of the block
+   take x0 (ties: lowest position first, a stable sort); committed tokens are never remasked.
+
+Random numbers (documented so that a reference implementation can draw the very same ones): row r owns a
+``torch.Generator`` on the model's device seeded with ``seed + r`` (``GenerationConfig.seed``). At every step
+and for every row, in this order: if T > 0, ``torch.rand((block_length, V), dtype=float64)`` for the
+Gumbel-max of the current block's positions (position-major, V = logits width); then, with ``random``
+remasking, ``torch.rand((block_length,), dtype=float64)`` for the confidences. Nothing else is drawn. Noise
+is only drawn for the current block (the only positions that can be committed), so it does not depend on the
+prompt length or on padding: a row of a batch draws what the same prompt draws alone with that row's seed.
+
+Works with the native :class:`dllm_sparse.llada.LLaDAModelLM`, a LLaDA loaded with its own remote code (no
+padded batches: that code turns attention causal whenever an attention mask is passed), and any
+bidirectional masked LM whose output has ``.logits``. ``logit_shift`` applies Dream's convention:
+logits = cat([logits[:, :1], logits[:, :-1]], dim=1) (on by default for the Dream family; a native LLaDA whose
+config has ``logit_shift=True``, such as a converted AR model, shifts inside its forward and needs nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .common import (
+    CallbackList,
+    Timer,
+    cut_output,
+    encode_prompts,
+    model_device,
+    resolve_pad_id,
+    resolve_stop_ids,
+    row_generators,
+)
+from .config import GenerationConfig, GenerationResult, StepInfo, StepState
+
+__all__ = ["MaskedDiffusionGenerator", "validate_geometry", "num_transfer_tokens", "resolve_mask_id"]
+
+_FAMILY_MASK_IDS = {"llada": 126336, "dream": 151666}
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _nearest(values: list[int], target: int, count: int = 4) -> list[int]:
+    return sorted(sorted(values, key=lambda v: (abs(v - target), v))[:count])
+
+
+def validate_geometry(gen_length: int, steps: int, block_length: int) -> tuple[int, int]:
+    """Check the block schedule; returns (num_blocks, steps_per_block). Raises ``ValueError`` naming a fix."""
+    for name, v in (("gen_length", gen_length), ("steps", steps), ("block_length", block_length)):
+        if int(v) != v or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if block_length > gen_length:
+        raise ValueError(f"block_length ({block_length}) is larger than gen_length ({gen_length}). Fix: set "
+                         f"block_length={gen_length} (pure diffusion) or a divisor of {gen_length}.")
+    if gen_length % block_length:
+        divs = _nearest(_divisors(gen_length), block_length)
+        lower = gen_length - gen_length % block_length
+        mults = [m for m in (lower, lower + block_length) if m > 0]
+        raise ValueError(
+            f"gen_length ({gen_length}) must be a multiple of block_length ({block_length}). Fix: use a "
+            f"block_length that divides {gen_length} (e.g. {', '.join(map(str, divs))}) or a gen_length that is "
+            f"a multiple of {block_length} (e.g. {', '.join(map(str, mults))})."
+        )
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        lower = steps - steps % num_blocks
+        mults = [m for m in (lower, lower + num_blocks) if m > 0]
+        raise ValueError(
+            f"steps ({steps}) must be a multiple of the number of blocks ({num_blocks} = gen_length {gen_length} "
+            f"/ block_length {block_length}). Fix: steps={' or steps='.join(map(str, mults))}, or a block_length "
+            f"giving a number of blocks that divides {steps}."
+        )
+    return num_blocks, steps // num_blocks
+
+
+def num_transfer_tokens(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
+    """[B] masked counts -> [B, steps] tokens to commit per step: n // s each, +1 on the first n % s steps."""
+    n = n_masked.reshape(-1, 1).long()
+    extra = torch.arange(steps, device=n.device)[None, :] < (n % steps)
+    return n // steps + extra.long()
+
+
+def resolve_mask_id(model: Any, tokenizer: Any = None, mask_id: int | None = None, family: str = "") -> int:
+    """Mask id from the argument, model config ``mask_token_id``, tokenizer ``mask_token_id``, or family."""
+    if mask_id is not None:
+        return int(mask_id)
+    for source in (getattr(model, "config", None), tokenizer):
+        mid = getattr(source, "mask_token_id", None) if source is not None else None
+        if isinstance(mid, int):
+            return mid
+    if family in _FAMILY_MASK_IDS:
+        return _FAMILY_MASK_IDS[family]
+    raise ValueError("no mask token id: the model config has no mask_token_id and the family is unknown; pass "
+                     "GenerationConfig(mask_id=...) or MaskedDiffusionGenerator(model, mask_id=...)")
+
+
+def _family(model: Any) -> str:
+    try:
+        from dllm_sparse.adapters import detect_adapter
+
+        return detect_adapter(model).family
+    except Exception:  # noqa: BLE001 - any masked LM with .logits is accepted
+        mt = getattr(getattr(model, "config", None), "model_type", "")
+        return mt if isinstance(mt, str) else ""
+
+
+def _is_remote_llada(model: Any, family: str) -> bool:
+    if family != "llada":
+        return False
+    from dllm_sparse.llada import LLaDAModelLM
+
+    return not isinstance(model, LLaDAModelLM)
+
+
+def _shifts_itself(model: Any) -> bool:
+    from dllm_sparse.llada import LLaDAModelLM
+
+    return isinstance(model, LLaDAModelLM) and bool(getattr(model.config, "logit_shift", False))
+
+
+class MaskedDiffusionGenerator:
+    """LLaDA's sampler for one model. ``mask_id`` overrides the model's; ``family`` the detected family."""
+
+    kind = "diffusion"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any = None, mask_id: int | None = None,
+                 family: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.mask_id = mask_id
+        self.family = family if family is not None else _family(model)
+
+    # ---- the model call ---------------------------------------------------------------------------------
+    def _forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        out = self.model(input_ids=x) if attention_mask is None else self.model(input_ids=x,
+                                                                                attention_mask=attention_mask)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        return logits.to(x.device)  # no-op unless accelerate put the head on another device
+
+    @staticmethod
+    def _propose(logits: torch.Tensor, config: GenerationConfig, gens: list[torch.Generator] | None):
+        """Block logits [B, b, V] -> (x0 [B, b], confidence [B, b] float64)."""
+        B, b, V = logits.shape
+        if config.temperature == 0:
+            x0 = logits.argmax(dim=-1)
+        else:
+            u = torch.stack([torch.rand((b, V), generator=g, dtype=torch.float64, device=logits.device)
+                             for g in gens])
+            x0 = (logits.to(torch.float64).exp() / (-torch.log(u)) ** config.temperature).argmax(dim=-1)
+        if config.remasking == "low_confidence":
+            p = F.softmax(logits.to(torch.float64), dim=-1)
+            conf = torch.gather(p, -1, x0[..., None]).squeeze(-1)
+        else:
+            conf = torch.stack([torch.rand((b,), generator=g, dtype=torch.float64, device=logits.device)
+                                for g in gens])
+        return x0, conf
+
+    # ---- generation ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Any,
+        config: GenerationConfig | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        callbacks: Iterable[Any] = (),
+        apply_chat_template: bool = False,
+        **overrides,
+    ) -> GenerationResult:
+        """Generate for ``prompts`` (text, id lists, or a left-padded id tensor with ``attention_mask``)."""
+        cfg = config if config is not None else GenerationConfig()
+        if overrides:
+            cfg = cfg.replace(**overrides)
+        model, tok = self.model, self.tokenizer
+        mask_id = resolve_mask_id(model, tok, cfg.mask_id if cfg.mask_id is not None else self.mask_id, self.family)
+        gen_length = cfg.gen_length
+        steps = cfg.steps if cfg.steps is not None else gen_length
+        block_length = cfg.block_length if cfg.block_length is not None else gen_length
+        num_blocks, steps_per_block = validate_geometry(gen_length, steps, block_length)
+        stop_ids = resolve_stop_ids(cfg, model, tok, self.family)
+        pad_id = resolve_pad_id(cfg, model, tok, stop_ids)
+
+        ids, am = encode_prompts(prompts, tok, pad_id, attention_mask, apply_chat_template)
+        padded = not bool(am.bool().all())
+        if padded:
+            if pad_id == mask_id and attention_mask is None:
+                raise ValueError(f"the padding id equals the mask id ({mask_id}): padded positions would read as "
+                                 "masked. Fix: GenerationConfig(pad_id=<another id, e.g. the eos id>).")
+            if bool((ids[am == 0] == mask_id).any()):
+                raise ValueError(f"padded positions hold the mask id ({mask_id}); pad with another id "
+                                 "(e.g. the eos id) and keep attention_mask 0 there")
+            if _is_remote_llada(model, self.family):
+                raise ValueError("this LLaDA runs the checkpoint's own modeling code, which turns attention causal "
+                                 "whenever an attention_mask is passed, so left-padded batches would be wrong. "
+                                 "Fix: load it with dllm_sparse's native LLaDA (load_model(path) without "
+                                 "trust_remote_code) or generate prompts of equal length (one at a time).")
+        shift = cfg.logit_shift if cfg.logit_shift is not None else self.family == "dream"
+        if shift and _shifts_itself(model):
+            raise ValueError("this model already shifts its logits (config.logit_shift=True in the native LLaDA "
+                             "class); leave GenerationConfig.logit_shift at None/False to avoid shifting twice")
+        device = model_device(model)
+        B, P = ids.shape
+        S = P + gen_length
+        canvas = torch.cat([ids, torch.full((B, gen_length), mask_id, dtype=torch.long)], dim=1).to(device)
+        attn = torch.cat([am, torch.ones((B, gen_length), dtype=torch.long)], dim=1).to(device)
+        prompt_mask = torch.zeros((B, S), dtype=torch.bool, device=device)
+        prompt_mask[:, :P] = am.bool().to(device)
+        gen_region = torch.zeros((B, S), dtype=torch.bool, device=device)
+        gen_region[:, P:] = True
+        use_cfg = cfg.cfg_scale > 0
+        gens = row_generators(cfg, B, device) if (cfg.temperature > 0 or cfg.remasking == "random") else None
+        fwd_attn = (torch.cat([attn, attn]) if use_cfg else attn) if padded else None
+
+        state = StepState(kind="diffusion", model=model, config=cfg, batch_size=B, prompt_length=P,
+                          num_steps=steps, canvas=canvas, attention_mask=attn, prompt_mask=prompt_mask,
+                          forward_batch=2 * B if use_cfg else B)
+        cbs = CallbackList(callbacks)
+        trace: list[StepInfo] = []
+        nfe, stopped = 0, False
+        timer = Timer(device)
+        try:
+            cbs.generation_begin(state)
+            for blk in range(num_blocks):
+                s, e = P + blk * block_length, P + (blk + 1) * block_length
+                schedule = num_transfer_tokens((canvas[:, s:e] == mask_id).sum(dim=1), steps_per_block)
+                for i in range(steps_per_block):
+                    step = blk * steps_per_block + i
+                    masked = (canvas == mask_id) & gen_region
+                    decoded = gen_region & ~masked
+                    x_in = canvas
+                    groups = {"prompt": prompt_mask, "masked": masked, "decoded": decoded}
+                    if use_cfg:
+                        uncond = canvas.masked_fill(prompt_mask, mask_id)
+                        x_in = torch.cat([canvas, uncond])
+                        groups = {k: torch.cat([v, v]) for k, v in groups.items()}
+                    state.step, state.block, state.step_in_block, state.tag = step, blk, i, step
+                    state.canvas, state.masked, state.groups = canvas, masked, groups
+                    state.committed = None
+                    cbs.step_begin(state)
+
+                    logits = self._forward(x_in, fwd_attn)
+                    nfe += 2 if use_cfg else 1
+                    if use_cfg:
+                        cond, unc = torch.chunk(logits, 2, dim=0)
+                        logits = unc + (cfg.cfg_scale + 1) * (cond - unc)
+                    block_logits = logits[:, s - 1:e - 1] if shift else logits[:, s:e]
+                    x0, conf = self._propose(block_logits, cfg, gens)
+                    block_masked = masked[:, s:e]
+                    conf = conf.masked_fill(~block_masked, -torch.inf)
+                    # Top-k per row with k from the schedule, vectorised: rank of each position in a stable
+                    # descending sort (ties: lowest position first), commit the ranks below k.
+                    order = torch.sort(conf, dim=-1, descending=True, stable=True).indices
+                    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1],
+                                                                                    device=device).expand_as(order))
+                    commit = (ranks < schedule[:, i:i + 1]) & block_masked
+                    canvas = canvas.clone()
+                    canvas[:, s:e] = torch.where(commit, x0, canvas[:, s:e])
+                    committed = torch.zeros((B, S), dtype=torch.bool, device=device)
+                    committed[:, s:e] = commit
+
+                    elapsed = timer.elapsed()
+                    state.canvas, state.committed, state.nfe, state.elapsed = canvas, committed, nfe, elapsed
+                    rows, cols = commit.nonzero(as_tuple=True)
+                    pos = [[] for _ in range(B)]
+                    toks = [[] for _ in range(B)]
+                    for r, c, t in zip(rows.tolist(), cols.tolist(), canvas[:, s:e][commit].tolist(), strict=True):
+                        pos[r].append(s - P + c)
+                        toks[r].append(t)
+                    trace.append(StepInfo(step, blk, step, nfe, elapsed, pos, toks))
+                    if cbs.step_end(state):
+                        stopped = True
+                        break
+                if stopped:
+                    break
+        finally:
+            cbs.generation_end(state)
+        wall = timer.elapsed()
+
+        generated = canvas[:, P:].cpu()
+        num_tokens = int((generated != mask_id).sum())
+        text_fn = (lambda t: tok.decode(t, skip_special_tokens=True)) if tok is not None else None
+        out_ids, texts, reasons = [], [], []
+        for r in range(B):
+            row = generated[r].tolist()
+            if stopped and mask_id in row:  # stopped by a callback: the canvas still has masks
+                row = row[:row.index(mask_id)]
+            row, text, hit = cut_output(row, stop_ids, text_fn, cfg.stop_strings)
+            out_ids.append(row)
+            texts.append(text)
+            reasons.append("stop" if hit else ("callback" if stopped else "length"))
+        return GenerationResult(sequences=canvas.cpu(), prompt_length=P, ids=out_ids, texts=texts, nfe=nfe,
+                                wall_time=wall, num_tokens=num_tokens, trace=trace, finish_reasons=reasons,
+                                kind=self.kind, config=cfg)

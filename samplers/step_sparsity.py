@@ -1,0 +1,152 @@
+"""Step-aware sparsification: sparsify a whole generation and keep the statistics of every step apart.
+
+    sp = StepSparsity("input", TopP(0.9))
+    out = generate(model, tok, prompts, cfg, sparsity=sp)     # or callbacks=[sp]
+    sp.stats.per_layer("input", tag=3, group="masked")        # step 3, still-masked positions
+    sp.per_step()                                              # {tag: mean sparsity over layers}
+
+It is an ordinary generation callback: at generation begin it enters :func:`dllm_sparse.sparsify` (hooks on
+every selected layer, masks computed afresh at every forward), before every forward it enters
+``stats.tagged(state.tag, groups=state.groups)`` and leaves it after the step. Tags: the step index for
+diffusion, ``"prefill"`` then the decode step index for autoregressive runs. Token groups (besides ``"all"``,
+the real tokens): diffusion ``prompt`` / ``masked`` (still masked at the forward input) / ``decoded``
+(already committed); AR ``prompt`` at the prefill and ``decoded`` at decode steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable
+from contextlib import ExitStack
+from typing import Any
+
+from dllm_sparse.rules import SparsityRule
+from dllm_sparse.sites import FFNSite
+from dllm_sparse.sparsify import MaskEvent, MaskSelector, sparsify
+from dllm_sparse.stats import ALL, SparsityStats
+
+from .config import GenerationCallback, StepState
+
+__all__ = ["StepSparsity"]
+
+
+def _tag_key(tag: Hashable):
+    # "prefill" first, then steps in numeric order, then anything else by name.
+    if tag == "prefill":
+        return (0, 0, "")
+    if isinstance(tag, int):
+        return (1, tag, "")
+    return (2, 0, str(tag))
+
+
+class StepSparsity(GenerationCallback):
+    """Apply ``rule`` at ``site`` of the chosen ``layers`` during generation, with per-step statistics.
+
+    ``stats``: a :class:`SparsityStats` to accumulate into (kept across generations); by default a fresh one
+    is made at each generation begin. ``record_masks``, ``mask_observers`` (e.g. a
+    :class:`~dllm_sparse.samplers.tracking.MaskOverlapTracker`) and ``select_mask`` are passed to
+    :func:`~dllm_sparse.sparsify`. ``groups=False`` counts only the ``"all"`` group (cheaper).
+    """
+
+    def __init__(
+        self,
+        site: FFNSite | str,
+        rule: SparsityRule,
+        layers: Iterable[int] | None = None,
+        stats: SparsityStats | None = None,
+        record_masks: bool = False,
+        mask_observers: Iterable[Callable[[MaskEvent], None]] = (),
+        select_mask: MaskSelector | None = None,
+        groups: bool = True,
+    ):
+        if not isinstance(rule, SparsityRule):
+            raise TypeError(f"rule must be a SparsityRule such as TopP(0.9), got {rule!r}")
+        self.site = FFNSite.parse(site)
+        self.rule = rule
+        self.layers = None if layers is None else list(layers)
+        self._given_stats = stats
+        self.stats: SparsityStats | None = stats
+        self.record_masks = record_masks
+        self.mask_observers = list(mask_observers)
+        self.select_mask = select_mask
+        self.use_groups = groups
+        self._run: ExitStack | None = None
+        self._step: ExitStack | None = None
+
+    # ---- callback hooks ----------------------------------------------------------------------------------
+    def on_generation_begin(self, state: StepState) -> None:
+        if self._run is not None:
+            raise RuntimeError("this StepSparsity is already active in another generation")
+        stats = self._given_stats if self._given_stats is not None else SparsityStats(record_masks=self.record_masks)
+        self._run = ExitStack()
+        self.stats = self._run.enter_context(sparsify(
+            state.model, self.site, self.rule, layers=self.layers, stats=stats, record_masks=self.record_masks,
+            mask_observers=self.mask_observers, select_mask=self.select_mask,
+        ))
+
+    def on_step_begin(self, state: StepState) -> None:
+        self._close_step()
+        self._step = ExitStack()
+        self._step.enter_context(self.stats.tagged(state.tag, groups=state.groups if self.use_groups else None))
+
+    def on_step_end(self, state: StepState) -> None:
+        self._close_step()
+
+    def on_generation_end(self, state: StepState) -> None:
+        self._close_step()
+        if self._run is not None:
+            run, self._run = self._run, None
+            run.close()
+
+    def _close_step(self) -> None:
+        if self._step is not None:
+            step, self._step = self._step, None
+            step.close()
+
+    # ---- reports -------------------------------------------------------------------------------------------
+    def _need_stats(self) -> SparsityStats:
+        if self.stats is None:
+            raise RuntimeError("no statistics yet: run a generation with this StepSparsity first")
+        return self.stats
+
+    def tags(self) -> list:
+        """Step tags seen, in step order (``"prefill"`` first)."""
+        return sorted(self._need_stats().tags, key=_tag_key)
+
+    def per_step(self, group: str = ALL, site: str | None = None) -> dict[Hashable, float]:
+        """{tag: mean over layers of the measured sparsity} for one token group."""
+        stats = self._need_stats()
+        site = str(site or self.site)
+        return {t: stats.mean(site, tag=t, group=group) for t in self.tags()}
+
+    def per_step_layer(self, group: str = ALL, site: str | None = None) -> dict[Hashable, dict[int, float]]:
+        """{tag: {layer: sparsity}} for one token group."""
+        stats = self._need_stats()
+        site = str(site or self.site)
+        return {t: stats.per_layer(site, tag=t, group=group) for t in self.tags()}
+
+    def records(self) -> list[dict]:
+        """Tidy rows (tag, group, layer, site, tokens, width, sparsity), in step order."""
+        rows = self._need_stats().records()
+        return sorted(rows, key=lambda r: (_tag_key(r["tag"]), r["group"], r["site"], r["layer"]))
+
+    def mean(self, group: str = ALL, tag: Hashable | None = None) -> float:
+        """Mean over layers of the sparsity pooled over all steps (or one ``tag``)."""
+        return self._need_stats().mean(str(self.site), tag=tag, group=group)
+
+    def pooled(self, tags: Iterable[Hashable] | None = None, group: str = ALL) -> float:
+        """Mean over layers of the per-layer sparsity pooled (token-weighted) over ``tags`` (all by default),
+        e.g. ``pooled([t for t in sp.tags() if t != "prefill"])`` for the decode phase of an AR run."""
+        wanted = None if tags is None else set(tags)
+        zeros: dict[int, float] = {}
+        entries: dict[int, float] = {}
+        for r in self._need_stats().records():
+            if r["group"] != group or r["site"] != str(self.site) or (wanted is not None and r["tag"] not in wanted):
+                continue
+            if r["tokens"]:
+                zeros[r["layer"]] = zeros.get(r["layer"], 0.0) + r["sparsity"] * r["tokens"] * r["width"]
+                entries[r["layer"]] = entries.get(r["layer"], 0.0) + r["tokens"] * r["width"]
+        per = [zeros[k] / entries[k] for k in entries if entries[k]]
+        return sum(per) / len(per) if per else float("nan")
+
+    def describe(self) -> dict[str, Any]:
+        return {"site": str(self.site), "rule": self.rule.to_dict(), "layers": self.layers}

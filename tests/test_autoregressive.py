@@ -1,0 +1,150 @@
+"""The KV-cached autoregressive loop against transformers' own greedy `generate`, on a tiny random Llama."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from dllm_sparse.samplers import AutoregressiveGenerator, GenerationCallback, GenerationConfig, generate
+
+PAD = 0
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=PAD, bos_token_id=1, eos_token_id=2, initializer_range=0.3)
+    return LlamaForCausalLM(cfg).eval()
+
+
+PROMPTS = [[5, 17, 3, 42, 8], [7, 7, 1], [60, 2, 33, 4, 5, 6, 9]]
+
+
+def hf_greedy(model, prompts, n, eos):
+    P = max(map(len, prompts))
+    ids = torch.tensor([[PAD] * (P - len(p)) + p for p in prompts])
+    am = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=n, do_sample=False,
+                             pad_token_id=PAD, eos_token_id=eos)
+    return [row[P:].tolist() for row in out]
+
+
+def _until(row, stop):
+    return row[: row.index(stop) + 1] if stop in row else row
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_greedy_equals_transformers_generate(llama, batched):
+    n = 12
+    prompts = PROMPTS if batched else PROMPTS[:1]
+    # An eos the model actually produces, so that rows stop at different steps.
+    free = AutoregressiveGenerator(llama).generate(prompts, GenerationConfig(max_new_tokens=n, stop_token_ids=()))
+    eos = free.generated[0, 3].item()
+    ref = hf_greedy(llama, prompts, n, eos)
+    out = AutoregressiveGenerator(llama).generate(prompts, GenerationConfig(max_new_tokens=n, stop_token_ids=[eos],
+                                                                            pad_id=PAD))
+    P = out.prompt_length
+    for r in range(len(prompts)):
+        mine = _until(out.sequences[r, P:].tolist(), eos)
+        assert mine == _until(ref[r], eos)
+        assert out.ids[r] == [t for t in mine if t != eos]
+        assert out.finish_reasons[r] == ("stop" if eos in mine else "length")
+    assert out.nfe == max(len(_until(ref[r], eos)) for r in range(len(prompts)))
+    assert out.num_tokens == sum(len(_until(ref[r], eos)) for r in range(len(prompts)))
+    assert len(set(free.generated[0].tolist())) > 1
+
+
+def test_rows_equal_unbatched_and_tensor_input(llama):
+    cfg = GenerationConfig(max_new_tokens=8, stop_token_ids=())
+    batch = generate(llama, None, PROMPTS, cfg, kind="ar")
+    for r, p in enumerate(PROMPTS):
+        assert batch.ids[r] == generate(llama, None, [p], cfg).ids[0]
+    ids = torch.tensor([[PAD] * 2 + PROMPTS[0], PROMPTS[2]])
+    am = (torch.arange(7)[None] >= torch.tensor([[2], [0]])).long()
+    assert generate(llama, None, ids, cfg, attention_mask=am).ids == [batch.ids[0], batch.ids[2]]
+
+
+def test_sampling_seeded_per_row(llama):
+    cfg = GenerationConfig(max_new_tokens=10, temperature=1.0, seed=4, stop_token_ids=())
+    a = generate(llama, None, PROMPTS, cfg)
+    assert a.ids == generate(llama, None, PROMPTS, cfg).ids
+    assert a.ids != generate(llama, None, PROMPTS, cfg.replace(seed=5)).ids
+    for r, p in enumerate(PROMPTS):  # row r of a batch = the prompt alone with seed + r
+        assert generate(llama, None, [p], cfg.replace(seed=4 + r)).ids[0] == a.ids[r]
+    greedy = generate(llama, None, PROMPTS, cfg.replace(temperature=0.0)).ids
+    assert a.ids != greedy
+
+
+class Recorder(GenerationCallback):
+    def __init__(self):
+        self.events = []
+
+    def on_generation_begin(self, state):
+        self.events.append(("begin_gen", state.kind))
+
+    def on_step_begin(self, state):
+        self.events.append(("begin", state.step, state.tag, state.canvas.shape[1],
+                            {k: int(v[:, -1].sum()) for k, v in state.groups.items()}))
+
+    def on_step_end(self, state):
+        self.events.append(("end", state.step, state.new_tokens.tolist(), int(state.committed[:, -1].sum())))
+
+    def on_generation_end(self, state):
+        self.events.append(("end_gen", state.nfe))
+
+
+def test_callbacks_tags_and_stop(llama):
+    rec = Recorder()
+    out = generate(llama, None, PROMPTS[:2], GenerationConfig(max_new_tokens=5, stop_token_ids=()), callbacks=[rec])
+    assert rec.events[0] == ("begin_gen", "ar") and rec.events[-1] == ("end_gen", 5)
+    begins = [e for e in rec.events if e[0] == "begin"]
+    assert [b[2] for b in begins] == ["prefill", 1, 2, 3, 4]
+    assert [b[3] for b in begins] == [5, 6, 7, 8, 9]  # canvas grows by one token per step
+    assert begins[0][4] == {"prompt": 2} and begins[1][4] == {"decoded": 2}
+    ends = [e for e in rec.events if e[0] == "end"]
+    assert [e[2] for e in ends] == out.generated.T.tolist()
+    assert [len(s.tokens[0]) for s in out.trace] == [1] * 5
+
+    def stop(state):
+        return state.step == 2
+
+    out = generate(llama, None, PROMPTS[:2], GenerationConfig(max_new_tokens=5, stop_token_ids=()), callbacks=[stop])
+    assert out.nfe == 3 and out.generated.shape[1] == 3 and out.finish_reasons == ["callback", "callback"]
+
+
+class WordTokenizer:
+    pad_token_id = PAD
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [int(w[1:]) for w in text.split()]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(f"w{i}" for i in ids)
+
+    def get_vocab(self):
+        return {f"w{i}": i for i in range(100)}
+
+
+def test_stop_strings_and_texts(llama):
+    tok = WordTokenizer()
+    free = generate(llama, tok, ["w5 w17 w3"], GenerationConfig(max_new_tokens=8, stop_token_ids=()))
+    assert free.texts[0] == " ".join(f"w{i}" for i in free.ids[0])
+    target = f"w{free.ids[0][2]}"
+    first = next(i for i, t in enumerate(free.ids[0]) if f"w{t}" == target)
+    out = generate(llama, tok, ["w5 w17 w3"], GenerationConfig(max_new_tokens=8, stop_token_ids=(),
+                                                                stop_strings=[target]))
+    assert out.nfe == first + 1 and out.finish_reasons == ["stop"]
+    assert target not in out.texts[0]
+
+
+def test_stops_only_finished_rows_and_pads(llama):
+    free = generate(llama, None, PROMPTS, GenerationConfig(max_new_tokens=10, stop_token_ids=()))
+    eos = free.generated[1, 1].item()
+    out = generate(llama, None, PROMPTS, GenerationConfig(max_new_tokens=10, stop_token_ids=[eos], pad_id=PAD))
+    row = out.sequences[1, out.prompt_length:].tolist()
+    k = row.index(eos)
+    assert all(t == PAD for t in row[k + 1:])
+    assert out.ids[1] == row[:k]
