@@ -66,7 +66,7 @@ class Sparsifier:
         self.observers = list(mask_observers)
         self.select_mask = select_mask
         all_ffns = find_ffns(model)
-        self.ffns = _select_layers(all_ffns, layers)
+        self.ffns = select_layers(all_ffns, layers)
         if self.site is FFNSite.GATE:
             acts = [id(f.act) for f in all_ffns]
             if len(set(acts)) != len(acts):
@@ -151,7 +151,7 @@ class Sparsifier:
         self._valid = None
 
 
-def _select_layers(ffns: list[FFNModules], layers: Iterable[int] | None) -> list[FFNModules]:
+def select_layers(ffns: list[FFNModules], layers: Iterable[int] | None) -> list[FFNModules]:
     if layers is None:
         return ffns
     n = len(ffns)

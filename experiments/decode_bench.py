@@ -1,0 +1,288 @@
+"""End-to-end speed with and without accelerate_ffn: AR decode tokens/s, diffusion seconds per denoising step.
+
+    python experiments/decode_bench.py --model-shape llama-3.1-8b                 # random weights, real shape
+    python experiments/decode_bench.py --model-shape llada-8b --gen-length 256   # seconds per denoising step
+    python experiments/decode_bench.py --model /ckpt/Llama-3.1-8B --site input --p 0.5
+    python experiments/decode_bench.py --model-shape smollm2-135m --layers 2 --tokens 8   # CPU smoke run
+
+Speed does not depend on the weights, so a randomly initialised model of a real shape is a fair subject
+(its measured sparsity is that of random activations, though: for sparsity figures use a real model).
+AR decoding is a minimal greedy KV-cached loop over the transformers model (prefill excluded from the
+timing); a diffusion step is one forward pass over the whole canvas plus the argmax (the sampler's
+remasking bookkeeping is excluded). Eager mode, no CUDA graphs.
+
+The bound: with a fraction f of the bytes read per step sitting in the matrices the site lets us skip, and
+a skipped fraction s of them, the bandwidth bound is 1 / (1 - f * s). For AR decode s is the measured
+per-token sparsity; for a diffusion step (many tokens share one kept set) it is 1 - union density.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from dllm_sparse import FFNSite, SparsityStats, find_ffns, load_model, make_rule, sparsify
+from dllm_sparse.kernels import accelerate_ffn, backend, restore_ffn, union_density
+
+# Real shapes. smollm2-135m and llama-3.1-8b are LlamaForCausalLM; llada-8b is the native LLaDA (its
+# LLaDAConfig defaults are the 8B values).
+MODEL_SHAPES = {
+    "smollm2-135m": dict(family="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(family="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         tie_word_embeddings=False),
+    "llada-8b": dict(family="llada"),
+}
+
+# The FFN matrices whose reads each site lets the kernels skip.
+SKIPPED = {FFNSite.INPUT: ("gate", "up"), FFNSite.INTERMEDIATE: ("down",), FFNSite.GATE: ("up", "down"),
+           FFNSite.UP: ("gate", "down")}
+
+
+def build_random(shape: str, layers: int | None, dtype: torch.dtype, device: torch.device):
+    """A randomly initialised model of a named real shape, built directly on ``device``."""
+    if shape not in MODEL_SHAPES:
+        raise ValueError(f"unknown --model-shape {shape!r}; choose one of {sorted(MODEL_SHAPES)}")
+    fields = dict(MODEL_SHAPES[shape])
+    family = fields.pop("family")
+    if family == "llada":
+        from dllm_sparse.llada import LLaDAConfig, LLaDAModelLM
+
+        config = LLaDAConfig(**({"n_layers": layers} if layers else {}))
+        cls, kind = LLaDAModelLM, "diffusion"
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        if layers:
+            fields["num_hidden_layers"] = layers
+        config = LlamaConfig(max_position_embeddings=8192, **fields)
+        cls, kind = LlamaForCausalLM, "ar"
+    with torch.device(device):
+        model = cls._from_config(config, dtype=dtype)
+    return model.eval(), kind
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The two workloads
+# --------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def greedy_decode(model, prompt: torch.Tensor, new_tokens: int, stats: SparsityStats | None = None) -> float:
+    """Greedy KV-cached decoding of ``new_tokens`` tokens; returns seconds per decoded token (prefill excluded)."""
+    device = prompt.device
+    with stats.tagged("prefill") if stats else nullcontext():
+        out = model(input_ids=prompt, use_cache=True)
+    past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    sync(device)
+    t0 = time.perf_counter()
+    with stats.tagged("decode") if stats else nullcontext():
+        for _ in range(new_tokens - 1):
+            out = model(input_ids=tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    sync(device)
+    return (time.perf_counter() - t0) / (new_tokens - 1)
+
+
+@torch.no_grad()
+def denoising_steps(model, canvas: torch.Tensor, steps: int) -> float:
+    """``steps`` forward passes over the canvas (+ argmax); returns seconds per step."""
+    sync(canvas.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        model(input_ids=canvas).logits.argmax(-1)
+    sync(canvas.device)
+    return (time.perf_counter() - t0) / steps
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warmup: kernel compilation, allocator, caches
+    return statistics.median(fn() for _ in range(repeats))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bound
+# --------------------------------------------------------------------------------------------------------
+
+
+def byte_fraction(model, site: FFNSite, context: int, kind: str) -> dict:
+    """Bytes read per step: every weight matrix except the input embedding (a lookup reads one row per token,
+    unless it is tied to the LM head), plus the KV cache at this context length for AR decode."""
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is emb
+    # named_parameters() lists a tied matrix once; the LM head then reads it in full.
+    total = sum(p.numel() * p.element_size() for p in model.parameters() if p is not emb or tied)
+    skipped = sum(getattr(f, role).weight.numel() * getattr(f, role).weight.element_size()
+                  for f in find_ffns(model) for role in SKIPPED[site])
+    kv = 0
+    if kind == "ar":
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * emb.element_size()
+    return {"weight_bytes": total, "kv_bytes": kv, "skippable_bytes": skipped, "f": skipped / (total + kv)}
+
+
+@torch.no_grad()
+def measure_sparsity(model, site, rule, ids, kind, new_tokens, be) -> dict:
+    """Per-token sparsity of the accelerated run (decode tokens for AR) and, for a canvas, the union density
+    of the tokens' masks per layer (from the masking path's recorded masks: the same masks)."""
+    stats = SparsityStats()
+    accelerate_ffn(model, site, rule, stats=stats, backend=be)
+    try:
+        if kind == "ar":
+            greedy_decode(model, ids, max(new_tokens, 2), stats)
+            token_sparsity = stats.mean(site, tag="decode")
+        else:
+            model(input_ids=ids)
+            token_sparsity = stats.mean(site)
+    finally:
+        restore_ffn(model)
+    out = {"token_sparsity": token_sparsity}
+    if kind != "ar":
+        with sparsify(model, site, rule, record_masks=True) as rec:
+            model(input_ids=ids)
+        dens = [float(union_density(m["keep"])) for m in rec.masks]
+        out["union_density"] = sum(dens) / len(dens)
+    return out
+
+
+@torch.no_grad()
+def check_against_masking_path(model, site, rule, ids, be) -> dict:
+    """Logits of one forward pass: accelerated vs the masking path (same masks; differences are rounding)."""
+    with sparsify(model, site, rule):
+        ref = model(input_ids=ids).logits.float()
+    accelerate_ffn(model, site, rule, backend=be)
+    try:
+        fast = model(input_ids=ids).logits.float()
+    finally:
+        restore_ffn(model)
+    err = float((fast - ref).abs().max())
+    return {"max_abs_diff": err, "max_abs_logit": float(ref.abs().max())}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------------
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model id, directory, or an embedded name (smollm2-135m)")
+    src.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), help="random weights of a real shape")
+    ap.add_argument("--layers", type=int, default=None, help="truncate a --model-shape to N layers (CPU smoke runs)")
+    ap.add_argument("--site", default="input", choices=[s.value for s in FFNSite])
+    ap.add_argument("--rule", default="top_p", help="top_p, top_k or max_p")
+    ap.add_argument("--p", type=float, default=0.5, help="the rule's threshold (top-p p; top-k sparsity)")
+    ap.add_argument("--tokens", type=int, default=128, help="AR: tokens to decode (timed: all but the first)")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--gen-length", type=int, default=128, help="diffusion: masked positions on the canvas")
+    ap.add_argument("--steps", type=int, default=8, help="diffusion: denoising steps timed")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                    help="default: bf16 on GPU, fp32 on CPU")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--backend", default=None, choices=["auto", "triton", "torch"])
+    ap.add_argument("--output-dir", default="experiments/results")
+    args = ap.parse_args(argv)
+    if args.tokens < 2:
+        ap.error("--tokens must be at least 2 (the first token comes from the untimed prefill)")
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    site = FFNSite.parse(args.site)
+    rule = make_rule(args.rule, args.p)
+    if args.model:
+        lm = load_model(args.model, dtype=dtype, device=str(device))
+        model, kind, name = lm.model.eval(), lm.kind, args.model
+        mask_id = lm.mask_id
+    else:
+        model, kind = build_random(args.model_shape, args.layers, dtype, device)
+        name = args.model_shape + (f" ({args.layers} layers)" if args.layers else "")
+        mask_id = getattr(model.config, "mask_token_id", None)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, min(vocab, 32000), (1, args.prompt_len), generator=g).to(device)
+    if kind == "ar":
+        ids = prompt
+        work = lambda: greedy_decode(model, prompt, args.tokens)  # noqa: E731
+        context = args.prompt_len + args.tokens // 2
+    else:
+        canvas = torch.full((1, args.gen_length), mask_id if mask_id is not None else vocab - 1, device=device)
+        ids = torch.cat([prompt, canvas], dim=1)
+        work = lambda: denoising_steps(model, ids, args.steps)  # noqa: E731
+        context = ids.shape[1]
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    meta = {
+        "model": name, "kind": kind, "site": site.value, "rule": rule.to_dict(), "dtype": str(dtype)[6:],
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "backend": backend(ids, args.backend), "torch": torch.__version__, "triton": triton_version,
+        "command": " ".join([Path(sys.executable).name] + sys.argv), "weights": "real" if args.model else "random",
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if device.type != "cuda":
+        meta["note"] = "CPU: the PyTorch fallbacks, not the Triton kernels; a smoke run, not a measurement"
+    print(json.dumps(meta))
+
+    dense_s = timed(work, args.repeats)
+    accelerate_ffn(model, site, rule, backend=args.backend)
+    try:
+        sparse_s = timed(work, args.repeats)
+    finally:
+        restore_ffn(model)
+    sparsity = measure_sparsity(model, site, rule, ids, kind, min(args.tokens, 16), args.backend)
+    check = check_against_masking_path(model, site, rule, ids, args.backend)
+    fraction = byte_fraction(model, site, context, kind)
+    s_eff = sparsity["token_sparsity"] if kind == "ar" else 1 - sparsity["union_density"]
+    result = {"meta": meta, "sparsity": sparsity, "bytes": fraction, "check_vs_masking_path": check}
+    if kind == "ar":
+        result.update(dense_tokens_per_s=1 / dense_s, sparse_tokens_per_s=1 / sparse_s)
+    else:
+        result.update(dense_s_per_step=dense_s, sparse_s_per_step=sparse_s, tokens_per_step=ids.shape[1])
+    result.update(speedup=dense_s / sparse_s, bound=1 / (1 - fraction["f"] * s_eff), effective_sparsity=s_eff)
+
+    if kind == "ar":
+        print(f"{name}: dense {1 / dense_s:8.2f} tok/s   "
+              f"accelerate_ffn({site.value}, {rule}) {1 / sparse_s:8.2f} tok/s")
+    else:
+        print(f"{name}: dense {dense_s:.4f} s/step   accelerate_ffn({site.value}, {rule}) {sparse_s:.4f} s/step "
+              f"({ids.shape[1]} tokens, union density {sparsity['union_density']:.2f})")
+    print(f"speedup {result['speedup']:.2f}x   bound 1/(1 - f*s) = {result['bound']:.2f}x   "
+          f"(f = {fraction['f']:.2f} of the bytes per step, s = {s_eff:.2f})   "
+          f"logit diff vs masking path {check['max_abs_diff']:.2e} (logits up to {check['max_abs_logit']:.1f})")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"decode_bench_{slug(name)}_{site.value}_{slug(meta['device'])}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""Benchmark the sparse FFN kernels against dense matmuls (spec: shared/specs/kernels.md).
+
+    python experiments/kernel_bench.py                       # GPU: every spec shape, bf16
+    python experiments/kernel_bench.py --model smollm2-135m  # union densities from real activations too
+    python experiments/kernel_bench.py --quick               # CPU smoke run of the PyTorch fallbacks
+
+Three tables, printed and saved as JSON + PNG in --output-dir, named after the device:
+
+1. One token (decode): dense F.linear (cuBLAS on GPU) vs the column-sparse GEMV at input sparsity s, the
+   bandwidth bound 1/(1 - s), achieved GB/s; the row-sparse GEMV (kept output rows); the top-p threshold.
+2. Several tokens: M tokens with independent per-token top-p masks share the union of their kept sets. The
+   union density (not the per-token one) bounds the shared-mask GEMM's speedup: 1 / union density.
+   Masks come from a real model's FFN activations with --model, else from random heavy-tailed vectors
+   (Student-t, 3 degrees of freedom), and each row says which.
+3. The GEMM time at that union density vs dense.
+
+On a GPU timings use triton.testing.do_bench; on CPU time.perf_counter medians after a warmup. CPU numbers
+measure the PyTorch fallbacks (index_select + matmul), not the kernels: they only prove the script runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dllm_sparse import TopP, find_ffns, load_model
+from dllm_sparse.kernels import (
+    backend,
+    column_sparse_matmul,
+    row_sparse_matmul,
+    topp_threshold,
+    union_density,
+)
+
+# (name, d_in, d_out): the FFN matrices of the spec's models, as y[d_out] = W x[d_in].
+SHAPES = [
+    ("llama-3.1-8b gate/up", 4096, 14336),
+    ("llama-3.1-8b down", 14336, 4096),
+    ("llada-8b gate/up", 4096, 12288),
+    ("llada-8b down", 12288, 4096),
+    ("smollm2-135m gate/up", 576, 1536),
+    ("smollm2-135m down", 1536, 576),
+]
+SPARSITIES = (0.0, 0.25, 0.5, 0.7, 0.9)
+TOKENS = (1, 8, 32, 128, 256)
+TOP_P = (0.5, 0.7, 0.9)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Timing and environment
+# --------------------------------------------------------------------------------------------------------
+
+
+def make_timer(device: torch.device, quick: bool):
+    """fn -> milliseconds per call."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: float(do_bench(fn, warmup=25, rep=100))
+
+    def cpu_time(fn):
+        for _ in range(2):
+            fn()
+        budget, times = (0.02 if quick else 0.2), []
+        start = time.perf_counter()
+        while len(times) < 3 or (time.perf_counter() - start < budget and len(times) < 200):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    return cpu_time
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "device": name,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def heavy_tailed(*shape, generator, device, dtype) -> torch.Tensor:
+    """Student-t(3) samples: heavy tails like LLM activations, no exact zeros."""
+    z = torch.randn(*shape, generator=generator)
+    chi = torch.randn(*shape, 3, generator=generator).pow(2).mean(-1).sqrt()
+    return (z / chi).to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# 1. One token
+# --------------------------------------------------------------------------------------------------------
+
+
+def bench_one_token(shapes, sparsities, device, dtype, timer, be) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    elt = torch.finfo(dtype).bits // 8
+    rows = []
+    for name, d_in, d_out in shapes:
+        w = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(device=device, dtype=dtype)
+        wt = w.t().contiguous()
+        x = heavy_tailed(1, d_in, generator=g, device=device, dtype=dtype)
+        dense_ms = timer(partial(F.linear, x, w))
+        thr_ms = timer(partial(topp_threshold, x, 0.5, backend=be))
+        a = x.abs().float().flatten().sort().values
+        for s in sparsities:
+            n_masked = int(round(s * d_in))
+            tau = torch.zeros(1, 1, device=device) if n_masked == 0 else a[n_masked].reshape(1, 1)
+            kept_in = int(((x.abs().float() >= tau) & (x != 0)).sum())
+            col_ms = timer(partial(column_sparse_matmul, x, wt, threshold=tau, backend=be))
+            keep_out = torch.rand(d_out, generator=g).to(device) >= s
+            row_ms = timer(partial(row_sparse_matmul, x, w, keep_out, backend=be))
+            col_bytes = kept_in * d_out * elt
+            rows.append({
+                "shape": name, "d_in": d_in, "d_out": d_out, "sparsity": s,
+                "measured_sparsity": 1 - kept_in / d_in,
+                "dense_ms": dense_ms, "column_sparse_ms": col_ms, "row_sparse_ms": row_ms,
+                "topp_threshold_ms": thr_ms,
+                "speedup": dense_ms / col_ms, "row_speedup": dense_ms / row_ms,
+                "speedup_with_threshold": dense_ms / (col_ms + thr_ms),
+                "bound": 1 / (1 - s),
+                "dense_GBps": d_in * d_out * elt / dense_ms / 1e6,
+                "column_sparse_GBps": col_bytes / col_ms / 1e6,
+            })
+            r = rows[-1]
+            print(f"{name:22s} s={s:4.2f}  dense {dense_ms:8.3f} ms  col-sparse {col_ms:8.3f} ms "
+                  f"({r['speedup']:5.2f}x, bound {r['bound']:5.2f}x, {r['column_sparse_GBps']:7.1f} GB/s)  "
+                  f"row-sparse {row_ms:8.3f} ms ({r['row_speedup']:5.2f}x)  +top-p {thr_ms:.3f} ms")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------
+# 2 + 3. Several tokens: union density of per-token masks, and the shared-mask GEMM at that density
+# --------------------------------------------------------------------------------------------------------
+
+
+def real_activations(model_name: str, max_tokens: int, device) -> dict[str, torch.Tensor]:
+    """FFN inputs (site input) and down-projection inputs (site intermediate) of a middle layer of a real
+    model, one row per token of the package's built-in passages, captured with forward pre-hooks."""
+    from importlib.resources import files
+
+    lm = load_model(model_name, device=device)
+    texts = [json.loads(line)["text"] for line in (files("dllm_sparse") / "data/builtin_passages.jsonl")
+             .read_text().splitlines() if line.strip()]
+    ids = lm.tokenizer(" ".join(texts), return_tensors="pt").input_ids[:, :max_tokens].to(lm.device)
+    ffn = find_ffns(lm.model)[len(find_ffns(lm.model)) // 2]
+    got = {}
+    hooks = [ffn.gate.register_forward_pre_hook(lambda m, a: got.__setitem__("input", a[0][0].detach())),
+             ffn.down.register_forward_pre_hook(lambda m, a: got.__setitem__("intermediate", a[0][0].detach()))]
+    try:
+        with torch.no_grad():
+            lm.model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    print(f"captured {ids.shape[1]} tokens of real activations from {model_name}, layer {ffn.layer}")
+    return {k: v.float() for k, v in got.items()}
+
+
+def bench_tokens(sources, tokens, device, dtype, timer, be) -> list[dict]:
+    """sources: (label, site, activations [T, d_in], d_out); the first M rows are the M tokens."""
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for label, site, acts, d_out in sources:
+        d_in = acts.shape[1]
+        for M in tokens:
+            if acts.shape[0] < M:
+                print(f"  ({label}: only {acts.shape[0]} tokens captured, skipping M={M})")
+                continue
+            x = acts[:M].to(device=device, dtype=dtype)
+            w = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(device=device, dtype=dtype)
+            wt = w.t().contiguous()
+            dense_ms = timer(partial(F.linear, x, w))
+            for p in TOP_P:
+                keep = TopP(p).mask(x)
+                xs = x.masked_fill(~keep, 0)
+                union = float(union_density(keep))
+                ms = timer(partial(column_sparse_matmul, xs, wt, backend=be))
+                rows.append({
+                    "activations": label, "site": site, "d_in": d_in, "d_out": d_out, "tokens": M, "top_p": p,
+                    "token_sparsity": 1 - float(keep.float().mean()), "union_density": union,
+                    "dense_ms": dense_ms, "sparse_ms": ms, "speedup": dense_ms / ms, "bound": 1 / max(union, 1e-9),
+                })
+                r = rows[-1]
+                print(f"{label:34s} {site:12s} M={M:4d} p={p:.1f}  token sparsity {r['token_sparsity']:.2f}  "
+                      f"union density {union:.2f}  GEMM {ms:8.3f} ms vs dense {dense_ms:8.3f} ms "
+                      f"({r['speedup']:5.2f}x, bound {r['bound']:5.2f}x)")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------------
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    ax = axes[0]
+    one = result["one_token"]
+    for shape in dict.fromkeys(r["shape"] for r in one):
+        rs = [r for r in one if r["shape"] == shape]
+        ax.plot([r["sparsity"] for r in rs], [r["speedup"] for r in rs], marker="o", label=shape)
+    s = sorted({r["sparsity"] for r in one})
+    ax.plot(s, [1 / (1 - v) for v in s], "k--", label="bound 1/(1-s)")
+    ax.set(xlabel="input sparsity s", ylabel="speedup vs dense", yscale="log", title="one token: column-sparse GEMV")
+    ax.legend(fontsize=7)
+    many = result["tokens"]
+    # One colour per (site, p); solid lines for real activations, dotted for random ones, one line per d_in.
+    colours = {k: f"C{i}" for i, k in enumerate(dict.fromkeys((r["site"], r["top_p"]) for r in many))}
+    for ax, key, title in ((axes[1], "union_density", "union density of per-token top-p masks"),
+                           (axes[2], "speedup", "shared-mask GEMM speedup vs dense")):
+        for label, site, p in dict.fromkeys((r["activations"], r["site"], r["top_p"]) for r in many):
+            rs = [r for r in many if (r["activations"], r["site"], r["top_p"]) == (label, site, p)]
+            style = "-" if label.startswith("real") else ":"
+            ax.plot([r["tokens"] for r in rs], [r[key] for r in rs], style, marker="o",
+                    color=colours[(site, p)], label=f"{label}, {site}, p={p}")
+        ax.set(xlabel="tokens M", xscale="log", title=title, ylabel=key.replace("_", " "))
+        ax.legend(fontsize=6)
+    fig.suptitle(f"{result['meta']['device']} - {result['meta']['dtype']} - backend {result['meta']['backend']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes and few points (CPU smoke run)")
+    ap.add_argument("--model", default=None, help="take per-token masks from this model's real activations "
+                                                  "(id, directory, or smollm2-135m)")
+    ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                    help="weight dtype (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument("--backend", default=None, choices=["auto", "triton", "torch"])
+    ap.add_argument("--output-dir", default="experiments/results")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    timer = make_timer(device, args.quick)
+    be = args.backend
+    meta = environment(device)
+    meta.update(dtype=str(dtype).replace("torch.", ""), backend=backend(torch.empty(0, device=device), be),
+                quick=args.quick)
+    if device.type != "cuda":
+        meta["note"] = "CPU: timings of the PyTorch fallbacks, not of the Triton kernels"
+    print(json.dumps(meta))
+
+    shapes = [s for s in SHAPES if s[0].startswith("smollm2")] if args.quick else SHAPES
+    sparsities = (0.0, 0.5, 0.9) if args.quick else SPARSITIES
+    tokens = (1, 8, 32) if args.quick else TOKENS
+    one = bench_one_token(shapes, sparsities, device, dtype, timer, be)
+
+    sources = []
+    if args.model:
+        acts = real_activations(args.model, max(tokens), device)
+        d_model, d_ff = acts["input"].shape[1], acts["intermediate"].shape[1]
+        sources += [(f"real ({args.model})", "input", acts["input"], d_ff),
+                    (f"real ({args.model})", "intermediate", acts["intermediate"], d_model)]
+    g = torch.Generator().manual_seed(2)
+    random_dims = [(576, 1536)] if args.quick else [(576, 1536), (4096, 14336)]
+    for d_model, d_ff in random_dims:
+        for site, d_in, d_out in (("input", d_model, d_ff), ("intermediate", d_ff, d_model)):
+            acts = heavy_tailed(max(tokens), d_in, generator=g, device="cpu", dtype=torch.float32)
+            sources.append((f"random Student-t(3) (d_in {d_in})", site, acts, d_out))
+    many = bench_tokens(sources, tokens, device, dtype, timer, be)
+
+    result = {"meta": meta, "one_token": one, "tokens": many}
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"kernel_bench_{slug(meta['device'])}" + ("_quick" if args.quick else "")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    plot(result, out / f"{stem}.png")
+    print(f"wrote {out / stem}.json and .png")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""Swap a model's FFNs for sparse ones built on the kernels: ``accelerate_ffn`` and its inverse.
+
+    accelerate_ffn(model, site="input", rule=TopP(0.5))     # in place; returns the model
+    ...decode...
+    restore_ffn(model)                                       # the original modules, exactly
+
+    with accelerated_ffn(model, site="intermediate", rule=TopP(0.9)):
+        ...
+
+How the swap works. Every family calls its FFN as ``down(act(gate(x)) * up(x))`` from an *owner* module
+(LLaMA's ``mlp``; for LLaDA the block itself, whose FFN is not a separate module). Rather than re-implement
+each owner, the swap replaces only the projections whose work changes with a :class:`SparsePart`, a thin
+module that forwards its call to one :class:`SparseFFN` per layer. The SparseFFN holds the whole sparse
+computation of that FFN for the chosen site in one place, and the parts' ``original`` attribute keeps the
+replaced module for :func:`restore_ffn`. What each site replaces (spec: sparsification.md):
+
+| site           | gate                         | up                          | act        | down               |
+| -------------- | ---------------------------- | --------------------------- | ---------- | ------------------ |
+| `input`        | rule on x, then gate and up as one column-sparse launch (shared kept columns) | | dense | dense   |
+| `intermediate` | dense                        | dense                       | dense      | rule, column-sparse |
+| `gate`         | dense                        | row-sparse (gate's kept rows) | act, rule | column-sparse      |
+| `up`           | row-sparse (up's kept rows)  | dense, rule                 | dense      | column-sparse      |
+
+For `gate` and `up` the mask depends on a projection's dense output, so that projection runs in full;
+what the mask makes exact to skip is the other projection's rows (the product zeroes them anyway) and
+the down projection's columns. For `up`, ``act(0) = 0`` (SiLU, tanh-GELU) keeps skipped rows zero.
+
+The outputs equal the masking path (:func:`dllm_sparse.sparsify`, same site and rule) up to the dtype's
+rounding. The swap is for inference: the kernels have no backward. Call it after the model has its final
+device and dtype (the transposed weight copies are made at swap time; ``model.to()`` moves them along,
+but weights loaded into the model afterwards would not reach the copies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from dllm_sparse.adapters import FFNModules, find_ffns
+from dllm_sparse.rules import SparsityRule, TopP
+from dllm_sparse.sites import FFNSite
+from dllm_sparse.sparsify import select_layers
+from dllm_sparse.stats import SparsityStats
+
+from .dispatch import backend as choose_backend
+from .ops import column_sparse_matmul, row_sparse_matmul, topp_threshold
+
+__all__ = ["SparseFFN", "SparsePart", "accelerate_ffn", "restore_ffn", "accelerated_ffn", "is_accelerated"]
+
+DEFAULT_RULE = TopP(0.5)
+
+# Which of the owner's four modules each site replaces (the others keep running as they are).
+_SWAPPED = {
+    FFNSite.INPUT: ("gate", "up"),
+    FFNSite.INTERMEDIATE: ("down",),
+    FFNSite.GATE: ("up", "act", "down"),
+    FFNSite.UP: ("gate", "up", "down"),
+}
+
+
+class SparseFFN(nn.Module):
+    """The sparse computation of one FFN for one site; its :class:`SparsePart` modules call :meth:`run`.
+
+    ``gate`` and ``up`` at the `input` and `up` sites are computed together by whichever of the two is
+    called first, and handed to the second through a one-entry stash keyed by the input tensor itself
+    (the same trick as the masking path's input cache). At the `gate` site the activation leaves the kept
+    set for the up projection in the stash.
+    """
+
+    def __init__(self, ffn: FFNModules, site: FFNSite, rule: SparsityRule,
+                 stats: SparsityStats | None = None, backend: str | None = None):
+        super().__init__()
+        self.layer = ffn.layer
+        self.site = site
+        self.rule = rule
+        self.stats = stats
+        self.backend = backend
+        # A plain dict, not submodules: the originals' parameters are registered in the owner (or in the
+        # SparsePart that replaced them), so nothing is listed twice.
+        self._orig = {"gate": ffn.gate, "up": ffn.up, "act": ffn.act, "down": ffn.down}
+        self._stash: dict[str, tuple] = {}
+        self.d_ff = ffn.gate.weight.shape[0]
+        with torch.no_grad():
+            # Column-sparse matrices are stored transposed once, so a kept input reads one contiguous row.
+            # Non-persistent buffers: state_dict stays the original one, model.to() still moves them.
+            if site is FFNSite.INPUT:
+                self.register_buffer("gate_up_t", torch.cat([ffn.gate.weight, ffn.up.weight]).t().contiguous(),
+                                     persistent=False)
+                biases = (ffn.gate.bias, ffn.up.bias)
+                gate_up_bias = None if biases == (None, None) else torch.cat(
+                    [b if b is not None else ffn.gate.weight.new_zeros(self.d_ff) for b in biases])
+                self.register_buffer("gate_up_bias", gate_up_bias, persistent=False)
+            else:
+                self.register_buffer("down_t", ffn.down.weight.t().contiguous(), persistent=False)
+
+    # ---- selection -------------------------------------------------------------------------------------
+    def _select(self, v: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(keep-mask, threshold) of v by the rule. A per-token top-p gets its threshold from the kernel
+        (no sort on GPU) and no mask, so a one-token GEMV can apply it inside the kernel."""
+        if isinstance(self.rule, TopP) and self.rule.scope == "token":
+            return None, topp_threshold(v, self.rule.p, backend=self.backend)
+        return self.rule.mask(v), None
+
+    @staticmethod
+    def _kept(v: torch.Tensor, keep: torch.Tensor | None, tau: torch.Tensor | None) -> torch.Tensor:
+        return keep if keep is not None else (v.abs().float() >= tau) & (v != 0)
+
+    def _record(self, v: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        v = v.masked_fill(~kept, 0)
+        if self.stats is not None:
+            self.stats.add(self.layer, self.site, v, None)
+        return v
+
+    # ---- the four roles ----------------------------------------------------------------------------------
+    def run(self, role: str, v: torch.Tensor) -> torch.Tensor:
+        if role == "gate":
+            return self._gate_and_up(v)[0]
+        if role == "up":
+            return self._gate_and_up(v)[1] if self.site is not FFNSite.GATE else self._up_rows(v)
+        if role == "act":
+            return self._act(v)
+        return self._down(v)
+
+    def _gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hit = self._stash.pop("gate_up", None)
+        if hit is not None and hit[0] is x:  # the second of the pair: computed by the first
+            return hit[1]
+        out = self._input_site(x) if self.site is FFNSite.INPUT else self._up_site(x)
+        self._stash["gate_up"] = (x, out)
+        return out
+
+    def _input_site(self, x):
+        keep, tau = self._select(x)
+        if self.stats is not None:
+            self._record(x, self._kept(x, keep, tau))
+        y = column_sparse_matmul(x, self.gate_up_t, threshold=tau, keep=keep, bias=self.gate_up_bias,
+                                 backend=self.backend)
+        return y[..., : self.d_ff], y[..., self.d_ff:]
+
+    def _up_site(self, x):
+        u = self._orig["up"](x)
+        keep, tau = self._select(u)
+        kept = self._kept(u, keep, tau)
+        u = self._record(u, kept)
+        gate = self._orig["gate"]
+        g = row_sparse_matmul(x, gate.weight, kept, bias=gate.bias, backend=self.backend)
+        return g, u
+
+    def _act(self, g):
+        a = self._orig["act"](g)
+        keep, tau = self._select(a)
+        kept = self._kept(a, keep, tau)
+        self._stash["gate_keep"] = (kept,)
+        return self._record(a, kept)
+
+    def _up_rows(self, x):
+        hit = self._stash.pop("gate_keep", None)
+        if hit is None:
+            raise RuntimeError("site 'gate': the up projection ran before the activation, so its kept rows are "
+                               "unknown. accelerate_ffn expects the FFN to compute down(act(gate(x)) * up(x)) "
+                               "in that order; use dllm_sparse.sparsify for this model instead.")
+        up = self._orig["up"]
+        return row_sparse_matmul(x, up.weight, hit[0], bias=up.bias, backend=self.backend)
+
+    def _down(self, h):
+        down = self._orig["down"]
+        if self.site is FFNSite.INTERMEDIATE:
+            keep, tau = self._select(h)
+            if self.stats is not None:
+                self._record(h, self._kept(h, keep, tau))
+            return column_sparse_matmul(h, self.down_t, threshold=tau, keep=keep, bias=down.bias,
+                                        backend=self.backend)
+        # gate / up sites: h is already zero outside the kept set; zero entries are skipped.
+        return column_sparse_matmul(h, self.down_t, bias=down.bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, site={self.site.value}, rule={self.rule}"
+
+
+class SparsePart(nn.Module):
+    """Stands in for one of the owner's gate / up / act / down modules; ``original`` is what it replaced."""
+
+    def __init__(self, ffn: SparseFFN, role: str, original: nn.Module):
+        super().__init__()
+        self.ffn = ffn
+        self.role = role
+        # The replaced module is kept for restore_ffn but not registered as a child; its own parameters and
+        # buffers (the very same tensors) are registered here under their names instead, so state_dict(),
+        # named_parameters() and load_state_dict() read exactly as before the swap, and model.to() still
+        # reaches them.
+        self.__dict__["original"] = original
+        for name, p in original.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in original.named_buffers(recurse=False):
+            self.register_buffer(name, b, persistent=name not in original._non_persistent_buffers_set)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn.run(self.role, x)
+
+    def extra_repr(self) -> str:
+        return f"role={self.role}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# The verbs
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check_ffn(ffn: FFNModules) -> None:
+    where = f"layer {ffn.layer} ({ffn.adapter.family})"
+    for role in ("gate", "up", "down"):
+        m = getattr(ffn, role)
+        if not isinstance(m, nn.Linear):
+            raise ValueError(f"{where}: the {role} projection is a {type(m).__name__}, not nn.Linear; the sparse "
+                             "kernels need plain weights (dequantise the model, or use dllm_sparse.sparsify)")
+        if m.weight.is_meta:
+            raise ValueError(f"{where}: the {role} weights are on the meta device (offloaded?); load the model "
+                             "onto one device before accelerate_ffn")
+    d_ff, d = ffn.gate.weight.shape
+    if ffn.up.weight.shape != (d_ff, d) or ffn.down.weight.shape != (d, d_ff):
+        raise ValueError(f"{where}: projection shapes do not form a GLU FFN: gate {tuple(ffn.gate.weight.shape)}, "
+                         f"up {tuple(ffn.up.weight.shape)}, down {tuple(ffn.down.weight.shape)}")
+
+
+def _role_path(ffn: FFNModules, role: str) -> tuple[nn.Module, str]:
+    """(parent module, attribute name) of a role inside the owner, from the adapter's names."""
+    path = getattr(ffn.adapter, role)
+    prefix, _, leaf = path.rpartition(".")
+    return (ffn.owner.get_submodule(prefix) if prefix else ffn.owner), leaf
+
+
+def is_accelerated(model: nn.Module) -> bool:
+    return any(isinstance(m, SparsePart) for m in model.modules())
+
+
+def accelerate_ffn(
+    model: nn.Module,
+    site: FFNSite | str = "input",
+    rule: SparsityRule = DEFAULT_RULE,
+    layers: Iterable[int] | None = None,
+    *,
+    stats: SparsityStats | None = None,
+    backend: str | None = None,
+) -> nn.Module:
+    """Swap every selected FFN of ``model`` (in place) for a sparse one that skips the weights the rule
+    masks out at ``site``; returns the model. Undo with :func:`restore_ffn`.
+
+    ``site``: input, intermediate, gate or up (see the module docstring for what each one skips).
+    ``rule``: any :class:`SparsityRule`; a per-token :class:`TopP` takes the kernel threshold path.
+    ``layers``: FFN indices, all by default. ``stats``: a :class:`SparsityStats` to record the measured
+    sparsity into, as the masking path does (costs one masked copy per call; every token is counted, as
+    the swapped modules do not see the attention mask). ``backend``: "triton", "torch" or None/"auto"
+    (see :func:`dllm_sparse.kernels.backend`).
+    """
+    site = FFNSite.parse(site)
+    if not isinstance(rule, SparsityRule):
+        raise ValueError(f"rule must be a SparsityRule such as TopP(0.5), got {rule!r}")
+    if is_accelerated(model):
+        raise ValueError("this model's FFNs are already accelerated; call restore_ffn(model) before swapping again")
+    ffns = select_layers(find_ffns(model), layers)
+    for ffn in ffns:  # validate everything before touching the model
+        _check_ffn(ffn)
+        choose_backend(ffn.gate.weight, backend)  # a bad backend name fails here, not at the first forward
+    swaps = []
+    for ffn in ffns:
+        sparse = SparseFFN(ffn, site, rule, stats, backend)
+        for role in _SWAPPED[site]:
+            parent, name = _role_path(ffn, role)
+            swaps.append((parent, name, SparsePart(sparse, role, getattr(parent, name))))
+    for parent, name, part in swaps:
+        setattr(parent, name, part)
+    return model
+
+
+def restore_ffn(model: nn.Module) -> nn.Module:
+    """Put back every module that :func:`accelerate_ffn` replaced (the very same objects); returns the model.
+    A model that is not accelerated is returned unchanged."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SparsePart):
+                setattr(parent, name, child.original)
+    return model
+
+
+@contextmanager
+def accelerated_ffn(
+    model: nn.Module,
+    site: FFNSite | str = "input",
+    rule: SparsityRule = DEFAULT_RULE,
+    layers: Iterable[int] | None = None,
+    *,
+    stats: SparsityStats | None = None,
+    backend: str | None = None,
+) -> Iterator[nn.Module]:
+    """``with accelerated_ffn(model, "input", TopP(0.5)): ...`` - accelerate inside, restore on exit (also
+    when the body raises). Yields the model."""
+    accelerate_ffn(model, site, rule, layers, stats=stats, backend=backend)
+    try:
+        yield model
+    finally:
+        restore_ffn(model)
