@@ -25,3 +25,4 @@ __all__ = [
     "FFNSite", "ALL_SITES", "sparsify", "Sparsifier", "MaskEvent", "SparsityStats",
     "LoadedModel", "load_model",
 ]
+from . import mdm as _mdm  # noqa: E402,F401  (registers the embedded "smollm2-135m-mdm" diffusion twin)

@@ -130,6 +130,13 @@ class LLaDAConfig(PretrainedConfig):
     eos_token_id: int | None = 126081
     pad_token_id: int | None = 126081
     mask_token_id: int | None = LLADA_MASK_TOKEN_ID
+    # Variants used by models adapted from an autoregressive LM (dllm_sparse.adapt). Both are off for LLaDA.
+    # logit_shift: Dream's convention, the logits at position i come from the hidden state at i - 1 (position 0
+    # keeps its own), so the AR head's "next token" prediction is reused as "this (masked) token". Applied in
+    # LLaDAModelLM.forward, so every consumer (samplers, likelihood, sparsifier) sees already-shifted logits.
+    logit_shift: bool = False
+    # causal: lower-triangular attention. Only for checking a conversion against the original causal LM.
+    causal: bool = False
 
     def __post_init__(self, **kwargs):
         # Let the base class apply aliases (`hidden_size=...`) and unknown keys first, then resolve defaults
@@ -415,6 +422,11 @@ class LLaDAModel(nn.Module):
         rope = rotary_cos_sin(T, cfg.d_model // cfg.n_heads, cfg.rope_theta, x.device)
 
         attn_mask = _padding_mask(attention_mask, B, T)
+        if cfg.causal:
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            # Keep the diagonal: a left-padded first query would otherwise have no key at all (NaN in SDPA).
+            eye = torch.eye(T, dtype=torch.bool, device=x.device)
+            attn_mask = causal if attn_mask is None else (attn_mask & causal) | eye
 
         hidden_states = [] if output_hidden_states else None
         for block in tr.blocks:
@@ -538,7 +550,8 @@ class LLaDAModelLM(PreTrainedModel):
             kwargs: accepted and ignored (e.g. ``use_cache`` from generic callers); LLaDA has no KV cache here.
 
         Returns:
-            ``MaskedLMOutput`` with ``logits`` ``[B, T, embedding_size]`` in the model dtype.
+            ``MaskedLMOutput`` with ``logits`` ``[B, T, embedding_size]`` in the model dtype (already shifted
+            one position right when ``config.logit_shift``; hidden states are never shifted).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -550,6 +563,9 @@ class LLaDAModelLM(PreTrainedModel):
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
         )
+        if self.config.logit_shift:
+            # Position i is predicted from the hidden state at i - 1 (Dream); position 0 has no left neighbour.
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(

@@ -1,0 +1,636 @@
+"""Likelihood scorers: exact autoregressive log-likelihood and the masked-diffusion Monte-Carlo ELBO.
+
+The contract is ``shared/specs/generation.md`` (section "Likelihood")::
+
+    scorer = Scorer.from_loaded(load_model("smollm2-135m"), batch_size=16)
+    scorer.loglikelihood([("The capital of France is", " Paris")])          # [(ll, is_greedy)]
+    scorer.sparsity = SparsityConfig("input", "top_p", 0.9)                 # every forward pass is sparsified
+    scorer.loglikelihood([("The capital of France is", " Paris")])
+    scorer.stats.mean("input")                                              # measured sparsity of those passes
+
+* Autoregressive (``kind="ar"``): exact sum of log p(continuation | context); batched with left (default) or
+  right padding, explicit position ids, and only the continuation's logits computed when the model supports
+  ``logits_to_keep``. ``is_greedy``: the continuation is the argmax at every position.
+* Masked diffusion (``kind="diffusion"``): for each of ``mc_num / mc_batch`` iterations draw k uniformly from
+  {1..L}; row j of the mini-batch masks ((k + j·L/b − 1) mod L) + 1 answer positions (rounded as in LLaDA's
+  reference code) chosen by a random permutation; the prompt is never masked; the loss of a row is the sum of
+  cross-entropies over its masked positions × L / (#masked); log-likelihood = −(mean over rows, then over
+  iterations). The masks of an item come from a private generator seeded by (seed, item key), so the dense
+  model and every sparse configuration see exactly the same masks (common random numbers): a difference
+  between two configurations is never sampling noise.
+
+Performance details that do not change any result:
+
+* identical masked rows of one item (an answer of L tokens has only 2^L − 1 distinct masks, so short answers
+  repeat them constantly) are computed once and weighted by their multiplicity (``dedupe=True``);
+* rows of different items with the same total length are packed into one forward pass (no padding, so any
+  bidirectional model works without an attention mask), at most ``batch_size`` rows per pass.
+
+``is_greedy`` for diffusion: with ``greedy_check=True`` one extra row per item masks the whole answer and the
+answer counts as greedy when the one-shot argmax of every answer position equals it ("greedy one-shot unmask
+check"); with ``greedy_check=False`` (default, no extra cost) it is always ``False``.
+
+Sparsification applies to every forward pass of a scorer (each Monte-Carlo forward is a separate call, so
+masks are computed afresh for each, like every denoising step of a sampler). Statistics are tagged ``"ar"``
+or ``"elbo"`` with token groups ``context``/``continuation`` (AR) and ``prompt``/``answer``/``masked``
+(diffusion), plus optional mask-ratio bins ``ratio_bins`` (diffusion rows grouped by their fraction of
+masked answer tokens: the likelihood-side stand-in for "denoising step").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .rules import SparsityRule, make_rule
+from .sites import FFNSite
+from .sparsify import sparsify
+from .stats import SparsityStats
+
+__all__ = [
+    "SparsityConfig",
+    "Scorer",
+    "ar_loglikelihood_tokens",
+    "diffusion_elbo_tokens",
+    "elbo_mask_counts",
+    "elbo_masks",
+    "item_generator",
+    "rolling_windows",
+    "ByteTokenizer",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sparsity configuration
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """One sparsity setting: ``site`` sparsified with rule ``rule`` at ``threshold`` (see rules.make_rule)."""
+
+    site: str
+    rule: str = "top_p"
+    threshold: float = 1.0
+    scope: str = "token"
+
+    def __post_init__(self):
+        object.__setattr__(self, "site", FFNSite.parse(self.site).value)
+        object.__setattr__(self, "rule", self.rule.replace("-", "_").lower())
+        object.__setattr__(self, "threshold", float(self.threshold))
+        self.make_rule()  # validate early
+
+    def make_rule(self) -> SparsityRule:
+        return make_rule(self.rule, self.threshold, scope=self.scope)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.make_rule().is_identity
+
+    @property
+    def id(self) -> str:
+        """A short identity string, e.g. ``input:top_p:0.9:token`` (used in cache keys and file names)."""
+        return f"{self.site}:{self.rule}:{self.threshold:g}:{self.scope}"
+
+
+def _as_configs(sparsity) -> list[SparsityConfig]:
+    if sparsity is None:
+        return []
+    if isinstance(sparsity, SparsityConfig):
+        return [sparsity]
+    out = list(sparsity)
+    if not all(isinstance(s, SparsityConfig) for s in out):
+        raise TypeError(f"sparsity must be a SparsityConfig, a list of them, or None; got {sparsity!r}")
+    if len({s.site for s in out}) != len(out):
+        raise ValueError("at most one SparsityConfig per site")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _input_device(model: torch.nn.Module) -> torch.device:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return emb.weight.device
+    return next(model.parameters()).device
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _tagged(stats: SparsityStats | None, tag: Hashable, groups: dict[str, torch.Tensor]):
+    if stats is None:
+        from contextlib import nullcontext
+
+        return nullcontext()
+    return stats.tagged(tag, groups)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+@contextmanager
+def _head_at_masked_positions(model: torch.nn.Module, enabled: bool):
+    """For a native :class:`~dllm_sparse.llada.LLaDAModelLM`, swap the LM head for Identity so the forward returns
+    final hidden states (already shifted when the model shifts itself); yields ``project(h)`` that applies the
+    head to the gathered masked positions only. Saves projecting every unmasked position onto the vocabulary.
+    Yields None for other models (their logits are used as they are)."""
+    from .llada import LLaDAModelLM
+
+    if not enabled or not isinstance(model, LLaDAModelLM) or getattr(model.config, "scale_logits", False):
+        yield None
+        return
+    tr = model.model.transformer
+    head = tr.ff_out
+    if head.weight.device.type == "meta":  # offloaded by accelerate: let its hooks run the head
+        yield None
+        return
+    tr.ff_out = torch.nn.Identity()
+    try:
+        yield lambda h: F.linear(h.to(head.weight.device), head.weight, head.bias)
+    finally:
+        tr.ff_out = head
+
+
+def item_generator(seed: int, key: Hashable) -> torch.Generator:
+    """A CPU generator seeded by (seed, key): the same item draws the same masks in every configuration."""
+    digest = hashlib.sha256(f"{int(seed)}|{key!r}".encode()).digest()
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return g
+
+
+def _content_key(context: Sequence[int], continuation: Sequence[int]) -> str:
+    return hashlib.sha256(repr((list(context), list(continuation))).encode()).hexdigest()[:24]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autoregressive: exact log-likelihood
+# ---------------------------------------------------------------------------------------------------------
+
+
+def ar_loglikelihood_tokens(
+    model: torch.nn.Module,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    batch_size: int = 16,
+    padding_side: str = "left",
+    pad_id: int = 0,
+    max_length: int | None = None,
+    stats: SparsityStats | None = None,
+    progress: bool = False,
+) -> list[tuple[float, bool]]:
+    """Exact ``(sum log p(continuation | context), is_greedy)`` for token-id requests of a causal LM.
+
+    ``context`` must hold at least one token (use a BOS/EOS prefix for an empty context). Requests are sorted by
+    length for batching and returned in the input order. A context longer than ``max_length`` is cut from the
+    left, as lm-evaluation-harness does.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    seqs = []
+    for ctx, cont in requests:
+        ctx, cont = list(ctx), list(cont)
+        if not ctx:
+            raise ValueError("an autoregressive request needs a non-empty context (prepend a BOS/EOS token)")
+        if not cont:
+            raise ValueError("empty continuation")
+        full = ctx + cont
+        if max_length is not None and len(full) - 1 > max_length:
+            if len(cont) > max_length:
+                raise ValueError(f"continuation of {len(cont)} tokens exceeds max_length={max_length}")
+            full = full[len(full) - 1 - max_length:]
+        seqs.append((full, len(cont)))
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+    results: list[tuple[float, bool] | None] = [None] * len(seqs)
+    device = _input_device(model)
+    use_keep = _accepts(model, "logits_to_keep") and padding_side == "left"
+    use_pos = _accepts(model, "position_ids")
+    bar = _progress(len(seqs), "loglikelihood (AR)", progress)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        inputs = [seqs[i][0][:-1] for i in idx]
+        T = max(len(x) for x in inputs)
+        ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
+        att = torch.zeros((len(idx), T), dtype=torch.long)
+        cont_group = torch.zeros((len(idx), T), dtype=torch.bool)
+        for r, (i, x) in enumerate(zip(idx, inputs, strict=True)):
+            n, nc = len(x), seqs[i][1]
+            sl = slice(T - n, T) if padding_side == "left" else slice(0, n)
+            ids[r, sl] = torch.tensor(x)
+            att[r, sl] = 1
+            end = sl.stop
+            cont_group[r, end - nc + 1:end] = True  # input positions holding continuation tokens
+        kwargs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": att.to(device)}
+        if use_pos:
+            kwargs["position_ids"] = (att.cumsum(-1) - 1).clamp(min=0).to(device)
+        max_cont = max(seqs[i][1] for i in idx)
+        if use_keep:
+            kwargs["logits_to_keep"] = max_cont
+        groups = {"context": (att.bool() & ~cont_group), "continuation": cont_group}
+        with torch.no_grad(), _tagged(stats, "ar", groups):
+            logits = model(**kwargs).logits
+        offset = T - logits.shape[1]  # logits cover input positions offset .. T-1
+        for r, i in enumerate(idx):
+            full, nc = seqs[i]
+            n = len(full) - 1
+            end = T if padding_side == "left" else n
+            pos = torch.arange(end - nc, end) - offset
+            lg = logits[r, pos.to(logits.device)].float()
+            target = torch.tensor(full[-nc:], device=lg.device)
+            logp = F.log_softmax(lg, dim=-1)
+            ll = logp.gather(-1, target[:, None]).sum().item()
+            greedy = bool((lg.argmax(-1) == target).all().item())
+            results[i] = (ll, greedy)
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    return results  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Masked diffusion: Monte-Carlo ELBO
+# ---------------------------------------------------------------------------------------------------------
+
+
+def elbo_mask_counts(L: int, mc_num: int, mc_batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Number of masked answer positions of each of the ``mc_num`` rows (shape [mc_num // mc_batch, mc_batch]).
+
+    Per iteration k ~ U{1..L}; row j masks round(k + j·L/b), wrapped into {1..L} (LLaDA's stratification)."""
+    if L < 1:
+        raise ValueError("the answer must hold at least one token")
+    if mc_num < 1 or mc_batch < 1 or mc_num % mc_batch:
+        raise ValueError(f"mc_num ({mc_num}) must be a positive multiple of mc_batch ({mc_batch})")
+    out = []
+    for _ in range(mc_num // mc_batch):
+        k = int(torch.randint(1, L + 1, (1,), generator=generator).item())
+        x = torch.round(torch.linspace(float(k), k + (mc_batch - 1) * (L / mc_batch), steps=mc_batch,
+                                       dtype=torch.float64)).long()
+        out.append(((x - 1) % L) + 1)
+    return torch.stack(out)
+
+
+def elbo_masks(L: int, mc_num: int, mc_batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Boolean answer masks [mc_num, L]: each row masks its count of positions chosen by a random permutation."""
+    counts = elbo_mask_counts(L, mc_num, mc_batch, generator).reshape(-1)
+    masks = torch.zeros((len(counts), L), dtype=torch.bool)
+    for r, n in enumerate(counts.tolist()):
+        masks[r, torch.randperm(L, generator=generator)[:n]] = True
+    return masks
+
+
+def diffusion_elbo_tokens(
+    model: torch.nn.Module,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    mask_id: int,
+    mc_num: int = 128,
+    mc_batch: int = 16,
+    batch_size: int | None = None,
+    seed: int = 0,
+    keys: Sequence[Hashable] | None = None,
+    shift_logits: bool = False,
+    dedupe: bool = True,
+    greedy_check: bool = False,
+    stats: SparsityStats | None = None,
+    ratio_bins: int = 0,
+    progress: bool = False,
+) -> list[tuple[float, bool]]:
+    """Monte-Carlo ELBO estimate of ``log p(answer | prompt)`` for each (prompt ids, answer ids) request.
+
+    ``mc_batch`` is the stratified mini-batch b of the spec; ``batch_size`` caps the rows of one forward pass
+    (default ``mc_batch``). ``keys`` name the items for the per-item generators (default: a hash of the
+    tokens); use the same keys in every configuration. ``shift_logits``: Dream-style models predict position
+    i from the hidden state at i−1 (leave it off for models that shift inside their forward, such as a native
+    LLaDA model with ``config.logit_shift``). Returns ``(ll, is_greedy)`` per request (see the module docstring).
+    """
+    batch_size = batch_size or mc_batch
+    if keys is not None and len(keys) != len(requests):
+        raise ValueError("keys must have one entry per request")
+    # 1. The rows of every item: (item, answer mask, multiplicity); multiplicity 0 marks the greedy-check row.
+    rows: list[tuple[int, torch.Tensor, int]] = []
+    seqs, answer_lens = [], []
+    for i, (prompt, answer) in enumerate(requests):
+        prompt, answer = list(prompt), list(answer)
+        L = len(answer)
+        if L == 0:
+            raise ValueError("empty answer")
+        if shift_logits and not prompt:
+            raise ValueError("shift_logits needs a non-empty prompt (position 0 is predicted from position -1)")
+        seqs.append(torch.tensor(prompt + answer, dtype=torch.long))
+        answer_lens.append(L)
+        key = keys[i] if keys is not None else _content_key(prompt, answer)
+        masks = elbo_masks(L, mc_num, mc_batch, item_generator(seed, key))
+        if dedupe:
+            uniq, counts = torch.unique(masks, dim=0, return_counts=True)
+            rows += [(i, m, int(c)) for m, c in zip(uniq, counts.tolist(), strict=True)]
+        else:
+            rows += [(i, m, 1) for m in masks]
+        if greedy_check:
+            rows.append((i, torch.ones(L, dtype=torch.bool), 0))
+    # 2. Pack rows of equal total length into forward passes (no padding needed).
+    by_len: dict[int, list[int]] = {}
+    for r, (i, _, _) in enumerate(rows):
+        by_len.setdefault(len(seqs[i]), []).append(r)
+    chunks = [rs[s:s + batch_size] for T in sorted(by_len, reverse=True) for rs in [by_len[T]]
+              for s in range(0, len(rs), batch_size)]
+    loss_sum = [0.0] * len(requests)
+    greedy = [False] * len(requests)
+    device = _input_device(model)
+    bar = _progress(len(chunks), "ELBO forward passes", progress)
+    for chunk in chunks:
+        T = len(seqs[rows[chunk[0]][0]])
+        clean = torch.stack([seqs[rows[r][0]] for r in chunk])
+        is_mask = torch.zeros_like(clean, dtype=torch.bool)
+        answer_pos = torch.zeros_like(is_mask)
+        ratio = torch.empty(len(chunk), dtype=torch.float64)
+        for b, r in enumerate(chunk):
+            i, m, _ = rows[r]
+            L = answer_lens[i]
+            is_mask[b, T - L:] = m
+            answer_pos[b, T - L:] = True
+            ratio[b] = m.sum().item() / L
+        noisy = torch.where(is_mask, torch.full_like(clean, mask_id), clean)
+        groups = {"prompt": ~answer_pos, "answer": answer_pos, "masked": is_mask}
+        if ratio_bins:
+            bins = (torch.ceil(ratio * ratio_bins).long() - 1).clamp(0, ratio_bins - 1)
+            for k in range(ratio_bins):
+                groups[f"ratio{k / ratio_bins:.2f}-{(k + 1) / ratio_bins:.2f}"] = (bins == k)[:, None].expand_as(clean)
+        with torch.no_grad(), _tagged(stats, "elbo", groups), _head_at_masked_positions(model, True) as project:
+            logits = model(input_ids=noisy.to(device)).logits  # hidden states when project is not None
+        if shift_logits:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        bi, ti = is_mask.nonzero(as_tuple=True)
+        lg = logits[bi.to(logits.device), ti.to(logits.device)]
+        if project is not None:
+            with torch.no_grad():
+                lg = project(lg)
+        lg = lg.float()
+        target = clean[bi, ti].to(lg.device)
+        ce = F.cross_entropy(lg, target, reduction="none").double().cpu()
+        row_ce = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, bi, ce)
+        wrong = torch.zeros(len(chunk), dtype=torch.float64).index_add_(
+            0, bi, (lg.argmax(-1) != target).double().cpu()) if greedy_check else None
+        for b, r in enumerate(chunk):
+            i, m, mult = rows[r]
+            if mult == 0:
+                greedy[i] = bool(wrong[b].item() == 0)
+            else:
+                loss_sum[i] += mult * row_ce[b].item() * answer_lens[i] / int(m.sum().item())
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    # Mean over rows then over iterations = mean over all mc_num rows (every mini-batch has b rows).
+    return [(-loss_sum[i] / mc_num, greedy[i]) for i in range(len(requests))]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rolling (whole-text) windows
+# ---------------------------------------------------------------------------------------------------------
+
+
+def rolling_windows(tokens: Sequence[int], prefix_id: int, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Split a text into (context, continuation) requests predicting every token exactly once.
+
+    Each window predicts up to ``max_length`` new tokens, conditioned on as many preceding tokens as fit in an
+    input of ``max_length`` (the first window is conditioned on ``prefix_id`` alone)."""
+    full = [prefix_id] + list(tokens)
+    out = []
+    for s in range(0, len(tokens), max_length):
+        e = min(s + max_length, len(tokens))
+        a = max(0, e - max_length)
+        out.append((full[a:1 + s], full[1 + s:1 + e]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The scorer: tokenisation, sparsity, dispatch by model kind
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Scorer:
+    """Score text with an AR or masked-diffusion model, optionally sparsified (see the module docstring).
+
+    ``sparsity``: None (dense), a :class:`SparsityConfig`, or a list of them on distinct sites (all attached at
+    once; with identity rules this measures the natural sparsity of every site in one dense pass). ``stats``:
+    where the measured sparsity goes (created on first use when sparsity is set). Tokenisation follows
+    lm-evaluation-harness: trailing spaces of the context move to the continuation, the pair is encoded whole
+    and split, and an empty context becomes the prefix token (BOS, else EOS).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        kind: str = "ar",
+        mask_id: int | None = None,
+        *,
+        name: str = "",
+        family: str = "",
+        batch_size: int = 16,
+        mc_num: int = 128,
+        mc_batch: int = 16,
+        seed: int = 1234,
+        shift_logits: bool | None = None,
+        padding_side: str = "left",
+        add_bos_token: bool = False,
+        max_length: int | None = None,
+        greedy_check: bool = False,
+        dedupe: bool = True,
+        ratio_bins: int = 0,
+        sparsity: SparsityConfig | Sequence[SparsityConfig] | None = None,
+        stats: SparsityStats | None = None,
+        progress: bool = False,
+    ):
+        if kind not in ("ar", "diffusion"):
+            raise ValueError(f"kind must be 'ar' or 'diffusion', got {kind!r}")
+        if kind == "diffusion" and mask_id is None:
+            raise ValueError("a diffusion scorer needs mask_id")
+        self.model, self.tokenizer, self.kind, self.mask_id = model, tokenizer, kind, mask_id
+        self.name, self.family = name or type(model).__name__, family
+        self.batch_size, self.mc_num, self.mc_batch, self.seed = int(batch_size), int(mc_num), int(mc_batch), seed
+        if self.mc_num % self.mc_batch:
+            raise ValueError(f"mc_num ({mc_num}) must be a multiple of mc_batch ({mc_batch})")
+        # Dream shifts outside the model; a native LLaDAModelLM with config.logit_shift shifts inside its forward.
+        shifts_itself = bool(getattr(getattr(model, "config", None), "logit_shift", False))
+        if shift_logits and shifts_itself:
+            raise ValueError("this model already shifts its logits (config.logit_shift=True); shifting again would "
+                             "misalign every prediction. Leave shift_logits at None/False.")
+        self.shift_logits = (family == "dream" and not shifts_itself) if shift_logits is None else bool(shift_logits)
+        self.padding_side, self.add_bos_token = padding_side, add_bos_token
+        self.max_length = max_length or self._default_max_length()
+        self.greedy_check, self.dedupe, self.ratio_bins, self.progress = greedy_check, dedupe, ratio_bins, progress
+        self._sparsity = _as_configs(sparsity)
+        self.stats = stats
+
+    @classmethod
+    def from_loaded(cls, lm, **kwargs) -> Scorer:
+        """From a :class:`dllm_sparse.loading.LoadedModel`."""
+        return cls(lm.model, lm.tokenizer, lm.kind, lm.mask_id, name=lm.name, family=lm.family, **kwargs)
+
+    # ---- configuration -----------------------------------------------------------------------------------
+    @property
+    def sparsity(self) -> list[SparsityConfig]:
+        return list(self._sparsity)
+
+    @sparsity.setter
+    def sparsity(self, value) -> None:
+        self._sparsity = _as_configs(value)
+
+    @property
+    def config_id(self) -> str:
+        """Everything that changes the scores: model, kind, sparsity and the ELBO settings."""
+        sp = "+".join(s.id for s in self._sparsity) or "dense"
+        est = f"mc{self.mc_num}/b{self.mc_batch}/seed{self.seed}/shift{int(self.shift_logits)}" \
+            if self.kind == "diffusion" else "exact"
+        return f"{self.name}|{self.kind}|{sp}|{est}|bos{int(self.add_bos_token)}"
+
+    def _default_max_length(self) -> int:
+        cfg = getattr(self.model, "config", None)
+        for attr in ("max_position_embeddings", "max_sequence_length", "n_positions"):
+            v = getattr(cfg, attr, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        v = getattr(self.tokenizer, "model_max_length", None)
+        return v if isinstance(v, int) and 0 < v < 1_000_000 else 2048
+
+    @contextmanager
+    def sparsified(self) -> Iterator[SparsityStats | None]:
+        """Attach the configured sparsity (nothing when dense) for the duration of the block."""
+        if not self._sparsity:
+            yield self.stats
+            return
+        if self.stats is None:
+            self.stats = SparsityStats()
+        with ExitStack() as stack:
+            for cfg in self._sparsity:
+                stack.enter_context(sparsify(self.model, cfg.site, cfg.make_rule(), stats=self.stats))
+            yield self.stats
+
+    # ---- tokenisation ------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        if self.add_bos_token and self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id] + ids
+        return ids
+
+    @property
+    def prefix_id(self) -> int:
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self.tokenizer, attr, None)
+            if v is not None:
+                return int(v)
+        raise ValueError("the tokenizer has no BOS/EOS/PAD token to stand for an empty context")
+
+    @property
+    def pad_id(self) -> int:
+        v = getattr(self.tokenizer, "pad_token_id", None)
+        if v is None:
+            v = getattr(self.tokenizer, "eos_token_id", None)
+        return int(v) if v is not None else 0
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        if context == "":
+            cont = list(self.tokenizer.encode(continuation, add_special_tokens=False))
+            return ([self.prefix_id], cont) if not cont or cont[0] != self.prefix_id else (cont[:1], cont[1:])
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        return ctx, whole[len(ctx):]
+
+    # ---- scoring -----------------------------------------------------------------------------------------
+    def loglikelihood_tokens(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+                             keys: Sequence[Hashable] | None = None) -> list[tuple[float, bool]]:
+        """``(log-likelihood, is_greedy)`` of token-id (context, continuation) requests, sparsified as set."""
+        with self.sparsified() as stats:
+            if self.kind == "ar":
+                return ar_loglikelihood_tokens(
+                    self.model, requests, batch_size=self.batch_size, padding_side=self.padding_side,
+                    pad_id=self.pad_id, max_length=self.max_length, stats=stats, progress=self.progress)
+            return diffusion_elbo_tokens(
+                self.model, requests, mask_id=self.mask_id, mc_num=self.mc_num, mc_batch=self.mc_batch,
+                batch_size=max(self.batch_size, 1), seed=self.seed, keys=keys, shift_logits=self.shift_logits,
+                dedupe=self.dedupe, greedy_check=self.greedy_check, stats=stats, ratio_bins=self.ratio_bins,
+                progress=self.progress)
+
+    def loglikelihood(self, pairs: Sequence[tuple[str, str]],
+                      keys: Sequence[Hashable] | None = None) -> list[tuple[float, bool]]:
+        """lm-eval's ``loglikelihood`` on text pairs; ``keys`` name the items (for the ELBO's masks)."""
+        return self.loglikelihood_tokens([self.encode_pair(c, x) for c, x in pairs], keys)
+
+    def loglikelihood_rolling(self, texts: Sequence[str],
+                              keys: Sequence[Hashable] | None = None) -> list[tuple[float, int]]:
+        """``(log-likelihood of the whole text, number of tokens)`` per text (AR exact, diffusion ELBO).
+
+        Texts longer than the model's context are split into windows (:func:`rolling_windows`)."""
+        windows, owner, wkeys = [], [], []
+        for t, text in enumerate(texts):
+            tokens = list(self.tokenizer.encode(text, add_special_tokens=False))
+            for w, win in enumerate(rolling_windows(tokens, self.prefix_id, self.max_length)):
+                windows.append(win)
+                owner.append(t)
+                wkeys.append((keys[t] if keys is not None else _content_key(*win), w))
+        scores = self.loglikelihood_tokens(windows, wkeys)
+        out = [[0.0, 0] for _ in texts]
+        for t, (ll, _), win in zip(owner, scores, windows, strict=True):
+            out[t][0] += ll
+            out[t][1] += len(win[1])
+        return [(ll, n) for ll, n in out]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A dependency-free tokenizer for tests and toy models
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: id = byte + 4; 0 pad, 1 bos, 2 eos, 3 mask (vocabulary 260). For tests."""
+
+    pad_token_id, bos_token_id, eos_token_id, mask_token_id = 0, 1, 2, 3
+    vocab_size = 260
+    model_max_length = 1024
+    name_or_path = "byte-tokenizer"
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = [b + 4 for b in text.encode("utf-8")]
+        return ([self.bos_token_id] + ids) if add_special_tokens else ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return bytes(i - 4 for i in ids if i >= 4).decode("utf-8", errors="replace")
+
+    def batch_decode(self, seqs, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(s, skip_special_tokens) for s in seqs]
+
+    def __call__(self, texts, add_special_tokens: bool = False, **_):
+        if isinstance(texts, str):
+            return {"input_ids": self.encode(texts, add_special_tokens)}
+        return {"input_ids": [self.encode(t, add_special_tokens) for t in texts]}
+
+    def __len__(self) -> int:
+        return self.vocab_size
+

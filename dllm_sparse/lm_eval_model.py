@@ -1,0 +1,259 @@
+"""lm-evaluation-harness model ``dllm_sparse``: an AR or masked-diffusion model plus one sparsity configuration.
+
+Python API (the supported path; lm-eval >= 0.4.9, tested with 0.4.13)::
+
+    import lm_eval
+    from dllm_sparse.lm_eval_model import DllmSparseLM
+    lm = DllmSparseLM(pretrained="smollm2-135m", site="input", rule="top_p", p=0.9)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"], limit=100)
+    lm.stats.mean("input")                       # measured sparsity of every forward pass of the run
+
+Command line: lm-eval 0.4.13 finds models only in its registry, which an outside package fills by being
+imported (there is no entry-point discovery, and ``--include_path`` is for tasks). Importing this module
+registers ``dllm_sparse``; its ``__main__`` does that and then runs lm-eval's own CLI, so every lm-eval flag
+works unchanged::
+
+    python -m dllm_sparse.lm_eval_model run --model dllm_sparse \\
+        --model_args pretrained=GSAI-ML/LLaDA-8B-Base,site=input,rule=top_p,p=0.9,dtype=bf16,device=auto,mc_num=128 \\
+        --tasks arc_easy --batch_size 16
+
+Model arguments: ``pretrained`` (hub id, local dir, .gguf or embedded name), ``kind`` (ar/diffusion, detected),
+``dtype``, ``device`` (``auto`` = accelerate placement), ``site`` (none = dense), ``rule`` (top_p, top_k,
+max_p), ``p`` (the rule's threshold), ``scope``, ``batch_size``, ``mc_num``, ``mc_batch``, ``seed``,
+``shift_logits`` (Dream-style; default by family), ``greedy_check``, ``max_gen_toks``, ``gen_steps``,
+``block_length``, ``trust_remote_code``, ``add_bos_token``.
+
+Semantics:
+
+* ``loglikelihood`` returns ``(ll, is_greedy)``. AR: exact. Diffusion: the Monte-Carlo ELBO of
+  ``dllm_sparse.likelihood`` with masks drawn per request from (seed, task, doc_id, request index), so
+  dense and sparse runs use identical masks. ``is_greedy`` for diffusion: with ``greedy_check=True``
+  (default here) one extra forward row per request masks the whole continuation and checks that the one-shot
+  argmax reproduces it; with ``greedy_check=False`` it is always False.
+* ``loglikelihood_rolling``: AR exact (windows of the model's context length); diffusion: the ELBO of the
+  whole text given the prefix token (BOS, else EOS).
+* ``generate_until``: through ``dllm_sparse.samplers.generate`` (LLaDA sampler or AR loop), sparsified with
+  per-step statistics.
+
+Response cache: lm-eval's ``--use_cache PATH`` keys responses by the request alone, not by the model, so a
+sparse run reading a dense run's cache would silently return dense answers. This class therefore writes its
+identity (:attr:`identity`: model, kind, site, rule, threshold, ELBO settings) into the cache database and
+refuses, with a clear error, a database made by any other configuration. Use one cache path per
+configuration, e.g. ``--use_cache cache/{lm.cache_slug}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "dllm_sparse.lm_eval_model needs lm-evaluation-harness: pip install -e '.[eval]' (or pip install lm-eval)"
+    ) from e
+
+from tqdm.auto import tqdm
+
+from .likelihood import Scorer, SparsityConfig
+from .stats import SparsityStats
+
+__all__ = ["DllmSparseLM", "IDENTITY_KEY"]
+
+IDENTITY_KEY = "__dllm_sparse_identity__"  # lm-eval's own keys are sha256 hex digests, so no collision
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "y", "on")
+    return bool(v)
+
+
+@register_model("dllm_sparse", "dllm-sparse")
+class DllmSparseLM(LM):
+    """lm-eval model wrapping a :class:`dllm_sparse.likelihood.Scorer` (see the module docstring)."""
+
+    def __init__(
+        self,
+        pretrained: str = "smollm2-135m",
+        site: str | None = None,
+        rule: str = "top_p",
+        p: float | None = None,
+        scope: str = "token",
+        kind: str | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        batch_size: int | str | None = 16,
+        mc_num: int = 128,
+        mc_batch: int = 16,
+        seed: int = 1234,
+        shift_logits: bool | None = None,
+        greedy_check: bool = True,
+        max_gen_toks: int = 256,
+        gen_steps: int | None = None,
+        block_length: int | None = None,
+        trust_remote_code: bool = False,
+        add_bos_token: bool = False,
+        scorer: Scorer | None = None,
+        **unused: Any,
+    ):
+        super().__init__()
+        unused.pop("max_batch_size", None)
+        if scorer is None:
+            from .loading import load_model
+
+            lm = load_model(pretrained, dtype=dtype, device=device, kind=kind,
+                            trust_remote_code=_bool(trust_remote_code))
+            sparsity = None
+            if site not in (None, "", "none", "dense"):
+                sparsity = SparsityConfig(site, rule, 1.0 if p is None else float(p), scope)
+            bs = 16 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)
+            scorer = Scorer.from_loaded(
+                lm, batch_size=bs, mc_num=int(mc_num), mc_batch=int(mc_batch), seed=int(seed),
+                shift_logits=None if shift_logits is None else _bool(shift_logits),
+                greedy_check=_bool(greedy_check), add_bos_token=_bool(add_bos_token), sparsity=sparsity,
+                stats=SparsityStats() if sparsity is not None else None)
+        self.scorer = scorer
+        self.max_gen_toks, self.gen_steps, self.block_length = int(max_gen_toks), gen_steps, block_length
+        self._device = getattr(getattr(scorer.model, "device", None), "type", None)
+
+    @classmethod
+    def from_scorer(cls, scorer: Scorer, **kwargs: Any) -> DllmSparseLM:
+        """Wrap an existing scorer (its model, sparsity and statistics are shared, not copied)."""
+        return cls(scorer=scorer, **kwargs)
+
+    # ---- identity and cache safety ------------------------------------------------------------------------
+    @property
+    def identity(self) -> str:
+        """Everything that changes the answers: model, kind, sparsity (site, rule, threshold, scope), ELBO
+        settings."""
+        return self.scorer.config_id
+
+    @property
+    def cache_slug(self) -> str:
+        """A file-name-safe, configuration-specific name for ``--use_cache``."""
+        ident = self.identity
+        readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", ident)[:80]
+        return f"{readable}-{hashlib.sha256(ident.encode()).hexdigest()[:10]}"
+
+    def set_cache_hook(self, cache_hook) -> None:
+        db = getattr(cache_hook, "dbdict", None)
+        if db is not None:
+            stored = db.get(IDENTITY_KEY)
+            if stored is None:
+                if len(db) > 0:
+                    raise RuntimeError(
+                        f"lm-eval response cache {getattr(db, 'filename', '')!r} holds answers of an unknown "
+                        "model configuration; it cannot be reused by a dllm_sparse run (the cache key ignores the "
+                        f"sparsity). Use a fresh --use_cache path, e.g. cache/{self.cache_slug}")
+                db[IDENTITY_KEY] = self.identity
+                db.commit()
+            elif stored != self.identity:
+                raise RuntimeError(
+                    f"lm-eval response cache {getattr(db, 'filename', '')!r} was written by configuration "
+                    f"{stored!r}, not {self.identity!r}: reusing it would return that configuration's answers. "
+                    f"Use one cache path per configuration, e.g. --use_cache cache/{self.cache_slug}")
+        super().set_cache_hook(cache_hook)
+
+    def get_model_info(self) -> dict:
+        sp = self.scorer.sparsity
+        return {"dllm_sparse_identity": self.identity, "model_kind": self.scorer.kind,
+                "sparsity": [vars(s) for s in sp] or "dense", "mc_num": self.scorer.mc_num}
+
+    # ---- lm-eval properties --------------------------------------------------------------------------------
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.scorer.tokenizer, "name_or_path", type(self.scorer.tokenizer).__name__)).replace(
+            "/", "__")
+
+    @property
+    def stats(self) -> SparsityStats | None:
+        """The measured sparsity of every forward pass made through this model (None when dense)."""
+        return self.scorer.stats
+
+    @staticmethod
+    def _key(req) -> tuple:
+        """Names a request for the ELBO's per-item generator: (task, document, choice index), independent of
+        which other requests are in the batch (a partly cached run draws the same masks as a fresh one)."""
+        if req.doc_id is None:
+            return ("args", repr(req.args))
+        return (req.task_name, req.doc_id, req.idx)
+
+    # ---- requests ------------------------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = [req.args[:2] for req in requests]
+        keys = [self._key(req) for req in requests]
+        out = self.scorer.loglikelihood(pairs, keys=keys)
+        for req, res in zip(requests, out, strict=True):
+            self.cache_hook.add_partial("loglikelihood", req.args, res)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        texts = [req.args[0] for req in requests]
+        keys = [self._key(req) for req in requests]
+        out = [ll for ll, _ in self.scorer.loglikelihood_rolling(texts, keys=keys)]
+        for req, res in zip(requests, out, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, res)
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from .samplers import GenerationConfig, StepSparsity, generate
+
+        sc = self.scorer
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(repr(sorted((req.args[1] or {}).items())), []).append(i)
+        out: list[str | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm, leave=False)
+        for idxs in groups.values():
+            kw = dict(requests[idxs[0]].args[1] or {})
+            until = kw.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            n_new = int(kw.get("max_gen_toks", self.max_gen_toks))
+            temperature = float(kw.get("temperature", 0.0)) if _bool(kw.get("do_sample", False)) else 0.0
+            cfg_kw: dict[str, Any] = dict(max_new_tokens=n_new, temperature=temperature, stop_strings=until,
+                                          seed=sc.seed)
+            if sc.kind == "diffusion":
+                block = self.block_length or n_new
+                block = block if n_new % int(block) == 0 else n_new
+                steps = self.gen_steps or n_new
+                num_blocks = n_new // int(block)
+                steps = max(num_blocks, int(steps) // num_blocks * num_blocks)
+                cfg_kw.update(steps=steps, block_length=int(block), mask_id=sc.mask_id,
+                              logit_shift=sc.shift_logits)
+            config = GenerationConfig(**cfg_kw)
+            for s in range(0, len(idxs), sc.batch_size):
+                chunk = idxs[s:s + sc.batch_size]
+                prompts = [requests[i].args[0] for i in chunk]
+                if len(sc.sparsity) == 1:
+                    cfg = sc.sparsity[0]
+                    if sc.stats is None:
+                        sc.stats = SparsityStats()
+                    res = generate(sc.model, sc.tokenizer, prompts, config, kind=sc.kind,
+                                   sparsity=StepSparsity(cfg.site, cfg.make_rule(), stats=sc.stats))
+                else:
+                    with sc.sparsified():
+                        res = generate(sc.model, sc.tokenizer, prompts, config, kind=sc.kind)
+                for i, text in zip(chunk, res.texts, strict=True):
+                    for stop in until:
+                        if stop and stop in text:
+                            text = text[: text.index(stop)]
+                    out[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                bar.update(len(chunk))
+        bar.close()
+        return out  # type: ignore[return-value]
+
+
+def main() -> None:
+    """``python -m dllm_sparse.lm_eval_model ...``: lm-eval's CLI with ``--model dllm_sparse`` registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The embedded masked-diffusion twin of SmolLM2-135M: ``load_model("smollm2-135m-mdm")``.
+
+The package ships only a small adapter (``data/smollm2-135m-mdm/``: LoRA factors + the mask token's embedding
+row, ~20 MB, see its README for how it was trained and how good it is). At load time the cached SmolLM2-135M
+weights are converted to the native LLaDA architecture (bidirectional attention, Dream logit shift), the mask
+token is added, and the adapter is merged into plain ``nn.Linear`` weights, so FFN hooks and kernels see the
+same module layout as for LLaDA. The merged model is cached as a Hugging Face directory
+(``<cache>/smollm2/mdm-<adapter hash>``) so later loads are a plain ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapt import MASK_TOKEN, adapter_hash, add_mask_token, convert_causal_lm, load_adapter_state, merge_adapter
+from .llada import LLaDAModelLM
+from .loading import _smollm2_hf_dir, cache_dir, register_embedded
+
+__all__ = ["SMOLLM2_MDM_ADAPTER", "build_adapted_model", "smollm2_mdm_dir"]
+
+#: The shipped adapter directory.
+SMOLLM2_MDM_ADAPTER = Path(__file__).resolve().parent / "data" / "smollm2-135m-mdm"
+
+
+def build_adapted_model(base_dir: str | Path, adapter_dir: str | Path) -> tuple[LLaDAModelLM, Any]:
+    """Base causal LM (HF dir) + adapter -> (merged float32 ``LLaDAModelLM``, tokenizer with the mask token)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lora, mask_row, meta = load_adapter_state(adapter_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = convert_causal_lm(base, logit_shift=bool(meta.get("logit_shift", True)))
+    del base
+    mask_id = add_mask_token(model, tok, meta.get("mask_token", MASK_TOKEN))
+    if mask_id != meta["mask_token_id"]:
+        raise ValueError(f"adapter was trained with mask id {meta['mask_token_id']}, the base gives {mask_id}: "
+                         "wrong base model for this adapter")
+    n = merge_adapter(model, lora, float(meta["scale"]), mask_row, mask_id)
+    if n * 2 != len(lora):
+        raise ValueError(f"merged {n} matrices from {len(lora)} LoRA factors")
+    return model.eval(), tok
+
+
+def smollm2_mdm_dir(adapter_dir: str | Path = SMOLLM2_MDM_ADAPTER, **_: Any) -> Path:
+    """The merged model as a cached HF directory (built on first use, atomically)."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter.json").is_file():
+        raise FileNotFoundError(f"the smollm2-135m-mdm adapter is missing from {adapter_dir}; reinstall dllm-sparse "
+                                "or retrain it with experiments/adapt_ar_to_diffusion.py --export")
+    target = cache_dir() / "smollm2" / f"mdm-{adapter_hash(adapter_dir)}"
+    if (target / "config.json").is_file():
+        return target
+    model, tok = build_adapted_model(_smollm2_hf_dir(), adapter_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix="mdm-tmp-"))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)  # a half-written cache is never visible
+    return target
+
+
+# load_model("smollm2-135m-mdm") -> the directory above, loaded as model_type "llada" (kind "diffusion").
+register_embedded("smollm2-135m-mdm", smollm2_mdm_dir)

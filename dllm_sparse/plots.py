@@ -1,0 +1,149 @@
+"""Figures (matplotlib, Agg backend; every figure saved as PNG and PDF).
+
+* :func:`plot_relative_performance`: relative performance vs *measured* sparsity, one panel per site, all
+  models on the same axes, the 99 % line and a marker at each model's interpolated critical sparsity.
+* :func:`plot_layer_heatmaps`: per site, per-layer measured sparsity (layer × threshold), one panel per model.
+* :func:`plot_step_sparsity`: measured sparsity against the denoising step of a diffusion generation, or,
+  when only likelihood passes are available, against the mask ratio of the ELBO passes; the axis label says
+  which.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .critical import AVG_CURVE, SITE_ORDER, critical_sparsity, curves  # noqa: E402
+
+__all__ = ["plot_relative_performance", "plot_layer_heatmaps", "plot_step_sparsity", "save_figure"]
+
+
+def save_figure(fig, path_stem: str | Path) -> list[Path]:
+    stem = Path(path_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    for p in paths:
+        fig.savefig(p, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def _sites(keys) -> list[str]:
+    present = {k[1] for k in keys}
+    return [s for s in SITE_ORDER if s in present] + sorted(present - set(SITE_ORDER))
+
+
+def _label(model: str, kinds: dict[str, str]) -> str:
+    kind = kinds.get(model, "")
+    return f"{model} ({'diffusion' if kind == 'diffusion' else 'AR'})" if kind else model
+
+
+def plot_relative_performance(rows: Sequence[dict], out_dir: str | Path, task: str = AVG_CURVE,
+                              threshold: float = 0.99, metric: str | None = None) -> list[Path]:
+    """One figure for ``task`` (``avg_curve`` = the task-averaged curve). Returns the written paths."""
+    cv = {k: v for k, v in curves(rows, metric).items() if k[2] == task and v}
+    if not cv:
+        return []
+    kinds = {r["model"]: r.get("kind", "") for r in rows}
+    sites = _sites(cv)
+    models = list(dict.fromkeys(k[0] for k in cv))
+    fig, axes = plt.subplots(1, len(sites), figsize=(4.2 * len(sites), 3.6), sharey=True, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    lo = 1.0
+    for ax, site in zip(axes[0], sites, strict=True):
+        for mi, model in enumerate(models):
+            pts = sorted(cv.get((model, site, task), []), key=lambda pt: pt["sparsity"])
+            if not pts:
+                continue
+            xs = [100 * pt["sparsity"] for pt in pts]
+            ys = [pt["relative"] for pt in pts]
+            lo = min(lo, min(ys))
+            c = colors[mi % len(colors)]
+            ax.plot(xs, ys, "o-", color=c, ms=3.5, lw=1.3, label=_label(model, kinds))
+            crit = critical_sparsity([(pt["sparsity"], pt["relative"]) for pt in pts], threshold)
+            if crit.interpolated is not None:
+                ax.axvline(100 * crit.interpolated, color=c, ls=":", lw=1)
+                ax.plot([100 * crit.interpolated], [threshold], marker="*", color=c, ms=11, mec="black", mew=0.5,
+                        zorder=5)
+        ax.axhline(threshold, color="grey", ls="--", lw=1)
+        ax.set_title(f"site: {site}")
+        ax.set_xlabel("measured sparsity (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("relative performance (sparse / dense)")
+    axes[0][0].set_ylim(max(0.0, min(lo, threshold) - 0.05), 1.02 if lo > 0.5 else None)
+    axes[0][-1].legend(fontsize=8, loc="lower left")
+    what = "mean over tasks" if task == AVG_CURVE else task
+    fig.suptitle(f"Relative performance vs measured sparsity ({what}); ★ = interpolated critical sparsity, "
+                 f"dashed = {100 * threshold:g} %", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, Path(out_dir) / f"relative_performance_{task}")
+
+
+def plot_layer_heatmaps(rows: Sequence[dict], out_dir: str | Path, task: str = AVG_CURVE) -> list[Path]:
+    """One figure per site: per-layer measured sparsity, rows = thresholds, columns = layers, panel per model."""
+    cv = {k: v for k, v in curves(rows).items() if k[2] == task and v}
+    kinds = {r["model"]: r.get("kind", "") for r in rows}
+    paths: list[Path] = []
+    for site in _sites(cv):
+        models = [k[0] for k in cv if k[1] == site]
+        fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8), squeeze=False)
+        im = None
+        for ax, model in zip(axes[0], models, strict=True):
+            pts = [pt for pt in cv[(model, site, task)] if pt.get("per_layer")]
+            pts.sort(key=lambda pt: pt["sparsity"])
+            if not pts:
+                ax.set_axis_off()
+                continue
+            data = [[100 * v for v in pt["per_layer"]] for pt in pts]
+            im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=100, origin="lower",
+                           interpolation="nearest")
+            ax.set_yticks(range(len(pts)))
+            ax.set_yticklabels(["dense" if math.isinf(pt["p"]) else f"{pt['p']:g}" for pt in pts], fontsize=7)
+            ax.set_xlabel("layer")
+            ax.set_ylabel("threshold")
+            ax.set_title(_label(model, kinds), fontsize=9)
+        if im is not None:
+            fig.colorbar(im, ax=axes[0].tolist(), label="measured sparsity (%)")
+        fig.suptitle(f"Per-layer sparsity, site {site} ({'mean over tasks' if task == AVG_CURVE else task})",
+                     fontsize=10)
+        paths += save_figure(fig, Path(out_dir) / f"layer_sparsity_{site}")
+    return paths
+
+
+def plot_step_sparsity(profile: Sequence[dict], out_dir: str | Path, name: str = "sparsity_vs_step") -> list[Path]:
+    """``profile``: rows {model, site, x, sparsity, source} with source ``generation`` (x = denoising step)
+    or ``elbo_mask_ratio`` (x = fraction of the answer masked in the ELBO pass, bin centre)."""
+    if not profile:
+        return []
+    sources = sorted({r["source"] for r in profile})
+    fig, axes = plt.subplots(1, len(sources), figsize=(5.5 * len(sources), 3.8), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    for ax, source in zip(axes[0], sources, strict=True):
+        sel = [r for r in profile if r["source"] == source]
+        sites = list(dict.fromkeys(r["site"] for r in sel))
+        labels = list(dict.fromkeys(r.get("label", "") for r in sel))
+        for (model, site, label) in dict.fromkeys((r["model"], r["site"], r.get("label", "")) for r in sel):
+            pts = sorted((r["x"], r["sparsity"]) for r in sel
+                         if r["model"] == model and r["site"] == site and r.get("label", "") == label)
+            ax.plot([x for x, _ in pts], [100 * y for _, y in pts], marker="o", ms=3,
+                    color=colors[sites.index(site) % len(colors)], ls=styles[labels.index(label) % len(styles)],
+                    label=f"{site}, {label}".strip(", "))
+        if source == "generation":
+            ax.set_xlabel("denoising step (LLaDA sampler, one forward pass per step)")
+        else:
+            ax.set_xlabel("mask ratio of the ELBO pass (fraction of answer tokens masked)\n"
+                          "likelihood passes, not a generation")
+        ax.set_ylabel("measured sparsity (%)")
+        ax.set_title(", ".join(sorted({r["model"] for r in sel})), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Diffusion model: measured sparsity per step", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, Path(out_dir) / name)

@@ -1,0 +1,472 @@
+"""Sweep runner: models × sites × rule thresholds × tasks, one tidy row per cell, resumable.
+
+    from dllm_sparse.sweep import SweepConfig, run_sweep
+    rows = run_sweep(SweepConfig(models=["smollm2-135m"], tasks=["builtin_mc", "builtin_ppl"],
+                                 thresholds=grid("quick"), output_dir="runs/quick"))
+
+Rows (``<output_dir>/rows.jsonl``) carry: model, kind, site, rule, p, task, the primary metric and its value,
+the dense value, the relative performance (sparse/dense; dense/sparse for lower-is-better metrics such as
+perplexity), all metrics, the measured mean sparsity and per-layer sparsities (the x-axis of every curve),
+the number of items and the seconds spent.
+
+Guarantees:
+
+* **Atomic rows.** Each finished cell is appended as one full JSON line, flushed and fsync'ed. On restart the
+  file is read back, a torn last line (a kill during the write) is dropped, and finished cells are skipped:
+  kill a sweep at any point and rerun the same command, nothing is lost or computed twice. The cell key holds
+  every setting that changes a result (model, task, site, rule, threshold, scope, limit, ELBO settings, seed,
+  dtype), so a rerun with other settings into the same folder computes new cells instead of reusing old ones.
+* **Dense baselines once.** Per (model, task) one dense pass is run with identity rules (top-p at p = 1, which
+  keeps every non-zero entry and so cannot change any output) attached to *every* requested site at once.
+  It gives the dense metric (row with ``site="dense"``, ``rule="dense"``, ``p=1.0``) and the natural sparsity
+  of each site; the grid's identity cells (p = 1.0) are written from it (``source="dense_pass"``).
+* **Data parallel.** Under ``accelerate launch`` (or torchrun) with W processes, the work units are split by
+  index (rank r takes units i with i % W == r); each rank appends to its own shard ``shards/rows.rank{r}.jsonl``
+  and rank 0 merges the shards into ``rows.jsonl`` at the end (deduplicated by key, relative performance
+  filled in from the dense rows). No row is duplicated; a rerun resumes from rows.jsonl and the shards.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .likelihood import Scorer, SparsityConfig
+from .rules import make_rule
+from .sites import ALL_SITES
+from .stats import SparsityStats
+from .tasks import Task, get_task, relative_performance
+
+__all__ = [
+    "GRIDS", "grid", "SweepConfig", "run_sweep", "read_rows", "JsonlWriter", "finalize", "load_rows",
+    "cell_key", "dense_key", "planned_keys", "rows_for", "DENSE",
+]
+
+DENSE = "dense"
+
+STANDARD_TOP_P = [1.0, 0.995, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.90,
+                  0.85, 0.80, 0.75, 0.70, 0.65, 0.60, 0.50, 0.40, 0.30, 0.20, 0.10]
+GRIDS: dict[str, dict[str, list[float]]] = {
+    "top_p": {"standard": STANDARD_TOP_P, "quick": [1.0, 0.99, 0.97, 0.95, 0.9, 0.8, 0.7, 0.5]},
+    "top_k": {"standard": [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7,
+                           0.75, 0.8, 0.85, 0.9, 0.95],
+              "quick": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]},
+    "max_p": {"standard": [0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5],
+              "quick": [0.001, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5]},
+}
+
+
+def grid(name: str = "quick", rule: str = "top_p") -> list[float]:
+    """The ``standard`` (the spec's 25-point top-p grid) or ``quick`` threshold grid of a rule."""
+    rule = rule.replace("-", "_").lower()
+    try:
+        return list(GRIDS[rule][name])
+    except KeyError:
+        raise ValueError(f"no grid {name!r} for rule {rule!r}; grids: "
+                         f"{ {r: sorted(g) for r, g in GRIDS.items()} }") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Row files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file; a torn last line (no newline / not valid JSON) is ignored."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        last = i == len(lines) - 1  # text after the final newline: a torn write
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if not last:
+                warnings.warn(f"{path}: skipping a corrupt line {i + 1}", stacklevel=2)
+            continue
+        if last:  # parsed, but it never got its newline: treat as torn (it is rewritten on resume)
+            rows.pop()
+    return rows
+
+
+class JsonlWriter:
+    """Append-only JSONL writer: one full line per row, flushed and fsync'ed; repairs a torn tail on open."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_file():
+            with open(self.path, "rb+") as f:
+                data = f.read()
+                if data and not data.endswith(b"\n"):
+                    f.truncate(data.rfind(b"\n") + 1)  # drop the torn last line
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, row: dict) -> None:
+        self._f.write(json.dumps(row, default=_json_default) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _json_default(o: Any):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def _atomic_write_rows(path: Path, rows: Iterable[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, default=_json_default) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _shard_paths(out: Path) -> list[Path]:
+    return sorted((out / "shards").glob("rows.rank*.jsonl"))
+
+
+def load_rows(output_dir: str | Path) -> list[dict]:
+    """Every finished row of a sweep folder (rows.jsonl plus unmerged shards), deduplicated by key."""
+    out = Path(output_dir)
+    seen, rows = set(), []
+    for path in [out / "rows.jsonl", *_shard_paths(out)]:
+        for r in read_rows(path):
+            if r.get("key") not in seen:
+                seen.add(r.get("key"))
+                rows.append(r)
+    return rows
+
+
+def dense_key(key: str) -> str:
+    """The key of the dense cell that a cell's relative performance refers to (same model, task, settings)."""
+    k = json.loads(key)
+    k[2:5] = [DENSE, DENSE, 1.0]
+    return json.dumps(k, separators=(",", ":"))
+
+
+def _fill_relative(rows: list[dict]) -> bool:
+    dense = {r["key"]: r for r in rows if r["site"] == DENSE}
+    changed = False
+    for r in rows:
+        d = dense.get(dense_key(r["key"]))
+        if r["site"] == DENSE or d is None or r.get("relative_performance") is not None:
+            continue
+        _set_relative(r, d)
+        changed = True
+    return changed
+
+
+def _set_relative(row: dict, dense: dict) -> None:
+    hib = row.get("higher_is_better_all", {})
+    row["dense_value"] = dense["value"]
+    row["dense_metrics"] = dense["metrics"]
+    row["relative"] = {m: relative_performance(v, dense["metrics"].get(m), hib.get(m, True))
+                       for m, v in row["metrics"].items() if m in dense["metrics"]}
+    row["relative_performance"] = row["relative"].get(row["metric"])
+
+
+def finalize(output_dir: str | Path) -> list[dict]:
+    """Merge shards into rows.jsonl (dedup by key), fill relative performance, rewrite atomically if needed."""
+    out = Path(output_dir)
+    main = out / "rows.jsonl"
+    base = read_rows(main)
+    rows = load_rows(out)
+    changed = len(rows) != len(base) or (main.is_file() and not main.read_bytes().endswith(b"\n")
+                                         and main.stat().st_size > 0)
+    changed |= _fill_relative(rows)
+    if changed:
+        _atomic_write_rows(main, rows)
+    for p in _shard_paths(out):
+        p.unlink()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration and work units
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepConfig:
+    """What to sweep. ``models``: names/paths for :func:`dllm_sparse.load_model`, or ``LoadedModel`` objects.
+    ``limit``: items per task (an int for all tasks, a {task: n} dict, or None for all items)."""
+
+    models: list[Any]
+    output_dir: str | Path
+    sites: list[str] = field(default_factory=lambda: [s.value for s in ALL_SITES])
+    rule: str = "top_p"
+    thresholds: list[float] = field(default_factory=lambda: grid("quick"))
+    tasks: list[str] = field(default_factory=lambda: ["builtin_mc", "builtin_ppl"])
+    limit: int | dict[str, int | None] | None = None
+    mc_num: int = 128
+    mc_batch: int = 16
+    batch_size: int = 16
+    seed: int = 1234
+    dtype: str | None = None
+    device: str | None = None
+    scope: str = "token"
+    include_path: str | None = None
+    ratio_bins: int = 5  # diffusion: also measure sparsity per mask-ratio bin of the ELBO passes
+    progress: bool = True
+
+    def limit_for(self, task: str):
+        return self.limit.get(task) if isinstance(self.limit, dict) else self.limit
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["models"] = [_model_name(m) for m in self.models]
+        d["output_dir"] = str(self.output_dir)
+        return d
+
+
+def _model_name(m: Any) -> str:
+    return m if isinstance(m, (str, os.PathLike)) and not hasattr(m, "model") else getattr(m, "name", str(m))
+
+
+def cell_key(cfg: SweepConfig, model: str, task: str, site: str, rule: str, p: float) -> str:
+    """The identity of a cell: every setting that changes its result."""
+    return json.dumps([str(model), task, site, rule, float(p), cfg.scope, cfg.limit_for(task), cfg.mc_num,
+                       cfg.mc_batch, cfg.seed, str(cfg.dtype)], separators=(",", ":"))
+
+
+@dataclass
+class _Unit:
+    model_index: int
+    task: str
+    site: str  # DENSE for the dense pass
+    p: float
+    keys: list[str]  # the rows this unit writes
+    identity_sites: list[str] = field(default_factory=list)  # dense pass: sites whose p=1 cell it fills
+
+
+def _plan(cfg: SweepConfig) -> list[_Unit]:
+    rule = cfg.rule.replace("-", "_").lower()
+    units = []
+    identities = [p for p in cfg.thresholds if make_rule(rule, p).is_identity]
+    for mi, model in enumerate(cfg.models):
+        name = _model_name(model)
+        for task in cfg.tasks:
+            keys = [cell_key(cfg, name, task, DENSE, DENSE, 1.0)]
+            id_sites = []
+            for site in cfg.sites:
+                for p in identities:
+                    keys.append(cell_key(cfg, name, task, site, rule, p))
+                    id_sites.append(site)
+            units.append(_Unit(mi, task, DENSE, 1.0, keys, id_sites))
+            for site in cfg.sites:
+                for p in cfg.thresholds:
+                    if p not in identities:
+                        units.append(_Unit(mi, task, site, float(p), [cell_key(cfg, name, task, site, rule, p)]))
+    return units
+
+
+def planned_keys(cfg: SweepConfig) -> set[str]:
+    """The keys of every cell this configuration asks for (to select its rows from a shared folder)."""
+    return {k for u in _plan(cfg) for k in u.keys}
+
+
+def _dist() -> tuple[int, int, int]:
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    rank = int(env.get("RANK", env.get("PROCESS_INDEX", "0")))
+    local = int(env.get("LOCAL_RANK", env.get("LOCAL_PROCESS_INDEX", str(rank))))
+    return rank, world, local
+
+
+def _barrier(world: int) -> None:
+    if world <= 1:
+        return
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The runner
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_sweep(
+    cfg: SweepConfig,
+    *,
+    loader: Callable[..., Any] | None = None,
+    task_factory: Callable[[str], Task] | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    on_row: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Run (or resume) the sweep; returns every row of the folder (after merging, on rank 0).
+
+    ``loader(name, dtype=, device=)`` defaults to :func:`dllm_sparse.load_model`; ``task_factory(name)`` to
+    :func:`dllm_sparse.tasks.get_task`. ``rank``/``world_size`` default to the launcher's environment.
+    ``on_row`` is called with every row written (progress reporting, tests)."""
+    env_rank, env_world, local_rank = _dist()
+    rank = env_rank if rank is None else rank
+    world = env_world if world_size is None else world_size
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (out / "sweep_config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=_json_default))
+    if task_factory is None:
+        def task_factory(name: str) -> Task:
+            return get_task(name, cfg.include_path)
+    if loader is None:
+        from .loading import load_model as loader  # noqa: N813
+    device = cfg.device
+    if world > 1 and device in (None, "auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{local_rank}"  # data parallel: one full model copy per process
+
+    existing = load_rows(out)
+    done = {r["key"] for r in existing}
+    dense_rows = {r["key"]: r for r in existing if r["site"] == DENSE}
+    units = [u for i, u in enumerate(_plan(cfg)) if i % world == rank]
+    todo = [u for u in units if not all(k in done for k in u.keys)]
+    path = out / "rows.jsonl" if world == 1 else out / "shards" / f"rows.rank{rank}.jsonl"
+    tasks: dict[str, Task] = {}
+
+    bar = None
+    if cfg.progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"sweep (rank {rank})" if world > 1 else "sweep", dynamic_ncols=True)
+    with JsonlWriter(path) as writer:
+        for mi in sorted({u.model_index for u in todo}):
+            spec = cfg.models[mi]
+            lm = spec if hasattr(spec, "model") and hasattr(spec, "kind") else loader(
+                spec, dtype=cfg.dtype, device=device)
+            scorer = Scorer.from_loaded(lm, batch_size=cfg.batch_size, mc_num=cfg.mc_num, mc_batch=cfg.mc_batch,
+                                        seed=cfg.seed, ratio_bins=cfg.ratio_bins)
+            name = _model_name(spec)
+            for unit in [u for u in todo if u.model_index == mi]:
+                if unit.task not in tasks:
+                    tasks[unit.task] = task_factory(unit.task)
+                if bar is not None:
+                    bar.set_postfix_str(f"{name} {unit.task} {unit.site} p={unit.p:g}")
+                rows = _run_unit(cfg, scorer, lm, name, tasks[unit.task], unit, dense_rows, rank)
+                for row in rows:
+                    if row["key"] in done:
+                        continue
+                    writer.write(row)
+                    done.add(row["key"])
+                    if on_row is not None:
+                        on_row(row)
+                if bar is not None:
+                    bar.update(1)
+            del scorer, lm
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    if bar is not None:
+        bar.close()
+    _barrier(world)
+    if rank == 0:
+        rows = finalize(out)
+        _write_status(out, cfg, rows)
+        return rows
+    return load_rows(out)
+
+
+def _write_status(out: Path, cfg: SweepConfig, rows: list[dict]) -> None:
+    planned = planned_keys(cfg)
+    have = {r["key"] for r in rows}
+    status = {"planned_cells": len(planned), "finished_cells": len(planned & have),
+              "complete": planned <= have, "rows_in_folder": len(rows)}
+    (out / "status.json").write_text(json.dumps(status, indent=1))
+
+
+def _base_row(cfg: SweepConfig, lm, name: str, task: str, site: str, rule: str, p: float, rank: int) -> dict:
+    return {
+        "key": cell_key(cfg, name, task, site, rule, p), "model": name, "kind": lm.kind,
+        "family": getattr(lm, "family", ""), "site": site, "rule": rule, "p": float(p), "scope": cfg.scope,
+        "task": task, "limit": cfg.limit_for(task), "seed": cfg.seed, "dtype": str(cfg.dtype),
+        "mc_num": cfg.mc_num if lm.kind == "diffusion" else None,
+        "mc_batch": cfg.mc_batch if lm.kind == "diffusion" else None, "rank": rank,
+    }
+
+
+def _result_fields(res) -> dict:
+    return {"metric": res.metric, "value": res.value, "metrics": res.metrics,
+            "higher_is_better": res.higher_is_better.get(res.metric, True),
+            "higher_is_better_all": res.higher_is_better, "n_items": res.n}
+
+
+def _groups(stats: SparsityStats, site: str) -> dict[str, float]:
+    names = sorted({k[1] for k in stats.counts if k[3] == site})
+    return {g: stats.mean(site, group=g) for g in names}
+
+
+def _run_unit(cfg: SweepConfig, scorer: Scorer, lm, name: str, task: Task, unit: _Unit,
+              dense_rows: dict, rank: int) -> list[dict]:
+    rule = cfg.rule.replace("-", "_").lower()
+    stats = SparsityStats()
+    scorer.stats = stats
+    limit = cfg.limit_for(unit.task)
+    t0 = time.perf_counter()
+    if unit.site == DENSE:
+        scorer.sparsity = [SparsityConfig(s, "top_p", 1.0, cfg.scope) for s in dict.fromkeys(unit.identity_sites)]
+        res = task.evaluate(scorer, limit)
+        seconds = time.perf_counter() - t0
+        dense = {**_base_row(cfg, lm, name, unit.task, DENSE, DENSE, 1.0, rank), **_result_fields(res),
+                 "dense_value": res.value, "dense_metrics": res.metrics, "relative_performance": 1.0,
+                 "relative": {m: 1.0 for m in res.metrics}, "sparsity": None,
+                 "sparsity_by_site": {s: stats.mean(s) for s in stats.sites()},
+                 "per_layer_by_site": {s: list(stats.per_layer(s).values()) for s in stats.sites()},
+                 "seconds": seconds, "source": "measured", "finished_at": time.time()}
+        dense_rows[dense["key"]] = dense
+        rows = [dense]
+        for site in dict.fromkeys(unit.identity_sites):
+            for p in [p for p in cfg.thresholds if make_rule(rule, p).is_identity]:
+                row = {**_base_row(cfg, lm, name, unit.task, site, rule, p, rank), **_result_fields(res),
+                       "sparsity": stats.mean(site), "per_layer_sparsity": list(stats.per_layer(site).values()),
+                       "sparsity_groups": _groups(stats, site), "seconds": 0.0, "source": "dense_pass",
+                       "finished_at": time.time()}
+                _set_relative(row, dense)
+                rows.append(row)
+        scorer.sparsity = None
+        return rows
+    scorer.sparsity = SparsityConfig(unit.site, rule, unit.p, cfg.scope)
+    res = task.evaluate(scorer, limit)
+    scorer.sparsity = None
+    row = {**_base_row(cfg, lm, name, unit.task, unit.site, rule, unit.p, rank), **_result_fields(res),
+           "dense_value": None, "dense_metrics": None, "relative": None, "relative_performance": None,
+           "sparsity": stats.mean(unit.site), "per_layer_sparsity": list(stats.per_layer(unit.site).values()),
+           "sparsity_groups": _groups(stats, unit.site), "seconds": time.perf_counter() - t0,
+           "source": "measured", "finished_at": time.time()}
+    dense = dense_rows.get(dense_key(row["key"]))
+    if dense is not None:
+        _set_relative(row, dense)
+    return [row]
+
+
+def rows_for(rows: Sequence[dict], **match: Any) -> list[dict]:
+    """Rows whose fields equal the given values, e.g. ``rows_for(rows, model="m", site="input")``."""
+    return [r for r in rows if all(r.get(k) == v for k, v in match.items())]

@@ -1,0 +1,342 @@
+"""Adapt a LLaMA-family causal LM into a masked-diffusion LM (LoRA by default), on whatever hardware is there.
+
+    # the shipped smollm2-135m-mdm adapter (CPU, 1 thread, time-budgeted; resumes from its last checkpoint):
+    python experiments/adapt_ar_to_diffusion.py --base smollm2-135m --minutes 32 \\
+        --export dllm_sparse/data/smollm2-135m-mdm
+
+    # other data: a JSONL with instruction/response (the distillation corpus format) or "text" rows,
+    # or a `datasets` dataset
+    python experiments/adapt_ar_to_diffusion.py --data my.jsonl ...
+    python experiments/adapt_ar_to_diffusion.py --hf-dataset wikitext --hf-config wikitext-2-raw-v1 --text-field text
+
+Steps: convert the base model to the native LLaDA architecture (bidirectional attention, Dream logit shift), add a
+mask token, wrap the block linears in LoRA (``--full`` trains all weights instead), then minimise the LLaDA SFT
+masked-diffusion loss (:func:`dllm_sparse.adapt.masked_diffusion_loss`) until the wall-clock budget is used.
+The learning rate follows the *time* budget (linear warm-up, cosine decay to 10 %), so a resumed run continues the
+same schedule. Every ``--ckpt-minutes`` the LoRA factors, mask-row delta, optimizer and log are saved atomically
+to ``--run-dir``; ``--export`` writes the adapter (safetensors), ``train_log.json`` and ``loss_curve.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dllm_sparse.adapt import (
+    LORA_TARGET_REGEX,
+    MASK_TOKEN,
+    MaskRowDelta,
+    SFTBatch,
+    adapter_bytes,
+    add_lora,
+    add_mask_token,
+    collate_sft,
+    convert_causal_lm,
+    lora_state_from_peft,
+    masked_diffusion_loss,
+    save_adapter,
+)
+from dllm_sparse.loading import cache_dir, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CORPUS = REPO / "dllm_sparse" / "data" / "mdm_corpus"
+
+
+# ---- data -------------------------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.open() if line.strip()]
+
+
+def encode_rows(records: list[dict], tok, max_answer: int) -> list[tuple[list[int], list[int], bool]]:
+    """Records -> (prompt ids, answer ids, finished). Instruction rows get the chat template; "text" rows are
+    all answer (no prompt)."""
+    eos = tok.eos_token_id
+    rows = []
+    for r in records:
+        if "instruction" in r:
+            prompt = tok.apply_chat_template([{"role": "user", "content": r["instruction"]}], tokenize=False,
+                                             add_generation_prompt=True)
+            p = tok(prompt, add_special_tokens=False)["input_ids"]
+            a = tok(r["response"], add_special_tokens=False)["input_ids"]
+            finished = bool(r.get("finished", True))
+        else:
+            p, a, finished = [], tok(r["text"], add_special_tokens=False)["input_ids"], True
+        if finished:
+            a = a + [eos]
+        if len(a) > max_answer:
+            a, finished = a[:max_answer], False
+        if a:
+            rows.append((p, a, finished))
+    return rows
+
+
+def load_data(args, tok) -> tuple[list, list, str]:
+    if args.hf_dataset:
+        import datasets
+
+        ds = datasets.load_dataset(args.hf_dataset, args.hf_config, split=args.hf_split)
+        recs = [{"text": x[args.text_field]} for x in ds if x[args.text_field].strip()]
+        rng = random.Random(args.seed)
+        rng.shuffle(recs)
+        held = recs[: args.heldout]
+        return encode_rows(recs[args.heldout:], tok, args.max_answer), encode_rows(held, tok, args.max_answer), \
+            f"datasets:{args.hf_dataset}/{args.hf_config}/{args.hf_split}"
+    if args.data:
+        recs = _read_jsonl(Path(args.data))
+        random.Random(args.seed).shuffle(recs)
+        held = recs[: args.heldout]
+        return encode_rows(recs[args.heldout:], tok, args.max_answer), encode_rows(held, tok, args.max_answer), \
+            str(args.data)
+    train = _read_jsonl(args.corpus / "train.jsonl")
+    held = _read_jsonl(args.corpus / "heldout.jsonl")[: args.heldout]
+    return encode_rows(train, tok, args.max_answer), encode_rows(held, tok, args.max_answer), str(args.corpus)
+
+
+def batch_for_step(rows: list, step: int, batch_size: int, seed: int) -> list:
+    """Deterministic epoch shuffles: the batch of a step does not depend on where a run was resumed."""
+    n = len(rows)
+    start = step * batch_size
+    out = []
+    for i in range(start, start + batch_size):
+        epoch, pos = divmod(i, n)
+        perm = list(range(n))
+        random.Random(seed * 7919 + epoch).shuffle(perm)
+        out.append(rows[perm[pos]])
+    return out
+
+
+# ---- model ------------------------------------------------------------------------------------------------------
+
+
+def build(args):
+    base = load_model(args.base, dtype="fp32")
+    model = convert_causal_lm(base.model, logit_shift=True)
+    tok = base.tokenizer
+    mask_id = add_mask_token(model, tok)
+    del base
+    delta = MaskRowDelta(model.config.d_model, mask_id)
+    if args.full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        trainable = model
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        trainable = add_lora(model, r=args.r, alpha=args.alpha)
+    trainable.train()
+    return trainable, model, tok, mask_id, delta
+
+
+def trainable_params(trainable, delta):
+    return [p for p in trainable.parameters() if p.requires_grad] + [delta.delta]
+
+
+def lr_at(elapsed: float, budget: float, step: int, args) -> float:
+    warm = min(1.0, (step + 1) / args.warmup)
+    frac = min(1.0, elapsed / budget)
+    return args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+@torch.no_grad()
+def heldout_loss(trainable, rows, mask_id, args, delta) -> float:
+    """Masked-diffusion loss on the held-out rows with fixed masks (seed 0): comparable across checkpoints."""
+    trainable.eval()
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for i in range(0, len(rows), args.batch_size):
+        batch = collate_sft(rows[i:i + args.batch_size], eos_id=args.eos_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss, _ = masked_diffusion_loss(trainable, batch, mask_id, generator=g, mask_delta=delta)
+        losses.append(float(loss) * len(batch.input_ids))
+    trainable.train()
+    return sum(losses) / len(rows)
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------------
+
+
+def save_ckpt(path: Path, trainable, delta, opt, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    params = {n: p.detach().clone() for n, p in trainable.named_parameters() if p.requires_grad}
+    torch.save({"params": params, "delta": delta.delta.detach().clone(), "opt": opt.state_dict(), "state": state}, tmp)
+    os.replace(tmp, path)  # atomic: a kill mid-save keeps the previous checkpoint
+
+
+def load_ckpt(path: Path, trainable, delta, opt) -> dict:
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    named = dict(trainable.named_parameters())
+    with torch.no_grad():
+        for n, v in ck["params"].items():
+            named[n].copy_(v)
+        delta.delta.copy_(ck["delta"])
+    opt.load_state_dict(ck["opt"])
+    return ck["state"]
+
+
+def plot(log: list[dict], heldout: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    steps = [r["step"] for r in log]
+    losses = [r["loss"] for r in log]
+    ax.plot(steps, losses, lw=0.6, alpha=0.4, label="train (per step)")
+    k = 20
+    if len(losses) >= k:
+        smooth = [sum(losses[i - k + 1:i + 1]) / k for i in range(k - 1, len(losses))]
+        ax.plot(steps[k - 1:], smooth, lw=1.5, label=f"train ({k}-step mean)")
+    if heldout:
+        ax.plot([r["step"] for r in heldout], [r["loss"] for r in heldout], "o-", label="held-out (fixed masks)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("masked-diffusion loss (nats / answer token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---- main -------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default="smollm2-135m", help="causal LM: load_model name or path")
+    ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="dir with train.jsonl / heldout.jsonl")
+    ap.add_argument("--data", help="a JSONL file (instruction/response/finished rows or text rows) instead")
+    ap.add_argument("--hf-dataset", help="a `datasets` dataset name (local cache / files) instead")
+    ap.add_argument("--hf-config")
+    ap.add_argument("--hf-split", default="train")
+    ap.add_argument("--text-field", default="text")
+    ap.add_argument("--heldout", type=int, default=32, help="held-out rows for the loss curve")
+    ap.add_argument("--max-answer", type=int, default=97)
+    ap.add_argument("--run-dir", type=Path, default=None, help="checkpoints + log (default: cache/runs/<name>)")
+    ap.add_argument("--export", type=Path, help="write the adapter + log + plot here at the end")
+    ap.add_argument("--minutes", type=float, default=32.0, help="wall-clock training budget (all resumes)")
+    ap.add_argument("--max-steps", type=int, default=10**9)
+    ap.add_argument("--ckpt-minutes", type=float, default=4.0)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--mask-lr", type=float, default=1e-3, help="learning rate of the mask-row delta")
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--alpha", type=int, default=32)
+    ap.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    ap.add_argument("--eps", type=float, default=1e-3, help="t ~ U(eps, 1)")
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32 (default: bf16 autocast)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    run_dir = args.run_dir or cache_dir() / "runs" / "smollm2-135m-mdm"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = run_dir / "ckpt.pt"
+
+    trainable, model, tok, mask_id, delta = build(args)
+    args.eos_id = tok.eos_token_id
+    train_rows, held_rows, source = load_data(args, tok)
+    print(f"data {source}: {len(train_rows)} train rows, {len(held_rows)} held-out; mask id {mask_id}", flush=True)
+    lora_params = [p for p in trainable.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": lora_params, "lr": args.lr},
+                             {"params": [delta.delta], "lr": args.mask_lr}], weight_decay=args.weight_decay)
+    state = {"step": 0, "elapsed": 0.0, "tokens": 0, "answer_tokens": 0, "masked_tokens": 0, "log": [],
+             "heldout": []}
+    if ckpt.is_file():
+        state = load_ckpt(ckpt, trainable, delta, opt)
+        print(f"resumed at step {state['step']} ({state['elapsed']:.0f}s trained)", flush=True)
+    budget = args.minutes * 60
+    if not state["heldout"]:
+        state["heldout"].append({"step": 0, "loss": heldout_loss(trainable, held_rows, mask_id, args, delta)})
+        print(f"held-out loss at start {state['heldout'][-1]['loss']:.3f}", flush=True)
+
+    t_last_ckpt = time.time()
+    while state["elapsed"] < budget and state["step"] < args.max_steps:
+        t0 = time.time()
+        step = state["step"]
+        rows = batch_for_step(train_rows, step, args.batch_size, args.seed)
+        batch: SFTBatch = collate_sft(rows, eos_id=tok.eos_token_id)
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        lr = lr_at(state["elapsed"], budget, step, args)
+        opt.param_groups[0]["lr"] = lr
+        opt.param_groups[1]["lr"] = args.mask_lr * lr / args.lr
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss, info = masked_diffusion_loss(trainable, batch, mask_id, eps=args.eps, generator=g, mask_delta=delta)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(lora_params + [delta.delta], 1.0)
+        opt.step()
+        loss = loss.item()
+        dt = time.time() - t0
+        state["step"] += 1
+        state["elapsed"] += dt
+        state["tokens"] += info["tokens"]
+        state["answer_tokens"] += info["answer_tokens"]
+        state["masked_tokens"] += info["masked_tokens"]
+        state["log"].append({"step": state["step"], "loss": round(loss, 4), "lr": lr,
+                             "gnorm": round(float(gnorm), 3), "s": round(dt, 2), "elapsed": round(state["elapsed"], 1),
+                             "tokens": state["tokens"]})
+        if state["step"] % 10 == 0:
+            recent = [r["loss"] for r in state["log"][-10:]]
+            print(f"step {state['step']} loss {sum(recent) / len(recent):.3f} lr {lr:.2e} {dt:.2f}s/step "
+                  f"tokens {state['tokens']} elapsed {state['elapsed']:.0f}s", flush=True)
+        done = state["elapsed"] >= budget or state["step"] >= args.max_steps
+        if done or time.time() - t_last_ckpt > args.ckpt_minutes * 60:
+            state["heldout"].append({"step": state["step"],
+                                     "loss": heldout_loss(trainable, held_rows, mask_id, args, delta)})
+            print(f"held-out loss {state['heldout'][-1]['loss']:.3f} at step {state['step']}", flush=True)
+            save_ckpt(ckpt, trainable, delta, opt, state)
+            t_last_ckpt = time.time()
+
+    if args.export:
+        export(args, trainable, delta, model, state, source, len(train_rows), len(held_rows))
+
+
+def export(args, trainable, delta, model, state, source, n_train, n_held) -> None:
+    out = args.export
+    out.mkdir(parents=True, exist_ok=True)
+    if args.full:
+        raise SystemExit("--export writes a LoRA adapter; with --full save the model with save_pretrained instead")
+    lora = lora_state_from_peft(trainable)
+    meta = {
+        "base": args.base,
+        "format": "dllm_sparse.adapt LoRA adapter v1",
+        "target_modules": LORA_TARGET_REGEX,
+        "r": args.r, "lora_alpha": args.alpha, "scale": args.alpha / args.r,
+        "mask_token": MASK_TOKEN, "mask_token_id": delta.mask_id, "logit_shift": True,
+        "estimated_bytes": adapter_bytes(model.config, args.r),
+    }
+    meta = save_adapter(out, lora, delta.delta, meta)
+    log = {
+        "source": source, "train_rows": n_train, "heldout_rows": n_held,
+        "steps": state["step"], "wall_s": round(state["elapsed"], 1), "tokens": state["tokens"],
+        "answer_tokens": state["answer_tokens"], "masked_tokens": state["masked_tokens"],
+        "final_loss_mean_last50": round(sum(r["loss"] for r in state["log"][-50:]) / max(1, len(state["log"][-50:])),
+                                        4),
+        "heldout": state["heldout"],
+        "hyperparameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "hardware": f"CPU, {args.threads} thread(s), bf16 autocast={args.bf16}",
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "loss": [[r["step"], r["loss"]] for r in state["log"]],
+    }
+    (out / "train_log.json").write_text(json.dumps(log) + "\n")
+    plot(state["log"], state["heldout"], out / "loss_curve.png")
+    print(json.dumps({k: v for k, v in log.items() if k != "loss"}, indent=1))
+    print(json.dumps(meta, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Quality of the masked-diffusion twin against its AR parent: held-out perplexity and a capability probe.
+
+    python experiments/mdm_probe.py --out dllm_sparse/data/smollm2-135m-mdm/eval.json
+
+1. Perplexity on the held-out distillation answers (``dllm_sparse/data/mdm_corpus/heldout.jsonl``), prompt given:
+   exact for the AR model, the Monte-Carlo ELBO bound (spec ``generation.md`` "Likelihood": stratified mask counts,
+   random positions, CE x L / masked count, prompt never masked) for the diffusion model. Both are
+   exp(-sum log-likelihood / sum answer tokens); the ELBO one is an upper bound on the diffusion model's true
+   perplexity.
+2. Capability probe (``dllm_sparse/data/capability_probe.jsonl``): 20 short factual questions; a hit is an answer
+   containing one of the keywords (case-insensitive). AR: greedy, 64 new tokens. Diffusion: LLaDA low-confidence
+   sampler, gen_length 64, steps 64, block_length 32, temperature 0 (``dllm_sparse.samplers``).
+
+Both models run under the same bf16 autocast on CPU (``--no-bf16`` for float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "dllm_sparse" / "data"
+
+
+def encode_heldout(tok, path: Path, limit: int) -> list[tuple[list[int], list[int]]]:
+    rows = []
+    for line in path.open():
+        r = json.loads(line)
+        prompt = tok.apply_chat_template([{"role": "user", "content": r["instruction"]}], tokenize=False,
+                                         add_generation_prompt=True)
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        a = tok(r["response"], add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if r["finished"] else [])
+        rows.append((p, a))
+        if len(rows) == limit:
+            break
+    return rows
+
+
+@torch.no_grad()
+def ar_loglik(model, rows) -> list[float]:
+    """Exact sum of log p(answer | prompt) per row."""
+    out = []
+    for p, a in rows:
+        ids = torch.tensor([p + a])
+        logp = F.log_softmax(model(ids).logits[0, len(p) - 1:-1].float(), -1)
+        out.append(float(logp.gather(-1, torch.tensor(a)[:, None]).sum()))
+    return out
+
+
+@torch.no_grad()
+def diffusion_elbo(model, rows, mask_id: int, mc_num: int, batch: int, seed: int) -> list[float]:
+    """LLaDA's Monte-Carlo ELBO of log p(answer | prompt) per row (spec generation.md, "Likelihood")."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for p, a in rows:
+        seq = torch.tensor(p + a)
+        L, P = len(a), len(p)
+        losses = []
+        for _ in range(max(1, mc_num // batch)):
+            k = int(torch.randint(1, L + 1, (), generator=g))
+            # stratified mask counts over the mini-batch, as in LLaDA's get_log_likelihood
+            counts = torch.round(torch.linspace(float(k), k + (batch - 1) * (L / batch), batch)).long()
+            counts = ((counts - 1) % L) + 1
+            is_mask = torch.zeros(batch, P + L, dtype=torch.bool)
+            for j in range(batch):
+                is_mask[j, P + torch.randperm(L, generator=g)[: counts[j]]] = True
+            noisy = torch.where(is_mask, torch.full_like(seq, mask_id), seq.expand(batch, -1))
+            logits = model(noisy).logits.float()
+            ce = F.cross_entropy(logits[is_mask], seq.expand(batch, -1)[is_mask], reduction="none")
+            weight = (L / counts.float())[:, None].expand(batch, P + L)[is_mask]
+            losses.append(float((ce * weight).sum()) / batch)
+        out.append(-sum(losses) / len(losses))
+    return out
+
+
+def hit(text: str, keywords: list[str]) -> bool:
+    return any(k.lower() in text.lower() for k in keywords)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ar", default="smollm2-135m")
+    ap.add_argument("--diffusion", default="smollm2-135m-mdm")
+    ap.add_argument("--heldout", type=int, default=64, help="held-out answers for the perplexities")
+    ap.add_argument("--mc-num", type=int, default=8, help="ELBO Monte-Carlo samples per answer")
+    ap.add_argument("--mc-batch", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-ppl", action="store_true")
+    ap.add_argument("--skip-probe", action="store_true")
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, help="write the results (JSON) here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from dllm_sparse.samplers import GenerationConfig, generate
+
+    from dllm_sparse import load_model
+
+    ar, dm = load_model(args.ar, dtype="fp32"), load_model(args.diffusion, dtype="fp32")
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
+    res: dict = {"ar": args.ar, "diffusion": args.diffusion, "bf16_autocast": args.bf16, "threads": args.threads}
+
+    if not args.skip_ppl:
+        rows = encode_heldout(ar.tokenizer, DATA / "mdm_corpus" / "heldout.jsonl", args.heldout)
+        n_tok = sum(len(a) for _, a in rows)
+        t0 = time.time()
+        with autocast():
+            try:  # the project's scorer (dllm_sparse.likelihood) when it is there; the small one above otherwise
+                from dllm_sparse.likelihood import Scorer
+
+                scorer = "dllm_sparse.likelihood.Scorer"
+                ll_ar = [ll for ll, _ in Scorer.from_loaded(ar, batch_size=8).loglikelihood_tokens(rows)]
+                t1 = time.time()
+                dm_scorer = Scorer.from_loaded(dm, batch_size=args.mc_batch, mc_num=args.mc_num,
+                                               mc_batch=args.mc_batch, seed=args.seed)
+                ll_dm = [ll for ll, _ in dm_scorer.loglikelihood_tokens(rows)]
+            except ImportError:
+                scorer = "experiments/mdm_probe.py (fallback)"
+                ll_ar = ar_loglik(ar.model, rows)
+                t1 = time.time()
+                ll_dm = diffusion_elbo(dm.model, rows, dm.mask_id, args.mc_num, args.mc_batch, args.seed)
+        res["perplexity"] = {
+            "scorer": scorer, "heldout_answers": len(rows), "answer_tokens": n_tok,
+            "mc_num": args.mc_num, "mc_batch": args.mc_batch,
+            "ar_exact": round(float(torch.tensor(-sum(ll_ar) / n_tok).exp()), 3),
+            "diffusion_elbo": round(float(torch.tensor(-sum(ll_dm) / n_tok).exp()), 3),
+            "seconds": {"ar": round(t1 - t0, 1), "diffusion": round(time.time() - t1, 1)},
+        }
+        res["perplexity"]["ratio"] = round(res["perplexity"]["diffusion_elbo"] / res["perplexity"]["ar_exact"], 3)
+        print(json.dumps(res["perplexity"]), flush=True)
+
+    if not args.skip_probe:
+        probe = [json.loads(line) for line in (DATA / "capability_probe.jsonl").open()]
+        prompts = [q["prompt"] for q in probe]
+        with autocast():
+            t0 = time.time()
+            out_ar = generate(ar, prompts=prompts, apply_chat_template=True,
+                              config=GenerationConfig(max_new_tokens=64, temperature=0.0))
+            t1 = time.time()
+            out_dm = generate(dm, prompts=prompts, apply_chat_template=True,
+                              config=GenerationConfig(gen_length=64, steps=64, block_length=32, temperature=0.0))
+            t2 = time.time()
+        items = []
+        for q, ta, td in zip(probe, out_ar.texts, out_dm.texts, strict=True):
+            items.append({"prompt": q["prompt"], "keywords": q["keywords"], "ar": ta, "ar_hit": hit(ta, q["keywords"]),
+                          "diffusion": td, "diffusion_hit": hit(td, q["keywords"])})
+        res["probe"] = {
+            "n": len(items),
+            "ar_fraction": sum(i["ar_hit"] for i in items) / len(items),
+            "diffusion_fraction": sum(i["diffusion_hit"] for i in items) / len(items),
+            "ar_settings": "greedy, 64 new tokens, chat template",
+            "diffusion_settings": "LLaDA low-confidence, gen_length 64, steps 64, block_length 32, temperature 0",
+            "seconds": {"ar": round(t1 - t0, 1), "diffusion": round(t2 - t1, 1)},
+            "items": items,
+        }
+        print(json.dumps({k: v for k, v in res["probe"].items() if k != "items"}), flush=True)
+        for i in items:
+            print(f"- {i['prompt']}\n  AR [{i['ar_hit']:d}]: {i['ar'][:100]!r}\n  MDM[{i['diffusion_hit']:d}]: "
+                  f"{i['diffusion'][:100]!r}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    main()

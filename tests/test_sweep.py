@@ -1,0 +1,150 @@
+"""Sweep runner: tidy rows, p = 1 equals dense, resume after a finished run and after a kill, rank shards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import build_tiny_model
+
+from dllm_sparse.likelihood import ByteTokenizer, Scorer, SparsityConfig
+from dllm_sparse.loading import LoadedModel
+from dllm_sparse.sweep import DENSE, SweepConfig, grid, load_rows, read_rows, run_sweep
+from dllm_sparse.tasks import MCItem, MultipleChoiceTask, PerplexityTask
+
+ITEMS = [MCItem("a", "one two", ["three", "four"], 0), MCItem("b", "x y", ["z", "zz", "w"], 2),
+         MCItem("c", "12", ["3", "4"], 0)]
+PASSAGES = [{"id": "p0", "text": "a small passage"}, {"id": "p1", "text": "another one here"}]
+
+
+def _models():
+    ar = build_tiny_model("llama", vocab_size=260, seed=1)
+    dm = build_tiny_model("llada", vocab_size=260, embedding_size=260, mask_token_id=3, seed=2)
+    return [LoadedModel(ar, ByteTokenizer(), "ar", "tiny-ar", None, "llama"),
+            LoadedModel(dm, ByteTokenizer(), "diffusion", "tiny-mdm", 3, "llada")]
+
+
+class Counter:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, name):
+        counter = self
+
+        class Counted:
+            def __init__(self, task):
+                self.task, self.name, self.metric = task, task.name, task.metric
+
+            def evaluate(self, scorer, limit=None):
+                counter.calls += 1
+                return self.task.evaluate(scorer, limit)
+
+        return Counted(MultipleChoiceTask("mc", ITEMS) if name == "mc" else PerplexityTask("ppl", PASSAGES))
+
+
+def _cfg(out, **kw):
+    base = dict(models=_models(), output_dir=out, sites=["input", "intermediate"], thresholds=[1.0, 0.8, 0.5],
+                tasks=["mc", "ppl"], mc_num=4, mc_batch=2, batch_size=8, progress=False)
+    base.update(kw)
+    return SweepConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    counter = Counter()
+    rows = run_sweep(_cfg(out), task_factory=counter)
+    return out, rows, counter.calls
+
+
+def _table(rows):
+    return {r["key"]: (r["value"], r["sparsity"]) for r in rows}
+
+
+def test_rows_are_tidy_and_p1_equals_dense(full_run):
+    out, rows, calls = full_run
+    # per model and task: 1 dense row + 2 sites x 3 thresholds
+    assert len(rows) == 2 * 2 * 7 and len({r["key"] for r in rows}) == len(rows)
+    assert calls == 2 * 2 * (1 + 2 * 2)  # the p = 1 cells come from the dense pass
+    assert read_rows(out / "rows.jsonl") == rows
+    for r in rows:
+        for field in ("model", "kind", "site", "rule", "p", "task", "metric", "value", "dense_value",
+                      "relative_performance", "n_items", "seconds"):
+            assert field in r, field
+        if r["site"] == DENSE:
+            assert set(r["sparsity_by_site"]) == {"input", "intermediate"}
+            continue
+        assert len(r["per_layer_sparsity"]) == 2 and 0 <= r["sparsity"] <= 1
+        dense = next(d for d in rows if d["site"] == DENSE and d["model"] == r["model"] and d["task"] == r["task"])
+        if r["p"] == 1.0:
+            assert r["value"] == dense["value"] and r["relative_performance"] == 1.0
+        else:
+            assert r["sparsity"] > 0.1
+    # A p = 1 cell computed on its own, one site attached, gives the dense value too.
+    lm = _models()[1]
+    task = PerplexityTask("ppl", PASSAGES)
+    alone = task.evaluate(Scorer.from_loaded(lm, mc_num=4, mc_batch=2, seed=1234,
+                                             sparsity=SparsityConfig("input", "top_p", 1.0)))
+    dense = next(d for d in rows if d["site"] == DENSE and d["model"] == "tiny-mdm" and d["task"] == "ppl")
+    assert alone.value == dense["value"]
+    # relative performance: perplexity is lower-is-better
+    r = next(r for r in rows if r["model"] == "tiny-ar" and r["task"] == "ppl" and r["p"] == 0.5
+             and r["site"] == "intermediate")
+    assert r["relative_performance"] == pytest.approx(r["dense_value"] / r["value"])
+    mdm = [r for r in rows if r["kind"] == "diffusion" and r["site"] == "input" and r["p"] == 0.8]
+    assert any(g.startswith("ratio") for g in mdm[0]["sparsity_groups"])
+
+
+def test_rerun_skips_finished_cells(full_run):
+    out, rows, _ = full_run
+    counter = Counter()
+    again = run_sweep(_cfg(out), task_factory=counter)
+    assert counter.calls == 0
+    assert _table(again) == _table(rows) and len(read_rows(out / "rows.jsonl")) == len(rows)
+    # Other settings are other cells: nothing reused.
+    counter = Counter()
+    more = run_sweep(_cfg(out, models=_models()[:1], tasks=["mc"], limit=2, thresholds=[1.0, 0.8]),
+                     task_factory=counter)
+    assert counter.calls == 1 + 2 and len(more) == len(rows) + 1 + 2 * 2
+
+
+def test_kill_midway_then_resume(tmp_path, full_run):
+    _, rows, _ = full_run
+    written = []
+
+    def killer(row):
+        written.append(row["key"])
+        if len(written) == 11:
+            raise KeyboardInterrupt  # a kill right after a row was written
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(_cfg(tmp_path), task_factory=Counter(), on_row=killer)
+    assert len(read_rows(tmp_path / "rows.jsonl")) == 11
+    with open(tmp_path / "rows.jsonl", "a") as f:  # and a torn half line from a kill during a write
+        f.write('{"key": "half a ro')
+    counter = Counter()
+    final = run_sweep(_cfg(tmp_path), task_factory=counter)
+    assert _table(final) == _table(rows)  # the same final set, bit for bit
+    # 11 rows = 2 dense passes (3 rows each) + 5 sparse cells: 7 of the 20 units finished before the kill
+    assert counter.calls == 20 - 7
+    lines = (tmp_path / "rows.jsonl").read_text().splitlines()
+    assert len(lines) == len(rows) and all(json.loads(line) for line in lines)
+
+
+def test_rank_shards_merge_without_duplicates(tmp_path, full_run):
+    _, rows, _ = full_run
+    c1, c0 = Counter(), Counter()
+    run_sweep(_cfg(tmp_path), task_factory=c1, rank=1, world_size=2)
+    assert (tmp_path / "shards" / "rows.rank1.jsonl").is_file()
+    merged = run_sweep(_cfg(tmp_path), task_factory=c0, rank=0, world_size=2)
+    assert c0.calls + c1.calls == 20 and c0.calls and c1.calls
+    assert _table(merged) == _table(rows)
+    assert all(r["relative_performance"] is not None for r in merged)  # filled in at the merge
+    assert not list((tmp_path / "shards").glob("*.jsonl")) and load_rows(tmp_path) == merged
+
+
+def test_grids():
+    assert len(grid("standard")) == 25 and grid("standard")[0] == 1.0 and grid("standard")[-1] == 0.1
+    assert grid("quick") == [1.0, 0.99, 0.97, 0.95, 0.9, 0.8, 0.7, 0.5]
+    with pytest.raises(ValueError):
+        grid("nope")
