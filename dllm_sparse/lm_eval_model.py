@@ -56,12 +56,16 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "dllm_sparse.lm_eval_model needs lm-evaluation-harness: pip install -e '.[eval]' (or pip install lm-eval)"
     ) from e
 
+import logging
+
 from tqdm.auto import tqdm
 
 from .likelihood import Scorer, SparsityConfig
 from .stats import SparsityStats
 
 __all__ = ["DllmSparseLM", "IDENTITY_KEY"]
+
+eval_logger = logging.getLogger("lm_eval")
 
 IDENTITY_KEY = "__dllm_sparse_identity__"  # lm-eval's own keys are sha256 hex digests, so no collision
 
@@ -103,7 +107,14 @@ class DllmSparseLM(LM):
         super().__init__()
         unused.pop("max_batch_size", None)
         if scorer is None:
+            import torch
+
             from .loading import load_model
+
+            if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+                eval_logger.warning(f"device {device!r} requested (lm-eval's CLI default) but CUDA is not available; "
+                                    "using the CPU")
+                device = "cpu"
 
             lm = load_model(pretrained, dtype=dtype, device=device, kind=kind,
                             trust_remote_code=_bool(trust_remote_code))

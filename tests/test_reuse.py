@@ -220,3 +220,45 @@ def test_make_policy_and_errors():
         Fresh(new_positions="maybe")
     with pytest.raises(TypeError):
         reuse_sparsity("input", TopP(0.9), "fresh", select_mask=lambda *a: None)
+
+
+def _experiment():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "mask_reuse.py"
+    spec = importlib.util.spec_from_file_location("mask_reuse_experiment", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_experiment_helpers_and_teacher_forced_replay(llada):
+    """The study's quality helpers, and its teacher-forced replay reproduces the dense generation exactly."""
+    from dllm_sparse.loading import LoadedModel
+
+    exp = _experiment()
+    assert exp.agreement([[1, 2, 3]], [[1, 5, 3]]) == pytest.approx(2 / 3)
+    assert exp.first_divergence([[1, 2, 3], [4, 5, 6]], [[1, 5, 3], [4, 5, 6]]) == 2.0
+    assert exp.edit_similarity([[1, 2, 3, 4]], [[9, 1, 2, 3]]) == pytest.approx(0.75)
+    lm = LoadedModel(llada, None, "diffusion", "tiny", 99, "llada")
+    dense = generate(lm, prompts=PROMPTS, config=CFG)
+    traj = [{"committed": i.committed, "tokens": i.tokens} for i in dense.trace]
+    preds = exp.teacher_forced(lm, PROMPTS, CFG, traj)
+    P = dense.prompt_length
+    masked = torch.ones(len(PROMPTS), CFG.max_new_tokens, dtype=torch.bool)
+    for step, (st, pred) in enumerate(zip(traj, preds, strict=True)):
+        s = (step // SPB) * CFG.block_length
+        slots = masked[:, s:s + CFG.block_length].nonzero().tolist()
+        assert len(slots) == len(pred)
+        by_slot = {(r, s + c): t for (r, c), t in zip(slots, pred, strict=True)}
+        for r, (cols, toks) in enumerate(zip(st["committed"], st["tokens"], strict=True)):
+            for c, t in zip(cols, toks, strict=True):
+                assert by_slot[(r, c)] == t == int(dense.sequences[r, P + c])
+                masked[r, c] = False
+    # p = 1 under any policy predicts exactly what dense predicts on the same canvases
+    sp, pol = reuse_sparsity("input", TopP(1.0), Every(3))
+    assert exp.teacher_forced(lm, PROMPTS, CFG, traj, [sp, pol]) == preds
+    sp, pol = reuse_sparsity("input", TopP(0.5), BlockStart())
+    sparse = exp.teacher_forced(lm, PROMPTS, CFG, traj, [sp, pol])
+    assert 0.0 <= exp._flat_agreement(sparse, preds) <= 1.0 and pol.selections == {0: BLOCKS, 1: BLOCKS}
