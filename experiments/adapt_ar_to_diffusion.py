@@ -1,7 +1,7 @@
 """Adapt a LLaMA-family causal LM into a masked-diffusion LM (LoRA by default), on whatever hardware is there.
 
     # the shipped smollm2-135m-mdm adapter (CPU, 1 thread, time-budgeted; resumes from its last checkpoint):
-    python experiments/adapt_ar_to_diffusion.py --base smollm2-135m --minutes 32 \\
+    python experiments/adapt_ar_to_diffusion.py --base smollm2-135m --minutes 30 \\
         --export dllm_sparse/data/smollm2-135m-mdm
 
     # other data: a JSONL with instruction/response (the distillation corpus format) or "text" rows,
@@ -48,6 +48,7 @@ from dllm_sparse.loading import cache_dir, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = REPO / "dllm_sparse" / "data" / "mdm_corpus"
+_NO_STEP_LIMIT = 10**9
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
@@ -143,7 +144,9 @@ def trainable_params(trainable, delta):
 
 def lr_at(elapsed: float, budget: float, step: int, args) -> float:
     warm = min(1.0, (step + 1) / args.warmup)
-    frac = min(1.0, elapsed / budget)
+    # Time-based by default (the budget is wall clock); with --max-steps the schedule follows steps, which makes
+    # a run independent of machine speed.
+    frac = min(1.0, step / args.max_steps if args.max_steps < _NO_STEP_LIMIT else elapsed / budget)
     return args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
@@ -224,13 +227,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-answer", type=int, default=97)
     ap.add_argument("--run-dir", type=Path, default=None, help="checkpoints + log (default: cache/runs/<name>)")
     ap.add_argument("--export", type=Path, help="write the adapter + log + plot here at the end")
-    ap.add_argument("--minutes", type=float, default=32.0, help="wall-clock training budget (all resumes)")
-    ap.add_argument("--max-steps", type=int, default=10**9)
-    ap.add_argument("--ckpt-minutes", type=float, default=4.0)
+    ap.add_argument("--minutes", type=float, default=30.0, help="wall-clock training budget (all resumes)")
+    ap.add_argument("--max-steps", type=int, default=_NO_STEP_LIMIT,
+                    help="stop after this many steps (and schedule the learning rate by steps)")
+    ap.add_argument("--ckpt-minutes", type=float, default=5.0)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--mask-lr", type=float, default=1e-3, help="learning rate of the mask-row delta")
-    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--alpha", type=int, default=32)

@@ -933,6 +933,8 @@ def main(argv=None) -> int:
     writer = JsonlWriter(cells_path)
     print(f"[mask_reuse] {len(done)} finished cells in {cells_path}", flush=True)
 
+    planned: set[str] = set()
+
     def plan_for(model_lm, kind, pols, g_cfg):
         ids = encode(model_lm.tokenizer, prompts, chat)
         plan = [(None, None)] + [(s, p) for s in sites for p in pols]
@@ -944,6 +946,7 @@ def main(argv=None) -> int:
                     "kernel": [kernel_layers, kernel_steps] if kind == "diffusion" and pol else None,
                     "tf": bool(args.teacher_forced and kind == "diffusion")}
             key = cell_key(**base)
+            planned.add(key)
             if key in done:
                 continue
             t0 = time.perf_counter()
@@ -971,9 +974,7 @@ def main(argv=None) -> int:
     writer.close()
 
     # ---- tables, figures, summary (rebuilt from every finished cell of these settings) ----
-    keys_now = set(done)
-    rows = [r for r in read_rows(cells_path) if r["key"] in keys_now]
-    rows = [r for r in rows if r["p"] == args.p and r["site"] in (None, *sites)]
+    rows = list({r["key"]: r for r in read_rows(cells_path) if r["key"] in planned}.values())
     table = derive(rows)
     atomic_write_csv(out_dir / "policies.csv", table, TABLE_COLS)
     ov = []

@@ -100,9 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from dllm_sparse.samplers import GenerationConfig, generate
-
     from dllm_sparse import load_model
+    from dllm_sparse import samplers as smp  # one import statement: ruff's isort sorts it the same in any run
+
+    GenerationConfig, generate = smp.GenerationConfig, smp.generate
 
     ar, dm = load_model(args.ar, dtype="fp32"), load_model(args.diffusion, dtype="fp32")
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
