@@ -369,7 +369,7 @@ def _check_supported(config: LLaDAConfig) -> None:
     if getattr(config, "yarn", False):
         wrong["yarn"] = True
     if wrong:
-        raise NotImplementedError(
+        raise ValueError(
             f"dllm_sparse.llada implements only the LLaDA-8B block layout ({expected}); this config has {wrong}. "
             "Load it with the checkpoint's own code (trust_remote_code=True, without importing dllm_sparse.llada)."
         )

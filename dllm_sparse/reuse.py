@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import math
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Any
 
@@ -89,7 +90,7 @@ class _Entry:
         self.keep, self.masked, self.step = keep, masked, step
 
 
-class ReusePolicy(GenerationCallback):
+class ReusePolicy(GenerationCallback, ABC):
     """Base class: a mask selector plus a generation callback. Subclasses implement :meth:`refresh_step`
     (and may override :meth:`_select_stale` for a per-layer decision, as :class:`Adaptive` does)."""
 
@@ -106,9 +107,9 @@ class ReusePolicy(GenerationCallback):
         self.reset_counts()
 
     # ---- the decision -----------------------------------------------------------------------------------
+    @abstractmethod
     def refresh_step(self, state: StepState) -> bool:
         """True when every layer computes fresh masks at this step."""
-        raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
         return {"policy": self.name, "new_positions": self.new_positions}

@@ -147,7 +147,7 @@ def test_real_llada_8b_config_loads_with_extra_keys(tmp_path):
 def test_unsupported_variant_loads_config_but_refuses_model():
     cfg = tiny_llada_config(block_type="sequential")
     assert cfg.block_type == "sequential"
-    with pytest.raises(NotImplementedError, match="block_type"):
+    with pytest.raises(ValueError, match="block_type"):
         LLaDAModelLM(cfg)
 
 
