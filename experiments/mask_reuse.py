@@ -121,6 +121,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--teacher-forced", action="store_true",
                     help="also replay the dense run's trajectory with every policy and report the per-step argmax "
                          "agreement at still-masked positions with dense and fresh (one extra pass per cell)")
+    ap.add_argument("--passages", type=int, default=8,
+                    help="built-in held-out passages for the likelihood check (diffusion; 0 to skip): each "
+                         "configuration scores the same passages along the same random reveal order (default: "
+                         "%(default)s)")
+    ap.add_argument("--passage-prompt-len", type=int, default=16,
+                    help="tokens of each passage given as the prompt (default: %(default)s)")
     ap.add_argument("--output-dir", default="runs/mask_reuse", help="output folder (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="generation seed (default: %(default)s)")
     return ap.parse_args(argv)
@@ -164,10 +170,12 @@ def load_diffusion(name: str, dtype, device, allow_fallback: bool) -> tuple[Load
                            "llada"), note
 
 
-def load_prompts(args) -> list[str]:
+def load_prompts(args) -> tuple[list[str], list[list[str]] | None]:
+    """Prompts, and their keywords when the file has them (the capability probe does: the task metric)."""
     path = Path(args.prompt_file) if args.prompt_file else PROBE
-    rows = [json.loads(line) for line in path.open() if line.strip()]
-    return [r["prompt"] for r in rows][: args.prompts]
+    rows = [json.loads(line) for line in path.open() if line.strip()][: args.prompts]
+    keywords = [r["keywords"] for r in rows] if all("keywords" in r for r in rows) else None
+    return [r["prompt"] for r in rows], keywords
 
 
 def encode(tok, prompts: list[str], chat: bool) -> list[list[int]]:
@@ -423,13 +431,17 @@ def atomic_write_csv(path: Path, rows: list[dict], cols: list[str] | None = None
 
 
 @torch.no_grad()
-def teacher_forced(lm: LoadedModel, prompt_ids, gcfg: GenerationConfig, trajectory, callbacks=()) -> list[list[int]]:
+def teacher_forced(lm: LoadedModel, prompt_ids, gcfg: GenerationConfig, trajectory,
+                   callbacks=()) -> tuple[list[list[int]], float, int]:
     """Replay a fixed diffusion trajectory with ``callbacks`` (a sparsity and a policy) attached.
 
     ``trajectory[t]`` = {"committed": per row the generated indices written at step t, "tokens": the ids written
     there}, from the dense run's trace. Returns per step the argmax predictions at the still-masked positions of
-    the current block (row-major). Every configuration sees the very same canvases, so its predictions can be
-    compared position by position with dense ones, free of the divergence of free-running greedy generation.
+    the current block (row-major), plus the summed log-probability of the tokens the trajectory writes at each
+    step and their count. Every configuration sees the very same canvases, so its predictions can be compared
+    position by position with dense ones, free of the divergence of free-running greedy generation. With a
+    trajectory that writes a passage's true tokens in a fixed random order, the log-probability sum is an
+    any-order likelihood bound of the passage (the ELBO-type quantity reuse policies can act on).
     """
     from dllm_sparse.samplers import StepState
     from dllm_sparse.samplers.common import encode_prompts, model_device, resolve_pad_id, resolve_stop_ids
@@ -454,6 +466,7 @@ def teacher_forced(lm: LoadedModel, prompt_ids, gcfg: GenerationConfig, trajecto
                       num_steps=gcfg.steps, canvas=canvas, attention_mask=attn, prompt_mask=prompt_mask,
                       forward_batch=B)
     preds: list[list[int]] = []
+    lp_sum, n_tok = 0.0, 0
     for cb in callbacks:
         cb.on_generation_begin(state)
     try:
@@ -469,16 +482,49 @@ def teacher_forced(lm: LoadedModel, prompt_ids, gcfg: GenerationConfig, trajecto
             out = model(input_ids=canvas, attention_mask=attn) if padded else model(input_ids=canvas)
             x0 = out.logits[:, s:e].argmax(dim=-1)
             preds.append(x0[masked[:, s:e]].tolist())
+            logp = torch.log_softmax(out.logits.float(), dim=-1)
             for cb in callbacks:
                 cb.on_step_end(state)
             canvas = canvas.clone()
             for r, (cols, toks) in enumerate(zip(committed["committed"], committed["tokens"], strict=True)):
                 for c, t in zip(cols, toks, strict=True):
+                    lp_sum += float(logp[r, P + c, t])
+                    n_tok += 1
                     canvas[r, P + c] = t
     finally:
         for cb in reversed(list(callbacks)):
             cb.on_generation_end(state)
-    return preds
+    return preds, lp_sum, n_tok
+
+
+def passage_trajectories(tok, gcfg: GenerationConfig, n: int, prompt_len: int, seed: int):
+    """Built-in held-out passages as (prompt ids, trajectory): the first ``prompt_len`` tokens are the prompt, the
+    next ``gen_length`` the answer, written block by block in a random order seeded per passage (the sampler's
+    n // s (+1) tokens per step). The same order serves every configuration (common random numbers)."""
+    from dllm_sparse.samplers import num_transfer_tokens
+    from dllm_sparse.tasks import load_builtin_passages
+
+    G, bl = gcfg.max_new_tokens, gcfg.block_length
+    spb = gcfg.steps // (G // bl)
+    counts = num_transfer_tokens(torch.full((1, 1), bl), spb)[0].tolist()
+    prompts, orders, answers = [], [], []
+    for i, p in enumerate(load_builtin_passages()):
+        ids = tok(p["text"], add_special_tokens=False)["input_ids"]
+        if len(ids) < prompt_len + G or len(prompts) == n:
+            continue
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        order = [b * bl + int(j) for b in range(G // bl) for j in torch.randperm(bl, generator=gen)]
+        prompts.append(ids[:prompt_len])
+        answers.append(ids[prompt_len:prompt_len + G])
+        orders.append(order)
+    trajectory, pos = [], 0
+    for _ in range(G // bl):
+        for k in counts:
+            cols = [o[pos:pos + k] for o in orders]
+            trajectory.append({"committed": cols, "tokens": [[a[c] for c in cs] for a, cs in zip(answers, cols,
+                                                                                                  strict=True)]})
+            pos += k
+    return prompts, trajectory
 
 
 def _make_policy(spec: str, args):
@@ -559,11 +605,18 @@ def run_cell(lm: LoadedModel, prompt_ids, gcfg: GenerationConfig, site: str | No
         if site is None:
             traj = [{"committed": i.committed, "tokens": i.tokens} for i in out.trace]
             row["trajectory"] = traj
-            row["tf_pred"] = teacher_forced(lm, prompt_ids, gcfg, traj)
+            row["tf_pred"] = teacher_forced(lm, prompt_ids, gcfg, traj)[0]
         elif dense_row is not None and dense_row.get("trajectory"):
             sp2, pol2 = reuse_sparsity(site, TopP(args.p), _make_policy(policy_spec, args))
-            row["tf_pred"] = teacher_forced(lm, prompt_ids, gcfg, dense_row["trajectory"], [sp2, pol2])
+            row["tf_pred"] = teacher_forced(lm, prompt_ids, gcfg, dense_row["trajectory"], [sp2, pol2])[0]
             row["tf_agreement_vs_dense"] = _flat_agreement(row["tf_pred"], dense_row["tf_pred"])
+    if getattr(args, "passage_traj", None) and lm.kind == "diffusion":
+        cbs = [] if site is None else list(reuse_sparsity(site, TopP(args.p), _make_policy(policy_spec, args)))
+        _, lp, n = teacher_forced(lm, args.passage_ids, gcfg, args.passage_traj, cbs)
+        row["elbo_nll_per_token"] = -lp / n
+    if getattr(args, "keywords", None):
+        hits = [any(k.lower() in text.lower() for k in kws) for text, kws in zip(out.texts, args.keywords, strict=True)]
+        row["task_acc"] = float(np.mean(hits))
     row.update({"generated": out.sequences[:, out.prompt_length:].tolist(), "texts": out.texts, "nfe": out.nfe,
                 "gen_wall_s": out.wall_time, "cell_s": time.perf_counter() - t0})
     return row
@@ -598,7 +651,8 @@ def agreement(a, b) -> float:
 
 TABLE_COLS = ["model", "kind", "site", "policy", "p", "new_positions", "agreement_vs_fresh", "agreement_vs_dense",
               "edit_sim_vs_fresh", "edit_sim_vs_dense", "first_diff_vs_fresh", "tf_agreement_vs_dense",
-              "tf_agreement_vs_fresh",
+              "tf_agreement_vs_fresh", "task_acc", "dense_task_acc", "elbo_nll_per_token", "elbo_diff_vs_fresh",
+              "elbo_diff_vs_dense",
               "sparsity", "sparsity_generated", "sparsity_masked", "selections", "selections_per_layer_mean",
               "partial_selections", "probe_selections", "selected_fraction", "n_refresh_steps", "steps",
               "kernel_backend", "kernel_tokens", "kernel_density", "kernel_union_density", "dense_s", "union_s",
@@ -621,6 +675,13 @@ def derive(rows: list[dict]) -> list[dict]:
         t["edit_sim_vs_fresh"] = edit_similarity(r["generated"], fresh["generated"]) if fresh else None
         t["edit_sim_vs_dense"] = edit_similarity(r["generated"], dense["generated"]) if dense else None
         t["first_diff_vs_fresh"] = first_divergence(r["generated"], fresh["generated"]) if fresh else None
+        if dense is not None:
+            t["dense_task_acc"] = dense.get("task_acc")
+        if r.get("elbo_nll_per_token") is not None:  # NLL differences: > 0 = worse than the reference
+            if fresh and fresh.get("elbo_nll_per_token") is not None:
+                t["elbo_diff_vs_fresh"] = r["elbo_nll_per_token"] - fresh["elbo_nll_per_token"]
+            if dense and dense.get("elbo_nll_per_token") is not None:
+                t["elbo_diff_vs_dense"] = r["elbo_nll_per_token"] - dense["elbo_nll_per_token"]
         if r.get("tf_pred") and fresh and fresh.get("tf_pred"):
             t["tf_agreement_vs_fresh"] = _flat_agreement(r["tf_pred"], fresh["tf_pred"])
         if r.get("dense_s"):
@@ -849,6 +910,19 @@ def write_summary(out_dir: Path, args, notes: list[str], table: list[dict], ov: 
               "| site | policy | agree vs dense | agree vs fresh |", "|---|---|---|---|"]
         L += [f"| {t['site']} | {t['policy']} | {_f(t['tf_agreement_vs_dense'])} | "
               f"{_f(t.get('tf_agreement_vs_fresh'))} |" for t in tf]
+    q = [t for t in table if t.get("elbo_nll_per_token") is not None or t.get("task_acc") is not None]
+    if q:
+        L += ["", "Likelihood and task metric. 'NLL/token' = negative log-likelihood per token of "
+              f"{len(args.passage_ids)} "
+              "built-in held-out passages written along one fixed random reveal order per passage (the sampler's "
+              "geometry; the same order for every configuration, so differences are not sampling noise): an "
+              "any-order bound on the passage likelihood, the ELBO-type quantity reuse acts on. 'task' = fraction of "
+              "the capability-probe prompts whose generation contains the expected keyword.", "",
+              "| kind | site | policy | NLL/token | Δ vs fresh | Δ vs dense | task | task (dense) |",
+              "|---|---|---|---|---|---|---|---|"]
+        L += [f"| {t['kind']} | {t['site']} | {t['policy']} | {_f(t.get('elbo_nll_per_token'))} | "
+              f"{_f(t.get('elbo_diff_vs_fresh'))} | {_f(t.get('elbo_diff_vs_dense'))} | {_f(t.get('task_acc'), 2)} | "
+              f"{_f(t.get('dense_task_acc'), 2)} |" for t in q]
     L += ["", "Quality columns: 'agree' = fraction of generated positions with the same token; 'edit-sim' = "
           "difflib ratio of the token sequences (robust to shifted text); 'same prefix' = generated tokens before the "
           "first difference (mean over prompts)."]
@@ -871,8 +945,7 @@ def write_summary(out_dir: Path, args, notes: list[str], table: list[dict], ov: 
           "'union' = one gathered GEMM over the union of the step's masks (a mask shared by all tokens); "
           "'per-token' = one GEMV per token with its own mask; both include the selection cost of the steps the "
           "policy selects.", "",
-          "ELBO: not measured (the likelihood scorer attaches sparsity without a mask selector, and its Monte-Carlo "
-          "forwards have no denoising trajectory to reuse masks along).", "", "## Figures", ""]
+          "", "## Figures", ""]
     L += [f"- `{os.path.relpath(f, out_dir)}`" for f in figs]
     (out_dir / "summary.md").write_text("\n".join(L) + "\n")
 
@@ -920,10 +993,13 @@ def main(argv=None) -> int:
         kernel_layers = [int(x) for x in _csv_list(args.kernel_layers)]
     else:
         kernel_layers = args.track_layers_list[1:3] or args.track_layers_list[:1]
-    prompts = load_prompts(args)
+    prompts, args.keywords = load_prompts(args)
     chat = not args.no_chat_template
     gcfg = GenerationConfig(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
                             cfg_scale=args.cfg_scale, stop_token_ids=(), seed=args.seed)
+    args.passage_ids, args.passage_traj = (passage_trajectories(lm.tokenizer, gcfg, args.passages,
+                                                                args.passage_prompt_len, args.seed)
+                                           if args.passages > 0 else ([], []))
     spb = args.steps // (args.gen_length // args.block_length)
     first = spb if args.steps > spb else 0
     kernel_steps = list(range(first, min(args.steps, first + (args.kernel_steps or spb))))
@@ -944,7 +1020,9 @@ def main(argv=None) -> int:
                     "probe": [args.probe_layer, args.probe_positions, args.probe_metric, args.probe_region]
                     if pol and "adaptive" in pol else None, "track": args.track_layers_list if pol == "fresh" else None,
                     "kernel": [kernel_layers, kernel_steps] if kind == "diffusion" and pol else None,
-                    "tf": bool(args.teacher_forced and kind == "diffusion")}
+                    "tf": bool(args.teacher_forced and kind == "diffusion"),
+                    "elbo": [len(args.passage_ids), args.passage_prompt_len] if kind == "diffusion" else None,
+                    "task": bool(args.keywords)}
             key = cell_key(**base)
             planned.add(key)
             if key in done:

@@ -244,7 +244,8 @@ def test_experiment_helpers_and_teacher_forced_replay(llada):
     lm = LoadedModel(llada, None, "diffusion", "tiny", 99, "llada")
     dense = generate(lm, prompts=PROMPTS, config=CFG)
     traj = [{"committed": i.committed, "tokens": i.tokens} for i in dense.trace]
-    preds = exp.teacher_forced(lm, PROMPTS, CFG, traj)
+    preds, lp, n = exp.teacher_forced(lm, PROMPTS, CFG, traj)
+    assert n == len(PROMPTS) * CFG.max_new_tokens and lp < 0
     P = dense.prompt_length
     masked = torch.ones(len(PROMPTS), CFG.max_new_tokens, dtype=torch.bool)
     for step, (st, pred) in enumerate(zip(traj, preds, strict=True)):
@@ -258,7 +259,50 @@ def test_experiment_helpers_and_teacher_forced_replay(llada):
                 masked[r, c] = False
     # p = 1 under any policy predicts exactly what dense predicts on the same canvases
     sp, pol = reuse_sparsity("input", TopP(1.0), Every(3))
-    assert exp.teacher_forced(lm, PROMPTS, CFG, traj, [sp, pol]) == preds
+    assert exp.teacher_forced(lm, PROMPTS, CFG, traj, [sp, pol]) == (preds, lp, n)
     sp, pol = reuse_sparsity("input", TopP(0.5), BlockStart())
-    sparse = exp.teacher_forced(lm, PROMPTS, CFG, traj, [sp, pol])
+    sparse, lp_sparse, n_sparse = exp.teacher_forced(lm, PROMPTS, CFG, traj, [sp, pol])
     assert 0.0 <= exp._flat_agreement(sparse, preds) <= 1.0 and pol.selections == {0: BLOCKS, 1: BLOCKS}
+    assert n_sparse == n and lp_sparse != lp
+
+
+class _CharTokenizer:
+    """Stands in for a real tokenizer: one id per character, inside the tiny model's vocabulary."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 90 for c in text]}
+
+
+def test_passage_trajectories_write_each_true_token_once_in_sampler_geometry(llada):
+    from dllm_sparse.loading import LoadedModel
+    from dllm_sparse.samplers import num_transfer_tokens
+    from dllm_sparse.tasks import load_builtin_passages
+
+    exp = _experiment()
+    tok = _CharTokenizer()
+    prompts, traj = exp.passage_trajectories(tok, CFG, n=3, prompt_len=5, seed=0)
+    assert len(prompts) == 3 and all(len(p) == 5 for p in prompts) and len(traj) == CFG.steps
+    texts = [p["text"] for p in load_builtin_passages() if len(p["text"]) >= 5 + CFG.max_new_tokens][:3]
+    spb = CFG.steps // (CFG.max_new_tokens // CFG.block_length)
+    expected_counts = num_transfer_tokens(torch.tensor([CFG.block_length]), spb)[0].tolist()
+    for r, text in enumerate(texts):
+        ids = tok(text)["input_ids"]
+        assert prompts[r] == ids[:5]
+        written = {}
+        for step, st in enumerate(traj):
+            cols = st["committed"][r]
+            assert len(cols) == expected_counts[step % spb]
+            block = step // spb  # every position is written inside its own block
+            assert all(block * CFG.block_length <= c < (block + 1) * CFG.block_length for c in cols)
+            for c, t in zip(cols, st["tokens"][r], strict=True):
+                assert c not in written
+                written[c] = t
+        assert [written[c] for c in range(CFG.max_new_tokens)] == ids[5:5 + CFG.max_new_tokens]
+    # the likelihood along the trajectory: p = 1 under any policy equals dense, p < 1 changes it
+    lm = LoadedModel(llada, None, "diffusion", "tiny", 99, "llada")
+    _, lp_dense, n = exp.teacher_forced(lm, prompts, CFG, traj)
+    assert n == 3 * CFG.max_new_tokens
+    sp, pol = reuse_sparsity("intermediate", TopP(1.0), Every(2))
+    assert exp.teacher_forced(lm, prompts, CFG, traj, [sp, pol])[1] == lp_dense
+    sp, pol = reuse_sparsity("intermediate", TopP(0.5), Every(2))
+    assert exp.teacher_forced(lm, prompts, CFG, traj, [sp, pol])[1] != lp_dense
