@@ -121,11 +121,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--teacher-forced", action="store_true",
                     help="also replay the dense run's trajectory with every policy and report the per-step argmax "
                          "agreement at still-masked positions with dense and fresh (one extra pass per cell)")
-    ap.add_argument("--passages", type=int, default=8,
+    ap.add_argument("--passages", type=int, default=4,
                     help="built-in held-out passages for the likelihood check (diffusion; 0 to skip): each "
                          "configuration scores the same passages along the same random reveal order (default: "
                          "%(default)s)")
-    ap.add_argument("--passage-prompt-len", type=int, default=16,
+    ap.add_argument("--passage-prompt-len", type=int, default=8,
                     help="tokens of each passage given as the prompt (default: %(default)s)")
     ap.add_argument("--output-dir", default="runs/mask_reuse", help="output folder (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="generation seed (default: %(default)s)")
