@@ -109,3 +109,25 @@ def token_ids() -> torch.Tensor:
     """A seeded [2, 7] batch of token ids (no special tokens)."""
     g = torch.Generator().manual_seed(1234)
     return torch.randint(3, VOCAB - 3, (2, 7), generator=g)
+
+
+@pytest.fixture(scope="module")
+def llada() -> torch.nn.Module:
+    """Tiny native LLaDA for sampler tests (one per test module). A larger init spread than the default makes
+    the random model's predictions peaked and varied, so samplers make distinct, checkable choices."""
+    from dllm_sparse.llada import LLaDAModelLM, tiny_llada_config
+
+    torch.manual_seed(0)
+    return LLaDAModelLM(tiny_llada_config(init_std=0.2)).eval()
+
+
+@pytest.fixture(scope="module")
+def llama() -> torch.nn.Module:
+    """Tiny causal Llama for generator tests (pad 0, bos 1, eos 2; one per test module)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.3)
+    return LlamaForCausalLM(cfg).eval()

@@ -2,20 +2,11 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from dllm_sparse.samplers import AutoregressiveGenerator, GenerationCallback, GenerationConfig, generate
 
 PAD = 0
 
-
-@pytest.fixture(scope="module")
-def llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=PAD, bos_token_id=1, eos_token_id=2, initializer_range=0.3)
-    return LlamaForCausalLM(cfg).eval()
 
 
 PROMPTS = [[5, 17, 3, 42, 8], [7, 7, 1], [60, 2, 33, 4, 5, 6, 9]]

@@ -26,13 +26,6 @@ MASK = 99
 EOS = 98
 
 
-@pytest.fixture(scope="module")
-def llada():
-    torch.manual_seed(0)
-    # A larger init spread than the default makes the tiny random model's predictions peaked and varied.
-    model = LLaDAModelLM(tiny_llada_config(init_std=0.2)).eval()
-    return model
-
 
 # --------------------------------------------------------------------------------------------------------------
 # The reference: one row, python loops, straight from the spec.

@@ -7,28 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from dllm_sparse import TopP
-from dllm_sparse.llada import LLaDAModelLM, tiny_llada_config
 from dllm_sparse.samplers import GenerationConfig, MaskOverlapTracker, PackedMask, StepSparsity, generate, mask_overlap
 
 PROMPTS = [[5, 17, 3, 42, 8], [7, 7, 1]]
 
 
-@pytest.fixture(scope="module")
-def llada():
-    torch.manual_seed(0)
-    return LLaDAModelLM(tiny_llada_config(init_std=0.2)).eval()
-
-
-@pytest.fixture(scope="module")
-def llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.3)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def test_mask_overlap_and_packing():

@@ -7,7 +7,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dllm_sparse import TopP
-from dllm_sparse.llada import LLaDAModelLM, tiny_llada_config
 from dllm_sparse.reuse import Adaptive, BlockStart, Every, Fresh, make_policy, reuse_sparsity
 from dllm_sparse.samplers import GenerationConfig, MaskOverlapTracker, StepSparsity, generate
 
@@ -16,11 +15,6 @@ PROMPTS = [[5, 17, 3, 42, 8], [7, 7, 1]]
 CFG = GenerationConfig(gen_length=16, steps=10, block_length=8, stop_token_ids=())
 SPB, BLOCKS, LAYERS = 5, 2, 2
 
-
-@pytest.fixture(scope="module")
-def llada():
-    torch.manual_seed(0)
-    return LLaDAModelLM(tiny_llada_config(init_std=0.2)).eval()
 
 
 def _gen(model, policy, site="input", p=0.6, cfg=CFG, record=True, callbacks=()):
