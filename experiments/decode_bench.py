@@ -31,6 +31,7 @@ import torch
 
 from dllm_sparse import FFNSite, SparsityStats, find_ffns, load_model, make_rule, sparsify
 from dllm_sparse.kernels import accelerate_ffn, backend, restore_ffn, union_density
+from dllm_sparse.samplers.kv_cache import cache_keyword, check_cache_length, new_cache
 
 # Real shapes. smollm2-135m and llama-3.1-8b are LlamaForCausalLM; llada-8b is the native LLaDA (its
 # LLaDAConfig defaults are the 8B values).
@@ -85,16 +86,19 @@ def sync(device: torch.device) -> None:
 def greedy_decode(model, prompt: torch.Tensor, new_tokens: int, stats: SparsityStats | None = None) -> float:
     """Greedy KV-cached decoding of ``new_tokens`` tokens; returns seconds per decoded token (prefill excluded)."""
     device = prompt.device
+    key, cache = cache_keyword(model), new_cache(model)  # the keyword is version-dependent: ask transformers
     with stats.tagged("prefill") if stats else nullcontext():
-        out = model(input_ids=prompt, use_cache=True)
-    past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=prompt, use_cache=True, **{key: cache})
+    tok = out.logits[:, -1:].argmax(-1)
+    check_cache_length(cache, prompt.shape[1], model)
     sync(device)
     t0 = time.perf_counter()
     with stats.tagged("decode") if stats else nullcontext():
         for _ in range(new_tokens - 1):
-            out = model(input_ids=tok, past_key_values=past, use_cache=True)
-            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=tok, use_cache=True, **{key: cache})
+            tok = out.logits[:, -1:].argmax(-1)
     sync(device)
+    check_cache_length(cache, prompt.shape[1] + new_tokens - 1, model)
     return (time.perf_counter() - t0) / (new_tokens - 1)
 
 

@@ -7,6 +7,12 @@ The loop does not call ``model.generate``. Step 0 is the prefill (tag ``"prefill
 left-padded prompts that yields the first token; step t >= 1 (tag ``t``) feeds the token of step t - 1 with
 the KV cache and yields token t. So NFE = number of tokens decoded (prefill included).
 
+The cache keyword is asked from transformers (:mod:`.kv_cache`: ``past_key_values`` up to 5.23, ``cache``
+from 5.24), and after every forward the cache must hold exactly the positions fed so far, else
+:class:`~.kv_cache.KVCacheError` is raised: a silent fall-back to re-running the whole sequence is
+impossible. ``kv_cache=False`` asks for that fall-back explicitly (for a model without a cache); the result
+records it (``GenerationResult.kv_cache``).
+
 Batching follows ``transformers``: left padding, ``position_ids = cumsum(attention_mask) - 1`` (0 at
 padding), then +1 per decoded token. A row that has stopped is fed the pad id with attention 0, so it stays
 out of the statistics (the ``"all"`` token group is the attention mask) and cannot affect other rows.
@@ -34,6 +40,7 @@ from .common import (
     row_generators,
 )
 from .config import GenerationConfig, GenerationResult, StepInfo, StepState
+from .kv_cache import cache_keyword, check_cache_length, new_cache
 
 __all__ = ["AutoregressiveGenerator"]
 
@@ -47,26 +54,20 @@ def _family(model: Any) -> str:
         return ""
 
 
-def _new_cache(model: Any):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older signature
-        return DynamicCache()
-
-
 class AutoregressiveGenerator:
     """KV-cached decoding loop for one causal LM."""
 
     kind = "ar"
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any = None, family: str | None = None):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any = None, family: str | None = None,
+                 kv_cache: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.family = family if family is not None else _family(model)
         params = inspect.signature(model.forward).parameters
-        self._use_cache = "past_key_values" in params
+        # Raises KVCacheError (naming kv_cache=False) when the model takes no cache keyword.
+        self._cache_keyword = cache_keyword(model) if kv_cache else None
+        self._use_cache = bool(kv_cache)
         self._keep_last = "logits_to_keep" in params
         self._positions = "position_ids" in params
 
@@ -75,7 +76,7 @@ class AutoregressiveGenerator:
         if self._positions:
             kwargs["position_ids"] = position_ids
         if self._use_cache:
-            kwargs.update(past_key_values=cache, use_cache=True)
+            kwargs.update({self._cache_keyword: cache, "use_cache": True})
         if self._keep_last:
             kwargs["logits_to_keep"] = 1
         out = self.model(**kwargs)
@@ -106,7 +107,7 @@ class AutoregressiveGenerator:
         B, P = ids.shape
         n_max = cfg.max_new_tokens
         pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
-        cache = _new_cache(model) if self._use_cache else None
+        cache = new_cache(model) if self._use_cache else None
         gens = row_generators(cfg, B, device) if cfg.temperature > 0 else None
         stop_t = torch.tensor(stop_ids, dtype=torch.long, device=device)
         text_fn = (lambda t: tok.decode(t, skip_special_tokens=True)) if tok is not None else None
@@ -143,6 +144,7 @@ class AutoregressiveGenerator:
 
                 if self._use_cache:
                     logits = self._forward(x_in, attn, pos_in, cache)
+                    check_cache_length(cache, S, model)  # python ints from tensor shapes: no host sync
                 else:
                     full_pos = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)
                     logits = self._forward(seq, attn, full_pos, None)
@@ -201,4 +203,4 @@ class AutoregressiveGenerator:
                 reasons.append("callback" if stopped and produced[r] < n_max else "length")
         return GenerationResult(sequences=seq_cpu, prompt_length=P, ids=out_ids, texts=texts, nfe=nfe,
                                 wall_time=wall, num_tokens=sum(produced), trace=trace, finish_reasons=reasons,
-                                kind=self.kind, config=cfg)
+                                kind=self.kind, config=cfg, kv_cache=self._use_cache)

@@ -171,6 +171,7 @@ class GenerationResult:
     kind: str = ""
     config: GenerationConfig | None = None
     stats: Any = None  # SparsityStats when generated with sparsity=...
+    kv_cache: bool | None = None  # AR: True = KV-cached decoding, False = whole sequence re-run per step
 
     @property
     def tokens_per_second(self) -> float:
@@ -185,6 +186,7 @@ class GenerationResult:
         return {
             "kind": self.kind, "nfe": self.nfe, "wall_time": self.wall_time, "num_tokens": self.num_tokens,
             "tokens_per_second": self.tokens_per_second, "finish_reasons": list(self.finish_reasons),
+            **({"kv_cache": self.kv_cache} if self.kv_cache is not None else {}),
         }
 
     def to_dict(self) -> dict:

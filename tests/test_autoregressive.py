@@ -139,3 +139,100 @@ def test_stops_only_finished_rows_and_pads(llama):
     k = row.index(eos)
     assert all(t == PAD for t in row[k + 1:])
     assert out.ids[1] == row[:k]
+
+
+# ---- the KV cache is really used (transformers renamed its keyword in 5.24) ---------------------------------
+
+
+def _fed_lengths(model, fn):
+    """Run ``fn()`` and return the token count of every input the model's forward received."""
+    seen = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda m, a, out: seen.append(tuple(a[0].shape)))
+    try:
+        result = fn()
+    finally:
+        handle.remove()
+    return seen, result
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS])
+def test_cached_steps_feed_one_token_per_row(llama, prompts):
+    n = 6
+    seen, out = _fed_lengths(llama, lambda: AutoregressiveGenerator(llama).generate(
+        prompts, GenerationConfig(max_new_tokens=n, stop_token_ids=())))
+    P = max(map(len, prompts))
+    assert seen[0] == (len(prompts), P)  # the prefill: the whole padded prompt
+    assert seen[1:] == [(len(prompts), 1)] * (n - 1)  # every later step: one new token per row
+    assert out.kv_cache is True and out.summary()["kv_cache"] is True
+
+
+def test_cache_keyword_is_the_installed_transformers_one(llama):
+    import inspect
+
+    from transformers.generation.utils import ALL_CACHE_NAMES
+
+    from dllm_sparse.samplers.kv_cache import cache_keyword
+
+    key = cache_keyword(llama)
+    assert key == ALL_CACHE_NAMES[0]  # transformers' default name ("cache" from 5.24, "past_key_values" before)
+    assert key in inspect.signature(llama.forward).parameters
+
+
+def test_uncached_decoding_only_when_asked_and_recorded(llama):
+    cfg = GenerationConfig(max_new_tokens=5, stop_token_ids=())
+    cached = AutoregressiveGenerator(llama).generate(PROMPTS, cfg)
+    seen, full = _fed_lengths(llama, lambda: AutoregressiveGenerator(llama, kv_cache=False).generate(PROMPTS, cfg))
+    assert full.kv_cache is False and full.summary()["kv_cache"] is False
+    P = max(map(len, PROMPTS))
+    assert [s[1] for s in seen] == [P + t for t in range(5)]  # whole sequence each step
+    assert full.ids == cached.ids  # same greedy tokens either way
+
+
+class _NoCacheLM(torch.nn.Module):
+    """A causal LM whose forward takes no cache keyword."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+class _CacheIgnoringLM(_NoCacheLM):
+    """Accepts the cache keyword (via **kwargs, as a renamed argument would be) and never fills the cache."""
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        from dllm_sparse.samplers.kv_cache import cache_keyword
+
+        kwargs.pop(cache_keyword(self.inner), None)
+        return super().forward(input_ids, attention_mask, position_ids)
+
+
+def test_model_without_cache_keyword_raises_clearly(llama):
+    from dllm_sparse.samplers.kv_cache import KVCacheError
+
+    with pytest.raises(KVCacheError, match="kv_cache=False"):
+        AutoregressiveGenerator(_NoCacheLM(llama))
+    out = AutoregressiveGenerator(_NoCacheLM(llama), kv_cache=False).generate(
+        PROMPTS, GenerationConfig(max_new_tokens=4, stop_token_ids=()))
+    assert out.kv_cache is False
+
+
+def test_cache_that_does_not_grow_raises(llama):
+    import inspect
+
+    from dllm_sparse.samplers.kv_cache import KVCacheError, cache_keyword
+
+    wrapped = _CacheIgnoringLM(llama)
+    key = cache_keyword(llama)
+    # Give the wrapper the keyword in its signature, as a model with a swallowed renamed argument has.
+    params = [*inspect.signature(_CacheIgnoringLM.forward).parameters.values()]
+    params.insert(-1, inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=None))
+    wrapped.forward.__func__.__signature__ = inspect.Signature(params)
+    try:
+        with pytest.raises(KVCacheError, match="KV cache holds 0"):
+            AutoregressiveGenerator(wrapped).generate(PROMPTS, GenerationConfig(max_new_tokens=3,
+                                                                                stop_token_ids=()))
+    finally:
+        del _CacheIgnoringLM.forward.__signature__
