@@ -7,22 +7,46 @@ The core API::
     with sparsify(lm.model, site="input", rule=TopP(0.9)) as stats:
         lm.model(**lm.tokenizer("Hello there", return_tensors="pt"))
     print(stats.mean())
+
+Layers (each imports only the ones above it in this list; ``docs/architecture.md`` draws them):
+
+* ``dllm_sparse.sparsity`` — sites, rules, the sparsity hooks, statistics; ``dllm_sparse.steps`` — the step
+  protocol generators and callbacks share; ``dllm_sparse.models`` — family profiles, loading, native LLaDA;
+* ``dllm_sparse.samplers`` (generation, per-step sparsity, tracking, mask reuse) and ``dllm_sparse.kernels``;
+* ``dllm_sparse.eval`` — likelihood scorers, tasks, the lm-eval model, sweeps, critical sparsity, plots;
+* ``experiments/`` — command lines over the above.
+
+The names below are imported lazily, so ``import dllm_sparse`` (and every ``--help``) stays fast.
 """
 
-from . import llada as _llada  # noqa: F401  (registers model_type "llada" with the transformers Auto classes)
-from .adapters import ADAPTERS, FFNAdapter, FFNModules, detect_adapter, find_ffns, register_adapter
-from .loading import LoadedModel, load_model
-from .rules import MaxP, SparsityRule, TopK, TopP, make_rule, top_p_mask, top_p_mask_reference, top_p_threshold
-from .sites import ALL_SITES, FFNSite
-from .sparsify import MaskEvent, Sparsifier, sparsify
-from .stats import SparsityStats
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ADAPTERS", "FFNAdapter", "FFNModules", "detect_adapter", "find_ffns", "register_adapter",
-    "SparsityRule", "TopP", "TopK", "MaxP", "make_rule", "top_p_mask", "top_p_mask_reference", "top_p_threshold",
-    "FFNSite", "ALL_SITES", "sparsify", "Sparsifier", "MaskEvent", "SparsityStats",
-    "LoadedModel", "load_model",
-]
-from . import mdm as _mdm  # noqa: E402,F401  (registers the embedded "smollm2-135m-mdm" diffusion twin)
+_EXPORTS = {
+    "dllm_sparse.models.families": ["ADAPTERS", "FFNAdapter", "FFNModules", "detect_adapter", "find_ffns",
+                                    "register_adapter"],
+    "dllm_sparse.models.loading": ["LoadedModel", "load_model"],
+    "dllm_sparse.sparsity.rules": ["SparsityRule", "TopP", "TopK", "MaxP", "make_rule", "top_p_mask",
+                                   "top_p_mask_reference", "top_p_threshold"],
+    "dllm_sparse.sparsity.sites": ["FFNSite", "ALL_SITES"],
+    "dllm_sparse.sparsity.hooks": ["sparsify", "Sparsifier", "MaskEvent"],
+    "dllm_sparse.sparsity.stats": ["SparsityStats"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dllm_sparse' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *__all__])

@@ -11,7 +11,7 @@
 
 Steps: convert the base model to the native LLaDA architecture (bidirectional attention, Dream logit shift), add a
 mask token, wrap the block linears in LoRA (``--full`` trains all weights instead), then minimise the LLaDA SFT
-masked-diffusion loss (:func:`dllm_sparse.adapt.masked_diffusion_loss`) until the wall-clock budget is used.
+masked-diffusion loss (:func:`dllm_sparse.models.adapt.masked_diffusion_loss`) until the wall-clock budget is used.
 The learning rate follows the *time* budget (linear warm-up, cosine decay to 10 %), so a resumed run continues the
 same schedule. Every ``--ckpt-minutes`` the LoRA factors, mask-row delta, optimizer and log are saved atomically
 to ``--run-dir``; ``--export`` writes the adapter (safetensors), ``train_log.json`` and ``loss_curve.png``.
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from dllm_sparse.adapt import (
+from dllm_sparse.models.adapt import (
     LORA_TARGET_REGEX,
     MASK_TOKEN,
     MaskRowDelta,
@@ -44,7 +44,7 @@ from dllm_sparse.adapt import (
     masked_diffusion_loss,
     save_adapter,
 )
-from dllm_sparse.loading import cache_dir, load_model
+from dllm_sparse.models.loading import cache_dir, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = REPO / "dllm_sparse" / "data" / "mdm_corpus"
@@ -317,7 +317,7 @@ def export(args, trainable, delta, model, state, source, n_train, n_held) -> Non
     lora = lora_state_from_peft(trainable)
     meta = {
         "base": args.base,
-        "format": "dllm_sparse.adapt LoRA adapter v1",
+        "format": "dllm_sparse.models.adapt LoRA adapter v1",
         "target_modules": LORA_TARGET_REGEX,
         "r": args.r, "lora_alpha": args.alpha, "scale": args.alpha / args.r,
         "mask_token": MASK_TOKEN, "mask_token_id": delta.mask_id, "logit_shift": True,

@@ -56,7 +56,7 @@ def build_random(shape: str, layers: int | None, dtype: torch.dtype, device: tor
     fields = dict(MODEL_SHAPES[shape])
     family = fields.pop("family")
     if family == "llada":
-        from dllm_sparse.llada import LLaDAConfig, LLaDAModelLM
+        from dllm_sparse.models.llada import LLaDAConfig, LLaDAModelLM
 
         config = LLaDAConfig(**({"n_layers": layers} if layers else {}))
         cls, kind = LLaDAModelLM, "diffusion"

@@ -9,7 +9,7 @@
 
 Models: the AR side defaults to the embedded ``smollm2-135m`` (offline after the first fetch, ~30 s the first
 time). The diffusion side defaults to the embedded ``smollm2-135m-mdm`` when this install registers it
-(``dllm_sparse.loading.EMBEDDED_MODELS``); otherwise it runs only when ``--diffusion-model PATH`` is given.
+(``dllm_sparse.models.loading.EMBEDDED_MODELS``); otherwise it runs only when ``--diffusion-model PATH`` is given.
 Every prompt is generated dense and then sparse (one site, every layer, one rule and threshold: the spec's
 framework, masks computed afresh at every forward), and the two outputs are printed next to each other with
 the measured sparsity (mean over layers; AR: prefill and decoded tokens apart; diffusion: all steps, and
@@ -27,10 +27,10 @@ import textwrap
 
 import torch
 
-from dllm_sparse.loading import EMBEDDED_MODELS, load_model
-from dllm_sparse.rules import make_rule
+from dllm_sparse.models.loading import EMBEDDED_MODELS, load_model
+from dllm_sparse.sparsity.rules import make_rule
 from dllm_sparse.samplers import GenerationConfig, MaskOverlapTracker, StepSparsity, generate
-from dllm_sparse.sites import ALL_SITES
+from dllm_sparse.sparsity.sites import ALL_SITES
 
 DEFAULT_AR = "smollm2-135m"
 DEFAULT_MDM = "smollm2-135m-mdm"
@@ -44,7 +44,7 @@ def _mdm_available() -> bool:
     if DEFAULT_MDM in EMBEDDED_MODELS:
         return True
     try:  # the module that serves the embedded diffusion model registers it on import
-        importlib.import_module("dllm_sparse.mdm")
+        importlib.import_module("dllm_sparse.models.twin")
     except ImportError:
         return False
     return DEFAULT_MDM in EMBEDDED_MODELS
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(("diffusion", DEFAULT_MDM))
         else:
             print(f"diffusion side skipped: the embedded {DEFAULT_MDM!r} model is not registered in this install "
-                  "(dllm_sparse.loading.EMBEDDED_MODELS). Pass --diffusion-model PATH (a LLaDA / Dream checkpoint "
+                  "(dllm_sparse.models.loading.EMBEDDED_MODELS). Pass --diffusion-model PATH (a LLaDA / Dream checkpoint "
                   "directory or a converted model) to run it.")
     if not runs:
         print("nothing to run (both sides disabled)")

@@ -1,4 +1,4 @@
-"""Benchmark the sparse FFN kernels against dense matmuls (spec: shared/specs/kernels.md).
+"""Benchmark the sparse FFN kernels against dense matmuls (definitions: docs/kernels.md).
 
     python experiments/kernel_bench.py                       # GPU: every spec shape, bf16
     python experiments/kernel_bench.py --model smollm2-135m  # union densities from real activations too

@@ -5,8 +5,8 @@
         --device cuda --dtype bf16 --gen-length 128 --steps 128 --block-length 32 --prompts 8 \\
         --track-layers 0,8,16,24,31 --output-dir runs/mask_reuse_llada8b
 
-Two studies, one site and one top-p threshold per cell (spec ``sparsification.md``, "Mask reuse across
-denoising steps"; policies in :mod:`dllm_sparse.reuse`):
+Two studies, one site and one top-p threshold per cell (``docs/sparsification.md``, "Mask reuse across
+denoising steps"; policies in :mod:`dllm_sparse.samplers.reuse`):
 
 1. **Overlap vs step gap.** The ``fresh`` run of every site carries a :class:`MaskOverlapTracker` on a few
    layers; the stored masks give, for every pair of steps (t - g, t), the per-position Jaccard |A∩B|/|A∪B|
@@ -22,7 +22,7 @@ denoising steps"; policies in :mod:`dllm_sparse.reuse`):
    the selection cost on the steps where the policy selects. On a CPU these are PyTorch-fallback timings
    (labelled so), useful for the ratios, not as GPU numbers.
 
-ELBO quality is not measured: :class:`dllm_sparse.likelihood.Scorer` attaches its sparsity without a mask
+ELBO quality is not measured: :class:`dllm_sparse.eval.likelihood.Scorer` attaches its sparsity without a mask
 selector, and its Monte-Carlo forwards are independent single passes with no denoising trajectory to reuse
 masks along.
 
@@ -51,12 +51,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from dllm_sparse.loading import LoadedModel, load_model
-from dllm_sparse.reuse import make_policy, reuse_sparsity
-from dllm_sparse.rules import TopP
+from dllm_sparse.models.loading import LoadedModel, load_model
+from dllm_sparse.samplers.reuse import make_policy, reuse_sparsity
+from dllm_sparse.sparsity.rules import TopP
 from dllm_sparse.samplers import GenerationCallback, GenerationConfig, MaskOverlapTracker, generate, mask_overlap
-from dllm_sparse.sites import FFNSite
-from dllm_sparse.sweep import JsonlWriter, read_rows
+from dllm_sparse.sparsity.sites import FFNSite
+from dllm_sparse.eval.sweep import JsonlWriter, read_rows
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "dllm_sparse" / "data" / "capability_probe.jsonl"
@@ -155,7 +155,7 @@ def load_diffusion(name: str, dtype, device, allow_fallback: bool) -> tuple[Load
     except (FileNotFoundError, OSError) as e:
         if not allow_fallback or name != "smollm2-135m-mdm":
             raise
-        from dllm_sparse.adapt import add_mask_token, convert_causal_lm
+        from dllm_sparse.models.adapt import add_mask_token, convert_causal_lm
 
         base = load_model("smollm2-135m", dtype=dtype)
         model = convert_causal_lm(base.model).eval()
@@ -192,7 +192,7 @@ def encode(tok, prompts: list[str], chat: bool) -> list[list[int]]:
 
 
 def n_layers(model) -> int:
-    from dllm_sparse.adapters import find_ffns
+    from dllm_sparse.models.families import find_ffns
 
     return len(find_ffns(model))
 
@@ -351,7 +351,7 @@ def _median_time(fn, repeats: int) -> float:
 
 def ffn_weights(model, layer: int, site: str) -> list[torch.Tensor]:
     """Transposed weights [d_in, d_out] of the matrices whose columns the site's mask skips."""
-    from dllm_sparse.adapters import find_ffns
+    from dllm_sparse.models.families import find_ffns
 
     ffn = find_ffns(model)[layer]
     mods = [ffn.gate, ffn.up] if site == "input" else [ffn.down]
@@ -502,7 +502,7 @@ def passage_trajectories(tok, gcfg: GenerationConfig, n: int, prompt_len: int, s
     next ``gen_length`` the answer, written block by block in a random order seeded per passage (the sampler's
     n // s (+1) tokens per step). The same order serves every configuration (common random numbers)."""
     from dllm_sparse.samplers import num_transfer_tokens
-    from dllm_sparse.tasks import load_builtin_passages
+    from dllm_sparse.eval.tasks import load_builtin_passages
 
     G, bl = gcfg.max_new_tokens, gcfg.block_length
     spb = gcfg.steps // (G // bl)
@@ -979,8 +979,8 @@ def main(argv=None) -> int:
         print(note, file=sys.stderr)
         notes.append(note)
     elif args.model == "smollm2-135m-mdm":
-        from dllm_sparse.adapt import adapter_hash
-        from dllm_sparse.mdm import SMOLLM2_MDM_ADAPTER
+        from dllm_sparse.models.adapt import adapter_hash
+        from dllm_sparse.models.twin import SMOLLM2_MDM_ADAPTER
 
         notes.append(f"Diffusion model: the embedded smollm2-135m-mdm (adapter {adapter_hash(SMOLLM2_MDM_ADAPTER)}, "
                      "SmolLM2-135M adapted to masked diffusion with LoRA; see dllm_sparse/data/smollm2-135m-mdm).")

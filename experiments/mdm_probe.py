@@ -3,7 +3,7 @@
     python experiments/mdm_probe.py --out dllm_sparse/data/smollm2-135m-mdm/eval.json
 
 1. Perplexity on the held-out distillation answers (``dllm_sparse/data/mdm_corpus/heldout.jsonl``), prompt given:
-   exact for the AR model, the Monte-Carlo ELBO bound (spec ``generation.md`` "Likelihood": stratified mask counts,
+   exact for the AR model, the Monte-Carlo ELBO bound (``docs/generation.md`` "Likelihood": stratified mask counts,
    random positions, CE x L / masked count, prompt never masked) for the diffusion model. Both are
    exp(-sum log-likelihood / sum answer tokens); the ELBO one is an upper bound on the diffusion model's true
    perplexity.
@@ -56,7 +56,7 @@ def ar_loglik(model, rows) -> list[float]:
 
 @torch.no_grad()
 def diffusion_elbo(model, rows, mask_id: int, mc_num: int, batch: int, seed: int) -> list[float]:
-    """LLaDA's Monte-Carlo ELBO of log p(answer | prompt) per row (spec generation.md, "Likelihood")."""
+    """LLaDA's Monte-Carlo ELBO of log p(answer | prompt) per row (docs/generation.md, "Likelihood")."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for p, a in rows:
@@ -114,10 +114,10 @@ def main(argv: list[str] | None = None) -> None:
         n_tok = sum(len(a) for _, a in rows)
         t0 = time.time()
         with autocast():
-            try:  # the project's scorer (dllm_sparse.likelihood) when it is there; the small one above otherwise
-                from dllm_sparse.likelihood import Scorer
+            try:  # the project's scorer (dllm_sparse.eval.likelihood) when it is there; the small one above otherwise
+                from dllm_sparse.eval.likelihood import Scorer
 
-                scorer = "dllm_sparse.likelihood.Scorer"
+                scorer = "dllm_sparse.eval.likelihood.Scorer"
                 ll_ar = [ll for ll, _ in Scorer.from_loaded(ar, batch_size=8).loglikelihood_tokens(rows)]
                 t1 = time.time()
                 dm_scorer = Scorer.from_loaded(dm, batch_size=args.mc_batch, mc_num=args.mc_num,

@@ -1,6 +1,6 @@
 """Sparse FFN kernels (Triton, with PyTorch fallbacks) and the accelerated FFN swap.
 
-Spec: shared/specs/kernels.md. Installed as ``dllm_sparse.kernels``::
+Spec: docs/kernels.md. Installed as ``dllm_sparse.kernels``::
 
     from dllm_sparse import TopP
     from dllm_sparse.kernels import accelerate_ffn, restore_ffn

@@ -12,7 +12,7 @@ How the swap works. Every family calls its FFN as ``down(act(gate(x)) * up(x))``
 each owner, the swap replaces only the projections whose work changes with a :class:`SparsePart`, a thin
 module that forwards its call to one :class:`SparseFFN` per layer. The SparseFFN holds the whole sparse
 computation of that FFN for the chosen site in one place, and the parts' ``original`` attribute keeps the
-replaced module for :func:`restore_ffn`. What each site replaces (spec: sparsification.md):
+replaced module for :func:`restore_ffn`. What each site replaces (definitions: docs/sparsification.md):
 
 | site           | gate                         | up                          | act        | down               |
 | -------------- | ---------------------------- | --------------------------- | ---------- | ------------------ |
@@ -25,7 +25,7 @@ For `gate` and `up` the mask depends on a projection's dense output, so that pro
 what the mask makes exact to skip is the other projection's rows (the product zeroes them anyway) and
 the down projection's columns. For `up`, ``act(0) = 0`` (SiLU, tanh-GELU) keeps skipped rows zero.
 
-The outputs equal the masking path (:func:`dllm_sparse.sparsify`, same site and rule) up to the dtype's
+The outputs equal the masking path (:func:`dllm_sparse.sparsity.hooks`, same site and rule) up to the dtype's
 rounding. The swap is for inference: the kernels have no backward. Call it after the model has its final
 device and dtype (the transposed weight copies are made at swap time; ``model.to()`` moves them along,
 but weights loaded into the model afterwards would not reach the copies).
@@ -39,11 +39,11 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from dllm_sparse.adapters import FFNModules, find_ffns
-from dllm_sparse.rules import SparsityRule, TopP
-from dllm_sparse.sites import FFNSite
-from dllm_sparse.sparsify import select_layers
-from dllm_sparse.stats import SparsityStats
+from dllm_sparse.models.families import FFNModules, find_ffns
+from dllm_sparse.sparsity.rules import SparsityRule, TopP
+from dllm_sparse.sparsity.sites import FFNSite
+from dllm_sparse.sparsity.hooks import select_layers
+from dllm_sparse.sparsity.stats import SparsityStats
 
 from .dispatch import backend as choose_backend
 from .ops import column_sparse_matmul, row_sparse_matmul, topp_threshold
@@ -161,7 +161,7 @@ class SparseFFN(nn.Module):
         if hit is None:
             raise RuntimeError("site 'gate': the up projection ran before the activation, so its kept rows are "
                                "unknown. accelerate_ffn expects the FFN to compute down(act(gate(x)) * up(x)) "
-                               "in that order; use dllm_sparse.sparsify for this model instead.")
+                               "in that order; use dllm_sparse.sparsity.hooks for this model instead.")
         up = self._orig["up"]
         return row_sparse_matmul(x, up.weight, hit[0], bias=up.bias, backend=self.backend)
 
@@ -215,7 +215,7 @@ def _check_ffn(ffn: FFNModules) -> None:
         m = getattr(ffn, role)
         if not isinstance(m, nn.Linear):
             raise ValueError(f"{where}: the {role} projection is a {type(m).__name__}, not nn.Linear; the sparse "
-                             "kernels need plain weights (dequantise the model, or use dllm_sparse.sparsify)")
+                             "kernels need plain weights (dequantise the model, or use dllm_sparse.sparsity.hooks)")
         if m.weight.is_meta:
             raise ValueError(f"{where}: the {role} weights are on the meta device (offloaded?); load the model "
                              "onto one device before accelerate_ffn")

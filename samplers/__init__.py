@@ -10,13 +10,15 @@
                    sparsity=sp, callbacks=[tracker], apply_chat_template=True)
     print(out.texts[0], out.nfe, out.tokens_per_second, sp.per_step())
 
-Spec: ``shared/specs/generation.md``. The sampler loops are the only place with generation logic;
+Spec: ``docs/generation.md``. The sampler loops are the only place with generation logic;
 everything else (sparsity, statistics, mask tracking) attaches through callbacks and module hooks.
 """
 
 from .autoregressive import AutoregressiveGenerator
 from .common import encode_prompts, left_pad
-from .config import GenerationCallback, GenerationConfig, GenerationResult, StepInfo, StepState
+from dllm_sparse.steps import CallbackList, GenerationCallback, StepState
+
+from .config import GenerationConfig, GenerationResult, StepInfo
 from .diffusion import MaskedDiffusionGenerator, num_transfer_tokens, resolve_mask_id, validate_geometry
 from .generate import detect_kind, generate, make_generator
 from .step_sparsity import StepSparsity

@@ -30,7 +30,6 @@ from typing import Any
 import torch
 
 from .common import (
-    CallbackList,
     Timer,
     cut_output,
     encode_prompts,
@@ -39,7 +38,9 @@ from .common import (
     resolve_stop_ids,
     row_generators,
 )
-from .config import GenerationConfig, GenerationResult, StepInfo, StepState
+from dllm_sparse.steps import CallbackList, StepState
+
+from .config import GenerationConfig, GenerationResult, StepInfo
 from .kv_cache import cache_keyword, check_cache_length, new_cache
 
 __all__ = ["AutoregressiveGenerator"]
@@ -47,7 +48,7 @@ __all__ = ["AutoregressiveGenerator"]
 
 def _family(model: Any) -> str:
     try:
-        from dllm_sparse.adapters import detect_adapter
+        from dllm_sparse.models.families import detect_adapter
 
         return detect_adapter(model).family
     except Exception:  # noqa: BLE001 - any causal LM works

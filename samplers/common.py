@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .config import GenerationCallback, GenerationConfig, StepState
+from .config import GenerationConfig
 
 __all__ = [
     "encode_prompts",
@@ -17,14 +17,13 @@ __all__ = [
     "resolve_pad_id",
     "resolve_stop_ids",
     "row_generators",
-    "CallbackList",
     "cut_output",
 ]
 
 # Strings of end-of-sequence / end-of-turn tokens of common chat vocabularies (LLaMA-3 / LLaDA, ChatML
 # (Qwen, SmolLM2), GPT-2 style, Gemma). Added to the stop ids when the tokenizer knows them.
 _END_TOKENS = ("<|eot_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<eos>")
-# LLaDA-8B constants (spec): end-of-sequence and end-of-turn.
+# LLaDA-8B constants (docs/generation.md): end-of-sequence and end-of-turn.
 _LLADA_END_IDS = (126081, 126348)
 
 
@@ -185,63 +184,6 @@ def cut_output(ids: list[int], stop_ids: Iterable[int], text_fn: Callable[[list[
     if cut >= 0:
         text, stopped = text[:cut], True
     return ids, text, stopped
-
-
-class CallbackList:
-    """Runs callbacks in order at step begin/end (reverse order at the end of generation)."""
-
-    def __init__(self, callbacks: Iterable[Any] = ()):
-        self.items: list[Any] = []
-        for cb in callbacks or ():
-            if cb is None:
-                continue
-            if not any(hasattr(cb, m) for m in ("on_step_begin", "on_step_end", "on_generation_begin",
-                                                "on_generation_end")):
-                if not callable(cb):
-                    raise TypeError(f"callback {cb!r} is neither a GenerationCallback nor callable")
-                cb = _FunctionCallback(cb)
-            self.items.append(cb)
-        self._started: list[Any] = []
-
-    def _call(self, cb: Any, name: str, state: StepState):
-        fn = getattr(cb, name, None)
-        return fn(state) if fn is not None else None
-
-    def generation_begin(self, state: StepState) -> None:
-        for cb in self.items:
-            self._started.append(cb)
-            self._call(cb, "on_generation_begin", state)
-
-    def step_begin(self, state: StepState) -> None:
-        for cb in self.items:
-            self._call(cb, "on_step_begin", state)
-
-    def step_end(self, state: StepState) -> bool:
-        """True when a callback asked to stop."""
-        for cb in self.items:
-            out = self._call(cb, "on_step_end", state)
-            if out is True or (isinstance(out, dict) and out.get("stop")):
-                state.stop_requested = True
-        return state.stop_requested
-
-    def generation_end(self, state: StepState) -> None:
-        errors = []
-        for cb in reversed(self._started):
-            try:
-                self._call(cb, "on_generation_end", state)
-            except Exception as e:  # noqa: BLE001 - end every callback, re-raise the first error afterwards
-                errors.append(e)
-        self._started.clear()
-        if errors:
-            raise errors[0]
-
-
-class _FunctionCallback(GenerationCallback):
-    def __init__(self, fn: Callable[[StepState], Any]):
-        self.fn = fn
-
-    def on_step_end(self, state: StepState):
-        return self.fn(state)
 
 
 class Timer:

@@ -20,8 +20,6 @@ __all__ = [
     "GenerationConfig",
     "GenerationResult",
     "StepInfo",
-    "StepState",
-    "GenerationCallback",
     "REMASKING",
 ]
 
@@ -29,32 +27,8 @@ REMASKING = ("low_confidence", "random")
 
 
 @dataclass
-class GenerationConfig:
-    """Settings of one generation call. ``gen_length`` is an alias of ``max_new_tokens`` (constructor keyword
-    and attribute).
-
-    Common fields:
-        max_new_tokens: tokens to generate (diffusion: the canvas length after the prompt, ``gen_length``).
-        temperature: 0 = greedy / argmax; T > 0 samples softmax(logits / T).
-        stop_token_ids: ids that end a sequence. ``None`` = the model's and tokenizer's end-of-sequence and
-            end-of-turn ids; ``()`` = none. AR: generation of a row stops there; diffusion: the output is cut
-            there (the canvas is always filled).
-        stop_strings: strings that end a sequence (AR: stops the row; both: the text is cut before them).
-        seed: int, a sequence of one int per row, or None (drawn from torch's global RNG). Row r uses a
-            ``torch.Generator`` seeded with ``seed + r`` (or ``seed[r]``), so a row of a batch draws the same
-            numbers as the same prompt generated alone with that row's seed.
-        pad_id: padding id for left-padded batches (default: tokenizer's pad, else the model config's, else
-            the end-of-sequence id).
-
-    Diffusion-only fields (LLaDA sampler, spec ``generation.md``):
-        steps: denoising steps (default ``gen_length``), a multiple of the number of blocks.
-        block_length: block size (default ``gen_length``: pure diffusion); must divide ``gen_length``.
-        cfg_scale: classifier-free guidance w; logits = uncond + (w + 1)(cond - uncond). 0 = off.
-        remasking: ``"low_confidence"`` or ``"random"``.
-        mask_id: mask token id (default: model config ``mask_token_id``, tokenizer, or the family constant).
-        logit_shift: Dream-style shift (position i predicted from the output at i - 1). ``None`` = on for the
-            Dream family, off otherwise.
-    """
+class _GenerationFields:
+    """The fields of :class:`GenerationConfig` (documented there)."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -106,7 +80,7 @@ class GenerationConfig:
         if unknown:
             raise TypeError(f"unknown GenerationConfig fields: {sorted(unknown)}")
         values.update(changes)
-        return GenerationConfig(**values)
+        return type(self)(**values)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -114,20 +88,42 @@ class GenerationConfig:
         return d
 
 
-_dataclass_init = GenerationConfig.__init__
+class GenerationConfig(_GenerationFields):
+    """Settings of one generation call. ``gen_length`` is an alias of ``max_new_tokens`` (constructor keyword
+    and attribute).
+
+    Common fields:
+        max_new_tokens: tokens to generate (diffusion: the canvas length after the prompt, ``gen_length``).
+        temperature: 0 = greedy / argmax; T > 0 samples softmax(logits / T).
+        stop_token_ids: ids that end a sequence. ``None`` = the model's and tokenizer's end-of-sequence and
+            end-of-turn ids; ``()`` = none. AR: generation of a row stops there; diffusion: the output is cut
+            there (the canvas is always filled).
+        stop_strings: strings that end a sequence (AR: stops the row; both: the text is cut before them).
+        seed: int, a sequence of one int per row, or None (drawn from torch's global RNG). Row r uses a
+            ``torch.Generator`` seeded with ``seed + r`` (or ``seed[r]``), so a row of a batch draws the same
+            numbers as the same prompt generated alone with that row's seed.
+        pad_id: padding id for left-padded batches (default: tokenizer's pad, else the model config's, else
+            the end-of-sequence id).
+
+    Diffusion-only fields (LLaDA sampler, ``docs/generation.md``):
+        steps: denoising steps (default ``gen_length``), a multiple of the number of blocks.
+        block_length: block size (default ``gen_length``: pure diffusion); must divide ``gen_length``.
+        cfg_scale: classifier-free guidance w; logits = uncond + (w + 1)(cond - uncond). 0 = off.
+        remasking: ``"low_confidence"`` or ``"random"``.
+        mask_id: mask token id (default: model config ``mask_token_id``, tokenizer, or the family constant).
+        logit_shift: Dream-style shift (position i predicted from the output at i - 1). ``None`` = on for the
+            Dream family, off otherwise.
+    """
 
 
-def _init_with_alias(self, *args, gen_length: int | None = None, **kwargs):
-    if gen_length is not None:
-        if "max_new_tokens" in kwargs and int(kwargs["max_new_tokens"]) != int(gen_length):
-            raise ValueError(f"gen_length ({gen_length}) and max_new_tokens ({kwargs['max_new_tokens']}) "
-                             "are the same setting; give one of them")
-        kwargs["max_new_tokens"] = gen_length
-    _dataclass_init(self, *args, **kwargs)
-
-
-_init_with_alias.__doc__ = _dataclass_init.__doc__
-GenerationConfig.__init__ = _init_with_alias  # type: ignore[method-assign]
+    def __init__(self, *args, gen_length: int | None = None, **kwargs):
+        # ``gen_length`` (LLaDA's name) is the same setting as ``max_new_tokens``.
+        if gen_length is not None:
+            if "max_new_tokens" in kwargs and int(kwargs["max_new_tokens"]) != int(gen_length):
+                raise ValueError(f"gen_length ({gen_length}) and max_new_tokens ({kwargs['max_new_tokens']}) "
+                                 "are the same setting; give one of them")
+            kwargs["max_new_tokens"] = gen_length
+        super().__init__(*args, **kwargs)
 
 
 @dataclass
@@ -202,66 +198,3 @@ class GenerationResult:
         """Write :meth:`to_dict` (summary, config, outputs and the per-step trace) as JSON."""
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=1, default=str)
-
-
-@dataclass
-class StepState:
-    """What callbacks see. Built by the generator before each forward pass and updated after it.
-
-    At ``on_step_begin``: ``canvas`` is the (conditional) forward input; ``groups`` are boolean token masks
-    shaped like the forward batch ([B_fwd, S], right-aligned to the activations' token dim, the convention of
-    :meth:`dllm_sparse.stats.SparsityStats.tagged`): ``prompt`` (real prompt tokens), ``masked`` (positions
-    still holding the mask token, diffusion) and ``decoded`` (generated positions already written).
-    ``forward_batch`` is B, or 2B with classifier-free guidance (conditional rows first).
-
-    At ``on_step_end``: ``canvas`` includes this step's tokens, ``committed`` is a bool [B, S] of the positions
-    written this step, ``new_tokens`` (AR) the [B] tokens appended. Return ``True`` or ``{"stop": True}``
-    from ``on_step_end`` (or call :meth:`request_stop`) to stop generation after this step.
-    """
-
-    kind: str  # "diffusion" or "ar"
-    model: Any
-    config: GenerationConfig
-    batch_size: int
-    prompt_length: int  # padded prompt length P
-    num_steps: int  # planned steps (AR: max_new_tokens)
-    step: int = 0
-    block: int = 0
-    step_in_block: int = 0
-    tag: Hashable = 0
-    canvas: torch.Tensor | None = None
-    attention_mask: torch.Tensor | None = None  # [B, S] of real tokens
-    prompt_mask: torch.Tensor | None = None  # [B, S] real prompt tokens
-    masked: torch.Tensor | None = None  # [B, S] positions holding the mask token at the forward input
-    groups: dict[str, torch.Tensor] = field(default_factory=dict)
-    forward_batch: int = 0
-    committed: torch.Tensor | None = None
-    new_tokens: torch.Tensor | None = None
-    nfe: int = 0
-    elapsed: float = 0.0
-    stop_requested: bool = False
-
-    def request_stop(self) -> None:
-        self.stop_requested = True
-
-
-class GenerationCallback:
-    """Base class of generation callbacks; override any subset. A plain callable ``fn(state)`` passed in
-    ``callbacks=`` is used as ``on_step_end``.
-
-    Order per call: ``on_generation_begin`` once, then per step ``on_step_begin`` (before the forward) and
-    ``on_step_end`` (after the tokens were written), then ``on_generation_end`` (always, also when generation
-    raises; callbacks are ended in reverse order).
-    """
-
-    def on_generation_begin(self, state: StepState) -> None:
-        pass
-
-    def on_step_begin(self, state: StepState) -> None:
-        pass
-
-    def on_step_end(self, state: StepState) -> bool | dict | None:
-        pass
-
-    def on_generation_end(self, state: StepState) -> None:
-        pass

@@ -1,4 +1,4 @@
-"""LLaDA's masked-diffusion sampler (spec: ``shared/specs/generation.md``), with per-step callbacks.
+"""LLaDA's masked-diffusion sampler (definitions: ``docs/generation.md``), with per-step callbacks.
 
     gen = MaskedDiffusionGenerator(model, tokenizer)
     out = gen.generate(["Hello"], GenerationConfig(gen_length=128, steps=128, block_length=32))
@@ -24,7 +24,7 @@ remasking, ``torch.rand((block_length,), dtype=float64)`` for the confidences. N
 is only drawn for the current block (the only positions that can be committed), so it does not depend on the
 prompt length or on padding: a row of a batch draws what the same prompt draws alone with that row's seed.
 
-Works with the native :class:`dllm_sparse.llada.LLaDAModelLM`, a LLaDA loaded with its own remote code (no
+Works with the native :class:`dllm_sparse.models.llada.LLaDAModelLM`, a LLaDA loaded with its own remote code (no
 padded batches: that code turns attention causal whenever an attention mask is passed), and any
 bidirectional masked LM whose output has ``.logits``. ``logit_shift`` applies Dream's convention:
 logits = cat([logits[:, :1], logits[:, :-1]], dim=1) (on by default for the Dream family; a native LLaDA whose
@@ -40,7 +40,6 @@ import torch
 import torch.nn.functional as F
 
 from .common import (
-    CallbackList,
     Timer,
     cut_output,
     encode_prompts,
@@ -49,7 +48,9 @@ from .common import (
     resolve_stop_ids,
     row_generators,
 )
-from .config import GenerationConfig, GenerationResult, StepInfo, StepState
+from dllm_sparse.steps import CallbackList, StepState
+
+from .config import GenerationConfig, GenerationResult, StepInfo
 
 __all__ = ["MaskedDiffusionGenerator", "validate_geometry", "num_transfer_tokens", "resolve_mask_id"]
 
@@ -116,7 +117,7 @@ def resolve_mask_id(model: Any, tokenizer: Any = None, mask_id: int | None = Non
 
 def _family(model: Any) -> str:
     try:
-        from dllm_sparse.adapters import detect_adapter
+        from dllm_sparse.models.families import detect_adapter
 
         return detect_adapter(model).family
     except Exception:  # noqa: BLE001 - any masked LM with .logits is accepted
@@ -127,13 +128,13 @@ def _family(model: Any) -> str:
 def _is_remote_llada(model: Any, family: str) -> bool:
     if family != "llada":
         return False
-    from dllm_sparse.llada import LLaDAModelLM
+    from dllm_sparse.models.llada import LLaDAModelLM
 
     return not isinstance(model, LLaDAModelLM)
 
 
 def _shifts_itself(model: Any) -> bool:
-    from dllm_sparse.llada import LLaDAModelLM
+    from dllm_sparse.models.llada import LLaDAModelLM
 
     return isinstance(model, LLaDAModelLM) and bool(getattr(model.config, "logit_shift", False))
 

@@ -27,7 +27,7 @@ def detect_kind(model: Any) -> str:
     kind = getattr(model, "kind", None)
     if kind in KINDS and not isinstance(model, torch.nn.Module):
         return kind
-    from dllm_sparse.adapters import detect_adapter
+    from dllm_sparse.models.families import detect_adapter
 
     try:
         return detect_adapter(model).kind
@@ -74,7 +74,7 @@ def generate(
 ) -> GenerationResult:
     """Generate with the right sampler for ``model``.
 
-    ``model``: an ``nn.Module`` or a :class:`dllm_sparse.loading.LoadedModel` (its tokenizer, kind and mask
+    ``model``: an ``nn.Module`` or a :class:`dllm_sparse.models.loading.LoadedModel` (its tokenizer, kind and mask
     id are used). ``prompts``: a string, a list of strings, a list of id lists, or a left-padded id tensor
     (with ``attention_mask``). ``config`` (default :class:`GenerationConfig`) with keyword ``overrides``
     (e.g. ``gen_length=64``). ``callbacks``: :class:`GenerationCallback` objects or plain ``fn(state)``

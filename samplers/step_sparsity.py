@@ -5,7 +5,7 @@
     sp.stats.per_layer("input", tag=3, group="masked")        # step 3, still-masked positions
     sp.per_step()                                              # {tag: mean sparsity over layers}
 
-It is an ordinary generation callback: at generation begin it enters :func:`dllm_sparse.sparsify` (hooks on
+It is an ordinary generation callback: at generation begin it enters :func:`dllm_sparse.sparsity.hooks` (hooks on
 every selected layer, masks computed afresh at every forward), before every forward it enters
 ``stats.tagged(state.tag, groups=state.groups)`` and leaves it after the step. Tags: the step index for
 diffusion, ``"prefill"`` then the decode step index for autoregressive runs. Token groups (besides ``"all"``,
@@ -19,12 +19,12 @@ from collections.abc import Callable, Hashable, Iterable
 from contextlib import ExitStack
 from typing import Any
 
-from dllm_sparse.rules import SparsityRule
-from dllm_sparse.sites import FFNSite
-from dllm_sparse.sparsify import MaskEvent, MaskSelector, sparsify
-from dllm_sparse.stats import ALL, SparsityStats
+from dllm_sparse.sparsity.rules import SparsityRule
+from dllm_sparse.sparsity.sites import FFNSite
+from dllm_sparse.sparsity.hooks import MaskEvent, MaskSelector, sparsify
+from dllm_sparse.sparsity.stats import ALL, SparsityStats
 
-from .config import GenerationCallback, StepState
+from dllm_sparse.steps import GenerationCallback, StepState
 
 __all__ = ["StepSparsity"]
 
@@ -44,7 +44,7 @@ class StepSparsity(GenerationCallback):
     ``stats``: a :class:`SparsityStats` to accumulate into (kept across generations); by default a fresh one
     is made at each generation begin. ``record_masks``, ``mask_observers`` (e.g. a
     :class:`~dllm_sparse.samplers.tracking.MaskOverlapTracker`) and ``select_mask`` are passed to
-    :func:`~dllm_sparse.sparsify`. ``groups=False`` counts only the ``"all"`` group (cheaper).
+    :func:`~dllm_sparse.sparsity.hooks`. ``groups=False`` counts only the ``"all"`` group (cheaper).
     """
 
     def __init__(

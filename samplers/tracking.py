@@ -5,7 +5,7 @@
     out = generate(model, tok, prompts, cfg, sparsity=sp, callbacks=[tracker])
     tracker.to_csv("overlap.csv"); tracker.heatmap("overlap.png")
 
-The tracker is a mask observer of :func:`dllm_sparse.sparsify` (it receives every keep-mask) and a
+The tracker is a mask observer of :func:`dllm_sparse.sparsity.hooks` (it receives every keep-mask) and a
 generation callback (it learns the step, the block and which positions are prompt / still masked / already
 decoded at each forward). At the end of every step it compares the fresh mask A of each tracked layer and
 site with (a) the previous step's mask and (b) the mask of step 0 of the current block, position by
@@ -35,10 +35,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dllm_sparse.sites import FFNSite
-from dllm_sparse.sparsify import MaskEvent
+from dllm_sparse.sparsity.sites import FFNSite
+from dllm_sparse.sparsity.hooks import MaskEvent
 
-from .config import GenerationCallback, StepState
+from dllm_sparse.steps import GenerationCallback, StepState
 
 __all__ = ["MaskOverlapTracker", "PackedMask", "mask_overlap"]
 

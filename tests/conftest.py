@@ -80,7 +80,7 @@ def build_tiny_model(family: str = "llama", seed: int = 0, **overrides) -> torch
         fields.setdefault("hidden_activation", "gelu_pytorch_tanh")
         model = Gemma3ForCausalLM(Gemma3TextConfig(**fields))
     elif family == "llada":
-        from dllm_sparse.llada import LLaDAModelLM, tiny_llada_config
+        from dllm_sparse.models.llada import LLaDAModelLM, tiny_llada_config
 
         fields = dict(d_model=HIDDEN, n_heads=4, n_kv_heads=2, mlp_hidden_size=FFN, n_layers=LAYERS,
                       vocab_size=VOCAB, embedding_size=VOCAB, mask_token_id=VOCAB - 1, eos_token_id=VOCAB - 2,
@@ -115,7 +115,7 @@ def token_ids() -> torch.Tensor:
 def llada() -> torch.nn.Module:
     """Tiny native LLaDA for sampler tests (one per test module). A larger init spread than the default makes
     the random model's predictions peaked and varied, so samplers make distinct, checkable choices."""
-    from dllm_sparse.llada import LLaDAModelLM, tiny_llada_config
+    from dllm_sparse.models.llada import LLaDAModelLM, tiny_llada_config
 
     torch.manual_seed(0)
     return LLaDAModelLM(tiny_llada_config(init_std=0.2)).eval()

@@ -1,4 +1,4 @@
-"""AR -> masked-diffusion adaptation (dllm_sparse.adapt, dllm_sparse.mdm) on tiny random models."""
+"""AR -> masked-diffusion adaptation (dllm_sparse.models.adapt, dllm_sparse.models.twin) on tiny random models."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import build_tiny_model
 
-from dllm_sparse.adapt import (
+from dllm_sparse.models.adapt import (
     MaskRowDelta,
     adapter_bytes,
     add_lora,
@@ -23,7 +23,7 @@ from dllm_sparse.adapt import (
     merge_adapter,
     save_adapter,
 )
-from dllm_sparse.llada import LLaDAModelLM, tiny_llada_config
+from dllm_sparse.models.llada import LLaDAModelLM, tiny_llada_config
 
 
 @pytest.fixture(autouse=True)
@@ -218,14 +218,14 @@ def test_converted_model_saves_and_loads_as_diffusion(tmp_path):
 
 def test_load_smollm2_mdm_and_generate():
     from dllm_sparse import load_model
-    from dllm_sparse.loading import cache_dir
-    from dllm_sparse.mdm import SMOLLM2_MDM_ADAPTER
+    from dllm_sparse.models.loading import cache_dir
+    from dllm_sparse.models.twin import SMOLLM2_MDM_ADAPTER
 
     if not (SMOLLM2_MDM_ADAPTER / "adapter.json").is_file():
         pytest.skip("the smollm2-135m-mdm adapter is not in this checkout")
     if not (cache_dir() / "smollm2" / "hf" / "config.json").is_file():
         try:
-            from dllm_sparse.loading import smollm2_gguf_path
+            from dllm_sparse.models.loading import smollm2_gguf_path
 
             smollm2_gguf_path()
         except Exception as e:  # noqa: BLE001 - any fetch failure means: cannot run here

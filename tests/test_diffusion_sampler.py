@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dllm_sparse.llada import LLaDAModelLM, tiny_llada_config
+from dllm_sparse.models.llada import LLaDAModelLM, tiny_llada_config
 from dllm_sparse.samplers import (
     GenerationCallback,
     GenerationConfig,
@@ -385,7 +385,7 @@ def test_model_that_shifts_itself(llada):
 
 
 def test_loaded_model_is_accepted(llada):
-    from dllm_sparse.loading import LoadedModel
+    from dllm_sparse.models.loading import LoadedModel
 
     lm = LoadedModel(llada, WordTokenizer(), "diffusion", "tiny", mask_id=MASK, family="llada")
     geom = dict(gen_length=8, steps=8, block_length=8)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
-from dllm_sparse import llada
-from dllm_sparse.llada import LLaDABlock, LLaDAConfig, LLaDAModelLM, tiny_llada_config
+from dllm_sparse.models import llada
+from dllm_sparse.models.llada import LLaDABlock, LLaDAConfig, LLaDAModelLM, tiny_llada_config
 
 # The config.json of GSAI-ML/LLaDA-8B-Base as released (field set and values), used to check that a real
 # checkpoint's config loads. `auto_map` points at the checkpoint's own remote code.

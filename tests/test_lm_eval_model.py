@@ -15,9 +15,9 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.model import CachingLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from dllm_sparse.likelihood import ByteTokenizer, Scorer, SparsityConfig  # noqa: E402
-from dllm_sparse.lm_eval_model import DllmSparseLM  # noqa: E402
-from dllm_sparse.tasks import MCItem, MultipleChoiceTask  # noqa: E402
+from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer, SparsityConfig  # noqa: E402
+from dllm_sparse.eval.lm_eval_model import DllmSparseLM  # noqa: E402
+from dllm_sparse.eval.tasks import MCItem, MultipleChoiceTask  # noqa: E402
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -120,7 +120,7 @@ def test_rolling_and_generate_until():
 
 
 def test_lm_eval_task_through_the_task_interface(tmp_path):
-    from dllm_sparse.tasks import LmEvalTask
+    from dllm_sparse.eval.tasks import LmEvalTask
 
     _write_task(tmp_path)
     scorer = _ar_scorer(sparsity=SparsityConfig("up", "top_p", 0.7))

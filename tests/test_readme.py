@@ -20,7 +20,7 @@ def test_readme_has_examples():
 def test_readme_example_runs(index, capsys):
     code = _python_blocks()[index]
     if "smollm2-135m" in code:
-        from dllm_sparse.loading import smollm2_gguf_path
+        from dllm_sparse.models.loading import smollm2_gguf_path
 
         try:
             smollm2_gguf_path()  # downloads once when not cached

@@ -1,4 +1,4 @@
-"""Mask-reuse policies (dllm_sparse.reuse) on a tiny native LLaDA (and a tiny LLaMA for the AR semantics)."""
+"""Mask-reuse policies (dllm_sparse.samplers.reuse) on a tiny native LLaDA (and a tiny LLaMA for the AR semantics)."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dllm_sparse import TopP
-from dllm_sparse.reuse import Adaptive, BlockStart, Every, Fresh, make_policy, reuse_sparsity
+from dllm_sparse.samplers.reuse import Adaptive, BlockStart, Every, Fresh, make_policy, reuse_sparsity
 from dllm_sparse.samplers import GenerationConfig, MaskOverlapTracker, StepSparsity, generate
 
 PROMPTS = [[5, 17, 3, 42, 8], [7, 7, 1]]
@@ -229,7 +229,7 @@ def _experiment():
 
 def test_experiment_helpers_and_teacher_forced_replay(llada):
     """The study's quality helpers, and its teacher-forced replay reproduces the dense generation exactly."""
-    from dllm_sparse.loading import LoadedModel
+    from dllm_sparse.models.loading import LoadedModel
 
     exp = _experiment()
     assert exp.agreement([[1, 2, 3]], [[1, 5, 3]]) == pytest.approx(2 / 3)
@@ -268,9 +268,9 @@ class _CharTokenizer:
 
 
 def test_passage_trajectories_write_each_true_token_once_in_sampler_geometry(llada):
-    from dllm_sparse.loading import LoadedModel
+    from dllm_sparse.models.loading import LoadedModel
     from dllm_sparse.samplers import num_transfer_tokens
-    from dllm_sparse.tasks import load_builtin_passages
+    from dllm_sparse.eval.tasks import load_builtin_passages
 
     exp = _experiment()
     tok = _CharTokenizer()

@@ -1,6 +1,6 @@
 """Sparsification rules (dllm_sparse/rules.py) against independent references written here.
 
-The brute-force references are plain Python loops over exact values (spec: sparsification.md, "Rules"); the
+The brute-force references are plain Python loops over exact values (definitions: docs/sparsification.md, "Rules"); the
 fast top-p path (bisection on the threshold) is compared with the sort reference on many distributions,
 allowing a disagreement only where the exact answer hinges on a rounding of the mass sums.
 """
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dllm_sparse import MaxP, TopK, TopP, make_rule, top_p_mask, top_p_mask_reference, top_p_threshold
-from dllm_sparse.rules import SparsityRule
+from dllm_sparse.sparsity.rules import SparsityRule
 
 # --------------------------------------------------------------------------------------------------------------
 # Brute-force references (exact rational arithmetic, python loops)

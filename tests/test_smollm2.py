@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dllm_sparse import TopP, find_ffns, load_model, sparsify
-from dllm_sparse.loading import cache_dir, smollm2_gguf_path
+from dllm_sparse.models.loading import cache_dir, smollm2_gguf_path
 
 
 def _cached() -> bool:

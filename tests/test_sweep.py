@@ -7,10 +7,10 @@ import json
 import pytest
 from conftest import build_tiny_model
 
-from dllm_sparse.likelihood import ByteTokenizer, Scorer, SparsityConfig
-from dllm_sparse.loading import LoadedModel
-from dllm_sparse.sweep import DENSE, SweepConfig, grid, load_rows, read_rows, run_sweep
-from dllm_sparse.tasks import MCItem, MultipleChoiceTask, PerplexityTask
+from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer, SparsityConfig
+from dllm_sparse.models.loading import LoadedModel
+from dllm_sparse.eval.sweep import DENSE, SweepConfig, grid, load_rows, read_rows, run_sweep
+from dllm_sparse.eval.tasks import MCItem, MultipleChoiceTask, PerplexityTask
 
 ITEMS = [MCItem("a", "one two", ["three", "four"], 0), MCItem("b", "x y", ["z", "zz", "w"], 2),
          MCItem("c", "12", ["3", "4"], 0)]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dllm_sparse.tasks import (
+from dllm_sparse.eval.tasks import (
     BUILTIN_TASKS,
     LmEvalTask,
     MCItem,

@@ -1,6 +1,6 @@
 """Sparsification rules: map a tensor [..., d] to a boolean keep-mask along its last dimension.
 
-The contract is ``shared/specs/sparsification.md``. Every rule is a small frozen object with two verbs:
+The contract is ``docs/sparsification.md``. Every rule is a small frozen object with two verbs:
 
     rule.mask(x)  -> bool tensor, True where the entry is kept
     rule(x)       -> x with every other entry set to exactly 0 (kept entries unchanged, no rescaling)

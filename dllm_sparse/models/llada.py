@@ -130,7 +130,7 @@ class LLaDAConfig(PretrainedConfig):
     eos_token_id: int | None = 126081
     pad_token_id: int | None = 126081
     mask_token_id: int | None = LLADA_MASK_TOKEN_ID
-    # Variants used by models adapted from an autoregressive LM (dllm_sparse.adapt). Both are off for LLaDA.
+    # Variants used by models adapted from an autoregressive LM (dllm_sparse.models.adapt). Both are off for LLaDA.
     # logit_shift: Dream's convention, the logits at position i come from the hidden state at i - 1 (position 0
     # keeps its own), so the AR head's "next token" prediction is reused as "this (masked) token". Applied in
     # LLaDAModelLM.forward, so every consumer (samplers, likelihood, sparsifier) sees already-shifted logits.
@@ -370,8 +370,8 @@ def _check_supported(config: LLaDAConfig) -> None:
         wrong["yarn"] = True
     if wrong:
         raise ValueError(
-            f"dllm_sparse.llada implements only the LLaDA-8B block layout ({expected}); this config has {wrong}. "
-            "Load it with the checkpoint's own code (trust_remote_code=True, without importing dllm_sparse.llada)."
+            f"dllm_sparse.models.llada implements only the LLaDA-8B block layout ({expected}); this config has {wrong}. "
+            "Load it with the checkpoint's own code (trust_remote_code=True, without importing dllm_sparse.models.llada)."
         )
     config.check_shapes()
 

@@ -3,7 +3,7 @@
 Python API (the supported path; lm-eval >= 0.4.9, tested with 0.4.13)::
 
     import lm_eval
-    from dllm_sparse.lm_eval_model import DllmSparseLM
+    from dllm_sparse.eval.lm_eval_model import DllmSparseLM
     lm = DllmSparseLM(pretrained="smollm2-135m", site="input", rule="top_p", p=0.9)
     out = lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"], limit=100)
     lm.stats.mean("input")                       # measured sparsity of every forward pass of the run
@@ -13,7 +13,7 @@ imported (there is no entry-point discovery, and ``--include_path`` is for tasks
 registers ``dllm_sparse``; its ``__main__`` does that and then runs lm-eval's own CLI, so every lm-eval flag
 works unchanged::
 
-    python -m dllm_sparse.lm_eval_model run --model dllm_sparse \\
+    python -m dllm_sparse.eval.lm_eval_model run --model dllm_sparse \\
         --model_args pretrained=GSAI-ML/LLaDA-8B-Base,site=input,rule=top_p,p=0.9,dtype=bf16,device=auto,mc_num=128 \\
         --tasks arc_easy --batch_size 16
 
@@ -26,7 +26,7 @@ max_p), ``p`` (the rule's threshold), ``scope``, ``batch_size``, ``mc_num``, ``m
 Semantics:
 
 * ``loglikelihood`` returns ``(ll, is_greedy)``. AR: exact. Diffusion: the Monte-Carlo ELBO of
-  ``dllm_sparse.likelihood`` with masks drawn per request from (seed, task, doc_id, request index), so
+  ``dllm_sparse.eval.likelihood`` with masks drawn per request from (seed, task, doc_id, request index), so
   dense and sparse runs use identical masks. ``is_greedy`` for diffusion: with ``greedy_check=True``
   (default here) one extra forward row per request masks the whole continuation and checks that the one-shot
   argmax reproduces it; with ``greedy_check=False`` it is always False.
@@ -53,15 +53,15 @@ try:
     from lm_eval.api.registry import register_model
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "dllm_sparse.lm_eval_model needs lm-evaluation-harness: pip install -e '.[eval]' (or pip install lm-eval)"
+        "dllm_sparse.eval.lm_eval_model needs lm-evaluation-harness: pip install -e '.[eval]' (or pip install lm-eval)"
     ) from e
 
 import logging
 
 from tqdm.auto import tqdm
 
-from .likelihood import Scorer, SparsityConfig
-from .stats import SparsityStats
+from dllm_sparse.eval.likelihood import Scorer, SparsityConfig
+from dllm_sparse.sparsity.stats import SparsityStats
 
 __all__ = ["DllmSparseLM", "IDENTITY_KEY"]
 
@@ -78,7 +78,7 @@ def _bool(v: Any) -> bool:
 
 @register_model("dllm_sparse", "dllm-sparse")
 class DllmSparseLM(LM):
-    """lm-eval model wrapping a :class:`dllm_sparse.likelihood.Scorer` (see the module docstring)."""
+    """lm-eval model wrapping a :class:`dllm_sparse.eval.likelihood.Scorer` (see the module docstring)."""
 
     def __init__(
         self,
@@ -109,7 +109,7 @@ class DllmSparseLM(LM):
         if scorer is None:
             import torch
 
-            from .loading import load_model
+            from dllm_sparse.models.loading import load_model
 
             if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
                 eval_logger.warning(f"device {device!r} requested (lm-eval's CLI default) but CUDA is not available; "
@@ -211,7 +211,7 @@ class DllmSparseLM(LM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from .samplers import GenerationConfig, StepSparsity, generate
+        from dllm_sparse.samplers import GenerationConfig, StepSparsity, generate
 
         sc = self.scorer
         groups: dict[str, list[int]] = {}
@@ -260,7 +260,7 @@ class DllmSparseLM(LM):
 
 
 def main() -> None:
-    """``python -m dllm_sparse.lm_eval_model ...``: lm-eval's CLI with ``--model dllm_sparse`` registered."""
+    """``python -m dllm_sparse.eval.lm_eval_model ...``: lm-eval's CLI with ``--model dllm_sparse`` registered."""
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()

@@ -1,7 +1,7 @@
 """Mask reuse across denoising steps: compute FFN keep-masks on some steps only and reuse them on the others.
 
     from dllm_sparse import TopP
-    from dllm_sparse.reuse import Every, reuse_sparsity
+    from dllm_sparse.samplers.reuse import Every, reuse_sparsity
     from dllm_sparse.samplers import GenerationConfig, generate
 
     sp, policy = reuse_sparsity("input", TopP(0.9), Every(4))
@@ -9,10 +9,10 @@
                    sparsity=sp, callbacks=[policy])
     policy.report()        # {"policy": "every4", "selections": ..., "selections_per_layer": {...}, ...}
 
-A policy is two things at once and plugs in without touching a sampler (spec ``sparsification.md``, "Mask
+A policy is two things at once and plugs in without touching a sampler (``docs/sparsification.md``, "Mask
 reuse across denoising steps"):
 
-* a :data:`~dllm_sparse.sparsify.MaskSelector` (``StepSparsity(select_mask=policy)``): called by the hooks
+* a :data:`~dllm_sparse.sparsity.hooks.MaskSelector` (``StepSparsity(select_mask=policy)``): called by the hooks
   with ``(layer, site, x, rule)`` at every selection, it returns either a fresh keep-mask ``rule.mask(x)`` or
   the cached one;
 * a :class:`~dllm_sparse.samplers.GenerationCallback` (``callbacks=[policy]``): it learns the step, the block
@@ -68,11 +68,11 @@ from typing import Any
 
 import torch
 
-from .rules import SparsityRule
-from .samplers.config import GenerationCallback, StepState
-from .samplers.step_sparsity import StepSparsity
-from .samplers.tracking import mask_overlap
-from .sites import FFNSite
+from dllm_sparse.sparsity.rules import SparsityRule
+from dllm_sparse.steps import GenerationCallback, StepState
+from dllm_sparse.samplers.step_sparsity import StepSparsity
+from dllm_sparse.samplers.tracking import mask_overlap
+from dllm_sparse.sparsity.sites import FFNSite
 
 __all__ = [
     "ReusePolicy", "Fresh", "Every", "BlockStart", "Adaptive", "make_policy", "reuse_sparsity", "NEW_POSITIONS",

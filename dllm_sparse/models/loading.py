@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .adapters import detect_adapter
+from dllm_sparse.models.families import detect_adapter
 
 __all__ = ["LoadedModel", "load_model", "EMBEDDED_MODELS", "register_embedded", "cache_dir", "smollm2_gguf_path"]
 
@@ -136,7 +136,17 @@ def _smollm2_hf_dir(**_: Any) -> Path:
     return hf_dir
 
 
-EMBEDDED_MODELS: dict[str, Callable[..., str | Path | LoadedModel]] = {"smollm2-135m": _smollm2_hf_dir}
+def _smollm2_mdm_dir(**kwargs: Any) -> Path:
+    """The embedded diffusion twin (imported only when asked for: it needs the adaptation code)."""
+    from dllm_sparse.models.twin import smollm2_mdm_dir
+
+    return smollm2_mdm_dir(**kwargs)
+
+
+EMBEDDED_MODELS: dict[str, Callable[..., str | Path | LoadedModel]] = {
+    "smollm2-135m": _smollm2_hf_dir,
+    "smollm2-135m-mdm": _smollm2_mdm_dir,
+}
 
 
 def register_embedded(name: str, resolver: Callable[..., str | Path | LoadedModel]) -> None:
@@ -178,6 +188,8 @@ def load_model(
     ``kind`` ("ar" / "diffusion") is detected from the architecture adapter when omitted; ``mask_id`` from
     the config (``mask_token_id``) or the family's constant."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from dllm_sparse.models import llada  # noqa: F401  (registers model_type "llada" with the Auto classes)
 
     name = str(name_or_path)
     torch_dtype = parse_dtype(dtype)

@@ -3,7 +3,7 @@
 The pieces, in the order a training script uses them:
 
 1. :func:`convert_causal_lm` copies the weights of a Hugging Face ``LlamaForCausalLM`` (or ``Qwen2ForCausalLM``)
-   into the native :class:`~dllm_sparse.llada.LLaDAModelLM`. The block math is identical (RMSNorm, rotate-half
+   into the native :class:`~dllm_sparse.models.llada.LLaDAModelLM`. The block math is identical (RMSNorm, rotate-half
    RoPE, GQA, SwiGLU); only the attention becomes bidirectional. ``logit_shift=True`` keeps Dream's convention
    (logits at position i come from the hidden state at i - 1), so the AR head's next-token prediction is
    reused for the masked token and adaptation starts from a sensible model.
@@ -18,7 +18,7 @@ The pieces, in the order a training script uses them:
    row in small safetensors files and merge them into plain ``nn.Linear`` weights at load time (so sparsity
    hooks see ordinary modules, and loading needs no peft).
 
-:mod:`dllm_sparse.mdm` uses these to serve the embedded ``smollm2-135m-mdm`` model; the training entry point is
+:mod:`dllm_sparse.models.twin` uses these to serve the embedded ``smollm2-135m-mdm`` model; the training entry point is
 ``experiments/adapt_ar_to_diffusion.py``.
 """
 
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .llada import LLaDAConfig, LLaDAModelLM
+from dllm_sparse.models.llada import LLaDAConfig, LLaDAModelLM
 
 __all__ = [
     "MASK_TOKEN",

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .adapters import FFNModules, find_ffns
-from .rules import SparsityRule
-from .sites import FFNSite
-from .stats import SparsityStats
+from dllm_sparse.models.families import FFNModules, find_ffns
+from dllm_sparse.sparsity.rules import SparsityRule
+from dllm_sparse.sparsity.sites import FFNSite
+from dllm_sparse.sparsity.stats import SparsityStats
 
 __all__ = ["sparsify", "Sparsifier", "MaskEvent", "MaskSelector"]
 

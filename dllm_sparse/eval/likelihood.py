@@ -1,6 +1,6 @@
 """Likelihood scorers: exact autoregressive log-likelihood and the masked-diffusion Monte-Carlo ELBO.
 
-The contract is ``shared/specs/generation.md`` (section "Likelihood")::
+The contract is ``docs/generation.md`` (section "Likelihood")::
 
     scorer = Scorer.from_loaded(load_model("smollm2-135m"), batch_size=16)
     scorer.loglikelihood([("The capital of France is", " Paris")])          # [(ll, is_greedy)]
@@ -49,10 +49,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .rules import SparsityRule, make_rule
-from .sites import FFNSite
-from .sparsify import sparsify
-from .stats import SparsityStats
+from dllm_sparse.sparsity.rules import SparsityRule, make_rule
+from dllm_sparse.sparsity.sites import FFNSite
+from dllm_sparse.sparsity.hooks import sparsify
+from dllm_sparse.sparsity.stats import SparsityStats
 
 __all__ = [
     "SparsityConfig",
@@ -150,11 +150,11 @@ def _progress(total: int, desc: str, enabled: bool):
 
 @contextmanager
 def _head_at_masked_positions(model: torch.nn.Module, enabled: bool):
-    """For a native :class:`~dllm_sparse.llada.LLaDAModelLM`, swap the LM head for Identity so the forward returns
+    """For a native :class:`~dllm_sparse.models.llada.LLaDAModelLM`, swap the LM head for Identity so the forward returns
     final hidden states (already shifted when the model shifts itself); yields ``project(h)`` that applies the
     head to the gathered masked positions only. Saves projecting every unmasked position onto the vocabulary.
     Yields None for other models (their logits are used as they are)."""
-    from .llada import LLaDAModelLM
+    from dllm_sparse.models.llada import LLaDAModelLM
 
     if not enabled or not isinstance(model, LLaDAModelLM) or getattr(model.config, "scale_logits", False):
         yield None
@@ -486,7 +486,7 @@ class Scorer:
 
     @classmethod
     def from_loaded(cls, lm, **kwargs) -> Scorer:
-        """From a :class:`dllm_sparse.loading.LoadedModel`."""
+        """From a :class:`dllm_sparse.models.loading.LoadedModel`."""
         return cls(lm.model, lm.tokenizer, lm.kind, lm.mask_id, name=lm.name, family=lm.family, **kwargs)
 
     # ---- configuration -----------------------------------------------------------------------------------

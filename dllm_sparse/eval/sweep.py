@@ -1,6 +1,6 @@
 """Sweep runner: models × sites × rule thresholds × tasks, one tidy row per cell, resumable.
 
-    from dllm_sparse.sweep import SweepConfig, run_sweep
+    from dllm_sparse.eval.sweep import SweepConfig, run_sweep
     rows = run_sweep(SweepConfig(models=["smollm2-135m"], tasks=["builtin_mc", "builtin_ppl"],
                                  thresholds=grid("quick"), output_dir="runs/quick"))
 
@@ -40,11 +40,11 @@ from typing import Any
 
 import torch
 
-from .likelihood import Scorer, SparsityConfig
-from .rules import make_rule
-from .sites import ALL_SITES
-from .stats import SparsityStats
-from .tasks import Task, get_task, relative_performance
+from dllm_sparse.eval.likelihood import Scorer, SparsityConfig
+from dllm_sparse.sparsity.rules import make_rule
+from dllm_sparse.sparsity.sites import ALL_SITES
+from dllm_sparse.sparsity.stats import SparsityStats
+from dllm_sparse.eval.tasks import Task, get_task, relative_performance
 
 __all__ = [
     "GRIDS", "grid", "SweepConfig", "run_sweep", "read_rows", "JsonlWriter", "finalize", "load_rows",
@@ -327,7 +327,7 @@ def run_sweep(
     """Run (or resume) the sweep; returns every row of the folder (after merging, on rank 0).
 
     ``loader(name, dtype=, device=)`` defaults to :func:`dllm_sparse.load_model`; ``task_factory(name)`` to
-    :func:`dllm_sparse.tasks.get_task`. ``rank``/``world_size`` default to the launcher's environment.
+    :func:`dllm_sparse.eval.tasks.get_task`. ``rank``/``world_size`` default to the launcher's environment.
     ``on_row`` is called with every row written (progress reporting, tests)."""
     env_rank, env_world, local_rank = _dist()
     rank = env_rank if rank is None else rank
@@ -340,7 +340,7 @@ def run_sweep(
         def task_factory(name: str) -> Task:
             return get_task(name, cfg.include_path)
     if loader is None:
-        from .loading import load_model as loader  # noqa: N813
+        from dllm_sparse.models.loading import load_model as loader  # noqa: N813
     device = cfg.device
     if world > 1 and device in (None, "auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{local_rank}"  # data parallel: one full model copy per process

@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .critical import AVG_CURVE, SITE_ORDER, critical_sparsity, curves  # noqa: E402
+from dllm_sparse.eval.critical import AVG_CURVE, SITE_ORDER, critical_sparsity, curves  # noqa: E402
 
 __all__ = ["plot_relative_performance", "plot_layer_heatmaps", "plot_step_sparsity", "save_figure"]
 

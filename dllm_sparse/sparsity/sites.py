@@ -1,4 +1,4 @@
-"""The four FFN sites of a gated FFN  y = W_down( act(W_gate x) * (W_up x) )  (spec: sparsification.md)."""
+"""The four FFN sites of a gated FFN  y = W_down( act(W_gate x) * (W_up x) )  (definitions: docs/sparsification.md)."""
 
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ class Task(ABC):
 
     @abstractmethod
     def evaluate(self, scorer, limit: int | float | None = None) -> TaskResult:
-        """Score with a :class:`dllm_sparse.likelihood.Scorer` (sparsified as the scorer is configured)."""
+        """Score with a :class:`dllm_sparse.eval.likelihood.Scorer` (sparsified as the scorer is configured)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -199,7 +199,7 @@ _PREFERRED = ("acc_norm", "acc", "exact_match", "word_perplexity", "bits_per_byt
 
 
 class LmEvalTask(Task):
-    """An lm-evaluation-harness task run through :class:`dllm_sparse.lm_eval_model.DllmSparseLM`.
+    """An lm-evaluation-harness task run through :class:`dllm_sparse.eval.lm_eval_model.DllmSparseLM`.
 
     ``metric``: the metric to report (default: the task's first metric among acc, acc_norm, exact_match,
     word_perplexity, bits_per_byte, else its first). ``include_path``: a folder of extra task YAMLs.
@@ -218,7 +218,7 @@ class LmEvalTask(Task):
             from lm_eval.tasks import TaskManager
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError(f"task {self.name!r} needs lm-evaluation-harness: pip install -e '.[eval]' ({e})") from e
-        from .lm_eval_model import DllmSparseLM
+        from dllm_sparse.eval.lm_eval_model import DllmSparseLM
 
         lm = DllmSparseLM.from_scorer(scorer)
         if self._task_manager is None:

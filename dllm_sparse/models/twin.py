@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
-from .adapt import MASK_TOKEN, adapter_hash, add_mask_token, convert_causal_lm, load_adapter_state, merge_adapter
-from .llada import LLaDAModelLM
-from .loading import _smollm2_hf_dir, cache_dir, register_embedded
+from dllm_sparse.models.adapt import MASK_TOKEN, adapter_hash, add_mask_token, convert_causal_lm, load_adapter_state, merge_adapter
+from dllm_sparse.models.llada import LLaDAModelLM
+from dllm_sparse.models.loading import _smollm2_hf_dir, cache_dir
 
 __all__ = ["SMOLLM2_MDM_ADAPTER", "build_adapted_model", "smollm2_mdm_dir"]
 
 #: The shipped adapter directory.
-SMOLLM2_MDM_ADAPTER = Path(__file__).resolve().parent / "data" / "smollm2-135m-mdm"
+SMOLLM2_MDM_ADAPTER = Path(__file__).resolve().parents[1] / "data" / "smollm2-135m-mdm"
 
 
 def build_adapted_model(base_dir: str | Path, adapter_dir: str | Path) -> tuple[LLaDAModelLM, Any]:
@@ -67,4 +67,3 @@ def smollm2_mdm_dir(adapter_dir: str | Path = SMOLLM2_MDM_ADAPTER, **_: Any) -> 
 
 
 # load_model("smollm2-135m-mdm") -> the directory above, loaded as model_type "llada" (kind "diffusion").
-register_embedded("smollm2-135m-mdm", smollm2_mdm_dir)
