@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import torch_fallback
 from .dispatch import backend as choose_backend
 
 __all__ = [
@@ -34,7 +34,7 @@ def _impl(t: torch.Tensor, override: str):
         from . import triton_kernels
 
         return triton_kernels
-    return reference
+    return torch_fallback
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def kept_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """bool keep-mask [..., d] -> (idx int32 [d], count int32 [1]) of the union over rows, no host sync."""
     if keep.dtype != torch.bool:
         raise ValueError(f"keep must be a bool mask, got {keep.dtype}")
-    return reference.kept_indices(keep)
+    return torch_fallback.kept_indices(keep)
 
 
 def union_density(keep: torch.Tensor) -> torch.Tensor:
@@ -186,7 +186,7 @@ def column_sparse_matmul(
     else:
         if tau is not None:
             x2 = x2.masked_fill(x2.abs().float() < tau[:, None], 0)
-        idx, count = reference.kept_indices(x2 != 0)
+        idx, count = torch_fallback.kept_indices(x2 != 0)
         y = _colsparse_gemm_op(x2.contiguous(), weight_t, idx, count, be)
     if bias is not None:
         y = y + bias
@@ -215,7 +215,7 @@ def row_sparse_matmul(
     x2 = x.reshape(-1, d_in).contiguous()
     if x2.shape[0] == 0:
         return x.new_zeros(*lead, d_out)
-    idx, count = reference.kept_indices(keep)
+    idx, count = torch_fallback.kept_indices(keep)
     y = _rowsparse_op(x2, weight, idx, count, backend or "auto")
     if bias is not None:
         union = keep.reshape(-1, d_out).any(dim=0)

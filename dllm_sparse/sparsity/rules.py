@@ -24,6 +24,7 @@ __all__ = [
     "MaxP",
     "make_rule",
     "top_p_mask_reference",
+    "top_p_threshold_reference",
     "top_p_threshold",
     "top_p_mask",
 ]
@@ -41,21 +42,26 @@ def _check_p(p: float) -> float:
     return p
 
 
-def top_p_mask_reference(x: torch.Tensor, p: float) -> torch.Tensor:
-    """The spec, literally: sort |v| descending, find the smallest k whose running sum reaches p·||v||_1,
-    tau = k-th largest |v|, keep every entry with |v| >= tau (ties kept). Float64 throughout. Slow; it
-    defines correctness for the fast path and the kernels."""
-    p = _check_p(p)
+def top_p_threshold_reference(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The definition, literally: sort |v| descending, find the smallest k whose running sum reaches
+    p·||v||_1; tau = the k-th largest |v| (shape [..., 1], float64). Slow; it defines correctness."""
     a = x.detach().abs().to(torch.float64)
-    if p >= 1.0:
-        return a > 0
     sorted_a, _ = torch.sort(a, dim=-1, descending=True)
     csum = torch.cumsum(sorted_a, dim=-1)
     target = p * csum[..., -1:]
     # k - 1 = number of prefixes whose sum is still below the target.
     k_minus_1 = (csum < target).sum(dim=-1, keepdim=True).clamp(max=a.shape[-1] - 1)
-    tau = torch.gather(sorted_a, -1, k_minus_1)
-    return (a >= tau) & (a > 0)
+    return torch.gather(sorted_a, -1, k_minus_1)
+
+
+def top_p_mask_reference(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep every entry with |v| >= tau of :func:`top_p_threshold_reference` (ties kept), zeros never.
+    Float64 throughout; it defines correctness for the fast path and the kernels."""
+    p = _check_p(p)
+    a = x.detach().abs().to(torch.float64)
+    if p >= 1.0:
+        return a > 0
+    return (a >= top_p_threshold_reference(x, p)) & (a > 0)
 
 
 _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}

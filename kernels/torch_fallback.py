@@ -1,13 +1,15 @@
 """PyTorch fallbacks of the Triton kernels: same signatures, same results (up to summation order).
 
 These run whenever Triton or a GPU is missing (CPU tensors). They gather the kept rows with index_select,
-so they too read only the kept part of the weight, and they are the dense references' close cousins that
-the tests compare the Triton code against.
+so they too read only the kept part of the weight. The tests compare both these and the Triton code against
+dense matmuls and :func:`dllm_sparse.top_p_mask_reference`.
 """
 
 from __future__ import annotations
 
 import torch
+
+from dllm_sparse.sparsity.rules import top_p_threshold_reference
 
 __all__ = ["topp_threshold", "colsparse_gemv", "colsparse_gemm", "rowsparse_gemv", "rowsparse_gemm", "kept_indices"]
 
@@ -26,11 +28,7 @@ def topp_threshold(x: torch.Tensor, p: float) -> torch.Tensor:
     M, d = x.shape
     if p >= 1.0 or M == 0 or d == 0:
         return torch.zeros(M, device=x.device, dtype=torch.float32)
-    a = x.detach().abs().to(torch.float64)
-    sorted_a, _ = torch.sort(a, dim=-1, descending=True)
-    csum = torch.cumsum(sorted_a, dim=-1)
-    k_minus_1 = (csum < p * csum[:, -1:]).sum(dim=-1, keepdim=True).clamp(max=d - 1)
-    return torch.gather(sorted_a, -1, k_minus_1).squeeze(-1).to(torch.float32)
+    return top_p_threshold_reference(x, p).squeeze(-1).to(torch.float32)
 
 
 def colsparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
