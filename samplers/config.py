@@ -10,6 +10,7 @@ statistics and mask tracking attach there (and through module hooks), never insi
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -24,6 +25,14 @@ __all__ = [
 ]
 
 REMASKING = ("low_confidence", "random")
+
+
+def _whole(name: str, value) -> int:
+    """A positive whole number (7.0 is fine; 7.9, True, NaN and 0 are errors, never silently truncated)."""
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and value == value and int(value) == value
+    if not ok or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 @dataclass
@@ -45,13 +54,15 @@ class _GenerationFields:
     logit_shift: bool | None = None
 
     def __post_init__(self):
-        if int(self.max_new_tokens) < 1:
-            raise ValueError(f"max_new_tokens / gen_length must be >= 1, got {self.max_new_tokens}")
-        self.max_new_tokens = int(self.max_new_tokens)
+        self.max_new_tokens = _whole("max_new_tokens / gen_length", self.max_new_tokens)
+        for name in ("steps", "block_length"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _whole(name, getattr(self, name)))
         self.temperature = float(self.temperature)
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.cfg_scale < 0:
+        if not self.temperature >= 0:  # also catches NaN
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
+        self.cfg_scale = float(self.cfg_scale)
+        if not self.cfg_scale >= 0:
             raise ValueError(f"cfg_scale must be >= 0 (0 disables guidance), got {self.cfg_scale}")
         if self.remasking not in REMASKING:
             raise ValueError(f"remasking must be one of {REMASKING}, got {self.remasking!r}")

@@ -92,6 +92,10 @@ class MaskOverlapTracker(GenerationCallback):
                  store: bool = True, rows: str = "cond"):
         if rows not in ("cond", "all"):
             raise ValueError(f"rows must be 'cond' or 'all', got {rows!r}")
+        if layers is not None:
+            layers = list(layers)
+            if not layers or any(isinstance(i, bool) or int(i) != i for i in layers):
+                raise ValueError(f"layers must be a non-empty list of layer indices (or None for all), got {layers!r}")
         self.layers = None if layers is None else {int(i) for i in layers}
         self.sites = None if sites is None else {str(FFNSite.parse(s)) for s in sites}
         self.store = store
@@ -108,10 +112,12 @@ class MaskOverlapTracker(GenerationCallback):
         self._prev: dict[tuple[int, str], tuple[int, torch.Tensor]] = {}
         self._block_ref: dict[tuple[int, str], tuple[int, torch.Tensor]] = {}
         self.ignored_events = 0
+        self._seen_layers: set[int] = set()  # every layer whose masks reached this tracker (to check `layers`)
 
     # ---- mask observer ---------------------------------------------------------------------------------------
     def __call__(self, event: MaskEvent) -> None:
         layer, site = int(event.layer), str(event.site)
+        self._seen_layers.add(layer)
         if self.layers is not None and layer not in self.layers:
             return
         if self.sites is not None and site not in self.sites:
@@ -153,6 +159,11 @@ class MaskOverlapTracker(GenerationCallback):
 
     def on_step_end(self, state: StepState) -> None:
         self._in_step = False
+        if self.layers is not None and self._seen_layers and not self.layers <= self._seen_layers:
+            # After one whole forward every sparsified layer has reported: a missing one does not exist.
+            missing = sorted(self.layers - self._seen_layers)
+            raise ValueError(f"MaskOverlapTracker(layers=...) asks for layers {missing} that the sparsifier "
+                             f"never reported; the sparsified layers are {sorted(self._seen_layers)}")
         step, blk, sib = int(state.step), int(state.block), int(state.step_in_block)
         self.steps.append({"run": self.run, "step": step, "block": blk, "step_in_block": sib, "tag": state.tag})
         for (layer, site), keep in sorted(self._current.items()):
