@@ -1,6 +1,7 @@
 """Bad input gets a clear error naming the problem (and the fix), never a silent truncation or a crash deep inside."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,3 +50,87 @@ def test_tracker_layer_the_model_does_not_have(llada):
     with pytest.raises(ValueError, match=r"layers \[42\].*sparsified layers are \[0, 1\]"):
         generate(llada, None, [[5, 6, 7]], GenerationConfig(gen_length=4, steps=4, stop_token_ids=()),
                  sparsity=sp, callbacks=[tracker])
+
+
+# ---- loading -----------------------------------------------------------------------------------------------
+
+
+def test_load_model_unknown_kind():
+    from dllm_sparse import load_model
+
+    with pytest.raises(ValueError, match="kind must be 'ar', 'diffusion' or None"):
+        load_model("smollm2-135m", kind="banana")
+
+
+@pytest.mark.parametrize("content", [b"", b"GGU", b"not a gguf file at all"])
+def test_empty_or_foreign_gguf_names_the_file(tmp_path, content):
+    from dllm_sparse import load_model
+
+    f = tmp_path / "model.gguf"
+    f.write_bytes(content)
+    with pytest.raises(ValueError, match=r"model\.gguf is not a GGUF file.*download it again"):
+        load_model(f)
+
+
+def test_truncated_gguf_names_the_file(tmp_path):
+    from dllm_sparse import load_model
+    from dllm_sparse.models.loading import cache_dir
+
+    real = cache_dir() / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not real.is_file():
+        pytest.skip("the embedded GGUF is not cached here")
+    f = tmp_path / "cut.gguf"
+    with open(real, "rb") as src:
+        f.write_bytes(src.read(4096))  # the header survives, the tensors and most metadata do not
+    with pytest.raises(ValueError, match=r"could not read the GGUF file .*cut\.gguf.*truncated"):
+        load_model(f)
+
+
+def test_unreachable_hub_fails_fast_with_advice(monkeypatch):
+    import time
+
+    from dllm_sparse import load_model
+    from dllm_sparse.models import loading
+
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=5.0: False)
+    t0 = time.perf_counter()
+    with pytest.raises(OSError, match="cannot be reached from this machine.*local directory"):
+        load_model("some-org/not-a-cached-model")
+    assert time.perf_counter() - t0 < 10  # no minute of retries
+
+
+def test_read_only_cache_names_the_variable(tmp_path, monkeypatch):
+    import os
+
+    from dllm_sparse.models.loading import build_lock
+
+    if os.geteuid() == 0:
+        # root ignores permission bits: make the cache path unusable another way (a file where a folder goes)
+        (tmp_path / "cache").write_text("")
+        entry = tmp_path / "cache" / "smollm2" / "hf"
+    else:
+        (tmp_path / "cache").mkdir(mode=0o500)
+        entry = tmp_path / "cache" / "smollm2" / "hf"
+    monkeypatch.setenv("DLLM_SPARSE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(OSError, match="not writable.*DLLM_SPARSE_CACHE"):
+        with build_lock(entry):
+            pass
+
+
+def test_published_cache_directories_are_readable_by_others(tmp_path):
+    import os
+    import stat
+    import tempfile
+
+    from dllm_sparse.models.loading import publish_dir
+
+    tmp = Path(tempfile.mkdtemp(dir=tmp_path))
+    (tmp / "config.json").write_text("{}")
+    assert stat.S_IMODE(tmp.stat().st_mode) == 0o700  # what mkdtemp gives
+    old = os.umask(0o022)
+    try:
+        publish_dir(tmp, tmp_path / "entry")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "entry").stat().st_mode) == 0o755
+    assert (tmp_path / "entry" / "config.json").read_text() == "{}"

@@ -100,9 +100,30 @@ def build_lock(path: Path) -> Iterator[None]:
     process finished the entry while this one waited."""
     from filelock import FileLock
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path.with_name(path.name + ".lock"))):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path.with_name(path.name + ".lock")))
+        lock.acquire()
+    except OSError as e:
+        raise OSError(f"the model cache {cache_dir()} is not writable ({e}). Set DLLM_SPARSE_CACHE to a "
+                      "writable directory (or ask its owner to build the entry once; readers need no write "
+                      "access to a finished cache)") from e
+    try:
         yield
+    finally:
+        lock.release()
+
+
+def publish_dir(tmp: Path, target: Path) -> None:
+    """Move a finished build directory into place atomically, readable by every user of a shared cache.
+
+    ``tempfile.mkdtemp`` makes directories private (0700); a cache built by one user must be usable by
+    another, so the directory gets the permissions the umask gives a new directory before it is renamed."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover (no config.json), never a finished one
+    os.replace(tmp, target)  # atomic: readers see no directory or a complete one
 
 
 def _smollm2_hf_dir(**_: Any) -> Path:
@@ -129,8 +150,7 @@ def _smollm2_hf_dir(**_: Any) -> Path:
         try:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            shutil.rmtree(hf_dir, ignore_errors=True)
-            os.replace(tmp, hf_dir)  # atomic: readers see no directory or a complete one
+            publish_dir(tmp, hf_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return hf_dir
@@ -166,6 +186,55 @@ _DTYPES = {
 _DIFFUSION_MASK_IDS = {"llada": 126336, "dream": 151666}
 
 
+def _check_gguf(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        size = path.stat().st_size
+        raise ValueError(f"{path} is not a GGUF file ({'empty' if size == 0 else f'{size} bytes, no GGUF header'}); "
+                         "download it again")
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds (asked once per load,
+    so that a machine without network fails in seconds instead of retrying for a minute)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _check_hub(repo_id: str) -> bool:
+    """For a hub id: True when the hub is unreachable but the model is in the local cache; raises a clear
+    error when it is neither reachable nor cached; False when the hub is reachable."""
+    if hub_reachable():
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - not a valid repo id either
+        cached = False
+    if cached:
+        return True
+    known = ", ".join(sorted(EMBEDDED_MODELS))
+    raise OSError(f"{repo_id!r} is not a local path, nor an embedded name ({known}), nor in the local Hugging Face "
+                  "cache, and the Hugging Face hub cannot be reached from this machine. Download the model on a "
+                  "machine with network access and pass its local directory (or a .gguf file).")
+
+
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
@@ -192,7 +261,10 @@ def load_model(
     from dllm_sparse.models import llada  # noqa: F401  (registers model_type "llada" with the Auto classes)
 
     name = str(name_or_path)
+    if kind not in (None, "ar", "diffusion"):
+        raise ValueError(f"kind must be 'ar', 'diffusion' or None (detected from the architecture), got {kind!r}")
     torch_dtype = parse_dtype(dtype)
+    hub_offline_but_cached = False
     if name in EMBEDDED_MODELS:
         resolved = EMBEDDED_MODELS[name](dtype=torch_dtype, device=device)
         if isinstance(resolved, LoadedModel):
@@ -202,18 +274,25 @@ def load_model(
         path = Path(name).expanduser()
         gguf_file = None
         if path.suffix == ".gguf":
-            if not path.is_file():
-                raise FileNotFoundError(f"GGUF file not found: {path}")
+            _check_gguf(path)
             path, gguf_file = path.parent, path.name
         elif not path.exists():
-            path = name  # a hub id: transformers resolves it (and fails clearly when offline)
+            path = name  # a hub id: transformers resolves it
+            hub_offline_but_cached = _check_hub(name)
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    if hub_offline_but_cached:
+        kwargs["local_files_only"] = True  # no network: read the local Hugging Face cache without retries
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - a GGUF parser raises anything on a damaged file
+        if gguf_file:
+            raise ValueError(f"could not read the GGUF file {Path(path) / gguf_file} ({type(e).__name__}: {e}). "
+                             "It is truncated or not a GGUF file: download it again") from e
+        if not isinstance(e, OSError):
+            raise
         known = ", ".join(sorted(EMBEDDED_MODELS))
         raise OSError(f"could not load {name!r}: {e}\nGive a local directory, a .gguf file, a hub id reachable "
                       f"from this machine, or an embedded name ({known}).") from e

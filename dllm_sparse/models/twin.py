@@ -10,7 +10,6 @@ same module layout as for LLaDA. The merged model is cached as a Hugging Face di
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 from dllm_sparse.models.adapt import MASK_TOKEN, adapter_hash, add_mask_token, convert_causal_lm, load_adapter_state, merge_adapter
 from dllm_sparse.models.llada import LLaDAModelLM
-from dllm_sparse.models.loading import _smollm2_hf_dir, build_lock, cache_dir
+from dllm_sparse.models.loading import _smollm2_hf_dir, build_lock, cache_dir, publish_dir
 
 __all__ = ["SMOLLM2_MDM_ADAPTER", "build_adapted_model", "smollm2_mdm_dir"]
 
@@ -65,8 +64,7 @@ def smollm2_mdm_dir(adapter_dir: str | Path = SMOLLM2_MDM_ADAPTER, **_: Any) -> 
         try:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover (no config.json), never a finished one
-            os.replace(tmp, target)  # a half-written cache is never visible
+            publish_dir(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
