@@ -31,6 +31,7 @@ import torch
 
 from .common import (
     Timer,
+    check_ids_fit,
     cut_output,
     encode_prompts,
     model_device,
@@ -103,6 +104,7 @@ class AutoregressiveGenerator:
         stop_ids = resolve_stop_ids(cfg, model, tok, self.family)
         pad_id = resolve_pad_id(cfg, model, tok, stop_ids)
         ids, am = encode_prompts(prompts, tok, pad_id, attention_mask, apply_chat_template)
+        check_ids_fit(model, ids, am, ids.shape[1] + cfg.max_new_tokens, pad_id=pad_id)
         device = model_device(model)
         ids, am = ids.to(device), am.to(device)
         B, P = ids.shape

@@ -104,6 +104,33 @@ def encode_prompts(
     return left_pad(rows, pad_id)
 
 
+def check_ids_fit(model: Any, ids: torch.Tensor, attention_mask: torch.Tensor, total_length: int,
+                  **special_ids: int | None) -> None:
+    """Raise a clear error when a prompt id or a special id (``pad_id=``, ``mask_id=``) lies outside the model's
+    vocabulary, or when prompt + generated tokens (``total_length``) outgrow the model's context.
+
+    Both would otherwise fail deep inside the embedding (``index out of range in self``) or run silently past
+    the positions the model was trained on."""
+    try:
+        vocab = int(model.get_input_embeddings().num_embeddings)
+    except (AttributeError, NotImplementedError, TypeError):
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab:
+        for name, value in special_ids.items():
+            if value is not None and not 0 <= int(value) < vocab:
+                raise ValueError(f"{name} {value} is outside the model's vocabulary (0..{vocab - 1}); pass "
+                                 f"GenerationConfig({name}=...) with an id of this model")
+        real = ids[attention_mask.bool()]
+        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab):
+            bad = real[(real < 0) | (real >= vocab)].unique().tolist()[:5]
+            raise ValueError(f"prompt token ids {bad} are outside the model's vocabulary (0..{vocab - 1}); were the "
+                             "prompts encoded with this model's tokenizer?")
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and total_length > context:
+        raise ValueError(f"prompt ({ids.shape[-1]} tokens, padded) + generated tokens = {total_length} positions, "
+                         f"more than the model's context of {context}; shorten the prompt or generate fewer tokens")
+
+
 def resolve_pad_id(config: GenerationConfig, model: Any, tokenizer: Any, eos_ids: Sequence[int] = ()) -> int:
     if config.pad_id is not None:
         return int(config.pad_id)

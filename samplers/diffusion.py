@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from .common import (
     Timer,
+    check_ids_fit,
     cut_output,
     encode_prompts,
     model_device,
@@ -202,6 +203,7 @@ class MaskedDiffusionGenerator:
         pad_id = resolve_pad_id(cfg, model, tok, stop_ids)
 
         ids, am = encode_prompts(prompts, tok, pad_id, attention_mask, apply_chat_template)
+        check_ids_fit(model, ids, am, ids.shape[1] + gen_length, pad_id=pad_id, mask_id=mask_id)
         padded = not bool(am.bool().all())
         if padded:
             if pad_id == mask_id and attention_mask is None:

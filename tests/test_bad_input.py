@@ -134,3 +134,30 @@ def test_published_cache_directories_are_readable_by_others(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "entry").stat().st_mode) == 0o755
     assert (tmp_path / "entry" / "config.json").read_text() == "{}"
+
+
+# ---- token ids and context ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["llada", "llama"])
+def test_prompt_ids_outside_the_vocabulary(kind, llada, llama):
+    model = llada if kind == "llada" else llama
+    vocab = model.get_input_embeddings().num_embeddings
+    with pytest.raises(ValueError, match=r"prompt token ids \[%d\] are outside the model's vocabulary" % vocab):
+        generate(model, None, [[5, vocab, 7]], GenerationConfig(gen_length=4, steps=4, stop_token_ids=()))
+
+
+@pytest.mark.parametrize("field", ["pad_id", "mask_id"])
+def test_special_ids_outside_the_vocabulary(llada, field):
+    vocab = llada.get_input_embeddings().num_embeddings
+    cfg = GenerationConfig(gen_length=4, steps=4, stop_token_ids=(), **{field: vocab + 3})
+    with pytest.raises(ValueError, match=f"{field} {vocab + 3} is outside the model's vocabulary"):
+        generate(llada, None, [[5, 6], [7]], cfg)
+
+
+@pytest.mark.parametrize("kind", ["llada", "llama"])
+def test_prompt_longer_than_the_context(kind, llada, llama):
+    model = llada if kind == "llada" else llama
+    context = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"more than the model's context of {context}"):
+        generate(model, None, [[5] * (context - 2)], GenerationConfig(gen_length=4, steps=4, stop_token_ids=()))
