@@ -106,7 +106,7 @@ class SparseFFN(nn.Module):
 
     @staticmethod
     def _kept(v: torch.Tensor, keep: torch.Tensor | None, tau: torch.Tensor | None) -> torch.Tensor:
-        return keep if keep is not None else (v.abs().float() >= tau) & (v != 0)
+        return keep if keep is not None else ~(v.abs().float() < tau) & (v != 0)
 
     def _record(self, v: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         v = v.masked_fill(~kept, 0)

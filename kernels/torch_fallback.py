@@ -33,7 +33,7 @@ def topp_threshold(x: torch.Tensor, p: float) -> torch.Tensor:
 
 def colsparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """x [d_in], weight_t [d_in, d_out], tau [1] -> y [d_out]; rows with |x| < tau or x == 0 are skipped."""
-    keep = (x.abs().float() >= tau) & (x != 0)
+    keep = ~(x.abs().float() < tau) & (x != 0)  # "not below": a NaN entry (or a NaN tau) is kept
     rows = keep.nonzero().squeeze(1)
     return _mm(x[rows].unsqueeze(0), weight_t.index_select(0, rows), x.dtype).squeeze(0)
 

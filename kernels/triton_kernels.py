@@ -104,7 +104,7 @@ def _topp_threshold_kernel(x_ptr, tau_ptr, D, stride_x, p_hi, p_lo, BLOCK: tl.co
 
 
 def topp_threshold(x: torch.Tensor, p: float, block: int | None = None) -> torch.Tensor:
-    """x [M, d] -> tau [M] float32 (keep |x| >= tau and x != 0). p >= 1 gives tau = 0.
+    """x [M, d] -> tau [M] float32 (keep: not |x| < tau, and x != 0). p >= 1 gives tau = 0.
     ``block`` (tests): tile length; rows longer than it take the chunked path."""
     M, D = x.shape
     tau = torch.zeros(M, device=x.device, dtype=torch.float32)
@@ -142,7 +142,9 @@ def _colsparse_gemv_kernel(
     for k0 in range(0, K_PER_SPLIT, BLOCK_K):
         offs_k = k_begin + k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        keep = (tl.abs(x) >= tau) & (x != 0.0)  # out-of-range entries loaded as 0: never kept
+        # "not below tau": a NaN entry (or the tau 0 of a row with a NaN) is kept, so NaN propagates as in the
+        # dense model; out-of-range entries are loaded as 0: never kept.
+        keep = (~(tl.abs(x) < tau)) & (x != 0.0)
         w = tl.load(wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
                     mask=keep[:, None] & n_ok[None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * x[:, None], axis=0)
@@ -153,7 +155,7 @@ def colsparse_gemv(
     x: torch.Tensor, weight_t: torch.Tensor, tau: torch.Tensor,
     block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
 ) -> torch.Tensor:
-    """y[n] = sum over kept i of x[i] * weight_t[i, n]; kept: |x[i]| >= tau[0] and x[i] != 0.
+    """y[n] = sum over kept i of x[i] * weight_t[i, n]; kept: not |x[i]| < tau[0], and x[i] != 0 (NaN kept).
 
     x [d_in], weight_t [d_in, d_out] (row stride may exceed d_out), tau [1] float32 -> y [d_out], x.dtype.
     """

@@ -258,3 +258,41 @@ def test_non_linear_projection_is_rejected_before_any_swap():
     with pytest.raises(ValueError, match="not nn.Linear"):
         accelerate_ffn(model, "input", TopP(0.5))
     assert not is_accelerated(model)  # layer 0 was not swapped either
+
+
+# --------------------------------------------------------------------------------------------------------
+# NaN is never hidden: it propagates exactly as in the dense model, in every path
+# --------------------------------------------------------------------------------------------------------
+
+
+def _poison_ffn_input(model, layer=0, token=(0, 2), feature=5):
+    """A forward pre-hook on one FFN that puts a NaN into one token's input (a stand-in for a numerical fault)."""
+    ffn = find_ffns(model)[layer]
+
+    def hook(module, args):
+        x = args[0].clone()
+        x[token[0], token[1], feature] = float("nan")
+        return (x, *args[1:])
+
+    return ffn.owner.register_forward_pre_hook(hook)  # LlamaMLP: its input is the FFN input x
+
+
+@pytest.mark.parametrize("site", SITES)
+@pytest.mark.parametrize("rule", [TopP(0.5), TopK(0.5), MaxP(0.2)], ids=["top_p", "top_k", "max_p"])
+def test_nan_propagates_like_dense(be, site, rule):
+    model = _model("llama")
+    ids = _ids(2, 5)
+    handle = _poison_ffn_input(model)
+    try:
+        dense = _logits(model, ids)
+        with sparsify(model, site, rule) as stats:
+            masked = _logits(model, ids)
+        with accelerated_ffn(model, site, rule, backend=be):
+            fast = _logits(model, ids)
+    finally:
+        handle.remove()
+    nan = torch.isnan(dense)
+    assert nan.any() and not nan.all()  # the fault reached some outputs, not all
+    assert torch.equal(torch.isnan(masked), nan)
+    assert torch.equal(torch.isnan(fast), nan)
+    assert stats.per_layer(site)[0] < 1.0  # the poisoned layer is not reported as 100 % sparse

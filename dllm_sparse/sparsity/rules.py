@@ -7,6 +7,10 @@ The contract is ``docs/sparsification.md``. Every rule is a small frozen object 
 
 Zeros are never "kept": a keep-mask is always a subset of the non-zero entries, so an all-zero row gets an
 empty mask and stays zero, and p = 1 keeps exactly the non-zero entries.
+
+NaN is never hidden: a row holding a NaN has no meaningful mass or ranking, so every rule keeps the whole
+row (its non-zero entries) and the NaN reaches the output exactly as in the dense model. Thresholds compare
+as ``not |v| < tau``, so the kernels (which work with thresholds) keep the same entries.
 """
 
 from __future__ import annotations
@@ -60,8 +64,8 @@ def top_p_mask_reference(x: torch.Tensor, p: float) -> torch.Tensor:
     p = _check_p(p)
     a = x.detach().abs().to(torch.float64)
     if p >= 1.0:
-        return a > 0
-    return (a >= top_p_threshold_reference(x, p)) & (a > 0)
+        return a != 0
+    return ~(a < top_p_threshold_reference(x, p)) & (a != 0)
 
 
 _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}
@@ -105,10 +109,10 @@ def top_p_mask(x: torch.Tensor, p: float, acc_dtype: torch.dtype | None = None) 
     p = _check_p(p)
     a = x.detach().abs()
     if p >= 1.0:
-        return a > 0
+        return a != 0
     tau = top_p_threshold(x, p, acc_dtype)
     a = a.to(tau.dtype)
-    return (a >= tau) & (a > 0)
+    return ~(a < tau) & (a != 0)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -130,8 +134,8 @@ class SparsityRule(ABC):
             if x.dim() < 2:
                 raise ValueError("scope='sequence' needs activations shaped [..., tokens, features]")
             flat = x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
-            return self._row_mask(flat).reshape(x.shape)
-        return self._row_mask(x)
+            return _keep_nan_rows(flat, self._row_mask(flat)).reshape(x.shape)
+        return _keep_nan_rows(x, self._row_mask(x))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x.masked_fill(~self.mask(x), 0)
@@ -148,6 +152,13 @@ class SparsityRule(ABC):
     @abstractmethod
     def to_dict(self) -> dict:
         """A JSON-able description, e.g. {"rule": "top_p", "threshold": 0.9, "scope": "token"}."""
+
+
+def _keep_nan_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Rows holding a NaN keep every non-zero entry, so the NaN propagates as in the dense model."""
+    if x.is_floating_point():
+        keep = keep | (torch.isnan(x).any(dim=-1, keepdim=True) & (x != 0))
+    return keep
 
 
 def _check_scope(scope: str) -> None:
