@@ -26,8 +26,8 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "dllm_sparse.models.families": ["ADAPTERS", "FFNAdapter", "FFNModules", "detect_adapter", "find_ffns",
-                                    "register_adapter"],
+    "dllm_sparse.models.families": ["PROFILES", "FamilyProfile", "FFNModules", "detect_family", "family_named",
+                                    "find_ffns", "register_family", "without_lm_head"],
     "dllm_sparse.models.loading": ["LoadedModel", "load_model"],
     "dllm_sparse.sparsity.rules": ["SparsityRule", "TopP", "TopK", "MaxP", "make_rule", "top_p_mask",
                                    "top_p_mask_reference", "top_p_threshold"],

@@ -25,6 +25,12 @@ For `gate` and `up` the mask depends on a projection's dense output, so that pro
 what the mask makes exact to skip is the other projection's rows (the product zeroes them anyway) and
 the down projection's columns. For `up`, ``act(0) = 0`` (SiLU, tanh-GELU) keeps skipped rows zero.
 
+A family with one fused ``gate_up`` projection (Phi-3: output ``[gate; up]``, split by the owner) gets the
+same computation with ``gate_up`` swapped in place of gate and up: at `input` one column-sparse launch
+over its weight; at `up` the up half runs dense and the gate half row-sparse; at `gate` the gate half runs
+dense, the activation and the rule run inside the swapped ``gate_up`` (the owner applies the activation only
+after splitting), the up half row-sparse, and the swapped activation hands the masked activation back.
+
 The outputs equal the masking path (:func:`dllm_sparse.sparsity.hooks`, same site and rule) up to the dtype's
 rounding. The swap is for inference: the kernels have no backward. Call it after the model has its final
 device and dtype (the transposed weight copies are made at swap time; ``model.to()`` moves them along,
@@ -38,6 +44,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from dllm_sparse.models.families import FFNModules, find_ffns
 from dllm_sparse.sparsity.rules import SparsityRule, TopP
@@ -58,6 +65,13 @@ _SWAPPED = {
     FFNSite.INTERMEDIATE: ("down",),
     FFNSite.GATE: ("up", "act", "down"),
     FFNSite.UP: ("gate", "up", "down"),
+}
+# The same for a fused gate_up projection.
+_SWAPPED_FUSED = {
+    FFNSite.INPUT: ("gate_up",),
+    FFNSite.INTERMEDIATE: ("down",),
+    FFNSite.GATE: ("gate_up", "act", "down"),
+    FFNSite.UP: ("gate_up", "down"),
 }
 
 
@@ -80,21 +94,35 @@ class SparseFFN(nn.Module):
         self.backend = backend
         # A plain dict, not submodules: the originals' parameters are registered in the owner (or in the
         # SparsePart that replaced them), so nothing is listed twice.
-        self._orig = {"gate": ffn.gate, "up": ffn.up, "act": ffn.act, "down": ffn.down}
+        self._orig = {"gate": ffn.gate, "up": ffn.up, "act": ffn.act, "down": ffn.down, "gate_up": ffn.gate_up}
+        self.fused = ffn.gate_up is not None
         self._stash: dict[str, tuple] = {}
-        self.d_ff = ffn.gate.weight.shape[0]
+        self.d_ff = ffn.down.weight.shape[1]
         with torch.no_grad():
             # Column-sparse matrices are stored transposed once, so a kept input reads one contiguous row.
             # Non-persistent buffers: state_dict stays the original one, model.to() still moves them.
             if site is FFNSite.INPUT:
-                self.register_buffer("gate_up_t", torch.cat([ffn.gate.weight, ffn.up.weight]).t().contiguous(),
-                                     persistent=False)
-                biases = (ffn.gate.bias, ffn.up.bias)
-                gate_up_bias = None if biases == (None, None) else torch.cat(
-                    [b if b is not None else ffn.gate.weight.new_zeros(self.d_ff) for b in biases])
+                if self.fused:  # already one [gate; up] matrix
+                    gate_up_t, gate_up_bias = ffn.gate_up.weight.t().contiguous(), ffn.gate_up.bias
+                else:
+                    gate_up_t = torch.cat([ffn.gate.weight, ffn.up.weight]).t().contiguous()
+                    biases = (ffn.gate.bias, ffn.up.bias)
+                    gate_up_bias = None if biases == (None, None) else torch.cat(
+                        [b if b is not None else ffn.gate.weight.new_zeros(self.d_ff) for b in biases])
+                self.register_buffer("gate_up_t", gate_up_t, persistent=False)
                 self.register_buffer("gate_up_bias", gate_up_bias, persistent=False)
             else:
                 self.register_buffer("down_t", ffn.down.weight.t().contiguous(), persistent=False)
+
+    def _projection(self, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) of the gate or up projection; for a fused one, its half of gate_up (views, read at
+        call time so that model.to() is followed)."""
+        if not self.fused:
+            m = self._orig[role]
+            return m.weight, m.bias
+        m = self._orig["gate_up"]
+        half = slice(0, self.d_ff) if role == "gate" else slice(self.d_ff, 2 * self.d_ff)
+        return m.weight[half], (m.bias[half] if m.bias is not None else None)
 
     # ---- selection -------------------------------------------------------------------------------------
     def _select(self, v: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -116,12 +144,16 @@ class SparseFFN(nn.Module):
 
     # ---- the four roles ----------------------------------------------------------------------------------
     def run(self, role: str, v: torch.Tensor) -> torch.Tensor:
+        if role == "gate_up":  # called once per forward, so nothing goes through the stash
+            if self.site is FFNSite.INPUT:
+                return self._input_matmul(v)
+            return torch.cat(self._fused_gate_site(v) if self.site is FFNSite.GATE else self._up_site(v), dim=-1)
         if role == "gate":
             return self._gate_and_up(v)[0]
         if role == "up":
             return self._gate_and_up(v)[1] if self.site is not FFNSite.GATE else self._up_rows(v)
         if role == "act":
-            return self._act(v)
+            return self._fused_act() if self.fused else self._act(v)
         return self._down(v)
 
     def _gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,21 +164,25 @@ class SparseFFN(nn.Module):
         self._stash["gate_up"] = (x, out)
         return out
 
-    def _input_site(self, x):
+    def _input_matmul(self, x):
+        """[gate; up] of the sparse x, one column-sparse launch over both matrices."""
         keep, tau = self._select(x)
         if self.stats is not None:
             self._record(x, self._kept(x, keep, tau))
-        y = column_sparse_matmul(x, self.gate_up_t, threshold=tau, keep=keep, bias=self.gate_up_bias,
-                                 backend=self.backend)
+        return column_sparse_matmul(x, self.gate_up_t, threshold=tau, keep=keep, bias=self.gate_up_bias,
+                                    backend=self.backend)
+
+    def _input_site(self, x):
+        y = self._input_matmul(x)
         return y[..., : self.d_ff], y[..., self.d_ff:]
 
     def _up_site(self, x):
-        u = self._orig["up"](x)
+        u = self._orig["up"](x) if not self.fused else F.linear(x, *self._projection("up"))
         keep, tau = self._select(u)
         kept = self._kept(u, keep, tau)
         u = self._record(u, kept)
-        gate = self._orig["gate"]
-        g = row_sparse_matmul(x, gate.weight, kept, bias=gate.bias, backend=self.backend)
+        gate_w, gate_b = self._projection("gate")
+        g = row_sparse_matmul(x, gate_w, kept, bias=gate_b, backend=self.backend)
         return g, u
 
     def _act(self, g):
@@ -155,6 +191,24 @@ class SparseFFN(nn.Module):
         kept = self._kept(a, keep, tau)
         self._stash["gate_keep"] = (kept,)
         return self._record(a, kept)
+
+    def _fused_gate_site(self, x):
+        """gate site, fused: the owner splits [gate; up] before the activation, so the rule runs here."""
+        g = F.linear(x, *self._projection("gate"))
+        a = self._orig["act"](g)
+        keep, tau = self._select(a)
+        kept = self._kept(a, keep, tau)
+        self._stash["gate_act"] = (self._record(a, kept),)
+        up_w, up_b = self._projection("up")
+        return g, row_sparse_matmul(x, up_w, kept, bias=up_b, backend=self.backend)
+
+    def _fused_act(self):
+        hit = self._stash.pop("gate_act", None)
+        if hit is None:
+            raise RuntimeError("site 'gate': the activation ran before the fused gate_up projection. accelerate_ffn "
+                               "expects the FFN to compute down(act(gate) * up) from [gate; up] = gate_up(x); use "
+                               "dllm_sparse.sparsity.hooks for this model instead.")
+        return hit[0]
 
     def _up_rows(self, x):
         hit = self._stash.pop("gate_keep", None)
@@ -210,8 +264,9 @@ class SparsePart(nn.Module):
 
 
 def _check_ffn(ffn: FFNModules) -> None:
-    where = f"layer {ffn.layer} ({ffn.adapter.family})"
-    for role in ("gate", "up", "down"):
+    where = f"layer {ffn.layer} ({ffn.profile.family})"
+    roles = ("gate_up", "down") if ffn.gate_up is not None else ("gate", "up", "down")
+    for role in roles:
         m = getattr(ffn, role)
         if not isinstance(m, nn.Linear):
             raise ValueError(f"{where}: the {role} projection is a {type(m).__name__}, not nn.Linear; the sparse "
@@ -219,15 +274,18 @@ def _check_ffn(ffn: FFNModules) -> None:
         if m.weight.is_meta:
             raise ValueError(f"{where}: the {role} weights are on the meta device (offloaded?); load the model "
                              "onto one device before accelerate_ffn")
-    d_ff, d = ffn.gate.weight.shape
-    if ffn.up.weight.shape != (d_ff, d) or ffn.down.weight.shape != (d, d_ff):
-        raise ValueError(f"{where}: projection shapes do not form a GLU FFN: gate {tuple(ffn.gate.weight.shape)}, "
-                         f"up {tuple(ffn.up.weight.shape)}, down {tuple(ffn.down.weight.shape)}")
+    shapes = {role: tuple(getattr(ffn, role).weight.shape) for role in roles}
+    d, d_ff = shapes["down"]
+    glu = shapes == ({"gate_up": (2 * d_ff, d), "down": (d, d_ff)} if ffn.gate_up is not None else
+                     {"gate": (d_ff, d), "up": (d_ff, d), "down": (d, d_ff)})
+    if not glu:
+        raise ValueError(f"{where}: projection shapes do not form a GLU FFN: "
+                         + ", ".join(f"{role} {shape}" for role, shape in shapes.items()))
 
 
 def _role_path(ffn: FFNModules, role: str) -> tuple[nn.Module, str]:
-    """(parent module, attribute name) of a role inside the owner, from the adapter's names."""
-    path = getattr(ffn.adapter, role)
+    """(parent module, attribute name) of a role inside the owner, from the family profile's names."""
+    path = getattr(ffn.profile, role)
     prefix, _, leaf = path.rpartition(".")
     return (ffn.owner.get_submodule(prefix) if prefix else ffn.owner), leaf
 
@@ -263,11 +321,11 @@ def accelerate_ffn(
     ffns = select_layers(find_ffns(model), layers)
     for ffn in ffns:  # validate everything before touching the model
         _check_ffn(ffn)
-        choose_backend(ffn.gate.weight, backend)  # a bad backend name fails here, not at the first forward
+        choose_backend(ffn.down.weight, backend)  # a bad backend name fails here, not at the first forward
     swaps = []
     for ffn in ffns:
         sparse = SparseFFN(ffn, site, rule, stats, backend)
-        for role in _SWAPPED[site]:
+        for role in (_SWAPPED_FUSED if sparse.fused else _SWAPPED)[site]:
             parent, name = _role_path(ffn, role)
             swaps.append((parent, name, SparsePart(sparse, role, getattr(parent, name))))
     for parent, name, part in swaps:

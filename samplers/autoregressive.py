@@ -49,9 +49,9 @@ __all__ = ["AutoregressiveGenerator"]
 
 def _family(model: Any) -> str:
     try:
-        from dllm_sparse.models.families import detect_adapter
+        from dllm_sparse.models.families import detect_family
 
-        return detect_adapter(model).family
+        return detect_family(model).family
     except Exception:  # noqa: BLE001 - any causal LM works
         return ""
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from dllm_sparse.models.families import family_named
+
 from .config import GenerationConfig
 
 __all__ = [
@@ -23,8 +25,6 @@ __all__ = [
 # Strings of end-of-sequence / end-of-turn tokens of common chat vocabularies (LLaMA-3 / LLaDA, ChatML
 # (Qwen, SmolLM2), GPT-2 style, Gemma). Added to the stop ids when the tokenizer knows them.
 _END_TOKENS = ("<|eot_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<eos>")
-# LLaDA-8B constants (docs/generation.md): end-of-sequence and end-of-turn.
-_LLADA_END_IDS = (126081, 126348)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -152,7 +152,8 @@ def _ids(value: Any) -> list[int]:
 
 
 def resolve_stop_ids(config: GenerationConfig, model: Any, tokenizer: Any, family: str = "") -> tuple[int, ...]:
-    """``config.stop_token_ids`` or, when None, the end-of-sequence / end-of-turn ids of model and tokenizer."""
+    """``config.stop_token_ids`` or, when None, the end-of-sequence / end-of-turn ids of model and tokenizer,
+    plus the ``end_ids`` of the family profile named ``family`` that fit in the vocabulary."""
     if config.stop_token_ids is not None:
         return tuple(config.stop_token_ids)
     ids: list[int] = []
@@ -167,9 +168,10 @@ def resolve_stop_ids(config: GenerationConfig, model: Any, tokenizer: Any, famil
         except Exception:  # noqa: BLE001 - some tokenizers have no vocab dict
             vocab = {}
         ids += [vocab[t] for t in _END_TOKENS if t in vocab]
-    if family == "llada":
+    profile = family_named(family)
+    if profile is not None and profile.end_ids:
         n_vocab = getattr(mcfg, "vocab_size", 0) or 0
-        ids += [i for i in _LLADA_END_IDS if i < n_vocab]
+        ids += [i for i in profile.end_ids if i < n_vocab]
     return tuple(dict.fromkeys(ids))
 
 

@@ -121,9 +121,9 @@ class GenerationConfig(_GenerationFields):
         block_length: block size (default ``gen_length``: pure diffusion); must divide ``gen_length``.
         cfg_scale: classifier-free guidance w; logits = uncond + (w + 1)(cond - uncond). 0 = off.
         remasking: ``"low_confidence"`` or ``"random"``.
-        mask_id: mask token id (default: model config ``mask_token_id``, tokenizer, or the family constant).
-        logit_shift: Dream-style shift (position i predicted from the output at i - 1). ``None`` = on for the
-            Dream family, off otherwise.
+        mask_id: mask token id (default: model config ``mask_token_id``, tokenizer, or the family profile's).
+        logit_shift: Dream-style shift (position i predicted from the output at i - 1). ``None`` = the family
+            profile's ``logit_shift`` (on for Dream), off for unknown families.
     """
 
 

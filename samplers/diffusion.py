@@ -27,8 +27,9 @@ prompt length or on padding: a row of a batch draws what the same prompt draws a
 Works with the native :class:`dllm_sparse.models.llada.LLaDAModelLM`, a LLaDA loaded with its own remote code (no
 padded batches: that code turns attention causal whenever an attention mask is passed), and any
 bidirectional masked LM whose output has ``.logits``. ``logit_shift`` applies Dream's convention:
-logits = cat([logits[:, :1], logits[:, :-1]], dim=1) (on by default for the Dream family; a native LLaDA whose
-config has ``logit_shift=True``, such as a converted AR model, shifts inside its forward and needs nothing).
+logits = cat([logits[:, :1], logits[:, :-1]], dim=1) (on by default for families whose profile says
+``logit_shift=True``, such as Dream; a native LLaDA whose config has ``logit_shift=True``, such as a converted
+AR model, shifts inside its forward and needs nothing).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from dllm_sparse.models.families import detect_family, family_named
 
 from .common import (
     Timer,
@@ -54,9 +57,6 @@ from dllm_sparse.steps import CallbackList, StepState
 from .config import GenerationConfig, GenerationResult, StepInfo
 
 __all__ = ["MaskedDiffusionGenerator", "validate_geometry", "num_transfer_tokens", "resolve_mask_id"]
-
-_FAMILY_MASK_IDS = {"llada": 126336, "dream": 151666}
-
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
@@ -103,24 +103,24 @@ def num_transfer_tokens(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def resolve_mask_id(model: Any, tokenizer: Any = None, mask_id: int | None = None, family: str = "") -> int:
-    """Mask id from the argument, model config ``mask_token_id``, tokenizer ``mask_token_id``, or family."""
+    """Mask id from the argument, model config ``mask_token_id``, tokenizer ``mask_token_id``, or the
+    ``mask_id`` of the family profile named ``family``."""
     if mask_id is not None:
         return int(mask_id)
     for source in (getattr(model, "config", None), tokenizer):
         mid = getattr(source, "mask_token_id", None) if source is not None else None
         if isinstance(mid, int):
             return mid
-    if family in _FAMILY_MASK_IDS:
-        return _FAMILY_MASK_IDS[family]
+    profile = family_named(family)
+    if profile is not None and profile.mask_id is not None:
+        return profile.mask_id
     raise ValueError("no mask token id: the model config has no mask_token_id and the family is unknown; pass "
                      "GenerationConfig(mask_id=...) or MaskedDiffusionGenerator(model, mask_id=...)")
 
 
 def _family(model: Any) -> str:
     try:
-        from dllm_sparse.models.families import detect_adapter
-
-        return detect_adapter(model).family
+        return detect_family(model).family
     except Exception:  # noqa: BLE001 - any masked LM with .logits is accepted
         mt = getattr(getattr(model, "config", None), "model_type", "")
         return mt if isinstance(mt, str) else ""
@@ -217,7 +217,8 @@ class MaskedDiffusionGenerator:
                                  "whenever an attention_mask is passed, so left-padded batches would be wrong. "
                                  "Fix: load it with dllm_sparse's native LLaDA (load_model(path) without "
                                  "trust_remote_code) or generate prompts of equal length (one at a time).")
-        shift = cfg.logit_shift if cfg.logit_shift is not None else self.family == "dream"
+        profile = family_named(self.family)
+        shift = cfg.logit_shift if cfg.logit_shift is not None else (profile is not None and profile.logit_shift)
         if shift and _shifts_itself(model):
             raise ValueError("this model already shifts its logits (config.logit_shift=True in the native LLaDA "
                              "class); leave GenerationConfig.logit_shift at None/False to avoid shifting twice")

@@ -23,14 +23,14 @@ KINDS = ("ar", "diffusion")
 
 
 def detect_kind(model: Any) -> str:
-    """``"ar"`` or ``"diffusion"``: a LoadedModel's kind, else the FFN adapter's, else guessed from the class."""
+    """``"ar"`` or ``"diffusion"``: a LoadedModel's kind, else the family profile's, else guessed from the class."""
     kind = getattr(model, "kind", None)
     if kind in KINDS and not isinstance(model, torch.nn.Module):
         return kind
-    from dllm_sparse.models.families import detect_adapter
+    from dllm_sparse.models.families import detect_family
 
     try:
-        return detect_adapter(model).kind
+        return detect_family(model).kind
     except ValueError:
         name = type(model).__name__
         if name.endswith("ForCausalLM") or getattr(getattr(model, "config", None), "is_decoder", False):

@@ -34,7 +34,7 @@ HIDDEN = 32
 FFN = 64
 LAYERS = 2
 
-# Adapter family -> what detect_adapter must answer for the model the factory builds.
+# Family profile names -> what detect_family must answer for the model the factory builds.
 FAMILIES = ("llama", "qwen2", "mistral", "gemma3", "dream", "llada")
 
 

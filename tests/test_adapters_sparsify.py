@@ -1,4 +1,5 @@
-"""Adapters (dllm_sparse/adapters.py) and the masking path (dllm_sparse/sparsify.py) on tiny random models.
+"""Family profiles (dllm_sparse/models/families.py) and the masking path (dllm_sparse/sparsity/hooks.py) on tiny
+random models.
 
 Each site is checked against the spec (sparsification.md, "The gated FFN and its four sites") with the test's
 own forward hooks: hooks registered *before* ``sparsify`` attaches see the dense values, hooks registered
@@ -18,18 +19,18 @@ import torch.nn.functional as F
 from conftest import FAMILIES, build_tiny_model
 
 from dllm_sparse import (
-    ADAPTERS,
     ALL_SITES,
-    FFNAdapter,
+    PROFILES,
+    FamilyProfile,
     FFNSite,
     MaskEvent,
     Sparsifier,
     SparsityStats,
     TopK,
     TopP,
-    detect_adapter,
+    detect_family,
     find_ffns,
-    register_adapter,
+    register_family,
     sparsify,
 )
 
@@ -112,17 +113,17 @@ class Recorder:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Adapters
+# Family profiles
 # --------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_detect_adapter_and_find_ffns(family):
+def test_detect_family_and_find_ffns(family):
     model = shared_model(family)
-    adapter = detect_adapter(model)
-    assert adapter.family == family
-    assert adapter.kind == ("diffusion" if family in ("dream", "llada") else "ar")
-    assert adapter.activation == ("gelu_tanh" if family == "gemma3" else "silu")
+    profile = detect_family(model)
+    assert profile.family == family
+    assert profile.kind == ("diffusion" if family in ("dream", "llada") else "ar")
+    assert profile.activation == ("gelu_tanh" if family == "gemma3" else "silu")
     ffns = find_ffns(model)
     assert [f.layer for f in ffns] == [0, 1]
     for i, f in enumerate(ffns):
@@ -141,7 +142,7 @@ def test_detect_adapter_and_find_ffns(family):
 def test_detect_by_module_names_when_model_type_is_unknown():
     model = build_tiny_model("llama")
     model.config.model_type = "llama_fork"
-    assert detect_adapter(model).family in ("llama", "qwen2", "mistral", "gemma3", "dream")  # LLaMA names
+    assert detect_family(model).family in ("llama", "qwen2", "mistral", "gemma3", "dream")  # LLaMA names
     assert len(find_ffns(model)) == 2
 
 
@@ -149,7 +150,7 @@ def test_detect_by_module_names_when_model_type_is_unknown():
 def test_base_model_without_lm_head(family):
     # AutoModel gives the base model (LlamaModel: blocks at "layers", not "model.layers")
     base = shared_model(family).model
-    assert detect_adapter(base).family == family
+    assert detect_family(base).family == family
     assert [f.gate for f in find_ffns(base)] == [f.gate for f in find_ffns(shared_model(family))]
     ids = ids_for()
     with torch.no_grad():
@@ -163,7 +164,7 @@ def test_base_model_without_lm_head(family):
     assert hook_count(base) == 0
 
 
-# A model no built-in adapter knows: different module names everywhere.
+# A model no built-in profile knows: different module names everywhere.
 class _MysteryFFN(nn.Module):
     def __init__(self, d=16, h=40):
         super().__init__()
@@ -201,22 +202,22 @@ class _MysteryModel(nn.Module):
         return SimpleNamespace(logits=self.head(x))
 
 
-def test_unknown_model_error_and_register_adapter():
+def test_unknown_model_error_and_register_family():
     model = _MysteryModel().eval()
     with pytest.raises(ValueError) as err:
-        detect_adapter(model)
+        detect_family(model)
     msg = str(err.value)
-    assert "mystery" in msg and "Supported families" in msg and "register_adapter" in msg
+    assert "mystery" in msg and "Supported families" in msg and "register_family" in msg
     for family in FAMILIES:
         assert family in msg
-    with pytest.raises(ValueError, match="register_adapter"):
+    with pytest.raises(ValueError, match="register_family"):
         sparsify(model, "input", TopP(0.5)).__enter__()
 
-    saved = list(ADAPTERS)
+    saved = list(PROFILES)
     try:
-        adapter = register_adapter(FFNAdapter("mystery", ("mystery",), layers="body.stack", ffn="ffn", gate="w1",
-                                              up="w3", down="w2", act="nonlin"))
-        assert ADAPTERS[0] is adapter and detect_adapter(model) is adapter
+        profile = register_family(FamilyProfile("mystery", ("mystery",), layers="body.stack", ffn="ffn", gate="w1",
+                                                up="w3", down="w2", act="nonlin"))
+        assert PROFILES[0] is profile and detect_family(model) is profile
         ids = ids_for()
         dense = logits(model, ids)
         for site in SITES:
@@ -228,17 +229,17 @@ def test_unknown_model_error_and_register_adapter():
             assert 0.2 < stats.mean() < 0.95
         assert hook_count(model) == 0
         # re-registering the same family replaces it
-        register_adapter(FFNAdapter("mystery", ("mystery",), layers="body.stack", ffn="ffn", gate="w3", up="w1",
-                                    down="w2", act="nonlin"))
-        assert sum(a.family == "mystery" for a in ADAPTERS) == 1
-        # an adapter whose names do not fit is reported by find_ffns
+        register_family(FamilyProfile("mystery", ("mystery",), layers="body.stack", ffn="ffn", gate="w3", up="w1",
+                                      down="w2", act="nonlin"))
+        assert sum(a.family == "mystery" for a in PROFILES) == 1
+        # a profile whose names do not fit is reported by find_ffns
         with pytest.raises(ValueError, match="does not fit"):
-            find_ffns(model, FFNAdapter("x", ("x",), layers="body.stack", ffn="ffn", gate="nope", up="w3",
-                                        down="w2", act="nonlin"))
+            find_ffns(model, FamilyProfile("x", ("x",), layers="body.stack", ffn="ffn", gate="nope", up="w3",
+                                           down="w2", act="nonlin"))
     finally:
-        ADAPTERS[:] = saved
+        PROFILES[:] = saved
     with pytest.raises(ValueError):
-        detect_adapter(model)
+        detect_family(model)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,13 @@ def test_readme_example_runs(index, capsys):
             smollm2_gguf_path()  # downloads once when not cached
         except RuntimeError as e:
             pytest.skip(f"SmolLM2 GGUF neither cached nor downloadable (offline?): {e}")
-    exec(compile(code, f"README.md[python block {index}]", "exec"), {})
+    from dllm_sparse.models.families import PROFILES
+
+    saved = list(PROFILES)  # an example that registers a family must not change the families later tests see
+    try:
+        exec(compile(code, f"README.md[python block {index}]", "exec"), {})
+    finally:
+        PROFILES[:] = saved
     out = capsys.readouterr().out
     if "for site in ALL_SITES" in code:
         values = [float(v) for v in re.findall(r"measured sparsity ([\d.]+)%", out)]

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dllm_sparse.models.families import family_named, without_lm_head
 from dllm_sparse.sparsity.rules import SparsityRule, make_rule
 from dllm_sparse.sparsity.sites import FFNSite
 from dllm_sparse.sparsity.hooks import sparsify
@@ -146,29 +147,6 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
-@contextmanager
-def _head_at_masked_positions(model: torch.nn.Module, enabled: bool):
-    """For a native :class:`~dllm_sparse.models.llada.LLaDAModelLM`, swap the LM head for Identity so the forward returns
-    final hidden states (already shifted when the model shifts itself); yields ``project(h)`` that applies the
-    head to the gathered masked positions only. Saves projecting every unmasked position onto the vocabulary.
-    Yields None for other models (their logits are used as they are)."""
-    from dllm_sparse.models.llada import LLaDAModelLM
-
-    if not enabled or not isinstance(model, LLaDAModelLM) or getattr(model.config, "scale_logits", False):
-        yield None
-        return
-    tr = model.model.transformer
-    head = tr.ff_out
-    if head.weight.device.type == "meta":  # offloaded by accelerate: let its hooks run the head
-        yield None
-        return
-    tr.ff_out = torch.nn.Identity()
-    try:
-        yield lambda h: F.linear(h.to(head.weight.device), head.weight, head.bias)
-    finally:
-        tr.ff_out = head
 
 
 def item_generator(seed: int, key: Hashable) -> torch.Generator:
@@ -376,15 +354,17 @@ def diffusion_elbo_tokens(
             bins = (torch.ceil(ratio * ratio_bins).long() - 1).clamp(0, ratio_bins - 1)
             for k in range(ratio_bins):
                 groups[f"ratio{k / ratio_bins:.2f}-{(k + 1) / ratio_bins:.2f}"] = (bins == k)[:, None].expand_as(clean)
-        with torch.no_grad(), _tagged(stats, "elbo", groups), _head_at_masked_positions(model, True) as project:
-            logits = model(input_ids=noisy.to(device)).logits  # hidden states when project is not None
+        # Where the family allows it, the LM head is applied to the masked positions only (the forward returns
+        # final hidden states, shifted when the model shifts itself): no vocabulary projection of the others.
+        with torch.no_grad(), _tagged(stats, "elbo", groups), without_lm_head(model) as head:
+            logits = model(input_ids=noisy.to(device)).logits  # hidden states when head is not None
         if shift_logits:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         bi, ti = is_mask.nonzero(as_tuple=True)
         lg = logits[bi.to(logits.device), ti.to(logits.device)]
-        if project is not None:
+        if head is not None:
             with torch.no_grad():
-                lg = project(lg)
+                lg = F.linear(lg.to(head.weight.device), head.weight, head.bias)
         lg = lg.float()
         target = clean[bi, ti].to(lg.device)
         ce = F.cross_entropy(lg, target, reduction="none").double().cpu()
@@ -436,7 +416,10 @@ class Scorer:
     once; with identity rules this measures the natural sparsity of every site in one dense pass). ``stats``:
     where the measured sparsity goes (created on first use when sparsity is set). Tokenisation follows
     lm-evaluation-harness: trailing spaces of the context move to the continuation, the pair is encoded whole
-    and split, and an empty context becomes the prefix token (BOS, else EOS).
+    and split, and an empty context becomes the prefix token (BOS, else EOS). ``family`` names a family profile
+    (:mod:`dllm_sparse.models.families`, as in ``LoadedModel.family``); a diffusion scorer takes its
+    ``mask_id`` (when neither the argument, the model config nor the tokenizer gives one) and its
+    ``logit_shift`` (the ``shift_logits`` default) from it.
     """
 
     def __init__(
@@ -466,18 +449,28 @@ class Scorer:
         if kind not in ("ar", "diffusion"):
             raise ValueError(f"kind must be 'ar' or 'diffusion', got {kind!r}")
         if kind == "diffusion" and mask_id is None:
-            raise ValueError("a diffusion scorer needs mask_id")
+            from dllm_sparse.samplers.diffusion import resolve_mask_id  # the samplers' order: config, tokenizer, family
+
+            try:
+                mask_id = resolve_mask_id(model, tokenizer, None, family)
+            except ValueError:
+                raise ValueError("a diffusion scorer needs mask_id: the model config and the tokenizer name no "
+                                 f"mask_token_id and the family {family!r} has no profile mask_id; pass "
+                                 "mask_id=...") from None
         self.model, self.tokenizer, self.kind, self.mask_id = model, tokenizer, kind, mask_id
         self.name, self.family = name or type(model).__name__, family
         self.batch_size, self.mc_num, self.mc_batch, self.seed = int(batch_size), int(mc_num), int(mc_batch), seed
         if self.mc_num % self.mc_batch:
             raise ValueError(f"mc_num ({mc_num}) must be a multiple of mc_batch ({mc_batch})")
-        # Dream shifts outside the model; a native LLaDAModelLM with config.logit_shift shifts inside its forward.
+        # Dream shifts outside the model (its profile's logit_shift); a native LLaDAModelLM with
+        # config.logit_shift shifts inside its forward.
         shifts_itself = bool(getattr(getattr(model, "config", None), "logit_shift", False))
         if shift_logits and shifts_itself:
             raise ValueError("this model already shifts its logits (config.logit_shift=True); shifting again would "
                              "misalign every prediction. Leave shift_logits at None/False.")
-        self.shift_logits = (family == "dream" and not shifts_itself) if shift_logits is None else bool(shift_logits)
+        profile = family_named(family)
+        family_shift = profile is not None and profile.logit_shift
+        self.shift_logits = (family_shift and not shifts_itself) if shift_logits is None else bool(shift_logits)
         self.padding_side, self.add_bos_token = padding_side, add_bos_token
         self.max_length = max_length or self._default_max_length()
         self.greedy_check, self.dedupe, self.ratio_bins, self.progress = greedy_check, dedupe, ratio_bins, progress

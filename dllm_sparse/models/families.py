@@ -1,72 +1,155 @@
-"""Architecture adapters: where each family keeps its FFNs, and which module is gate / up / down / activation.
+"""Family profiles: everything the project knows about one architecture family, in one frozen record.
 
-This table is the only place in the project that knows module names. Everything else asks
-:func:`find_ffns` for a list of :class:`FFNModules`.
+A :class:`FamilyProfile` says where the family keeps its FFNs and which module is gate / up / down /
+activation (or one fused ``gate_up`` projection), and, for masked-diffusion families, the facts the samplers
+and scorers need: the mask token id, Dream's logit shift, the end-of-sequence / end-of-turn ids and where
+the LM head lives. This table is the only place in the project holding such facts; everything else asks
+:func:`detect_family` / :func:`family_named` for a profile and :func:`find_ffns` for the FFN modules.
 
 Adding a family takes one call::
 
-    from dllm_sparse import FFNAdapter, register_adapter
-    register_adapter(FFNAdapter(family="phi3ish", model_types=("myarch",), layers="model.layers",
-                                ffn="mlp", gate="gate_proj", up="up_proj", down="down_proj", act="act_fn"))
+    from dllm_sparse import FamilyProfile, register_family
+    register_family(FamilyProfile(family="myarch", model_types=("myarch",), layers="model.layers", ffn="mlp",
+                                  gate="gate_proj", up="up_proj", down="down_proj", act="act_fn"))
+
+Phi-3 style FFNs compute gate and up in one ``nn.Linear`` whose output is ``[gate; up]`` (first half gate,
+second half up); name it with ``gate_up=`` instead of ``gate=`` and ``up=``::
+
+    register_family(FamilyProfile(family="phi3", model_types=("phi3",), layers="model.layers", ffn="mlp",
+                                  gate_up="gate_up_proj", down="down_proj", act="activation_fn"))
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch.nn as nn
 
-__all__ = ["FFNAdapter", "FFNModules", "register_adapter", "detect_adapter", "find_ffns", "ADAPTERS"]
+__all__ = [
+    "FamilyProfile",
+    "FFNModules",
+    "PROFILES",
+    "register_family",
+    "detect_family",
+    "family_named",
+    "find_ffns",
+    "without_lm_head",
+]
+
+KINDS = ("ar", "diffusion")
 
 
 @dataclass(frozen=True)
-class FFNAdapter:
+class FamilyProfile:
+    """One architecture family. Module names are dotted paths (see the field comments)."""
+
     family: str
-    model_types: tuple[str, ...]  # values of config.model_type that select this adapter
+    model_types: tuple[str, ...]  # values of config.model_type that select this family
     layers: str  # dotted suffix of the nn.ModuleList of blocks ("model.layers", "transformer.blocks")
     ffn: str  # path inside a block to the module owning the projections ("mlp"; "" = the block itself)
-    gate: str
-    up: str
-    down: str
-    act: str  # a per-layer activation *module* (hooks attach to it for the gate site)
-    activation: str = "silu"  # "silu" or "gelu_tanh"; used by the accelerated FFN
+    gate: str = ""  # the projections, relative to the FFN owner; "" for gate and up when gate_up is set
+    up: str = ""
+    down: str = ""
+    act: str = ""  # a per-layer activation *module* (hooks attach to it for the gate site)
+    activation: str = "silu"  # the activation's name ("silu", "gelu_tanh"); hooks and kernels call act itself
     kind: str = "ar"  # "ar" (causal LM) or "diffusion" (masked-diffusion LM)
+    gate_up: str = ""  # one fused nn.Linear whose output is [gate; up] (Phi-3's gate_up_proj)
+    mask_id: int | None = None  # diffusion: the mask token id when neither config nor tokenizer names one
+    logit_shift: bool = False  # diffusion: logits at position i predict token i + 1 (Dream), shift them back
+    end_ids: tuple[int, ...] = ()  # end-of-sequence / end-of-turn ids added to the stop ids (when in the vocab)
+    # The LM head as a dotted path from the top model (LLaDA: "model.transformer.ff_out"), set only where the
+    # family's forward ends with that module, so a scorer can swap it out and project masked positions alone.
+    head: str = ""
+    head_unless: tuple[str, ...] = ()  # config flags that add work after the head (then the head stays)
+
+    def __post_init__(self):
+        # Normalise what is easy to get wrong by hand: a bare string for a tuple, mixed case, lists.
+        for name in ("model_types", "end_ids", "head_unless"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, (str, int)) else tuple(value))
+        object.__setattr__(self, "family", self.family.lower())  # looked up case-insensitively, like model types
+        object.__setattr__(self, "model_types", tuple(t.lower() for t in self.model_types))
+        object.__setattr__(self, "end_ids", tuple(int(i) for i in self.end_ids))
+        where = f"FamilyProfile {self.family!r}"
+        if not self.family:
+            raise ValueError("FamilyProfile needs a family name, e.g. family='phi3'")
+        if self.kind not in KINDS:
+            raise ValueError(f"{where}: kind must be one of {KINDS}, got {self.kind!r}")
+        if not self.down or not self.act:
+            raise ValueError(f"{where}: name the down projection and the activation module (down=..., act=...)")
+        if self.gate_up and (self.gate or self.up):
+            raise ValueError(f"{where}: gives gate_up={self.gate_up!r} and gate/up as well; a fused projection "
+                             "replaces both, so leave gate and up empty")
+        if not self.gate_up and not (self.gate and self.up):
+            raise ValueError(f"{where}: name the gate and up projections (gate=..., up=...) or one fused "
+                             "projection (gate_up=...)")
+        if self.kind == "ar" and (self.mask_id is not None or self.logit_shift):
+            raise ValueError(f"{where}: mask_id and logit_shift describe masked-diffusion models; set "
+                             "kind='diffusion' or leave them out")
+
+    @property
+    def fused(self) -> bool:
+        """True when gate and up are one ``gate_up`` projection."""
+        return bool(self.gate_up)
 
 
 @dataclass
 class FFNModules:
-    """One FFN, resolved on a live model."""
+    """One FFN, resolved on a live model. ``gate`` and ``up`` are None when ``gate_up`` holds both."""
 
     layer: int
     block: nn.Module
-    gate: nn.Module
-    up: nn.Module
+    gate: nn.Module | None
+    up: nn.Module | None
     down: nn.Module
     act: nn.Module
-    adapter: FFNAdapter
+    profile: FamilyProfile
     owner: nn.Module  # module that owns gate/up/down/act as attributes (for module swaps)
+    gate_up: nn.Module | None = None
 
 
 _LLAMA_NAMES = dict(layers="model.layers", ffn="mlp", gate="gate_proj", up="up_proj", down="down_proj", act="act_fn")
 
-ADAPTERS: list[FFNAdapter] = [
-    FFNAdapter("llama", ("llama",), **_LLAMA_NAMES),  # Llama 2/3.x, SmolLM2
-    FFNAdapter("qwen2", ("qwen2",), **_LLAMA_NAMES),  # Qwen2, Qwen2.5
-    FFNAdapter("mistral", ("mistral",), **_LLAMA_NAMES),
-    FFNAdapter("gemma3", ("gemma3", "gemma3_text"), **_LLAMA_NAMES, activation="gelu_tanh"),
-    FFNAdapter("dream", ("dream",), **_LLAMA_NAMES, kind="diffusion"),  # Dream-7B: Qwen2.5 names
-    FFNAdapter(
-        "llada", ("llada",), layers="transformer.blocks", ffn="", gate="ff_proj", up="up_proj",
-        down="ff_out", act="act", kind="diffusion",
+# The registry, searched front to back (families registered later come first).
+PROFILES: list[FamilyProfile] = [
+    FamilyProfile("llama", ("llama",), **_LLAMA_NAMES),  # Llama 2/3.x, SmolLM2
+    FamilyProfile("qwen2", ("qwen2",), **_LLAMA_NAMES),  # Qwen2, Qwen2.5
+    FamilyProfile("mistral", ("mistral",), **_LLAMA_NAMES),
+    FamilyProfile("gemma3", ("gemma3", "gemma3_text"), **_LLAMA_NAMES, activation="gelu_tanh"),
+    # Dream-7B: Qwen2.5 names; predicts token i + 1 at position i like its AR parent.
+    FamilyProfile("dream", ("dream",), **_LLAMA_NAMES, kind="diffusion", mask_id=151666, logit_shift=True),
+    FamilyProfile(
+        "llada", ("llada",), layers="transformer.blocks", ffn="", gate="ff_proj", up="up_proj", down="ff_out",
+        act="act", kind="diffusion", mask_id=126336,
+        end_ids=(126081, 126348),  # LLaDA-8B end-of-sequence and end-of-turn (docs/generation.md)
+        head="model.transformer.ff_out", head_unless=("scale_logits",),
     ),
 ]
 
 
-def register_adapter(adapter: FFNAdapter) -> FFNAdapter:
-    """Teach the project a new architecture family (or override one with the same family name)."""
-    ADAPTERS[:] = [a for a in ADAPTERS if a.family != adapter.family]
-    ADAPTERS.insert(0, adapter)
-    return adapter
+def register_family(profile: FamilyProfile) -> FamilyProfile:
+    """Teach the project a new architecture family (or replace the one with the same family name)."""
+    if not isinstance(profile, FamilyProfile):
+        raise TypeError(f"register_family takes a FamilyProfile, got {type(profile).__name__}")
+    PROFILES[:] = [p for p in PROFILES if p.family != profile.family]
+    PROFILES.insert(0, profile)
+    return profile
+
+
+def family_named(name: str | None) -> FamilyProfile | None:
+    """The registered profile called ``name``, else the one listing ``name`` as a model type, else None."""
+    if not name:
+        return None
+    name = name.lower()
+    for profile in PROFILES:
+        if profile.family == name:
+            return profile
+    for profile in PROFILES:
+        if name in profile.model_types:
+            return profile
+    return None
 
 
 def _config_model_type(model: nn.Module) -> str | None:
@@ -84,23 +167,29 @@ def _get(module: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def _resolve(model: nn.Module, adapter: FFNAdapter) -> list[FFNModules] | None:
-    """The adapter's FFNs on this model, or None when its names do not fit."""
+def _resolve(model: nn.Module, profile: FamilyProfile) -> list[FFNModules] | None:
+    """The profile's FFNs on this model, or None when its names do not fit."""
     candidates = [
         m for name, m in model.named_modules()
         if isinstance(m, nn.ModuleList)
-        and (name == adapter.layers or name.endswith("." + adapter.layers)
-             or adapter.layers.endswith("." + name))  # a base model (LlamaModel: "layers" of "model.layers")
+        and (name == profile.layers or name.endswith("." + profile.layers)
+             or profile.layers.endswith("." + name))  # a base model (LlamaModel: "layers" of "model.layers")
     ]
+    names = (profile.gate_up,) if profile.fused else (profile.gate, profile.up)
     for blocks in candidates:
         ffns = []
         for i, block in enumerate(blocks):
-            owner = _get(block, adapter.ffn)
-            parts = [_get(owner, n) if owner is not None else None for n in (adapter.gate, adapter.up, adapter.down)]
-            act = getattr(owner, adapter.act, None) if owner is not None else None
+            owner = _get(block, profile.ffn)
+            parts = [_get(owner, n) if owner is not None else None for n in (*names, profile.down)]
+            act = getattr(owner, profile.act, None) if owner is not None else None
             if any(p is None for p in parts) or not isinstance(act, nn.Module):
                 break
-            ffns.append(FFNModules(i, block, *parts, act, adapter, owner))
+            if profile.fused:
+                gate_up, down = parts
+                ffns.append(FFNModules(i, block, None, None, down, act, profile, owner, gate_up))
+            else:
+                gate, up, down = parts
+                ffns.append(FFNModules(i, block, gate, up, down, act, profile, owner))
         else:
             if ffns:
                 return ffns
@@ -108,30 +197,74 @@ def _resolve(model: nn.Module, adapter: FFNAdapter) -> list[FFNModules] | None:
 
 
 def _supported() -> str:
-    return ", ".join(f"{a.family} (model_type {'/'.join(a.model_types)})" for a in ADAPTERS)
+    return ", ".join(f"{p.family} (model_type {'/'.join(p.model_types)})" for p in PROFILES)
 
 
-def detect_adapter(model: nn.Module) -> FFNAdapter:
-    """The adapter for a loaded model: by ``config.model_type`` first, then by matching module names."""
+def detect_family(model: nn.Module) -> FamilyProfile:
+    """The profile of a loaded model: by ``config.model_type`` first, then by matching module names."""
     model_type = _config_model_type(model)
-    by_type = [a for a in ADAPTERS if model_type in a.model_types]
-    for adapter in by_type + [a for a in ADAPTERS if a not in by_type]:
-        if _resolve(model, adapter) is not None:
-            return adapter
+    by_type = [p for p in PROFILES if model_type in p.model_types]
+    for profile in by_type + [p for p in PROFILES if p not in by_type]:
+        if _resolve(model, profile) is not None:
+            return profile
     raise ValueError(
-        f"unknown architecture (model_type={model_type!r}, class {type(model).__name__}): no FFN adapter "
+        f"unknown architecture (model_type={model_type!r}, class {type(model).__name__}): no family profile "
         f"matches its module names. Supported families: {_supported()}.\n"
-        "Register one for a new family with dllm_sparse.register_adapter(FFNAdapter(family=..., "
+        "Register one for a new family with dllm_sparse.register_family(FamilyProfile(family=..., "
         "model_types=(...), layers='model.layers', ffn='mlp', gate='gate_proj', up='up_proj', "
         "down='down_proj', act='act_fn'))."
     )
 
 
-def find_ffns(model: nn.Module, adapter: FFNAdapter | None = None) -> list[FFNModules]:
+def find_ffns(model: nn.Module, profile: FamilyProfile | None = None) -> list[FFNModules]:
     """Every FFN of the model, in layer order."""
-    adapter = adapter or detect_adapter(model)
-    ffns = _resolve(model, adapter)
+    profile = profile or detect_family(model)
+    ffns = _resolve(model, profile)
     if ffns is None:
-        raise ValueError(f"adapter {adapter.family!r} does not fit {type(model).__name__}: no "
-                         f"'{adapter.layers}' blocks with {adapter.gate}/{adapter.up}/{adapter.down}/{adapter.act}")
+        names = profile.gate_up if profile.fused else f"{profile.gate}/{profile.up}"
+        raise ValueError(f"family {profile.family!r} does not fit {type(model).__name__}: no "
+                         f"'{profile.layers}' blocks with {names}/{profile.down}/{profile.act}")
     return ffns
+
+
+def _splittable_head(model: nn.Module, profile: FamilyProfile | None) -> tuple[nn.Module, str, nn.Linear] | None:
+    """(parent, attribute, head) when the LM head can be split off the forward, else None."""
+    if profile is None:
+        try:
+            profile = detect_family(model)
+        except ValueError:
+            return None
+    if not profile.head:
+        return None
+    # A checkpoint's own modelling code (trust_remote_code) may do more after the head than the profile
+    # knows (the original LLaDA code, for one, projects with the embedding when tied), so it keeps its head.
+    if type(model).__module__.startswith("transformers_modules"):
+        return None
+    config = getattr(model, "config", None)
+    if any(getattr(config, flag, False) for flag in profile.head_unless):
+        return None
+    head = _get(model, profile.head)
+    if not isinstance(head, nn.Linear) or head.weight.device.type == "meta":  # meta: offloaded by accelerate
+        return None
+    prefix, _, leaf = profile.head.rpartition(".")
+    return _get(model, prefix), leaf, head
+
+
+@contextmanager
+def without_lm_head(model: nn.Module, profile: FamilyProfile | None = None) -> Iterator[nn.Linear | None]:
+    """Swap the LM head for Identity inside the block, so the forward returns the final hidden states (shifted
+    when the model shifts its own logits); yields the head, to apply to the positions that need logits only.
+
+    Yields None, changing nothing, when the family names no head or the head cannot be split off safely
+    (remote code, a config flag in ``head_unless``, an offloaded head): then the forward's logits are used
+    as they are. ``profile`` defaults to the detected one."""
+    found = _splittable_head(model, profile)
+    if found is None:
+        yield None
+        return
+    parent, name, head = found
+    setattr(parent, name, nn.Identity())
+    try:
+        yield head
+    finally:
+        setattr(parent, name, head)

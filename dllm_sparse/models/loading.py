@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from dllm_sparse.models.families import detect_adapter
+from dllm_sparse.models.families import detect_family, family_named
 
 __all__ = ["LoadedModel", "load_model", "EMBEDDED_MODELS", "register_embedded", "cache_dir", "smollm2_gguf_path"]
 
@@ -42,7 +42,7 @@ class LoadedModel:
     kind: str  # "ar" (causal LM) or "diffusion" (masked-diffusion LM)
     name: str
     mask_id: int | None = None  # diffusion models only
-    family: str = ""  # adapter family (llama, llada, ...)
+    family: str = ""  # family profile name (llama, llada, ...; dllm_sparse.models.families)
 
     @property
     def device(self) -> torch.device:
@@ -183,7 +183,6 @@ _DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
     "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
 }
-_DIFFUSION_MASK_IDS = {"llada": 126336, "dream": 151666}
 
 
 def _check_gguf(path: Path) -> None:
@@ -254,8 +253,8 @@ def load_model(
 ) -> LoadedModel:
     """Load model and tokenizer. ``device="auto"`` places a large model with accelerate (``device_map``).
 
-    ``kind`` ("ar" / "diffusion") is detected from the architecture adapter when omitted; ``mask_id`` from
-    the config (``mask_token_id``) or the family's constant."""
+    ``kind`` ("ar" / "diffusion") is detected from the family profile when omitted; ``mask_id`` from the
+    config (``mask_token_id``) or the family profile's ``mask_id``."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from dllm_sparse.models import llada  # noqa: F401  (registers model_type "llada" with the Auto classes)
@@ -296,8 +295,8 @@ def load_model(
         known = ", ".join(sorted(EMBEDDED_MODELS))
         raise OSError(f"could not load {name!r}: {e}\nGive a local directory, a .gguf file, a hub id reachable "
                       f"from this machine, or an embedded name ({known}).") from e
-    model_type = getattr(config, "model_type", "")
-    is_diffusion = model_type in _DIFFUSION_MASK_IDS or kind == "diffusion"
+    by_type = family_named(getattr(config, "model_type", ""))  # before loading: picks the Auto class
+    is_diffusion = kind == "diffusion" or (by_type is not None and by_type.kind == "diffusion")
     auto_cls = AutoModel if is_diffusion else AutoModelForCausalLM
     model_kwargs = dict(kwargs)
     if torch_dtype is not None:
@@ -310,12 +309,12 @@ def load_model(
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
 
-    adapter = detect_adapter(model)
-    kind = kind or adapter.kind
+    profile = detect_family(model)
+    kind = kind or profile.kind
     if kind == "diffusion":
         mask_id = mask_id if mask_id is not None else getattr(config, "mask_token_id", None)
-        mask_id = mask_id if mask_id is not None else _DIFFUSION_MASK_IDS.get(adapter.family)
+        mask_id = mask_id if mask_id is not None else profile.mask_id
         if mask_id is None:
             raise ValueError(f"{name}: a diffusion model needs a mask token id; pass mask_id=...")
-    return LoadedModel(model, tokenizer, kind, name, mask_id, adapter.family)
+    return LoadedModel(model, tokenizer, kind, name, mask_id, profile.family)
 

@@ -107,16 +107,29 @@ class Sparsifier:
     def _attach_one(self, ffn: FFNModules) -> None:
         layer, add = ffn.layer, self._handles.append
         if self.site is FFNSite.INPUT:
-            # gate and up receive the same tensor x: select once, serve the sparse x to both projections.
+            # gate and up receive the same tensor x: select once, serve the sparse x to both projections
+            # (or to the one fused gate_up projection).
             hook = self._input_pre_hook(layer)
-            add(ffn.gate.register_forward_pre_hook(hook))
-            add(ffn.up.register_forward_pre_hook(hook))
+            for projection in (ffn.gate_up,) if ffn.gate_up is not None else (ffn.gate, ffn.up):
+                add(projection.register_forward_pre_hook(hook))
         elif self.site is FFNSite.GATE:
             add(ffn.act.register_forward_hook(lambda m, args, out: self._apply(layer, out)))
         elif self.site is FFNSite.UP:
-            add(ffn.up.register_forward_hook(lambda m, args, out: self._apply(layer, out)))
+            if ffn.gate_up is not None:
+                add(ffn.gate_up.register_forward_hook(self._fused_up_hook(layer)))
+            else:
+                add(ffn.up.register_forward_hook(lambda m, args, out: self._apply(layer, out)))
         else:  # INTERMEDIATE: the input of the down projection
             add(ffn.down.register_forward_pre_hook(lambda m, args: (self._apply(layer, args[0]), *args[1:])))
+
+    def _fused_up_hook(self, layer: int):
+        """The up site of a fused projection: its output is [gate; up], so the rule acts on the second half."""
+
+        def hook(module, args, out):
+            d_ff = out.shape[-1] // 2
+            return torch.cat([out[..., :d_ff], self._apply(layer, out[..., d_ff:])], dim=-1)
+
+        return hook
 
     def _input_pre_hook(self, layer: int):
         def hook(module, args):
