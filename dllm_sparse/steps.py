@@ -27,8 +27,10 @@ class StepState:
     ``forward_batch`` is B, or 2B with classifier-free guidance (conditional rows first).
 
     At ``on_step_end``: ``canvas`` includes this step's tokens, ``committed`` is a bool [B, S] of the positions
-    written this step, ``new_tokens`` (AR) the [B] tokens appended. Return ``True`` or ``{"stop": True}``
-    from ``on_step_end`` (or call :meth:`request_stop`) to stop generation after this step.
+    written this step, ``new_tokens`` (AR) the [B] tokens appended, ``logits`` (diffusion) the logits the step
+    chose from for the current block, [B, block_length, V] (after guidance and any logit shift). Return
+    ``True`` or ``{"stop": True}`` from ``on_step_end`` (or call :meth:`request_stop`) to stop generation after
+    this step.
     """
 
     kind: str  # "diffusion" or "ar"
@@ -49,6 +51,7 @@ class StepState:
     forward_batch: int = 0
     committed: torch.Tensor | None = None
     new_tokens: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # diffusion, at on_step_end: [B, block_length, V] of the current block
     nfe: int = 0
     elapsed: float = 0.0
     stop_requested: bool = False

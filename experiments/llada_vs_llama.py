@@ -37,7 +37,8 @@ from dllm_sparse.models.loading import EMBEDDED_MODELS, load_model
 from dllm_sparse.eval.plots import plot_layer_heatmaps, plot_relative_performance, plot_step_sparsity
 from dllm_sparse.sparsity.rules import make_rule
 from dllm_sparse.sparsity.sites import ALL_SITES
-from dllm_sparse.eval.sweep import SweepConfig, _dist, grid, planned_keys, run_sweep
+from dllm_sparse.eval.rows import process_info
+from dllm_sparse.eval.sweep import SweepConfig, grid, planned_keys, run_sweep
 
 DEFAULT_AR = "smollm2-135m"
 DEFAULT_DIFFUSION = "smollm2-135m-mdm"
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
     mid = sorted(thresholds)[len(thresholds) // 2]
     args.step_p = args.step_threshold if args.step_threshold is not None else (0.9 if args.rule == "top_p" else mid)
     models, notes = resolve_models(args)
-    rank, world, _ = _dist()
+    rank, world, _ = process_info()
     out = Path(args.output_dir)
     if rank == 0:
         for n in notes:

@@ -4,7 +4,8 @@
 
 1. Perplexity on the held-out distillation answers (``dllm_sparse/data/mdm_corpus/heldout.jsonl``), prompt given:
    exact for the AR model, the Monte-Carlo ELBO bound (``docs/generation.md`` "Likelihood": stratified mask counts,
-   random positions, CE x L / masked count, prompt never masked) for the diffusion model. Both are
+   random positions, CE x L / masked count, prompt never masked) for the diffusion model, both from
+   :class:`dllm_sparse.eval.likelihood.Scorer` (per-item common random masks). Both are
    exp(-sum log-likelihood / sum answer tokens); the ELBO one is an upper bound on the diffusion model's true
    perplexity.
 2. Capability probe (``dllm_sparse/data/capability_probe.jsonl``): 20 short factual questions; a hit is an answer
@@ -23,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "dllm_sparse" / "data"
@@ -41,43 +41,6 @@ def encode_heldout(tok, path: Path, limit: int) -> list[tuple[list[int], list[in
         if len(rows) == limit:
             break
     return rows
-
-
-@torch.no_grad()
-def ar_loglik(model, rows) -> list[float]:
-    """Exact sum of log p(answer | prompt) per row."""
-    out = []
-    for p, a in rows:
-        ids = torch.tensor([p + a])
-        logp = F.log_softmax(model(ids).logits[0, len(p) - 1:-1].float(), -1)
-        out.append(float(logp.gather(-1, torch.tensor(a)[:, None]).sum()))
-    return out
-
-
-@torch.no_grad()
-def diffusion_elbo(model, rows, mask_id: int, mc_num: int, batch: int, seed: int) -> list[float]:
-    """LLaDA's Monte-Carlo ELBO of log p(answer | prompt) per row (docs/generation.md, "Likelihood")."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for p, a in rows:
-        seq = torch.tensor(p + a)
-        L, P = len(a), len(p)
-        losses = []
-        for _ in range(max(1, mc_num // batch)):
-            k = int(torch.randint(1, L + 1, (), generator=g))
-            # stratified mask counts over the mini-batch, as in LLaDA's get_log_likelihood
-            counts = torch.round(torch.linspace(float(k), k + (batch - 1) * (L / batch), batch)).long()
-            counts = ((counts - 1) % L) + 1
-            is_mask = torch.zeros(batch, P + L, dtype=torch.bool)
-            for j in range(batch):
-                is_mask[j, P + torch.randperm(L, generator=g)[: counts[j]]] = True
-            noisy = torch.where(is_mask, torch.full_like(seq, mask_id), seq.expand(batch, -1))
-            logits = model(noisy).logits.float()
-            ce = F.cross_entropy(logits[is_mask], seq.expand(batch, -1)[is_mask], reduction="none")
-            weight = (L / counts.float())[:, None].expand(batch, P + L)[is_mask]
-            losses.append(float((ce * weight).sum()) / batch)
-        out.append(-sum(losses) / len(losses))
-    return out
 
 
 def hit(text: str, keywords: list[str]) -> bool:
@@ -102,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from dllm_sparse import load_model
     from dllm_sparse import samplers as smp  # one import statement: ruff's isort sorts it the same in any run
+    from dllm_sparse.eval.likelihood import Scorer
 
     GenerationConfig, generate = smp.GenerationConfig, smp.generate
 
@@ -113,21 +77,13 @@ def main(argv: list[str] | None = None) -> None:
         rows = encode_heldout(ar.tokenizer, DATA / "mdm_corpus" / "heldout.jsonl", args.heldout)
         n_tok = sum(len(a) for _, a in rows)
         t0 = time.time()
-        with autocast():
-            try:  # the project's scorer (dllm_sparse.eval.likelihood) when it is there; the small one above otherwise
-                from dllm_sparse.eval.likelihood import Scorer
-
-                scorer = "dllm_sparse.eval.likelihood.Scorer"
-                ll_ar = [ll for ll, _ in Scorer.from_loaded(ar, batch_size=8).loglikelihood_tokens(rows)]
-                t1 = time.time()
-                dm_scorer = Scorer.from_loaded(dm, batch_size=args.mc_batch, mc_num=args.mc_num,
-                                               mc_batch=args.mc_batch, seed=args.seed)
-                ll_dm = [ll for ll, _ in dm_scorer.loglikelihood_tokens(rows)]
-            except ImportError:
-                scorer = "experiments/mdm_probe.py (fallback)"
-                ll_ar = ar_loglik(ar.model, rows)
-                t1 = time.time()
-                ll_dm = diffusion_elbo(dm.model, rows, dm.mask_id, args.mc_num, args.mc_batch, args.seed)
+        with autocast():  # exact AR log-likelihood and the Monte-Carlo ELBO: dllm_sparse.eval.likelihood
+            scorer = "dllm_sparse.eval.likelihood.Scorer"
+            ll_ar = [ll for ll, _ in Scorer.from_loaded(ar, batch_size=8).loglikelihood_tokens(rows)]
+            t1 = time.time()
+            dm_scorer = Scorer.from_loaded(dm, batch_size=args.mc_batch, mc_num=args.mc_num, mc_batch=args.mc_batch,
+                                           seed=args.seed)
+            ll_dm = [ll for ll, _ in dm_scorer.loglikelihood_tokens(rows)]
         res["perplexity"] = {
             "scorer": scorer, "heldout_answers": len(rows), "answer_tokens": n_tok,
             "mc_num": args.mc_num, "mc_batch": args.mc_batch,

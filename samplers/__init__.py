@@ -10,6 +10,8 @@
                    sparsity=sp, callbacks=[tracker], apply_chat_template=True)
     print(out.texts[0], out.nfe, out.tokens_per_second, sp.per_step())
 
+A recorded diffusion trajectory replays teacher-forced with :func:`replay` (same loop, same callbacks).
+
 Spec: ``docs/generation.md``. The sampler loops are the only place with generation logic;
 everything else (sparsity, statistics, mask tracking) attaches through callbacks and module hooks.
 """
@@ -21,6 +23,7 @@ from dllm_sparse.steps import CallbackList, GenerationCallback, StepState
 from .config import GenerationConfig, GenerationResult, StepInfo
 from .diffusion import MaskedDiffusionGenerator, num_transfer_tokens, resolve_mask_id, validate_geometry
 from .generate import detect_kind, generate, make_generator
+from .replay import ReplayResult, ReplayStep, prediction_agreement, replay, trajectory_of
 from .step_sparsity import StepSparsity
 from .tracking import MaskOverlapTracker, PackedMask, mask_overlap
 
@@ -29,4 +32,5 @@ __all__ = [
     "MaskedDiffusionGenerator", "AutoregressiveGenerator", "generate", "make_generator", "detect_kind",
     "StepSparsity", "MaskOverlapTracker", "PackedMask", "mask_overlap",
     "validate_geometry", "num_transfer_tokens", "resolve_mask_id", "encode_prompts", "left_pad",
+    "replay", "ReplayResult", "ReplayStep", "trajectory_of", "prediction_agreement",
 ]

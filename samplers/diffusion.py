@@ -24,6 +24,10 @@ remasking, ``torch.rand((block_length,), dtype=float64)`` for the confidences. N
 is only drawn for the current block (the only positions that can be committed), so it does not depend on the
 prompt length or on padding: a row of a batch draws what the same prompt draws alone with that row's seed.
 
+Teacher forcing: ``generate(..., forced_commits=trace)`` runs the same loop but writes a recorded trajectory's
+tokens instead of its own choices (:func:`dllm_sparse.samplers.replay.replay` builds on it); callbacks see
+the block's logits in ``StepState.logits`` at step end.
+
 Works with the native :class:`dllm_sparse.models.llada.LLaDAModelLM`, a LLaDA loaded with its own remote code (no
 padded batches: that code turns attention causal whenever an attention mask is passed), and any
 bidirectional masked LM whose output has ``.logits``. ``logit_shift`` applies Dream's convention:
@@ -34,7 +38,7 @@ AR model, shifts inside its forward and needs nothing).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -118,6 +122,54 @@ def resolve_mask_id(model: Any, tokenizer: Any = None, mask_id: int | None = Non
                      "GenerationConfig(mask_id=...) or MaskedDiffusionGenerator(model, mask_id=...)")
 
 
+def _forced_steps(forced: Sequence[Any] | None, B: int, gen_length: int, steps: int) -> list[tuple] | None:
+    """Teacher-forcing entries -> per step (committed, tokens), both per row; checks the shape of the plan."""
+    if forced is None:
+        return None
+    out = []
+    for t, entry in enumerate(forced):
+        cols, toks = (entry["committed"], entry["tokens"]) if isinstance(entry, dict) else (entry.committed,
+                                                                                        entry.tokens)
+        if len(cols) != B or len(toks) != B:
+            raise ValueError(f"forced_commits[{t}] has {len(cols)} rows of positions and {len(toks)} of tokens for "
+                             f"a batch of {B} prompts; record the trajectory with the same prompts")
+        for r, (c, k) in enumerate(zip(cols, toks, strict=True)):
+            if len(c) != len(k):
+                raise ValueError(f"forced_commits[{t}], row {r}: {len(c)} positions but {len(k)} tokens")
+            if any(not 0 <= int(x) < gen_length for x in c):
+                raise ValueError(f"forced_commits[{t}], row {r}: positions {list(c)} outside the generated region "
+                                 f"0..{gen_length - 1} (indices count from the first generated token)")
+        out.append(([[int(x) for x in c] for c in cols], [[int(x) for x in k] for k in toks]))
+    if not out or len(out) > steps:
+        raise ValueError(f"forced_commits has {len(out)} steps; give between 1 and steps ({steps}) entries "
+                         "(the trace of a generation with the same steps / block_length / gen_length)")
+    return out
+
+
+def _forced_commit(entry: tuple, step: int, start: int, block_masked: torch.Tensor,
+                   mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forced step -> (commit [B, b] bool, tokens [B, b]) for the block starting at generated index
+    ``start``. Every forced position must lie in the current block and still hold the mask token."""
+    B, b = block_masked.shape
+    commit = torch.zeros((B, b), dtype=torch.bool, device=block_masked.device)
+    x0 = torch.full((B, b), mask_id, dtype=torch.long, device=block_masked.device)
+    for r, (cols, toks) in enumerate(zip(*entry, strict=True)):
+        for c, t in zip(cols, toks, strict=True):
+            j = c - start
+            if not 0 <= j < b:
+                raise ValueError(f"forced step {step}, row {r}: position {c} is outside the current block "
+                                 f"{start}..{start + b - 1}; the sampler only commits inside the current block "
+                                 "(replay with the block_length / steps the trajectory was recorded with)")
+            if not bool(block_masked[r, j]) or bool(commit[r, j]):
+                raise ValueError(f"forced step {step}, row {r}: position {c} was already written; each position "
+                                 "is committed once")
+            if t == mask_id:
+                raise ValueError(f"forced step {step}, row {r}: token at position {c} is the mask id {mask_id}")
+            commit[r, j] = True
+            x0[r, j] = t
+    return commit, x0
+
+
 def _family(model: Any) -> str:
     try:
         return detect_family(model).family
@@ -159,6 +211,17 @@ class MaskedDiffusionGenerator:
         logits = out.logits if hasattr(out, "logits") else out[0]
         return logits.to(x.device)  # no-op unless accelerate put the head on another device
 
+    def logit_shift(self, config: GenerationConfig) -> bool:
+        """Whether this generator shifts the logits (Dream's convention) under ``config``: ``logit_shift``, or
+        when None, the family profile's ``logit_shift``. The sampler and :func:`dllm_sparse.samplers.replay.replay` both
+        decide here. A model that shifts inside its own forward must not be shifted again (``ValueError``)."""
+        profile = family_named(self.family)
+        shift = config.logit_shift if config.logit_shift is not None else (profile is not None and profile.logit_shift)
+        if shift and _shifts_itself(self.model):
+            raise ValueError("this model already shifts its logits (config.logit_shift=True in the native LLaDA "
+                             "class); leave GenerationConfig.logit_shift at None/False to avoid shifting twice")
+        return bool(shift)
+
     @staticmethod
     def _propose(logits: torch.Tensor, config: GenerationConfig, gens: list[torch.Generator] | None):
         """Block logits [B, b, V] -> (x0 [B, b], confidence [B, b] float64)."""
@@ -187,9 +250,16 @@ class MaskedDiffusionGenerator:
         attention_mask: torch.Tensor | None = None,
         callbacks: Iterable[Any] = (),
         apply_chat_template: bool = False,
+        forced_commits: Sequence[Any] | None = None,
         **overrides,
     ) -> GenerationResult:
-        """Generate for ``prompts`` (text, id lists, or a left-padded id tensor with ``attention_mask``)."""
+        """Generate for ``prompts`` (text, id lists, or a left-padded id tensor with ``attention_mask``).
+
+        ``forced_commits`` (teacher forcing, used by :func:`dllm_sparse.samplers.replay.replay`): one entry per
+        step, ``{"committed": per row the generated indices, "tokens": the ids}`` (or a :class:`StepInfo`); each
+        step writes exactly these instead of its own top-k choice. Everything else (forward passes, guidance,
+        logit shift, callbacks, trace) is the sampler's own; a trajectory shorter than ``steps`` stops after its
+        last step (finish reason "callback")."""
         cfg = config if config is not None else GenerationConfig()
         if overrides:
             cfg = cfg.replace(**overrides)
@@ -217,11 +287,8 @@ class MaskedDiffusionGenerator:
                                  "whenever an attention_mask is passed, so left-padded batches would be wrong. "
                                  "Fix: load it with dllm_sparse's native LLaDA (load_model(path) without "
                                  "trust_remote_code) or generate prompts of equal length (one at a time).")
-        profile = family_named(self.family)
-        shift = cfg.logit_shift if cfg.logit_shift is not None else (profile is not None and profile.logit_shift)
-        if shift and _shifts_itself(model):
-            raise ValueError("this model already shifts its logits (config.logit_shift=True in the native LLaDA "
-                             "class); leave GenerationConfig.logit_shift at None/False to avoid shifting twice")
+        shift = self.logit_shift(cfg)
+        forced = _forced_steps(forced_commits, B=len(ids), gen_length=gen_length, steps=steps)
         device = model_device(model)
         B, P = ids.shape
         S = P + gen_length
@@ -259,7 +326,7 @@ class MaskedDiffusionGenerator:
                         groups = {k: torch.cat([v, v]) for k, v in groups.items()}
                     state.step, state.block, state.step_in_block, state.tag = step, blk, i, step
                     state.canvas, state.masked, state.groups = canvas, masked, groups
-                    state.committed = None
+                    state.committed, state.logits = None, None
                     cbs.step_begin(state)
 
                     logits = self._forward(x_in, fwd_attn)
@@ -268,15 +335,18 @@ class MaskedDiffusionGenerator:
                         cond, unc = torch.chunk(logits, 2, dim=0)
                         logits = unc + (cfg.cfg_scale + 1) * (cond - unc)
                     block_logits = logits[:, s - 1:e - 1] if shift else logits[:, s:e]
-                    x0, conf = self._propose(block_logits, cfg, gens)
                     block_masked = masked[:, s:e]
-                    conf = conf.masked_fill(~block_masked, -torch.inf)
-                    # Top-k per row with k from the schedule, vectorised: rank of each position in a stable
-                    # descending sort (ties: lowest position first), commit the ranks below k.
-                    order = torch.sort(conf, dim=-1, descending=True, stable=True).indices
-                    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1],
-                                                                                    device=device).expand_as(order))
-                    commit = (ranks < schedule[:, i:i + 1]) & block_masked
+                    if forced is not None:
+                        commit, x0 = _forced_commit(forced[step], step, s - P, block_masked, mask_id)
+                    else:
+                        x0, conf = self._propose(block_logits, cfg, gens)
+                        conf = conf.masked_fill(~block_masked, -torch.inf)
+                        # Top-k per row with k from the schedule, vectorised: rank of each position in a stable
+                        # descending sort (ties: lowest position first), commit the ranks below k.
+                        order = torch.sort(conf, dim=-1, descending=True, stable=True).indices
+                        ranks = torch.empty_like(order).scatter_(
+                            -1, order, torch.arange(order.shape[-1], device=device).expand_as(order))
+                        commit = (ranks < schedule[:, i:i + 1]) & block_masked
                     canvas = canvas.clone()
                     canvas[:, s:e] = torch.where(commit, x0, canvas[:, s:e])
                     committed = torch.zeros((B, S), dtype=torch.bool, device=device)
@@ -284,6 +354,7 @@ class MaskedDiffusionGenerator:
 
                     elapsed = timer.elapsed()
                     state.canvas, state.committed, state.nfe, state.elapsed = canvas, committed, nfe, elapsed
+                    state.logits = block_logits
                     rows, cols = commit.nonzero(as_tuple=True)
                     pos = [[] for _ in range(B)]
                     toks = [[] for _ in range(B)]
@@ -291,7 +362,7 @@ class MaskedDiffusionGenerator:
                         pos[r].append(s - P + c)
                         toks[r].append(t)
                     trace.append(StepInfo(step, blk, step, nfe, elapsed, pos, toks))
-                    if cbs.step_end(state):
+                    if cbs.step_end(state) or (forced is not None and step == len(forced) - 1):
                         stopped = True
                         break
                 if stopped:

@@ -127,6 +127,37 @@ def test_dedupe_and_packing_do_not_change_the_estimate():
     assert a[0][0] == pytest.approx(F.log_softmax(logits[0, 2].double(), -1)[7].item(), abs=1e-5)
 
 
+def _probe_elbo(model, prompt, answer, masks, mask_id, mc_batch):
+    """The ELBO loop experiments/mdm_probe.py used to carry, fed with given answer masks [mc_num, L]: per
+    mini-batch, float32 CE x L / masked count summed over the rows / b; mean over mini-batches; negated."""
+    seq = torch.tensor(prompt + answer)
+    P, L = len(prompt), len(answer)
+    losses = []
+    for start in range(0, len(masks), mc_batch):
+        is_mask = torch.zeros(mc_batch, P + L, dtype=torch.bool)
+        is_mask[:, P:] = masks[start:start + mc_batch]
+        counts = is_mask.sum(dim=1)
+        noisy = torch.where(is_mask, torch.full_like(seq, mask_id), seq.expand(mc_batch, -1))
+        with torch.no_grad():
+            logits = model(noisy).logits.float()
+        ce = F.cross_entropy(logits[is_mask], seq.expand(mc_batch, -1)[is_mask], reduction="none")
+        weight = (L / counts.float())[:, None].expand(mc_batch, P + L)[is_mask]
+        losses.append(float((ce * weight).sum()) / mc_batch)
+    return -sum(losses) / len(losses)
+
+
+def test_library_elbo_equals_the_former_probe_loop_on_the_same_masks():
+    model = build_tiny_model("llada", seed=2)
+    mask = model.config.mask_token_id
+    reqs = [([5, 6, 7], [8, 9, 10, 11, 12]), ([3, 4], [13, 14, 15])]
+    keys, seed, mc_num, mc_batch = ["a", "b"], 4, 8, 4
+    lib = diffusion_elbo_tokens(model, reqs, mask_id=mask, mc_num=mc_num, mc_batch=mc_batch, seed=seed, keys=keys)
+    for (prompt, answer), key, (ll, _) in zip(reqs, keys, lib, strict=True):
+        masks = elbo_masks(len(answer), mc_num, mc_batch, item_generator(seed, key))
+        ref = _probe_elbo(model, prompt, answer, masks, mask, mc_batch)
+        assert ll == pytest.approx(ref, rel=1e-5)  # float32 (old loop) vs float64 sums: rounding only
+
+
 def test_greedy_check():
     model = TableLM()
     greedy_answer = model.table[3:6].argmax(-1).tolist()

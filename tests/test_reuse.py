@@ -216,48 +216,46 @@ def test_make_policy_and_errors():
         reuse_sparsity("input", TopP(0.9), "fresh", select_mask=lambda *a: None)
 
 
-def _experiment():
-    import importlib.util
-    from pathlib import Path
+def test_study_quality_helpers():
+    from dllm_sparse.eval.reuse_study import agreement, edit_similarity, first_divergence
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "mask_reuse.py"
-    spec = importlib.util.spec_from_file_location("mask_reuse_experiment", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    assert agreement([[1, 2, 3]], [[1, 5, 3]]) == pytest.approx(2 / 3)
+    assert first_divergence([[1, 2, 3], [4, 5, 6]], [[1, 5, 3], [4, 5, 6]]) == 2.0
+    assert edit_similarity([[1, 2, 3, 4]], [[9, 1, 2, 3]]) == pytest.approx(0.75)
 
 
-def test_experiment_helpers_and_teacher_forced_replay(llada):
-    """The study's quality helpers, and its teacher-forced replay reproduces the dense generation exactly."""
+def test_study_cell_teacher_forced_replay(llada, tmp_path):
+    """A study cell replays the dense trajectory: dense predicts its own commits; p = 1 under any policy predicts
+    exactly what dense predicts; a sparse policy changes the likelihood along the trajectory."""
+    from dllm_sparse.eval.reuse_study import StudySettings, run_cell
     from dllm_sparse.models.loading import LoadedModel
+    from dllm_sparse.samplers import replay
 
-    exp = _experiment()
-    assert exp.agreement([[1, 2, 3]], [[1, 5, 3]]) == pytest.approx(2 / 3)
-    assert exp.first_divergence([[1, 2, 3], [4, 5, 6]], [[1, 5, 3], [4, 5, 6]]) == 2.0
-    assert exp.edit_similarity([[1, 2, 3, 4]], [[9, 1, 2, 3]]) == pytest.approx(0.75)
     lm = LoadedModel(llada, None, "diffusion", "tiny", 99, "llada")
-    dense = generate(lm, prompts=PROMPTS, config=CFG)
-    traj = [{"committed": i.committed, "tokens": i.tokens} for i in dense.trace]
-    preds, lp, n = exp.teacher_forced(lm, PROMPTS, CFG, traj)
-    assert n == len(PROMPTS) * CFG.max_new_tokens and lp < 0
-    P = dense.prompt_length
+    dense_row = run_cell(lm, PROMPTS, CFG, None, None, StudySettings(teacher_forced=True), tmp_path, "d",
+                         track=False, kernel_layers=[], kernel_steps=[])
+    traj = dense_row["trajectory"]
+    assert len(traj) == CFG.steps
+    assert dense_row["generated"] == generate(lm, prompts=PROMPTS, config=CFG).generated.tolist()
     masked = torch.ones(len(PROMPTS), CFG.max_new_tokens, dtype=torch.bool)
-    for step, (st, pred) in enumerate(zip(traj, preds, strict=True)):
+    for step, (st, pred) in enumerate(zip(traj, dense_row["tf_pred"], strict=True)):
         s = (step // SPB) * CFG.block_length
         slots = masked[:, s:s + CFG.block_length].nonzero().tolist()
         assert len(slots) == len(pred)
         by_slot = {(r, s + c): t for (r, c), t in zip(slots, pred, strict=True)}
         for r, (cols, toks) in enumerate(zip(st["committed"], st["tokens"], strict=True)):
             for c, t in zip(cols, toks, strict=True):
-                assert by_slot[(r, c)] == t == int(dense.sequences[r, P + c])
+                assert by_slot[(r, c)] == t == dense_row["generated"][r][c]
                 masked[r, c] = False
-    # p = 1 under any policy predicts exactly what dense predicts on the same canvases
-    sp, pol = reuse_sparsity("input", TopP(1.0), Every(3))
-    assert exp.teacher_forced(lm, PROMPTS, CFG, traj, [sp, pol]) == (preds, lp, n)
+    same = run_cell(lm, PROMPTS, CFG, "input", "every3", StudySettings(p=1.0, teacher_forced=True), tmp_path, "s",
+                    track=False, kernel_layers=[], kernel_steps=[], dense_row=dense_row)
+    assert same["tf_pred"] == dense_row["tf_pred"] and same["tf_agreement_vs_dense"] == 1.0
+    sparse = run_cell(lm, PROMPTS, CFG, "input", "block_start", StudySettings(p=0.5, teacher_forced=True), tmp_path,
+                      "b", track=False, kernel_layers=[], kernel_steps=[], dense_row=dense_row)
+    assert 0.0 <= sparse["tf_agreement_vs_dense"] <= 1.0 and sparse["selections_per_layer"] == {0: BLOCKS, 1: BLOCKS}
+    lp = replay(lm, PROMPTS, traj, CFG).log_likelihood
     sp, pol = reuse_sparsity("input", TopP(0.5), BlockStart())
-    sparse, lp_sparse, n_sparse = exp.teacher_forced(lm, PROMPTS, CFG, traj, [sp, pol])
-    assert 0.0 <= exp._flat_agreement(sparse, preds) <= 1.0 and pol.selections == {0: BLOCKS, 1: BLOCKS}
-    assert n_sparse == n and lp_sparse != lp
+    assert replay(lm, PROMPTS, traj, CFG, sparsity=sp, callbacks=[pol]).log_likelihood != lp
 
 
 class _CharTokenizer:
@@ -267,14 +265,14 @@ class _CharTokenizer:
         return {"input_ids": [ord(c) % 90 for c in text]}
 
 
-def test_passage_trajectories_write_each_true_token_once_in_sampler_geometry(llada):
-    from dllm_sparse.models.loading import LoadedModel
-    from dllm_sparse.samplers import num_transfer_tokens
+def test_passage_trajectories_write_each_true_token_once_in_sampler_geometry(llada, tmp_path):
+    from dllm_sparse.eval.reuse_study import StudySettings, passage_trajectories, run_cell
     from dllm_sparse.eval.tasks import load_builtin_passages
+    from dllm_sparse.models.loading import LoadedModel
+    from dllm_sparse.samplers import num_transfer_tokens, replay
 
-    exp = _experiment()
     tok = _CharTokenizer()
-    prompts, traj = exp.passage_trajectories(tok, CFG, n=3, prompt_len=5, seed=0)
+    prompts, traj = passage_trajectories(tok, CFG, n=3, prompt_len=5, seed=0)
     assert len(prompts) == 3 and all(len(p) == 5 for p in prompts) and len(traj) == CFG.steps
     texts = [p["text"] for p in load_builtin_passages() if len(p["text"]) >= 5 + CFG.max_new_tokens][:3]
     spb = CFG.steps // (CFG.max_new_tokens // CFG.block_length)
@@ -294,9 +292,15 @@ def test_passage_trajectories_write_each_true_token_once_in_sampler_geometry(lla
         assert [written[c] for c in range(CFG.max_new_tokens)] == ids[5:5 + CFG.max_new_tokens]
     # the likelihood along the trajectory: p = 1 under any policy equals dense, p < 1 changes it
     lm = LoadedModel(llada, None, "diffusion", "tiny", 99, "llada")
-    _, lp_dense, n = exp.teacher_forced(lm, prompts, CFG, traj)
-    assert n == 3 * CFG.max_new_tokens
+    dense = replay(lm, prompts, traj, CFG)
+    lp_dense, n = dense.log_likelihood, dense.num_tokens
+    assert n == 3 * CFG.max_new_tokens and lp_dense < 0
     sp, pol = reuse_sparsity("intermediate", TopP(1.0), Every(2))
-    assert exp.teacher_forced(lm, prompts, CFG, traj, [sp, pol])[1] == lp_dense
+    assert replay(lm, prompts, traj, CFG, callbacks=[sp, pol]).log_likelihood == lp_dense
     sp, pol = reuse_sparsity("intermediate", TopP(0.5), Every(2))
-    assert exp.teacher_forced(lm, prompts, CFG, traj, [sp, pol])[1] != lp_dense
+    assert replay(lm, prompts, traj, CFG, callbacks=[sp, pol]).log_likelihood != lp_dense
+    # a study cell scores the same passages along the same order: NLL per token = -log-likelihood / tokens
+    settings = StudySettings(p=0.5, passage_ids=prompts, passage_trajectory=traj)
+    row = run_cell(lm, PROMPTS, CFG, None, None, settings, tmp_path, "d", track=False, kernel_layers=[],
+                   kernel_steps=[])
+    assert row["elbo_nll_per_token"] == -lp_dense / n

@@ -32,7 +32,6 @@ import gc
 import json
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +40,9 @@ from typing import Any
 import torch
 
 from dllm_sparse.eval.likelihood import Scorer, SparsityConfig
+from dllm_sparse.eval.rows import JsonlWriter, read_rows
+from dllm_sparse.eval.rows import json_default as _json_default
+from dllm_sparse.eval.rows import process_info as _dist
 from dllm_sparse.sparsity.rules import make_rule
 from dllm_sparse.sparsity.sites import ALL_SITES
 from dllm_sparse.sparsity.stats import SparsityStats
@@ -76,68 +78,8 @@ def grid(name: str = "quick", rule: str = "top_p") -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Row files
+# Row files (appending and reading back rows: dllm_sparse.eval.rows)
 # ---------------------------------------------------------------------------------------------------------
-
-
-def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file; a torn last line (no newline / not valid JSON) is ignored."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    with open(path, "rb") as f:
-        data = f.read()
-    lines = data.split(b"\n")
-    rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        last = i == len(lines) - 1  # text after the final newline: a torn write
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if not last:
-                warnings.warn(f"{path}: skipping a corrupt line {i + 1}", stacklevel=2)
-            continue
-        if last:  # parsed, but it never got its newline: treat as torn (it is rewritten on resume)
-            rows.pop()
-    return rows
-
-
-class JsonlWriter:
-    """Append-only JSONL writer: one full line per row, flushed and fsync'ed; repairs a torn tail on open."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.is_file():
-            with open(self.path, "rb+") as f:
-                data = f.read()
-                if data and not data.endswith(b"\n"):
-                    f.truncate(data.rfind(b"\n") + 1)  # drop the torn last line
-        self._f = open(self.path, "a", encoding="utf-8")
-
-    def write(self, row: dict) -> None:
-        self._f.write(json.dumps(row, default=_json_default) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-
-    def close(self) -> None:
-        self._f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def _json_default(o: Any):
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
 
 
 def _atomic_write_rows(path: Path, rows: Iterable[dict]) -> None:
@@ -292,14 +234,6 @@ def _plan(cfg: SweepConfig) -> list[_Unit]:
 def planned_keys(cfg: SweepConfig) -> set[str]:
     """The keys of every cell this configuration asks for (to select its rows from a shared folder)."""
     return {k for u in _plan(cfg) for k in u.keys}
-
-
-def _dist() -> tuple[int, int, int]:
-    env = os.environ
-    world = int(env.get("WORLD_SIZE", "1"))
-    rank = int(env.get("RANK", env.get("PROCESS_INDEX", "0")))
-    local = int(env.get("LOCAL_RANK", env.get("LOCAL_PROCESS_INDEX", str(rank))))
-    return rank, world, local
 
 
 def _barrier(world: int) -> None:

@@ -1,0 +1,134 @@
+"""Resumable result rows: append one JSON line per finished unit of work, read them back after a kill.
+
+    done = finished(path)                        # {key: row} of the rows already written
+    with JsonlWriter(path) as w:
+        for key, work in plan:
+            if key not in done:
+                w.write({"key": key, **work()})  # one full line, flushed and fsync'ed
+
+Guarantees: a row is one ``json.dumps`` line written with a single ``write`` and then flushed and fsync'ed, so
+after a kill the file holds every finished row plus at most one torn last line (no newline, or not valid
+JSON). :func:`read_rows` ignores that line, :class:`JsonlWriter` truncates it on open, so a rerun rewrites
+it. Used by the sweep (:mod:`dllm_sparse.eval.sweep`) and the mask-reuse study
+(:mod:`dllm_sparse.eval.reuse_study`). Also :func:`atomic_write_csv` (write a whole table, then rename) and
+:func:`process_info` (the rank / world size a launcher gave this process).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = ["read_rows", "JsonlWriter", "finished", "atomic_write_csv", "json_default", "ProcessInfo",
+           "process_info"]
+
+
+def json_default(o: Any):
+    """``json.dumps(default=...)`` for rows: tensors as lists, everything else as its string."""
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file; a torn last line (no newline / not valid JSON) is ignored."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        last = i == len(lines) - 1  # text after the final newline: a torn write
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if not last:
+                warnings.warn(f"{path}: skipping a corrupt line {i + 1}", stacklevel=2)
+            continue
+        if last:  # parsed, but it never got its newline: treat as torn (it is rewritten on resume)
+            rows.pop()
+    return rows
+
+
+def finished(path: str | Path, key: str = "key") -> dict[Any, dict]:
+    """``{row[key]: row}`` of the complete rows of ``path`` (later rows win): what a rerun skips."""
+    out = {}
+    for r in read_rows(path):
+        if key not in r:
+            raise ValueError(f"{path}: a row has no {key!r} field; resumable rows need one (rows: {sorted(r)[:8]})")
+        out[r[key]] = r
+    return out
+
+
+class JsonlWriter:
+    """Append-only JSONL writer: one full line per row, flushed and fsync'ed; repairs a torn tail on open."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_file():
+            with open(self.path, "rb+") as f:
+                data = f.read()
+                if data and not data.endswith(b"\n"):
+                    f.truncate(data.rfind(b"\n") + 1)  # drop the torn last line
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, row: dict) -> None:
+        self._f.write(json.dumps(row, default=json_default) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def atomic_write_csv(path: str | Path, rows: list[dict], cols: list[str] | None = None) -> None:
+    """Write ``rows`` as CSV (columns ``cols``, default the first row's keys; extra keys ignored) to a
+    temporary file, fsync it and rename it over ``path``: readers never see a half-written table."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    cols = cols or (list(rows[0]) if rows else [])
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ProcessInfo(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def process_info() -> ProcessInfo:
+    """(rank, world_size, local_rank) of this process from the launcher's environment (``torchrun``:
+    RANK / WORLD_SIZE / LOCAL_RANK; ``accelerate launch`` sets the same, or PROCESS_INDEX /
+    LOCAL_PROCESS_INDEX); (0, 1, 0) for a plain ``python`` run. Reading the environment (rather than
+    ``accelerate.PartialState``) starts no process group, so it is safe before any model is loaded."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    rank = int(env.get("RANK", env.get("PROCESS_INDEX", "0")))
+    local = int(env.get("LOCAL_RANK", env.get("LOCAL_PROCESS_INDEX", str(rank))))
+    return ProcessInfo(rank, world, local)
