@@ -32,6 +32,7 @@ _EXPORTS = {
     "dllm_sparse.sparsity.rules": ["SparsityRule", "TopP", "TopK", "MaxP", "make_rule", "top_p_mask",
                                    "top_p_mask_reference", "top_p_threshold"],
     "dllm_sparse.sparsity.sites": ["FFNSite", "ALL_SITES"],
+    "dllm_sparse.sparsity.config": ["SparsityConfig"],
     "dllm_sparse.sparsity.hooks": ["sparsify", "Sparsifier", "MaskEvent"],
     "dllm_sparse.sparsity.stats": ["SparsityStats"],
 }

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
@@ -29,9 +28,10 @@ from pathlib import Path
 
 import torch
 
-from dllm_sparse import FFNSite, SparsityStats, find_ffns, load_model, make_rule, sparsify
+from dllm_sparse import FFNSite, SparsityConfig, SparsityStats, find_ffns, load_model, make_rule, sparsify
 from dllm_sparse.kernels import accelerate_ffn, backend, restore_ffn, union_density
 from dllm_sparse.samplers.kv_cache import cache_keyword, check_cache_length, new_cache
+from dllm_sparse.sparsity.config import slug
 
 # Real shapes. smollm2-135m and llama-3.1-8b are LlamaForCausalLM; llada-8b is the native LLaDA (its
 # LLaDAConfig defaults are the 8B values).
@@ -142,11 +142,12 @@ def byte_fraction(model, site: FFNSite, context: int, kind: str) -> dict:
 
 
 @torch.no_grad()
-def measure_sparsity(model, site, rule, ids, kind, new_tokens, be) -> dict:
+def measure_sparsity(model, config: SparsityConfig, ids, kind, new_tokens, be) -> dict:
     """Per-token sparsity of the accelerated run (decode tokens for AR) and, for a canvas, the union density
     of the tokens' masks per layer (from the masking path's recorded masks: the same masks)."""
+    site = config.site
     stats = SparsityStats()
-    accelerate_ffn(model, site, rule, stats=stats, backend=be)
+    accelerate_ffn(model, config, stats=stats, backend=be)
     try:
         if kind == "ar":
             greedy_decode(model, ids, max(new_tokens, 2), stats)
@@ -158,7 +159,7 @@ def measure_sparsity(model, site, rule, ids, kind, new_tokens, be) -> dict:
         restore_ffn(model)
     out = {"token_sparsity": token_sparsity}
     if kind != "ar":
-        with sparsify(model, site, rule, record_masks=True) as rec:
+        with sparsify(model, config, record_masks=True) as rec:
             model(input_ids=ids)
         dens = [float(union_density(m["keep"])) for m in rec.masks]
         out["union_density"] = sum(dens) / len(dens)
@@ -166,11 +167,11 @@ def measure_sparsity(model, site, rule, ids, kind, new_tokens, be) -> dict:
 
 
 @torch.no_grad()
-def check_against_masking_path(model, site, rule, ids, be) -> dict:
+def check_against_masking_path(model, config: SparsityConfig, ids, be) -> dict:
     """Logits of one forward pass: accelerated vs the masking path (same masks; differences are rounding)."""
-    with sparsify(model, site, rule):
+    with sparsify(model, config):
         ref = model(input_ids=ids).logits.float()
-    accelerate_ffn(model, site, rule, backend=be)
+    accelerate_ffn(model, config, backend=be)
     try:
         fast = model(input_ids=ids).logits.float()
     finally:
@@ -182,10 +183,6 @@ def check_against_masking_path(model, site, rule, ids, be) -> dict:
 # --------------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------------
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def main(argv=None) -> dict:
@@ -214,8 +211,8 @@ def main(argv=None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    site = FFNSite.parse(args.site)
-    rule = make_rule(args.rule, args.p)
+    config = SparsityConfig(args.site, make_rule(args.rule, args.p))
+    site, rule = config.site, config.rule
     if args.model:
         lm = load_model(args.model, dtype=dtype, device=str(device))
         model, kind, name = lm.model.eval(), lm.kind, args.model
@@ -255,13 +252,13 @@ def main(argv=None) -> dict:
     print(json.dumps(meta))
 
     dense_s = timed(work, args.repeats)
-    accelerate_ffn(model, site, rule, backend=args.backend)
+    accelerate_ffn(model, config, backend=args.backend)
     try:
         sparse_s = timed(work, args.repeats)
     finally:
         restore_ffn(model)
-    sparsity = measure_sparsity(model, site, rule, ids, kind, min(args.tokens, 16), args.backend)
-    check = check_against_masking_path(model, site, rule, ids, args.backend)
+    sparsity = measure_sparsity(model, config, ids, kind, min(args.tokens, 16), args.backend)
+    check = check_against_masking_path(model, config, ids, args.backend)
     fraction = byte_fraction(model, site, context, kind)
     s_eff = sparsity["token_sparsity"] if kind == "ar" else 1 - sparsity["union_density"]
     result = {"meta": meta, "sparsity": sparsity, "bytes": fraction, "check_vs_masking_path": check}

@@ -28,6 +28,7 @@ import textwrap
 import torch
 
 from dllm_sparse.models.loading import EMBEDDED_MODELS, load_model
+from dllm_sparse.sparsity.config import SparsityConfig
 from dllm_sparse.sparsity.rules import make_rule
 from dllm_sparse.samplers import GenerationConfig, MaskOverlapTracker, StepSparsity, generate
 from dllm_sparse.sparsity.sites import ALL_SITES
@@ -146,7 +147,7 @@ def load(kind: str, name: str, args):
                       trust_remote_code=args.trust_remote_code, kind=kind if kind == "diffusion" else None)
 
 
-def run_model(kind: str, name: str, args, rule, prompts: list[str]) -> dict | None:
+def run_model(kind: str, name: str, args, sparsity: SparsityConfig, prompts: list[str]) -> dict | None:
     print(f"\n=== {kind.upper()} model: {name} ===", flush=True)
     try:
         lm = load(kind, name, args)
@@ -183,10 +184,10 @@ def run_model(kind: str, name: str, args, rule, prompts: list[str]) -> dict | No
             chosen = _layers(args.overlap_layers) or sorted({0, n_layers // 2, n_layers - 1})
             tracker = MaskOverlapTracker(layers=chosen, store=False)
             observers, callbacks = [tracker], [tracker]
-        sp = StepSparsity(args.site, rule, layers=_layers(args.layers), mask_observers=observers)
+        sp = StepSparsity(sparsity, mask_observers=observers)
         sparse = generate(lm, prompts=prompts, config=cfg, sparsity=sp, callbacks=callbacks, apply_chat_template=chat)
 
-    label = f"sparse: {args.site}, {rule.to_dict()['rule']} {args.threshold}"
+    label = f"sparse: {sparsity.site.value}, {sparsity.rule.name} {args.threshold}"
     width = args.width
     for i, prompt in enumerate(prompts):
         print(f"\n--- prompt {i}: {prompt}")
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rule = make_rule(args.rule, args.threshold, scope=args.scope)
+    sparsity = SparsityConfig(args.site, make_rule(args.rule, args.threshold, scope=args.scope), _layers(args.layers))
     prompts = args.prompt or DEFAULT_PROMPTS
     runs = []
     if not args.no_ar:
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print("nothing to run (both sides disabled)")
         return 1
-    results = [r for kind, name in runs if (r := run_model(kind, name, args, rule, prompts)) is not None]
+    results = [r for kind, name in runs if (r := run_model(kind, name, args, sparsity, prompts)) is not None]
     if args.trace_out:
         with open(args.trace_out, "w") as f:
             json.dump({"args": vars(args), "runs": results}, f, indent=1, default=str)

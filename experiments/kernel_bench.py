@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ from dllm_sparse.kernels import (
     topp_threshold,
     union_density,
 )
+from dllm_sparse.sparsity.config import slug
 
 # (name, d_in, d_out): the FFN matrices of the spec's models, as y[d_out] = W x[d_in].
 SHAPES = [
@@ -99,10 +99,6 @@ def environment(device: torch.device) -> dict:
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def heavy_tailed(*shape, generator, device, dtype) -> torch.Tensor:

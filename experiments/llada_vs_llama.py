@@ -35,6 +35,7 @@ import dllm_sparse  # noqa: F401  (registers embedded models)
 from dllm_sparse.eval.critical import AVG_CURVE, critical_table, markdown_table, write_critical
 from dllm_sparse.models.loading import EMBEDDED_MODELS, load_model
 from dllm_sparse.eval.plots import plot_layer_heatmaps, plot_relative_performance, plot_step_sparsity
+from dllm_sparse.sparsity.config import DENSE, SparsityConfig
 from dllm_sparse.sparsity.rules import make_rule
 from dllm_sparse.sparsity.sites import ALL_SITES
 from dllm_sparse.eval.rows import process_info
@@ -121,7 +122,7 @@ def step_profile(model_name: str, args, device, dtype, out: Path) -> list[dict]:
                               seed=args.seed)
     rows = []
     for site in args.sites:
-        sp = StepSparsity(site, make_rule(args.rule, p))
+        sp = StepSparsity(SparsityConfig(site, make_rule(args.rule, p)))
         generate(lm, prompts=[prompt], config=config, sparsity=sp, apply_chat_template=True)
         for group in ("all", "masked"):
             for step, s in sp.per_step(group=group).items():
@@ -137,7 +138,7 @@ def elbo_ratio_profile(rows: list[dict], p: float) -> list[dict]:
     """Sparsity per mask-ratio bin of the ELBO passes (from the sweep rows of diffusion models at threshold p)."""
     out = []
     for r in rows:
-        if r.get("kind") != "diffusion" or r["site"] == "dense" or abs(r["p"] - p) > 1e-12:
+        if r.get("kind") != "diffusion" or r["site"] == DENSE or abs(r["p"] - p) > 1e-12:  # "p": rule threshold
             continue
         for g, s in (r.get("sparsity_groups") or {}).items():
             if g.startswith("ratio") and s == s:

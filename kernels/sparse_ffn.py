@@ -1,10 +1,10 @@
 """Swap a model's FFNs for sparse ones built on the kernels: ``accelerate_ffn`` and its inverse.
 
-    accelerate_ffn(model, site="input", rule=TopP(0.5))     # in place; returns the model
+    accelerate_ffn(model, SparsityConfig("input", TopP(0.5)))   # in place; returns the model
     ...decode...
-    restore_ffn(model)                                       # the original modules, exactly
+    restore_ffn(model)                                           # the original modules, exactly
 
-    with accelerated_ffn(model, site="intermediate", rule=TopP(0.9)):
+    with accelerated_ffn(model, site="intermediate", rule=TopP(0.9)):   # keyword form: builds the config
         ...
 
 How the swap works. Every family calls its FFN as ``down(act(gate(x)) * up(x))`` from an *owner* module
@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dllm_sparse.models.families import FFNModules, find_ffns
+from dllm_sparse.sparsity.config import SparsityConfig, as_config
 from dllm_sparse.sparsity.rules import SparsityRule, TopP
 from dllm_sparse.sparsity.sites import FFNSite
 from dllm_sparse.sparsity.hooks import select_layers
@@ -58,6 +59,7 @@ from .ops import column_sparse_matmul, row_sparse_matmul, topp_threshold
 __all__ = ["SparseFFN", "SparsePart", "accelerate_ffn", "restore_ffn", "accelerated_ffn", "is_accelerated"]
 
 DEFAULT_RULE = TopP(0.5)
+DEFAULT_SITE = FFNSite.INPUT
 
 # Which of the owner's four modules each site replaces (the others keep running as they are).
 _SWAPPED = {
@@ -294,31 +296,45 @@ def is_accelerated(model: nn.Module) -> bool:
     return any(isinstance(m, SparsePart) for m in model.modules())
 
 
+def _kernel_config(config, rule, layers, site, caller: str) -> SparsityConfig:
+    """``as_config`` with the kernels' defaults: site ``input`` and ``TopP(0.5)`` for whatever is not given."""
+    if rule is not None and not isinstance(rule, SparsityRule):  # a ValueError here, as this entry point always had
+        raise ValueError(f"rule must be a SparsityRule such as TopP(0.5), got {rule!r}")
+    if not isinstance(config, SparsityConfig):
+        if config is None and site is None:
+            site = DEFAULT_SITE
+        if rule is None:
+            rule = DEFAULT_RULE
+    return as_config(config, rule, layers, site=site, caller=caller)
+
+
 def accelerate_ffn(
     model: nn.Module,
-    site: FFNSite | str = "input",
-    rule: SparsityRule = DEFAULT_RULE,
+    config: SparsityConfig | FFNSite | str | None = None,
+    rule: SparsityRule | None = None,
     layers: Iterable[int] | None = None,
     *,
+    site: FFNSite | str | None = None,
     stats: SparsityStats | None = None,
     backend: str | None = None,
 ) -> nn.Module:
-    """Swap every selected FFN of ``model`` (in place) for a sparse one that skips the weights the rule
-    masks out at ``site``; returns the model. Undo with :func:`restore_ffn`.
+    """Swap every selected FFN of ``model`` (in place) for a sparse one that skips the weights the config's
+    rule masks out at its site; returns the model. Undo with :func:`restore_ffn`.
 
-    ``site``: input, intermediate, gate or up (see the module docstring for what each one skips).
-    ``rule``: any :class:`SparsityRule`; a per-token :class:`TopP` takes the kernel threshold path.
-    ``layers``: FFN indices, all by default. ``stats``: a :class:`SparsityStats` to record the measured
-    sparsity into, as the masking path does (costs one masked copy per call; every token is counted, as
-    the swapped modules do not see the attention mask). ``backend``: "triton", "torch" or None/"auto"
-    (see :func:`dllm_sparse.kernels.backend`).
+    ``accelerate_ffn(model, SparsityConfig("input", TopP(0.5)))``, or the convenience form
+    ``accelerate_ffn(model, site="input", rule=TopP(0.5), layers=None)`` (defaults: site ``input``, rule
+    ``TopP(0.5)``, every layer), which builds the config. Site: input, intermediate, gate or up (see the
+    module docstring for what each one skips). Rule: any :class:`SparsityRule`; a per-token :class:`TopP`
+    takes the kernel threshold path. ``stats``: a :class:`SparsityStats` to record the measured sparsity
+    into, as the masking path does (costs one masked copy per call; every token is counted, as the swapped
+    modules do not see the attention mask). ``backend``: "triton", "torch" or None/"auto" (see
+    :func:`dllm_sparse.kernels.backend`).
     """
-    site = FFNSite.parse(site)
-    if not isinstance(rule, SparsityRule):
-        raise ValueError(f"rule must be a SparsityRule such as TopP(0.5), got {rule!r}")
+    config = _kernel_config(config, rule, layers, site, "accelerate_ffn")
+    site, rule = config.site, config.rule
     if is_accelerated(model):
         raise ValueError("this model's FFNs are already accelerated; call restore_ffn(model) before swapping again")
-    ffns = select_layers(find_ffns(model), layers)
+    ffns = select_layers(find_ffns(model), config.layers)
     for ffn in ffns:  # validate everything before touching the model
         _check_ffn(ffn)
         choose_backend(ffn.down.weight, backend)  # a bad backend name fails here, not at the first forward
@@ -346,16 +362,18 @@ def restore_ffn(model: nn.Module) -> nn.Module:
 @contextmanager
 def accelerated_ffn(
     model: nn.Module,
-    site: FFNSite | str = "input",
-    rule: SparsityRule = DEFAULT_RULE,
+    config: SparsityConfig | FFNSite | str | None = None,
+    rule: SparsityRule | None = None,
     layers: Iterable[int] | None = None,
     *,
+    site: FFNSite | str | None = None,
     stats: SparsityStats | None = None,
     backend: str | None = None,
 ) -> Iterator[nn.Module]:
-    """``with accelerated_ffn(model, "input", TopP(0.5)): ...`` - accelerate inside, restore on exit (also
-    when the body raises). Yields the model."""
-    accelerate_ffn(model, site, rule, layers, stats=stats, backend=backend)
+    """``with accelerated_ffn(model, config): ...`` (or ``accelerated_ffn(model, "input", TopP(0.5))``) -
+    accelerate inside, restore on exit (also when the body raises). Yields the model."""
+    config = _kernel_config(config, rule, layers, site, "accelerated_ffn")
+    accelerate_ffn(model, config, stats=stats, backend=backend)
     try:
         yield model
     finally:

@@ -16,10 +16,10 @@ Spec: ``docs/generation.md``. The sampler loops are the only place with generati
 everything else (sparsity, statistics, mask tracking) attaches through callbacks and module hooks.
 """
 
-from .autoregressive import AutoregressiveGenerator
-from .common import encode_prompts, left_pad
 from dllm_sparse.steps import CallbackList, GenerationCallback, StepState
 
+from .autoregressive import AutoregressiveGenerator
+from .common import encode_prompts, left_pad
 from .config import GenerationConfig, GenerationResult, StepInfo
 from .diffusion import MaskedDiffusionGenerator, num_transfer_tokens, resolve_mask_id, validate_geometry
 from .generate import detect_kind, generate, make_generator
@@ -28,7 +28,7 @@ from .step_sparsity import StepSparsity
 from .tracking import MaskOverlapTracker, PackedMask, mask_overlap
 
 __all__ = [
-    "GenerationConfig", "GenerationResult", "StepInfo", "StepState", "GenerationCallback",
+    "GenerationConfig", "GenerationResult", "StepInfo", "StepState", "GenerationCallback", "CallbackList",
     "MaskedDiffusionGenerator", "AutoregressiveGenerator", "generate", "make_generator", "detect_kind",
     "StepSparsity", "MaskOverlapTracker", "PackedMask", "mask_overlap",
     "validate_geometry", "num_transfer_tokens", "resolve_mask_id", "encode_prompts", "left_pad",

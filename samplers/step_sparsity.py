@@ -1,6 +1,6 @@
 """Step-aware sparsification: sparsify a whole generation and keep the statistics of every step apart.
 
-    sp = StepSparsity("input", TopP(0.9))
+    sp = StepSparsity(SparsityConfig("input", TopP(0.9)))     # or StepSparsity("input", TopP(0.9))
     out = generate(model, tok, prompts, cfg, sparsity=sp)     # or callbacks=[sp]
     sp.stats.per_layer("input", tag=3, group="masked")        # step 3, still-masked positions
     sp.per_step()                                              # {tag: mean sparsity over layers}
@@ -19,6 +19,7 @@ from collections.abc import Callable, Hashable, Iterable
 from contextlib import ExitStack
 from typing import Any
 
+from dllm_sparse.sparsity.config import SparsityConfig, as_config
 from dllm_sparse.sparsity.rules import SparsityRule
 from dllm_sparse.sparsity.sites import FFNSite
 from dllm_sparse.sparsity.hooks import MaskEvent, MaskSelector, sparsify
@@ -39,30 +40,32 @@ def _tag_key(tag: Hashable):
 
 
 class StepSparsity(GenerationCallback):
-    """Apply ``rule`` at ``site`` of the chosen ``layers`` during generation, with per-step statistics.
+    """Apply a :class:`SparsityConfig` (site, rule, layers) during generation, with per-step statistics.
 
-    ``stats``: a :class:`SparsityStats` to accumulate into (kept across generations); by default a fresh one
-    is made at each generation begin. ``record_masks``, ``mask_observers`` (e.g. a
+    ``StepSparsity(config)``, or ``StepSparsity(site, rule, layers)`` which builds the config. ``stats``: a
+    :class:`SparsityStats` to accumulate into (kept across generations); by default a fresh one is made at each
+    generation begin. ``record_masks``, ``mask_observers`` (e.g. a
     :class:`~dllm_sparse.samplers.tracking.MaskOverlapTracker`) and ``select_mask`` are passed to
     :func:`~dllm_sparse.sparsity.hooks`. ``groups=False`` counts only the ``"all"`` group (cheaper).
     """
 
     def __init__(
         self,
-        site: FFNSite | str,
-        rule: SparsityRule,
+        config: SparsityConfig | FFNSite | str | None = None,
+        rule: SparsityRule | None = None,
         layers: Iterable[int] | None = None,
         stats: SparsityStats | None = None,
         record_masks: bool = False,
         mask_observers: Iterable[Callable[[MaskEvent], None]] = (),
         select_mask: MaskSelector | None = None,
         groups: bool = True,
+        *,
+        site: FFNSite | str | None = None,
     ):
-        if not isinstance(rule, SparsityRule):
-            raise TypeError(f"rule must be a SparsityRule such as TopP(0.9), got {rule!r}")
-        self.site = FFNSite.parse(site)
-        self.rule = rule
-        self.layers = None if layers is None else list(layers)
+        self.config = as_config(config, rule, layers, site=site, caller="StepSparsity")
+        self.site = self.config.site
+        self.rule = self.config.rule
+        self.layers = None if self.config.layers is None else list(self.config.layers)
         self._given_stats = stats
         self.stats: SparsityStats | None = stats
         self.record_masks = record_masks
@@ -79,7 +82,7 @@ class StepSparsity(GenerationCallback):
         stats = self._given_stats if self._given_stats is not None else SparsityStats(record_masks=self.record_masks)
         self._run = ExitStack()
         self.stats = self._run.enter_context(sparsify(
-            state.model, self.site, self.rule, layers=self.layers, stats=stats, record_masks=self.record_masks,
+            state.model, self.config, stats=stats, record_masks=self.record_masks,
             mask_observers=self.mask_observers, select_mask=self.select_mask,
         ))
 
@@ -149,4 +152,4 @@ class StepSparsity(GenerationCallback):
         return sum(per) / len(per) if per else float("nan")
 
     def describe(self) -> dict[str, Any]:
-        return {"site": str(self.site), "rule": self.rule.to_dict(), "layers": self.layers}
+        return {"site": str(self.site), "rule": self.rule.to_dict(), "layers": self.layers, "id": self.config.id}

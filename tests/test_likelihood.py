@@ -22,6 +22,7 @@ from dllm_sparse.eval.likelihood import (
     item_generator,
     rolling_windows,
 )
+from dllm_sparse.sparsity.rules import TopP
 
 
 class TableLM(torch.nn.Module):
@@ -195,7 +196,7 @@ def test_ar_exact_batched_left_and_right_padding():
 
 def test_stats_skip_padding_tokens():
     model = build_tiny_model("llama")
-    scorer = Scorer(model, ByteTokenizer(), "ar", batch_size=4, sparsity=SparsityConfig("up", "top_p", 0.9))
+    scorer = Scorer(model, ByteTokenizer(), "ar", batch_size=4, sparsity=SparsityConfig("up", TopP(0.9)))
     reqs = [([5, 6, 7, 8, 9], [10, 11]), ([3], [4])]
     scorer.loglikelihood_tokens(reqs)
     rec = [r for r in scorer.stats.records() if r["group"] == "all" and r["layer"] == 0]
@@ -216,10 +217,10 @@ def test_sparse_p1_equals_dense_and_sparsity_changes_scores(family):
     pairs = [("hello", " world"), ("abc", "de"), ("", "empty context")]
     dense = Scorer(model, ByteTokenizer(), kind, **kw).loglikelihood(pairs)
     for site in ("input", "gate", "up", "intermediate"):
-        s = Scorer(model, ByteTokenizer(), kind, sparsity=SparsityConfig(site, "top_p", 1.0), **kw)
+        s = Scorer(model, ByteTokenizer(), kind, sparsity=SparsityConfig(site, TopP(1.0)), **kw)
         assert s.loglikelihood(pairs) == dense
         assert s.stats.mean(site) < 0.05
-    s = Scorer(model, ByteTokenizer(), kind, sparsity=SparsityConfig("intermediate", "top_p", 0.5), **kw)
+    s = Scorer(model, ByteTokenizer(), kind, sparsity=SparsityConfig("intermediate", TopP(0.5)), **kw)
     sparse = s.loglikelihood(pairs)
     assert sparse != dense and s.stats.mean("intermediate") > 0.3
     if kind == "diffusion":
@@ -227,14 +228,14 @@ def test_sparse_p1_equals_dense_and_sparsity_changes_scores(family):
         assert {"all", "prompt", "answer", "masked"} <= groups
     # every site at once with identity rules (the sweep's dense pass) is still exactly dense
     allsites = Scorer(model, ByteTokenizer(), kind, **kw,
-                      sparsity=[SparsityConfig(x, "top_p", 1.0) for x in ("input", "gate", "up", "intermediate")])
+                      sparsity=[SparsityConfig(x, TopP(1.0)) for x in ("input", "gate", "up", "intermediate")])
     assert allsites.loglikelihood(pairs) == dense
 
 
 def test_ratio_bins_and_config_id():
     model = build_tiny_model("llada", vocab_size=260, embedding_size=260, mask_token_id=3)
     s = Scorer(model, ByteTokenizer(), "diffusion", mask_id=3, mc_num=8, mc_batch=4, ratio_bins=4,
-               sparsity=SparsityConfig("input", "top_p", 0.8))
+               sparsity=SparsityConfig("input", TopP(0.8)))
     s.loglikelihood([("hi", " there you")])
     groups = {r["group"] for r in s.stats.records()}
     assert {"ratio0.00-0.25", "ratio0.75-1.00"} <= groups

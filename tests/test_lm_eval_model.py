@@ -18,6 +18,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer, SparsityConfig  # noqa: E402
 from dllm_sparse.eval.lm_eval_model import DllmSparseLM  # noqa: E402
 from dllm_sparse.eval.tasks import MCItem, MultipleChoiceTask  # noqa: E402
+from dllm_sparse.sparsity.rules import TopP  # noqa: E402
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -71,11 +72,11 @@ def test_scores_a_local_task_dense_and_sparse(tmp_path):
     assert res["acc,none"] == pytest.approx(ref["acc"])
     assert res["acc_norm,none"] == pytest.approx(ref["acc_norm"])
 
-    sparse = _ar_scorer(sparsity=SparsityConfig("intermediate", "top_p", 0.5))
+    sparse = _ar_scorer(sparsity=SparsityConfig("intermediate", TopP(0.5)))
     lm = DllmSparseLM.from_scorer(sparse)
     res_sp = _run(lm, tm)
     assert res_sp["acc,none"] == pytest.approx(_reference_acc(_ar_scorer(
-        sparsity=SparsityConfig("intermediate", "top_p", 0.5)))["acc"])
+        sparsity=SparsityConfig("intermediate", TopP(0.5))))["acc"])
     assert lm.stats is not None and 0.2 < lm.stats.mean("intermediate") < 1.0  # statistics were kept
     assert "intermediate:top_p:0.5" in lm.identity and "tiny-llama" in lm.identity
 
@@ -99,7 +100,7 @@ def test_cache_refuses_other_configuration(tmp_path):
     reqs = [Instance("loglikelihood", {}, ("ab", " c"), 0, ("t", 0, 1))]
     first = dense.loglikelihood(reqs)
     assert CachingLM(DllmSparseLM.from_scorer(_ar_scorer()), db).loglikelihood(reqs) == first  # same config: ok
-    sparse = DllmSparseLM.from_scorer(_ar_scorer(sparsity=SparsityConfig("input", "top_p", 0.7)))
+    sparse = DllmSparseLM.from_scorer(_ar_scorer(sparsity=SparsityConfig("input", TopP(0.7))))
     with pytest.raises(RuntimeError, match="one cache path per configuration"):
         CachingLM(sparse, db)
     assert sparse.cache_slug != DllmSparseLM.from_scorer(_ar_scorer()).cache_slug
@@ -123,9 +124,9 @@ def test_lm_eval_task_through_the_task_interface(tmp_path):
     from dllm_sparse.eval.tasks import LmEvalTask
 
     _write_task(tmp_path)
-    scorer = _ar_scorer(sparsity=SparsityConfig("up", "top_p", 0.7))
+    scorer = _ar_scorer(sparsity=SparsityConfig("up", TopP(0.7)))
     res = LmEvalTask("tiny_mc", "acc_norm", str(tmp_path), include_defaults=False).evaluate(scorer)
-    ref = _reference_acc(_ar_scorer(sparsity=SparsityConfig("up", "top_p", 0.7)))
+    ref = _reference_acc(_ar_scorer(sparsity=SparsityConfig("up", TopP(0.7))))
     assert res.metric == "acc_norm" and res.value == pytest.approx(ref["acc_norm"]) and res.n == len(DOCS)
     assert res.higher_is_better["acc"] is True and scorer.stats.mean("up") > 0.2
 
@@ -134,7 +135,7 @@ def test_diffusion_generate_until():
     model = build_tiny_model("llada", vocab_size=260, embedding_size=260, mask_token_id=3, eos_token_id=2,
                              pad_token_id=0)
     scorer = Scorer(model, ByteTokenizer(), "diffusion", mask_id=3, name="tiny-llada",
-                    sparsity=SparsityConfig("intermediate", "top_p", 0.8))
+                    sparsity=SparsityConfig("intermediate", TopP(0.8)))
     lm = DllmSparseLM.from_scorer(scorer, max_gen_toks=8, gen_steps=4, block_length=4)
     reqs = [Instance("generate_until", {}, ("ab", {"until": ["\n"]}), 0, ("t", i, 1)) for i in range(2)]
     outs = lm.generate_until(reqs)

@@ -11,6 +11,7 @@ from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer, SparsityConfig
 from dllm_sparse.models.loading import LoadedModel
 from dllm_sparse.eval.sweep import DENSE, SweepConfig, grid, load_rows, read_rows, run_sweep
 from dllm_sparse.eval.tasks import MCItem, MultipleChoiceTask, PerplexityTask
+from dllm_sparse.sparsity.rules import TopP
 
 ITEMS = [MCItem("a", "one two", ["three", "four"], 0), MCItem("b", "x y", ["z", "zz", "w"], 2),
          MCItem("c", "12", ["3", "4"], 0)]
@@ -35,9 +36,9 @@ class Counter:
             def __init__(self, task):
                 self.task, self.name, self.metric = task, task.name, task.metric
 
-            def evaluate(self, scorer, limit=None):
+            def evaluate(self, scorer, limit=None, **per_call):  # per_call: the sweep's sparsity= and stats=
                 counter.calls += 1
-                return self.task.evaluate(scorer, limit)
+                return self.task.evaluate(scorer, limit, **per_call)
 
         return Counted(MultipleChoiceTask("mc", ITEMS) if name == "mc" else PerplexityTask("ppl", PASSAGES))
 
@@ -84,7 +85,7 @@ def test_rows_are_tidy_and_p1_equals_dense(full_run):
     lm = _models()[1]
     task = PerplexityTask("ppl", PASSAGES)
     alone = task.evaluate(Scorer.from_loaded(lm, mc_num=4, mc_batch=2, seed=1234,
-                                             sparsity=SparsityConfig("input", "top_p", 1.0)))
+                                             sparsity=SparsityConfig("input", TopP(1.0))))
     dense = next(d for d in rows if d["site"] == DENSE and d["model"] == "tiny-mdm" and d["task"] == "ppl")
     assert alone.value == dense["value"]
     # relative performance: perplexity is lower-is-better

@@ -19,19 +19,20 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dllm_sparse.sparsity.config import DENSE
+
 __all__ = [
     "CriticalSparsity", "critical_sparsity", "curves", "critical_table", "markdown_table", "write_critical",
-    "SITE_ORDER", "AVG_CURVE", "MEAN_OF_TASKS",
+    "SITE_ORDER", "AVG_CURVE", "MEAN_OF_TASKS", "ordered_sites",
 ]
 
 SITE_ORDER = ("intermediate", "input", "gate", "up")  # the paper's Table 1 column order
 AVG_CURVE = "avg_curve"
 MEAN_OF_TASKS = "mean_of_tasks"
-DENSE = "dense"
 
 
 @dataclass
@@ -135,14 +136,15 @@ def _fmt(rec: dict | None, variant: str) -> str:
     return ("" if rec.get("bracketed") else "≥") + f"{100 * v:.1f}"
 
 
-def _sites(table: Sequence[dict]) -> list[str]:
-    present = {r["site"] for r in table}
+def ordered_sites(names: Iterable[str]) -> list[str]:
+    """The distinct site names in the paper's column order (unknown names last, sorted)."""
+    present = set(names)
     return [s for s in SITE_ORDER if s in present] + sorted(present - set(SITE_ORDER))
 
 
 def markdown_table(table: Sequence[dict], task: str = AVG_CURVE, variant: str = "interpolated") -> str:
     """Rows: models; columns: sites (paper order); cells: critical sparsity in %."""
-    sites = _sites(table)
+    sites = ordered_sites(r["site"] for r in table)
     models = list(dict.fromkeys(r["model"] for r in table))
     idx = {(r["model"], r["site"], r["task"]): r for r in table}
     lines = ["| model | kind | " + " | ".join(sites) + " |", "|---|---|" + "---:|" * len(sites)]
@@ -175,7 +177,7 @@ def markdown_report(table: Sequence[dict], threshold: float = 0.99) -> str:
         "## Per task (interpolated / last passing)",
         "",
     ]
-    sites = _sites(table)
+    sites = ordered_sites(r["site"] for r in table)
     idx = {(r["model"], r["site"], r["task"]): r for r in table}
     parts += ["| model | task | " + " | ".join(sites) + " |", "|---|---|" + "---:|" * len(sites)]
     for m in dict.fromkeys(r["model"] for r in table):

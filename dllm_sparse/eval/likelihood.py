@@ -4,9 +4,10 @@ The contract is ``docs/generation.md`` (section "Likelihood")::
 
     scorer = Scorer.from_loaded(load_model("smollm2-135m"), batch_size=16)
     scorer.loglikelihood([("The capital of France is", " Paris")])          # [(ll, is_greedy)]
-    scorer.sparsity = SparsityConfig("input", "top_p", 0.9)                 # every forward pass is sparsified
-    scorer.loglikelihood([("The capital of France is", " Paris")])
-    scorer.stats.mean("input")                                              # measured sparsity of those passes
+    stats = SparsityStats()
+    scorer.loglikelihood([("The capital of France is", " Paris")],          # every forward pass of this call
+                         sparsity=SparsityConfig("input", TopP(0.9)), stats=stats)   # is sparsified
+    stats.mean("input")                                                     # measured sparsity of those passes
 
 * Autoregressive (``kind="ar"``): exact sum of log p(continuation | context); batched with left (default) or
   right padding, explicit position ids, and only the continuation's logits computed when the model supports
@@ -43,20 +44,19 @@ import hashlib
 import inspect
 from collections.abc import Hashable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from dllm_sparse.models.families import family_named, without_lm_head
-from dllm_sparse.sparsity.rules import SparsityRule, make_rule
-from dllm_sparse.sparsity.sites import FFNSite
+from dllm_sparse.sparsity.config import DENSE, SparsityConfig
 from dllm_sparse.sparsity.hooks import sparsify
 from dllm_sparse.sparsity.stats import SparsityStats
 
 __all__ = [
     "SparsityConfig",
+    "SCORER_DEFAULT",
     "Scorer",
     "ar_loglikelihood_tokens",
     "diffusion_elbo_tokens",
@@ -69,36 +69,18 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Sparsity configuration
+# Sparsity of a call
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SparsityConfig:
-    """One sparsity setting: ``site`` sparsified with rule ``rule`` at ``threshold`` (see rules.make_rule)."""
+class _ScorerDefault:
+    """The default of the per-call ``sparsity=`` / ``stats=`` arguments: use what the scorer was built with."""
 
-    site: str
-    rule: str = "top_p"
-    threshold: float = 1.0
-    scope: str = "token"
+    def __repr__(self) -> str:
+        return "SCORER_DEFAULT"
 
-    def __post_init__(self):
-        object.__setattr__(self, "site", FFNSite.parse(self.site).value)
-        object.__setattr__(self, "rule", self.rule.replace("-", "_").lower())
-        object.__setattr__(self, "threshold", float(self.threshold))
-        self.make_rule()  # validate early
 
-    def make_rule(self) -> SparsityRule:
-        return make_rule(self.rule, self.threshold, scope=self.scope)
-
-    @property
-    def is_identity(self) -> bool:
-        return self.make_rule().is_identity
-
-    @property
-    def id(self) -> str:
-        """A short identity string, e.g. ``input:top_p:0.9:token`` (used in cache keys and file names)."""
-        return f"{self.site}:{self.rule}:{self.threshold:g}:{self.scope}"
+SCORER_DEFAULT = _ScorerDefault()
 
 
 def _as_configs(sparsity) -> list[SparsityConfig]:
@@ -106,6 +88,9 @@ def _as_configs(sparsity) -> list[SparsityConfig]:
         return []
     if isinstance(sparsity, SparsityConfig):
         return [sparsity]
+    if isinstance(sparsity, str):
+        raise TypeError(f"sparsity must be a SparsityConfig (e.g. SparsityConfig.parse({sparsity!r})), a list of "
+                        "them, or None")
     out = list(sparsity)
     if not all(isinstance(s, SparsityConfig) for s in out):
         raise TypeError(f"sparsity must be a SparsityConfig, a list of them, or None; got {sparsity!r}")
@@ -413,8 +398,10 @@ class Scorer:
     """Score text with an AR or masked-diffusion model, optionally sparsified (see the module docstring).
 
     ``sparsity``: None (dense), a :class:`SparsityConfig`, or a list of them on distinct sites (all attached at
-    once; with identity rules this measures the natural sparsity of every site in one dense pass). ``stats``:
-    where the measured sparsity goes (created on first use when sparsity is set). Tokenisation follows
+    once; with identity rules this measures the natural sparsity of every site in one dense pass). The
+    constructor's value is the default of every scoring call; each verb also takes ``sparsity=`` (and
+    ``stats=``) for that call alone, leaving the scorer as it is. ``stats``: where the measured sparsity goes
+    by default (created on first use when a call is sparsified). Tokenisation follows
     lm-evaluation-harness: trailing spaces of the context move to the continuation, the pair is encoded whole
     and split, and an empty context becomes the prefix token (BOS, else EOS). ``family`` names a family profile
     (:mod:`dllm_sparse.models.families`, as in ``LoadedModel.family``); a diffusion scorer takes its
@@ -485,19 +472,29 @@ class Scorer:
     # ---- configuration -----------------------------------------------------------------------------------
     @property
     def sparsity(self) -> list[SparsityConfig]:
+        """The default sparsity of every call (the constructor's ``sparsity``)."""
         return list(self._sparsity)
 
     @sparsity.setter
     def sparsity(self, value) -> None:
         self._sparsity = _as_configs(value)
 
-    @property
-    def config_id(self) -> str:
-        """Everything that changes the scores: model, kind, sparsity and the ELBO settings."""
-        sp = "+".join(s.id for s in self._sparsity) or "dense"
+    def configs_for(self, sparsity=SCORER_DEFAULT) -> list[SparsityConfig]:
+        """The configs a call with ``sparsity`` attaches (validated; the scorer's own by default)."""
+        return list(self._sparsity) if sparsity is SCORER_DEFAULT else _as_configs(sparsity)
+
+    def identity(self, sparsity=SCORER_DEFAULT) -> str:
+        """Everything that changes the scores of a call with this ``sparsity`` (default: the scorer's): model,
+        kind, sparsity ids and the ELBO settings."""
+        sp = "+".join(s.id for s in self.configs_for(sparsity)) or DENSE
         est = f"mc{self.mc_num}/b{self.mc_batch}/seed{self.seed}/shift{int(self.shift_logits)}" \
             if self.kind == "diffusion" else "exact"
         return f"{self.name}|{self.kind}|{sp}|{est}|bos{int(self.add_bos_token)}"
+
+    @property
+    def config_id(self) -> str:
+        """:meth:`identity` of the scorer's default sparsity."""
+        return self.identity()
 
     def _default_max_length(self) -> int:
         cfg = getattr(self.model, "config", None)
@@ -509,17 +506,22 @@ class Scorer:
         return v if isinstance(v, int) and 0 < v < 1_000_000 else 2048
 
     @contextmanager
-    def sparsified(self) -> Iterator[SparsityStats | None]:
-        """Attach the configured sparsity (nothing when dense) for the duration of the block."""
-        if not self._sparsity:
-            yield self.stats
+    def sparsified(self, sparsity=SCORER_DEFAULT, stats=SCORER_DEFAULT) -> Iterator[SparsityStats | None]:
+        """Attach ``sparsity`` (default: the scorer's; nothing when dense) for the duration of the block; yields
+        the statistics it records into (``stats``, default: the scorer's, created on first use; ``None``: not
+        kept)."""
+        configs = self.configs_for(sparsity)
+        if stats is SCORER_DEFAULT:
+            if configs and self.stats is None:
+                self.stats = SparsityStats()
+            stats = self.stats
+        if not configs:
+            yield stats
             return
-        if self.stats is None:
-            self.stats = SparsityStats()
         with ExitStack() as stack:
-            for cfg in self._sparsity:
-                stack.enter_context(sparsify(self.model, cfg.site, cfg.make_rule(), stats=self.stats))
-            yield self.stats
+            for cfg in configs:
+                stack.enter_context(sparsify(self.model, cfg, stats=stats))
+            yield stats
 
     # ---- tokenisation ------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -557,9 +559,11 @@ class Scorer:
 
     # ---- scoring -----------------------------------------------------------------------------------------
     def loglikelihood_tokens(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-                             keys: Sequence[Hashable] | None = None) -> list[tuple[float, bool]]:
-        """``(log-likelihood, is_greedy)`` of token-id (context, continuation) requests, sparsified as set."""
-        with self.sparsified() as stats:
+                             keys: Sequence[Hashable] | None = None, *, sparsity=SCORER_DEFAULT,
+                             stats=SCORER_DEFAULT) -> list[tuple[float, bool]]:
+        """``(log-likelihood, is_greedy)`` of token-id (context, continuation) requests, every forward pass
+        sparsified with ``sparsity`` (default: the scorer's) and measured into ``stats`` (default: the scorer's)."""
+        with self.sparsified(sparsity, stats) as stats:
             if self.kind == "ar":
                 return ar_loglikelihood_tokens(
                     self.model, requests, batch_size=self.batch_size, padding_side=self.padding_side,
@@ -570,16 +574,19 @@ class Scorer:
                 dedupe=self.dedupe, greedy_check=self.greedy_check, stats=stats, ratio_bins=self.ratio_bins,
                 progress=self.progress)
 
-    def loglikelihood(self, pairs: Sequence[tuple[str, str]],
-                      keys: Sequence[Hashable] | None = None) -> list[tuple[float, bool]]:
-        """lm-eval's ``loglikelihood`` on text pairs; ``keys`` name the items (for the ELBO's masks)."""
-        return self.loglikelihood_tokens([self.encode_pair(c, x) for c, x in pairs], keys)
+    def loglikelihood(self, pairs: Sequence[tuple[str, str]], keys: Sequence[Hashable] | None = None, *,
+                      sparsity=SCORER_DEFAULT, stats=SCORER_DEFAULT) -> list[tuple[float, bool]]:
+        """lm-eval's ``loglikelihood`` on text pairs; ``keys`` name the items (for the ELBO's masks);
+        ``sparsity`` / ``stats`` as in :meth:`loglikelihood_tokens`."""
+        return self.loglikelihood_tokens([self.encode_pair(c, x) for c, x in pairs], keys, sparsity=sparsity,
+                                         stats=stats)
 
-    def loglikelihood_rolling(self, texts: Sequence[str],
-                              keys: Sequence[Hashable] | None = None) -> list[tuple[float, int]]:
+    def loglikelihood_rolling(self, texts: Sequence[str], keys: Sequence[Hashable] | None = None, *,
+                              sparsity=SCORER_DEFAULT, stats=SCORER_DEFAULT) -> list[tuple[float, int]]:
         """``(log-likelihood of the whole text, number of tokens)`` per text (AR exact, diffusion ELBO).
 
-        Texts longer than the model's context are split into windows (:func:`rolling_windows`)."""
+        Texts longer than the model's context are split into windows (:func:`rolling_windows`). ``sparsity`` /
+        ``stats`` as in :meth:`loglikelihood_tokens`."""
         windows, owner, wkeys = [], [], []
         for t, text in enumerate(texts):
             tokens = list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -587,7 +594,7 @@ class Scorer:
                 windows.append(win)
                 owner.append(t)
                 wkeys.append((keys[t] if keys is not None else _content_key(*win), w))
-        scores = self.loglikelihood_tokens(windows, wkeys)
+        scores = self.loglikelihood_tokens(windows, wkeys, sparsity=sparsity, stats=stats)
         out = [[0.0, 0] for _ in texts]
         for t, (ll, _), win in zip(owner, scores, windows, strict=True):
             out[t][0] += ll

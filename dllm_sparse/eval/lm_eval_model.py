@@ -4,7 +4,7 @@ Python API (the supported path; lm-eval >= 0.4.9, tested with 0.4.13)::
 
     import lm_eval
     from dllm_sparse.eval.lm_eval_model import DllmSparseLM
-    lm = DllmSparseLM(pretrained="smollm2-135m", site="input", rule="top_p", p=0.9)
+    lm = DllmSparseLM(pretrained="smollm2-135m", sparsity="input:top_p:0.9")   # or a SparsityConfig
     out = lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"], limit=100)
     lm.stats.mean("input")                       # measured sparsity of every forward pass of the run
 
@@ -14,14 +14,16 @@ registers ``dllm_sparse``; its ``__main__`` does that and then runs lm-eval's ow
 works unchanged::
 
     python -m dllm_sparse.eval.lm_eval_model run --model dllm_sparse \\
-        --model_args pretrained=GSAI-ML/LLaDA-8B-Base,site=input,rule=top_p,p=0.9,dtype=bf16,device=auto,mc_num=128 \\
+        --model_args pretrained=GSAI-ML/LLaDA-8B-Base,sparsity=input:top_p:0.9,dtype=bf16,device=auto,mc_num=128 \\
         --tasks arc_easy --batch_size 16
 
 Model arguments: ``pretrained`` (hub id, local dir, .gguf or embedded name), ``kind`` (ar/diffusion, detected),
-``dtype``, ``device`` (``auto`` = accelerate placement), ``site`` (none = dense), ``rule`` (top_p, top_k,
-max_p), ``p`` (the rule's threshold), ``scope``, ``batch_size``, ``mc_num``, ``mc_batch``, ``seed``,
-``shift_logits`` (Dream-style; default by family), ``greedy_check``, ``max_gen_toks``, ``gen_steps``,
-``block_length``, ``trust_remote_code``, ``add_bos_token``.
+``dtype``, ``device`` (``auto`` = accelerate placement), ``sparsity`` (a
+:class:`~dllm_sparse.sparsity.config.SparsityConfig` id ``site:rule:threshold[:scope][:layers=i/j]``, e.g.
+``input:top_p:0.9``; ``dense``/none = dense), or the same in pieces: ``site``, ``rule`` (top_p, top_k, max_p),
+``threshold`` (alias ``p``; p for top-p / max-p, the target sparsity for top-k), ``scope``; ``batch_size``,
+``mc_num``, ``mc_batch``, ``seed``, ``shift_logits`` (Dream-style; default by family), ``greedy_check``,
+``max_gen_toks``, ``gen_steps``, ``block_length``, ``trust_remote_code``, ``add_bos_token``.
 
 Semantics:
 
@@ -45,7 +47,6 @@ configuration, e.g. ``--use_cache cache/{lm.cache_slug}``.
 from __future__ import annotations
 
 import hashlib
-import re
 from typing import Any
 
 try:
@@ -60,10 +61,12 @@ import logging
 
 from tqdm.auto import tqdm
 
-from dllm_sparse.eval.likelihood import Scorer, SparsityConfig
+from dllm_sparse.eval.likelihood import SCORER_DEFAULT, Scorer
+from dllm_sparse.sparsity.config import DENSE, SparsityConfig, slug
+from dllm_sparse.sparsity.rules import make_rule
 from dllm_sparse.sparsity.stats import SparsityStats
 
-__all__ = ["DllmSparseLM", "IDENTITY_KEY"]
+__all__ = ["DllmSparseLM", "IDENTITY_KEY", "sparsity_from_args"]
 
 eval_logger = logging.getLogger("lm_eval")
 
@@ -76,6 +79,32 @@ def _bool(v: Any) -> bool:
     return bool(v)
 
 
+_NO_SPARSITY = (None, "", "none", DENSE)
+
+
+def sparsity_from_args(sparsity: SparsityConfig | str | None = None, site: str | None = None,
+                       rule: str = "top_p", threshold: float | None = None, p: float | None = None,
+                       scope: str = "token") -> SparsityConfig | None:
+    """The model's one :class:`SparsityConfig` from its model arguments: ``sparsity=input:top_p:0.9`` (or a
+    config object), or the pieces ``site``, ``rule``, ``threshold`` (alias ``p``; default 1.0) and ``scope``.
+    None means dense."""
+    if isinstance(sparsity, str) and sparsity.strip().lower() in _NO_SPARSITY:
+        sparsity = None
+    if p is not None and threshold is not None and float(p) != float(threshold):
+        raise ValueError(f"threshold={threshold} and p={p} disagree: give one of them (p is an alias of threshold)")
+    threshold = threshold if threshold is not None else p
+    if isinstance(site, str) and site.strip().lower() in _NO_SPARSITY:
+        site = None
+    if sparsity is not None:
+        if site is not None or threshold is not None:
+            raise ValueError(f"give either sparsity={sparsity!r} or site/rule/threshold, not both "
+                             f"(got site={site!r}, threshold={threshold!r})")
+        return SparsityConfig.parse(sparsity)
+    if site is None:
+        return None
+    return SparsityConfig(site, make_rule(rule, 1.0 if threshold is None else float(threshold), scope=scope))
+
+
 @register_model("dllm_sparse", "dllm-sparse")
 class DllmSparseLM(LM):
     """lm-eval model wrapping a :class:`dllm_sparse.eval.likelihood.Scorer` (see the module docstring)."""
@@ -83,8 +112,10 @@ class DllmSparseLM(LM):
     def __init__(
         self,
         pretrained: str = "smollm2-135m",
+        sparsity: SparsityConfig | str | None = None,
         site: str | None = None,
         rule: str = "top_p",
+        threshold: float | None = None,
         p: float | None = None,
         scope: str = "token",
         kind: str | None = None,
@@ -102,15 +133,23 @@ class DllmSparseLM(LM):
         trust_remote_code: bool = False,
         add_bos_token: bool = False,
         scorer: Scorer | None = None,
+        stats: SparsityStats | None = None,
         **unused: Any,
     ):
         super().__init__()
         unused.pop("max_batch_size", None)
-        if scorer is None:
+        # What this model's calls pass to the scorer: its own defaults unless from_scorer is given others.
+        self._sparsity, self._stats = SCORER_DEFAULT, SCORER_DEFAULT
+        if scorer is not None:
+            if sparsity is not None or site is not None or stats is not None:
+                raise TypeError("DllmSparseLM(scorer=...) takes the scorer's sparsity; to score with another one "
+                                "use DllmSparseLM.from_scorer(scorer, sparsity=..., stats=...)")
+        else:
             import torch
 
             from dllm_sparse.models.loading import load_model
 
+            sparsity = sparsity_from_args(sparsity, site, rule, threshold, p, scope)  # fails before a long load
             if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
                 eval_logger.warning(f"device {device!r} requested (lm-eval's CLI default) but CUDA is not available; "
                                     "using the CPU")
@@ -118,37 +157,45 @@ class DllmSparseLM(LM):
 
             lm = load_model(pretrained, dtype=dtype, device=device, kind=kind,
                             trust_remote_code=_bool(trust_remote_code))
-            sparsity = None
-            if site not in (None, "", "none", "dense"):
-                sparsity = SparsityConfig(site, rule, 1.0 if p is None else float(p), scope)
             bs = 16 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)
             scorer = Scorer.from_loaded(
                 lm, batch_size=bs, mc_num=int(mc_num), mc_batch=int(mc_batch), seed=int(seed),
                 shift_logits=None if shift_logits is None else _bool(shift_logits),
                 greedy_check=_bool(greedy_check), add_bos_token=_bool(add_bos_token), sparsity=sparsity,
-                stats=SparsityStats() if sparsity is not None else None)
+                stats=stats if stats is not None else SparsityStats() if sparsity is not None else None)
         self.scorer = scorer
         self.max_gen_toks, self.gen_steps, self.block_length = int(max_gen_toks), gen_steps, block_length
         self._device = getattr(getattr(scorer.model, "device", None), "type", None)
 
     @classmethod
-    def from_scorer(cls, scorer: Scorer, **kwargs: Any) -> DllmSparseLM:
-        """Wrap an existing scorer (its model, sparsity and statistics are shared, not copied)."""
-        return cls(scorer=scorer, **kwargs)
+    def from_scorer(cls, scorer: Scorer, *, sparsity=SCORER_DEFAULT, stats=SCORER_DEFAULT,
+                    **kwargs: Any) -> DllmSparseLM:
+        """Wrap an existing scorer (its model and statistics are shared, not copied). ``sparsity``: a
+        :class:`SparsityConfig`, a list of them or None (dense) for every call of this model, leaving the
+        scorer as it is; ``stats``: where those calls measure. Defaults: the scorer's own (as in
+        :meth:`Scorer.loglikelihood`)."""
+        lm = cls(scorer=scorer, **kwargs)
+        scorer.configs_for(sparsity)  # a bad value fails here, not at the first request
+        lm._sparsity, lm._stats = sparsity, stats
+        return lm
+
+    @property
+    def sparsity(self) -> list[SparsityConfig]:
+        """The sparsity of every call of this model."""
+        return self.scorer.configs_for(self._sparsity)
 
     # ---- identity and cache safety ------------------------------------------------------------------------
     @property
     def identity(self) -> str:
-        """Everything that changes the answers: model, kind, sparsity (site, rule, threshold, scope), ELBO
-        settings."""
-        return self.scorer.config_id
+        """Everything that changes the answers: model, kind, sparsity (site, rule, threshold, scope, layers),
+        ELBO settings."""
+        return self.scorer.identity(self._sparsity)
 
     @property
     def cache_slug(self) -> str:
         """A file-name-safe, configuration-specific name for ``--use_cache``."""
         ident = self.identity
-        readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", ident)[:80]
-        return f"{readable}-{hashlib.sha256(ident.encode()).hexdigest()[:10]}"
+        return f"{slug(ident)[:80]}-{hashlib.sha256(ident.encode()).hexdigest()[:10]}"
 
     def set_cache_hook(self, cache_hook) -> None:
         db = getattr(cache_hook, "dbdict", None)
@@ -170,9 +217,8 @@ class DllmSparseLM(LM):
         super().set_cache_hook(cache_hook)
 
     def get_model_info(self) -> dict:
-        sp = self.scorer.sparsity
         return {"dllm_sparse_identity": self.identity, "model_kind": self.scorer.kind,
-                "sparsity": [vars(s) for s in sp] or "dense", "mc_num": self.scorer.mc_num}
+                "sparsity": [s.to_dict() for s in self.sparsity] or DENSE, "mc_num": self.scorer.mc_num}
 
     # ---- lm-eval properties --------------------------------------------------------------------------------
     @property
@@ -183,7 +229,7 @@ class DllmSparseLM(LM):
     @property
     def stats(self) -> SparsityStats | None:
         """The measured sparsity of every forward pass made through this model (None when dense)."""
-        return self.scorer.stats
+        return self.scorer.stats if self._stats is SCORER_DEFAULT else self._stats
 
     @staticmethod
     def _key(req) -> tuple:
@@ -197,7 +243,7 @@ class DllmSparseLM(LM):
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [req.args[:2] for req in requests]
         keys = [self._key(req) for req in requests]
-        out = self.scorer.loglikelihood(pairs, keys=keys)
+        out = self.scorer.loglikelihood(pairs, keys=keys, sparsity=self._sparsity, stats=self._stats)
         for req, res in zip(requests, out, strict=True):
             self.cache_hook.add_partial("loglikelihood", req.args, res)
         return out
@@ -205,7 +251,8 @@ class DllmSparseLM(LM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         texts = [req.args[0] for req in requests]
         keys = [self._key(req) for req in requests]
-        out = [ll for ll, _ in self.scorer.loglikelihood_rolling(texts, keys=keys)]
+        out = [ll for ll, _ in self.scorer.loglikelihood_rolling(texts, keys=keys, sparsity=self._sparsity,
+                                                                 stats=self._stats)]
         for req, res in zip(requests, out, strict=True):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, res)
         return out
@@ -239,14 +286,14 @@ class DllmSparseLM(LM):
             for s in range(0, len(idxs), sc.batch_size):
                 chunk = idxs[s:s + sc.batch_size]
                 prompts = [requests[i].args[0] for i in chunk]
-                if len(sc.sparsity) == 1:
-                    cfg = sc.sparsity[0]
-                    if sc.stats is None:
+                configs = self.sparsity
+                if len(configs) == 1:
+                    if self._stats is SCORER_DEFAULT and sc.stats is None:
                         sc.stats = SparsityStats()
                     res = generate(sc.model, sc.tokenizer, prompts, config, kind=sc.kind,
-                                   sparsity=StepSparsity(cfg.site, cfg.make_rule(), stats=sc.stats))
+                                   sparsity=StepSparsity(configs[0], stats=self.stats))
                 else:
-                    with sc.sparsified():
+                    with sc.sparsified(self._sparsity, self._stats):
                         res = generate(sc.model, sc.tokenizer, prompts, config, kind=sc.kind)
                 for i, text in zip(chunk, res.texts, strict=True):
                     for stop in until:

@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dllm_sparse.eval.critical import AVG_CURVE, SITE_ORDER, critical_sparsity, curves  # noqa: E402
+from dllm_sparse.eval.critical import AVG_CURVE, critical_sparsity, curves, ordered_sites  # noqa: E402
 
 __all__ = ["plot_relative_performance", "plot_layer_heatmaps", "plot_step_sparsity", "save_figure"]
 
@@ -34,11 +34,6 @@ def save_figure(fig, path_stem: str | Path) -> list[Path]:
     return paths
 
 
-def _sites(keys) -> list[str]:
-    present = {k[1] for k in keys}
-    return [s for s in SITE_ORDER if s in present] + sorted(present - set(SITE_ORDER))
-
-
 def _label(model: str, kinds: dict[str, str]) -> str:
     kind = kinds.get(model, "")
     return f"{model} ({'diffusion' if kind == 'diffusion' else 'AR'})" if kind else model
@@ -51,7 +46,7 @@ def plot_relative_performance(rows: Sequence[dict], out_dir: str | Path, task: s
     if not cv:
         return []
     kinds = {r["model"]: r.get("kind", "") for r in rows}
-    sites = _sites(cv)
+    sites = ordered_sites(k[1] for k in cv)
     models = list(dict.fromkeys(k[0] for k in cv))
     fig, axes = plt.subplots(1, len(sites), figsize=(4.2 * len(sites), 3.6), sharey=True, squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -90,7 +85,7 @@ def plot_layer_heatmaps(rows: Sequence[dict], out_dir: str | Path, task: str = A
     cv = {k: v for k, v in curves(rows).items() if k[2] == task and v}
     kinds = {r["model"]: r.get("kind", "") for r in rows}
     paths: list[Path] = []
-    for site in _sites(cv):
+    for site in ordered_sites(k[1] for k in cv):
         models = [k[0] for k in cv if k[1] == site]
         fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8), squeeze=False)
         im = None

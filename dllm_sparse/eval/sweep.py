@@ -4,8 +4,9 @@
     rows = run_sweep(SweepConfig(models=["smollm2-135m"], tasks=["builtin_mc", "builtin_ppl"],
                                  thresholds=grid("quick"), output_dir="runs/quick"))
 
-Rows (``<output_dir>/rows.jsonl``) carry: model, kind, site, rule, p, task, the primary metric and its value,
-the dense value, the relative performance (sparse/dense; dense/sparse for lower-is-better metrics such as
+Rows (``<output_dir>/rows.jsonl``) carry: model, kind, site, rule, ``p`` (the rule threshold: p for top-p and
+max-p, the target sparsity for top-k; the column keeps its historical name), scope, task, the primary metric
+and its value, the dense value, the relative performance (sparse/dense; dense/sparse for lower-is-better metrics such as
 perplexity), all metrics, the measured mean sparsity and per-layer sparsities (the x-axis of every curve),
 the number of items and the seconds spent.
 
@@ -14,12 +15,15 @@ Guarantees:
 * **Atomic rows.** Each finished cell is appended as one full JSON line, flushed and fsync'ed. On restart the
   file is read back, a torn last line (a kill during the write) is dropped, and finished cells are skipped:
   kill a sweep at any point and rerun the same command, nothing is lost or computed twice. The cell key holds
-  every setting that changes a result (model, task, site, rule, threshold, scope, limit, ELBO settings, seed,
-  dtype), so a rerun with other settings into the same folder computes new cells instead of reusing old ones.
+  every setting that changes a result (model, task, the :class:`~dllm_sparse.sparsity.config.SparsityConfig`
+  id = site, rule, threshold, scope, layers; limit, ELBO settings, seed, dtype), so a rerun with other settings
+  into the same folder computes new cells instead of reusing old ones. Folders written before keys held
+  config ids are refused with a message; :func:`upgrade_cell_keys` rewrites their keys (nothing else
+  changes) so they resume.
 * **Dense baselines once.** Per (model, task) one dense pass is run with identity rules (top-p at p = 1, which
   keeps every non-zero entry and so cannot change any output) attached to *every* requested site at once.
   It gives the dense metric (row with ``site="dense"``, ``rule="dense"``, ``p=1.0``) and the natural sparsity
-  of each site; the grid's identity cells (p = 1.0) are written from it (``source="dense_pass"``).
+  of each site; the grid's identity cells (top-p 1.0, top-k 0.0) are written from it (``source="dense_pass"``).
 * **Data parallel.** Under ``accelerate launch`` (or torchrun) with W processes, the work units are split by
   index (rank r takes units i with i % W == r); each rank appends to its own shard ``shards/rows.rank{r}.jsonl``
   and rank 0 merges the shards into ``rows.jsonl`` at the end (deduplicated by key, relative performance
@@ -39,21 +43,19 @@ from typing import Any
 
 import torch
 
-from dllm_sparse.eval.likelihood import Scorer, SparsityConfig
-from dllm_sparse.eval.rows import JsonlWriter, read_rows
+from dllm_sparse.eval.likelihood import Scorer
+from dllm_sparse.eval.rows import JsonlWriter, process_info, read_rows
 from dllm_sparse.eval.rows import json_default as _json_default
-from dllm_sparse.eval.rows import process_info as _dist
-from dllm_sparse.sparsity.rules import make_rule
+from dllm_sparse.sparsity.config import DENSE, SparsityConfig
+from dllm_sparse.sparsity.rules import make_rule, rule_name
 from dllm_sparse.sparsity.sites import ALL_SITES
 from dllm_sparse.sparsity.stats import SparsityStats
 from dllm_sparse.eval.tasks import Task, get_task, relative_performance
 
 __all__ = [
     "GRIDS", "grid", "SweepConfig", "run_sweep", "read_rows", "JsonlWriter", "finalize", "load_rows",
-    "cell_key", "dense_key", "planned_keys", "rows_for", "DENSE",
+    "cell_key", "dense_key", "planned_keys", "rows_for", "DENSE", "upgrade_cell_keys",
 ]
-
-DENSE = "dense"
 
 STANDARD_TOP_P = [1.0, 0.995, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.90,
                   0.85, 0.80, 0.75, 0.70, 0.65, 0.60, 0.50, 0.40, 0.30, 0.20, 0.10]
@@ -69,7 +71,7 @@ GRIDS: dict[str, dict[str, list[float]]] = {
 
 def grid(name: str = "quick", rule: str = "top_p") -> list[float]:
     """The ``standard`` (the spec's 25-point top-p grid) or ``quick`` threshold grid of a rule."""
-    rule = rule.replace("-", "_").lower()
+    rule = rule_name(rule)
     try:
         return list(GRIDS[rule][name])
     except KeyError:
@@ -111,7 +113,7 @@ def load_rows(output_dir: str | Path) -> list[dict]:
 def dense_key(key: str) -> str:
     """The key of the dense cell that a cell's relative performance refers to (same model, task, settings)."""
     k = json.loads(key)
-    k[2:5] = [DENSE, DENSE, 1.0]
+    k[2] = DENSE
     return json.dumps(k, separators=(",", ":"))
 
 
@@ -160,7 +162,8 @@ def finalize(output_dir: str | Path) -> list[dict]:
 @dataclass
 class SweepConfig:
     """What to sweep. ``models``: names/paths for :func:`dllm_sparse.load_model`, or ``LoadedModel`` objects.
-    ``limit``: items per task (an int for all tasks, a {task: n} dict, or None for all items)."""
+    ``limit``: items per task (an int for all tasks, a {task: n} dict, or None for all items). The cells are
+    the :class:`SparsityConfig` of every site x threshold of ``rule`` (:meth:`configs`)."""
 
     models: list[Any]
     output_dir: str | Path
@@ -180,6 +183,15 @@ class SweepConfig:
     ratio_bins: int = 5  # diffusion: also measure sparsity per mask-ratio bin of the ELBO passes
     progress: bool = True
 
+    def __post_init__(self):
+        self.rule = rule_name(self.rule)
+        self.configs()  # a bad site or threshold fails here, not after the first model has loaded
+
+    def configs(self) -> list[SparsityConfig]:
+        """One config per (site, threshold), in that order."""
+        return [SparsityConfig(site, make_rule(self.rule, t, scope=self.scope))
+                for site in self.sites for t in self.thresholds]
+
     def limit_for(self, task: str):
         return self.limit.get(task) if isinstance(self.limit, dict) else self.limit
 
@@ -194,41 +206,81 @@ def _model_name(m: Any) -> str:
     return m if isinstance(m, (str, os.PathLike)) and not hasattr(m, "model") else getattr(m, "name", str(m))
 
 
-def cell_key(cfg: SweepConfig, model: str, task: str, site: str, rule: str, p: float) -> str:
-    """The identity of a cell: every setting that changes its result."""
-    return json.dumps([str(model), task, site, rule, float(p), cfg.scope, cfg.limit_for(task), cfg.mc_num,
-                       cfg.mc_batch, cfg.seed, str(cfg.dtype)], separators=(",", ":"))
+def _key(model: str, task: str, sparsity_id: str, limit, mc_num: int, mc_batch: int, seed: int, dtype: str) -> str:
+    return json.dumps([str(model), task, sparsity_id, limit, mc_num, mc_batch, seed, str(dtype)], separators=(",", ":"))
+
+
+def cell_key(cfg: SweepConfig, model: str, task: str, config: SparsityConfig | None) -> str:
+    """The identity of a cell: every setting that changes its result; ``config=None`` is the dense cell."""
+    return _key(model, task, DENSE if config is None else config.id, cfg.limit_for(task), cfg.mc_num, cfg.mc_batch,
+                cfg.seed, cfg.dtype)
 
 
 @dataclass
 class _Unit:
     model_index: int
     task: str
-    site: str  # DENSE for the dense pass
-    p: float
+    config: SparsityConfig | None  # None for the dense pass
     keys: list[str]  # the rows this unit writes
-    identity_sites: list[str] = field(default_factory=list)  # dense pass: sites whose p=1 cell it fills
+    identity_cells: list[SparsityConfig] = field(default_factory=list)  # dense pass: identity cells it fills
 
 
 def _plan(cfg: SweepConfig) -> list[_Unit]:
-    rule = cfg.rule.replace("-", "_").lower()
     units = []
-    identities = [p for p in cfg.thresholds if make_rule(rule, p).is_identity]
+    configs = cfg.configs()
+    identities = [c for c in configs if c.is_identity]
     for mi, model in enumerate(cfg.models):
         name = _model_name(model)
         for task in cfg.tasks:
-            keys = [cell_key(cfg, name, task, DENSE, DENSE, 1.0)]
-            id_sites = []
-            for site in cfg.sites:
-                for p in identities:
-                    keys.append(cell_key(cfg, name, task, site, rule, p))
-                    id_sites.append(site)
-            units.append(_Unit(mi, task, DENSE, 1.0, keys, id_sites))
-            for site in cfg.sites:
-                for p in cfg.thresholds:
-                    if p not in identities:
-                        units.append(_Unit(mi, task, site, float(p), [cell_key(cfg, name, task, site, rule, p)]))
+            keys = [cell_key(cfg, name, task, None)] + [cell_key(cfg, name, task, c) for c in identities]
+            units.append(_Unit(mi, task, None, keys, identities))
+            units += [_Unit(mi, task, c, [cell_key(cfg, name, task, c)]) for c in configs if not c.is_identity]
     return units
+
+
+def _old_key_to_new(key: str) -> str | None:
+    """The current key of a cell keyed the old way ([model, task, site, rule, p, scope, limit, mc_num, mc_batch,
+    seed, dtype]); None when ``key`` is not an old key."""
+    try:
+        k = json.loads(key)
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(k, list) or len(k) != 11:
+        return None
+    model, task, site, rule, p, scope, limit, mc_num, mc_batch, seed, dtype = k
+    sparsity_id = DENSE if site == DENSE else SparsityConfig(site, make_rule(rule, p, scope=scope)).id
+    return _key(model, task, sparsity_id, limit, mc_num, mc_batch, seed, dtype)
+
+
+def upgrade_cell_keys(output_dir: str | Path) -> int:
+    """Rewrite the old-style cell keys of a sweep folder (rows.jsonl and shards) to the current ones, which
+    name the sparsity by its config id; every other field is kept. Returns the number of rows rewritten."""
+    out = Path(output_dir)
+    changed = 0
+    for path in [out / "rows.jsonl", *_shard_paths(out)]:
+        rows = read_rows(path)
+        n = 0
+        for r in rows:
+            new = _old_key_to_new(r.get("key"))
+            if new is not None:
+                r["key"] = new
+                n += 1
+        if n:
+            _atomic_write_rows(path, rows)
+            changed += n
+    return changed
+
+
+def _refuse_old_keys(out: Path, rows: list[dict]) -> None:
+    old = [r["key"] for r in rows if _old_key_to_new(r.get("key")) is not None]
+    if old:
+        raise RuntimeError(
+            f"{out} holds {len(old)} rows keyed the old way, [model, task, site, rule, p, scope, limit, mc_num, "
+            f"mc_batch, seed, dtype] (e.g. {old[0]}); cells are now keyed [model, task, sparsity config id, limit, "
+            f"mc_num, mc_batch, seed, dtype] (e.g. {_old_key_to_new(old[0])}), so they would not be recognised and "
+            f"would be computed again. Rewrite the keys in place (values unchanged) with "
+            f"`python -c \"from dllm_sparse.eval.sweep import upgrade_cell_keys; upgrade_cell_keys('{out}')\"`, "
+            f"or use a fresh output folder.")
 
 
 def planned_keys(cfg: SweepConfig) -> set[str]:
@@ -263,7 +315,7 @@ def run_sweep(
     ``loader(name, dtype=, device=)`` defaults to :func:`dllm_sparse.load_model`; ``task_factory(name)`` to
     :func:`dllm_sparse.eval.tasks.get_task`. ``rank``/``world_size`` default to the launcher's environment.
     ``on_row`` is called with every row written (progress reporting, tests)."""
-    env_rank, env_world, local_rank = _dist()
+    env_rank, env_world, local_rank = process_info()
     rank = env_rank if rank is None else rank
     world = env_world if world_size is None else world_size
     out = Path(cfg.output_dir)
@@ -280,6 +332,7 @@ def run_sweep(
         device = f"cuda:{local_rank}"  # data parallel: one full model copy per process
 
     existing = load_rows(out)
+    _refuse_old_keys(out, existing)
     done = {r["key"] for r in existing}
     dense_rows = {r["key"]: r for r in existing if r["site"] == DENSE}
     units = [u for i, u in enumerate(_plan(cfg)) if i % world == rank]
@@ -304,7 +357,7 @@ def run_sweep(
                 if unit.task not in tasks:
                     tasks[unit.task] = task_factory(unit.task)
                 if bar is not None:
-                    bar.set_postfix_str(f"{name} {unit.task} {unit.site} p={unit.p:g}")
+                    bar.set_postfix_str(f"{name} {unit.task} {DENSE if unit.config is None else unit.config.id}")
                 rows = _run_unit(cfg, scorer, lm, name, tasks[unit.task], unit, dense_rows, rank)
                 for row in rows:
                     if row["key"] in done:
@@ -337,10 +390,13 @@ def _write_status(out: Path, cfg: SweepConfig, rows: list[dict]) -> None:
     (out / "status.json").write_text(json.dumps(status, indent=1))
 
 
-def _base_row(cfg: SweepConfig, lm, name: str, task: str, site: str, rule: str, p: float, rank: int) -> dict:
+def _base_row(cfg: SweepConfig, lm, name: str, task: str, config: SparsityConfig | None, rank: int) -> dict:
+    # "p" is the rule threshold (top-k: the target sparsity); the column keeps the name existing rows use.
+    site, rule, threshold = (DENSE, DENSE, 1.0) if config is None else (
+        config.site.value, config.rule.name, config.rule.threshold)
     return {
-        "key": cell_key(cfg, name, task, site, rule, p), "model": name, "kind": lm.kind,
-        "family": getattr(lm, "family", ""), "site": site, "rule": rule, "p": float(p), "scope": cfg.scope,
+        "key": cell_key(cfg, name, task, config), "model": name, "kind": lm.kind,
+        "family": getattr(lm, "family", ""), "site": site, "rule": rule, "p": float(threshold), "scope": cfg.scope,
         "task": task, "limit": cfg.limit_for(task), "seed": cfg.seed, "dtype": str(cfg.dtype),
         "mc_num": cfg.mc_num if lm.kind == "diffusion" else None,
         "mc_batch": cfg.mc_batch if lm.kind == "diffusion" else None, "rank": rank,
@@ -360,16 +416,16 @@ def _groups(stats: SparsityStats, site: str) -> dict[str, float]:
 
 def _run_unit(cfg: SweepConfig, scorer: Scorer, lm, name: str, task: Task, unit: _Unit,
               dense_rows: dict, rank: int) -> list[dict]:
-    rule = cfg.rule.replace("-", "_").lower()
     stats = SparsityStats()
-    scorer.stats = stats
     limit = cfg.limit_for(unit.task)
     t0 = time.perf_counter()
-    if unit.site == DENSE:
-        scorer.sparsity = [SparsityConfig(s, "top_p", 1.0, cfg.scope) for s in dict.fromkeys(unit.identity_sites)]
-        res = task.evaluate(scorer, limit)
+    if unit.config is None:
+        # Identity configs (top-p at p = 1) on every site with an identity cell: one dense pass measures them all.
+        sites = dict.fromkeys(c.site for c in unit.identity_cells)
+        res = task.evaluate(scorer, limit, sparsity=[SparsityConfig.identity(s, cfg.scope) for s in sites],
+                            stats=stats)
         seconds = time.perf_counter() - t0
-        dense = {**_base_row(cfg, lm, name, unit.task, DENSE, DENSE, 1.0, rank), **_result_fields(res),
+        dense = {**_base_row(cfg, lm, name, unit.task, None, rank), **_result_fields(res),
                  "dense_value": res.value, "dense_metrics": res.metrics, "relative_performance": 1.0,
                  "relative": {m: 1.0 for m in res.metrics}, "sparsity": None,
                  "sparsity_by_site": {s: stats.mean(s) for s in stats.sites()},
@@ -377,23 +433,21 @@ def _run_unit(cfg: SweepConfig, scorer: Scorer, lm, name: str, task: Task, unit:
                  "seconds": seconds, "source": "measured", "finished_at": time.time()}
         dense_rows[dense["key"]] = dense
         rows = [dense]
-        for site in dict.fromkeys(unit.identity_sites):
-            for p in [p for p in cfg.thresholds if make_rule(rule, p).is_identity]:
-                row = {**_base_row(cfg, lm, name, unit.task, site, rule, p, rank), **_result_fields(res),
-                       "sparsity": stats.mean(site), "per_layer_sparsity": list(stats.per_layer(site).values()),
-                       "sparsity_groups": _groups(stats, site), "seconds": 0.0, "source": "dense_pass",
-                       "finished_at": time.time()}
-                _set_relative(row, dense)
-                rows.append(row)
-        scorer.sparsity = None
+        for c in unit.identity_cells:
+            site = c.site.value
+            row = {**_base_row(cfg, lm, name, unit.task, c, rank), **_result_fields(res),
+                   "sparsity": stats.mean(site), "per_layer_sparsity": list(stats.per_layer(site).values()),
+                   "sparsity_groups": _groups(stats, site), "seconds": 0.0, "source": "dense_pass",
+                   "finished_at": time.time()}
+            _set_relative(row, dense)
+            rows.append(row)
         return rows
-    scorer.sparsity = SparsityConfig(unit.site, rule, unit.p, cfg.scope)
-    res = task.evaluate(scorer, limit)
-    scorer.sparsity = None
-    row = {**_base_row(cfg, lm, name, unit.task, unit.site, rule, unit.p, rank), **_result_fields(res),
+    site = unit.config.site.value
+    res = task.evaluate(scorer, limit, sparsity=unit.config, stats=stats)
+    row = {**_base_row(cfg, lm, name, unit.task, unit.config, rank), **_result_fields(res),
            "dense_value": None, "dense_metrics": None, "relative": None, "relative_performance": None,
-           "sparsity": stats.mean(unit.site), "per_layer_sparsity": list(stats.per_layer(unit.site).values()),
-           "sparsity_groups": _groups(stats, unit.site), "seconds": time.perf_counter() - t0,
+           "sparsity": stats.mean(site), "per_layer_sparsity": list(stats.per_layer(site).values()),
+           "sparsity_groups": _groups(stats, site), "seconds": time.perf_counter() - t0,
            "source": "measured", "finished_at": time.time()}
     dense = dense_rows.get(dense_key(row["key"]))
     if dense is not None:

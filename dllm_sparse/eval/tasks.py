@@ -5,6 +5,7 @@
     task = get_task("hellaswag")             # any lm-eval task name (needs `pip install -e .[eval]`)
     task = get_task("arc_easy:acc_norm")     # ... with the metric to report
     result = task.evaluate(scorer, limit=32) # TaskResult(metric, value, metrics, higher_is_better, n)
+    task.evaluate(scorer, 32, sparsity=SparsityConfig("input", TopP(0.9)), stats=stats)   # sparsified run
 
 Relative performance (``relative_performance``) is sparse/dense for a higher-is-better metric and dense/sparse
 for a lower-is-better one, so that perplexity gives PPL_dense / PPL_sparse (the "PPL-1%" criterion of the
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from dllm_sparse.eval.likelihood import SCORER_DEFAULT
 
 __all__ = [
     "TaskResult", "Task", "MCItem", "MultipleChoiceTask", "PerplexityTask", "LmEvalTask",
@@ -61,13 +64,21 @@ def apply_limit(items: Sequence, limit: int | float | None) -> list:
     return items[: int(limit)]
 
 
+def _per_call(sparsity, stats) -> dict:
+    """The per-call keywords actually given, so a scorer-like object without them (tests, wrappers) still works
+    when they are not used."""
+    return {k: v for k, v in (("sparsity", sparsity), ("stats", stats)) if v is not SCORER_DEFAULT}
+
+
 class Task(ABC):
     name: str
     metric: str
 
     @abstractmethod
-    def evaluate(self, scorer, limit: int | float | None = None) -> TaskResult:
-        """Score with a :class:`dllm_sparse.eval.likelihood.Scorer` (sparsified as the scorer is configured)."""
+    def evaluate(self, scorer, limit: int | float | None = None, *, sparsity=SCORER_DEFAULT,
+                 stats=SCORER_DEFAULT) -> TaskResult:
+        """Score with a :class:`dllm_sparse.eval.likelihood.Scorer`, every call sparsified with ``sparsity`` and
+        measured into ``stats`` (defaults: the scorer's own, see :meth:`Scorer.loglikelihood`)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -116,7 +127,7 @@ class MultipleChoiceTask(Task):
     def __init__(self, name: str, items: Sequence[MCItem], target_delimiter: str = " "):
         self.name, self.items, self.target_delimiter = name, list(items), target_delimiter
 
-    def evaluate(self, scorer, limit=None) -> TaskResult:
+    def evaluate(self, scorer, limit=None, *, sparsity=SCORER_DEFAULT, stats=SCORER_DEFAULT) -> TaskResult:
         items = apply_limit(self.items, limit)
         pairs, keys, owner = [], [], []
         for i, item in enumerate(items):
@@ -124,7 +135,7 @@ class MultipleChoiceTask(Task):
                 pairs.append((item.context, self.target_delimiter + choice))
                 keys.append(f"{self.name}/{item.id}/{j}")
                 owner.append(i)
-        scores = scorer.loglikelihood(pairs, keys=keys)
+        scores = scorer.loglikelihood(pairs, keys=keys, **_per_call(sparsity, stats))
         lls: list[list[float]] = [[] for _ in items]
         for i, (ll, _) in zip(owner, scores, strict=True):
             lls[i].append(ll)
@@ -147,11 +158,11 @@ class PerplexityTask(Task):
     def __init__(self, name: str, passages: Sequence[dict]):
         self.name, self.passages = name, list(passages)
 
-    def evaluate(self, scorer, limit=None) -> TaskResult:
+    def evaluate(self, scorer, limit=None, *, sparsity=SCORER_DEFAULT, stats=SCORER_DEFAULT) -> TaskResult:
         passages = apply_limit(self.passages, limit)
         texts = [p["text"] for p in passages]
         keys = [f"{self.name}/{p.get('id', i)}" for i, p in enumerate(passages)]
-        scores = scorer.loglikelihood_rolling(texts, keys=keys)
+        scores = scorer.loglikelihood_rolling(texts, keys=keys, **_per_call(sparsity, stats))
         ll = sum(s[0] for s in scores)
         ntok = sum(s[1] for s in scores)
         nbytes = sum(len(t.encode("utf-8")) for t in texts)
@@ -203,7 +214,7 @@ class LmEvalTask(Task):
 
     ``metric``: the metric to report (default: the task's first metric among acc, acc_norm, exact_match,
     word_perplexity, bits_per_byte, else its first). ``include_path``: a folder of extra task YAMLs.
-    The sparsity statistics of the run land in ``scorer.stats`` as for the built-in tasks; lm-eval's
+    The sparsity statistics of the run land in ``stats`` (default ``scorer.stats``) as for the built-in tasks; lm-eval's
     response cache is not used here (every configuration is computed)."""
 
     def __init__(self, name: str, metric: str | None = None, include_path: str | None = None,
@@ -212,7 +223,7 @@ class LmEvalTask(Task):
         self.num_fewshot, self.include_defaults, self.kwargs = num_fewshot, include_defaults, simple_evaluate_kwargs
         self._task_manager = None  # built once (indexing lm-eval's task folder takes tens of seconds)
 
-    def evaluate(self, scorer, limit=None) -> TaskResult:
+    def evaluate(self, scorer, limit=None, *, sparsity=SCORER_DEFAULT, stats=SCORER_DEFAULT) -> TaskResult:
         try:
             import lm_eval
             from lm_eval.tasks import TaskManager
@@ -220,7 +231,7 @@ class LmEvalTask(Task):
             raise ImportError(f"task {self.name!r} needs lm-evaluation-harness: pip install -e '.[eval]' ({e})") from e
         from dllm_sparse.eval.lm_eval_model import DllmSparseLM
 
-        lm = DllmSparseLM.from_scorer(scorer)
+        lm = DllmSparseLM.from_scorer(scorer, sparsity=sparsity, stats=stats)
         if self._task_manager is None:
             self._task_manager = TaskManager(include_path=self.include_path, include_defaults=self.include_defaults)
         out = lm_eval.simple_evaluate(

@@ -1,6 +1,6 @@
 """The masking path: sparsify one FFN site of a model with a rule, through forward hooks.
 
-    with sparsify(model, site="input", rule=TopP(0.9)) as stats:
+    with sparsify(model, SparsityConfig("input", TopP(0.9))) as stats:   # or site="input", rule=TopP(0.9)
         model(input_ids, attention_mask=attention_mask)
     print(stats.mean())
 
@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from dllm_sparse.models.families import FFNModules, find_ffns
+from dllm_sparse.sparsity.config import SparsityConfig, as_config
 from dllm_sparse.sparsity.rules import SparsityRule
 from dllm_sparse.sparsity.sites import FFNSite
 from dllm_sparse.sparsity.stats import SparsityStats
@@ -45,28 +46,30 @@ MaskSelector = Callable[[int, FFNSite, torch.Tensor, SparsityRule], torch.Tensor
 
 
 class Sparsifier:
-    """Attaches (and detaches) the hooks of one site on every selected layer. Prefer :func:`sparsify`."""
+    """Attaches (and detaches) the hooks of one :class:`SparsityConfig` (site, rule, layers). Prefer
+    :func:`sparsify`. ``Sparsifier(model, config)``; ``Sparsifier(model, site, rule, layers)`` builds the config."""
 
     def __init__(
         self,
         model: nn.Module,
-        site: FFNSite | str,
-        rule: SparsityRule,
+        config: SparsityConfig | FFNSite | str | None = None,
+        rule: SparsityRule | None = None,
         layers: Iterable[int] | None = None,
         stats: SparsityStats | None = None,
         mask_observers: Iterable[Callable[[MaskEvent], None]] = (),
         select_mask: MaskSelector | None = None,
+        *,
+        site: FFNSite | str | None = None,
     ):
-        if not isinstance(rule, SparsityRule):
-            raise TypeError(f"rule must be a SparsityRule such as TopP(0.9), got {rule!r}")
+        self.config = as_config(config, rule, layers, site=site, caller="Sparsifier")
         self.model = model
-        self.site = FFNSite.parse(site)
-        self.rule = rule
+        self.site = self.config.site
+        self.rule = self.config.rule
         self.stats = stats if stats is not None else SparsityStats()
         self.observers = list(mask_observers)
         self.select_mask = select_mask
         all_ffns = find_ffns(model)
-        self.ffns = select_layers(all_ffns, layers)
+        self.ffns = select_layers(all_ffns, self.config.layers)
         if self.site is FFNSite.GATE:
             acts = [id(f.act) for f in all_ffns]
             if len(set(acts)) != len(acts):
@@ -179,26 +182,32 @@ def select_layers(ffns: list[FFNModules], layers: Iterable[int] | None) -> list[
 @contextmanager
 def sparsify(
     model: nn.Module,
-    site: FFNSite | str,
-    rule: SparsityRule,
+    config: SparsityConfig | FFNSite | str | None = None,
+    rule: SparsityRule | None = None,
     layers: Iterable[int] | None = None,
     stats: SparsityStats | None = None,
     record_masks: bool = False,
     mask_observers: Iterable[Callable[[MaskEvent], None]] = (),
     select_mask: MaskSelector | None = None,
+    *,
+    site: FFNSite | str | None = None,
 ) -> Iterator[SparsityStats]:
-    """Sparsify ``site`` of every selected FFN with ``rule`` inside the block; yields the statistics.
+    """Sparsify the FFNs of ``model`` as ``config`` says (site, rule, layers) inside the block; yields the
+    statistics.
 
-    ``layers``: indices (all by default). ``stats``: an existing :class:`SparsityStats` to add to (e.g. one
-    per run across several ``sparsify`` blocks). ``record_masks``: keep every keep-mask (memory!).
-    ``mask_observers``: callables receiving a :class:`MaskEvent` at each selection. ``select_mask``: replaces
-    the rule's selection (mask-reuse policies).
+    ``sparsify(model, SparsityConfig("input", TopP(0.9)))``, or the convenience forms
+    ``sparsify(model, site="input", rule=TopP(0.9), layers=None)`` and ``sparsify(model, "input", TopP(0.9))``,
+    which build that config. ``layers``: indices (all by default). ``stats``: an existing
+    :class:`SparsityStats` to add to (e.g. one per run across several ``sparsify`` blocks). ``record_masks``:
+    keep every keep-mask (memory!). ``mask_observers``: callables receiving a :class:`MaskEvent` at each
+    selection. ``select_mask``: replaces the rule's selection (mask-reuse policies).
     """
+    config = as_config(config, rule, layers, site=site, caller="sparsify")
     if stats is None:
         stats = SparsityStats(record_masks=record_masks)
     elif record_masks:
         stats.record_masks = True
-    sp = Sparsifier(model, site, rule, layers, stats, mask_observers, select_mask).attach()
+    sp = Sparsifier(model, config, stats=stats, mask_observers=mask_observers, select_mask=select_mask).attach()
     try:
         yield sp.stats
     finally:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -27,6 +28,8 @@ __all__ = [
     "TopK",
     "MaxP",
     "make_rule",
+    "rule_name",
+    "RULE_NAMES",
     "top_p_mask_reference",
     "top_p_threshold_reference",
     "top_p_threshold",
@@ -123,8 +126,10 @@ _SCOPES = ("token", "sequence")
 
 
 class SparsityRule(ABC):
-    """Base class. Subclasses implement :meth:`_row_mask` on a [..., d] tensor."""
+    """Base class. Subclasses set :attr:`name`, and implement :meth:`_row_mask` on a [..., d] tensor and
+    :attr:`threshold`."""
 
+    name: ClassVar[str]  # the rule's name in configs, ids and rows ("top_p", ...); see make_rule
     scope: str = "token"
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,9 +154,14 @@ class SparsityRule(ABC):
         """True when the rule keeps every non-zero entry (so it cannot change any output)."""
         return False
 
+    @property
     @abstractmethod
+    def threshold(self) -> float:
+        """The rule's one number: p for top-p and max-p, the target sparsity s for top-k."""
+
     def to_dict(self) -> dict:
         """A JSON-able description, e.g. {"rule": "top_p", "threshold": 0.9, "scope": "token"}."""
+        return {"rule": self.name, "threshold": self.threshold, "scope": self.scope}
 
 
 def _keep_nan_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -175,6 +185,7 @@ class TopP(SparsityRule):
     measured 2x faster than 32 bisection passes (256 x 1536 fp32: 15 ms vs 31 ms), and bisects elsewhere.
     """
 
+    name: ClassVar[str] = "top_p"
     p: float
     scope: str = "token"
     method: str = "auto"
@@ -190,17 +201,19 @@ class TopP(SparsityRule):
         return top_p_mask_reference(x, self.p) if use_sort else top_p_mask(x, self.p)
 
     @property
+    def threshold(self) -> float:
+        return self.p
+
+    @property
     def is_identity(self):
         return self.p >= 1.0
-
-    def to_dict(self):
-        return {"rule": "top_p", "threshold": self.p, "scope": self.scope}
 
 
 @dataclass(frozen=True)
 class TopK(SparsityRule):
     """Keep the k = ceil((1 - sparsity) * d) largest |v_i| of each row."""
 
+    name: ClassVar[str] = "top_k"
     sparsity: float
     scope: str = "token"
 
@@ -224,17 +237,19 @@ class TopK(SparsityRule):
         return keep & (a > 0)
 
     @property
+    def threshold(self) -> float:
+        return self.sparsity
+
+    @property
     def is_identity(self):
         return self.sparsity == 0.0
-
-    def to_dict(self):
-        return {"rule": "top_k", "threshold": self.sparsity, "scope": self.scope}
 
 
 @dataclass(frozen=True)
 class MaxP(SparsityRule):
     """Keep entries with |v_i| >= p * max|v| (always keeps the largest entry)."""
 
+    name: ClassVar[str] = "max_p"
     p: float
     scope: str = "token"
 
@@ -242,21 +257,29 @@ class MaxP(SparsityRule):
         object.__setattr__(self, "p", _check_p(self.p))
         _check_scope(self.scope)
 
+    @property
+    def threshold(self) -> float:
+        return self.p
+
     def _row_mask(self, x):
         a = x.detach().abs()
         a = a if a.dtype == torch.float64 else a.float()  # float32 would round float64 near-ties together
         return (a >= self.p * a.amax(dim=-1, keepdim=True)) & (a > 0)
 
-    def to_dict(self):
-        return {"rule": "max_p", "threshold": self.p, "scope": self.scope}
+
+# The one table of rule names: configs, ids, sweep rows and command lines all go through it.
+_RULES: dict[str, type[SparsityRule]] = {cls.name: cls for cls in (TopP, TopK, MaxP)}
+RULE_NAMES = tuple(_RULES)
 
 
-_RULES = {"top_p": TopP, "top_k": TopK, "max_p": MaxP}
+def rule_name(name: str) -> str:
+    """The canonical name of a rule: ``"top-p"``, ``"TOP_P"`` -> ``"top_p"``; unknown names raise."""
+    key = str(name).strip().replace("-", "_").lower()
+    if key not in _RULES:
+        raise ValueError(f"unknown rule {name!r}; choose one of {sorted(_RULES)}")
+    return key
 
 
 def make_rule(name: str, threshold: float, scope: str = "token") -> SparsityRule:
     """Build a rule from its name (``top_p``, ``top_k``, ``max_p``) and threshold, e.g. from a CLI flag."""
-    key = name.replace("-", "_").lower()
-    if key not in _RULES:
-        raise ValueError(f"unknown rule {name!r}; choose one of {sorted(_RULES)}")
-    return _RULES[key](threshold, scope=scope)
+    return _RULES[rule_name(name)](threshold, scope=scope)
