@@ -28,9 +28,9 @@ import textwrap
 import torch
 
 from dllm_sparse.models.loading import EMBEDDED_MODELS, load_model
+from dllm_sparse.samplers import GenerationConfig, MaskOverlapTracker, StepSparsity, generate
 from dllm_sparse.sparsity.config import SparsityConfig
 from dllm_sparse.sparsity.rules import make_rule
-from dllm_sparse.samplers import GenerationConfig, MaskOverlapTracker, StepSparsity, generate
 from dllm_sparse.sparsity.sites import ALL_SITES
 
 DEFAULT_AR = "smollm2-135m"
@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(("diffusion", DEFAULT_MDM))
         else:
             print(f"diffusion side skipped: the embedded {DEFAULT_MDM!r} model is not registered in this install "
-                  "(dllm_sparse.models.loading.EMBEDDED_MODELS). Pass --diffusion-model PATH (a LLaDA / Dream checkpoint "
+                  "(dllm_sparse.models.loading.EMBEDDED_MODELS). Pass --diffusion-model PATH (a LLaDA / Dream "
+                  "checkpoint "
                   "directory or a converted model) to run it.")
     if not runs:
         print("nothing to run (both sides disabled)")

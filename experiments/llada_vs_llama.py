@@ -33,13 +33,13 @@ import torch
 
 import dllm_sparse  # noqa: F401  (registers embedded models)
 from dllm_sparse.eval.critical import AVG_CURVE, critical_table, markdown_table, write_critical
-from dllm_sparse.models.loading import EMBEDDED_MODELS, load_model
 from dllm_sparse.eval.plots import plot_layer_heatmaps, plot_relative_performance, plot_step_sparsity
+from dllm_sparse.eval.rows import process_info
+from dllm_sparse.eval.sweep import SweepConfig, grid, planned_keys, run_sweep
+from dllm_sparse.models.loading import EMBEDDED_MODELS, load_model
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig
 from dllm_sparse.sparsity.rules import make_rule
 from dllm_sparse.sparsity.sites import ALL_SITES
-from dllm_sparse.eval.rows import process_info
-from dllm_sparse.eval.sweep import SweepConfig, grid, planned_keys, run_sweep
 
 DEFAULT_AR = "smollm2-135m"
 DEFAULT_DIFFUSION = "smollm2-135m-mdm"

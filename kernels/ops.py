@@ -113,8 +113,8 @@ def _check_weight(x: torch.Tensor, w: torch.Tensor, name: str, d_in: int, layout
 
 def topp_threshold(x: torch.Tensor, p: float, *, backend: str | None = None) -> torch.Tensor:
     """Per-row top-p threshold tau, shape [..., 1] float32: the row's keep-mask is ``~(|x| < tau) & (x != 0)``
-    (so a NaN is kept), equal to :func:`dllm_sparse.top_p_mask_reference` (definitions: docs/sparsification.md). No full sort on GPU:
-    31 bisection steps on the float bit pattern, float64 mass sums."""
+    (so a NaN is kept), equal to :func:`dllm_sparse.top_p_mask_reference` (definitions:
+    docs/sparsification.md). No full sort on GPU: 31 bisection steps on the float bit pattern, float64 mass sums."""
     p = float(p)
     if not 0.0 < p <= 1.0:
         raise ValueError(f"p must be in (0, 1], got {p}")

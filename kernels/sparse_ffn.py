@@ -48,9 +48,9 @@ import torch.nn.functional as F
 
 from dllm_sparse.models.families import FFNModules, find_ffns
 from dllm_sparse.sparsity.config import SparsityConfig, as_config
+from dllm_sparse.sparsity.hooks import select_layers
 from dllm_sparse.sparsity.rules import SparsityRule, TopP
 from dllm_sparse.sparsity.sites import FFNSite
-from dllm_sparse.sparsity.hooks import select_layers
 from dllm_sparse.sparsity.stats import SparsityStats
 
 from .dispatch import backend as choose_backend

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from dllm_sparse.steps import CallbackList, StepState
+
 from .common import (
     Timer,
     check_ids_fit,
@@ -39,8 +41,6 @@ from .common import (
     resolve_stop_ids,
     row_generators,
 )
-from dllm_sparse.steps import CallbackList, StepState
-
 from .config import GenerationConfig, GenerationResult, StepInfo
 from .kv_cache import cache_keyword, check_cache_length, new_cache
 

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from dllm_sparse.models.families import detect_family, family_named
+from dllm_sparse.steps import CallbackList, StepState
 
 from .common import (
     Timer,
@@ -56,8 +57,6 @@ from .common import (
     resolve_stop_ids,
     row_generators,
 )
-from dllm_sparse.steps import CallbackList, StepState
-
 from .config import GenerationConfig, GenerationResult, StepInfo
 
 __all__ = ["MaskedDiffusionGenerator", "validate_geometry", "num_transfer_tokens", "resolve_mask_id"]

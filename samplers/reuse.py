@@ -68,11 +68,11 @@ from typing import Any
 
 import torch
 
-from dllm_sparse.sparsity.rules import SparsityRule
-from dllm_sparse.steps import GenerationCallback, StepState
 from dllm_sparse.samplers.step_sparsity import StepSparsity
 from dllm_sparse.samplers.tracking import mask_overlap
+from dllm_sparse.sparsity.rules import SparsityRule
 from dllm_sparse.sparsity.sites import FFNSite
+from dllm_sparse.steps import GenerationCallback, StepState
 
 __all__ = [
     "ReusePolicy", "Fresh", "Every", "BlockStart", "Adaptive", "make_policy", "reuse_sparsity", "NEW_POSITIONS",

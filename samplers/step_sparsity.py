@@ -20,11 +20,10 @@ from contextlib import ExitStack
 from typing import Any
 
 from dllm_sparse.sparsity.config import SparsityConfig, as_config
+from dllm_sparse.sparsity.hooks import MaskEvent, MaskSelector, sparsify
 from dllm_sparse.sparsity.rules import SparsityRule
 from dllm_sparse.sparsity.sites import FFNSite
-from dllm_sparse.sparsity.hooks import MaskEvent, MaskSelector, sparsify
 from dllm_sparse.sparsity.stats import ALL, SparsityStats
-
 from dllm_sparse.steps import GenerationCallback, StepState
 
 __all__ = ["StepSparsity"]

@@ -35,9 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dllm_sparse.sparsity.sites import FFNSite
 from dllm_sparse.sparsity.hooks import MaskEvent
-
+from dllm_sparse.sparsity.sites import FFNSite
 from dllm_sparse.steps import GenerationCallback, StepState
 
 __all__ = ["MaskOverlapTracker", "PackedMask", "mask_overlap"]

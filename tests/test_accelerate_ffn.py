@@ -1,4 +1,5 @@
-"""accelerate_ffn equals the masking path (dllm_sparse.sparsity.hooks) on every adapter family, and restore_ffn undoes it.
+"""accelerate_ffn equals the masking path (dllm_sparse.sparsity.hooks) on every family, and restore_ffn undoes
+it.
 
 Tiny random models come from conftest.build_tiny_model (LLaMA, Qwen2, Mistral, Gemma3 text, Dream-like Qwen2,
 native LLaDA), with a larger init so that sparsity changes the logits visibly. The "triton" backend runs in a

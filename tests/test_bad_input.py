@@ -143,7 +143,7 @@ def test_published_cache_directories_are_readable_by_others(tmp_path):
 def test_prompt_ids_outside_the_vocabulary(kind, llada, llama):
     model = llada if kind == "llada" else llama
     vocab = model.get_input_embeddings().num_embeddings
-    with pytest.raises(ValueError, match=r"prompt token ids \[%d\] are outside the model's vocabulary" % vocab):
+    with pytest.raises(ValueError, match=rf"prompt token ids \[{vocab}\] are outside the model.s vocabulary"):
         generate(model, None, [[5, vocab, 7]], GenerationConfig(gen_length=4, steps=4, stop_token_ids=()))
 
 

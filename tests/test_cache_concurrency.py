@@ -42,7 +42,7 @@ def test_two_processes_build_the_twin_at_once(tmp_path, pair):
     procs = [subprocess.Popen([sys.executable, "-c", BUILD], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
+    for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     paths = {out.strip().splitlines()[-1] for out, _ in outs}
     assert len(paths) == 1  # both got the same finished directory

@@ -7,8 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dllm_sparse import TopP
-from dllm_sparse.samplers.reuse import Adaptive, BlockStart, Every, Fresh, make_policy, reuse_sparsity
 from dllm_sparse.samplers import GenerationConfig, MaskOverlapTracker, StepSparsity, generate
+from dllm_sparse.samplers.reuse import Adaptive, BlockStart, Every, Fresh, make_policy, reuse_sparsity
 
 PROMPTS = [[5, 17, 3, 42, 8], [7, 7, 1]]
 # 2 blocks of 8 positions, 5 steps per block.

@@ -8,9 +8,9 @@ import pytest
 from conftest import build_tiny_model
 
 from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer, SparsityConfig
-from dllm_sparse.models.loading import LoadedModel
 from dllm_sparse.eval.sweep import DENSE, SweepConfig, grid, load_rows, read_rows, run_sweep
 from dllm_sparse.eval.tasks import MCItem, MultipleChoiceTask, PerplexityTask
+from dllm_sparse.models.loading import LoadedModel
 from dllm_sparse.sparsity.rules import TopP
 
 ITEMS = [MCItem("a", "one two", ["three", "four"], 0), MCItem("b", "x y", ["z", "zz", "w"], 2),

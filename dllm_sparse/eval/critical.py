@@ -1,4 +1,5 @@
-"""Critical sparsity (definitions: docs/sparsification.md) from sweep rows, as CSV and as a Table-1-shaped Markdown table.
+"""Critical sparsity (definitions: docs/sparsification.md) from sweep rows, as CSV and as a Table-1-shaped
+Markdown table.
 
 Critical sparsity = the highest *measured* sparsity whose relative performance is >= 0.99. Two values are
 reported and always labelled:

@@ -46,11 +46,11 @@ import torch
 from dllm_sparse.eval.likelihood import Scorer
 from dllm_sparse.eval.rows import JsonlWriter, process_info, read_rows
 from dllm_sparse.eval.rows import json_default as _json_default
+from dllm_sparse.eval.tasks import Task, get_task, relative_performance
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig
 from dllm_sparse.sparsity.rules import make_rule, rule_name
 from dllm_sparse.sparsity.sites import ALL_SITES
 from dllm_sparse.sparsity.stats import SparsityStats
-from dllm_sparse.eval.tasks import Task, get_task, relative_performance
 
 __all__ = [
     "GRIDS", "grid", "SweepConfig", "run_sweep", "read_rows", "JsonlWriter", "finalize", "load_rows",

@@ -370,8 +370,9 @@ def _check_supported(config: LLaDAConfig) -> None:
         wrong["yarn"] = True
     if wrong:
         raise ValueError(
-            f"dllm_sparse.models.llada implements only the LLaDA-8B block layout ({expected}); this config has {wrong}. "
-            "Load it with the checkpoint's own code (trust_remote_code=True, without importing dllm_sparse.models.llada)."
+            f"dllm_sparse.models.llada implements only the LLaDA-8B block layout ({expected}); this config has "
+            f"{wrong}. Load it with the checkpoint's own code (trust_remote_code=True, without importing "
+            "dllm_sparse.models.llada)."
         )
     config.check_shapes()
 

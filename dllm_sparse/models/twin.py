@@ -17,7 +17,14 @@ from typing import Any
 
 import torch
 
-from dllm_sparse.models.adapt import MASK_TOKEN, adapter_hash, add_mask_token, convert_causal_lm, load_adapter_state, merge_adapter
+from dllm_sparse.models.adapt import (
+    MASK_TOKEN,
+    adapter_hash,
+    add_mask_token,
+    convert_causal_lm,
+    load_adapter_state,
+    merge_adapter,
+)
 from dllm_sparse.models.llada import LLaDAModelLM
 from dllm_sparse.models.loading import _smollm2_hf_dir, build_lock, cache_dir, publish_dir
 
