@@ -11,6 +11,7 @@ from dllm_sparse.eval.critical import (
     MEAN_OF_TASKS,
     critical_sparsity,
     critical_table,
+    curves,
     markdown_table,
     write_critical,
 )
@@ -96,3 +97,20 @@ def test_task_average_caps_each_task_at_one():
                          "sparsity": s, "relative_performance": rel, "source": "dense_pass" if p == 1 else ""})
     avg = {r["task"]: r for r in critical_table(rows)}
     assert avg[AVG_CURVE]["last_passing"] == 0.0  # (min(2, 1) + 0.5) / 2 = 0.75 fails; uncapped 1.25 would pass
+
+
+@pytest.mark.parametrize("rule,grid", [("top_k", [0.0, 0.1, 0.3, 0.5]), ("max_p", [0.001, 0.01, 0.05, 0.1]),
+                                       ("top_p", [1.0, 0.95, 0.8, 0.6])])
+def test_curves_run_from_dense_to_sparse_for_every_rule(rule, grid):
+    # Sparsity grows along each grid as listed (the rules disagree on which way their threshold points).
+    sparsities = [0.0, 0.1, 0.3, 0.5]
+    rows = [{"model": "A", "kind": "ar", "site": "dense", "rule": "dense", "p": 1.0, "task": "t",
+             "sparsity_by_site": {"input": 0.0}, "relative_performance": 1.0}]
+    for i, (thr, s) in enumerate(zip(grid, sparsities, strict=True)):
+        rows.append({"model": "A", "kind": "ar", "site": "input", "rule": rule, "p": thr, "task": "t",
+                     "sparsity": s, "relative_performance": 1.0 - 0.1 * s,
+                     "source": "dense_pass" if i == 0 else "measured"})
+    got = curves(rows)
+    for task in ("t", AVG_CURVE):  # figures draw the points in this order
+        assert [pt["p"] for pt in got[("A", "input", task)]] == grid
+    assert {r["task"]: r for r in critical_table(rows)}["t"]["last_passing"] == pytest.approx(0.1)

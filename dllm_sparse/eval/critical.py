@@ -64,6 +64,15 @@ def critical_sparsity(points: Sequence[tuple[float, float]], threshold: float = 
     return CriticalSparsity(s1, interp, True, len(pts), threshold)
 
 
+def _dense_to_sparse(rule: str | None, threshold: float) -> float:
+    """A sort key ordering a rule's thresholds from dense to sparse: larger p first for top-p, smaller
+    threshold first for top-k (target sparsity) and max-p."""
+    from dllm_sparse.sparsity.rules import RULE_NAMES, make_rule
+
+    cls = type(make_rule(rule, 0.5)) if rule in RULE_NAMES else None
+    return -threshold if cls is None or cls.denser_when_larger else threshold
+
+
 def curves(rows: Sequence[dict], metric: str | None = None) -> dict[tuple[str, str, str], list[dict]]:
     """{(model, site, task): [points]} with points {p, sparsity, relative, per_layer}; adds the task-averaged
     curve under task ``avg_curve``. ``metric``: use another metric than each row's primary one."""
@@ -77,16 +86,17 @@ def curves(rows: Sequence[dict], metric: str | None = None) -> dict[tuple[str, s
             continue
         out.setdefault((r["model"], r["site"], r["task"]), []).append(
             {"p": r["p"], "sparsity": r["sparsity"], "relative": rel, "per_layer": r.get("per_layer_sparsity"),
-             "identity": r.get("source") == "dense_pass"})
+             "identity": r.get("source") == "dense_pass", "order": _dense_to_sparse(r.get("rule"), r["p"])})
     for (model, site, task), pts in out.items():  # no identity cell in the grid: add the dense pass itself
         d = dense.get((model, task))
         if d and not any(pt["identity"] for pt in pts):
             s = (d.get("sparsity_by_site") or {}).get(site)
             if s is not None:
                 pts.append({"p": math.inf, "sparsity": s, "relative": 1.0,
-                            "per_layer": (d.get("per_layer_by_site") or {}).get(site), "identity": True})
+                            "per_layer": (d.get("per_layer_by_site") or {}).get(site), "identity": True,
+                            "order": -math.inf})
     for pts in out.values():
-        pts.sort(key=lambda pt: (-pt["p"], pt["sparsity"]))
+        pts.sort(key=lambda pt: (not pt["identity"], pt["order"], pt["sparsity"]))
     # Task-averaged curves: thresholds present for every task of the (model, site).
     by_ms: dict[tuple[str, str], dict[str, list[dict]]] = {}
     for (model, site, task), pts in out.items():
@@ -94,8 +104,9 @@ def curves(rows: Sequence[dict], metric: str | None = None) -> dict[tuple[str, s
     for (model, site), per_task in by_ms.items():
         tasks = list(per_task)
         common = set.intersection(*[{pt["p"] for pt in per_task[t]} for t in tasks])
+        order = {pt["p"]: (not pt["identity"], pt["order"]) for t in tasks for pt in per_task[t]}
         avg = []
-        for p in sorted(common, reverse=True):
+        for p in sorted(common, key=order.__getitem__):
             sel = [next(pt for pt in per_task[t] if pt["p"] == p) for t in tasks]
             layers = [pt["per_layer"] for pt in sel if pt.get("per_layer")]
             per_layer = [sum(v) / len(v) for v in zip(*layers, strict=True)] if layers else None

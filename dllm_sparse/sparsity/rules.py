@@ -159,6 +159,10 @@ class SparsityRule(ABC):
     def threshold(self) -> float:
         """The rule's one number: p for top-p and max-p, the target sparsity s for top-k."""
 
+    # True when a larger threshold keeps more entries (top-p); false for top-k (target sparsity) and max-p.
+    # Orders a threshold grid from dense to sparse (critical sparsity scans curves in that order).
+    denser_when_larger: ClassVar[bool] = False
+
     def to_dict(self) -> dict:
         """A JSON-able description, e.g. {"rule": "top_p", "threshold": 0.9, "scope": "token"}."""
         return {"rule": self.name, "threshold": self.threshold, "scope": self.scope}
@@ -186,6 +190,7 @@ class TopP(SparsityRule):
     """
 
     name: ClassVar[str] = "top_p"
+    denser_when_larger: ClassVar[bool] = True
     p: float
     scope: str = "token"
     method: str = "auto"
