@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from dllm_sparse.models.loading import model_device
 from dllm_sparse.steps import CallbackList, StepState
 
 from .common import (
@@ -36,7 +37,6 @@ from .common import (
     check_ids_fit,
     cut_output,
     encode_prompts,
-    model_device,
     resolve_pad_id,
     resolve_stop_ids,
     row_generators,

@@ -15,7 +15,6 @@ from .config import GenerationConfig
 __all__ = [
     "encode_prompts",
     "left_pad",
-    "model_device",
     "resolve_pad_id",
     "resolve_stop_ids",
     "row_generators",
@@ -25,15 +24,6 @@ __all__ = [
 # Strings of end-of-sequence / end-of-turn tokens of common chat vocabularies (LLaMA-3 / LLaDA, ChatML
 # (Qwen, SmolLM2), GPT-2 style, Gemma). Added to the stop ids when the tokenizer knows them.
 _END_TOKENS = ("<|eot_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<eos>")
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of the input embeddings (first parameter for models without ``get_input_embeddings``)."""
-    try:
-        emb = model.get_input_embeddings()
-        return emb.weight.device
-    except (AttributeError, NotImplementedError):
-        return next(model.parameters()).device
 
 
 def _as_id_lists(prompts: Any, tokenizer: Any, apply_chat_template: bool) -> list[list[int]] | None:

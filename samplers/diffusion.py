@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from dllm_sparse.models.families import detect_family, family_named
+from dllm_sparse.models.loading import model_device
 from dllm_sparse.steps import CallbackList, StepState
 
 from .common import (
@@ -52,7 +53,6 @@ from .common import (
     check_ids_fit,
     cut_output,
     encode_prompts,
-    model_device,
     resolve_pad_id,
     resolve_stop_ids,
     row_generators,

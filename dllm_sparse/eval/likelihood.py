@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from dllm_sparse.models.families import family_named, without_lm_head
+from dllm_sparse.models.loading import model_device
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig
 from dllm_sparse.sparsity.hooks import sparsify
 from dllm_sparse.sparsity.stats import SparsityStats
@@ -102,13 +103,6 @@ def _as_configs(sparsity) -> list[SparsityConfig]:
 # ---------------------------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _input_device(model: torch.nn.Module) -> torch.device:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        return emb.weight.device
-    return next(model.parameters()).device
 
 
 def _accepts(model: torch.nn.Module, name: str) -> bool:
@@ -185,7 +179,7 @@ def ar_loglikelihood_tokens(
         seqs.append((full, len(cont)))
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     results: list[tuple[float, bool] | None] = [None] * len(seqs)
-    device = _input_device(model)
+    device = model_device(model)
     use_keep = _accepts(model, "logits_to_keep") and padding_side == "left"
     use_pos = _accepts(model, "position_ids")
     bar = _progress(len(seqs), "loglikelihood (AR)", progress)
@@ -319,7 +313,7 @@ def diffusion_elbo_tokens(
               for s in range(0, len(rs), batch_size)]
     loss_sum = [0.0] * len(requests)
     greedy = [False] * len(requests)
-    device = _input_device(model)
+    device = model_device(model)
     bar = _progress(len(chunks), "ELBO forward passes", progress)
     for chunk in chunks:
         T = len(seqs[rows[chunk[0]][0]])

@@ -46,7 +46,19 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return model_device(self.model)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where inputs go: the device of the input embeddings (with accelerate's placement the first layer's
+    device), else of the first parameter."""
+    try:
+        weight = model.get_input_embeddings().weight
+        if weight is not None:
+            return weight.device
+    except (AttributeError, NotImplementedError):
+        pass
+    return next(model.parameters()).device
 
 
 # ---------------------------------------------------------------------------------------------------------
