@@ -166,7 +166,8 @@ def real_activations(model_name: str, max_tokens: int, device) -> dict[str, torc
     ids = lm.tokenizer(" ".join(texts), return_tensors="pt").input_ids[:, :max_tokens].to(lm.device)
     ffn = find_ffns(lm.model)[len(find_ffns(lm.model)) // 2]
     got = {}
-    hooks = [ffn.gate.register_forward_pre_hook(lambda m, a: got.__setitem__("input", a[0][0].detach())),
+    first = ffn.gate_up if ffn.gate_up is not None else ffn.gate  # the input x enters here
+    hooks = [first.register_forward_pre_hook(lambda m, a: got.__setitem__("input", a[0][0].detach())),
              ffn.down.register_forward_pre_hook(lambda m, a: got.__setitem__("intermediate", a[0][0].detach()))]
     try:
         with torch.no_grad():

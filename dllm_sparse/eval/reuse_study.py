@@ -44,7 +44,7 @@ from dllm_sparse.sparsity.sites import FFNSite
 
 __all__ = [
     "StudySettings", "GroupRecorder", "KernelRecorder", "diffusion_overlap_rows", "ar_overlap_rows",
-    "step_matrix", "time_masks", "ffn_weights", "cell_key", "slug", "passage_trajectories", "run_cell",
+    "step_matrix", "time_masks", "ffn_weights", "cell_key", "key_hash", "passage_trajectories", "run_cell",
     "agreement", "edit_similarity", "first_divergence", "derive", "TABLE_COLS", "OVERLAP_COLS", "n_layers",
     "spread",
 ]
@@ -249,7 +249,10 @@ def ffn_weights(model, layer: int, site: str) -> list[torch.Tensor]:
     from dllm_sparse.models.families import find_ffns
 
     ffn = find_ffns(model)[layer]
-    mods = [ffn.gate, ffn.up] if site == "input" else [ffn.down]
+    if site != "input":
+        mods = [ffn.down]
+    else:  # a fused [gate; up] projection is one matrix whose columns the input mask skips
+        mods = [ffn.gate_up] if ffn.gate_up is not None else [ffn.gate, ffn.up]
     return [m.weight.detach().t().contiguous() for m in mods]
 
 
@@ -308,7 +311,8 @@ def cell_key(**fields) -> str:
     return json.dumps(fields, sort_keys=True, default=str)
 
 
-def slug(key: str) -> str:
+def key_hash(key: str) -> str:
+    """A short, file-name-safe digest of a cell key (names the per-cell files)."""
     return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
@@ -347,7 +351,7 @@ def run_cell(lm: LoadedModel, prompt_ids, gcfg: GenerationConfig, site: str | No
              dense_row: dict | None = None) -> dict:
     """One cell: dense (``site=None``) or ``site`` x ``policy_spec`` at ``settings.p``. Generates greedily with
     the policy, records its counts and sparsity, with ``track`` the overlap files (under ``out_dir``, named by
-    :func:`slug` of ``key``), with ``kernel_layers`` the kernel timings, with ``settings.teacher_forced`` the
+    :func:`key_hash` of ``key``), with ``kernel_layers`` the kernel timings, with ``settings.teacher_forced`` the
     replay of the dense trajectory (``dense_row``), with passages the NLL along their reveal order, with
     keywords the task metric. Returns the row's measurements (JSON-able)."""
     model = lm.model
@@ -423,16 +427,16 @@ def _overlap_files(tracker: MaskOverlapTracker, groups: GroupRecorder, lm: Loade
         ov = diffusion_overlap_rows(tracker, groups, settings.track_layers, sname, settings.gaps)
         mid = settings.track_layers[len(settings.track_layers) // 2]
         mat = step_matrix(tracker, groups, mid, sname)
-        np.save(out_dir / "overlap_steps" / f"{slug(key)}_stepmatrix_L{mid}.npy", mat)
-        row["step_matrix"] = f"overlap_steps/{slug(key)}_stepmatrix_L{mid}.npy"
+        np.save(out_dir / "overlap_steps" / f"{key_hash(key)}_stepmatrix_L{mid}.npy", mat)
+        row["step_matrix"] = f"overlap_steps/{key_hash(key)}_stepmatrix_L{mid}.npy"
         row["step_matrix_layer"] = mid
     else:
         ov = ar_overlap_rows(tracker, settings.track_layers, sname, gcfg.max_new_tokens, settings.gaps)
     base = {"model": lm.name, "kind": lm.kind, "site": sname, "p": settings.p}
-    atomic_write_csv(out_dir / "overlap_cells" / f"{slug(key)}.csv", [{**base, **r} for r in ov], OVERLAP_COLS)
-    tracker.to_csv(out_dir / "overlap_steps" / f"{slug(key)}.csv")
-    row["overlap_file"] = f"overlap_cells/{slug(key)}.csv"
-    row["tracker_file"] = f"overlap_steps/{slug(key)}.csv"
+    atomic_write_csv(out_dir / "overlap_cells" / f"{key_hash(key)}.csv", [{**base, **r} for r in ov], OVERLAP_COLS)
+    tracker.to_csv(out_dir / "overlap_steps" / f"{key_hash(key)}.csv")
+    row["overlap_file"] = f"overlap_cells/{key_hash(key)}.csv"
+    row["tracker_file"] = f"overlap_steps/{key_hash(key)}.csv"
     return row
 
 
