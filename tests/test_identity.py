@@ -84,7 +84,7 @@ def _lm(dtype=torch.float32, **kw):
     from dllm_sparse.eval.lm_eval_model import DllmSparseLM
 
     model = build_tiny_model("llama", vocab_size=260, seed=3).to(dtype)
-    scorer_kw = {k: kw.pop(k) for k in ("batch_size", "sparsity") if k in kw}
+    scorer_kw = {k: kw.pop(k) for k in ("batch_size", "sparsity", "greedy_check") if k in kw}
     return DllmSparseLM.from_scorer(Scorer(model, ByteTokenizer(), "ar", name="tiny-llama",
                                            **{"batch_size": 4, **scorer_kw}), **kw)
 
@@ -92,7 +92,7 @@ def _lm(dtype=torch.float32, **kw):
 @lm_eval_needed
 @pytest.mark.parametrize("change, field", [
     ({"dtype": torch.bfloat16}, "dtype"), ({"gen_steps": 2}, "gen_steps"), ({"block_length": 4}, "block_length"),
-    ({"max_gen_toks": 32}, "max_gen_toks"), ({"batch_size": 1}, "batch_size"),
+    ({"max_gen_toks": 32}, "max_gen_toks"), ({"batch_size": 1}, "batch_size"), ({"greedy_check": True}, "greedy_check"),
     ({"sparsity": SparsityConfig("input", TopP(0.12345674))}, "sparsity"),
 ])
 def test_lm_eval_cache_refuses_every_other_setting(tmp_path, change, field):
@@ -132,8 +132,11 @@ def test_lm_eval_unknown_model_args_are_refused(args):
     with pytest.raises(TypeError, match=r"unknown model argument.*valid ones: pretrained, sparsity, site") as err:
         DllmSparseLM.create_from_arg_string(args, {"batch_size": 4, "max_batch_size": None, "device": "cpu"})
     assert all(k in str(err.value) for k in MODEL_ARGS)
-    # threshold and p are valid keys (the pieces form of the sparsity): not refused as unknown
+    # threshold and p are valid keys (the pieces form of the sparsity), but alone they would give a dense run
     assert {"threshold", "p", "site", "rule"} <= set(MODEL_ARGS)
+    for alone in ("threshold=0.9", "p=0.9"):
+        with pytest.raises(ValueError, match="without a site, so it would be ignored and the run dense"):
+            DllmSparseLM.create_from_arg_string(alone, {"batch_size": 4, "device": "cpu"})
 
 
 # ---- sweep: configuration changes between a kill and a resume ---------------------------------------------------

@@ -106,6 +106,10 @@ def sparsity_from_args(sparsity: SparsityConfig | str | None = None, site: str |
                              f"(got site={site!r}, threshold={threshold!r})")
         return SparsityConfig.parse(sparsity)
     if site is None:
+        if threshold is not None:  # without a site the threshold would be dropped and the run silently dense
+            raise ValueError(f"threshold={threshold} is given without a site, so it would be ignored and the run "
+                             "dense: give site=... too (e.g. site=input,threshold=0.9), or "
+                             "sparsity=input:top_p:0.9")
         return None
     return SparsityConfig(site, make_rule(rule, 1.0 if threshold is None else float(threshold), scope=scope))
 

@@ -355,12 +355,13 @@ def upgrade_cell_keys(output_dir: str | Path, batch_size: int | None = None) -> 
 def _refuse_old_keys(out: Path, rows: list[dict]) -> None:
     old = [r["key"] for r in rows if _old_key_to_new(r.get("key"), None) is not None]
     if old:
+        fields = ", ".join(KEY_FIELDS).replace("sparsity", "sparsity config id")
         form = _OLD_KEY_FORMS[len(json.loads(old[0]))]
         bs = _folder_batch_size(out)
         call = f"upgrade_cell_keys('{out}')" if bs is not None else f"upgrade_cell_keys('{out}', batch_size=N)"
         raise RuntimeError(
             f"{out} holds {len(old)} rows keyed the old way, {form} (e.g. {old[0]}); cells are now keyed "
-            f"[{', '.join(KEY_FIELDS).replace('sparsity', 'sparsity config id')}] (e.g. {_old_key_to_new(old[0], bs)}), so they would not be recognised and "
+            f"[{fields}] (e.g. {_old_key_to_new(old[0], bs)}), so they would not be recognised and "
             f"would be computed again. Rewrite the keys in place (values unchanged; the batch size "
             + (f"{bs} from its sweep_config.json" if bs is not None else "N the rows were computed with")
             + f") with `python -c \"from dllm_sparse.eval.sweep import upgrade_cell_keys; {call}\"`, "
