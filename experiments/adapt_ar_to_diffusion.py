@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from dllm_sparse.atomic import atomic_write_text
 from dllm_sparse.models.adapt import (
     LORA_TARGET_REGEX,
     MASK_TOKEN,
@@ -336,7 +337,7 @@ def export(args, trainable, delta, model, state, source, n_train, n_held) -> Non
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "loss": [[r["step"], r["loss"]] for r in state["log"]],
     }
-    (out / "train_log.json").write_text(json.dumps(log) + "\n")
+    atomic_write_text(out / "train_log.json", json.dumps(log) + "\n")
     plot(state["log"], state["heldout"], out / "loss_curve.png")
     print(json.dumps({k: v for k, v in log.items() if k != "loss"}, indent=1))
     print(json.dumps(meta, indent=1))

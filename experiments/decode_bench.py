@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from dllm_sparse import FFNSite, SparsityConfig, SparsityStats, find_ffns, load_model, make_rule, sparsify
+from dllm_sparse.atomic import atomic_write_text
 from dllm_sparse.kernels import accelerate_ffn, backend, restore_ffn, union_density
 from dllm_sparse.samplers.kv_cache import cache_keyword, check_cache_length, new_cache
 from dllm_sparse.sparsity.config import slug
@@ -280,7 +281,7 @@ def main(argv=None) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"decode_bench_{slug(name)}_{site.value}_{slug(meta['device'])}.json"
-    path.write_text(json.dumps(result, indent=1))
+    atomic_write_text(path, json.dumps(result, indent=1))
     print(f"wrote {path}")
     return result
 

@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import itertools
-import json
 import sys
 import textwrap
 
 import torch
 
+from dllm_sparse.atomic import atomic_write_json
 from dllm_sparse.models.loading import EMBEDDED_MODELS, load_model
 from dllm_sparse.samplers import GenerationConfig, MaskOverlapTracker, StepSparsity, generate
 from dllm_sparse.sparsity.config import SparsityConfig
@@ -253,8 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     results = [r for kind, name in runs if (r := run_model(kind, name, args, sparsity, prompts)) is not None]
     if args.trace_out:
-        with open(args.trace_out, "w") as f:
-            json.dump({"args": vars(args), "runs": results}, f, indent=1, default=str)
+        atomic_write_json(args.trace_out, {"args": vars(args), "runs": results}, default=str)
         print(f"\nwrote {args.trace_out}")
     return 0
 

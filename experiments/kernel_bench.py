@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from dllm_sparse import TopP, find_ffns, load_model
+from dllm_sparse.atomic import atomic_write_text
 from dllm_sparse.kernels import (
     backend,
     column_sparse_matmul,
@@ -297,7 +298,7 @@ def main(argv=None) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"kernel_bench_{slug(meta['device'])}" + ("_quick" if args.quick else "")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1))
     plot(result, out / f"{stem}.png")
     print(f"wrote {out / stem}.json and .png")
     return result

@@ -10,7 +10,11 @@ For each model, site and threshold of the rule it measures the sparsity actually
 performance (sparse / dense; PPL_dense / PPL_sparse for perplexity, the ELBO perplexity for the diffusion model),
 then reports the critical sparsity (relative performance >= 0.99) per model and site as a CSV and a Markdown
 table shaped like the paper's Table 1, and draws the figures. Results are appended cell by cell to
-``<output-dir>/rows.jsonl``: rerun the same command after an interruption and it resumes.
+``<output-dir>/rows.jsonl``: rerun the same command after an interruption and it resumes. The models load
+before the output folder is created, so a model that cannot load leaves nothing behind. The step profile
+(``step_profile.json``) is stored with its identity (model and weights hash, sites, rule, step threshold,
+generation settings, dtype, device): a rerun with other ``--sites`` or ``--step-threshold``, or a truncated file,
+recomputes it (and says why) instead of reusing it. Every summary file is written atomically.
 
 Defaults: with no model arguments the embedded pair is used: ``smollm2-135m`` (SmolLM2-135M-Instruct) and its
 masked-diffusion twin ``smollm2-135m-mdm`` when that is available (otherwise the AR model runs alone, and the
@@ -23,7 +27,6 @@ machine, oversubscribed OpenMP threads spin and made a forward pass up to 8x slo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -33,8 +36,9 @@ import torch
 
 import dllm_sparse  # noqa: F401  (registers embedded models)
 from dllm_sparse.eval.critical import AVG_CURVE, critical_table, markdown_table, write_critical
+from dllm_sparse.eval.identity import describe_differences, run_identity
 from dllm_sparse.eval.plots import plot_layer_heatmaps, plot_relative_performance, plot_step_sparsity
-from dllm_sparse.eval.rows import process_info
+from dllm_sparse.eval.rows import atomic_write_json, process_info, read_json_or_none
 from dllm_sparse.eval.sweep import SweepConfig, grid, planned_keys, run_sweep
 from dllm_sparse.models.loading import EMBEDDED_MODELS, load_model
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig
@@ -107,8 +111,27 @@ def resolve_models(args) -> tuple[list[str], list[str]]:
     return models, notes
 
 
-def step_profile(model_name: str, args, device, dtype, out: Path) -> list[dict]:
-    """Sparsity per denoising step of a short generation (one per site), if the samplers are available."""
+STEP_PROMPT = "Write a short paragraph about the ocean."
+
+
+def step_gen_length(device) -> int:
+    return 16 if device in (None, "cpu") else 64
+
+
+def step_profile_identity(model_name: str, args, device, dtype, rows: list[dict]) -> dict:
+    """Everything that changes the step profile; the weights hash comes from the model's sweep rows."""
+    weights = next((r["model_identity"]["weights"] for r in rows
+                    if r.get("model") == model_name and r.get("model_identity")), None)
+    n = step_gen_length(device)
+    return run_identity(model=model_name, weights=weights, dtype=dtype, device_type=str(device),
+                        sparsity=[SparsityConfig(site, make_rule(args.rule, args.step_p)) for site in args.sites],
+                        gen_length=n, steps=n, block_length=n, temperature=0.0, seed=args.seed,
+                        prompt=STEP_PROMPT).to_dict()
+
+
+def step_profile(model_name: str, args, device, dtype, out: Path, identity: dict | None = None) -> list[dict]:
+    """Sparsity per denoising step of a short generation (one per site), if the samplers are available; stored
+    in ``out/step_profile.json`` with its ``identity`` (:func:`step_profile_identity`)."""
     try:
         from dllm_sparse.samplers import GenerationConfig, StepSparsity, generate
     except ImportError as e:
@@ -116,22 +139,37 @@ def step_profile(model_name: str, args, device, dtype, out: Path) -> list[dict]:
         return []
     p = args.step_p
     lm = load_model(model_name, dtype=dtype, device=device)
-    prompt = "Write a short paragraph about the ocean."
-    gen_length = 16 if device in (None, "cpu") else 64
+    gen_length = step_gen_length(device)
     config = GenerationConfig(gen_length=gen_length, steps=gen_length, block_length=gen_length, temperature=0.0,
                               seed=args.seed)
     rows = []
     for site in args.sites:
         sp = StepSparsity(SparsityConfig(site, make_rule(args.rule, p)))
-        generate(lm, prompts=[prompt], config=config, sparsity=sp, apply_chat_template=True)
+        generate(lm, prompts=[STEP_PROMPT], config=config, sparsity=sp, apply_chat_template=True)
         for group in ("all", "masked"):
             for step, s in sp.per_step(group=group).items():
                 if isinstance(step, int) and s == s:
                     rows.append({"model": model_name, "site": site, "x": step, "sparsity": s, "source": "generation",
                                  "label": f"{args.rule} {p:g}, {group} tokens", "group": group})
-    (out / "step_profile.json").write_text(json.dumps(rows, indent=1))
+    atomic_write_json(out / "step_profile.json", {"identity": identity, "rows": rows})
     del lm
     return rows
+
+
+def stored_step_profile(path: Path, identity: dict) -> list[dict] | None:
+    """The rows of ``path`` when it was computed with ``identity``; None (and a line saying why) when it is
+    missing, unreadable, of the old format or of another configuration: the caller recomputes it."""
+    data = read_json_or_none(path)
+    if data is None:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("identity"), dict) or "rows" not in data:
+        print(f"{path}: written without its configuration (an older version); recomputing it")
+        return None
+    diffs = describe_differences(data["identity"], identity)
+    if diffs:
+        print(f"{path} was computed with other settings ({'; '.join(diffs)}); recomputing it")
+        return None
+    return data["rows"]
 
 
 def elbo_ratio_profile(rows: list[dict], p: float) -> list[dict]:
@@ -182,6 +220,8 @@ def main(argv=None) -> int:
     models, notes = resolve_models(args)
     rank, world, _ = process_info()
     out = Path(args.output_dir)
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"--limit must be a whole number >= 1 (got {args.limit}); leave it out to use every item")
     if rank == 0:
         for n in notes:
             print(n)
@@ -211,16 +251,15 @@ def main(argv=None) -> int:
     diffusion = [m for m in models if any(r["model"] == m and r["kind"] == "diffusion" for r in rows)]
     if diffusion and not args.no_step_profile:
         prof_path = out / "step_profile.json"
-        if prof_path.is_file():
-            profile += json.loads(prof_path.read_text())
-        else:
-            profile += step_profile(diffusion[0], args, device, dtype, out)
+        identity = step_profile_identity(diffusion[0], args, device, dtype, rows)
+        stored = stored_step_profile(prof_path, identity)
+        profile += stored if stored is not None else step_profile(diffusion[0], args, device, dtype, out, identity)
     fig_paths += plot_step_sparsity(profile, figs)
     wall = time.perf_counter() - t0
     summary = {"wall_seconds": wall, "sweep_seconds": t_sweep, "models": models, "notes": notes,
                "critical_csv": str(paths["csv"]), "critical_markdown": str(paths["markdown"]),
                "figures": [str(p) for p in fig_paths], "rows": str(out / "rows.jsonl")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_json(out / "summary.json", summary)
     print()
     for n in notes:
         print(n)

@@ -22,6 +22,8 @@ import json
 import random
 from pathlib import Path
 
+from dllm_sparse.atomic import atomic_open
+
 DATA = Path(__file__).resolve().parents[1] / "dllm_sparse" / "data"
 
 CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
@@ -124,8 +126,7 @@ def make_passages(seed: int = 0, max_new_tokens: int = 64, temperature: float = 
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    with atomic_open(path) as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     print(f"wrote {len(rows)} rows to {path}")

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from dllm_sparse.atomic import atomic_write_text
+
 OUT_DIR = Path(__file__).resolve().parents[1] / "dllm_sparse" / "data" / "mdm_corpus"
 
 TOPICS = [
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python experiments/make_distill_corpus.py " + " ".join(argv if argv is not None else
                                                                            __import__("sys").argv[1:]),
     }
-    (args.out / "corpus.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(args.out / "corpus.json", json.dumps(meta, indent=2) + "\n")
     print(json.dumps(meta, indent=2))
 
 

@@ -49,18 +49,21 @@ import torch
 
 from dllm_sparse.eval.reuse_plots import plot_overlap, plot_step_matrices, plot_tracker_heatmaps, plot_tradeoff
 from dllm_sparse.eval.reuse_study import (
+    MODEL_FIELDS,
     OVERLAP_COLS,
     TABLE_COLS,
     StudySettings,
     cell_key,
+    check_cell_keys,
     derive,
+    model_fields,
     n_layers,
     passage_trajectories,
     run_cell,
     spread,
 )
-from dllm_sparse.eval.rows import JsonlWriter, atomic_write_csv, finished
-from dllm_sparse.models.loading import LoadedModel, load_model
+from dllm_sparse.eval.rows import JsonlWriter, atomic_write_csv, atomic_write_text, finished
+from dllm_sparse.models.loading import LoadedModel, check_available, load_model
 from dllm_sparse.samplers import GenerationConfig
 from dllm_sparse.samplers.reuse import make_policy
 from dllm_sparse.sparsity.sites import FFNSite
@@ -297,7 +300,7 @@ def write_summary(out_dir: Path, args, notes: list[str], table: list[dict], ov: 
           "policy selects.", "",
           "", "## Figures", ""]
     L += [f"- `{os.path.relpath(f, out_dir)}`" for f in figs]
-    (out_dir / "summary.md").write_text("\n".join(L) + "\n")
+    atomic_write_text(out_dir / "summary.md", "\n".join(L) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,8 +313,6 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     torch.set_num_threads(max(1, args.threads))
     out_dir = Path(args.output_dir)
-    for sub in ("overlap_cells", "overlap_steps", "figures"):
-        (out_dir / sub).mkdir(parents=True, exist_ok=True)
     args.gaps_list = [int(g) for g in _csv_list(args.gaps)]
     sites = [str(FFNSite.parse(s)) for s in _csv_list(args.sites)]
     policies = _csv_list(args.policies)
@@ -325,6 +326,12 @@ def main(argv=None) -> int:
     notes: list[str] = []
 
     lm, note = load_diffusion(args.model, args.dtype, args.device, not args.no_fallback)
+    run_ar = args.ar_model.lower() != "none" and bool(ar_policies)
+    if run_ar:  # the AR model loads after the diffusion cells (one model in memory at a time): find it now
+        check_available(args.ar_model)
+    # The output folder is created only once the models are known to load: a failure leaves no folder behind.
+    for sub in ("overlap_cells", "overlap_steps", "figures"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
     if note:
         print(note, file=sys.stderr)
         notes.append(note)
@@ -361,6 +368,7 @@ def main(argv=None) -> int:
 
     cells_path = out_dir / "cells.jsonl"
     done = finished(cells_path)
+    check_cell_keys(done, cells_path)
     writer = JsonlWriter(cells_path)
     print(f"[mask_reuse] {len(done)} finished cells in {cells_path}", flush=True)
 
@@ -368,6 +376,7 @@ def main(argv=None) -> int:
 
     def plan_for(model_lm, kind, pols, g_cfg):
         ids = encode(model_lm.tokenizer, prompts, chat)
+        loaded = model_fields(model_lm)  # weights hash, dtype, device type: part of every key
         plan = [(None, None)] + [(s, p) for s in sites for p in pols]
         for site, pol in plan:
             base = {"model": model_lm.name, "kind": kind, "site": site, "policy": pol or "dense", "p": args.p,
@@ -377,14 +386,14 @@ def main(argv=None) -> int:
                     "kernel": [kernel_layers, kernel_steps] if kind == "diffusion" and pol else None,
                     "tf": bool(args.teacher_forced and kind == "diffusion"),
                     "elbo": [len(args.passage_ids), args.passage_prompt_len] if kind == "diffusion" else None,
-                    "task": bool(args.keywords)}
+                    "task": bool(args.keywords), **loaded}
             key = cell_key(**base)
             planned.add(key)
             if key in done:
                 continue
             t0 = time.perf_counter()
             norm = json.loads(key)
-            same = ("model", "kind", "gen", "prompts", "tf")
+            same = ("model", "kind", "gen", "prompts", "tf", *MODEL_FIELDS)
             dense_row = next((r for k, r in done.items() if r["policy"] == "dense"
                               and all(json.loads(k).get(f) == norm[f] for f in same)), None)
             row = run_cell(model_lm, ids, g_cfg, site, pol, settings, out_dir, key, track=(pol == "fresh"),
@@ -400,7 +409,7 @@ def main(argv=None) -> int:
 
     plan_for(lm, "diffusion", policies, gcfg)
     del lm
-    if args.ar_model.lower() != "none" and ar_policies:
+    if run_ar:
         ar = load_model(args.ar_model, dtype=args.dtype, device=None if args.device == "cpu" else args.device)
         plan_for(ar, "ar", ar_policies, GenerationConfig(max_new_tokens=args.gen_length, stop_token_ids=(),
                                                          seed=args.seed))

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from dllm_sparse.atomic import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "dllm_sparse" / "data"
 
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{i['diffusion'][:100]!r}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=1, ensure_ascii=False) + "\n")
+        atomic_write_text(args.out, json.dumps(res, indent=1, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

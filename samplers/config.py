@@ -9,13 +9,14 @@ statistics and mask tracking attach there (and through module hooks), never insi
 
 from __future__ import annotations
 
-import json
 import numbers
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
+
+from dllm_sparse.atomic import atomic_write_json
 
 __all__ = [
     "GenerationConfig",
@@ -207,5 +208,4 @@ class GenerationResult:
 
     def save_trace(self, path) -> None:
         """Write :meth:`to_dict` (summary, config, outputs and the per-step trace) as JSON."""
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1, default=str)
+        atomic_write_json(path, self.to_dict(), default=str)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dllm_sparse.atomic import atomic_open, atomic_write_text
 from dllm_sparse.sparsity.hooks import MaskEvent
 from dllm_sparse.sparsity.sites import FFNSite
 from dllm_sparse.steps import GenerationCallback, StepState
@@ -266,7 +267,7 @@ class MaskOverlapTracker(GenerationCallback):
         rows = self.records()
         cols = ["run", "step", "block", "step_in_block", "tag", "layer", "site", "reference", "ref_step", "group",
                 "positions", "jaccard", "recall", "density"]
-        with open(path, "w", newline="") as f:
+        with atomic_open(path, newline="") as f:
             w = csv.DictWriter(f, fieldnames=cols)
             w.writeheader()
             w.writerows(rows)
@@ -274,8 +275,7 @@ class MaskOverlapTracker(GenerationCallback):
     def to_json(self, path=None) -> str:
         text = json.dumps({"steps": self.steps, "records": self.records()}, default=str)
         if path is not None:
-            with open(path, "w") as f:
-                f.write(text)
+            atomic_write_text(path, text)
         return text
 
     def heatmap(self, path, metric: str = "jaccard", reference: str = "previous", group: str = "all",

@@ -300,23 +300,32 @@ def test_sweep_cells_are_configs_passed_per_call(tmp_path):
     assert topk["rule"] == "top_k" and topk["sparsity"] > 0.45  # "p" holds the rule threshold: top-k's sparsity
 
 
-def test_old_sweep_folders_are_refused_then_upgraded(tmp_path):
+@pytest.mark.parametrize("form", ["site_rule_p", "no_batch_size"])
+def test_old_sweep_folders_are_refused_then_upgraded(tmp_path, form):
     lm = LoadedModel(build_tiny_model("llama", vocab_size=260, seed=1), ByteTokenizer(), "ar", "tiny-ar", None,
                      "llama")
     cfg = SweepConfig(models=[lm], output_dir=tmp_path, sites=["up"], thresholds=[1.0, 0.7], tasks=["ppl"],
-                      limit=1, progress=False)
+                      limit=1, batch_size=4, progress=False)
     factory = lambda name: PerplexityTask("ppl", [{"id": "p", "text": "a small passage"}])  # noqa: E731
     rows = run_sweep(cfg, task_factory=factory)
-    # Rewrite the folder as the previous release keyed it: [model, task, site, rule, p, scope, limit, ...]
+    # Rewrite the folder as earlier releases keyed it: [model, task, site, rule, p, scope, limit, ..., dtype], then
+    # [model, task, config id, limit, ..., dtype]; neither held the batch size (the last field now).
     old = []
     for r in rows:
         k = json.loads(r["key"])
-        old.append({**r, "key": json.dumps([r["model"], r["task"], r["site"], r["rule"], r["p"], r["scope"],
-                                            *k[3:]], separators=(",", ":"))})
+        assert k[-1] == 4
+        head = [r["model"], r["task"], r["site"], r["rule"], r["p"], r["scope"]] if form == "site_rule_p" else k[:3]
+        old.append({**r, "key": json.dumps([*head, *k[3:-1]], separators=(",", ":"))})
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
     with pytest.raises(RuntimeError, match="keyed the old way") as err:
         run_sweep(cfg, task_factory=factory)
     assert "upgrade_cell_keys" in str(err.value) and "sparsity config id" in str(err.value)
+    assert "batch size 4 from its sweep_config.json" in str(err.value)
+    # Without a record of the batch size the upgrade asks for it instead of guessing.
+    (tmp_path / "sweep_config.json").rename(tmp_path / "elsewhere.json")
+    with pytest.raises(ValueError, match=r"batch_size=N"):
+        upgrade_cell_keys(tmp_path)
+    (tmp_path / "elsewhere.json").rename(tmp_path / "sweep_config.json")
     assert upgrade_cell_keys(tmp_path) == len(rows)
     assert read_rows(tmp_path / "rows.jsonl") == rows  # keys as this version writes them, nothing else changed
 

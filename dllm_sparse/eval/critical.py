@@ -18,12 +18,12 @@ Markdown table shows) and ``mean_of_tasks`` (the mean of the per-task values).
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dllm_sparse.eval.rows import atomic_write_csv, atomic_write_text
 from dllm_sparse.sparsity.config import DENSE
 
 __all__ = [
@@ -208,10 +208,6 @@ def write_critical(rows: Sequence[dict], out_dir: str | Path, threshold: float =
     table = critical_table(rows, threshold, metric)
     csv_path, md_path = out / "critical_sparsity.csv", out / "critical_sparsity.md"
     fields = ["model", "kind", "site", "task", "interpolated", "last_passing", "bracketed", "n_points", "threshold"]
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in table:
-            w.writerow(r)
-    md_path.write_text(markdown_report(table, threshold))
+    atomic_write_csv(csv_path, table, fields)
+    atomic_write_text(md_path, markdown_report(table, threshold))
     return {"csv": csv_path, "markdown": md_path}

@@ -39,14 +39,18 @@ Semantics:
 
 Response cache: lm-eval's ``--use_cache PATH`` keys responses by the request alone, not by the model, so a
 sparse run reading a dense run's cache would silently return dense answers. This class therefore writes its
-identity (:attr:`identity`: model, kind, site, rule, threshold, ELBO settings) into the cache database and
-refuses, with a clear error, a database made by any other configuration. Use one cache path per
-configuration, e.g. ``--use_cache cache/{lm.cache_slug}``.
+identity (:attr:`identity`, a :class:`~dllm_sparse.eval.identity.RunIdentity`: model name and weights hash, kind,
+parameter dtype, device type, sparsity, batch size, ELBO settings, ``greedy_check``, ``max_gen_toks``,
+``gen_steps``, ``block_length``, ``max_length``) into the cache database and refuses, with a message naming each
+field that differs, a database made by any other configuration (or by an older version, whose identity left
+fields out). Use one cache path per configuration, e.g. ``--use_cache cache/{lm.cache_slug}``.
+
+Unknown model arguments (a typo such as ``sitee=input``) are refused with the list of valid ones: a misspelt
+sparsity argument would otherwise give a dense run.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 try:
@@ -61,12 +65,13 @@ import logging
 
 from tqdm.auto import tqdm
 
+from dllm_sparse.eval.identity import RunIdentity, run_identity, weights_hash
 from dllm_sparse.eval.likelihood import SCORER_DEFAULT, Scorer
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig, slug
 from dllm_sparse.sparsity.rules import make_rule
 from dllm_sparse.sparsity.stats import SparsityStats
 
-__all__ = ["DllmSparseLM", "IDENTITY_KEY", "sparsity_from_args"]
+__all__ = ["DllmSparseLM", "IDENTITY_KEY", "MODEL_ARGS", "sparsity_from_args"]
 
 eval_logger = logging.getLogger("lm_eval")
 
@@ -101,8 +106,18 @@ def sparsity_from_args(sparsity: SparsityConfig | str | None = None, site: str |
                              f"(got site={site!r}, threshold={threshold!r})")
         return SparsityConfig.parse(sparsity)
     if site is None:
+        if threshold is not None:  # without a site the threshold would be dropped and the run silently dense
+            raise ValueError(f"threshold={threshold} is given without a site, so it would be ignored and the run "
+                             "dense: give site=... too (e.g. site=input,threshold=0.9), or "
+                             "sparsity=input:top_p:0.9")
         return None
     return SparsityConfig(site, make_rule(rule, 1.0 if threshold is None else float(threshold), scope=scope))
+
+
+#: The model arguments DllmSparseLM accepts (``--model_args k=v,...``); anything else is refused.
+MODEL_ARGS = ("pretrained", "sparsity", "site", "rule", "threshold", "p", "scope", "kind", "dtype", "device",
+              "batch_size", "mc_num", "mc_batch", "seed", "shift_logits", "greedy_check", "max_gen_toks",
+              "gen_steps", "block_length", "trust_remote_code", "add_bos_token")
 
 
 @register_model("dllm_sparse", "dllm-sparse")
@@ -134,10 +149,14 @@ class DllmSparseLM(LM):
         add_bos_token: bool = False,
         scorer: Scorer | None = None,
         stats: SparsityStats | None = None,
-        **unused: Any,
+        **unknown: Any,
     ):
         super().__init__()
-        unused.pop("max_batch_size", None)
+        unknown.pop("max_batch_size", None)  # lm-eval passes it to every model; this one sizes its own batches
+        if unknown:
+            raise TypeError(
+                f"DllmSparseLM: unknown model argument(s) {sorted(unknown)}; valid ones: {', '.join(MODEL_ARGS)}. "
+                "(A misspelt sparsity argument would silently give a dense run.)")
         # What this model's calls pass to the scorer: its own defaults unless from_scorer is given others.
         self._sparsity, self._stats = SCORER_DEFAULT, SCORER_DEFAULT
         if scorer is not None:
@@ -166,6 +185,7 @@ class DllmSparseLM(LM):
         self.scorer = scorer
         self.max_gen_toks, self.gen_steps, self.block_length = int(max_gen_toks), gen_steps, block_length
         self._device = getattr(getattr(scorer.model, "device", None), "type", None)
+        self._weights = weights_hash(scorer.model)  # once: the identity is read for every cache check
 
     @classmethod
     def from_scorer(cls, scorer: Scorer, *, sparsity=SCORER_DEFAULT, stats=SCORER_DEFAULT,
@@ -186,34 +206,53 @@ class DllmSparseLM(LM):
 
     # ---- identity and cache safety ------------------------------------------------------------------------
     @property
+    def run_identity(self) -> RunIdentity:
+        """Everything that changes the answers (see :mod:`dllm_sparse.eval.identity`): model and weights hash,
+        kind, dtype, device type, sparsity (site, rule, full-precision threshold, scope, layers), batch size,
+        ELBO and generation settings."""
+        sc = self.scorer
+        diffusion = sc.kind == "diffusion"
+        return run_identity(
+            sc, model=sc.name, weights=self._weights, sparsity=self.sparsity, batch_size=sc.batch_size,
+            max_length=sc.max_length, add_bos_token=sc.add_bos_token, greedy_check=sc.greedy_check,
+            max_gen_toks=self.max_gen_toks, gen_steps=self.gen_steps, block_length=self.block_length,
+            mc_num=sc.mc_num if diffusion else None, mc_batch=sc.mc_batch if diffusion else None,
+            seed=sc.seed, shift_logits=bool(sc.shift_logits) if diffusion else None,
+            mask_id=sc.mask_id if diffusion else None)
+
+    @property
     def identity(self) -> str:
-        """Everything that changes the answers: model, kind, sparsity (site, rule, threshold, scope, layers),
-        ELBO settings."""
-        return self.scorer.identity(self._sparsity)
+        """:attr:`run_identity` as canonical JSON (what the response cache stores)."""
+        return self.run_identity.to_json()
 
     @property
     def cache_slug(self) -> str:
         """A file-name-safe, configuration-specific name for ``--use_cache``."""
-        ident = self.identity
-        return f"{slug(ident)[:80]}-{hashlib.sha256(ident.encode()).hexdigest()[:10]}"
+        ident = self.run_identity
+        return f"{slug(ident['model'] + '-' + ident['sparsity'])[:80]}-{ident.digest[:10]}"
 
     def set_cache_hook(self, cache_hook) -> None:
         db = getattr(cache_hook, "dbdict", None)
         if db is not None:
+            where = f"lm-eval response cache {getattr(db, 'filename', '')!r}"
+            fresh = f"Use one cache path per configuration, e.g. --use_cache cache/{self.cache_slug}"
             stored = db.get(IDENTITY_KEY)
             if stored is None:
                 if len(db) > 0:
                     raise RuntimeError(
-                        f"lm-eval response cache {getattr(db, 'filename', '')!r} holds answers of an unknown "
-                        "model configuration; it cannot be reused by a dllm_sparse run (the cache key ignores the "
-                        f"sparsity). Use a fresh --use_cache path, e.g. cache/{self.cache_slug}")
+                        f"{where} holds answers of an unknown model configuration; it cannot be reused by a "
+                        f"dllm_sparse run (the cache key ignores the sparsity). {fresh}")
                 db[IDENTITY_KEY] = self.identity
                 db.commit()
-            elif stored != self.identity:
-                raise RuntimeError(
-                    f"lm-eval response cache {getattr(db, 'filename', '')!r} was written by configuration "
-                    f"{stored!r}, not {self.identity!r}: reusing it would return that configuration's answers. "
-                    f"Use one cache path per configuration, e.g. --use_cache cache/{self.cache_slug}")
+            else:
+                try:
+                    stored_identity = RunIdentity.from_json(stored)
+                except ValueError:
+                    raise RuntimeError(
+                        f"{where} was written by an older dllm_sparse whose identity ({stored!r}) left out the "
+                        f"dtype, batch size, weights and generation settings, so it cannot be checked against "
+                        f"this run. {fresh}") from None
+                self.run_identity.require_same(stored_identity, what=where, fix=fresh)
         super().set_cache_hook(cache_hook)
 
     def get_model_info(self) -> dict:

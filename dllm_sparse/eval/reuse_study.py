@@ -9,8 +9,10 @@ policies are :mod:`dllm_sparse.samplers.reuse`, the teacher-forced replay :func:
                    kernel_layers=[], kernel_steps=[])
     table = derive(rows)          # agreement with fresh / dense, quality differences, cost ratios
 
-Cells are keyed by every setting that changes their result (:func:`cell_key`) and appended as resumable rows
-(:mod:`dllm_sparse.eval.rows`).
+Cells are keyed by every setting that changes their result (:func:`cell_key`), the loaded model's part of the
+run identity included (:func:`model_fields`: weights hash, parameter dtype, device type; a bf16 rerun into an
+fp32 folder computes its own cells), and appended as resumable rows (:mod:`dllm_sparse.eval.rows`). A folder
+of cells keyed before the model fields were part of the key is refused (:func:`check_cell_keys`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dllm_sparse.eval.identity import run_identity
 from dllm_sparse.eval.rows import atomic_write_csv
 from dllm_sparse.models.loading import LoadedModel
 from dllm_sparse.samplers import (
@@ -44,7 +47,8 @@ from dllm_sparse.sparsity.sites import FFNSite
 
 __all__ = [
     "StudySettings", "GroupRecorder", "KernelRecorder", "diffusion_overlap_rows", "ar_overlap_rows",
-    "step_matrix", "time_masks", "ffn_weights", "cell_key", "key_hash", "passage_trajectories", "run_cell",
+    "step_matrix", "time_masks", "ffn_weights", "cell_key", "key_hash", "model_fields", "check_cell_keys",
+    "MODEL_FIELDS", "passage_trajectories", "run_cell",
     "agreement", "edit_similarity", "first_divergence", "derive", "TABLE_COLS", "OVERLAP_COLS", "n_layers",
     "spread",
 ]
@@ -307,8 +311,32 @@ def time_masks(model, site: str, rule, rec: KernelRecorder, repeats: int) -> dic
 # --------------------------------------------------------------------------------------------------------
 
 
+#: The loaded model's fields of every cell key (:func:`model_fields`).
+MODEL_FIELDS = ("weights", "dtype", "device_type")
+
+
+def model_fields(lm: LoadedModel) -> dict[str, str]:
+    """The loaded model's part of a cell's identity (:func:`dllm_sparse.eval.identity.run_identity`): the hash
+    of its weights, the dtype of its parameters and its device type."""
+    ident = run_identity(lm)
+    return {f: ident.get(f) for f in MODEL_FIELDS}
+
+
 def cell_key(**fields) -> str:
+    """The key of a cell: every setting that changes its result, as canonical JSON; give the model's
+    :func:`model_fields` among them."""
     return json.dumps(fields, sort_keys=True, default=str)
+
+
+def check_cell_keys(done: dict[str, dict], path: Path | str) -> None:
+    """Refuse a folder whose cells were keyed without the model fields (weights, dtype, device type): their
+    numbers could belong to another dtype or other weights, and they would never match a key again."""
+    old = [k for k in done if not all(f in json.loads(k) for f in MODEL_FIELDS)]
+    if old:
+        raise RuntimeError(
+            f"{path} holds {len(old)} cells keyed without the model's weights hash, dtype and device type (written "
+            f"by an older version); they cannot be told apart from cells of another dtype or other weights. Start "
+            f"a fresh --output-dir (or move {Path(path).name} away).")
 
 
 def key_hash(key: str) -> str:

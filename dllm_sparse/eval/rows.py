@@ -10,8 +10,11 @@ Guarantees: a row is one ``json.dumps`` line written with a single ``write`` and
 after a kill the file holds every finished row plus at most one torn last line (no newline, or not valid
 JSON). :func:`read_rows` ignores that line, :class:`JsonlWriter` truncates it on open, so a rerun rewrites
 it. Used by the sweep (:mod:`dllm_sparse.eval.sweep`) and the mask-reuse study
-(:mod:`dllm_sparse.eval.reuse_study`). Also :func:`atomic_write_csv` (write a whole table, then rename) and
-:func:`process_info` (the rank / world size a launcher gave this process).
+(:mod:`dllm_sparse.eval.reuse_study`). Also :func:`atomic_write_csv`, :func:`atomic_write_json` and
+:func:`atomic_write_text` (write a whole file to a temporary name, fsync, rename: a reader or a rerun after a kill
+sees the old file or the new one, never half of one), :func:`read_json_or_none` (a summary that is missing,
+truncated or unreadable reads as None, to be recomputed) and :func:`process_info` (the rank / world size a
+launcher gave this process).
 """
 
 from __future__ import annotations
@@ -23,19 +26,10 @@ import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import torch
+from dllm_sparse.atomic import atomic_open, atomic_write_json, atomic_write_text, json_default
 
-__all__ = ["read_rows", "JsonlWriter", "finished", "atomic_write_csv", "json_default", "ProcessInfo",
-           "process_info"]
-
-
-def json_default(o: Any):
-    """``json.dumps(default=...)`` for rows: tensors as lists, everything else as its string."""
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
+__all__ = ["read_rows", "JsonlWriter", "finished", "atomic_write_csv", "atomic_write_json", "atomic_write_text",
+           "read_json_or_none", "json_default", "atomic_open", "ProcessInfo", "process_info"]
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -103,17 +97,24 @@ class JsonlWriter:
 def atomic_write_csv(path: str | Path, rows: list[dict], cols: list[str] | None = None) -> None:
     """Write ``rows`` as CSV (columns ``cols``, default the first row's keys; extra keys ignored) to a
     temporary file, fsync it and rename it over ``path``: readers never see a half-written table."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     cols = cols or (list(rows[0]) if rows else [])
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(path, newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def read_json_or_none(path: str | Path) -> Any:
+    """The JSON in ``path``, or None when it is missing, truncated or not JSON (a summary to recompute, with a
+    warning naming the file when it exists but cannot be read)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        warnings.warn(f"{path} is unreadable ({type(e).__name__}: {e}); recomputing it", stacklevel=2)
+        return None
 
 
 class ProcessInfo(NamedTuple):

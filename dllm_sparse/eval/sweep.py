@@ -15,11 +15,20 @@ Guarantees:
 * **Atomic rows.** Each finished cell is appended as one full JSON line, flushed and fsync'ed. On restart the
   file is read back, a torn last line (a kill during the write) is dropped, and finished cells are skipped:
   kill a sweep at any point and rerun the same command, nothing is lost or computed twice. The cell key holds
-  every setting that changes a result (model, task, the :class:`~dllm_sparse.sparsity.config.SparsityConfig`
-  id = site, rule, threshold, scope, layers; limit, ELBO settings, seed, dtype), so a rerun with other settings
-  into the same folder computes new cells instead of reusing old ones. Folders written before keys held
-  config ids are refused with a message; :func:`upgrade_cell_keys` rewrites their keys (nothing else
-  changes) so they resume.
+  every setting of the run's identity (:mod:`dllm_sparse.eval.identity`) known before a model loads (model,
+  task, the :class:`~dllm_sparse.sparsity.config.SparsityConfig` id = site, rule, threshold, scope, layers;
+  limit, ELBO settings, seed, dtype, batch size), so a rerun with other settings into the same folder computes
+  new cells instead of reusing old ones. The rest of the identity, known once a model has loaded (the hash of
+  its weights, its kind, parameter dtype and device type), is stored in every row (``model_identity``) and
+  checked whenever a model is loaded to compute cells: rows of the same model name, dtype and batch size made
+  from other weights (a re-converted checkpoint, an overwritten local folder) or on another device type refuse
+  the run with a message naming what differs. Folders written before keys held config ids and batch size are
+  refused with a message; :func:`upgrade_cell_keys` rewrites their keys (nothing else changes) so they resume.
+* **Batch size changes sparse numbers.** A sparsified forward of a padded batch is not bit-identical to the same
+  rows one by one (other kernels, other reduction orders), and an activation near the rule's threshold then
+  falls on the other side of it: one AR item moved by 0.34 nats between batch 1 and batch 4. Dense numbers
+  move only by float noise. ``batch_size`` is therefore part of the cell key: a rerun with another batch size
+  computes its own cells.
 * **Dense baselines once.** Per (model, task) one dense pass is run with identity rules (top-p at p = 1, which
   keeps every non-zero entry and so cannot change any output) attached to *every* requested site at once.
   It gives the dense metric (row with ``site="dense"``, ``rule="dense"``, ``p=1.0``) and the natural sparsity
@@ -43,10 +52,11 @@ from typing import Any
 
 import torch
 
+from dllm_sparse.eval.identity import RunIdentity, run_identity
 from dllm_sparse.eval.likelihood import Scorer
-from dllm_sparse.eval.rows import JsonlWriter, process_info, read_rows
+from dllm_sparse.eval.rows import JsonlWriter, atomic_write_json, process_info, read_rows
 from dllm_sparse.eval.rows import json_default as _json_default
-from dllm_sparse.eval.tasks import Task, get_task, relative_performance
+from dllm_sparse.eval.tasks import Task, check_limit, get_task, relative_performance
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig
 from dllm_sparse.sparsity.rules import make_rule, rule_name
 from dllm_sparse.sparsity.sites import ALL_SITES
@@ -54,7 +64,8 @@ from dllm_sparse.sparsity.stats import SparsityStats
 
 __all__ = [
     "GRIDS", "grid", "SweepConfig", "run_sweep", "read_rows", "JsonlWriter", "finalize", "load_rows",
-    "cell_key", "dense_key", "planned_keys", "rows_for", "DENSE", "upgrade_cell_keys",
+    "cell_key", "cell_identity", "model_identity", "KEY_FIELDS", "dense_key", "planned_keys", "rows_for", "DENSE",
+    "upgrade_cell_keys",
 ]
 
 STANDARD_TOP_P = [1.0, 0.995, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.90,
@@ -162,8 +173,10 @@ def finalize(output_dir: str | Path) -> list[dict]:
 @dataclass
 class SweepConfig:
     """What to sweep. ``models``: names/paths for :func:`dllm_sparse.load_model`, or ``LoadedModel`` objects.
-    ``limit``: items per task (an int for all tasks, a {task: n} dict, or None for all items). The cells are
-    the :class:`SparsityConfig` of every site x threshold of ``rule`` (:meth:`configs`)."""
+    ``limit``: items per task (an int >= 1 or a fraction in (0, 1) for all tasks, a {task: limit} dict, or None
+    for all items; 0 and negative limits are refused). The cells are the :class:`SparsityConfig` of every site x
+    threshold of ``rule`` (:meth:`configs`). ``batch_size`` is part of every cell's key (see the module
+    docstring: batching moves sparse results)."""
 
     models: list[Any]
     output_dir: str | Path
@@ -171,7 +184,7 @@ class SweepConfig:
     rule: str = "top_p"
     thresholds: list[float] = field(default_factory=lambda: grid("quick"))
     tasks: list[str] = field(default_factory=lambda: ["builtin_mc", "builtin_ppl"])
-    limit: int | dict[str, int | None] | None = None
+    limit: int | float | dict[str, int | float | None] | None = None
     mc_num: int = 128
     mc_batch: int = 16
     batch_size: int = 16
@@ -186,6 +199,10 @@ class SweepConfig:
     def __post_init__(self):
         self.rule = rule_name(self.rule)
         self.configs()  # a bad site or threshold fails here, not after the first model has loaded
+        for task in self.tasks:
+            check_limit(self.limit_for(task), what=f"limit of task {task!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1, got {self.batch_size!r}")
 
     def configs(self) -> list[SparsityConfig]:
         """One config per (site, threshold), in that order."""
@@ -206,14 +223,53 @@ def _model_name(m: Any) -> str:
     return m if isinstance(m, (str, os.PathLike)) and not hasattr(m, "model") else getattr(m, "name", str(m))
 
 
-def _key(model: str, task: str, sparsity_id: str, limit, mc_num: int, mc_batch: int, seed: int, dtype: str) -> str:
-    return json.dumps([str(model), task, sparsity_id, limit, mc_num, mc_batch, seed, str(dtype)], separators=(",", ":"))
+KEY_FIELDS = ("model", "task", "sparsity", "limit", "mc_num", "mc_batch", "seed", "dtype", "batch_size")
+# The fields of a model's identity known only once it has loaded; stored in every row as "model_identity".
+MODEL_IDENTITY_FIELDS = ("weights", "kind", "param_dtype", "device_type")
+
+
+def _key(model: str, task: str, sparsity_id: str, limit, mc_num: int, mc_batch: int, seed: int, dtype: str,
+         batch_size: int) -> str:
+    return json.dumps([str(model), task, sparsity_id, limit, mc_num, mc_batch, seed, str(dtype), int(batch_size)],
+                      separators=(",", ":"))
+
+
+def cell_identity(cfg: SweepConfig, model: str, task: str, config: SparsityConfig | None) -> RunIdentity:
+    """The part of a cell's :class:`~dllm_sparse.eval.identity.RunIdentity` known before its model loads
+    (:data:`KEY_FIELDS`); ``config=None`` is the dense cell."""
+    return run_identity(model=str(model), sparsity=config, task=task, limit=cfg.limit_for(task), mc_num=cfg.mc_num,
+                        mc_batch=cfg.mc_batch, seed=cfg.seed, dtype=str(cfg.dtype), batch_size=cfg.batch_size)
 
 
 def cell_key(cfg: SweepConfig, model: str, task: str, config: SparsityConfig | None) -> str:
-    """The identity of a cell: every setting that changes its result; ``config=None`` is the dense cell."""
-    return _key(model, task, DENSE if config is None else config.id, cfg.limit_for(task), cfg.mc_num, cfg.mc_batch,
-                cfg.seed, cfg.dtype)
+    """The key of a cell: :func:`cell_identity` as a JSON list in :data:`KEY_FIELDS` order (the sparsity as
+    its config id, ``dense`` for the dense cell)."""
+    ident = cell_identity(cfg, model, task, config)
+    return _key(*(ident[f] for f in KEY_FIELDS))
+
+
+def model_identity(lm) -> dict:
+    """The loaded model's part of the identity (:data:`MODEL_IDENTITY_FIELDS`): weights hash, kind, the dtype of
+    its parameters and its device type."""
+    ident = run_identity(lm)
+    return {"weights": ident["weights"], "kind": ident["kind"], "param_dtype": ident.get("dtype"),
+            "device_type": ident.get("device_type")}
+
+
+def _check_model_identity(out: Path, rows: list[dict], name: str, cfg: SweepConfig, current: dict) -> None:
+    """Refuse to add cells of ``name`` next to rows of the same name, dtype and batch size that were computed
+    from other weights or on another device type."""
+    for r in rows:
+        if r.get("model") != name or "model_identity" not in r:
+            continue
+        k = json.loads(r["key"])
+        if k[KEY_FIELDS.index("dtype")] != str(cfg.dtype) or k[KEY_FIELDS.index("batch_size")] != cfg.batch_size:
+            continue
+        RunIdentity(current).require_same(
+            r["model_identity"], what=f"{out}: the rows of model {name!r} (e.g. cell {r['key']})",
+            fix="The folder's finished cells would be mixed with cells of this model. Start a fresh --output-dir "
+                "(or output_dir=...), or resume with the model files, dtype and device type the folder was "
+                "made with.")
 
 
 @dataclass
@@ -238,30 +294,55 @@ def _plan(cfg: SweepConfig) -> list[_Unit]:
     return units
 
 
-def _old_key_to_new(key: str) -> str | None:
-    """The current key of a cell keyed the old way ([model, task, site, rule, p, scope, limit, mc_num, mc_batch,
-    seed, dtype]); None when ``key`` is not an old key."""
+_OLD_KEY_FORMS = {
+    11: "[model, task, site, rule, p, scope, limit, mc_num, mc_batch, seed, dtype]",
+    8: "[model, task, sparsity config id, limit, mc_num, mc_batch, seed, dtype]",
+}
+
+
+def _old_key_to_new(key: str, batch_size: int | None) -> str | None:
+    """The current key of a cell keyed an old way (:data:`_OLD_KEY_FORMS`: without the config id, or without
+    the batch size, which ``batch_size`` supplies); None when ``key`` is not an old key."""
     try:
         k = json.loads(key)
     except (TypeError, ValueError):
         return None
-    if not isinstance(k, list) or len(k) != 11:
+    if not isinstance(k, list) or len(k) not in _OLD_KEY_FORMS:
         return None
-    model, task, site, rule, p, scope, limit, mc_num, mc_batch, seed, dtype = k
-    sparsity_id = DENSE if site == DENSE else SparsityConfig(site, make_rule(rule, p, scope=scope)).id
-    return _key(model, task, sparsity_id, limit, mc_num, mc_batch, seed, dtype)
+    if len(k) == 11:
+        model, task, site, rule, p, scope, limit, mc_num, mc_batch, seed, dtype = k
+        sparsity_id = DENSE if site == DENSE else SparsityConfig(site, make_rule(rule, p, scope=scope)).id
+    else:
+        model, task, sparsity_id, limit, mc_num, mc_batch, seed, dtype = k
+    return _key(model, task, sparsity_id, limit, mc_num, mc_batch, seed, dtype, -1 if batch_size is None
+                else batch_size)
 
 
-def upgrade_cell_keys(output_dir: str | Path) -> int:
+def _folder_batch_size(out: Path) -> int | None:
+    """The batch size recorded in a folder's sweep_config.json (written by every run before it computes)."""
+    try:
+        bs = json.loads((out / "sweep_config.json").read_text()).get("batch_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return bs if isinstance(bs, int) and not isinstance(bs, bool) else None
+
+
+def upgrade_cell_keys(output_dir: str | Path, batch_size: int | None = None) -> int:
     """Rewrite the old-style cell keys of a sweep folder (rows.jsonl and shards) to the current ones, which
-    name the sparsity by its config id; every other field is kept. Returns the number of rows rewritten."""
+    name the sparsity by its config id and hold the batch size; every other field is kept. ``batch_size``: the
+    batch size the rows were computed with (default: the one in the folder's ``sweep_config.json``; an error
+    when there is none). Returns the number of rows rewritten."""
     out = Path(output_dir)
+    batch_size = _folder_batch_size(out) if batch_size is None else int(batch_size)
+    if batch_size is None:
+        raise ValueError(f"{out} has no sweep_config.json naming the batch size its rows were computed with; pass "
+                         "it: upgrade_cell_keys(folder, batch_size=N)")
     changed = 0
     for path in [out / "rows.jsonl", *_shard_paths(out)]:
         rows = read_rows(path)
         n = 0
         for r in rows:
-            new = _old_key_to_new(r.get("key"))
+            new = _old_key_to_new(r.get("key"), batch_size)
             if new is not None:
                 r["key"] = new
                 n += 1
@@ -272,14 +353,18 @@ def upgrade_cell_keys(output_dir: str | Path) -> int:
 
 
 def _refuse_old_keys(out: Path, rows: list[dict]) -> None:
-    old = [r["key"] for r in rows if _old_key_to_new(r.get("key")) is not None]
+    old = [r["key"] for r in rows if _old_key_to_new(r.get("key"), None) is not None]
     if old:
+        fields = ", ".join(KEY_FIELDS).replace("sparsity", "sparsity config id")
+        form = _OLD_KEY_FORMS[len(json.loads(old[0]))]
+        bs = _folder_batch_size(out)
+        call = f"upgrade_cell_keys('{out}')" if bs is not None else f"upgrade_cell_keys('{out}', batch_size=N)"
         raise RuntimeError(
-            f"{out} holds {len(old)} rows keyed the old way, [model, task, site, rule, p, scope, limit, mc_num, "
-            f"mc_batch, seed, dtype] (e.g. {old[0]}); cells are now keyed [model, task, sparsity config id, limit, "
-            f"mc_num, mc_batch, seed, dtype] (e.g. {_old_key_to_new(old[0])}), so they would not be recognised and "
-            f"would be computed again. Rewrite the keys in place (values unchanged) with "
-            f"`python -c \"from dllm_sparse.eval.sweep import upgrade_cell_keys; upgrade_cell_keys('{out}')\"`, "
+            f"{out} holds {len(old)} rows keyed the old way, {form} (e.g. {old[0]}); cells are now keyed "
+            f"[{fields}] (e.g. {_old_key_to_new(old[0], bs)}), so they would not be recognised and "
+            f"would be computed again. Rewrite the keys in place (values unchanged; the batch size "
+            + (f"{bs} from its sweep_config.json" if bs is not None else "N the rows were computed with")
+            + f") with `python -c \"from dllm_sparse.eval.sweep import upgrade_cell_keys; {call}\"`, "
             f"or use a fresh output folder.")
 
 
@@ -319,12 +404,10 @@ def run_sweep(
     rank = env_rank if rank is None else rank
     world = env_world if world_size is None else world_size
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        (out / "sweep_config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=_json_default))
     if task_factory is None:
         def task_factory(name: str) -> Task:
             return get_task(name, cfg.include_path)
+    default_loader = loader is None
     if loader is None:
         from dllm_sparse.models.loading import load_model as loader  # noqa: N813
     device = cfg.device
@@ -338,14 +421,28 @@ def run_sweep(
     units = [u for i, u in enumerate(_plan(cfg)) if i % world == rank]
     todo = [u for u in units if not all(k in done for k in u.keys)]
     path = out / "rows.jsonl" if world == 1 else out / "shards" / f"rows.rank{rank}.jsonl"
+    if default_loader:  # every model this rank will load is findable (a hub id without network fails in seconds)
+        from dllm_sparse.models.loading import check_available
+
+        for mi in sorted({u.model_index for u in todo}):
+            if not hasattr(cfg.models[mi], "model"):
+                check_available(cfg.models[mi])
     tasks: dict[str, Task] = {}
+
+    def open_folder() -> JsonlWriter:
+        # Only once a model has loaded: a model that cannot load (a hub id without network) leaves no folder.
+        out.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            atomic_write_json(out / "sweep_config.json", cfg.to_dict())
+        return JsonlWriter(path)
 
     bar = None
     if cfg.progress and todo:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc=f"sweep (rank {rank})" if world > 1 else "sweep", dynamic_ncols=True)
-    with JsonlWriter(path) as writer:
+    writer = None
+    try:
         for mi in sorted({u.model_index for u in todo}):
             spec = cfg.models[mi]
             lm = spec if hasattr(spec, "model") and hasattr(spec, "kind") else loader(
@@ -353,12 +450,15 @@ def run_sweep(
             scorer = Scorer.from_loaded(lm, batch_size=cfg.batch_size, mc_num=cfg.mc_num, mc_batch=cfg.mc_batch,
                                         seed=cfg.seed, ratio_bins=cfg.ratio_bins)
             name = _model_name(spec)
+            loaded = model_identity(lm)
+            _check_model_identity(out, existing, name, cfg, loaded)
+            writer = writer or open_folder()
             for unit in [u for u in todo if u.model_index == mi]:
                 if unit.task not in tasks:
                     tasks[unit.task] = task_factory(unit.task)
                 if bar is not None:
                     bar.set_postfix_str(f"{name} {unit.task} {DENSE if unit.config is None else unit.config.id}")
-                rows = _run_unit(cfg, scorer, lm, name, tasks[unit.task], unit, dense_rows, rank)
+                rows = _run_unit(cfg, scorer, lm, name, tasks[unit.task], unit, dense_rows, rank, loaded)
                 for row in rows:
                     if row["key"] in done:
                         continue
@@ -372,6 +472,11 @@ def run_sweep(
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:  # nothing left to compute on this rank
+        open_folder().close()
     if bar is not None:
         bar.close()
     _barrier(world)
@@ -387,10 +492,11 @@ def _write_status(out: Path, cfg: SweepConfig, rows: list[dict]) -> None:
     have = {r["key"] for r in rows}
     status = {"planned_cells": len(planned), "finished_cells": len(planned & have),
               "complete": planned <= have, "rows_in_folder": len(rows)}
-    (out / "status.json").write_text(json.dumps(status, indent=1))
+    atomic_write_json(out / "status.json", status)
 
 
-def _base_row(cfg: SweepConfig, lm, name: str, task: str, config: SparsityConfig | None, rank: int) -> dict:
+def _base_row(cfg: SweepConfig, lm, name: str, task: str, config: SparsityConfig | None, rank: int,
+              loaded: dict) -> dict:
     # "p" is the rule threshold (top-k: the target sparsity); the column keeps the name existing rows use.
     site, rule, threshold = (DENSE, DENSE, 1.0) if config is None else (
         config.site.value, config.rule.name, config.rule.threshold)
@@ -399,7 +505,8 @@ def _base_row(cfg: SweepConfig, lm, name: str, task: str, config: SparsityConfig
         "family": getattr(lm, "family", ""), "site": site, "rule": rule, "p": float(threshold), "scope": cfg.scope,
         "task": task, "limit": cfg.limit_for(task), "seed": cfg.seed, "dtype": str(cfg.dtype),
         "mc_num": cfg.mc_num if lm.kind == "diffusion" else None,
-        "mc_batch": cfg.mc_batch if lm.kind == "diffusion" else None, "rank": rank,
+        "mc_batch": cfg.mc_batch if lm.kind == "diffusion" else None, "batch_size": cfg.batch_size, "rank": rank,
+        "model_identity": loaded,
     }
 
 
@@ -415,7 +522,7 @@ def _groups(stats: SparsityStats, site: str) -> dict[str, float]:
 
 
 def _run_unit(cfg: SweepConfig, scorer: Scorer, lm, name: str, task: Task, unit: _Unit,
-              dense_rows: dict, rank: int) -> list[dict]:
+              dense_rows: dict, rank: int, loaded: dict) -> list[dict]:
     stats = SparsityStats()
     limit = cfg.limit_for(unit.task)
     t0 = time.perf_counter()
@@ -425,7 +532,7 @@ def _run_unit(cfg: SweepConfig, scorer: Scorer, lm, name: str, task: Task, unit:
         res = task.evaluate(scorer, limit, sparsity=[SparsityConfig.identity(s, cfg.scope) for s in sites],
                             stats=stats)
         seconds = time.perf_counter() - t0
-        dense = {**_base_row(cfg, lm, name, unit.task, None, rank), **_result_fields(res),
+        dense = {**_base_row(cfg, lm, name, unit.task, None, rank, loaded), **_result_fields(res),
                  "dense_value": res.value, "dense_metrics": res.metrics, "relative_performance": 1.0,
                  "relative": {m: 1.0 for m in res.metrics}, "sparsity": None,
                  "sparsity_by_site": {s: stats.mean(s) for s in stats.sites()},
@@ -435,7 +542,7 @@ def _run_unit(cfg: SweepConfig, scorer: Scorer, lm, name: str, task: Task, unit:
         rows = [dense]
         for c in unit.identity_cells:
             site = c.site.value
-            row = {**_base_row(cfg, lm, name, unit.task, c, rank), **_result_fields(res),
+            row = {**_base_row(cfg, lm, name, unit.task, c, rank, loaded), **_result_fields(res),
                    "sparsity": stats.mean(site), "per_layer_sparsity": list(stats.per_layer(site).values()),
                    "sparsity_groups": _groups(stats, site), "seconds": 0.0, "source": "dense_pass",
                    "finished_at": time.time()}
@@ -444,7 +551,7 @@ def _run_unit(cfg: SweepConfig, scorer: Scorer, lm, name: str, task: Task, unit:
         return rows
     site = unit.config.site.value
     res = task.evaluate(scorer, limit, sparsity=unit.config, stats=stats)
-    row = {**_base_row(cfg, lm, name, unit.task, unit.config, rank), **_result_fields(res),
+    row = {**_base_row(cfg, lm, name, unit.task, unit.config, rank, loaded), **_result_fields(res),
            "dense_value": None, "dense_metrics": None, "relative": None, "relative_performance": None,
            "sparsity": stats.mean(site), "per_layer_sparsity": list(stats.per_layer(site).values()),
            "sparsity_groups": _groups(stats, site), "seconds": time.perf_counter() - t0,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from dllm_sparse.eval.likelihood import SCORER_DEFAULT
 __all__ = [
     "TaskResult", "Task", "MCItem", "MultipleChoiceTask", "PerplexityTask", "LmEvalTask",
     "BUILTIN_TASKS", "get_task", "load_builtin_mc", "load_builtin_passages", "score_multiple_choice",
-    "relative_performance", "apply_limit",
+    "relative_performance", "apply_limit", "check_limit",
 ]
 
 
@@ -54,9 +55,30 @@ def relative_performance(value: float, dense_value: float, higher_is_better: boo
     return dense_value / value if value else float("nan")
 
 
+def check_limit(limit: Any, what: str = "limit") -> int | float | None:
+    """``limit`` if it is None (all items), a whole number >= 1 or a fraction in (0, 1); else a ValueError. A
+    limit of 0 would score nothing (and report a relative performance of 1.0), a negative one would silently
+    drop items from the end (Python slicing), so both are refused."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Real) or math.isnan(limit):
+        raise ValueError(f"{what} must be None (all items), a whole number >= 1 or a fraction in (0, 1); "
+                         f"got {limit!r}")
+    if 0 < limit < 1:
+        return float(limit)
+    if limit < 1 or limit != int(limit):
+        raise ValueError(f"{what} must be None (all items), a whole number >= 1 or a fraction in (0, 1); got "
+                         f"{limit!r}" + (" (0 would score no item; leave the limit out to use all items)"
+                                         if limit == 0 else " (negative limits are not 'all but the last')"
+                                         if limit < 0 else ""))
+    return int(limit)
+
+
 def apply_limit(items: Sequence, limit: int | float | None) -> list:
-    """The first ``limit`` items (an int), or a fraction of them (a float < 1), or all (None)."""
+    """The first ``limit`` items (an int >= 1), or a fraction of them (a float in (0, 1), at least one item),
+    or all (None); other limits are refused (:func:`check_limit`)."""
     items = list(items)
+    limit = check_limit(limit)
     if limit is None:
         return items
     if isinstance(limit, float) and 0 < limit < 1:
@@ -224,6 +246,7 @@ class LmEvalTask(Task):
         self._task_manager = None  # built once (indexing lm-eval's task folder takes tens of seconds)
 
     def evaluate(self, scorer, limit=None, *, sparsity=SCORER_DEFAULT, stats=SCORER_DEFAULT) -> TaskResult:
+        limit = check_limit(limit)
         try:
             import lm_eval
             from lm_eval.tasks import TaskManager

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dllm_sparse.atomic import atomic_write_text
 from dllm_sparse.models.families import without_lm_head
 from dllm_sparse.models.llada import LLaDAConfig, LLaDAModelLM
 
@@ -433,7 +434,7 @@ def save_adapter(out_dir: str | Path, lora: dict[str, torch.Tensor], mask_row: t
         data = (out / fname).read_bytes()
         files[fname] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     meta = dict(meta, files=files)
-    (out / "adapter.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out / "adapter.json", json.dumps(meta, indent=2) + "\n")
     return meta
 
 

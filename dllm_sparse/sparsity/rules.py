@@ -133,6 +133,10 @@ class SparsityRule(ABC):
     scope: str = "token"
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Keep-mask of ``x`` (True = kept), same shape. A tensor with no entries (a last dimension of 0, or no
+        rows) has nothing to keep: the result is the empty mask of its shape, for every rule."""
+        if x.numel() == 0:
+            return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
         if self.scope == "sequence":
             # One selection over all tokens x features of a sample ([..., T, d] -> [..., T*d]); this is what the
             # paper's public code did for its LLaDA figure. Not the default.

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dllm_sparse.atomic import atomic_write_text
+
 ALL = "all"  # the group of every real (non-padding) token; always counted
 
 
@@ -125,8 +127,7 @@ class SparsityStats:
     def to_json(self, path=None, **kw) -> str:
         text = json.dumps(self.to_dict(), default=str, **kw)
         if path is not None:
-            with open(path, "w") as f:
-                f.write(text)
+            atomic_write_text(path, text)
         return text
 
 

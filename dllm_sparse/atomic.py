@@ -1,0 +1,56 @@
+"""Atomic file writes: write to a temporary file next to the target, fsync it, rename it over the target.
+
+A reader, or a rerun after a kill, sees the old file or the new one, never half of one (a truncated summary made
+every rerun crash before). Bottom layer, so the samplers, the sparsity statistics and the model tools use the same
+writes as :mod:`dllm_sparse.eval.rows` (which re-exports them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+__all__ = ["atomic_open", "atomic_write_text", "atomic_write_json", "json_default"]
+
+
+def json_default(o: Any):
+    """``json.dumps(default=...)`` for rows and summaries: tensors as lists, everything else as its string."""
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    return str(o)
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, newline: str | None = None) -> Iterator[IO[str]]:
+    """``with atomic_open(path) as f: f.write(...)``: a text file that replaces ``path`` only when the block
+    finishes without an exception (then flushed, fsync'ed and renamed); on an exception ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One temporary name per process, so two writers of the same file never write into each other's file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline=newline) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, indent: int | None = 1, **dumps_kwargs: Any) -> None:
+    """``json.dumps(data)`` (tensors as lists, other objects as strings: :func:`json_default`) written atomically."""
+    atomic_write_text(path, json.dumps(data, indent=indent, default=json_default, **dumps_kwargs) + "\n")
