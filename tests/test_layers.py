@@ -7,7 +7,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Layer of each package (higher numbers sit above lower ones).
 LAYERS = {
-    "dllm_sparse.sparsity": 0, "dllm_sparse.steps": 0, "dllm_sparse.models": 0,
+    "dllm_sparse.sparsity": 0, "dllm_sparse.steps": 0, "dllm_sparse.models": 0, "dllm_sparse.atomic": 0,
     "dllm_sparse.samplers": 1, "dllm_sparse.kernels": 1,
     "dllm_sparse.eval": 2,
 }
