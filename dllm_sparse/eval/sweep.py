@@ -182,6 +182,9 @@ class SweepConfig:
     include_path: str | None = None
     ratio_bins: int = 5  # diffusion: also measure sparsity per mask-ratio bin of the ELBO passes
     progress: bool = True
+    # Guided ELBO w of the diffusion models (a float for every task or a {task: w} dict, e.g. the official
+    # LLaDA per-task values of dllm_sparse.eval.presets); autoregressive models ignore it.
+    cfg_scale: float | dict[str, float] = 0.0
 
     def __post_init__(self):
         self.rule = rule_name(self.rule)
@@ -195,6 +198,10 @@ class SweepConfig:
     def limit_for(self, task: str):
         return self.limit.get(task) if isinstance(self.limit, dict) else self.limit
 
+    def cfg_for(self, task: str) -> float:
+        w = self.cfg_scale.get(task, 0.0) if isinstance(self.cfg_scale, dict) else self.cfg_scale
+        return float(w)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["models"] = [_model_name(m) for m in self.models]
@@ -206,14 +213,18 @@ def _model_name(m: Any) -> str:
     return m if isinstance(m, (str, os.PathLike)) and not hasattr(m, "model") else getattr(m, "name", str(m))
 
 
-def _key(model: str, task: str, sparsity_id: str, limit, mc_num: int, mc_batch: int, seed: int, dtype: str) -> str:
-    return json.dumps([str(model), task, sparsity_id, limit, mc_num, mc_batch, seed, str(dtype)], separators=(",", ":"))
+def _key(model: str, task: str, sparsity_id: str, limit, mc_num: int, mc_batch: int, seed: int, dtype: str,
+         cfg_scale: float = 0.0) -> str:
+    k = [str(model), task, sparsity_id, limit, mc_num, mc_batch, seed, str(dtype)]
+    if cfg_scale:  # appended only when guided, so the keys of unguided cells stay what they were
+        k.append({"cfg": float(cfg_scale)})
+    return json.dumps(k, separators=(",", ":"))
 
 
 def cell_key(cfg: SweepConfig, model: str, task: str, config: SparsityConfig | None) -> str:
     """The identity of a cell: every setting that changes its result; ``config=None`` is the dense cell."""
     return _key(model, task, DENSE if config is None else config.id, cfg.limit_for(task), cfg.mc_num, cfg.mc_batch,
-                cfg.seed, cfg.dtype)
+                cfg.seed, cfg.dtype, cfg.cfg_for(task))
 
 
 @dataclass
@@ -356,6 +367,8 @@ def run_sweep(
             for unit in [u for u in todo if u.model_index == mi]:
                 if unit.task not in tasks:
                     tasks[unit.task] = task_factory(unit.task)
+                if lm.kind == "diffusion":
+                    scorer.cfg_scale = cfg.cfg_for(unit.task)
                 if bar is not None:
                     bar.set_postfix_str(f"{name} {unit.task} {DENSE if unit.config is None else unit.config.id}")
                 rows = _run_unit(cfg, scorer, lm, name, tasks[unit.task], unit, dense_rows, rank)
@@ -400,6 +413,7 @@ def _base_row(cfg: SweepConfig, lm, name: str, task: str, config: SparsityConfig
         "task": task, "limit": cfg.limit_for(task), "seed": cfg.seed, "dtype": str(cfg.dtype),
         "mc_num": cfg.mc_num if lm.kind == "diffusion" else None,
         "mc_batch": cfg.mc_batch if lm.kind == "diffusion" else None, "rank": rank,
+        "cfg_scale": cfg.cfg_for(task) if lm.kind == "diffusion" else None,
     }
 
 
