@@ -85,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-step-profile", action="store_true", help="skip the short generation for the step figure")
     ap.add_argument("--threads", default="auto",
                     help="torch intra-op threads on CPU: a number, or 'auto' (cores not busy with other processes)")
+    ap.add_argument("--no-cap", action="store_true",
+                    help="task-averaged curve: average the raw relative performances (default: each task capped "
+                         "at 1 first, so a task above dense cannot hide another's loss)")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
@@ -211,8 +214,8 @@ def main(argv=None) -> int:
     t_sweep = time.perf_counter() - t0
     planned = planned_keys(cfg)
     rows = [r for r in rows if r["key"] in planned]  # this configuration's cells only
-    paths = write_critical(rows, out)
-    table = critical_table(rows)
+    paths = write_critical(rows, out, cap=not args.no_cap)
+    table = critical_table(rows, cap=not args.no_cap)
     figs = out / "figures"
     fig_paths = plot_relative_performance(rows, figs)
     for t in args.tasks:
