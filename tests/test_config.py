@@ -128,7 +128,7 @@ def test_rule_names_live_in_one_table():
     assert rule_name("Top-K") == "top_k" and make_rule("MAX-P", 0.2) == MaxP(0.2)
     assert TopK(0.3).threshold == 0.3 and TopP(0.4).threshold == 0.4 and MaxP(0.1).threshold == 0.1
     assert TopK(0.3).to_dict() == {"rule": "top_k", "threshold": 0.3, "scope": "token"}
-    with pytest.raises(ValueError, match=r"choose one of \['max_p', 'top_k', 'top_p'\]"):
+    with pytest.raises(ValueError, match=r"choose one of \['max_p', 'paper_top_p', 'top_k', 'top_p'\]"):
         rule_name("top")
 
 
