@@ -38,6 +38,7 @@ import dllm_sparse  # noqa: F401  (registers embedded models)
 from dllm_sparse.eval.critical import AVG_CURVE, critical_table, markdown_table, write_critical
 from dllm_sparse.eval.identity import describe_differences, run_identity
 from dllm_sparse.eval.plots import plot_layer_heatmaps, plot_relative_performance, plot_step_sparsity
+from dllm_sparse.eval.presets import PRESETS, get_preset
 from dllm_sparse.eval.rows import atomic_write_json, process_info, read_json_or_none
 from dllm_sparse.eval.sweep import SweepConfig, grid, planned_keys, run_sweep
 from dllm_sparse.models.loading import EMBEDDED_MODELS, load_model
@@ -73,6 +74,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mc-batch", type=int, default=None, help="stratified mini-batch b of the ELBO (default: "
                                                                "min(16, mc_num))")
     ap.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
+    ap.add_argument("--cfg-scale", type=float, default=None,
+                    help="guided ELBO w of the diffusion model for every task (default 0: no guidance)")
+    ap.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                    help="llada-official: the official LLaDA evaluation's per-task guidance, mc_num 128 and "
+                         "mc_batch 8 (dllm_sparse.eval.presets; explicit --mc-num / --mc-batch win)")
     ap.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--device", default=None, help="cpu / cuda / auto (default: auto on GPU, cpu otherwise)")
     ap.add_argument("--output-dir", default="runs/llada_vs_llama")
@@ -83,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-step-profile", action="store_true", help="skip the short generation for the step figure")
     ap.add_argument("--threads", default="auto",
                     help="torch intra-op threads on CPU: a number, or 'auto' (cores not busy with other processes)")
+    ap.add_argument("--no-cap", action="store_true",
+                    help="task-averaged curve: average the raw relative performances (default: each task capped "
+                         "at 1 first, so a task above dense cannot hide another's loss)")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
@@ -208,8 +217,12 @@ def main(argv=None) -> int:
     dtype = args.dtype or ("bf16" if gpu else "fp32")
     on_cpu = device == "cpu" or not gpu
     threads = set_threads(args.threads) if on_cpu else torch.get_num_threads()
-    mc_num = args.mc_num or (CPU_MC_NUM if on_cpu else 128)
-    mc_batch = args.mc_batch or min(16, mc_num)
+    preset = get_preset(args.preset) if args.preset else None
+    if preset is not None and args.cfg_scale is not None:
+        raise SystemExit(f"--preset {preset.name} sets the guidance per task; drop --cfg-scale (or the preset)")
+    mc_num = args.mc_num or (preset.mc_num if preset else CPU_MC_NUM if on_cpu else 128)
+    mc_batch = args.mc_batch or min(preset.mc_batch if preset else 16, mc_num)
+    cfg_scale = {t: preset.cfg_for(t) for t in args.tasks} if preset else (args.cfg_scale or 0.0)
     if args.limit is not None:
         limit = args.limit
     else:
@@ -226,22 +239,23 @@ def main(argv=None) -> int:
         for n in notes:
             print(n)
         print(f"models: {models}\nsites: {args.sites}\nrule: {args.rule}, thresholds: {thresholds}\n"
-              f"tasks: {args.tasks}, limit: {limit}\nmc_num: {mc_num}, mc_batch: {mc_batch}, batch_size: "
+              f"tasks: {args.tasks}, limit: {limit}\nguided ELBO cfg_scale: {cfg_scale}"
+              f"{f' (preset {preset.name})' if preset else ''}\nmc_num: {mc_num}, mc_batch: {mc_batch}, batch_size: "
               f"{args.batch_size}, dtype: {dtype}, device: {device}, seed: {args.seed}, processes: {world}, "
               f"CPU threads: {threads}\n"
               f"output: {out}")
     cfg = SweepConfig(models=models, output_dir=out, sites=args.sites, rule=args.rule, thresholds=thresholds,
                       tasks=args.tasks, limit=limit, mc_num=mc_num, mc_batch=mc_batch, batch_size=args.batch_size,
                       seed=args.seed, dtype=dtype, device=device, include_path=args.include_path,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, cfg_scale=cfg_scale)
     rows = run_sweep(cfg)
     if rank != 0:
         return 0
     t_sweep = time.perf_counter() - t0
     planned = planned_keys(cfg)
     rows = [r for r in rows if r["key"] in planned]  # this configuration's cells only
-    paths = write_critical(rows, out)
-    table = critical_table(rows)
+    paths = write_critical(rows, out, cap=not args.no_cap)
+    table = critical_table(rows, cap=not args.no_cap)
     figs = out / "figures"
     fig_paths = plot_relative_performance(rows, figs)
     for t in args.tasks:

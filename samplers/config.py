@@ -23,9 +23,11 @@ __all__ = [
     "GenerationResult",
     "StepInfo",
     "REMASKING",
+    "CONFIDENCE",
 ]
 
 REMASKING = ("low_confidence", "random")
+CONFIDENCE = ("float64", "official")
 
 
 def _whole(name: str, value) -> int:
@@ -53,6 +55,7 @@ class _GenerationFields:
     remasking: str = "low_confidence"
     mask_id: int | None = None
     logit_shift: bool | None = None
+    confidence: str = "float64"
 
     def __post_init__(self):
         self.max_new_tokens = _whole("max_new_tokens / gen_length", self.max_new_tokens)
@@ -67,6 +70,9 @@ class _GenerationFields:
             raise ValueError(f"cfg_scale must be >= 0 (0 disables guidance), got {self.cfg_scale}")
         if self.remasking not in REMASKING:
             raise ValueError(f"remasking must be one of {REMASKING}, got {self.remasking!r}")
+        if self.confidence not in CONFIDENCE:
+            raise ValueError(f"confidence must be one of {CONFIDENCE} ('float64' = the definition, 'official' = "
+                             f"the official LLaDA code bit for bit), got {self.confidence!r}")
         if isinstance(self.stop_strings, str):
             self.stop_strings = (self.stop_strings,)
         self.stop_strings = tuple(self.stop_strings)
@@ -123,6 +129,11 @@ class GenerationConfig(_GenerationFields):
         cfg_scale: classifier-free guidance w; logits = uncond + (w + 1)(cond - uncond). 0 = off.
         remasking: ``"low_confidence"`` or ``"random"``.
         mask_id: mask token id (default: model config ``mask_token_id``, tokenizer, or the family profile's).
+        confidence: how ``low_confidence`` scores and ranks positions. ``"float64"`` (default, the definition):
+            softmax in float64, ties committed lowest position first (a stable sort). ``"official"``: as the
+            official LLaDA ``generate.py``: softmax in the model's dtype (bf16 for a bf16 model) and the k
+            positions taken in ``torch.topk`` order over the whole canvas row, which reproduces its tokens bit
+            for bit (in bf16 the two differ in a few percent of cases, on near-ties). Random numbers stay ours.
         logit_shift: Dream-style shift (position i predicted from the output at i - 1). ``None`` = the family
             profile's ``logit_shift`` (on for Dream), off for unknown families.
     """

@@ -14,7 +14,9 @@ The loop, per block and per step:
 4. x0 = argmax(logits) at temperature 0; at T > 0 float64 Gumbel-max: argmax(exp(logits) / (-log u)^T).
    Confidence: softmax probability of x0 (``low_confidence``) or u ~ U(0, 1) (``random``); -inf outside the
    current block and at positions that are not masked. The k most confident masked positions of the block
-   take x0 (ties: lowest position first, a stable sort); committed tokens are never remasked.
+   take x0 (ties: lowest position first, a stable sort); committed tokens are never remasked. With
+   ``GenerationConfig(confidence="official")`` the softmax runs in the model's dtype and the k positions are
+   taken in ``torch.topk`` order over the whole canvas row, as the official code does (bit-for-bit parity in bf16).
 
 Random numbers (documented so that a reference implementation can draw the very same ones): row r owns a
 ``torch.Generator`` on the model's device seeded with ``seed + r`` (``GenerationConfig.seed``). At every step
@@ -29,7 +31,8 @@ tokens instead of its own choices (:func:`dllm_sparse.samplers.replay.replay` bu
 the block's logits in ``StepState.logits`` at step end.
 
 Works with the native :class:`dllm_sparse.models.llada.LLaDAModelLM`, a LLaDA loaded with its own remote code (no
-padded batches: that code turns attention causal whenever an attention mask is passed), and any
+padded batches: that code ignores ``attention_mask``, so padded keys would be attended and a padded row would
+differ from the same prompt alone; refused with an error), and any
 bidirectional masked LM whose output has ``.logits``. ``logit_shift`` applies Dream's convention:
 logits = cat([logits[:, :1], logits[:, :-1]], dim=1) (on by default for families whose profile says
 ``logit_shift=True``, such as Dream; a native LLaDA whose config has ``logit_shift=True``, such as a converted
@@ -191,6 +194,18 @@ def _shifts_itself(model: Any) -> bool:
     return isinstance(model, LLaDAModelLM) and bool(getattr(model.config, "logit_shift", False))
 
 
+def _official_topk(conf: torch.Tensor, k: torch.Tensor, start: int, S: int) -> torch.Tensor:
+    """The official selection: per row, ``torch.topk`` over the whole canvas row (confidence -inf outside the
+    block's masked positions), so equal confidences are taken in topk's order. Returns the block's commit mask."""
+    B, b = conf.shape
+    full = torch.full((B, S), -torch.inf, dtype=conf.dtype, device=conf.device)
+    full[:, start:start + b] = conf
+    commit = torch.zeros((B, S), dtype=torch.bool, device=conf.device)
+    for r in range(B):
+        commit[r, torch.topk(full[r], k=int(k[r])).indices] = True
+    return commit[:, start:start + b]
+
+
 class MaskedDiffusionGenerator:
     """LLaDA's sampler for one model. ``mask_id`` overrides the model's; ``family`` the detected family."""
 
@@ -232,7 +247,8 @@ class MaskedDiffusionGenerator:
                              for g in gens])
             x0 = (logits.to(torch.float64).exp() / (-torch.log(u)) ** config.temperature).argmax(dim=-1)
         if config.remasking == "low_confidence":
-            p = F.softmax(logits.to(torch.float64), dim=-1)
+            # official: the softmax in the model's dtype, as the official generate.py computes it
+            p = F.softmax(logits if config.confidence == "official" else logits.to(torch.float64), dim=-1)
             conf = torch.gather(p, -1, x0[..., None]).squeeze(-1)
         else:
             conf = torch.stack([torch.rand((b,), generator=g, dtype=torch.float64, device=logits.device)
@@ -282,10 +298,11 @@ class MaskedDiffusionGenerator:
                 raise ValueError(f"padded positions hold the mask id ({mask_id}); pad with another id "
                                  "(e.g. the eos id) and keep attention_mask 0 there")
             if _is_remote_llada(model, self.family):
-                raise ValueError("this LLaDA runs the checkpoint's own modeling code, which turns attention causal "
-                                 "whenever an attention_mask is passed, so left-padded batches would be wrong. "
-                                 "Fix: load it with dllm_sparse's native LLaDA (load_model(path) without "
-                                 "trust_remote_code) or generate prompts of equal length (one at a time).")
+                raise ValueError("this LLaDA runs the checkpoint's own modeling code, which ignores attention_mask "
+                                 "(attention over every key, padding included), so each left-padded row would "
+                                 "differ from the same prompt generated alone. Fix: load it with dllm_sparse's "
+                                 "native LLaDA (load_model(path) without trust_remote_code), which masks padded "
+                                 "keys, or generate prompts of equal length (one at a time).")
         shift = self.logit_shift(cfg)
         forced = _forced_steps(forced_commits, B=len(ids), gen_length=gen_length, steps=steps)
         device = model_device(model)
@@ -340,12 +357,15 @@ class MaskedDiffusionGenerator:
                     else:
                         x0, conf = self._propose(block_logits, cfg, gens)
                         conf = conf.masked_fill(~block_masked, -torch.inf)
-                        # Top-k per row with k from the schedule, vectorised: rank of each position in a stable
-                        # descending sort (ties: lowest position first), commit the ranks below k.
-                        order = torch.sort(conf, dim=-1, descending=True, stable=True).indices
-                        ranks = torch.empty_like(order).scatter_(
-                            -1, order, torch.arange(order.shape[-1], device=device).expand_as(order))
-                        commit = (ranks < schedule[:, i:i + 1]) & block_masked
+                        if cfg.confidence == "official" and cfg.remasking == "low_confidence":
+                            commit = _official_topk(conf, schedule[:, i], s, S)
+                        else:
+                            # Top-k per row with k from the schedule, vectorised: rank of each position in a
+                            # stable descending sort (ties: lowest position first), commit the ranks below k.
+                            order = torch.sort(conf, dim=-1, descending=True, stable=True).indices
+                            ranks = torch.empty_like(order).scatter_(
+                                -1, order, torch.arange(order.shape[-1], device=device).expand_as(order))
+                            commit = (ranks < schedule[:, i:i + 1]) & block_masked
                     canvas = canvas.clone()
                     canvas[:, s:e] = torch.where(commit, x0, canvas[:, s:e])
                     committed = torch.zeros((B, S), dtype=torch.bool, device=device)

@@ -123,12 +123,12 @@ def test_bad_values_name_the_problem():
 
 
 def test_rule_names_live_in_one_table():
-    assert RULE_NAMES == ("top_p", "top_k", "max_p")
+    assert RULE_NAMES == ("top_p", "top_k", "max_p", "paper_top_p")
     assert [make_rule(n, 0.5).name for n in RULE_NAMES] == list(RULE_NAMES)
     assert rule_name("Top-K") == "top_k" and make_rule("MAX-P", 0.2) == MaxP(0.2)
     assert TopK(0.3).threshold == 0.3 and TopP(0.4).threshold == 0.4 and MaxP(0.1).threshold == 0.1
     assert TopK(0.3).to_dict() == {"rule": "top_k", "threshold": 0.3, "scope": "token"}
-    with pytest.raises(ValueError, match=r"choose one of \['max_p', 'top_k', 'top_p'\]"):
+    with pytest.raises(ValueError, match=r"choose one of \['max_p', 'paper_top_p', 'top_k', 'top_p'\]"):
         rule_name("top")
 
 

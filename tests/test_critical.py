@@ -97,6 +97,9 @@ def test_task_average_caps_each_task_at_one():
                          "sparsity": s, "relative_performance": rel, "source": "dense_pass" if p == 1 else ""})
     avg = {r["task"]: r for r in critical_table(rows)}
     assert avg[AVG_CURVE]["last_passing"] == 0.0  # (min(2, 1) + 0.5) / 2 = 0.75 fails; uncapped 1.25 would pass
+    uncapped = {r["task"]: r for r in critical_table(rows, cap=False)}
+    assert uncapped[AVG_CURVE]["last_passing"] == 0.5  # (2 + 0.5) / 2 = 1.25 passes: the gain hides the loss
+    assert [pt["relative"] for pt in curves(rows, cap=False)[("M", "input", AVG_CURVE)]] == [1.0, 1.25]
 
 
 @pytest.mark.parametrize("rule,grid", [("top_k", [0.0, 0.1, 0.3, 0.5]), ("max_p", [0.001, 0.01, 0.05, 0.1]),

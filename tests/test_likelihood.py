@@ -159,11 +159,12 @@ def test_library_elbo_equals_the_former_probe_loop_on_the_same_masks():
         assert ll == pytest.approx(ref, rel=1e-5)  # float32 (old loop) vs float64 sums: rounding only
 
 
-def test_greedy_check():
+@pytest.mark.parametrize("mode", [True, "iterative", "one_pass"])
+def test_greedy_check(mode):
     model = TableLM()
     greedy_answer = model.table[3:6].argmax(-1).tolist()
     (ll, g), (_, g2) = diffusion_elbo_tokens(model, [([1, 2, 3], greedy_answer), ([1, 2, 3], [0, 0, 0])],
-                                             mask_id=10, mc_num=4, mc_batch=2, greedy_check=True)
+                                             mask_id=10, mc_num=4, mc_batch=2, greedy_check=mode)
     assert g is True and (g2 is False or [0, 0, 0] == greedy_answer)
     ((_, g3),) = diffusion_elbo_tokens(model, [([1, 2, 3], greedy_answer)], mask_id=10, mc_num=4, mc_batch=2)
     assert g3 is False  # documented: without the check, is_greedy is False

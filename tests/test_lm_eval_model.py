@@ -141,3 +141,20 @@ def test_diffusion_generate_until():
     outs = lm.generate_until(reqs)
     assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
     assert set(lm.stats.tags) >= {0, 1, 2, 3}  # per-step statistics of the 4 denoising steps
+
+
+def test_preset_scores_each_task_with_its_official_guidance():
+    model = build_tiny_model("llada", vocab_size=260, embedding_size=260, mask_token_id=3, eos_token_id=2,
+                             pad_token_id=0)
+    scorer = Scorer(model, ByteTokenizer(), "diffusion", mask_id=3, name="tiny-llada", mc_num=4, mc_batch=2)
+    lm = DllmSparseLM.from_scorer(scorer, preset="llada-official")
+    reqs = [Instance("loglikelihood", {}, ("ab", " cd"), 0, ("arc_challenge", 0, 1)),
+            Instance("loglikelihood", {}, ("ab", " cd"), 0, ("winogrande", 0, 1)),
+            Instance("loglikelihood", {}, ("ab", " cd"), 0, ("truthfulqa_mc2", 0, 1))]
+    got = lm.loglikelihood(reqs)
+    for req, res, w in zip(reqs, got, (0.5, 0.0, 2.0), strict=True):
+        assert res == scorer.loglikelihood([req.args], keys=[lm._key(req)], cfg_scale=w)[0]
+    assert got[0] != got[1] and "|preset=llada-official" in lm.identity
+    assert lm.preset.mc_num == 128 and lm.preset.greedy_check == "off"
+    with pytest.raises(ValueError, match="unknown evaluation preset"):
+        DllmSparseLM.from_scorer(scorer, preset="nope")

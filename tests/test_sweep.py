@@ -149,3 +149,21 @@ def test_grids():
     assert grid("quick") == [1.0, 0.99, 0.97, 0.95, 0.9, 0.8, 0.7, 0.5]
     with pytest.raises(ValueError):
         grid("nope")
+
+
+def test_guided_elbo_cells_have_their_own_keys_and_scores(tmp_path):
+    plain = run_sweep(_cfg(tmp_path / "plain", sites=["input"], thresholds=[1.0]), task_factory=Counter())
+    guided = run_sweep(_cfg(tmp_path / "guided", sites=["input"], thresholds=[1.0], cfg_scale={"mc": 0.5}),
+                       task_factory=Counter())
+    by_key = {r["key"]: r for r in plain}
+    for r in guided:
+        if r["task"] == "mc":  # guided: a new key (the cfg is part of it); the diffusion score changes
+            assert r["key"] not in by_key and json.loads(r["key"])[-1] == {"cfg": 0.5}
+            if r["kind"] == "diffusion":
+                assert r["cfg_scale"] == 0.5
+        else:  # no guidance for this task: the very same cell as an unguided sweep
+            assert by_key[r["key"]]["value"] == r["value"]
+    dense = [r for r in guided if r["kind"] == "diffusion" and r["task"] == "mc" and r["site"] == DENSE][0]
+    scorer = Scorer(_models()[1].model, ByteTokenizer(), "diffusion", mask_id=3, mc_num=4, mc_batch=2,
+                    batch_size=8, seed=1234, cfg_scale=0.5)
+    assert dense["value"] == pytest.approx(MultipleChoiceTask("mc", ITEMS).evaluate(scorer).value)

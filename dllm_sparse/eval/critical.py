@@ -11,9 +11,14 @@ reported and always labelled:
   the curve is not bracketed and ``interpolated`` = ``last_passing`` (a lower bound, shown with "≥").
 
 Per (model, site, task), and over tasks in two ways: ``avg_curve`` (critical sparsity of the task-averaged
-curve: at each threshold, the mean over tasks of the relative performance, each capped at 1 so that one task
-scoring above dense cannot hide another task's loss, and the mean measured sparsity; this is what the
-Markdown table shows) and ``mean_of_tasks`` (the mean of the per-task values).
+curve: at each threshold, the mean over tasks of the relative performance and the mean measured sparsity; this
+is what the Markdown table shows) and ``mean_of_tasks`` (the mean of the per-task values).
+
+Task averaging (``cap``): by default (``cap=True``) each task's relative performance is capped at 1 before the
+average, so that one task scoring above dense (noise on a small set, often) cannot hide another task's loss.
+The alternative, ``cap=False`` (``--no-cap`` in the experiment scripts), averages the raw ratios: gains then
+offset losses, and the task-averaged critical sparsity can only be equal or higher. Which one a figure used
+changes its numbers; the Markdown report says which.
 """
 
 from __future__ import annotations
@@ -73,9 +78,11 @@ def _dense_to_sparse(rule: str | None, threshold: float) -> float:
     return -threshold if cls is None or cls.denser_when_larger else threshold
 
 
-def curves(rows: Sequence[dict], metric: str | None = None) -> dict[tuple[str, str, str], list[dict]]:
+def curves(rows: Sequence[dict], metric: str | None = None,
+           cap: bool = True) -> dict[tuple[str, str, str], list[dict]]:
     """{(model, site, task): [points]} with points {p, sparsity, relative, per_layer}; adds the task-averaged
-    curve under task ``avg_curve``. ``metric``: use another metric than each row's primary one."""
+    curve under task ``avg_curve`` (each task's relative performance capped at 1 first unless ``cap=False``; see
+    the module docstring). ``metric``: use another metric than each row's primary one."""
     dense = {(r["model"], r["task"]): r for r in rows if r["site"] == DENSE}
     out: dict[tuple[str, str, str], list[dict]] = {}
     for r in rows:
@@ -111,18 +118,21 @@ def curves(rows: Sequence[dict], metric: str | None = None) -> dict[tuple[str, s
             layers = [pt["per_layer"] for pt in sel if pt.get("per_layer")]
             per_layer = [sum(v) / len(v) for v in zip(*layers, strict=True)] if layers else None
             avg.append({"p": p, "sparsity": sum(pt["sparsity"] for pt in sel) / len(sel),
-                        "relative": sum(min(pt["relative"], 1.0) for pt in sel) / len(sel), "per_layer": per_layer,
+                        "relative": sum(min(pt["relative"], 1.0) if cap else pt["relative"] for pt in sel) / len(sel),
+                        "per_layer": per_layer,
                         "tasks": tasks})
         out[(model, site, AVG_CURVE)] = avg
     return out
 
 
-def critical_table(rows: Sequence[dict], threshold: float = 0.99, metric: str | None = None) -> list[dict]:
-    """One record per (model, site, task) plus ``avg_curve`` and ``mean_of_tasks`` per (model, site)."""
+def critical_table(rows: Sequence[dict], threshold: float = 0.99, metric: str | None = None,
+                   cap: bool = True) -> list[dict]:
+    """One record per (model, site, task) plus ``avg_curve`` and ``mean_of_tasks`` per (model, site);
+    ``cap``: how the task-averaged curve averages (module docstring)."""
     kinds = {r["model"]: r.get("kind", "") for r in rows}
     table = []
     per_ms: dict[tuple[str, str], list[CriticalSparsity]] = {}
-    for (model, site, task), pts in sorted(curves(rows, metric).items()):
+    for (model, site, task), pts in sorted(curves(rows, metric, cap).items()):
         c = critical_sparsity([(pt["sparsity"], pt["relative"]) for pt in pts], threshold)
         table.append({"model": model, "kind": kinds.get(model, ""), "site": site, "task": task, **asdict(c)})
         if task != AVG_CURVE:
@@ -166,14 +176,15 @@ def markdown_table(table: Sequence[dict], task: str = AVG_CURVE, variant: str = 
     return "\n".join(lines)
 
 
-def markdown_report(table: Sequence[dict], threshold: float = 0.99) -> str:
+def markdown_report(table: Sequence[dict], threshold: float = 0.99, cap: bool = True) -> str:
     tasks = sorted({r["task"] for r in table} - {AVG_CURVE, MEAN_OF_TASKS})
     pct = f"{100 * threshold:g} %"
     parts = [
         f"# Critical sparsity (%): highest measured sparsity keeping ≥ {pct} of dense performance",
         "",
         f"Tasks: {', '.join(tasks)}. Over tasks: the task-averaged curve (at each threshold, the mean over tasks "
-        "of the relative performance capped at 1, and the mean measured sparsity). Relative performance = "
+        f"of the relative performance {'capped at 1' if cap else 'uncapped (gains offset losses)'}, and the mean "
+        "measured sparsity). Relative performance = "
         "metric_sparse / metric_dense (accuracy) or PPL_dense / PPL_sparse (perplexity; ELBO perplexity for "
         "diffusion models). '≥' = no grid point failed "
         "(a lower bound); 'none passes' = even the first grid point failed.",
@@ -201,13 +212,14 @@ def markdown_report(table: Sequence[dict], threshold: float = 0.99) -> str:
 
 
 def write_critical(rows: Sequence[dict], out_dir: str | Path, threshold: float = 0.99,
-                   metric: str | None = None) -> dict[str, Path]:
-    """Write ``critical_sparsity.csv`` and ``critical_sparsity.md``; returns their paths and the table."""
+                   metric: str | None = None, cap: bool = True) -> dict[str, Path]:
+    """Write ``critical_sparsity.csv`` and ``critical_sparsity.md``; returns their paths and the table.
+    ``cap``: how the task-averaged curve averages (module docstring)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = critical_table(rows, threshold, metric)
+    table = critical_table(rows, threshold, metric, cap)
     csv_path, md_path = out / "critical_sparsity.csv", out / "critical_sparsity.md"
     fields = ["model", "kind", "site", "task", "interpolated", "last_passing", "bracketed", "n_points", "threshold"]
     atomic_write_csv(csv_path, table, fields)
-    atomic_write_text(md_path, markdown_report(table, threshold))
+    atomic_write_text(md_path, markdown_report(table, threshold, cap))
     return {"csv": csv_path, "markdown": md_path}

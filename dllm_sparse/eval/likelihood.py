@@ -23,13 +23,23 @@ The contract is ``docs/generation.md`` (section "Likelihood")::
 Performance details that do not change any result:
 
 * identical masked rows of one item (an answer of L tokens has only 2^L − 1 distinct masks, so short answers
-  repeat them constantly) are computed once and weighted by their multiplicity (``dedupe=True``);
+  repeat them constantly) are computed once and weighted by their multiplicity (``dedupe=True``), in the
+  log-likelihood and in the sparsity statistics alike (each row counts as often as it was drawn);
 * rows of different items with the same total length are packed into one forward pass (no padding, so any
   bidirectional model works without an attention mask), at most ``batch_size`` rows per pass.
 
-``is_greedy`` for diffusion: with ``greedy_check=True`` one extra row per item masks the whole answer and the
-answer counts as greedy when the one-shot argmax of every answer position equals it ("greedy one-shot unmask
-check"); with ``greedy_check=False`` (default, no extra cost) it is always ``False``.
+Guided ELBO (``cfg_scale`` w > 0, the official ``get_log_likelihood``): every masked row is also run with each
+prompt position replaced by the mask id, in the same forward pass, and logits = uncond + (w + 1)(cond − uncond)
+before the cross-entropy. The masks are the unguided estimate's (common random numbers); w = 0 is the plain ELBO.
+
+``is_greedy`` for diffusion (``greedy_check``):
+
+* ``"iterative"`` (the official LLaDA check, :func:`iterative_greedy_check`): from prompt + fully masked answer,
+  unmask one position per forward pass (the most confident masked one, T = 0, the whole answer as one block);
+  greedy iff every answer token is reproduced. L extra forward passes per item.
+* ``"one_pass"``: one extra row per item masks the whole answer; greedy when the one-shot argmax of every answer
+  position equals it. A weaker, different definition (it accepts far fewer targets), kept by name.
+* ``"off"`` (the scorer's default, no extra cost): always ``False``.
 
 Sparsification applies to every forward pass of a scorer (each Monte-Carlo forward is a separate call, so
 masks are computed afresh for each, like every denoising step of a sampler). Statistics are tagged ``"ar"``
@@ -61,6 +71,9 @@ __all__ = [
     "Scorer",
     "ar_loglikelihood_tokens",
     "diffusion_elbo_tokens",
+    "iterative_greedy_check",
+    "greedy_check_mode",
+    "GREEDY_CHECKS",
     "elbo_mask_counts",
     "elbo_masks",
     "item_generator",
@@ -112,12 +125,13 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
         return False
 
 
-def _tagged(stats: SparsityStats | None, tag: Hashable, groups: dict[str, torch.Tensor]):
+def _tagged(stats: SparsityStats | None, tag: Hashable, groups: dict[str, torch.Tensor],
+            row_weights: torch.Tensor | None = None):
     if stats is None:
         from contextlib import nullcontext
 
         return nullcontext()
-    return stats.tagged(tag, groups)
+    return stats.tagged(tag, groups, row_weights)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -256,6 +270,68 @@ def elbo_masks(L: int, mc_num: int, mc_batch: int, generator: torch.Generator) -
     return masks
 
 
+GREEDY_CHECKS = ("iterative", "one_pass", "off")
+
+
+def greedy_check_mode(value: bool | str | None) -> str:
+    """The greedy check named by ``value``: ``"iterative"`` (the official LLaDA check; ``True``), ``"one_pass"``
+    (one forward pass with the whole answer masked; a weaker, different definition) or ``"off"``
+    (``False``/``None``: ``is_greedy`` is always False)."""
+    if value is None or value is False:
+        return "off"
+    if value is True:
+        return "iterative"
+    mode = str(value).strip().lower().replace("-", "_")
+    if mode in ("true", "1", "yes", "on"):
+        return "iterative"
+    if mode in ("false", "0", "no", "none", ""):
+        return "off"
+    if mode not in GREEDY_CHECKS:
+        raise ValueError(f"greedy_check must be one of {GREEDY_CHECKS} (or True = 'iterative', False = 'off'), "
+                         f"got {value!r}")
+    return mode
+
+
+def _check_cfg_scale(cfg_scale: float) -> float:
+    w = float(cfg_scale)
+    if not w >= 0:  # also catches NaN
+        raise ValueError(f"cfg_scale must be >= 0 (0 = no guidance; the official LLaDA evaluation uses 0.5-2.0 on "
+                         f"some tasks), got {cfg_scale!r}")
+    return w
+
+
+def _guided_logits(model: torch.nn.Module, noisy: torch.Tensor, answer_pos: torch.Tensor, bi: torch.Tensor,
+                   ti: torch.Tensor, *, mask_id: int, cfg_scale: float, shift_logits: bool, stats, tag, groups,
+                   row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 logits at the positions (bi, ti) of the rows ``noisy`` [n, T], from ONE forward pass.
+
+    With ``cfg_scale`` w > 0 the same rows with every prompt position (``~answer_pos``) replaced by ``mask_id``
+    are batched after them (the official ``get_log_likelihood``), and logits = uncond + (w + 1)(cond − uncond).
+    Where the family allows it the LM head is applied to the selected positions only (the forward returns final
+    hidden states, shifted when the model shifts itself): no vocabulary projection of the others."""
+    n = noisy.shape[0]
+    x = noisy
+    if cfg_scale > 0:
+        x = torch.cat([noisy, noisy.masked_fill(~answer_pos, mask_id)])
+        groups = {k: torch.cat([v, v]) for k, v in groups.items()}
+        row_weights = None if row_weights is None else torch.cat([row_weights, row_weights])
+    device = model_device(model)
+    with torch.no_grad(), _tagged(stats, tag, groups, row_weights), without_lm_head(model) as head:
+        out = model(input_ids=x.to(device)).logits  # hidden states when head is not None
+    if shift_logits:
+        out = torch.cat([out[:, :1], out[:, :-1]], dim=1)
+    b, t = bi.to(out.device), ti.to(out.device)
+    sel = out[b, t] if cfg_scale == 0 else torch.cat([out[:n][b, t], out[n:][b, t]])
+    if head is not None:
+        with torch.no_grad():
+            sel = F.linear(sel.to(head.weight.device), head.weight, head.bias)
+    sel = sel.float()
+    if cfg_scale == 0:
+        return sel
+    cond, uncond = sel[:len(bi)], sel[len(bi):]
+    return uncond + (cfg_scale + 1) * (cond - uncond)
+
+
 def diffusion_elbo_tokens(
     model: torch.nn.Module,
     requests: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -268,23 +344,30 @@ def diffusion_elbo_tokens(
     keys: Sequence[Hashable] | None = None,
     shift_logits: bool = False,
     dedupe: bool = True,
-    greedy_check: bool = False,
+    cfg_scale: float = 0.0,
+    greedy_check: bool | str = "off",
     stats: SparsityStats | None = None,
     ratio_bins: int = 0,
     progress: bool = False,
 ) -> list[tuple[float, bool]]:
     """Monte-Carlo ELBO estimate of ``log p(answer | prompt)`` for each (prompt ids, answer ids) request.
 
-    ``mc_batch`` is the stratified mini-batch b of the spec; ``batch_size`` caps the rows of one forward pass
-    (default ``mc_batch``). ``keys`` name the items for the per-item generators (default: a hash of the
-    tokens); use the same keys in every configuration. ``shift_logits``: Dream-style models predict position
-    i from the hidden state at i−1 (leave it off for models that shift inside their forward, such as a native
-    LLaDA model with ``config.logit_shift``). Returns ``(ll, is_greedy)`` per request (see the module docstring).
+    ``mc_batch`` is the stratified mini-batch b of the spec; ``batch_size`` caps the masked rows of one forward
+    pass (default ``mc_batch``; with guidance each row is run twice in that pass, conditional and unconditional).
+    ``keys`` name the items for the per-item generators (default: a hash of the tokens); use the same keys in
+    every configuration. ``shift_logits``: Dream-style models predict position i from the hidden state at i−1
+    (leave it off for models that shift inside their forward, such as a native LLaDA model with
+    ``config.logit_shift``). ``cfg_scale``: classifier-free guidance w of the official ``get_log_likelihood``
+    (0 = none); the masks do not depend on it, so guided and unguided estimates share their random numbers.
+    ``greedy_check``: ``"iterative"`` / ``"one_pass"`` / ``"off"`` (see :func:`greedy_check_mode` and the module
+    docstring). Returns ``(ll, is_greedy)`` per request.
     """
     batch_size = batch_size or mc_batch
+    cfg_scale = _check_cfg_scale(cfg_scale)
+    check = greedy_check_mode(greedy_check)
     if keys is not None and len(keys) != len(requests):
         raise ValueError("keys must have one entry per request")
-    # 1. The rows of every item: (item, answer mask, multiplicity); multiplicity 0 marks the greedy-check row.
+    # 1. The rows of every item: (item, answer mask, multiplicity); multiplicity 0 marks the one-pass check row.
     rows: list[tuple[int, torch.Tensor, int]] = []
     seqs, answer_lens = [], []
     for i, (prompt, answer) in enumerate(requests):
@@ -303,7 +386,7 @@ def diffusion_elbo_tokens(
             rows += [(i, m, int(c)) for m, c in zip(uniq, counts.tolist(), strict=True)]
         else:
             rows += [(i, m, 1) for m in masks]
-        if greedy_check:
+        if check == "one_pass":
             rows.append((i, torch.ones(L, dtype=torch.bool), 0))
     # 2. Pack rows of equal total length into forward passes (no padding needed).
     by_len: dict[int, list[int]] = {}
@@ -313,7 +396,6 @@ def diffusion_elbo_tokens(
               for s in range(0, len(rs), batch_size)]
     loss_sum = [0.0] * len(requests)
     greedy = [False] * len(requests)
-    device = model_device(model)
     bar = _progress(len(chunks), "ELBO forward passes", progress)
     for chunk in chunks:
         T = len(seqs[rows[chunk[0]][0]])
@@ -321,6 +403,9 @@ def diffusion_elbo_tokens(
         is_mask = torch.zeros_like(clean, dtype=torch.bool)
         answer_pos = torch.zeros_like(is_mask)
         ratio = torch.empty(len(chunk), dtype=torch.float64)
+        # Statistics weight: a de-duplicated row stands for `mult` identical rows; the one-pass check row is
+        # one real forward row (weight 1).
+        weight = torch.tensor([float(rows[r][2] or 1) for r in chunk], dtype=torch.float64)
         for b, r in enumerate(chunk):
             i, m, _ = rows[r]
             L = answer_lens[i]
@@ -333,23 +418,15 @@ def diffusion_elbo_tokens(
             bins = (torch.ceil(ratio * ratio_bins).long() - 1).clamp(0, ratio_bins - 1)
             for k in range(ratio_bins):
                 groups[f"ratio{k / ratio_bins:.2f}-{(k + 1) / ratio_bins:.2f}"] = (bins == k)[:, None].expand_as(clean)
-        # Where the family allows it, the LM head is applied to the masked positions only (the forward returns
-        # final hidden states, shifted when the model shifts itself): no vocabulary projection of the others.
-        with torch.no_grad(), _tagged(stats, "elbo", groups), without_lm_head(model) as head:
-            logits = model(input_ids=noisy.to(device)).logits  # hidden states when head is not None
-        if shift_logits:
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         bi, ti = is_mask.nonzero(as_tuple=True)
-        lg = logits[bi.to(logits.device), ti.to(logits.device)]
-        if head is not None:
-            with torch.no_grad():
-                lg = F.linear(lg.to(head.weight.device), head.weight, head.bias)
-        lg = lg.float()
+        lg = _guided_logits(model, noisy, answer_pos, bi, ti, mask_id=mask_id, cfg_scale=cfg_scale,
+                            shift_logits=shift_logits, stats=stats, tag="elbo", groups=groups,
+                            row_weights=weight if dedupe else None)
         target = clean[bi, ti].to(lg.device)
         ce = F.cross_entropy(lg, target, reduction="none").double().cpu()
         row_ce = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, bi, ce)
         wrong = torch.zeros(len(chunk), dtype=torch.float64).index_add_(
-            0, bi, (lg.argmax(-1) != target).double().cpu()) if greedy_check else None
+            0, bi, (lg.argmax(-1) != target).double().cpu()) if check == "one_pass" else None
         for b, r in enumerate(chunk):
             i, m, mult = rows[r]
             if mult == 0:
@@ -360,8 +437,67 @@ def diffusion_elbo_tokens(
             bar.update(1)
     if bar is not None:
         bar.close()
+    if check == "iterative":
+        greedy = iterative_greedy_check(model, requests, mask_id=mask_id, batch_size=batch_size,
+                                        cfg_scale=cfg_scale, shift_logits=shift_logits, stats=stats)
     # Mean over rows then over iterations = mean over all mc_num rows (every mini-batch has b rows).
     return [(-loss_sum[i] / mc_num, greedy[i]) for i in range(len(requests))]
+
+
+def iterative_greedy_check(
+    model: torch.nn.Module,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    mask_id: int,
+    batch_size: int = 16,
+    cfg_scale: float = 0.0,
+    shift_logits: bool = False,
+    stats: SparsityStats | None = None,
+) -> list[bool]:
+    """The official LLaDA greedy check (``docs/generation.md``, "Greedy check") of each (prompt, answer) request.
+
+    Start from the prompt followed by a fully masked answer; at each of L forward passes (L = answer length)
+    unmask ONE position: the masked answer position whose argmax token has the highest softmax probability
+    (low-confidence remasking at temperature 0, the whole answer as one block; ties: the lowest position), and
+    write that argmax there. The answer is greedy iff the result reproduces every answer token. The logits are
+    guided like the ELBO's when ``cfg_scale`` > 0 (the official check calls the same ``get_logits``). Items with
+    the same prompt and answer lengths are decoded together, ``batch_size`` per forward pass; statistics are
+    tagged ``"greedy_check"``."""
+    cfg_scale = _check_cfg_scale(cfg_scale)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, (prompt, answer) in enumerate(requests):
+        if len(answer) == 0:
+            raise ValueError("empty answer")
+        by_shape.setdefault((len(prompt), len(answer)), []).append(i)
+    out = [False] * len(requests)
+    for (P, L), items in by_shape.items():
+        for s in range(0, len(items), batch_size):
+            idx = items[s:s + batch_size]
+            clean = torch.tensor([list(requests[i][0]) + list(requests[i][1]) for i in idx], dtype=torch.long)
+            canvas = clean.clone()
+            canvas[:, P:] = mask_id
+            answer_pos = torch.zeros_like(canvas, dtype=torch.bool)
+            answer_pos[:, P:] = True
+            rows = torch.arange(len(idx))
+            # Tracked apart from the tokens: a position stays decoded even if its argmax was the mask id itself.
+            masked = answer_pos.clone()
+            for _ in range(L):
+                groups = {"prompt": ~answer_pos, "answer": answer_pos, "masked": masked}
+                # Every row has the same number of masked answer positions left (one is written per pass).
+                bi, ti = masked.nonzero(as_tuple=True)
+                lg = _guided_logits(model, canvas, answer_pos, bi, ti, mask_id=mask_id, cfg_scale=cfg_scale,
+                                    shift_logits=shift_logits, stats=stats, tag="greedy_check", groups=groups)
+                x0 = lg.argmax(-1).cpu()
+                conf = torch.softmax(lg.double(), dim=-1).gather(-1, x0.to(lg.device)[:, None]).squeeze(-1).cpu()
+                conf = conf.reshape(len(idx), -1)
+                # nonzero() lists positions in increasing order, so a stable sort breaks ties by lowest position.
+                best = torch.sort(conf, dim=-1, descending=True, stable=True).indices[:, 0]
+                flat = rows * conf.shape[1] + best
+                canvas[bi[flat], ti[flat]] = x0[flat]
+                masked[bi[flat], ti[flat]] = False
+            for r, i in enumerate(idx):
+                out[i] = bool((canvas[r, P:] == clean[r, P:]).all())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -400,7 +536,9 @@ class Scorer:
     and split, and an empty context becomes the prefix token (BOS, else EOS). ``family`` names a family profile
     (:mod:`dllm_sparse.models.families`, as in ``LoadedModel.family``); a diffusion scorer takes its
     ``mask_id`` (when neither the argument, the model config nor the tokenizer gives one) and its
-    ``logit_shift`` (the ``shift_logits`` default) from it.
+    ``logit_shift`` (the ``shift_logits`` default) from it. Diffusion only: ``cfg_scale`` (guided ELBO, the default
+    of every call; each verb takes ``cfg_scale=`` for that call alone) and ``greedy_check`` (``"iterative"``,
+    ``"one_pass"`` or ``"off"``; ``True`` = ``"iterative"``), see the module docstring.
     """
 
     def __init__(
@@ -420,7 +558,8 @@ class Scorer:
         padding_side: str = "left",
         add_bos_token: bool = False,
         max_length: int | None = None,
-        greedy_check: bool = False,
+        greedy_check: bool | str = "off",
+        cfg_scale: float = 0.0,
         dedupe: bool = True,
         ratio_bins: int = 0,
         sparsity: SparsityConfig | Sequence[SparsityConfig] | None = None,
@@ -454,7 +593,9 @@ class Scorer:
         self.shift_logits = (family_shift and not shifts_itself) if shift_logits is None else bool(shift_logits)
         self.padding_side, self.add_bos_token = padding_side, add_bos_token
         self.max_length = max_length or self._default_max_length()
-        self.greedy_check, self.dedupe, self.ratio_bins, self.progress = greedy_check, dedupe, ratio_bins, progress
+        self.greedy_check = greedy_check_mode(greedy_check)
+        self.cfg_scale = _check_cfg_scale(cfg_scale)
+        self.dedupe, self.ratio_bins, self.progress = dedupe, ratio_bins, progress
         self._sparsity = _as_configs(sparsity)
         self.stats = stats
 
@@ -477,12 +618,17 @@ class Scorer:
         """The configs a call with ``sparsity`` attaches (validated; the scorer's own by default)."""
         return list(self._sparsity) if sparsity is SCORER_DEFAULT else _as_configs(sparsity)
 
-    def identity(self, sparsity=SCORER_DEFAULT) -> str:
-        """Everything that changes the scores of a call with this ``sparsity`` (default: the scorer's): model,
-        kind, sparsity ids and the ELBO settings."""
+    def identity(self, sparsity=SCORER_DEFAULT, cfg_scale: float | None = None) -> str:
+        """Everything that changes the scores of a call with this ``sparsity`` (default: the scorer's) and
+        ``cfg_scale`` (default: the scorer's): model, kind, sparsity ids and the ELBO settings (guidance and the
+        greedy check appear only when used, so the identities of unguided, unchecked runs are unchanged)."""
         sp = "+".join(s.id for s in self.configs_for(sparsity)) or DENSE
-        est = f"mc{self.mc_num}/b{self.mc_batch}/seed{self.seed}/shift{int(self.shift_logits)}" \
-            if self.kind == "diffusion" else "exact"
+        est = "exact"
+        if self.kind == "diffusion":
+            w = self.cfg_scale if cfg_scale is None else _check_cfg_scale(cfg_scale)
+            est = f"mc{self.mc_num}/b{self.mc_batch}/seed{self.seed}/shift{int(self.shift_logits)}"
+            est += f"/cfg{w!r}" if w > 0 else ""
+            est += f"/greedy-{self.greedy_check}" if self.greedy_check != "off" else ""
         return f"{self.name}|{self.kind}|{sp}|{est}|bos{int(self.add_bos_token)}"
 
     @property
@@ -554,9 +700,14 @@ class Scorer:
     # ---- scoring -----------------------------------------------------------------------------------------
     def loglikelihood_tokens(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
                              keys: Sequence[Hashable] | None = None, *, sparsity=SCORER_DEFAULT,
-                             stats=SCORER_DEFAULT) -> list[tuple[float, bool]]:
+                             stats=SCORER_DEFAULT, cfg_scale: float | None = None) -> list[tuple[float, bool]]:
         """``(log-likelihood, is_greedy)`` of token-id (context, continuation) requests, every forward pass
-        sparsified with ``sparsity`` (default: the scorer's) and measured into ``stats`` (default: the scorer's)."""
+        sparsified with ``sparsity`` (default: the scorer's) and measured into ``stats`` (default: the scorer's).
+        ``cfg_scale``: the guidance of this call (diffusion; default: the scorer's)."""
+        cfg_scale = self.cfg_scale if cfg_scale is None else _check_cfg_scale(cfg_scale)
+        if cfg_scale > 0 and self.kind != "diffusion":
+            raise ValueError(f"cfg_scale={cfg_scale} is a diffusion-ELBO setting; an autoregressive scorer computes "
+                             "the exact log-likelihood (leave cfg_scale at 0)")
         with self.sparsified(sparsity, stats) as stats:
             if self.kind == "ar":
                 return ar_loglikelihood_tokens(
@@ -565,22 +716,24 @@ class Scorer:
             return diffusion_elbo_tokens(
                 self.model, requests, mask_id=self.mask_id, mc_num=self.mc_num, mc_batch=self.mc_batch,
                 batch_size=max(self.batch_size, 1), seed=self.seed, keys=keys, shift_logits=self.shift_logits,
-                dedupe=self.dedupe, greedy_check=self.greedy_check, stats=stats, ratio_bins=self.ratio_bins,
-                progress=self.progress)
+                dedupe=self.dedupe, cfg_scale=cfg_scale, greedy_check=self.greedy_check, stats=stats,
+                ratio_bins=self.ratio_bins, progress=self.progress)
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]], keys: Sequence[Hashable] | None = None, *,
-                      sparsity=SCORER_DEFAULT, stats=SCORER_DEFAULT) -> list[tuple[float, bool]]:
+                      sparsity=SCORER_DEFAULT, stats=SCORER_DEFAULT,
+                      cfg_scale: float | None = None) -> list[tuple[float, bool]]:
         """lm-eval's ``loglikelihood`` on text pairs; ``keys`` name the items (for the ELBO's masks);
-        ``sparsity`` / ``stats`` as in :meth:`loglikelihood_tokens`."""
+        ``sparsity`` / ``stats`` / ``cfg_scale`` as in :meth:`loglikelihood_tokens`."""
         return self.loglikelihood_tokens([self.encode_pair(c, x) for c, x in pairs], keys, sparsity=sparsity,
-                                         stats=stats)
+                                         stats=stats, cfg_scale=cfg_scale)
 
     def loglikelihood_rolling(self, texts: Sequence[str], keys: Sequence[Hashable] | None = None, *,
-                              sparsity=SCORER_DEFAULT, stats=SCORER_DEFAULT) -> list[tuple[float, int]]:
+                              sparsity=SCORER_DEFAULT, stats=SCORER_DEFAULT,
+                              cfg_scale: float | None = None) -> list[tuple[float, int]]:
         """``(log-likelihood of the whole text, number of tokens)`` per text (AR exact, diffusion ELBO).
 
         Texts longer than the model's context are split into windows (:func:`rolling_windows`). ``sparsity`` /
-        ``stats`` as in :meth:`loglikelihood_tokens`."""
+        ``stats`` / ``cfg_scale`` as in :meth:`loglikelihood_tokens`."""
         windows, owner, wkeys = [], [], []
         for t, text in enumerate(texts):
             tokens = list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -588,7 +741,7 @@ class Scorer:
                 windows.append(win)
                 owner.append(t)
                 wkeys.append((keys[t] if keys is not None else _content_key(*win), w))
-        scores = self.loglikelihood_tokens(windows, wkeys, sparsity=sparsity, stats=stats)
+        scores = self.loglikelihood_tokens(windows, wkeys, sparsity=sparsity, stats=stats, cfg_scale=cfg_scale)
         out = [[0.0, 0] for _ in texts]
         for t, (ll, _), win in zip(owner, scores, windows, strict=True):
             out[t][0] += ll

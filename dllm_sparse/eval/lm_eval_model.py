@@ -22,16 +22,21 @@ Model arguments: ``pretrained`` (hub id, local dir, .gguf or embedded name), ``k
 :class:`~dllm_sparse.sparsity.config.SparsityConfig` id ``site:rule:threshold[:scope][:layers=i/j]``, e.g.
 ``input:top_p:0.9``; ``dense``/none = dense), or the same in pieces: ``site``, ``rule`` (top_p, top_k, max_p),
 ``threshold`` (alias ``p``; p for top-p / max-p, the target sparsity for top-k), ``scope``; ``batch_size``,
-``mc_num``, ``mc_batch``, ``seed``, ``shift_logits`` (Dream-style; default by family), ``greedy_check``,
+``mc_num``, ``mc_batch``, ``seed``, ``shift_logits`` (Dream-style; default by family), ``greedy_check``
+(``iterative``/true, ``one_pass``, ``off``/false), ``cfg`` (alias ``cfg_scale``: guided ELBO w, as the official
+LLaDA evaluation's ``cfg``), ``preset`` (``llada-official``: the official per-task cfg, mc_num 128, mc_batch 8,
+greedy check off, generation 1024/1024/1024; see :mod:`dllm_sparse.eval.presets`; explicit arguments win),
 ``max_gen_toks``, ``gen_steps``, ``block_length``, ``trust_remote_code``, ``add_bos_token``.
 
 Semantics:
 
 * ``loglikelihood`` returns ``(ll, is_greedy)``. AR: exact. Diffusion: the Monte-Carlo ELBO of
   ``dllm_sparse.eval.likelihood`` with masks drawn per request from (seed, task, doc_id, request index), so
-  dense and sparse runs use identical masks. ``is_greedy`` for diffusion: with ``greedy_check=True``
-  (default here) one extra forward row per request masks the whole continuation and checks that the one-shot
-  argmax reproduces it; with ``greedy_check=False`` it is always False.
+  dense and sparse runs use identical masks; with ``cfg`` > 0 the guided ELBO on the same masks. ``is_greedy``
+  for diffusion: ``greedy_check=iterative`` (default here; ``True``) is the official check (unmask one answer
+  position per forward pass, the most confident one; greedy iff the answer is reproduced, L extra passes per
+  request); ``one_pass`` checks the one-shot argmax of the fully masked answer (a weaker definition); ``off``
+  (``False``) always answers False.
 * ``loglikelihood_rolling``: AR exact (windows of the model's context length); diffusion: the ELBO of the
   whole text given the prefix token (BOS, else EOS).
 * ``generate_until``: through ``dllm_sparse.samplers.generate`` (LLaDA sampler or AR loop), sparsified with
@@ -66,7 +71,8 @@ import logging
 from tqdm.auto import tqdm
 
 from dllm_sparse.eval.identity import RunIdentity, run_identity, weights_hash
-from dllm_sparse.eval.likelihood import SCORER_DEFAULT, Scorer
+from dllm_sparse.eval.likelihood import SCORER_DEFAULT, Scorer, greedy_check_mode
+from dllm_sparse.eval.presets import get_preset
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig, slug
 from dllm_sparse.sparsity.rules import make_rule
 from dllm_sparse.sparsity.stats import SparsityStats
@@ -117,7 +123,7 @@ def sparsity_from_args(sparsity: SparsityConfig | str | None = None, site: str |
 #: The model arguments DllmSparseLM accepts (``--model_args k=v,...``); anything else is refused.
 MODEL_ARGS = ("pretrained", "sparsity", "site", "rule", "threshold", "p", "scope", "kind", "dtype", "device",
               "batch_size", "mc_num", "mc_batch", "seed", "shift_logits", "greedy_check", "max_gen_toks",
-              "gen_steps", "block_length", "trust_remote_code", "add_bos_token")
+              "gen_steps", "block_length", "trust_remote_code", "add_bos_token", "cfg", "cfg_scale", "preset")
 
 
 @register_model("dllm_sparse", "dllm-sparse")
@@ -137,12 +143,15 @@ class DllmSparseLM(LM):
         dtype: str | None = None,
         device: str | None = None,
         batch_size: int | str | None = 16,
-        mc_num: int = 128,
-        mc_batch: int = 16,
+        mc_num: int | None = None,
+        mc_batch: int | None = None,
         seed: int = 1234,
         shift_logits: bool | None = None,
-        greedy_check: bool = True,
-        max_gen_toks: int = 256,
+        greedy_check: bool | str | None = None,
+        cfg: float | None = None,
+        cfg_scale: float | None = None,
+        preset: str | None = None,
+        max_gen_toks: int | None = None,
         gen_steps: int | None = None,
         block_length: int | None = None,
         trust_remote_code: bool = False,
@@ -157,12 +166,34 @@ class DllmSparseLM(LM):
             raise TypeError(
                 f"DllmSparseLM: unknown model argument(s) {sorted(unknown)}; valid ones: {', '.join(MODEL_ARGS)}. "
                 "(A misspelt sparsity argument would silently give a dense run.)")
+        if cfg is not None and cfg_scale is not None and float(cfg) != float(cfg_scale):
+            raise ValueError(f"cfg={cfg} and cfg_scale={cfg_scale} disagree: give one of them (cfg is the official "
+                             "evaluation's name, cfg_scale an alias)")
+        cfg = cfg if cfg is not None else cfg_scale
+        self.preset = None if preset in (None, "", "none") else get_preset(preset)
+        if self.preset is not None:
+            if cfg is not None:
+                raise ValueError(f"preset={self.preset.name} sets the guidance per task; drop cfg={cfg} (or the "
+                                 "preset)")
+            mc_num = self.preset.mc_num if mc_num is None else mc_num
+            mc_batch = self.preset.mc_batch if mc_batch is None else mc_batch
+            greedy_check = self.preset.greedy_check if greedy_check is None else greedy_check
+            max_gen_toks = self.preset.gen_length if max_gen_toks is None else max_gen_toks
+            gen_steps = self.preset.steps if gen_steps is None else gen_steps
+            block_length = self.preset.block_length if block_length is None else block_length
+        mc_num = 128 if mc_num is None else mc_num
+        mc_batch = 16 if mc_batch is None else mc_batch
+        greedy_check = "iterative" if greedy_check is None else greedy_check
+        max_gen_toks = 256 if max_gen_toks is None else max_gen_toks
         # What this model's calls pass to the scorer: its own defaults unless from_scorer is given others.
         self._sparsity, self._stats = SCORER_DEFAULT, SCORER_DEFAULT
         if scorer is not None:
             if sparsity is not None or site is not None or stats is not None:
                 raise TypeError("DllmSparseLM(scorer=...) takes the scorer's sparsity; to score with another one "
                                 "use DllmSparseLM.from_scorer(scorer, sparsity=..., stats=...)")
+            if cfg is not None:
+                raise TypeError("DllmSparseLM(scorer=...) takes the scorer's cfg_scale; build the scorer with "
+                                f"Scorer(..., cfg_scale={cfg})")
         else:
             import torch
 
@@ -180,7 +211,8 @@ class DllmSparseLM(LM):
             scorer = Scorer.from_loaded(
                 lm, batch_size=bs, mc_num=int(mc_num), mc_batch=int(mc_batch), seed=int(seed),
                 shift_logits=None if shift_logits is None else _bool(shift_logits),
-                greedy_check=_bool(greedy_check), add_bos_token=_bool(add_bos_token), sparsity=sparsity,
+                greedy_check=greedy_check_mode(greedy_check), cfg_scale=float(cfg or 0.0),
+                add_bos_token=_bool(add_bos_token), sparsity=sparsity,
                 stats=stats if stats is not None else SparsityStats() if sparsity is not None else None)
         self.scorer = scorer
         self.max_gen_toks, self.gen_steps, self.block_length = int(max_gen_toks), gen_steps, block_length
@@ -218,7 +250,8 @@ class DllmSparseLM(LM):
             max_gen_toks=self.max_gen_toks, gen_steps=self.gen_steps, block_length=self.block_length,
             mc_num=sc.mc_num if diffusion else None, mc_batch=sc.mc_batch if diffusion else None,
             seed=sc.seed, shift_logits=bool(sc.shift_logits) if diffusion else None,
-            mask_id=sc.mask_id if diffusion else None)
+            mask_id=sc.mask_id if diffusion else None, cfg_scale=sc.cfg_scale if diffusion else None,
+            preset=self.preset.name if self.preset is not None else None)
 
     @property
     def identity(self) -> str:
@@ -257,7 +290,9 @@ class DllmSparseLM(LM):
 
     def get_model_info(self) -> dict:
         return {"dllm_sparse_identity": self.identity, "model_kind": self.scorer.kind,
-                "sparsity": [s.to_dict() for s in self.sparsity] or DENSE, "mc_num": self.scorer.mc_num}
+                "sparsity": [s.to_dict() for s in self.sparsity] or DENSE, "mc_num": self.scorer.mc_num,
+                "cfg_scale": self.scorer.cfg_scale, "greedy_check": self.scorer.greedy_check,
+                "preset": None if self.preset is None else self.preset.name}
 
     # ---- lm-eval properties --------------------------------------------------------------------------------
     @property
@@ -279,10 +314,23 @@ class DllmSparseLM(LM):
         return (req.task_name, req.doc_id, req.idx)
 
     # ---- requests ------------------------------------------------------------------------------------------
+    def _cfg_groups(self, requests) -> dict[float | None, list[int]]:
+        """Request indices by the guidance they are scored with: the preset's per-task value, else the scorer's."""
+        groups: dict[float | None, list[int]] = {}
+        for i, req in enumerate(requests):
+            w = None if self.preset is None else self.preset.cfg_for(req.task_name or "")
+            groups.setdefault(w, []).append(i)
+        return groups
+
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        pairs = [req.args[:2] for req in requests]
-        keys = [self._key(req) for req in requests]
-        out = self.scorer.loglikelihood(pairs, keys=keys, sparsity=self._sparsity, stats=self._stats)
+        out: list = [None] * len(requests)
+        for w, idx in self._cfg_groups(requests).items():
+            pairs = [requests[i].args[:2] for i in idx]
+            keys = [self._key(requests[i]) for i in idx]
+            res = self.scorer.loglikelihood(pairs, keys=keys, sparsity=self._sparsity, stats=self._stats,
+                                            cfg_scale=w if self.scorer.kind == "diffusion" else None)
+            for i, r in zip(idx, res, strict=True):
+                out[i] = r
         for req, res in zip(requests, out, strict=True):
             self.cache_hook.add_partial("loglikelihood", req.args, res)
         return out

@@ -195,6 +195,9 @@ class SweepConfig:
     include_path: str | None = None
     ratio_bins: int = 5  # diffusion: also measure sparsity per mask-ratio bin of the ELBO passes
     progress: bool = True
+    # Guided ELBO w of the diffusion models (a float for every task or a {task: w} dict, e.g. the official
+    # LLaDA per-task values of dllm_sparse.eval.presets); autoregressive models ignore it.
+    cfg_scale: float | dict[str, float] = 0.0
 
     def __post_init__(self):
         self.rule = rule_name(self.rule)
@@ -211,6 +214,10 @@ class SweepConfig:
 
     def limit_for(self, task: str):
         return self.limit.get(task) if isinstance(self.limit, dict) else self.limit
+
+    def cfg_for(self, task: str) -> float:
+        w = self.cfg_scale.get(task, 0.0) if isinstance(self.cfg_scale, dict) else self.cfg_scale
+        return float(w)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -229,9 +236,11 @@ MODEL_IDENTITY_FIELDS = ("weights", "kind", "param_dtype", "device_type")
 
 
 def _key(model: str, task: str, sparsity_id: str, limit, mc_num: int, mc_batch: int, seed: int, dtype: str,
-         batch_size: int) -> str:
-    return json.dumps([str(model), task, sparsity_id, limit, mc_num, mc_batch, seed, str(dtype), int(batch_size)],
-                      separators=(",", ":"))
+         batch_size: int, cfg_scale: float = 0.0) -> str:
+    k = [str(model), task, sparsity_id, limit, mc_num, mc_batch, seed, str(dtype), int(batch_size)]
+    if cfg_scale:  # appended only when guided, so the keys of unguided cells stay what they were
+        k.append({"cfg": float(cfg_scale)})
+    return json.dumps(k, separators=(",", ":"))
 
 
 def cell_identity(cfg: SweepConfig, model: str, task: str, config: SparsityConfig | None) -> RunIdentity:
@@ -245,7 +254,7 @@ def cell_key(cfg: SweepConfig, model: str, task: str, config: SparsityConfig | N
     """The key of a cell: :func:`cell_identity` as a JSON list in :data:`KEY_FIELDS` order (the sparsity as
     its config id, ``dense`` for the dense cell)."""
     ident = cell_identity(cfg, model, task, config)
-    return _key(*(ident[f] for f in KEY_FIELDS))
+    return _key(*(ident[f] for f in KEY_FIELDS), cfg_scale=cfg.cfg_for(task))
 
 
 def model_identity(lm) -> dict:
@@ -456,6 +465,8 @@ def run_sweep(
             for unit in [u for u in todo if u.model_index == mi]:
                 if unit.task not in tasks:
                     tasks[unit.task] = task_factory(unit.task)
+                if lm.kind == "diffusion":
+                    scorer.cfg_scale = cfg.cfg_for(unit.task)
                 if bar is not None:
                     bar.set_postfix_str(f"{name} {unit.task} {DENSE if unit.config is None else unit.config.id}")
                 rows = _run_unit(cfg, scorer, lm, name, tasks[unit.task], unit, dense_rows, rank, loaded)
@@ -506,7 +517,7 @@ def _base_row(cfg: SweepConfig, lm, name: str, task: str, config: SparsityConfig
         "task": task, "limit": cfg.limit_for(task), "seed": cfg.seed, "dtype": str(cfg.dtype),
         "mc_num": cfg.mc_num if lm.kind == "diffusion" else None,
         "mc_batch": cfg.mc_batch if lm.kind == "diffusion" else None, "batch_size": cfg.batch_size, "rank": rank,
-        "model_identity": loaded,
+        "model_identity": loaded, "cfg_scale": cfg.cfg_for(task) if lm.kind == "diffusion" else None,
     }
 
 

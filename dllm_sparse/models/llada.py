@@ -22,10 +22,11 @@ Importing this module registers the ``"llada"`` model type with ``AutoConfig``, 
 ``AutoModelForMaskedLM``, so ``AutoModel.from_pretrained(local_llada_dir)`` builds this class without
 ``trust_remote_code``.
 
-One deliberate difference from the original code: given a padding ``attention_mask`` with zeros, the original
-``LLaDAModel.forward`` falls back to an OLMo *causal* bias plus the padding mask. Here a padding mask only hides
-padded keys and attention stays bidirectional, which is what a masked-diffusion model needs. (LLaDA's own
-sampling code never passes a mask, so for unpadded inputs the two agree.)
+One deliberate difference from the original code: the original forward ignores ``attention_mask`` entirely
+(its attention calls ``F.scaled_dot_product_attention`` with ``attn_mask=None``), so in a left-padded batch every
+query also attends to the padded keys and a padded row differs from the same prompt run alone. Here a padding
+mask hides padded keys (attention stays bidirectional), so a padded row equals the same prompt alone. Without
+padding (LLaDA's own sampling and evaluation code passes no mask) the two agree exactly.
 """
 
 import math

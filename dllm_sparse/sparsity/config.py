@@ -84,6 +84,16 @@ class SparsityConfig:
         return cls(site, TopP(1.0, scope=scope))
 
     @classmethod
+    def paper_llada(cls, p_percent: float) -> SparsityConfig:
+        """The paper's LLaDA variant (docs/sparsification.md, "Paper-code compatibility"): the input site of
+        ``up_proj`` only, with :class:`~dllm_sparse.sparsity.rules.PaperTopP` (p in percent, one selection per
+        sample, strict <=, bf16 cumulative sum). For reproducing the paper's LLaDA figure only: comparisons
+        between models use the spec's rule (``SparsityConfig("input", TopP(p))``) for both."""
+        from dllm_sparse.sparsity.rules import PaperTopP
+
+        return cls("input", PaperTopP(p_percent))
+
+    @classmethod
     def parse(cls, text: str) -> SparsityConfig:
         """``"site:rule:threshold[:scope][:layers=i/j/...]"``, e.g. ``"input:top_p:0.9"``,
         ``"up:top_k:0.5:sequence"``, ``"gate:max_p:0.1:token:layers=0/1"``; the inverse of :attr:`id`."""
@@ -99,8 +109,8 @@ class SparsityConfig:
         if len(parts) not in (3, 4) or not all(parts):
             raise ValueError(f"cannot read sparsity config {text!r}: {example}")
         site, rule, threshold = parts[:3]
-        scope = parts[3] if len(parts) == 4 else "token"
-        if scope not in _SCOPES:
+        scope = parts[3] if len(parts) == 4 else None  # None: the rule's default scope
+        if scope is not None and scope not in _SCOPES:
             raise ValueError(f"cannot read sparsity config {text!r}: scope {scope!r} is not one of {_SCOPES} "
                              f"({example})")
         try:

@@ -113,7 +113,14 @@ class Sparsifier:
             # gate and up receive the same tensor x: select once, serve the sparse x to both projections
             # (or to the one fused gate_up projection).
             hook = self._input_pre_hook(layer)
-            for projection in (ffn.gate_up,) if ffn.gate_up is not None else (ffn.gate, ffn.up):
+            projections = (ffn.gate_up,) if ffn.gate_up is not None else (ffn.gate, ffn.up)
+            if getattr(self.rule, "input_projections", "gate_up") == "up":
+                # The paper's LLaDA variant: only the up projection reads the sparse input.
+                if ffn.gate_up is not None:
+                    raise ValueError(f"{self.rule.name} sparsifies the input of the up projection only, but this "
+                                     "model computes gate and up in one fused projection; use TopP instead")
+                projections = (ffn.up,)
+            for projection in projections:
                 add(projection.register_forward_pre_hook(hook))
         elif self.site is FFNSite.GATE:
             add(ffn.act.register_forward_hook(lambda m, args, out: self._apply(layer, out)))

@@ -27,6 +27,7 @@ __all__ = [
     "TopP",
     "TopK",
     "MaxP",
+    "PaperTopP",
     "make_rule",
     "rule_name",
     "RULE_NAMES",
@@ -276,8 +277,58 @@ class MaxP(SparsityRule):
         return (a >= self.p * a.amax(dim=-1, keepdim=True)) & (a > 0)
 
 
+@dataclass(frozen=True)
+class PaperTopP(SparsityRule):
+    """The top-p of the paper's public LLaDA scripts (docs/sparsification.md, "Paper-code compatibility"), for
+    reproducing the paper's LLaDA figure; not the spec's rule (:class:`TopP`), and never used to compare models.
+
+    ``p`` is in percent (e.g. 90). One selection per sample over all its tokens × features (``scope`` is always
+    ``"sequence"``): sort |v| descending (ties: original order), take the cumulative sum in bf16
+    (``torch.cumsum`` on a bf16 tensor: every prefix sum is rounded to bf16), divide by the total (the last
+    prefix sum) in bf16, and keep the entries whose cumulative share is ``<= p / 100`` (strict: the entry that
+    crosses p is dropped, unlike :class:`TopP`, which keeps it; the comparison is in bf16, so p / 100 is
+    rounded to bf16). On the ``input`` site the paper's hook pattern matched ``up_proj`` only, so this rule
+    feeds the sparse input to the up projection and the dense one to the gate projection
+    (:attr:`input_projections`). The arithmetic order beyond what the paper's code is documented to do (bf16
+    cumsum, ``<=``, percent) is this project's reading; the scripts were not available to check it against.
+    """
+
+    name: ClassVar[str] = "paper_top_p"
+    denser_when_larger: ClassVar[bool] = True
+    input_projections: ClassVar[str] = "up"  # the input site sparsifies up_proj's input only
+    p: float
+    scope: str = "sequence"
+
+    def __post_init__(self):
+        p = float(self.p)
+        if not (0.0 < p <= 100.0) or math.isnan(p):
+            raise ValueError(f"PaperTopP takes p in percent, in (0, 100], got {self.p} (e.g. PaperTopP(90) keeps "
+                             "90 % of a sample's mass)")
+        object.__setattr__(self, "p", p)
+        if self.scope != "sequence":
+            raise ValueError(f"paper_top_p is one selection over a sample's tokens x features: scope must be "
+                             f"'sequence', got {self.scope!r}")
+
+    def _row_mask(self, x):
+        a = x.detach().abs().to(torch.bfloat16)
+        sorted_a, order = torch.sort(a, dim=-1, descending=True, stable=True)
+        csum = torch.cumsum(sorted_a, dim=-1)  # stays bf16
+        share = csum / csum[..., -1:]
+        keep_sorted = share <= self.p / 100.0  # a bf16 comparison (an all-zero row gives NaN: nothing kept)
+        keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+        return keep & (a != 0)
+
+    @property
+    def threshold(self) -> float:
+        return self.p
+
+    @property
+    def is_identity(self):
+        return False  # even p = 100 drops nothing only up to bf16 rounding of the share
+
+
 # The one table of rule names: configs, ids, sweep rows and command lines all go through it.
-_RULES: dict[str, type[SparsityRule]] = {cls.name: cls for cls in (TopP, TopK, MaxP)}
+_RULES: dict[str, type[SparsityRule]] = {cls.name: cls for cls in (TopP, TopK, MaxP, PaperTopP)}
 RULE_NAMES = tuple(_RULES)
 
 
@@ -289,6 +340,8 @@ def rule_name(name: str) -> str:
     return key
 
 
-def make_rule(name: str, threshold: float, scope: str = "token") -> SparsityRule:
-    """Build a rule from its name (``top_p``, ``top_k``, ``max_p``) and threshold, e.g. from a CLI flag."""
-    return _RULES[rule_name(name)](threshold, scope=scope)
+def make_rule(name: str, threshold: float, scope: str | None = None) -> SparsityRule:
+    """Build a rule from its name (``top_p``, ``top_k``, ``max_p``, ``paper_top_p``) and threshold, e.g. from a
+    CLI flag; ``scope`` None = the rule's default (``"token"``; ``"sequence"`` for ``paper_top_p``)."""
+    cls = _RULES[rule_name(name)]
+    return cls(threshold) if scope is None else cls(threshold, scope=scope)

@@ -37,25 +37,36 @@ class SparsityStats:
     groups: dict[str, torch.Tensor] = field(default_factory=dict)
     counts: dict[tuple, _Count] = field(default_factory=dict)
     masks: list[dict] = field(default_factory=list)  # only with record_masks=True
+    # Per-row weights [batch] of the forward calls in flight (see :meth:`tagged`); None = every row counts once.
+    row_weights: torch.Tensor | None = None
 
     # ---- tagging ---------------------------------------------------------------------------------------
     @contextmanager
-    def tagged(self, tag: Hashable, groups: dict[str, torch.Tensor] | None = None) -> Iterator[SparsityStats]:
-        """Count the forward calls made inside under ``tag`` (and the extra token ``groups``)."""
-        old = (self.tag, self.groups)
+    def tagged(self, tag: Hashable, groups: dict[str, torch.Tensor] | None = None,
+               row_weights: torch.Tensor | None = None) -> Iterator[SparsityStats]:
+        """Count the forward calls made inside under ``tag`` (and the extra token ``groups``).
+
+        ``row_weights`` ([batch], non-negative): row b of those calls counts ``row_weights[b]`` times. A caller
+        that computes one row in place of several identical ones (the ELBO's de-duplicated masks) passes their
+        multiplicity, so the statistics equal those of computing every copy."""
+        old = (self.tag, self.groups, self.row_weights)
         self.tag, self.groups = tag, dict(groups or {})
+        self.row_weights = None if row_weights is None else row_weights.detach().to(torch.float64)
         try:
             yield self
         finally:
-            self.tag, self.groups = old
+            self.tag, self.groups, self.row_weights = old
 
     # ---- accumulation (called from the hooks) ------------------------------------------------------------
     def add(self, layer: int, site: str, out: torch.Tensor, valid: torch.Tensor | None) -> None:
         """Count the zeros of ``out`` [..., d]; ``valid`` is a [batch, tokens] mask of real tokens or None."""
         zeros = (out == 0).sum(dim=-1)  # [...]: zero entries per token
         groups = {ALL: None, **self.groups}
+        weights = self._token_weights(zeros)
         for name, g in groups.items():
             m = _combine(valid, g, zeros)
+            if weights is not None:
+                m = weights if m is None else m * weights
             if m is None:
                 z = zeros.sum(dtype=torch.float64)
                 n = torch.tensor(float(zeros.numel()), dtype=torch.float64, device=zeros.device)
@@ -68,6 +79,16 @@ class SparsityStats:
             else:
                 c.zeros = c.zeros + z
                 c.tokens = c.tokens + n
+
+    def _token_weights(self, zeros: torch.Tensor) -> torch.Tensor | None:
+        """The row weights broadcast over the tokens of ``zeros`` [batch, tokens] (None when unweighted)."""
+        w = self.row_weights
+        if w is None:
+            return None
+        if zeros.dim() != 2 or zeros.shape[0] != w.shape[0]:
+            raise ValueError(f"row weights of shape {tuple(w.shape)} do not fit activations {tuple(zeros.shape)} "
+                             "(one weight per batch row of [batch, tokens, features] activations)")
+        return w.to(zeros.device)[:, None].expand_as(zeros)
 
     def add_mask(self, layer: int, site: str, keep: torch.Tensor) -> None:
         self.masks.append({"tag": self.tag, "layer": layer, "site": str(site), "keep": keep.detach().cpu()})
