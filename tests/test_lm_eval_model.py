@@ -154,7 +154,7 @@ def test_preset_scores_each_task_with_its_official_guidance():
     got = lm.loglikelihood(reqs)
     for req, res, w in zip(reqs, got, (0.5, 0.0, 2.0), strict=True):
         assert res == scorer.loglikelihood([req.args], keys=[lm._key(req)], cfg_scale=w)[0]
-    assert got[0] != got[1] and "|preset=llada-official" in lm.identity
+    assert got[0] != got[1] and json.loads(lm.identity)["preset"] == "llada-official"
     assert lm.preset.mc_num == 128 and lm.preset.greedy_check == "off"
     with pytest.raises(ValueError, match="unknown evaluation preset"):
         DllmSparseLM.from_scorer(scorer, preset="nope")
