@@ -43,7 +43,7 @@ from dllm_sparse.eval.rows import atomic_write_json, process_info, read_json_or_
 from dllm_sparse.eval.sweep import SweepConfig, grid, planned_keys, run_sweep
 from dllm_sparse.models.loading import EMBEDDED_MODELS, load_model
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig
-from dllm_sparse.sparsity.rules import make_rule
+from dllm_sparse.sparsity.rules import RULE_NAMES, make_rule
 from dllm_sparse.sparsity.sites import ALL_SITES
 
 DEFAULT_AR = "smollm2-135m"
@@ -60,7 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ar-model", default=None, help=f"HF id, local dir or embedded name (default: {DEFAULT_AR}; "
                                                      "'none' to skip)")
     ap.add_argument("--sites", nargs="+", default=[s.value for s in ALL_SITES], choices=[s.value for s in ALL_SITES])
-    ap.add_argument("--rule", default="top_p", choices=["top_p", "top_k", "max_p"])
+    ap.add_argument("--rule", default="top_p", choices=list(RULE_NAMES),
+                    help="top_p (the paper's rule, default), top_k, max_p, or paper_top_p: the paper's LLaDA scripts' "
+                         "variant (input site on up_proj only, one top-p per sample, p in percent, bf16 cumsum)")
+    ap.add_argument("--scope", default=None, choices=["token", "sequence"],
+                    help="rule scope (default: token; sequence for paper_top_p, which allows nothing else)")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--grid", default="quick", choices=["quick", "standard"])
     g.add_argument("--thresholds", nargs="+", type=float, help="explicit thresholds (overrides --grid)")
@@ -132,8 +136,9 @@ def step_profile_identity(model_name: str, args, device, dtype, rows: list[dict]
     weights = next((r["model_identity"]["weights"] for r in rows
                     if r.get("model") == model_name and r.get("model_identity")), None)
     n = step_gen_length(device)
+    rule = make_rule(args.rule, args.step_p, scope=args.scope)
     return run_identity(model=model_name, weights=weights, dtype=dtype, device_type=str(device),
-                        sparsity=[SparsityConfig(site, make_rule(args.rule, args.step_p)) for site in args.sites],
+                        sparsity=[SparsityConfig(site, rule) for site in args.sites],
                         gen_length=n, steps=n, block_length=n, temperature=0.0, seed=args.seed,
                         prompt=STEP_PROMPT).to_dict()
 
@@ -153,7 +158,7 @@ def step_profile(model_name: str, args, device, dtype, out: Path, identity: dict
                               seed=args.seed)
     rows = []
     for site in args.sites:
-        sp = StepSparsity(SparsityConfig(site, make_rule(args.rule, p)))
+        sp = StepSparsity(SparsityConfig(site, make_rule(args.rule, p, scope=args.scope)))
         generate(lm, prompts=[STEP_PROMPT], config=config, sparsity=sp, apply_chat_template=True)
         for group in ("all", "masked"):
             for step, s in sp.per_step(group=group).items():
@@ -229,7 +234,9 @@ def main(argv=None) -> int:
         limit = {t: CPU_LIMITS.get(t) for t in args.tasks} if on_cpu else None
     thresholds = args.thresholds or grid(args.grid, args.rule)
     mid = sorted(thresholds)[len(thresholds) // 2]
-    args.step_p = args.step_threshold if args.step_threshold is not None else (0.9 if args.rule == "top_p" else mid)
+    default_step = {"top_p": 0.9, "paper_top_p": 90.0}.get(args.rule, mid)
+    args.step_p = args.step_threshold if args.step_threshold is not None else default_step
+    args.scope = args.scope or ("sequence" if args.rule == "paper_top_p" else "token")
     models, notes = resolve_models(args)
     rank, world, _ = process_info()
     out = Path(args.output_dir)
@@ -238,7 +245,8 @@ def main(argv=None) -> int:
     if rank == 0:
         for n in notes:
             print(n)
-        print(f"models: {models}\nsites: {args.sites}\nrule: {args.rule}, thresholds: {thresholds}\n"
+        print(f"models: {models}\nsites: {args.sites}\nrule: {args.rule} ({args.scope} scope), "
+              f"thresholds: {thresholds}\n"
               f"tasks: {args.tasks}, limit: {limit}\nguided ELBO cfg_scale: {cfg_scale}"
               f"{f' (preset {preset.name})' if preset else ''}\nmc_num: {mc_num}, mc_batch: {mc_batch}, batch_size: "
               f"{args.batch_size}, dtype: {dtype}, device: {device}, seed: {args.seed}, processes: {world}, "
@@ -247,7 +255,7 @@ def main(argv=None) -> int:
     cfg = SweepConfig(models=models, output_dir=out, sites=args.sites, rule=args.rule, thresholds=thresholds,
                       tasks=args.tasks, limit=limit, mc_num=mc_num, mc_batch=mc_batch, batch_size=args.batch_size,
                       seed=args.seed, dtype=dtype, device=device, include_path=args.include_path,
-                      progress=not args.no_progress, cfg_scale=cfg_scale)
+                      progress=not args.no_progress, cfg_scale=cfg_scale, scope=args.scope)
     rows = run_sweep(cfg)
     if rank != 0:
         return 0

@@ -167,3 +167,17 @@ def test_guided_elbo_cells_have_their_own_keys_and_scores(tmp_path):
     scorer = Scorer(_models()[1].model, ByteTokenizer(), "diffusion", mask_id=3, mc_num=4, mc_batch=2,
                     batch_size=8, seed=1234, cfg_scale=0.5)
     assert dense["value"] == pytest.approx(MultipleChoiceTask("mc", ITEMS).evaluate(scorer).value)
+
+
+def test_the_papers_llada_variant_runs_as_a_sweep(tmp_path):
+    """rule="paper_top_p" (p in percent, one selection per sample) sweeps like any other rule, and its cells
+    equal the scorer run by hand with the same configuration."""
+    assert grid("quick", "paper_top_p")[:2] == [100.0, 99.0] and len(grid("standard", "paper_top_p")) == 25
+    rows = run_sweep(_cfg(tmp_path, sites=["input"], thresholds=[90.0], rule="paper_top_p", scope="sequence",
+                          tasks=["ppl"]), task_factory=Counter())
+    cell = [r for r in rows if r["kind"] == "diffusion" and r["site"] == "input"][0]
+    assert json.loads(cell["key"])[2] == "input:paper_top_p:90.0:sequence"
+    lm = _models()[1]
+    scorer = Scorer(lm.model, ByteTokenizer(), "diffusion", mask_id=3, mc_num=4, mc_batch=2, batch_size=8, seed=1234)
+    ref = PerplexityTask("ppl", PASSAGES).evaluate(scorer, sparsity=SparsityConfig.paper_llada(90))
+    assert cell["value"] == pytest.approx(ref.value) and 0 < cell["sparsity"] < 1

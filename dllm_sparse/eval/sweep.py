@@ -77,6 +77,9 @@ GRIDS: dict[str, dict[str, list[float]]] = {
               "quick": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]},
     "max_p": {"standard": [0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5],
               "quick": [0.001, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5]},
+    # The paper's LLaDA variant takes p in percent: the top-p grids times 100.
+    "paper_top_p": {"standard": [round(100 * p, 6) for p in STANDARD_TOP_P],
+                    "quick": [100.0, 99.0, 97.0, 95.0, 90.0, 80.0, 70.0, 50.0]},
 }
 
 
