@@ -259,7 +259,7 @@ def test_generate_demo_hub_id_without_network_writes_no_trace(tmp_path, monkeypa
 
 
 class _Args:
-    sites, rule, step_p, seed = ["input", "up"], "top_p", 0.9, 1234
+    sites, rule, step_p, seed, scope = ["input", "up"], "top_p", 0.9, 1234, "token"
 
 
 def test_step_profile_is_keyed_and_recomputed_on_change_or_damage(tmp_path, capsys):
