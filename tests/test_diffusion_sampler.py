@@ -1,4 +1,4 @@
-"""The masked-diffusion sampler against a plain reference written from the spec (shared/specs/generation.md).
+"""The masked-diffusion sampler against a plain reference written from the spec (docs/generation.md).
 
 Tiny native LLaDA (2 layers, d_model 64, vocab 100, mask 99) built from a config; CPU, float32.
 
