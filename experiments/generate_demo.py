@@ -230,6 +230,9 @@ def run_model(kind: str, name: str, args, sparsity: SparsityConfig, prompts: lis
 
 
 def main(argv: list[str] | None = None) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # this script writes figure files; the library leaves the backend to its user
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -215,6 +215,9 @@ def set_threads(spec: str) -> int:
 
 
 def main(argv=None) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # this script writes figure files; the library leaves the backend to its user
     t0 = time.perf_counter()
     args = parse_args(argv)
     gpu = torch.cuda.is_available()

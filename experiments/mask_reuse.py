@@ -309,6 +309,9 @@ def write_summary(out_dir: Path, args, notes: list[str], table: list[dict], ov: 
 
 
 def main(argv=None) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # this script writes figure files; the library leaves the backend to its user
     args = parse_args(argv)
     t_start = time.perf_counter()
     torch.set_num_threads(max(1, args.threads))

@@ -280,10 +280,7 @@ class MaskOverlapTracker(GenerationCallback):
 
     def heatmap(self, path, metric: str = "jaccard", reference: str = "previous", group: str = "all",
                 site: str | None = None, run: int | None = None, title: str | None = None) -> None:
-        """Layers x steps heatmap of one metric (matplotlib, Agg backend) saved to ``path``."""
-        import matplotlib
-
-        matplotlib.use("Agg")
+        """Layers x steps heatmap of one metric (matplotlib, the caller's backend) saved to ``path``."""
         import matplotlib.pyplot as plt
 
         layers, steps, values = self.matrix(metric, reference, group, site, run)

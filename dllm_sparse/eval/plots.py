@@ -14,12 +14,10 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+# The backend is the user's choice (notebooks keep theirs); the experiment scripts pick Agg for files.
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from dllm_sparse.eval.critical import AVG_CURVE, critical_sparsity, curves, ordered_sites  # noqa: E402
+from dllm_sparse.eval.critical import AVG_CURVE, critical_sparsity, curves, ordered_sites
 
 __all__ = ["plot_relative_performance", "plot_layer_heatmaps", "plot_step_sparsity", "save_figure"]
 

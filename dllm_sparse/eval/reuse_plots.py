@@ -17,10 +17,7 @@ __all__ = ["plot_overlap", "plot_step_matrices", "plot_tracker_heatmaps", "plot_
 
 
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the backend is the caller's choice (the scripts pick Agg)
 
     return plt
 
