@@ -48,4 +48,4 @@ def test_two_processes_build_the_twin_at_once(tmp_path, pair):
     assert len(paths) == 1  # both got the same finished directory
     built = Path(paths.pop())
     assert (built / "config.json").is_file() and (built / "model.safetensors").is_file()
-    assert not list(built.parent.glob("mdm-tmp-*"))  # no temporary directory left behind
+    assert not list(built.parent.glob(f"{built.name}-tmp-*"))  # no temporary directory left behind

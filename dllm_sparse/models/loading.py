@@ -127,6 +127,18 @@ def build_lock(path: Path) -> Iterator[None]:
         lock.release()
 
 
+def save_to_cache(model: Any, tokenizer: Any, target: Path) -> None:
+    """Save ``model`` and ``tokenizer`` as the Hugging Face directory ``target``: written in a temporary
+    directory next to it, then published in one rename (:func:`publish_dir`). Call it under :func:`build_lock`."""
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{target.name}-tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        publish_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def publish_dir(tmp: Path, target: Path) -> None:
     """Move a finished build directory into place atomically, readable by every user of a shared cache.
 
@@ -159,13 +171,7 @@ def _smollm2_hf_dir(**_: Any) -> Path:
             del config.quantization_config
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(gguf_model.state_dict())
-        tmp = Path(tempfile.mkdtemp(dir=hf_dir.parent, prefix="hf-tmp-"))
-        try:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            publish_dir(tmp, hf_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        save_to_cache(model, tok, hf_dir)
     return hf_dir
 
 

@@ -10,8 +10,6 @@ same module layout as for LLaDA. The merged model is cached as a Hugging Face di
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ from dllm_sparse.models.adapt import (
     merge_adapter,
 )
 from dllm_sparse.models.llada import LLaDAModelLM
-from dllm_sparse.models.loading import _smollm2_hf_dir, build_lock, cache_dir, publish_dir
+from dllm_sparse.models.loading import _smollm2_hf_dir, build_lock, cache_dir, save_to_cache
 
 __all__ = ["SMOLLM2_MDM_ADAPTER", "build_adapted_model", "smollm2_mdm_dir"]
 
@@ -67,13 +65,7 @@ def smollm2_mdm_dir(adapter_dir: str | Path = SMOLLM2_MDM_ADAPTER, **_: Any) -> 
         if (target / "config.json").is_file():  # another process built it while we waited
             return target
         model, tok = build_adapted_model(base, adapter_dir)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix="mdm-tmp-"))
-        try:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            publish_dir(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        save_to_cache(model, tok, target)
     return target
 
 
