@@ -37,10 +37,12 @@ from dllm_sparse.models.adapt import (
     MaskRowDelta,
     SFTBatch,
     adapter_bytes,
+    adapter_hash,
     add_lora,
     add_mask_token,
     collate_sft,
     convert_causal_lm,
+    load_adapter_state,
     lora_state_from_peft,
     masked_diffusion_loss,
     save_adapter,
@@ -168,6 +170,51 @@ def heldout_loss(trainable, rows, mask_id, args, delta) -> float:
 
 # ---- checkpoints ------------------------------------------------------------------------------------------------
 
+# Settings that may change between resumes of one run: the budget (train further) and checkpoint cadence.
+_RESUMABLE = {"minutes", "max_steps", "ckpt_minutes", "export", "run_dir"}
+
+
+def resume_settings(args, source: str, train_rows: list) -> dict:
+    """Everything that changes the trained numbers: a checkpoint is resumed only under the same settings."""
+    import hashlib
+
+    data = hashlib.sha256(json.dumps(train_rows).encode()).hexdigest()[:16]
+    out = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in _RESUMABLE}
+    return dict(out, source=source, train_rows_sha=data)
+
+
+def check_resume(saved: dict | None, now: dict, ckpt: Path) -> None:
+    if saved is None:
+        raise SystemExit(f"{ckpt} predates resume keys; move it away or pass another --run-dir")
+    diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+    if diff:
+        lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise SystemExit(f"{ckpt} was trained with other settings ({lines}); pass those settings to resume it, "
+                         "or another --run-dir to start a new run")
+
+
+@torch.no_grad()
+def init_from_adapter(trainable, delta, adapter_dir: Path, r: int) -> int:
+    """Copy an exported adapter's LoRA factors and mask-row delta into the (fresh) peft model."""
+    lora, mask_row, meta = load_adapter_state(adapter_dir)
+    if meta.get("r") != r:
+        raise SystemExit(f"--init-adapter {adapter_dir} has rank {meta.get('r')}, this run --r {r}: pass --r "
+                         f"{meta.get('r')}")
+    named = dict(trainable.named_parameters())
+    n = 0
+    for key, value in lora.items():
+        module, which = key.rsplit(".lora_", 1)
+        name = f"base_model.model.{module}.lora_{which}.default.weight"
+        if name not in named:
+            raise SystemExit(f"--init-adapter {adapter_dir}: {key} matches no LoRA parameter of this model")
+        named[name].copy_(value)
+        n += which == "A"
+    expected = sum(1 for k in named if ".lora_A." in k)
+    if n != expected:
+        raise SystemExit(f"--init-adapter {adapter_dir} has {n} LoRA pairs, the model {expected}")
+    delta.delta.copy_(mask_row)
+    return n
+
 
 def save_ckpt(path: Path, trainable, delta, opt, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
@@ -240,6 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--alpha", type=int, default=32)
     ap.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    ap.add_argument("--init-adapter", type=Path, default=None,
+                    help="start from this exported adapter (same --r) instead of zero LoRA: trains a shipped twin "
+                         "further with a fresh schedule")
     ap.add_argument("--eps", type=float, default=1e-3, help="t ~ U(eps, 1)")
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32 (default: bf16 autocast)")
     ap.add_argument("--threads", type=int, default=1)
@@ -260,9 +310,16 @@ def main(argv: list[str] | None = None) -> None:
                              {"params": [delta.delta], "lr": args.mask_lr}], weight_decay=args.weight_decay)
     state = {"step": 0, "elapsed": 0.0, "tokens": 0, "answer_tokens": 0, "masked_tokens": 0, "log": [],
              "heldout": []}
+    settings = resume_settings(args, source, train_rows)
     if ckpt.is_file():
         state = load_ckpt(ckpt, trainable, delta, opt)
+        check_resume(state.get("settings"), settings, ckpt)
         print(f"resumed at step {state['step']} ({state['elapsed']:.0f}s trained)", flush=True)
+    elif args.init_adapter:
+        n = init_from_adapter(trainable, delta, args.init_adapter, args.r)
+        state["init_adapter"] = {"dir": str(args.init_adapter), "hash": adapter_hash(args.init_adapter)}
+        print(f"initialised {n} LoRA pairs and the mask row from {args.init_adapter}", flush=True)
+    state["settings"] = settings
     budget = args.minutes * 60
     if not state["heldout"]:
         state["heldout"].append({"step": 0, "loss": heldout_loss(trainable, held_rows, mask_id, args, delta)})
@@ -332,6 +389,7 @@ def export(args, trainable, delta, model, state, source, n_train, n_held) -> Non
         "final_loss_mean_last50": round(sum(r["loss"] for r in state["log"][-50:]) / max(1, len(state["log"][-50:])),
                                         4),
         "heldout": state["heldout"],
+        "init_adapter": state.get("init_adapter"),
         "hyperparameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "hardware": f"CPU, {args.threads} thread(s), bf16 autocast={args.bf16}",
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
