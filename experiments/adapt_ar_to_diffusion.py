@@ -9,12 +9,21 @@
     python experiments/adapt_ar_to_diffusion.py --data my.jsonl ...
     python experiments/adapt_ar_to_diffusion.py --hf-dataset wikitext --hf-config wikitext-2-raw-v1 --text-field text
 
+    # train the shipped adapter further (a fresh schedule starting from its weights):
+    python experiments/adapt_ar_to_diffusion.py --init-adapter dllm_sparse/data/smollm2-135m-mdm --minutes 95 ...
+
+    # the same loop on one or several GPUs (accelerate picks the devices; rows of a batch are split over processes):
+    accelerate launch experiments/adapt_ar_to_diffusion.py --max-steps 2000 --batch-size 32 ...
+
 Steps: convert the base model to the native LLaDA architecture (bidirectional attention, Dream logit shift), add a
-mask token, wrap the block linears in LoRA (``--full`` trains all weights instead), then minimise the LLaDA SFT
-masked-diffusion loss (:func:`dllm_sparse.models.adapt.masked_diffusion_loss`) until the wall-clock budget is used.
-The learning rate follows the *time* budget (linear warm-up, cosine decay to 10 %), so a resumed run continues the
-same schedule. Every ``--ckpt-minutes`` the LoRA factors, mask-row delta, optimizer and log are saved atomically
-to ``--run-dir``; ``--export`` writes the adapter (safetensors), ``train_log.json`` and ``loss_curve.png``.
+mask token, wrap the block linears in peft LoRA and make the mask token's embedding row trainable (peft
+``trainable_token_indices``; ``--full`` trains all weights instead), then minimise the LLaDA SFT masked-diffusion
+loss (:func:`dllm_sparse.models.adapt.masked_diffusion_loss`) with ``accelerate.Accelerator`` (bf16 autocast by
+default) until the budget is used. The learning rate follows the *time* budget (linear warm-up, cosine decay to
+10 %; ``--max-steps`` makes it follow steps), so a resumed run continues the same schedule. Every
+``--ckpt-minutes`` the trainable tensors, optimizer and log are saved atomically to ``--run-dir`` (a resume under
+other settings is refused); ``--export`` writes a peft adapter (``adapter_config.json``,
+``adapter_model.safetensors``) with ``dllm_sparse_adapter.json``, ``train_log.json`` and ``loss_curve.png``.
 """
 
 from __future__ import annotations
@@ -32,9 +41,7 @@ import torch
 
 from dllm_sparse.atomic import atomic_write_text
 from dllm_sparse.models.adapt import (
-    LORA_TARGET_REGEX,
     MASK_TOKEN,
-    MaskRowDelta,
     SFTBatch,
     adapter_bytes,
     adapter_hash,
@@ -42,9 +49,9 @@ from dllm_sparse.models.adapt import (
     add_mask_token,
     collate_sft,
     convert_causal_lm,
-    load_adapter_state,
-    lora_state_from_peft,
+    mask_row_parameter,
     masked_diffusion_loss,
+    read_adapter_meta,
     save_adapter,
 )
 from dllm_sparse.models.loading import cache_dir, load_model
@@ -123,26 +130,35 @@ def batch_for_step(rows: list, step: int, batch_size: int, seed: int) -> list:
 
 
 def build(args):
+    """(trainable model, tokenizer, mask id, [LoRA/full params, mask-row param]) for this run's settings."""
     base = load_model(args.base, dtype="fp32")
     model = convert_causal_lm(base.model, logit_shift=True)
     tok = base.tokenizer
     mask_id = add_mask_token(model, tok)
     del base
-    delta = MaskRowDelta(model.config.d_model, mask_id)
     if args.full:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        trainable = model
+        model.requires_grad_(True)
+        return model, tok, mask_id, [list(model.parameters()), []]
+    if args.init_adapter:
+        trainable = init_from_adapter(model, args.init_adapter, args.r, mask_id)
     else:
-        for p in model.parameters():
-            p.requires_grad_(False)
         trainable = add_lora(model, r=args.r, alpha=args.alpha)
-    trainable.train()
-    return trainable, model, tok, mask_id, delta
+    row = mask_row_parameter(trainable)
+    lora = [p for p in trainable.parameters() if p.requires_grad and p is not row]
+    return trainable, tok, mask_id, [lora, [row]]
 
 
-def trainable_params(trainable, delta):
-    return [p for p in trainable.parameters() if p.requires_grad] + [delta.delta]
+def init_from_adapter(model, adapter_dir: Path, r: int, mask_id: int):
+    """The peft model of an exported adapter, trainable (train a shipped twin further)."""
+    from peft import PeftModel
+
+    meta = read_adapter_meta(adapter_dir)
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    rank = peft_model.peft_config["default"].r
+    if rank != r or meta.get("mask_token_id") != mask_id:
+        raise SystemExit(f"--init-adapter {adapter_dir} has rank {rank} and mask id {meta.get('mask_token_id')}; "
+                         f"this run has --r {r} and mask id {mask_id}: pass --r {rank} (or another adapter)")
+    return peft_model
 
 
 def lr_at(elapsed: float, budget: float, step: int, args) -> float:
@@ -154,15 +170,15 @@ def lr_at(elapsed: float, budget: float, step: int, args) -> float:
 
 
 @torch.no_grad()
-def heldout_loss(trainable, rows, mask_id, args, delta) -> float:
+def heldout_loss(trainable, rows, mask_id, args, accelerator) -> float:
     """Masked-diffusion loss on the held-out rows with fixed masks (seed 0): comparable across checkpoints."""
     trainable.eval()
     g = torch.Generator().manual_seed(0)
     losses = []
     for i in range(0, len(rows), args.batch_size):
         batch = collate_sft(rows[i:i + args.batch_size], eos_id=args.eos_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss, _ = masked_diffusion_loss(trainable, batch, mask_id, generator=g, mask_delta=delta)
+        with accelerator.autocast():
+            loss, _ = masked_diffusion_loss(trainable, batch, mask_id, generator=g)
         losses.append(float(loss) * len(batch.input_ids))
     trainable.train()
     return sum(losses) / len(rows)
@@ -193,43 +209,19 @@ def check_resume(saved: dict | None, now: dict, ckpt: Path) -> None:
                          "or another --run-dir to start a new run")
 
 
-@torch.no_grad()
-def init_from_adapter(trainable, delta, adapter_dir: Path, r: int) -> int:
-    """Copy an exported adapter's LoRA factors and mask-row delta into the (fresh) peft model."""
-    lora, mask_row, meta = load_adapter_state(adapter_dir)
-    if meta.get("r") != r:
-        raise SystemExit(f"--init-adapter {adapter_dir} has rank {meta.get('r')}, this run --r {r}: pass --r "
-                         f"{meta.get('r')}")
-    named = dict(trainable.named_parameters())
-    n = 0
-    for key, value in lora.items():
-        module, which = key.rsplit(".lora_", 1)
-        name = f"base_model.model.{module}.lora_{which}.default.weight"
-        if name not in named:
-            raise SystemExit(f"--init-adapter {adapter_dir}: {key} matches no LoRA parameter of this model")
-        named[name].copy_(value)
-        n += which == "A"
-    expected = sum(1 for k in named if ".lora_A." in k)
-    if n != expected:
-        raise SystemExit(f"--init-adapter {adapter_dir} has {n} LoRA pairs, the model {expected}")
-    delta.delta.copy_(mask_row)
-    return n
-
-
-def save_ckpt(path: Path, trainable, delta, opt, state: dict) -> None:
+def save_ckpt(path: Path, trainable, opt, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     params = {n: p.detach().clone() for n, p in trainable.named_parameters() if p.requires_grad}
-    torch.save({"params": params, "delta": delta.delta.detach().clone(), "opt": opt.state_dict(), "state": state}, tmp)
+    torch.save({"params": params, "opt": opt.state_dict(), "state": state}, tmp)
     os.replace(tmp, path)  # atomic: a kill mid-save keeps the previous checkpoint
 
 
-def load_ckpt(path: Path, trainable, delta, opt) -> dict:
+def load_ckpt(path: Path, trainable, opt) -> dict:
     ck = torch.load(path, map_location="cpu", weights_only=False)
     named = dict(trainable.named_parameters())
     with torch.no_grad():
         for n, v in ck["params"].items():
             named[n].copy_(v)
-        delta.delta.copy_(ck["delta"])
     opt.load_state_dict(ck["opt"])
     return ck["state"]
 
@@ -295,93 +287,113 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    for name in ("batch_size", "max_steps", "threads", "r", "warmup"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("minutes", "lr"):
+        if not getattr(args, name) > 0:
+            ap.error(f"--{name} must be positive, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     run_dir = args.run_dir or cache_dir() / "runs" / "smollm2-135m-mdm"
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = run_dir / "ckpt.pt"
 
-    trainable, model, tok, mask_id, delta = build(args)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} does not split over {world} processes: use a multiple")
+    trainable, tok, mask_id, (main_params, row_params) = build(args)
     args.eos_id = tok.eos_token_id
     train_rows, held_rows, source = load_data(args, tok)
-    print(f"data {source}: {len(train_rows)} train rows, {len(held_rows)} held-out; mask id {mask_id}", flush=True)
-    lora_params = [p for p in trainable.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": lora_params, "lr": args.lr},
-                             {"params": [delta.delta], "lr": args.mask_lr}], weight_decay=args.weight_decay)
+    accelerator.print(f"data {source}: {len(train_rows)} train rows, {len(held_rows)} held-out; mask id {mask_id}; "
+                      f"{world} process(es) on {accelerator.device}")
+    groups = [{"params": main_params, "lr": args.lr}] + ([{"params": row_params, "lr": args.mask_lr}] if row_params
+                                                         else [])
+    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
     state = {"step": 0, "elapsed": 0.0, "tokens": 0, "answer_tokens": 0, "masked_tokens": 0, "log": [],
              "heldout": []}
     settings = resume_settings(args, source, train_rows)
     if ckpt.is_file():
-        state = load_ckpt(ckpt, trainable, delta, opt)
+        state = load_ckpt(ckpt, trainable, opt)
         check_resume(state.get("settings"), settings, ckpt)
-        print(f"resumed at step {state['step']} ({state['elapsed']:.0f}s trained)", flush=True)
+        accelerator.print(f"resumed at step {state['step']} ({state['elapsed']:.0f}s trained)")
     elif args.init_adapter:
-        n = init_from_adapter(trainable, delta, args.init_adapter, args.r)
         state["init_adapter"] = {"dir": str(args.init_adapter), "hash": adapter_hash(args.init_adapter)}
-        print(f"initialised {n} LoRA pairs and the mask row from {args.init_adapter}", flush=True)
+        accelerator.print(f"initialised the LoRA factors and the mask row from {args.init_adapter}")
     state["settings"] = settings
+    model, opt = accelerator.prepare(trainable, opt)
+    unwrapped = accelerator.unwrap_model(model)
+    params = [p for g in opt.param_groups for p in g["params"]]
     budget = args.minutes * 60
     if not state["heldout"]:
-        state["heldout"].append({"step": 0, "loss": heldout_loss(trainable, held_rows, mask_id, args, delta)})
-        print(f"held-out loss at start {state['heldout'][-1]['loss']:.3f}", flush=True)
+        state["heldout"].append({"step": 0, "loss": heldout_loss(unwrapped, held_rows, mask_id, args, accelerator)})
+        accelerator.print(f"held-out loss at start {state['heldout'][-1]['loss']:.3f}")
 
     t_last_ckpt = time.time()
     while state["elapsed"] < budget and state["step"] < args.max_steps:
         t0 = time.time()
         step = state["step"]
-        rows = batch_for_step(train_rows, step, args.batch_size, args.seed)
+        # Every process builds the same global batch and takes its share of rows, so a run is the same computation
+        # on one process or several (the gradient is averaged over processes).
+        rows = batch_for_step(train_rows, step, args.batch_size, args.seed)[rank::world]
         batch: SFTBatch = collate_sft(rows, eos_id=tok.eos_token_id)
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step + 7_919 * rank)
         lr = lr_at(state["elapsed"], budget, step, args)
         opt.param_groups[0]["lr"] = lr
-        opt.param_groups[1]["lr"] = args.mask_lr * lr / args.lr
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss, info = masked_diffusion_loss(trainable, batch, mask_id, eps=args.eps, generator=g, mask_delta=delta)
+        if len(opt.param_groups) > 1:
+            opt.param_groups[1]["lr"] = args.mask_lr * lr / args.lr
+        with accelerator.autocast():
+            loss, info = masked_diffusion_loss(model, batch, mask_id, eps=args.eps, generator=g)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(lora_params + [delta.delta], 1.0)
+        accelerator.backward(loss)
+        gnorm = accelerator.clip_grad_norm_(params, 1.0)
         opt.step()
-        loss = loss.item()
-        dt = time.time() - t0
+        loss = float(accelerator.reduce(loss.detach(), "mean"))
+        # The slowest process's step time drives the schedule and the stop, so all processes stop together.
+        dt = float(accelerator.reduce(torch.tensor(time.time() - t0, device=accelerator.device), "max"))
+        counts = accelerator.reduce(torch.tensor([info["tokens"], info["answer_tokens"], info["masked_tokens"]],
+                                                 device=accelerator.device), "sum").tolist()
         state["step"] += 1
         state["elapsed"] += dt
-        state["tokens"] += info["tokens"]
-        state["answer_tokens"] += info["answer_tokens"]
-        state["masked_tokens"] += info["masked_tokens"]
+        state["tokens"] += int(counts[0])
+        state["answer_tokens"] += int(counts[1])
+        state["masked_tokens"] += int(counts[2])
         state["log"].append({"step": state["step"], "loss": round(loss, 4), "lr": lr,
                              "gnorm": round(float(gnorm), 3), "s": round(dt, 2), "elapsed": round(state["elapsed"], 1),
                              "tokens": state["tokens"]})
         if state["step"] % 10 == 0:
             recent = [r["loss"] for r in state["log"][-10:]]
-            print(f"step {state['step']} loss {sum(recent) / len(recent):.3f} lr {lr:.2e} {dt:.2f}s/step "
-                  f"tokens {state['tokens']} elapsed {state['elapsed']:.0f}s", flush=True)
+            accelerator.print(f"step {state['step']} loss {sum(recent) / len(recent):.3f} lr {lr:.2e} {dt:.2f}s/step "
+                              f"tokens {state['tokens']} elapsed {state['elapsed']:.0f}s")
         done = state["elapsed"] >= budget or state["step"] >= args.max_steps
-        if done or time.time() - t_last_ckpt > args.ckpt_minutes * 60:
+        want_ckpt = torch.tensor(float(time.time() - t_last_ckpt > args.ckpt_minutes * 60), device=accelerator.device)
+        if done or float(accelerator.reduce(want_ckpt, "max")):
             state["heldout"].append({"step": state["step"],
-                                     "loss": heldout_loss(trainable, held_rows, mask_id, args, delta)})
-            print(f"held-out loss {state['heldout'][-1]['loss']:.3f} at step {state['step']}", flush=True)
-            save_ckpt(ckpt, trainable, delta, opt, state)
+                                     "loss": heldout_loss(unwrapped, held_rows, mask_id, args, accelerator)})
+            accelerator.print(f"held-out loss {state['heldout'][-1]['loss']:.3f} at step {state['step']}")
+            if accelerator.is_main_process:
+                save_ckpt(ckpt, unwrapped, opt, state)
+            accelerator.wait_for_everyone()
             t_last_ckpt = time.time()
 
-    if args.export:
-        export(args, trainable, delta, model, state, source, len(train_rows), len(held_rows))
+    if args.export and accelerator.is_main_process:
+        export(args, unwrapped, mask_id, state, source, len(train_rows), len(held_rows), world)
 
 
-def export(args, trainable, delta, model, state, source, n_train, n_held) -> None:
+def export(args, trainable, mask_id, state, source, n_train, n_held, world) -> None:
     out = args.export
     out.mkdir(parents=True, exist_ok=True)
     if args.full:
         raise SystemExit("--export writes a LoRA adapter; with --full save the model with save_pretrained instead")
-    lora = lora_state_from_peft(trainable)
     meta = {
-        "base": args.base,
-        "format": "dllm_sparse.models.adapt LoRA adapter v1",
-        "target_modules": LORA_TARGET_REGEX,
-        "r": args.r, "lora_alpha": args.alpha, "scale": args.alpha / args.r,
-        "mask_token": MASK_TOKEN, "mask_token_id": delta.mask_id, "logit_shift": True,
-        "estimated_bytes": adapter_bytes(model.config, args.r),
+        "base": args.base, "conversion": "dllm_sparse.models.adapt.convert_causal_lm", "logit_shift": True,
+        "mask_token": MASK_TOKEN, "mask_token_id": mask_id,
+        "estimated_bytes": adapter_bytes(trainable.get_base_model().config, args.r),
     }
-    meta = save_adapter(out, lora, delta.delta, meta)
+    meta = save_adapter(out, trainable, meta)
     log = {
         "source": source, "train_rows": n_train, "heldout_rows": n_held,
         "steps": state["step"], "wall_s": round(state["elapsed"], 1), "tokens": state["tokens"],
@@ -391,7 +403,7 @@ def export(args, trainable, delta, model, state, source, n_train, n_held) -> Non
         "heldout": state["heldout"],
         "init_adapter": state.get("init_adapter"),
         "hyperparameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "hardware": f"CPU, {args.threads} thread(s), bf16 autocast={args.bf16}",
+        "hardware": f"{world} process(es), {args.threads} thread(s) each, bf16 autocast={args.bf16}",
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "loss": [[r["step"], r["loss"]] for r in state["log"]],
     }

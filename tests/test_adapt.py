@@ -7,7 +7,7 @@ import torch
 from conftest import build_tiny_model
 
 from dllm_sparse.models.adapt import (
-    MaskRowDelta,
+    ADAPTER_META,
     adapter_bytes,
     add_lora,
     add_mask_token,
@@ -15,12 +15,12 @@ from dllm_sparse.models.adapt import (
     convert_causal_lm,
     forward_mask,
     llada_config_from_causal,
-    load_adapter_state,
+    load_adapted_model,
     lora_param_count,
-    lora_state_from_peft,
+    mask_row_parameter,
     masked_diffusion_loss,
     mdm_loss,
-    merge_adapter,
+    read_adapter_meta,
     save_adapter,
 )
 from dllm_sparse.models.llada import LLaDAModelLM, tiny_llada_config
@@ -137,60 +137,108 @@ def test_mdm_loss_weighting():
     assert mdm_loss(ce, masked, t, length).item() == pytest.approx(expected)
 
 
-def test_masked_diffusion_loss_matches_full_logits():
-    """The head-on-masked-positions shortcut gives the same loss as the plain forward."""
-    model = convert_causal_lm(build_tiny_model("llama", tie_word_embeddings=True))
+def _trained_looking_lora(hf, r=4, seed=0):
+    """A converted tiny model with mask token and a LoRA + mask row that do something (B and the row random)."""
+    pytest.importorskip("peft")
+    model = convert_causal_lm(hf)
     mask_id = add_mask_token(model)
-    delta = MaskRowDelta(model.config.d_model, mask_id)
-    with torch.no_grad():
-        delta.delta.normal_()
+    peft_model = add_lora(model, r=r, alpha=2 * r)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # LoRA B starts at zero and the row at its initial value
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        row = mask_row_parameter(peft_model)
+        row.add_(torch.randn(row.shape, generator=g))
+    return peft_model, mask_id
+
+
+def test_masked_diffusion_loss_matches_full_logits():
+    """The head-on-masked-positions shortcut gives the same loss as the plain forward (trained mask row too)."""
+    hf = build_tiny_model("llama", tie_word_embeddings=True)
+    peft_model, mask_id = _trained_looking_lora(hf)
     batch = collate_sft([([5, 6, 7], [8, 9, 10, 2], True), ([5, 6], [11, 12, 13, 14, 15], False)], eos_id=2)
-    loss, info = masked_diffusion_loss(model, batch, mask_id, generator=torch.Generator().manual_seed(3),
-                                       mask_delta=delta)
+    loss, info = masked_diffusion_loss(peft_model, batch, mask_id, generator=torch.Generator().manual_seed(3))
     noisy, masked, t = forward_mask(batch, mask_id, generator=torch.Generator().manual_seed(3))
-    with delta.attach(model):
-        logits = model(noisy, attention_mask=batch.attention_mask).logits
+    logits = peft_model(input_ids=noisy, attention_mask=batch.attention_mask).logits
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.input_ids, reduction="none")
     torch.testing.assert_close(loss, mdm_loss(ce, masked, t, batch.answer_length))
     assert info["masked_tokens"] == int(masked.sum())
-    # merging the delta gives the model the hooks emulated
-    delta.merge_into(model)
-    torch.testing.assert_close(model(noisy, attention_mask=batch.attention_mask).logits, logits)
+    # the head is back in place after the loss
+    assert peft_model(input_ids=noisy).logits.shape[-1] == mask_id + 1
 
 
-# ---- LoRA adapter -----------------------------------------------------------------------------------------------
+def test_mask_row_trains_input_and_tied_output():
+    """peft's trainable token row is the only embedding parameter, and it reaches both ends of a tied model."""
+    hf = build_tiny_model("llama", tie_word_embeddings=True)
+    peft_model, mask_id = _trained_looking_lora(hf)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert len(trainable) == 1 and "trainable_tokens_delta" in trainable[0]
+    row = mask_row_parameter(peft_model).detach()[0]
+    ids = torch.tensor([[5, mask_id, 7]])
+    base = peft_model.get_base_model()
+    with torch.no_grad():
+        emb = base.get_input_embeddings()(ids)
+        hidden = torch.randn(2, row.numel())
+        out = base.get_output_embeddings()(hidden)
+    torch.testing.assert_close(emb[0, 1], row)
+    torch.testing.assert_close(out[:, mask_id], hidden @ row)
 
 
 def test_lora_save_load_merge_roundtrip(tmp_path):
-    pytest.importorskip("peft")
+    """save_adapter writes a peft adapter; peft's merge gives the trained model, equal to W + s B A by hand."""
+    peft = pytest.importorskip("peft")
     hf = build_tiny_model("llama", tie_word_embeddings=True)
-    model = convert_causal_lm(hf)
-    mask_id = add_mask_token(model)
-    peft_model = add_lora(model, r=4, alpha=8)
+    peft_model, mask_id = _trained_looking_lora(hf)
+    model = peft_model.get_base_model()
     n_lora = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
     assert n_lora == lora_param_count(model.config, 4)
     assert not any("transformer.ff_out.lora" in n for n, _ in peft_model.named_parameters()), "head must be frozen"
-    with torch.no_grad():  # LoRA B starts at zero; make the adapter do something
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.05)
-    row = torch.randn(model.config.d_model) * 0.1
     ids = torch.tensor([[5, 6, mask_id, mask_id, 9]])
-    delta = MaskRowDelta(model.config.d_model, mask_id)
     with torch.no_grad():
-        delta.delta.copy_(row)
-        with delta.attach(model):
-            unmerged = peft_model(input_ids=ids).logits
+        unmerged = peft_model(input_ids=ids).logits
+    (tmp_path / "README.md").write_text("model card")
+    meta = save_adapter(tmp_path, peft_model, {"base": "tiny", "logit_shift": True, "mask_token_id": mask_id})
+    assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "README.md").read_text() == "model card"  # peft's template does not replace the card
+    assert {p.name for p in tmp_path.iterdir()} == {"README.md", ADAPTER_META, "adapter_config.json",
+                                                     "adapter_model.safetensors"}
+    assert read_adapter_meta(tmp_path)["files"] == meta["files"]
 
-    save_adapter(tmp_path, lora_state_from_peft(peft_model), row, {"scale": 2.0, "mask_token_id": mask_id})
-    lora, mask_row, meta = load_adapter_state(tmp_path)
-    assert meta["files"]["adapter_lora_A.safetensors"]["bytes"] > 0
-    fresh = convert_causal_lm(hf)
-    add_mask_token(fresh)
-    assert merge_adapter(fresh, lora, meta["scale"], mask_row) == 7 * hf.config.num_hidden_layers
+    plain_q = convert_causal_lm(hf).model.transformer.blocks[0].q_proj.weight.detach().clone()
+    fresh = load_adapted_model(build_tiny_model("llama", tie_word_embeddings=True), tmp_path)  # same seed: same hf
     assert all(type(m) is torch.nn.Linear for n, m in fresh.named_modules() if n.endswith("q_proj"))
+    assert type(fresh.get_input_embeddings()) is torch.nn.Embedding
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, unmerged, atol=1e-5, rtol=1e-4)
+
+    # independent reference: one merged matrix by hand from the stored factors
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "adapter_model.safetensors"))
+    key = next(k for k in state if k.endswith("blocks.0.q_proj.lora_A.weight"))
+    a, b = state[key], state[key.replace("lora_A", "lora_B")]
+    expected = plain_q + 2.0 * b @ a
+    torch.testing.assert_close(fresh.model.transformer.blocks[0].q_proj.weight, expected)
+
+    # and the stock peft path a user would take gives the same model
+    stock = convert_causal_lm(build_tiny_model("llama", tie_word_embeddings=True))
+    add_mask_token(stock)
+    stock = peft.PeftModel.from_pretrained(stock, str(tmp_path)).merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(stock(ids).logits, fresh(ids).logits)
+
+
+def test_corrupt_adapter_is_refused(tmp_path):
+    hf = build_tiny_model("llama", tie_word_embeddings=True)
+    peft_model, mask_id = _trained_looking_lora(hf)
+    save_adapter(tmp_path, peft_model, {"base": "tiny", "logit_shift": True, "mask_token_id": mask_id})
+    with (tmp_path / "adapter_model.safetensors").open("ab") as f:
+        f.write(b"x")
+    with pytest.raises(ValueError, match="sha256"):
+        read_adapter_meta(tmp_path)
+    with pytest.raises(FileNotFoundError, match=ADAPTER_META):
+        read_adapter_meta(tmp_path / "nowhere")
 
 
 def test_adapter_size_estimate_for_smollm2():
@@ -221,7 +269,7 @@ def test_load_smollm2_mdm_and_generate():
     from dllm_sparse.models.loading import cache_dir
     from dllm_sparse.models.twin import SMOLLM2_MDM_ADAPTER
 
-    if not (SMOLLM2_MDM_ADAPTER / "adapter.json").is_file():
+    if not (SMOLLM2_MDM_ADAPTER / ADAPTER_META).is_file():
         pytest.skip("the smollm2-135m-mdm adapter is not in this checkout")
     if not (cache_dir() / "smollm2" / "hf" / "config.json").is_file():
         try:

@@ -9,14 +9,16 @@ The pieces, in the order a training script uses them:
    reused for the masked token and adaptation starts from a sensible model.
 2. :func:`add_mask_token` grows the vocabulary by one mask token (new row = mean embedding) and records its id in
    ``config.mask_token_id``.
-3. :func:`add_lora` puts peft LoRA adapters on every linear layer of the blocks; :class:`MaskRowDelta` makes the
-   mask token's embedding row trainable without a gradient for the whole 49k-row matrix.
+3. :func:`add_lora` puts peft LoRA adapters on every linear layer of the blocks and makes the mask token's
+   embedding row trainable with peft's ``trainable_token_indices`` (one row instead of the 49k-row matrix; with
+   tied embeddings peft ties the head's row to it).
 4. :func:`masked_diffusion_loss` is the LLaDA SFT objective: t ~ U(eps, 1) per row, each answer token masked
    with probability t, cross-entropy on masked positions weighted by 1/t and divided by the answer length.
    Prompt tokens are never masked.
-5. :func:`save_adapter` / :func:`load_adapter_state` / :func:`merge_adapter` store the LoRA factors and the mask
-   row in small safetensors files and merge them into plain ``nn.Linear`` weights at load time (so sparsity
-   hooks see ordinary modules, and loading needs no peft).
+5. :func:`save_adapter` writes a standard peft adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
+   plus ``dllm_sparse_adapter.json`` (how to rebuild the base: conversion settings, mask token, file hashes);
+   :func:`load_adapted_model` rebuilds the base and merges the adapter with peft's own
+   ``PeftModel.from_pretrained(...).merge_and_unload()``, so sparsity hooks see plain ``nn.Linear`` modules.
 
 :mod:`dllm_sparse.models.twin` uses these to serve the embedded ``smollm2-135m-mdm`` model; the training entry point is
 ``experiments/adapt_ar_to_diffusion.py``.
@@ -24,10 +26,9 @@ The pieces, in the order a training script uses them:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dllm_sparse.atomic import atomic_write_text
-from dllm_sparse.models.families import without_lm_head
 from dllm_sparse.models.llada import LLaDAConfig, LLaDAModelLM
 
 __all__ = [
@@ -44,7 +44,6 @@ __all__ = [
     "LORA_TARGET_REGEX",
     "LORA_MODULES",
     "SFTBatch",
-    "MaskRowDelta",
     "llada_config_from_causal",
     "convert_state_dict",
     "convert_causal_lm",
@@ -56,11 +55,12 @@ __all__ = [
     "forward_mask",
     "mdm_loss",
     "masked_diffusion_loss",
-    "lora_state_from_peft",
+    "mask_row_parameter",
     "save_adapter",
-    "load_adapter_state",
-    "merge_adapter",
+    "read_adapter_meta",
+    "load_adapted_model",
     "adapter_hash",
+    "ADAPTER_META",
 ]
 
 MASK_TOKEN = "<|mdm_mask|>"
@@ -70,7 +70,9 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", 
 LORA_TARGET_REGEX = r".*\.blocks\.\d+\.(" + "|".join(LORA_MODULES) + r")"
 
 _SUPPORTED = ("llama", "qwen2")
-_ADAPTER_FILES = ("adapter_lora_A.safetensors", "adapter_lora_B.safetensors")
+#: The project's note next to peft's two files: what base the adapter applies to and how to rebuild it.
+ADAPTER_META = "dllm_sparse_adapter.json"
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -228,60 +230,38 @@ def add_mask_token(model: LLaDAModelLM, tokenizer=None, token: str = MASK_TOKEN)
     return mask_id
 
 
-class MaskRowDelta(nn.Module):
-    """A trainable offset for the mask token's embedding row (576 numbers instead of the 28M-entry matrix).
-
-    :meth:`attach` adds it through forward hooks: to the input embedding wherever the mask token appears and,
-    for tied embeddings, to the mask token's output logit (h . delta), so training sees exactly the model that
-    :meth:`merge_into` produces (row := row + delta).
-    """
-
-    def __init__(self, d_model: int, mask_id: int):
-        super().__init__()
-        self.mask_id = mask_id
-        self.delta = nn.Parameter(torch.zeros(d_model))
-
-    @contextlib.contextmanager
-    def attach(self, model: LLaDAModelLM) -> Iterator[None]:
-        tr = model.model.transformer
-        mask_id = self.mask_id
-
-        def on_embed(module, args, output):
-            hit = (args[0] == mask_id).unsqueeze(-1)
-            return output + hit * self.delta.to(output.dtype)
-
-        def on_head(module, args, output):
-            extra = args[0] @ self.delta.to(args[0].dtype)
-            return output.index_add(-1, torch.tensor([mask_id], device=output.device), extra.unsqueeze(-1).to(
-                output.dtype))
-
-        handles = [tr.wte.register_forward_hook(on_embed)]
-        if model.config.weight_tying:
-            handles.append(tr.ff_out.register_forward_hook(on_head))
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    @torch.no_grad()
-    def merge_into(self, model: LLaDAModelLM) -> None:
-        model.model.transformer.wte.weight[self.mask_id] += self.delta.to(model.model.transformer.wte.weight.dtype)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # 3. LoRA
 # --------------------------------------------------------------------------------------------------------------
 
 
-def add_lora(model: LLaDAModelLM, r: int = 16, alpha: int = 32, dropout: float = 0.0):
-    """Wrap ``model`` in a peft LoRA model on every linear layer of the blocks (head and embeddings frozen)."""
+def add_lora(model: LLaDAModelLM, r: int = 16, alpha: int = 32, dropout: float = 0.0, train_mask_row: bool = True):
+    """Wrap ``model`` in a peft LoRA model on every linear layer of the blocks (head and embeddings frozen).
+
+    ``train_mask_row`` also trains the mask token's embedding row (``config.mask_token_id``) through peft's
+    ``trainable_token_indices``; with tied embeddings peft applies the same row to the head.
+    """
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as e:
-        raise ImportError("LoRA training needs peft: pip install 'dllm-sparse[train]'") from e
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGET_REGEX, bias="none")
+        raise ImportError("LoRA training needs peft: pip install peft") from e
+    tokens = None
+    if train_mask_row:
+        mask_id = getattr(model.config, "mask_token_id", None)
+        if mask_id is None:
+            raise ValueError("train_mask_row=True needs config.mask_token_id: call add_mask_token(model) first")
+        tokens = [int(mask_id)]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGET_REGEX, bias="none",
+                        trainable_token_indices=tokens)
     return get_peft_model(model, config)
+
+
+def mask_row_parameter(peft_model: nn.Module) -> nn.Parameter | None:
+    """The trainable mask-row values of :func:`add_lora` (for its own learning rate), or None."""
+    for name, param in peft_model.named_parameters():
+        if "trainable_tokens_delta" in name:
+            return param
+    return None
 
 
 def lora_param_count(config: LLaDAConfig, r: int) -> int:
@@ -364,8 +344,7 @@ def mdm_loss(token_ce: torch.Tensor, masked: torch.Tensor, t: torch.Tensor, answ
 
 
 def masked_diffusion_loss(model: nn.Module, batch: SFTBatch, mask_id: int, eps: float = 1e-3,
-                          generator: torch.Generator | None = None, mask_delta: MaskRowDelta | None = None
-                          ) -> tuple[torch.Tensor, dict]:
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
     """One Monte-Carlo sample of the masked-diffusion loss of ``batch`` under ``model``.
 
     ``model`` is a :class:`LLaDAModelLM` or a peft model wrapping one. Returns ``(loss, info)`` with the number of
@@ -378,18 +357,18 @@ def masked_diffusion_loss(model: nn.Module, batch: SFTBatch, mask_id: int, eps: 
     device = next(base.parameters()).device
     noisy, masked, attn = noisy.to(device), masked.to(device), batch.attention_mask.to(device)
     attn = None if bool(attn.all()) else attn
-    ctx = mask_delta.attach(base) if mask_delta is not None else contextlib.nullcontext()
     # The loss only needs logits at masked positions; projecting ~1/3 of the positions onto the 49k vocabulary
-    # instead of all of them saves a sizeable part of a CPU training step.
-    with ctx, without_lm_head(base) as head:
-        if head is None:
-            raise ValueError(f"masked_diffusion_loss needs the native LLaDAModelLM's LM head as a separate "
-                             f"nn.Linear; {type(base).__name__} does not have one the family profile can split off")
+    # instead of all of them saves a sizeable part of a CPU training step. The head is taken off the forward by
+    # hand (not with the family profile's splitter) because under peft it may be a trainable-tokens wrapper.
+    if not isinstance(base, LLaDAModelLM):
+        raise ValueError(f"masked_diffusion_loss trains the native LLaDAModelLM, not {type(base).__name__}")
+    head = base.get_output_embeddings()
+    base.set_output_embeddings(nn.Identity())
+    try:
         hidden = model(input_ids=noisy, attention_mask=attn).logits  # [B, T, d], already shifted
-    h = hidden[masked]
-    logits = F.linear(h, head.weight, head.bias).float()
-    if mask_delta is not None and base.config.weight_tying:
-        logits[:, mask_id] += (h @ mask_delta.delta.to(h.dtype)).float()
+    finally:
+        base.set_output_embeddings(head)
+    logits = head(hidden[masked]).float()
     targets = batch.input_ids.to(device)[masked]
     token_ce = torch.zeros(masked.shape, dtype=torch.float32, device=device)
     token_ce[masked] = F.cross_entropy(logits, targets, reduction="none")
@@ -403,84 +382,70 @@ def masked_diffusion_loss(model: nn.Module, batch: SFTBatch, mask_id: int, eps: 
 # --------------------------------------------------------------------------------------------------------------
 
 
-def lora_state_from_peft(peft_model: nn.Module) -> dict[str, torch.Tensor]:
-    """LoRA factors of a peft model under plain names: ``model.transformer.blocks.0.q_proj.lora_A`` -> [r, in]."""
-    out = {}
-    for name, param in peft_model.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name:
-            module, rest = name.split(".lora_", 1)
-            which = rest.split(".", 1)[0]  # "A" or "B"
-            module = module.removeprefix("base_model.model.")
-            out[f"{module}.lora_{which}"] = param.detach().float().cpu().contiguous()
-    return out
+def save_adapter(out_dir: str | Path, peft_model: nn.Module, meta: dict) -> dict:
+    """Write ``peft_model``'s adapter the peft way (``save_pretrained``) plus :data:`ADAPTER_META`.
 
-
-def save_adapter(out_dir: str | Path, lora: dict[str, torch.Tensor], mask_row: torch.Tensor, meta: dict) -> dict:
-    """Write the adapter as two safetensors files (A factors + mask row delta; B factors) and ``adapter.json``.
-
-    Two files keep each one under 16 MB for a rank-16 SmolLM2-135M adapter in float32. Returns the metadata
-    written, with sizes and sha256 of the files.
+    ``meta`` says how to rebuild the base the adapter applies to (``base``, ``logit_shift``, ``mask_token``,
+    ``mask_token_id``, ...); the sha256 and size of peft's files are added. Returns the metadata written.
     """
-    from safetensors.torch import save_file
+    import os
+    import tempfile
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    part_a = {k: v for k, v in lora.items() if k.endswith(".lora_A")}
-    part_a["mask_row_delta"] = mask_row.detach().float().cpu().contiguous()
-    part_b = {k: v for k, v in lora.items() if k.endswith(".lora_B")}
+    # peft also writes a README.md template: save aside and move only its two files in (each move atomic), so a
+    # model card already in out_dir survives.
+    with tempfile.TemporaryDirectory(dir=out, prefix=".save-") as tmp:
+        peft_model.save_pretrained(tmp)
+        for fname in _ADAPTER_FILES:
+            os.chmod(Path(tmp) / fname, 0o644)
+            os.replace(Path(tmp) / fname, out / fname)
     files = {}
-    for fname, part in zip(_ADAPTER_FILES, (part_a, part_b), strict=True):
-        save_file(part, str(out / fname))
+    for fname in _ADAPTER_FILES:
         data = (out / fname).read_bytes()
         files[fname] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     meta = dict(meta, files=files)
-    atomic_write_text(out / "adapter.json", json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out / ADAPTER_META, json.dumps(meta, indent=2) + "\n")
     return meta
 
 
-def load_adapter_state(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
-    """``(lora factors, mask row delta, metadata)`` of an adapter written by :func:`save_adapter`."""
-    from safetensors.torch import load_file
-
+def read_adapter_meta(adapter_dir: str | Path) -> dict:
+    """The :data:`ADAPTER_META` of an adapter directory, with its files checked against the recorded sha256."""
     adapter_dir = Path(adapter_dir)
-    meta_path = adapter_dir / "adapter.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"no adapter.json in {adapter_dir}")
-    meta = json.loads(meta_path.read_text())
-    state: dict[str, torch.Tensor] = {}
-    for fname in _ADAPTER_FILES:
-        state.update(load_file(str(adapter_dir / fname)))
-    mask_row = state.pop("mask_row_delta")
-    return state, mask_row, meta
+    path = adapter_dir / ADAPTER_META
+    if not path.is_file():
+        raise FileNotFoundError(f"no {ADAPTER_META} in {adapter_dir}: not an adapter written by save_adapter")
+    meta = json.loads(path.read_text())
+    for fname, rec in meta.get("files", {}).items():
+        data = (adapter_dir / fname).read_bytes()
+        if hashlib.sha256(data).hexdigest() != rec["sha256"]:
+            raise ValueError(f"{adapter_dir / fname} does not match the sha256 in {ADAPTER_META}: the adapter is "
+                             "corrupt or was edited; reinstall it or re-export it")
+    return meta
 
 
-@torch.no_grad()
-def merge_adapter(model: LLaDAModelLM, lora: dict[str, torch.Tensor], scale: float,
-                  mask_row: torch.Tensor | None = None, mask_id: int | None = None) -> int:
-    """Fold LoRA into the plain Linear weights, W += scale * B @ A (in float32), and add the mask row delta.
+def load_adapted_model(base: nn.Module, adapter_dir: str | Path, tokenizer=None) -> LLaDAModelLM:
+    """Causal LM ``base`` + adapter directory -> the merged float32 :class:`LLaDAModelLM` (plain Linear layers).
 
-    Returns the number of merged matrices; raises if a factor names a module the model does not have.
+    Converts ``base`` as the adapter's metadata says, adds the mask token (to ``tokenizer`` too), then applies the
+    adapter with ``PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()``. ``base`` is consumed: the
+    converted model shares its weight tensors (no copy of an 8B model), so the merge changes them too.
     """
-    modules = dict(model.named_modules())
-    merged = 0
-    for key in sorted(k for k in lora if k.endswith(".lora_A")):
-        name = key.removesuffix(".lora_A")
-        if name not in modules or not isinstance(modules[name], nn.Linear):
-            raise KeyError(f"adapter module {name!r} is not a Linear layer of the model")
-        linear = modules[name]
-        delta = scale * (lora[name + ".lora_B"].float() @ lora[key].float())
-        linear.weight.copy_((linear.weight.float() + delta.to(linear.weight.device)).to(linear.weight.dtype))
-        merged += 1
-    if mask_row is not None:
-        wte = model.model.transformer.wte.weight
-        mid = model.config.mask_token_id if mask_id is None else mask_id
-        wte[mid] = (wte[mid].float() + mask_row.float().to(wte.device)).to(wte.dtype)
-    return merged
+    from peft import PeftModel
+
+    meta = read_adapter_meta(adapter_dir)
+    model = convert_causal_lm(base, logit_shift=bool(meta.get("logit_shift", True)))
+    mask_id = add_mask_token(model, tokenizer, meta.get("mask_token", MASK_TOKEN))
+    if mask_id != meta["mask_token_id"]:
+        raise ValueError(f"adapter was trained with mask id {meta['mask_token_id']}, the base gives {mask_id}: "
+                         "wrong base model for this adapter")
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    return merged.eval()
 
 
 def adapter_hash(adapter_dir: str | Path) -> str:
     """Short content hash of an adapter directory (names the merged-model cache)."""
     h = hashlib.sha256()
-    for fname in (*_ADAPTER_FILES, "adapter.json"):
+    for fname in (*_ADAPTER_FILES, ADAPTER_META):
         h.update((Path(adapter_dir) / fname).read_bytes())
     return h.hexdigest()[:12]

@@ -151,6 +151,13 @@ class LLaDAConfig(PretrainedConfig):
             self.embedding_size = self.vocab_size
         self.check_shapes()
 
+    def to_dict(self) -> dict:
+        # Tools that read a config as a dict look for the standard name (peft, for one, ties a trainable
+        # embedding row to the head only when it finds tie_word_embeddings); the alias alone is not in the dict.
+        out = super().to_dict()
+        out["tie_word_embeddings"] = self.weight_tying
+        return out
+
     def check_shapes(self) -> None:
         """Raise ``ValueError`` when the head layout cannot be built."""
         if self.n_heads <= 0 or self.d_model % self.n_heads != 0:

@@ -1,9 +1,9 @@
 """The embedded masked-diffusion twin of SmolLM2-135M: ``load_model("smollm2-135m-mdm")``.
 
-The package ships only a small adapter (``data/smollm2-135m-mdm/``: LoRA factors + the mask token's embedding
-row, ~20 MB, see its README for how it was trained and how good it is). At load time the cached SmolLM2-135M
-weights are converted to the native LLaDA architecture (bidirectional attention, Dream logit shift), the mask
-token is added, and the adapter is merged into plain ``nn.Linear`` weights, so FFN hooks and kernels see the
+The package ships only a small peft adapter (``data/smollm2-135m-mdm/``: LoRA factors + the mask token's
+embedding row, ~20 MB, see its README for how it was trained and how good it is). At load time the cached
+SmolLM2-135M weights are converted to the native LLaDA architecture (bidirectional attention, Dream logit shift),
+the mask token is added, and peft merges the adapter into plain ``nn.Linear`` weights, so FFN hooks and kernels see the
 same module layout as for LLaDA. The merged model is cached as a Hugging Face directory
 (``<cache>/smollm2/mdm-<adapter hash>``) so later loads are a plain ``from_pretrained``.
 """
@@ -15,14 +15,7 @@ from typing import Any
 
 import torch
 
-from dllm_sparse.models.adapt import (
-    MASK_TOKEN,
-    adapter_hash,
-    add_mask_token,
-    convert_causal_lm,
-    load_adapter_state,
-    merge_adapter,
-)
+from dllm_sparse.models.adapt import ADAPTER_META, adapter_hash, load_adapted_model
 from dllm_sparse.models.llada import LLaDAModelLM
 from dllm_sparse.models.loading import _smollm2_hf_dir, build_lock, cache_dir, save_to_cache
 
@@ -33,28 +26,18 @@ SMOLLM2_MDM_ADAPTER = Path(__file__).resolve().parents[1] / "data" / "smollm2-13
 
 
 def build_adapted_model(base_dir: str | Path, adapter_dir: str | Path) -> tuple[LLaDAModelLM, Any]:
-    """Base causal LM (HF dir) + adapter -> (merged float32 ``LLaDAModelLM``, tokenizer with the mask token)."""
+    """Base causal LM (HF dir) + peft adapter -> (merged float32 ``LLaDAModelLM``, tokenizer with the mask token)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    lora, mask_row, meta = load_adapter_state(adapter_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(base_dir)
-    model = convert_causal_lm(base, logit_shift=bool(meta.get("logit_shift", True)))
-    del base
-    mask_id = add_mask_token(model, tok, meta.get("mask_token", MASK_TOKEN))
-    if mask_id != meta["mask_token_id"]:
-        raise ValueError(f"adapter was trained with mask id {meta['mask_token_id']}, the base gives {mask_id}: "
-                         "wrong base model for this adapter")
-    n = merge_adapter(model, lora, float(meta["scale"]), mask_row, mask_id)
-    if n * 2 != len(lora):
-        raise ValueError(f"merged {n} matrices from {len(lora)} LoRA factors")
-    return model.eval(), tok
+    return load_adapted_model(base, adapter_dir, tok), tok
 
 
 def smollm2_mdm_dir(adapter_dir: str | Path = SMOLLM2_MDM_ADAPTER, **_: Any) -> Path:
     """The merged model as a cached HF directory (built on first use, atomically)."""
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter.json").is_file():
+    if not (adapter_dir / ADAPTER_META).is_file():
         raise FileNotFoundError(f"the smollm2-135m-mdm adapter is missing from {adapter_dir}; reinstall dllm-sparse "
                                 "or retrain it with experiments/adapt_ar_to_diffusion.py --export")
     target = cache_dir() / "smollm2" / f"mdm-{adapter_hash(adapter_dir)}"
