@@ -301,7 +301,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no")
+    # cpu=True without a GPU: otherwise accelerate treats torchrun's CPU processes as independent runs.
+    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", cpu=not torch.cuda.is_available())
     world, rank = accelerator.num_processes, accelerator.process_index
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} does not split over {world} processes: use a multiple")

@@ -39,7 +39,7 @@ from dllm_sparse.eval.critical import AVG_CURVE, critical_table, markdown_table,
 from dllm_sparse.eval.identity import describe_differences, run_identity
 from dllm_sparse.eval.plots import plot_layer_heatmaps, plot_relative_performance, plot_step_sparsity
 from dllm_sparse.eval.presets import PRESETS, get_preset
-from dllm_sparse.eval.rows import atomic_write_json, process_info, read_json_or_none
+from dllm_sparse.eval.rows import atomic_write_json, launch_note, process_info, read_json_or_none
 from dllm_sparse.eval.sweep import SweepConfig, grid, planned_keys, run_sweep
 from dllm_sparse.models.loading import EMBEDDED_MODELS, load_model
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig
@@ -245,6 +245,8 @@ def main(argv=None) -> int:
     out = Path(args.output_dir)
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"--limit must be a whole number >= 1 (got {args.limit}); leave it out to use every item")
+    if launch_note(world):
+        notes.append(launch_note(world))
     if rank == 0:
         for n in notes:
             print(n)

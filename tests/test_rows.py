@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from dllm_sparse.eval import sweep
-from dllm_sparse.eval.rows import JsonlWriter, ProcessInfo, atomic_write_csv, finished, process_info, read_rows
+from dllm_sparse.eval.rows import (
+    JsonlWriter,
+    ProcessInfo,
+    atomic_write_csv,
+    finished,
+    launch_note,
+    process_info,
+    read_rows,
+    share_of,
+)
 
 
 def test_rows_round_trip_and_a_torn_last_line_is_dropped(tmp_path):
@@ -58,17 +67,57 @@ def test_atomic_csv(tmp_path):
     assert path.read_text().splitlines() == ["z", "1"]
 
 
-def test_process_info_reads_the_launchers_environment(monkeypatch):
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PROCESS_INDEX", "LOCAL_PROCESS_INDEX"):
-        monkeypatch.delenv(name, raising=False)
+def test_process_info_of_a_plain_run():
     assert process_info() == ProcessInfo(0, 1, 0)
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("PROCESS_INDEX", "3")  # accelerate's names
-    assert process_info() == (3, 4, 3)
-    monkeypatch.setenv("RANK", "2")  # torchrun's names take precedence
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    info = process_info()
-    assert (info.rank, info.world_size, info.local_rank) == (2, 4, 0)
+
+
+@pytest.mark.parametrize("n, world", [(0, 2), (1, 2), (5, 2), (6, 3), (7, 3), (10, 4)])
+def test_share_of_splits_into_contiguous_nearly_equal_shares(n, world):
+    items = list(range(n))
+    shares = [share_of(items, r, world) for r in range(world)]
+    assert [x for sh in shares for x in sh] == items  # every item once, in order
+    sizes = [len(sh) for sh in shares]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    with pytest.raises(ValueError, match="rank"):
+        share_of(items, world, world)
+
+
+def test_launch_note_explains_a_single_cpu_process(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    assert launch_note(1) is None
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # what `accelerate launch --cpu` sets
+    assert "torchrun" in launch_note(1) and launch_note(2) is None
+
+
+_TORCHRUN_PROBE = """
+import json
+from accelerate import PartialState
+from dllm_sparse.eval.rows import process_info, share_of
+items = list(range(7))
+info = process_info()
+with PartialState().split_between_processes(items) as mine:
+    theirs = list(mine)
+print("RESULT", json.dumps([info.rank, info.world_size, theirs, share_of(items, info.rank, info.world_size)]))
+"""
+
+
+def test_torchrun_ranks_and_shares_match_accelerate(tmp_path):
+    """Two real CPU processes (gloo): ranks come from the launcher and share_of is accelerate's split."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a free port, so parallel runs do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "probe.py"
+    script.write_text(_TORCHRUN_PROBE)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(port), str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = sorted(json.loads(line.split("RESULT ", 1)[1]) for line in out.stdout.splitlines() if "RESULT" in line)
+    assert [r[:2] for r in results] == [[0, 2], [1, 2]]
+    assert all(r[2] == r[3] for r in results) and results[0][2] + results[1][2] == list(range(7))
 
 
 def test_the_sweep_uses_these_rows():

@@ -23,13 +23,14 @@ import csv
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from dllm_sparse.atomic import atomic_open, atomic_write_json, atomic_write_text, json_default
 
 __all__ = ["read_rows", "JsonlWriter", "finished", "atomic_write_csv", "atomic_write_json", "atomic_write_text",
-           "read_json_or_none", "json_default", "atomic_open", "ProcessInfo", "process_info"]
+           "read_json_or_none", "json_default", "atomic_open", "ProcessInfo", "process_info", "launch_note", "share_of"]
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -124,12 +125,36 @@ class ProcessInfo(NamedTuple):
 
 
 def process_info() -> ProcessInfo:
-    """(rank, world_size, local_rank) of this process from the launcher's environment (``torchrun``:
-    RANK / WORLD_SIZE / LOCAL_RANK; ``accelerate launch`` sets the same, or PROCESS_INDEX /
-    LOCAL_PROCESS_INDEX); (0, 1, 0) for a plain ``python`` run. Reading the environment (rather than
-    ``accelerate.PartialState``) starts no process group, so it is safe before any model is loaded."""
-    env = os.environ
-    world = int(env.get("WORLD_SIZE", "1"))
-    rank = int(env.get("RANK", env.get("PROCESS_INDEX", "0")))
-    local = int(env.get("LOCAL_RANK", env.get("LOCAL_PROCESS_INDEX", str(rank))))
-    return ProcessInfo(rank, world, local)
+    """(rank, world_size, local_rank) of this process, from ``accelerate.PartialState`` (which reads the launcher:
+    ``torchrun`` or ``accelerate launch``, and joins its process group); (0, 1, 0) for a plain ``python`` run,
+    which starts nothing."""
+    import torch
+    from accelerate import PartialState
+
+    # Without cpu=True accelerate treats torchrun's processes on a machine without a GPU as independent runs.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return ProcessInfo(state.process_index, state.num_processes, state.local_process_index)
+
+
+#: Said when a run meant to be data parallel came up as one process (see :func:`launch_note`).
+CPU_LAUNCH_NOTE = ("one process: `accelerate launch --cpu --num_processes N` starts N CPU processes only with MPI "
+                   "(--mpirun_hostfile); for data parallel on CPU use `torchrun --nproc_per_node N <script> ...`")
+
+
+def launch_note(world_size: int) -> str | None:
+    """Why a run under ``accelerate launch --cpu`` has one process (accelerate's CPU multi-process needs MPI and
+    otherwise quietly starts one), or None."""
+    if world_size == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true":
+        return CPU_LAUNCH_NOTE
+    return None
+
+
+def share_of(items: Sequence, rank: int, world_size: int) -> list:
+    """The contiguous share of ``items`` that rank ``rank`` of ``world_size`` takes, as
+    ``accelerate.PartialState.split_between_processes`` splits a list (the first ``len % world`` ranks take one
+    more)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size}): pass a rank below the world size")
+    base, extra = divmod(len(items), world_size)
+    start = rank * base + min(rank, extra)
+    return list(items[start:start + base + (rank < extra)])

@@ -33,8 +33,9 @@ Guarantees:
   keeps every non-zero entry and so cannot change any output) attached to *every* requested site at once.
   It gives the dense metric (row with ``site="dense"``, ``rule="dense"``, ``p=1.0``) and the natural sparsity
   of each site; the grid's identity cells (top-p 1.0, top-k 0.0) are written from it (``source="dense_pass"``).
-* **Data parallel.** Under ``accelerate launch`` (or torchrun) with W processes, the work units are split by
-  index (rank r takes units i with i % W == r); each rank appends to its own shard ``shards/rows.rank{r}.jsonl``
+* **Data parallel.** Under ``torchrun`` or ``accelerate launch`` with W processes (ranks from
+  ``accelerate.PartialState``), the work units are split into W contiguous shares with
+  ``split_between_processes``; each rank appends to its own shard ``shards/rows.rank{r}.jsonl``
   and rank 0 merges the shards into ``rows.jsonl`` at the end (deduplicated by key, relative performance
   filled in from the dense rows). No row is duplicated; a rerun resumes from rows.jsonl and the shards.
 """
@@ -54,7 +55,7 @@ import torch
 
 from dllm_sparse.eval.identity import RunIdentity, run_identity
 from dllm_sparse.eval.likelihood import Scorer
-from dllm_sparse.eval.rows import JsonlWriter, atomic_write_json, process_info, read_rows
+from dllm_sparse.eval.rows import JsonlWriter, atomic_write_json, process_info, read_rows, share_of
 from dllm_sparse.eval.rows import json_default as _json_default
 from dllm_sparse.eval.tasks import Task, check_limit, get_task, relative_performance
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig
@@ -430,7 +431,14 @@ def run_sweep(
     _refuse_old_keys(out, existing)
     done = {r["key"] for r in existing}
     dense_rows = {r["key"]: r for r in existing if r["site"] == DENSE}
-    units = [u for i, u in enumerate(_plan(cfg)) if i % world == rank]
+    plan = _plan(cfg)
+    if rank == env_rank and world == env_world and world > 1:
+        from accelerate import PartialState
+
+        with PartialState(cpu=not torch.cuda.is_available()).split_between_processes(plan) as mine:
+            units = list(mine)
+    else:  # an explicit rank (tests, a manual split): the same contiguous share
+        units = share_of(plan, rank, world)
     todo = [u for u in units if not all(k in done for k in u.keys)]
     path = out / "rows.jsonl" if world == 1 else out / "shards" / f"rows.rank{rank}.jsonl"
     if default_loader:  # every model this rank will load is findable (a hub id without network fails in seconds)
