@@ -249,3 +249,56 @@ def test_embedded_twin_cache_loads_in_plain_transformers(tmp_path):
     with torch.no_grad():
         ref = lm.model(ids).logits
     torch.testing.assert_close(_logits_without_dllm_sparse(model_dir, ids, tmp_path), ref, atol=0, rtol=0)
+
+
+# ---- GenerationConfig: transformers' spellings ----------------------------------------------------------------
+
+
+def test_generation_config_accepts_transformers_spellings():
+    from dllm_sparse.samplers import GenerationConfig
+
+    assert GenerationConfig(eos_token_id=7).stop_token_ids == (7,)
+    assert GenerationConfig(eos_token_id=[7, 8]).stop_token_ids == (7, 8)
+    assert GenerationConfig(stop_token_ids=[7, 8], eos_token_id=(7, 8)).eos_token_id == (7, 8)
+    assert GenerationConfig(pad_token_id=3).pad_id == 3 and GenerationConfig(pad_id=3).pad_token_id == 3
+    assert GenerationConfig(do_sample=False).temperature == 0.0
+    assert GenerationConfig(do_sample=True).temperature == 1.0  # transformers' default temperature
+    assert GenerationConfig(do_sample=True, temperature=0.7).temperature == 0.7
+    assert GenerationConfig(temperature=0.7).do_sample and not GenerationConfig().do_sample
+    assert GenerationConfig(max_new_tokens=12, gen_length=12).gen_length == 12
+    cfg = GenerationConfig(temperature=0.5)
+    assert cfg.replace(do_sample=False).temperature == 0.0 and cfg.replace(do_sample=True).temperature == 0.5
+    assert GenerationConfig().replace(do_sample=True).temperature == 1.0
+    assert cfg.replace(eos_token_id=4, pad_token_id=1).stop_token_ids == (4,)
+    with pytest.raises(AttributeError):
+        cfg.eos_token_id = 5  # read-only alias: set stop_token_ids
+
+
+@pytest.mark.parametrize("kwargs, names", [
+    (dict(eos_token_id=7, stop_token_ids=[8]), "eos_token_id=7 and stop_token_ids"),
+    (dict(pad_token_id=1, pad_id=2), "pad_token_id=1 and pad_id=2"),
+    (dict(gen_length=8, max_new_tokens=16), "gen_length=8 and max_new_tokens=16"),
+    (dict(do_sample=False, temperature=0.7), "do_sample=False and temperature=0.7 disagree"),
+    (dict(do_sample=True, temperature=0), "do_sample=True and temperature=0 disagree"),
+])
+def test_generation_config_alias_conflicts_are_errors(kwargs, names):
+    from dllm_sparse.samplers import GenerationConfig
+
+    with pytest.raises(ValueError, match=names):
+        GenerationConfig(**kwargs)
+
+
+def test_generation_config_from_transformers():
+    import transformers
+
+    from dllm_sparse.samplers import GenerationConfig
+
+    hf = transformers.GenerationConfig(max_new_tokens=24, do_sample=True, temperature=0.6, eos_token_id=[2, 5],
+                                       pad_token_id=0, bos_token_id=1)
+    cfg = GenerationConfig.from_transformers(hf, steps=12, block_length=8)
+    assert (cfg.max_new_tokens, cfg.temperature, cfg.stop_token_ids, cfg.pad_id) == (24, 0.6, (2, 5), 0)
+    assert (cfg.steps, cfg.block_length) == (12, 8)
+    greedy = transformers.GenerationConfig(max_new_tokens=4, do_sample=False, temperature=0.9)
+    assert GenerationConfig.from_transformers(greedy).temperature == 0.0  # transformers ignores it there too
+    with pytest.raises(ValueError, match=r"\['num_beams', 'top_k'\]"):
+        GenerationConfig.from_transformers(transformers.GenerationConfig(top_k=5, num_beams=2))
