@@ -208,6 +208,7 @@ def _logits_without_dllm_sparse(model_dir, ids: torch.Tensor, tmp_path) -> torch
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+        assert type(model).dllm_sparse_native_llada  # what dllm_sparse's diffusion sampler reads
         with torch.no_grad():
             torch.save(model(torch.load({str(tmp_path / "ids.pt")!r})).logits, {str(tmp_path / "out.pt")!r})
     """)
@@ -302,3 +303,26 @@ def test_generation_config_from_transformers():
     assert GenerationConfig.from_transformers(greedy).temperature == 0.0  # transformers ignores it there too
     with pytest.raises(ValueError, match=r"\['num_beams', 'top_k'\]"):
         GenerationConfig.from_transformers(transformers.GenerationConfig(top_k=5, num_beams=2))
+
+
+def test_a_saved_copy_loaded_as_remote_code_counts_as_the_native_llada(llada_dir):
+    """Without dllm_sparse, trust_remote_code=True builds the class of the saved llada.py (another class object,
+    same code; the subprocess tests above check it carries the marker): the diffusion sampler must treat it as
+    native (padding masked, logit shift applied by the model), and the released remote code as not native.
+    (With dllm_sparse imported, transformers builds the package's own class: checked here.)"""
+    from transformers import AutoModelForCausalLM
+
+    from dllm_sparse.samplers.diffusion import _is_remote_llada, _shifts_itself
+
+    assert type(AutoModelForCausalLM.from_pretrained(llada_dir, trust_remote_code=True)) is LLaDAModelLM
+    copy_cls = type("LLaDAModelLM", (torch.nn.Module,), {"dllm_sparse_native_llada": True})
+    copy = copy_cls()
+    copy.config = tiny_llada_config()
+    assert not _is_remote_llada(copy, "llada") and not _shifts_itself(copy)
+    copy.config.logit_shift = True
+    assert _shifts_itself(copy)
+
+    class ReleasedLLaDA(torch.nn.Module):  # the released remote code has no such marker
+        pass
+
+    assert _is_remote_llada(ReleasedLLaDA(), "llada")
