@@ -35,6 +35,10 @@ The outputs equal the masking path (:func:`dllm_sparse.sparsity.hooks`, same sit
 rounding. The swap is for inference: the kernels have no backward. Call it after the model has its final
 device and dtype (the transposed weight copies are made at swap time; ``model.to()`` moves them along,
 but weights loaded into the model afterwards would not reach the copies).
+
+torch.compile: the swap works before and after compiling (``accelerate_ffn(torch.compile(model))`` swaps inside
+the compiled model's original module; dynamo guards on the module objects, so a compiled model recompiles after
+a swap and after :func:`restore_ffn`). The kernels are ``torch.library`` custom ops, traced as such.
 """
 
 from __future__ import annotations
@@ -141,8 +145,12 @@ class SparseFFN(nn.Module):
     def _record(self, v: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         v = v.masked_fill(~kept, 0)
         if self.stats is not None:
-            self.stats.add(self.layer, self.site, v, None)
+            self._count(v)
         return v
+
+    @torch.compiler.disable  # Python counters stay out of a compiled graph (they count as without compile)
+    def _count(self, v: torch.Tensor) -> None:
+        self.stats.add(self.layer, self.site, v, None)
 
     # ---- the four roles ----------------------------------------------------------------------------------
     def run(self, role: str, v: torch.Tensor) -> torch.Tensor:

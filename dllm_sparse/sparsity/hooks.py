@@ -8,6 +8,17 @@ Masks are computed afresh from the current activations at every forward call (ev
 decoded token): no state is carried between calls. The hooks are always removed on exit, also when the body
 raises, so the model is bit-identical to the untouched one afterwards. This path defines what sparsity
 *does*; :mod:`dllm_sparse.kernels` makes it save time.
+
+torch.compile. Both orders work: ``sparsify(torch.compile(model), ...)`` (the hooks go on the compiled model's
+original module, ``_orig_mod``) and ``torch.compile`` of a model inside a ``sparsify`` block. By default dynamo
+does not guard on module hooks: a graph compiled without hooks would run on, dense, after hooks were added (and
+one traced with them would go on sparsifying after they are removed). So attaching turns those guards on
+(``torch._dynamo.config.skip_nnmodule_hook_guards = False``) and, when it was off, once clears the graphs
+compiled before (``torch.compiler.reset()``), which lack the guards. Then a compiled model recompiles when a
+``sparsify`` block starts or ends, and every graph matches the hooks present. Each block's hooks are new
+functions, so each block costs one recompilation; past ``torch._dynamo.config.recompile_limit`` dynamo runs
+that code uncompiled (same numbers, eager speed). The statistics, mask observers and mask selectors run outside
+the graph (``torch.compiler.disable``), so they count exactly as without compilation.
 """
 
 from __future__ import annotations
@@ -26,7 +37,17 @@ from dllm_sparse.sparsity.rules import SparsityRule
 from dllm_sparse.sparsity.sites import FFNSite
 from dllm_sparse.sparsity.stats import SparsityStats
 
-__all__ = ["sparsify", "Sparsifier", "MaskEvent", "MaskSelector"]
+__all__ = ["sparsify", "Sparsifier", "MaskEvent", "MaskSelector", "uncompiled"]
+
+
+def uncompiled(model: nn.Module) -> tuple[nn.Module, bool]:
+    """``(module, was_compiled)``: the original module of a ``torch.compile``-d model (an ``OptimizedModule``,
+    whose submodules are ``_orig_mod``'s own), else the model itself."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if isinstance(model, OptimizedModule):
+        return model._orig_mod, True
+    return model, False
 
 
 @dataclass
@@ -62,7 +83,8 @@ class Sparsifier:
         site: FFNSite | str | None = None,
     ):
         self.config = as_config(config, rule, layers, site=site, caller="Sparsifier")
-        self.model = model
+        self.model, _ = uncompiled(model)
+        model = self.model
         self.site = self.config.site
         self.rule = self.config.rule
         self.stats = stats if stats is not None else SparsityStats()
@@ -82,21 +104,32 @@ class Sparsifier:
     # ---- the one operation every hook performs -----------------------------------------------------------
     def _apply(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         if self.select_mask is not None:
-            keep = self.select_mask(layer, self.site, x, self.rule)
+            keep = self._select_outside_graph(layer, x)
         else:
             keep = self.rule.mask(x)
         out = x.masked_fill(~keep, 0)
-        self.stats.add(layer, self.site, out, self._valid)
+        self._observe(layer, out, keep, self._valid)
+        return out
+
+    # Python state (counters, recorded masks, observers, a mask-reuse policy's memory) is kept out of compiled
+    # graphs: dynamo would specialise on it (recompiling at every new statistics tag) or replay stale state.
+    @torch.compiler.disable
+    def _select_outside_graph(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.select_mask(layer, self.site, x, self.rule)
+
+    @torch.compiler.disable
+    def _observe(self, layer: int, out: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor | None) -> None:
+        self.stats.add(layer, self.site, out, valid)
         if self.stats.record_masks:
             self.stats.add_mask(layer, self.site, keep)
         for observer in self.observers:
-            observer(MaskEvent(layer, self.site, keep, self.stats.tag, self._valid))
-        return out
+            observer(MaskEvent(layer, self.site, keep, self.stats.tag, valid))
 
     # ---- hooks -----------------------------------------------------------------------------------------------
     def attach(self) -> Sparsifier:
         if self._handles:
             raise RuntimeError("this Sparsifier is already attached")
+        guard_module_hooks()
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
             self._handles.append(self.model.register_forward_hook(self._release_mask))
@@ -172,6 +205,17 @@ class Sparsifier:
         self._handles.clear()
         self._input_cache.clear()
         self._valid = None
+
+
+def guard_module_hooks() -> None:
+    """Make torch.compile notice added and removed module hooks (see the module docstring): turn dynamo's hook
+    guards on and, if they were off, clear the graphs compiled without them (once per process, unless someone
+    turns them off again)."""
+    import torch._dynamo
+
+    if torch._dynamo.config.skip_nnmodule_hook_guards:
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        torch.compiler.reset()
 
 
 def select_layers(ffns: list[FFNModules], layers: Iterable[int] | None) -> list[FFNModules]:
