@@ -51,6 +51,11 @@ def _mdm_available() -> bool:
     return DEFAULT_MDM in EMBEDDED_MODELS
 
 
+def overlap_prefix(value: str) -> str:
+    """``--overlap-out`` is a prefix; a file name given instead (``overlap.csv``) means the same prefix."""
+    return value[: -len(".csv")] if value.lower().endswith(".csv") else value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Dense vs sparse generation side by side (AR and masked diffusion), with measured sparsity, "
@@ -102,10 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trace-out", default=None,
                    help="write a JSON with, per model and mode, the config, outputs, NFE, timings, the per-step "
                         "trace and (sparse) the per-step / per-layer / per-group sparsity records")
-    g.add_argument("--overlap-out", default=None,
-                   help="PREFIX: track the sparse run's keep-masks and write PREFIX-<kind>.csv (per-step Jaccard / "
+    g.add_argument("--overlap-out", default=None, metavar="PREFIX",
+                   help="track the sparse run's keep-masks and write PREFIX-<kind>.csv (per-step Jaccard / "
                         "recall vs previous step and block start, per layer and token group) and "
-                        "PREFIX-<kind>.png (heatmap)")
+                        "PREFIX-<kind>.png (heatmap), kind = diffusion / ar; a trailing .csv is dropped "
+                        "(overlap.csv -> overlap-diffusion.csv)")
     g.add_argument("--overlap-layers", default=None,
                    help="comma-separated layers for --overlap-out (None: first, middle and last)")
     g.add_argument("--width", type=int, default=120, help="terminal width for the side-by-side view")
@@ -213,7 +219,8 @@ def run_model(kind: str, name: str, args, sparsity: SparsityConfig, prompts: lis
         out["sparse"] = {**sparse.to_dict(), "sparsity": {**sp.describe(), "mean": sp.pooled(),
                                                           "records": sp.records()}}
     if tracker is not None:
-        csv_path, png_path = f"{args.overlap_out}-{kind}.csv", f"{args.overlap_out}-{kind}.png"
+        prefix = overlap_prefix(args.overlap_out)
+        csv_path, png_path = f"{prefix}-{kind}.csv", f"{prefix}-{kind}.png"
         tracker.to_csv(csv_path)
         tracker.heatmap(png_path, title=f"{name}: {args.site} mask Jaccard vs previous step")
         prev = tracker.per_step("jaccard", "previous")

@@ -19,7 +19,7 @@ recomputes it (and says why) instead of reusing it. Every summary file is writte
 Defaults: with no model arguments the embedded pair is used: ``smollm2-135m`` (SmolLM2-135M-Instruct) and its
 masked-diffusion twin ``smollm2-135m-mdm`` when that is available (otherwise the AR model runs alone, and the
 run says so). On a CPU the defaults are budgeted for a 2-core machine (the first 16 multiple-choice items and 8
-passages, mc_num 2; measured in the report of the issue); on a GPU the full built-in sets and mc_num 128, bf16
+passages, mc_num 2; run time in the README); on a GPU the full built-in sets and mc_num 128, bf16
 and ``device="auto"``. ``--threads auto`` (default) uses one intra-op thread per idle core: on a busy shared
 machine, oversubscribed OpenMP threads spin and made a forward pass up to 8x slower in our measurements.
 """
@@ -44,7 +44,7 @@ from dllm_sparse.eval.sweep import SweepConfig, grid, planned_keys, run_sweep
 from dllm_sparse.models.loading import EMBEDDED_MODELS, load_model
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig
 from dllm_sparse.sparsity.rules import RULE_NAMES, make_rule
-from dllm_sparse.sparsity.sites import ALL_SITES
+from dllm_sparse.sparsity.sites import ALL_SITES, parse_sites
 
 DEFAULT_AR = "smollm2-135m"
 DEFAULT_DIFFUSION = "smollm2-135m-mdm"
@@ -59,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "'none' to skip)")
     ap.add_argument("--ar-model", default=None, help=f"HF id, local dir or embedded name (default: {DEFAULT_AR}; "
                                                      "'none' to skip)")
-    ap.add_argument("--sites", nargs="+", default=[s.value for s in ALL_SITES], choices=[s.value for s in ALL_SITES])
+    ap.add_argument("--sites", nargs="+", default=[s.value for s in ALL_SITES],
+                    help="FFN sites, space-separated: " + " ".join(s.value for s in ALL_SITES) + " (default: all)")
     ap.add_argument("--rule", default="top_p", choices=list(RULE_NAMES),
                     help="top_p (the paper's rule, default), top_k, max_p, or paper_top_p: the paper's LLaDA scripts' "
                          "variant (input site on up_proj only, one top-p per sample, p in percent, bf16 cumsum)")
@@ -97,7 +98,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="task-averaged curve: average the raw relative performances (default: each task capped "
                          "at 1 first, so a task above dense cannot hide another's loss)")
     ap.add_argument("--no-progress", action="store_true")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    try:
+        args.sites = parse_sites(args.sites)
+    except ValueError as e:
+        ap.error(f"--sites: {e}")
+    return args
 
 
 def resolve_models(args) -> tuple[list[str], list[str]]:

@@ -66,7 +66,7 @@ from dllm_sparse.eval.rows import JsonlWriter, atomic_write_csv, atomic_write_te
 from dllm_sparse.models.loading import LoadedModel, check_available, load_model
 from dllm_sparse.samplers import GenerationConfig
 from dllm_sparse.samplers.reuse import make_policy
-from dllm_sparse.sparsity.sites import FFNSite
+from dllm_sparse.sparsity.sites import parse_sites
 
 # This file is the command line: the study itself (cells, recorders, overlap analysis, kernel timing, the policy
 # table) is dllm_sparse.eval.reuse_study, the figures dllm_sparse.eval.reuse_plots, the teacher-forced replay
@@ -95,7 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default: %(default)s)")
     ap.add_argument("--dtype", default=None, help="model dtype: float32, bf16, fp16 (default: as stored)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
-    ap.add_argument("--sites", default="input,intermediate", help="FFN sites, comma-separated (default: %(default)s)")
+    ap.add_argument("--sites", nargs="+", default=["input", "intermediate"],
+                    help="FFN sites, space-separated (default: input intermediate)")
     ap.add_argument("--p", type=float, default=0.9, help="top-p threshold of every cell (default: %(default)s)")
     ap.add_argument("--policies", default=DEFAULT_POLICIES,
                     help="reuse policies: fresh, every<k>, block_start, adaptive<bound> (default: %(default)s)")
@@ -142,7 +143,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="tokens of each passage given as the prompt (default: %(default)s)")
     ap.add_argument("--output-dir", default="runs/mask_reuse", help="output folder (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="generation seed (default: %(default)s)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    try:
+        args.sites = parse_sites(args.sites)
+    except ValueError as e:
+        ap.error(f"--sites: {e}")
+    return args
 
 
 def _probe_layer(v: str) -> int | str:
@@ -317,7 +323,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, args.threads))
     out_dir = Path(args.output_dir)
     args.gaps_list = [int(g) for g in _csv_list(args.gaps)]
-    sites = [str(FFNSite.parse(s)) for s in _csv_list(args.sites)]
+    sites = args.sites
     policies = _csv_list(args.policies)
     if "fresh" not in policies:
         policies = ["fresh", *policies]

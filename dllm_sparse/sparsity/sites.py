@@ -26,3 +26,17 @@ class FFNSite(str, Enum):
 
 
 ALL_SITES = tuple(FFNSite)
+
+
+def parse_sites(values) -> list[str]:
+    """Site names from a command line: ``["input", "gate"]`` (space-separated, the scripts' convention) or
+    ``"input,gate"`` (one comma-separated string); each checked, duplicates refused."""
+    if isinstance(values, str):
+        values = [values]
+    names = [str(FFNSite.parse(part.strip())) for v in values for part in str(v).split(",") if part.strip()]
+    if not names:
+        raise ValueError("no FFN site given; choose from: " + ", ".join(s.value for s in FFNSite))
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"FFN site(s) {', '.join(dup)} given twice; name each site once")
+    return names
