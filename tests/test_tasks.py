@@ -48,7 +48,7 @@ def test_builtin_suite_loads():
     assert len(passages) == 48
     assert all(p["text"] and p["source"]["seed"] is not None for p in passages)
     assert set(BUILTIN_TASKS) == {"builtin_mc", "builtin_ppl"}
-    assert get_task("builtin_mc").items[0].id == items[0].id
+    assert get_task("builtin_mc", scoring="builtin").items[0].id == items[0].id
 
 
 def test_acc_and_acc_norm_for_known_scores():
