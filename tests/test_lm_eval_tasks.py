@@ -243,3 +243,66 @@ def test_progress_bars_follow_disable_tqdm(kind, desc, capsys):
     quiet = DllmSparseLM.from_scorer(_scorer(kind), progress=False)
     quiet.loglikelihood(pair)
     assert desc not in capsys.readouterr().err
+
+
+# ---- data parallel ------------------------------------------------------------------------------------------------
+
+class _FakeLauncher:
+    """What DllmSparseLM reads from accelerate's PartialState on rank 1 of 2."""
+
+    process_index, num_processes, device = 1, 2, "cpu"
+
+
+def test_rank_and_world_size_come_from_the_launcher(monkeypatch):
+    import dllm_sparse.eval.lm_eval_model as module
+
+    monkeypatch.setattr(module, "_launcher_state", lambda: _FakeLauncher())
+    lm = DllmSparseLM.from_scorer(_scorer("ar"), data_parallel=True)
+    assert (lm.rank, lm.world_size) == (1, 2)
+    assert not lm._show_progress(False)  # bars on rank 0 only
+    task = task_manager().load(["dllm_sparse_mc"])["tasks"]
+    (task,) = task.values()
+    task.build_all_requests(limit=6, rank=lm.rank, world_size=lm.world_size)
+    assert sorted({r.doc_id for r in task.instances}) == [1, 3, 5]  # lm-eval hands this rank its share
+    # A model around an existing scorer stays one process unless asked (the sweep splits cells itself).
+    single = DllmSparseLM.from_scorer(_scorer("ar"))
+    assert (single.rank, single.world_size) == (0, 1)
+
+
+def test_padding_copies_are_scored_once():
+    scorer = _scorer("ar")
+    stats, config = SparsityStats(), SparsityConfig("input", TopP(0.9))
+    lm = DllmSparseLM.from_scorer(scorer, sparsity=config, stats=stats)
+    a = Instance("loglikelihood", {}, ("ab", " c"), 0, ("t", 0, 1))
+    b = Instance("loglikelihood", {}, ("xy", " zz"), 0, ("t", 1, 1))
+    out = lm.loglikelihood([a, b, b, b])  # lm-eval pads a rank's share with copies of its last request
+    assert out[1] == out[2] == out[3] and len(out) == 4
+    assert out == [*scorer.loglikelihood([("ab", " c"), ("xy", " zz")], sparsity=config, stats=None), out[1], out[1]]
+    assert stats.forward_passes("input") == 1  # one batch of the 2 distinct requests
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_splits_requests(tmp_path):
+    """torchrun, 2 CPU processes (gloo): each rank scores only its share; rank 0's results and pooled measured
+    sparsity equal a one-process run's."""
+    worker = Path(__file__).with_name("lm_eval_data_parallel_worker.py")
+    proc = _cli([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 str(worker), str(tmp_path)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    sys.path.insert(0, str(worker.parent))
+    import lm_eval_data_parallel_worker as w
+
+    w.CountingLM.requests = 0
+    lm, one = w.run(data_parallel=False)
+    total = w.CountingLM.requests
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert 0 < ranks[0]["requests"] < total and ranks[0]["requests"] + ranks[1]["requests"] == total
+    assert ranks[1]["results"] is None  # only rank 0 aggregates
+    for m in ("acc,none", "acc_norm,none"):
+        assert ranks[0]["results"][m] == pytest.approx(one["results"]["dllm_sparse_mc"][m])
+    pooled, single = ranks[0]["measured"], one["config"]["measured_sparsity"]
+    assert pooled["ranks"] == 2 and single["ranks"] == 1
+    assert pooled["input"]["mean"] == pytest.approx(single["input"]["mean"], rel=1e-9)
+    assert [pooled["input"]["per_layer"][str(k)] for k in (0, 1)] == pytest.approx(
+        list(single["input"]["per_layer"].values()), rel=1e-9)

@@ -173,9 +173,10 @@ def _launcher_state():
     ``torchrun`` (``WORLD_SIZE`` > 1; it sets up the process group), else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: a gloo group (accelerate's default: none)
     return state if state.num_processes > 1 else None
 
 
@@ -483,7 +484,22 @@ class DllmSparseLM(LM):
         finally:
             self.scorer.progress = old
 
+    @staticmethod
+    def _distinct(requests) -> tuple[list, list[int]]:
+        """The distinct request objects and, per request, its index among them. lm-eval repeats an ``Instance``
+        object when it pads a data-parallel rank's share (and for ``repeats``); a log-likelihood is the same for
+        every copy, so each is scored once and the measured sparsity counts real requests only."""
+        first: dict[int, int] = {}
+        distinct, where = [], []
+        for req in requests:
+            if id(req) not in first:
+                first[id(req)] = len(distinct)
+                distinct.append(req)
+            where.append(first[id(req)])
+        return distinct, where
+
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        requests, where = self._distinct(requests)
         out: list = [None] * len(requests)
         with self._scorer_progress(disable_tqdm):
             for w, idx in self._cfg_groups(requests).items():
@@ -496,9 +512,10 @@ class DllmSparseLM(LM):
         for req, res in zip(requests, out, strict=True):
             self.cache_hook.add_partial("loglikelihood", req.args, res)
         self._share_stats()
-        return out
+        return [out[i] for i in where]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        requests, where = self._distinct(requests)
         texts = [req.args[0] for req in requests]
         keys = [self._key(req) for req in requests]
         with self._scorer_progress(disable_tqdm):
@@ -508,7 +525,7 @@ class DllmSparseLM(LM):
             self.rolling_tokens[(req.task_name, req.doc_id)] = n
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, res)
         self._share_stats()
-        return out
+        return [out[i] for i in where]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from dllm_sparse.samplers import GenerationConfig, StepSparsity, generate
