@@ -14,7 +14,7 @@ every flag unchanged, with the ``dllm_sparse`` model registered and this package
 ``--include_path`` when the command line names none::
 
     dllm-sparse-lm-eval --model dllm_sparse --model_args pretrained=smollm2-135m,sparsity=input:top_p:0.9 \
-        --tasks dllm_sparse_mc --limit 8 --device cpu                            # offline, < 1 min on a CPU
+        --tasks dllm_sparse_mc --limit 4 --batch_size 16 --device cpu      # offline, 40 s on a 2-core CPU
     dllm-sparse-lm-eval run --model dllm_sparse \
         --model_args pretrained=GSAI-ML/LLaDA-8B-Base,sparsity=input:top_p:0.9,dtype=bf16,device=auto,mc_num=128 \
         --tasks arc_easy --batch_size 16
@@ -36,7 +36,9 @@ Data parallel: under ``accelerate launch`` / ``torchrun`` a model built from ``p
 unless ``device`` names one), so lm-eval gives each process its share of the requests and gathers the results
 on rank 0 (as lm-eval's HFLM does). A model wrapped around an existing scorer (:meth:`DllmSparseLM.from_scorer`)
 stays single-process unless ``data_parallel=True`` (the sweep splits cells between ranks itself); HFLM does the
-same for a model object it is given.
+same for a model object it is given. lm-eval evens the ranks' shares by repeating a rank's last request; such
+copies are scored once, so the pooled measured sparsity counts each real request once (it equals a
+one-process run's).
 
 Results file: :meth:`get_model_info` (which lm-eval calls after the evaluation, so the values are final) puts
 the configured sparsity and the measured one into ``results["config"]``: ``measured_sparsity`` = per site its
