@@ -168,11 +168,12 @@ def test_results_file_has_the_measured_sparsity(tmp_path):
     assert out["results"]["dllm_sparse_mc"]["acc,none"] == pytest.approx(acc)
     measured = out["config"]["measured_sparsity"]
     assert measured["ranks"] == 1
-    assert measured["input"]["mean"] == pytest.approx(stats.mean("input"), rel=1e-9)
-    assert [measured["input"]["per_layer"][str(k)] for k in range(2)] == pytest.approx(
+    assert measured["sites"]["input"]["mean"] == pytest.approx(stats.mean("input"), rel=1e-9)
+    assert [measured["sites"]["input"]["per_layer"][str(k)] for k in range(2)] == pytest.approx(
         list(stats.per_layer("input").values()), rel=1e-9)
-    assert measured["input"]["forward_passes"] == stats.forward_passes("input") == 5  # 20 requests, batches of 4
-    assert 0.0 < measured["input"]["mean"] < 1.0
+    # 20 requests (5 items x 4 choices) in batches of 4
+    assert measured["sites"]["input"]["forward_passes"] == stats.forward_passes("input") == 5
+    assert 0.0 < measured["sites"]["input"]["mean"] < 1.0
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -200,7 +201,7 @@ def test_stock_lm_eval_and_the_console_script_run_the_task(tmp_path):
         assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
         out = _results_file(tmp_path / name)
         assert out["results"]["dllm_sparse_mc"]["acc,none"] == pytest.approx(acc), name
-        assert out["config"]["measured_sparsity"]["input"]["forward_passes"] == 3, name  # 12 requests / 4
+        assert out["config"]["measured_sparsity"]["sites"]["input"]["forward_passes"] == 3, name  # 12 requests / 4
 
 
 # ---- chat template ------------------------------------------------------------------------------------------------
@@ -303,6 +304,6 @@ def test_two_process_torchrun_splits_requests(tmp_path):
         assert ranks[0]["results"][m] == pytest.approx(one["results"]["dllm_sparse_mc"][m])
     pooled, single = ranks[0]["measured"], one["config"]["measured_sparsity"]
     assert pooled["ranks"] == 2 and single["ranks"] == 1
-    assert pooled["input"]["mean"] == pytest.approx(single["input"]["mean"], rel=1e-9)
-    assert [pooled["input"]["per_layer"][str(k)] for k in (0, 1)] == pytest.approx(
-        list(single["input"]["per_layer"].values()), rel=1e-9)
+    assert pooled["sites"]["input"]["mean"] == pytest.approx(single["sites"]["input"]["mean"], rel=1e-9)
+    assert [pooled["sites"]["input"]["per_layer"][str(k)] for k in (0, 1)] == pytest.approx(
+        list(single["sites"]["input"]["per_layer"].values()), rel=1e-9)

@@ -41,9 +41,9 @@ copies are scored once, so the pooled measured sparsity counts each real request
 one-process run's).
 
 Results file: :meth:`get_model_info` (which lm-eval calls after the evaluation, so the values are final) puts
-the configured sparsity and the measured one into ``results["config"]``: ``measured_sparsity`` = per site its
-mean over layers, per-layer values and the number of forward passes counted, pooled over all ranks; it is in
-the JSON written by ``--output_path``.
+the configured sparsity and the measured one into ``results["config"]``: ``measured_sparsity`` =
+``{"ranks": n, "sites": {site: {"mean", "per_layer", "forward_passes"}}}`` (mean over layers, per-layer values,
+forward passes counted; pooled over all ranks); it is in the JSON written by ``--output_path``.
 
 Model arguments: ``pretrained`` (hub id, local dir, .gguf or embedded name), ``kind`` (ar/diffusion, detected),
 ``dtype``, ``device`` (``auto`` = accelerate placement), ``sparsity`` (a
@@ -368,18 +368,19 @@ class DllmSparseLM(LM):
                 "measured_sparsity": self.measured_sparsity()}
 
     def measured_sparsity(self) -> dict | None:
-        """Per sparsified site: ``mean`` (over layers), ``per_layer`` ({layer: sparsity}) and ``forward_passes``
-        counted, pooled over every rank of a data-parallel run (each rank sends its counts to rank 0 after every
-        request type); None when no forward pass was sparsified (a dense run measures nothing)."""
+        """``{"ranks": n, "sites": {site: {"mean", "per_layer", "forward_passes"}}}``: per sparsified site the mean
+        over layers, {layer: sparsity} and the forward passes counted, pooled over every rank of a data-parallel
+        run (each rank sends its counts to rank 0 after every request type); None when no forward pass was
+        sparsified (a dense run measures nothing)."""
         own = self.stats
         if (own is None or not own.counts) and not any(self._peer_stats):
             return None
         pooled = SparsityStats()
         for snap in [own.snapshot() if own is not None else {}, *self._peer_stats]:
             pooled.merge(snap)
-        return {site: {"mean": pooled.mean(site), "per_layer": pooled.per_layer(site),
-                       "forward_passes": pooled.forward_passes(site)} for site in pooled.sites()} | {
-            "ranks": self.world_size}
+        return {"ranks": self.world_size,
+                "sites": {site: {"mean": pooled.mean(site), "per_layer": pooled.per_layer(site),
+                                 "forward_passes": pooled.forward_passes(site)} for site in pooled.sites()}}
 
     def _share_stats(self) -> None:
         """Data parallel: send this rank's statistics to rank 0 (every rank calls this after each request type,
