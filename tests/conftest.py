@@ -131,3 +131,22 @@ def llama() -> torch.nn.Module:
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.3)
     return LlamaForCausalLM(cfg).eval()
+
+
+def build_byte_hf_tokenizer(chat_template: str | None = None):
+    """A real Hugging Face tokenizer (``PreTrainedTokenizerFast``) over UTF-8 bytes with the ids of
+    :class:`dllm_sparse.eval.likelihood.ByteTokenizer`'s layout: 0 pad, 1 bos, 2 eos, 3 mask, then the 256 bytes
+    (vocabulary 260, for tiny models built with ``vocab_size=260``). ``chat_template``: a Jinja chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<mask>"])}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   mask_token="<mask>")
+    fast.chat_template = chat_template
+    return fast

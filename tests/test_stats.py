@@ -181,3 +181,27 @@ def test_record_masks_storage():
     (m,) = s.masks
     assert m["tag"] == 5 and m["layer"] == 2 and m["site"] == "gate"
     assert torch.equal(m["keep"], keep)
+
+
+def test_forward_passes_and_merging_snapshots():
+    """Counts split over two processes (snapshots merged) equal the counts of one process; forward passes are
+    the calls that reached every layer."""
+    whole, first, second = SparsityStats(), SparsityStats(), SparsityStats()
+    for layer in (0, 1):
+        for part, acts in ((first, X), (second, X[:, :2])):
+            part.add(layer, "input", acts, None)
+            whole.add(layer, "input", acts, None)
+    whole.add(0, "input", X, None)  # a third call that reached layer 0 only (a layers= subset elsewhere)
+    first.add(0, "input", X, None)
+    assert whole.forward_passes("input") == 3 and first.forward_passes() == 2 and second.forward_passes() == 1
+    snap = json.loads(json.dumps(list(second.snapshot().items())))  # plain numbers: survives any pickling
+    merged = SparsityStats()
+    merged.merge(first.snapshot())
+    merged.merge({tuple(k): tuple(v) for k, v in snap})
+    assert merged.records() == whole.records()
+    # hand-counted: X has 11 zeros in 24 entries, X[:, :2] 6 in 16; layer 0 saw X, X[:, :2], X; layer 1 X, X[:, :2]
+    assert merged.per_layer("input") == pytest.approx({0: 28 / 64, 1: 17 / 40})
+    assert merged.forward_passes("input") == 3
+    assert merged.to_dict()["forward_passes"] == {"input": 3}
+    with pytest.raises(ValueError, match="width"):
+        merged.merge({("default", "all", 0, "input"): (1.0, 1.0, 8, 1)})

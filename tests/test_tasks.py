@@ -48,7 +48,7 @@ def test_builtin_suite_loads():
     assert len(passages) == 48
     assert all(p["text"] and p["source"]["seed"] is not None for p in passages)
     assert set(BUILTIN_TASKS) == {"builtin_mc", "builtin_ppl"}
-    assert get_task("builtin_mc").items[0].id == items[0].id
+    assert get_task("builtin_mc", scoring="builtin").items[0].id == items[0].id
 
 
 def test_acc_and_acc_norm_for_known_scores():
@@ -99,3 +99,25 @@ def test_relative_performance_and_limit():
     assert apply_limit(range(4), None) == [0, 1, 2, 3]
     t = get_task("arc_easy:acc_norm")
     assert isinstance(t, LmEvalTask) and t.name == "arc_easy" and t.metric == "acc_norm"
+
+
+def test_builtin_scoring_without_lm_eval(monkeypatch):
+    import dllm_sparse.eval.tasks as tasks
+
+    monkeypatch.setattr(tasks, "lm_eval_available", lambda: False)
+    assert isinstance(get_task("builtin_mc"), MultipleChoiceTask)
+    assert isinstance(get_task("builtin_ppl"), PerplexityTask)
+    with pytest.raises(ImportError, match="eval"):
+        get_task("builtin_mc", scoring="lm_eval")
+    with pytest.raises(ValueError, match="scoring"):
+        get_task("builtin_mc", scoring="harness")
+
+
+def test_perplexity_metrics_follow_lm_eval_definitions():
+    # lm-eval: word_perplexity = exp(-sum ll / sum words) with words = len(re.split(r"\s+", text)); bytes UTF-8
+    m = PerplexityTask("ppl", [{"id": "a", "text": "one two"}, {"id": "b", "text": "é x "}]).evaluate(
+        FakeScorer(rolling={"one two": (-3.0, 2), "é x ": (-1.0, 3)})).metrics
+    assert m["word_perplexity"] == pytest.approx(math.exp(4.0 / (2 + 3)))  # "é x " splits into ["é", "x", ""]
+    assert m["byte_perplexity"] == pytest.approx(math.exp(4.0 / (7 + 5)))
+    assert m["bits_per_byte"] == pytest.approx(4.0 / 12 / math.log(2))
+    assert m["ppl"] == pytest.approx(math.exp(4.0 / 5)) and m["nll_per_token"] == pytest.approx(0.8)

@@ -666,8 +666,10 @@ class Scorer:
     # ---- tokenisation ------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         ids = list(self.tokenizer.encode(text, add_special_tokens=False))
-        if self.add_bos_token and self.tokenizer.bos_token_id is not None:
-            ids = [self.tokenizer.bos_token_id] + ids
+        bos = self.tokenizer.bos_token_id
+        # A chat-templated text may begin with the BOS token already (e.g. Llama 3's template): not a second one.
+        if self.add_bos_token and bos is not None and ids[:1] != [bos]:
+            ids = [bos] + ids
         return ids
 
     @property

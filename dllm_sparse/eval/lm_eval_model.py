@@ -8,14 +8,42 @@ Python API (the supported path; lm-eval >= 0.4.9, tested with 0.4.13)::
     out = lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"], limit=100)
     lm.stats.mean("input")                       # measured sparsity of every forward pass of the run
 
-Command line: lm-eval 0.4.13 finds models only in its registry, which an outside package fills by being
-imported (there is no entry-point discovery, and ``--include_path`` is for tasks). Importing this module
-registers ``dllm_sparse``; its ``__main__`` does that and then runs lm-eval's own CLI, so every lm-eval flag
-works unchanged::
+Command line: ``dllm-sparse-lm-eval`` (also ``python -m dllm_sparse.eval.lm_eval_model``) is lm-eval's own CLI,
+every flag unchanged, with the ``dllm_sparse`` model registered and this package's task folder
+(:data:`dllm_sparse.eval.lm_eval_tasks.TASK_DIR`: ``dllm_sparse_mc``, ``dllm_sparse_ppl``) given as
+``--include_path`` when the command line names none::
 
-    python -m dllm_sparse.eval.lm_eval_model run --model dllm_sparse \\
-        --model_args pretrained=GSAI-ML/LLaDA-8B-Base,sparsity=input:top_p:0.9,dtype=bf16,device=auto,mc_num=128 \\
+    dllm-sparse-lm-eval --model dllm_sparse --model_args pretrained=smollm2-135m,sparsity=input:top_p:0.9 \
+        --tasks dllm_sparse_mc --limit 4 --batch_size 16 --device cpu      # offline, 40 s on a 2-core CPU
+    dllm-sparse-lm-eval run --model dllm_sparse \
+        --model_args pretrained=GSAI-ML/LLaDA-8B-Base,sparsity=input:top_p:0.9,dtype=bf16,device=auto,mc_num=128 \
         --tasks arc_easy --batch_size 16
+
+Why not the stock ``lm_eval --model dllm_sparse``: lm-eval 0.4.13 builds the model from its registry before it
+imports any task code, and offers no supported way for another package to fill that registry: it scans no
+entry-point group (its ``Registry`` can hold ``EntryPoint`` placeholders, but only ``lm_eval.models``' fixed
+``MODEL_MAPPING`` is registered), ``get_model`` looks ``--model`` up as given (no ``module:Class`` or dotted
+name), no environment variable names plugins, ``--config`` is read with ``yaml.safe_load``, and
+``--include_path`` is only indexed (``!function`` tags unresolved) before the model is built. The one side
+effect that works: a YAML *file* (or folder) given to ``--tasks`` is loaded with its ``!function`` tags
+resolved before the model is built, and this package's task YAMLs name a function of
+:mod:`dllm_sparse.eval.lm_eval_tasks`, whose import registers the model, so
+``lm_eval --model dllm_sparse --tasks "$(python -m dllm_sparse.eval.lm_eval_tasks)/dllm_sparse_mc.yaml"`` works
+(tested; it relies on that order inside lm-eval, the console script does not).
+
+Data parallel: under ``accelerate launch`` / ``torchrun`` a model built from ``pretrained`` reports the launcher's
+``rank`` / ``world_size`` (``accelerate.PartialState``) and one device per process (``cuda:<local rank>``
+unless ``device`` names one), so lm-eval gives each process its share of the requests and gathers the results
+on rank 0 (as lm-eval's HFLM does). A model wrapped around an existing scorer (:meth:`DllmSparseLM.from_scorer`)
+stays single-process unless ``data_parallel=True`` (the sweep splits cells between ranks itself); HFLM does the
+same for a model object it is given. lm-eval evens the ranks' shares by repeating a rank's last request; such
+copies are scored once, so the pooled measured sparsity counts each real request once (it equals a
+one-process run's).
+
+Results file: :meth:`get_model_info` (which lm-eval calls after the evaluation, so the values are final) puts
+the configured sparsity and the measured one into ``results["config"]``: ``measured_sparsity`` =
+``{"ranks": n, "sites": {site: {"mean", "per_layer", "forward_passes"}}}`` (mean over layers, per-layer values,
+forward passes counted; pooled over all ranks); it is in the JSON written by ``--output_path``.
 
 Model arguments: ``pretrained`` (hub id, local dir, .gguf or embedded name), ``kind`` (ar/diffusion, detected),
 ``dtype``, ``device`` (``auto`` = accelerate placement), ``sparsity`` (a
@@ -26,7 +54,13 @@ Model arguments: ``pretrained`` (hub id, local dir, .gguf or embedded name), ``k
 (``iterative``/true, ``one_pass``, ``off``/false), ``cfg`` (alias ``cfg_scale``: guided ELBO w, as the official
 LLaDA evaluation's ``cfg``), ``preset`` (``llada-official``: the official per-task cfg, mc_num 128, mc_batch 8,
 greedy check off, generation 1024/1024/1024; see :mod:`dllm_sparse.eval.presets`; explicit arguments win),
-``max_gen_toks``, ``gen_steps``, ``block_length``, ``trust_remote_code``, ``add_bos_token``.
+``max_gen_toks``, ``gen_steps``, ``block_length``, ``trust_remote_code``, ``add_bos_token``, ``progress``
+(progress bars, default true; lm-eval's ``disable_tqdm`` and ranks other than 0 turn them off),
+``data_parallel`` (default: true for a model built from ``pretrained``).
+
+Chat templates: ``--apply_chat_template`` (optionally ``--system_instruction``, ``--fewshot_as_multiturn``) renders
+every request with the tokenizer's chat template (``tokenizer.apply_chat_template``, as HFLM does; both kinds),
+and the template's text is then scored or continued as any other request.
 
 Semantics:
 
@@ -38,7 +72,10 @@ Semantics:
   request); ``one_pass`` checks the one-shot argmax of the fully masked answer (a weaker definition); ``off``
   (``False``) always answers False.
 * ``loglikelihood_rolling``: AR exact (windows of the model's context length); diffusion: the ELBO of the
-  whole text given the prefix token (BOS, else EOS).
+  whole text given the prefix token (BOS, else EOS). The number of tokens scored per document is kept in
+  :attr:`DllmSparseLM.rolling_tokens` (token-level perplexity).
+* Requests of this package's tasks (``dllm_sparse_mc``, ``dllm_sparse_ppl``) are named like the built-in
+  scoring's (``builtin_mc/<id>/<choice>``), so a diffusion model draws the same ELBO masks in the sweep and here.
 * ``generate_until``: through ``dllm_sparse.samplers.generate`` (LLaDA sampler or AR loop), sparsified with
   per-step statistics.
 
@@ -67,12 +104,16 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 import logging
+import os
+from collections.abc import Hashable
+from contextlib import contextmanager
 
 from tqdm.auto import tqdm
 
 from dllm_sparse.eval.identity import RunIdentity, run_identity, weights_hash
 from dllm_sparse.eval.likelihood import SCORER_DEFAULT, Scorer, greedy_check_mode
 from dllm_sparse.eval.presets import get_preset
+from dllm_sparse.eval.tasks import LM_EVAL_TASKS, builtin_request_key
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig, slug
 from dllm_sparse.sparsity.rules import make_rule
 from dllm_sparse.sparsity.stats import SparsityStats
@@ -123,10 +164,24 @@ def sparsity_from_args(sparsity: SparsityConfig | str | None = None, site: str |
 #: The model arguments DllmSparseLM accepts (``--model_args k=v,...``); anything else is refused.
 MODEL_ARGS = ("pretrained", "sparsity", "site", "rule", "threshold", "p", "scope", "kind", "dtype", "device",
               "batch_size", "mc_num", "mc_batch", "seed", "shift_logits", "greedy_check", "max_gen_toks",
-              "gen_steps", "block_length", "trust_remote_code", "add_bos_token", "cfg", "cfg_scale", "preset")
+              "gen_steps", "block_length", "trust_remote_code", "add_bos_token", "cfg", "cfg_scale", "preset",
+              "progress", "data_parallel")
+
+_BUILTIN_NAME = {v: k for k, v in LM_EVAL_TASKS.items()}  # lm-eval task name -> built-in task name
 
 
-@register_model("dllm_sparse", "dllm-sparse")
+def _launcher_state():
+    """accelerate's ``PartialState`` when this process is one of several started by ``accelerate launch`` /
+    ``torchrun`` (``WORLD_SIZE`` > 1; it sets up the process group), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: a gloo group (accelerate's default: none)
+    return state if state.num_processes > 1 else None
+
+
 class DllmSparseLM(LM):
     """lm-eval model wrapping a :class:`dllm_sparse.eval.likelihood.Scorer` (see the module docstring)."""
 
@@ -156,6 +211,8 @@ class DllmSparseLM(LM):
         block_length: int | None = None,
         trust_remote_code: bool = False,
         add_bos_token: bool = False,
+        progress: bool | str = True,
+        data_parallel: bool | str | None = None,
         scorer: Scorer | None = None,
         stats: SparsityStats | None = None,
         **unknown: Any,
@@ -187,6 +244,14 @@ class DllmSparseLM(LM):
         max_gen_toks = 256 if max_gen_toks is None else max_gen_toks
         # What this model's calls pass to the scorer: its own defaults unless from_scorer is given others.
         self._sparsity, self._stats = SCORER_DEFAULT, SCORER_DEFAULT
+        # Data parallel (see the module docstring): lm-eval splits requests by rank / world_size.
+        self._dist = _launcher_state() if _bool(scorer is None if data_parallel is None else data_parallel) else None
+        if self._dist is not None:
+            self._rank, self._world_size = self._dist.process_index, self._dist.num_processes
+        self._peer_stats: list[dict] = []  # rank 0: the other ranks' statistics (SparsityStats.snapshot)
+        self.progress = _bool(progress)
+        #: Tokens scored per ``loglikelihood_rolling`` document, by (task name, doc id).
+        self.rolling_tokens: dict[tuple, int] = {}
         if scorer is not None:
             if sparsity is not None or site is not None or stats is not None:
                 raise TypeError("DllmSparseLM(scorer=...) takes the scorer's sparsity; to score with another one "
@@ -204,6 +269,9 @@ class DllmSparseLM(LM):
                 eval_logger.warning(f"device {device!r} requested (lm-eval's CLI default) but CUDA is not available; "
                                     "using the CPU")
                 device = "cpu"
+            if self._dist is not None and device in (None, "auto", "cuda") and torch.cuda.is_available():
+                device = str(self._dist.device)  # one full copy per process (device=auto would shard each one)
+                eval_logger.info(f"rank {self.rank}/{self.world_size}: model on {device}")
 
             lm = load_model(pretrained, dtype=dtype, device=device, kind=kind,
                             trust_remote_code=_bool(trust_remote_code))
@@ -216,7 +284,9 @@ class DllmSparseLM(LM):
                 stats=stats if stats is not None else SparsityStats() if sparsity is not None else None)
         self.scorer = scorer
         self.max_gen_toks, self.gen_steps, self.block_length = int(max_gen_toks), gen_steps, block_length
-        self._device = getattr(getattr(scorer.model, "device", None), "type", None)
+        from dllm_sparse.models.loading import model_device
+
+        self._device = model_device(scorer.model)
         self._weights = weights_hash(scorer.model)  # once: the identity is read for every cache check
 
     @classmethod
@@ -289,16 +359,93 @@ class DllmSparseLM(LM):
         super().set_cache_hook(cache_hook)
 
     def get_model_info(self) -> dict:
+        """What lm-eval writes into ``results["config"]`` (it calls this after the evaluation, on rank 0): the
+        configuration and the measured sparsity of the run (:meth:`measured_sparsity`)."""
         return {"dllm_sparse_identity": self.identity, "model_kind": self.scorer.kind,
                 "sparsity": [s.to_dict() for s in self.sparsity] or DENSE, "mc_num": self.scorer.mc_num,
                 "cfg_scale": self.scorer.cfg_scale, "greedy_check": self.scorer.greedy_check,
-                "preset": None if self.preset is None else self.preset.name}
+                "preset": None if self.preset is None else self.preset.name,
+                "measured_sparsity": self.measured_sparsity()}
+
+    def measured_sparsity(self) -> dict | None:
+        """``{"ranks": n, "sites": {site: {"mean", "per_layer", "forward_passes"}}}``: per sparsified site the mean
+        over layers, {layer: sparsity} and the forward passes counted, pooled over every rank of a data-parallel
+        run (each rank sends its counts to rank 0 after every request type); None when no forward pass was
+        sparsified (a dense run measures nothing)."""
+        own = self.stats
+        if (own is None or not own.counts) and not any(self._peer_stats):
+            return None
+        pooled = SparsityStats()
+        for snap in [own.snapshot() if own is not None else {}, *self._peer_stats]:
+            pooled.merge(snap)
+        return {"ranks": self.world_size,
+                "sites": {site: {"mean": pooled.mean(site), "per_layer": pooled.per_layer(site),
+                                 "forward_passes": pooled.forward_passes(site)} for site in pooled.sites()}}
+
+    def _share_stats(self) -> None:
+        """Data parallel: send this rank's statistics to rank 0 (every rank calls this after each request type,
+        as lm-eval's own barrier there)."""
+        if self.world_size <= 1:
+            return
+        own = self.stats
+        gathered = self.gather_object(own.snapshot() if own is not None else {}, dst=0)
+        if self.rank == 0:
+            self._peer_stats = [g for i, g in enumerate(gathered) if i != 0]
 
     # ---- lm-eval properties --------------------------------------------------------------------------------
     @property
+    def tokenizer(self):
+        return self.scorer.tokenizer
+
+    @property
     def tokenizer_name(self) -> str:
-        return str(getattr(self.scorer.tokenizer, "name_or_path", type(self.scorer.tokenizer).__name__)).replace(
-            "/", "__")
+        """The tokenizer's name (lm-eval fingerprints chat-templated request caches with it), as HFLM's."""
+        return str(getattr(self.tokenizer, "name_or_path", type(self.tokenizer).__name__)).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The chat template ``--apply_chat_template`` uses (lm-eval's own selection: the tokenizer's template,
+        or the named one of several)."""
+        from lm_eval.api.model import TemplateLM
+
+        return TemplateLM.chat_template(self, chat_template)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The chat as the tokenizer's template renders it (as lm-eval's HFLM; the same for both kinds)."""
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None) is None or not hasattr(tok, "apply_chat_template"):
+            raise ValueError(f"--apply_chat_template: the tokenizer {self.tokenizer_name!r} has no chat template; "
+                             "run without --apply_chat_template, or use an instruct model's tokenizer")
+        import jinja2
+
+        kw = dict(tokenize=False, add_generation_prompt=add_generation_prompt,
+                  continue_final_message=not add_generation_prompt)
+        try:
+            return tok.apply_chat_template(chat_history, **kw)
+        except jinja2.exceptions.TemplateError:
+            # Some templates refuse a system turn (HFLM retries the same way).
+            eval_logger.warning("the chat template refused the chat; retrying without its system message")
+            return tok.apply_chat_template([m for m in chat_history if m["role"] != "system"], **kw)
+
+    # ---- data parallel (lm-eval's distributed primitives, as HFLM's) ----------------------------------------
+    def all_gather(self, tensor):
+        if self.world_size <= 1:
+            return tensor
+        from accelerate.utils import gather
+
+        return gather(tensor)
+
+    def gather_object(self, obj, dst: int = 0):
+        if self.world_size <= 1:
+            return [obj]
+        import torch.distributed as dist
+
+        result = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj=obj, object_gather_list=result, dst=dst)
+        return result
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            self._dist.wait_for_everyone()
 
     @property
     def stats(self) -> SparsityStats | None:
@@ -306,9 +453,14 @@ class DllmSparseLM(LM):
         return self.scorer.stats if self._stats is SCORER_DEFAULT else self._stats
 
     @staticmethod
-    def _key(req) -> tuple:
+    def _key(req) -> Hashable:
         """Names a request for the ELBO's per-item generator: (task, document, choice index), independent of
-        which other requests are in the batch (a partly cached run draws the same masks as a fresh one)."""
+        which other requests are in the batch (a partly cached run draws the same masks as a fresh one). This
+        package's tasks use the built-in scoring's names (:func:`~dllm_sparse.eval.tasks.builtin_request_key`)."""
+        builtin = _BUILTIN_NAME.get(req.task_name)
+        if builtin is not None and isinstance(req.doc, dict) and "id" in req.doc:
+            return builtin_request_key(builtin, req.doc["id"], req.idx if req.request_type == "loglikelihood"
+                                       else None)
         if req.doc_id is None:
             return ("args", repr(req.args))
         return (req.task_name, req.doc_id, req.idx)
@@ -322,27 +474,61 @@ class DllmSparseLM(LM):
             groups.setdefault(w, []).append(i)
         return groups
 
+    def _show_progress(self, disable_tqdm: bool) -> bool:
+        return self.progress and not disable_tqdm and self.rank == 0
+
+    @contextmanager
+    def _scorer_progress(self, disable_tqdm: bool):
+        """The scorer's tqdm bar (sequences for AR, forward-pass chunks for the ELBO) for the calls inside."""
+        old = self.scorer.progress
+        self.scorer.progress = self._show_progress(disable_tqdm)
+        try:
+            yield
+        finally:
+            self.scorer.progress = old
+
+    @staticmethod
+    def _distinct(requests) -> tuple[list, list[int]]:
+        """The distinct request objects and, per request, its index among them. lm-eval repeats an ``Instance``
+        object when it pads a data-parallel rank's share (and for ``repeats``); a log-likelihood is the same for
+        every copy, so each is scored once and the measured sparsity counts real requests only."""
+        first: dict[int, int] = {}
+        distinct, where = [], []
+        for req in requests:
+            if id(req) not in first:
+                first[id(req)] = len(distinct)
+                distinct.append(req)
+            where.append(first[id(req)])
+        return distinct, where
+
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        requests, where = self._distinct(requests)
         out: list = [None] * len(requests)
-        for w, idx in self._cfg_groups(requests).items():
-            pairs = [requests[i].args[:2] for i in idx]
-            keys = [self._key(requests[i]) for i in idx]
-            res = self.scorer.loglikelihood(pairs, keys=keys, sparsity=self._sparsity, stats=self._stats,
-                                            cfg_scale=w if self.scorer.kind == "diffusion" else None)
-            for i, r in zip(idx, res, strict=True):
-                out[i] = r
+        with self._scorer_progress(disable_tqdm):
+            for w, idx in self._cfg_groups(requests).items():
+                pairs = [requests[i].args[:2] for i in idx]
+                keys = [self._key(requests[i]) for i in idx]
+                res = self.scorer.loglikelihood(pairs, keys=keys, sparsity=self._sparsity, stats=self._stats,
+                                                cfg_scale=w if self.scorer.kind == "diffusion" else None)
+                for i, r in zip(idx, res, strict=True):
+                    out[i] = r
         for req, res in zip(requests, out, strict=True):
             self.cache_hook.add_partial("loglikelihood", req.args, res)
-        return out
+        self._share_stats()
+        return [out[i] for i in where]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        requests, where = self._distinct(requests)
         texts = [req.args[0] for req in requests]
         keys = [self._key(req) for req in requests]
-        out = [ll for ll, _ in self.scorer.loglikelihood_rolling(texts, keys=keys, sparsity=self._sparsity,
-                                                                 stats=self._stats)]
-        for req, res in zip(requests, out, strict=True):
+        with self._scorer_progress(disable_tqdm):
+            scores = self.scorer.loglikelihood_rolling(texts, keys=keys, sparsity=self._sparsity, stats=self._stats)
+        out = [ll for ll, _ in scores]
+        for req, res, (_, n) in zip(requests, out, scores, strict=True):
+            self.rolling_tokens[(req.task_name, req.doc_id)] = n
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, res)
-        return out
+        self._share_stats()
+        return [out[i] for i in where]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from dllm_sparse.samplers import GenerationConfig, StepSparsity, generate
@@ -352,7 +538,8 @@ class DllmSparseLM(LM):
         for i, req in enumerate(requests):
             groups.setdefault(repr(sorted((req.args[1] or {}).items())), []).append(i)
         out: list[str | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm, leave=False)
+        bar = tqdm(total=len(requests), desc="generate_until", disable=not self._show_progress(disable_tqdm),
+                   leave=False)
         for idxs in groups.values():
             kw = dict(requests[idxs[0]].args[1] or {})
             until = kw.get("until") or []
@@ -390,15 +577,53 @@ class DllmSparseLM(LM):
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
                 bar.update(len(chunk))
         bar.close()
+        self._share_stats()
         return out  # type: ignore[return-value]
 
 
-def main() -> None:
-    """``python -m dllm_sparse.eval.lm_eval_model ...``: lm-eval's CLI with ``--model dllm_sparse`` registered."""
+# Registered under its package name only: `python -m` runs this file as __main__ and the task YAMLs import it
+# again as dllm_sparse.eval.lm_eval_model, whose class must be the one lm-eval finds (a second class under the
+# same name would be refused by lm-eval's registry).
+if __name__ != "__main__":
+    register_model("dllm_sparse", "dllm-sparse")(DllmSparseLM)
+
+
+def _with_task_dir(argv: list[str]) -> list[str]:
+    """lm-eval CLI arguments with this package's task folder as ``--include_path`` when a ``run`` names none (a
+    run naming its own folder cannot also have ours: lm-eval 0.4.13's CLI takes one path; it then reaches
+    ``dllm_sparse_mc`` through the YAML file itself, see the error below)."""
+    from dllm_sparse.eval.lm_eval_tasks import TASK_DIR
+
+    commands = ("run", "ls", "validate")
+    command = argv[0] if argv and argv[0] in commands else "run"
+    if command != "run" or not argv or argv[0] in ("-h", "--help"):
+        return argv
+    given = any(a == "--include_path" or a.startswith("--include_path=") for a in argv)
+    if not given:
+        at = 1 if argv[0] == "run" else 0
+        return argv[:at] + ["--include_path", TASK_DIR] + argv[at:]
+    values = [b for a, b in zip(argv[:-1], argv[1:], strict=True) if a == "--tasks"]
+    values += [a.split("=", 1)[1] for a in argv if a.startswith("--tasks=")]
+    ours = sorted(t for v in values for t in v.split(",") if t in _BUILTIN_NAME)
+    if ours:
+        raise SystemExit(f"--tasks {','.join(ours)} with your own --include_path: lm-eval's CLI takes one include "
+                         f"path, so give this package's tasks as files instead: --tasks "
+                         + ",".join(f"{TASK_DIR}/{t}.yaml" for t in ours))
+    return argv
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``dllm-sparse-lm-eval`` / ``python -m dllm_sparse.eval.lm_eval_model``: lm-eval's CLI (all of its flags)
+    with ``--model dllm_sparse`` registered and this package's tasks on the include path."""
+    import sys
+
     from lm_eval.__main__ import cli_evaluate
 
+    sys.argv = [sys.argv[0], *_with_task_dir(list(sys.argv[1:] if argv is None else argv))]
     cli_evaluate()
 
 
 if __name__ == "__main__":
-    main()
+    from dllm_sparse.eval.lm_eval_model import main as _package_main  # the registered module's main
+
+    _package_main()

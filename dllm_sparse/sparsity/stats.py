@@ -24,6 +24,7 @@ class _Count:
     zeros: torch.Tensor  # sum over counted tokens of the number of zero entries (float64 scalar tensor)
     tokens: torch.Tensor  # number of counted tokens
     width: int  # entries per token (d_model or d_ff)
+    calls: int = 1  # forward calls of this layer's site counted (a plain int: no device sync)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class SparsityStats:
             else:
                 c.zeros = c.zeros + z
                 c.tokens = c.tokens + n
+                c.calls += 1
 
     def _token_weights(self, zeros: torch.Tensor) -> torch.Tensor | None:
         """The row weights broadcast over the tokens of ``zeros`` [batch, tokens] (None when unweighted)."""
@@ -130,6 +132,36 @@ class SparsityStats:
     def sites(self) -> list[str]:
         return sorted({k[3] for k in self.counts})
 
+    def forward_passes(self, site: str | None = None, tag: Hashable | None = None, group: str = ALL) -> int:
+        """Forward passes of the model counted at ``site`` (pooled over tags, or for one ``tag``): every pass
+        reaches each sparsified layer once, so this is the largest per-layer count of hook calls."""
+        site = self._one_site(site)
+        calls: dict[int, int] = {}
+        for (t, g, layer, s), c in self.counts.items():
+            if s == site and g == group and (tag is None or t == tag):
+                calls[layer] = calls.get(layer, 0) + c.calls
+        return max(calls.values(), default=0)
+
+    # ---- moving counts between processes ------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """The counts as plain Python numbers, keyed like :attr:`counts`: picklable and device-free, so another
+        process can send them (``torch.distributed.gather_object``) to be added with :meth:`merge`."""
+        return {k: (float(c.zeros), float(c.tokens), c.width, c.calls) for k, c in self.counts.items()}
+
+    def merge(self, snapshot: dict) -> None:
+        """Add the counts of a :meth:`snapshot` (e.g. another rank's) to these statistics."""
+        for key, (zeros, tokens, width, calls) in snapshot.items():
+            c = self.counts.get(key)
+            if c is None:
+                self.counts[key] = _Count(torch.tensor(zeros, dtype=torch.float64),
+                                          torch.tensor(tokens, dtype=torch.float64), int(width), int(calls))
+                continue
+            if c.width != width:
+                raise ValueError(f"cannot merge counts of {key}: width {width} here vs {c.width} (another model?)")
+            c.zeros = c.zeros + torch.tensor(zeros, dtype=torch.float64, device=c.zeros.device)
+            c.tokens = c.tokens + torch.tensor(tokens, dtype=torch.float64, device=c.tokens.device)
+            c.calls += int(calls)
+
     def _one_site(self, site: str | None) -> str:
         if site is not None:
             return str(site)
@@ -142,6 +174,7 @@ class SparsityStats:
         return {
             "mean": {s: self.mean(s) for s in self.sites()},
             "per_layer": {s: self.per_layer(s) for s in self.sites()},
+            "forward_passes": {s: self.forward_passes(s) for s in self.sites()},
             "records": self.records(),
         }
 
