@@ -305,8 +305,9 @@ class TopP(SparsityRule):
       bit-identical to the reference (rows it cannot prove exact go to the reference);
     - ``"bisect"``: :func:`top_p_mask`, 32 bisection passes on the threshold, no sort (the GPU path; equal to
       the reference up to the rounding of the mass sums);
-    - ``"auto"`` (default): ``"histogram"`` on CPU, ``"bisect"`` elsewhere. On a 2-core AVX2 CPU the
-      histogram measured ~15x faster than ``torch.sort`` (1024 x 1536 fp32 rows; docs/sparsification.md).
+    - ``"auto"`` (default): ``"histogram"`` on CPU, ``"bisect"`` elsewhere. On a loaded 2-core AVX2 CPU, on
+      SmolLM2-135M's fp32 activations (128 x 1536, one thread), the histogram took 6-13 ms where the sort
+      reference took 14-25 ms (``torch.sort`` alone: ~27 ms for 128 x 1536 random rows, NumPy's sort ~1 ms).
     """
 
     name: ClassVar[str] = "top_p"
