@@ -30,7 +30,7 @@ _EXPORTS = {
                                     "find_ffns", "register_family", "without_lm_head"],
     "dllm_sparse.models.loading": ["LoadedModel", "load_model"],
     "dllm_sparse.sparsity.rules": ["SparsityRule", "TopP", "TopK", "MaxP", "make_rule", "top_p_mask",
-                                   "top_p_mask_reference", "top_p_threshold"],
+                                   "top_p_mask_reference", "top_p_mask_histogram", "top_p_threshold"],
     "dllm_sparse.sparsity.sites": ["FFNSite", "ALL_SITES"],
     "dllm_sparse.sparsity.config": ["SparsityConfig"],
     "dllm_sparse.sparsity.hooks": ["sparsify", "Sparsifier", "MaskEvent"],

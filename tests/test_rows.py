@@ -91,13 +91,17 @@ def test_launch_note_explains_a_single_cpu_process(monkeypatch):
 
 _TORCHRUN_PROBE = """
 import json
+import sys
+from pathlib import Path
 from accelerate import PartialState
 from dllm_sparse.eval.rows import process_info, share_of
 items = list(range(7))
 info = process_info()
 with PartialState().split_between_processes(items) as mine:
     theirs = list(mine)
-print("RESULT", json.dumps([info.rank, info.world_size, theirs, share_of(items, info.rank, info.world_size)]))
+# one file per rank: the launcher may interleave the ranks' stdout
+Path(sys.argv[1], f"rank{info.rank}.json").write_text(
+    json.dumps([info.rank, info.world_size, theirs, share_of(items, info.rank, info.world_size)]))
 """
 
 
@@ -113,9 +117,10 @@ def test_torchrun_ranks_and_shares_match_accelerate(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(_TORCHRUN_PROBE)
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(port), str(script)], capture_output=True, text=True, timeout=300)
+                          "--master_port", str(port), str(script), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    results = sorted(json.loads(line.split("RESULT ", 1)[1]) for line in out.stdout.splitlines() if "RESULT" in line)
+    results = sorted(json.loads(p.read_text()) for p in tmp_path.glob("rank*.json"))
     assert [r[:2] for r in results] == [[0, 2], [1, 2]]
     assert all(r[2] == r[3] for r in results) and results[0][2] + results[1][2] == list(range(7))
 

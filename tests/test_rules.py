@@ -13,8 +13,18 @@ from fractions import Fraction
 import pytest
 import torch
 
-from dllm_sparse import MaxP, TopK, TopP, make_rule, top_p_mask, top_p_mask_reference, top_p_threshold
-from dllm_sparse.sparsity.rules import SparsityRule
+from dllm_sparse import (
+    MaxP,
+    TopK,
+    TopP,
+    make_rule,
+    top_p_mask,
+    top_p_mask_histogram,
+    top_p_mask_reference,
+    top_p_threshold,
+)
+from dllm_sparse.sparsity import rules as rules_module
+from dllm_sparse.sparsity.rules import SparsityRule, _keep_nan_rows
 
 # --------------------------------------------------------------------------------------------------------------
 # Brute-force references (exact rational arithmetic, python loops)
@@ -84,7 +94,8 @@ def test_top_p_known_vectors(v, p, expected):
     x = torch.tensor(v, dtype=torch.float32)
     assert as_list(top_p_mask_reference(x, p)) == expected
     assert as_list(top_p_mask(x, p)) == expected
-    for method in ("sort", "bisect", "auto"):
+    assert as_list(top_p_mask_histogram(x, p)) == expected
+    for method in ("sort", "bisect", "auto", "histogram"):
         assert as_list(TopP(p, method=method).mask(x)) == expected, method
 
 
@@ -277,7 +288,8 @@ def test_methods_agree(name):
     for p in (0.01, 0.5, 0.9, 0.99):
         sort_mask = TopP(p, method="sort").mask(x)
         assert torch.equal(sort_mask, top_p_mask_reference(x, p))
-        assert torch.equal(TopP(p, method="auto").mask(x), sort_mask)  # auto sorts on CPU
+        assert torch.equal(TopP(p, method="auto").mask(x), sort_mask)  # auto = the exact histogram on CPU
+        assert torch.equal(TopP(p, method="histogram").mask(x), sort_mask)
         assert_same_top_p(x, TopP(p, method="bisect").mask(x), p)
 
 
@@ -383,3 +395,108 @@ def test_rule_metadata():
     assert TopP(1).is_identity and TopK(0).is_identity
     assert not TopP(0.999).is_identity and not TopK(0.01).is_identity and not MaxP(0.01).is_identity
     assert TopP(1).p == 1.0 and isinstance(TopP(1).p, float)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the histogram path (CPU default) is the reference bit for bit
+# --------------------------------------------------------------------------------------------------------------
+
+P_EDGES = [1e-300, 1e-9, 0.01, 0.3, 0.5, 0.9, 0.99, 0.999999, 1 - 1e-12, 1.0]
+
+
+def _hard_rows(d: int, seed: int) -> dict[str, torch.Tensor]:
+    """Rows that stress an exact selection: ties, zeros, tiny and huge magnitudes, SwiGLU-like products."""
+    g = torch.Generator().manual_seed(seed)
+    n = 12
+    normal = torch.randn(n, d, generator=g)
+    rows = {
+        "normal": normal,
+        "ties": torch.randint(-3, 4, (n, d), generator=g).float(),
+        "one_value": torch.full((n, d), -0.75),
+        "mostly_zero": normal * (torch.rand(n, d, generator=g) < 0.05),
+        "wide_range": torch.exp(8 * torch.randn(n, d, generator=g)) * normal.sign(),  # 2^-40..2^40
+        "huge": normal * 1e37,
+        "tiny": normal * 1e-38,  # float32 subnormals among them
+        "swiglu": torch.nn.functional.silu(torch.randn(n, d, generator=g)) * torch.randn(n, d, generator=g),
+        "cubed": normal ** 3,
+    }
+    x = rows["normal"].clone()
+    x[0] = 0  # all-zero row
+    x[1, 3 % d] = float("nan")  # NaN row: keeps every non-zero
+    x[2, 5 % d] = float("inf")
+    x[3, :2] = float("-inf")
+    x[4, 0] = 1e30  # one entry holds all the mass
+    rows["special"] = x
+    return rows
+
+
+def _reference(x, p):
+    return _keep_nan_rows(x, top_p_mask_reference(x, p))  # what SparsityRule.mask returns for the sort method
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [1, 7, 576, 1536])
+def test_histogram_equals_reference_bit_for_bit(dtype, d):
+    for name, x in _hard_rows(d, seed=d).items():
+        x = x.to(dtype)
+        for p in P_EDGES:
+            got = top_p_mask_histogram(x, p)
+            assert torch.equal(got, _reference(x, p)), (name, p)
+        assert torch.equal(TopP(0.9).mask(x), top_p_mask_histogram(x, 0.9))  # auto on CPU is this path
+
+
+def test_histogram_alone_is_exact_on_narrow_rows(monkeypatch):
+    """Rows within the exact range never reach the sorted fallback: the histogram itself finds the reference's
+    tau, rounding of the mass sums and all (sums land exactly on targets in the dyadic rows)."""
+    def no_fallback(x, p):
+        raise AssertionError("the fallback ran on rows of a narrow range")
+
+    monkeypatch.setattr(rules_module, "_top_p_mask_sorted", no_fallback)
+    g = torch.Generator().manual_seed(11)
+    for x in (torch.randn(64, 1536, generator=g), torch.randint(-40, 41, (300, 97), generator=g).float() / 8,
+              (torch.randn(64, 576, generator=g) * 3).bfloat16(), torch.rand(64, 576, generator=g).half()):
+        x = x.clone()
+        x[x.abs() < 1e-4] = 0  # keep every row within 2^18 of its maximum
+        for p in (0.1, 0.5, 0.77, 0.9, 0.95, 0.999):
+            assert torch.equal(top_p_mask_histogram(x, p), top_p_mask_reference(x, p)), p
+
+
+def test_histogram_fallback_rows_are_the_reference():
+    """Rows with entries below the exact range (here: 2^-60 of the maximum) take the sorted fallback, which
+    follows the reference's steps; the masks still agree, also where float64 rounding decides the answer."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(50, 1536, generator=g)
+    x[:, :8] *= 2.0 ** -60
+    called = []
+    original = rules_module._top_p_mask_sorted
+
+    def spy(rows, p):
+        called.append(rows.shape[0])
+        return original(rows, p)
+
+    rules_module._top_p_mask_sorted = spy
+    try:
+        for p in (0.3, 0.9, 0.999999):
+            assert torch.equal(top_p_mask_histogram(x, p), top_p_mask_reference(x, p))
+    finally:
+        rules_module._top_p_mask_sorted = original
+    assert called == [50, 50, 50]
+    # and the fallback alone equals the reference on rows whose running sums round
+    wide = _hard_rows(1536, seed=3)["wide_range"]
+    for p in P_EDGES[:-1]:
+        assert torch.equal(rules_module._top_p_mask_sorted(wide, p), top_p_mask_reference(wide, p))
+
+
+def test_histogram_on_float64_and_long_rows_uses_the_reference():
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(6, 50, generator=g, dtype=torch.float64)
+    x[0, 1] = 1 + 2**-40  # a difference float32 would lose
+    for p in (0.2, 0.9):
+        assert torch.equal(top_p_mask_histogram(x, p), top_p_mask_reference(x, p))
+    assert TopP(0.9, method="histogram").mask(torch.zeros(0, 5)).shape == (0, 5)
+
+
+def test_histogram_method_name():
+    assert TopP(0.9, method="histogram").method == "histogram"
+    with pytest.raises(ValueError, match="method must be one of .*histogram"):
+        TopP(0.9, method="bucket")

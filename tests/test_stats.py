@@ -205,3 +205,52 @@ def test_forward_passes_and_merging_snapshots():
     assert merged.to_dict()["forward_passes"] == {"input": 3}
     with pytest.raises(ValueError, match="width"):
         merged.merge({("default", "all", 0, "input"): (1.0, 1.0, 8, 1)})
+
+
+# Tensor -> Python conversions that wait for the device (a host sync per call on a GPU).
+_HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+
+@pytest.mark.parametrize("site", ["input", "gate", "up", "intermediate"])
+def test_a_sparsified_forward_reads_nothing_back_from_the_device(site, tiny_llama, token_ids, monkeypatch):
+    """Counting stays on the device: no statistics or hook code converts a tensor to a Python value during the
+    forward (every call would stall a GPU), with padding, token groups and row weights all in play; the counts
+    are read once, by the report. The model's own code is not counted, only calls made from dllm_sparse."""
+    import sys
+    from pathlib import Path
+
+    from dllm_sparse import TopP, sparsify
+
+    package = str(Path(sys.modules["dllm_sparse"].__file__).parent)
+    calls = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(package):
+                calls.append((name, caller, sys._getframe(1).f_lineno))
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    valid = torch.ones_like(token_ids)
+    valid[0, :2] = 0  # left padding
+    group = torch.zeros_like(token_ids, dtype=torch.bool)
+    group[:, -3:] = True
+    weights = torch.tensor([1.0, 3.0])
+    # The bisection selection has no Python reads either (the CPU histogram reads one bucket size per call).
+    with sparsify(tiny_llama, site, TopP(0.8, method="bisect")) as stats, torch.no_grad():
+        for name in _HOST_READS:
+            monkeypatch.setattr(torch.Tensor, name, counting(name))
+        with stats.tagged("step", groups={"late": group}, row_weights=weights):
+            tiny_llama(token_ids, attention_mask=valid)
+            tiny_llama(token_ids, attention_mask=valid)
+        monkeypatch.undo()
+    assert calls == []
+    # ... and the counts are right: an independent count of the zeros the hooks produced.
+    recs = {(r["group"], r["layer"]): r for r in stats.records()}
+    assert {g for g, _ in recs} == {"all", "late"}
+    assert recs[("all", 0)]["tokens"] == 2 * (5 * 1 + 7 * 3)  # two calls, real tokens x row weight
+    assert recs[("late", 1)]["tokens"] == 2 * (3 * 1 + 3 * 3)

@@ -56,8 +56,9 @@ def _args(base, data, run_dir, *extra):
 
 
 def test_train_export_is_a_peft_adapter_that_merges_to_the_trained_model(tiny_base, text_rows, tmp_path, capsys):
-    from dllm_sparse.models.adapt import add_mask_token, convert_causal_lm, load_adapted_model
     from transformers import AutoModelForCausalLM
+
+    from dllm_sparse.models.adapt import add_mask_token, convert_causal_lm, load_adapted_model
 
     out = tmp_path / "adapter"
     _script().main(_args(tiny_base, text_rows, tmp_path / "run", "--max-steps", "3", "--export", str(out)))

@@ -8,9 +8,9 @@ A :class:`RunIdentity` is a flat, sorted mapping of JSON values. :func:`run_iden
 run has: the model's name, the hash of its weights, its kind, the dtype of its parameters and the device type
 (float results differ between CPU and GPU kernels and between dtypes), the sparsity (config ids, full
 precision; ``dense`` when none), and ``load_options`` when ``load_model`` passed settings to ``from_pretrained``
-that can change the numbers (``attn_implementation``, ``revision``, config-field overrides, ...); callers add the settings of their own computation (ELBO: ``mc_num``,
-``mc_batch``, ``seed``; ``batch_size``; generation: ``gen_steps``, ``block_length``, ``max_gen_toks``,
-``greedy_check``; ``limit`` …). Users of it: the lm-eval response cache (:mod:`dllm_sparse.eval.lm_eval_model`),
+that can change the numbers (``attn_implementation``, ``revision``, config-field overrides, ...); callers add
+the settings of their own computation (ELBO: ``mc_num``, ``mc_batch``, ``seed``; ``batch_size``; generation:
+``gen_steps``, ``block_length``, ``max_gen_toks``, ``greedy_check``; ``limit`` …). Users of it: the lm-eval response cache (:mod:`dllm_sparse.eval.lm_eval_model`),
 the sweep cells (:mod:`dllm_sparse.eval.sweep`), the mask-reuse study cells
 (:mod:`dllm_sparse.eval.reuse_study`) and the step profile of ``experiments/llada_vs_llama.py``.
 

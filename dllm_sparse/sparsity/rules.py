@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -35,11 +36,13 @@ __all__ = [
     "top_p_threshold_reference",
     "top_p_threshold",
     "top_p_mask",
+    "top_p_mask_histogram",
 ]
 
 
 # --------------------------------------------------------------------------------------------------------
-# top-p: reference (sort + cumulative sum in float64) and fast (bisection on the threshold, no sort)
+# top-p: reference (sort + cumulative sum in float64), bisection on the threshold (no sort; the GPU path) and
+# a mass histogram refined inside its boundary bucket (the CPU path)
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -119,6 +122,104 @@ def top_p_mask(x: torch.Tensor, p: float, acc_dtype: torch.dtype | None = None) 
     return ~(a < tau) & (a != 0)
 
 
+# Bits of the significand each input dtype carries (its values, upcast to float32, have no more).
+_MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
+_SUB_BUCKET_BITS = 5  # 2^5 buckets per octave: ~1-3 % of a row's entries share the boundary bucket
+_F32_INF_BITS = 0x7F800000  # float32 bit pattern of +inf; NaN patterns are larger
+
+
+def top_p_mask_histogram(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Top-p keep-mask by a mass histogram, bit-identical to :func:`top_p_mask_reference` (NaN rows included:
+    they keep every non-zero entry, as :meth:`SparsityRule.mask` defines). The CPU path of ``TopP``.
+
+    How: bucket every |v| by its float32 exponent and top 5 mantissa bits (an integer shift of its bit pattern,
+    which is monotone in the value), add the masses per bucket (one ``scatter_add_`` in float64), find the
+    bucket where the running mass from the top reaches p·||v||_1, and sort only the entries of that bucket
+    (about 1-3 % of a row) to find tau inside it. Three passes over the data instead of a row sort.
+
+    Why it equals the reference bit for bit: a row whose non-zero |v| all lie within ``52 - m - ceil(log2 d)``
+    octaves of its maximum (m = significand bits of the input dtype: 23 for float32, 7 for bfloat16, 10 for
+    float16) has every partial sum, in any order, exactly representable in float64 (all are integer multiples
+    of the smallest value's last bit, below 2^53 of them). Then the reference's running sums, its total and so
+    its target p·total are exact too, and both find the same tau. The masses below that range are collected in
+    a last bucket: a row with any mass there (a huge dynamic range, e.g. float32 entries below 2^-18 of the
+    row's maximum at d = 1536: 20-40 % of SmolLM2's fp32 intermediate rows, none in bf16), or with an
+    infinity, is computed as the reference computes it (its steps, with a NumPy row sort). float64 input, or
+    rows too long for any exact range, go to the reference whole.
+    """
+    p = _check_p(p)
+    a = x.detach().abs()
+    if p >= 1.0 or a.numel() == 0:
+        return a != 0
+    d = x.shape[-1]
+    if x.dtype not in _MANTISSA_BITS:
+        return _keep_nan_rows(x, top_p_mask_reference(x, p))
+    span = 52 - _MANTISSA_BITS[x.dtype] - math.ceil(math.log2(d))  # octaves below the max with exact sums
+    if span < 0:
+        return _keep_nan_rows(x, top_p_mask_reference(x, p))
+    a = a.reshape(-1, d).float()
+    bits = a.view(torch.int32)  # non-negative floats: integer order == value order (NaN above +inf)
+    k = _SUB_BUCKET_BITS
+    n_exact = (span + 1) << k  # buckets 0..n_exact-1 cover the exact range; bucket n_exact holds what is below
+    max_bits = bits.amax(dim=-1, keepdim=True)
+    # Bucket 0 = the top sub-octave of the row maximum's octave; one bucket per 2^-k octave downwards.
+    top = (((max_bits >> 23) + 1) << k) - 1
+    bucket = torch.sub(top.long(), bits >> (23 - k)).clamp_(0, n_exact)
+    a64 = a.double()
+    hist = torch.zeros(a.shape[0], n_exact + 1, dtype=torch.float64, device=a.device).scatter_add_(1, bucket, a64)
+    reach = hist.cumsum(dim=-1)  # mass of the buckets down to this one (exact in the exact range)
+    total = reach[:, -1:]
+    target = p * total  # the reference's target: p times the same (exact) total
+    # The boundary bucket: the first with a running mass >= target, skipping empty leading buckets (target 0).
+    boundary = ((reach < target) | (reach == 0)).sum(dim=-1, keepdim=True).clamp_(max=n_exact)
+    above = (reach - hist).gather(1, boundary)  # mass of the buckets above the boundary one
+    tau = _tau_in_bucket(a64, bucket == boundary, above, target)
+    nan_rows = max_bits > _F32_INF_BITS
+    # tau as a bit pattern: |v| >= tau <=> bits >= tau_bits. Bits 1 (the smallest subnormal) keeps every
+    # non-zero entry, NaN included: what a NaN row and (vacuously) an all-zero row need.
+    tau_bits = torch.where(nan_rows | (total == 0), torch.ones_like(max_bits), tau.float().view(torch.int32))
+    keep = bits >= tau_bits
+    inexact = ((hist[:, -1:] > 0) | (max_bits == _F32_INF_BITS)) & ~nan_rows
+    rows = inexact.squeeze(-1).nonzero().squeeze(-1)
+    if rows.numel():
+        keep[rows] = _top_p_mask_sorted(x.reshape(-1, d)[rows], p)
+    return keep.reshape(x.shape)
+
+
+def _top_p_mask_sorted(x: torch.Tensor, p: float) -> torch.Tensor:
+    """:func:`top_p_mask_reference` step for step, with the row sort done by NumPy (values only, ~20x faster
+    than ``torch.sort`` on CPU). The sorted values are the same numbers (ties are equal values), and the same
+    ``torch.cumsum`` runs over them, so the masks are the reference's bit for bit, rounding included."""
+    a = x.detach().abs().to(torch.float64)
+    if a.device.type != "cpu":
+        return top_p_mask_reference(x, p)
+    sorted_a = torch.from_numpy(np.sort(a.neg().numpy(), axis=-1)).neg_()
+    csum = torch.cumsum(sorted_a, dim=-1)
+    target = p * csum[..., -1:]
+    k_minus_1 = (csum < target).sum(dim=-1, keepdim=True).clamp(max=a.shape[-1] - 1)
+    return ~(a < torch.gather(sorted_a, -1, k_minus_1)) & (a != 0)
+
+
+def _tau_in_bucket(a64: torch.Tensor, in_bucket: torch.Tensor, above: torch.Tensor,
+                   target: torch.Tensor) -> torch.Tensor:
+    """Per row: the largest entry c of the boundary bucket with above + (bucket mass >= c) >= target ([rows, 1])."""
+    rows, cols = in_bucket.nonzero(as_tuple=True)
+    counts = in_bucket.sum(dim=-1)
+    width = max(int(counts.max()), 1)
+    starts = counts.cumsum(0) - counts
+    # The bucket's entries left-aligned in a [rows, width] matrix, padded with zeros (which sort last and
+    # add no mass, so they never become tau while the bucket's own mass reaches the target).
+    cand = torch.zeros(a64.shape[0], width, dtype=torch.float64, device=a64.device)
+    cand[rows, torch.arange(rows.numel(), device=a64.device) - starts[rows]] = a64[rows, cols]
+    if cand.device.type == "cpu":  # NumPy's vectorised sort of values is ~20x faster here than torch.sort
+        desc = torch.from_numpy(np.sort(cand.neg_().numpy(), axis=-1)).neg_()
+    else:
+        desc = torch.sort(cand, dim=-1, descending=True).values
+    reach = desc.cumsum(dim=-1) + above
+    j = (reach < target).sum(dim=-1, keepdim=True).clamp_(max=width - 1)
+    return desc.gather(1, j)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Rule objects
 # --------------------------------------------------------------------------------------------------------
@@ -144,7 +245,12 @@ class SparsityRule(ABC):
             if x.dim() < 2:
                 raise ValueError("scope='sequence' needs activations shaped [..., tokens, features]")
             flat = x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
-            return _keep_nan_rows(flat, self._row_mask(flat)).reshape(x.shape)
+            return self._mask_rows(flat).reshape(x.shape)
+        return self._mask_rows(x)
+
+    def _mask_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The keep-mask of each row of ``x`` with NaN rows kept whole (a rule whose selection already does
+        that, top-p's histogram path, overrides this to skip the extra NaN pass)."""
         return _keep_nan_rows(x, self._row_mask(x))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,13 +291,23 @@ def _check_scope(scope: str) -> None:
         raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
 
 
+TOP_P_METHODS = ("auto", "histogram", "bisect", "sort")
+
+
 @dataclass(frozen=True)
 class TopP(SparsityRule):
     """Keep the largest-magnitude entries holding a fraction ``p`` of the row's L1 mass (the paper's rule).
 
-    ``method="bisect"`` finds the threshold without sorting (the GPU path); ``method="sort"`` is the reference.
-    Both give the same masks (tests/test_rules.py). ``"auto"`` (default) sorts on CPU, where a row sort
-    measured 2x faster than 32 bisection passes (256 x 1536 fp32: 15 ms vs 31 ms), and bisects elsewhere.
+    ``method``: how the threshold is found; every method gives the reference's masks (tests/test_rules.py).
+
+    - ``"sort"``: the reference itself (:func:`top_p_mask_reference`: a row sort and a float64 running sum);
+    - ``"histogram"``: :func:`top_p_mask_histogram`, a mass histogram refined inside its boundary bucket,
+      bit-identical to the reference (rows it cannot prove exact go to the reference);
+    - ``"bisect"``: :func:`top_p_mask`, 32 bisection passes on the threshold, no sort (the GPU path; equal to
+      the reference up to the rounding of the mass sums);
+    - ``"auto"`` (default): ``"histogram"`` on CPU, ``"bisect"`` elsewhere. On a loaded 2-core AVX2 CPU, on
+      SmolLM2-135M's fp32 activations (128 x 1536, one thread), the histogram took 6-13 ms where the sort
+      reference took 14-25 ms (``torch.sort`` alone: ~27 ms for 128 x 1536 random rows, NumPy's sort ~1 ms).
     """
 
     name: ClassVar[str] = "top_p"
@@ -203,12 +319,26 @@ class TopP(SparsityRule):
     def __post_init__(self):
         object.__setattr__(self, "p", _check_p(self.p))
         _check_scope(self.scope)
-        if self.method not in ("auto", "bisect", "sort"):
-            raise ValueError(f"method must be 'auto', 'bisect' or 'sort', got {self.method!r}")
+        if self.method not in TOP_P_METHODS:
+            raise ValueError(f"method must be one of {TOP_P_METHODS}, got {self.method!r}")
+
+    def _method_for(self, x: torch.Tensor) -> str:
+        if self.method == "auto":
+            return "histogram" if x.device.type == "cpu" else "bisect"
+        return self.method
+
+    def _mask_rows(self, x):
+        if self._method_for(x) == "histogram":
+            return top_p_mask_histogram(x, self.p)  # keeps NaN rows itself, in the same pass
+        return super()._mask_rows(x)
 
     def _row_mask(self, x):
-        use_sort = self.method == "sort" or (self.method == "auto" and x.device.type == "cpu")
-        return top_p_mask_reference(x, self.p) if use_sort else top_p_mask(x, self.p)
+        method = self._method_for(x)
+        if method == "sort":
+            return top_p_mask_reference(x, self.p)
+        if method == "bisect":
+            return top_p_mask(x, self.p)
+        return top_p_mask_histogram(x, self.p)
 
     @property
     def threshold(self) -> float:

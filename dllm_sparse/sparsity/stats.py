@@ -62,6 +62,10 @@ class SparsityStats:
     def add(self, layer: int, site: str, out: torch.Tensor, valid: torch.Tensor | None) -> None:
         """Count the zeros of ``out`` [..., d]; ``valid`` is a [batch, tokens] mask of real tokens or None."""
         zeros = (out == 0).sum(dim=-1)  # [...]: zero entries per token
+        # Caller masks move to the activations' device once, not at every call (a copy that waits).
+        for name, g in self.groups.items():
+            if g.device != zeros.device:
+                self.groups[name] = g.to(zeros.device)
         groups = {ALL: None, **self.groups}
         weights = self._token_weights(zeros)
         for name, g in groups.items():
@@ -70,7 +74,8 @@ class SparsityStats:
                 m = weights if m is None else m * weights
             if m is None:
                 z = zeros.sum(dtype=torch.float64)
-                n = torch.tensor(float(zeros.numel()), dtype=torch.float64, device=zeros.device)
+                # torch.full fills on the device; torch.tensor(...) would copy a host value over and wait.
+                n = torch.full((), float(zeros.numel()), dtype=torch.float64, device=zeros.device)
             else:
                 z, n = (zeros * m).sum(dtype=torch.float64), m.sum(dtype=torch.float64)
             key = (self.tag, name, layer, str(site))
@@ -90,7 +95,9 @@ class SparsityStats:
         if zeros.dim() != 2 or zeros.shape[0] != w.shape[0]:
             raise ValueError(f"row weights of shape {tuple(w.shape)} do not fit activations {tuple(zeros.shape)} "
                              "(one weight per batch row of [batch, tokens, features] activations)")
-        return w.to(zeros.device)[:, None].expand_as(zeros)
+        if w.device != zeros.device:
+            self.row_weights = w = w.to(zeros.device)  # once, not at every call
+        return w[:, None].expand_as(zeros)
 
     def add_mask(self, layer: int, site: str, keep: torch.Tensor) -> None:
         self.masks.append({"tag": self.tag, "layer": layer, "site": str(site), "keep": keep.detach().cpu()})
