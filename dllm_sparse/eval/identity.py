@@ -10,7 +10,8 @@ run has: the model's name, the hash of its weights, its kind, the dtype of its p
 precision; ``dense`` when none), and ``load_options`` when ``load_model`` passed settings to ``from_pretrained``
 that can change the numbers (``attn_implementation``, ``revision``, config-field overrides, ...); callers add
 the settings of their own computation (ELBO: ``mc_num``, ``mc_batch``, ``seed``; ``batch_size``; generation:
-``gen_steps``, ``block_length``, ``max_gen_toks``, ``greedy_check``; ``limit`` …). Users of it: the lm-eval response cache (:mod:`dllm_sparse.eval.lm_eval_model`),
+``gen_steps``, ``block_length``, ``max_gen_toks``, ``greedy_check``; ``limit`` …). Users of it: the lm-eval
+response cache (:mod:`dllm_sparse.eval.lm_eval_model`),
 the sweep cells (:mod:`dllm_sparse.eval.sweep`), the mask-reuse study cells
 (:mod:`dllm_sparse.eval.reuse_study`) and the step profile of ``experiments/llada_vs_llama.py``.
 
