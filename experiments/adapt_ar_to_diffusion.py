@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from dllm_sparse.atomic import atomic_write_text
+from dllm_sparse.hardware import slow_bf16_reason
 from dllm_sparse.models.adapt import (
     MASK_TOKEN,
     SFTBatch,
@@ -283,7 +284,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="start from this exported adapter (same --r) instead of zero LoRA: trains a shipped twin "
                          "further with a fresh schedule")
     ap.add_argument("--eps", type=float, default=1e-3, help="t ~ U(eps, 1)")
-    ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32 (default: bf16 autocast)")
+    ap.add_argument("--bf16", dest="bf16", action="store_true", default=None,
+                    help="bf16 autocast (default: on where bf16 matmuls are fast: a GPU, or a CPU with AVX512-BF16 / "
+                         "AMX; float32 otherwise, where bf16 runs on a slow reference GEMM)")
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -293,6 +297,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("minutes", "lr"):
         if not getattr(args, name) > 0:
             ap.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.bf16 is None:
+        why = slow_bf16_reason("cuda" if torch.cuda.is_available() else "cpu")
+        args.bf16 = why is None
+        if why:
+            print(f"float32 training: {why} (--bf16 forces it)", flush=True)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     run_dir = args.run_dir or cache_dir() / "runs" / "smollm2-135m-mdm"

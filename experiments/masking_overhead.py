@@ -28,6 +28,8 @@ import platform
 import time
 from pathlib import Path
 
+from dllm_sparse.hardware import cpu_flags, slow_bf16_reason
+
 SITES = ("input", "gate", "up", "intermediate")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "masking_overhead"
 TARGET_RATIO = 1.15  # the overhead the masking path aims to stay under
@@ -78,16 +80,6 @@ def _parse_shape(text: str) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def machine_info(threads: int, note: str) -> dict:
     import torch
     import transformers
@@ -120,11 +112,9 @@ def machine_info(threads: int, note: str) -> dict:
 
 def fast_bf16_reason(info: dict) -> str | None:
     """None when bf16 matmuls are fast here, else why bf16 is skipped."""
-    if info["avx512_bf16"] or info["amx_bf16"]:
-        return None
-    return ("this CPU has no AVX512-BF16 or AMX: PyTorch runs bf16 matmuls on a slow reference GEMM "
-            "(a bf16 training step measured ~30x slower than fp32 on such a CPU), so a bf16 ratio would measure "
-            "that GEMM, not the masking")
+    flags = {name for name in ("avx512_bf16", "amx_bf16") if info[name]} | {"avx2"}
+    why = slow_bf16_reason("cpu", flags)
+    return None if why is None else why + ", so a bf16 ratio would measure that GEMM, not the masking"
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@
    containing one of the keywords (case-insensitive). AR: greedy, 64 new tokens. Diffusion: LLaDA low-confidence
    sampler, gen_length 64, steps 64, block_length 32, temperature 0 (``dllm_sparse.samplers``).
 
-Both models run under the same bf16 autocast on CPU (``--no-bf16`` for float32).
+Both models run under the same autocast: bf16 where the CPU has fast bf16 matmuls, else float32
+(``--bf16`` / ``--no-bf16`` force one).
 """
 
 from __future__ import annotations
@@ -59,10 +60,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-ppl", action="store_true")
     ap.add_argument("--skip-probe", action="store_true")
-    ap.add_argument("--no-bf16", dest="bf16", action="store_false")
+    ap.add_argument("--bf16", dest="bf16", action="store_true", default=None,
+                    help="bf16 autocast (default: only where bf16 matmuls are fast, see dllm_sparse.hardware)")
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, help="write the results (JSON) here")
     args = ap.parse_args(argv)
+    if args.bf16 is None:
+        from dllm_sparse.hardware import slow_bf16_reason
+
+        why = slow_bf16_reason("cpu")
+        args.bf16 = why is None
+        if why:
+            print(f"float32: {why} (--bf16 forces it)", flush=True)
     torch.set_num_threads(args.threads)
 
     from dllm_sparse import load_model
