@@ -96,6 +96,9 @@ class SparseFFN(nn.Module):
         self.layer = ffn.layer
         self.site = site
         self.rule = rule
+        # Python counters stay out of a compiled graph (they count as without compile). Bound here rather than as
+        # a decorator: torch.compiler.disable imports dynamo, seconds that every package import would pay.
+        self._count = torch.compiler.disable(self._count_now)
         self.stats = stats
         self.backend = backend
         # A plain dict, not submodules: the originals' parameters are registered in the owner (or in the
@@ -148,8 +151,7 @@ class SparseFFN(nn.Module):
             self._count(v)
         return v
 
-    @torch.compiler.disable  # Python counters stay out of a compiled graph (they count as without compile)
-    def _count(self, v: torch.Tensor) -> None:
+    def _count_now(self, v: torch.Tensor) -> None:
         self.stats.add(self.layer, self.site, v, None)
 
     # ---- the four roles ----------------------------------------------------------------------------------

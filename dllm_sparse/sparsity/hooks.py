@@ -113,12 +113,12 @@ class Sparsifier:
 
     # Python state (counters, recorded masks, observers, a mask-reuse policy's memory) is kept out of compiled
     # graphs: dynamo would specialise on it (recompiling at every new statistics tag) or replay stale state.
-    @torch.compiler.disable
-    def _select_outside_graph(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    # attach() binds _select_outside_graph / _observe to torch.compiler.disable'd versions of these two (there,
+    # not as decorators: torch.compiler.disable imports dynamo, seconds every `import dllm_sparse` would pay).
+    def _select_now(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         return self.select_mask(layer, self.site, x, self.rule)
 
-    @torch.compiler.disable
-    def _observe(self, layer: int, out: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor | None) -> None:
+    def _observe_now(self, layer: int, out: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor | None) -> None:
         self.stats.add(layer, self.site, out, valid)
         if self.stats.record_masks:
             self.stats.add_mask(layer, self.site, keep)
@@ -130,6 +130,8 @@ class Sparsifier:
         if self._handles:
             raise RuntimeError("this Sparsifier is already attached")
         guard_module_hooks()
+        self._select_outside_graph = torch.compiler.disable(self._select_now)
+        self._observe = torch.compiler.disable(self._observe_now)
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
             self._handles.append(self.model.register_forward_hook(self._release_mask))
