@@ -44,7 +44,7 @@ from dllm_sparse.eval.sweep import SweepConfig, grid, planned_keys, run_sweep
 from dllm_sparse.models.loading import EMBEDDED_MODELS, load_model
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig
 from dllm_sparse.sparsity.rules import RULE_NAMES, make_rule
-from dllm_sparse.sparsity.sites import ALL_SITES, parse_sites
+from dllm_sparse.sparsity.sites import ALL_SITES, SitesAction
 
 DEFAULT_AR = "smollm2-135m"
 DEFAULT_DIFFUSION = "smollm2-135m-mdm"
@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "'none' to skip)")
     ap.add_argument("--ar-model", default=None, help=f"HF id, local dir or embedded name (default: {DEFAULT_AR}; "
                                                      "'none' to skip)")
-    ap.add_argument("--sites", nargs="+", default=[s.value for s in ALL_SITES],
+    ap.add_argument("--sites", nargs="+", action=SitesAction, default=[s.value for s in ALL_SITES],
                     help="FFN sites, space-separated: " + " ".join(s.value for s in ALL_SITES) + " (default: all)")
     ap.add_argument("--rule", default="top_p", choices=list(RULE_NAMES),
                     help="top_p (the paper's rule, default), top_k, max_p, or paper_top_p: the paper's LLaDA scripts' "
@@ -98,12 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="task-averaged curve: average the raw relative performances (default: each task capped "
                          "at 1 first, so a task above dense cannot hide another's loss)")
     ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    try:
-        args.sites = parse_sites(args.sites)
-    except ValueError as e:
-        ap.error(f"--sites: {e}")
-    return args
+    return ap.parse_args(argv)
 
 
 def resolve_models(args) -> tuple[list[str], list[str]]:

@@ -66,7 +66,7 @@ from dllm_sparse.eval.rows import JsonlWriter, atomic_write_csv, atomic_write_te
 from dllm_sparse.models.loading import LoadedModel, check_available, load_model
 from dllm_sparse.samplers import GenerationConfig
 from dllm_sparse.samplers.reuse import make_policy
-from dllm_sparse.sparsity.sites import parse_sites
+from dllm_sparse.sparsity.sites import SitesAction
 
 # This file is the command line: the study itself (cells, recorders, overlap analysis, kernel timing, the policy
 # table) is dllm_sparse.eval.reuse_study, the figures dllm_sparse.eval.reuse_plots, the teacher-forced replay
@@ -95,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default: %(default)s)")
     ap.add_argument("--dtype", default=None, help="model dtype: float32, bf16, fp16 (default: as stored)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
-    ap.add_argument("--sites", nargs="+", default=["input", "intermediate"],
+    ap.add_argument("--sites", nargs="+", action=SitesAction, default=["input", "intermediate"],
                     help="FFN sites, space-separated (default: input intermediate)")
     ap.add_argument("--p", type=float, default=0.9, help="top-p threshold of every cell (default: %(default)s)")
     ap.add_argument("--policies", default=DEFAULT_POLICIES,
@@ -143,12 +143,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="tokens of each passage given as the prompt (default: %(default)s)")
     ap.add_argument("--output-dir", default="runs/mask_reuse", help="output folder (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="generation seed (default: %(default)s)")
-    args = ap.parse_args(argv)
-    try:
-        args.sites = parse_sites(args.sites)
-    except ValueError as e:
-        ap.error(f"--sites: {e}")
-    return args
+    return ap.parse_args(argv)
 
 
 def _probe_layer(v: str) -> int | str:

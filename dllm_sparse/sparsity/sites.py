@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from enum import Enum
 
 
@@ -40,3 +41,13 @@ def parse_sites(values) -> list[str]:
     if dup:
         raise ValueError(f"FFN site(s) {', '.join(dup)} given twice; name each site once")
     return names
+
+
+class SitesAction(argparse.Action):
+    """``ap.add_argument("--sites", nargs="+", action=SitesAction)``: :func:`parse_sites` with argparse's error."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            setattr(namespace, self.dest, parse_sites(values))
+        except ValueError as e:
+            parser.error(f"{option_string}: {e}")
