@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 import dllm_sparse  # noqa: F401  (registers embedded models)
-from dllm_sparse.eval.critical import AVG_CURVE, critical_table, markdown_table, write_critical
+from dllm_sparse.eval.critical import AVG_CURVE, differences_markdown, markdown_table, write_critical
 from dllm_sparse.eval.identity import describe_differences, run_identity
 from dllm_sparse.eval.plots import plot_layer_heatmaps, plot_relative_performance, plot_step_sparsity
 from dllm_sparse.eval.presets import PRESETS, get_preset
@@ -97,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-cap", action="store_true",
                     help="task-averaged curve: average the raw relative performances (default: each task capped "
                          "at 1 first, so a task above dense cannot hide another's loss)")
+    ap.add_argument("--n-boot", type=int, default=1000,
+                    help="bootstrap replicates of the intervals (paired over items; 0: no intervals)")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
@@ -268,8 +270,8 @@ def main(argv=None) -> int:
     t_sweep = time.perf_counter() - t0
     planned = planned_keys(cfg)
     rows = [r for r in rows if r["key"] in planned]  # this configuration's cells only
-    paths = write_critical(rows, out, cap=not args.no_cap)
-    table = critical_table(rows, cap=not args.no_cap)
+    paths = write_critical(rows, out, cap=not args.no_cap, n_boot=args.n_boot)
+    table = paths["table"]
     figs = out / "figures"
     fig_paths = plot_relative_performance(rows, figs)
     for t in args.tasks:
@@ -291,10 +293,15 @@ def main(argv=None) -> int:
     print()
     for n in notes:
         print(n)
-    print("Critical sparsity (%), task-averaged curve; interpolated between the two grid points bracketing 0.99:")
+    boot = paths["bootstrap"]
+    ci = f" [{100 * boot.level:g} % paired bootstrap interval over items]" if boot is not None else ""
+    print(f"Critical sparsity (%), task-averaged curve; interpolated between the two grid points bracketing 0.99{ci}:")
     print(markdown_table(table, AVG_CURVE, "interpolated"))
-    print("\nCritical sparsity (%), task-averaged curve; last grid point passing 0.99:")
+    print(f"\nCritical sparsity (%), task-averaged curve; last grid point passing 0.99{ci}:")
     print(markdown_table(table, AVG_CURVE, "last_passing"))
+    if paths["differences"]:
+        print("\nDiffusion − AR critical sparsity (points; a claim only where the interval excludes 0):")
+        print(differences_markdown(paths["differences"], boot.level))
     print(f"\nfull report (per task too): {paths['markdown']}\nCSV: {paths['csv']}\nfigures:")
     for p in fig_paths:
         if p.suffix == ".png":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from conftest import build_tiny_model
@@ -94,6 +95,12 @@ def test_rows_are_tidy_and_p1_equals_dense(full_run):
     assert r["relative_performance"] == pytest.approx(r["dense_value"] / r["value"])
     mdm = [r for r in rows if r["kind"] == "diffusion" and r["site"] == "input" and r["p"] == 0.8]
     assert any(g.startswith("ratio") for g in mdm[0]["sparsity_groups"])
+    # Per-item scores (what the bootstrap resamples) recompute the row's value.
+    for r in rows:
+        items = r["items"]
+        assert len(items["ids"]) == r["n_items"]
+        if r["metric"] == "ppl":
+            assert math.exp(-sum(items["ll"]) / sum(items["tokens"])) == pytest.approx(r["value"], rel=1e-9)
 
 
 def test_rerun_skips_finished_cells(full_run):

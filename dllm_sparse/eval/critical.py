@@ -28,12 +28,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from dllm_sparse.eval.rows import atomic_write_csv, atomic_write_text
 from dllm_sparse.sparsity.config import DENSE
 
 __all__ = [
     "CriticalSparsity", "critical_sparsity", "curves", "critical_table", "markdown_table", "write_critical",
-    "SITE_ORDER", "AVG_CURVE", "MEAN_OF_TASKS", "ordered_sites",
+    "SITE_ORDER", "AVG_CURVE", "MEAN_OF_TASKS", "ordered_sites", "point_replicates", "critical_replicates",
+    "model_differences", "differences_markdown", "CSV_FIELDS",
 ]
 
 SITE_ORDER = ("intermediate", "input", "gate", "up")  # the paper's Table 1 column order
@@ -93,7 +96,8 @@ def curves(rows: Sequence[dict], metric: str | None = None,
             continue
         out.setdefault((r["model"], r["site"], r["task"]), []).append(
             {"p": r["p"], "sparsity": r["sparsity"], "relative": rel, "per_layer": r.get("per_layer_sparsity"),
-             "identity": r.get("source") == "dense_pass", "order": _dense_to_sparse(r.get("rule"), r["p"])})
+             "identity": r.get("source") == "dense_pass", "order": _dense_to_sparse(r.get("rule"), r["p"]),
+             "key": r.get("key")})
     for (model, site, task), pts in out.items():  # no identity cell in the grid: add the dense pass itself
         d = dense.get((model, task))
         if d and not any(pt["identity"] for pt in pts):
@@ -101,7 +105,7 @@ def curves(rows: Sequence[dict], metric: str | None = None,
             if s is not None:
                 pts.append({"p": math.inf, "sparsity": s, "relative": 1.0,
                             "per_layer": (d.get("per_layer_by_site") or {}).get(site), "identity": True,
-                            "order": -math.inf})
+                            "order": -math.inf, "key": d.get("key")})
     for pts in out.values():
         pts.sort(key=lambda pt: (not pt["identity"], pt["order"], pt["sparsity"]))
     # Task-averaged curves: thresholds present for every task of the (model, site).
@@ -120,42 +124,146 @@ def curves(rows: Sequence[dict], metric: str | None = None,
             avg.append({"p": p, "sparsity": sum(pt["sparsity"] for pt in sel) / len(sel),
                         "relative": sum(min(pt["relative"], 1.0) if cap else pt["relative"] for pt in sel) / len(sel),
                         "per_layer": per_layer,
-                        "tasks": tasks})
+                        "tasks": tasks, "keys": [pt["key"] for pt in sel]})
         out[(model, site, AVG_CURVE)] = avg
     return out
 
 
+def point_replicates(rows: Sequence[dict], boot, metric: str | None = None,
+                     cap: bool = True) -> dict[tuple[str, str, str], list[tuple[float, np.ndarray] | None]]:
+    """Bootstrap replicates ([n_boot] relative performances) of every point of :func:`curves`, in the same
+    order, with the point's fixed measured sparsity: ``{(model, site, task): [(sparsity, replicates) | None]}``.
+    The task-averaged curve's points average the tasks' capped replicates of the same draw. None: a point
+    without per-item scores (or ``metric`` is not the rows' primary one, which is not resampled)."""
+    by_key = {r["key"]: r for r in rows if r.get("key") is not None}
+    out: dict[tuple[str, str, str], list] = {}
+    cv = curves(rows, metric, cap)
+    for (model, site, task), pts in cv.items():
+        if task == AVG_CURVE:
+            continue
+        reps = []
+        for pt in pts:
+            row = by_key.get(pt["key"])
+            rep = None if metric is not None or row is None else boot.relative(row)
+            reps.append(None if rep is None else (pt["sparsity"], rep))
+        out[(model, site, task)] = reps
+    for (model, site, task), pts in cv.items():
+        if task != AVG_CURVE:
+            continue
+        reps = []
+        for pt in pts:
+            per_task = []
+            for t, key in zip(pt["tasks"], pt["keys"], strict=True):
+                row = by_key.get(key)
+                rep = None if metric is not None or row is None else boot.relative(row)
+                per_task.append(None if rep is None else (np.minimum(rep, 1.0) if cap else rep))
+            reps.append(None if any(r is None for r in per_task) else (pt["sparsity"], np.mean(per_task, axis=0)))
+        out[(model, site, task)] = reps
+    return out
+
+
+def critical_replicates(rows: Sequence[dict], boot, threshold: float = 0.99, metric: str | None = None,
+                        cap: bool = True) -> dict[tuple[str, str, str], dict[str, np.ndarray]]:
+    """Per (model, site, task) (and ``avg_curve``): the critical sparsity of every bootstrap replicate,
+    ``{"last_passing": [n_boot], "interpolated": [n_boot]}`` (NaN where no point passes). Curves with a point
+    that cannot be resampled are left out."""
+    out = {}
+    for key, reps in point_replicates(rows, boot, metric, cap).items():
+        if not reps or any(r is None for r in reps):
+            continue
+        xs = [s for s, _ in reps]
+        ys = np.stack([rep for _, rep in reps], axis=1)  # [n_boot, points]
+        last, interp = np.full(len(ys), np.nan), np.full(len(ys), np.nan)
+        for b, row in enumerate(ys):
+            c = critical_sparsity(list(zip(xs, row.tolist(), strict=True)), threshold)
+            last[b] = np.nan if c.last_passing is None else c.last_passing
+            interp[b] = np.nan if c.interpolated is None else c.interpolated
+        out[key] = {"last_passing": last, "interpolated": interp}
+    return out
+
+
+def model_differences(reps: dict[tuple[str, str, str], dict[str, np.ndarray]], kinds: dict[str, str], boot,
+                      task: str = AVG_CURVE, variant: str = "interpolated") -> list[dict]:
+    """For every site and every (diffusion model, AR model) pair: the critical sparsity difference diffusion − AR
+    (points of sparsity, on the paired replicates) with its interval and a verdict that claims only what the
+    interval allows: "diffusion higher" (interval above 0), "AR higher" (below 0), or "no detectable difference"
+    (the interval holds 0)."""
+    out = []
+    diff_models = [m for m, k in kinds.items() if k == "diffusion"]
+    ar_models = [m for m, k in kinds.items() if k == "ar"]
+    sites = ordered_sites(s for (_, s, t) in reps if t == task)
+    for site in sites:
+        for dm in diff_models:
+            for am in ar_models:
+                a, b = reps.get((dm, site, task)), reps.get((am, site, task))
+                if a is None or b is None:
+                    continue
+                d = a[variant] - b[variant]
+                finite = d[np.isfinite(d)]
+                ci = boot.interval(finite)
+                est = float(np.median(finite)) if finite.size else None
+                verdict = ("no interval" if ci is None else "diffusion higher" if ci[0] > 0 else
+                           "AR higher" if ci[1] < 0 else "no detectable difference")
+                out.append({"site": site, "diffusion_model": dm, "ar_model": am, "task": task, "variant": variant,
+                            "difference_median": est, "lo": None if ci is None else ci[0],
+                            "hi": None if ci is None else ci[1], "verdict": verdict,
+                            "p_diffusion_at_least_ar": float(np.mean(finite >= 0)) if finite.size else None})
+    return out
+
+
 def critical_table(rows: Sequence[dict], threshold: float = 0.99, metric: str | None = None,
-                   cap: bool = True) -> list[dict]:
+                   cap: bool = True, boot=None) -> list[dict]:
     """One record per (model, site, task) plus ``avg_curve`` and ``mean_of_tasks`` per (model, site);
-    ``cap``: how the task-averaged curve averages (module docstring)."""
+    ``cap``: how the task-averaged curve averages (module docstring). ``boot``: a
+    :class:`~dllm_sparse.eval.bootstrap.Bootstrap` of the same rows adds the percentile intervals
+    ``interpolated_lo`` / ``interpolated_hi`` / ``last_passing_lo`` / ``last_passing_hi`` (None where the rows
+    hold no per-item scores)."""
     kinds = {r["model"]: r.get("kind", "") for r in rows}
+    reps = critical_replicates(rows, boot, threshold, metric, cap) if boot is not None else {}
     table = []
     per_ms: dict[tuple[str, str], list[CriticalSparsity]] = {}
+    per_ms_reps: dict[tuple[str, str], list] = {}
     for (model, site, task), pts in sorted(curves(rows, metric, cap).items()):
         c = critical_sparsity([(pt["sparsity"], pt["relative"]) for pt in pts], threshold)
-        table.append({"model": model, "kind": kinds.get(model, ""), "site": site, "task": task, **asdict(c)})
+        table.append({"model": model, "kind": kinds.get(model, ""), "site": site, "task": task, **asdict(c),
+                      **_intervals(reps.get((model, site, task)), boot)})
         if task != AVG_CURVE:
             per_ms.setdefault((model, site), []).append(c)
+            per_ms_reps.setdefault((model, site), []).append(reps.get((model, site, task)))
     def mean(vals):  # None unless every task has a value
         return None if any(v is None for v in vals) else sum(vals) / len(vals)
 
     for (model, site), cs in sorted(per_ms.items()):
+        rs = per_ms_reps[(model, site)]
+        mean_reps = None if any(r is None for r in rs) else {
+            v: np.mean([r[v] for r in rs], axis=0) for v in ("last_passing", "interpolated")}
         table.append({"model": model, "kind": kinds.get(model, ""), "site": site, "task": MEAN_OF_TASKS,
                       "last_passing": mean([c.last_passing for c in cs]),
                       "interpolated": mean([c.interpolated for c in cs]),
                       "bracketed": all(c.bracketed for c in cs), "n_points": sum(c.n_points for c in cs),
-                      "threshold": threshold})
+                      "threshold": threshold, **_intervals(mean_reps, boot)})
     return table
 
 
-def _fmt(rec: dict | None, variant: str) -> str:
+def _intervals(reps: dict | None, boot) -> dict:
+    out = {}
+    for v in ("interpolated", "last_passing"):
+        ci = None if reps is None or boot is None else boot.interval(reps[v])
+        out[f"{v}_lo"], out[f"{v}_hi"] = (None, None) if ci is None else ci
+    return out
+
+
+def _fmt(rec: dict | None, variant: str, with_interval: bool = True) -> str:
     if rec is None:
         return "n/a"
     v = rec.get(variant)
     if v is None:
         return "none passes"
-    return ("" if rec.get("bracketed") else "≥") + f"{100 * v:.1f}"
+    text = ("" if rec.get("bracketed") else "≥") + f"{100 * v:.1f}"
+    lo, hi = rec.get(f"{variant}_lo"), rec.get(f"{variant}_hi")
+    if with_interval and lo is not None and hi is not None:
+        text += f" [{100 * lo:.1f}, {100 * hi:.1f}]"
+    return text
 
 
 def ordered_sites(names: Iterable[str]) -> list[str]:
@@ -164,21 +272,41 @@ def ordered_sites(names: Iterable[str]) -> list[str]:
     return [s for s in SITE_ORDER if s in present] + sorted(present - set(SITE_ORDER))
 
 
-def markdown_table(table: Sequence[dict], task: str = AVG_CURVE, variant: str = "interpolated") -> str:
-    """Rows: models; columns: sites (paper order); cells: critical sparsity in %."""
+def markdown_table(table: Sequence[dict], task: str = AVG_CURVE, variant: str = "interpolated",
+                   with_interval: bool = True) -> str:
+    """Rows: models; columns: sites (paper order); cells: critical sparsity in % with its bootstrap interval
+    ``[lo, hi]`` when the table has one."""
     sites = ordered_sites(r["site"] for r in table)
     models = list(dict.fromkeys(r["model"] for r in table))
     idx = {(r["model"], r["site"], r["task"]): r for r in table}
     lines = ["| model | kind | " + " | ".join(sites) + " |", "|---|---|" + "---:|" * len(sites)]
     for m in models:
         kind = next((r["kind"] for r in table if r["model"] == m), "")
-        lines.append(f"| {m} | {kind} | " + " | ".join(_fmt(idx.get((m, s, task)), variant) for s in sites) + " |")
+        lines.append(f"| {m} | {kind} | " + " | ".join(_fmt(idx.get((m, s, task)), variant, with_interval) for s in sites) + " |")
     return "\n".join(lines)
 
 
-def markdown_report(table: Sequence[dict], threshold: float = 0.99, cap: bool = True) -> str:
+def differences_markdown(diffs: Sequence[dict], level: float = 0.95) -> str:
+    """The diffusion − AR comparison, one line per site, with its interval and what it allows one to claim."""
+    if not diffs:
+        return "(no diffusion / AR pair with per-item scores in these rows)"
+    lines = [f"| site | diffusion − AR (points, median) | {100 * level:g} % interval | verdict | "
+             "P(diffusion ≥ AR) |", "|---|---:|---|---|---:|"]
+    for d in diffs:
+        med = "n/a" if d["difference_median"] is None else f"{100 * d['difference_median']:+.1f}"
+        ci = "n/a" if d["lo"] is None else f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+        pr = "n/a" if d["p_diffusion_at_least_ar"] is None else f"{d['p_diffusion_at_least_ar']:.2f}"
+        lines.append(f"| {d['site']} | {med} | {ci} | {d['verdict']} | {pr} |")
+    return "\n".join(lines)
+
+
+def markdown_report(table: Sequence[dict], threshold: float = 0.99, cap: bool = True,
+                    diffs: Sequence[dict] = (), boot=None) -> str:
     tasks = sorted({r["task"] for r in table} - {AVG_CURVE, MEAN_OF_TASKS})
     pct = f"{100 * threshold:g} %"
+    ci_note = ("" if boot is None else
+               f" Brackets: {100 * boot.level:g} % paired bootstrap interval over items ({boot.n_boot} replicates, "
+               f"seed {boot.seed}; items per task: {boot.describe()['items']}).")
     parts = [
         f"# Critical sparsity (%): highest measured sparsity keeping ≥ {pct} of dense performance",
         "",
@@ -187,7 +315,7 @@ def markdown_report(table: Sequence[dict], threshold: float = 0.99, cap: bool = 
         "measured sparsity). Relative performance = "
         "metric_sparse / metric_dense (accuracy) or PPL_dense / PPL_sparse (perplexity; ELBO perplexity for "
         "diffusion models). '≥' = no grid point failed "
-        "(a lower bound); 'none passes' = even the first grid point failed.",
+        "(a lower bound); 'none passes' = even the first grid point failed." + ci_note,
         "",
         f"## Interpolated (linear, on measured sparsity, between the two grid points that bracket {threshold:g})",
         "",
@@ -197,9 +325,11 @@ def markdown_report(table: Sequence[dict], threshold: float = 0.99, cap: bool = 
         "",
         markdown_table(table, AVG_CURVE, "last_passing"),
         "",
-        "## Per task (interpolated / last passing)",
-        "",
     ]
+    if boot is not None:
+        parts += ["## Diffusion vs AR (task-averaged curve, interpolated; paired over the same items)", "",
+                  differences_markdown(diffs, boot.level), ""]
+    parts += ["## Per task (interpolated / last passing)", ""]
     sites = ordered_sites(r["site"] for r in table)
     idx = {(r["model"], r["site"], r["task"]): r for r in table}
     parts += ["| model | task | " + " | ".join(sites) + " |", "|---|---|" + "---:|" * len(sites)]
@@ -211,15 +341,48 @@ def markdown_report(table: Sequence[dict], threshold: float = 0.99, cap: bool = 
     return "\n".join(parts) + "\n"
 
 
+#: Columns of critical_sparsity.csv: critical sparsities in percent (the Markdown's unit), said in the name.
+CSV_FIELDS = ["model", "kind", "site", "task", "interpolated_pct", "interpolated_lo_pct", "interpolated_hi_pct",
+              "last_passing_pct", "last_passing_lo_pct", "last_passing_hi_pct", "bracketed", "n_points",
+              "threshold"]
+
+
+def _csv_record(rec: dict) -> dict:
+    out = {k: rec.get(k) for k in ("model", "kind", "site", "task", "bracketed", "n_points", "threshold")}
+    for v in ("interpolated", "last_passing"):
+        for suffix in ("", "_lo", "_hi"):
+            x = rec.get(v + suffix)
+            out[f"{v}{suffix}_pct"] = None if x is None else round(100 * x, 4)
+    return out
+
+
 def write_critical(rows: Sequence[dict], out_dir: str | Path, threshold: float = 0.99,
-                   metric: str | None = None, cap: bool = True) -> dict[str, Path]:
-    """Write ``critical_sparsity.csv`` and ``critical_sparsity.md``; returns their paths and the table.
-    ``cap``: how the task-averaged curve averages (module docstring)."""
+                   metric: str | None = None, cap: bool = True, n_boot: int = 1000, seed: int = 0,
+                   level: float = 0.95) -> dict:
+    """Write ``critical_sparsity.csv`` (percent), ``critical_sparsity.md`` and, with a diffusion / AR pair,
+    ``model_comparison.csv``; returns ``{"csv", "markdown", "comparison", "table", "differences", "bootstrap"}``.
+    ``cap``: how the task-averaged curve averages (module docstring). ``n_boot``: bootstrap replicates of the
+    intervals (:mod:`dllm_sparse.eval.bootstrap`; 0 = no intervals)."""
+    from dllm_sparse.eval.bootstrap import Bootstrap
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = critical_table(rows, threshold, metric, cap)
+    boot = Bootstrap(rows, n_boot=n_boot, seed=seed, level=level) if n_boot else None
+    table = critical_table(rows, threshold, metric, cap, boot=boot)
+    diffs = []
+    if boot is not None:
+        kinds = {r["model"]: r.get("kind", "") for r in rows}
+        diffs = model_differences(critical_replicates(rows, boot, threshold, metric, cap), kinds, boot)
     csv_path, md_path = out / "critical_sparsity.csv", out / "critical_sparsity.md"
-    fields = ["model", "kind", "site", "task", "interpolated", "last_passing", "bracketed", "n_points", "threshold"]
-    atomic_write_csv(csv_path, table, fields)
-    atomic_write_text(md_path, markdown_report(table, threshold, cap))
-    return {"csv": csv_path, "markdown": md_path}
+    atomic_write_csv(csv_path, [_csv_record(r) for r in table], CSV_FIELDS)
+    atomic_write_text(md_path, markdown_report(table, threshold, cap, diffs, boot))
+    paths = {"csv": csv_path, "markdown": md_path, "comparison": None, "table": table, "differences": diffs,
+             "bootstrap": boot}
+    if diffs:
+        paths["comparison"] = out / "model_comparison.csv"
+        atomic_write_csv(paths["comparison"], [
+            {k: (round(100 * v, 4) if k in ("difference_median", "lo", "hi") and v is not None else v)
+             for k, v in d.items()} for d in diffs],
+            ["site", "diffusion_model", "ar_model", "task", "variant", "difference_median", "lo", "hi", "verdict",
+             "p_diffusion_at_least_ar"])
+    return paths

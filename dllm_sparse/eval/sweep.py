@@ -8,7 +8,8 @@ Rows (``<output_dir>/rows.jsonl``) carry: model, kind, site, rule, ``p`` (the ru
 max-p, the target sparsity for top-k; the column keeps its historical name), scope, task, the primary metric
 and its value, the dense value, the relative performance (sparse/dense; dense/sparse for lower-is-better metrics such as
 perplexity), all metrics, the measured mean sparsity and per-layer sparsities (the x-axis of every curve),
-the number of items and the seconds spent.
+the number of items, the per-item scores (``items``: what the bootstrap intervals of
+:mod:`dllm_sparse.eval.bootstrap` resample) and the seconds spent.
 
 Guarantees:
 
@@ -53,6 +54,7 @@ from typing import Any
 
 import torch
 
+from dllm_sparse.eval.bootstrap import item_scores
 from dllm_sparse.eval.identity import RunIdentity, run_identity
 from dllm_sparse.eval.likelihood import Scorer
 from dllm_sparse.eval.rows import JsonlWriter, atomic_write_json, process_info, read_rows, share_of
@@ -533,9 +535,11 @@ def _base_row(cfg: SweepConfig, lm, name: str, task: str, config: SparsityConfig
 
 
 def _result_fields(res) -> dict:
+    # "items": the per-item scores the bootstrap intervals resample (dllm_sparse.eval.bootstrap); None for tasks
+    # whose scorer gives no per-item details.
     return {"metric": res.metric, "value": res.value, "metrics": res.metrics,
             "higher_is_better": res.higher_is_better.get(res.metric, True),
-            "higher_is_better_all": res.higher_is_better, "n_items": res.n}
+            "higher_is_better_all": res.higher_is_better, "n_items": res.n, "items": item_scores(res.details)}
 
 
 def _groups(stats: SparsityStats, site: str) -> dict[str, float]:

@@ -1,0 +1,175 @@
+"""Paired bootstrap intervals for relative performance and critical sparsity.
+
+Every sweep row stores its per-item scores (``row["items"]``, :func:`item_scores`): for multiple choice whether
+each item was answered right (``acc``, ``acc_norm``), for perplexity each passage's log-likelihood and token
+count. A bootstrap replicate draws the items of each task with replacement (multinomial counts, one draw per
+task) and recomputes every metric of that task from the same draw: the dense row, every sparse row of every
+site and threshold, and every model. Relative performance is therefore resampled *paired* (the same items in the
+numerator and the denominator), and so is the difference between two models evaluated on the same items.
+
+Per replicate the critical sparsity is recomputed from the resampled curves exactly as
+:mod:`dllm_sparse.eval.critical` computes it (the task-averaged curve: each task's relative performance capped at
+1 unless ``cap=False``, averaged over tasks; the measured sparsity of each point is kept fixed, since it is a
+property of the configuration measured over all items, not a noisy score). The interval is the percentile
+interval of the replicates (default 95 %, 1,000 replicates, seed 0: the same rows give the same interval).
+
+What the interval covers: the choice of items (the finite test set) and, for the diffusion model, the
+Monte-Carlo noise of the ELBO (each item's masks are fixed by its seed, so each item's score carries its own MC
+error, which resampling items includes). What it does not cover: other thresholds than the grid's, other seeds of
+the ELBO masks, or float noise of batching (see the sweep's docs).
+
+Metrics that can be resampled: ``acc``, ``acc_norm`` (mean of 0/1 per item) and ``ppl`` / ``nll_per_token``
+(exp of minus the summed log-likelihood over the summed token counts). Rows without per-item scores (lm-eval
+tasks other than the built-in ones, folders written by older versions) get no interval, and every aggregate that
+needs them says ``None``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from dllm_sparse.sparsity.config import DENSE
+
+__all__ = ["item_scores", "Bootstrap", "RESAMPLABLE", "percentile_interval"]
+
+#: Metrics whose value can be recomputed from per-item scores.
+RESAMPLABLE = ("acc", "acc_norm", "ppl", "nll_per_token")
+
+
+def item_scores(details: Sequence[dict]) -> dict | None:
+    """The compact per-item scores a sweep row stores, from a :class:`~dllm_sparse.eval.tasks.TaskResult`'s
+    ``details``: ``{"ids", "acc", "acc_norm"}`` for multiple choice, ``{"ids", "ll", "tokens"}`` for perplexity;
+    None when the details are of another kind (or empty)."""
+    if not details:
+        return None
+    if all("pred" in d and "gold" in d for d in details):
+        return {"ids": [str(d["id"]) for d in details],
+                "acc": [int(d["pred"] == d["gold"]) for d in details],
+                "acc_norm": [int(d.get("pred_norm", d["pred"]) == d["gold"]) for d in details]}
+    if all("ll" in d and "tokens" in d for d in details):
+        return {"ids": [str(d["id"]) for d in details], "ll": [float(d["ll"]) for d in details],
+                "tokens": [int(d["tokens"]) for d in details]}
+    return None
+
+
+def _metric_replicates(items: dict, metric: str, weights: np.ndarray) -> np.ndarray | None:
+    """The metric under each replicate's item counts ``weights`` [B, n]; None when it cannot be resampled."""
+    n = len(items["ids"])
+    if metric in ("acc", "acc_norm") and metric in items:
+        return weights @ np.asarray(items[metric], dtype=np.float64) / n
+    if metric in ("ppl", "nll_per_token") and "ll" in items:
+        nll = -(weights @ np.asarray(items["ll"], dtype=np.float64)) / np.maximum(
+            weights @ np.asarray(items["tokens"], dtype=np.float64), 1.0)
+        return np.exp(nll) if metric == "ppl" else nll
+    return None
+
+
+def _relative(value: np.ndarray, dense: np.ndarray, higher_is_better: bool) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if higher_is_better:
+            # 0/0: both wrong on every drawn item, nothing was lost (as relative_performance says for 0 == 0).
+            return np.where(dense != 0, value / np.where(dense != 0, dense, 1.0), np.where(value == 0, 1.0, np.nan))
+        return np.where(value != 0, dense / np.where(value != 0, value, 1.0), np.nan)
+
+
+def percentile_interval(samples: np.ndarray | Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """The central ``level`` percentile interval of the finite samples; None when there are none."""
+    a = np.asarray(samples, dtype=np.float64)
+    a = a[np.isfinite(a)]
+    if a.size == 0:
+        return None
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(a, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+@dataclass
+class Bootstrap:
+    """Replicates of one sweep's rows. ``n_boot`` replicates, ``seed`` for the item draws, ``level`` of the
+    percentile intervals. Build it once per set of rows, then ask for intervals.
+
+        boot = Bootstrap(rows)
+        boot.relative(row)                      # [n_boot] relative performance of a row, paired with its dense row
+        boot.relative_interval(row)             # (lo, hi) or None
+    """
+
+    rows: Sequence[dict]
+    n_boot: int = 1000
+    seed: int = 0
+    level: float = 0.95
+
+    def __post_init__(self):
+        if isinstance(self.n_boot, bool) or not isinstance(self.n_boot, int) or self.n_boot < 1:
+            raise ValueError(f"n_boot must be a whole number >= 1, got {self.n_boot!r}")
+        if not 0 < self.level < 1:
+            raise ValueError(f"level must lie in (0, 1), e.g. 0.95; got {self.level!r}")
+        self._dense = {(r["model"], r["task"]): r for r in self.rows if r["site"] == DENSE}
+        self._weights: dict[str, np.ndarray | None] = {}
+        self._cache: dict[str, np.ndarray | None] = {}
+        rng = np.random.default_rng(self.seed)
+        # One draw per task, in a fixed order, shared by every model and configuration of that task (paired).
+        for task in sorted({r["task"] for r in self.rows}):
+            ids = self._task_ids(task)
+            n = len(ids) if ids else 0
+            self._weights[task] = (rng.multinomial(n, np.full(n, 1.0 / n), size=self.n_boot).astype(np.float64)
+                                   if n else None)
+        self._ids = {task: self._task_ids(task) for task in self._weights}
+
+    def _task_ids(self, task: str) -> list[str] | None:
+        """The item ids of a task when every row of it stores the same items; else None (no resampling)."""
+        ids = None
+        for r in self.rows:
+            if r["task"] != task:
+                continue
+            items = r.get("items")
+            if not items:
+                return None
+            if ids is None:
+                ids = list(items["ids"])
+            elif list(items["ids"]) != ids:
+                return None
+        return ids
+
+    def weights(self, task: str) -> np.ndarray | None:
+        """[n_boot, n_items] multinomial item counts of every replicate of ``task`` (None: not resampled)."""
+        return self._weights.get(task)
+
+    def metric(self, row: dict) -> np.ndarray | None:
+        """[n_boot] replicates of the row's primary metric; None when it cannot be resampled."""
+        key = row.get("key") or id(row)
+        if key not in self._cache:
+            w, items = self._weights.get(row["task"]), row.get("items")
+            self._cache[key] = None if w is None or not items else _metric_replicates(items, row["metric"], w)
+        return self._cache[key]
+
+    def relative(self, row: dict) -> np.ndarray | None:
+        """[n_boot] replicates of the row's relative performance (the same items in the row and its dense row)."""
+        if row["site"] == DENSE:
+            w = self._weights.get(row["task"])
+            return None if w is None else np.ones(self.n_boot)
+        dense = self._dense.get((row["model"], row["task"]))
+        if dense is None:
+            return None
+        v, d = self.metric(row), self.metric(dense)
+        if v is None or d is None:
+            return None
+        return _relative(v, d, row.get("higher_is_better", True))
+
+    def relative_interval(self, row: dict) -> tuple[float, float] | None:
+        r = self.relative(row)
+        return None if r is None else percentile_interval(r, self.level)
+
+    def interval(self, samples) -> tuple[float, float] | None:
+        return percentile_interval(samples, self.level)
+
+    def describe(self) -> dict:
+        return {"n_boot": self.n_boot, "seed": self.seed, "level": self.level,
+                "items": {t: (len(ids) if ids else None) for t, ids in self._ids.items()}}
+
+
+def nan_to_none(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x

@@ -1,0 +1,199 @@
+"""Paired bootstrap intervals (dllm_sparse.eval.bootstrap, critical.py): against brute-force recomputation from
+explicitly resampled item lists, and a coverage check on data with a known relative performance."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from dllm_sparse.eval.bootstrap import Bootstrap, item_scores, percentile_interval
+from dllm_sparse.eval.critical import (
+    AVG_CURVE,
+    critical_replicates,
+    critical_sparsity,
+    critical_table,
+    model_differences,
+    write_critical,
+)
+
+
+def _row(model, kind, task, site, p, items, sparsity=None, metric="acc"):
+    if metric == "acc":
+        value = float(np.mean(items["acc"]))
+    else:
+        value = math.exp(-sum(items["ll"]) / sum(items["tokens"]))
+    return {"key": json.dumps([model, task, site, p]), "model": model, "kind": kind, "task": task, "site": site,
+            "rule": "dense" if site == "dense" else "top_p", "p": p, "metric": metric, "value": value,
+            "metrics": {metric: value}, "higher_is_better": metric == "acc", "sparsity": sparsity,
+            "sparsity_by_site": {"input": 0.0}, "items": items, "source": "measured", "relative_performance": None}
+
+
+def _fill_relative(rows):
+    dense = {(r["model"], r["task"]): r for r in rows if r["site"] == "dense"}
+    for r in rows:
+        d = dense[(r["model"], r["task"])]
+        r["relative_performance"] = (r["value"] / d["value"] if r["higher_is_better"] else d["value"] / r["value"])
+    return rows
+
+
+def _mc(acc):
+    return {"ids": [f"q{i}" for i in range(len(acc))], "acc": [int(a) for a in acc], "acc_norm": [int(a) for a in acc]}
+
+
+def _ppl(ll, tokens):
+    return {"ids": [f"d{i}" for i in range(len(ll))], "ll": [float(x) for x in ll], "tokens": [int(t) for t in tokens]}
+
+
+def _pair_rows(rng, n=30, grid=((0.99, 0.1), (0.95, 0.25), (0.9, 0.4), (0.8, 0.6))):
+    rows = []
+    ll = -rng.uniform(50, 150, n)
+    tokens = rng.integers(40, 64, n)
+    for model, kind, harm in (("ar-m", "ar", 1.0), ("mdm", "diffusion", 0.4)):
+        acc = rng.random(n) < 0.7
+        rows.append(_row(model, kind, "mc", "dense", 1.0, _mc(acc)))
+        rows.append(_row(model, kind, "ppl", "dense", 1.0, _ppl(ll, tokens), metric="ppl"))
+        for p, s in grid:
+            a = acc & ~(rng.random(n) < harm * s * 0.3)
+            rows.append(_row(model, kind, "mc", "input", p, _mc(a), s))
+            rows.append(_row(model, kind, "ppl", "input", p, _ppl(ll * (1 + harm * s * 0.05 * rng.uniform(0.5, 1.5, n)),
+                                                                   tokens), s, metric="ppl"))
+    return _fill_relative(rows)
+
+
+def test_item_scores_from_task_details():
+    mc = [{"id": "a", "lls": [-1, -2], "pred": 0, "pred_norm": 1, "gold": 0},
+          {"id": "b", "lls": [-3, -1], "pred": 1, "pred_norm": 1, "gold": 0}]
+    assert item_scores(mc) == {"ids": ["a", "b"], "acc": [1, 0], "acc_norm": [0, 0]}
+    ppl = [{"id": "p0", "ll": -10.5, "tokens": 7}]
+    assert item_scores(ppl) == {"ids": ["p0"], "ll": [-10.5], "tokens": [7]}
+    assert item_scores([]) is None and item_scores([{"id": "x", "other": 1}]) is None
+
+
+def test_replicates_equal_metrics_of_explicitly_resampled_items():
+    rng = np.random.default_rng(0)
+    rows = _pair_rows(rng)
+    boot = Bootstrap(rows, n_boot=50, seed=3)
+    for row in rows:
+        w = boot.weights(row["task"])
+        got = boot.metric(row)
+        for b in (0, 17, 49):
+            idx = np.repeat(np.arange(w.shape[1]), w[b].astype(int))  # the drawn items, each as often as drawn
+            if row["metric"] == "acc":
+                want = np.mean(np.asarray(row["items"]["acc"])[idx])
+            else:
+                want = math.exp(-np.sum(np.asarray(row["items"]["ll"])[idx]) /
+                                np.sum(np.asarray(row["items"]["tokens"])[idx]))
+            assert got[b] == pytest.approx(want, rel=1e-12)
+    # Paired: every model and configuration of a task uses the same draw, and a dense row's relative is 1.
+    assert all(boot.weights("mc").sum(axis=1) == 30)
+    dense = next(r for r in rows if r["site"] == "dense")
+    assert np.all(boot.relative(dense) == 1.0)
+
+
+def test_identical_sparse_and_dense_items_give_a_degenerate_interval():
+    rng = np.random.default_rng(1)
+    acc = rng.random(25) < 0.6
+    rows = _fill_relative([_row("m", "ar", "mc", "dense", 1.0, _mc(acc)),
+                           _row("m", "ar", "mc", "input", 0.9, _mc(acc), 0.3)])
+    boot = Bootstrap(rows, n_boot=200)
+    assert boot.relative_interval(rows[1]) == (1.0, 1.0)
+    # A row without per-item scores has no interval (nothing to resample), and neither has its curve.
+    rows.append({**rows[1], "key": "other", "p": 0.8, "sparsity": 0.5, "items": None})
+    boot = Bootstrap(rows, n_boot=20)
+    assert boot.relative_interval(rows[2]) is None
+    assert critical_replicates(rows, boot) == {}
+
+
+def test_critical_replicates_recompute_the_curve_per_draw():
+    rng = np.random.default_rng(2)
+    rows = _pair_rows(rng)
+    boot = Bootstrap(rows, n_boot=40, seed=5)
+    reps = critical_replicates(rows, boot)
+    for model in ("ar-m", "mdm"):
+        dense = {t: next(r for r in rows if r["model"] == model and r["task"] == t and r["site"] == "dense")
+                 for t in ("mc", "ppl")}
+        sparse = sorted((r for r in rows if r["model"] == model and r["site"] == "input"), key=lambda r: -r["p"])
+        for b in (0, 11, 39):
+            pts = [(0.0, 1.0)]  # the dense pass's natural sparsity, relative 1
+            for p in sorted({r["p"] for r in sparse}, reverse=True):
+                rel = []
+                for t in ("mc", "ppl"):
+                    r = next(x for x in sparse if x["p"] == p and x["task"] == t)
+                    w = boot.weights(t)[b]
+                    if t == "mc":
+                        v = w @ r["items"]["acc"] / 30
+                        d = w @ dense[t]["items"]["acc"] / 30
+                        rel.append(min(v / d, 1.0))
+                    else:
+                        def ppl(it):
+                            return math.exp(-(w @ np.asarray(it["ll"])) / (w @ np.asarray(it["tokens"])))
+                        rel.append(min(ppl(dense[t]["items"]) / ppl(r["items"]), 1.0))
+                pts.append((r["sparsity"], sum(rel) / 2))
+            want = critical_sparsity(pts)
+            assert reps[(model, "input", AVG_CURVE)]["interpolated"][b] == pytest.approx(want.interpolated)
+            assert reps[(model, "input", AVG_CURVE)]["last_passing"][b] == pytest.approx(want.last_passing)
+
+
+def test_interval_covers_a_known_relative_performance():
+    # Dense correct w.p. 0.7; sparse loses each correct item w.p. 0.1: relative performance 0.9 in expectation.
+    rng = np.random.default_rng(7)
+    covered, trials = 0, 80
+    for _ in range(trials):
+        acc = rng.random(200) < 0.7
+        sparse = acc & ~(rng.random(200) < 0.1)
+        rows = _fill_relative([_row("m", "ar", "mc", "dense", 1.0, _mc(acc)),
+                               _row("m", "ar", "mc", "input", 0.9, _mc(sparse), 0.3)])
+        lo, hi = Bootstrap(rows, n_boot=400, seed=int(rng.integers(1 << 30))).relative_interval(rows[1])
+        covered += lo <= 0.9 <= hi
+    assert 0.85 <= covered / trials <= 1.0  # nominal 0.95; a broken (e.g. unpaired or unseeded) one misses
+
+
+def test_same_rows_same_intervals_and_verdicts(tmp_path):
+    rows = _pair_rows(np.random.default_rng(3))
+    a = critical_table(rows, boot=Bootstrap(rows, n_boot=300))
+    b = critical_table(rows, boot=Bootstrap(rows, n_boot=300))
+    assert a == b and all(r["interpolated_lo"] is not None for r in a)
+    for r in a:
+        assert r["interpolated_lo"] <= r["interpolated_hi"]
+    paths = write_critical(rows, tmp_path, n_boot=300)
+    assert paths["comparison"].is_file() and "diffusion − AR" in paths["markdown"].read_text()
+    header = paths["csv"].read_text().splitlines()[0]
+    assert "interpolated_pct" in header and "interpolated_lo_pct" in header  # the unit is in the column name
+
+
+def test_difference_verdicts_claim_only_what_the_interval_allows():
+    rng = np.random.default_rng(4)
+    n = 60
+    ll, tokens = -rng.uniform(50, 150, n), rng.integers(40, 64, n)
+    grid = [(0.99, 0.1), (0.95, 0.2), (0.9, 0.3), (0.8, 0.4), (0.7, 0.5)]
+
+    def model_rows(model, kind, slope):
+        rows = [_row(model, kind, "ppl", "dense", 1.0, _ppl(ll, tokens), metric="ppl")]
+        for p, s in grid:
+            noise = rng.normal(0, 0.002, n)
+            rows.append(_row(model, kind, "ppl", "input", p, _ppl(ll * (1 + slope * s + noise), tokens), s,
+                             metric="ppl"))
+        return rows
+
+    # The diffusion model loses 0.4 %/10 points of sparsity, the AR model 4 %: clearly more tolerant.
+    rows = _fill_relative(model_rows("mdm", "diffusion", 0.004) + model_rows("ar-m", "ar", 0.04))
+    boot = Bootstrap(rows, n_boot=300)
+    kinds = {"mdm": "diffusion", "ar-m": "ar"}
+    (d,) = model_differences(critical_replicates(rows, boot), kinds, boot)
+    assert d["verdict"] == "diffusion higher" and d["lo"] > 0
+    # Two models with the same curves: the interval holds 0 and no direction is claimed.
+    same = _fill_relative(model_rows("mdm", "diffusion", 0.02))
+    twin = [{**r, "model": "ar-m", "kind": "ar", "key": r["key"] + "-ar"} for r in same]
+    rows = same + twin
+    boot = Bootstrap(rows, n_boot=300)
+    (d,) = model_differences(critical_replicates(rows, boot), kinds, boot)
+    assert d["verdict"] == "no detectable difference" and d["lo"] <= 0 <= d["hi"]
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="n_boot"):
+        Bootstrap([], n_boot=0)
+    with pytest.raises(ValueError, match="level"):
+        Bootstrap([], level=95)
+    assert percentile_interval([float("nan")]) is None
