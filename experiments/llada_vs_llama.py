@@ -273,9 +273,10 @@ def main(argv=None) -> int:
     paths = write_critical(rows, out, cap=not args.no_cap, n_boot=args.n_boot)
     table = paths["table"]
     figs = out / "figures"
-    fig_paths = plot_relative_performance(rows, figs)
+    boot = paths["bootstrap"]
+    fig_paths = plot_relative_performance(rows, figs, boot=boot, cap=not args.no_cap)
     for t in args.tasks:
-        fig_paths += plot_relative_performance(rows, figs, task=t)
+        fig_paths += plot_relative_performance(rows, figs, task=t, boot=boot, cap=not args.no_cap)
     fig_paths += plot_layer_heatmaps(rows, figs)
     profile = elbo_ratio_profile(rows, args.step_p)
     diffusion = [m for m in models if any(r["model"] == m and r["kind"] == "diffusion" for r in rows)]
@@ -293,7 +294,6 @@ def main(argv=None) -> int:
     print()
     for n in notes:
         print(n)
-    boot = paths["bootstrap"]
     ci = f" [{100 * boot.level:g} % paired bootstrap interval over items]" if boot is not None else ""
     print(f"Critical sparsity (%), task-averaged curve; interpolated between the two grid points bracketing 0.99{ci}:")
     print(markdown_table(table, AVG_CURVE, "interpolated"))

@@ -50,7 +50,7 @@ def plot_overlap(ov: list[dict], fig_dir: Path) -> list[str]:
             ax.legend(fontsize=7)
         fig.tight_layout()
         p = fig_dir / f"overlap_vs_gap_{metric}.png"
-        fig.savefig(p, dpi=110)
+        fig.savefig(p, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(str(p))
     # per layer (diffusion, masked + decoded), one panel per site
@@ -76,7 +76,7 @@ def plot_overlap(ov: list[dict], fig_dir: Path) -> list[str]:
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     p = fig_dir / "overlap_vs_gap_per_layer.png"
-    fig.savefig(p, dpi=110)
+    fig.savefig(p, dpi=110, bbox_inches="tight")
     plt.close(fig)
     paths.append(str(p))
     return paths
@@ -93,11 +93,12 @@ def plot_step_matrices(rows: list[dict], out_dir: Path, fig_dir: Path) -> list[s
         im = ax.imshow(mat, origin="lower", vmin=0, vmax=1, cmap="viridis")
         ax.set_xlabel("step")
         ax.set_ylabel("step")
+        _integer_ticks(ax)
         fig.colorbar(im, ax=ax, label="jaccard (generated positions)")
         ax.set_title(f"{r['site']}, layer {r['step_matrix_layer']}: mask overlap between steps", fontsize=9)
         fig.tight_layout()
         p = fig_dir / f"step_matrix_{r['site']}.png"
-        fig.savefig(p, dpi=110)
+        fig.savefig(p, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(str(p))
     return paths
@@ -120,53 +121,78 @@ def plot_tracker_heatmaps(rows: list[dict], out_dir: Path, fig_dir: Path) -> lis
             for d in sel:
                 m[layers.index(int(d["layer"])), steps.index(int(d["step"]))] = float(d["jaccard"])
             fig, ax = plt.subplots(figsize=(7, 2.5 + 0.3 * len(layers)))
-            im = ax.imshow(np.ma.masked_invalid(m), aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis",
-                           interpolation="nearest")
+            # The colour range spans the values shown (0-1 flattened the differences between layers).
+            finite = m[np.isfinite(m)]
+            vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+            if vmax - vmin < 1e-9:
+                vmin, vmax = vmin - 0.01, vmax + 0.01
+            im = ax.imshow(np.ma.masked_invalid(m), aspect="auto", origin="lower", vmin=vmin, vmax=vmax,
+                           cmap="viridis", interpolation="nearest")
             ax.set_yticks(range(len(layers)), [str(x) for x in layers])
             ax.set_xticks(range(0, len(steps), max(1, len(steps) // 16)),
                           [str(steps[i]) for i in range(0, len(steps), max(1, len(steps) // 16))])
             ax.set_xlabel("step")
             ax.set_ylabel("layer")
-            fig.colorbar(im, ax=ax, label="jaccard")
+            fig.colorbar(im, ax=ax, label=f"jaccard (range {vmin:.3f}-{vmax:.3f})")
             ax.set_title(f"{r['site']}: jaccard vs {ref} step (all real positions)", fontsize=9)
             fig.tight_layout()
             p = fig_dir / f"heatmap_{r['site']}_{ref}.png"
-            fig.savefig(p, dpi=110)
+            fig.savefig(p, dpi=110, bbox_inches="tight")
             plt.close(fig)
             paths.append(str(p))
     return paths
 
 
 def plot_tradeoff(table: list[dict], fig_dir: Path) -> list[str]:
+    """Quality (token agreement with ``fresh``) against cost, one marker per policy (legend), one colour per
+    site: left, the fraction of token vectors the rule ran on; right, the FFN time per step and layer."""
     plt = _plt()
     diff = [t for t in table if t["kind"] == "diffusion" and t.get("agreement_vs_fresh") is not None]
     if not diff:
         return []
     sites = sorted({t["site"] for t in diff})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for site in sites:
-        pts = [t for t in diff if t["site"] == site]
-        x = [t["selected_fraction"] for t in pts]
-        axes[0].scatter(x, [t["agreement_vs_fresh"] for t in pts], label=site)
-        for t in pts:
-            axes[0].annotate(t["policy"], (t["selected_fraction"], t["agreement_vs_fresh"]), fontsize=7)
-        tp = [t for t in pts if t.get("step_union_s")]
-        if tp:
-            axes[1].scatter([t["step_union_s"] * 1e3 for t in tp], [t["agreement_vs_fresh"] for t in tp],
-                            label=f"{site} union GEMM")
-            axes[1].scatter([t["step_per_token_s"] * 1e3 for t in tp], [t["agreement_vs_fresh"] for t in tp],
-                            marker="x", label=f"{site} per-token GEMV")
-            for t in tp:
-                axes[1].annotate(t["policy"], (t["step_union_s"] * 1e3, t["agreement_vs_fresh"]), fontsize=7)
-    axes[0].set_xlabel("fraction of token vectors the rule ran on")
+    policies = list(dict.fromkeys(t["policy"] for t in diff))
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    timed = False
+    for si, site in enumerate(sites):
+        for pi, pol in enumerate(policies):
+            pts = [t for t in diff if t["site"] == site and t["policy"] == pol]
+            style = {"color": colors[si % len(colors)], "marker": markers[pi % len(markers)], "s": 36,
+                     "edgecolors": "black", "linewidths": 0.4}
+            axes[0].scatter([t["selected_fraction"] for t in pts], [t["agreement_vs_fresh"] for t in pts], **style)
+            tp = [t for t in pts if t.get("step_union_s")]
+            if tp:
+                timed = True
+                axes[1].scatter([t["step_union_s"] * 1e3 for t in tp], [t["agreement_vs_fresh"] for t in tp],
+                                **style)
+    from matplotlib.lines import Line2D
+
+    handles = ([Line2D([], [], color=colors[i % len(colors)], marker="o", ls="", label=f"site {s}")
+                for i, s in enumerate(sites)]
+               + [Line2D([], [], color="grey", marker=markers[i % len(markers)], ls="", label=p)
+                  for i, p in enumerate(policies)])
+    axes[0].set_xlabel("fraction of token vectors the rule ran on\n(1 = a fresh selection at every step)")
     axes[0].set_ylabel("token agreement with fresh")
-    axes[1].set_xlabel("ms per step and layer (CPU fallback kernels; matmul + selections)")
+    axes[0].set_title("selection work saved", fontsize=9)
+    axes[1].set_xlabel("ms per step and layer, union-mask GEMM\n(CPU fallback kernels; matmul + selections)")
     axes[1].set_ylabel("token agreement with fresh")
+    axes[1].set_title("FFN time" if timed else "FFN time (not measured in this run)", fontsize=9)
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title="colour: site; "
+               "marker: policy", title_fontsize=8)
+    fig.suptitle("Mask reuse policies (diffusion twin): quality vs cost", fontsize=10)
     fig.tight_layout()
     p = fig_dir / "policy_tradeoff.png"
-    fig.savefig(p, dpi=110)
+    fig.savefig(p, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return [str(p)]
+
+
+def _integer_ticks(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
