@@ -204,6 +204,44 @@ def elbo_ratio_profile(rows: list[dict], p: float) -> list[dict]:
     return out
 
 
+def time_breakdown(rows: list[dict], started: float, status: dict, phases: dict[str, float],
+                   wall: float) -> list[tuple[str, float]]:
+    """Where this run's wall time went: model loading, the dense and the sparse passes per model and task (the
+    cells this run computed, by their ``finished_at``), the tables with their bootstrap, the figures, the step
+    profile, and the rest (start-up, imports, bookkeeping)."""
+    parts: dict[str, float] = {}
+    for name, s in (status.get("load_seconds_this_run") or {}).items():
+        parts[f"loading {name}"] = s
+    for r in rows:
+        if r.get("finished_at", 0) >= started and r.get("seconds"):
+            what = "dense pass" if r["site"] == DENSE else "sparse cells"
+            key = f"{r['model']} {r['task']}: {what}"
+            parts[key] = parts.get(key, 0.0) + r["seconds"]
+    parts.update(phases)
+    parts["other (start-up, imports, bookkeeping)"] = max(0.0, wall - sum(parts.values()))
+    return list(parts.items())
+
+
+def machine_description(threads: int) -> str:
+    """CPU model, cores, the flags that decide matmul speed, torch threads and versions (for stated times)."""
+    import platform
+
+    from dllm_sparse.hardware import cpu_flags
+
+    flags = cpu_flags()
+    fast = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    import transformers
+
+    return (f"{cpu}, {os.cpu_count()} cores ({' '.join(fast) or 'no AVX2'}), {threads} torch threads, "
+            f"torch {torch.__version__}, transformers {transformers.__version__}")
+
+
 def set_threads(spec: str) -> int:
     if spec != "auto":
         torch.set_num_threads(max(1, int(spec)))
@@ -223,6 +261,7 @@ def main(argv=None) -> int:
 
     matplotlib.use("Agg")  # this script writes figure files; the library leaves the backend to its user
     t0 = time.perf_counter()
+    started = time.time()
     args = parse_args(argv)
     gpu = torch.cuda.is_available()
     device = args.device or ("auto" if gpu else "cpu")
@@ -268,14 +307,19 @@ def main(argv=None) -> int:
     t_sweep = time.perf_counter() - t0
     planned = planned_keys(cfg)
     rows = [r for r in rows if r["key"] in planned]  # this configuration's cells only
+    t_tables = time.perf_counter()
     paths = write_critical(rows, out, cap=not args.no_cap, n_boot=args.n_boot)
     table = paths["table"]
+    phases = {"critical-sparsity tables + bootstrap": time.perf_counter() - t_tables}
+    t_figs = time.perf_counter()
     figs = out / "figures"
     boot = paths["bootstrap"]
     fig_paths = plot_relative_performance(rows, figs, boot=boot, cap=not args.no_cap)
     for t in args.tasks:
         fig_paths += plot_relative_performance(rows, figs, task=t, boot=boot, cap=not args.no_cap)
     fig_paths += plot_layer_heatmaps(rows, figs)
+    phases["figures"] = time.perf_counter() - t_figs
+    t_profile = time.perf_counter()
     profile = elbo_ratio_profile(rows, args.step_p)
     diffusion = [m for m in models if any(r["model"] == m and r["kind"] == "diffusion" for r in rows)]
     if diffusion and not args.no_step_profile:
@@ -284,8 +328,11 @@ def main(argv=None) -> int:
         stored = stored_step_profile(prof_path, identity)
         profile += stored if stored is not None else step_profile(diffusion[0], args, device, dtype, out, identity)
     fig_paths += plot_step_sparsity(profile, figs)
+    phases["step profile (generation + figure)"] = time.perf_counter() - t_profile
     wall = time.perf_counter() - t0
+    breakdown = time_breakdown(rows, started, read_json_or_none(out / "status.json") or {}, phases, wall)
     summary = {"wall_seconds": wall, "sweep_seconds": t_sweep, "models": models, "notes": notes,
+               "time_breakdown_seconds": dict(breakdown), "machine": machine_description(threads),
                "critical_csv": str(paths["csv"]), "critical_markdown": str(paths["markdown"]),
                "figures": [str(p) for p in fig_paths], "rows": str(out / "rows.jsonl")}
     atomic_write_json(out / "summary.json", summary)
@@ -306,7 +353,10 @@ def main(argv=None) -> int:
             print(f"  {p}  (+ .pdf)")
     if not diffusion:
         print("\n(no diffusion model in this run: the sparsity-vs-step figure was not drawn)")
-    print(f"\nwall time: {wall / 60:.1f} min (rows: {out / 'rows.jsonl'})")
+    print("\ntime breakdown (this run):")
+    for name, sec in breakdown:
+        print(f"  {sec:8.1f} s  {100 * sec / wall:5.1f} %  {name}")
+    print(f"\nwall time: {wall / 60:.1f} min on {machine_description(threads)} (rows: {out / 'rows.jsonl'})")
     return 0
 
 

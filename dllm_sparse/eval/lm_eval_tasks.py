@@ -21,6 +21,7 @@ file itself (``--tasks "$(python -m dllm_sparse.eval.lm_eval_tasks)/dllm_sparse_
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from importlib import resources
@@ -78,6 +79,22 @@ def builtin_ppl_dataset(**_metadata: Any):
     return _as_splits(builtin_dataset("builtin_passages.jsonl"))
 
 
+@contextlib.contextmanager
+def _request_bar(enabled: bool):
+    if enabled:
+        yield
+        return
+    import lm_eval.api.task as lm_eval_task
+    from tqdm import tqdm
+
+    original = lm_eval_task.tqdm
+    lm_eval_task.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        lm_eval_task.tqdm = original
+
+
 @functools.lru_cache(maxsize=1)
 def task_manager() -> TaskManager:
     """A TaskManager of this package's tasks only (indexing lm-eval's own task folder takes tens of seconds)."""
@@ -103,7 +120,10 @@ def evaluate_builtin(name: str, scorer, limit=None, *, sparsity=SCORER_DEFAULT, 
         if task_obj.get_config("num_fewshot") is None:
             task_obj.set_config(key="num_fewshot", value=0)
         task_obj.set_fewshot_seed(seed=0)
-    out = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=True)
+    # lm-eval's request building draws a progress bar with no switch; the sweep calls this once per cell, so the
+    # bar follows the scorer's progress setting instead (lm_eval.api.task imports tqdm by name).
+    with _request_bar(bool(scorer.progress)):
+        out = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=True)
     res = out["results"][task]
     metrics = {k.split(",")[0]: float(v) for k, v in res.items()
                if k != "alias" and "_stderr" not in k and isinstance(v, (int, float))}

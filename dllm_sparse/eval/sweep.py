@@ -453,6 +453,7 @@ def run_sweep(
             if not hasattr(cfg.models[mi], "model"):
                 check_available(cfg.models[mi])
     tasks: dict[str, Task] = {}
+    load_seconds: dict[str, float] = {}  # this run's model loading times (status.json)
 
     def open_folder() -> JsonlWriter:
         # Only once a model has loaded: a model that cannot load (a hub id without network) leaves no folder.
@@ -470,8 +471,10 @@ def run_sweep(
     try:
         for mi in sorted({u.model_index for u in todo}):
             spec = cfg.models[mi]
+            t_load = time.perf_counter()
             lm = spec if hasattr(spec, "model") and hasattr(spec, "kind") else loader(
                 spec, dtype=cfg.dtype, device=device)
+            load_seconds[_model_name(spec)] = time.perf_counter() - t_load
             scorer = Scorer.from_loaded(lm, batch_size=cfg.batch_size, mc_num=cfg.mc_num, mc_batch=cfg.mc_batch,
                                         seed=cfg.seed, ratio_bins=cfg.ratio_bins)
             name = _model_name(spec)
@@ -509,16 +512,17 @@ def run_sweep(
     _barrier(world)
     if rank == 0:
         rows = finalize(out)
-        _write_status(out, cfg, rows)
+        _write_status(out, cfg, rows, load_seconds)
         return rows
     return load_rows(out)
 
 
-def _write_status(out: Path, cfg: SweepConfig, rows: list[dict]) -> None:
+def _write_status(out: Path, cfg: SweepConfig, rows: list[dict], load_seconds: dict[str, float]) -> None:
     planned = planned_keys(cfg)
     have = {r["key"] for r in rows}
     status = {"planned_cells": len(planned), "finished_cells": len(planned & have),
-              "complete": planned <= have, "rows_in_folder": len(rows)}
+              "complete": planned <= have, "rows_in_folder": len(rows),
+              "load_seconds_this_run": load_seconds}
     atomic_write_json(out / "status.json", status)
 
 
