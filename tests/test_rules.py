@@ -461,9 +461,11 @@ def test_histogram_alone_is_exact_on_narrow_rows(monkeypatch):
             assert torch.equal(top_p_mask_histogram(x, p), top_p_mask_reference(x, p)), p
 
 
-def test_histogram_fallback_rows_are_the_reference():
-    """Rows with entries below the exact range (here: 2^-60 of the maximum) take the sorted fallback, which
-    follows the reference's steps; the masks still agree, also where float64 rounding decides the answer."""
+def test_histogram_rows_with_a_tail_below_the_exact_range_are_the_reference():
+    """Rows with entries below the exact range (here: 2^-60 of the maximum) get the reference's total by
+    replaying its running sum over the tail; only rows whose boundary falls in the tail take the sorted
+    fallback, which follows the reference's steps. The masks agree either way, also where float64 rounding
+    decides the answer."""
     g = torch.Generator().manual_seed(12)
     x = torch.randn(50, 1536, generator=g)
     x[:, :8] *= 2.0 ** -60
@@ -478,9 +480,25 @@ def test_histogram_fallback_rows_are_the_reference():
     try:
         for p in (0.3, 0.9, 0.999999):
             assert torch.equal(top_p_mask_histogram(x, p), top_p_mask_reference(x, p))
+        assert called == []  # the tail holds ~1e-18 of the mass: every boundary is in the exact range
+        # One large entry and 1535 entries at 2^-20 of it: the tail holds ~0.15 % of the mass, so p = 0.9999
+        # reaches into it (the sorted fallback) while p = 0.99 does not.
+        y = torch.full((3, 1536), 2.0 ** -20)
+        y[:, 0] = 1.0
+        y[1, 1:100] *= torch.rand(99, generator=g)
+        y[2] *= -1
+        for p, fallback in ((0.99, []), (0.9999, [3])):
+            called.clear()
+            assert torch.equal(top_p_mask_histogram(y, p), top_p_mask_reference(y, p))
+            assert called == fallback
     finally:
         rules_module._top_p_mask_sorted = original
-    assert called == [50, 50, 50]
+    # Magnitudes spread over 80 octaves (log-uniform): many rows with long tails, every p.
+    z = torch.exp2(-80 * torch.rand(400, 1536, generator=g)) * torch.randn(400, 1536, generator=g).sign()
+    z[::7, ::3] = 0
+    for p in P_EDGES[:-1] + [0.5, 0.9, 0.99]:
+        assert torch.equal(top_p_mask_histogram(z, p), top_p_mask_reference(z, p)), p
+        assert torch.equal(top_p_mask_histogram(z.bfloat16(), p), top_p_mask_reference(z.bfloat16(), p)), p
     # and the fallback alone equals the reference on rows whose running sums round
     wide = _hard_rows(1536, seed=3)["wide_range"]
     for p in P_EDGES[:-1]:

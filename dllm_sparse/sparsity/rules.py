@@ -168,18 +168,27 @@ def top_p_mask_histogram(x: torch.Tensor, p: float) -> torch.Tensor:
     a64 = a.double()
     hist = torch.zeros(a.shape[0], n_exact + 1, dtype=torch.float64, device=a.device).scatter_add_(1, bucket, a64)
     reach = hist.cumsum(dim=-1)  # mass of the buckets down to this one (exact in the exact range)
-    total = reach[:, -1:]
-    target = p * total  # the reference's target: p times the same (exact) total
+    total = reach[:, -1:].clone()
+    nan_rows = max_bits > _F32_INF_BITS
+    # Rows with mass below the exact range: the reference's total is its running sum in descending order, which
+    # is exact down to the last exact bucket (reach[:, n_exact - 1]) and then adds the tail's entries one by
+    # one, rounding each time. Replaying just that (a sort of the tail's few entries) gives its total bit for
+    # bit; the boundary then lies in the exact range unless p reaches into the tail (checked below).
+    tail_rows = ((hist[:, -1] > 0) & (max_bits.squeeze(-1) != _F32_INF_BITS) & ~nan_rows.squeeze(-1)).nonzero()
+    tail_rows = tail_rows.squeeze(-1)
+    if tail_rows.numel():
+        total[tail_rows] = _tail_total(a64[tail_rows], bucket[tail_rows] == n_exact, reach[tail_rows, n_exact - 1])
+    target = p * total  # the reference's target: p times the same total
     # The boundary bucket: the first with a running mass >= target, skipping empty leading buckets (target 0).
     boundary = ((reach < target) | (reach == 0)).sum(dim=-1, keepdim=True).clamp_(max=n_exact)
     above = (reach - hist).gather(1, boundary)  # mass of the buckets above the boundary one
     tau = _tau_in_bucket(a64, bucket == boundary, above, target)
-    nan_rows = max_bits > _F32_INF_BITS
     # tau as a bit pattern: |v| >= tau <=> bits >= tau_bits. Bits 1 (the smallest subnormal) keeps every
     # non-zero entry, NaN included: what a NaN row and (vacuously) an all-zero row need.
     tau_bits = torch.where(nan_rows | (total == 0), torch.ones_like(max_bits), tau.float().view(torch.int32))
     keep = bits >= tau_bits
-    inexact = ((hist[:, -1:] > 0) | (max_bits == _F32_INF_BITS)) & ~nan_rows
+    # Left to the reference's own steps: rows with an infinity, and rows whose boundary falls in the tail.
+    inexact = ((max_bits == _F32_INF_BITS) | ((boundary == n_exact) & (hist[:, -1:] > 0))) & ~nan_rows
     rows = inexact.squeeze(-1).nonzero().squeeze(-1)
     if rows.numel():
         keep[rows] = _top_p_mask_sorted(x.reshape(-1, d)[rows], p)
@@ -198,6 +207,25 @@ def _top_p_mask_sorted(x: torch.Tensor, p: float) -> torch.Tensor:
     target = p * csum[..., -1:]
     k_minus_1 = (csum < target).sum(dim=-1, keepdim=True).clamp(max=a.shape[-1] - 1)
     return ~(a < torch.gather(sorted_a, -1, k_minus_1)) & (a != 0)
+
+
+def _tail_total(a64: torch.Tensor, in_tail: torch.Tensor, exact_part: torch.Tensor) -> torch.Tensor:
+    """Per row ([rows, 1]): ``exact_part`` followed by the row's ``in_tail`` entries in descending order, summed
+    left to right in float64 (``torch.cumsum``, as the reference sums its sorted row)."""
+    in_tail = in_tail & (a64 > 0)  # zeros add nothing
+    rows, cols = in_tail.nonzero(as_tuple=True)
+    counts = in_tail.sum(dim=-1)
+    width = max(int(counts.max()), 1)
+    starts = counts.cumsum(0) - counts
+    seq = torch.zeros(a64.shape[0], width + 1, dtype=torch.float64, device=a64.device)
+    seq[rows, 1 + torch.arange(rows.numel(), device=a64.device) - starts[rows]] = a64[rows, cols]
+    tail = seq[:, 1:]
+    if tail.device.type == "cpu":
+        tail.copy_(torch.from_numpy(np.sort(tail.neg().numpy(), axis=-1)).neg_())
+    else:
+        tail.copy_(torch.sort(tail, dim=-1, descending=True).values)
+    seq[:, 0] = exact_part
+    return seq.cumsum(dim=-1)[:, -1:]
 
 
 def _tau_in_bucket(a64: torch.Tensor, in_bucket: torch.Tensor, above: torch.Tensor,
