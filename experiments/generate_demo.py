@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     results = [r for kind, name in runs if (r := run_model(kind, name, args, sparsity, prompts)) is not None]
     if args.trace_out:
-        atomic_write_json(args.trace_out, {"args": vars(args), "runs": results}, default=str)
+        atomic_write_json(args.trace_out, {"args": vars(args), "runs": results})  # unknown objects as str()
         print(f"\nwrote {args.trace_out}")
     return 0
 

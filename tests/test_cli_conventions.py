@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from dllm_sparse.sparsity.config import SparsityConfig
 from dllm_sparse.sparsity.sites import parse_sites
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -158,3 +160,24 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_generate_demo_writes_its_trace(tmp_path, monkeypatch):
+    """--trace-out once passed json.dumps a second default= and crashed after every generation had run."""
+    import torch
+
+    demo = _script("generate_demo")
+    seen = []
+
+    def fake_run(kind, name, args, sparsity, prompts):
+        seen.append((kind, name, sparsity.id))
+        return {"model": name, "kind": kind, "ids": torch.tensor([[1, 2]]), "config": sparsity}
+
+    monkeypatch.setattr(demo, "run_model", fake_run)
+    trace = tmp_path / "trace.json"
+    assert demo.main(["--no-diffusion", "--prompt", "hi", "--trace-out", str(trace)]) == 0
+    assert seen == [("ar", "smollm2-135m", "input:top_p:0.9:token")]
+    data = json.loads(trace.read_text())
+    assert data["args"]["trace_out"] == str(trace) and data["args"]["prompt"] == ["hi"]
+    assert data["runs"] == [{"model": "smollm2-135m", "kind": "ar", "ids": [[1, 2]],
+                             "config": str(SparsityConfig.parse("input:top_p:0.9"))}]
