@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
-
-import torch
 
 __all__ = ["atomic_open", "atomic_write_text", "atomic_write_json", "json_default"]
 
 
 def json_default(o: Any):
     """``json.dumps(default=...)`` for rows and summaries: tensors as lists, everything else as its string."""
-    if isinstance(o, torch.Tensor):
+    # torch is looked up, not imported: an object can only be a tensor once torch is loaded, and scripts that
+    # write files with these helpers (and answer --help) should not pay torch's import time for it.
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(o, torch.Tensor):
         return o.tolist()
     return str(o)
 

@@ -37,25 +37,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from dllm_sparse.atomic import atomic_write_text
 from dllm_sparse.hardware import slow_bf16_reason
-from dllm_sparse.models.adapt import (
-    MASK_TOKEN,
-    SFTBatch,
-    adapter_bytes,
-    adapter_hash,
-    add_lora,
-    add_mask_token,
-    collate_sft,
-    convert_causal_lm,
-    mask_row_parameter,
-    masked_diffusion_loss,
-    read_adapter_meta,
-    save_adapter,
-)
-from dllm_sparse.models.loading import cache_dir, load_model
+
+# torch and the model tools (dllm_sparse.models.*) are imported inside the functions that use them, after the
+# arguments are parsed: --help then answers at once instead of loading torch and transformers first (seconds).
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = REPO / "dllm_sparse" / "data" / "mdm_corpus"
@@ -132,6 +118,9 @@ def batch_for_step(rows: list, step: int, batch_size: int, seed: int) -> list:
 
 def build(args):
     """(trainable model, tokenizer, mask id, [LoRA/full params, mask-row param]) for this run's settings."""
+    from dllm_sparse.models.adapt import add_lora, add_mask_token, convert_causal_lm, mask_row_parameter
+    from dllm_sparse.models.loading import load_model
+
     base = load_model(args.base, dtype="fp32")
     model = convert_causal_lm(base.model, logit_shift=True)
     tok = base.tokenizer
@@ -153,6 +142,8 @@ def init_from_adapter(model, adapter_dir: Path, r: int, mask_id: int):
     """The peft model of an exported adapter, trainable (train a shipped twin further)."""
     from peft import PeftModel
 
+    from dllm_sparse.models.adapt import read_adapter_meta
+
     meta = read_adapter_meta(adapter_dir)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
     rank = peft_model.peft_config["default"].r
@@ -170,15 +161,18 @@ def lr_at(elapsed: float, budget: float, step: int, args) -> float:
     return args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-@torch.no_grad()
 def heldout_loss(trainable, rows, mask_id, args, accelerator) -> float:
     """Masked-diffusion loss on the held-out rows with fixed masks (seed 0): comparable across checkpoints."""
+    import torch
+
+    from dllm_sparse.models.adapt import collate_sft, masked_diffusion_loss
+
     trainable.eval()
     g = torch.Generator().manual_seed(0)
     losses = []
     for i in range(0, len(rows), args.batch_size):
         batch = collate_sft(rows[i:i + args.batch_size], eos_id=args.eos_id)
-        with accelerator.autocast():
+        with torch.no_grad(), accelerator.autocast():
             loss, _ = masked_diffusion_loss(trainable, batch, mask_id, generator=g)
         losses.append(float(loss) * len(batch.input_ids))
     trainable.train()
@@ -211,6 +205,8 @@ def check_resume(saved: dict | None, now: dict, ckpt: Path) -> None:
 
 
 def save_ckpt(path: Path, trainable, opt, state: dict) -> None:
+    import torch
+
     tmp = path.with_suffix(".tmp")
     params = {n: p.detach().clone() for n, p in trainable.named_parameters() if p.requires_grad}
     torch.save({"params": params, "opt": opt.state_dict(), "state": state}, tmp)
@@ -218,6 +214,8 @@ def save_ckpt(path: Path, trainable, opt, state: dict) -> None:
 
 
 def load_ckpt(path: Path, trainable, opt) -> dict:
+    import torch
+
     ck = torch.load(path, map_location="cpu", weights_only=False)
     named = dict(trainable.named_parameters())
     with torch.no_grad():
@@ -297,6 +295,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("minutes", "lr"):
         if not getattr(args, name) > 0:
             ap.error(f"--{name} must be positive, got {getattr(args, name)}")
+    import torch
+
+    from dllm_sparse.models.adapt import SFTBatch, adapter_hash, collate_sft, masked_diffusion_loss
+    from dllm_sparse.models.loading import cache_dir
+
     if args.bf16 is None:
         why = slow_bf16_reason("cuda" if torch.cuda.is_available() else "cpu")
         args.bf16 = why is None
@@ -398,6 +401,8 @@ def export(args, trainable, mask_id, state, source, n_train, n_held, world) -> N
     out.mkdir(parents=True, exist_ok=True)
     if args.full:
         raise SystemExit("--export writes a LoRA adapter; with --full save the model with save_pretrained instead")
+    from dllm_sparse.models.adapt import MASK_TOKEN, adapter_bytes, save_adapter
+
     meta = {
         "base": args.base, "conversion": "dllm_sparse.models.adapt.convert_causal_lm", "logit_shift": True,
         "mask_token": MASK_TOKEN, "mask_token_id": mask_id,

@@ -25,14 +25,17 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from dllm_sparse import FFNSite, SparsityConfig, SparsityStats, find_ffns, load_model, make_rule, sparsify
 from dllm_sparse.atomic import atomic_write_text
-from dllm_sparse.kernels import accelerate_ffn, backend, restore_ffn, union_density
-from dllm_sparse.samplers.kv_cache import cache_keyword, check_cache_length, new_cache
-from dllm_sparse.sparsity.config import slug
+from dllm_sparse.sparsity.sites import FFNSite
+
+# torch, the models and the kernels are imported inside the functions that use them, after the arguments are
+# parsed: --help then answers at once instead of loading torch and transformers first (seconds).
+if TYPE_CHECKING:
+    import torch
+
+    from dllm_sparse import SparsityConfig, SparsityStats
 
 # Real shapes. smollm2-135m and llama-3.1-8b are LlamaForCausalLM; llada-8b is the native LLaDA (its
 # LLaDAConfig defaults are the 8B values).
@@ -52,6 +55,8 @@ SKIPPED = {FFNSite.INPUT: ("gate", "up"), FFNSite.INTERMEDIATE: ("down",), FFNSi
 
 def build_random(shape: str, layers: int | None, dtype: torch.dtype, device: torch.device):
     """A randomly initialised model of a named real shape, built directly on ``device``."""
+    import torch
+
     if shape not in MODEL_SHAPES:
         raise ValueError(f"unknown --model-shape {shape!r}; choose one of {sorted(MODEL_SHAPES)}")
     fields = dict(MODEL_SHAPES[shape])
@@ -75,6 +80,8 @@ def build_random(shape: str, layers: int | None, dtype: torch.dtype, device: tor
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
 
 
@@ -83,18 +90,21 @@ def sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def greedy_decode(model, prompt: torch.Tensor, new_tokens: int, stats: SparsityStats | None = None) -> float:
     """Greedy KV-cached decoding of ``new_tokens`` tokens; returns seconds per decoded token (prefill excluded)."""
+    import torch
+
+    from dllm_sparse.samplers.kv_cache import cache_keyword, check_cache_length, new_cache
+
     device = prompt.device
     key, cache = cache_keyword(model), new_cache(model)  # the keyword is version-dependent: ask transformers
-    with stats.tagged("prefill") if stats else nullcontext():
+    with torch.no_grad(), stats.tagged("prefill") if stats else nullcontext():
         out = model(input_ids=prompt, use_cache=True, **{key: cache})
     tok = out.logits[:, -1:].argmax(-1)
     check_cache_length(cache, prompt.shape[1], model)
     sync(device)
     t0 = time.perf_counter()
-    with stats.tagged("decode") if stats else nullcontext():
+    with torch.no_grad(), stats.tagged("decode") if stats else nullcontext():
         for _ in range(new_tokens - 1):
             out = model(input_ids=tok, use_cache=True, **{key: cache})
             tok = out.logits[:, -1:].argmax(-1)
@@ -103,13 +113,15 @@ def greedy_decode(model, prompt: torch.Tensor, new_tokens: int, stats: SparsityS
     return (time.perf_counter() - t0) / (new_tokens - 1)
 
 
-@torch.no_grad()
 def denoising_steps(model, canvas: torch.Tensor, steps: int) -> float:
     """``steps`` forward passes over the canvas (+ argmax); returns seconds per step."""
+    import torch
+
     sync(canvas.device)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        model(input_ids=canvas).logits.argmax(-1)
+    with torch.no_grad():
+        for _ in range(steps):
+            model(input_ids=canvas).logits.argmax(-1)
     sync(canvas.device)
     return (time.perf_counter() - t0) / steps
 
@@ -127,6 +139,8 @@ def timed(fn, repeats: int) -> float:
 def byte_fraction(model, site: FFNSite, context: int, kind: str) -> dict:
     """Bytes read per step: every weight matrix except the input embedding (a lookup reads one row per token,
     unless it is tied to the LM head), plus the KV cache at this context length for AR decode."""
+    from dllm_sparse import find_ffns
+
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is emb
@@ -142,10 +156,14 @@ def byte_fraction(model, site: FFNSite, context: int, kind: str) -> dict:
     return {"weight_bytes": total, "kv_bytes": kv, "skippable_bytes": skipped, "f": skipped / (total + kv)}
 
 
-@torch.no_grad()
 def measure_sparsity(model, config: SparsityConfig, ids, kind, new_tokens, be) -> dict:
     """Per-token sparsity of the accelerated run (decode tokens for AR) and, for a canvas, the union density
     of the tokens' masks per layer (from the masking path's recorded masks: the same masks)."""
+    import torch
+
+    from dllm_sparse import SparsityStats, sparsify
+    from dllm_sparse.kernels import accelerate_ffn, restore_ffn, union_density
+
     site = config.site
     stats = SparsityStats()
     accelerate_ffn(model, config, stats=stats, backend=be)
@@ -154,27 +172,33 @@ def measure_sparsity(model, config: SparsityConfig, ids, kind, new_tokens, be) -
             greedy_decode(model, ids, max(new_tokens, 2), stats)
             token_sparsity = stats.mean(site, tag="decode")
         else:
-            model(input_ids=ids)
+            with torch.no_grad():
+                model(input_ids=ids)
             token_sparsity = stats.mean(site)
     finally:
         restore_ffn(model)
     out = {"token_sparsity": token_sparsity}
     if kind != "ar":
-        with sparsify(model, config, record_masks=True) as rec:
+        with sparsify(model, config, record_masks=True) as rec, torch.no_grad():
             model(input_ids=ids)
         dens = [float(union_density(m["keep"])) for m in rec.masks]
         out["union_density"] = sum(dens) / len(dens)
     return out
 
 
-@torch.no_grad()
 def check_against_masking_path(model, config: SparsityConfig, ids, be) -> dict:
     """Logits of one forward pass: accelerated vs the masking path (same masks; differences are rounding)."""
-    with sparsify(model, config):
+    import torch
+
+    from dllm_sparse import sparsify
+    from dllm_sparse.kernels import accelerate_ffn, restore_ffn
+
+    with sparsify(model, config), torch.no_grad():
         ref = model(input_ids=ids).logits.float()
     accelerate_ffn(model, config, backend=be)
     try:
-        fast = model(input_ids=ids).logits.float()
+        with torch.no_grad():
+            fast = model(input_ids=ids).logits.float()
     finally:
         restore_ffn(model)
     err = float((fast - ref).abs().max())
@@ -208,6 +232,11 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.tokens < 2:
         ap.error("--tokens must be at least 2 (the first token comes from the untimed prefill)")
+    import torch
+
+    from dllm_sparse import SparsityConfig, load_model, make_rule
+    from dllm_sparse.kernels import accelerate_ffn, backend, restore_ffn
+    from dllm_sparse.sparsity.config import slug
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[

@@ -23,15 +23,16 @@ import importlib
 import itertools
 import sys
 import textwrap
-
-import torch
+from typing import TYPE_CHECKING
 
 from dllm_sparse.atomic import atomic_write_json
-from dllm_sparse.models.loading import EMBEDDED_MODELS, load_model
-from dllm_sparse.samplers import GenerationConfig, MaskOverlapTracker, StepSparsity, generate
-from dllm_sparse.sparsity.config import SparsityConfig
-from dllm_sparse.sparsity.rules import make_rule
 from dllm_sparse.sparsity.sites import ALL_SITES
+
+# torch, the models and the samplers are imported inside the functions that use them, after the arguments are
+# parsed: --help then answers at once instead of loading torch and transformers first (seconds).
+if TYPE_CHECKING:
+    from dllm_sparse.samplers import StepSparsity
+    from dllm_sparse.sparsity.config import SparsityConfig
 
 DEFAULT_AR = "smollm2-135m"
 DEFAULT_MDM = "smollm2-135m-mdm"
@@ -42,6 +43,8 @@ DEFAULT_PROMPTS = [
 
 
 def _mdm_available() -> bool:
+    from dllm_sparse.models.loading import EMBEDDED_MODELS
+
     if DEFAULT_MDM in EMBEDDED_MODELS:
         return True
     try:  # the module that serves the embedded diffusion model registers it on import
@@ -149,11 +152,15 @@ def sparsity_line(kind: str, sp: StepSparsity) -> str:
 
 
 def load(kind: str, name: str, args):
+    from dllm_sparse.models.loading import load_model
+
     return load_model(name, dtype=args.dtype, device=None if args.device == "cpu" else args.device,
                       trust_remote_code=args.trust_remote_code, kind=kind if kind == "diffusion" else None)
 
 
 def run_model(kind: str, name: str, args, sparsity: SparsityConfig, prompts: list[str]) -> dict | None:
+    from dllm_sparse.samplers import GenerationConfig, MaskOverlapTracker, StepSparsity, generate
+
     print(f"\n=== {kind.upper()} model: {name} ===", flush=True)
     try:
         lm = load(kind, name, args)
@@ -237,10 +244,15 @@ def run_model(kind: str, name: str, args, sparsity: SparsityConfig, prompts: lis
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     import matplotlib
+    import torch
 
     matplotlib.use("Agg")  # this script writes figure files; the library leaves the backend to its user
-    args = build_parser().parse_args(argv)
+
+    from dllm_sparse.sparsity.config import SparsityConfig
+    from dllm_sparse.sparsity.rules import make_rule
+
     if args.threads:
         torch.set_num_threads(args.threads)
     sparsity = SparsityConfig(args.site, make_rule(args.rule, args.threshold, scope=args.scope), _layers(args.layers))
@@ -263,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     results = [r for kind, name in runs if (r := run_model(kind, name, args, sparsity, prompts)) is not None]
     if args.trace_out:
-        atomic_write_json(args.trace_out, {"args": vars(args), "runs": results}, default=str)
+        atomic_write_json(args.trace_out, {"args": vars(args), "runs": results})  # unknown objects as str()
         print(f"\nwrote {args.trace_out}")
     return 0
 

@@ -28,20 +28,14 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-
-from dllm_sparse import TopP, find_ffns, load_model
 from dllm_sparse.atomic import atomic_write_text
-from dllm_sparse.kernels import (
-    backend,
-    column_sparse_matmul,
-    row_sparse_matmul,
-    topp_threshold,
-    union_density,
-)
-from dllm_sparse.sparsity.config import slug
+
+# torch, the models and the kernels are imported inside the functions that use them, after the arguments are
+# parsed: --help then answers at once instead of loading torch and transformers first (seconds).
+if TYPE_CHECKING:
+    import torch
 
 # (name, d_in, d_out): the FFN matrices of the spec's models, as y[d_out] = W x[d_in].
 SHAPES = [
@@ -84,6 +78,8 @@ def make_timer(device: torch.device, quick: bool):
 
 
 def environment(device: torch.device) -> dict:
+    import torch
+
     try:
         import triton
 
@@ -104,6 +100,8 @@ def environment(device: torch.device) -> dict:
 
 def heavy_tailed(*shape, generator, device, dtype) -> torch.Tensor:
     """Student-t(3) samples: heavy tails like LLM activations, no exact zeros."""
+    import torch
+
     z = torch.randn(*shape, generator=generator)
     chi = torch.randn(*shape, 3, generator=generator).pow(2).mean(-1).sqrt()
     return (z / chi).to(device=device, dtype=dtype)
@@ -115,6 +113,11 @@ def heavy_tailed(*shape, generator, device, dtype) -> torch.Tensor:
 
 
 def bench_one_token(shapes, sparsities, device, dtype, timer, be) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+    from dllm_sparse.kernels import column_sparse_matmul, row_sparse_matmul, topp_threshold
+
     g = torch.Generator().manual_seed(0)
     elt = torch.finfo(dtype).bits // 8
     rows = []
@@ -161,6 +164,10 @@ def real_activations(model_name: str, max_tokens: int, device) -> dict[str, torc
     model, one row per token of the package's built-in passages, captured with forward pre-hooks."""
     from importlib.resources import files
 
+    import torch
+
+    from dllm_sparse import find_ffns, load_model
+
     lm = load_model(model_name, device=device)
     texts = [json.loads(line)["text"] for line in (files("dllm_sparse") / "data/builtin_passages.jsonl")
              .read_text().splitlines() if line.strip()]
@@ -182,6 +189,12 @@ def real_activations(model_name: str, max_tokens: int, device) -> dict[str, torc
 
 def bench_tokens(sources, tokens, device, dtype, timer, be) -> list[dict]:
     """sources: (label, site, activations [T, d_in], d_out); the first M rows are the M tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    from dllm_sparse import TopP
+    from dllm_sparse.kernels import column_sparse_matmul, union_density
+
     g = torch.Generator().manual_seed(1)
     rows = []
     for label, site, acts, d_out in sources:
@@ -262,6 +275,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--backend", default=None, choices=["auto", "triton", "torch"])
     ap.add_argument("--output-dir", default="experiments/results")
     args = ap.parse_args(argv)
+    import torch
+
+    from dllm_sparse.kernels import backend
+    from dllm_sparse.sparsity.config import slug
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[

@@ -21,9 +21,10 @@ import random
 import time
 from pathlib import Path
 
-import torch
-
 from dllm_sparse.atomic import atomic_write_text
+
+# torch and the model are imported in main(), after the arguments are parsed: --help then answers at once instead
+# of loading torch and transformers first (seconds).
 
 OUT_DIR = Path(__file__).resolve().parents[1] / "dllm_sparse" / "data" / "mdm_corpus"
 
@@ -88,9 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=OUT_DIR)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    import torch
 
     from dllm_sparse import load_model
+
+    torch.set_num_threads(args.threads)
 
     lm = load_model(args.model, dtype="fp32")
     tok, model = lm.tokenizer, lm.model

@@ -24,9 +24,10 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from dllm_sparse.atomic import atomic_write_text
+
+# torch, the models, the samplers and the scorer are imported in main(), after the arguments are parsed: --help
+# then answers at once instead of loading torch and transformers first (seconds).
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "dllm_sparse" / "data"
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         args.bf16 = why is None
         if why:
             print(f"float32: {why} (--bf16 forces it)", flush=True)
+    import torch
+
     torch.set_num_threads(args.threads)
 
     from dllm_sparse import load_model

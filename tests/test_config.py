@@ -123,7 +123,11 @@ def test_bad_values_name_the_problem():
 
 
 def test_rule_names_live_in_one_table():
+    from dllm_sparse.sparsity import names, rules
+
     assert RULE_NAMES == ("top_p", "top_k", "max_p", "paper_top_p")
+    # The torch-free list the command lines offer is the registry's, name for name and in order.
+    assert names.RULE_NAMES is RULE_NAMES and tuple(rules._RULES) == names.RULE_NAMES
     assert [make_rule(n, 0.5).name for n in RULE_NAMES] == list(RULE_NAMES)
     assert rule_name("Top-K") == "top_k" and make_rule("MAX-P", 0.2) == MaxP(0.2)
     assert TopK(0.3).threshold == 0.3 and TopP(0.4).threshold == 0.4 and MaxP(0.1).threshold == 0.1

@@ -23,6 +23,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from dllm_sparse.sparsity.names import RULE_NAMES
+
 __all__ = [
     "SparsityRule",
     "TopP",
@@ -485,9 +487,12 @@ class PaperTopP(SparsityRule):
         return False  # even p = 100 drops nothing only up to bf16 rounding of the share
 
 
-# The one table of rule names: configs, ids, sweep rows and command lines all go through it.
+# The one table of rules: configs, ids, sweep rows and command lines all go through it. Its names are also
+# written out in the torch-free dllm_sparse.sparsity.names (for command-line parsers); the two must agree.
 _RULES: dict[str, type[SparsityRule]] = {cls.name: cls for cls in (TopP, TopK, MaxP, PaperTopP)}
-RULE_NAMES = tuple(_RULES)
+if tuple(_RULES) != RULE_NAMES:
+    raise ImportError(f"dllm_sparse.sparsity.names.RULE_NAMES {RULE_NAMES} does not list the registered rules "
+                      f"{tuple(_RULES)}: add the new rule's name there, in the registry's order")
 
 
 def rule_name(name: str) -> str:

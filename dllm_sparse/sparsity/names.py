@@ -1,0 +1,10 @@
+"""The names of the sparsification rules, without the rules themselves.
+
+Command lines offer these as ``--rule`` choices while building their parsers; this module imports nothing, so a
+parser (and ``--help``) does not load torch. :mod:`dllm_sparse.sparsity.rules` checks at import that its registry
+holds exactly these names, in this order.
+"""
+
+RULE_NAMES = ("top_p", "top_k", "max_p", "paper_top_p")
+
+__all__ = ["RULE_NAMES"]
