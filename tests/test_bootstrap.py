@@ -126,7 +126,7 @@ def test_critical_replicates_recompute_the_curve_per_draw():
                         d = w @ dense[t]["items"]["acc"] / 30
                         rel.append(min(v / d, 1.0))
                     else:
-                        def ppl(it):
+                        def ppl(it, w=w):
                             return math.exp(-(w @ np.asarray(it["ll"])) / (w @ np.asarray(it["tokens"])))
                         rel.append(min(ppl(dense[t]["items"]) / ppl(r["items"]), 1.0))
                 pts.append((r["sparsity"], sum(rel) / 2))

@@ -153,7 +153,7 @@ def point_replicates(rows: Sequence[dict], boot, metric: str | None = None,
         reps = []
         for pt in pts:
             per_task = []
-            for t, key in zip(pt["tasks"], pt["keys"], strict=True):
+            for key in pt["keys"]:
                 row = by_key.get(key)
                 rep = None if metric is not None or row is None else boot.relative(row)
                 per_task.append(None if rep is None else (np.minimum(rep, 1.0) if cap else rep))
@@ -282,7 +282,8 @@ def markdown_table(table: Sequence[dict], task: str = AVG_CURVE, variant: str = 
     lines = ["| model | kind | " + " | ".join(sites) + " |", "|---|---|" + "---:|" * len(sites)]
     for m in models:
         kind = next((r["kind"] for r in table if r["model"] == m), "")
-        lines.append(f"| {m} | {kind} | " + " | ".join(_fmt(idx.get((m, s, task)), variant, with_interval) for s in sites) + " |")
+        cells = [_fmt(idx.get((m, s, task)), variant, with_interval) for s in sites]
+        lines.append(f"| {m} | {kind} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
