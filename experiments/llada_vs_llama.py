@@ -33,18 +33,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-import dllm_sparse  # noqa: F401  (registers embedded models)
-from dllm_sparse.eval.critical import AVG_CURVE, differences_markdown, markdown_table, write_critical
-from dllm_sparse.eval.identity import describe_differences, run_identity
-from dllm_sparse.eval.plots import plot_layer_heatmaps, plot_relative_performance, plot_step_sparsity
-from dllm_sparse.eval.presets import PRESETS, get_preset
-from dllm_sparse.eval.rows import atomic_write_json, launch_note, process_info, read_json_or_none
-from dllm_sparse.eval.sweep import SweepConfig, grid, planned_keys, run_sweep
-from dllm_sparse.models.loading import EMBEDDED_MODELS, load_model
-from dllm_sparse.sparsity.config import DENSE, SparsityConfig
-from dllm_sparse.sparsity.rules import RULE_NAMES, make_rule
+# Only light modules here, so that --help answers at once; torch and the package's heavy modules are imported
+# by the functions that use them, after the arguments are parsed.
+from dllm_sparse.eval.presets import PRESETS
+from dllm_sparse.sparsity.names import RULE_NAMES
 from dllm_sparse.sparsity.sites import ALL_SITES, SitesAction
 
 DEFAULT_AR = "smollm2-135m"
@@ -105,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def resolve_models(args) -> tuple[list[str], list[str]]:
+    from dllm_sparse.models.loading import EMBEDDED_MODELS
+
     notes, models = [], []
     diff = args.diffusion_model
     if diff is None:
@@ -137,6 +131,10 @@ def step_gen_length(device) -> int:
 
 def step_profile_identity(model_name: str, args, device, dtype, rows: list[dict]) -> dict:
     """Everything that changes the step profile; the weights hash comes from the model's sweep rows."""
+    from dllm_sparse.eval.identity import run_identity
+    from dllm_sparse.sparsity.config import SparsityConfig
+    from dllm_sparse.sparsity.rules import make_rule
+
     weights = next((r["model_identity"]["weights"] for r in rows
                     if r.get("model") == model_name and r.get("model_identity")), None)
     n = step_gen_length(device)
@@ -150,6 +148,11 @@ def step_profile_identity(model_name: str, args, device, dtype, rows: list[dict]
 def step_profile(model_name: str, args, device, dtype, out: Path, identity: dict | None = None) -> list[dict]:
     """Sparsity per denoising step of a short generation (one per site), if the samplers are available; stored
     in ``out/step_profile.json`` with its ``identity`` (:func:`step_profile_identity`)."""
+    from dllm_sparse.eval.rows import atomic_write_json
+    from dllm_sparse.models.loading import load_model
+    from dllm_sparse.sparsity.config import SparsityConfig
+    from dllm_sparse.sparsity.rules import make_rule
+
     try:
         from dllm_sparse.samplers import GenerationConfig, StepSparsity, generate
     except ImportError as e:
@@ -177,6 +180,9 @@ def step_profile(model_name: str, args, device, dtype, out: Path, identity: dict
 def stored_step_profile(path: Path, identity: dict) -> list[dict] | None:
     """The rows of ``path`` when it was computed with ``identity``; None (and a line saying why) when it is
     missing, unreadable, of the old format or of another configuration: the caller recomputes it."""
+    from dllm_sparse.eval.identity import describe_differences
+    from dllm_sparse.eval.rows import read_json_or_none
+
     data = read_json_or_none(path)
     if data is None:
         return None
@@ -192,6 +198,8 @@ def stored_step_profile(path: Path, identity: dict) -> list[dict] | None:
 
 def elbo_ratio_profile(rows: list[dict], p: float) -> list[dict]:
     """Sparsity per mask-ratio bin of the ELBO passes (from the sweep rows of diffusion models at threshold p)."""
+    from dllm_sparse.sparsity.config import DENSE
+
     out = []
     for r in rows:
         if r.get("kind") != "diffusion" or r["site"] == DENSE or abs(r["p"] - p) > 1e-12:  # "p": rule threshold
@@ -209,6 +217,8 @@ def time_breakdown(rows: list[dict], started: float, status: dict, phases: dict[
     """Where this run's wall time went: model loading, the dense and the sparse passes per model and task (the
     cells this run computed, by their ``finished_at``), the tables with their bootstrap, the figures, the step
     profile, and the rest (start-up, imports, bookkeeping)."""
+    from dllm_sparse.sparsity.config import DENSE
+
     parts: dict[str, float] = {}
     for name, s in (status.get("load_seconds_this_run") or {}).items():
         parts[f"loading {name}"] = s
@@ -225,6 +235,8 @@ def time_breakdown(rows: list[dict], started: float, status: dict, phases: dict[
 def machine_description(threads: int) -> str:
     """CPU model, cores, the flags that decide matmul speed, torch threads and versions (for stated times)."""
     import platform
+
+    import torch
 
     from dllm_sparse.hardware import cpu_flags
 
@@ -243,6 +255,8 @@ def machine_description(threads: int) -> str:
 
 
 def set_threads(spec: str) -> int:
+    import torch
+
     if spec != "auto":
         torch.set_num_threads(max(1, int(spec)))
         return torch.get_num_threads()
@@ -257,12 +271,21 @@ def set_threads(spec: str) -> int:
 
 
 def main(argv=None) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")  # this script writes figure files; the library leaves the backend to its user
     t0 = time.perf_counter()
     started = time.time()
     args = parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")  # this script writes figure files; the library leaves the backend to its user
+    import torch
+
+    import dllm_sparse  # noqa: F401  (registers embedded models)
+    from dllm_sparse.eval.critical import AVG_CURVE, differences_markdown, markdown_table, write_critical
+    from dllm_sparse.eval.plots import plot_layer_heatmaps, plot_relative_performance, plot_step_sparsity
+    from dllm_sparse.eval.presets import get_preset
+    from dllm_sparse.eval.rows import atomic_write_json, launch_note, process_info, read_json_or_none
+    from dllm_sparse.eval.sweep import SweepConfig, grid, planned_keys, run_sweep
+
     gpu = torch.cuda.is_available()
     device = args.device or ("auto" if gpu else "cpu")
     dtype = args.dtype or ("bf16" if gpu else "fp32")
