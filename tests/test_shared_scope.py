@@ -193,3 +193,44 @@ def test_hooks_explicit_voters_override():
     for ev in events:
         ref = _brute_keep_set(seen[ev.layer], voters, 0.5)
         assert torch.equal(ev.keep, ref[:, None, :] & (seen[ev.layer] != 0))
+
+
+@pytest.mark.parametrize("voters", ["masked", "block", "all"])
+def test_step_sparsity_voters_in_the_diffusion_sampler(voters):
+    from dllm_sparse.samplers import GenerationConfig, StepSparsity, generate
+
+    model = build_tiny_model("llada", init_std=0.2)
+    cfg = GenerationConfig(gen_length=8, steps=4, block_length=4, stop_token_ids=(), mask_id=127)
+    seen, handles = _capture_inputs(model)
+    checked = []
+
+    class Check:
+        def __init__(self):
+            self.state = None
+
+        def on_step_begin(self, state):
+            self.state = state
+
+        def __call__(self, ev):
+            st, x = self.state, seen[ev.layer]
+            if voters == "masked":
+                vote = st.masked
+            elif voters == "block":
+                vote = torch.zeros_like(st.masked)
+                vote[:, st.prompt_length + 4 * st.block:st.prompt_length + 4 * (st.block + 1)] = True
+            else:
+                vote = torch.ones_like(st.masked)
+            ref = _brute_keep_set(x, vote, 0.5)
+            assert torch.equal(ev.keep, ref[:, None, :] & (x != 0))
+            checked.append(ev.layer)
+
+    check = Check()
+    sp = StepSparsity("input", TopP(0.5, scope="step"), mask_observers=[check], voters=voters)
+    try:
+        generate(model, None, [[5, 6, 7]], cfg, sparsity=sp, callbacks=[check])
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(checked) == 4 * 2
+    with pytest.raises(ValueError, match="shared keep-set"):
+        StepSparsity("input", TopP(0.5), voters="masked")

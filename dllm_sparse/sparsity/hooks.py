@@ -308,6 +308,7 @@ def sparsify(
     select_mask: MaskSelector | None = None,
     *,
     site: FFNSite | str | None = None,
+    on_attach: Callable[[Sparsifier], None] | None = None,
 ) -> Iterator[SparsityStats]:
     """Sparsify the FFNs of ``model`` as ``config`` says (site, rule, layers) inside the block; yields the
     statistics.
@@ -317,7 +318,8 @@ def sparsify(
     which build that config. ``layers``: indices (all by default). ``stats``: an existing
     :class:`SparsityStats` to add to (e.g. one per run across several ``sparsify`` blocks). ``record_masks``:
     keep every keep-mask (memory!). ``mask_observers``: callables receiving a :class:`MaskEvent` at each
-    selection. ``select_mask``: replaces the rule's selection (mask-reuse policies).
+    selection. ``select_mask``: replaces the rule's selection (mask-reuse policies). ``on_attach``: called with
+    the attached :class:`Sparsifier` (e.g. to set its ``voters`` for a shared scope at every step).
     """
     config = as_config(config, rule, layers, site=site, caller="sparsify")
     if stats is None:
@@ -326,6 +328,8 @@ def sparsify(
         stats.record_masks = True
     sp = Sparsifier(model, config, stats=stats, mask_observers=mask_observers, select_mask=select_mask).attach()
     try:
+        if on_attach is not None:
+            on_attach(sp)
         yield sp.stats
     finally:
         sp.detach()
