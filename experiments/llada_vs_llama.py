@@ -43,7 +43,7 @@ from dllm_sparse.eval.rows import atomic_write_json, launch_note, process_info, 
 from dllm_sparse.eval.sweep import SweepConfig, grid, planned_keys, run_sweep
 from dllm_sparse.models.loading import EMBEDDED_MODELS, load_model
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig
-from dllm_sparse.sparsity.rules import RULE_NAMES, make_rule
+from dllm_sparse.sparsity.rules import RULE_NAMES, SCOPES, make_rule
 from dllm_sparse.sparsity.sites import ALL_SITES, SitesAction
 
 DEFAULT_AR = "smollm2-135m"
@@ -64,8 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rule", default="top_p", choices=list(RULE_NAMES),
                     help="top_p (the paper's rule, default), top_k, max_p, or paper_top_p: the paper's LLaDA scripts' "
                          "variant (input site on up_proj only, one top-p per sample, p in percent, bf16 cumsum)")
-    ap.add_argument("--scope", default=None, choices=["token", "sequence"],
-                    help="rule scope (default: token; sequence for paper_top_p, which allows nothing else)")
+    ap.add_argument("--scope", default=None, choices=list(SCOPES),
+                    help="rule scope (default: token; sequence for paper_top_p, which allows nothing else; step / "
+                         "step_wina: one keep-set per sample shared by the tokens of each forward, docs/"
+                         "sparsification.md; for the AR model it is computed over context tokens only)")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--grid", default="quick", choices=["quick", "standard"])
     g.add_argument("--thresholds", nargs="+", type=float, help="explicit thresholds (overrides --grid)")

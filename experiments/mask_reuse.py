@@ -98,6 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sites", nargs="+", action=SitesAction, default=["input", "intermediate"],
                     help="FFN sites, space-separated (default: input intermediate)")
     ap.add_argument("--p", type=float, default=0.9, help="top-p threshold of every cell (default: %(default)s)")
+    ap.add_argument("--scope", choices=("token", "step", "step_wina"), default="token",
+                    help="top-p scope: per token (default), or one keep-set per sample and step shared by its "
+                         "tokens (step; step_wina weighs it by weight-column norms), which the policies then reuse")
     ap.add_argument("--policies", default=DEFAULT_POLICIES,
                     help="reuse policies: fresh, every<k>, block_start, adaptive<bound> (default: %(default)s)")
     ap.add_argument("--new-positions", choices=("fresh", "reuse"), default="fresh",
@@ -361,7 +364,8 @@ def main(argv=None) -> int:
     args.passage_ids, args.passage_traj = (passage_trajectories(lm.tokenizer, gcfg, args.passages,
                                                                 args.passage_prompt_len, args.seed)
                                            if args.passages > 0 else ([], []))
-    settings = StudySettings(p=args.p, new_positions=args.new_positions, probe_layer=_probe_layer(args.probe_layer),
+    settings = StudySettings(p=args.p, scope=args.scope, new_positions=args.new_positions,
+                             probe_layer=_probe_layer(args.probe_layer),
                              probe_region=args.probe_region, probe_positions=args.probe_positions,
                              probe_metric=args.probe_metric, track_layers=args.track_layers_list, gaps=args.gaps_list,
                              kernel_repeats=args.kernel_repeats, teacher_forced=args.teacher_forced,
@@ -390,7 +394,8 @@ def main(argv=None) -> int:
                     "kernel": [kernel_layers, kernel_steps] if kind == "diffusion" and pol else None,
                     "tf": bool(args.teacher_forced and kind == "diffusion"),
                     "elbo": [len(args.passage_ids), args.passage_prompt_len] if kind == "diffusion" else None,
-                    "task": bool(args.keywords), **loaded}
+                    "task": bool(args.keywords), **loaded,
+                    **({"scope": args.scope} if args.scope != "token" else {})}  # token keys stay as they were
             key = cell_key(**base)
             planned.add(key)
             if key in done:
@@ -404,7 +409,7 @@ def main(argv=None) -> int:
                            kernel_layers=kernel_layers if kind == "diffusion" else [], kernel_steps=kernel_steps,
                            dense_row=dense_row)
             row = {"key": key, "model": model_lm.name, "kind": kind, "site": site, "policy": pol or "dense",
-                   "p": args.p, "new_positions": args.new_positions, "note": note if kind == "diffusion" else "",
+                   "p": args.p, "scope": args.scope, "new_positions": args.new_positions, "note": note if kind == "diffusion" else "",
                    **row}
             writer.write(row)
             done[key] = row

@@ -192,14 +192,19 @@ class SparseFFN(nn.Module):
         return self.rule.mask(v), None
 
     # ---- shared keep-sets: packed weights, plain matmuls ----------------------------------------------------
-    def _packed(self, v: torch.Tensor, weights, lookup: bool = True) -> PackedKeepSet:
+    def _packed(self, v: torch.Tensor, weights, lookup: bool = True) -> PackedKeepSet | None:
         """The packed keep-set of v: the reuse policy's cached one when it reuses at this call, else a fresh
         selection (every token of the call votes: the swapped modules do not see the attention mask), packed and
-        handed to the policy. ``lookup=False``: the policy was already asked at this call (and said refresh)."""
+        handed to the policy. ``lookup=False``: the policy was already asked at this call (and said refresh).
+        None when a token holds a NaN: its row is kept whole (the rules' convention), which a packed set cannot
+        express, so the caller takes the general masked path (the masking path's result)."""
         entry = self.reuse.lookup_shared(self.layer, self.site, v) if self.reuse is not None and lookup else None
         if entry is not None and isinstance(entry.payload, PackedKeepSet):
             return entry.payload
-        keep_set = self.rule.shared_keep(v, column_norm=self.column_norm)
+        score = self.rule.shared_score(v, column_norm=self.column_norm)
+        if bool(torch.isnan(score).any()):  # every token votes here: the score is NaN iff some token holds a NaN
+            return None
+        keep_set = self.rule.keep_from_score(score)
         packed = PackedKeepSet(keep_set, weights())
         if self.reuse is not None:
             self.reuse.store_shared(self.layer, self.site, v, keep_set, packed)
@@ -218,6 +223,8 @@ class SparseFFN(nn.Module):
 
     def _shared_input_matmul(self, x):
         pk = self._packed(x, self._input_weights)
+        if pk is None:
+            return self._masked_input_matmul(x)
         if self.stats is not None:
             self._record(x, pk.keep_set.expand(x.shape) & (x != 0))
         y = pk.gather(x) @ pk.weights["gate_up_t"]
@@ -229,6 +236,8 @@ class SparseFFN(nn.Module):
         if pk is None:
             # With a reuse policy the gate projection already asked it at this call (swapped there too).
             pk = self._packed(h, self._intermediate_weights, lookup=self.reuse is None)
+            if pk is None:
+                return self._masked_down(h)
             hk = pk.gather(h)
         else:
             hk = h if pk.row_keep is None else h.masked_fill(~pk.row_keep, 0)
@@ -301,8 +310,11 @@ class SparseFFN(nn.Module):
     def _input_matmul(self, x):
         """[gate; up] of the sparse x, one column-sparse launch over both matrices (a shared keep-set: one
         dense matmul over the packed kept rows)."""
-        if self.shared and not _has_nan(x):
+        if self.shared:
             return self._shared_input_matmul(x)
+        return self._masked_input_matmul(x)
+
+    def _masked_input_matmul(self, x):
         keep, tau = self._select(x)
         if self.stats is not None:
             self._record(x, self._kept(x, keep, tau))
@@ -361,8 +373,12 @@ class SparseFFN(nn.Module):
         hit = self._stash.pop("compact", None)
         if hit is not None:  # gate and up computed the reused keep-set's rows only: h is compact
             return self._shared_down(h, hit[0])
-        if self._pack_down and not _has_nan(h):
+        if self._pack_down:
             return self._shared_down(h)
+        return self._masked_down(h)
+
+    def _masked_down(self, h):
+        down = self._orig["down"]
         if self.site is FFNSite.INTERMEDIATE:
             keep, tau = self._select(h)
             if self.stats is not None:
@@ -374,12 +390,6 @@ class SparseFFN(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, site={self.site.value}, rule={self.rule}"
-
-
-def _has_nan(v: torch.Tensor) -> bool:
-    """A token holding a NaN keeps its whole row (the rules' NaN convention), which a packed keep-set cannot
-    express: such calls take the general masked path (same result as the masking path)."""
-    return v.is_floating_point() and bool(torch.isnan(v).any())
 
 
 class SparsePart(nn.Module):

@@ -234,3 +234,32 @@ def test_step_sparsity_voters_in_the_diffusion_sampler(voters):
     assert len(checked) == 4 * 2
     with pytest.raises(ValueError, match="shared keep-set"):
         StepSparsity("input", TopP(0.5), voters="masked")
+
+
+def test_ar_scorer_shares_over_context_only():
+    """AR scoring: the context tokens vote (padding does not), continuation tokens keep per-token masks. With a
+    one-token context the shared set is that token's own top-p set, so step equals token exactly."""
+    from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer
+
+    model = build_tiny_model("llama", initializer_range=0.2, vocab_size=260)
+    step, token = SparsityConfig("input", TopP(0.5, scope="step")), SparsityConfig("input", TopP(0.5))
+    one = [([5], [10, 11, 12]), ([7], [4, 9])]
+    s = Scorer(model, ByteTokenizer(), "ar", batch_size=4)
+    assert s.loglikelihood_tokens(one, sparsity=step) == s.loglikelihood_tokens(one, sparsity=token)
+    longer = [([5, 6, 7, 8, 9], [10, 11]), ([3, 4], [20, 21, 22])]
+    batched = s.loglikelihood_tokens(longer, sparsity=step)  # left-padded batch of two
+    alone = [s.loglikelihood_tokens([r], sparsity=step)[0] for r in longer]
+    assert [b[0] for b in batched] == pytest.approx([a[0] for a in alone], abs=1e-4)
+    assert [b[0] for b in batched] != pytest.approx([t[0] for t in s.loglikelihood_tokens(longer, sparsity=token)],
+                                                    abs=1e-6)
+
+
+def test_sweep_scripts_accept_the_shared_scopes():
+    from test_cli_conventions import _script
+
+    for scope in ("step", "step_wina"):
+        assert _script("llada_vs_llama").parse_args(["--scope", scope]).scope == scope
+        assert _script("mask_reuse").parse_args(["--scope", scope]).scope == scope
+    from dllm_sparse.eval.reuse_study import StudySettings
+
+    assert StudySettings(p=0.7, scope="step").rule == TopP(0.7, scope="step")

@@ -294,14 +294,17 @@ class SparsityRule(ABC):
         if x.dim() < 2:
             raise ValueError(f"scope={self.scope!r} needs activations shaped [..., tokens, features], got "
                              f"{tuple(x.shape)}")
-        vote = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
-        if voters is not None:
-            vote = vote & _positions(voters, x, "voters")
-        if token_positions is not None:
-            vote = vote & ~_positions(token_positions, x, "token_positions")
-        a = x.detach().abs().to(torch.float64)
-        # where, not a product: a NaN of a non-voting token (0 * NaN = NaN) must not reach the score
-        score = torch.where(vote[..., None], a, 0.0).sum(dim=-2)
+        if voters is None and token_positions is None:  # every token votes: one reduction, summed in float64
+            score = x.detach().abs().sum(dim=-2, dtype=torch.float64)
+        else:
+            vote = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+            if voters is not None:
+                vote = vote & _positions(voters, x, "voters")
+            if token_positions is not None:
+                vote = vote & ~_positions(token_positions, x, "token_positions")
+            a = x.detach().abs().to(torch.float64)
+            # where, not a product: a NaN of a non-voting token (0 * NaN = NaN) must not reach the score
+            score = torch.where(vote[..., None], a, 0.0).sum(dim=-2)
         if self.scope == "step_wina":
             if column_norm is None:
                 raise ValueError("scope='step_wina' weighs each feature by the norm of the weight column it "
@@ -320,6 +323,11 @@ class SparsityRule(ABC):
                     column_norm: torch.Tensor | None = None) -> torch.Tensor:
         """The per-sample keep-set K of a shared scope, bool [..., 1, d] (broadcasts over the tokens of x)."""
         score = self.shared_score(x, voters=voters, token_positions=token_positions, column_norm=column_norm)
+        return self.keep_from_score(score)
+
+    def keep_from_score(self, score: torch.Tensor) -> torch.Tensor:
+        """The keep-set [..., 1, d] of an aggregate score [..., d] from :meth:`shared_score` (the rule applied to
+        it; a score holding a NaN keeps every non-zero feature)."""
         return self._mask_rows(score).unsqueeze(-2)
 
     def _mask_rows(self, x: torch.Tensor) -> torch.Tensor:
