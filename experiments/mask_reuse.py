@@ -409,7 +409,8 @@ def main(argv=None) -> int:
                            kernel_layers=kernel_layers if kind == "diffusion" else [], kernel_steps=kernel_steps,
                            dense_row=dense_row)
             row = {"key": key, "model": model_lm.name, "kind": kind, "site": site, "policy": pol or "dense",
-                   "p": args.p, "scope": args.scope, "new_positions": args.new_positions, "note": note if kind == "diffusion" else "",
+                   "p": args.p, "scope": args.scope, "new_positions": args.new_positions,
+                   "note": note if kind == "diffusion" else "",
                    **row}
             writer.write(row)
             done[key] = row

@@ -341,7 +341,7 @@ def summary_md(res: dict) -> str:
                          f"{c['ideal_ffn']:.2f}x |")
     lines += ["", "Break-even (smallest skipped fraction reaching the speedup; interpolated):", ""]
     for name, be in res["break_even"].items():
-        lines.append(f"- {name}: " + ", ".join(f"{k}: {('%.2f' % v) if v is not None else 'not reached'}"
+        lines.append(f"- {name}: " + ", ".join(f"{k}: {f'{v:.2f}' if v is not None else 'not reached'}"
                                                for k, v in be.items()))
     if res["cells"]:
         lines += ["", "## Frontier points", "",
@@ -353,8 +353,8 @@ def summary_md(res: dict) -> str:
 
         for c in res["cells"]:
             lines.append(f"| {c['strategy']} | {c['site']} | {c['p']} | {f(c['sparsity'])} | {f(c['skipped'])} | "
-                         f"{f(c['speedup_ffn'], '{:.2f}x')} | {f(c['speedup_step'], '{:.2f}x')} | {f(c.get('elbo_rel'))} "
-                         f"| {f(c.get('ar_rel'))} | {f(c.get('probe'))} |")
+                         f"{f(c['speedup_ffn'], '{:.2f}x')} | {f(c['speedup_step'], '{:.2f}x')} | "
+                         f"{f(c.get('elbo_rel'))} | {f(c.get('ar_rel'))} | {f(c.get('probe'))} |")
         lines += ["", "## Critical sparsity (highest measured sparsity with relative ELBO perplexity >= 0.99)", "",
                   "| strategy | site | twin (ELBO) | AR parent |", "|---|---|---|---|"]
         for k in res["critical"]:

@@ -369,7 +369,6 @@ class SparseFFN(nn.Module):
         return row_sparse_matmul(x, up.weight, hit[0], bias=up.bias, backend=self.backend)
 
     def _down(self, h):
-        down = self._orig["down"]
         hit = self._stash.pop("compact", None)
         if hit is not None:  # gate and up computed the reused keep-set's rows only: h is compact
             return self._shared_down(h, hit[0])

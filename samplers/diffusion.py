@@ -8,7 +8,9 @@ The loop, per block and per step:
 1. canvas = left-padded prompt + ``gen_length`` mask tokens; prompt positions never change.
 2. At a block's start, n = its masked positions (per row); step i of the block commits n // s tokens, plus one
    on the first n % s steps (s = steps per block).
-3. One forward pass over the whole canvas (no cache). With ``cfg_scale`` w > 0 the canvas with every real
+3. One forward pass over the whole canvas (no cache); the LM head runs on the rows the step reads only (the
+   current block, shifted one left under Dream's convention) where the family profile names a splittable head
+   (:func:`~dllm_sparse.models.families.without_lm_head`). With ``cfg_scale`` w > 0 the canvas with every real
    prompt token replaced by the mask id is batched with it (conditional rows first) and
    logits = uncond + (w + 1)(cond - uncond).
 4. x0 = argmax(logits) at temperature 0; at T > 0 float64 Gumbel-max: argmax(exp(logits) / (-log u)^T).

@@ -44,6 +44,12 @@ so their FFN input changed completely) get a fresh mask with ``new_positions="fr
 runs on those positions only, a *partial selection*, and the cache is updated there) or keep the cached one
 with ``new_positions="reuse"``.
 
+**Shared scopes.** With a shared rule (``TopP(p, scope="step")``, docs/sparsification.md) a policy caches the
+keep-set itself, one [B, 1, d] set per layer and site, and reuses it for every position (``new_positions`` does
+not apply: there is no per-position mask). The same policy drives the fast path:
+``accelerate_ffn(model, config, reuse=policy)`` with ``callbacks=[policy]`` keeps the weights packed for the set
+too (:meth:`ReusePolicy.lookup_shared` / :meth:`ReusePolicy.store_shared`); ``Adaptive`` is masking-path only.
+
 **Autoregressive runs.** A KV-cached AR loop feeds one new token per step, so no position is ever seen twice.
 Reuse there means *the mask of the last token of the last refresh is reused for the following tokens* (the
 prefill's last prompt token for ``BlockStart``, since an AR run is a single block whose step 0 is the

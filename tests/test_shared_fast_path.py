@@ -139,3 +139,18 @@ def test_bad_reuse_arguments_are_refused(llada):
     with pytest.raises(ValueError, match="input and intermediate"):
         accelerate_ffn(llada, "gate", TopP(0.5, scope="step"), reuse=Every(2))
     assert not any(type(m).__name__ == "SparsePart" for m in llada.modules())
+
+
+def test_frontier_helpers():
+    from test_cli_conventions import _script
+
+    sf = _script("step_frontier")
+    assert sf.ideal_ffn_speedup("input", 0.5, False) == pytest.approx(1.5)
+    assert sf.ideal_ffn_speedup("intermediate", 0.5, True) == pytest.approx(2.0)
+    assert sf.ideal_ffn_speedup("intermediate", 0.5, False) == pytest.approx(1.2)
+    pts = [(0.25, 0.9), (0.5, 1.1), (0.75, 1.5)]
+    assert sf.break_even(pts, 1.0) == pytest.approx(0.375)
+    assert sf.break_even(pts, 1.5) == pytest.approx(0.75)
+    assert sf.break_even(pts, 2.0) is None
+    assert sf.strategy_names(["every4"]) == ["token", "step", "step+every4"]
+    assert sf.refresh_interval("step+every4", 32) == 4 and sf.refresh_interval("step+block_start", 32) == 32

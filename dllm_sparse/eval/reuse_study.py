@@ -62,8 +62,8 @@ class StudySettings:
     """The settings every cell of one study shares (the command line of ``experiments/mask_reuse.py``).
 
     ``p``: top-p threshold of every cell, ``scope`` its scope (``token``, or a shared ``step`` / ``step_wina``
-    keep-set, which a policy then reuses as one set per sample); ``new_positions`` and the ``probe_*`` fields go to the policies
-    (:func:`dllm_sparse.samplers.reuse.make_policy`); ``track_layers`` / ``gaps``: layers of the overlap
+    keep-set, which a policy then reuses as one set per sample); ``new_positions`` and the ``probe_*`` fields go
+    to the policies (:func:`dllm_sparse.samplers.reuse.make_policy`); ``track_layers`` / ``gaps``: layers of the overlap
     tracker and the step gaps of the overlap analysis (``fresh`` runs); ``kernel_repeats``: timing repeats;
     ``teacher_forced``: also replay the dense trajectory with every policy; ``passage_ids`` /
     ``passage_trajectory``: prompts and reveal order of the likelihood check (:func:`passage_trajectories`;
@@ -71,7 +71,7 @@ class StudySettings:
     """
 
     p: float = 0.9
-    scope: str = "token"  # "step" / "step_wina": one keep-set per sample and step (shared; docs/sparsification.md)
+    scope: str = "token"  # "step" / "step_wina": one keep-set per sample and step (docs/sparsification.md)
     new_positions: str = "fresh"
     probe_layer: int | str = "middle"
     probe_region: str = "generated"
