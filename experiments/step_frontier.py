@@ -329,10 +329,10 @@ def summary_md(res: dict) -> str:
              f"Machine: {res['machine']['cpu']} ({', '.join(res['machine']['cpu_flags'])}), {res['threads']} threads, "
              f"torch {res['machine']['torch']}; load average {res['load_before']:.2f} before, "
              f"{res['load_after']:.2f} after{' (NOT quiet: timings are noisy)' if res['noisy'] else ''}.", "",
-             f"Canvas {res['canvas']} masked + prompt {res['prompt_length']} tokens, batch 1, {res['dtype']}. Dense "
-             f"step {res['dense']['step'] * 1e3:.0f} ms (LM head on the block's rows; "
-             f"{res['dense']['step_full_head'] * 1e3:.0f} ms with the head on every position), dense FFN "
-             f"{res['dense']['ffn'] * 1e3:.0f} ms.", "",
+             f"Canvas {res['canvas']} masked + prompt {res['prompt_length']} tokens, batch 1, {res['dtype']}. " + (
+                 f"Dense step {res['dense']['step'] * 1e3:.0f} ms (LM head on the block's rows; "
+                 f"{res['dense']['step_full_head'] * 1e3:.0f} ms with the head on every position), dense FFN "
+                 f"{res['dense']['ffn'] * 1e3:.0f} ms." if "dense" in res else "Timing skipped."), "",
              "## Speedup vs skipped fraction (TopK(s, scope='step'))", "",
              "| curve | s | FFN speedup | step speedup | FLOP bound (FFN) |", "|---|---|---|---|---|"]
     for name, curve in res["sweep"].items():
@@ -353,7 +353,7 @@ def summary_md(res: dict) -> str:
 
         for c in res["cells"]:
             lines.append(f"| {c['strategy']} | {c['site']} | {c['p']} | {f(c['sparsity'])} | {f(c['skipped'])} | "
-                         f"{f(c['speedup_ffn'], '{:.2f}x')} | {f(c['speedup_step'], '{:.2f}x')} | "
+                         f"{f(c.get('speedup_ffn'), '{:.2f}x')} | {f(c.get('speedup_step'), '{:.2f}x')} | "
                          f"{f(c.get('elbo_rel'))} | {f(c.get('ar_rel'))} | {f(c.get('probe'))} |")
         lines += ["", "## Critical sparsity (highest measured sparsity with relative ELBO perplexity >= 0.99)", "",
                   "| strategy | site | twin (ELBO) | AR parent |", "|---|---|---|---|"]
@@ -497,8 +497,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     res["load_after"] = os.getloadavg()[0]
     res["noisy"] = max(res["load_before"], res["load_after"]) > 1.3
-    res["cells"] = [{k: v for k, v in c.items() if k not in ("rule", "key")} for c in cells] \
-        if not args.skip_timing else []
+    res["cells"] = [{k: v for k, v in c.items() if k not in ("rule", "key")} for c in cells]
     files = plot(res, args.output_dir) if not args.skip_timing else []
     res["figures"] = files
     atomic_write_text(args.output_dir / "frontier.json", json.dumps(res, indent=1, default=str) + "\n")
