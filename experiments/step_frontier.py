@@ -479,11 +479,11 @@ def main(argv: list[str] | None = None) -> dict:
             config = SparsityConfig(c["site"], c["rule"])
             if config.id not in elbo_cache:  # a step+policy strategy has the ELBO of step (one forward each)
                 ppl, sp = elbo_ppl(twin, texts, keys, config)
-                ar_ppl, _ = elbo_ppl(ar_scorer, texts, keys, config)
-                elbo_cache[config.id] = (ppl, sp, ar_ppl)
-            ppl, sp, ar_ppl = elbo_cache[config.id]
+                ar_ppl, ar_sp = elbo_ppl(ar_scorer, texts, keys, config)
+                elbo_cache[config.id] = (ppl, sp, ar_ppl, ar_sp)
+            ppl, sp, ar_ppl, ar_sp = elbo_cache[config.id]
             c.update({"elbo_ppl": ppl, "elbo_rel": dense_twin / ppl, "elbo_sparsity": sp, "ar_ppl": ar_ppl,
-                      "ar_rel": dense_ar / ar_ppl,
+                      "ar_rel": dense_ar / ar_ppl, "ar_sparsity": ar_sp,
                       "probe": probe_agreement(lm, prompts, gcfg, c["strategy"], config, dense_ids)})
             print(f"  {c['key']}: ELBO rel {c['elbo_rel']:.3f}, AR rel {c['ar_rel']:.3f}, probe {c['probe']:.3f}",
                   flush=True)
@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> dict:
             for site in args.sites:
                 pts = [c for c in cells if c["strategy"] == st and c["site"] == site]
                 twin_crit = critical_sparsity([(c["elbo_sparsity"], c["elbo_rel"]) for c in pts])
-                ar_crit = critical_sparsity([(c["elbo_sparsity"], c["ar_rel"]) for c in pts])
+                ar_crit = critical_sparsity([(c["ar_sparsity"], c["ar_rel"]) for c in pts])
                 res["critical"].append({"strategy": st, "site": site, "twin": twin_crit.interpolated,
                                         "ar": ar_crit.interpolated, "twin_bracketed": twin_crit.bracketed})
 
