@@ -36,7 +36,7 @@ from pathlib import Path
 # Only light modules here, so that --help answers at once; torch and the package's heavy modules are imported
 # by the functions that use them, after the arguments are parsed.
 from dllm_sparse.eval.presets import PRESETS
-from dllm_sparse.sparsity.names import RULE_NAMES
+from dllm_sparse.sparsity.names import RULE_NAMES, SCOPES
 from dllm_sparse.sparsity.sites import ALL_SITES, SitesAction
 
 DEFAULT_AR = "smollm2-135m"
@@ -56,8 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rule", default="top_p", choices=list(RULE_NAMES),
                     help="top_p (the paper's rule, default), top_k, max_p, or paper_top_p: the paper's LLaDA scripts' "
                          "variant (input site on up_proj only, one top-p per sample, p in percent, bf16 cumsum)")
-    ap.add_argument("--scope", default=None, choices=["token", "sequence"],
-                    help="rule scope (default: token; sequence for paper_top_p, which allows nothing else)")
+    ap.add_argument("--scope", default=None, choices=list(SCOPES),
+                    help="rule scope (default: token; sequence for paper_top_p, which allows nothing else; step / "
+                         "step_wina: one keep-set per sample shared by the tokens of each forward, docs/"
+                         "sparsification.md; for the AR model it is computed over context tokens only)")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--grid", default="quick", choices=["quick", "standard"])
     g.add_argument("--thresholds", nargs="+", type=float, help="explicit thresholds (overrides --grid)")

@@ -44,28 +44,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    from dllm_sparse.models.loading import LoadedModel
 
-from dllm_sparse.eval.reuse_plots import plot_overlap, plot_step_matrices, plot_tracker_heatmaps, plot_tradeoff
-from dllm_sparse.eval.reuse_study import (
-    MODEL_FIELDS,
-    OVERLAP_COLS,
-    TABLE_COLS,
-    StudySettings,
-    cell_key,
-    check_cell_keys,
-    derive,
-    model_fields,
-    n_layers,
-    passage_trajectories,
-    run_cell,
-    spread,
-)
-from dllm_sparse.eval.rows import JsonlWriter, atomic_write_csv, atomic_write_text, finished
-from dllm_sparse.models.loading import LoadedModel, check_available, load_model
-from dllm_sparse.samplers import GenerationConfig
-from dllm_sparse.samplers.reuse import make_policy
+# Only light modules here, so that --help answers at once; torch and the study's modules are imported after
+# the arguments are parsed.
 from dllm_sparse.sparsity.sites import SitesAction
 
 # This file is the command line: the study itself (cells, recorders, overlap analysis, kernel timing, the policy
@@ -98,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sites", nargs="+", action=SitesAction, default=["input", "intermediate"],
                     help="FFN sites, space-separated (default: input intermediate)")
     ap.add_argument("--p", type=float, default=0.9, help="top-p threshold of every cell (default: %(default)s)")
+    ap.add_argument("--scope", choices=("token", "step", "step_wina"), default="token",
+                    help="top-p scope: per token (default), or one keep-set per sample and step shared by its "
+                         "tokens (step; step_wina weighs it by weight-column norms), which the policies then reuse")
     ap.add_argument("--policies", default=DEFAULT_POLICIES,
                     help="reuse policies: fresh, every<k>, block_start, adaptive<bound> (default: %(default)s)")
     ap.add_argument("--new-positions", choices=("fresh", "reuse"), default="fresh",
@@ -160,6 +148,8 @@ def _csv_list(s: str | None) -> list[str]:
 
 
 def load_diffusion(name: str, dtype, device, allow_fallback: bool) -> tuple[LoadedModel, str]:
+    from dllm_sparse.models.loading import LoadedModel, load_model
+
     """(model, note). Falls back to the untrained converted SmolLM2-135M twin when the embedded adapter is absent."""
     try:
         lm = load_model(name, dtype=dtype, device=None if device == "cpu" else device)
@@ -213,6 +203,8 @@ def _f(v, nd=3):
 
 def write_summary(out_dir: Path, args, notes: list[str], table: list[dict], ov: list[dict], figs: list[str],
                   wall: float, cells_s: float = float("nan")) -> None:
+    from dllm_sparse.eval.rows import atomic_write_text
+
     L = ["# Mask reuse across denoising steps", ""]
     L += [f"Settings: p = {args.p} (top-p), sites {args.sites}, gen_length {args.gen_length}, steps {args.steps}, "
           f"block_length {args.block_length}, cfg {args.cfg_scale}, {args.prompts} prompt(s), new positions: "
@@ -310,10 +302,32 @@ def write_summary(out_dir: Path, args, notes: list[str], table: list[dict], ov: 
 
 
 def main(argv=None) -> int:
+    args = parse_args(argv)
     import matplotlib
 
     matplotlib.use("Agg")  # this script writes figure files; the library leaves the backend to its user
-    args = parse_args(argv)
+    import torch
+
+    from dllm_sparse.eval.reuse_plots import plot_overlap, plot_step_matrices, plot_tracker_heatmaps, plot_tradeoff
+    from dllm_sparse.eval.reuse_study import (
+        MODEL_FIELDS,
+        OVERLAP_COLS,
+        TABLE_COLS,
+        StudySettings,
+        cell_key,
+        check_cell_keys,
+        derive,
+        model_fields,
+        n_layers,
+        passage_trajectories,
+        run_cell,
+        spread,
+    )
+    from dllm_sparse.eval.rows import JsonlWriter, atomic_write_csv, finished
+    from dllm_sparse.models.loading import check_available, load_model
+    from dllm_sparse.samplers import GenerationConfig
+    from dllm_sparse.samplers.reuse import make_policy
+
     t_start = time.perf_counter()
     torch.set_num_threads(max(1, args.threads))
     out_dir = Path(args.output_dir)
@@ -361,7 +375,8 @@ def main(argv=None) -> int:
     args.passage_ids, args.passage_traj = (passage_trajectories(lm.tokenizer, gcfg, args.passages,
                                                                 args.passage_prompt_len, args.seed)
                                            if args.passages > 0 else ([], []))
-    settings = StudySettings(p=args.p, new_positions=args.new_positions, probe_layer=_probe_layer(args.probe_layer),
+    settings = StudySettings(p=args.p, scope=args.scope, new_positions=args.new_positions,
+                             probe_layer=_probe_layer(args.probe_layer),
                              probe_region=args.probe_region, probe_positions=args.probe_positions,
                              probe_metric=args.probe_metric, track_layers=args.track_layers_list, gaps=args.gaps_list,
                              kernel_repeats=args.kernel_repeats, teacher_forced=args.teacher_forced,
@@ -390,7 +405,8 @@ def main(argv=None) -> int:
                     "kernel": [kernel_layers, kernel_steps] if kind == "diffusion" and pol else None,
                     "tf": bool(args.teacher_forced and kind == "diffusion"),
                     "elbo": [len(args.passage_ids), args.passage_prompt_len] if kind == "diffusion" else None,
-                    "task": bool(args.keywords), **loaded}
+                    "task": bool(args.keywords), **loaded,
+                    **({"scope": args.scope} if args.scope != "token" else {})}  # token keys stay as they were
             key = cell_key(**base)
             planned.add(key)
             if key in done:
@@ -404,7 +420,8 @@ def main(argv=None) -> int:
                            kernel_layers=kernel_layers if kind == "diffusion" else [], kernel_steps=kernel_steps,
                            dense_row=dense_row)
             row = {"key": key, "model": model_lm.name, "kind": kind, "site": site, "policy": pol or "dense",
-                   "p": args.p, "new_positions": args.new_positions, "note": note if kind == "diffusion" else "",
+                   "p": args.p, "scope": args.scope, "new_positions": args.new_positions,
+                   "note": note if kind == "diffusion" else "",
                    **row}
             writer.write(row)
             done[key] = row

@@ -20,12 +20,21 @@ Kernels (each a ``torch.library`` custom op; Triton on CUDA tensors, PyTorch els
 if __name__ == "dllm_sparse.kernels":
     from .dispatch import BACKENDS, ENV_VAR, backend, triton_available
     from .ops import column_sparse_matmul, kept_indices, row_sparse_matmul, topp_threshold, union_density
-    from .sparse_ffn import SparseFFN, SparsePart, accelerate_ffn, accelerated_ffn, is_accelerated, restore_ffn
+    from .sparse_ffn import (
+        PackedKeepSet,
+        SparseFFN,
+        SparsePart,
+        accelerate_ffn,
+        accelerated_ffn,
+        is_accelerated,
+        restore_ffn,
+    )
 
     __all__ = [
         "backend", "triton_available", "BACKENDS", "ENV_VAR",
         "column_sparse_matmul", "row_sparse_matmul", "topp_threshold", "kept_indices", "union_density",
         "accelerate_ffn", "restore_ffn", "accelerated_ffn", "is_accelerated", "SparseFFN", "SparsePart",
+        "PackedKeepSet",
     ]
 else:
     # Imported as a top-level ``kernels`` (the repo root is on sys.path, e.g. ``python -m pytest`` run from it).

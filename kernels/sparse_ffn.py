@@ -52,15 +52,16 @@ import torch.nn.functional as F
 
 from dllm_sparse.models.families import FFNModules, find_ffns
 from dllm_sparse.sparsity.config import SparsityConfig, as_config
-from dllm_sparse.sparsity.hooks import select_layers
-from dllm_sparse.sparsity.rules import SparsityRule, TopP
+from dllm_sparse.sparsity.hooks import column_norms, select_layers
+from dllm_sparse.sparsity.rules import SHARED_SCOPES, SparsityRule, TopP
 from dllm_sparse.sparsity.sites import FFNSite
 from dllm_sparse.sparsity.stats import SparsityStats
 
 from .dispatch import backend as choose_backend
 from .ops import column_sparse_matmul, row_sparse_matmul, topp_threshold
 
-__all__ = ["SparseFFN", "SparsePart", "accelerate_ffn", "restore_ffn", "accelerated_ffn", "is_accelerated"]
+__all__ = ["SparseFFN", "SparsePart", "PackedKeepSet", "accelerate_ffn", "restore_ffn", "accelerated_ffn",
+           "is_accelerated"]
 
 DEFAULT_RULE = TopP(0.5)
 DEFAULT_SITE = FFNSite.INPUT
@@ -79,6 +80,48 @@ _SWAPPED_FUSED = {
     FFNSite.GATE: ("gate_up", "act", "down"),
     FFNSite.UP: ("gate_up", "down"),
 }
+# A reused intermediate keep-set is known before the step: gate and up compute only its rows as well.
+_SWAPPED_REUSED_INTERMEDIATE = ("gate", "up", "down")
+_SWAPPED_REUSED_INTERMEDIATE_FUSED = ("gate_up", "down")
+
+
+class PackedKeepSet:
+    """A shared keep-set laid out for plain dense matmuls (the fast path of the shared scopes).
+
+    ``keep_set`` bool [..., 1, d]: one set per sample. ``idx`` [k]: the union of the samples' sets (the one set
+    when the batch holds one sample); ``row_keep`` [..., 1, k]: each sample's set over ``idx``, or None when every
+    sample keeps the whole union. ``weights``: the kept rows of each matrix, made contiguous once (a kept feature
+    is one contiguous row), so a step is ``x[..., idx] @ W_kept`` with no gather of weights; a mask reused
+    across steps reuses them (packed at the refresh only).
+    """
+
+    __slots__ = ("keep_set", "idx", "row_keep", "weights")
+
+    def __init__(self, keep_set: torch.Tensor, weights: dict[str, torch.Tensor | None]):
+        d = keep_set.shape[-1]
+        sets = keep_set.reshape(-1, d)
+        self.keep_set = keep_set
+        self.idx = sets.any(dim=0).nonzero().squeeze(1)
+        row_keep = keep_set.index_select(-1, self.idx)
+        self.row_keep = None if bool(row_keep.all()) else row_keep
+        with torch.no_grad():
+            self.weights = {name: (None if w is None else w.index_select(0, self.idx).contiguous())
+                            for name, w in weights.items()}
+
+    @property
+    def kept(self) -> int:
+        return int(self.idx.numel())
+
+    def gather(self, v: torch.Tensor) -> torch.Tensor:
+        """The kept features of v [..., T, d] -> [..., T, k], zero where a sample's own set excludes them."""
+        vk = v.index_select(-1, self.idx)
+        return vk if self.row_keep is None else vk.masked_fill(~self.row_keep, 0)
+
+    def scatter(self, vk: torch.Tensor, d: int) -> torch.Tensor:
+        """The inverse of gather: [..., T, k] -> [..., T, d] with zeros outside the kept features."""
+        out = vk.new_zeros(*vk.shape[:-1], d)
+        out[..., self.idx] = vk
+        return out
 
 
 class SparseFFN(nn.Module):
@@ -91,11 +134,14 @@ class SparseFFN(nn.Module):
     """
 
     def __init__(self, ffn: FFNModules, site: FFNSite, rule: SparsityRule,
-                 stats: SparsityStats | None = None, backend: str | None = None):
+                 stats: SparsityStats | None = None, backend: str | None = None, reuse=None):
         super().__init__()
         self.layer = ffn.layer
         self.site = site
         self.rule = rule
+        self.shared = rule.scope in SHARED_SCOPES
+        self.reuse = reuse  # a mask-reuse policy (dllm_sparse.samplers.reuse) or None
+        self._pack_down = self.shared and site is FFNSite.INTERMEDIATE
         # Python counters stay out of a compiled graph (they count as without compile). Bound here rather than as
         # a decorator: torch.compiler.disable imports dynamo, seconds that every package import would pay.
         self._count = torch.compiler.disable(self._count_now)
@@ -122,6 +168,8 @@ class SparseFFN(nn.Module):
                 self.register_buffer("gate_up_bias", gate_up_bias, persistent=False)
             else:
                 self.register_buffer("down_t", ffn.down.weight.t().contiguous(), persistent=False)
+            cn = column_norms(ffn, site).to(ffn.down.weight.device) if rule.scope == "step_wina" else None
+            self.register_buffer("column_norm", cn, persistent=False)
 
     def _projection(self, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) of the gate or up projection; for a fused one, its half of gate_up (views, read at
@@ -139,7 +187,82 @@ class SparseFFN(nn.Module):
         (no sort on GPU) and no mask, so a one-token GEMV can apply it inside the kernel."""
         if isinstance(self.rule, TopP) and self.rule.scope == "token":
             return None, topp_threshold(v, self.rule.p, backend=self.backend)
+        if self.shared:
+            return self.rule.mask(v, column_norm=self.column_norm), None
         return self.rule.mask(v), None
+
+    # ---- shared keep-sets: packed weights, plain matmuls ----------------------------------------------------
+    def _packed(self, v: torch.Tensor, weights, lookup: bool = True) -> PackedKeepSet | None:
+        """The packed keep-set of v: the reuse policy's cached one when it reuses at this call, else a fresh
+        selection (every token of the call votes: the swapped modules do not see the attention mask), packed and
+        handed to the policy. ``lookup=False``: the policy was already asked at this call (and said refresh).
+        None when a token holds a NaN: its row is kept whole (the rules' convention), which a packed set cannot
+        express, so the caller takes the general masked path (the masking path's result)."""
+        entry = self.reuse.lookup_shared(self.layer, self.site, v) if self.reuse is not None and lookup else None
+        if entry is not None and isinstance(entry.payload, PackedKeepSet):
+            return entry.payload
+        score = self.rule.shared_score(v, column_norm=self.column_norm)
+        if bool(torch.isnan(score).any()):  # every token votes here: the score is NaN iff some token holds a NaN
+            return None
+        keep_set = self.rule.keep_from_score(score)
+        packed = PackedKeepSet(keep_set, weights())
+        if self.reuse is not None:
+            self.reuse.store_shared(self.layer, self.site, v, keep_set, packed)
+        return packed
+
+    def _input_weights(self):
+        return {"gate_up_t": self.gate_up_t}
+
+    def _intermediate_weights(self):
+        w = {"down_t": self.down_t}
+        if self.reuse is not None:  # the next steps compute only the kept rows of gate and up
+            for role in ("gate", "up"):
+                weight, bias = self._projection(role)
+                w[role], w[role + "_bias"] = weight, bias
+        return w
+
+    def _shared_input_matmul(self, x):
+        pk = self._packed(x, self._input_weights)
+        if pk is None:
+            return self._masked_input_matmul(x)
+        if self.stats is not None:
+            self._record(x, pk.keep_set.expand(x.shape) & (x != 0))
+        y = pk.gather(x) @ pk.weights["gate_up_t"]
+        return y if self.gate_up_bias is None else y + self.gate_up_bias
+
+    def _shared_down(self, h, pk: PackedKeepSet | None = None):
+        """h @ W_down^T over the kept features of the shared keep-set (h compact [.., k] when pk is given)."""
+        down = self._orig["down"]
+        if pk is None:
+            # With a reuse policy the gate projection already asked it at this call (swapped there too).
+            pk = self._packed(h, self._intermediate_weights, lookup=self.reuse is None)
+            if pk is None:
+                return self._masked_down(h)
+            hk = pk.gather(h)
+        else:
+            hk = h if pk.row_keep is None else h.masked_fill(~pk.row_keep, 0)
+        if self.stats is not None:
+            full = pk.scatter(hk, self.d_ff) if hk.shape[-1] != self.d_ff or pk.row_keep is not None else hk
+            self._record(full, full != 0)
+        y = hk @ pk.weights["down_t"]
+        return y if down.bias is None else y + down.bias
+
+    def _reused_rows(self, x):
+        """(gate, up) of x for the kept rows only, [..., k] each, when the reuse policy reuses this layer's
+        intermediate keep-set at this step; else None (a refresh: the dense projections run)."""
+        entry = self.reuse.lookup_shared(self.layer, self.site, x[..., :1].expand(*x.shape[:-1], self.d_ff))
+        if entry is None or not isinstance(entry.payload, PackedKeepSet) or "gate" not in entry.payload.weights:
+            return None
+        pk = entry.payload
+        w = pk.weights
+        g = x @ w["gate"].t()
+        u = x @ w["up"].t()
+        if w["gate_bias"] is not None:
+            g = g + w["gate_bias"]
+        if w["up_bias"] is not None:
+            u = u + w["up_bias"]
+        self._stash["compact"] = (pk,)
+        return g, u
 
     @staticmethod
     def _kept(v: torch.Tensor, keep: torch.Tensor | None, tau: torch.Tensor | None) -> torch.Tensor:
@@ -159,6 +282,9 @@ class SparseFFN(nn.Module):
         if role == "gate_up":  # called once per forward, so nothing goes through the stash
             if self.site is FFNSite.INPUT:
                 return self._input_matmul(v)
+            if self.site is FFNSite.INTERMEDIATE:  # a reused intermediate keep-set: [gate_k; up_k]
+                rows = self._reused_rows(v)
+                return torch.cat(rows, dim=-1) if rows is not None else self._orig["gate_up"](v)
             return torch.cat(self._fused_gate_site(v) if self.site is FFNSite.GATE else self._up_site(v), dim=-1)
         if role == "gate":
             return self._gate_and_up(v)[0]
@@ -172,12 +298,23 @@ class SparseFFN(nn.Module):
         hit = self._stash.pop("gate_up", None)
         if hit is not None and hit[0] is x:  # the second of the pair: computed by the first
             return hit[1]
-        out = self._input_site(x) if self.site is FFNSite.INPUT else self._up_site(x)
+        if self.site is FFNSite.INTERMEDIATE:  # swapped only with a reuse policy
+            out = self._reused_rows(x)
+            if out is None:
+                out = (self._orig["gate"](x), self._orig["up"](x))
+        else:
+            out = self._input_site(x) if self.site is FFNSite.INPUT else self._up_site(x)
         self._stash["gate_up"] = (x, out)
         return out
 
     def _input_matmul(self, x):
-        """[gate; up] of the sparse x, one column-sparse launch over both matrices."""
+        """[gate; up] of the sparse x, one column-sparse launch over both matrices (a shared keep-set: one
+        dense matmul over the packed kept rows)."""
+        if self.shared:
+            return self._shared_input_matmul(x)
+        return self._masked_input_matmul(x)
+
+    def _masked_input_matmul(self, x):
         keep, tau = self._select(x)
         if self.stats is not None:
             self._record(x, self._kept(x, keep, tau))
@@ -232,6 +369,14 @@ class SparseFFN(nn.Module):
         return row_sparse_matmul(x, up.weight, hit[0], bias=up.bias, backend=self.backend)
 
     def _down(self, h):
+        hit = self._stash.pop("compact", None)
+        if hit is not None:  # gate and up computed the reused keep-set's rows only: h is compact
+            return self._shared_down(h, hit[0])
+        if self._pack_down:
+            return self._shared_down(h)
+        return self._masked_down(h)
+
+    def _masked_down(self, h):
         down = self._orig["down"]
         if self.site is FFNSite.INTERMEDIATE:
             keep, tau = self._select(h)
@@ -327,6 +472,7 @@ def accelerate_ffn(
     site: FFNSite | str | None = None,
     stats: SparsityStats | None = None,
     backend: str | None = None,
+    reuse=None,
 ) -> nn.Module:
     """Swap every selected FFN of ``model`` (in place) for a sparse one that skips the weights the config's
     rule masks out at its site; returns the model. Undo with :func:`restore_ffn`.
@@ -339,9 +485,27 @@ def accelerate_ffn(
     into, as the masking path does (costs one masked copy per call; every token is counted, as the swapped
     modules do not see the attention mask). ``backend``: "triton", "torch" or None/"auto" (see
     :func:`dllm_sparse.kernels.backend`).
+
+    Shared scopes (``TopP(p, scope="step")`` / ``"step_wina"``): every token of a call votes (the swapped modules
+    do not see the attention mask; use equal-length rows, or the masking path for padded batches) and the FFN
+    runs plain dense matmuls over the packed kept rows (:class:`PackedKeepSet`). ``reuse``: a mask-reuse policy
+    (``Every(k)``, ``BlockStart()``, ``Fresh()`` from :mod:`dllm_sparse.samplers.reuse`, also passed to the
+    sampler in ``callbacks=``) that keeps each layer's keep-set and packed weights between refreshes; at the
+    ``intermediate`` site a reused set also restricts W_gate and W_up to its rows, so all three matrices shrink.
     """
     config = _kernel_config(config, rule, layers, site, "accelerate_ffn")
     site, rule = config.site, config.rule
+    if reuse is not None:
+        if not getattr(reuse, "fast_path", False) or not hasattr(reuse, "lookup_shared"):
+            raise ValueError(f"reuse={reuse!r} cannot drive the fast path: use Fresh(), Every(k) or BlockStart() "
+                             "(Adaptive's probe needs a fresh mask of a layer at every step: use it with the masking "
+                             "path, StepSparsity(select_mask=policy))")
+        if rule.scope not in SHARED_SCOPES:
+            raise ValueError(f"reuse on the fast path needs a shared scope (TopP(p, scope='step') or 'step_wina'), "
+                             f"got scope {rule.scope!r}: a per-token mask cached per position keeps the union of "
+                             "the positions' sets, almost every feature on a denoising step, so nothing is skipped")
+        if site not in (FFNSite.INPUT, FFNSite.INTERMEDIATE):
+            raise ValueError(f"reuse on the fast path is for the input and intermediate sites, got {site.value!r}")
     if is_accelerated(model):
         raise ValueError("this model's FFNs are already accelerated; call restore_ffn(model) before swapping again")
     ffns = select_layers(find_ffns(model), config.layers)
@@ -350,8 +514,11 @@ def accelerate_ffn(
         choose_backend(ffn.down.weight, backend)  # a bad backend name fails here, not at the first forward
     swaps = []
     for ffn in ffns:
-        sparse = SparseFFN(ffn, site, rule, stats, backend)
-        for role in (_SWAPPED_FUSED if sparse.fused else _SWAPPED)[site]:
+        sparse = SparseFFN(ffn, site, rule, stats, backend, reuse)
+        roles = (_SWAPPED_FUSED if sparse.fused else _SWAPPED)[site]
+        if reuse is not None and site is FFNSite.INTERMEDIATE:
+            roles = _SWAPPED_REUSED_INTERMEDIATE_FUSED if sparse.fused else _SWAPPED_REUSED_INTERMEDIATE
+        for role in roles:
             parent, name = _role_path(ffn, role)
             swaps.append((parent, name, SparsePart(sparse, role, getattr(parent, name))))
     for parent, name, part in swaps:
@@ -379,11 +546,12 @@ def accelerated_ffn(
     site: FFNSite | str | None = None,
     stats: SparsityStats | None = None,
     backend: str | None = None,
+    reuse=None,
 ) -> Iterator[nn.Module]:
     """``with accelerated_ffn(model, config): ...`` (or ``accelerated_ffn(model, "input", TopP(0.5))``) -
     accelerate inside, restore on exit (also when the body raises). Yields the model."""
     config = _kernel_config(config, rule, layers, site, "accelerated_ffn")
-    accelerate_ffn(model, config, stats=stats, backend=backend)
+    accelerate_ffn(model, config, stats=stats, backend=backend, reuse=reuse)
     try:
         yield model
     finally:

@@ -8,7 +8,9 @@ The loop, per block and per step:
 1. canvas = left-padded prompt + ``gen_length`` mask tokens; prompt positions never change.
 2. At a block's start, n = its masked positions (per row); step i of the block commits n // s tokens, plus one
    on the first n % s steps (s = steps per block).
-3. One forward pass over the whole canvas (no cache). With ``cfg_scale`` w > 0 the canvas with every real
+3. One forward pass over the whole canvas (no cache); the LM head runs on the rows the step reads only (the
+   current block, shifted one left under Dream's convention) where the family profile names a splittable head
+   (:func:`~dllm_sparse.models.families.without_lm_head`). With ``cfg_scale`` w > 0 the canvas with every real
    prompt token replaced by the mask id is batched with it (conditional rows first) and
    logits = uncond + (w + 1)(cond - uncond).
 4. x0 = argmax(logits) at temperature 0; at T > 0 float64 Gumbel-max: argmax(exp(logits) / (-log u)^T).
@@ -42,12 +44,13 @@ AR model, shifts inside its forward and needs nothing).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from dllm_sparse.models.families import detect_family, family_named
+from dllm_sparse.models.families import detect_family, family_named, without_lm_head
 from dllm_sparse.models.loading import model_device
 from dllm_sparse.steps import CallbackList, StepState
 
@@ -223,11 +226,19 @@ class MaskedDiffusionGenerator:
         self.family = family if family is not None else _family(model)
 
     # ---- the model call ---------------------------------------------------------------------------------
-    def _forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None, rows: slice,
+                 head: torch.nn.Linear | None = None) -> torch.Tensor:
+        """Logits of the canvas positions ``rows`` [B_fwd, len(rows), V]. With ``head`` (the LM head split off the
+        forward by :func:`~dllm_sparse.models.families.without_lm_head`) the forward returns final hidden states
+        and the head projects only the rows the step reads (the current block, shifted one left under Dream's
+        convention): the other positions' logits are never read, so this is exact and skips most of the head."""
         out = self.model(input_ids=x) if attention_mask is None else self.model(input_ids=x,
                                                                                 attention_mask=attention_mask)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        return logits.to(x.device)  # no-op unless accelerate put the head on another device
+        out = out.logits if hasattr(out, "logits") else out[0]
+        out = out[:, rows]
+        if head is not None:
+            out = F.linear(out.to(head.weight.device), head.weight, head.bias)
+        return out.to(x.device)  # no-op unless accelerate put the head on another device
 
     def logit_shift(self, config: GenerationConfig) -> bool:
         """Whether this generator shifts the logits (Dream's convention) under ``config``: ``logit_shift``, or
@@ -329,6 +340,11 @@ class MaskedDiffusionGenerator:
         trace: list[StepInfo] = []
         nfe, stopped = 0, False
         timer = Timer(device)
+        # The LM head runs on the rows each step reads only (see _forward); families whose profile names no
+        # splittable head (or remote code) keep the full forward. Swapped once per generation, not per step, so
+        # a compiled model recompiles once.
+        head_split = ExitStack()
+        head = head_split.enter_context(without_lm_head(model))
         try:
             cbs.generation_begin(state)
             for blk in range(num_blocks):
@@ -349,12 +365,11 @@ class MaskedDiffusionGenerator:
                     state.committed, state.logits = None, None
                     cbs.step_begin(state)
 
-                    logits = self._forward(x_in, fwd_attn)
+                    block_logits = self._forward(x_in, fwd_attn, slice(s - 1, e - 1) if shift else slice(s, e), head)
                     nfe += 2 if use_cfg else 1
                     if use_cfg:
-                        cond, unc = torch.chunk(logits, 2, dim=0)
-                        logits = unc + (cfg.cfg_scale + 1) * (cond - unc)
-                    block_logits = logits[:, s - 1:e - 1] if shift else logits[:, s:e]
+                        cond, unc = torch.chunk(block_logits, 2, dim=0)
+                        block_logits = unc + (cfg.cfg_scale + 1) * (cond - unc)
                     block_masked = masked[:, s:e]
                     if forced is not None:
                         commit, x0 = _forced_commit(forced[step], step, s - P, block_masked, mask_id)
@@ -391,7 +406,10 @@ class MaskedDiffusionGenerator:
                 if stopped:
                     break
         finally:
-            cbs.generation_end(state)
+            try:
+                cbs.generation_end(state)
+            finally:
+                head_split.close()
         wall = timer.elapsed()
 
         generated = canvas[:, P:].cpu()

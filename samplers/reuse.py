@@ -44,6 +44,12 @@ so their FFN input changed completely) get a fresh mask with ``new_positions="fr
 runs on those positions only, a *partial selection*, and the cache is updated there) or keep the cached one
 with ``new_positions="reuse"``.
 
+**Shared scopes.** With a shared rule (``TopP(p, scope="step")``, docs/sparsification.md) a policy caches the
+keep-set itself, one [B, 1, d] set per layer and site, and reuses it for every position (``new_positions`` does
+not apply: there is no per-position mask). The same policy drives the fast path:
+``accelerate_ffn(model, config, reuse=policy)`` with ``callbacks=[policy]`` keeps the weights packed for the set
+too (:meth:`ReusePolicy.lookup_shared` / :meth:`ReusePolicy.store_shared`); ``Adaptive`` is masking-path only.
+
 **Autoregressive runs.** A KV-cached AR loop feeds one new token per step, so no position is ever seen twice.
 Reuse there means *the mask of the last token of the last refresh is reused for the following tokens* (the
 prefill's last prompt token for ``BlockStart``, since an AR run is a single block whose step 0 is the
@@ -70,7 +76,7 @@ import torch
 
 from dllm_sparse.samplers.step_sparsity import StepSparsity
 from dllm_sparse.samplers.tracking import mask_overlap
-from dllm_sparse.sparsity.rules import SparsityRule
+from dllm_sparse.sparsity.rules import SHARED_SCOPES, SparsityRule
 from dllm_sparse.sparsity.sites import FFNSite
 from dllm_sparse.steps import GenerationCallback, StepState
 
@@ -82,12 +88,19 @@ NEW_POSITIONS = ("fresh", "reuse")
 
 
 class _Entry:
-    """One cached keep-mask with the positions' masked state when each position's mask was computed."""
+    """One cached keep-mask with the positions' masked state when each position's mask was computed. A shared
+    entry (``shared``) holds one keep-set per sample, [B, 1, d], and (on the fast path) ``payload``: the weights
+    packed for it, so that a reused mask reuses the packed weights too."""
 
-    __slots__ = ("keep", "masked", "step")
+    __slots__ = ("keep", "masked", "step", "shared", "payload")
 
-    def __init__(self, keep: torch.Tensor, masked: torch.Tensor | None, step: int):
-        self.keep, self.masked, self.step = keep, masked, step
+    def __init__(self, keep: torch.Tensor, masked: torch.Tensor | None, step: int, shared: bool = False,
+                 payload: Any = None):
+        self.keep, self.masked, self.step, self.shared, self.payload = keep, masked, step, shared, payload
+
+
+def _is_shared(rule) -> bool:
+    return getattr(rule, "scope", "token") in SHARED_SCOPES and hasattr(rule, "shared_keep")
 
 
 class ReusePolicy(GenerationCallback, ABC):
@@ -95,6 +108,9 @@ class ReusePolicy(GenerationCallback, ABC):
     (and may override :meth:`_select_stale` for a per-layer decision, as :class:`Adaptive` does)."""
 
     name = "policy"
+    # accelerate_ffn(..., reuse=policy) can drive this policy: its decision depends on the step only (Adaptive's
+    # probe needs a fresh mask of a layer at every step, which the fast path does not compute).
+    fast_path = True
 
     def __init__(self, new_positions: str = "fresh"):
         if new_positions not in NEW_POSITIONS:
@@ -180,17 +196,50 @@ class ReusePolicy(GenerationCallback, ABC):
         self._bump(self.calls, layer)
         self._bump(self.positions_total, layer, n_pos)
         state = self._state
-        key = (layer, str(site), tuple(x.shape[:-1]) if self._kind != "ar" else (x.shape[0], x.shape[-1]))
+        key = self._key(layer, site, x)
         entry = self._cache.get(key)
-        if state is None or entry is None or not self._compatible(entry.keep, x):
+        if state is None or entry is None or not self._compatible_entry(entry, x):
             return self._full(layer, key, x, rule)
         if self._refresh:
             return self._full(layer, key, x, rule)
         return self._select_stale(layer, key, entry, x, rule)
 
+    def _key(self, layer: int, site, x: torch.Tensor) -> tuple:
+        return (int(layer), str(site), tuple(x.shape[:-1]) if self._kind != "ar" else (x.shape[0], x.shape[-1]))
+
+    # ---- the fast path (accelerate_ffn(..., reuse=policy)) --------------------------------------------------
+    def lookup_shared(self, layer: int, site, x: torch.Tensor) -> _Entry | None:
+        """The cached shared keep-set entry to reuse for this call of the fast path, or None when a fresh
+        selection is due (a refresh step, no entry yet, outside a generation step). Counts the call."""
+        layer = int(layer)
+        n_pos = int(x[..., 0].numel())
+        self._bump(self.calls, layer)
+        self._bump(self.positions_total, layer, n_pos)
+        entry = self._cache.get(self._key(layer, site, x))
+        if self._state is None or self._refresh or entry is None or not entry.shared \
+                or not self._compatible_entry(entry, x):
+            return None
+        self._bump(self.positions_reused, layer, n_pos)
+        return entry
+
+    def store_shared(self, layer: int, site, x: torch.Tensor, keep_set: torch.Tensor, payload: Any = None) -> None:
+        """Cache a fresh shared keep-set [B, 1, d] (and its packed weights) selected by the fast path."""
+        layer = int(layer)
+        self._bump(self.selections, layer)
+        self._bump(self.positions_selected, layer, x[..., 0].numel())
+        step = int(self._state.step) if self._state is not None else -1
+        self._cache[self._key(layer, site, x)] = _Entry(keep_set.detach(), None, step, shared=True, payload=payload)
+
     def _select_stale(self, layer: int, key, entry: _Entry, x: torch.Tensor, rule: SparsityRule) -> torch.Tensor:
         """A step without a refresh: the cached masks (plus fresh ones at newly decoded positions)."""
         return self._reuse(layer, key, entry, x, rule)
+
+    def _compatible_entry(self, entry: _Entry, x: torch.Tensor) -> bool:
+        keep = entry.keep
+        if entry.shared:  # one keep-set per sample: [B, 1, d] for x [B, T, d]
+            return keep.shape[-1] == x.shape[-1] and keep.device == x.device and keep.dim() == x.dim() \
+                and keep.shape[:-2] == x.shape[:-2]
+        return self._compatible(keep, x)
 
     def _compatible(self, keep: torch.Tensor, x: torch.Tensor) -> bool:
         if keep.shape[-1] != x.shape[-1] or keep.device != x.device:
@@ -213,7 +262,12 @@ class ReusePolicy(GenerationCallback, ABC):
         keep = rule.mask(x)
         self._bump(self.selections, layer)
         self._bump(self.positions_selected, layer, x[..., 0].numel())
-        self._store(key, keep, x)
+        if _is_shared(rule) and x.dim() >= 2:
+            # A shared scope caches the keep-set itself: reused, it is the same set for every position.
+            step = int(self._state.step) if self._state is not None else -1
+            self._cache[key] = _Entry(rule.shared_keep(x).detach(), None, step, shared=True)
+        else:
+            self._store(key, keep, x)
         return keep
 
     def _store(self, key, keep: torch.Tensor, x: torch.Tensor) -> None:
@@ -224,13 +278,15 @@ class ReusePolicy(GenerationCallback, ABC):
             self._cache[key] = _Entry(keep.detach(), self._masked_now(x), step)
 
     def _reused_keep(self, entry: _Entry, x: torch.Tensor) -> torch.Tensor:
+        if entry.shared:
+            return entry.keep.expand(x.shape)
         if self._kind == "ar":
             return entry.keep.expand(*x.shape[:-2], x.shape[-2], x.shape[-1])
         return entry.keep
 
     def _changed(self, entry: _Entry, x: torch.Tensor) -> torch.Tensor | None:
         """[B, T] positions decoded since their cached mask was computed (diffusion, new_positions='fresh')."""
-        if self._kind == "ar" or self.new_positions != "fresh" or entry.masked is None:
+        if self._kind == "ar" or self.new_positions != "fresh" or entry.masked is None or entry.shared:
             return None
         now = self._masked_now(x)
         if now is None:
@@ -350,6 +406,8 @@ class Adaptive(ReusePolicy):
     def reset_counts(self) -> None:
         super().reset_counts()
         self.decisions = []
+
+    fast_path = False  # the probe needs a fresh mask of one layer at every step: the masking path only
 
     def refresh_step(self, state: StepState) -> bool:
         return int(state.step_in_block) == 0 or self.bound >= 1.0

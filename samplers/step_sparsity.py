@@ -19,14 +19,20 @@ from collections.abc import Callable, Hashable, Iterable
 from contextlib import ExitStack
 from typing import Any
 
+import torch
+
 from dllm_sparse.sparsity.config import SparsityConfig, as_config
 from dllm_sparse.sparsity.hooks import MaskEvent, MaskSelector, sparsify
-from dllm_sparse.sparsity.rules import SparsityRule
+from dllm_sparse.sparsity.rules import SHARED_SCOPES, SparsityRule
 from dllm_sparse.sparsity.sites import FFNSite
 from dllm_sparse.sparsity.stats import ALL, SparsityStats
 from dllm_sparse.steps import GenerationCallback, StepState
 
-__all__ = ["StepSparsity"]
+__all__ = ["StepSparsity", "VOTERS"]
+
+VOTERS = ("all", "masked", "block")
+"""Which tokens vote for a shared keep-set (scope "step" / "step_wina") at a diffusion step: ``all`` real tokens
+of the forward (the default), the ``masked`` positions (still holding the mask token) or the current ``block``."""
 
 
 def _tag_key(tag: Hashable):
@@ -46,6 +52,8 @@ class StepSparsity(GenerationCallback):
     generation begin. ``record_masks``, ``mask_observers`` (e.g. a
     :class:`~dllm_sparse.samplers.tracking.MaskOverlapTracker`) and ``select_mask`` are passed to
     :func:`~dllm_sparse.sparsity.hooks`. ``groups=False`` counts only the ``"all"`` group (cheaper).
+    ``voters`` (shared scopes only, see :data:`VOTERS`): which positions of a diffusion step choose the one keep-set
+    that every position then uses; AR runs always use ``all`` (the prefill's prompt, then one token per step).
     """
 
     def __init__(
@@ -60,8 +68,15 @@ class StepSparsity(GenerationCallback):
         groups: bool = True,
         *,
         site: FFNSite | str | None = None,
+        voters: str = "all",
     ):
         self.config = as_config(config, rule, layers, site=site, caller="StepSparsity")
+        if voters not in VOTERS:
+            raise ValueError(f"voters must be one of {VOTERS}, got {voters!r}")
+        if voters != "all" and self.config.rule.scope not in SHARED_SCOPES:
+            raise ValueError(f"voters={voters!r} chooses who votes for a shared keep-set; the rule's scope is "
+                             f"{self.config.rule.scope!r}: use scope 'step' or 'step_wina', or voters='all'")
+        self.voters = voters
         self.site = self.config.site
         self.rule = self.config.rule
         self.layers = None if self.config.layers is None else list(self.config.layers)
@@ -80,13 +95,33 @@ class StepSparsity(GenerationCallback):
             raise RuntimeError("this StepSparsity is already active in another generation")
         stats = self._given_stats if self._given_stats is not None else SparsityStats(record_masks=self.record_masks)
         self._run = ExitStack()
+        self._sparsifier = None
         self.stats = self._run.enter_context(sparsify(
             state.model, self.config, stats=stats, record_masks=self.record_masks,
             mask_observers=self.mask_observers, select_mask=self.select_mask,
+            on_attach=self._keep_sparsifier,
         ))
+
+    def _keep_sparsifier(self, sparsifier) -> None:
+        self._sparsifier = sparsifier
+
+    def _step_voters(self, state: StepState):
+        """[B_fwd, S] bool: the positions that vote at this step (None: the default, the real tokens)."""
+        if self.voters == "all" or state.kind != "diffusion":
+            return None
+        if self.voters == "masked":
+            return state.groups.get("masked") if state.groups else state.masked
+        canvas = state.canvas
+        block_length = getattr(state.config, "block_length", None) or (canvas.shape[1] - state.prompt_length)
+        start = state.prompt_length + state.block * block_length
+        block = torch.zeros(canvas.shape, dtype=torch.bool, device=canvas.device)
+        block[:, start:start + block_length] = True
+        return block.repeat(state.forward_batch // block.shape[0], 1) if state.forward_batch else block
 
     def on_step_begin(self, state: StepState) -> None:
         self._close_step()
+        if self._sparsifier is not None:
+            self._sparsifier.voters = self._step_voters(state)
         self._step = ExitStack()
         self._step.enter_context(self.stats.tagged(state.tag, groups=state.groups if self.use_groups else None))
 

@@ -279,7 +279,8 @@ def _poison_ffn_input(model, layer=0, token=(0, 2), feature=5):
 
 
 @pytest.mark.parametrize("site", SITES)
-@pytest.mark.parametrize("rule", [TopP(0.5), TopK(0.5), MaxP(0.2)], ids=["top_p", "top_k", "max_p"])
+@pytest.mark.parametrize("rule", [TopP(0.5), TopK(0.5), MaxP(0.2), TopP(0.5, scope="step")],
+                         ids=["top_p", "top_k", "max_p", "top_p_step"])
 def test_nan_propagates_like_dense(be, site, rule):
     model = _model("llama")
     ids = _ids(2, 5)

@@ -67,9 +67,7 @@ def test_help_stays_inside_the_repository(name, capsys):
     assert "shared/" not in text and "the issue" not in text
 
 
-# --help must not import torch (seconds on a loaded machine). These two scripts still import it at module level
-# (their fix lands separately); each must really do so, so the list cannot outlive the fix unnoticed.
-HELP_STILL_IMPORTS_TORCH = {"mask_reuse"}
+# --help must not import torch (seconds on a loaded machine): every script imports it after parsing.
 SCRIPTS = sorted(p.stem for p in EXPERIMENTS.glob("*.py"))
 
 # Runs a script as `python script --help` would, then reports how it exited and whether torch (or transformers,
@@ -100,17 +98,9 @@ def _imports_torch_at_module_level(path: Path) -> bool:
 
 def test_every_script_is_covered_by_the_help_check():
     assert len(SCRIPTS) >= 10 and "generate_demo" in SCRIPTS
-    assert HELP_STILL_IMPORTS_TORCH <= set(SCRIPTS)
 
 
-@pytest.mark.parametrize("name", sorted(HELP_STILL_IMPORTS_TORCH))
-def test_listed_scripts_really_still_import_torch(name):
-    assert _imports_torch_at_module_level(EXPERIMENTS / f"{name}.py"), (
-        f"experiments/{name}.py no longer imports torch at module level: remove it from HELP_STILL_IMPORTS_TORCH "
-        "so its --help is checked like the others")
-
-
-@pytest.mark.parametrize("name", [s for s in SCRIPTS if s not in HELP_STILL_IMPORTS_TORCH])
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_help_answers_without_importing_torch(name):
     path = EXPERIMENTS / f"{name}.py"
     assert not _imports_torch_at_module_level(path)

@@ -61,8 +61,9 @@ OVERLAP_COLS = ["model", "kind", "site", "p", "layer", "gap", "group", "same_blo
 class StudySettings:
     """The settings every cell of one study shares (the command line of ``experiments/mask_reuse.py``).
 
-    ``p``: top-p threshold of every cell; ``new_positions`` and the ``probe_*`` fields go to the policies
-    (:func:`dllm_sparse.samplers.reuse.make_policy`); ``track_layers`` / ``gaps``: layers of the overlap
+    ``p``: top-p threshold of every cell, ``scope`` its scope (``token``, or a shared ``step`` / ``step_wina``
+    keep-set, which a policy then reuses as one set per sample); ``new_positions`` and the ``probe_*`` fields go
+    to the policies (:func:`dllm_sparse.samplers.reuse.make_policy`); ``track_layers`` / ``gaps``: layers of the overlap
     tracker and the step gaps of the overlap analysis (``fresh`` runs); ``kernel_repeats``: timing repeats;
     ``teacher_forced``: also replay the dense trajectory with every policy; ``passage_ids`` /
     ``passage_trajectory``: prompts and reveal order of the likelihood check (:func:`passage_trajectories`;
@@ -70,6 +71,7 @@ class StudySettings:
     """
 
     p: float = 0.9
+    scope: str = "token"  # "step" / "step_wina": one keep-set per sample and step (docs/sparsification.md)
     new_positions: str = "fresh"
     probe_layer: int | str = "middle"
     probe_region: str = "generated"
@@ -82,6 +84,11 @@ class StudySettings:
     passage_ids: list[list[int]] = field(default_factory=list)
     passage_trajectory: list[dict] = field(default_factory=list)
     keywords: list[list[str]] | None = None
+
+    @property
+    def rule(self) -> TopP:
+        """The top-p rule of every cell: ``TopP(p, scope=scope)``."""
+        return TopP(self.p, scope=self.scope)
 
     def policy(self, spec: str) -> ReusePolicy:
         """A fresh policy object for ``spec`` (``fresh``, ``every2``, ``adaptive0.7``, ...) with these settings."""
@@ -267,7 +274,9 @@ def _time_point(x, ws, keep, rule, repeats, matmul) -> tuple[float, float, float
     union = _median_time(lambda: [matmul(x, w, keep=keep) for w in ws], repeats)
     per_token = _median_time(lambda: [matmul(x[t:t + 1], w, keep=keep[t:t + 1]) for w in ws for t in range(T)],
                              repeats)
-    select = _median_time(lambda: rule.mask(x), repeats)
+    # step_wina weighs by weight-column norms: time its selection with unit norms (the same work)
+    kw = {"column_norm": torch.ones(x.shape[-1], dtype=torch.float64)} if rule.scope == "step_wina" else {}
+    select = _median_time(lambda: rule.mask(x, **kw), repeats)
     return dense, union, per_token, select
 
 
@@ -399,7 +408,7 @@ def run_cell(lm: LoadedModel, prompt_ids, gcfg: GenerationConfig, site: str | No
         if kernel_layers and lm.kind == "diffusion":
             krec = KernelRecorder(kernel_layers, kernel_steps, policy)
             observers.append(krec)
-        sp, policy = reuse_sparsity(site, TopP(settings.p), policy, mask_observers=observers)
+        sp, policy = reuse_sparsity(site, settings.rule, policy, mask_observers=observers)
         if krec is not None:
             callbacks = [krec, *callbacks]  # after the policy (it reads the policy's counters at step end)
         out = generate(lm, prompts=prompt_ids, config=gcfg, sparsity=sp, callbacks=[policy, *callbacks])
@@ -422,18 +431,18 @@ def run_cell(lm: LoadedModel, prompt_ids, gcfg: GenerationConfig, site: str | No
         if tracker is not None:
             row.update(_overlap_files(tracker, groups, lm, site, settings, gcfg, out_dir, key))
         if krec is not None:
-            row.update(time_masks(model, str(FFNSite.parse(site)), TopP(settings.p), krec, settings.kernel_repeats))
+            row.update(time_masks(model, str(FFNSite.parse(site)), settings.rule, krec, settings.kernel_repeats))
     if settings.teacher_forced and lm.kind == "diffusion":
         if site is None:
             row["trajectory"] = trajectory_of(out)
             row["tf_pred"] = replay(lm, prompt_ids, row["trajectory"], gcfg).predictions()
         elif dense_row is not None and dense_row.get("trajectory"):
-            sp2, pol2 = reuse_sparsity(site, TopP(settings.p), settings.policy(policy_spec))
+            sp2, pol2 = reuse_sparsity(site, settings.rule, settings.policy(policy_spec))
             row["tf_pred"] = replay(lm, prompt_ids, dense_row["trajectory"], gcfg, sparsity=sp2,
                                     callbacks=[pol2]).predictions()
             row["tf_agreement_vs_dense"] = prediction_agreement(row["tf_pred"], dense_row["tf_pred"])
     if settings.passage_trajectory and lm.kind == "diffusion":
-        sp_pol = () if site is None else reuse_sparsity(site, TopP(settings.p), settings.policy(policy_spec))
+        sp_pol = () if site is None else reuse_sparsity(site, settings.rule, settings.policy(policy_spec))
         rep_p = replay(lm, settings.passage_ids, settings.passage_trajectory, gcfg, callbacks=sp_pol)
         row["elbo_nll_per_token"] = rep_p.nll_per_token
     if settings.keywords:

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from dllm_sparse.sparsity.rules import SparsityRule, TopP, make_rule
+from dllm_sparse.sparsity.rules import SCOPES, SparsityRule, TopP, make_rule
 from dllm_sparse.sparsity.sites import FFNSite
 
 __all__ = ["SparsityConfig", "DENSE", "as_config", "slug"]
@@ -33,7 +33,6 @@ __all__ = ["SparsityConfig", "DENSE", "as_config", "slug"]
 DENSE = "dense"
 """The label of the unsparsified model wherever a configuration id would go (sweep rows, cell keys, ids)."""
 
-_SCOPES = ("token", "sequence")
 _LAYERS_PREFIX = "layers="
 _DICT_KEYS = {"site", "rule", "threshold", "scope", "layers", "method"}
 
@@ -96,7 +95,8 @@ class SparsityConfig:
     @classmethod
     def parse(cls, text: str) -> SparsityConfig:
         """``"site:rule:threshold[:scope][:layers=i/j/...]"``, e.g. ``"input:top_p:0.9"``,
-        ``"up:top_k:0.5:sequence"``, ``"gate:max_p:0.1:token:layers=0/1"``; the inverse of :attr:`id`."""
+        ``"up:top_k:0.5:sequence"``, ``"gate:max_p:0.1:token:layers=0/1"``, ``"input:top_p:0.5:step"`` (one keep-set
+        shared by the tokens of a call; ``step_wina`` weighs it by weight-column norms); the inverse of :attr:`id`."""
         if isinstance(text, SparsityConfig):
             return text
         if not isinstance(text, str):
@@ -110,8 +110,8 @@ class SparsityConfig:
             raise ValueError(f"cannot read sparsity config {text!r}: {example}")
         site, rule, threshold = parts[:3]
         scope = parts[3] if len(parts) == 4 else None  # None: the rule's default scope
-        if scope is not None and scope not in _SCOPES:
-            raise ValueError(f"cannot read sparsity config {text!r}: scope {scope!r} is not one of {_SCOPES} "
+        if scope is not None and scope not in SCOPES:
+            raise ValueError(f"cannot read sparsity config {text!r}: scope {scope!r} is not one of {SCOPES} "
                              f"({example})")
         try:
             value = float(threshold)

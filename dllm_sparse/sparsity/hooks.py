@@ -33,11 +33,11 @@ import torch.nn as nn
 
 from dllm_sparse.models.families import FFNModules, find_ffns
 from dllm_sparse.sparsity.config import SparsityConfig, as_config
-from dllm_sparse.sparsity.rules import SparsityRule
+from dllm_sparse.sparsity.rules import SHARED_SCOPES, SharedSelection, SparsityRule
 from dllm_sparse.sparsity.sites import FFNSite
 from dllm_sparse.sparsity.stats import SparsityStats
 
-__all__ = ["sparsify", "Sparsifier", "MaskEvent", "MaskSelector", "uncompiled"]
+__all__ = ["sparsify", "Sparsifier", "MaskEvent", "MaskSelector", "uncompiled", "column_norms", "align_positions"]
 
 
 def uncompiled(model: nn.Module) -> tuple[nn.Module, bool]:
@@ -99,14 +99,20 @@ class Sparsifier:
                                  "site needs one activation module per layer (hooks identify layers by module)")
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._valid: torch.Tensor | None = None  # attention mask of the forward call in flight
+        # Shared scopes: which tokens vote. None = the default (see _shared_rule); a [batch, tokens] bool mask
+        # set from outside (StepSparsity(voters=...) sets it at every step) overrides it.
+        self.voters: torch.Tensor | None = None
+        self._column_norms = {f.layer: None for f in self.ffns}
+        self._ffn_by_layer = {f.layer: f for f in self.ffns}
         self._input_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---- the one operation every hook performs -----------------------------------------------------------
     def _apply(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        rule = self._shared_rule(layer, x) if self.rule.scope in SHARED_SCOPES else self.rule
         if self.select_mask is not None:
-            keep = self._select_outside_graph(layer, x)
+            keep = self._select_outside_graph(layer, x, rule)
         else:
-            keep = self.rule.mask(x)
+            keep = rule.mask(x)
         out = x.masked_fill(~keep, 0)
         self._observe(layer, out, keep, self._valid)
         return out
@@ -115,8 +121,33 @@ class Sparsifier:
     # graphs: dynamo would specialise on it (recompiling at every new statistics tag) or replay stale state.
     # attach() binds _select_outside_graph / _observe to torch.compiler.disable'd versions of these two (there,
     # not as decorators: torch.compiler.disable imports dynamo, seconds every `import dllm_sparse` would pay).
-    def _select_now(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return self.select_mask(layer, self.site, x, self.rule)
+    def _select_now(self, layer: int, x: torch.Tensor, rule) -> torch.Tensor:
+        return self.select_mask(layer, self.site, x, rule)
+
+    def _shared_rule(self, layer: int, x: torch.Tensor) -> SharedSelection:
+        """The rule bound to this call's voting tokens (docs/sparsification.md, "Shared keep-sets"):
+
+        1. ``self.voters`` when set (StepSparsity sets the still-masked positions, or the current block);
+        2. an AR likelihood pass (token groups ``context`` / ``continuation`` in the statistics): the real
+           context tokens vote and share the keep-set; the continuation tokens take per-token masks, so no
+           later token chooses the mask of an earlier one;
+        3. otherwise the real tokens of the call (the model's ``attention_mask``; every token without one).
+        """
+        voters = token_positions = None
+        groups = self.stats.groups
+        if self.voters is not None:
+            voters = align_positions(self.voters, x, "Sparsifier.voters")
+        elif "continuation" in groups and "context" in groups:
+            voters = align_positions(groups["context"], x, "the 'context' token group")
+            token_positions = align_positions(groups["continuation"], x, "the 'continuation' token group")
+        elif self._valid is not None:
+            voters = align_positions(self._valid, x, "the attention mask")
+        norm = None
+        if self.rule.scope == "step_wina":
+            norm = self._column_norms[layer]
+            if norm is None or norm.device != x.device:
+                norm = self._column_norms[layer] = column_norms(self._ffn_by_layer[layer], self.site).to(x.device)
+        return SharedSelection(self.rule, voters, token_positions, norm)
 
     def _observe_now(self, layer: int, out: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor | None) -> None:
         self.stats.add(layer, self.site, out, valid)
@@ -209,6 +240,39 @@ class Sparsifier:
         self._valid = None
 
 
+def column_norms(ffn: FFNModules, site: FFNSite | str) -> torch.Tensor:
+    """float64 [d]: the L2 norm of the weight column each feature of ``site`` multiplies (the weight-aware score
+    of scope ``step_wina``, after WINA). The input x multiplies W_gate and W_up: the norm of the column of the
+    stacked [W_gate; W_up]. The gate, up and intermediate vectors reach the output through W_down: its
+    column norms."""
+    site = FFNSite.parse(site)
+    with torch.no_grad():
+        if site is FFNSite.INPUT:
+            mats = (ffn.gate_up.weight,) if ffn.gate_up is not None else (ffn.gate.weight, ffn.up.weight)
+            sq = sum(w.detach().to(torch.float64).pow(2).sum(dim=0) for w in mats)
+        else:
+            sq = ffn.down.weight.detach().to(torch.float64).pow(2).sum(dim=0)
+    return sq.sqrt()
+
+
+def align_positions(mask: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor | None:
+    """A [batch, S] token mask as [batch_x, T] for activations x [batch_x, T, d]: right-aligned in the token
+    dimension (the convention of SparsityStats' groups) and repeated when x stacks copies of the batch
+    (classifier-free guidance: [cond; uncond]). None for activations that are not [batch, tokens, d]."""
+    if x.dim() != 3:
+        return None
+    m = mask.to(device=x.device, dtype=torch.bool)
+    if m.dim() == 1:
+        m = m[None]
+    B, T = x.shape[:2]
+    if m.shape[0] != B and m.shape[0] and B % m.shape[0] == 0:
+        m = m.repeat(B // m.shape[0], 1)
+    if m.dim() != 2 or m.shape[0] != B or m.shape[1] < T:
+        raise ValueError(f"{name} has shape {tuple(mask.shape)} but the FFN activations are {tuple(x.shape)}: give "
+                         f"one bool per token, [batch, tokens] (right-aligned to the {T} tokens of this call)")
+    return m[:, m.shape[1] - T:]
+
+
 def guard_module_hooks() -> None:
     """Make torch.compile notice added and removed module hooks (see the module docstring): turn dynamo's hook
     guards on and, if they were off, clear the graphs compiled without them (once per process, unless someone
@@ -244,6 +308,7 @@ def sparsify(
     select_mask: MaskSelector | None = None,
     *,
     site: FFNSite | str | None = None,
+    on_attach: Callable[[Sparsifier], None] | None = None,
 ) -> Iterator[SparsityStats]:
     """Sparsify the FFNs of ``model`` as ``config`` says (site, rule, layers) inside the block; yields the
     statistics.
@@ -253,7 +318,8 @@ def sparsify(
     which build that config. ``layers``: indices (all by default). ``stats``: an existing
     :class:`SparsityStats` to add to (e.g. one per run across several ``sparsify`` blocks). ``record_masks``:
     keep every keep-mask (memory!). ``mask_observers``: callables receiving a :class:`MaskEvent` at each
-    selection. ``select_mask``: replaces the rule's selection (mask-reuse policies).
+    selection. ``select_mask``: replaces the rule's selection (mask-reuse policies). ``on_attach``: called with
+    the attached :class:`Sparsifier` (e.g. to set its ``voters`` for a shared scope at every step).
     """
     config = as_config(config, rule, layers, site=site, caller="sparsify")
     if stats is None:
@@ -262,6 +328,8 @@ def sparsify(
         stats.record_masks = True
     sp = Sparsifier(model, config, stats=stats, mask_observers=mask_observers, select_mask=select_mask).attach()
     try:
+        if on_attach is not None:
+            on_attach(sp)
         yield sp.stats
     finally:
         sp.detach()

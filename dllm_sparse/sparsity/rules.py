@@ -23,7 +23,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from dllm_sparse.sparsity.names import RULE_NAMES
+from dllm_sparse.sparsity.names import RULE_NAMES, SCOPES, SHARED_SCOPES
 
 __all__ = [
     "SparsityRule",
@@ -39,6 +39,9 @@ __all__ = [
     "top_p_threshold",
     "top_p_mask",
     "top_p_mask_histogram",
+    "SCOPES",
+    "SHARED_SCOPES",
+    "SharedSelection",
 ]
 
 
@@ -254,21 +257,54 @@ def _tau_in_bucket(a64: torch.Tensor, in_bucket: torch.Tensor, above: torch.Tens
 # Rule objects
 # --------------------------------------------------------------------------------------------------------
 
-_SCOPES = ("token", "sequence")
+# Where a rule selects (SCOPES, dllm_sparse.sparsity.names): per token (the default, the paper's rule), per sample
+# over tokens x features ("sequence", the paper's LLaDA code), or one keep-set shared by the tokens of a call
+# ("step", "step_wina").
 
 
 class SparsityRule(ABC):
     """Base class. Subclasses set :attr:`name`, and implement :meth:`_row_mask` on a [..., d] tensor and
-    :attr:`threshold`."""
+    :attr:`threshold`.
+
+    Shared scopes (``scope="step"`` / ``"step_wina"``; definitions: docs/sparsification.md, "Shared keep-sets").
+    For activations x [..., T, d] (T tokens of one sample) the rule selects once per sample, on the aggregate
+    score over the *voting* tokens V of that sample:
+
+        a_j = sum_{t in V} |x_tj|                  (scope "step", float64)
+        a_j = ||W[:, j]||_2 * sum_{t in V} |x_tj|  (scope "step_wina": W the matrix the site's vector multiplies)
+
+    The keep-set K = the rule applied to the vector a (for top-p: the smallest set of largest a_j holding a
+    fraction p of sum_j a_j, with :func:`top_p_mask_reference`'s tie / zero / NaN conventions), and every token
+    of the sample keeps ``K & (x_t != 0)``; a token holding a NaN keeps its whole row, as in every scope.
+    ``voters`` (bool [..., T], default: every token) says which tokens vote (padding must not);
+    ``token_positions`` (bool [..., T]) marks tokens that neither vote nor share K but take the per-token mask
+    of the same rule (an AR model's scored continuation, so that no later token chooses an earlier one's
+    mask). A sample with no voting token gets an empty K. Per sample: a row's keep-set never depends on the
+    other rows of the batch.
+    """
 
     name: ClassVar[str]  # the rule's name in configs, ids and rows ("top_p", ...); see make_rule
     scope: str = "token"
 
-    def mask(self, x: torch.Tensor) -> torch.Tensor:
+    def mask(self, x: torch.Tensor, *, voters: torch.Tensor | None = None,
+             token_positions: torch.Tensor | None = None, column_norm: torch.Tensor | None = None) -> torch.Tensor:
         """Keep-mask of ``x`` (True = kept), same shape. A tensor with no entries (a last dimension of 0, or no
-        rows) has nothing to keep: the result is the empty mask of its shape, for every rule."""
+        rows) has nothing to keep: the result is the empty mask of its shape, for every rule. ``voters``,
+        ``token_positions`` and ``column_norm`` apply to the shared scopes only (see the class docstring)."""
+        shared = self.scope in SHARED_SCOPES
+        if not shared and (voters is not None or token_positions is not None or column_norm is not None):
+            raise ValueError(f"voters / token_positions / column_norm apply to the shared scopes {SHARED_SCOPES} "
+                             f"only; this rule's scope is {self.scope!r}")
         if x.numel() == 0:
             return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+        if shared:
+            keep = self.shared_keep(x, voters=voters, token_positions=token_positions, column_norm=column_norm)
+            keep = _keep_nan_rows(x, keep & (x != 0))
+            if token_positions is not None:
+                per_token = _positions(token_positions, x, "token_positions")
+                if bool(per_token.any()):
+                    keep = torch.where(per_token[..., None], self._mask_rows(x), keep)
+            return keep
         if self.scope == "sequence":
             # One selection over all tokens x features of a sample ([..., T, d] -> [..., T*d]); this is what the
             # paper's public code did for its LLaDA figure. Not the default.
@@ -277,6 +313,51 @@ class SparsityRule(ABC):
             flat = x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
             return self._mask_rows(flat).reshape(x.shape)
         return self._mask_rows(x)
+
+    def shared_score(self, x: torch.Tensor, *, voters: torch.Tensor | None = None,
+                     token_positions: torch.Tensor | None = None,
+                     column_norm: torch.Tensor | None = None) -> torch.Tensor:
+        """The aggregate score a [..., d] (float64) of a shared scope over the voting tokens of ``x`` [..., T, d]."""
+        if self.scope not in SHARED_SCOPES:
+            raise ValueError(f"shared_score is defined for the shared scopes {SHARED_SCOPES}, not {self.scope!r}")
+        if x.dim() < 2:
+            raise ValueError(f"scope={self.scope!r} needs activations shaped [..., tokens, features], got "
+                             f"{tuple(x.shape)}")
+        if voters is None and token_positions is None:  # every token votes: one reduction, summed in float64
+            score = x.detach().abs().sum(dim=-2, dtype=torch.float64)
+        else:
+            vote = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+            if voters is not None:
+                vote = vote & _positions(voters, x, "voters")
+            if token_positions is not None:
+                vote = vote & ~_positions(token_positions, x, "token_positions")
+            a = x.detach().abs().to(torch.float64)
+            # where, not a product: a NaN of a non-voting token (0 * NaN = NaN) must not reach the score
+            score = torch.where(vote[..., None], a, 0.0).sum(dim=-2)
+        if self.scope == "step_wina":
+            if column_norm is None:
+                raise ValueError("scope='step_wina' weighs each feature by the norm of the weight column it "
+                                 "multiplies: pass column_norm=[d] (the hooks and accelerate_ffn do), or use "
+                                 "scope='step'")
+            cn = torch.as_tensor(column_norm).to(device=x.device, dtype=torch.float64).reshape(-1)
+            if cn.numel() != x.shape[-1]:
+                raise ValueError(f"column_norm has {cn.numel()} entries for {x.shape[-1]} features")
+            score = score * cn
+        elif column_norm is not None:
+            raise ValueError("column_norm applies to scope='step_wina' only; this rule's scope is 'step'")
+        return score
+
+    def shared_keep(self, x: torch.Tensor, *, voters: torch.Tensor | None = None,
+                    token_positions: torch.Tensor | None = None,
+                    column_norm: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-sample keep-set K of a shared scope, bool [..., 1, d] (broadcasts over the tokens of x)."""
+        score = self.shared_score(x, voters=voters, token_positions=token_positions, column_norm=column_norm)
+        return self.keep_from_score(score)
+
+    def keep_from_score(self, score: torch.Tensor) -> torch.Tensor:
+        """The keep-set [..., 1, d] of an aggregate score [..., d] from :meth:`shared_score` (the rule applied to
+        it; a score holding a NaN keeps every non-zero feature)."""
+        return self._mask_rows(score).unsqueeze(-2)
 
     def _mask_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The keep-mask of each row of ``x`` with NaN rows kept whole (a rule whose selection already does
@@ -317,8 +398,58 @@ def _keep_nan_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def _check_scope(scope: str) -> None:
-    if scope not in _SCOPES:
-        raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+
+
+def _positions(m: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    """A bool [..., T] token mask for x [..., T, d] (broadcast over leading dims where it fits)."""
+    m = torch.as_tensor(m, device=x.device).bool()
+    try:
+        return torch.broadcast_to(m, x.shape[:-1])
+    except RuntimeError:
+        raise ValueError(f"{name} has shape {tuple(m.shape)} but the activations' tokens are "
+                         f"{tuple(x.shape[:-1])}; give one bool per token ([batch, tokens])") from None
+
+
+@dataclass(frozen=True)
+class SharedSelection:
+    """A shared-scope rule bound to one call's voting tokens and column norms, so that code calling
+    ``rule.mask(x)`` (a mask-reuse policy, for one) selects exactly as the hooks do. ``shared_keep(x)`` gives
+    the keep-set [..., 1, d] itself."""
+
+    rule: SparsityRule
+    voters: torch.Tensor | None = None
+    token_positions: torch.Tensor | None = None
+    column_norm: torch.Tensor | None = None
+
+    @property
+    def scope(self) -> str:
+        return self.rule.scope
+
+    @property
+    def name(self) -> str:
+        return self.rule.name
+
+    @property
+    def threshold(self) -> float:
+        return self.rule.threshold
+
+    def _kw(self) -> dict:
+        return {"voters": self.voters, "token_positions": self.token_positions, "column_norm": self.column_norm}
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rule.mask(x, **self._kw())
+
+    def shared_keep(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rule.shared_keep(x, **self._kw())
+
+    def token_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-token mask of the same rule (what ``token_positions`` get)."""
+        return self.rule._mask_rows(x)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.masked_fill(~self.mask(x), 0)
 
 
 TOP_P_METHODS = ("auto", "histogram", "bisect", "sort")
