@@ -110,14 +110,14 @@ class Bootstrap:
         self._dense = {(r["model"], r["task"]): r for r in self.rows if r["site"] == DENSE}
         self._weights: dict[str, np.ndarray | None] = {}
         self._cache: dict[str, np.ndarray | None] = {}
+        self._memo: dict = {}
         rng = np.random.default_rng(self.seed)
         # One draw per task, in a fixed order, shared by every model and configuration of that task (paired).
-        for task in sorted({r["task"] for r in self.rows}):
-            ids = self._task_ids(task)
+        self._ids = {task: self._task_ids(task) for task in sorted({r["task"] for r in self.rows})}
+        for task, ids in self._ids.items():
             n = len(ids) if ids else 0
             self._weights[task] = (rng.multinomial(n, np.full(n, 1.0 / n), size=self.n_boot).astype(np.float64)
                                    if n else None)
-        self._ids = {task: self._task_ids(task) for task in self._weights}
 
     def _task_ids(self, task: str) -> list[str] | None:
         """The item ids of a task when every row of it stores the same items; else None (no resampling)."""
@@ -133,6 +133,13 @@ class Bootstrap:
             elif list(items["ids"]) != ids:
                 return None
         return ids
+
+    def memo(self, key, compute):
+        """``compute()`` once per ``key`` for these rows and draws (the tables and every figure of a run ask for
+        the same critical-sparsity replicates)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     def weights(self, task: str) -> np.ndarray | None:
         """[n_boot, n_items] multinomial item counts of every replicate of ``task`` (None: not resampled)."""

@@ -166,7 +166,14 @@ def critical_replicates(rows: Sequence[dict], boot, threshold: float = 0.99, met
                         cap: bool = True) -> dict[tuple[str, str, str], dict[str, np.ndarray]]:
     """Per (model, site, task) (and ``avg_curve``): the critical sparsity of every bootstrap replicate,
     ``{"last_passing": [n_boot], "interpolated": [n_boot]}`` (NaN where no point passes). Curves with a point
-    that cannot be resampled are left out."""
+    that cannot be resampled are left out. Computed once per ``boot`` and settings (``Bootstrap.memo``)."""
+    if rows is not boot.rows:  # other rows than the bootstrap's own: nothing to share
+        return _critical_replicates(rows, boot, threshold, metric, cap)
+    return boot.memo(("critical", threshold, metric, cap),
+                     lambda: _critical_replicates(rows, boot, threshold, metric, cap))
+
+
+def _critical_replicates(rows, boot, threshold, metric, cap) -> dict:
     out = {}
     for key, reps in point_replicates(rows, boot, metric, cap).items():
         if not reps or any(r is None for r in reps):
