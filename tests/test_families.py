@@ -181,15 +181,17 @@ def test_triton_code_under_the_interpreter():
 
 
 @pytest.mark.parametrize("site", SITES)
-def test_fused_kernel_backends_equal_masking_path(registry, be, site):
-    # The kernels read the gate and up halves of gate_up as row views of one weight.
+@pytest.mark.parametrize("rule", [TopP(0.5), TopP(0.5, scope="step")], ids=["token", "step"])
+def test_fused_kernel_backends_equal_masking_path(registry, be, site, rule):
+    # The kernels read the gate and up halves of gate_up as row views of one weight (a shared keep-set at the
+    # input site: one packed matrix per half, or the gathered GEMM on Triton).
     register_phi3()
     model = tiny_phi3().float().to(DEVICE)
     ids = ids_for(4, (2, 3)).to(DEVICE)
     with torch.no_grad():
-        with sparsify(model, site, TopP(0.5)):
+        with sparsify(model, site, rule):
             masked = model(input_ids=ids).logits
-        with accelerated_ffn(model, site, TopP(0.5), backend=be):
+        with accelerated_ffn(model, site, rule, backend=be):
             fast = model(input_ids=ids).logits
     torch.testing.assert_close(fast, masked, rtol=1e-5, atol=1e-5)
 

@@ -1,6 +1,8 @@
 """The fast path of the shared keep-sets: accelerate_ffn with scope "step" / "step_wina" (packed kept rows, plain
 matmuls) equals the masking path (sparsify hooks) on every family, and with a reuse policy the packed weights are
-reused between refreshes with the same tokens and logits as the masking path driven by the same policy."""
+reused between refreshes with the same tokens and logits as the masking path driven by the same policy. On the
+Triton backend a fresh selection runs the gathered GEMM instead of packing (a child pytest under TRITON_INTERPRET=1
+on CPU-only machines, as in tests/test_kernels.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,10 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import FAMILIES, build_tiny_model
+from test_kernels import DEVICE, _triton_ready, run_triton_tests_in_interpreter
 
 from dllm_sparse import SparsityStats, TopP, find_ffns, sparsify
-from dllm_sparse.kernels import PackedKeepSet, accelerate_ffn, accelerated_ffn, restore_ffn
+from dllm_sparse.kernels import PackedKeepSet, accelerate_ffn, accelerated_ffn, restore_ffn, sparse_ffn
 from dllm_sparse.samplers import GenerationConfig, StepSparsity, generate
 from dllm_sparse.samplers.reuse import Adaptive, BlockStart, Every
 
@@ -48,6 +51,41 @@ def test_shared_fast_path_equals_masking_path(family, site, scope, shape):
         fast = _logits(model, ids)
     assert (masked - dense).abs().max() > 1e-2  # the rule really changes this model's output
     torch.testing.assert_close(fast, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_code_under_the_interpreter():
+    run_triton_tests_in_interpreter(__file__)
+
+
+@pytest.mark.parametrize("family", ["llama", "llada"])
+@pytest.mark.parametrize("site", ["input", "intermediate"])
+@pytest.mark.parametrize("shape", [(1, 6), (2, 5)], ids=["one", "batch"])
+def test_triton_fresh_selection_runs_the_gathered_gemm(family, site, shape, monkeypatch):
+    """Backend "triton": a fresh shared keep-set goes to the gathered tl.dot GEMM (no PackedKeepSet is built) with
+    the masking path's result; a reuse policy still packs (the copy pays for itself over the reusing steps)."""
+    if reason := _triton_ready():
+        pytest.skip(reason)
+    model = _model(family).to(DEVICE)
+    ids = _ids(*shape).to(DEVICE)
+    rule = TopP(0.5, scope="step")
+    with sparsify(model, site, rule):
+        masked = _logits(model, ids)
+    packed = []
+    real_init = PackedKeepSet.__init__
+    monkeypatch.setattr(PackedKeepSet, "__init__", lambda self, *a: packed.append(1) or real_init(self, *a))
+    launches = []
+    real_gemm = sparse_ffn.column_sparse_matmul
+    monkeypatch.setattr(sparse_ffn, "column_sparse_matmul", lambda *a, **k: launches.append(1) or real_gemm(*a, **k))
+    with accelerated_ffn(model, site, rule, backend="triton"):
+        fast = _logits(model, ids)
+    torch.testing.assert_close(fast, masked, rtol=1e-4, atol=1e-4)
+    n_layers = len(find_ffns(model))
+    assert packed == [] and len(launches) == n_layers * (2 if site == "input" else 1)
+    if family == "llada":
+        policy = BlockStart()
+        with accelerated_ffn(model, site, rule, backend="triton", reuse=policy):
+            generate(model, None, PROMPTS, CFG, callbacks=[policy])
+        assert len(packed) > 0
 
 
 def test_packed_keep_set_reads_only_kept_rows():
