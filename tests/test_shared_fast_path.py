@@ -191,3 +191,9 @@ def test_frontier_helpers():
     assert sf.break_even(pts, 2.0) is None
     assert sf.strategy_names(["every4"]) == ["token", "step", "step+every4"]
     assert sf.refresh_interval("step+every4", 32) == 4 and sf.refresh_interval("step+block_start", 32) == 32
+    # speedup ranges pair each repeat's cell with the same repeat's dense timing
+    samples = {"dense": [{"ffn": 1.0, "step": 2.0}, {"ffn": 3.0, "step": 2.0}],
+               "c": [{"ffn": 0.5, "step": 4.0, "ffn_reuse": 0.25}, {"ffn": 1.0, "step": 1.0, "ffn_reuse": 1.5}]}
+    assert sf.speedup_range(samples, "c", "ffn") == [2.0, 3.0]  # unpaired min/max would give [1.0, 6.0]
+    assert sf.speedup_range(samples, "c", "step") == [0.5, 2.0]
+    assert sf.speedup_range(samples, "c", "ffn_reuse") == [2.0, 4.0]

@@ -140,8 +140,9 @@ def measured_sparsity(model, canvas, config: SparsityConfig) -> dict:
     return {"sparsity": stats.mean(config.site.value), "skipped": 1.0 - statistics.mean(unions)}
 
 
-def run_timing(bench: Bench, cells: list[dict], repeats: int, steps_per_block: int) -> dict:
-    """Medians over interleaved repeats (dense, then every cell, ``repeats`` times), after one warm-up round."""
+def run_timing(bench: Bench, cells: list[dict], repeats: int, steps_per_block: int) -> tuple[dict, dict]:
+    """(medians, samples) over interleaved repeats (dense, then every cell, ``repeats`` times), after one warm-up
+    round. ``samples[key][r]`` is repeat r's timing, so a speedup can be paired by repeat (:func:`speedup_range`)."""
     samples: dict = {"dense": []}
     for c in cells:
         samples[c["key"]] = []
@@ -155,7 +156,15 @@ def run_timing(bench: Bench, cells: list[dict], repeats: int, steps_per_block: i
                 samples[c["key"]].append(t)
         print(f"  timing repeat {r}/{repeats} done (load {os.getloadavg()[0]:.2f})", flush=True)
     med = {k: {m: statistics.median(s[m] for s in v) for m in v[0]} for k, v in samples.items()}
-    return med
+    return med, samples
+
+
+def speedup_range(samples: dict, key: str, what: str) -> list[float]:
+    """[min, max] over repeats of dense / ``key``'s time of ``what`` ("ffn", "step", "ffn_reuse", ...), each
+    repeat's cell divided by the same repeat's dense timing: the spread the medians hide."""
+    dense_what = what.split("_", 1)[0]
+    ratios = [d[dense_what] / c[what] for d, c in zip(samples["dense"], samples[key], strict=True)]
+    return [min(ratios), max(ratios)]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -304,17 +313,27 @@ def summary_md(res: dict) -> str:
                  f"{res['dense']['step_full_head'] * 1e3:.0f} ms with the head on every position), dense FFN "
                  f"{res['dense']['ffn'] * 1e3:.0f} ms." if "dense" in res else "Timing skipped."), "",
              "## Speedup vs skipped fraction (TopK(s, scope='step'))", "",
+             f"Median over {res.get('repeats', '?')} interleaved repeats, [min, max] of the repeats' own ratios "
+             "(each repeat's cell over the same repeat's dense timing). The FLOP bound is the ratio of multiply-adds; "
+             "the BLAS does not run every shape at the same rate, so a measured speedup can exceed it.", "",
              "| curve | s | FFN speedup | step speedup | FLOP bound (FFN) |", "|---|---|---|---|---|"]
+
+    def rng(c, what):
+        r = c.get(f"speedup_{what}_range")
+        return f" [{r[0]:.2f}, {r[1]:.2f}]" if r else ""
+
     for name, curve in res["sweep"].items():
         for c in sorted(curve, key=lambda c: c["sparsity"]):
-            lines.append(f"| {name} | {c['sparsity']:.2f} | {c['speedup_ffn']:.2f}x | {c['speedup_step']:.2f}x | "
-                         f"{c['ideal_ffn']:.2f}x |")
+            lines.append(f"| {name} | {c['sparsity']:.2f} | {c['speedup_ffn']:.2f}x{rng(c, 'ffn')} | "
+                         f"{c['speedup_step']:.2f}x{rng(c, 'step')} | {c['ideal_ffn']:.2f}x |")
     lines += ["", "Break-even (smallest skipped fraction reaching the speedup; interpolated):", ""]
     for name, be in res["break_even"].items():
         lines.append(f"- {name}: " + ", ".join(f"{k}: {f'{v:.2f}' if v is not None else 'not reached'}"
                                                for k, v in be.items()))
     if res["cells"]:
         lines += ["", "## Frontier points", "",
+                  "Speedups: median, [min, max] over repeats (reuse strategies: median only; their time is the "
+                  "refresh and the reuse steps weighted by the refresh interval).", "",
                   "| strategy | site | p | measured sparsity | skipped (union) | FFN speedup | step speedup | "
                   "twin ELBO rel | AR rel | probe agreement |", "|---|---|---|---|---|---|---|---|---|---|"]
 
@@ -323,7 +342,8 @@ def summary_md(res: dict) -> str:
 
         for c in res["cells"]:
             lines.append(f"| {c['strategy']} | {c['site']} | {c['p']} | {f(c['sparsity'])} | {f(c['skipped'])} | "
-                         f"{f(c.get('speedup_ffn'), '{:.2f}x')} | {f(c.get('speedup_step'), '{:.2f}x')} | "
+                         f"{f(c.get('speedup_ffn'), '{:.2f}x')}{rng(c, 'ffn')} | "
+                         f"{f(c.get('speedup_step'), '{:.2f}x')}{rng(c, 'step')} | "
                          f"{f(c.get('elbo_rel'))} | {f(c.get('ar_rel'))} | {f(c.get('probe'))} |")
         lines += ["", "## Critical sparsity (highest measured sparsity with relative ELBO perplexity >= 0.99)", "",
                   "| strategy | site | twin (ELBO) | AR parent |", "|---|---|---|---|"]
@@ -375,12 +395,16 @@ def run_frontier(args, command: str) -> dict:
     if not args.skip_timing:
         bench = Bench(lm, canvas, P, args.block_length)
         print(f"timing {len(cells) + len(sweep_cells)} configurations x {args.repeats} repeats ...", flush=True)
-        med = run_timing(bench, cells + sweep_cells, args.repeats, steps_per_block)
+        med, samples = run_timing(bench, cells + sweep_cells, args.repeats, steps_per_block)
         res["dense"] = med["dense"]
+        res["repeats"] = args.repeats
         for c in cells:
             m = med[c["key"]]
             c.update({"ffn_s": m["ffn"], "step_s": m["step"], "speedup_ffn": med["dense"]["ffn"] / m["ffn"],
                       "speedup_step": med["dense"]["step"] / m["step"]})
+            if "ffn_refresh" not in m:  # a reuse strategy's time is a weighted mean of two phases: no single ratio
+                c["speedup_ffn_range"] = speedup_range(samples, c["key"], "ffn")
+                c["speedup_step_range"] = speedup_range(samples, c["key"], "step")
             for phase in ("refresh", "reuse"):
                 if f"ffn_{phase}" in m:
                     c[f"speedup_ffn_{phase}"] = med["dense"]["ffn"] / m[f"ffn_{phase}"]
@@ -389,9 +413,12 @@ def run_frontier(args, command: str) -> dict:
             m = med[c["key"]]
             reuse_only = c.get("reuse_step_only")
             ffn_t, step_t = (m["ffn_reuse"], m["step_reuse"]) if reuse_only else (m["ffn"], m["step"])
+            phase = "_reuse" if reuse_only else ""
             res["sweep"].setdefault(c["curve"], []).append({
                 "sparsity": c["p"], "speedup_ffn": med["dense"]["ffn"] / ffn_t,
                 "speedup_step": med["dense"]["step"] / step_t,
+                "speedup_ffn_range": speedup_range(samples, c["key"], "ffn" + phase),
+                "speedup_step_range": speedup_range(samples, c["key"], "step" + phase),
                 "ideal_ffn": ideal_ffn_speedup(c["site"], c["p"], bool(reuse_only))})
         for name, curve in res["sweep"].items():
             res["break_even"][name] = {
