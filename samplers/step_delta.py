@@ -1,0 +1,480 @@
+"""Step-delta FFN: keep each position's FFN values from earlier steps and recompute only the largest change.
+
+    from dllm_sparse.samplers import GenerationConfig, generate
+    from dllm_sparse.samplers.step_delta import StepDelta, step_delta
+
+    with step_delta(model, StepDelta("input", fraction=0.25, down_fraction=0.5)) as delta:
+        out = generate(model, tok, prompts, GenerationConfig(gen_length=64, steps=64, block_length=32),
+                       callbacks=[delta])
+    delta.report()      # FFN multiply-adds per step vs dense, refresh steps, (with measure=True) drift per layer
+
+Why. Per-token activation masks skip nothing on a denoising step (the canvas is a batch: the union of its
+tokens' masks is dense) and a keep-set shared by the step's positions zeroes features the model needs. But
+between two steps of a masked-diffusion sampler a position's FFN input barely changes unless its own token
+changed. So instead of zeroing weak activations, keep what did not change and recompute only the change, with
+one set of features per sample shared by its positions, which runs as dense matmuls over gathered weights.
+
+Definitions (``docs/sparsification.md``, "Step-delta FFN"). The FFN is y = W_down (act(W_gate x) * (W_up x)),
+x of size d, the intermediate h of size d_ff. Per FFN and forward row (sample), the cache holds, for every
+position, x_c, g_c = W_gate x_c, u_c = W_up x_c, h_c = act(g_c) * u_c and y_c.
+
+* A **refresh** (the refresh policy's step, the first step of a generation, or any call outside one) is a dense
+  step: every value is computed and cached.
+* **Intermediate delta** (``variant="intermediate"``, ``fraction`` f = |S| / d_ff): S is chosen from the cache
+  (``select="contribution"``: the features with the largest summed cached contribution |h_c,i| * ||W_down[:, i]||
+  over the sample's positions; ``select="oracle"``, a measurement reference only: the largest exact change
+  |h_t,i - h_c,i| * ||W_down[:, i]||, which costs the full gate and up matmuls). Then
+  h_t[S] = act(W_gate[S] x_t) * (W_up[S] x_t), y_t = y_c + W_down[:, S] (h_t[S] - h_c[S]); h_c[S] and y_c are
+  updated. Features outside S keep their cached contribution (nothing is zeroed).
+  Work: 3 d |S| multiply-adds per position (dense: 3 d d_ff).
+* **Input delta** (``variant="input"``, ``fraction`` f = |S_x| / d, ``down_fraction`` f_h = |S_h| / d_ff):
+  dx = x_t - x_c is exact and cheap, so S_x holds the input features with the largest summed
+  |dx_j| * ||[W_gate; W_up][:, j]||; g_c += W_gate[:, S_x] dx[S_x], u_c likewise, x_c[S_x] = x_t[S_x] (so
+  g_c = W_gate x_c holds at every step, and the change left out waits in dx for a later step). h = act(g_c) * u_c
+  is then exact for x_c (elementwise), S_h holds the features with the largest summed |h - h_c| * ||W_down[:, i]||,
+  and y_t = y_c + W_down[:, S_h] (h - h_c)[S_h]; h_c[S_h] and y_c are updated. Work: (2 d_ff |S_x| + d |S_h|)
+  multiply-adds per position.
+* Positions whose token changed since the last step (newly decoded: mask -> token; read from the sampler's
+  step state) are recomputed exactly, densely, and refresh their rows of the cache (a few rows per step).
+  Their change is not a delta: their input changed completely.
+* Sets are chosen per forward row (a sample; with classifier-free guidance the conditional and unconditional
+  rows each get their own), and only real positions vote (not padding).
+
+Measured per forward: FFN work = multiply-adds done / dense multiply-adds of the same rows (selection, cache
+updates and elementwise work are not multiply-adds; their cost shows in timings). With ``measure=True`` each
+call also computes the exact dense y of its input and records the drift ||y_t - y_exact|| / ||y_exact|| (over the
+sample's real positions) per layer and step: the measurement path, which costs a dense FFN on top.
+
+The cache is state of the FFN path (this module), not of the sampler: the sampler only tells the callback the
+step, the block and which positions are masked (:class:`~dllm_sparse.steps.StepState`). A cache never crosses
+generations; inside one, a call whose shape, dtype or device differs from the cache is refused (never a silent
+dense or stale run). Masked diffusion only: an AR loop sees every position once (nothing to reuse).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from dllm_sparse.kernels.sparse_ffn import SparsePart, _role_path, is_accelerated, restore_ffn
+from dllm_sparse.models.families import FFNModules, detect_family, find_ffns
+from dllm_sparse.sparsity.hooks import align_positions, column_norms, select_layers
+from dllm_sparse.steps import GenerationCallback, StepState
+
+from .reuse import ReusePolicy, make_policy
+
+__all__ = ["StepDelta", "StepDeltaRun", "step_delta", "apply_step_delta", "VARIANTS", "SELECTORS"]
+
+VARIANTS = ("input", "intermediate")
+SELECTORS = {"input": ("magnitude",), "intermediate": ("contribution", "oracle")}
+
+
+@dataclass(frozen=True)
+class StepDelta:
+    """What a step-delta FFN recomputes (see the module docstring for the definitions).
+
+    ``variant``: ``"input"`` (delta on the input x, then on W_down) or ``"intermediate"`` (delta on h).
+    ``fraction``: |S| / d for the input variant, |S| / d_ff for the intermediate one, in (0, 1].
+    ``down_fraction``: input variant only, |S_h| / d_ff in (0, 1].
+    ``select``: how S is chosen: input ``"magnitude"``; intermediate ``"contribution"`` or ``"oracle"`` (reads the
+    exact change: a measurement reference, it costs the full gate and up projections).
+    ``refresh``: the refresh policy, a reuse policy of :mod:`dllm_sparse.samplers.reuse` or its name
+    (``"block_start"`` default, ``"every4"``, ``"fresh"`` = dense every step).
+    ``exact_block``: also recompute the current block's positions exactly at every step (the rows the LM head
+    reads); the delta then covers the prompt, the decoded positions of earlier blocks and the later blocks.
+    ``layers``: FFN layer indices (default all).
+    """
+
+    variant: str = "input"
+    fraction: float = 0.25
+    down_fraction: float = 0.5
+    select: str | None = None
+    refresh: Any = "block_start"
+    exact_block: bool = False
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"StepDelta variant must be one of {VARIANTS}, got {self.variant!r}")
+        for name in ("fraction", "down_fraction"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 < float(v) <= 1.0):
+                raise ValueError(f"StepDelta {name} must be a number in (0, 1] (a share of the features "
+                                 f"recomputed per step), got {v!r}")
+        select = self.select if self.select is not None else SELECTORS[self.variant][0]
+        if select not in SELECTORS[self.variant]:
+            raise ValueError(f"StepDelta select={select!r} is not a selector of the {self.variant} variant; "
+                             f"use one of {SELECTORS[self.variant]}")
+        object.__setattr__(self, "select", select)
+        policy = make_policy(self.refresh)  # raises on an unknown name or Every(k < 1)
+        if not getattr(policy, "fast_path", True):
+            raise ValueError(f"refresh={self.refresh!r}: {type(policy).__name__} decides from a fresh mask probe, "
+                             "which a step-delta FFN does not compute; use fresh, every<k> or block_start")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+
+    @property
+    def name(self) -> str:
+        """A short name for tables and figures, e.g. ``delta-input:0.25/0.5@block_start``."""
+        pol = self.refresh if isinstance(self.refresh, str) else getattr(self.refresh, "name", "policy")
+        frac = f"{self.fraction:g}/{self.down_fraction:g}" if self.variant == "input" else f"{self.fraction:g}"
+        sel = "" if self.select == SELECTORS[self.variant][0] else f",{self.select}"
+        block = "+block" if self.exact_block else ""
+        return f"delta-{self.variant}:{frac}{sel}{block}@{pol}"
+
+    def describe(self) -> dict[str, Any]:
+        pol = make_policy(self.refresh)
+        return {"variant": self.variant, "fraction": float(self.fraction),
+                "down_fraction": float(self.down_fraction) if self.variant == "input" else None,
+                "select": self.select, "refresh": pol.describe(), "exact_block": self.exact_block,
+                "layers": self.layers}
+
+
+@dataclass
+class _Cache:
+    """One FFN's cached values for one canvas shape: [B_fwd, T, d] and [B_fwd, T, d_ff] tensors."""
+
+    x: torch.Tensor
+    g: torch.Tensor
+    u: torch.Tensor
+    h: torch.Tensor
+    y: torch.Tensor
+
+    def fits(self, x: torch.Tensor) -> str | None:
+        """None when x can be a later step of this cache, else what differs."""
+        if x.shape != self.x.shape:
+            return f"shape {tuple(x.shape)} vs the cached {tuple(self.x.shape)}"
+        if x.dtype != self.x.dtype:
+            return f"dtype {x.dtype} vs the cached {self.x.dtype}"
+        if x.device != self.x.device:
+            return f"device {x.device} vs the cached {self.x.device}"
+        return None
+
+
+def _batched_rows(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """w [n, m] and idx [B, k] -> w[idx] [B, k, m] (each sample's kept rows, contiguous for the matmul)."""
+    return w.index_select(0, idx.reshape(-1)).reshape(*idx.shape, w.shape[-1])
+
+
+class StepDeltaFFN(nn.Module):
+    """The step-delta computation of one FFN; its :class:`SparsePart` modules call :meth:`run`.
+
+    The owner computes ``down(act(gate(x)) * up(x))``. The swapped ``gate`` computes the whole FFN output for x
+    and returns a [..., 1] zero placeholder, ``up`` returns the same placeholder without any work (act(0) * 0 = 0
+    for SiLU and tanh-GELU), and the swapped ``down`` returns the output ``gate`` computed.
+    """
+
+    def __init__(self, ffn: FFNModules, config: StepDelta, run: StepDeltaRun):
+        super().__init__()
+        self.layer, self.config, self._run = ffn.layer, config, run
+        self._orig = {"gate": ffn.gate, "up": ffn.up, "act": ffn.act, "down": ffn.down}
+        self.d_ff, self.d = ffn.down.weight.shape[1], ffn.down.weight.shape[0]
+        self._out: torch.Tensor | None = None
+        self.cache: _Cache | None = None
+        with torch.no_grad():
+            # Transposed copies: a kept input feature (input variant) or intermediate feature (W_down) is then one
+            # contiguous row to gather. Non-persistent: the state_dict stays the original one; model.to() moves them.
+            self.register_buffer("down_t", ffn.down.weight.t().contiguous(), persistent=False)
+            self.register_buffer("down_norm", column_norms(ffn, "intermediate").to(ffn.down.weight), persistent=False)
+            if config.variant == "input":
+                self.register_buffer("gate_t", ffn.gate.weight.t().contiguous(), persistent=False)
+                self.register_buffer("up_t", ffn.up.weight.t().contiguous(), persistent=False)
+                self.register_buffer("input_norm", column_norms(ffn, "input").to(ffn.down.weight), persistent=False)
+
+    # ---- the parts -----------------------------------------------------------------------------------------
+    def run(self, role: str, v: torch.Tensor) -> torch.Tensor:
+        if role == "gate":
+            self._out = self.forward_ffn(v)
+            return v.new_zeros(*v.shape[:-1], 1)
+        if role == "up":
+            return v.new_zeros(*v.shape[:-1], 1)
+        out, self._out = self._out, None
+        if out is None:
+            raise RuntimeError("step-delta FFN: the down projection ran before the gate projection; the family's FFN "
+                               "must compute down(act(gate(x)) * up(x))")
+        return out
+
+    # ---- dense pieces ----------------------------------------------------------------------------------------
+    def _dense(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        gate, up, act, down = (self._orig[r] for r in ("gate", "up", "act", "down"))
+        g, u = gate(x), up(x)
+        h = act(g) * u
+        return g, u, h, down(h)
+
+    def _project_down(self, h: torch.Tensor) -> torch.Tensor:
+        down = self._orig["down"]
+        y = h @ self.down_t
+        return y if down.bias is None else y + down.bias
+
+    # ---- one call --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward_ffn(self, x: torch.Tensor) -> torch.Tensor:
+        run = self._run
+        rows = x[..., 0].numel()
+        dense_macs = 3 * self.d * self.d_ff * rows
+        if x.dim() != 3 or run.state is None:  # outside a generation step: the plain FFN, nothing cached
+            self.cache = None
+            return self._dense(x)[3]
+        if run.refresh or self.cache is None:
+            g, u, h, y = self._dense(x)
+            self.cache = _Cache(x.clone(), g, u, h, y.clone())
+            run.count(dense_macs, dense_macs)
+            exact = y
+        else:
+            problem = self.cache.fits(x)
+            if problem is not None:
+                raise ValueError(f"step-delta FFN, layer {self.layer}: this forward's activations do not continue the "
+                                 f"cached canvas ({problem}); a cache holds one canvas of one model in one dtype. "
+                                 "Start a new generation (the cache is cleared at its first step) or refresh.")
+            changed = run.exact_rows(x)
+            votes = run.real_positions(x)
+            if changed is not None:  # their input changed completely: recomputed below, and they do not vote
+                votes = votes & ~changed
+            votes = votes.to(x.dtype)
+            macs = self._input_delta(x, votes) if self.config.variant == "input" else self._intermediate_delta(x, votes)
+            if changed is not None:
+                macs += self._recompute(x, changed)
+            y = self.cache.y.clone()  # the cache is updated in place at the next step
+            run.count(macs, dense_macs)
+            exact = None
+        if run.measure:
+            if exact is None:
+                exact = self._dense(x)[3]
+            run.record_drift(self.layer, y, exact, run.real_positions(x))
+        return y
+
+    def _input_delta(self, x: torch.Tensor, votes: torch.Tensor) -> int:
+        c = self.cache
+        B, T, d = x.shape
+        dx = x - c.x
+        k_x = max(1, math.ceil(self.config.fraction * d))
+        score = (dx.abs() * votes[..., None]).sum(dim=1) * self.input_norm  # [B, d]
+        s_x = score.topk(k_x, dim=-1).indices  # [B, k_x]
+        dx_s = dx.gather(-1, s_x[:, None, :].expand(B, T, k_x))
+        c.g += torch.bmm(dx_s, _batched_rows(self.gate_t, s_x))
+        c.u += torch.bmm(dx_s, _batched_rows(self.up_t, s_x))
+        c.x.scatter_(-1, s_x[:, None, :].expand(B, T, k_x), x.gather(-1, s_x[:, None, :].expand(B, T, k_x)))
+        h = self._orig["act"](c.g) * c.u
+        k_h = max(1, math.ceil(self.config.down_fraction * self.d_ff))
+        return 2 * self.d_ff * k_x * B * T + self._down_delta(h, votes, k_h)
+
+    def _down_delta(self, h: torch.Tensor, votes: torch.Tensor, k_h: int) -> int:
+        """y_c += W_down[:, S_h] (h - h_c)[S_h] for the S_h with the largest summed |h - h_c| ||W_down[:, i]||."""
+        c = self.cache
+        B, T, _ = h.shape
+        dh = h - c.h
+        score = (dh.abs() * votes[..., None]).sum(dim=1) * self.down_norm
+        s_h = score.topk(k_h, dim=-1).indices
+        at = s_h[:, None, :].expand(B, T, k_h)
+        c.y += torch.bmm(dh.gather(-1, at), _batched_rows(self.down_t, s_h))
+        c.h.scatter_(-1, at, h.gather(-1, at))
+        return self.d * k_h * B * T
+
+    def _intermediate_delta(self, x: torch.Tensor, votes: torch.Tensor) -> int:
+        c = self.cache
+        B, T, _ = x.shape
+        k = max(1, math.ceil(self.config.fraction * self.d_ff))
+        gate, up, act = self._orig["gate"], self._orig["up"], self._orig["act"]
+        if self.config.select == "oracle":  # reference: reads the exact change (the full gate and up matmuls)
+            g, u = gate(x), up(x)
+            h = act(g) * u
+            score = ((h - c.h).abs() * votes[..., None]).sum(dim=1) * self.down_norm
+            s = score.topk(k, dim=-1).indices
+            at = s[:, None, :].expand(B, T, k)
+            h_s = h.gather(-1, at)
+            c.g.scatter_(-1, at, g.gather(-1, at))
+            c.u.scatter_(-1, at, u.gather(-1, at))
+            macs = 2 * self.d * self.d_ff * B * T
+        else:
+            score = (c.h.abs() * votes[..., None]).sum(dim=1) * self.down_norm
+            s = score.topk(k, dim=-1).indices
+            at = s[:, None, :].expand(B, T, k)
+            g_s = torch.bmm(x, _batched_rows(gate.weight, s).transpose(1, 2))
+            u_s = torch.bmm(x, _batched_rows(up.weight, s).transpose(1, 2))
+            if gate.bias is not None:
+                g_s = g_s + gate.bias[s][:, None, :]
+            if up.bias is not None:
+                u_s = u_s + up.bias[s][:, None, :]
+            h_s = act(g_s) * u_s
+            c.g.scatter_(-1, at, g_s)
+            c.u.scatter_(-1, at, u_s)
+            macs = 2 * self.d * k * B * T
+        c.y += torch.bmm(h_s - c.h.gather(-1, at), _batched_rows(self.down_t, s))
+        c.h.scatter_(-1, at, h_s)
+        c.x.copy_(x)
+        return macs + self.d * k * B * T
+
+    def _recompute(self, x: torch.Tensor, changed: torch.Tensor) -> int:
+        """Recompute the ``changed`` rows densely and refresh their cache rows; returns their multiply-adds."""
+        c = self.cache
+        g, u, h, y = self._dense(x[changed])
+        c.x[changed], c.g[changed], c.u[changed], c.h[changed], c.y[changed] = x[changed], g, u, h, y
+        return 3 * self.d * self.d_ff * int(changed.sum())
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, {self.config.name}"
+
+
+@dataclass
+class StepDeltaRun(GenerationCallback):
+    """The callback side of a step-delta FFN: pass it in ``callbacks=`` of the sampler (or replay). It learns the
+    step (and decides refreshes with the policy), and collects the counts :meth:`report` returns."""
+
+    config: StepDelta
+    measure: bool = False
+    policy: ReusePolicy = field(init=False)
+    state: StepState | None = field(default=None, init=False)
+    refresh: bool = field(default=True, init=False)
+    ffns: list[StepDeltaFFN] = field(default_factory=list, init=False)
+
+    def __post_init__(self):
+        self.policy = make_policy(self.config.refresh)
+        self.reset_counts()
+
+    def reset_counts(self) -> None:
+        self.steps: list[dict] = []  # per step: step, refresh, macs, dense_macs
+        self.drift: dict[int, list[tuple[int, float]]] = {}  # layer -> [(step, drift)]
+        self._first = True
+        self._masked: torch.Tensor | None = None  # the forward's "masked" group at the previous step
+        self._exact: torch.Tensor | None = None
+
+    # ---- callback ----------------------------------------------------------------------------------------
+    def on_generation_begin(self, state: StepState) -> None:
+        if state.kind != "diffusion":
+            raise ValueError(f"a step-delta FFN needs a masked-diffusion sampler, got a {state.kind!r} generation: an "
+                             "autoregressive loop feeds every position once, so there is no earlier value to reuse")
+        for f in self.ffns:
+            f.cache = None
+        self._first = True
+        self._masked = self._exact = None
+
+    def on_step_begin(self, state: StepState) -> None:
+        self.state = state
+        self.refresh = self._first or bool(self.policy.refresh_step(state))
+        self._first = False
+        # Positions whose token changed since the last step (and, with exact_block, the current block): their
+        # cached rows are recomputed densely. Decided once per step (one host sync), not per layer: every layer's
+        # cache rows are written at every step.
+        masked = state.groups.get("masked") if state.groups else None
+        exact = None
+        if masked is not None and self._masked is not None and masked.shape == self._masked.shape:
+            exact = self._masked & ~masked
+        if self.config.exact_block and masked is not None:
+            block_length = getattr(state.config, "block_length", None) or masked.shape[1] - state.prompt_length
+            start = state.prompt_length + state.block * block_length
+            in_block = torch.zeros_like(masked)
+            in_block[:, start:start + block_length] = True
+            exact = in_block if exact is None else exact | in_block
+        self._exact = exact if exact is not None and bool(exact.any()) else None
+        self._masked = masked
+        self.steps.append({"step": int(state.step), "refresh": self.refresh, "macs": 0, "dense_macs": 0})
+
+    def on_step_end(self, state: StepState) -> None:
+        self.state = None
+
+    def on_generation_end(self, state: StepState) -> None:
+        self.state = None
+        for f in self.ffns:
+            f.cache = None
+
+    # ---- what the FFNs ask --------------------------------------------------------------------------------
+    def exact_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """[B_fwd, T] positions recomputed exactly at this step, aligned to x (None if none): those decoded (mask ->
+        token) since the previous step, and with ``exact_block`` the current block's."""
+        return None if self._exact is None else align_positions(self._exact, x, "exact rows")
+
+    def real_positions(self, x: torch.Tensor) -> torch.Tensor:
+        am = self.state.attention_mask if self.state is not None else None
+        out = None if am is None else align_positions(am.bool(), x, "attention_mask")
+        return out if out is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+
+    def count(self, macs: int, dense_macs: int) -> None:
+        if self.steps:
+            self.steps[-1]["macs"] += int(macs)
+            self.steps[-1]["dense_macs"] += int(dense_macs)
+
+    def record_drift(self, layer: int, y: torch.Tensor, exact: torch.Tensor, real: torch.Tensor) -> None:
+        err = ((y - exact).float().pow(2).sum(-1) * real).sum()
+        ref = (exact.float().pow(2).sum(-1) * real).sum()
+        step = int(self.state.step) if self.state is not None else -1
+        self.drift.setdefault(layer, []).append((step, float((err / ref.clamp_min(1e-30)).sqrt())))
+
+    # ---- results --------------------------------------------------------------------------------------------
+    def ffn_work(self) -> float:
+        """Mean over steps of (multiply-adds done / dense multiply-adds), refresh steps included."""
+        fr = [s["macs"] / s["dense_macs"] for s in self.steps if s["dense_macs"]]
+        return sum(fr) / len(fr) if fr else float("nan")
+
+    def report(self) -> dict[str, Any]:
+        delta_steps = [s for s in self.steps if not s["refresh"] and s["dense_macs"]]
+        out = {**self.config.describe(), "name": self.config.name, "steps": len(self.steps),
+               "refresh_steps": [s["step"] for s in self.steps if s["refresh"]],
+               "ffn_work": self.ffn_work(),
+               "ffn_work_delta_steps": (sum(s["macs"] / s["dense_macs"] for s in delta_steps) / len(delta_steps)
+                                        if delta_steps else None)}
+        if self.drift:
+            all_d = [v for series in self.drift.values() for _, v in series]
+            out["drift_mean"] = sum(all_d) / len(all_d)
+            out["drift_max"] = max(all_d)
+            out["drift_per_layer"] = {lay: sum(v for _, v in s) / len(s) for lay, s in sorted(self.drift.items())}
+        return out
+
+
+def apply_step_delta(model: nn.Module, config: StepDelta | None = None, *, measure: bool = False,
+                     **kwargs) -> StepDeltaRun:
+    """Swap every selected FFN of ``model`` (in place) for a step-delta FFN; returns the callback to pass in
+    ``callbacks=`` of :func:`dllm_sparse.samplers.generate` or :func:`~dllm_sparse.samplers.replay`. Undo with
+    :func:`dllm_sparse.kernels.restore_ffn`. ``StepDelta`` fields may be given as keywords instead of ``config``.
+    ``measure=True`` also computes the dense FFN at every call and records the drift (the measurement path)."""
+    if config is None:
+        config = StepDelta(**kwargs)
+    elif kwargs:
+        raise TypeError(f"give a StepDelta or its fields as keywords, not both (got {sorted(kwargs)})")
+    if not isinstance(config, StepDelta):
+        raise TypeError(f"config must be a StepDelta, got {type(config).__name__}")
+    profile = detect_family(model)
+    if profile.kind != "diffusion":
+        raise ValueError(f"a step-delta FFN is for masked-diffusion models; {profile.family!r} is {profile.kind!r}: "
+                         "an autoregressive loop feeds every position once, so there is no earlier value to reuse")
+    if is_accelerated(model):
+        raise ValueError("this model's FFNs are already swapped (accelerate_ffn or step delta); call "
+                         "restore_ffn(model) first")
+    ffns = select_layers(find_ffns(model, profile), config.layers)
+    for ffn in ffns:
+        if ffn.gate_up is not None:
+            raise ValueError(f"layer {ffn.layer} ({profile.family}): a fused gate_up projection is not supported by "
+                             "the step-delta FFN yet; it needs separate gate and up projections")
+        for role in ("gate", "up", "down"):
+            m = getattr(ffn, role)
+            if not isinstance(m, nn.Linear) or m.weight.is_meta:
+                raise ValueError(f"layer {ffn.layer}: the {role} projection must be an nn.Linear with real weights "
+                                 f"(got {type(m).__name__}); dequantise or load the model onto one device first")
+    run = StepDeltaRun(config, measure=measure)
+    swaps = []
+    for ffn in ffns:
+        delta = StepDeltaFFN(ffn, config, run)
+        run.ffns.append(delta)
+        for role in ("gate", "up", "down"):
+            parent, name = _role_path(ffn, role)
+            swaps.append((parent, name, SparsePart(delta, role, getattr(parent, name))))
+    for parent, name, part in swaps:
+        setattr(parent, name, part)
+    return run
+
+
+@contextmanager
+def step_delta(model: nn.Module, config: StepDelta | None = None, *, measure: bool = False,
+               **kwargs) -> Iterator[StepDeltaRun]:
+    """``with step_delta(model, StepDelta(...)) as delta: generate(..., callbacks=[delta])`` - swap in, restore on
+    exit (also when the body raises)."""
+    run = apply_step_delta(model, config, measure=measure, **kwargs)
+    try:
+        yield run
+    finally:
+        restore_ffn(model)
