@@ -146,6 +146,10 @@ class _Cache:
     h: torch.Tensor
     y: torch.Tensor
 
+    def view(self, rows: slice) -> _Cache:
+        """The cache of the positions ``rows``: views, so in-place updates reach this cache."""
+        return _Cache(*(getattr(self, k)[:, rows] for k in ("x", "g", "u", "h", "y")))
+
     def fits(self, x: torch.Tensor) -> str | None:
         """None when x can be a later step of this cache, else what differs."""
         if x.shape != self.x.shape:
@@ -207,17 +211,11 @@ class StepDeltaFFN(nn.Module):
         h = act(g) * u
         return g, u, h, down(h)
 
-    def _project_down(self, h: torch.Tensor) -> torch.Tensor:
-        down = self._orig["down"]
-        y = h @ self.down_t
-        return y if down.bias is None else y + down.bias
-
     # ---- one call --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def forward_ffn(self, x: torch.Tensor) -> torch.Tensor:
         run = self._run
-        rows = x[..., 0].numel()
-        dense_macs = 3 * self.d * self.d_ff * rows
+        dense_macs = 3 * self.d * self.d_ff * x[..., 0].numel()
         if x.dim() != 3 or run.state is None:  # outside a generation step: the plain FFN, nothing cached
             self.cache = None
             return self._dense(x)[3]
@@ -232,14 +230,7 @@ class StepDeltaFFN(nn.Module):
                 raise ValueError(f"step-delta FFN, layer {self.layer}: this forward's activations do not continue the "
                                  f"cached canvas ({problem}); a cache holds one canvas of one model in one dtype. "
                                  "Start a new generation (the cache is cleared at its first step) or refresh.")
-            changed = run.exact_rows(x)
-            votes = run.real_positions(x)
-            if changed is not None:  # their input changed completely: recomputed below, and they do not vote
-                votes = votes & ~changed
-            votes = votes.to(x.dtype)
-            macs = self._input_delta(x, votes) if self.config.variant == "input" else self._intermediate_delta(x, votes)
-            if changed is not None:
-                macs += self._recompute(x, changed)
+            macs = self._delta_step(x)
             y = self.cache.y.clone()  # the cache is updated in place at the next step
             run.count(macs, dense_macs)
             exact = None
@@ -249,73 +240,120 @@ class StepDeltaFFN(nn.Module):
             run.record_drift(self.layer, y, exact, run.real_positions(x))
         return y
 
-    def _input_delta(self, x: torch.Tensor, votes: torch.Tensor) -> int:
-        c = self.cache
-        B, T, d = x.shape
-        dx = x - c.x
+    def _delta_step(self, x: torch.Tensor) -> int:
+        """One step after the refresh: the delta on the cached rows, dense recomputation of the exact rows.
+        Returns the multiply-adds done."""
+        run, c = self._run, self.cache
+        T = x.shape[1]
+        votes = run.real_positions(x)
+        block = run.block_slice(x) if self.config.exact_block else None
+        if block is not None:
+            # The current block is recomputed densely (newly decoded positions are inside it); the delta runs on the
+            # rows before and after it, as views of the cache (updated in place, no copies).
+            macs = self._recompute_rows(x, block)
+            slices = [sl for sl in (slice(0, block.start), slice(block.stop, T)) if sl.stop > sl.start]
+            parts = [(x[:, sl], c.view(sl), votes[:, sl]) for sl in slices]
+            exact = None
+        else:
+            exact = run.exact_rows(x)  # decoded since the previous step: they do not vote, recomputed after
+            if exact is not None:
+                votes = votes & ~exact
+            parts = [(x, c, votes)]
+            macs = 0
+        if parts:
+            parts = [(xp, cp, vp.to(x.dtype)) for xp, cp, vp in parts]
+            macs += self._input_delta(parts) if self.config.variant == "input" else self._intermediate_delta(parts)
+        if exact is not None:
+            macs += self._recompute_mask(x, exact)
+        return macs
+
+    @staticmethod
+    def _summed_score(values: list[torch.Tensor], parts: list, norm: torch.Tensor) -> torch.Tensor:
+        """[B, n]: sum over the voting positions of |value| (over every part), times the weight norm."""
+        return sum((v.abs() * vp[..., None]).sum(dim=1) for v, (_, _, vp) in zip(values, parts, strict=True)) * norm
+
+    def _input_delta(self, parts: list) -> int:
+        B, _, d = parts[0][0].shape
+        dxs = [xp - cp.x for xp, cp, _ in parts]
         k_x = max(1, math.ceil(self.config.fraction * d))
-        score = (dx.abs() * votes[..., None]).sum(dim=1) * self.input_norm  # [B, d]
-        s_x = score.topk(k_x, dim=-1).indices  # [B, k_x]
-        dx_s = dx.gather(-1, s_x[:, None, :].expand(B, T, k_x))
-        c.g += torch.bmm(dx_s, _batched_rows(self.gate_t, s_x))
-        c.u += torch.bmm(dx_s, _batched_rows(self.up_t, s_x))
-        c.x.scatter_(-1, s_x[:, None, :].expand(B, T, k_x), x.gather(-1, s_x[:, None, :].expand(B, T, k_x)))
-        h = self._orig["act"](c.g) * c.u
-        k_h = max(1, math.ceil(self.config.down_fraction * self.d_ff))
-        return 2 * self.d_ff * k_x * B * T + self._down_delta(h, votes, k_h)
+        s_x = self._summed_score(dxs, parts, self.input_norm).topk(k_x, dim=-1).indices  # [B, k_x]
+        w_gate, w_up = _batched_rows(self.gate_t, s_x), _batched_rows(self.up_t, s_x)
+        hs, macs = [], 0
+        for dx, (xp, cp, _) in zip(dxs, parts, strict=True):
+            at = s_x[:, None, :].expand(B, xp.shape[1], k_x)
+            dx_s = dx.gather(-1, at)
+            cp.g += torch.bmm(dx_s, w_gate)  # g_c = W_gate x_c keeps holding: x_c moves by the same dx
+            cp.u += torch.bmm(dx_s, w_up)
+            cp.x.scatter_(-1, at, xp.gather(-1, at))
+            hs.append(self._orig["act"](cp.g) * cp.u)
+            macs += 2 * self.d_ff * k_x * B * xp.shape[1]
+        return macs + self._down_delta(parts, hs, max(1, math.ceil(self.config.down_fraction * self.d_ff)))
 
-    def _down_delta(self, h: torch.Tensor, votes: torch.Tensor, k_h: int) -> int:
+    def _down_delta(self, parts: list, hs: list[torch.Tensor], k_h: int) -> int:
         """y_c += W_down[:, S_h] (h - h_c)[S_h] for the S_h with the largest summed |h - h_c| ||W_down[:, i]||."""
-        c = self.cache
-        B, T, _ = h.shape
-        dh = h - c.h
-        score = (dh.abs() * votes[..., None]).sum(dim=1) * self.down_norm
-        s_h = score.topk(k_h, dim=-1).indices
-        at = s_h[:, None, :].expand(B, T, k_h)
-        c.y += torch.bmm(dh.gather(-1, at), _batched_rows(self.down_t, s_h))
-        c.h.scatter_(-1, at, h.gather(-1, at))
-        return self.d * k_h * B * T
+        B = hs[0].shape[0]
+        dhs = [h - cp.h for h, (_, cp, _) in zip(hs, parts, strict=True)]
+        s_h = self._summed_score(dhs, parts, self.down_norm).topk(k_h, dim=-1).indices
+        w_down = _batched_rows(self.down_t, s_h)
+        macs = 0
+        for h, dh, (_, cp, _) in zip(hs, dhs, parts, strict=True):
+            at = s_h[:, None, :].expand(B, h.shape[1], k_h)
+            cp.y += torch.bmm(dh.gather(-1, at), w_down)
+            cp.h.scatter_(-1, at, h.gather(-1, at))
+            macs += self.d * k_h * B * h.shape[1]
+        return macs
 
-    def _intermediate_delta(self, x: torch.Tensor, votes: torch.Tensor) -> int:
-        c = self.cache
-        B, T, _ = x.shape
+    def _intermediate_delta(self, parts: list) -> int:
+        B = parts[0][0].shape[0]
         k = max(1, math.ceil(self.config.fraction * self.d_ff))
         gate, up, act = self._orig["gate"], self._orig["up"], self._orig["act"]
-        if self.config.select == "oracle":  # reference: reads the exact change (the full gate and up matmuls)
-            g, u = gate(x), up(x)
-            h = act(g) * u
-            score = ((h - c.h).abs() * votes[..., None]).sum(dim=1) * self.down_norm
-            s = score.topk(k, dim=-1).indices
-            at = s[:, None, :].expand(B, T, k)
-            h_s = h.gather(-1, at)
-            c.g.scatter_(-1, at, g.gather(-1, at))
-            c.u.scatter_(-1, at, u.gather(-1, at))
-            macs = 2 * self.d * self.d_ff * B * T
-        else:
-            score = (c.h.abs() * votes[..., None]).sum(dim=1) * self.down_norm
-            s = score.topk(k, dim=-1).indices
-            at = s[:, None, :].expand(B, T, k)
-            g_s = torch.bmm(x, _batched_rows(gate.weight, s).transpose(1, 2))
-            u_s = torch.bmm(x, _batched_rows(up.weight, s).transpose(1, 2))
-            if gate.bias is not None:
-                g_s = g_s + gate.bias[s][:, None, :]
-            if up.bias is not None:
-                u_s = u_s + up.bias[s][:, None, :]
+        oracle = self.config.select == "oracle"
+        if oracle:  # a measurement reference: reads the exact change (the full gate and up matmuls)
+            full = [(gate(xp), up(xp)) for xp, _, _ in parts]
+            hs = [act(g) * u for g, u in full]
+            score = self._summed_score([h - cp.h for h, (_, cp, _) in zip(hs, parts, strict=True)], parts,
+                                       self.down_norm)
+        else:  # the features with the largest cached contribution |h_c| ||W_down[:, i]||
+            score = self._summed_score([cp.h for _, cp, _ in parts], parts, self.down_norm)
+        s = score.topk(k, dim=-1).indices
+        w_down = _batched_rows(self.down_t, s)
+        if not oracle:
+            w_gate, w_up = _batched_rows(gate.weight, s).transpose(1, 2), _batched_rows(up.weight, s).transpose(1, 2)
+        macs = 0
+        for i, (xp, cp, _) in enumerate(parts):
+            at = s[:, None, :].expand(B, xp.shape[1], k)
+            if oracle:
+                g_s, u_s = full[i][0].gather(-1, at), full[i][1].gather(-1, at)
+                macs += 2 * self.d * self.d_ff * B * xp.shape[1]
+            else:
+                g_s, u_s = torch.bmm(xp, w_gate), torch.bmm(xp, w_up)
+                if gate.bias is not None:
+                    g_s = g_s + gate.bias[s][:, None, :]
+                if up.bias is not None:
+                    u_s = u_s + up.bias[s][:, None, :]
+                macs += 2 * self.d * k * B * xp.shape[1]
             h_s = act(g_s) * u_s
-            c.g.scatter_(-1, at, g_s)
-            c.u.scatter_(-1, at, u_s)
-            macs = 2 * self.d * k * B * T
-        c.y += torch.bmm(h_s - c.h.gather(-1, at), _batched_rows(self.down_t, s))
-        c.h.scatter_(-1, at, h_s)
-        c.x.copy_(x)
-        return macs + self.d * k * B * T
+            cp.y += torch.bmm(h_s - cp.h.gather(-1, at), w_down)
+            cp.g.scatter_(-1, at, g_s)
+            cp.u.scatter_(-1, at, u_s)
+            cp.h.scatter_(-1, at, h_s)
+            cp.x.copy_(xp)
+            macs += self.d * k * B * xp.shape[1]
+        return macs
 
-    def _recompute(self, x: torch.Tensor, changed: torch.Tensor) -> int:
-        """Recompute the ``changed`` rows densely and refresh their cache rows; returns their multiply-adds."""
+    def _recompute_rows(self, x: torch.Tensor, rows: slice) -> int:
+        """Recompute the positions ``rows`` (a slice) densely into the cache; returns their multiply-adds."""
+        c, xr = self.cache.view(rows), x[:, rows]
+        g, u, h, y = self._dense(xr)
+        c.x.copy_(xr), c.g.copy_(g), c.u.copy_(u), c.h.copy_(h), c.y.copy_(y)
+        return 3 * self.d * self.d_ff * xr[..., 0].numel()
+
+    def _recompute_mask(self, x: torch.Tensor, rows: torch.Tensor) -> int:
+        """Recompute the positions where ``rows`` [B, T] is True densely into the cache; returns their work."""
         c = self.cache
-        g, u, h, y = self._dense(x[changed])
-        c.x[changed], c.g[changed], c.u[changed], c.h[changed], c.y[changed] = x[changed], g, u, h, y
-        return 3 * self.d * self.d_ff * int(changed.sum())
+        g, u, h, y = self._dense(x[rows])
+        c.x[rows], c.g[rows], c.u[rows], c.h[rows], c.y[rows] = x[rows], g, u, h, y
+        return 3 * self.d * self.d_ff * int(rows.sum())
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, {self.config.name}"
@@ -343,6 +381,7 @@ class StepDeltaRun(GenerationCallback):
         self._first = True
         self._masked: torch.Tensor | None = None  # the forward's "masked" group at the previous step
         self._exact: torch.Tensor | None = None
+        self._block: slice | None = None
 
     # ---- callback ----------------------------------------------------------------------------------------
     def on_generation_begin(self, state: StepState) -> None:
@@ -358,21 +397,21 @@ class StepDeltaRun(GenerationCallback):
         self.state = state
         self.refresh = self._first or bool(self.policy.refresh_step(state))
         self._first = False
-        # Positions whose token changed since the last step (and, with exact_block, the current block): their
-        # cached rows are recomputed densely. Decided once per step (one host sync), not per layer: every layer's
-        # cache rows are written at every step.
+        # Positions whose token changed since the last step: their cached rows are recomputed densely (with
+        # exact_block the whole current block is, and they lie inside it). Decided once per step (one host sync),
+        # not per layer: every layer's cache rows are written at every step.
         masked = state.groups.get("masked") if state.groups else None
         exact = None
         if masked is not None and self._masked is not None and masked.shape == self._masked.shape:
             exact = self._masked & ~masked
-        if self.config.exact_block and masked is not None:
-            block_length = getattr(state.config, "block_length", None) or masked.shape[1] - state.prompt_length
-            start = state.prompt_length + state.block * block_length
-            in_block = torch.zeros_like(masked)
-            in_block[:, start:start + block_length] = True
-            exact = in_block if exact is None else exact | in_block
         self._exact = exact if exact is not None and bool(exact.any()) else None
         self._masked = masked
+        canvas = state.canvas.shape[1] if state.canvas is not None else None
+        self._block = None
+        if self.config.exact_block and canvas is not None:
+            block_length = getattr(state.config, "block_length", None) or canvas - state.prompt_length
+            start = state.prompt_length + state.block * block_length
+            self._block = slice(start, min(start + block_length, canvas))
         self.steps.append({"step": int(state.step), "refresh": self.refresh, "macs": 0, "dense_macs": 0})
 
     def on_step_end(self, state: StepState) -> None:
@@ -385,9 +424,12 @@ class StepDeltaRun(GenerationCallback):
 
     # ---- what the FFNs ask --------------------------------------------------------------------------------
     def exact_rows(self, x: torch.Tensor) -> torch.Tensor | None:
-        """[B_fwd, T] positions recomputed exactly at this step, aligned to x (None if none): those decoded (mask ->
-        token) since the previous step, and with ``exact_block`` the current block's."""
+        """[B_fwd, T] positions decoded (mask -> token) since the previous step, aligned to x (None if none)."""
         return None if self._exact is None else align_positions(self._exact, x, "exact rows")
+
+    def block_slice(self, x: torch.Tensor) -> slice | None:
+        """The current block's positions in x's token dimension (right-aligned to the canvas), or None."""
+        return self._block if self._block is not None and x.shape[1] >= self._block.stop else None
 
     def real_positions(self, x: torch.Tensor) -> torch.Tensor:
         am = self.state.attention_mask if self.state is not None else None

@@ -3,6 +3,7 @@ docs/sparsification.md ("Step-delta FFN"): per position and feature loops in flo
 definition's scores, on the very FFN inputs the sampler produced."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -111,11 +112,8 @@ def reference(ffn, xs, masked, config: StepDelta, refresh_steps, exact_block_sli
 
 def _originals(ffn):
     """The FFN's original projections behind the swapped parts (for the reference)."""
-    class O:
-        pass
-    o = O()
-    o.original_gate, o.original_up, o.original_down = ffn.gate.original, ffn.up.original, ffn.down.original
-    return o
+    return SimpleNamespace(original_gate=ffn.gate.original, original_up=ffn.up.original,
+                           original_down=ffn.down.original)
 
 
 @pytest.mark.parametrize("config", [
@@ -188,11 +186,7 @@ def test_decoded_positions_are_recomputed_exactly(llada64):
 
 
 def _originals_as_ffn(ffn):
-    class O:
-        pass
-    o = O()
-    o.gate, o.up, o.down = ffn.gate.original, ffn.up.original, ffn.down.original
-    return o
+    return SimpleNamespace(gate=ffn.gate.original, up=ffn.up.original, down=ffn.down.original)
 
 
 def test_work_is_counted_from_the_set_sizes(llada64):
