@@ -1,0 +1,348 @@
+"""The trajectory frontier: quality vs measured speed of whole denoising trajectories, per strategy.
+
+The library side of ``experiments/trajectory_frontier.py``. The step frontier (:mod:`dllm_sparse.eval.step_frontier`)
+times one step on a fixed canvas and scores quality by the ELBO, one forward per sample; strategies that carry
+state from step to step (a reused keep-set, the step-delta FFN) are judged here on trajectories instead:
+
+* **replay agreement**: the dense greedy trajectory of each prompt is replayed (teacher-forced: every strategy sees
+  the very same canvases, :func:`dllm_sparse.samplers.replay`) and a commit is a hit when the strategy's argmax at
+  the committed position is the recorded token (dense: 1.0);
+* **free-running agreement**: the strategy generates on its own; the fraction of generated positions holding the
+  dense generation's token;
+* **probe score**: of the free-running answers, how many contain a keyword of the capability probe (the dense
+  model's score alongside);
+* **speed**: mean wall time per step over a replay of the first ``timing_steps`` steps of a dense trajectory at
+  the timing canvas (the sampler's own loop, LM head on the rows a step reads, refresh steps included as they
+  fall), interleaved with dense replays of the same steps, median over repeats with the [min, max] of the
+  repeats' paired ratios; batch 1 and more.
+
+Every interval is a 95 % percentile bootstrap over prompts (ratio of summed hits to summed commits).
+
+Strategy names (:func:`parse_strategy`): ``dense``; ``token-<site>:<p>`` (per-token top-p, accelerate_ffn);
+``step-<site>:<p>`` (one keep-set per sample and step, packed) and ``step-<site>:<p>@<policy>`` (reused between
+refreshes); ``delta-input:<f>/<f_h>[+block][@<policy>]`` and ``delta-intermediate:<f>[,oracle][+block][@<policy>]``
+(:class:`dllm_sparse.samplers.step_delta.StepDelta`, whose ``name`` is this string).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dllm_sparse.atomic import atomic_write_text
+from dllm_sparse.eval.bootstrap import percentile_interval
+from dllm_sparse.kernels import accelerate_ffn, restore_ffn
+from dllm_sparse.samplers import GenerationConfig, generate, replay
+from dllm_sparse.samplers.reuse import make_policy
+from dllm_sparse.samplers.step_delta import StepDelta, apply_step_delta
+from dllm_sparse.sparsity.rules import TopP
+
+__all__ = ["Strategy", "parse_strategy", "quality", "timing", "run_trajectory_frontier"]
+
+_SPARSE = re.compile(r"^(token|step)-(input|intermediate|gate|up):([0-9.]+)(?:@([a-z_0-9.:]+))?$")
+_DELTA = re.compile(r"^delta-(input|intermediate):([0-9.]+)(?:/([0-9.]+))?(,oracle)?(\+block)?(?:@([a-z_0-9.:]+))?$")
+
+
+@dataclass
+class Strategy:
+    """One way of running a denoising step: attach it to the model, run, detach."""
+
+    name: str
+    kind: str  # dense | token | step | delta
+    site: str | None = None
+    p: float | None = None
+    policy: str | None = None
+    delta: StepDelta | None = None
+
+    def attach(self, model) -> tuple[list, Any]:
+        """Swap the strategy in; returns (callbacks for the sampler, the object whose report to keep)."""
+        if self.kind == "dense":
+            return [], None
+        if self.kind == "delta":
+            run = apply_step_delta(model, self.delta)
+            return [run], run
+        rule = TopP(self.p) if self.kind == "token" else TopP(self.p, scope="step")
+        policy = make_policy(self.policy) if self.policy else None
+        accelerate_ffn(model, self.site, rule, backend="torch", reuse=policy)
+        return ([policy] if policy is not None else []), policy
+
+    @staticmethod
+    def detach(model) -> None:
+        restore_ffn(model)
+
+
+def parse_strategy(spec: str) -> Strategy:
+    """A :class:`Strategy` from its name (see the module docstring); a clear error for anything else."""
+    spec = spec.strip()
+    if spec == "dense":
+        return Strategy("dense", "dense")
+    m = _SPARSE.match(spec)
+    if m:
+        kind, site, p, policy = m.groups()
+        if kind == "token" and policy:
+            raise ValueError(f"strategy {spec!r}: a per-token mask is not reused across steps on the fast path "
+                             "(it keeps the union of the positions' sets); drop the @policy or use step-...")
+        if not 0.0 < float(p) <= 1.0:
+            raise ValueError(f"strategy {spec!r}: p must be in (0, 1], got {p}")
+        if policy:
+            make_policy(policy)  # raises on an unknown policy
+        return Strategy(spec, kind, site, float(p), policy)
+    m = _DELTA.match(spec)
+    if m:
+        variant, f, f_h, oracle, block, policy = m.groups()
+        if variant == "input" and f_h is None:
+            raise ValueError(f"strategy {spec!r}: the input variant needs both fractions, e.g. delta-input:0.25/0.5")
+        if variant == "intermediate" and f_h is not None:
+            raise ValueError(f"strategy {spec!r}: the intermediate variant takes one fraction, e.g. "
+                             "delta-intermediate:0.3")
+        delta = StepDelta(variant, float(f), float(f_h) if f_h else 0.5, select="oracle" if oracle else None,
+                          refresh=policy or "block_start", exact_block=bool(block))
+        return Strategy(delta.name, "delta", variant, delta=delta)
+    raise ValueError(f"unknown strategy {spec!r}; use dense, token-<site>:<p>, step-<site>:<p>[@policy], "
+                     "delta-input:<f>/<f_h>[+block][@policy] or delta-intermediate:<f>[,oracle][+block][@policy]")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Quality
+# --------------------------------------------------------------------------------------------------------
+
+
+def _token_agreement(a: list[int], b: list[int]) -> tuple[int, int]:
+    n = max(len(a), len(b))
+    return sum(1 for x, y in zip(a, b, strict=False) if x == y), n
+
+
+def _probe_hit(text: str | None, keywords: list[str] | None) -> bool | None:
+    if text is None or not keywords:
+        return None
+    return any(k.lower() in text.lower() for k in keywords)
+
+
+def quality(lm, prompts: list, keywords: list | None, cfg: GenerationConfig, strategy: Strategy,
+            dense: list, chat: bool) -> dict:
+    """Per prompt: replay hits / commits on the dense trajectory, free-running token agreement, probe hit."""
+    items = []
+    for i, prompt in enumerate(prompts):
+        callbacks, observer = strategy.attach(lm.model)
+        try:
+            rep = replay(lm, [prompt], dense[i], callbacks=callbacks, apply_chat_template=chat)
+            report = observer.report() if observer is not None and hasattr(observer, "ffn_work") else None
+            free = generate(lm, prompts=[prompt], config=cfg, apply_chat_template=chat, callbacks=callbacks)
+        finally:
+            strategy.detach(lm.model)
+        hits = sum(sum(row) for st in rep.steps for row in st.hits)
+        commits = sum(len(row) for st in rep.steps for row in st.hits)
+        same, total = _token_agreement(free.ids[0], dense[i].ids[0])
+        items.append({"prompt": i, "hits": hits, "commits": commits, "same_tokens": same, "tokens": total,
+                      "probe_hit": _probe_hit(free.texts[0] if free.texts else None,
+                                              keywords[i] if keywords else None),
+                      "ffn_work": report["ffn_work"] if report else None})
+    return summarise(items)
+
+
+def _ratio_interval(num: np.ndarray, den: np.ndarray, replicates: int = 1000, seed: int = 0):
+    """95 % percentile bootstrap over items of sum(num) / sum(den)."""
+    rng = np.random.default_rng(seed)
+    n = len(num)
+    w = rng.multinomial(n, [1.0 / n] * n, size=replicates)
+    den_r = w @ den
+    ok = den_r > 0
+    return percentile_interval((w @ num)[ok] / den_r[ok])
+
+
+def summarise(items: list[dict]) -> dict:
+    hits, commits = np.array([r["hits"] for r in items], float), np.array([r["commits"] for r in items], float)
+    same, toks = np.array([r["same_tokens"] for r in items], float), np.array([r["tokens"] for r in items], float)
+    out = {"items": items, "prompts": len(items),
+           "replay_agreement": float(hits.sum() / commits.sum()), "replay_ci": _ratio_interval(hits, commits),
+           "free_agreement": float(same.sum() / max(toks.sum(), 1)), "free_ci": _ratio_interval(same, toks)}
+    probe = [r["probe_hit"] for r in items if r["probe_hit"] is not None]
+    if probe:
+        out["probe_score"] = sum(probe)
+        out["probe_items"] = len(probe)
+    work = [r["ffn_work"] for r in items if r["ffn_work"] is not None]
+    out["ffn_work"] = sum(work) / len(work) if work else None
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------------
+
+
+def _timed_replay(lm, prompt_ids: torch.Tensor, trajectory, cfg: GenerationConfig, strategy: Strategy) -> float:
+    """Seconds per step of a replay of ``trajectory`` (the sampler's loop) with ``strategy`` attached."""
+    callbacks, _ = strategy.attach(lm.model)
+    try:
+        t0 = time.perf_counter()
+        rep = replay(lm.model, prompt_ids, trajectory, cfg, callbacks=callbacks)
+        dt = time.perf_counter() - t0
+    finally:
+        strategy.detach(lm.model)
+    return dt / len(rep.steps)
+
+
+def timing(lm, prompt_ids: list[int], strategies: list[Strategy], batch: int, canvas: int, block_length: int,
+           steps: int, repeats: int) -> dict:
+    """Median seconds per step per strategy (and dense) over ``repeats`` interleaved rounds after a warm-up, with
+    the [min, max] over rounds of dense / strategy (each round's ratio)."""
+    ids = torch.tensor([prompt_ids] * batch)
+    cfg = GenerationConfig(gen_length=canvas, steps=canvas, block_length=block_length, temperature=0.0,
+                           stop_token_ids=(), mask_id=lm.mask_id)
+    stop_after = _StopAfter(steps)
+    recorded = generate(lm.model, None, ids, cfg, callbacks=[stop_after])  # the dense trajectory, `steps` steps
+    dense = Strategy("dense", "dense")
+    samples: dict[str, list[float]] = {s.name: [] for s in [dense, *strategies]}
+    for r in range(repeats + 1):
+        for s in [dense, *strategies]:
+            t = _timed_replay(lm, ids, recorded.trace, cfg, s)
+            if r:
+                samples[s.name].append(t)
+    out = {}
+    for name, ts in samples.items():
+        ratios = [d / t for d, t in zip(samples["dense"], ts, strict=True)]
+        out[name] = {"step_s": statistics.median(ts), "speedup": statistics.median(samples["dense"]) /
+                     statistics.median(ts), "speedup_range": [min(ratios), max(ratios)], "samples": ts}
+    return out
+
+
+class _StopAfter:
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_step_end(self, state):
+        return state.step + 1 >= self.steps
+
+
+# --------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------
+
+
+def summary_md(res: dict) -> str:
+    def ci(c):
+        return f" [{c[0]:.3f}, {c[1]:.3f}]" if c else ""
+
+    lines = [f"# Trajectory frontier: {res['model']}", "", f"Command: `{res['command']}`", "",
+             f"Machine: {res['machine']['cpu']} ({', '.join(res['machine']['cpu_flags'])}), {res['threads']} threads, "
+             f"torch {res['machine']['torch']}; load average {res['load_before']:.2f} before, {res['load_after']:.2f} "
+             f"after{'; NOT quiet: other work shared the CPU, timings are noisy' if res['noisy'] else ''}.", "",
+             f"Quality: {res['quality_prompts']} probe prompts, gen_length {res['gen_length']} = steps, block "
+             f"{res['block_length']}, greedy; 95 % bootstrap intervals over prompts. Timing: canvas "
+             f"{res['canvas']} + prompt, block {res['block_length']}, the first {res['timing_steps']} steps, median of "
+             f"{res['repeats']} interleaved repeats, [min, max] of the repeats' paired ratios.", "",
+             "| strategy | replay agreement | free-running agreement | probe | FFN work | "
+             + " | ".join(f"step speedup (batch {b})" for b in res["batches"]) + " |",
+             "|---|---|---|---|---|" + "---|" * len(res["batches"])]
+    for row in res["rows"]:
+        q = row.get("quality") or {}
+        cells = [row["strategy"],
+                 f"{q['replay_agreement']:.3f}{ci(q.get('replay_ci'))}" if q else "-",
+                 f"{q['free_agreement']:.3f}{ci(q.get('free_ci'))}" if q else "-",
+                 f"{q['probe_score']}/{q['probe_items']}" if "probe_score" in q else "-",
+                 f"{q['ffn_work']:.3f}" if q.get("ffn_work") is not None else "-"]
+        for b in res["batches"]:
+            t = row.get("timing", {}).get(str(b))
+            cells.append(f"{t['speedup']:.2f}x [{t['speedup_range'][0]:.2f}, {t['speedup_range'][1]:.2f}]"
+                         if t else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, out_dir: Path) -> str | None:
+    rows = [r for r in res["rows"] if r.get("quality") and r.get("timing")]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = str(res["batches"][0])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
+    for ax, (metric, label) in zip(axes, (("replay", "replay commit agreement with dense"),
+                                          ("free", "free-running token agreement with dense")), strict=True):
+        for i, r in enumerate(rows):
+            q, t = r["quality"], r["timing"][b]
+            val, lohi = q[f"{metric}_agreement"], q.get(f"{metric}_ci") or (q[f"{metric}_agreement"],) * 2
+            xerr = [[t["speedup"] - t["speedup_range"][0]], [t["speedup_range"][1] - t["speedup"]]]
+            ax.errorbar(t["speedup"], val, yerr=[[val - lohi[0]], [lohi[1] - val]], xerr=xerr, fmt="o",
+                        color=f"C{i % 10}", label=r["strategy"], capsize=2)
+        ax.axvline(1.0, color="k", lw=0.6)
+        ax.axhline(0.99, color="tab:red", lw=0.6, ls="--")
+        ax.set_xlabel(f"measured speedup of a denoising step vs dense (batch {b})")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{res['model']}: quality vs speed over whole trajectories ({res['threads']} threads)", fontsize=10)
+    fig.tight_layout()
+    path = out_dir / "trajectory_frontier.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------------
+
+
+def run_trajectory_frontier(args, command: str, lm=None, prompts=None, keywords=None, chat: bool = True) -> dict:
+    """The study for the script's parsed ``args`` (``lm``, ``prompts``, ``keywords`` given by the smoke mode)."""
+    from dllm_sparse.eval.step_frontier import machine
+
+    torch.set_num_threads(args.threads)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    strategies = [parse_strategy(s) for s in args.strategies]  # bad names fail before any work
+    load_before = os.getloadavg()[0]
+    if lm is None:
+        from dllm_sparse import load_model
+
+        lm = load_model(args.model, dtype=args.dtype)
+        probe = [json.loads(line) for line in (Path(__file__).resolve().parents[1] / "data" /
+                                               "capability_probe.jsonl").open()][:args.prompts]
+        prompts, keywords = [q["prompt"] for q in probe], [q["keywords"] for q in probe]
+    res: dict[str, Any] = {"model": args.model, "dtype": args.dtype, "threads": args.threads, "command": command,
+                           "machine": machine(), "load_before": load_before, "gen_length": args.gen_length,
+                           "block_length": args.block_length, "canvas": args.canvas, "timing_steps": args.timing_steps,
+                           "repeats": args.repeats, "batches": args.batches, "quality_prompts": len(prompts),
+                           "rows": []}
+    rows = {s.name: {"strategy": s.name} for s in [Strategy("dense", "dense"), *strategies]}
+    if not args.skip_quality:
+        cfg = GenerationConfig(gen_length=args.gen_length, steps=args.gen_length, block_length=args.block_length,
+                               temperature=0.0, mask_id=lm.mask_id)
+        dense = [generate(lm, prompts=[p], config=cfg, apply_chat_template=chat) for p in prompts]
+        for s in [Strategy("dense", "dense"), *strategies]:
+            t0 = time.perf_counter()
+            rows[s.name]["quality"] = quality(lm, prompts, keywords, cfg, s, dense, chat)
+            print(f"  quality {s.name}: replay {rows[s.name]['quality']['replay_agreement']:.3f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    if not args.skip_timing:
+        first = prompts[0]
+        if isinstance(first, str):
+            text = lm.tokenizer.apply_chat_template([{"role": "user", "content": first}], tokenize=False,
+                                                    add_generation_prompt=True) if chat else first
+            first = list(lm.tokenizer.encode(text, add_special_tokens=False))
+        for b in args.batches:
+            t = timing(lm, list(first), strategies, b, args.canvas, args.block_length, args.timing_steps,
+                       args.repeats)
+            for name, v in t.items():
+                rows[name].setdefault("timing", {})[str(b)] = v
+            print(f"  timing batch {b}: " + ", ".join(f"{k} {v['speedup']:.2f}x" for k, v in t.items()), flush=True)
+    res["rows"] = list(rows.values())
+    res["load_after"] = os.getloadavg()[0]
+    res["noisy"] = res["load_after"] > args.threads + 0.5
+    res["figure"] = plot(res, args.output_dir)
+    atomic_write_text(args.output_dir / "trajectory_frontier.json", json.dumps(res, indent=1, default=str) + "\n")
+    atomic_write_text(args.output_dir / "summary.md", summary_md(res))
+    print(summary_md(res))
+    return res
