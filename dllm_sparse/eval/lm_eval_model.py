@@ -637,6 +637,10 @@ class DllmSparseLM(LM):
                 block = self.block_length or n_new
                 block = block if n_new % int(block) == 0 else n_new
                 steps = self.gen_steps or n_new
+                if steps > n_new:  # a step past one token per step commits nothing (the sampler refuses it)
+                    eval_logger.warning(f"gen_steps={steps} is more than the {n_new} tokens this task generates; "
+                                        f"using {n_new} steps (one token per step)")
+                    steps = n_new
                 num_blocks = n_new // int(block)
                 steps = max(num_blocks, int(steps) // num_blocks * num_blocks)
                 cfg_kw.update(steps=steps, block_length=int(block), mask_id=sc.mask_id,
