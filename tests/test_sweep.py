@@ -188,3 +188,54 @@ def test_the_papers_llada_variant_runs_as_a_sweep(tmp_path):
     scorer = Scorer(lm.model, ByteTokenizer(), "diffusion", mask_id=3, mc_num=4, mc_batch=2, batch_size=8, seed=1234)
     ref = PerplexityTask("ppl", PASSAGES).evaluate(scorer, sparsity=SparsityConfig.paper_llada(90))
     assert cell["value"] == pytest.approx(ref.value) and 0 < cell["sparsity"] < 1
+
+
+# ---- two sweeps into one fresh folder at once ---------------------------------------------------------------
+
+CONCURRENT = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_sweep import Counter, _cfg
+from dllm_sparse.eval.sweep import run_sweep
+
+out, me = Path({out!r}), {me}
+cfg = _cfg(out)
+(out.parent / f"ready{{me}}").touch()
+while not (out.parent / "go").exists():  # both processes start their sweep at the same moment
+    time.sleep(0.01)
+run_sweep(cfg, task_factory=Counter())
+"""
+
+
+def test_two_identical_sweeps_at_once_into_a_fresh_folder(tmp_path, full_run):
+    """Two processes run the same sweep into one folder that does not exist yet: both finish (one used to exit
+    with FileNotFoundError on a temporary name the two shared), and rows.jsonl holds every cell once, with
+    the single run's values."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from dllm_sparse.eval.sweep import planned_keys
+
+    _, rows, _ = full_run
+    out = tmp_path / "shared"
+    tests = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT.format(tests=tests, out=str(out), me=i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    deadline = time.monotonic() + 300
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    lines = (out / "rows.jsonl").read_text().splitlines()
+    keys = [json.loads(line)["key"] for line in lines]
+    assert len(keys) == len(set(keys)) == len(planned_keys(_cfg(out)))  # every cell once: none lost, none twice
+    assert _table(load_rows(out)) == _table(rows)
+    assert not list(out.glob("*.tmp")) and not list(out.glob("shards/*.jsonl"))
