@@ -239,3 +239,46 @@ def test_two_identical_sweeps_at_once_into_a_fresh_folder(tmp_path, full_run):
     assert len(keys) == len(set(keys)) == len(planned_keys(_cfg(out)))  # every cell once: none lost, none twice
     assert _table(load_rows(out)) == _table(rows)
     assert not list(out.glob("*.tmp")) and not list(out.glob("shards/*.jsonl"))
+
+
+# ---- a corrupt row is not an old folder --------------------------------------------------------------------
+
+
+def _garble(key: str, how: str) -> object:
+    k = json.loads(key)
+    if how == "not_json":
+        return key[:-7]
+    if how == "bad_field":
+        k[4] = "four"  # mc_num
+        return json.dumps(k)
+    if how == "old_length_bad_sparsity":
+        k[2] = "inptu:top_p:0.8"
+        return json.dumps(k[:-1])  # 8 fields: the length of an old key, but its sparsity id does not read
+    if how == "not_a_string":
+        return k
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how, why", [
+    ("not_json", "is not JSON"), ("bad_field", "its key's mc_num field is 'four'"),
+    ("old_length_bad_sparsity", r"its key's sparsity field is 'inptu:top_p:0.8'.*old 8-field form"),
+    ("not_a_string", "its key is list"), ("array_row", "it is a JSON list, not an object"),
+    ("no_site", "it has no site field"),
+])
+def test_a_corrupt_row_is_named_by_line_not_taken_for_an_old_folder(tmp_path, full_run, how, why):
+    _, rows, _ = full_run
+    lines = [json.dumps(r) for r in rows]
+    bad = dict(rows[2])
+    if how == "array_row":
+        lines[2] = json.dumps([1, 2])
+    elif how == "no_site":
+        del bad["site"]
+        lines[2] = json.dumps(bad)
+    else:
+        lines[2] = json.dumps({**bad, "key": _garble(bad["key"], how)})
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    counter = Counter()
+    with pytest.raises(RuntimeError, match=rf"holds 1 corrupt row\(s\): .*rows.jsonl line 3: .*{why}.*delete those "
+                                           "lines") as err:
+        run_sweep(_cfg(tmp_path), task_factory=counter)
+    assert "old way" not in str(err.value) and "upgrade_cell_keys" not in str(err.value) and counter.calls == 0

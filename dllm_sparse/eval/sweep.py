@@ -65,7 +65,15 @@ from filelock import FileLock
 from dllm_sparse.eval.bootstrap import item_scores
 from dllm_sparse.eval.identity import RunIdentity, run_identity
 from dllm_sparse.eval.likelihood import Scorer
-from dllm_sparse.eval.rows import JsonlWriter, atomic_open, atomic_write_json, process_info, read_rows, share_of
+from dllm_sparse.eval.rows import (
+    JsonlWriter,
+    atomic_open,
+    atomic_write_json,
+    numbered_rows,
+    process_info,
+    read_rows,
+    share_of,
+)
 from dllm_sparse.eval.rows import json_default as _json_default
 from dllm_sparse.eval.tasks import Task, check_limit, get_task, relative_performance
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig
@@ -408,8 +416,92 @@ def upgrade_cell_keys(output_dir: str | Path, batch_size: int | None = None) -> 
     return changed
 
 
+def _key_problem(key: Any) -> str | None:
+    """What is wrong with a cell key of the current form (:data:`KEY_FIELDS`, plus ``{"cfg": w}`` for a guided
+    cell), or None when it is one."""
+    if not isinstance(key, str):
+        return f"its key is {type(key).__name__} {key!r:.60}, not a string"
+    try:
+        k = json.loads(key)
+    except ValueError:
+        return f"its key {key!r:.80} is not JSON"
+    if not isinstance(k, list):
+        return f"its key {key!r:.80} is not a JSON list"
+    if len(k) not in (len(KEY_FIELDS), len(KEY_FIELDS) + 1):
+        return f"its key has {len(k)} fields, not the {len(KEY_FIELDS)} of [{', '.join(KEY_FIELDS)}]"
+    def whole(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    checks = {"model": lambda v: isinstance(v, str), "task": lambda v: isinstance(v, str),
+              "sparsity": lambda v: isinstance(v, str) and (v == DENSE or _parses(v)),
+              "limit": lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
+              "mc_num": whole, "mc_batch": whole, "seed": whole, "dtype": lambda v: isinstance(v, str),
+              "batch_size": whole}
+    for name, value in zip(KEY_FIELDS, k, strict=False):
+        if not checks[name](value):
+            return f"its key's {name} field is {value!r:.60}, which is not a valid {name}"
+    if len(k) > len(KEY_FIELDS) and not (isinstance(k[-1], dict) and set(k[-1]) == {"cfg"}
+                                         and isinstance(k[-1]["cfg"], (int, float))):
+        return f"its key's last field {k[-1]!r:.60} is not the guidance {{\"cfg\": w}}"
+    return None
+
+
+def _parses(sparsity_id: str) -> bool:
+    try:
+        SparsityConfig.parse(sparsity_id)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _is_old_key(key: Any) -> bool:
+    """A well-formed key of an earlier release (:data:`_OLD_KEY_FORMS`), which :func:`upgrade_cell_keys` rewrites;
+    not a garbled one."""
+    try:
+        new = _old_key_to_new(key, 1)
+    except (TypeError, ValueError):  # an old-length list whose site / rule / threshold do not read
+        return False
+    return new is not None and _key_problem(new) is None
+
+
+def _row_key_problem(key: Any) -> str | None:
+    """What is wrong with a row's key; None for a current key and for a well-formed old one."""
+    problem = _key_problem(key)
+    if problem is None:
+        return None
+    try:
+        new = _old_key_to_new(key, 1)
+    except (TypeError, ValueError) as e:  # the length of an old form, but its fields do not read
+        return f"its key {key!r:.80} has the length of an old form, but {e}"
+    if new is None:
+        return problem
+    old_problem = _key_problem(new)
+    return None if old_problem is None else f"{old_problem} (in a key of the old {len(json.loads(key))}-field form)"
+
+
+def _refuse_corrupt_rows(out: Path) -> None:
+    """A row that is not a JSON object, has no ``site``, or whose key is neither a current nor an old one is
+    corrupt (hand-edited, truncated by another tool): refused naming its file, line and what is wrong, rather
+    than read as an old folder (whose fix, the key upgrade, would not help) or crashing later."""
+    problems = []
+    for path in [out / "rows.jsonl", *_shard_paths(out)]:
+        for line, r in numbered_rows(path):
+            if not isinstance(r, dict):
+                why = f"it is a JSON {type(r).__name__}, not an object"
+            elif "key" not in r or "site" not in r:
+                why = f"it has no {'key' if 'key' not in r else 'site'} field"
+            else:
+                why = _row_key_problem(r["key"])
+            if why is not None:
+                problems.append(f"{path} line {line}: {why}")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise RuntimeError(f"{out} holds {len(problems)} corrupt row(s): {shown}. Restore the file, or delete those "
+                           "lines (their cells are then computed again), or use a fresh output folder.")
+
+
 def _refuse_old_keys(out: Path, rows: list[dict]) -> None:
-    old = [r["key"] for r in rows if _old_key_to_new(r.get("key"), None) is not None]
+    old = [r["key"] for r in rows if _is_old_key(r.get("key"))]
     if old:
         fields = ", ".join(KEY_FIELDS).replace("sparsity", "sparsity config id")
         form = _OLD_KEY_FORMS[len(json.loads(old[0]))]
@@ -471,6 +563,7 @@ def run_sweep(
         device = f"cuda:{local_rank}"  # data parallel: one full model copy per process
 
     with folder_lock(out):
+        _refuse_corrupt_rows(out)
         existing = load_rows(out)
     _refuse_old_keys(out, existing)
     done = {r["key"] for r in existing}
