@@ -199,3 +199,14 @@ def test_prompt_longer_than_the_context(kind, llada, llama):
     context = model.config.max_position_embeddings
     with pytest.raises(ValueError, match=f"more than the model's context of {context}"):
         generate(model, None, [[5] * (context - 2)], GenerationConfig(gen_length=4, steps=4, stop_token_ids=()))
+
+
+@pytest.mark.parametrize("w", [math.inf, math.nan, -0.5])
+def test_scorer_cfg_scale_must_be_finite(w, llada):
+    from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer
+
+    with pytest.raises(ValueError, match=r"cfg_scale must be a finite number >= 0"):
+        Scorer(llada, ByteTokenizer(), "diffusion", mask_id=llada.config.mask_token_id, cfg_scale=w)
+    scorer = Scorer(llada, ByteTokenizer(), "diffusion", mask_id=llada.config.mask_token_id, mc_num=2, mc_batch=2)
+    with pytest.raises(ValueError, match=r"cfg_scale must be a finite number >= 0"):
+        scorer.loglikelihood_tokens([([5, 6], [7])], cfg_scale=w)
