@@ -210,25 +210,30 @@ def check_against_masking_path(model, config: SparsityConfig, ids, be) -> dict:
 # --------------------------------------------------------------------------------------------------------
 
 
+class _HelpFormatter(argparse.RawTextHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's line breaks and shows every option's default."""
+
+
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="model id, directory, or an embedded name (smollm2-135m)")
     src.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), help="random weights of a real shape")
     ap.add_argument("--layers", type=int, default=None, help="truncate a --model-shape to N layers (CPU smoke runs)")
-    ap.add_argument("--site", default="input", choices=[s.value for s in FFNSite])
+    ap.add_argument("--site", default="input", choices=[s.value for s in FFNSite], help="FFN site sparsified")
     ap.add_argument("--rule", default="top_p", help="top_p, top_k or max_p")
     ap.add_argument("--p", type=float, default=0.5, help="the rule's threshold (top-p p; top-k sparsity)")
     ap.add_argument("--tokens", type=int, default=128, help="AR: tokens to decode (timed: all but the first)")
-    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=32, help="tokens of the random prompt")
     ap.add_argument("--gen-length", type=int, default=128, help="diffusion: masked positions on the canvas")
     ap.add_argument("--steps", type=int, default=8, help="diffusion: denoising steps timed")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats of dense and of sparse")
     ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
-                    help="default: bf16 on GPU, fp32 on CPU")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--backend", default=None, choices=["auto", "triton", "torch"])
-    ap.add_argument("--output-dir", default="experiments/results")
+                    help="weight dtype (None: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--device", default=None, help="None: cuda when available, else cpu")
+    ap.add_argument("--backend", default=None, choices=["auto", "triton", "torch"],
+                    help="kernel backend (None: $DLLM_SPARSE_KERNELS, else auto = Triton on CUDA, PyTorch elsewhere)")
+    ap.add_argument("--output-dir", default="experiments/results", help="where the JSON goes")
     args = ap.parse_args(argv)
     if args.tokens < 2:
         ap.error("--tokens must be at least 2 (the first token comes from the untimed prefill)")

@@ -264,16 +264,21 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+class _HelpFormatter(argparse.RawTextHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's line breaks and shows every option's default."""
+
+
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes and few points (CPU smoke run)")
     ap.add_argument("--model", default=None, help="take per-token masks from this model's real activations "
                                                   "(id, directory, or smollm2-135m)")
     ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
-                    help="weight dtype (default: bf16 on GPU, fp32 on CPU)")
-    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    ap.add_argument("--backend", default=None, choices=["auto", "triton", "torch"])
-    ap.add_argument("--output-dir", default="experiments/results")
+                    help="weight dtype (None: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--device", default=None, help="None: cuda when available, else cpu")
+    ap.add_argument("--backend", default=None, choices=["auto", "triton", "torch"],
+                    help="kernel backend (None: $DLLM_SPARSE_KERNELS, else auto = Triton on CUDA, PyTorch elsewhere)")
+    ap.add_argument("--output-dir", default="experiments/results", help="where the JSON and the plot go")
     args = ap.parse_args(argv)
     import torch
 

@@ -61,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "step_wina: one keep-set per sample shared by the tokens of each forward, docs/"
                          "sparsification.md; for the AR model it is computed over context tokens only)")
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--grid", default="quick", choices=["quick", "standard"])
+    g.add_argument("--grid", default="quick", choices=["quick", "standard"],
+                   help="threshold grid: quick (6 points) or standard (25 points) of the rule (default: quick)")
     g.add_argument("--thresholds", nargs="+", type=float, help="explicit thresholds (overrides --grid)")
     ap.add_argument("--tasks", nargs="+", default=["builtin_mc", "builtin_ppl"],
                     help="built-in (builtin_mc, builtin_ppl) or lm-eval task names (name or name:metric)")
@@ -81,8 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "mc_batch 8 (dllm_sparse.eval.presets; explicit --mc-num / --mc-batch win)")
     ap.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--device", default=None, help="cpu / cuda / auto (default: auto on GPU, cpu otherwise)")
-    ap.add_argument("--output-dir", default="runs/llada_vs_llama")
-    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--output-dir", default="runs/llada_vs_llama",
+                    help="rows, tables, figures and summary (default: runs/llada_vs_llama; a rerun resumes it)")
+    ap.add_argument("--seed", type=int, default=1234, help="seed of the ELBO masks (default: 1234)")
     ap.add_argument("--step-threshold", type=float, default=None,
                     help="threshold of the sparsity-vs-denoising-step profile (default: 0.9 for top_p, middle of "
                          "the grid otherwise)")
@@ -94,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "at 1 first, so a task above dense cannot hide another's loss)")
     ap.add_argument("--n-boot", type=int, default=1000,
                     help="bootstrap replicates of the intervals (paired over items; 0: no intervals)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap.parse_args(argv)
 
 

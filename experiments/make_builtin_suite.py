@@ -134,9 +134,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the templated items (default: 0)")
     ap.add_argument("--mc-only", action="store_true", help="write only the multiple-choice items (no model)")
-    ap.add_argument("--out", type=Path, default=DATA)
+    ap.add_argument("--out", type=Path, default=DATA, help="folder of the JSONL files (default: the package data)")
     args = ap.parse_args(argv)
     write_jsonl(args.out / "builtin_mc.jsonl", make_mc(args.seed))
     if not args.mc_only:

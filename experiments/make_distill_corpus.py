@@ -82,12 +82,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="smollm2-135m", help="AR teacher (a load_model name or path)")
     ap.add_argument("--n", type=int, default=1000, help="training examples")
     ap.add_argument("--heldout", type=int, default=64, help="held-out examples (distinct instructions)")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts generated per batch (default: 16)")
+    ap.add_argument("--max-new-tokens", type=int, default=96, help="answer tokens generated at most (default: 96)")
     ap.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=OUT_DIR)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the instruction order and the sampling (default: 0)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    ap.add_argument("--out", type=Path, default=OUT_DIR, help="output folder (default: the package corpus)")
     args = ap.parse_args(argv)
     import torch
 

@@ -51,20 +51,24 @@ def hit(text: str, keywords: list[str]) -> bool:
     return any(k.lower() in text.lower() for k in keywords)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's line breaks and shows every option's default."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ar", default="smollm2-135m")
-    ap.add_argument("--diffusion", default="smollm2-135m-mdm")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    ap.add_argument("--ar", default="smollm2-135m", help="the AR model")
+    ap.add_argument("--diffusion", default="smollm2-135m-mdm", help="the masked-diffusion model")
     ap.add_argument("--heldout", type=int, default=64, help="held-out answers for the perplexities")
     ap.add_argument("--mc-num", type=int, default=8, help="ELBO Monte-Carlo samples per answer")
-    ap.add_argument("--mc-batch", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--skip-ppl", action="store_true")
-    ap.add_argument("--skip-probe", action="store_true")
+    ap.add_argument("--mc-batch", type=int, default=8, help="ELBO mini-batch (rows per forward pass)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the ELBO masks")
+    ap.add_argument("--skip-ppl", action="store_true", help="skip the held-out perplexities")
+    ap.add_argument("--skip-probe", action="store_true", help="skip the capability probe")
     ap.add_argument("--bf16", dest="bf16", action="store_true", default=None,
-                    help="bf16 autocast (default: only where bf16 matmuls are fast, see dllm_sparse.hardware)")
-    ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32")
-    ap.add_argument("--threads", type=int, default=1)
+                    help="bf16 autocast (None: only where bf16 matmuls are fast, see dllm_sparse.hardware)")
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false", default=argparse.SUPPRESS, help="float32")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--out", type=Path, help="write the results (JSON) here")
     args = ap.parse_args(argv)
     if args.bf16 is None:

@@ -43,27 +43,35 @@ from pathlib import Path
 SITES = ("input", "intermediate")
 
 
+class _HelpFormatter(argparse.RawTextHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's line breaks and shows every option's default."""
+
+
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-mdm")
-    ap.add_argument("--ar-model", default="smollm2-135m")
-    ap.add_argument("--dtype", default="fp32")
-    ap.add_argument("--threads", type=int, default=2)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-mdm", help="the diffusion model timed and scored")
+    ap.add_argument("--ar-model", default="smollm2-135m", help="the AR model scored alongside (exact perplexity)")
+    ap.add_argument("--dtype", default="fp32", help="weight dtype (fp32, bf16)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--canvas", type=int, default=128, help="masked canvas positions after the prompt")
-    ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--block-length", type=int, default=32,
+                    help="sampler block length (one token per step, so also the steps per block)")
     ap.add_argument("--top-p", type=float, nargs="+", default=[0.9, 0.95, 0.98], help="frontier thresholds")
     ap.add_argument("--sweep", type=float, nargs="+", default=[0.25, 0.5, 0.75],
                     help="skipped fractions of the timing sweep (TopK(s, scope='step'))")
-    ap.add_argument("--policies", nargs="+", default=["every4", "block_start"])
-    ap.add_argument("--sites", nargs="+", default=list(SITES), choices=SITES)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--passages", type=int, default=4)
-    ap.add_argument("--mc-num", type=int, default=8)
-    ap.add_argument("--probe-prompts", type=int, default=2)
+    ap.add_argument("--policies", nargs="+", default=["every4", "block_start"],
+                    help="keep-set reuse policies of the step+<policy> strategies (every<k>, block_start, ...)")
+    ap.add_argument("--sites", nargs="+", default=list(SITES), choices=SITES, help="FFN sites sparsified")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats (medians reported)")
+    ap.add_argument("--passages", type=int, default=4, help="builtin_ppl passages of the quality check")
+    ap.add_argument("--mc-num", type=int, default=8, help="ELBO Monte-Carlo masks per passage")
+    ap.add_argument("--probe-prompts", type=int, default=2,
+                    help="capability-probe prompts whose generations are compared with dense")
     ap.add_argument("--probe-gen", type=int, default=32, help="gen_length (= steps = block_length) of the probe")
-    ap.add_argument("--skip-quality", action="store_true")
-    ap.add_argument("--skip-timing", action="store_true")
-    ap.add_argument("--output-dir", type=Path, default=Path("runs/step_frontier"))
+    ap.add_argument("--skip-quality", action="store_true", help="timing only (no ELBO, no probe)")
+    ap.add_argument("--skip-timing", action="store_true", help="quality only (no timing, no figures)")
+    ap.add_argument("--output-dir", type=Path, default=Path("runs/step_frontier"),
+                    help="where frontier.json, the figures and summary.md go")
     args = ap.parse_args(argv)
     if args.canvas % args.block_length:
         ap.error(f"--canvas ({args.canvas}) must be a multiple of --block-length ({args.block_length})")

@@ -26,11 +26,17 @@ __all__ = [
 _END_TOKENS = ("<|eot_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<eos>")
 
 
+_PROMPT_FORMS = ("a string, a list of strings, a list of token-id lists (e.g. [[5, 17, 3]]), or an id tensor "
+                 "[B, P]")
+
+
 def _as_id_lists(prompts: Any, tokenizer: Any, apply_chat_template: bool) -> list[list[int]] | None:
     if isinstance(prompts, str):
         prompts = [prompts]
     if isinstance(prompts, torch.Tensor):
         return None
+    if not isinstance(prompts, Iterable) or isinstance(prompts, (bytes, dict)):
+        raise TypeError(f"prompts must be {_PROMPT_FORMS}; got {type(prompts).__name__} {prompts!r:.80}")
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts given")
@@ -50,7 +56,10 @@ def _as_id_lists(prompts: Any, tokenizer: Any, apply_chat_template: bool) -> lis
         return out
     if all(isinstance(p, (list, tuple)) for p in prompts):
         return [[int(i) for i in p] for p in prompts]
-    raise TypeError("prompts must be a string, a list of strings, a list of id lists, or an id tensor [B, P]")
+    hint = " (one prompt of ids is a list inside a list: [[5, 17, 3]])" if all(
+        isinstance(p, int) for p in prompts) else ""
+    raise TypeError(f"prompts must be {_PROMPT_FORMS}; got a list of "
+                    f"{', '.join(sorted({type(p).__name__ for p in prompts}))}{hint}")
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ statistics and mask tracking attach there (and through module hooks), never insi
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -38,6 +39,18 @@ def _whole(name: str, value) -> int:
     return int(value)
 
 
+def _finite_nonneg(name: str, value, meaning: str) -> float:
+    """A finite number >= 0 (NaN and infinity are errors: an infinite temperature or guidance scale turns every
+    logit into NaN or inf and the sampler would commit arbitrary tokens)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        x = math.nan
+    if isinstance(value, bool) or not (math.isfinite(x) and x >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0 ({meaning}), got {value!r}")
+    return x
+
+
 @dataclass
 class _GenerationFields:
     """The fields of :class:`GenerationConfig` (documented there)."""
@@ -62,12 +75,8 @@ class _GenerationFields:
         for name in ("steps", "block_length"):
             if getattr(self, name) is not None:
                 setattr(self, name, _whole(name, getattr(self, name)))
-        self.temperature = float(self.temperature)
-        if not self.temperature >= 0:  # also catches NaN
-            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
-        self.cfg_scale = float(self.cfg_scale)
-        if not self.cfg_scale >= 0:
-            raise ValueError(f"cfg_scale must be >= 0 (0 disables guidance), got {self.cfg_scale}")
+        self.temperature = _finite_nonneg("temperature", self.temperature, "0 = greedy, T > 0 samples")
+        self.cfg_scale = _finite_nonneg("cfg_scale", self.cfg_scale, "0 disables guidance")
         if self.remasking not in REMASKING:
             raise ValueError(f"remasking must be one of {REMASKING}, got {self.remasking!r}")
         if self.confidence not in CONFIDENCE:
@@ -168,7 +177,8 @@ class GenerationConfig(_GenerationFields):
             the end-of-sequence id).
 
     Diffusion-only fields (LLaDA sampler, ``docs/generation.md``):
-        steps: denoising steps (default ``gen_length``), a multiple of the number of blocks.
+        steps: denoising steps (default ``gen_length``), a multiple of the number of blocks and at most
+            ``gen_length`` (each step commits at least one token; more steps would change nothing).
         block_length: block size (default ``gen_length``: pure diffusion); must divide ``gen_length``.
         cfg_scale: classifier-free guidance w; logits = uncond + (w + 1)(cond - uncond). 0 = off.
         remasking: ``"low_confidence"`` or ``"random"``.

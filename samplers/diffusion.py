@@ -101,7 +101,32 @@ def validate_geometry(gen_length: int, steps: int, block_length: int) -> tuple[i
             f"/ block_length {block_length}). Fix: steps={' or steps='.join(map(str, mults))}, or a block_length "
             f"giving a number of blocks that divides {steps}."
         )
-    return num_blocks, steps // num_blocks
+    steps_per_block = steps // num_blocks
+    if steps_per_block > block_length:
+        # Each step commits n // s tokens of the block's n = block_length masked positions (+1 on the first
+        # n % s steps), so steps past block_length commit nothing: forward passes that change no token.
+        most = num_blocks * block_length
+        raise ValueError(
+            f"steps ({steps}) gives {steps_per_block} steps per block ({steps} / {num_blocks} blocks), more than "
+            f"the block's {block_length} positions: each step commits at least one token, so "
+            f"{steps_per_block - block_length} steps of every block would be forward passes that change nothing. "
+            f"Fix: steps <= {most} (= gen_length {gen_length}; steps={most} commits one token per step), or a "
+            f"longer gen_length.")
+    return num_blocks, steps_per_block
+
+
+def _refuse_mask_in_prompt(ids: torch.Tensor, attention_mask: torch.Tensor, mask_id: int) -> None:
+    """A real prompt token equal to the mask id would be read as a masked position (the model is asked to fill
+    it, and the step's "masked" group counts it): refuse it, naming the positions."""
+    hits = ((ids == mask_id) & attention_mask.bool()).nonzero().tolist()
+    if hits:
+        P = ids.shape[1]
+        shown = ", ".join(f"row {r} position {c - (P - int(attention_mask[r].sum()))}" for r, c in hits[:5])
+        more = f" and {len(hits) - 5} more" if len(hits) > 5 else ""
+        raise ValueError(f"the prompt holds the mask id {mask_id} at {shown}{more} (positions count from the row's "
+                         "first real token); the sampler would treat it as a masked position. Remove it from the "
+                         "prompt (was it encoded with this model's tokenizer?), or pass another "
+                         "GenerationConfig(mask_id=...)")
 
 
 def num_transfer_tokens(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -304,6 +329,7 @@ class MaskedDiffusionGenerator:
 
         ids, am = encode_prompts(prompts, tok, pad_id, attention_mask, apply_chat_template)
         check_ids_fit(model, ids, am, ids.shape[1] + gen_length, pad_id=pad_id, mask_id=mask_id)
+        _refuse_mask_in_prompt(ids, am, mask_id)
         padded = not bool(am.bool().all())
         if padded:
             if pad_id == mask_id and attention_mask is None:

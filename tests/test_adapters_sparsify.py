@@ -340,6 +340,44 @@ def test_other_rules_and_sequence_scope(site):
                 assert per_token.max() > per_token.min()
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("site", SITES)
+@pytest.mark.parametrize("family", ["llama", "llada"])
+def test_sequence_scope_selects_over_each_rows_real_tokens_only(family, site, side):
+    """scope='sequence' on a padded batch: each row's selection is the brute-force top-p over its own real tokens
+    x features (what the row selects alone), and padded positions keep nothing, whichever side the padding is on.
+    Dense and sparse values come from the same forward pass (the test's hooks before / after sparsify's), so the
+    check is exact and no float rounding between a batched and a single-row forward can enter it."""
+    model = shared_model(family)
+    ffns = find_ffns(model)
+    key = {"input": "gate_in", "gate": "act_out", "up": "up_out", "intermediate": "down_in"}[site]
+    ids = ids_for(4)
+    lengths = (7, 3)
+    am = torch.zeros(ids.shape, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        am[r, :n] = 1 if side == "right" else 0
+        if side == "left":
+            am[r, ids.shape[1] - n:] = 1
+    dense = Recorder().attach(ffns, "")
+    try:
+        with sparsify(model, site, TopP(0.6, scope="sequence")):
+            sparse = Recorder().attach(ffns, "")
+            try:
+                logits(model, ids, attention_mask=am)
+            finally:
+                sparse.remove()
+    finally:
+        dense.remove()
+    for f in ffns:
+        x, y = dense.data[f.layer, key], sparse.data[f.layer, key]
+        for r in range(len(lengths)):
+            real = am[r].bool()
+            want = brute_top_p_mask(x[r, real].reshape(-1), 0.6).reshape(x[r, real].shape)
+            assert torch.equal(y[r, real] != 0, want), (f.layer, r)
+            assert torch.equal(y[r, real][want], x[r, real][want])  # kept entries unchanged
+            assert not bool(y[r, ~real].any())  # padding keeps nothing
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Hook hygiene
 # --------------------------------------------------------------------------------------------------------------

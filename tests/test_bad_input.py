@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dllm_sparse.samplers import GenerationConfig, MaskOverlapTracker, StepSparsity, generate
 from dllm_sparse.sparsity.rules import TopP
@@ -27,15 +28,52 @@ def test_whole_floats_and_numpy_ints_are_accepted():
     assert (cfg.max_new_tokens, cfg.steps) == (8, 8) and type(cfg.max_new_tokens) is int
 
 
-@pytest.mark.parametrize("t", [math.nan, -0.5])
-def test_temperature_nan_or_negative(t):
-    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+@pytest.mark.parametrize("t", [math.nan, -0.5, math.inf, "warm", True])
+def test_temperature_nan_negative_or_infinite(t):
+    with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0 \(0 = greedy"):
         GenerationConfig(temperature=t)
 
 
-def test_cfg_scale_nan():
-    with pytest.raises(ValueError, match="cfg_scale must be >= 0"):
-        GenerationConfig(cfg_scale=math.nan)
+@pytest.mark.parametrize("w", [math.nan, math.inf, -1.0])
+def test_cfg_scale_nan_infinite_or_negative(w):
+    with pytest.raises(ValueError, match=r"cfg_scale must be a finite number >= 0 \(0 disables guidance"):
+        GenerationConfig(cfg_scale=w)
+
+
+def test_steps_beyond_one_token_per_step_are_refused(llada):
+    # 4 blocks of 8: at most 8 steps per block, 32 in all; 64 steps would make 32 forward passes commit nothing.
+    with pytest.raises(ValueError, match=r"steps \(64\) gives 16 steps per block \(64 / 4 blocks\), more than the "
+                                         r"block's 8 positions.*8 steps of every block.*Fix: steps <= 32"):
+        generate(llada, None, [[5, 6, 7]], GenerationConfig(gen_length=32, steps=64, block_length=8,
+                                                            stop_token_ids=()))
+    with pytest.raises(ValueError, match=r"steps \(32\) gives 32 steps per block.*8 positions"):
+        generate(llada, None, [[5, 6, 7]], GenerationConfig(gen_length=8, steps=32, stop_token_ids=()))
+    # The most steps allowed commit exactly one token each: every step of the trace writes one position.
+    out = generate(llada, None, [[5, 6, 7]], GenerationConfig(gen_length=8, steps=8, block_length=4,
+                                                            stop_token_ids=()))
+    assert out.nfe == 8 and [len(s.committed[0]) for s in out.trace] == [1] * 8
+
+
+def test_prompt_holding_the_mask_id_is_refused(llada):
+    mask = llada.config.mask_token_id
+    with pytest.raises(ValueError, match=rf"prompt holds the mask id {mask} at row 1 position 2.*treat it as a "
+                                         "masked position"):
+        generate(llada, None, [[5, 6, 7], [5, 6, mask, 8]], GenerationConfig(gen_length=4, steps=4,
+                                                                           stop_token_ids=()))
+    # Counted from the row's first real token, also in a left-padded tensor.
+    with pytest.raises(ValueError, match=rf"mask id {mask} at row 0 position 0"):
+        generate(llada, None, torch.tensor([[0, mask, 6]]), GenerationConfig(gen_length=4, steps=4, pad_id=0),
+                 attention_mask=torch.tensor([[0, 1, 1]]))
+
+
+@pytest.mark.parametrize("prompts, hint", [(42, "got int 42"), ([1, 2, 3], r"got a list of int \(one prompt of ids"),
+                                           ({"a": 1}, "got dict"), ([["a"], 3.5], "got a list of float, list")])
+@pytest.mark.parametrize("kind", ["diffusion", "ar"])
+def test_prompts_of_the_wrong_type(kind, prompts, hint, llada, llama):
+    with pytest.raises(TypeError, match=rf"prompts must be a string, a list of strings, a list of token-id lists.*"
+                                        rf"{hint}"):
+        generate(llada if kind == "diffusion" else llama, None, prompts,
+                 GenerationConfig(gen_length=4, steps=4, stop_token_ids=()))
 
 
 @pytest.mark.parametrize("layers", [[], [0.7], [True]])
@@ -161,3 +199,14 @@ def test_prompt_longer_than_the_context(kind, llada, llama):
     context = model.config.max_position_embeddings
     with pytest.raises(ValueError, match=f"more than the model's context of {context}"):
         generate(model, None, [[5] * (context - 2)], GenerationConfig(gen_length=4, steps=4, stop_token_ids=()))
+
+
+@pytest.mark.parametrize("w", [math.inf, math.nan, -0.5])
+def test_scorer_cfg_scale_must_be_finite(w, llada):
+    from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer
+
+    with pytest.raises(ValueError, match=r"cfg_scale must be a finite number >= 0"):
+        Scorer(llada, ByteTokenizer(), "diffusion", mask_id=llada.config.mask_token_id, cfg_scale=w)
+    scorer = Scorer(llada, ByteTokenizer(), "diffusion", mask_id=llada.config.mask_token_id, mc_num=2, mc_batch=2)
+    with pytest.raises(ValueError, match=r"cfg_scale must be a finite number >= 0"):
+        scorer.loglikelihood_tokens([([5, 6], [7])], cfg_scale=w)

@@ -197,3 +197,31 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="level"):
         Bootstrap([], level=95)
     assert percentile_interval([float("nan")]) is None
+
+
+def test_replicates_without_a_value_are_counted_and_reported():
+    """The dense model answers 1 item of 5: in about a third of the draws its score is 0, and where the sparse
+    rows score on item 1 their relative performance x / 0 is undefined. Those replicates are left out of every
+    interval, and the count is in the records, the Markdown and a warning (brute-force count from the draws)."""
+    from dllm_sparse.eval.critical import markdown_report
+
+    dense = _row("m", "ar", "mc", "dense", 1.0, _mc([1, 0, 0, 0, 0]))
+    sparse = [_row("m", "ar", "mc", "input", 0.9, _mc([1, 1, 0, 0, 0]), 0.2),
+              _row("m", "ar", "mc", "input", 0.5, _mc([0, 1, 0, 0, 0]), 0.6)]
+    rows = _fill_relative([dense, *sparse])
+    boot = Bootstrap(rows, n_boot=400, seed=1)
+    w = boot.weights("mc")
+    undefined = (w[:, 0] == 0) & (w[:, 1] > 0)  # dense 0 on the draw, a sparse row above 0 there
+    used = int((~undefined).sum())
+    assert 0 < used < 400
+    with pytest.warns(UserWarning, match=rf"comes from {used} of 400 replicates: in the others the dense score"):
+        ci = boot.relative_interval(sparse[1])
+    assert ci == percentile_interval(boot.relative(sparse[1])[~undefined])
+    with pytest.warns(UserWarning, match=r"critical-sparsity interval\(s\) come from fewer than the 400 replicates"):
+        table = critical_table(rows, boot=boot)
+    rec = next(r for r in table if r["task"] == "mc")
+    # Every defined replicate has a passing point (the p = 0.9 row never scores below dense), so exactly the
+    # undefined ones are left out.
+    assert rec["interpolated_replicates"] == rec["last_passing_replicates"] == used and rec["replicates_drawn"] == 400
+    md = markdown_report(table, boot=boot)
+    assert f"({used}/400 replicates)" in md and "'(k/n replicates)': that interval comes from the k of n" in md

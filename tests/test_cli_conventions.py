@@ -112,6 +112,55 @@ def test_help_answers_without_importing_torch(name):
         f"use them, after parse_args\n{r.stdout[-500:]}")
 
 
+# Runs a script up to its parse_args (which records the parser and exits), then prints, per option, its help as
+# --help shows it (defaults expanded) and its default.
+_PARSER_PROBE = r"""
+import argparse, json, runpy, sys
+script = sys.argv[1]
+seen = []
+def capture(self, *args, **kwargs):
+    seen.append(self)
+    raise SystemExit(0)
+argparse.ArgumentParser.parse_args = capture
+argparse.ArgumentParser.parse_known_args = capture
+sys.argv = [script]
+try:
+    runpy.run_path(script, run_name="__main__")
+except SystemExit:
+    pass
+parser = seen[0]
+fmt = parser._get_formatter()
+out = [{"option": "/".join(a.option_strings) or a.dest, "help": a.help or "",
+        "shown": (fmt._get_help_string(a) % {**vars(a), "prog": parser.prog}) if a.help else "",
+        "default": repr(a.default) if a.default is not argparse.SUPPRESS else "SUPPRESS"}
+       for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+print("PROBE " + json.dumps(out))
+"""
+
+# The scripts whose --help shows every option's default (the benchmarks and probes the README points to).
+SHOW_DEFAULTS = ("step_frontier", "mdm_probe", "kernel_bench", "decode_bench")
+
+
+def _options(name: str) -> list[dict]:
+    r = subprocess.run([sys.executable, "-c", _PARSER_PROBE, str(EXPERIMENTS / f"{name}.py")], capture_output=True,
+                       text=True, timeout=300)
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("PROBE ")]
+    assert r.returncode == 0 and line, r.stderr[-2000:]
+    return json.loads(line[-1][len("PROBE "):])
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_option_has_help_text(name):
+    options = _options(name)
+    assert options
+    missing = [o["option"] for o in options if not o["help"].strip()]
+    assert not missing, f"{name}.py: options without help text: {missing}"
+    if name in SHOW_DEFAULTS:  # every default that means something is on screen
+        hidden = [o["option"] for o in options
+                  if o["default"] not in ("None", "False", "SUPPRESS") and "default" not in o["shown"]]
+        assert not hidden, f"{name}.py --help does not show the defaults of {hidden}"
+
+
 def test_the_module_level_scan_sees_torch_imports(tmp_path):
     for text, expected in [("import torch\n", True), ("import torch.nn as nn\n", True),
                            ("from torch import nn\n", True), ("import numpy\n", False),

@@ -158,3 +158,95 @@ def test_preset_scores_each_task_with_its_official_guidance():
     assert lm.preset.mc_num == 128 and lm.preset.greedy_check == "off"
     with pytest.raises(ValueError, match="unknown evaluation preset"):
         DllmSparseLM.from_scorer(scorer, preset="nope")
+
+
+# ---- model arguments: read strictly, before a long load -----------------------------------------------------
+
+MISSING = "/nonexistent/never-loaded"  # a refusal before loading is the only way these cases pass
+
+
+def _from_args(args: str):
+    return DllmSparseLM.create_from_arg_string(args, {"device": "cpu"})
+
+
+@pytest.mark.parametrize("args, message", [
+    ("sparsity=input:top_p:0.9,scope=step", r"not both \(got scope='step'\).*sparsity=input:top_p:0.9:step"),
+    ("sparsity=input:top_p:0.9,rule=top_k", r"not both \(got rule='top_k'\)"),
+    ("rule=top_k", r"rule='top_k' given without a site.*run dense"),
+    ("scope=step", r"scope='step' given without a site.*run dense"),
+    ("site=input,p=abc", r"p='abc': expected a finite number"),
+    ("site=input,threshold=nan", r"threshold=nan: expected a finite number"),
+    ("cfg=abc", r"cfg='abc': expected a finite number"),
+    ("cfg=inf", r"cfg=inf: expected a finite number"),
+    ("cfg=-1", r"cfg=-1: expected a finite number >= 0"),
+    ("cfg_scale=nan", r"cfg_scale=nan: expected a finite number"),
+    ("seed=abc", r"seed='abc': expected a whole number >= 0"),
+    ("seed=1.5", r"seed=1.5: expected a whole number"),
+    ("batch_size=0", r"batch_size=0: expected a whole number >= 1 \(or auto\)"),
+    ("batch_size=-3", r"batch_size=-3: expected a whole number >= 1"),
+    ("batch_size=2.7", r"batch_size=2.7: expected a whole number >= 1"),
+    ("mc_num=0", r"mc_num=0: expected a whole number >= 1"),
+    ("mc_batch=-2", r"mc_batch=-2: expected a whole number >= 1"),
+    ("max_gen_toks=0", r"max_gen_toks=0: expected a whole number >= 1"),
+    ("max_gen_toks=-5", r"max_gen_toks=-5: expected a whole number >= 1"),
+    ("gen_steps=0", r"gen_steps=0: expected a whole number >= 1"),
+    ("block_length=2.5", r"block_length=2.5: expected a whole number >= 1"),
+    ("add_bos_token=ture", r"add_bos_token='ture': expected a boolean: true or false"),
+    ("shift_logits=flase", r"shift_logits='flase': expected a boolean"),
+    ("trust_remote_code=maybe", r"trust_remote_code='maybe': expected a boolean"),
+    ("progress=2", r"progress=2: expected a boolean"),
+    ("data_parallel=yess", r"data_parallel='yess': expected a boolean"),
+    ("kind=ar,cfg=2.0", r"cfg=2.0 is the guided ELBO of a diffusion model; this model is autoregressive"),
+    ("kind=ar,preset=llada-official", r"preset=llada-official .* this model is autoregressive"),
+])
+def test_bad_model_args_are_refused_before_loading(args, message):
+    with pytest.raises(ValueError, match=message):
+        _from_args(f"pretrained={MISSING},{args}")
+
+
+def test_good_model_args_are_read_as_meant():
+    from dllm_sparse.eval.model_args import as_bool, as_optional_bool, as_positive_int
+
+    for text, want in (("true", True), ("TRUE", True), ("1", True), ("yes", True), ("on", True), ("false", False),
+                       ("0", False), ("no", False), ("off", False), (True, True), (0, False)):
+        assert as_bool("x", text) is want
+    assert as_optional_bool("x", None) is None and as_optional_bool("x", "none") is None
+    for text in (4, 4.0, "4", " 4 "):
+        assert as_positive_int("x", text) == 4
+    for bad in (True, 4.5, "4.5", "four", float("inf"), 0):
+        with pytest.raises(ValueError, match="model argument x="):
+            as_positive_int("x", bad)
+
+
+@pytest.fixture
+def tiny_ar_dir(tmp_path):
+    from conftest import build_byte_hf_tokenizer
+
+    path = tmp_path / "tiny-llama"
+    build_tiny_model("llama", vocab_size=260, seed=3).save_pretrained(path)  # 2 layers
+    build_byte_hf_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("args, message", [
+    ("sparsity=input:top_p:0.9:layers=99", r"sparsity=input:top_p:0.9:token:layers=99: layer 99 out of range: the "
+                                           r"model has 2 FFN layers"),
+    ("sparsity=input:top_p:0.9:layers=-3", r"layer -3 out of range"),
+    ("cfg=2.0", r"cfg=2.0 is the guided ELBO of a diffusion model; this model is autoregressive"),
+    ("preset=llada-official", r"preset=llada-official holds the official settings of a diffusion model"),
+])
+def test_model_args_checked_against_the_loaded_model(tiny_ar_dir, args, message):
+    with pytest.raises(ValueError, match=message):
+        _from_args(f"pretrained={tiny_ar_dir},{args}")
+    lm = _from_args(f"pretrained={tiny_ar_dir},sparsity=input:top_p:0.9:layers=1/-1,batch_size=2.0,cfg=0")
+    assert lm.sparsity[0].layers == (-1, 1) and lm.scorer.batch_size == 2 and lm.scorer.cfg_scale == 0.0
+
+
+def test_from_scorer_refuses_settings_it_would_drop():
+    scorer = Scorer(build_tiny_model("llama", vocab_size=260, seed=3), ByteTokenizer(), "ar", name="t", batch_size=4)
+    with pytest.raises(TypeError, match="mc_num, seed would be ignored"):
+        DllmSparseLM.from_scorer(scorer, mc_num=8, seed=1)
+    with pytest.raises(ValueError, match="layer 5 out of range"):
+        DllmSparseLM.from_scorer(scorer, sparsity=SparsityConfig("input", TopP(0.9), layers=[5]))
+    with pytest.raises(ValueError, match="preset=llada-official .* autoregressive"):
+        DllmSparseLM.from_scorer(scorer, preset="llada-official")

@@ -39,3 +39,18 @@ def test_readme_example_runs(index, capsys):
     if "for site in ALL_SITES" in code:
         values = [float(v) for v in re.findall(r"measured sparsity ([\d.]+)%", out)]
         assert len(values) == 4 and all(5 < v < 95 for v in values), out
+
+
+def test_ci_installs_as_the_readme_says():
+    """.ci/run installs what the README's install block installs: the same torch version, the README's CPU index when
+    CI_TORCH_INDEX names it (the plain line, a local CPU wheel, otherwise), then the same project install line."""
+    block = re.search(r"## Install\n.*?```bash\n(.*?)```", README.read_text(), flags=re.S).group(1)
+    ci = (README.parent / ".ci" / "run").read_text()
+    readme_torch = re.search(r"^pip install torch==(\S+) --index-url (\S+)$", block, flags=re.M)
+    ci_torch = re.search(r'^pip install torch==(\S+) \$\{CI_TORCH_INDEX:\+--index-url "\$CI_TORCH_INDEX"\}$', ci,
+                         flags=re.M)
+    assert readme_torch and ci_torch, (block, ci)
+    assert readme_torch.group(1) == ci_torch.group(1)  # one torch version
+    assert readme_torch.group(2) in ci  # the index CI_TORCH_INDEX is documented to take is the README's
+    project = [ln for ln in block.splitlines() if ln.startswith("pip install -e")]
+    assert project and all(re.search(rf"^{re.escape(ln)}$", ci, flags=re.M) for ln in project)

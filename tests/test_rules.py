@@ -518,3 +518,27 @@ def test_histogram_method_name():
     assert TopP(0.9, method="histogram").method == "histogram"
     with pytest.raises(ValueError, match="method must be one of .*histogram"):
         TopP(0.9, method="bucket")
+
+
+@pytest.mark.parametrize("rule", [TopP(0.7, scope="sequence"), TopK(0.6, scope="sequence"),
+                                  MaxP(0.4, scope="sequence")], ids=str)
+def test_sequence_scope_with_voters_equals_each_row_alone(rule):
+    """A right- (or left-) padded batch of 2 with ``voters`` = the real tokens selects, per row, exactly what that
+    row's real tokens select alone; padding (even holding larger values, or a NaN) takes no mass and keeps nothing.
+    Distinct magnitudes (a permutation of 1..n) so that no tie can decide anything."""
+    g = torch.Generator().manual_seed(0)
+    T, d, lengths = 5, 6, (5, 2)
+    alone = [(torch.randperm(n * d, generator=g).double() + 1).reshape(n, d) for n in lengths]
+    for side in ("right", "left"):
+        x = torch.full((2, T, d), 1e6, dtype=torch.float64)  # padding larger than every real entry
+        x[1, 0 if side == "right" else T - 1, 0] = float("nan")
+        voters = torch.zeros(2, T, dtype=torch.bool)
+        for r, (a, n) in enumerate(zip(alone, lengths, strict=True)):
+            where = slice(0, n) if side == "right" else slice(T - n, T)
+            x[r, where], voters[r, where] = a, True
+        keep = rule.mask(x, voters=voters)
+        for r, (a, n) in enumerate(zip(alone, lengths, strict=True)):
+            assert torch.equal(keep[r][voters[r]].reshape(n, d), rule.mask(a[None])[0]), (side, r)
+            assert not bool(keep[r][~voters[r]].any())
+    with pytest.raises(ValueError, match="voters also to scope 'sequence'"):
+        TopP(0.7).mask(torch.ones(1, 2, 3), voters=torch.ones(1, 2, dtype=torch.bool))

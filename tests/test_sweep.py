@@ -188,3 +188,97 @@ def test_the_papers_llada_variant_runs_as_a_sweep(tmp_path):
     scorer = Scorer(lm.model, ByteTokenizer(), "diffusion", mask_id=3, mc_num=4, mc_batch=2, batch_size=8, seed=1234)
     ref = PerplexityTask("ppl", PASSAGES).evaluate(scorer, sparsity=SparsityConfig.paper_llada(90))
     assert cell["value"] == pytest.approx(ref.value) and 0 < cell["sparsity"] < 1
+
+
+# ---- two sweeps into one fresh folder at once ---------------------------------------------------------------
+
+CONCURRENT = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_sweep import Counter, _cfg
+from dllm_sparse.eval.sweep import run_sweep
+
+out, me = Path({out!r}), {me}
+cfg = _cfg(out)
+(out.parent / f"ready{{me}}").touch()
+while not (out.parent / "go").exists():  # both processes start their sweep at the same moment
+    time.sleep(0.01)
+run_sweep(cfg, task_factory=Counter())
+"""
+
+
+def test_two_identical_sweeps_at_once_into_a_fresh_folder(tmp_path, full_run):
+    """Two processes run the same sweep into one folder that does not exist yet: both finish (one used to exit
+    with FileNotFoundError on a temporary name the two shared), and rows.jsonl holds every cell once, with
+    the single run's values."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from dllm_sparse.eval.sweep import planned_keys
+
+    _, rows, _ = full_run
+    out = tmp_path / "shared"
+    tests = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT.format(tests=tests, out=str(out), me=i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    deadline = time.monotonic() + 300
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    lines = (out / "rows.jsonl").read_text().splitlines()
+    keys = [json.loads(line)["key"] for line in lines]
+    assert len(keys) == len(set(keys)) == len(planned_keys(_cfg(out)))  # every cell once: none lost, none twice
+    assert _table(load_rows(out)) == _table(rows)
+    assert not list(out.glob("*.tmp")) and not list(out.glob("shards/*.jsonl"))
+
+
+# ---- a corrupt row is not an old folder --------------------------------------------------------------------
+
+
+def _garble(key: str, how: str) -> object:
+    k = json.loads(key)
+    if how == "not_json":
+        return key[:-7]
+    if how == "bad_field":
+        k[4] = "four"  # mc_num
+        return json.dumps(k)
+    if how == "old_length_bad_sparsity":
+        k[2] = "inptu:top_p:0.8"
+        return json.dumps(k[:-1])  # 8 fields: the length of an old key, but its sparsity id does not read
+    if how == "not_a_string":
+        return k
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how, why", [
+    ("not_json", "is not JSON"), ("bad_field", "its key's mc_num field is 'four'"),
+    ("old_length_bad_sparsity", r"its key's sparsity field is 'inptu:top_p:0.8'.*old 8-field form"),
+    ("not_a_string", "its key is list"), ("array_row", "it is a JSON list, not an object"),
+    ("no_site", "it has no site field"),
+])
+def test_a_corrupt_row_is_named_by_line_not_taken_for_an_old_folder(tmp_path, full_run, how, why):
+    _, rows, _ = full_run
+    lines = [json.dumps(r) for r in rows]
+    bad = dict(rows[2])
+    if how == "array_row":
+        lines[2] = json.dumps([1, 2])
+    elif how == "no_site":
+        del bad["site"]
+        lines[2] = json.dumps(bad)
+    else:
+        lines[2] = json.dumps({**bad, "key": _garble(bad["key"], how)})
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    counter = Counter()
+    with pytest.raises(RuntimeError, match=rf"holds 1 corrupt row\(s\): .*rows.jsonl line 3: .*{why}.*delete those "
+                                           "lines") as err:
+        run_sweep(_cfg(tmp_path), task_factory=counter)
+    assert "old way" not in str(err.value) and "upgrade_cell_keys" not in str(err.value) and counter.calls == 0

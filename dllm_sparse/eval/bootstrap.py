@@ -18,6 +18,13 @@ Monte-Carlo noise of the ELBO (each item's masks are fixed by its seed, so each 
 error, which resampling items includes). What it does not cover: other thresholds than the grid's, other seeds of
 the ELBO masks, or float noise of batching (see the sweep's docs).
 
+Replicates without a value are left out of an interval, and the count is reported: a replicate whose drawn items
+give the dense model a score of 0 has no relative performance (x / 0; only 0 / 0 counts as 1), and a replicate
+in which no grid point reaches the threshold has no critical sparsity. A critical-sparsity replicate whose curve
+has such an undefined point is left out whole (not computed from the remaining points). Wherever that happens,
+the interval says so: ``*_replicates`` in the critical-sparsity records, ``replicates`` in the model differences,
+``(k/n replicates)`` after the interval in the Markdown tables, and a warning.
+
 Metrics that can be resampled: ``acc``, ``acc_norm`` (mean of 0/1 per item) and ``ppl`` / ``nll_per_token``
 (exp of minus the summed log-likelihood over the summed token counts). Rows without per-item scores (lm-eval
 tasks other than the built-in ones, folders written by older versions) get no interval, and every aggregate that
@@ -27,6 +34,7 @@ needs them says ``None``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,7 +42,7 @@ import numpy as np
 
 from dllm_sparse.sparsity.config import DENSE
 
-__all__ = ["item_scores", "Bootstrap", "RESAMPLABLE", "percentile_interval"]
+__all__ = ["item_scores", "Bootstrap", "RESAMPLABLE", "percentile_interval", "finite_count", "replicates_note"]
 
 #: Metrics whose value can be recomputed from per-item scores.
 RESAMPLABLE = ("acc", "acc_norm", "ppl", "nll_per_token")
@@ -74,6 +82,16 @@ def _relative(value: np.ndarray, dense: np.ndarray, higher_is_better: bool) -> n
             # 0/0: both wrong on every drawn item, nothing was lost (as relative_performance says for 0 == 0).
             return np.where(dense != 0, value / np.where(dense != 0, dense, 1.0), np.where(value == 0, 1.0, np.nan))
         return np.where(value != 0, dense / np.where(value != 0, value, 1.0), np.nan)
+
+
+def finite_count(samples: np.ndarray | Sequence[float]) -> int:
+    """How many replicates have a value (are finite): the ones an interval is computed from."""
+    return int(np.isfinite(np.asarray(samples, dtype=np.float64)).sum())
+
+
+def replicates_note(used: int | None, drawn: int | None) -> str:
+    """`` (k/n replicates)`` when an interval comes from fewer replicates than were drawn, else empty."""
+    return "" if used is None or drawn is None or used >= drawn else f" ({used}/{drawn} replicates)"
 
 
 def percentile_interval(samples: np.ndarray | Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
@@ -167,10 +185,21 @@ class Bootstrap:
         return _relative(v, d, row.get("higher_is_better", True))
 
     def relative_interval(self, row: dict) -> tuple[float, float] | None:
+        """The percentile interval of :meth:`relative`; warns when some replicates have no value (their drawn
+        items give the dense model a score of 0)."""
         r = self.relative(row)
-        return None if r is None else percentile_interval(r, self.level)
+        if r is None:
+            return None
+        used = finite_count(r)
+        if used < len(r):
+            warnings.warn(f"bootstrap: the relative-performance interval of {row.get('model')} / {row.get('task')} "
+                          f"/ {row.get('site')} p={row.get('p')} comes from {used} of {len(r)} replicates: in the "
+                          "others the dense score of the drawn items is 0, so sparse / dense is undefined",
+                          stacklevel=2)
+        return percentile_interval(r, self.level)
 
     def interval(self, samples) -> tuple[float, float] | None:
+        """The percentile interval of the replicates that have a value (:func:`finite_count` says how many)."""
         return percentile_interval(samples, self.level)
 
     def describe(self) -> dict:

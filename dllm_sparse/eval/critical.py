@@ -24,12 +24,14 @@ changes its numbers; the Markdown report says which.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from dllm_sparse.eval.bootstrap import finite_count, replicates_note
 from dllm_sparse.eval.rows import atomic_write_csv, atomic_write_text
 from dllm_sparse.sparsity.config import DENSE
 
@@ -182,6 +184,8 @@ def _critical_replicates(rows, boot, threshold, metric, cap) -> dict:
         ys = np.stack([rep for _, rep in reps], axis=1)  # [n_boot, points]
         last, interp = np.full(len(ys), np.nan), np.full(len(ys), np.nan)
         for b, row in enumerate(ys):
+            if not np.isfinite(row).all():  # an undefined point (dense 0 on the drawn items): no value, counted
+                continue
             c = critical_sparsity(list(zip(xs, row.tolist(), strict=True)), threshold)
             last[b] = np.nan if c.last_passing is None else c.last_passing
             interp[b] = np.nan if c.interpolated is None else c.interpolated
@@ -208,13 +212,17 @@ def model_differences(reps: dict[tuple[str, str, str], dict[str, np.ndarray]], k
                 d = a[variant] - b[variant]
                 finite = d[np.isfinite(d)]
                 ci = boot.interval(finite)
+                if finite.size < d.size:
+                    warnings.warn(f"bootstrap: the {site} difference {dm} - {am} comes from {finite.size} of "
+                                  f"{d.size} replicates: {_WHY_NO_VALUE}", stacklevel=2)
                 est = float(np.median(finite)) if finite.size else None
                 verdict = ("no interval" if ci is None else "diffusion higher" if ci[0] > 0 else
                            "AR higher" if ci[1] < 0 else "no detectable difference")
                 out.append({"site": site, "diffusion_model": dm, "ar_model": am, "task": task, "variant": variant,
                             "difference_median": est, "lo": None if ci is None else ci[0],
                             "hi": None if ci is None else ci[1], "verdict": verdict,
-                            "p_diffusion_at_least_ar": float(np.mean(finite >= 0)) if finite.size else None})
+                            "p_diffusion_at_least_ar": float(np.mean(finite >= 0)) if finite.size else None,
+                            "replicates": int(finite.size), "replicates_drawn": int(d.size)})
     return out
 
 
@@ -249,15 +257,34 @@ def critical_table(rows: Sequence[dict], threshold: float = 0.99, metric: str | 
                       "interpolated": mean([c.interpolated for c in cs]),
                       "bracketed": all(c.bracketed for c in cs), "n_points": sum(c.n_points for c in cs),
                       "threshold": threshold, **_intervals(mean_reps, boot)})
+    _warn_dropped(table)
     return table
 
 
+_WHY_NO_VALUE = ("in the others no grid point reaches the threshold, or a point's relative performance is "
+                 "undefined (the dense score of the drawn items is 0)")
+
+
 def _intervals(reps: dict | None, boot) -> dict:
+    """The percentile intervals of a record and how many replicates each comes from (``*_replicates``, of
+    ``replicates_drawn``)."""
     out = {}
     for v in ("interpolated", "last_passing"):
         ci = None if reps is None or boot is None else boot.interval(reps[v])
         out[f"{v}_lo"], out[f"{v}_hi"] = (None, None) if ci is None else ci
+        out[f"{v}_replicates"] = None if reps is None or boot is None else finite_count(reps[v])
+    out["replicates_drawn"] = None if reps is None or boot is None else boot.n_boot
     return out
+
+
+def _warn_dropped(table: Sequence[dict]) -> None:
+    short = [f"{r['model']} / {r['site']} / {r['task']}: {r['interpolated_replicates']}"
+             for r in table if replicates_note(r.get("interpolated_replicates"), r.get("replicates_drawn"))]
+    if short:
+        drawn = next(r["replicates_drawn"] for r in table if r.get("replicates_drawn"))
+        warnings.warn(f"bootstrap: {len(short)} critical-sparsity interval(s) come from fewer than the {drawn} "
+                      f"replicates drawn ({'; '.join(short[:6])}{' ...' if len(short) > 6 else ''}): "
+                      f"{_WHY_NO_VALUE}", stacklevel=3)
 
 
 def _fmt(rec: dict | None, variant: str, with_interval: bool = True) -> str:
@@ -269,7 +296,8 @@ def _fmt(rec: dict | None, variant: str, with_interval: bool = True) -> str:
     text = ("" if rec.get("bracketed") else "≥") + f"{100 * v:.1f}"
     lo, hi = rec.get(f"{variant}_lo"), rec.get(f"{variant}_hi")
     if with_interval and lo is not None and hi is not None:
-        text += f" [{100 * lo:.1f}, {100 * hi:.1f}]"
+        text += f" [{100 * lo:.1f}, {100 * hi:.1f}]" + replicates_note(rec.get(f"{variant}_replicates"),
+                                                                       rec.get("replicates_drawn"))
     return text
 
 
@@ -302,7 +330,8 @@ def differences_markdown(diffs: Sequence[dict], level: float = 0.95) -> str:
              "P(diffusion ≥ AR) |", "|---|---:|---|---|---:|"]
     for d in diffs:
         med = "n/a" if d["difference_median"] is None else f"{100 * d['difference_median']:+.1f}"
-        ci = "n/a" if d["lo"] is None else f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+        ci = "n/a" if d["lo"] is None else (f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+                                            + replicates_note(d.get("replicates"), d.get("replicates_drawn")))
         pr = "n/a" if d["p_diffusion_at_least_ar"] is None else f"{d['p_diffusion_at_least_ar']:.2f}"
         lines.append(f"| {d['site']} | {med} | {ci} | {d['verdict']} | {pr} |")
     return "\n".join(lines)
@@ -315,6 +344,11 @@ def markdown_report(table: Sequence[dict], threshold: float = 0.99, cap: bool = 
     ci_note = ("" if boot is None else
                f" Brackets: {100 * boot.level:g} % paired bootstrap interval over items ({boot.n_boot} replicates, "
                f"seed {boot.seed}; items per task: {boot.describe()['items']}).")
+    dropped = any(replicates_note(r.get(f"{v}_replicates"), r.get("replicates_drawn"))
+                  for r in table for v in ("interpolated", "last_passing"))
+    dropped |= any(replicates_note(d.get("replicates"), d.get("replicates_drawn")) for d in diffs)
+    if dropped:
+        ci_note += f" '(k/n replicates)': that interval comes from the k of n replicates with a value; {_WHY_NO_VALUE}."
     parts = [
         f"# Critical sparsity (%): highest measured sparsity keeping ≥ {pct} of dense performance",
         "",

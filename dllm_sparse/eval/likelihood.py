@@ -294,9 +294,9 @@ def greedy_check_mode(value: bool | str | None) -> str:
 
 def _check_cfg_scale(cfg_scale: float) -> float:
     w = float(cfg_scale)
-    if not w >= 0:  # also catches NaN
-        raise ValueError(f"cfg_scale must be >= 0 (0 = no guidance; the official LLaDA evaluation uses 0.5-2.0 on "
-                         f"some tasks), got {cfg_scale!r}")
+    if not 0 <= w < float("inf"):  # also catches NaN; an infinite w makes every guided log-likelihood NaN
+        raise ValueError(f"cfg_scale must be a finite number >= 0 (0 = no guidance; the official LLaDA evaluation "
+                         f"uses 0.5-2.0 on some tasks), got {cfg_scale!r}")
     return w
 
 

@@ -88,7 +88,14 @@ field that differs, a database made by any other configuration (or by an older v
 fields out). Use one cache path per configuration, e.g. ``--use_cache cache/{lm.cache_slug}``.
 
 Unknown model arguments (a typo such as ``sitee=input``) are refused with the list of valid ones: a misspelt
-sparsity argument would otherwise give a dense run.
+sparsity argument would otherwise give a dense run. Values are read strictly (:mod:`dllm_sparse.eval.model_args`;
+the error names the argument, the value and the accepted form): booleans are true/false (yes/no, on/off, 1/0),
+counts (``batch_size``, ``mc_num``, ``mc_batch``, ``max_gen_toks``, ``gen_steps``, ``block_length``) whole
+numbers >= 1, ``seed`` a whole number >= 0, ``cfg`` a finite number >= 0, ``threshold``/``p`` finite numbers. A
+sparsity piece (``rule``, ``scope``, ...) next to a whole ``sparsity`` id, or without a ``site``, is refused (it
+would be dropped); layer indices are checked against the loaded model; ``cfg`` > 0 and ``preset`` are refused for
+an autoregressive model (they are settings of the diffusion ELBO). With ``scorer=`` / :meth:`from_scorer` the
+scorer's own settings (``batch_size``, ``mc_num``, ``seed``, ...) cannot be given again.
 """
 
 from __future__ import annotations
@@ -112,6 +119,14 @@ from tqdm.auto import tqdm
 
 from dllm_sparse.eval.identity import RunIdentity, run_identity, weights_hash
 from dllm_sparse.eval.likelihood import SCORER_DEFAULT, Scorer, greedy_check_mode
+from dllm_sparse.eval.model_args import (
+    as_bool,
+    as_finite_float,
+    as_int,
+    as_nonneg_float,
+    as_optional_bool,
+    as_positive_int,
+)
 from dllm_sparse.eval.presets import get_preset
 from dllm_sparse.eval.tasks import LM_EVAL_TASKS, builtin_request_key
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig, slug
@@ -125,40 +140,57 @@ eval_logger = logging.getLogger("lm_eval")
 IDENTITY_KEY = "__dllm_sparse_identity__"  # lm-eval's own keys are sha256 hex digests, so no collision
 
 
-def _bool(v: Any) -> bool:
-    if isinstance(v, str):
-        return v.strip().lower() in ("1", "true", "yes", "y", "on")
-    return bool(v)
-
-
 _NO_SPARSITY = (None, "", "none", DENSE)
 
 
+def _is_dense(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in _NO_SPARSITY)
+
+
 def sparsity_from_args(sparsity: SparsityConfig | str | None = None, site: str | None = None,
-                       rule: str = "top_p", threshold: float | None = None, p: float | None = None,
-                       scope: str = "token") -> SparsityConfig | None:
+                       rule: str | None = None, threshold: float | None = None, p: float | None = None,
+                       scope: str | None = None) -> SparsityConfig | None:
     """The model's one :class:`SparsityConfig` from its model arguments: ``sparsity=input:top_p:0.9`` (or a
-    config object), or the pieces ``site``, ``rule``, ``threshold`` (alias ``p``; default 1.0) and ``scope``.
-    None means dense."""
-    if isinstance(sparsity, str) and sparsity.strip().lower() in _NO_SPARSITY:
+    config object), or the pieces ``site``, ``rule`` (default top_p), ``threshold`` (alias ``p``; default 1.0)
+    and ``scope`` (default token). None means dense. A piece given next to a whole ``sparsity`` id, or without a
+    site, is refused: it would be dropped silently (the id already says site, rule, threshold and scope; without
+    a site the run is dense)."""
+    if _is_dense(sparsity):
         sparsity = None
-    if p is not None and threshold is not None and float(p) != float(threshold):
+    if _is_dense(site):
+        site = None
+    threshold = None if threshold is None else as_finite_float("threshold", threshold)
+    p = None if p is None else as_finite_float("p", p)
+    if p is not None and threshold is not None and p != threshold:
         raise ValueError(f"threshold={threshold} and p={p} disagree: give one of them (p is an alias of threshold)")
     threshold = threshold if threshold is not None else p
-    if isinstance(site, str) and site.strip().lower() in _NO_SPARSITY:
-        site = None
+    pieces = {k: v for k, v in (("site", site), ("rule", rule), ("threshold", threshold), ("scope", scope))
+              if v is not None}
     if sparsity is not None:
-        if site is not None or threshold is not None:
-            raise ValueError(f"give either sparsity={sparsity!r} or site/rule/threshold, not both "
-                             f"(got site={site!r}, threshold={threshold!r})")
+        if pieces:
+            given = ", ".join(f"{k}={v!r}" for k, v in pieces.items())
+            raise ValueError(f"give either sparsity={sparsity!r} or site/rule/threshold/scope, not both (got {given}): "
+                             "the id already names site, rule, threshold and scope, so the extra argument would be "
+                             "dropped; write it into the id instead, e.g. sparsity=input:top_p:0.9:step")
         return SparsityConfig.parse(sparsity)
     if site is None:
-        if threshold is not None:  # without a site the threshold would be dropped and the run silently dense
-            raise ValueError(f"threshold={threshold} is given without a site, so it would be ignored and the run "
-                             "dense: give site=... too (e.g. site=input,threshold=0.9), or "
-                             "sparsity=input:top_p:0.9")
+        if pieces:  # without a site the other pieces would be dropped and the run silently dense
+            given = ", ".join(f"{k}={v!r}" for k, v in pieces.items())
+            raise ValueError(f"{given} given without a site, so it would be ignored and the run dense: give "
+                             "site=... too (e.g. site=input,threshold=0.9), or sparsity=input:top_p:0.9")
         return None
-    return SparsityConfig(site, make_rule(rule, 1.0 if threshold is None else float(threshold), scope=scope))
+    return SparsityConfig(site, make_rule(rule or "top_p", 1.0 if threshold is None else threshold, scope=scope))
+
+
+def _batch_size(value: Any) -> int:
+    """``batch_size``: a whole number >= 1, or ``auto`` / ``auto:N`` / None (16: this model sizes its own
+    batches, lm-eval's automatic search does not apply to it)."""
+    if value is None or (isinstance(value, str) and value.strip().lower().startswith("auto")):
+        return 16
+    try:
+        return as_positive_int("batch_size", value)
+    except ValueError as e:
+        raise ValueError(f"{e} (or auto)") from None
 
 
 #: The model arguments DllmSparseLM accepts (``--model_args k=v,...``); anything else is refused.
@@ -166,6 +198,37 @@ MODEL_ARGS = ("pretrained", "sparsity", "site", "rule", "threshold", "p", "scope
               "batch_size", "mc_num", "mc_batch", "seed", "shift_logits", "greedy_check", "max_gen_toks",
               "gen_steps", "block_length", "trust_remote_code", "add_bos_token", "cfg", "cfg_scale", "preset",
               "progress", "data_parallel")
+
+def _refuse_diffusion_only_args(kind: str | None, cfg: float | None, preset) -> None:
+    """Guidance (``cfg``) and the ``llada-official`` preset are settings of the diffusion ELBO: an AR model is
+    scored exactly and would ignore them (or fail deep inside), so they are refused for it."""
+    if kind != "ar":
+        return
+    if cfg:
+        raise ValueError(f"cfg={cfg} is the guided ELBO of a diffusion model; this model is autoregressive (scored "
+                         "exactly, no guidance): drop cfg (or load a diffusion model)")
+    if preset is not None:
+        raise ValueError(f"preset={preset.name} holds the official settings of a diffusion model's evaluation; this "
+                         "model is autoregressive: drop the preset (or load a diffusion model)")
+
+
+def _check_layers_exist(model, configs) -> None:
+    """Every layer index of the sparsity configs exists in ``model`` (else the hooks would fail only at the first
+    request, after lm-eval has built every task)."""
+    from dllm_sparse.models.families import find_ffns
+    from dllm_sparse.sparsity.hooks import select_layers
+
+    picked = [c for c in configs if c.layers is not None]
+    if not picked:
+        return
+    ffns = find_ffns(model)
+    for config in picked:
+        try:
+            select_layers(ffns, config.layers)
+        except ValueError as e:
+            raise ValueError(f"sparsity={config.id}: {e}; give layer indices in that range (negative ones count "
+                             "from the end)") from None
+
 
 _BUILTIN_NAME = {v: k for k, v in LM_EVAL_TASKS.items()}  # lm-eval task name -> built-in task name
 
@@ -187,20 +250,20 @@ class DllmSparseLM(LM):
 
     def __init__(
         self,
-        pretrained: str = "smollm2-135m",
+        pretrained: str | None = None,
         sparsity: SparsityConfig | str | None = None,
         site: str | None = None,
-        rule: str = "top_p",
+        rule: str | None = None,
         threshold: float | None = None,
         p: float | None = None,
-        scope: str = "token",
+        scope: str | None = None,
         kind: str | None = None,
         dtype: str | None = None,
         device: str | None = None,
-        batch_size: int | str | None = 16,
+        batch_size: int | str | None = None,
         mc_num: int | None = None,
         mc_batch: int | None = None,
-        seed: int = 1234,
+        seed: int | None = None,
         shift_logits: bool | None = None,
         greedy_check: bool | str | None = None,
         cfg: float | None = None,
@@ -209,8 +272,8 @@ class DllmSparseLM(LM):
         max_gen_toks: int | None = None,
         gen_steps: int | None = None,
         block_length: int | None = None,
-        trust_remote_code: bool = False,
-        add_bos_token: bool = False,
+        trust_remote_code: bool | None = None,
+        add_bos_token: bool | None = None,
         progress: bool | str = True,
         data_parallel: bool | str | None = None,
         scorer: Scorer | None = None,
@@ -223,48 +286,69 @@ class DllmSparseLM(LM):
             raise TypeError(
                 f"DllmSparseLM: unknown model argument(s) {sorted(unknown)}; valid ones: {', '.join(MODEL_ARGS)}. "
                 "(A misspelt sparsity argument would silently give a dense run.)")
-        if cfg is not None and cfg_scale is not None and float(cfg) != float(cfg_scale):
+        # Every value is read strictly here, before a long load (dllm_sparse.eval.model_args).
+        cfg = None if cfg is None else as_nonneg_float("cfg", cfg)
+        cfg_scale = None if cfg_scale is None else as_nonneg_float("cfg_scale", cfg_scale)
+        if cfg is not None and cfg_scale is not None and cfg != cfg_scale:
             raise ValueError(f"cfg={cfg} and cfg_scale={cfg_scale} disagree: give one of them (cfg is the official "
                              "evaluation's name, cfg_scale an alias)")
         cfg = cfg if cfg is not None else cfg_scale
+        mc_num, mc_batch, max_gen_toks, gen_steps, block_length = (
+            None if v is None else as_positive_int(name, v) for name, v in (
+                ("mc_num", mc_num), ("mc_batch", mc_batch), ("max_gen_toks", max_gen_toks),
+                ("gen_steps", gen_steps), ("block_length", block_length)))
         self.preset = None if preset in (None, "", "none") else get_preset(preset)
         if self.preset is not None:
             if cfg is not None:
                 raise ValueError(f"preset={self.preset.name} sets the guidance per task; drop cfg={cfg} (or the "
                                  "preset)")
-            mc_num = self.preset.mc_num if mc_num is None else mc_num
-            mc_batch = self.preset.mc_batch if mc_batch is None else mc_batch
-            greedy_check = self.preset.greedy_check if greedy_check is None else greedy_check
+            if scorer is None:  # a given scorer keeps its own ELBO settings
+                mc_num = self.preset.mc_num if mc_num is None else mc_num
+                mc_batch = self.preset.mc_batch if mc_batch is None else mc_batch
+                greedy_check = self.preset.greedy_check if greedy_check is None else greedy_check
             max_gen_toks = self.preset.gen_length if max_gen_toks is None else max_gen_toks
             gen_steps = self.preset.steps if gen_steps is None else gen_steps
             block_length = self.preset.block_length if block_length is None else block_length
-        mc_num = 128 if mc_num is None else mc_num
-        mc_batch = 16 if mc_batch is None else mc_batch
-        greedy_check = "iterative" if greedy_check is None else greedy_check
         max_gen_toks = 256 if max_gen_toks is None else max_gen_toks
         # What this model's calls pass to the scorer: its own defaults unless from_scorer is given others.
         self._sparsity, self._stats = SCORER_DEFAULT, SCORER_DEFAULT
         # Data parallel (see the module docstring): lm-eval splits requests by rank / world_size.
-        self._dist = _launcher_state() if _bool(scorer is None if data_parallel is None else data_parallel) else None
+        data_parallel = as_optional_bool("data_parallel", data_parallel)
+        self._dist = _launcher_state() if (scorer is None if data_parallel is None else data_parallel) else None
         if self._dist is not None:
             self._rank, self._world_size = self._dist.process_index, self._dist.num_processes
         self._peer_stats: list[dict] = []  # rank 0: the other ranks' statistics (SparsityStats.snapshot)
-        self.progress = _bool(progress)
+        self.progress = as_bool("progress", progress)
         #: Tokens scored per ``loglikelihood_rolling`` document, by (task name, doc id).
         self.rolling_tokens: dict[tuple, int] = {}
         if scorer is not None:
-            if sparsity is not None or site is not None or stats is not None:
+            if any(v is not None for v in (sparsity, site, rule, threshold, p, scope, stats)):
                 raise TypeError("DllmSparseLM(scorer=...) takes the scorer's sparsity; to score with another one "
                                 "use DllmSparseLM.from_scorer(scorer, sparsity=..., stats=...)")
             if cfg is not None:
                 raise TypeError("DllmSparseLM(scorer=...) takes the scorer's cfg_scale; build the scorer with "
                                 f"Scorer(..., cfg_scale={cfg})")
+            scorer_args = dict(pretrained=pretrained, kind=kind, dtype=dtype, device=device, batch_size=batch_size,
+                               mc_num=mc_num, mc_batch=mc_batch, seed=seed, shift_logits=shift_logits,
+                               greedy_check=greedy_check, trust_remote_code=trust_remote_code,
+                               add_bos_token=add_bos_token)
+            given = sorted(k for k, v in scorer_args.items() if v is not None)
+            if given:  # they would be dropped: the scorer was built with its own
+                raise TypeError(f"DllmSparseLM(scorer=...) takes the scorer's settings; {', '.join(given)} would be "
+                                f"ignored: build the scorer with them instead (Scorer(..., {given[0]}=...))")
         else:
             import torch
 
             from dllm_sparse.models.loading import load_model
 
             sparsity = sparsity_from_args(sparsity, site, rule, threshold, p, scope)  # fails before a long load
+            bs = _batch_size(batch_size)
+            seed = 1234 if seed is None else as_int("seed", seed, minimum=0)
+            shift_logits = as_optional_bool("shift_logits", shift_logits)
+            trust = False if trust_remote_code is None else as_bool("trust_remote_code", trust_remote_code)
+            add_bos = False if add_bos_token is None else as_bool("add_bos_token", add_bos_token)
+            greedy_check = greedy_check_mode("iterative" if greedy_check is None else greedy_check)
+            _refuse_diffusion_only_args(kind, cfg, self.preset)
             if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
                 eval_logger.warning(f"device {device!r} requested (lm-eval's CLI default) but CUDA is not available; "
                                     "using the CPU")
@@ -273,17 +357,18 @@ class DllmSparseLM(LM):
                 device = str(self._dist.device)  # one full copy per process (device=auto would shard each one)
                 eval_logger.info(f"rank {self.rank}/{self.world_size}: model on {device}")
 
-            lm = load_model(pretrained, dtype=dtype, device=device, kind=kind,
-                            trust_remote_code=_bool(trust_remote_code))
-            bs = 16 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)
+            lm = load_model("smollm2-135m" if pretrained is None else pretrained, dtype=dtype, device=device,
+                            kind=kind, trust_remote_code=trust)
+            _refuse_diffusion_only_args(lm.kind, cfg, self.preset)
             scorer = Scorer.from_loaded(
-                lm, batch_size=bs, mc_num=int(mc_num), mc_batch=int(mc_batch), seed=int(seed),
-                shift_logits=None if shift_logits is None else _bool(shift_logits),
-                greedy_check=greedy_check_mode(greedy_check), cfg_scale=float(cfg or 0.0),
-                add_bos_token=_bool(add_bos_token), sparsity=sparsity,
+                lm, batch_size=bs, mc_num=128 if mc_num is None else mc_num,
+                mc_batch=16 if mc_batch is None else mc_batch, seed=seed, shift_logits=shift_logits,
+                greedy_check=greedy_check, cfg_scale=cfg or 0.0, add_bos_token=add_bos, sparsity=sparsity,
                 stats=stats if stats is not None else SparsityStats() if sparsity is not None else None)
+        _refuse_diffusion_only_args(scorer.kind, None, self.preset)
+        _check_layers_exist(scorer.model, scorer.sparsity)
         self.scorer = scorer
-        self.max_gen_toks, self.gen_steps, self.block_length = int(max_gen_toks), gen_steps, block_length
+        self.max_gen_toks, self.gen_steps, self.block_length = max_gen_toks, gen_steps, block_length
         from dllm_sparse.models.loading import model_device
 
         self._device = model_device(scorer.model)
@@ -297,7 +382,7 @@ class DllmSparseLM(LM):
         scorer as it is; ``stats``: where those calls measure. Defaults: the scorer's own (as in
         :meth:`Scorer.loglikelihood`)."""
         lm = cls(scorer=scorer, **kwargs)
-        scorer.configs_for(sparsity)  # a bad value fails here, not at the first request
+        _check_layers_exist(scorer.model, scorer.configs_for(sparsity))  # a bad value fails here, not at a request
         lm._sparsity, lm._stats = sparsity, stats
         return lm
 
@@ -545,13 +630,17 @@ class DllmSparseLM(LM):
             until = kw.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             n_new = int(kw.get("max_gen_toks", self.max_gen_toks))
-            temperature = float(kw.get("temperature", 0.0)) if _bool(kw.get("do_sample", False)) else 0.0
+            temperature = float(kw.get("temperature", 0.0)) if as_bool("do_sample", kw.get("do_sample", False)) else 0.0
             cfg_kw: dict[str, Any] = dict(max_new_tokens=n_new, temperature=temperature, stop_strings=until,
                                           seed=sc.seed)
             if sc.kind == "diffusion":
                 block = self.block_length or n_new
                 block = block if n_new % int(block) == 0 else n_new
                 steps = self.gen_steps or n_new
+                if steps > n_new:  # a step past one token per step commits nothing (the sampler refuses it)
+                    eval_logger.warning(f"gen_steps={steps} is more than the {n_new} tokens this task generates; "
+                                        f"using {n_new} steps (one token per step)")
+                    steps = n_new
                 num_blocks = n_new // int(block)
                 steps = max(num_blocks, int(steps) // num_blocks * num_blocks)
                 cfg_kw.update(steps=steps, block_length=int(block), mask_id=sc.mask_id,

@@ -29,12 +29,19 @@ from typing import Any, NamedTuple
 
 from dllm_sparse.atomic import atomic_open, atomic_write_json, atomic_write_text, json_default
 
-__all__ = ["read_rows", "JsonlWriter", "finished", "atomic_write_csv", "atomic_write_json", "atomic_write_text",
-           "read_json_or_none", "json_default", "atomic_open", "ProcessInfo", "process_info", "launch_note", "share_of"]
+__all__ = ["read_rows", "numbered_rows", "JsonlWriter", "finished", "atomic_write_csv", "atomic_write_json",
+           "atomic_write_text", "read_json_or_none", "json_default", "atomic_open", "ProcessInfo", "process_info",
+           "launch_note", "share_of"]
 
 
 def read_rows(path: str | Path) -> list[dict]:
     """Rows of a JSONL file; a torn last line (no newline / not valid JSON) is ignored."""
+    return [row for _, row in numbered_rows(path, stacklevel=3)]
+
+
+def numbered_rows(path: str | Path, stacklevel: int = 2) -> list[tuple[int, Any]]:
+    """``(line number, row)`` of every complete line of a JSONL file (numbers from 1, as an editor shows them),
+    so that a check can name the line of a bad row; the same lines :func:`read_rows` returns."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -45,15 +52,12 @@ def read_rows(path: str | Path) -> list[dict]:
     for i, line in enumerate(lines):
         if not line.strip():
             continue
-        last = i == len(lines) - 1  # text after the final newline: a torn write
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if not last:
-                warnings.warn(f"{path}: skipping a corrupt line {i + 1}", stacklevel=2)
+        if i == len(lines) - 1:  # text after the final newline: a torn write (rewritten on resume)
             continue
-        if last:  # parsed, but it never got its newline: treat as torn (it is rewritten on resume)
-            rows.pop()
+        try:
+            rows.append((i + 1, json.loads(line)))
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}: skipping a corrupt line {i + 1}", stacklevel=stacklevel)
     return rows
 
 

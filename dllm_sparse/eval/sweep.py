@@ -39,6 +39,12 @@ Guarantees:
   ``split_between_processes``; each rank appends to its own shard ``shards/rows.rank{r}.jsonl``
   and rank 0 merges the shards into ``rows.jsonl`` at the end (deduplicated by key, relative performance
   filled in from the dense rows). No row is duplicated; a rerun resumes from rows.jsonl and the shards.
+* **Several sweeps into one folder at once** (two identical commands started together, say): every read of the
+  folder's rows that decides a write, every append and the final merge hold the folder's lock
+  (``<output_dir>/.rows.lock``, :func:`folder_lock`), a cell another sweep has finished meanwhile is skipped,
+  and a row is appended only when no rows file of the folder holds its key yet; whole-file rewrites go through
+  :mod:`dllm_sparse.atomic` (a temporary name per writer). No row is lost or duplicated (a cell both computed
+  at the same moment is written once).
 """
 
 from __future__ import annotations
@@ -47,17 +53,27 @@ import gc
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 
 from dllm_sparse.eval.bootstrap import item_scores
 from dllm_sparse.eval.identity import RunIdentity, run_identity
 from dllm_sparse.eval.likelihood import Scorer
-from dllm_sparse.eval.rows import JsonlWriter, atomic_write_json, process_info, read_rows, share_of
+from dllm_sparse.eval.rows import (
+    JsonlWriter,
+    atomic_open,
+    atomic_write_json,
+    numbered_rows,
+    process_info,
+    read_rows,
+    share_of,
+)
 from dllm_sparse.eval.rows import json_default as _json_default
 from dllm_sparse.eval.tasks import Task, check_limit, get_task, relative_performance
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig
@@ -105,13 +121,41 @@ def grid(name: str = "quick", rule: str = "top_p") -> list[float]:
 
 
 def _atomic_write_rows(path: Path, rows: Iterable[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    """Rewrite a rows file atomically (dllm_sparse.atomic: a temporary name of this writer's own)."""
+    with atomic_open(path) as f:
         for r in rows:
             f.write(json.dumps(r, default=_json_default) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+#: The lock every reader-then-writer of a sweep folder's rows holds (several sweeps may share a folder).
+LOCK_NAME = ".rows.lock"
+
+
+@contextmanager
+def folder_lock(out: Path) -> Iterator[None]:
+    """Hold the folder's row lock (``<out>/.rows.lock``, a ``filelock.FileLock``: one holder across processes)
+    while reading rows to decide what to write and writing them, so two sweeps running into the same folder
+    at once neither duplicate a row nor lose one, and never rewrite ``rows.jsonl`` under each other. A folder
+    that does not exist yet has nothing to read: no lock (and no folder) is made for it."""
+    if not out.is_dir():
+        yield
+        return
+    with FileLock(str(out / LOCK_NAME)):
+        yield
+
+
+def _append_new_rows(out: Path, path: Path, rows: Sequence[dict]) -> list[dict]:
+    """Append the rows whose key no rows file of the folder holds yet (another sweep into the same folder may
+    have written them meanwhile); returns those written. The file is opened for these rows only: a handle kept
+    open would keep appending to a file another process's :func:`finalize` has already replaced."""
+    with folder_lock(out):
+        present = {r.get("key") for r in load_rows(out)}
+        new = [r for r in rows if r["key"] not in present]
+        if new:
+            with JsonlWriter(path) as writer:
+                for row in new:
+                    writer.write(row)
+    return new
 
 
 def _shard_paths(out: Path) -> list[Path]:
@@ -162,15 +206,16 @@ def finalize(output_dir: str | Path) -> list[dict]:
     """Merge shards into rows.jsonl (dedup by key), fill relative performance, rewrite atomically if needed."""
     out = Path(output_dir)
     main = out / "rows.jsonl"
-    base = read_rows(main)
-    rows = load_rows(out)
-    changed = len(rows) != len(base) or (main.is_file() and not main.read_bytes().endswith(b"\n")
-                                         and main.stat().st_size > 0)
-    changed |= _fill_relative(rows)
-    if changed:
-        _atomic_write_rows(main, rows)
-    for p in _shard_paths(out):
-        p.unlink()
+    with folder_lock(out):
+        base = read_rows(main)
+        rows = load_rows(out)
+        changed = len(rows) != len(base) or (main.is_file() and not main.read_bytes().endswith(b"\n")
+                                             and main.stat().st_size > 0)
+        changed |= _fill_relative(rows)
+        if changed:
+            _atomic_write_rows(main, rows)
+        for p in _shard_paths(out):
+            p.unlink()
     return rows
 
 
@@ -356,22 +401,107 @@ def upgrade_cell_keys(output_dir: str | Path, batch_size: int | None = None) -> 
         raise ValueError(f"{out} has no sweep_config.json naming the batch size its rows were computed with; pass "
                          "it: upgrade_cell_keys(folder, batch_size=N)")
     changed = 0
-    for path in [out / "rows.jsonl", *_shard_paths(out)]:
-        rows = read_rows(path)
-        n = 0
-        for r in rows:
-            new = _old_key_to_new(r.get("key"), batch_size)
-            if new is not None:
-                r["key"] = new
-                n += 1
-        if n:
-            _atomic_write_rows(path, rows)
-            changed += n
+    with folder_lock(out):
+        for path in [out / "rows.jsonl", *_shard_paths(out)]:
+            rows = read_rows(path)
+            n = 0
+            for r in rows:
+                new = _old_key_to_new(r.get("key"), batch_size)
+                if new is not None:
+                    r["key"] = new
+                    n += 1
+            if n:
+                _atomic_write_rows(path, rows)
+                changed += n
     return changed
 
 
+def _key_problem(key: Any) -> str | None:
+    """What is wrong with a cell key of the current form (:data:`KEY_FIELDS`, plus ``{"cfg": w}`` for a guided
+    cell), or None when it is one."""
+    if not isinstance(key, str):
+        return f"its key is {type(key).__name__} {key!r:.60}, not a string"
+    try:
+        k = json.loads(key)
+    except ValueError:
+        return f"its key {key!r:.80} is not JSON"
+    if not isinstance(k, list):
+        return f"its key {key!r:.80} is not a JSON list"
+    if len(k) not in (len(KEY_FIELDS), len(KEY_FIELDS) + 1):
+        return f"its key has {len(k)} fields, not the {len(KEY_FIELDS)} of [{', '.join(KEY_FIELDS)}]"
+    def whole(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    checks = {"model": lambda v: isinstance(v, str), "task": lambda v: isinstance(v, str),
+              "sparsity": lambda v: isinstance(v, str) and (v == DENSE or _parses(v)),
+              "limit": lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
+              "mc_num": whole, "mc_batch": whole, "seed": whole, "dtype": lambda v: isinstance(v, str),
+              "batch_size": whole}
+    for name, value in zip(KEY_FIELDS, k, strict=False):
+        if not checks[name](value):
+            return f"its key's {name} field is {value!r:.60}, which is not a valid {name}"
+    if len(k) > len(KEY_FIELDS) and not (isinstance(k[-1], dict) and set(k[-1]) == {"cfg"}
+                                         and isinstance(k[-1]["cfg"], (int, float))):
+        return f"its key's last field {k[-1]!r:.60} is not the guidance {{\"cfg\": w}}"
+    return None
+
+
+def _parses(sparsity_id: str) -> bool:
+    try:
+        SparsityConfig.parse(sparsity_id)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _is_old_key(key: Any) -> bool:
+    """A well-formed key of an earlier release (:data:`_OLD_KEY_FORMS`), which :func:`upgrade_cell_keys` rewrites;
+    not a garbled one."""
+    try:
+        new = _old_key_to_new(key, 1)
+    except (TypeError, ValueError):  # an old-length list whose site / rule / threshold do not read
+        return False
+    return new is not None and _key_problem(new) is None
+
+
+def _row_key_problem(key: Any) -> str | None:
+    """What is wrong with a row's key; None for a current key and for a well-formed old one."""
+    problem = _key_problem(key)
+    if problem is None:
+        return None
+    try:
+        new = _old_key_to_new(key, 1)
+    except (TypeError, ValueError) as e:  # the length of an old form, but its fields do not read
+        return f"its key {key!r:.80} has the length of an old form, but {e}"
+    if new is None:
+        return problem
+    old_problem = _key_problem(new)
+    return None if old_problem is None else f"{old_problem} (in a key of the old {len(json.loads(key))}-field form)"
+
+
+def _refuse_corrupt_rows(out: Path) -> None:
+    """A row that is not a JSON object, has no ``site``, or whose key is neither a current nor an old one is
+    corrupt (hand-edited, truncated by another tool): refused naming its file, line and what is wrong, rather
+    than read as an old folder (whose fix, the key upgrade, would not help) or crashing later."""
+    problems = []
+    for path in [out / "rows.jsonl", *_shard_paths(out)]:
+        for line, r in numbered_rows(path):
+            if not isinstance(r, dict):
+                why = f"it is a JSON {type(r).__name__}, not an object"
+            elif "key" not in r or "site" not in r:
+                why = f"it has no {'key' if 'key' not in r else 'site'} field"
+            else:
+                why = _row_key_problem(r["key"])
+            if why is not None:
+                problems.append(f"{path} line {line}: {why}")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise RuntimeError(f"{out} holds {len(problems)} corrupt row(s): {shown}. Restore the file, or delete those "
+                           "lines (their cells are then computed again), or use a fresh output folder.")
+
+
 def _refuse_old_keys(out: Path, rows: list[dict]) -> None:
-    old = [r["key"] for r in rows if _old_key_to_new(r.get("key"), None) is not None]
+    old = [r["key"] for r in rows if _is_old_key(r.get("key"))]
     if old:
         fields = ", ".join(KEY_FIELDS).replace("sparsity", "sparsity config id")
         form = _OLD_KEY_FORMS[len(json.loads(old[0]))]
@@ -432,7 +562,9 @@ def run_sweep(
     if world > 1 and device in (None, "auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{local_rank}"  # data parallel: one full model copy per process
 
-    existing = load_rows(out)
+    with folder_lock(out):
+        _refuse_corrupt_rows(out)
+        existing = load_rows(out)
     _refuse_old_keys(out, existing)
     done = {r["key"] for r in existing}
     dense_rows = {r["key"]: r for r in existing if r["site"] == DENSE}
@@ -455,58 +587,65 @@ def run_sweep(
     tasks: dict[str, Task] = {}
     load_seconds: dict[str, float] = {}  # this run's model loading times (status.json)
 
-    def open_folder() -> JsonlWriter:
+    def open_folder() -> bool:
         # Only once a model has loaded: a model that cannot load (a hub id without network) leaves no folder.
         out.mkdir(parents=True, exist_ok=True)
         if rank == 0:
             atomic_write_json(out / "sweep_config.json", cfg.to_dict())
-        return JsonlWriter(path)
+        return True
+
+    def refresh() -> None:
+        """What other sweeps into this folder have finished since (their cells are skipped, their dense rows
+        used)."""
+        with folder_lock(out):
+            for r in load_rows(out):
+                done.add(r["key"])
+                if r.get("site") == DENSE:
+                    dense_rows.setdefault(r["key"], r)
 
     bar = None
     if cfg.progress and todo:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc=f"sweep (rank {rank})" if world > 1 else "sweep", dynamic_ncols=True)
-    writer = None
-    try:
-        for mi in sorted({u.model_index for u in todo}):
-            spec = cfg.models[mi]
-            t_load = time.perf_counter()
-            lm = spec if hasattr(spec, "model") and hasattr(spec, "kind") else loader(
-                spec, dtype=cfg.dtype, device=device)
-            load_seconds[_model_name(spec)] = time.perf_counter() - t_load
-            scorer = Scorer.from_loaded(lm, batch_size=cfg.batch_size, mc_num=cfg.mc_num, mc_batch=cfg.mc_batch,
-                                        seed=cfg.seed, ratio_bins=cfg.ratio_bins)
-            name = _model_name(spec)
-            loaded = model_identity(lm)
-            _check_model_identity(out, existing, name, cfg, loaded)
-            writer = writer or open_folder()
-            for unit in [u for u in todo if u.model_index == mi]:
-                if unit.task not in tasks:
-                    tasks[unit.task] = task_factory(unit.task)
-                if lm.kind == "diffusion":
-                    scorer.cfg_scale = cfg.cfg_for(unit.task)
-                if bar is not None:
-                    bar.set_postfix_str(f"{name} {unit.task} {DENSE if unit.config is None else unit.config.id}")
-                rows = _run_unit(cfg, scorer, lm, name, tasks[unit.task], unit, dense_rows, rank, loaded)
-                for row in rows:
-                    if row["key"] in done:
-                        continue
-                    writer.write(row)
-                    done.add(row["key"])
-                    if on_row is not None:
-                        on_row(row)
+    opened = False
+    for mi in sorted({u.model_index for u in todo}):
+        spec = cfg.models[mi]
+        t_load = time.perf_counter()
+        lm = spec if hasattr(spec, "model") and hasattr(spec, "kind") else loader(
+            spec, dtype=cfg.dtype, device=device)
+        load_seconds[_model_name(spec)] = time.perf_counter() - t_load
+        scorer = Scorer.from_loaded(lm, batch_size=cfg.batch_size, mc_num=cfg.mc_num, mc_batch=cfg.mc_batch,
+                                    seed=cfg.seed, ratio_bins=cfg.ratio_bins)
+        name = _model_name(spec)
+        loaded = model_identity(lm)
+        _check_model_identity(out, existing, name, cfg, loaded)
+        opened = opened or open_folder()
+        for unit in [u for u in todo if u.model_index == mi]:
+            refresh()
+            if all(k in done for k in unit.keys):  # another sweep into this folder has finished it
                 if bar is not None:
                     bar.update(1)
-            del scorer, lm
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    finally:
-        if writer is not None:
-            writer.close()
-    if writer is None:  # nothing left to compute on this rank
-        open_folder().close()
+                continue
+            if unit.task not in tasks:
+                tasks[unit.task] = task_factory(unit.task)
+            if lm.kind == "diffusion":
+                scorer.cfg_scale = cfg.cfg_for(unit.task)
+            if bar is not None:
+                bar.set_postfix_str(f"{name} {unit.task} {DENSE if unit.config is None else unit.config.id}")
+            rows = _run_unit(cfg, scorer, lm, name, tasks[unit.task], unit, dense_rows, rank, loaded)
+            for row in _append_new_rows(out, path, [r for r in rows if r["key"] not in done]):
+                done.add(row["key"])
+                if on_row is not None:
+                    on_row(row)
+            if bar is not None:
+                bar.update(1)
+        del scorer, lm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if not opened:  # nothing left to compute on this rank
+        open_folder()
     if bar is not None:
         bar.close()
     _barrier(world)

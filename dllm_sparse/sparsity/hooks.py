@@ -108,7 +108,13 @@ class Sparsifier:
 
     # ---- the one operation every hook performs -----------------------------------------------------------
     def _apply(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        rule = self._shared_rule(layer, x) if self.rule.scope in SHARED_SCOPES else self.rule
+        if self.rule.scope in SHARED_SCOPES:
+            rule = self._shared_rule(layer, x)
+        elif self.rule.scope == "sequence" and self._valid is not None:
+            # One selection over a sample's real tokens x features: padding holds no mass and keeps nothing.
+            rule = SharedSelection(self.rule, voters=align_positions(self._valid, x, "the attention mask"))
+        else:
+            rule = self.rule
         if self.select_mask is not None:
             keep = self._select_outside_graph(layer, x, rule)
         else:

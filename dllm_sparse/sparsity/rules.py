@@ -292,11 +292,16 @@ class SparsityRule(ABC):
              token_positions: torch.Tensor | None = None, column_norm: torch.Tensor | None = None) -> torch.Tensor:
         """Keep-mask of ``x`` (True = kept), same shape. A tensor with no entries (a last dimension of 0, or no
         rows) has nothing to keep: the result is the empty mask of its shape, for every rule. ``voters``,
-        ``token_positions`` and ``column_norm`` apply to the shared scopes only (see the class docstring)."""
+        ``token_positions`` and ``column_norm`` apply to the shared scopes (see the class docstring); ``voters``
+        also to scope ``"sequence"``, where it marks a sample's real tokens: only they hold mass and only they
+        can be kept (padding keeps nothing), so a padded row selects what it selects alone, whichever side the
+        padding is on."""
         shared = self.scope in SHARED_SCOPES
-        if not shared and (voters is not None or token_positions is not None or column_norm is not None):
+        sequence_voters = self.scope == "sequence" and token_positions is None and column_norm is None
+        if not shared and not sequence_voters and (
+                voters is not None or token_positions is not None or column_norm is not None):
             raise ValueError(f"voters / token_positions / column_norm apply to the shared scopes {SHARED_SCOPES} "
-                             f"only; this rule's scope is {self.scope!r}")
+                             f"only (voters also to scope 'sequence'); this rule's scope is {self.scope!r}")
         if x.numel() == 0:
             return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
         if shared:
@@ -312,9 +317,25 @@ class SparsityRule(ABC):
             # paper's public code did for its LLaDA figure. Not the default.
             if x.dim() < 2:
                 raise ValueError("scope='sequence' needs activations shaped [..., tokens, features]")
+            real = None if voters is None else _positions(voters, x, "voters")
+            if real is not None and not bool(real.all()):
+                return self._sequence_mask_of_real_tokens(x, real)
             flat = x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
             return self._mask_rows(flat).reshape(x.shape)
         return self._mask_rows(x)
+
+    def _sequence_mask_of_real_tokens(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Scope "sequence" on a padded batch: each sample selects over its real tokens x features alone (its
+        own mass, and for top-k its own entry count), and padded positions keep nothing. One selection per
+        sample: a padded sample's row length is its real tokens x features, which no batched reshape gives."""
+        T, d = x.shape[-2:]
+        xs, rs = x.reshape(-1, T, d), real.reshape(-1, T)
+        keep = torch.zeros(xs.shape, dtype=torch.bool, device=x.device)
+        for i in range(xs.shape[0]):
+            tokens = xs[i][rs[i]]
+            if tokens.numel():
+                keep[i][rs[i]] = self._mask_rows(tokens.reshape(1, -1)).reshape(tokens.shape)
+        return keep.reshape(x.shape)
 
     def shared_score(self, x: torch.Tensor, *, voters: torch.Tensor | None = None,
                      token_positions: torch.Tensor | None = None,
@@ -416,7 +437,8 @@ def _positions(m: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class SharedSelection:
-    """A shared-scope rule bound to one call's voting tokens and column norms, so that code calling
+    """A shared-scope (or ``"sequence"``-scope) rule bound to one call's voting tokens and column norms (for
+    ``"sequence"``: its real tokens), so that code calling
     ``rule.mask(x)`` (a mask-reuse policy, for one) selects exactly as the hooks do. ``shared_keep(x)`` gives
     the keep-set [..., 1, d] itself."""
 
