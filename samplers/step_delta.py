@@ -62,6 +62,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from dllm_sparse.kernels.dispatch import backend as choose_backend
+from dllm_sparse.kernels.ops import _colsparse_gemm_op, _rowsparse_op
 from dllm_sparse.kernels.sparse_ffn import SparsePart, _role_path, is_accelerated, restore_ffn
 from dllm_sparse.models.families import FFNModules, detect_family, find_ffns
 from dllm_sparse.sparsity.hooks import align_positions, column_norms, select_layers
@@ -89,6 +91,10 @@ class StepDelta:
     ``exact_block``: also recompute the current block's positions exactly at every step (the rows the LM head
     reads); the delta then covers the prompt, the decoded positions of earlier blocks and the later blocks.
     ``layers``: FFN layer indices (default all).
+    ``backend``: the gathered products run as ``torch`` matmuls over the gathered weight rows (CPU, and the
+    reference) or the ``triton`` kernels that read the kept rows in place (``colsparse_gemm``, ``rowsparse``:
+    no gathered copy; CUDA, or the interpreter); None / ``"auto"``: Triton on CUDA tensors (see
+    :func:`dllm_sparse.kernels.backend`).
     """
 
     variant: str = "input"
@@ -98,6 +104,7 @@ class StepDelta:
     refresh: Any = "block_start"
     exact_block: bool = False
     layers: tuple[int, ...] | None = None
+    backend: str | None = None
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -118,6 +125,7 @@ class StepDelta:
                              "which a step-delta FFN does not compute; use fresh, every<k> or block_start")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        choose_backend(None, self.backend)  # a bad backend name fails here, not at the first step
 
     @property
     def name(self) -> str:
@@ -204,6 +212,28 @@ class StepDeltaFFN(nn.Module):
                                "must compute down(act(gate(x)) * up(x))")
         return out
 
+    # ---- gathered products: the only place the backend matters ------------------------------------------------
+    def _triton(self, v: torch.Tensor) -> bool:
+        return choose_backend(v, self.config.backend) == "triton"
+
+    def _gathered(self, v: torch.Tensor, w_t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """v [B, T, n], w_t [n, m], idx [B, k] -> v[..., idx] @ w_t[idx] [B, T, m]: the rows idx of w_t only."""
+        B, T, k = v.shape[0], v.shape[1], idx.shape[1]
+        if self._triton(v):  # the kernel gathers the kept rows inside its tl.dot loop: no copy of the weights
+            count = torch.full((1,), k, dtype=torch.int32, device=v.device)
+            return torch.stack([_colsparse_gemm_op(v[b].contiguous(), w_t, idx[b].to(torch.int32).contiguous(), count,
+                                                   "triton") for b in range(B)])
+        return torch.bmm(v.gather(-1, idx[:, None, :].expand(B, T, k)), _batched_rows(w_t, idx))
+
+    def _rows_of(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d], w [n, d], idx [B, k] -> x @ w[idx]^T [B, T, k]: the outputs idx of w only."""
+        B, T, k = x.shape[0], x.shape[1], idx.shape[1]
+        if self._triton(x):  # computes the kept outputs only (zeros elsewhere), then the kept columns are read
+            count = torch.full((1,), k, dtype=torch.int32, device=x.device)
+            return torch.stack([_rowsparse_op(x[b].contiguous(), w, idx[b].to(torch.int32).contiguous(), count,
+                                              "triton").gather(-1, idx[b][None].expand(T, k)) for b in range(B)])
+        return torch.bmm(x, _batched_rows(w, idx).transpose(1, 2))
+
     # ---- dense pieces ----------------------------------------------------------------------------------------
     def _dense(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         gate, up, act, down = (self._orig[r] for r in ("gate", "up", "act", "down"))
@@ -277,13 +307,11 @@ class StepDeltaFFN(nn.Module):
         dxs = [xp - cp.x for xp, cp, _ in parts]
         k_x = max(1, math.ceil(self.config.fraction * d))
         s_x = self._summed_score(dxs, parts, self.input_norm).topk(k_x, dim=-1).indices  # [B, k_x]
-        w_gate, w_up = _batched_rows(self.gate_t, s_x), _batched_rows(self.up_t, s_x)
         hs, macs = [], 0
         for dx, (xp, cp, _) in zip(dxs, parts, strict=True):
             at = s_x[:, None, :].expand(B, xp.shape[1], k_x)
-            dx_s = dx.gather(-1, at)
-            cp.g += torch.bmm(dx_s, w_gate)  # g_c = W_gate x_c keeps holding: x_c moves by the same dx
-            cp.u += torch.bmm(dx_s, w_up)
+            cp.g += self._gathered(dx, self.gate_t, s_x)  # g_c = W_gate x_c keeps holding: x_c moves by the same dx
+            cp.u += self._gathered(dx, self.up_t, s_x)
             cp.x.scatter_(-1, at, xp.gather(-1, at))
             hs.append(self._orig["act"](cp.g) * cp.u)
             macs += 2 * self.d_ff * k_x * B * xp.shape[1]
@@ -294,11 +322,10 @@ class StepDeltaFFN(nn.Module):
         B = hs[0].shape[0]
         dhs = [h - cp.h for h, (_, cp, _) in zip(hs, parts, strict=True)]
         s_h = self._summed_score(dhs, parts, self.down_norm).topk(k_h, dim=-1).indices
-        w_down = _batched_rows(self.down_t, s_h)
         macs = 0
         for h, dh, (_, cp, _) in zip(hs, dhs, parts, strict=True):
             at = s_h[:, None, :].expand(B, h.shape[1], k_h)
-            cp.y += torch.bmm(dh.gather(-1, at), w_down)
+            cp.y += self._gathered(dh, self.down_t, s_h)
             cp.h.scatter_(-1, at, h.gather(-1, at))
             macs += self.d * k_h * B * h.shape[1]
         return macs
@@ -316,9 +343,6 @@ class StepDeltaFFN(nn.Module):
         else:  # the features with the largest cached contribution |h_c| ||W_down[:, i]||
             score = self._summed_score([cp.h for _, cp, _ in parts], parts, self.down_norm)
         s = score.topk(k, dim=-1).indices
-        w_down = _batched_rows(self.down_t, s)
-        if not oracle:
-            w_gate, w_up = _batched_rows(gate.weight, s).transpose(1, 2), _batched_rows(up.weight, s).transpose(1, 2)
         macs = 0
         for i, (xp, cp, _) in enumerate(parts):
             at = s[:, None, :].expand(B, xp.shape[1], k)
@@ -326,14 +350,16 @@ class StepDeltaFFN(nn.Module):
                 g_s, u_s = full[i][0].gather(-1, at), full[i][1].gather(-1, at)
                 macs += 2 * self.d * self.d_ff * B * xp.shape[1]
             else:
-                g_s, u_s = torch.bmm(xp, w_gate), torch.bmm(xp, w_up)
+                g_s, u_s = self._rows_of(xp, gate.weight, s), self._rows_of(xp, up.weight, s)
                 if gate.bias is not None:
                     g_s = g_s + gate.bias[s][:, None, :]
                 if up.bias is not None:
                     u_s = u_s + up.bias[s][:, None, :]
                 macs += 2 * self.d * k * B * xp.shape[1]
             h_s = act(g_s) * u_s
-            cp.y += torch.bmm(h_s - cp.h.gather(-1, at), w_down)
+            dh = torch.zeros_like(cp.h).scatter_(-1, at, h_s - cp.h.gather(-1, at)) if self._triton(xp) else None
+            cp.y += self._gathered(dh, self.down_t, s) if dh is not None else torch.bmm(
+                h_s - cp.h.gather(-1, at), _batched_rows(self.down_t, s))
             cp.g.scatter_(-1, at, g_s)
             cp.u.scatter_(-1, at, u_s)
             cp.h.scatter_(-1, at, h_s)

@@ -2,17 +2,20 @@
 docs/sparsification.md ("Step-delta FFN"): per position and feature loops in float64, sets chosen by sorting the
 definition's scores, on the very FFN inputs the sampler produced."""
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_kernels import DEVICE, _triton_ready, run_triton_tests_in_interpreter
 
 from dllm_sparse.kernels import accelerate_ffn, is_accelerated, restore_ffn
 from dllm_sparse.models.families import find_ffns
 from dllm_sparse.models.llada import LLaDAModelLM, tiny_llada_config
 from dllm_sparse.samplers import GenerationConfig, generate, replay
+from dllm_sparse.samplers import step_delta as step_delta_module
 from dllm_sparse.samplers.reuse import Adaptive
 from dllm_sparse.samplers.step_delta import StepDelta, apply_step_delta, step_delta
 from dllm_sparse.steps import StepState
@@ -292,3 +295,42 @@ def test_a_cache_for_another_canvas_or_dtype_is_refused(llada64):
         with pytest.raises(ValueError, match=r"shape \(1, 7, 64\) vs the cached \(1, 6, 64\)"):
             delta.ffns[0].forward_ffn(torch.zeros(1, 7, 64, dtype=torch.float64))
     assert not is_accelerated(llada64)
+
+
+# ---- the Triton backend (the gathered kernels read the kept rows in place) ------------------------------------
+
+
+def test_triton_code_under_the_interpreter():
+    run_triton_tests_in_interpreter(__file__)
+
+
+@pytest.mark.parametrize("config", [
+    StepDelta("input", fraction=0.25, down_fraction=0.5),
+    StepDelta("intermediate", fraction=0.3, exact_block=True),
+], ids=lambda c: c.name)
+def test_triton_backend_equals_the_torch_backend(config, monkeypatch):
+    """Backend "triton" (colsparse_gemm / rowsparse kernels) gives the tokens and, step by step, the FFN outputs of
+    the torch backend (gathered weight copies and bmm), in float32 with prompts of two rows."""
+    if reason := _triton_ready():
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    model = LLaDAModelLM(tiny_llada_config()).eval().to(DEVICE)
+    launches = []
+    for op in ("_colsparse_gemm_op", "_rowsparse_op"):
+        real = getattr(step_delta_module, op)
+        monkeypatch.setattr(step_delta_module, op, lambda *a, _real=real, _op=op: launches.append(_op) or _real(*a))
+    outputs = {}
+    for be in ("torch", "triton"):
+        with step_delta(model, dataclasses.replace(config, backend=be)) as delta:
+            rec = Recorder(model)
+            try:
+                outputs[be] = (generate(model, None, PROMPTS, CFG, callbacks=[rec, delta]).sequences, rec.y)
+            finally:
+                rec.remove()
+    assert torch.equal(outputs["torch"][0], outputs["triton"][0])
+    # every delta step of every layer ran the kernels (2 rows: one launch per row and product)
+    per_step = {"input": 3, "intermediate": 3}[config.variant] * 2 * (2 if config.exact_block else 1)
+    assert len(launches) >= per_step * 2 * (CFG.steps - 2) // 2
+    for layer, ys in outputs["torch"][1].items():
+        for t, (a, b) in enumerate(zip(ys, outputs["triton"][1][layer], strict=True)):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=f"layer {layer} step {t}")
