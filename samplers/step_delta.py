@@ -189,6 +189,10 @@ class StepDeltaFFN(nn.Module):
         self.d_ff, self.d = ffn.down.weight.shape[1], ffn.down.weight.shape[0]
         self._out: torch.Tensor | None = None
         self.cache: _Cache | None = None
+        # Under torch.compile the step-delta FFN runs eagerly (a graph break per layer): the cache and the step's
+        # decisions are Python state that changes at every step, which a traced graph would recompile for. Bound
+        # here, not as a decorator: torch.compiler.disable imports dynamo, seconds that every import would pay.
+        self.forward_ffn = torch.compiler.disable(self._forward_ffn)
         with torch.no_grad():
             # Transposed copies: a kept input feature (input variant) or intermediate feature (W_down) is then one
             # contiguous row to gather. Non-persistent: the state_dict stays the original one; model.to() moves them.
@@ -243,7 +247,7 @@ class StepDeltaFFN(nn.Module):
 
     # ---- one call --------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def forward_ffn(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_ffn(self, x: torch.Tensor) -> torch.Tensor:
         run = self._run
         dense_macs = 3 * self.d * self.d_ff * x[..., 0].numel()
         if x.dim() != 3 or run.state is None:  # outside a generation step: the plain FFN, nothing cached

@@ -334,3 +334,36 @@ def test_triton_backend_equals_the_torch_backend(config, monkeypatch):
     for layer, ys in outputs["torch"][1].items():
         for t, (a, b) in enumerate(zip(ys, outputs["triton"][1][layer], strict=True)):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=f"layer {layer} step {t}")
+
+
+# ---- wrapped models ----------------------------------------------------------------------------------------------
+
+
+def _wrapped(kind: str):
+    torch.manual_seed(0)
+    model = LLaDAModelLM(tiny_llada_config()).eval()
+    if kind == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    if kind == "dispatch":
+        from accelerate import dispatch_model
+
+        return dispatch_model(model, device_map={"": "cpu"})
+    return torch.compile(model)
+
+
+@pytest.mark.parametrize("kind", ["peft", "dispatch", pytest.param("compile", marks=pytest.mark.slow)])
+def test_wrapped_models(kind):
+    """A PeftModel (LoRA not merged), accelerate's dispatched model and a compiled model: with every feature
+    recomputed the wrapped model's own dense tokens, and a partial delta runs and restores the wrapper."""
+    model = _wrapped(kind)
+    dense = generate(model, None, PROMPTS, CFG)
+    with step_delta(model, StepDelta("input", 1.0, 1.0)) as delta:
+        out = generate(model, None, PROMPTS, CFG, callbacks=[delta])
+    assert torch.equal(out.sequences, dense.sequences)
+    assert len(delta.ffns) == 2 and delta.report()["ffn_work"] > 1.0  # the decoded rows are recomputed too
+    with step_delta(model, StepDelta("intermediate", 0.25)) as delta:
+        generate(model, None, PROMPTS, CFG, callbacks=[delta])
+    assert delta.report()["ffn_work"] < 0.5
+    assert not is_accelerated(model)
