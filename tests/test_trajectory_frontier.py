@@ -67,3 +67,19 @@ def test_the_smoke_run_writes_every_output(tmp_path):
         assert set(row["timing"]) == {"1", "2"} and row["timing"]["1"]["step_s"] > 0
     assert (out / "trajectory_frontier.png").stat().st_size > 1000
     assert "| delta-input:0.25/0.5@block_start |" in (out / "summary.md").read_text()
+
+
+def test_quality_from_an_earlier_run_is_checked(tmp_path):
+    """--quality-from takes the quality rows of a run with the same settings, and refuses another's, naming it."""
+    from dllm_sparse.eval.trajectory_frontier import reused_quality
+
+    res = {"model": "m", "dtype": "fp32", "gen_length": 64, "block_length": 32, "quality_prompts": 6}
+    q = {"replay_agreement": 0.99}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({**res, "rows": [{"strategy": "dense", "quality": q},
+                                                {"strategy": "delta-input:0.25/0.5@block_start", "quality": q}]}))
+    assert reused_quality(path, res, ["dense"]) == {"dense": q}
+    with pytest.raises(ValueError, match="gen_length: 64 there, 32 here"):
+        reused_quality(path, {**res, "gen_length": 32}, ["dense"])
+    with pytest.raises(ValueError, match=r"no quality for \['token-input:0.9'\]"):
+        reused_quality(path, res, ["dense", "token-input:0.9"])

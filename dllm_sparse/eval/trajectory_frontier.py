@@ -174,6 +174,26 @@ def summarise(items: list[dict]) -> dict:
     return out
 
 
+QUALITY_KEYS = ("model", "dtype", "gen_length", "block_length", "quality_prompts")
+
+
+def reused_quality(path: Path, res: dict, names: list[str]) -> dict[str, dict]:
+    """The quality rows of an earlier run (``--quality-from``), refused unless every setting that changes them is
+    the same (model, dtype, gen_length, block_length, prompts) and every strategy asked for was measured there.
+    Quality is deterministic (greedy, no timing), so a quality-only run on a busy machine plus a timing-only run on
+    a quiet one give the same table as one run."""
+    old = json.loads(Path(path).read_text())
+    differ = [f"{k}: {old.get(k)!r} there, {res[k]!r} here" for k in QUALITY_KEYS if old.get(k) != res[k]]
+    if differ:
+        raise ValueError(f"--quality-from {path}: measured with other settings ({'; '.join(differ)}); rerun quality "
+                         "with these settings or match them")
+    have = {r["strategy"]: r["quality"] for r in old["rows"] if r.get("quality")}
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise ValueError(f"--quality-from {path}: no quality for {missing}; measured there: {sorted(have)}")
+    return {n: have[n] for n in names}
+
+
 # --------------------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------------------
@@ -317,7 +337,11 @@ def run_trajectory_frontier(args, command: str, lm=None, prompts=None, keywords=
                            "repeats": args.repeats, "batches": args.batches, "quality_prompts": len(prompts),
                            "rows": []}
     rows = {s.name: {"strategy": s.name} for s in [Strategy("dense", "dense"), *strategies]}
-    if not args.skip_quality:
+    if getattr(args, "quality_from", None) is not None:
+        for name, q in reused_quality(args.quality_from, res, list(rows)).items():
+            rows[name]["quality"] = q
+        res["quality_from"] = str(args.quality_from)
+    elif not args.skip_quality:
         cfg = GenerationConfig(gen_length=args.gen_length, steps=args.gen_length, block_length=args.block_length,
                                temperature=0.0, mask_id=lm.mask_id)
         dense = [generate(lm, prompts=[p], config=cfg, apply_chat_template=chat) for p in prompts]
