@@ -65,6 +65,10 @@ def test_the_smoke_run_writes_every_output(tmp_path):
     assert 0.3 < rows["delta-input:0.25/0.5@block_start"]["quality"]["ffn_work"] < 0.6
     for row in res["rows"]:
         assert set(row["timing"]) == {"1", "2"} and row["timing"]["1"]["step_s"] > 0
+    timed = rows["delta-input:0.25/0.5@block_start"]["timing"]["1"]
+    assert 0.2 < timed["ffn_share"] < 0.9  # the tiny model: 3 FFN matrices of 64x128 against attention and head
+    assert timed["flop_bound"] == pytest.approx(1 / (1 - timed["ffn_share"] * (1 - timed["ffn_work"])))
+    assert rows["delta-input:1/1@block_start"]["timing"]["1"]["flop_bound"] <= 1.0
     assert (out / "trajectory_frontier.png").stat().st_size > 1000
     assert "| delta-input:0.25/0.5@block_start |" in (out / "summary.md").read_text()
 

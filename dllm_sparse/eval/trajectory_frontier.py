@@ -199,16 +199,53 @@ def reused_quality(path: Path, res: dict, names: list[str]) -> dict[str, dict]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _timed_replay(lm, prompt_ids: torch.Tensor, trajectory, cfg: GenerationConfig, strategy: Strategy) -> float:
-    """Seconds per step of a replay of ``trajectory`` (the sampler's loop) with ``strategy`` attached."""
-    callbacks, _ = strategy.attach(lm.model)
+def _timed_replay(lm, prompt_ids: torch.Tensor, trajectory, cfg: GenerationConfig,
+                  strategy: Strategy) -> tuple[float, float | None]:
+    """(seconds per step, FFN work or None) of a replay of ``trajectory`` (the sampler's loop) with ``strategy``."""
+    callbacks, observer = strategy.attach(lm.model)
     try:
         t0 = time.perf_counter()
         rep = replay(lm.model, prompt_ids, trajectory, cfg, callbacks=callbacks)
         dt = time.perf_counter() - t0
     finally:
         strategy.detach(lm.model)
-    return dt / len(rep.steps)
+    work = observer.ffn_work() if observer is not None and hasattr(observer, "ffn_work") else None
+    return dt / len(rep.steps), work
+
+
+def ffn_share(lm, prompt_ids: torch.Tensor, trajectory, cfg: GenerationConfig) -> float:
+    """The FFNs' share of a dense step's linear-layer multiply-adds (LM head on the rows the step reads, as the
+    sampler runs it; attention scores are not linear layers and are left out), counted by hooks over a replay."""
+    from dllm_sparse.models.families import find_ffns
+
+    ffn_linears = {id(m) for f in find_ffns(lm.model) for m in (f.gate, f.up, f.down)}
+    macs = {"ffn": 0, "all": 0}
+
+    def count(module, args, out):
+        n = module.in_features * module.out_features * args[0][..., 0].numel()
+        macs["all"] += n
+        if id(module) in ffn_linears:
+            macs["ffn"] += n
+
+    handles = [m.register_forward_hook(count) for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        replay(lm.model, prompt_ids, trajectory, cfg)
+    finally:
+        for h in handles:
+            h.remove()
+    # The sampler applies the split-off LM head with F.linear outside any module: add it by hand.
+    from dllm_sparse.models.families import without_lm_head
+
+    with without_lm_head(lm.model) as head:
+        if head is not None:
+            rows = prompt_ids.shape[0] * cfg.block_length * len(trajectory)
+            macs["all"] += head.in_features * head.out_features * rows
+    return macs["ffn"] / macs["all"]
+
+
+def step_flop_bound(share: float, work: float | None) -> float | None:
+    """The speedup of a step if only the FFN's multiply-adds shrank, to ``work`` of dense (linear layers only)."""
+    return None if work is None else 1.0 / (1.0 - share * (1.0 - work))
 
 
 def timing(lm, prompt_ids: list[int], strategies: list[Strategy], batch: int, canvas: int, block_length: int,
@@ -221,17 +258,20 @@ def timing(lm, prompt_ids: list[int], strategies: list[Strategy], batch: int, ca
     stop_after = _StopAfter(steps)
     recorded = generate(lm.model, None, ids, cfg, callbacks=[stop_after])  # the dense trajectory, `steps` steps
     dense = Strategy("dense", "dense")
+    share = ffn_share(lm, ids, recorded.trace, cfg)
     samples: dict[str, list[float]] = {s.name: [] for s in [dense, *strategies]}
+    work: dict[str, float | None] = {}
     for r in range(repeats + 1):
         for s in [dense, *strategies]:
-            t = _timed_replay(lm, ids, recorded.trace, cfg, s)
+            t, work[s.name] = _timed_replay(lm, ids, recorded.trace, cfg, s)
             if r:
                 samples[s.name].append(t)
     out = {}
     for name, ts in samples.items():
         ratios = [d / t for d, t in zip(samples["dense"], ts, strict=True)]
         out[name] = {"step_s": statistics.median(ts), "speedup": statistics.median(samples["dense"]) /
-                     statistics.median(ts), "speedup_range": [min(ratios), max(ratios)], "samples": ts}
+                     statistics.median(ts), "speedup_range": [min(ratios), max(ratios)], "samples": ts,
+                     "ffn_work": work[name], "ffn_share": share, "flop_bound": step_flop_bound(share, work[name])}
     return out
 
 
@@ -260,20 +300,27 @@ def summary_md(res: dict) -> str:
              f"{res['block_length']}, greedy; 95 % bootstrap intervals over prompts. Timing: canvas "
              f"{res['canvas']} + prompt, block {res['block_length']}, the first {res['timing_steps']} steps, median of "
              f"{res['repeats']} interleaved repeats, [min, max] of the repeats' paired ratios.", "",
+             "FFN work: multiply-adds done / dense, mean over steps (quality runs; timing geometry in brackets). FLOP "
+             "bound: the step speedup if only the FFN's multiply-adds shrank to that work (linear layers, LM head on "
+             "the read rows; the FFN share of a dense step's multiply-adds is in the JSON).", "",
              "| strategy | replay agreement | free-running agreement | probe | FFN work | "
-             + " | ".join(f"step speedup (batch {b})" for b in res["batches"]) + " |",
-             "|---|---|---|---|---|" + "---|" * len(res["batches"])]
+             + " | ".join(f"step speedup (batch {b}) | FLOP bound" for b in res["batches"]) + " |",
+             "|---|---|---|---|---|" + "---|---|" * len(res["batches"])]
     for row in res["rows"]:
         q = row.get("quality") or {}
+        t1 = row.get("timing", {}).get(str(res["batches"][0]), {})
+        work = f"{q['ffn_work']:.3f}" if q.get("ffn_work") is not None else "-"
+        if t1.get("ffn_work") is not None:
+            work += f" ({t1['ffn_work']:.3f})"
         cells = [row["strategy"],
                  f"{q['replay_agreement']:.3f}{ci(q.get('replay_ci'))}" if q else "-",
                  f"{q['free_agreement']:.3f}{ci(q.get('free_ci'))}" if q else "-",
-                 f"{q['probe_score']}/{q['probe_items']}" if "probe_score" in q else "-",
-                 f"{q['ffn_work']:.3f}" if q.get("ffn_work") is not None else "-"]
+                 f"{q['probe_score']}/{q['probe_items']}" if "probe_score" in q else "-", work]
         for b in res["batches"]:
             t = row.get("timing", {}).get(str(b))
             cells.append(f"{t['speedup']:.2f}x [{t['speedup_range'][0]:.2f}, {t['speedup_range'][1]:.2f}]"
                          if t else "-")
+            cells.append(f"{t['flop_bound']:.2f}x" if t and t.get("flop_bound") else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
