@@ -119,6 +119,8 @@ class StepDelta:
             raise ValueError(f"StepDelta select={select!r} is not a selector of the {self.variant} variant; "
                              f"use one of {SELECTORS[self.variant]}")
         object.__setattr__(self, "select", select)
+        if not isinstance(self.exact_block, bool):
+            raise ValueError(f"StepDelta exact_block must be True or False, got {self.exact_block!r}")
         policy = make_policy(self.refresh)  # raises on an unknown name or Every(k < 1)
         if not getattr(policy, "fast_path", True):
             raise ValueError(f"refresh={self.refresh!r}: {type(policy).__name__} decides from a fresh mask probe, "

@@ -243,6 +243,8 @@ def test_replay_and_outside_generation(llada64):
     ({"refresh": "every0"}, "k must be a positive integer"),
     ({"refresh": "sometimes"}, "unknown reuse policy"),
     ({"refresh": Adaptive(0.5)}, "fresh mask probe"),
+    ({"exact_block": "yes"}, "exact_block must be True or False"),
+    ({"backend": "cuda"}, "cuda"),
 ])
 def test_bad_configs_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
