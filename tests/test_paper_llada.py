@@ -147,3 +147,36 @@ def test_paper_llada_hooks_up_proj_only():
     assert torch.equal(sparse["up"], dense["up"].masked_fill(~PaperTopP(60).mask(dense["up"]), 0))
     assert not torch.equal(sparse["up"], dense["up"]) and stats.mean("input") > 0.2
 
+
+def test_paper_input_and_intermediate_script_is_the_two_configs_together():
+    """docs/sparsification.md: the paper's input + intermediate script = input:paper_top_p and
+    intermediate:paper_top_p attached together (up_proj's input and ff_out's input sparsified, ff_proj dense)."""
+    from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer
+
+    model = build_tiny_model("llada")
+    block = model.model.transformer.blocks[0]
+    configs = [SparsityConfig.paper_llada(60), SparsityConfig.parse("intermediate:paper_top_p:60:sequence")]
+    scorer = Scorer(model, ByteTokenizer(), "diffusion", mask_id=3, sparsity=configs)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+
+    def run():  # what ff_proj, up_proj and ff_out of layer 0 receive (registered last: after sparsify's hooks)
+        seen = {}
+        hooks = [getattr(block, n).register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].clone()))
+                 for n in ("ff_proj", "up_proj", "ff_out")]
+        try:
+            with torch.no_grad():
+                model(input_ids=ids)
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen
+
+    dense = run()
+    with scorer.sparsified():
+        seen = run()
+    assert torch.equal(seen["ff_proj"], dense["ff_proj"])
+    assert torch.equal(seen["up_proj"], PaperTopP(60)(dense["up_proj"]))
+    # ff_out reads the intermediate computed from the sparse up input, then its own paper top-p
+    with torch.no_grad():
+        act = block.act(block.ff_proj(dense["ff_proj"])) * block.up_proj(seen["up_proj"])
+    assert torch.equal(seen["ff_out"], PaperTopP(60)(act))
