@@ -18,7 +18,8 @@ The loop, per block and per step:
    current block and at positions that are not masked. The k most confident masked positions of the block
    take x0 (ties: lowest position first, a stable sort); committed tokens are never remasked. With
    ``GenerationConfig(confidence="official")`` the softmax runs in the model's dtype and the k positions are
-   taken in ``torch.topk`` order over the whole canvas row, as the official code does (bit-for-bit parity in bf16).
+   taken in ``torch.topk`` order over the whole canvas row, as the official code does (bit-for-bit parity in bf16;
+   the LM head then runs over the whole canvas, as there).
 
 Random numbers (documented so that a reference implementation can draw the very same ones): row r owns a
 ``torch.Generator`` on the model's device seeded with ``seed + r`` (``GenerationConfig.seed``). At every step
@@ -44,7 +45,7 @@ AR model, shifts inside its forward and needs nothing).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from typing import Any
 
 import torch
@@ -368,9 +369,10 @@ class MaskedDiffusionGenerator:
         timer = Timer(device)
         # The LM head runs on the rows each step reads only (see _forward); families whose profile names no
         # splittable head (or remote code) keep the full forward. Swapped once per generation, not per step, so
-        # a compiled model recompiles once.
+        # a compiled model recompiles once. confidence="official" keeps the full forward, as the official code
+        # computes it: a BLAS may round a product of fewer rows differently, and those bits must match.
         head_split = ExitStack()
-        head = head_split.enter_context(without_lm_head(model))
+        head = head_split.enter_context(nullcontext(None) if cfg.confidence == "official" else without_lm_head(model))
         try:
             cbs.generation_begin(state)
             for blk in range(num_blocks):

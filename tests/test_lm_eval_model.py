@@ -143,19 +143,36 @@ def test_diffusion_generate_until():
     assert set(lm.stats.tags) >= {0, 1, 2, 3}  # per-step statistics of the 4 denoising steps
 
 
-def test_preset_scores_each_task_with_its_official_guidance():
+def _tiny_llada_scorer(**kw):
     model = build_tiny_model("llada", vocab_size=260, embedding_size=260, mask_token_id=3, eos_token_id=2,
                              pad_token_id=0)
-    scorer = Scorer(model, ByteTokenizer(), "diffusion", mask_id=3, name="tiny-llada", mc_num=4, mc_batch=2)
+    return Scorer(model, ByteTokenizer(), "diffusion", mask_id=3, name="tiny-llada", **kw)
+
+
+def test_preset_scores_each_task_with_its_official_guidance():
+    scorer = _tiny_llada_scorer(mc_num=4, mc_batch=2)
     lm = DllmSparseLM.from_scorer(scorer, preset="llada-official")
     reqs = [Instance("loglikelihood", {}, ("ab", " cd"), 0, ("arc_challenge", 0, 1)),
             Instance("loglikelihood", {}, ("ab", " cd"), 0, ("winogrande", 0, 1)),
-            Instance("loglikelihood", {}, ("ab", " cd"), 0, ("truthfulqa_mc2", 0, 1))]
+            Instance("loglikelihood", {}, ("ab", " cd"), 0, ("truthfulqa_mc2", 0, 1)),
+            Instance("loglikelihood", {}, ("ab", " cd"), 0, ("mmlu_anatomy", 0, 1))]
     got = lm.loglikelihood(reqs)
-    for req, res, w in zip(reqs, got, (0.5, 0.0, 2.0), strict=True):
-        assert res == scorer.loglikelihood([req.args], keys=[lm._key(req)], cfg_scale=w)[0]
-    assert got[0] != got[1] and json.loads(lm.identity)["preset"] == "llada-official"
+    # The official arithmetic (precision="official"); the scorer's mc_num / mc_batch except on the MMLU-style
+    # tasks, which the official script scores with mc_num 1, batch 1.
+    official = _tiny_llada_scorer(mc_num=4, mc_batch=2, precision="official")
+    one_row = _tiny_llada_scorer(mc_num=1, mc_batch=1, precision="official")
+    for req, res, (ref, w) in zip(reqs, got, ((official, 0.5), (official, 0.0), (official, 2.0), (one_row, 0.0)),
+                                  strict=True):
+        assert res == ref.loglikelihood([req.args], keys=[lm._key(req)], cfg_scale=w)[0]
+    assert got[0] != got[1] and got[3] != official.loglikelihood([reqs[3].args], keys=[lm._key(reqs[3])])[0]
+    assert (scorer.precision, scorer.mc_num, scorer.mc_batch) == ("float32", 4, 2)  # restored after the call
+    ident = json.loads(lm.identity)
+    assert ident["preset"] == "llada-official" and ident["preset_settings"]["precision"] == "official"
+    assert "preset_settings" not in json.loads(DllmSparseLM.from_scorer(scorer).identity)
     assert lm.preset.mc_num == 128 and lm.preset.greedy_check == "off"
+    # An explicit mc_num / mc_batch is every task's: the MMLU-style request is then scored with the scorer's.
+    explicit = DllmSparseLM.from_scorer(scorer, preset="llada-official", mc_num=4)
+    assert explicit.loglikelihood(reqs[3:]) == official.loglikelihood([reqs[3].args], keys=[lm._key(reqs[3])])
     with pytest.raises(ValueError, match="unknown evaluation preset"):
         DllmSparseLM.from_scorer(scorer, preset="nope")
 
@@ -250,3 +267,55 @@ def test_from_scorer_refuses_settings_it_would_drop():
         DllmSparseLM.from_scorer(scorer, sparsity=SparsityConfig("input", TopP(0.9), layers=[5]))
     with pytest.raises(ValueError, match="preset=llada-official .* autoregressive"):
         DllmSparseLM.from_scorer(scorer, preset="llada-official")
+
+
+def test_llada_official_preset_holds_the_official_scripts_values():
+    """The values of ML-GSAI/LLaDA's eval_llada_lm_eval.sh (one command per task) and eval_llada.py."""
+    from dllm_sparse.eval.presets import get_preset
+
+    preset = get_preset("llada-official")
+    script = {  # task: (num_fewshot, cfg, mc_num, batch_size) of its command
+        "gpqa_main_n_shot": (5, 0.5, 128, 8), "truthfulqa_mc2": (0, 2.0, 128, 8), "arc_challenge": (0, 0.5, 128, 8),
+        "hellaswag": (0, 0.5, 128, 8), "winogrande": (5, 0.0, 128, 8), "piqa": (0, 0.5, 128, 8),
+        "mmlu": (5, 0.0, 1, 1), "cmmlu": (5, 0.0, 1, 1), "ceval-valid": (5, 0.0, 1, 1)}
+    for task, (shots, cfg, mc_num, batch) in script.items():
+        assert (preset.num_fewshot[task], preset.cfg_for(task), preset.mc_for(task)) == (shots, cfg, (mc_num, batch))
+    assert preset.mc_for("mmlu_anatomy") == preset.mc_for("cmmlu_agronomy") == preset.mc_for("ceval-valid_law") \
+        == (1, 1)
+    assert preset.mc_for("arc_easy") == (128, 8) and preset.cfg_for("arc_easy") == 0.0  # not in the script
+    assert preset.generation_tasks == ("bbh", "gsm8k", "minerva_math", "humaneval", "mbpp")
+    assert (preset.gen_length, preset.steps, preset.block_length) == (1024, 1024, 1024)
+    assert preset.greedy_check == "off" and preset.confidence == "official" and preset.precision == "official"
+
+
+def test_generate_until_passes_the_guidance_and_the_presets_confidence_to_the_sampler(monkeypatch):
+    import dllm_sparse.samplers as samplers
+
+    seen = []
+    real = samplers.generate
+
+    def spy(model, tokenizer, prompts, config, **kw):  # records the config, then generates for real
+        seen.append(config)
+        return real(model, tokenizer, prompts, config, **kw)
+
+    monkeypatch.setattr(samplers, "generate", spy)
+    req = Instance("generate_until", {}, ("ab", {"until": ["\n"]}), 0, ("t", 0, 1))
+    geom = dict(max_gen_toks=8, gen_steps=4, block_length=4)
+    scorer = _tiny_llada_scorer(cfg_scale=0.5)
+    forwards = []
+    hook = scorer.model.register_forward_pre_hook(lambda m, a, k: forwards.append(k["input_ids"].shape[0]),
+                                                  with_kwargs=True)
+    try:
+        out = DllmSparseLM.from_scorer(scorer, **geom).generate_until([req])
+    finally:
+        hook.remove()
+    assert seen[-1].cfg_scale == 0.5 and seen[-1].confidence == "float64"
+    assert forwards and set(forwards) == {2}  # guided: the unconditional row rides with the prompt's
+    cfg = samplers.GenerationConfig(max_new_tokens=8, steps=4, block_length=4, mask_id=3, cfg_scale=0.5,
+                                    stop_strings=["\n"], seed=scorer.seed)
+    assert out == [t.split("\n")[0] for t in real(scorer.model, scorer.tokenizer, ["ab"], cfg).texts]
+    # The preset: the task's official guidance (generation tasks: 0) and the official confidence.
+    plain = _tiny_llada_scorer()
+    gsm = Instance("generate_until", {}, ("ab", {"until": ["\n"]}), 0, ("gsm8k", 0, 1))
+    DllmSparseLM.from_scorer(plain, preset="llada-official", **geom).generate_until([gsm])
+    assert seen[-1].cfg_scale == 0.0 and seen[-1].confidence == "official"

@@ -209,3 +209,169 @@ def test_greedy_check_modes():
     s = Scorer(model, ByteTokenizer(), "diffusion", mask_id=3, mc_num=2, mc_batch=2, greedy_check=True)
     assert s.greedy_check == "iterative" and "/greedy-iterative" in s.identity()
     assert "greedy" not in Scorer(model, ByteTokenizer(), "diffusion", mask_id=3).identity()
+
+
+# ---- precision="official": the official computation in bf16, bit for bit ---------------------------------------
+
+
+def _official_logits(model, batch, prompt_len, mask_id, cfg):
+    """The official ``get_logits``: with cfg > 0 the batch with its prompt masked rides in the same forward pass,
+    and the guidance runs on the model's logits in their own dtype."""
+    if cfg > 0:
+        un_batch = batch.clone()
+        un_batch[:, :prompt_len] = mask_id
+        batch = torch.cat([batch, un_batch])
+    logits = model(input_ids=batch).logits
+    if cfg > 0:
+        logits, un_logits = torch.chunk(logits, 2, dim=0)
+        logits = un_logits + (cfg + 1) * (logits - un_logits)
+    return logits
+
+
+def _official_loglikelihood(model, prefix, target, masks, mc_batch, mask_id, cfg):
+    """The official ``get_loglikelihood`` on given answer masks [mc_num, L] (the draw itself is elbo_masks'):
+    per mini-batch, cross-entropy of the masked positions in the logits' dtype divided by the row's masked
+    fraction (float32), summed in float32 and divided by the rows; then minus the mean of the ``.item()`` values."""
+    P, L = len(prefix), len(target)
+    seq = torch.tensor(prefix + target)[None].repeat(mc_batch, 1)
+    loss_acc = []
+    with torch.no_grad():
+        for s in range(0, len(masks), mc_batch):
+            m = masks[s:s + mc_batch]
+            is_mask = torch.cat([torch.zeros(mc_batch, P, dtype=torch.bool), m], dim=1)
+            perturbed = torch.where(is_mask, mask_id, seq)
+            p_mask = (m.sum(dim=1) / L).unsqueeze(1).repeat(1, seq.shape[1])
+            mask_indices = perturbed == mask_id
+            logits = _official_logits(model, perturbed, P, mask_id, cfg)
+            loss = F.cross_entropy(logits[mask_indices], seq[mask_indices], reduction="none") / p_mask[mask_indices]
+            loss_acc.append((loss.sum() / mc_batch).item())
+    return -sum(loss_acc) / len(loss_acc)
+
+
+def _official_greedy(model, prefix, target, mask_id, cfg):
+    """The official ``suffix_greedy_prediction``: L passes, each keeps the argmax of the most confident masked
+    position (softmax in float32) and re-masks the others."""
+    P, L = len(prefix), len(target)
+    seq = torch.full((1, P + L), mask_id)
+    seq[0, :P] = torch.tensor(prefix)
+    with torch.no_grad():
+        for _ in range(L):
+            mask_index = seq == mask_id
+            logits = _official_logits(model, seq, P, mask_id, cfg)[mask_index]
+            x0 = logits.argmax(-1)
+            confidence = torch.softmax(logits.to(torch.float32), dim=-1).gather(-1, x0[:, None]).squeeze(-1)
+            index = torch.sort(confidence, descending=True).indices
+            x0[index[1:]] = mask_id
+            seq[mask_index] = x0.clone()
+    return bool((seq[0, P:] == torch.tensor(target)).all())
+
+
+@pytest.fixture(scope="module")
+def bf16_llada():
+    return _llada().to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("w", [0.0, 0.5, 2.0])
+def test_official_precision_is_the_official_elbo_bit_for_bit_in_bf16(bf16_llada, w):
+    model = bf16_llada
+    mask_id = model.config.mask_token_id
+    mc_num, mc_batch, seed = 16, 4, 5
+    requests = [([5, 6, 7], [11, 12, 13, 14]), ([9, 8], [20, 21, 22]), ([30, 31, 32], [40, 41, 42, 43])]
+    keys = ["a", "b", "c"]
+    got = diffusion_elbo_tokens(model, requests, mask_id=mask_id, mc_num=mc_num, mc_batch=mc_batch, seed=seed,
+                                keys=keys, cfg_scale=w, precision="official", batch_size=64)
+    for (prompt, answer), key, (ll, _) in zip(requests, keys, got, strict=True):
+        masks = elbo_masks(len(answer), mc_num, mc_batch, item_generator(seed, key))
+        assert ll == _official_loglikelihood(model, prompt, answer, masks, mc_batch, mask_id, w)  # exact
+    # The default guides and scores in float32: the formula in float64 on the same bf16 logits, up to float32
+    # rounding (one item per call, so its forward passes and LM-head rows are the reference's).
+    for (prompt, answer), key in zip(requests, keys, strict=True):
+        (ll, _), = diffusion_elbo_tokens(model, [(prompt, answer)], mask_id=mask_id, mc_num=mc_num,
+                                         mc_batch=mc_batch, seed=seed, keys=[key], cfg_scale=w, dedupe=False,
+                                         batch_size=mc_batch)
+        masks = elbo_masks(len(answer), mc_num, mc_batch, item_generator(seed, key))
+        assert ll == pytest.approx(_float64_elbo(model, prompt, answer, masks, mc_batch, mask_id, w), rel=1e-5)
+
+
+def _float64_elbo(model, prefix, target, masks, mc_batch, mask_id, w):
+    """The ELBO formula in float64 on the model's logits at the masked positions, each mini-batch one forward
+    pass (with its prompt-masked copy when w > 0) and the LM head applied to the masked rows, as the scorer
+    runs them (so the bf16 logits are the same ones)."""
+    from dllm_sparse.models.families import without_lm_head
+
+    P, L = len(prefix), len(target)
+    seq = torch.tensor(prefix + target)[None].repeat(mc_batch, 1)
+    total = 0.0
+    with torch.no_grad():
+        for s in range(0, len(masks), mc_batch):
+            m = masks[s:s + mc_batch]
+            is_mask = torch.cat([torch.zeros(mc_batch, P, dtype=torch.bool), m], dim=1)
+            noisy = torch.where(is_mask, mask_id, seq)
+            uncond = noisy.clone()
+            uncond[:, :P] = mask_id
+            x = noisy if w == 0 else torch.cat([noisy, uncond])
+            bi, ti = is_mask.nonzero(as_tuple=True)
+            with without_lm_head(model) as head:
+                out = model(input_ids=x).logits
+            sel = out[bi, ti] if w == 0 else torch.cat([out[:mc_batch][bi, ti], out[mc_batch:][bi, ti]])
+            if head is not None:
+                sel = F.linear(sel, head.weight, head.bias)
+            lg = sel.double()
+            if w > 0:
+                cond, uncond = lg[:len(bi)], lg[len(bi):]
+                lg = uncond + (w + 1) * (cond - uncond)
+            ce = F.cross_entropy(lg, seq[bi, ti], reduction="none")
+            total += sum(ce[bi == r].sum().item() * L / int(m[r].sum()) for r in range(mc_batch))
+    return -total / len(masks)
+
+
+@pytest.mark.parametrize("w", [0.0, 1.0])
+def test_official_precision_greedy_check_is_the_official_check_in_bf16(bf16_llada, w):
+    model = bf16_llada
+    mask_id = model.config.mask_token_id
+    prompts = [[5, 6, 7], [9, 8, 7], [30, 31, 32], [3, 4, 5]]
+    L = 4
+    requests = []
+    for p in prompts:  # the official decoding as the target (greedy), and the same target one token off
+        decoded = _reference_decode_official(model, p, L, mask_id, w)
+        requests += [(p, decoded), (p, decoded[:-1] + [(decoded[-1] + 1) % 100])]
+    expected = [_official_greedy(model, p, a, mask_id, w) for p, a in requests]
+    assert True in expected and False in expected
+    assert iterative_greedy_check(model, requests, mask_id=mask_id, batch_size=8, cfg_scale=w,
+                                  precision="official") == expected
+
+
+def _reference_decode_official(model, prefix, L, mask_id, cfg):
+    """What the official check decodes (its canvas after L passes), to build targets it accepts."""
+    P = len(prefix)
+    seq = torch.full((1, P + L), mask_id)
+    seq[0, :P] = torch.tensor(prefix)
+    with torch.no_grad():
+        for _ in range(L):
+            mask_index = seq == mask_id
+            logits = _official_logits(model, seq, P, mask_id, cfg)[mask_index]
+            x0 = logits.argmax(-1)
+            confidence = torch.softmax(logits.to(torch.float32), dim=-1).gather(-1, x0[:, None]).squeeze(-1)
+            x0[torch.sort(confidence, descending=True).indices[1:]] = mask_id
+            seq[mask_index] = x0.clone()
+    return seq[0, P:].tolist()
+
+
+def test_precision_is_named_plumbed_and_in_the_scorer_identity():
+    model = build_tiny_model("llada", vocab_size=260, embedding_size=260, mask_token_id=3)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Scorer(model, ByteTokenizer(), "diffusion", mask_id=3, precision="bf16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        diffusion_elbo_tokens(model, [([5], [6])], mask_id=3, mc_num=2, mc_batch=2, precision="fp16")
+    with pytest.raises(ValueError, match="diffusion-ELBO setting"):
+        Scorer(build_tiny_model("llama", vocab_size=260), ByteTokenizer(), "ar", precision="official")
+    plain = Scorer(model, ByteTokenizer(), "diffusion", mask_id=3, mc_num=4, mc_batch=2)
+    official = Scorer(model, ByteTokenizer(), "diffusion", mask_id=3, mc_num=4, mc_batch=2, precision="official")
+    assert plain.precision == "float32" and "precision" not in plain.identity()
+    assert "/precision-official" in official.identity()
+    pairs = [("hello", " world")]
+    (ll, _), = official.loglikelihood(pairs)
+    ids = official.encode_pair(*pairs[0])
+    (ref, _), = diffusion_elbo_tokens(model, [ids], mask_id=3, mc_num=4, mc_batch=2, seed=official.seed,
+                                      keys=None, precision="official")
+    assert ll == ref

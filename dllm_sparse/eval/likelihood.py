@@ -32,6 +32,18 @@ Guided ELBO (``cfg_scale`` w > 0, the official ``get_log_likelihood``): every ma
 prompt position replaced by the mask id, in the same forward pass, and logits = uncond + (w + 1)(cond − uncond)
 before the cross-entropy. The masks are the unguided estimate's (common random numbers); w = 0 is the plain ELBO.
 
+Precision (``precision``): ``"float32"`` (the default) takes the model's logits to float32 before the guidance and
+the cross-entropy, and sums the losses in float64. ``"official"`` reproduces the official evaluation bit for bit
+(as ``GenerationConfig(confidence="official")`` does for the sampler): the guidance and the cross-entropy run in
+the model's dtype (bf16 for LLaDA-8B), each loss is divided by its row's masked fraction in float32 and summed per
+mini-batch in float32 (one ``.item()`` per mini-batch, averaged over the mini-batches), and the official layout is
+used: one forward pass per item and mini-batch (the ``mc_batch`` rows of one item, every drawn row: no
+de-duplication, ``batch_size`` and ``dedupe`` are not used), the LM head over every position (never split off),
+and the iterative greedy check one item per forward pass with the softmax of its confidence in float32. In float32
+models the two differ by float rounding only; in bf16 the guided ELBO differs between them and, occasionally, a
+greedy check's verdict. Ties of the greedy check's confidence: the lowest
+position in both (the official ``torch.sort`` is not stable, so its order among exact ties is its kernel's).
+
 ``is_greedy`` for diffusion (``greedy_check``):
 
 * ``"iterative"`` (the official LLaDA check, :func:`iterative_greedy_check`): from prompt + fully masked answer,
@@ -53,7 +65,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 from collections.abc import Hashable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -74,6 +86,7 @@ __all__ = [
     "iterative_greedy_check",
     "greedy_check_mode",
     "GREEDY_CHECKS",
+    "ELBO_PRECISIONS",
     "elbo_mask_counts",
     "elbo_masks",
     "item_generator",
@@ -300,10 +313,22 @@ def _check_cfg_scale(cfg_scale: float) -> float:
     return w
 
 
+ELBO_PRECISIONS = ("float32", "official")
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in ELBO_PRECISIONS:
+        raise ValueError(f"precision must be one of {ELBO_PRECISIONS} ('float32' = guidance and cross-entropy in "
+                         f"float32, the default; 'official' = the official LLaDA evaluation bit for bit, in the "
+                         f"model's dtype), got {precision!r}")
+    return precision
+
+
 def _guided_logits(model: torch.nn.Module, noisy: torch.Tensor, answer_pos: torch.Tensor, bi: torch.Tensor,
                    ti: torch.Tensor, *, mask_id: int, cfg_scale: float, shift_logits: bool, stats, tag, groups,
-                   row_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Float32 logits at the positions (bi, ti) of the rows ``noisy`` [n, T], from ONE forward pass.
+                   row_weights: torch.Tensor | None = None, precision: str = "float32") -> torch.Tensor:
+    """Float32 logits at the positions (bi, ti) of the rows ``noisy`` [n, T], from ONE forward pass
+    (``precision="official"``: in the model's dtype, guided in it, with the LM head over every position).
 
     With ``cfg_scale`` w > 0 the same rows with every prompt position (``~answer_pos``) replaced by ``mask_id``
     are batched after them (the official ``get_log_likelihood``), and logits = uncond + (w + 1)(cond − uncond).
@@ -316,7 +341,11 @@ def _guided_logits(model: torch.nn.Module, noisy: torch.Tensor, answer_pos: torc
         groups = {k: torch.cat([v, v]) for k, v in groups.items()}
         row_weights = None if row_weights is None else torch.cat([row_weights, row_weights])
     device = model_device(model)
-    with torch.no_grad(), _tagged(stats, tag, groups, row_weights), without_lm_head(model) as head:
+    official = precision == "official"
+    # official: the LM head runs over every position, as in the official code (a BLAS may round a product of
+    # fewer rows differently, so the split-off head is not used where bits must match)
+    with torch.no_grad(), _tagged(stats, tag, groups, row_weights), \
+            (nullcontext(None) if official else without_lm_head(model)) as head:
         out = model(input_ids=x.to(device)).logits  # hidden states when head is not None
     if shift_logits:
         out = torch.cat([out[:, :1], out[:, :-1]], dim=1)
@@ -325,7 +354,8 @@ def _guided_logits(model: torch.nn.Module, noisy: torch.Tensor, answer_pos: torc
     if head is not None:
         with torch.no_grad():
             sel = F.linear(sel.to(head.weight.device), head.weight, head.bias)
-    sel = sel.float()
+    if not official:
+        sel = sel.float()
     if cfg_scale == 0:
         return sel
     cond, uncond = sel[:len(bi)], sel[len(bi):]
@@ -349,6 +379,7 @@ def diffusion_elbo_tokens(
     stats: SparsityStats | None = None,
     ratio_bins: int = 0,
     progress: bool = False,
+    precision: str = "float32",
 ) -> list[tuple[float, bool]]:
     """Monte-Carlo ELBO estimate of ``log p(answer | prompt)`` for each (prompt ids, answer ids) request.
 
@@ -360,11 +391,15 @@ def diffusion_elbo_tokens(
     ``config.logit_shift``). ``cfg_scale``: classifier-free guidance w of the official ``get_log_likelihood``
     (0 = none); the masks do not depend on it, so guided and unguided estimates share their random numbers.
     ``greedy_check``: ``"iterative"`` / ``"one_pass"`` / ``"off"`` (see :func:`greedy_check_mode` and the module
-    docstring). Returns ``(ll, is_greedy)`` per request.
+    docstring). ``precision``: ``"float32"`` or ``"official"`` (the official computation bit for bit, with its
+    batch layout: ``batch_size`` and ``dedupe`` are then not used; module docstring). Returns ``(ll, is_greedy)``
+    per request.
     """
     batch_size = batch_size or mc_batch
     cfg_scale = _check_cfg_scale(cfg_scale)
     check = greedy_check_mode(greedy_check)
+    official = _check_precision(precision) == "official"
+    dedupe = dedupe and not official  # the official code runs every drawn row
     if keys is not None and len(keys) != len(requests):
         raise ValueError("keys must have one entry per request")
     # 1. The rows of every item: (item, answer mask, multiplicity); multiplicity 0 marks the one-pass check row.
@@ -394,6 +429,9 @@ def diffusion_elbo_tokens(
         by_len.setdefault(len(seqs[i]), []).append(r)
     chunks = [rs[s:s + batch_size] for T in sorted(by_len, reverse=True) for rs in [by_len[T]]
               for s in range(0, len(rs), batch_size)]
+    if official:  # the official layout: one item's mini-batch per forward pass (the one-pass check row alone)
+        chunks = _official_chunks(rows, mc_batch)
+    minibatch_losses: list[list[float]] = [[] for _ in requests]  # official: one float32 loss per mini-batch
     loss_sum = [0.0] * len(requests)
     greedy = [False] * len(requests)
     bar = _progress(len(chunks), "ELBO forward passes", progress)
@@ -421,8 +459,13 @@ def diffusion_elbo_tokens(
         bi, ti = is_mask.nonzero(as_tuple=True)
         lg = _guided_logits(model, noisy, answer_pos, bi, ti, mask_id=mask_id, cfg_scale=cfg_scale,
                             shift_logits=shift_logits, stats=stats, tag="elbo", groups=groups,
-                            row_weights=weight if dedupe else None)
+                            row_weights=weight if dedupe else None, precision=precision)
         target = clean[bi, ti].to(lg.device)
+        if official and rows[chunk[0]][2] > 0:
+            minibatch_losses[rows[chunk[0]][0]].append(_official_minibatch_loss(lg, target, is_mask, bi, answer_pos))
+            if bar is not None:
+                bar.update(1)
+            continue
         ce = F.cross_entropy(lg, target, reduction="none").double().cpu()
         row_ce = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, bi, ce)
         wrong = torch.zeros(len(chunk), dtype=torch.float64).index_add_(
@@ -439,9 +482,36 @@ def diffusion_elbo_tokens(
         bar.close()
     if check == "iterative":
         greedy = iterative_greedy_check(model, requests, mask_id=mask_id, batch_size=batch_size,
-                                        cfg_scale=cfg_scale, shift_logits=shift_logits, stats=stats)
+                                        cfg_scale=cfg_scale, shift_logits=shift_logits, stats=stats,
+                                        precision=precision)
+    if official:  # the official mean of the per-mini-batch losses, in Python floats
+        return [(-sum(losses) / len(losses), greedy[i]) for i, losses in enumerate(minibatch_losses)]
     # Mean over rows then over iterations = mean over all mc_num rows (every mini-batch has b rows).
     return [(-loss_sum[i] / mc_num, greedy[i]) for i in range(len(requests))]
+
+
+def _official_chunks(rows: list[tuple[int, torch.Tensor, int]], mc_batch: int) -> list[list[int]]:
+    """Forward-pass chunks of the official layout: each item's drawn rows in order, ``mc_batch`` per pass (one
+    mini-batch), and the one-pass check row (multiplicity 0) on its own."""
+    chunks: list[list[int]] = []
+    for r, (i, _, mult) in enumerate(rows):
+        if mult == 0 or not chunks or len(chunks[-1]) == mc_batch or rows[chunks[-1][0]][0] != i \
+                or rows[chunks[-1][0]][2] == 0:
+            chunks.append([r])
+        else:
+            chunks[-1].append(r)
+    return chunks
+
+
+def _official_minibatch_loss(lg: torch.Tensor, target: torch.Tensor, is_mask: torch.Tensor, bi: torch.Tensor,
+                             answer_pos: torch.Tensor) -> float:
+    """The official ``get_loglikelihood`` loss of one mini-batch: cross-entropy in the logits' dtype, divided by
+    the row's masked fraction (float32, count / L), summed in float32 over every masked position (row-major, the
+    order of boolean indexing) and divided by the rows."""
+    L = int(answer_pos[0].sum())
+    p_mask = (is_mask.sum(dim=1) / L).to(lg.device)  # integer / int: float32, as the official x / target_len
+    loss = F.cross_entropy(lg, target, reduction="none") / p_mask[bi.to(lg.device)]
+    return (loss.sum() / is_mask.shape[0]).item()
 
 
 def iterative_greedy_check(
@@ -453,6 +523,7 @@ def iterative_greedy_check(
     cfg_scale: float = 0.0,
     shift_logits: bool = False,
     stats: SparsityStats | None = None,
+    precision: str = "float32",
 ) -> list[bool]:
     """The official LLaDA greedy check (``docs/generation.md``, "Greedy check") of each (prompt, answer) request.
 
@@ -462,8 +533,12 @@ def iterative_greedy_check(
     write that argmax there. The answer is greedy iff the result reproduces every answer token. The logits are
     guided like the ELBO's when ``cfg_scale`` > 0 (the official check calls the same ``get_logits``). Items with
     the same prompt and answer lengths are decoded together, ``batch_size`` per forward pass; statistics are
-    tagged ``"greedy_check"``."""
+    tagged ``"greedy_check"``. ``precision="official"``: the official computation (one item per forward pass,
+    guidance in the model's dtype, the confidence's softmax in float32; default: float32 guidance, float64
+    softmax)."""
     cfg_scale = _check_cfg_scale(cfg_scale)
+    official = _check_precision(precision) == "official"
+    batch_size = 1 if official else batch_size
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, (prompt, answer) in enumerate(requests):
         if len(answer) == 0:
@@ -486,9 +561,11 @@ def iterative_greedy_check(
                 # Every row has the same number of masked answer positions left (one is written per pass).
                 bi, ti = masked.nonzero(as_tuple=True)
                 lg = _guided_logits(model, canvas, answer_pos, bi, ti, mask_id=mask_id, cfg_scale=cfg_scale,
-                                    shift_logits=shift_logits, stats=stats, tag="greedy_check", groups=groups)
+                                    shift_logits=shift_logits, stats=stats, tag="greedy_check", groups=groups,
+                                    precision=precision)
                 x0 = lg.argmax(-1).cpu()
-                conf = torch.softmax(lg.double(), dim=-1).gather(-1, x0.to(lg.device)[:, None]).squeeze(-1).cpu()
+                p = torch.softmax(lg.float() if official else lg.double(), dim=-1)
+                conf = p.gather(-1, x0.to(lg.device)[:, None]).squeeze(-1).cpu()
                 conf = conf.reshape(len(idx), -1)
                 # nonzero() lists positions in increasing order, so a stable sort breaks ties by lowest position.
                 best = torch.sort(conf, dim=-1, descending=True, stable=True).indices[:, 0]
@@ -538,7 +615,8 @@ class Scorer:
     ``mask_id`` (when neither the argument, the model config nor the tokenizer gives one) and its
     ``logit_shift`` (the ``shift_logits`` default) from it. Diffusion only: ``cfg_scale`` (guided ELBO, the default
     of every call; each verb takes ``cfg_scale=`` for that call alone) and ``greedy_check`` (``"iterative"``,
-    ``"one_pass"`` or ``"off"``; ``True`` = ``"iterative"``), see the module docstring.
+    ``"one_pass"`` or ``"off"``; ``True`` = ``"iterative"``) and ``precision`` (``"float32"`` or ``"official"``,
+    the official computation bit for bit), see the module docstring.
     """
 
     def __init__(
@@ -565,6 +643,7 @@ class Scorer:
         sparsity: SparsityConfig | Sequence[SparsityConfig] | None = None,
         stats: SparsityStats | None = None,
         progress: bool = False,
+        precision: str = "float32",
     ):
         if kind not in ("ar", "diffusion"):
             raise ValueError(f"kind must be 'ar' or 'diffusion', got {kind!r}")
@@ -595,6 +674,10 @@ class Scorer:
         self.max_length = max_length or self._default_max_length()
         self.greedy_check = greedy_check_mode(greedy_check)
         self.cfg_scale = _check_cfg_scale(cfg_scale)
+        self.precision = _check_precision(precision)
+        if self.precision != "float32" and kind != "diffusion":
+            raise ValueError(f"precision={precision!r} is a diffusion-ELBO setting; an autoregressive scorer "
+                             "computes the exact log-likelihood (leave precision at 'float32')")
         self.dedupe, self.ratio_bins, self.progress = dedupe, ratio_bins, progress
         self._sparsity = _as_configs(sparsity)
         self.stats = stats
@@ -629,6 +712,7 @@ class Scorer:
             est = f"mc{self.mc_num}/b{self.mc_batch}/seed{self.seed}/shift{int(self.shift_logits)}"
             est += f"/cfg{w!r}" if w > 0 else ""
             est += f"/greedy-{self.greedy_check}" if self.greedy_check != "off" else ""
+            est += f"/precision-{self.precision}" if self.precision != "float32" else ""
         return f"{self.name}|{self.kind}|{sp}|{est}|bos{int(self.add_bos_token)}"
 
     @property
@@ -719,7 +803,7 @@ class Scorer:
                 self.model, requests, mask_id=self.mask_id, mc_num=self.mc_num, mc_batch=self.mc_batch,
                 batch_size=max(self.batch_size, 1), seed=self.seed, keys=keys, shift_logits=self.shift_logits,
                 dedupe=self.dedupe, cfg_scale=cfg_scale, greedy_check=self.greedy_check, stats=stats,
-                ratio_bins=self.ratio_bins, progress=self.progress)
+                ratio_bins=self.ratio_bins, progress=self.progress, precision=self.precision)
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]], keys: Sequence[Hashable] | None = None, *,
                       sparsity=SCORER_DEFAULT, stats=SCORER_DEFAULT,

@@ -52,8 +52,10 @@ Model arguments: ``pretrained`` (hub id, local dir, .gguf or embedded name), ``k
 ``threshold`` (alias ``p``; p for top-p / max-p, the target sparsity for top-k), ``scope``; ``batch_size``,
 ``mc_num``, ``mc_batch``, ``seed``, ``shift_logits`` (Dream-style; default by family), ``greedy_check``
 (``iterative``/true, ``one_pass``, ``off``/false), ``cfg`` (alias ``cfg_scale``: guided ELBO w, as the official
-LLaDA evaluation's ``cfg``), ``preset`` (``llada-official``: the official per-task cfg, mc_num 128, mc_batch 8,
-greedy check off, generation 1024/1024/1024; see :mod:`dllm_sparse.eval.presets`; explicit arguments win),
+LLaDA evaluation's ``cfg``), ``preset`` (``llada-official``: the official per-task cfg and mc_num / mc_batch (128 / 8;
+1 / 1 on mmlu, cmmlu, ceval-valid), greedy check off, the ELBO in the official arithmetic (``precision="official"``),
+generation 1024/1024/1024 with the task's cfg and the official confidence; see :mod:`dllm_sparse.eval.presets`;
+explicit arguments win, an explicit ``mc_num`` or ``mc_batch`` for every task),
 ``max_gen_toks``, ``gen_steps``, ``block_length``, ``trust_remote_code``, ``add_bos_token``, ``progress``
 (progress bars, default true; lm-eval's ``disable_tqdm`` and ranks other than 0 turn them off),
 ``data_parallel`` (default: true for a model built from ``pretrained``).
@@ -110,6 +112,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "dllm_sparse.eval.lm_eval_model needs lm-evaluation-harness: pip install -e '.[eval]' (or pip install lm-eval)"
     ) from e
 
+import dataclasses
 import logging
 import os
 from collections.abc import Hashable
@@ -298,6 +301,8 @@ class DllmSparseLM(LM):
                 ("mc_num", mc_num), ("mc_batch", mc_batch), ("max_gen_toks", max_gen_toks),
                 ("gen_steps", gen_steps), ("block_length", block_length)))
         self.preset = None if preset in (None, "", "none") else get_preset(preset)
+        # The preset's per-task mc_num / mc_batch (MMLU-style tasks: 1 / 1) apply unless either is given.
+        self._preset_mc = self.preset is not None and mc_num is None and mc_batch is None
         if self.preset is not None:
             if cfg is not None:
                 raise ValueError(f"preset={self.preset.name} sets the guidance per task; drop cfg={cfg} (or the "
@@ -332,6 +337,12 @@ class DllmSparseLM(LM):
                                mc_num=mc_num, mc_batch=mc_batch, seed=seed, shift_logits=shift_logits,
                                greedy_check=greedy_check, trust_remote_code=trust_remote_code,
                                add_bos_token=add_bos_token)
+            if self.preset is not None:
+                # With a preset, mc_num / mc_batch equal to the scorer's say "the scorer's for every task" (instead of
+                # the preset's per-task values): allowed; any other value would be ignored, so it is refused below.
+                for name in ("mc_num", "mc_batch"):
+                    if scorer_args[name] is not None and scorer_args[name] == getattr(scorer, name, None):
+                        scorer_args[name] = None
             given = sorted(k for k, v in scorer_args.items() if v is not None)
             if given:  # they would be dropped: the scorer was built with its own
                 raise TypeError(f"DllmSparseLM(scorer=...) takes the scorer's settings; {', '.join(given)} would be "
@@ -406,7 +417,17 @@ class DllmSparseLM(LM):
             mc_num=sc.mc_num if diffusion else None, mc_batch=sc.mc_batch if diffusion else None,
             seed=sc.seed, shift_logits=bool(sc.shift_logits) if diffusion else None,
             mask_id=sc.mask_id if diffusion else None, cfg_scale=sc.cfg_scale if diffusion else None,
-            preset=self.preset.name if self.preset is not None else None)
+            preset=self.preset.name if self.preset is not None else None, **self._preset_identity())
+
+    def _preset_identity(self) -> dict[str, Any]:
+        """The fields a preset or a non-default ELBO precision adds (absent otherwise, so the identities of other
+        runs are unchanged): the preset's every setting, since its per-task values change numbers."""
+        extra: dict[str, Any] = {}
+        if self.preset is not None:
+            extra["preset_settings"] = {**dataclasses.asdict(self.preset), "per_task_mc": self._preset_mc}
+        if getattr(self.scorer, "precision", "float32") != "float32":
+            extra["precision"] = self.scorer.precision
+        return extra
 
     @property
     def identity(self) -> str:
@@ -551,13 +572,33 @@ class DllmSparseLM(LM):
         return (req.task_name, req.doc_id, req.idx)
 
     # ---- requests ------------------------------------------------------------------------------------------
-    def _cfg_groups(self, requests) -> dict[float | None, list[int]]:
-        """Request indices by the guidance they are scored with: the preset's per-task value, else the scorer's."""
-        groups: dict[float | None, list[int]] = {}
+    def _cfg_groups(self, requests) -> dict[tuple[float | None, tuple[int, int] | None], list[int]]:
+        """Request indices by the (guidance, (mc_num, mc_batch)) they are scored with: the preset's per-task
+        values, else None = the scorer's."""
+        groups: dict[tuple[float | None, tuple[int, int] | None], list[int]] = {}
         for i, req in enumerate(requests):
-            w = None if self.preset is None else self.preset.cfg_for(req.task_name or "")
-            groups.setdefault(w, []).append(i)
+            task = req.task_name or ""
+            w = None if self.preset is None else self.preset.cfg_for(task)
+            mc = self.preset.mc_override(task) if self._preset_mc else None
+            groups.setdefault((w, mc), []).append(i)
         return groups
+
+    @contextmanager
+    def _preset_scorer(self, mc: tuple[int, int] | None = None):
+        """The scorer with the preset's ELBO settings for the calls inside (its precision; ``mc``: mc_num and
+        mc_batch), restored after; unchanged without a preset or for an autoregressive scorer."""
+        sc = self.scorer
+        if self.preset is None or sc.kind != "diffusion":
+            yield
+            return
+        old = sc.precision, sc.mc_num, sc.mc_batch
+        sc.precision = self.preset.precision
+        if mc is not None:
+            sc.mc_num, sc.mc_batch = mc
+        try:
+            yield
+        finally:
+            sc.precision, sc.mc_num, sc.mc_batch = old
 
     def _show_progress(self, disable_tqdm: bool) -> bool:
         return self.progress and not disable_tqdm and self.rank == 0
@@ -590,11 +631,12 @@ class DllmSparseLM(LM):
         requests, where = self._distinct(requests)
         out: list = [None] * len(requests)
         with self._scorer_progress(disable_tqdm):
-            for w, idx in self._cfg_groups(requests).items():
+            for (w, mc), idx in self._cfg_groups(requests).items():
                 pairs = [requests[i].args[:2] for i in idx]
                 keys = [self._key(requests[i]) for i in idx]
-                res = self.scorer.loglikelihood(pairs, keys=keys, sparsity=self._sparsity, stats=self._stats,
-                                                cfg_scale=w if self.scorer.kind == "diffusion" else None)
+                with self._preset_scorer(mc):
+                    res = self.scorer.loglikelihood(pairs, keys=keys, sparsity=self._sparsity, stats=self._stats,
+                                                    cfg_scale=w if self.scorer.kind == "diffusion" else None)
                 for i, r in zip(idx, res, strict=True):
                     out[i] = r
         for req, res in zip(requests, out, strict=True):
@@ -606,7 +648,7 @@ class DllmSparseLM(LM):
         requests, where = self._distinct(requests)
         texts = [req.args[0] for req in requests]
         keys = [self._key(req) for req in requests]
-        with self._scorer_progress(disable_tqdm):
+        with self._scorer_progress(disable_tqdm), self._preset_scorer():
             scores = self.scorer.loglikelihood_rolling(texts, keys=keys, sparsity=self._sparsity, stats=self._stats)
         out = [ll for ll, _ in scores]
         for req, res, (_, n) in zip(requests, out, scores, strict=True):
@@ -619,13 +661,16 @@ class DllmSparseLM(LM):
         from dllm_sparse.samplers import GenerationConfig, StepSparsity, generate
 
         sc = self.scorer
-        groups: dict[str, list[int]] = {}
+        # Requests by their generation arguments and their guidance (the preset's per-task value, else the
+        # scorer's cfg_scale), as the official generate_until passes its cfg to the sampler.
+        groups: dict[tuple[str, float], list[int]] = {}
         for i, req in enumerate(requests):
-            groups.setdefault(repr(sorted((req.args[1] or {}).items())), []).append(i)
+            w = sc.cfg_scale if self.preset is None else self.preset.cfg_for(req.task_name or "")
+            groups.setdefault((repr(sorted((req.args[1] or {}).items())), w), []).append(i)
         out: list[str | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="generate_until", disable=not self._show_progress(disable_tqdm),
                    leave=False)
-        for idxs in groups.values():
+        for (_, w), idxs in groups.items():
             kw = dict(requests[idxs[0]].args[1] or {})
             until = kw.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
@@ -644,7 +689,9 @@ class DllmSparseLM(LM):
                 num_blocks = n_new // int(block)
                 steps = max(num_blocks, int(steps) // num_blocks * num_blocks)
                 cfg_kw.update(steps=steps, block_length=int(block), mask_id=sc.mask_id,
-                              logit_shift=sc.shift_logits)
+                              logit_shift=sc.shift_logits, cfg_scale=w)
+                if self.preset is not None:
+                    cfg_kw["confidence"] = self.preset.confidence
             config = GenerationConfig(**cfg_kw)
             for s in range(0, len(idxs), sc.batch_size):
                 chunk = idxs[s:s + sc.batch_size]

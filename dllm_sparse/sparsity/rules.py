@@ -598,14 +598,18 @@ class PaperTopP(SparsityRule):
     reproducing the paper's LLaDA figure; not the spec's rule (:class:`TopP`), and never used to compare models.
 
     ``p`` is in percent (e.g. 90). One selection per sample over all its tokens × features (``scope`` is always
-    ``"sequence"``): sort |v| descending (ties: original order), take the cumulative sum in bf16
-    (``torch.cumsum`` on a bf16 tensor: every prefix sum is rounded to bf16), divide by the total (the last
-    prefix sum) in bf16, and keep the entries whose cumulative share is ``<= p / 100`` (strict: the entry that
-    crosses p is dropped, unlike :class:`TopP`, which keeps it; the comparison is in bf16, so p / 100 is
-    rounded to bf16). On the ``input`` site the paper's hook pattern matched ``up_proj`` only, so this rule
-    feeds the sparse input to the up projection and the dense one to the gate projection
-    (:attr:`input_projections`). The arithmetic order beyond what the paper's code is documented to do (bf16
-    cumsum, ``<=``, percent) is this project's reading; the scripts were not available to check it against.
+    ``"sequence"``), computed as the paper's hook computes it, in the activations' own dtype (bf16 for a bf16
+    model, float32 for a float32 one): sort |v| descending, take the cumulative sum (``torch.cumsum`` in that
+    dtype), divide by the total (the last prefix sum), and keep the entries whose cumulative share is
+    ``<= p / 100`` (strict: the entry that crosses p is dropped, unlike :class:`TopP`, which keeps it; the
+    comparison is in that dtype, so in bf16 p / 100 is rounded to bf16). When that keeps nothing (the largest
+    entry alone holds more than p of the mass) the largest entry is kept, as the paper does. Zeros are never
+    reported as kept (the paper's mask keeps them when p = 100 or a sample is all zeros; the sparsified output
+    is the same either way). Ties: the paper's ``torch.sort`` is not stable, so when the cut falls inside a run
+    of equal magnitudes, which of them it keeps is its sort kernel's choice; this rule keeps the lowest-index
+    ones (a stable sort). How many are kept, and the output's kept mass, are the same. On the ``input`` site the
+    paper's hook pattern matched ``up_proj`` only, so this rule feeds the sparse input to the up projection and
+    the dense one to the gate projection (:attr:`input_projections`).
     """
 
     name: ClassVar[str] = "paper_top_p"
@@ -625,11 +629,13 @@ class PaperTopP(SparsityRule):
                              f"'sequence', got {self.scope!r}")
 
     def _row_mask(self, x):
-        a = x.detach().abs().to(torch.bfloat16)
+        a = x.detach().abs()
+        a = a if a.is_floating_point() else a.float()
         sorted_a, order = torch.sort(a, dim=-1, descending=True, stable=True)
-        csum = torch.cumsum(sorted_a, dim=-1)  # stays bf16
+        csum = torch.cumsum(sorted_a, dim=-1)  # stays in a's dtype, as in the paper
         share = csum / csum[..., -1:]
-        keep_sorted = share <= self.p / 100.0  # a bf16 comparison (an all-zero row gives NaN: nothing kept)
+        keep_sorted = share <= self.p / 100.0  # compared in a's dtype (an all-zero row gives NaN)
+        keep_sorted[..., :1] |= ~keep_sorted.any(dim=-1, keepdim=True)  # at least the largest entry
         keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
         return keep & (a != 0)
 
@@ -639,7 +645,7 @@ class PaperTopP(SparsityRule):
 
     @property
     def is_identity(self):
-        return False  # even p = 100 drops nothing only up to bf16 rounding of the share
+        return False  # even p = 100 drops nothing only up to the rounding of the share
 
 
 # The one table of rules: configs, ids, sweep rows and command lines all go through it. Its names are also
