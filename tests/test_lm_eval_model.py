@@ -173,6 +173,8 @@ def test_preset_scores_each_task_with_its_official_guidance():
     # An explicit mc_num / mc_batch is every task's: the MMLU-style request is then scored with the scorer's.
     explicit = DllmSparseLM.from_scorer(scorer, preset="llada-official", mc_num=4)
     assert explicit.loglikelihood(reqs[3:]) == official.loglikelihood([reqs[3].args], keys=[lm._key(reqs[3])])
+    with pytest.raises(TypeError, match="mc_num would be ignored"):  # not the scorer's: it could not apply
+        DllmSparseLM.from_scorer(scorer, preset="llada-official", mc_num=7)
     with pytest.raises(ValueError, match="unknown evaluation preset"):
         DllmSparseLM.from_scorer(scorer, preset="nope")
 
