@@ -9,8 +9,9 @@ asked from transformers itself (its generation code keeps the list of cache keyw
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
+
+from dllm_sparse.models.wrappers import forward_parameters, unwrap_model
 
 __all__ = ["KVCacheError", "cache_keyword", "new_cache", "check_cache_length"]
 
@@ -36,15 +37,17 @@ def cache_keyword(model: Any) -> str:
 
     transformers' default name comes first (``cache`` from 5.24, ``past_key_values`` before); a model whose
     forward takes one of transformers' other cache names (e.g. ``cache_params``) gets that one. A model that
-    takes none raises :class:`KVCacheError`: it cannot be decoded with a cache.
+    takes none raises :class:`KVCacheError`: it cannot be decoded with a cache. A wrapped model (``torch.compile``,
+    peft, DataParallel: :mod:`dllm_sparse.models.wrappers`) is asked about the model it wraps, whose ``forward``
+    receives the keyword; :func:`check_cache_length` still catches a wrapper that drops it.
     """
     names = _transformers_cache_names()
-    params = inspect.signature(model.forward).parameters
+    params = forward_parameters(model)
     for name in names:
         if name in params:
             return name
     raise KVCacheError(
-        f"{type(model).__name__}.forward takes none of the KV-cache keywords of transformers "
+        f"{type(unwrap_model(model)).__name__}.forward takes none of the KV-cache keywords of transformers "
         f"{_transformers_version()} ({', '.join(names)}), so it cannot be decoded with a cache. Pass "
         "kv_cache=False to AutoregressiveGenerator to re-run the whole sequence at every step (slow; the "
         "result then records kv_cache=False)")

@@ -59,13 +59,23 @@ class LoadedModel:
 
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where inputs go: the device of the input embeddings (with accelerate's placement the first layer's
-    device), else of the first parameter."""
+    device), else of the first parameter. A weight that accelerate offloads (``cpu_offload``, a ``device_map``
+    with ``"cpu"``/``"disk"`` entries) sits on the meta device between calls; its hook's execution device is
+    where the computation runs."""
     try:
-        weight = model.get_input_embeddings().weight
+        embeddings = model.get_input_embeddings()
+        weight = embeddings.weight
         if weight is not None:
-            return weight.device
+            if weight.device.type != "meta":
+                return weight.device
+            hook_device = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
+            if hook_device is not None:
+                return torch.device(hook_device)
     except (AttributeError, NotImplementedError):
         pass
+    for param in model.parameters():
+        if param.device.type != "meta":
+            return param.device
     return next(model.parameters()).device
 
 
