@@ -326,3 +326,36 @@ def test_a_saved_copy_loaded_as_remote_code_counts_as_the_native_llada(llada_dir
         pass
 
     assert _is_remote_llada(ReleasedLLaDA(), "llada")
+
+
+@pytest.fixture(scope="module")
+def model_only_dir(tmp_path_factory):
+    """A checkpoint saved with model.save_pretrained alone: no tokenizer files."""
+    d = tmp_path_factory.mktemp("model-only")
+    build_tiny_model("llama", seed=3).save_pretrained(d)
+    return d
+
+
+def test_checkpoint_without_tokenizer_is_refused_naming_the_options(model_only_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    seen: list = []
+    _spy(monkeypatch, AutoModelForCausalLM, seen)
+    with pytest.raises(ValueError, match=r"no tokenizer.*tokenizer=.*tokenizer=False") as err:
+        load_model(model_only_dir)
+    assert str(model_only_dir) in str(err.value)
+    assert not seen  # refused before the weights were read
+
+
+def test_checkpoint_without_tokenizer_loads_with_one_given_or_none(model_only_dir, llama_dir):
+    from transformers import AutoTokenizer
+
+    reference = load_model(llama_dir)  # the same weights (seed 3) with a tokenizer
+    from_dir = load_model(model_only_dir, tokenizer=llama_dir)
+    assert from_dir.tokenizer("w5 w17 w3")["input_ids"] == reference.tokenizer("w5 w17 w3")["input_ids"]
+    given = AutoTokenizer.from_pretrained(llama_dir)
+    assert load_model(model_only_dir, tokenizer=given).tokenizer is given
+    bare = load_model(model_only_dir, tokenizer=False)
+    assert bare.tokenizer is None
+    with torch.no_grad():
+        torch.testing.assert_close(bare.model(IDS).logits, reference.model(IDS).logits, rtol=0, atol=0)

@@ -397,6 +397,7 @@ def load_model(
     trust_remote_code: bool = False,
     mask_id: int | None = None,
     *,
+    tokenizer: Any = None,
     torch_dtype: str | torch.dtype | None = None,
     **from_pretrained_kwargs: Any,
 ) -> LoadedModel:
@@ -405,6 +406,12 @@ def load_model(
     ``kind`` ("ar" / "diffusion") is detected from the family profile when omitted; ``mask_id`` from the
     config (``mask_token_id``) or the family profile's ``mask_id``. ``torch_dtype`` is transformers' older
     name of ``dtype`` (give one of them).
+
+    ``tokenizer``: None (default) loads the tokenizer from the same place as the model; a checkpoint directory
+    that holds no tokenizer files (``model.save_pretrained(d)`` alone) is refused before the weights are read,
+    naming the options. A path or hub id loads the tokenizer from there (with the hub options below); a
+    tokenizer object is used as it is; ``False`` loads the model alone (``LoadedModel.tokenizer`` is None:
+    give the generators and scorers token ids).
 
     Other keywords go to transformers' ``from_pretrained`` as they are, where the source takes them:
 
@@ -479,6 +486,8 @@ def load_model(
         raise OSError(f"could not load {name!r}: {e}\nGive a local directory, a .gguf file, a hub id reachable "
                       f"from this machine, or an embedded name ({known}).") from e
     _refuse_unknown(options, config)
+    if tokenizer is None and not gguf_file:
+        _check_tokenizer_files(Path(path) / options.get("subfolder", ""), name)
     overrides = {k: v for k, v in options.items() if k not in _PASSTHROUGH}
     for key, value in overrides.items():
         setattr(config, key, value)
@@ -500,7 +509,12 @@ def load_model(
     numeric.update({f"config.{k}": v for k, v in overrides.items()})
     if numeric:
         model._dllm_sparse_load_options = {k: _jsonable_option(v) for k, v in sorted(numeric.items())}
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    elif tokenizer is False:
+        tokenizer = None
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer, **{k: v for k, v in kwargs.items() if k != "subfolder"})
 
     profile = detect_family(model)
     kind = kind or profile.kind
@@ -510,6 +524,24 @@ def load_model(
         if mask_id is None:
             raise ValueError(f"{name}: a diffusion model needs a mask token id; pass mask_id=...")
     return LoadedModel(model, tokenizer, kind, name, mask_id, profile.family)
+
+
+#: Files of which a tokenizer saved by transformers (or shipped with a checkpoint) has at least one.
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tokenizer.tiktoken")
+
+
+def _check_tokenizer_files(directory: Path, name: str) -> None:
+    """Refuse a local checkpoint directory without tokenizer files (a hub id is not checked here: transformers
+    names the missing file itself). Without this check transformers guesses a slow tokenizer class and fails
+    with an unrelated message (``You need to have sentencepiece or tiktoken installed``)."""
+    if not directory.is_dir() or any((directory / f).is_file() for f in TOKENIZER_FILES):
+        return
+    raise ValueError(
+        f"{name!r} holds a model but no tokenizer (none of {', '.join(TOKENIZER_FILES)}; it was saved with "
+        "model.save_pretrained alone). Pass tokenizer= to load_model: a directory or hub id holding the "
+        "tokenizer (e.g. the base model's), a tokenizer object, or tokenizer=False to load the model without "
+        "one and give token ids; or save the tokenizer next to it (tokenizer.save_pretrained(d))")
 
 
 def _one_dtype(dtype: Any, torch_dtype: Any) -> torch.dtype | str | None:
