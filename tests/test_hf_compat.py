@@ -359,3 +359,26 @@ def test_checkpoint_without_tokenizer_loads_with_one_given_or_none(model_only_di
     assert bare.tokenizer is None
     with torch.no_grad():
         torch.testing.assert_close(bare.model(IDS).logits, reference.model(IDS).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("first", ["dllm_sparse", "transformers"])
+def test_import_dllm_sparse_makes_the_auto_classes_build_the_native_llada(llada_dir, tmp_path, first):
+    """In a fresh Python: ``import dllm_sparse`` (before or after transformers' Auto classes) imports no torch, and
+    then AutoModel / AutoModelForCausalLM / AutoModelForMaskedLM build the native class from a saved directory
+    without trust_remote_code (stdin closed: transformers' trust prompt would fail)."""
+    code = textwrap.dedent(f"""
+        import sys
+        if {first!r} == "transformers":
+            from transformers import AutoModel
+        import dllm_sparse
+        if {first!r} == "dllm_sparse":
+            assert "torch" not in sys.modules and "transformers" not in sys.modules, "import dllm_sparse is heavy"
+        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+        for auto in (AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM):
+            model = auto.from_pretrained({str(llada_dir)!r})
+            assert type(model).__module__ == "dllm_sparse.models.llada", (auto, type(model).__module__)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          stdin=subprocess.DEVNULL,
+                          env={**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
