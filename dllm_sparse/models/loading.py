@@ -398,6 +398,7 @@ def load_model(
     mask_id: int | None = None,
     *,
     tokenizer: Any = None,
+    allow_missing: bool = False,
     torch_dtype: str | torch.dtype | None = None,
     **from_pretrained_kwargs: Any,
 ) -> LoadedModel:
@@ -412,6 +413,13 @@ def load_model(
     naming the options. A path or hub id loads the tokenizer from there (with the hub options below); a
     tokenizer object is used as it is; ``False`` loads the model alone (``LoadedModel.tokenizer`` is None:
     give the generators and scorers token ids).
+
+    ``allow_missing``: a checkpoint whose weights do not all fit the model its config describes (a tensor
+    missing, one the model does not have, a shape that differs) is refused, naming the first few and the
+    count: transformers would initialise the missing ones at random, and a sparsity study of such a model
+    is meaningless. ``allow_missing=True`` loads it anyway. Before any weight is allocated, a config that asks
+    for far more parameters than a local checkpoint's safetensors hold (a ``model_type`` whose fields the
+    config lacks falls back to that architecture's default size) is refused the same way.
 
     Other keywords go to transformers' ``from_pretrained`` as they are, where the source takes them:
 
@@ -501,7 +509,12 @@ def load_model(
         model_kwargs["dtype"] = torch_dtype
     if device == "auto":
         model_kwargs["device_map"] = "auto"
-    model = auto_cls.from_pretrained(path, **model_kwargs)
+    if not allow_missing and not gguf_file and "quantization_config" not in options:
+        _check_config_fits_checkpoint(auto_cls, config, Path(path) / options.get("subfolder", ""), name,
+                                      trust_remote_code)
+    model, loading_info = auto_cls.from_pretrained(path, output_loading_info=True, **model_kwargs)
+    if not allow_missing:
+        _check_loading_info(loading_info, name)
     if device not in (None, "auto") and device_map is None:
         model = model.to(device)
     model.eval()
@@ -524,6 +537,73 @@ def load_model(
         if mask_id is None:
             raise ValueError(f"{name}: a diffusion model needs a mask token id; pass mask_id=...")
     return LoadedModel(model, tokenizer, kind, name, mask_id, profile.family)
+
+
+def _safetensors_numel(directory: Path) -> int | None:
+    """Elements stored in the ``*.safetensors`` files of a local directory, read from their headers (no tensor
+    data), or None when it has none."""
+    import json
+    import struct
+
+    files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for key, entry in header.items():
+            if key != "__metadata__":
+                numel = 1
+                for dim in entry["shape"]:
+                    numel *= dim
+                total += numel
+    return total
+
+
+def _check_config_fits_checkpoint(auto_cls: Any, config: Any, directory: Path, name: str,
+                                  trust_remote_code: bool) -> None:
+    """Refuse, before anything is allocated, a config whose model has far more parameters than the checkpoint
+    stores: from_pretrained would build it (a default-size model: tens of GB) and initialise the rest at
+    random. Counted on the meta device; skipped when the directory has no safetensors or the model cannot be
+    built on meta."""
+    stored = _safetensors_numel(directory)
+    if not stored:
+        return
+    try:
+        with torch.device("meta"):
+            meta = auto_cls.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - some remote code cannot be built on meta; the loading report still checks
+        return
+    wanted = sum(p.numel() for p in meta.parameters())
+    if wanted > 1.5 * stored:  # tied or duplicated tensors make the two differ a little, never by half
+        sizes = ", ".join(f"{k}={getattr(config, k)}" for k in ("hidden_size", "num_hidden_layers",
+                                                                 "intermediate_size", "vocab_size")
+                          if hasattr(config, k))
+        raise ValueError(
+            f"{name!r}: its config (model_type {getattr(config, 'model_type', None)!r}; {sizes}) describes a "
+            f"{type(meta).__name__} of {wanted / 1e6:.1f}M parameters, but its safetensors hold {stored / 1e6:.1f}M "
+            "values, so most weights would be initialised at random (a config field the architecture names "
+            "differently falls back to its default size). Fix config.json (model_type and the size fields), or "
+            "pass allow_missing=True to build it anyway")
+
+
+def _check_loading_info(info: dict[str, Any], name: str, shown: int = 5) -> None:
+    """Refuse missing, unexpected or mismatched weights (transformers' loading report), naming them."""
+    problems = []
+    for key, what in (("missing_keys", "missing from the checkpoint (would be initialised at random)"),
+                      ("unexpected_keys", "in the checkpoint but not in the model (would be dropped)"),
+                      ("mismatched_keys", "of another shape than the model's (would be initialised at random)")):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ())
+        if names:
+            more = f", ... ({len(names)} in all)" if len(names) > shown else f" ({len(names)})"
+            problems.append(f"{what}: {', '.join(names[:shown])}{more}")
+    if problems:
+        raise ValueError(f"{name!r}: the checkpoint's weights do not fit its config; weights "
+                         + "; weights ".join(problems)
+                         + ". Use a complete checkpoint whose config matches its weights, or pass "
+                         "allow_missing=True to load it anyway")
 
 
 #: Files of which a tokenizer saved by transformers (or shipped with a checkpoint) has at least one.
