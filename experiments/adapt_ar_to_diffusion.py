@@ -23,7 +23,7 @@ default) until the budget is used. The learning rate follows the *time* budget (
 10 %; ``--max-steps`` makes it follow steps), so a resumed run continues the same schedule. Every
 ``--ckpt-minutes`` the trainable tensors, optimizer and log are saved atomically to ``--run-dir`` (a resume under
 other settings is refused); ``--export`` writes a peft adapter (``adapter_config.json``,
-``adapter_model.safetensors``) with ``dllm_sparse_adapter.json``, ``train_log.json`` and ``loss_curve.png``.
+``adapter_model.safetensors``) with ``dllm_sparse_adapter.json`` (+ its ``.sha256``), ``train_log.json`` and ``loss_curve.png``.
 """
 
 from __future__ import annotations
