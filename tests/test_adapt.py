@@ -206,8 +206,8 @@ def test_lora_save_load_merge_roundtrip(tmp_path):
     meta = save_adapter(tmp_path, peft_model, {"base": "tiny", "logit_shift": True, "mask_token_id": mask_id})
     assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
     assert (tmp_path / "README.md").read_text() == "model card"  # peft's template does not replace the card
-    assert {p.name for p in tmp_path.iterdir()} == {"README.md", ADAPTER_META, "adapter_config.json",
-                                                     "adapter_model.safetensors"}
+    assert {p.name for p in tmp_path.iterdir()} == {"README.md", ADAPTER_META, ADAPTER_META_SHA256,
+                                                     "adapter_config.json", "adapter_model.safetensors"}
     assert read_adapter_meta(tmp_path)["files"] == meta["files"]
 
     plain_q = convert_causal_lm(hf).model.transformer.blocks[0].q_proj.weight.detach().clone()
