@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dllm_sparse.models.wrappers import forward_parameters, unwrap_model
+from dllm_sparse.models.wrappers import forward_parameters, unwrap_model, wrapper_chain
 
 __all__ = ["KVCacheError", "cache_keyword", "new_cache", "check_cache_length"]
 
@@ -41,6 +41,7 @@ def cache_keyword(model: Any) -> str:
     peft, DataParallel: :mod:`dllm_sparse.models.wrappers`) is asked about the model it wraps, whose ``forward``
     receives the keyword; :func:`check_cache_length` still catches a wrapper that drops it.
     """
+    _refuse_prompt_learning(model)
     names = _transformers_cache_names()
     params = forward_parameters(model)
     for name in names:
@@ -51,6 +52,20 @@ def cache_keyword(model: Any) -> str:
         f"{_transformers_version()} ({', '.join(names)}), so it cannot be decoded with a cache. Pass "
         "kv_cache=False to AutoregressiveGenerator to re-run the whole sequence at every step (slow; the "
         "result then records kv_cache=False)")
+
+
+def _refuse_prompt_learning(model: Any) -> None:
+    """A peft prompt-learning adapter (prefix tuning, prompt tuning, p-tuning) adds its virtual tokens through
+    the cache or the inputs of every call, so a cache the loop owns would drop them (prefix tuning decodes as
+    the bare model, silently) or misalign the positions."""
+    for layer in wrapper_chain(model):
+        config = getattr(layer, "active_peft_config", None) if hasattr(type(layer), "get_base_model") else None
+        if getattr(config, "is_prompt_learning", False):
+            raise KVCacheError(
+                f"the peft adapter is {type(config).__name__} (prompt learning): it feeds its virtual tokens through "
+                "the KV cache / the inputs of each forward, which a cached decoding loop would drop or misalign. "
+                "Pass kv_cache=False to AutoregressiveGenerator (every step re-runs the sequence through the "
+                "adapter), or use a LoRA-type adapter")
 
 
 def new_cache(model: Any):

@@ -296,3 +296,27 @@ def test_unwrap_model_looks_through_stacked_wrappers(llama):
     assert unwrap_model(llama) is llama
     assert "position_ids" in forward_parameters(stacked)
     assert "position_ids" not in forward_parameters(torch.nn.Linear(2, 2))
+
+
+def test_prompt_learning_adapter_is_refused_for_cached_decoding(llama):
+    """Prefix tuning feeds its virtual tokens through the KV cache: a loop-owned cache would drop them (the bare
+    model's tokens, silently). Refused, naming kv_cache=False, which decodes through the adapter."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from dllm_sparse.samplers.kv_cache import KVCacheError
+
+    prefix = peft.get_peft_model(copy.deepcopy(llama), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                                num_virtual_tokens=3)).eval()
+    with pytest.raises(KVCacheError, match=r"PrefixTuningConfig.*kv_cache=False"):
+        AutoregressiveGenerator(torch.compile(prefix, backend="eager"))
+    prompt = [5, 17, 3, 42, 8]
+    out = AutoregressiveGenerator(prefix, kv_cache=False).generate([prompt], GenerationConfig(max_new_tokens=4,
+                                                                                            stop_token_ids=()))
+    seq = torch.tensor([prompt])
+    with torch.no_grad():  # reference: greedy through the adapter's own full forward
+        for _ in range(4):
+            seq = torch.cat([seq, prefix(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert out.ids == [seq[0, len(prompt):].tolist()]
+    bare = AutoregressiveGenerator(llama).generate([prompt], GenerationConfig(max_new_tokens=4, stop_token_ids=()))
+    assert out.ids != bare.ids  # the prefix changes the tokens: what a dropped prefix would lose

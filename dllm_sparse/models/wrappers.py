@@ -19,7 +19,7 @@ from typing import Any
 
 import torch.nn as nn
 
-__all__ = ["unwrap_model", "forward_parameters"]
+__all__ = ["unwrap_model", "wrapper_chain", "forward_parameters"]
 
 
 def _inner(model: Any) -> Any | None:
@@ -39,16 +39,21 @@ def _inner(model: Any) -> Any | None:
     return None
 
 
+def wrapper_chain(model: Any) -> list[Any]:
+    """``model``, the module it wraps, the one that wraps, ... down to the innermost model (the wrappers the
+    module docstring names)."""
+    chain = [model]
+    while True:
+        inner = _inner(chain[-1])
+        if inner is None or any(inner is m for m in chain):
+            return chain
+        chain.append(inner)
+
+
 def unwrap_model(model: Any) -> Any:
     """The innermost model under any stack of the wrappers the module docstring names (``model`` itself when
     it wraps nothing)."""
-    seen = {id(model)}
-    while True:
-        inner = _inner(model)
-        if inner is None or id(inner) in seen:
-            return model
-        seen.add(id(inner))
-        model = inner
+    return wrapper_chain(model)[-1]
 
 
 def forward_parameters(model: Any) -> dict[str, inspect.Parameter]:
