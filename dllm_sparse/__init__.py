@@ -40,6 +40,11 @@ _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = list(_WHERE)
 
 
+# Saved native LLaDA checkpoints load through transformers' Auto classes without trust_remote_code once
+# dllm_sparse is imported (registered when transformers' Auto model classes are imported; no cost here).
+importlib.import_module("dllm_sparse.autoclasses").install()
+
+
 def __getattr__(name: str):
     module = _WHERE.get(name)
     if module is None:

@@ -34,10 +34,16 @@ def atomic_open(path: str | os.PathLike, newline: str | None = None) -> Iterator
     finishes without an exception (then flushed, fsync'ed and renamed); on an exception ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # One temporary name per process, so two writers of the same file never write into each other's file.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    # The temporary file is created exclusively (mkstemp: O_CREAT | O_EXCL, a fresh random name) next to the
+    # target: two writers (processes or threads) never share one, and a file or symlink planted at a
+    # predictable name is never opened or followed.
+    import tempfile  # here, not at the top: scripts answering --help import this module
+
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
     try:
-        with open(tmp, "w", encoding="utf-8", newline=newline) as f:
+        os.chmod(fd if os.chmod in os.supports_fd else tmp, 0o666 & ~_umask())  # what open(path, "w") gives
+        with open(fd, "w", encoding="utf-8", newline=newline) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -45,6 +51,21 @@ def atomic_open(path: str | os.PathLike, newline: str | None = None) -> Iterator
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the system shows it (Linux: /proc/self/status);
+    setting it to read it back would briefly give files other threads create the wrong mode."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

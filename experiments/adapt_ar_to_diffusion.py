@@ -23,7 +23,8 @@ default) until the budget is used. The learning rate follows the *time* budget (
 10 %; ``--max-steps`` makes it follow steps), so a resumed run continues the same schedule. Every
 ``--ckpt-minutes`` the trainable tensors, optimizer and log are saved atomically to ``--run-dir`` (a resume under
 other settings is refused); ``--export`` writes a peft adapter (``adapter_config.json``,
-``adapter_model.safetensors``) with ``dllm_sparse_adapter.json``, ``train_log.json`` and ``loss_curve.png``.
+``adapter_model.safetensors``) with ``dllm_sparse_adapter.json`` (+ its ``.sha256``), ``train_log.json`` and
+``loss_curve.png``.
 """
 
 from __future__ import annotations
@@ -204,11 +205,30 @@ def check_resume(saved: dict | None, now: dict, ckpt: Path) -> None:
                          "or another --run-dir to start a new run")
 
 
+def _check_plain(value, where: str) -> None:
+    """Raise unless ``value`` is built of the types ``torch.load(weights_only=True)`` reads back (so a resume
+    never meets an object it refuses, and the save fails at once instead)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(k, where)
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"checkpoint {where} is a {type(value).__name__}; store it as a plain type (str, number, "
+                    "list, dict) so the checkpoint loads with torch.load(weights_only=True)")
+
+
 def save_ckpt(path: Path, trainable, opt, state: dict) -> None:
     import torch
 
     tmp = path.with_suffix(".tmp")
     params = {n: p.detach().clone() for n, p in trainable.named_parameters() if p.requires_grad}
+    _check_plain(state, "state")
     torch.save({"params": params, "opt": opt.state_dict(), "state": state}, tmp)
     os.replace(tmp, path)  # atomic: a kill mid-save keeps the previous checkpoint
 
@@ -216,7 +236,13 @@ def save_ckpt(path: Path, trainable, opt, state: dict) -> None:
 def load_ckpt(path: Path, trainable, opt) -> dict:
     import torch
 
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    # weights_only: a checkpoint holds tensors and plain types only (save_ckpt), so nothing in it can run code.
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError (an object weights_only refuses), a torn file, ...
+        raise SystemExit(f"{path} cannot be read as a checkpoint of this script with torch.load(weights_only=True) "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it was written by an "
+                         "older version or is damaged: move it away or pass another --run-dir") from None
     named = dict(trainable.named_parameters())
     with torch.no_grad():
         for n, v in ck["params"].items():

@@ -450,6 +450,12 @@ def _check_ffn(ffn: FFNModules) -> None:
     roles = ("gate_up", "down") if ffn.gate_up is not None else ("gate", "up", "down")
     for role in roles:
         m = getattr(ffn, role)
+        if hasattr(m, "base_layer") and hasattr(m, "lora_A"):  # peft's LoRA layer: W x + B A x
+            raise ValueError(f"{where}: the {role} projection carries an unmerged peft LoRA adapter "
+                             f"({type(m).__module__}.{type(m).__name__}); the sparse kernels read one weight "
+                             "matrix and would drop the adapter's B·A·x. Merge it first (model = "
+                             "peft_model.merge_and_unload()), or sparsify with the masking path "
+                             "(dllm_sparse.sparsify), which works on the unmerged model")
         if not isinstance(m, nn.Linear):
             raise ValueError(f"{where}: the {role} projection is a {type(m).__name__}, not nn.Linear; the sparse "
                              "kernels need plain weights (dequantise the model, or use dllm_sparse.sparsity.hooks)")

@@ -23,13 +23,13 @@ text contains a stop string.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from dllm_sparse.models.loading import model_device
+from dllm_sparse.models.wrappers import forward_parameters
 from dllm_sparse.steps import CallbackList, StepState
 
 from .common import (
@@ -66,7 +66,7 @@ class AutoregressiveGenerator:
         self.model = model
         self.tokenizer = tokenizer
         self.family = family if family is not None else _family(model)
-        params = inspect.signature(model.forward).parameters
+        params = forward_parameters(model)  # a wrapper's forward takes **kwargs: ask the model it wraps
         # Raises KVCacheError (naming kv_cache=False) when the model takes no cache keyword.
         self._cache_keyword = cache_keyword(model) if kv_cache else None
         self._use_cache = bool(kv_cache)

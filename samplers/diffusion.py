@@ -220,7 +220,9 @@ def _is_remote_llada(model: Any, family: str) -> bool:
 def _is_native_llada(model: Any) -> bool:
     """dllm_sparse's LLaDAModelLM, imported from the package or loaded from a saved copy with
     ``trust_remote_code=True`` (another class object, same code: it carries ``dllm_sparse_native_llada``)."""
-    return bool(getattr(type(model), "dllm_sparse_native_llada", False))
+    from dllm_sparse.models.wrappers import unwrap_model  # the class inside torch.compile / peft
+
+    return bool(getattr(type(unwrap_model(model)), "dllm_sparse_native_llada", False))
 
 
 def _shifts_itself(model: Any) -> bool:

@@ -9,8 +9,9 @@ asked from transformers itself (its generation code keeps the list of cache keyw
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
+
+from dllm_sparse.models.wrappers import forward_parameters, unwrap_model, wrapper_chain
 
 __all__ = ["KVCacheError", "cache_keyword", "new_cache", "check_cache_length"]
 
@@ -36,18 +37,35 @@ def cache_keyword(model: Any) -> str:
 
     transformers' default name comes first (``cache`` from 5.24, ``past_key_values`` before); a model whose
     forward takes one of transformers' other cache names (e.g. ``cache_params``) gets that one. A model that
-    takes none raises :class:`KVCacheError`: it cannot be decoded with a cache.
+    takes none raises :class:`KVCacheError`: it cannot be decoded with a cache. A wrapped model (``torch.compile``,
+    peft, DataParallel: :mod:`dllm_sparse.models.wrappers`) is asked about the model it wraps, whose ``forward``
+    receives the keyword; :func:`check_cache_length` still catches a wrapper that drops it.
     """
+    _refuse_prompt_learning(model)
     names = _transformers_cache_names()
-    params = inspect.signature(model.forward).parameters
+    params = forward_parameters(model)
     for name in names:
         if name in params:
             return name
     raise KVCacheError(
-        f"{type(model).__name__}.forward takes none of the KV-cache keywords of transformers "
+        f"{type(unwrap_model(model)).__name__}.forward takes none of the KV-cache keywords of transformers "
         f"{_transformers_version()} ({', '.join(names)}), so it cannot be decoded with a cache. Pass "
         "kv_cache=False to AutoregressiveGenerator to re-run the whole sequence at every step (slow; the "
         "result then records kv_cache=False)")
+
+
+def _refuse_prompt_learning(model: Any) -> None:
+    """A peft prompt-learning adapter (prefix tuning, prompt tuning, p-tuning) adds its virtual tokens through
+    the cache or the inputs of every call, so a cache the loop owns would drop them (prefix tuning decodes as
+    the bare model, silently) or misalign the positions."""
+    for layer in wrapper_chain(model):
+        config = getattr(layer, "active_peft_config", None) if hasattr(type(layer), "get_base_model") else None
+        if getattr(config, "is_prompt_learning", False):
+            raise KVCacheError(
+                f"the peft adapter is {type(config).__name__} (prompt learning): it feeds its virtual tokens through "
+                "the KV cache / the inputs of each forward, which a cached decoding loop would drop or misalign. "
+                "Pass kv_cache=False to AutoregressiveGenerator (every step re-runs the sequence through the "
+                "adapter), or use a LoRA-type adapter")
 
 
 def new_cache(model: Any):

@@ -150,3 +150,44 @@ def build_byte_hf_tokenizer(chat_template: str | None = None):
                                    mask_token="<mask>")
     fast.chat_template = chat_template
     return fast
+
+
+# Wrapped models: a wrapper must work wherever the plain model does.
+def lora_model(model, seed=0):
+    """``model`` (a copy) under a peft LoRA on every projection, with random B so the adapter changes outputs;
+    and the same adapter merged into a plain copy, the reference."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    if hasattr(model, "dllm_sparse_native_llada"):
+        targets = ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"]
+    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.5)
+    merged = copy.deepcopy(wrapped).merge_and_unload()
+    return wrapped.eval(), merged.eval()
+
+
+def wrapped_model(model, how):
+    """(wrapped model, the plain model whose output it must give)."""
+    import copy
+
+    if how == "peft":
+        return lora_model(model)
+    if how == "compile":
+        return torch.compile(model, backend="eager"), model  # the wrapper is the point, not inductor's code
+    accelerate = pytest.importorskip("accelerate")
+    inner = copy.deepcopy(model)
+    if how == "dispatch_model":
+        return accelerate.dispatch_model(inner, device_map={"": "cpu"}), model
+    if how == "cpu_offload":  # weights on the meta device between calls, loaded by the hooks
+        accelerate.cpu_offload(inner, execution_device="cpu")
+        return inner, model
+    raise ValueError(how)
+
+
+WRAPPERS = ["peft", "compile", "dispatch_model", "cpu_offload"]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import torch
 from conftest import build_tiny_model
 
 from dllm_sparse.models.adapt import (
     ADAPTER_META,
+    ADAPTER_META_SHA256,
     adapter_bytes,
     add_lora,
     add_mask_token,
@@ -22,6 +26,7 @@ from dllm_sparse.models.adapt import (
     mdm_loss,
     read_adapter_meta,
     save_adapter,
+    write_adapter_meta,
 )
 from dllm_sparse.models.llada import LLaDAModelLM, tiny_llada_config
 
@@ -201,8 +206,8 @@ def test_lora_save_load_merge_roundtrip(tmp_path):
     meta = save_adapter(tmp_path, peft_model, {"base": "tiny", "logit_shift": True, "mask_token_id": mask_id})
     assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
     assert (tmp_path / "README.md").read_text() == "model card"  # peft's template does not replace the card
-    assert {p.name for p in tmp_path.iterdir()} == {"README.md", ADAPTER_META, "adapter_config.json",
-                                                     "adapter_model.safetensors"}
+    assert {p.name for p in tmp_path.iterdir()} == {"README.md", ADAPTER_META, ADAPTER_META_SHA256,
+                                                     "adapter_config.json", "adapter_model.safetensors"}
     assert read_adapter_meta(tmp_path)["files"] == meta["files"]
 
     plain_q = convert_causal_lm(hf).model.transformer.blocks[0].q_proj.weight.detach().clone()
@@ -239,6 +244,96 @@ def test_corrupt_adapter_is_refused(tmp_path):
         read_adapter_meta(tmp_path)
     with pytest.raises(FileNotFoundError, match=ADAPTER_META):
         read_adapter_meta(tmp_path / "nowhere")
+
+
+@pytest.fixture
+def saved_adapter(tmp_path):
+    """A saved tiny adapter: (directory, mask id)."""
+    hf = build_tiny_model("llama", tie_word_embeddings=True)
+    peft_model, mask_id = _trained_looking_lora(hf)
+    out = tmp_path / "adapter"
+    save_adapter(out, peft_model, {"base": "tiny", "logit_shift": True, "mask_token_id": mask_id})
+    return out, mask_id
+
+
+def _edit_meta(adapter_dir, edit):
+    meta = json.loads((adapter_dir / ADAPTER_META).read_text())
+    edit(meta)
+    (adapter_dir / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def test_edited_rebuild_metadata_is_refused(saved_adapter):
+    """Flipping logit_shift would rebuild another model from the same factors: the metadata is hashed too."""
+    adapter_dir, _ = saved_adapter
+    read_adapter_meta(adapter_dir)  # intact: accepted
+    _edit_meta(adapter_dir, lambda m: m.update(logit_shift=False))
+    with pytest.raises(ValueError, match=rf"{ADAPTER_META} does not match the sha256 in {ADAPTER_META_SHA256}"):
+        load_adapted_model(build_tiny_model("llama", tie_word_embeddings=True), adapter_dir)
+
+
+def test_metadata_without_its_hash_is_refused(saved_adapter):
+    adapter_dir, _ = saved_adapter
+    (adapter_dir / ADAPTER_META_SHA256).unlink()
+    with pytest.raises(ValueError, match=rf"no {ADAPTER_META_SHA256}.*seal_adapter_meta"):
+        read_adapter_meta(adapter_dir)
+
+
+def test_a_file_dropped_from_the_list_is_still_checked(saved_adapter):
+    """Removing a file from ``files`` (and re-sealing, as a careless edit would) cannot skip its hash check."""
+    adapter_dir, _ = saved_adapter
+    meta = json.loads((adapter_dir / ADAPTER_META).read_text())
+    del meta["files"]["adapter_model.safetensors"]
+    weights = adapter_dir / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one flipped byte in the tensor data
+    weights.write_bytes(bytes(data))
+    (adapter_dir / ADAPTER_META).write_text(json.dumps(meta))
+    from dllm_sparse.models.adapt import seal_adapter_meta
+
+    seal_adapter_meta(adapter_dir)
+    with pytest.raises(ValueError, match=r"lists the files \['adapter_config.json'\].*exactly"):
+        read_adapter_meta(adapter_dir)
+
+
+def test_a_path_outside_the_adapter_is_never_followed(saved_adapter, tmp_path):
+    """A ``files`` entry with ``../`` names a file outside the directory: refused, and never read."""
+    adapter_dir, _ = saved_adapter
+    outside = tmp_path / "secret.bin"
+    outside.write_bytes(b"outside")
+
+    def point_outside(meta):
+        meta["files"]["../secret.bin"] = {"bytes": 7, "sha256": hashlib.sha256(b"outside").hexdigest()}
+
+    meta = json.loads((adapter_dir / ADAPTER_META).read_text())
+    point_outside(meta)
+    write_adapter_meta(adapter_dir, meta)  # write_adapter_meta lists exactly peft's files again
+    assert set(read_adapter_meta(adapter_dir)["files"]) == {"adapter_config.json", "adapter_model.safetensors"}
+    _edit_meta(adapter_dir, point_outside)
+    from dllm_sparse.models.adapt import seal_adapter_meta
+
+    seal_adapter_meta(adapter_dir)
+    with pytest.raises(ValueError, match=r"\.\./secret\.bin.*exactly"):
+        read_adapter_meta(adapter_dir)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "\xff\xfe"])
+def test_metadata_that_is_not_a_json_object_is_refused_clearly(saved_adapter, text):
+    adapter_dir, _ = saved_adapter
+    (adapter_dir / ADAPTER_META).write_bytes(text.encode("latin-1"))
+    from dllm_sparse.models.adapt import seal_adapter_meta
+
+    seal_adapter_meta(adapter_dir)
+    with pytest.raises(ValueError, match=rf"{ADAPTER_META} (is not valid JSON|holds a list).*re-export"):
+        read_adapter_meta(adapter_dir)
+
+
+def test_the_shipped_adapter_passes_its_checks():
+    from dllm_sparse.models.twin import SMOLLM2_MDM_ADAPTER
+
+    if not (SMOLLM2_MDM_ADAPTER / ADAPTER_META).is_file():
+        pytest.skip("the smollm2-135m-mdm adapter is not in this checkout")
+    meta = read_adapter_meta(SMOLLM2_MDM_ADAPTER)
+    assert (meta["logit_shift"], meta["mask_token_id"]) == (True, 49152)
 
 
 def test_adapter_size_estimate_for_smollm2():

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import WRAPPERS, lora_model, wrapped_model
 
 from dllm_sparse.samplers import AutoregressiveGenerator, GenerationCallback, GenerationConfig, generate
 
@@ -236,3 +237,86 @@ def test_cache_that_does_not_grow_raises(llama):
                                                                                 stop_token_ids=()))
     finally:
         del _CacheIgnoringLM.forward.__signature__
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Wrapped models: peft (LoRA not merged), torch.compile, accelerate's hooks
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", WRAPPERS)
+def test_wrapped_model_decodes_with_the_cache_like_the_plain_one(llama, how):
+    from dllm_sparse.samplers.kv_cache import cache_keyword
+
+    wrapped, reference = wrapped_model(llama, how)
+    gen = AutoregressiveGenerator(wrapped)
+    assert gen._cache_keyword == cache_keyword(reference)
+    cfg = GenerationConfig(max_new_tokens=6, stop_token_ids=(), pad_id=PAD)
+    out = gen.generate(PROMPTS, cfg)
+    ref = AutoregressiveGenerator(reference).generate(PROMPTS, cfg)
+    assert out.kv_cache is True
+    assert out.ids == ref.ids
+    assert out.ids == [r[:6] for r in hf_greedy(reference, PROMPTS, 6, eos=-1)]  # transformers' own loop
+    if how == "peft":  # the adapter is really applied: the base model decodes something else
+        assert out.ids != AutoregressiveGenerator(llama).generate(PROMPTS, cfg).ids
+
+
+class _KeywordDroppingWrapper(torch.nn.Module):
+    """A wrapper (``__wrapped__``) whose forward silently drops the cache keyword before calling the model."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.__wrapped__ = inner
+        self.config = inner.config
+
+    def get_input_embeddings(self):
+        return self.__wrapped__.get_input_embeddings()
+
+    def forward(self, **kwargs):
+        from dllm_sparse.samplers.kv_cache import cache_keyword
+
+        kwargs.pop(cache_keyword(self.__wrapped__))
+        return self.__wrapped__(**kwargs)
+
+
+def test_wrapper_that_drops_the_cache_keyword_is_caught(llama):
+    from dllm_sparse.samplers.kv_cache import KVCacheError
+
+    with pytest.raises(KVCacheError, match="KV cache holds 0"):
+        AutoregressiveGenerator(_KeywordDroppingWrapper(llama)).generate(
+            PROMPTS, GenerationConfig(max_new_tokens=3, stop_token_ids=()))
+
+
+def test_unwrap_model_looks_through_stacked_wrappers(llama):
+    from dllm_sparse.models.wrappers import forward_parameters, unwrap_model
+
+    wrapped, _ = lora_model(llama)
+    stacked = torch.compile(_KeywordDroppingWrapper(wrapped), backend="eager")
+    assert unwrap_model(stacked) is wrapped.get_base_model()
+    assert unwrap_model(llama) is llama
+    assert "position_ids" in forward_parameters(stacked)
+    assert "position_ids" not in forward_parameters(torch.nn.Linear(2, 2))
+
+
+def test_prompt_learning_adapter_is_refused_for_cached_decoding(llama):
+    """Prefix tuning feeds its virtual tokens through the KV cache: a loop-owned cache would drop them (the bare
+    model's tokens, silently). Refused, naming kv_cache=False, which decodes through the adapter."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from dllm_sparse.samplers.kv_cache import KVCacheError
+
+    prefix = peft.get_peft_model(copy.deepcopy(llama), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                                num_virtual_tokens=3)).eval()
+    with pytest.raises(KVCacheError, match=r"PrefixTuningConfig.*kv_cache=False"):
+        AutoregressiveGenerator(torch.compile(prefix, backend="eager"))
+    prompt = [5, 17, 3, 42, 8]
+    out = AutoregressiveGenerator(prefix, kv_cache=False).generate([prompt], GenerationConfig(max_new_tokens=4,
+                                                                                            stop_token_ids=()))
+    seq = torch.tensor([prompt])
+    with torch.no_grad():  # reference: greedy through the adapter's own full forward
+        for _ in range(4):
+            seq = torch.cat([seq, prefix(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert out.ids == [seq[0, len(prompt):].tolist()]
+    bare = AutoregressiveGenerator(llama).generate([prompt], GenerationConfig(max_new_tokens=4, stop_token_ids=()))
+    assert out.ids != bare.ids  # the prefix changes the tokens: what a dropped prefix would lose

@@ -49,3 +49,34 @@ def test_two_processes_build_the_twin_at_once(tmp_path, pair):
     built = Path(paths.pop())
     assert (built / "config.json").is_file() and (built / "model.safetensors").is_file()
     assert not list(built.parent.glob(f"{built.name}-tmp-*"))  # no temporary directory left behind
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)) or ".": p.stat().st_mode & 0o777 for p in [root, *root.rglob("*")]}
+
+
+def test_a_cache_entry_is_readable_by_every_user_whatever_the_umask(tmp_path):
+    """save_to_cache publishes the directory 0755 and every file 0644 (model.safetensors included, which the
+    safetensors writer makes 0600), even under a private umask; an entry built before that is fixed on use."""
+    from conftest import build_tiny_model
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from dllm_sparse.models.loading import save_to_cache, share_cache_entry
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")),
+                                  unk_token="a")
+    target = tmp_path / "cache" / "entry"
+    target.parent.mkdir()
+    old = os.umask(0o077)
+    try:
+        save_to_cache(build_tiny_model("llama"), tok, target)
+    finally:
+        os.umask(old)
+    modes = _modes(target)
+    assert "model.safetensors" in modes and "config.json" in modes
+    assert modes == {name: 0o755 if (target / name).is_dir() else 0o644 for name in modes}, modes
+
+    (target / "model.safetensors").chmod(0o600)  # as older versions left it
+    share_cache_entry(target)
+    assert _modes(target)["model.safetensors"] == 0o644

@@ -11,6 +11,7 @@ random remasking.
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import WRAPPERS, wrapped_model
 
 from dllm_sparse.models.llada import LLaDAModelLM, tiny_llada_config
 from dllm_sparse.samplers import (
@@ -392,3 +393,16 @@ def test_loaded_model_is_accepted(llada):
     out = generate(lm, prompts=["w5 w17 w3 w42 w8"], config=GenerationConfig(stop_token_ids=(), **geom))
     assert out.kind == "diffusion" and out.sequences[0].tolist() == reference_generate(llada, PROMPT, **geom)
     assert out.texts[0] == " ".join(f"w{i}" for i in out.ids[0])
+
+
+@pytest.mark.parametrize("how", WRAPPERS)
+def test_wrapped_model_generates_like_the_plain_one(llada, how):
+    """A LoRA not merged, torch.compile and accelerate's hooks: the same tokens as the plain (or merged) model,
+    on a left-padded batch (the native model's attention mask is honoured through the wrapper)."""
+    wrapped, reference = wrapped_model(llada, how)
+    prompts = [PROMPT, [7, 7, 1]]
+    geom = dict(gen_length=8, steps=4, block_length=4)
+    out = lib(wrapped, prompts, **geom)
+    assert out.sequences.tolist() == lib(reference, prompts, **geom).sequences.tolist()
+    if how == "peft":
+        assert out.sequences.tolist() != lib(llada, prompts, **geom).sequences.tolist()

@@ -326,3 +326,131 @@ def test_a_saved_copy_loaded_as_remote_code_counts_as_the_native_llada(llada_dir
         pass
 
     assert _is_remote_llada(ReleasedLLaDA(), "llada")
+
+
+@pytest.fixture(scope="module")
+def model_only_dir(tmp_path_factory):
+    """A checkpoint saved with model.save_pretrained alone: no tokenizer files."""
+    d = tmp_path_factory.mktemp("model-only")
+    build_tiny_model("llama", seed=3).save_pretrained(d)
+    return d
+
+
+def test_checkpoint_without_tokenizer_is_refused_naming_the_options(model_only_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    seen: list = []
+    _spy(monkeypatch, AutoModelForCausalLM, seen)
+    with pytest.raises(ValueError, match=r"no tokenizer.*tokenizer=.*tokenizer=False") as err:
+        load_model(model_only_dir)
+    assert str(model_only_dir) in str(err.value)
+    assert not seen  # refused before the weights were read
+
+
+def test_checkpoint_without_tokenizer_loads_with_one_given_or_none(model_only_dir, llama_dir):
+    from transformers import AutoTokenizer
+
+    reference = load_model(llama_dir)  # the same weights (seed 3) with a tokenizer
+    from_dir = load_model(model_only_dir, tokenizer=llama_dir)
+    assert from_dir.tokenizer("w5 w17 w3")["input_ids"] == reference.tokenizer("w5 w17 w3")["input_ids"]
+    given = AutoTokenizer.from_pretrained(llama_dir)
+    assert load_model(model_only_dir, tokenizer=given).tokenizer is given
+    bare = load_model(model_only_dir, tokenizer=False)
+    assert bare.tokenizer is None
+    with torch.no_grad():
+        torch.testing.assert_close(bare.model(IDS).logits, reference.model(IDS).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("first", ["dllm_sparse", "transformers"])
+def test_import_dllm_sparse_makes_the_auto_classes_build_the_native_llada(llada_dir, tmp_path, first):
+    """In a fresh Python: ``import dllm_sparse`` (before or after transformers' Auto classes) imports no torch, and
+    then AutoModel / AutoModelForCausalLM / AutoModelForMaskedLM build the native class from a saved directory
+    without trust_remote_code (stdin closed: transformers' trust prompt would fail)."""
+    code = textwrap.dedent(f"""
+        import sys
+        if {first!r} == "transformers":
+            from transformers import AutoModel
+        import dllm_sparse
+        if {first!r} == "dllm_sparse":
+            assert "torch" not in sys.modules and "transformers" not in sys.modules, "import dllm_sparse is heavy"
+        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+        for auto in (AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM):
+            model = auto.from_pretrained({str(llada_dir)!r})
+            assert type(model).__module__ == "dllm_sparse.models.llada", (auto, type(model).__module__)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          stdin=subprocess.DEVNULL,
+                          env={**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ---- checkpoints whose weights do not fit their config ---------------------------------------------------------
+
+
+def _edited_copy(src, dst, edit_weights=None, edit_config=None):
+    """A copy of a checkpoint directory with its tensors and/or config.json edited."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if edit_weights is not None:
+        tensors = load_file(dst / "model.safetensors")
+        edit_weights(tensors)
+        save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    if edit_config is not None:
+        config = json.loads((dst / "config.json").read_text())
+        edit_config(config)
+        (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_a_missing_ffn_tensor_is_refused_unless_allowed(llama_dir, tmp_path):
+    gone = "model.layers.0.mlp.up_proj.weight"
+    d = _edited_copy(llama_dir, tmp_path / "ckpt", edit_weights=lambda t: t.pop(gone))
+    with pytest.raises(ValueError, match=rf"missing from the checkpoint.*{gone} \(1\).*allow_missing=True"):
+        load_model(d)
+    lm = load_model(d, allow_missing=True)  # asked for: loads, the tensor freshly initialised
+    reference = load_model(llama_dir).model
+    assert not torch.equal(lm.model.model.layers[0].mlp.up_proj.weight, reference.model.layers[0].mlp.up_proj.weight)
+    torch.testing.assert_close(lm.model.model.layers[0].mlp.down_proj.weight,
+                               reference.model.layers[0].mlp.down_proj.weight, rtol=0, atol=0)
+
+
+def test_an_unexpected_tensor_is_refused(llama_dir, tmp_path):
+    def add(t):
+        t["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(3, 3)
+
+    d = _edited_copy(llama_dir, tmp_path / "ckpt", edit_weights=add)
+    with pytest.raises(ValueError, match=r"not in the model.*extra_proj"):
+        load_model(d)
+
+
+def test_one_layer_more_in_the_config_than_in_the_weights_is_refused(llada_dir, tmp_path):
+    def grow(config):
+        config["n_layers"] += 1
+
+    d = _edited_copy(llada_dir, tmp_path / "ckpt", edit_config=grow)
+    with pytest.raises(ValueError, match=r"missing from the checkpoint.*blocks\.2\..*in all\)") as err:
+        load_model(d)
+    assert "blocks.0." not in str(err.value) and "blocks.1." not in str(err.value)
+
+
+def test_a_config_that_falls_back_to_a_default_size_is_refused_before_allocating(llada_dir, tmp_path, monkeypatch):
+    """A LLaDA config relabelled ``model_type: llama`` has none of LlamaConfig's size fields: transformers would
+    build a default-size Llama (6.5B parameters, 26 GB in fp32). Refused before from_pretrained runs."""
+    from transformers import AutoModelForCausalLM
+
+    def relabel(config):
+        config["model_type"] = "llama"
+        config.pop("auto_map", None)
+
+    d = _edited_copy(llada_dir, tmp_path / "ckpt", edit_config=relabel)
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("from_pretrained was called: the default-size model would be allocated")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", must_not_build)
+    with pytest.raises(ValueError, match=r"model_type 'llama'; hidden_size=4096, num_hidden_layers=32.*"
+                                         r"LlamaForCausalLM of \d+\.\dM parameters.*allow_missing=True"):
+        load_model(d)

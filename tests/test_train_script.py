@@ -86,8 +86,10 @@ def test_resume_continues_and_refuses_other_settings(tiny_base, text_rows, tmp_p
     run = tmp_path / "run"
     _script().main(_args(tiny_base, text_rows, run, "--max-steps", "2"))
     _script().main(_args(tiny_base, text_rows, run, "--max-steps", "3"))  # a larger budget resumes
-    state = torch.load(run / "ckpt.pt", weights_only=False)["state"]
+    resumed = torch.load(run / "ckpt.pt", weights_only=True)  # tensors and plain types only
+    state = resumed["state"]
     assert state["step"] == 3 and [r["step"] for r in state["log"]] == [1, 2, 3]
+    assert resumed["params"] and resumed["opt"]["state"]  # the trainable tensors and AdamW's moments
     with pytest.raises(SystemExit, match=r"lr: checkpoint 0\.0005 vs now 0\.001"):
         _script().main(_args(tiny_base, text_rows, run, "--max-steps", "4", "--lr", "1e-3"))
 
@@ -98,3 +100,14 @@ def test_impossible_settings_are_refused(tiny_base, text_rows, tmp_path, capsys,
     with pytest.raises(SystemExit):
         _script().main(_args(tiny_base, text_rows, tmp_path / "run", flag, value))
     assert flag in capsys.readouterr().err
+
+
+def test_a_checkpoint_holding_code_objects_is_refused(tiny_base, text_rows, tmp_path):
+    """Resuming reads with weights_only=True: a pickled object (which could run code) is refused, naming the fix."""
+    run = tmp_path / "run"
+    _script().main(_args(tiny_base, text_rows, run, "--max-steps", "1"))
+    ck = torch.load(run / "ckpt.pt", weights_only=True)
+    ck["state"]["settings"]["when"] = __import__("datetime").datetime(2026, 1, 1)  # not a plain type
+    torch.save(ck, run / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"weights_only=True.*another --run-dir"):
+        _script().main(_args(tiny_base, text_rows, run, "--max-steps", "2"))

@@ -58,6 +58,9 @@ __all__ = [
     "mask_row_parameter",
     "save_adapter",
     "read_adapter_meta",
+    "write_adapter_meta",
+    "seal_adapter_meta",
+    "ADAPTER_META_SHA256",
     "load_adapted_model",
     "adapter_hash",
     "ADAPTER_META",
@@ -72,6 +75,8 @@ LORA_TARGET_REGEX = r".*\.blocks\.\d+\.(" + "|".join(LORA_MODULES) + r")"
 _SUPPORTED = ("llama", "qwen2")
 #: The project's note next to peft's two files: what base the adapter applies to and how to rebuild it.
 ADAPTER_META = "dllm_sparse_adapter.json"
+#: The sha256 of :data:`ADAPTER_META`'s bytes, beside it (inside the metadata it would change the bytes it hashes).
+ADAPTER_META_SHA256 = "dllm_sparse_adapter.json.sha256"
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -386,7 +391,9 @@ def save_adapter(out_dir: str | Path, peft_model: nn.Module, meta: dict) -> dict
     """Write ``peft_model``'s adapter the peft way (``save_pretrained``) plus :data:`ADAPTER_META`.
 
     ``meta`` says how to rebuild the base the adapter applies to (``base``, ``logit_shift``, ``mask_token``,
-    ``mask_token_id``, ...); the sha256 and size of peft's files are added. Returns the metadata written.
+    ``mask_token_id``, ...); the sha256 and size of peft's files are added, and the sha256 of the metadata file
+    itself goes next to it (:data:`ADAPTER_META_SHA256`, see :func:`read_adapter_meta`). Returns the metadata
+    written.
     """
     import os
     import tempfile
@@ -400,27 +407,73 @@ def save_adapter(out_dir: str | Path, peft_model: nn.Module, meta: dict) -> dict
         for fname in _ADAPTER_FILES:
             os.chmod(Path(tmp) / fname, 0o644)
             os.replace(Path(tmp) / fname, out / fname)
+    return write_adapter_meta(out, meta)
+
+
+def write_adapter_meta(adapter_dir: str | Path, meta: dict) -> dict:
+    """Write :data:`ADAPTER_META` for the adapter files already in ``adapter_dir`` (``meta`` plus the size and
+    sha256 of each of peft's files), then :data:`ADAPTER_META_SHA256`, the sha256 of the metadata file's bytes.
+    Returns the metadata written."""
+    adapter_dir = Path(adapter_dir)
     files = {}
     for fname in _ADAPTER_FILES:
-        data = (out / fname).read_bytes()
+        data = (adapter_dir / fname).read_bytes()
         files[fname] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     meta = dict(meta, files=files)
-    atomic_write_text(out / ADAPTER_META, json.dumps(meta, indent=2) + "\n")
+    text = json.dumps(meta, indent=2) + "\n"
+    atomic_write_text(adapter_dir / ADAPTER_META, text)
+    atomic_write_text(adapter_dir / ADAPTER_META_SHA256, hashlib.sha256(text.encode()).hexdigest() + "\n")
     return meta
 
 
+def seal_adapter_meta(adapter_dir: str | Path) -> str:
+    """Write :data:`ADAPTER_META_SHA256` for an adapter whose metadata predates it (the bytes as they are, so
+    :func:`adapter_hash` does not change); only for metadata you trust. Returns the sha256."""
+    digest = hashlib.sha256((Path(adapter_dir) / ADAPTER_META).read_bytes()).hexdigest()
+    atomic_write_text(Path(adapter_dir) / ADAPTER_META_SHA256, digest + "\n")
+    return digest
+
+
 def read_adapter_meta(adapter_dir: str | Path) -> dict:
-    """The :data:`ADAPTER_META` of an adapter directory, with its files checked against the recorded sha256."""
+    """The :data:`ADAPTER_META` of an adapter directory, checked: the metadata file's bytes against the sha256
+    in :data:`ADAPTER_META_SHA256` (so an edited ``logit_shift`` or mask token cannot rebuild another model
+    silently), and each of peft's files (``adapter_config.json``, ``adapter_model.safetensors``: exactly these,
+    by fixed name in the directory, never a path the metadata gives) against its recorded size and sha256.
+    Anything else raises ``ValueError`` naming the file."""
     adapter_dir = Path(adapter_dir)
     path = adapter_dir / ADAPTER_META
     if not path.is_file():
         raise FileNotFoundError(f"no {ADAPTER_META} in {adapter_dir}: not an adapter written by save_adapter")
-    meta = json.loads(path.read_text())
-    for fname, rec in meta.get("files", {}).items():
-        data = (adapter_dir / fname).read_bytes()
-        if hashlib.sha256(data).hexdigest() != rec["sha256"]:
-            raise ValueError(f"{adapter_dir / fname} does not match the sha256 in {ADAPTER_META}: the adapter is "
-                             "corrupt or was edited; reinstall it or re-export it")
+    fix = "reinstall the adapter, or re-export it (experiments/adapt_ar_to_diffusion.py --export)"
+    raw = path.read_bytes()
+    seal = adapter_dir / ADAPTER_META_SHA256
+    if not seal.is_file():
+        raise ValueError(f"{adapter_dir} has no {ADAPTER_META_SHA256} (the sha256 of {ADAPTER_META}): written "
+                         f"before the metadata was hashed, or incomplete; {fix} (or, for metadata you trust, "
+                         "dllm_sparse.models.adapt.seal_adapter_meta(dir))")
+    if hashlib.sha256(raw).hexdigest() != seal.read_text().strip():
+        raise ValueError(f"{path} does not match the sha256 in {seal.name}: the metadata (how the base is rebuilt: "
+                         f"logit_shift, the mask token, the files' hashes) was edited or is corrupt; {fix}")
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the adapter's metadata is damaged: {fix}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds a {type(meta).__name__}, not the metadata object save_adapter writes: {fix}")
+    files = meta.get("files")
+    if not isinstance(files, dict) or set(files) != set(_ADAPTER_FILES):
+        listed = sorted(files) if isinstance(files, dict) else files
+        raise ValueError(f"{path} lists the files {listed}, but an adapter is exactly {list(_ADAPTER_FILES)}, "
+                         f"each checked by its sha256; {fix}")
+    for fname in _ADAPTER_FILES:
+        rec, file = files[fname], adapter_dir / fname
+        if not file.is_file():
+            raise ValueError(f"{file} is missing: {fix}")
+        data = file.read_bytes()
+        if not isinstance(rec, dict) or len(data) != rec.get("bytes") or \
+                hashlib.sha256(data).hexdigest() != rec.get("sha256"):
+            raise ValueError(f"{file} does not match the size and sha256 in {ADAPTER_META}: the adapter is "
+                             f"corrupt or was edited; {fix}")
     return meta
 
 

