@@ -11,7 +11,7 @@ The contract is ``docs/generation.md`` (section "Likelihood")::
 
 * Autoregressive (``kind="ar"``): exact sum of log p(continuation | context); batched with left (default) or
   right padding, explicit position ids, and only the continuation's logits computed when the model supports
-  ``logits_to_keep``. ``is_greedy``: the continuation is the argmax at every position.
+  ``logits_to_keep`` (looked up through a PeftModel or ``torch.compile`` wrapper). ``is_greedy``: the continuation is the argmax at every position.
 * Masked diffusion (``kind="diffusion"``): for each of ``mc_num / mc_batch`` iterations draw k uniformly from
   {1..L}; row j of the mini-batch masks ((k + j·L/b − 1) mod L) + 1 answer positions (rounded as in LLaDA's
   reference code) chosen by a random permutation; the prompt is never masked; the loss of a row is the sum of
@@ -27,6 +27,9 @@ Performance details that do not change any result:
   log-likelihood and in the sparsity statistics alike (each row counts as often as it was drawn);
 * rows of different items with the same total length are packed into one forward pass (no padding, so any
   bidirectional model works without an attention mask), at most ``batch_size`` rows per pass.
+* the LM head projects the masked positions only (the scored ones), where the family profile names a head that
+  can be split off the forward (:func:`~dllm_sparse.models.families.without_lm_head`; also through a PeftModel);
+  other models run their full forward.
 
 Guided ELBO (``cfg_scale`` w > 0, the official ``get_log_likelihood``): every masked row is also run with each
 prompt position replaced by the mask id, in the same forward pass, and logits = uncond + (w + 1)(cond − uncond)
@@ -119,10 +122,21 @@ def _as_configs(sparsity) -> list[SparsityConfig]:
 
 
 def _accepts(model: torch.nn.Module, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    """Whether ``model``'s forward takes the keyword ``name``, looking through wrappers that pass their keywords on
+    (a PeftModel's ``get_base_model()``, a ``torch.compile``-d module's ``_orig_mod``), whose own forward shows
+    only ``**kwargs``."""
+    for _ in range(8):  # a wrapper of a wrapper...; bounded in case a wrapper returns itself
+        try:
+            if name in inspect.signature(model.forward).parameters:
+                return True
+        except (TypeError, ValueError):
+            pass
+        get_base = getattr(model, "get_base_model", None)
+        inner = get_base() if callable(get_base) else getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module) or inner is model:
+            return False
+        model = inner
+    return False
 
 
 def _tagged(stats: SparsityStats | None, tag: Hashable, groups: dict[str, torch.Tensor],

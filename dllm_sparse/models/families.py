@@ -229,6 +229,10 @@ def find_ffns(model: nn.Module, profile: FamilyProfile | None = None) -> list[FF
 
 def _splittable_head(model: nn.Module, profile: FamilyProfile | None) -> tuple[nn.Module, str, nn.Linear] | None:
     """(parent, attribute, head) when the LM head can be split off the forward, else None."""
+    # A PeftModel's profile paths start at the model it wraps (its own attributes forward one level only).
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and isinstance(get_base(), nn.Module):
+        model = get_base()
     if profile is None:
         try:
             profile = detect_family(model)
