@@ -140,7 +140,8 @@ def top_p_mask_histogram(x: torch.Tensor, p: float) -> torch.Tensor:
     How: bucket every |v| by its float32 exponent and top 5 mantissa bits (an integer shift of its bit pattern,
     which is monotone in the value), add the masses per bucket (one ``scatter_add_`` in float64), find the
     bucket where the running mass from the top reaches p·||v||_1, and sort only the entries of that bucket
-    (about 1-3 % of a row) to find tau inside it. Three passes over the data instead of a row sort.
+    (about 1-3 % of a row; a ``topk`` of that many) to find tau inside it. A few passes over the data instead of a
+    row sort.
 
     Why it equals the reference bit for bit: a row whose non-zero |v| all lie within ``52 - m - ceil(log2 d)``
     octaves of its maximum (m = significand bits of the input dtype: 23 for float32, 7 for bfloat16, 10 for
@@ -153,27 +154,28 @@ def top_p_mask_histogram(x: torch.Tensor, p: float) -> torch.Tensor:
     rows too long for any exact range, go to the reference whole.
     """
     p = _check_p(p)
-    a = x.detach().abs()
-    if p >= 1.0 or a.numel() == 0:
-        return a != 0
+    if p >= 1.0 or x.numel() == 0:
+        return x.detach() != 0  # |v| != 0 <=> v != 0 (NaN included)
     d = x.shape[-1]
     if x.dtype not in _MANTISSA_BITS:
         return _keep_nan_rows(x, top_p_mask_reference(x, p))
     span = 52 - _MANTISSA_BITS[x.dtype] - math.ceil(math.log2(d))  # octaves below the max with exact sums
     if span < 0:
         return _keep_nan_rows(x, top_p_mask_reference(x, p))
-    a = a.reshape(-1, d).float()
-    bits = a.view(torch.int32)  # non-negative floats: integer order == value order (NaN above +inf)
+    # |v| as a float32 bit pattern: clearing the sign bit is abs() without a floating-point pass. For
+    # non-negative floats integer order == value order (NaN above +inf).
+    bits = x.detach().reshape(-1, d).float().view(torch.int32) & 0x7FFFFFFF
     k = _SUB_BUCKET_BITS
     n_exact = (span + 1) << k  # buckets 0..n_exact-1 cover the exact range; bucket n_exact holds what is below
     max_bits = bits.amax(dim=-1, keepdim=True)
-    # Bucket 0 = the top sub-octave of the row maximum's octave; one bucket per 2^-k octave downwards.
+    # Bucket 0 = the top sub-octave of the row maximum's octave; one bucket per 2^-k octave downwards. In
+    # int32 and in place (values below 2^14), widened once for scatter_add_: no mixed int64 - int32 arithmetic
+    # (a slow casting loop on CPU), and the comparisons below read 4 bytes an entry, not 8.
     top = (((max_bits >> 23) + 1) << k) - 1
-    # In int32 (values below 2^14), widened once for scatter_add_: no mixed int64 - int32 subtraction (a slow
-    # casting loop on CPU) and half the memory traffic of an int64 clamp.
-    bucket = torch.sub(top, bits >> (23 - k)).clamp_(0, n_exact).long()
-    a64 = a.double()
-    hist = torch.zeros(a.shape[0], n_exact + 1, dtype=torch.float64, device=a.device).scatter_add_(1, bucket, a64)
+    bucket = (bits >> (23 - k)).neg_().add_(top).clamp_(0, n_exact)
+    a64 = bits.view(torch.float32).double()
+    hist = torch.zeros(bits.shape[0], n_exact + 1, dtype=torch.float64, device=bits.device).scatter_add_(
+        1, bucket.long(), a64)
     reach = hist.cumsum(dim=-1)  # mass of the buckets down to this one (exact in the exact range)
     total = reach[:, -1:].clone()
     nan_rows = max_bits > _F32_INF_BITS
@@ -188,14 +190,16 @@ def top_p_mask_histogram(x: torch.Tensor, p: float) -> torch.Tensor:
     target = p * total  # the reference's target: p times the same total
     # The boundary bucket: the first with a running mass >= target, skipping empty leading buckets (target 0).
     boundary = ((reach < target) | (reach == 0)).sum(dim=-1, keepdim=True).clamp_(max=n_exact)
-    above = (reach - hist).gather(1, boundary)  # mass of the buckets above the boundary one
-    tau = _tau_in_bucket(a64, bucket == boundary, above, target)
+    above = reach.gather(1, boundary) - hist.gather(1, boundary)  # mass of the buckets above the boundary one
+    # Left to the reference's own steps: rows with an infinity, and rows whose boundary falls in the tail.
+    inexact = ((max_bits == _F32_INF_BITS) | ((boundary == n_exact) & (hist[:, -1:] > 0))) & ~nan_rows
+    # The boundary bucket's entries (rows whose boundary is the tail bucket are settled by the reference).
+    in_bucket = (bucket == boundary.int()) & (boundary < n_exact)
+    tau = _tau_in_bucket(bits, in_bucket, above, target)
     # tau as a bit pattern: |v| >= tau <=> bits >= tau_bits. Bits 1 (the smallest subnormal) keeps every
     # non-zero entry, NaN included: what a NaN row and (vacuously) an all-zero row need.
     tau_bits = torch.where(nan_rows | (total == 0), torch.ones_like(max_bits), tau.float().view(torch.int32))
     keep = bits >= tau_bits
-    # Left to the reference's own steps: rows with an infinity, and rows whose boundary falls in the tail.
-    inexact = ((max_bits == _F32_INF_BITS) | ((boundary == n_exact) & (hist[:, -1:] > 0))) & ~nan_rows
     rows = inexact.squeeze(-1).nonzero().squeeze(-1)
     if rows.numel():
         keep[rows] = _top_p_mask_sorted(x.reshape(-1, d)[rows], p)
@@ -235,21 +239,16 @@ def _tail_total(a64: torch.Tensor, in_tail: torch.Tensor, exact_part: torch.Tens
     return seq.cumsum(dim=-1)[:, -1:]
 
 
-def _tau_in_bucket(a64: torch.Tensor, in_bucket: torch.Tensor, above: torch.Tensor,
+def _tau_in_bucket(bits: torch.Tensor, in_bucket: torch.Tensor, above: torch.Tensor,
                    target: torch.Tensor) -> torch.Tensor:
-    """Per row: the largest entry c of the boundary bucket with above + (bucket mass >= c) >= target ([rows, 1])."""
-    rows, cols = in_bucket.nonzero(as_tuple=True)
-    counts = in_bucket.sum(dim=-1)
-    width = max(int(counts.max()), 1)
-    starts = counts.cumsum(0) - counts
-    # The bucket's entries left-aligned in a [rows, width] matrix, padded with zeros (which sort last and
-    # add no mass, so they never become tau while the bucket's own mass reaches the target).
-    cand = torch.zeros(a64.shape[0], width, dtype=torch.float64, device=a64.device)
-    cand[rows, torch.arange(rows.numel(), device=a64.device) - starts[rows]] = a64[rows, cols]
-    if cand.device.type == "cpu":  # NumPy's vectorised sort of values is ~20x faster here than torch.sort
-        desc = torch.from_numpy(np.sort(cand.neg_().numpy(), axis=-1)).neg_()
-    else:
-        desc = torch.sort(cand, dim=-1, descending=True).values
+    """Per row: the largest entry c of the boundary bucket with above + (bucket mass >= c) >= target ([rows, 1],
+    float64). ``bits``: the rows' |v| as float32 bit patterns."""
+    width = max(int(in_bucket.sum(dim=-1).max()), 1)
+    # The bucket's entries, largest first: a partial sort (topk) of the rows with every other entry zeroed.
+    # The zeros sort last and add no mass, so they never become tau while the bucket's own mass reaches the
+    # target; no gather of the bucket's scattered entries is needed.
+    cand = torch.where(in_bucket, bits, 0).view(torch.float32)
+    desc = torch.topk(cand, width, dim=-1, sorted=True).values.double()
     reach = desc.cumsum(dim=-1) + above
     j = (reach < target).sum(dim=-1, keepdim=True).clamp_(max=width - 1)
     return desc.gather(1, j)
