@@ -104,3 +104,94 @@ def test_ar_continuation_logits_only_equal_the_full_logits(wrap):
     ref = [_ar_reference(model, c, x) for c, x in reqs]
     out = ar_loglikelihood_tokens(model, reqs, batch_size=4)
     assert [o[0] for o in out] == pytest.approx(ref, rel=1e-6, abs=1e-5)
+
+
+# ---- AR multiple choice: one forward pass per distinct context ----------------------------------------------
+
+# Three items with 2-4 choices each (one- and multi-token continuations, contexts of different lengths, one
+# context that a max_length cut shortens) and a lone request.
+MC_REQUESTS = ([([5, 6, 7, 8, 9], c) for c in ([10], [11, 12], [13, 14, 15], [16])]
+               + [([3], c) for c in ([4], [40, 41])]
+               + [([20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31], c) for c in ([22, 23], [24], [25, 26, 27])]
+               + [([50, 51], [52, 53])])
+
+
+def _scored(model, share, sparsity=None, max_length=None, batch_size=3):
+    from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer
+
+    scorer = Scorer(model, ByteTokenizer(), "ar", batch_size=batch_size, max_length=max_length,
+                    share_context=share, sparsity=sparsity)
+    out = scorer.loglikelihood_tokens(MC_REQUESTS)
+    return out, scorer.stats
+
+
+def _counting_forwards(model):
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                             with_kwargs=True)
+    return calls, handle
+
+
+@pytest.mark.parametrize("max_length", [None, 10])
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_shared_context_equals_one_pass_per_request(max_length, batch_size):
+    model = build_tiny_model("llama")
+    calls, handle = _counting_forwards(model)
+    shared, _ = _scored(model, True, max_length=max_length, batch_size=batch_size)
+    shared_calls = list(calls)
+    calls.clear()
+    alone, _ = _scored(model, False, max_length=max_length, batch_size=batch_size)
+    handle.remove()
+    assert [g for _, g in shared] == [g for _, g in alone]
+    assert [ll for ll, _ in shared] == pytest.approx([ll for ll, _ in alone], rel=1e-6, abs=1e-5)
+    # The work really is shared: fewer tokens fed; uncut, the 4 distinct contexts fill the first passes.
+    assert sum(b * t for b, t in shared_calls) < sum(b * t for b, t in calls)
+    if max_length is None:
+        assert shared_calls[0][0] == min(batch_size, 4)
+
+
+@pytest.mark.parametrize("site", ["input", "gate", "up", "intermediate"])
+def test_shared_context_keeps_per_token_sparsity_and_its_statistics(site):
+    model = build_tiny_model("llama")
+    cfg = SparsityConfig(site, TopP(0.6))
+    shared, s_stats = _scored(model, True, sparsity=cfg)
+    alone, a_stats = _scored(model, False, sparsity=cfg)
+    assert [ll for ll, _ in shared] == pytest.approx([ll for ll, _ in alone], rel=1e-5, abs=1e-4)
+    for group in ("all", "context", "continuation"):
+        tokens = {r["layer"]: r["tokens"] for r in s_stats.records() if r["group"] == group}
+        assert tokens == {r["layer"]: r["tokens"] for r in a_stats.records() if r["group"] == group}
+        assert s_stats.mean(site, group=group) == pytest.approx(a_stats.mean(site, group=group), abs=1e-3)
+    dense, _ = _scored(model, True)
+    assert [ll for ll, _ in shared] != pytest.approx([ll for ll, _ in dense], abs=1e-3)  # sparsity acted
+
+
+@pytest.mark.parametrize("scope", ["sequence", "step"])
+def test_scopes_that_see_the_whole_sequence_keep_one_pass_per_request(scope):
+    model = build_tiny_model("llama")
+    cfg = SparsityConfig("intermediate", TopP(0.6, scope=scope))
+    calls, handle = _counting_forwards(model)
+    shared, _ = _scored(model, True, sparsity=cfg)
+    n_shared = list(calls)
+    calls.clear()
+    alone, _ = _scored(model, False, sparsity=cfg)
+    handle.remove()
+    assert n_shared == calls  # the very same passes
+    assert shared == alone
+
+
+def test_a_model_without_a_kv_cache_keyword_keeps_one_pass_per_request():
+    from dllm_sparse.eval.likelihood import _ar_shared_context
+
+    class NoCache(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    model = NoCache(build_tiny_model("llama"))
+    assert _ar_shared_context(model, [([5, 6, 7], 1)], batch_size=2, pad_id=0, stats=None, progress=False) is None
+    shared, _ = _scored(model, True)
+    alone, _ = _scored(model, False)
+    assert shared == alone

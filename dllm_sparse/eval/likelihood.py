@@ -11,7 +11,9 @@ The contract is ``docs/generation.md`` (section "Likelihood")::
 
 * Autoregressive (``kind="ar"``): exact sum of log p(continuation | context); batched with left (default) or
   right padding, explicit position ids, and only the continuation's logits computed when the model supports
-  ``logits_to_keep`` (looked up through a PeftModel or ``torch.compile`` wrapper). ``is_greedy``: the continuation is the argmax at every position.
+  ``logits_to_keep`` (looked up through a PeftModel or ``torch.compile`` wrapper); requests sharing a context
+  (the choices of a multiple-choice item) share one forward pass of it, whose KV cache feeds each continuation
+  (``share_context``, per-token rules only). ``is_greedy``: the continuation is the argmax at every position.
 * Masked diffusion (``kind="diffusion"``): for each of ``mc_num / mc_batch`` iterations draw k uniformly from
   {1..L}; row j of the mini-batch masks ((k + j·L/b − 1) mod L) + 1 answer positions (rounded as in LLaDA's
   reference code) chosen by a random permutation; the prompt is never masked; the loss of a row is the sum of
@@ -183,12 +185,21 @@ def ar_loglikelihood_tokens(
     max_length: int | None = None,
     stats: SparsityStats | None = None,
     progress: bool = False,
+    share_context: bool = False,
 ) -> list[tuple[float, bool]]:
     """Exact ``(sum log p(continuation | context), is_greedy)`` for token-id requests of a causal LM.
 
     ``context`` must hold at least one token (use a BOS/EOS prefix for an empty context). Requests are sorted by
     length for batching and returned in the input order. A context longer than ``max_length`` is cut from the
     left, as lm-evaluation-harness does.
+
+    ``share_context``: requests with the same context (the choices of a multiple-choice item) share one
+    forward pass of it; its KV cache then feeds each continuation (:func:`_ar_shared_context`). The same
+    log-likelihoods up to float rounding (other matmul shapes), and the same statistics: each context token
+    counts once per request, as in one pass per request. Only valid when every sparsity rule attached acts per
+    token (a rule selecting over a sequence, or a keep-set shared by the context's tokens, would see another
+    set of tokens); the :class:`Scorer` turns it on exactly then. Models without a KV cache keyword take one
+    pass per request.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -205,6 +216,11 @@ def ar_loglikelihood_tokens(
                 raise ValueError(f"continuation of {len(cont)} tokens exceeds max_length={max_length}")
             full = full[len(full) - 1 - max_length:]
         seqs.append((full, len(cont)))
+    if share_context:
+        shared = _ar_shared_context(model, seqs, batch_size=batch_size, pad_id=pad_id, stats=stats,
+                                    progress=progress)
+        if shared is not None:
+            return shared
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     results: list[tuple[float, bool] | None] = [None] * len(seqs)
     device = model_device(model)
@@ -251,6 +267,106 @@ def ar_loglikelihood_tokens(
     if bar is not None:
         bar.close()
     return results  # type: ignore[return-value]
+
+
+def _score_continuation(logits: torch.Tensor, target: Sequence[int]) -> tuple[float, bool]:
+    """(sum of log-softmax at the targets, every target is the argmax) of logits [n, V] predicting ``target``."""
+    lg = logits.float()
+    t = torch.tensor(list(target), device=lg.device)
+    ll = F.log_softmax(lg, dim=-1).gather(-1, t[:, None]).sum().item()
+    return ll, bool((lg.argmax(-1) == t).all().item())
+
+
+def _ar_shared_context(model: torch.nn.Module, seqs: list[tuple[list[int], int]], *, batch_size: int,
+                       pad_id: int, stats: SparsityStats | None, progress: bool) -> list[tuple[float, bool]] | None:
+    """:func:`ar_loglikelihood_tokens` with one forward pass per distinct context (``seqs``: (context +
+    continuation, continuation length) per request). None when the model takes no KV cache.
+
+    1. Contexts, ``batch_size`` per pass, left-padded, with a KV cache; the logits of the last context position
+       predict every continuation's first token. Statistics: row weight = the number of requests of the
+       context (so its tokens count as in one pass per request), token group ``context``.
+    2. Continuations, ``batch_size`` rows per pass: the inputs continuation[:-1] (right-padded) on a copy of
+       their context's cache rows, attention mask = context mask + their own; token group ``continuation``.
+       Skipped when every continuation is one token.
+    """
+    import copy
+
+    from dllm_sparse.samplers.kv_cache import KVCacheError, cache_keyword, check_cache_length, new_cache
+
+    try:
+        cache_kw = cache_keyword(model)
+    except KVCacheError:
+        return None
+    device = model_device(model)
+    use_keep = _accepts(model, "logits_to_keep")
+    use_pos = _accepts(model, "position_ids")
+    contexts: dict[tuple[int, ...], list[int]] = {}  # context -> requests
+    for i, (full, nc) in enumerate(seqs):
+        contexts.setdefault(tuple(full[:-nc]), []).append(i)
+    ctx_list = sorted(contexts, key=len, reverse=True)
+    results: list[tuple[float, bool] | None] = [None] * len(seqs)
+    bar = _progress(len(seqs), "loglikelihood (AR, shared contexts)", progress)
+    for start in range(0, len(ctx_list), batch_size):
+        batch = ctx_list[start:start + batch_size]
+        Tc = len(batch[0])
+        ids = torch.full((len(batch), Tc), pad_id, dtype=torch.long)
+        att = torch.zeros((len(batch), Tc), dtype=torch.long)
+        for r, ctx in enumerate(batch):
+            ids[r, Tc - len(ctx):] = torch.tensor(ctx)
+            att[r, Tc - len(ctx):] = 1
+        cache = new_cache(model)
+        kwargs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": att.to(device), cache_kw: cache,
+                                  "use_cache": True}
+        if use_pos:
+            kwargs["position_ids"] = (att.cumsum(-1) - 1).clamp(min=0).to(device)
+        if use_keep:
+            kwargs["logits_to_keep"] = 1
+        weights = torch.tensor([float(len(contexts[c])) for c in batch], dtype=torch.float64)
+        groups = {"context": att.bool(), "continuation": torch.zeros_like(att, dtype=torch.bool)}
+        with torch.no_grad(), _tagged(stats, "ar", groups, weights):
+            first = model(**kwargs).logits[:, -1]  # [contexts, V]: predicts each continuation's first token
+        check_cache_length(cache, Tc, model)
+        rows = [(r, i) for r, c in enumerate(batch) for i in contexts[c]]
+        for cstart in range(0, len(rows), batch_size):
+            chunk = rows[cstart:cstart + batch_size]
+            Tn = max(seqs[i][1] for _, i in chunk) - 1
+            rest = None
+            if Tn > 0:
+                rest = _ar_continuations(model, seqs, chunk, Tn, att, cache, cache_kw, pad_id, device, use_pos,
+                                         stats, copy.deepcopy)
+            for k, (r, i) in enumerate(chunk):
+                full, nc = seqs[i]
+                lg = first[r:r + 1] if nc == 1 else torch.cat([first[r:r + 1], rest[k, :nc - 1].to(first.device)])
+                results[i] = _score_continuation(lg, full[-nc:])
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return results  # type: ignore[return-value]
+
+
+def _ar_continuations(model, seqs, chunk, Tn, ctx_att, cache, cache_kw, pad_id, device, use_pos, stats,
+                      copy_cache) -> torch.Tensor:
+    """Logits [rows, Tn, V] of the continuation inputs of ``chunk`` ((context row, request) pairs) fed after
+    their context's KV cache (step 2 of :func:`_ar_shared_context`)."""
+    ctx_rows = torch.tensor([r for r, _ in chunk])
+    ids = torch.full((len(chunk), Tn), pad_id, dtype=torch.long)
+    own = torch.zeros((len(chunk), Tn), dtype=torch.long)
+    for k, (_, i) in enumerate(chunk):
+        full, nc = seqs[i]
+        inputs = full[len(full) - nc:-1]  # continuation[:-1]: the last token is predicted, never fed
+        ids[k, :len(inputs)] = torch.tensor(inputs, dtype=torch.long)
+        own[k, :len(inputs)] = 1
+    att = torch.cat([ctx_att[ctx_rows], own], dim=1)
+    rows_cache = copy_cache(cache)
+    rows_cache.reorder_cache(ctx_rows.to(device))  # the context's cache rows, one per continuation row
+    kwargs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": att.to(device), cache_kw: rows_cache,
+                              "use_cache": True}
+    if use_pos:
+        kwargs["position_ids"] = (ctx_att[ctx_rows].sum(-1, keepdim=True) + torch.arange(Tn)).to(device)
+    groups = {"context": torch.zeros_like(own, dtype=torch.bool), "continuation": own.bool()}
+    with torch.no_grad(), _tagged(stats, "ar", groups):
+        return model(**kwargs).logits
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -552,7 +668,10 @@ class Scorer:
     ``mask_id`` (when neither the argument, the model config nor the tokenizer gives one) and its
     ``logit_shift`` (the ``shift_logits`` default) from it. Diffusion only: ``cfg_scale`` (guided ELBO, the default
     of every call; each verb takes ``cfg_scale=`` for that call alone) and ``greedy_check`` (``"iterative"``,
-    ``"one_pass"`` or ``"off"``; ``True`` = ``"iterative"``), see the module docstring.
+    ``"one_pass"`` or ``"off"``; ``True`` = ``"iterative"``), see the module docstring. AR only:
+    ``share_context`` (default True) scores the requests sharing a context (multiple-choice items) from one
+    forward pass of it when every rule of the call acts per token (``scope="token"``; other scopes and
+    ``share_context=False`` take one pass per request; see :func:`ar_loglikelihood_tokens`).
     """
 
     def __init__(
@@ -579,6 +698,7 @@ class Scorer:
         sparsity: SparsityConfig | Sequence[SparsityConfig] | None = None,
         stats: SparsityStats | None = None,
         progress: bool = False,
+        share_context: bool = True,
     ):
         if kind not in ("ar", "diffusion"):
             raise ValueError(f"kind must be 'ar' or 'diffusion', got {kind!r}")
@@ -610,6 +730,7 @@ class Scorer:
         self.greedy_check = greedy_check_mode(greedy_check)
         self.cfg_scale = _check_cfg_scale(cfg_scale)
         self.dedupe, self.ratio_bins, self.progress = dedupe, ratio_bins, progress
+        self.share_context = bool(share_context)
         self._sparsity = _as_configs(sparsity)
         self.stats = stats
 
@@ -643,6 +764,8 @@ class Scorer:
             est = f"mc{self.mc_num}/b{self.mc_batch}/seed{self.seed}/shift{int(self.shift_logits)}"
             est += f"/cfg{w!r}" if w > 0 else ""
             est += f"/greedy-{self.greedy_check}" if self.greedy_check != "off" else ""
+        if self.kind == "ar" and not self.share_context:
+            est += "/ctx-per-request"  # other float rounding than the shared context pass (the default)
         return f"{self.name}|{self.kind}|{sp}|{est}|bos{int(self.add_bos_token)}"
 
     @property
@@ -724,11 +847,15 @@ class Scorer:
         if cfg_scale > 0 and self.kind != "diffusion":
             raise ValueError(f"cfg_scale={cfg_scale} is a diffusion-ELBO setting; an autoregressive scorer computes "
                              "the exact log-likelihood (leave cfg_scale at 0)")
+        # A shared context pass sparsifies its tokens as one pass per request does only when every rule acts
+        # per token; an outside sparsify() block is not seen here (pass share_context=False for one of those).
+        share = self.share_context and all(c.rule.scope == "token" for c in self.configs_for(sparsity))
         with self.sparsified(sparsity, stats) as stats:
             if self.kind == "ar":
                 return ar_loglikelihood_tokens(
                     self.model, requests, batch_size=self.batch_size, padding_side=self.padding_side,
-                    pad_id=self.pad_id, max_length=self.max_length, stats=stats, progress=self.progress)
+                    pad_id=self.pad_id, max_length=self.max_length, stats=stats, progress=self.progress,
+                    share_context=share)
             return diffusion_elbo_tokens(
                 self.model, requests, mask_id=self.mask_id, mc_num=self.mc_num, mc_batch=self.mc_batch,
                 batch_size=max(self.batch_size, 1), seed=self.seed, keys=keys, shift_logits=self.shift_logits,
