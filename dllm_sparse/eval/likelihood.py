@@ -216,13 +216,16 @@ def ar_loglikelihood_tokens(
                 raise ValueError(f"continuation of {len(cont)} tokens exceeds max_length={max_length}")
             full = full[len(full) - 1 - max_length:]
         seqs.append((full, len(cont)))
+    results: list[tuple[float, bool] | None] = [None] * len(seqs)
+    pending = list(range(len(seqs)))
     if share_context:
         shared = _ar_shared_context(model, seqs, batch_size=batch_size, pad_id=pad_id, stats=stats,
                                     progress=progress)
         if shared is not None:
-            return shared
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
-    results: list[tuple[float, bool] | None] = [None] * len(seqs)
+            for i, res in shared.items():
+                results[i] = res
+            pending = [i for i in pending if results[i] is None]
+    order = sorted(pending, key=lambda i: -len(seqs[i][0]))
     device = model_device(model)
     use_keep = _accepts(model, "logits_to_keep") and padding_side == "left"
     use_pos = _accepts(model, "position_ids")
@@ -278,9 +281,12 @@ def _score_continuation(logits: torch.Tensor, target: Sequence[int]) -> tuple[fl
 
 
 def _ar_shared_context(model: torch.nn.Module, seqs: list[tuple[list[int], int]], *, batch_size: int,
-                       pad_id: int, stats: SparsityStats | None, progress: bool) -> list[tuple[float, bool]] | None:
+                       pad_id: int, stats: SparsityStats | None,
+                       progress: bool) -> dict[int, tuple[float, bool]] | None:
     """:func:`ar_loglikelihood_tokens` with one forward pass per distinct context (``seqs``: (context +
-    continuation, continuation length) per request). None when the model takes no KV cache.
+    continuation, continuation length) per request), for the requests whose context of at least two tokens is
+    shared by another request: {request index: result}; the others (e.g. rolling windows after a lone BOS,
+    where there is nothing to save) are left to the per-request passes. None when the model takes no KV cache.
 
     1. Contexts, ``batch_size`` per pass, left-padded, with a KV cache; the logits of the last context position
        predict every continuation's first token. Statistics: row weight = the number of requests of the
@@ -303,9 +309,10 @@ def _ar_shared_context(model: torch.nn.Module, seqs: list[tuple[list[int], int]]
     contexts: dict[tuple[int, ...], list[int]] = {}  # context -> requests
     for i, (full, nc) in enumerate(seqs):
         contexts.setdefault(tuple(full[:-nc]), []).append(i)
+    contexts = {c: reqs for c, reqs in contexts.items() if len(reqs) > 1 and len(c) > 1}
     ctx_list = sorted(contexts, key=len, reverse=True)
-    results: list[tuple[float, bool] | None] = [None] * len(seqs)
-    bar = _progress(len(seqs), "loglikelihood (AR, shared contexts)", progress)
+    results: dict[int, tuple[float, bool]] = {}
+    bar = _progress(sum(map(len, contexts.values())), "loglikelihood (AR, shared contexts)", progress)
     for start in range(0, len(ctx_list), batch_size):
         batch = ctx_list[start:start + batch_size]
         Tc = len(batch[0])
@@ -342,7 +349,7 @@ def _ar_shared_context(model: torch.nn.Module, seqs: list[tuple[list[int], int]]
                 bar.update(len(chunk))
     if bar is not None:
         bar.close()
-    return results  # type: ignore[return-value]
+    return results
 
 
 def _ar_continuations(model, seqs, chunk, Tn, ctx_att, cache, cache_kw, pad_id, device, use_pos, stats,
