@@ -21,8 +21,9 @@ masked-diffusion twin ``smollm2-135m-mdm`` when that is available (otherwise the
 run says so). Every item of the built-in tasks is scored (64 multiple-choice items, 48 passages) on the quick
 grid (top-p 1, 0.995, 0.99, 0.98, 0.95, 0.9); on a CPU with mc_num 2 (run time in the README), on a GPU with
 mc_num 128, bf16 and ``device="auto"``. The tables carry 95 % paired bootstrap intervals over items
-(``--n-boot``). ``--threads auto`` (default) uses one intra-op thread per idle core: on a busy shared
-machine, oversubscribed OpenMP threads spin and made a forward pass up to 8x slower in our measurements.
+(``--n-boot``). ``--threads auto`` (default) uses one intra-op thread per idle core (the idle CPU time of each
+core over 0.5 s, from /proc/stat; the choice and its reason are printed): on a busy shared machine,
+oversubscribed OpenMP threads spin and made a forward pass up to 8x slower in our measurements.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "the grid otherwise)")
     ap.add_argument("--no-step-profile", action="store_true", help="skip the short generation for the step figure")
     ap.add_argument("--threads", default="auto",
-                    help="torch intra-op threads on CPU: a number, or 'auto' (cores not busy with other processes)")
+                    help="torch intra-op threads on CPU: a number, or 'auto' (default: one per core idle over 0.5 s, "
+                         "read from /proc/stat; printed with its reason)")
     ap.add_argument("--no-cap", action="store_true",
                     help="task-averaged curve: average the raw relative performances (default: each task capped "
                          "at 1 first, so a task above dense cannot hide another's loss)")
@@ -258,20 +260,24 @@ def machine_description(threads: int) -> str:
             f"torch {torch.__version__}, transformers {transformers.__version__}")
 
 
-def set_threads(spec: str) -> int:
+def set_threads(spec: str) -> tuple[int, str]:
+    """Set torch's intra-op threads from ``--threads``; returns (threads, why, for the screen)."""
     import torch
 
+    from dllm_sparse.hardware import auto_threads, idle_cores
+
     if spec != "auto":
-        torch.set_num_threads(max(1, int(spec)))
-        return torch.get_num_threads()
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    n = max(1, min(torch.get_num_threads(), cores - int(busy + 0.5)))
+        try:
+            n = int(spec)
+        except ValueError:
+            raise SystemExit(f"--threads takes a whole number >= 1 or 'auto', got {spec!r}") from None
+        if n < 1:
+            raise SystemExit(f"--threads takes a whole number >= 1 or 'auto', got {spec!r}")
+        torch.set_num_threads(n)
+        return torch.get_num_threads(), f"{torch.get_num_threads()} (--threads {spec})"
+    n, why = auto_threads(torch.get_num_threads(), idle_cores(0.5))
     torch.set_num_threads(n)
-    return n
+    return n, f"{why}, --threads auto"
 
 
 def main(argv=None) -> int:
@@ -294,7 +300,7 @@ def main(argv=None) -> int:
     device = args.device or ("auto" if gpu else "cpu")
     dtype = args.dtype or ("bf16" if gpu else "fp32")
     on_cpu = device == "cpu" or not gpu
-    threads = set_threads(args.threads) if on_cpu else torch.get_num_threads()
+    threads, threads_why = set_threads(args.threads) if on_cpu else (torch.get_num_threads(), "not on CPU")
     preset = get_preset(args.preset) if args.preset else None
     if preset is not None and args.cfg_scale is not None:
         raise SystemExit(f"--preset {preset.name} sets the guidance per task; drop --cfg-scale (or the preset)")
@@ -322,7 +328,7 @@ def main(argv=None) -> int:
               f"tasks: {args.tasks}, limit: {limit}\nguided ELBO cfg_scale: {cfg_scale}"
               f"{f' (preset {preset.name})' if preset else ''}\nmc_num: {mc_num}, mc_batch: {mc_batch}, batch_size: "
               f"{args.batch_size}, dtype: {dtype}, device: {device}, seed: {args.seed}, processes: {world}, "
-              f"CPU threads: {threads}\n"
+              f"CPU threads: {threads_why}\n"
               f"output: {out}")
     cfg = SweepConfig(models=models, output_dir=out, sites=args.sites, rule=args.rule, thresholds=thresholds,
                       tasks=args.tasks, limit=limit, mc_num=mc_num, mc_batch=mc_batch, batch_size=args.batch_size,

@@ -220,3 +220,22 @@ def test_generate_demo_writes_its_trace(tmp_path, monkeypatch):
     assert data["args"]["trace_out"] == str(trace) and data["args"]["prompt"] == ["hi"]
     assert data["runs"] == [{"model": "smollm2-135m", "kind": "ar", "ids": [[1, 2]],
                              "config": str(SparsityConfig.parse("input:top_p:0.9"))}]
+
+
+def test_llada_vs_llama_threads_auto_reads_idle_cores_and_says_so(monkeypatch):
+    import torch
+
+    import dllm_sparse.hardware as hardware
+
+    exp = _script("llada_vs_llama")
+    before = torch.get_num_threads()
+    monkeypatch.setattr(hardware, "idle_cores", lambda interval=0.5: 0.2)  # a busy machine
+    try:
+        n, why = exp.set_threads("auto")
+        assert n == 1 == torch.get_num_threads()
+        assert why.startswith("1 (0.2 of") and "--threads auto" in why
+        for bad in ("abc", "0", "-2", "1.5"):
+            with pytest.raises(SystemExit, match=f"--threads takes a whole number >= 1 or 'auto', got '{bad}'"):
+                exp.set_threads(bad)
+    finally:
+        torch.set_num_threads(before)

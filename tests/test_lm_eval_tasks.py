@@ -171,8 +171,8 @@ def test_results_file_has_the_measured_sparsity(tmp_path):
     assert measured["sites"]["input"]["mean"] == pytest.approx(stats.mean("input"), rel=1e-9)
     assert [measured["sites"]["input"]["per_layer"][str(k)] for k in range(2)] == pytest.approx(
         list(stats.per_layer("input").values()), rel=1e-9)
-    # 20 requests (5 items x 4 choices) in batches of 4
-    assert measured["sites"]["input"]["forward_passes"] == stats.forward_passes("input") == 5
+    # 5 items x 4 choices, batches of 4: the 5 shared contexts in 2 passes, then the 20 continuations in 5
+    assert measured["sites"]["input"]["forward_passes"] == stats.forward_passes("input") == 2 + 5
     assert 0.0 < measured["sites"]["input"]["mean"] < 1.0
 
 
@@ -201,7 +201,9 @@ def test_stock_lm_eval_and_the_console_script_run_the_task(tmp_path):
         assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
         out = _results_file(tmp_path / name)
         assert out["results"]["dllm_sparse_mc"]["acc,none"] == pytest.approx(acc), name
-        assert out["config"]["measured_sparsity"]["sites"]["input"]["forward_passes"] == 3, name  # 12 requests / 4
+        # the 3 shared contexts in one pass, then at most 12 continuations / 4 (how lm-eval splits its calls
+        # differs between the entry points; one-token continuations need no pass of their own)
+        assert 2 <= out["config"]["measured_sparsity"]["sites"]["input"]["forward_passes"] <= 1 + 3, name
 
 
 # ---- chat template ------------------------------------------------------------------------------------------------

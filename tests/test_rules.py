@@ -21,6 +21,7 @@ from dllm_sparse import (
     top_p_mask,
     top_p_mask_histogram,
     top_p_mask_reference,
+    top_p_mask_row_sort,
     top_p_threshold,
 )
 from dllm_sparse.sparsity import rules as rules_module
@@ -288,7 +289,8 @@ def test_methods_agree(name):
     for p in (0.01, 0.5, 0.9, 0.99):
         sort_mask = TopP(p, method="sort").mask(x)
         assert torch.equal(sort_mask, top_p_mask_reference(x, p))
-        assert torch.equal(TopP(p, method="auto").mask(x), sort_mask)  # auto = the exact histogram on CPU
+        assert torch.equal(TopP(p, method="auto").mask(x), sort_mask)  # auto = the exact row sort on CPU
+        assert torch.equal(TopP(p, method="row_sort").mask(x), sort_mask)
         assert torch.equal(TopP(p, method="histogram").mask(x), sort_mask)
         assert_same_top_p(x, TopP(p, method="bisect").mask(x), p)
 
@@ -442,7 +444,17 @@ def test_histogram_equals_reference_bit_for_bit(dtype, d):
         for p in P_EDGES:
             got = top_p_mask_histogram(x, p)
             assert torch.equal(got, _reference(x, p)), (name, p)
-        assert torch.equal(TopP(0.9).mask(x), top_p_mask_histogram(x, 0.9))  # auto on CPU is this path
+        assert torch.equal(TopP(0.9).mask(x), top_p_mask_histogram(x, 0.9))  # auto on CPU: the row sort
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("d", [1, 7, 576, 1536])
+def test_row_sort_equals_reference_bit_for_bit(dtype, d):
+    for name, x in _hard_rows(d, seed=d).items():
+        x = x.to(dtype)
+        for p in P_EDGES:
+            assert torch.equal(top_p_mask_row_sort(x, p), _reference(x, p)), (name, p)
+        assert torch.equal(TopP(0.9).mask(x), top_p_mask_row_sort(x, 0.9))  # auto on CPU is this path
 
 
 def test_histogram_alone_is_exact_on_narrow_rows(monkeypatch):

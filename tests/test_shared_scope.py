@@ -244,7 +244,9 @@ def test_ar_scorer_shares_over_context_only():
     model = build_tiny_model("llama", initializer_range=0.2, vocab_size=260)
     step, token = SparsityConfig("input", TopP(0.5, scope="step")), SparsityConfig("input", TopP(0.5))
     one = [([5], [10, 11, 12]), ([7], [4, 9])]
-    s = Scorer(model, ByteTokenizer(), "ar", batch_size=4)
+    # One pass per request for both scopes (a per-token rule would otherwise share the context pass: the same
+    # masks, other float rounding).
+    s = Scorer(model, ByteTokenizer(), "ar", batch_size=4, share_context=False)
     assert s.loglikelihood_tokens(one, sparsity=step) == s.loglikelihood_tokens(one, sparsity=token)
     longer = [([5, 6, 7, 8, 9], [10, 11]), ([3, 4], [20, 21, 22])]
     batched = s.loglikelihood_tokens(longer, sparsity=step)  # left-padded batch of two

@@ -254,3 +254,39 @@ def test_a_sparsified_forward_reads_nothing_back_from_the_device(site, tiny_llam
     assert {g for g, _ in recs} == {"all", "late"}
     assert recs[("all", 0)]["tokens"] == 2 * (5 * 1 + 7 * 3)  # two calls, real tokens x row weight
     assert recs[("late", 1)]["tokens"] == 2 * (3 * 1 + 3 * 3)
+
+
+def test_counts_follow_every_change_of_masks_groups_and_weights_between_calls():
+    """The token weights are built once per forward pass and reused while the masks are the same objects: a new
+    attention mask, group mask or row weight (same shapes) must be picked up at once. Reference: the
+    definition, token by token."""
+    g = torch.Generator().manual_seed(0)
+    s = SparsityStats()
+    ref: dict[tuple, list[float]] = {}
+
+    def expect(tag, layer, out, valid, groups, weights):
+        zeros = (out == 0).sum(-1).double()
+        w = torch.ones(zeros.shape, dtype=torch.float64) if weights is None else weights[:, None].expand_as(zeros)
+        v = torch.ones(zeros.shape, dtype=torch.bool) if valid is None else valid.bool()
+        for name, m in {"all": v, **{k: gm & v for k, gm in groups.items()}}.items():
+            acc = ref.setdefault((tag, name, layer), [0.0, 0.0])
+            acc[0] += float((zeros * w * m).sum())
+            acc[1] += float((w * m).sum())
+
+    for step in range(6):
+        valid = (torch.rand(2, 5, generator=g) > 0.3).long()
+        groups = {"a": torch.rand(2, 5, generator=g) > 0.5, "b": torch.rand(2, 5, generator=g) > 0.5}
+        weights = None if step % 2 else torch.tensor([1.0, float(step + 1)])
+        with s.tagged(f"t{step % 3}", groups, weights):
+            for call in range(3):  # three layers of one forward pass share the masks; then they change
+                out = torch.randn(2, 5, 8, generator=g).masked_fill(torch.rand(2, 5, 8, generator=g) > 0.6, 0)
+                s.add(call, "up", out, valid)
+                expect(f"t{step % 3}", call, out, valid, groups, weights)
+                if call == 1:  # the same group dict, one mask replaced in place between two calls
+                    groups["a"] = ~groups["a"]
+                    s.groups["a"] = groups["a"]
+    got = {(tag, group, layer): [float(c.zeros), float(c.tokens)] for (tag, group, layer, _), c in s.counts.items()}
+    assert got.keys() == ref.keys()
+    for key, (zeros, tokens) in ref.items():
+        assert got[key] == pytest.approx([zeros, tokens], abs=1e-9), key
+    assert s.forward_passes("up") == 6

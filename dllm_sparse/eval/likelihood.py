@@ -11,7 +11,9 @@ The contract is ``docs/generation.md`` (section "Likelihood")::
 
 * Autoregressive (``kind="ar"``): exact sum of log p(continuation | context); batched with left (default) or
   right padding, explicit position ids, and only the continuation's logits computed when the model supports
-  ``logits_to_keep``. ``is_greedy``: the continuation is the argmax at every position.
+  ``logits_to_keep`` (looked up through a PeftModel or ``torch.compile`` wrapper); requests sharing a context
+  (the choices of a multiple-choice item) share one forward pass of it, whose KV cache feeds each continuation
+  (``share_context``, per-token rules only). ``is_greedy``: the continuation is the argmax at every position.
 * Masked diffusion (``kind="diffusion"``): for each of ``mc_num / mc_batch`` iterations draw k uniformly from
   {1..L}; row j of the mini-batch masks ((k + j·L/b − 1) mod L) + 1 answer positions (rounded as in LLaDA's
   reference code) chosen by a random permutation; the prompt is never masked; the loss of a row is the sum of
@@ -27,6 +29,9 @@ Performance details that do not change any result:
   log-likelihood and in the sparsity statistics alike (each row counts as often as it was drawn);
 * rows of different items with the same total length are packed into one forward pass (no padding, so any
   bidirectional model works without an attention mask), at most ``batch_size`` rows per pass.
+* the LM head projects the masked positions only (the scored ones), where the family profile names a head that
+  can be split off the forward (:func:`~dllm_sparse.models.families.without_lm_head`; also through a PeftModel);
+  other models run their full forward.
 
 Guided ELBO (``cfg_scale`` w > 0, the official ``get_log_likelihood``): every masked row is also run with each
 prompt position replaced by the mask id, in the same forward pass, and logits = uncond + (w + 1)(cond − uncond)
@@ -63,7 +68,6 @@ masked answer tokens: the likelihood-side stand-in for "denoising step").
 from __future__ import annotations
 
 import hashlib
-import inspect
 from collections.abc import Hashable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
@@ -73,6 +77,7 @@ import torch.nn.functional as F
 
 from dllm_sparse.models.families import family_named, without_lm_head
 from dllm_sparse.models.loading import model_device
+from dllm_sparse.models.wrappers import forward_parameters
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig
 from dllm_sparse.sparsity.hooks import sparsify
 from dllm_sparse.sparsity.stats import SparsityStats
@@ -132,10 +137,9 @@ def _as_configs(sparsity) -> list[SparsityConfig]:
 
 
 def _accepts(model: torch.nn.Module, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    """Whether ``model``'s forward takes the keyword ``name``, asked of the model inside wrappers that pass their
+    keywords on (a PeftModel, a ``torch.compile``-d module: their own forward shows only ``**kwargs``)."""
+    return name in forward_parameters(model)
 
 
 def _tagged(stats: SparsityStats | None, tag: Hashable, groups: dict[str, torch.Tensor],
@@ -182,12 +186,21 @@ def ar_loglikelihood_tokens(
     max_length: int | None = None,
     stats: SparsityStats | None = None,
     progress: bool = False,
+    share_context: bool = False,
 ) -> list[tuple[float, bool]]:
     """Exact ``(sum log p(continuation | context), is_greedy)`` for token-id requests of a causal LM.
 
     ``context`` must hold at least one token (use a BOS/EOS prefix for an empty context). Requests are sorted by
     length for batching and returned in the input order. A context longer than ``max_length`` is cut from the
     left, as lm-evaluation-harness does.
+
+    ``share_context``: requests with the same context (the choices of a multiple-choice item) share one
+    forward pass of it; its KV cache then feeds each continuation (:func:`_ar_shared_context`). The same
+    log-likelihoods up to float rounding (other matmul shapes), and the same statistics: each context token
+    counts once per request, as in one pass per request. Only valid when every sparsity rule attached acts per
+    token (a rule selecting over a sequence, or a keep-set shared by the context's tokens, would see another
+    set of tokens); the :class:`Scorer` turns it on exactly then. Models without a KV cache keyword take one
+    pass per request.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -204,8 +217,16 @@ def ar_loglikelihood_tokens(
                 raise ValueError(f"continuation of {len(cont)} tokens exceeds max_length={max_length}")
             full = full[len(full) - 1 - max_length:]
         seqs.append((full, len(cont)))
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     results: list[tuple[float, bool] | None] = [None] * len(seqs)
+    pending = list(range(len(seqs)))
+    if share_context:
+        shared = _ar_shared_context(model, seqs, batch_size=batch_size, pad_id=pad_id, stats=stats,
+                                    progress=progress)
+        if shared is not None:
+            for i, res in shared.items():
+                results[i] = res
+            pending = [i for i in pending if results[i] is None]
+    order = sorted(pending, key=lambda i: -len(seqs[i][0]))
     device = model_device(model)
     use_keep = _accepts(model, "logits_to_keep") and padding_side == "left"
     use_pos = _accepts(model, "position_ids")
@@ -250,6 +271,110 @@ def ar_loglikelihood_tokens(
     if bar is not None:
         bar.close()
     return results  # type: ignore[return-value]
+
+
+def _score_continuation(logits: torch.Tensor, target: Sequence[int]) -> tuple[float, bool]:
+    """(sum of log-softmax at the targets, every target is the argmax) of logits [n, V] predicting ``target``."""
+    lg = logits.float()
+    t = torch.tensor(list(target), device=lg.device)
+    ll = F.log_softmax(lg, dim=-1).gather(-1, t[:, None]).sum().item()
+    return ll, bool((lg.argmax(-1) == t).all().item())
+
+
+def _ar_shared_context(model: torch.nn.Module, seqs: list[tuple[list[int], int]], *, batch_size: int,
+                       pad_id: int, stats: SparsityStats | None,
+                       progress: bool) -> dict[int, tuple[float, bool]] | None:
+    """:func:`ar_loglikelihood_tokens` with one forward pass per distinct context (``seqs``: (context +
+    continuation, continuation length) per request), for the requests whose context of at least two tokens is
+    shared by another request: {request index: result}; the others (e.g. rolling windows after a lone BOS,
+    where there is nothing to save) are left to the per-request passes. None when the model takes no KV cache.
+
+    1. Contexts, ``batch_size`` per pass, left-padded, with a KV cache; the logits of the last context position
+       predict every continuation's first token. Statistics: row weight = the number of requests of the
+       context (so its tokens count as in one pass per request), token group ``context``.
+    2. Continuations, ``batch_size`` rows per pass: the inputs continuation[:-1] (right-padded) on a copy of
+       their context's cache rows, attention mask = context mask + their own; token group ``continuation``.
+       Skipped when every continuation is one token.
+    """
+    import copy
+
+    from dllm_sparse.samplers.kv_cache import KVCacheError, cache_keyword, check_cache_length, new_cache
+
+    try:
+        cache_kw = cache_keyword(model)
+    except KVCacheError:
+        return None
+    device = model_device(model)
+    use_keep = _accepts(model, "logits_to_keep")
+    use_pos = _accepts(model, "position_ids")
+    contexts: dict[tuple[int, ...], list[int]] = {}  # context -> requests
+    for i, (full, nc) in enumerate(seqs):
+        contexts.setdefault(tuple(full[:-nc]), []).append(i)
+    contexts = {c: reqs for c, reqs in contexts.items() if len(reqs) > 1 and len(c) > 1}
+    ctx_list = sorted(contexts, key=len, reverse=True)
+    results: dict[int, tuple[float, bool]] = {}
+    bar = _progress(sum(map(len, contexts.values())), "loglikelihood (AR, shared contexts)", progress)
+    for start in range(0, len(ctx_list), batch_size):
+        batch = ctx_list[start:start + batch_size]
+        Tc = len(batch[0])
+        ids = torch.full((len(batch), Tc), pad_id, dtype=torch.long)
+        att = torch.zeros((len(batch), Tc), dtype=torch.long)
+        for r, ctx in enumerate(batch):
+            ids[r, Tc - len(ctx):] = torch.tensor(ctx)
+            att[r, Tc - len(ctx):] = 1
+        cache = new_cache(model)
+        kwargs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": att.to(device), cache_kw: cache,
+                                  "use_cache": True}
+        if use_pos:
+            kwargs["position_ids"] = (att.cumsum(-1) - 1).clamp(min=0).to(device)
+        if use_keep:
+            kwargs["logits_to_keep"] = 1
+        weights = torch.tensor([float(len(contexts[c])) for c in batch], dtype=torch.float64)
+        groups = {"context": att.bool(), "continuation": torch.zeros_like(att, dtype=torch.bool)}
+        with torch.no_grad(), _tagged(stats, "ar", groups, weights):
+            first = model(**kwargs).logits[:, -1]  # [contexts, V]: predicts each continuation's first token
+        check_cache_length(cache, Tc, model)
+        rows = [(r, i) for r, c in enumerate(batch) for i in contexts[c]]
+        for cstart in range(0, len(rows), batch_size):
+            chunk = rows[cstart:cstart + batch_size]
+            Tn = max(seqs[i][1] for _, i in chunk) - 1
+            rest = None
+            if Tn > 0:
+                rest = _ar_continuations(model, seqs, chunk, Tn, att, cache, cache_kw, pad_id, device, use_pos,
+                                         stats, copy.deepcopy)
+            for k, (r, i) in enumerate(chunk):
+                full, nc = seqs[i]
+                lg = first[r:r + 1] if nc == 1 else torch.cat([first[r:r + 1], rest[k, :nc - 1].to(first.device)])
+                results[i] = _score_continuation(lg, full[-nc:])
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return results
+
+
+def _ar_continuations(model, seqs, chunk, Tn, ctx_att, cache, cache_kw, pad_id, device, use_pos, stats,
+                      copy_cache) -> torch.Tensor:
+    """Logits [rows, Tn, V] of the continuation inputs of ``chunk`` ((context row, request) pairs) fed after
+    their context's KV cache (step 2 of :func:`_ar_shared_context`)."""
+    ctx_rows = torch.tensor([r for r, _ in chunk])
+    ids = torch.full((len(chunk), Tn), pad_id, dtype=torch.long)
+    own = torch.zeros((len(chunk), Tn), dtype=torch.long)
+    for k, (_, i) in enumerate(chunk):
+        full, nc = seqs[i]
+        inputs = full[len(full) - nc:-1]  # continuation[:-1]: the last token is predicted, never fed
+        ids[k, :len(inputs)] = torch.tensor(inputs, dtype=torch.long)
+        own[k, :len(inputs)] = 1
+    att = torch.cat([ctx_att[ctx_rows], own], dim=1)
+    rows_cache = copy_cache(cache)
+    rows_cache.reorder_cache(ctx_rows.to(device))  # the context's cache rows, one per continuation row
+    kwargs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": att.to(device), cache_kw: rows_cache,
+                              "use_cache": True}
+    if use_pos:
+        kwargs["position_ids"] = (ctx_att[ctx_rows].sum(-1, keepdim=True) + torch.arange(Tn)).to(device)
+    groups = {"context": torch.zeros_like(own, dtype=torch.bool), "continuation": own.bool()}
+    with torch.no_grad(), _tagged(stats, "ar", groups):
+        return model(**kwargs).logits
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -616,7 +741,10 @@ class Scorer:
     ``logit_shift`` (the ``shift_logits`` default) from it. Diffusion only: ``cfg_scale`` (guided ELBO, the default
     of every call; each verb takes ``cfg_scale=`` for that call alone) and ``greedy_check`` (``"iterative"``,
     ``"one_pass"`` or ``"off"``; ``True`` = ``"iterative"``) and ``precision`` (``"float32"`` or ``"official"``,
-    the official computation bit for bit), see the module docstring.
+    the official computation bit for bit), see the module docstring. AR only:
+    ``share_context`` (default True) scores the requests sharing a context (multiple-choice items) from one
+    forward pass of it when every rule of the call acts per token (``scope="token"``; other scopes and
+    ``share_context=False`` take one pass per request; see :func:`ar_loglikelihood_tokens`).
     """
 
     def __init__(
@@ -644,6 +772,7 @@ class Scorer:
         stats: SparsityStats | None = None,
         progress: bool = False,
         precision: str = "float32",
+        share_context: bool = True,
     ):
         if kind not in ("ar", "diffusion"):
             raise ValueError(f"kind must be 'ar' or 'diffusion', got {kind!r}")
@@ -679,6 +808,7 @@ class Scorer:
             raise ValueError(f"precision={precision!r} is a diffusion-ELBO setting; an autoregressive scorer "
                              "computes the exact log-likelihood (leave precision at 'float32')")
         self.dedupe, self.ratio_bins, self.progress = dedupe, ratio_bins, progress
+        self.share_context = bool(share_context)
         self._sparsity = _as_configs(sparsity)
         self.stats = stats
 
@@ -713,6 +843,8 @@ class Scorer:
             est += f"/cfg{w!r}" if w > 0 else ""
             est += f"/greedy-{self.greedy_check}" if self.greedy_check != "off" else ""
             est += f"/precision-{self.precision}" if self.precision != "float32" else ""
+        if self.kind == "ar" and not self.share_context:
+            est += "/ctx-per-request"  # other float rounding than the shared context pass (the default)
         return f"{self.name}|{self.kind}|{sp}|{est}|bos{int(self.add_bos_token)}"
 
     @property
@@ -794,11 +926,15 @@ class Scorer:
         if cfg_scale > 0 and self.kind != "diffusion":
             raise ValueError(f"cfg_scale={cfg_scale} is a diffusion-ELBO setting; an autoregressive scorer computes "
                              "the exact log-likelihood (leave cfg_scale at 0)")
+        # A shared context pass sparsifies its tokens as one pass per request does only when every rule acts
+        # per token; an outside sparsify() block is not seen here (pass share_context=False for one of those).
+        share = self.share_context and all(c.rule.scope == "token" for c in self.configs_for(sparsity))
         with self.sparsified(sparsity, stats) as stats:
             if self.kind == "ar":
                 return ar_loglikelihood_tokens(
                     self.model, requests, batch_size=self.batch_size, padding_side=self.padding_side,
-                    pad_id=self.pad_id, max_length=self.max_length, stats=stats, progress=self.progress)
+                    pad_id=self.pad_id, max_length=self.max_length, stats=stats, progress=self.progress,
+                    share_context=share)
             return diffusion_elbo_tokens(
                 self.model, requests, mask_id=self.mask_id, mc_num=self.mc_num, mc_batch=self.mc_batch,
                 batch_size=max(self.batch_size, 1), seed=self.seed, keys=keys, shift_logits=self.shift_logits,

@@ -119,7 +119,7 @@ class Sparsifier:
             keep = self._select_outside_graph(layer, x, rule)
         else:
             keep = rule.mask(x)
-        out = x.masked_fill(~keep, 0)
+        out = torch.where(keep, x, 0)  # one pass; masked_fill would first need the inverted mask
         self._observe(layer, out, keep, self._valid)
         return out
 

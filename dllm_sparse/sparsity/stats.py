@@ -2,7 +2,10 @@
 
 Sparsity of one vector = fraction of its entries that are exactly zero after the rule. Counts stay on the
 activations' device as running tensors (no host sync inside a forward pass); they are read only when a
-report is asked for.
+report is asked for. Per hook call the zeros of every token group are counted in one matrix-vector product
+(the groups' token weights, built once per forward pass and shared by every layer and site) and added to one
+running vector per (tag, layer, site); :attr:`SparsityStats.counts` spreads those vectors into per-group
+counts when read.
 """
 
 from __future__ import annotations
@@ -36,10 +39,20 @@ class SparsityStats:
     record_masks: bool = False
     tag: Hashable = "default"
     groups: dict[str, torch.Tensor] = field(default_factory=dict)
-    counts: dict[tuple, _Count] = field(default_factory=dict)
     masks: list[dict] = field(default_factory=list)  # only with record_masks=True
     # Per-row weights [batch] of the forward calls in flight (see :meth:`tagged`); None = every row counts once.
     row_weights: torch.Tensor | None = None
+    _counts: dict[tuple, _Count] = field(default_factory=dict, init=False, repr=False)
+    # (tag, layer, site, group names) -> [zeros per group, tokens per group, calls, width], not yet in _counts
+    _pending: dict[tuple, list] = field(default_factory=dict, init=False, repr=False)
+    # The token weights of the forward pass in flight: (what they were built from, names, weights [G, N], tokens)
+    _weights: tuple | None = field(default=None, init=False, repr=False)
+
+    @property
+    def counts(self) -> dict[tuple, _Count]:
+        """{(tag, group, layer, site): counts}: every hook call so far."""
+        self._flush()
+        return self._counts
 
     # ---- tagging ---------------------------------------------------------------------------------------
     @contextmanager
@@ -62,30 +75,55 @@ class SparsityStats:
     def add(self, layer: int, site: str, out: torch.Tensor, valid: torch.Tensor | None) -> None:
         """Count the zeros of ``out`` [..., d]; ``valid`` is a [batch, tokens] mask of real tokens or None."""
         zeros = (out == 0).sum(dim=-1)  # [...]: zero entries per token
+        names, weights, tokens = self._group_weights(valid, zeros)
+        z = torch.mv(weights, zeros.reshape(-1).to(torch.float64))  # [G]: zeros of each group's tokens
+        key = (self.tag, layer, str(site), names)
+        pending = self._pending.get(key)
+        if pending is None:
+            self._pending[key] = [z, tokens, 1, out.shape[-1]]
+        else:
+            pending[0] = pending[0] + z
+            pending[1] = pending[1] + tokens
+            pending[2] += 1
+
+    def _group_weights(self, valid: torch.Tensor | None, zeros: torch.Tensor) -> tuple:
+        """(group names, token weights [G, N] float64, tokens per group [G]) for the tokens of ``zeros`` (N of
+        them): group ``all`` (real tokens) and the caller's groups, each AND the padding mask, times the row
+        weights. Built once per forward pass: every layer and site of it sees the same masks."""
+        source = (valid, tuple(self.groups.items()), self.row_weights, zeros.shape, zeros.device)
+        if self._weights is not None and _same(self._weights[0], source):
+            return self._weights[1:]
         # Caller masks move to the activations' device once, not at every call (a copy that waits).
         for name, g in self.groups.items():
             if g.device != zeros.device:
                 self.groups[name] = g.to(zeros.device)
-        groups = {ALL: None, **self.groups}
-        weights = self._token_weights(zeros)
-        for name, g in groups.items():
-            m = _combine(valid, g, zeros)
-            if weights is not None:
-                m = weights if m is None else m * weights
-            if m is None:
-                z = zeros.sum(dtype=torch.float64)
-                # torch.full fills on the device; torch.tensor(...) would copy a host value over and wait.
-                n = torch.full((), float(zeros.numel()), dtype=torch.float64, device=zeros.device)
-            else:
-                z, n = (zeros * m).sum(dtype=torch.float64), m.sum(dtype=torch.float64)
-            key = (self.tag, name, layer, str(site))
-            c = self.counts.get(key)
-            if c is None:
-                self.counts[key] = _Count(z, n, out.shape[-1])
-            else:
-                c.zeros = c.zeros + z
-                c.tokens = c.tokens + n
-                c.calls += 1
+        source = (valid, tuple(self.groups.items()), self.row_weights, zeros.shape, zeros.device)
+        token_weights = self._token_weights(zeros)
+        rows = []
+        names = (ALL, *self.groups)
+        for name in names:
+            m = _combine(valid, None if name == ALL else self.groups[name], zeros)
+            if token_weights is not None:
+                m = token_weights if m is None else m * token_weights
+            rows.append(torch.ones(zeros.shape, dtype=torch.float64, device=zeros.device) if m is None
+                        else m.to(torch.float64))
+        weights = torch.stack(rows).reshape(len(names), -1)
+        self._weights = (source, names, weights, weights.sum(dim=-1))
+        return self._weights[1:]
+
+    def _flush(self) -> None:
+        """Spread the pending per-(tag, layer, site) vectors into the per-group counts."""
+        for (tag, layer, site, names), (z, n, calls, width) in self._pending.items():
+            for g, name in enumerate(names):
+                key = (tag, name, layer, site)
+                c = self._counts.get(key)
+                if c is None:
+                    self._counts[key] = _Count(z[g], n[g], width, calls)
+                else:
+                    c.zeros = c.zeros + z[g]
+                    c.tokens = c.tokens + n[g]
+                    c.calls += calls
+        self._pending.clear()
 
     def _token_weights(self, zeros: torch.Tensor) -> torch.Tensor | None:
         """The row weights broadcast over the tokens of ``zeros`` [batch, tokens] (None when unweighted)."""
@@ -190,6 +228,15 @@ class SparsityStats:
         if path is not None:
             atomic_write_text(path, text)
         return text
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """Whether two (valid, groups, row weights, shape, device) sources name the very same objects: tensors by
+    identity (a cached entry holds them, so their ids cannot be reused), the rest by value."""
+    va, ga, wa, *rest_a = a
+    vb, gb, wb, *rest_b = b
+    return (va is vb and wa is wb and rest_a == rest_b and len(ga) == len(gb)
+            and all(na == nb and ta is tb for (na, ta), (nb, tb) in zip(ga, gb, strict=True)))
 
 
 def _combine(valid: torch.Tensor | None, group: torch.Tensor | None, zeros: torch.Tensor) -> torch.Tensor | None:
