@@ -24,7 +24,10 @@ class StepState:
     shaped like the forward batch ([B_fwd, S], right-aligned to the activations' token dim, the convention of
     :meth:`dllm_sparse.sparsity.stats.SparsityStats.tagged`): ``prompt`` (real prompt tokens), ``masked`` (positions
     still holding the mask token, diffusion) and ``decoded`` (generated positions already written).
-    ``forward_batch`` is B, or 2B with classifier-free guidance (conditional rows first).
+    ``forward_batch`` is B, or 2B with classifier-free guidance (conditional rows first). With a block cache
+    (``GenerationConfig(block_cache=...)``) a step's forward may compute only some canvas rows: ``rows`` is then
+    that slice of the canvas, the forward's activations have ``len(rows)`` positions and ``groups`` are cut to
+    them (``canvas``, ``masked``, ``attention_mask`` and ``prompt_mask`` stay whole-canvas); None = every row.
 
     At ``on_step_end``: ``canvas`` includes this step's tokens, ``committed`` is a bool [B, S] of the positions
     written this step, ``new_tokens`` (AR) the [B] tokens appended, ``logits`` (diffusion) the logits the step
@@ -48,6 +51,7 @@ class StepState:
     prompt_mask: torch.Tensor | None = None  # [B, S] real prompt tokens
     masked: torch.Tensor | None = None  # [B, S] positions holding the mask token at the forward input
     groups: dict[str, torch.Tensor] = field(default_factory=dict)
+    rows: slice | None = None  # diffusion with a block cache: the canvas rows this forward computes (None = all)
     forward_batch: int = 0
     committed: torch.Tensor | None = None
     new_tokens: torch.Tensor | None = None

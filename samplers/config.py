@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 REMASKING = ("low_confidence", "random")
+BLOCK_CACHES = ("prefix", "dual")  # dllm_sparse.samplers.block_cache: kept here so a config imports no sampler
 CONFIDENCE = ("float64", "official")
 
 
@@ -69,6 +70,7 @@ class _GenerationFields:
     mask_id: int | None = None
     logit_shift: bool | None = None
     confidence: str = "float64"
+    block_cache: str | None = None
 
     def __post_init__(self):
         self.max_new_tokens = _whole("max_new_tokens / gen_length", self.max_new_tokens)
@@ -82,6 +84,9 @@ class _GenerationFields:
         if self.confidence not in CONFIDENCE:
             raise ValueError(f"confidence must be one of {CONFIDENCE} ('float64' = the definition, 'official' = "
                              f"the official LLaDA code bit for bit), got {self.confidence!r}")
+        if self.block_cache not in (None, *BLOCK_CACHES):
+            raise ValueError(f"block_cache must be None (exact: every step over the whole canvas) or one of "
+                             f"{BLOCK_CACHES} (Fast-dLLM's approximate block caches), got {self.block_cache!r}")
         if isinstance(self.stop_strings, str):
             self.stop_strings = (self.stop_strings,)
         self.stop_strings = tuple(self.stop_strings)
@@ -190,6 +195,11 @@ class GenerationConfig(_GenerationFields):
             for bit (in bf16 the two differ in a few percent of cases, on near-ties). Random numbers stay ours.
         logit_shift: Dream-style shift (position i predicted from the output at i - 1). ``None`` = the family
             profile's ``logit_shift`` (on for Dream), off for unknown families.
+        block_cache: ``None`` (default: every step is a forward over the whole canvas, the exact sampler),
+            ``"prefix"`` or ``"dual"``: Fast-dLLM's approximate block KV caches (native LLaDA only). A block's
+            first step runs over the whole canvas and stores every layer's keys and values; its later steps
+            recompute the block and what follows it (prefix) or the block alone (dual) and read the other
+            positions' keys and values from the store (:mod:`dllm_sparse.samplers.block_cache`).
     """
 
 

@@ -46,15 +46,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from dllm_sparse.models.families import detect_family, family_named, without_lm_head
+from dllm_sparse.models.llada import CanvasKVCache
 from dllm_sparse.models.loading import model_device
 from dllm_sparse.steps import CallbackList, StepState
 
+from .block_cache import check_block_cache, rows_to_compute
 from .common import (
     Timer,
     check_ids_fit,
@@ -65,6 +68,7 @@ from .common import (
     row_generators,
 )
 from .config import GenerationConfig, GenerationResult, StepInfo
+from .step_rule import commit_step, forced_commit, forced_steps, num_transfer_tokens
 
 __all__ = ["MaskedDiffusionGenerator", "validate_geometry", "num_transfer_tokens", "resolve_mask_id"]
 
@@ -130,13 +134,6 @@ def _refuse_mask_in_prompt(ids: torch.Tensor, attention_mask: torch.Tensor, mask
                          "GenerationConfig(mask_id=...)")
 
 
-def num_transfer_tokens(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
-    """[B] masked counts -> [B, steps] tokens to commit per step: n // s each, +1 on the first n % s steps."""
-    n = n_masked.reshape(-1, 1).long()
-    extra = torch.arange(steps, device=n.device)[None, :] < (n % steps)
-    return n // steps + extra.long()
-
-
 def resolve_mask_id(model: Any, tokenizer: Any = None, mask_id: int | None = None, family: str = "") -> int:
     """Mask id from the argument, model config ``mask_token_id``, tokenizer ``mask_token_id``, or the
     ``mask_id`` of the family profile named ``family``."""
@@ -151,54 +148,6 @@ def resolve_mask_id(model: Any, tokenizer: Any = None, mask_id: int | None = Non
         return profile.mask_id
     raise ValueError("no mask token id: the model config has no mask_token_id and the family is unknown; pass "
                      "GenerationConfig(mask_id=...) or MaskedDiffusionGenerator(model, mask_id=...)")
-
-
-def _forced_steps(forced: Sequence[Any] | None, B: int, gen_length: int, steps: int) -> list[tuple] | None:
-    """Teacher-forcing entries -> per step (committed, tokens), both per row; checks the shape of the plan."""
-    if forced is None:
-        return None
-    out = []
-    for t, entry in enumerate(forced):
-        cols, toks = (entry["committed"], entry["tokens"]) if isinstance(entry, dict) else (entry.committed,
-                                                                                        entry.tokens)
-        if len(cols) != B or len(toks) != B:
-            raise ValueError(f"forced_commits[{t}] has {len(cols)} rows of positions and {len(toks)} of tokens for "
-                             f"a batch of {B} prompts; record the trajectory with the same prompts")
-        for r, (c, k) in enumerate(zip(cols, toks, strict=True)):
-            if len(c) != len(k):
-                raise ValueError(f"forced_commits[{t}], row {r}: {len(c)} positions but {len(k)} tokens")
-            if any(not 0 <= int(x) < gen_length for x in c):
-                raise ValueError(f"forced_commits[{t}], row {r}: positions {list(c)} outside the generated region "
-                                 f"0..{gen_length - 1} (indices count from the first generated token)")
-        out.append(([[int(x) for x in c] for c in cols], [[int(x) for x in k] for k in toks]))
-    if not out or len(out) > steps:
-        raise ValueError(f"forced_commits has {len(out)} steps; give between 1 and steps ({steps}) entries "
-                         "(the trace of a generation with the same steps / block_length / gen_length)")
-    return out
-
-
-def _forced_commit(entry: tuple, step: int, start: int, block_masked: torch.Tensor,
-                   mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forced step -> (commit [B, b] bool, tokens [B, b]) for the block starting at generated index
-    ``start``. Every forced position must lie in the current block and still hold the mask token."""
-    B, b = block_masked.shape
-    commit = torch.zeros((B, b), dtype=torch.bool, device=block_masked.device)
-    x0 = torch.full((B, b), mask_id, dtype=torch.long, device=block_masked.device)
-    for r, (cols, toks) in enumerate(zip(*entry, strict=True)):
-        for c, t in zip(cols, toks, strict=True):
-            j = c - start
-            if not 0 <= j < b:
-                raise ValueError(f"forced step {step}, row {r}: position {c} is outside the current block "
-                                 f"{start}..{start + b - 1}; the sampler only commits inside the current block "
-                                 "(replay with the block_length / steps the trajectory was recorded with)")
-            if not bool(block_masked[r, j]) or bool(commit[r, j]):
-                raise ValueError(f"forced step {step}, row {r}: position {c} was already written; each position "
-                                 "is committed once")
-            if t == mask_id:
-                raise ValueError(f"forced step {step}, row {r}: token at position {c} is the mask id {mask_id}")
-            commit[r, j] = True
-            x0[r, j] = t
-    return commit, x0
 
 
 def _family(model: Any) -> str:
@@ -229,18 +178,6 @@ def _shifts_itself(model: Any) -> bool:
     return _is_native_llada(model) and bool(getattr(model.config, "logit_shift", False))
 
 
-def _official_topk(conf: torch.Tensor, k: torch.Tensor, start: int, S: int) -> torch.Tensor:
-    """The official selection: per row, ``torch.topk`` over the whole canvas row (confidence -inf outside the
-    block's masked positions), so equal confidences are taken in topk's order. Returns the block's commit mask."""
-    B, b = conf.shape
-    full = torch.full((B, S), -torch.inf, dtype=conf.dtype, device=conf.device)
-    full[:, start:start + b] = conf
-    commit = torch.zeros((B, S), dtype=torch.bool, device=conf.device)
-    for r in range(B):
-        commit[r, torch.topk(full[r], k=int(k[r])).indices] = True
-    return commit[:, start:start + b]
-
-
 class MaskedDiffusionGenerator:
     """LLaDA's sampler for one model. ``mask_id`` overrides the model's; ``family`` the detected family."""
 
@@ -254,16 +191,22 @@ class MaskedDiffusionGenerator:
         self.family = family if family is not None else _family(model)
 
     # ---- the model call ---------------------------------------------------------------------------------
-    def _forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None, rows: slice,
-                 head: torch.nn.Linear | None = None) -> torch.Tensor:
-        """Logits of the canvas positions ``rows`` [B_fwd, len(rows), V]. With ``head`` (the LM head split off the
-        forward by :func:`~dllm_sparse.models.families.without_lm_head`) the forward returns final hidden states
-        and the head projects only the rows the step reads (the current block, shifted one left under Dream's
-        convention): the other positions' logits are never read, so this is exact and skips most of the head."""
-        out = self.model(input_ids=x) if attention_mask is None else self.model(input_ids=x,
-                                                                                attention_mask=attention_mask)
+    def _forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None, read: slice,
+                 head: torch.nn.Linear | None = None, cache: CanvasKVCache | None = None,
+                 rows: slice | None = None) -> torch.Tensor:
+        """Logits of the canvas positions ``read`` [B_fwd, len(read), V]. ``x`` holds the canvas rows ``rows`` (all
+        of them without a block cache; with ``cache`` the model reads the other rows' keys and values from it).
+        With ``head`` (the LM head split off the forward by :func:`~dllm_sparse.models.families.without_lm_head`)
+        the forward returns final hidden states and the head projects only the rows the step reads (the current
+        block, shifted one left under Dream's convention): the other positions' logits are never read, so this
+        is exact and skips most of the head."""
+        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+        first = 0 if rows is None else rows.start
+        if cache is not None:
+            kwargs.update(canvas_cache=cache, canvas_start=first)
+        out = self.model(input_ids=x, **kwargs)
         out = out.logits if hasattr(out, "logits") else out[0]
-        out = out[:, rows]
+        out = out[:, read.start - first:read.stop - first]
         if head is not None:
             out = F.linear(out.to(head.weight.device), head.weight, head.bias)
         return out.to(x.device)  # no-op unless accelerate put the head on another device
@@ -279,48 +222,10 @@ class MaskedDiffusionGenerator:
                              "class); leave GenerationConfig.logit_shift at None/False to avoid shifting twice")
         return bool(shift)
 
-    @staticmethod
-    def _propose(logits: torch.Tensor, config: GenerationConfig, gens: list[torch.Generator] | None):
-        """Block logits [B, b, V] -> (x0 [B, b], confidence [B, b] float64)."""
-        B, b, V = logits.shape
-        if config.temperature == 0:
-            x0 = logits.argmax(dim=-1)
-        else:
-            u = torch.stack([torch.rand((b, V), generator=g, dtype=torch.float64, device=logits.device)
-                             for g in gens])
-            x0 = (logits.to(torch.float64).exp() / (-torch.log(u)) ** config.temperature).argmax(dim=-1)
-        if config.remasking == "low_confidence":
-            # official: the softmax in the model's dtype, as the official generate.py computes it
-            p = F.softmax(logits if config.confidence == "official" else logits.to(torch.float64), dim=-1)
-            conf = torch.gather(p, -1, x0[..., None]).squeeze(-1)
-        else:
-            conf = torch.stack([torch.rand((b,), generator=g, dtype=torch.float64, device=logits.device)
-                                for g in gens])
-        return x0, conf
-
     # ---- generation ----------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: Any,
-        config: GenerationConfig | None = None,
-        *,
-        attention_mask: torch.Tensor | None = None,
-        callbacks: Iterable[Any] = (),
-        apply_chat_template: bool = False,
-        forced_commits: Sequence[Any] | None = None,
-        **overrides,
-    ) -> GenerationResult:
-        """Generate for ``prompts`` (text, id lists, or a left-padded id tensor with ``attention_mask``).
-
-        ``forced_commits`` (teacher forcing, used by :func:`dllm_sparse.samplers.replay.replay`): one entry per
-        step, ``{"committed": per row the generated indices, "tokens": the ids}`` (or a :class:`StepInfo`); each
-        step writes exactly these instead of its own top-k choice. Everything else (forward passes, guidance,
-        logit shift, callbacks, trace) is the sampler's own; a trajectory shorter than ``steps`` stops after its
-        last step (finish reason "callback")."""
-        cfg = config if config is not None else GenerationConfig()
-        if overrides:
-            cfg = cfg.replace(**overrides)
+    def _setup(self, prompts: Any, cfg: GenerationConfig, attention_mask: torch.Tensor | None,
+               apply_chat_template: bool, forced_commits: Sequence[Any] | None) -> _Canvas:
+        """Check the request and build the canvas (every refusal happens here, before any forward)."""
         model, tok = self.model, self.tokenizer
         mask_id = resolve_mask_id(model, tok, cfg.mask_id if cfg.mask_id is not None else self.mask_id, self.family)
         gen_length = cfg.gen_length
@@ -348,7 +253,8 @@ class MaskedDiffusionGenerator:
                                  "native LLaDA (load_model(path) without trust_remote_code), which masks padded "
                                  "keys, or generate prompts of equal length (one at a time).")
         shift = self.logit_shift(cfg)
-        forced = _forced_steps(forced_commits, B=len(ids), gen_length=gen_length, steps=steps)
+        check_block_cache(cfg.block_cache, model, _is_native_llada(model), shift)
+        forced = forced_steps(forced_commits, B=len(ids), gen_length=gen_length, steps=steps)
         device = model_device(model)
         B, P = ids.shape
         S = P + gen_length
@@ -356,81 +262,90 @@ class MaskedDiffusionGenerator:
         attn = torch.cat([am, torch.ones((B, gen_length), dtype=torch.long)], dim=1).to(device)
         prompt_mask = torch.zeros((B, S), dtype=torch.bool, device=device)
         prompt_mask[:, :P] = am.bool().to(device)
-        gen_region = torch.zeros((B, S), dtype=torch.bool, device=device)
-        gen_region[:, P:] = True
         use_cfg = cfg.cfg_scale > 0
-        gens = row_generators(cfg, B, device) if (cfg.temperature > 0 or cfg.remasking == "random") else None
-        fwd_attn = (torch.cat([attn, attn]) if use_cfg else attn) if padded else None
+        return _Canvas(
+            canvas=canvas, attn=attn, prompt_mask=prompt_mask, prompt_length=P, mask_id=mask_id, stop_ids=stop_ids,
+            steps=steps, block_length=block_length, num_blocks=num_blocks, steps_per_block=steps_per_block,
+            shift=shift, model_shifts=_shifts_itself(model), use_cfg=use_cfg, forced=forced, device=device,
+            fwd_attn=(torch.cat([attn, attn]) if use_cfg else attn) if padded else None,
+            gens=row_generators(cfg, B, device) if (cfg.temperature > 0 or cfg.remasking == "random") else None)
 
-        state = StepState(kind="diffusion", model=model, config=cfg, batch_size=B, prompt_length=P,
-                          num_steps=steps, canvas=canvas, attention_mask=attn, prompt_mask=prompt_mask,
-                          forward_batch=2 * B if use_cfg else B)
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Any,
+        config: GenerationConfig | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        callbacks: Iterable[Any] = (),
+        apply_chat_template: bool = False,
+        forced_commits: Sequence[Any] | None = None,
+        **overrides,
+    ) -> GenerationResult:
+        """Generate for ``prompts`` (text, id lists, or a left-padded id tensor with ``attention_mask``).
+
+        ``forced_commits`` (teacher forcing, used by :func:`dllm_sparse.samplers.replay.replay`): one entry per
+        step, ``{"committed": per row the generated indices, "tokens": the ids}`` (or a :class:`StepInfo`); each
+        step writes exactly these instead of its own top-k choice. Everything else (forward passes, guidance,
+        logit shift, callbacks, trace) is the sampler's own; a trajectory shorter than ``steps`` stops after its
+        last step (finish reason "callback")."""
+        cfg = config if config is not None else GenerationConfig()
+        if overrides:
+            cfg = cfg.replace(**overrides)
+        run = self._setup(prompts, cfg, attention_mask, apply_chat_template, forced_commits)
+        canvas, mask_id, device = run.canvas, run.mask_id, run.device
+        B, S = canvas.shape
+        P = S - cfg.gen_length
+        state = StepState(kind="diffusion", model=self.model, config=cfg, batch_size=B, prompt_length=P,
+                          num_steps=run.steps, canvas=canvas, attention_mask=run.attn, prompt_mask=run.prompt_mask,
+                          forward_batch=2 * B if run.use_cfg else B)
         cbs = CallbackList(callbacks)
         trace: list[StepInfo] = []
         nfe, stopped = 0, False
+        kv = CanvasKVCache() if cfg.block_cache else None
         timer = Timer(device)
         # The LM head runs on the rows each step reads only (see _forward); families whose profile names no
         # splittable head (or remote code) keep the full forward. Swapped once per generation, not per step, so
         # a compiled model recompiles once. confidence="official" keeps the full forward, as the official code
         # computes it: a BLAS may round a product of fewer rows differently, and those bits must match.
         head_split = ExitStack()
-        head = head_split.enter_context(nullcontext(None) if cfg.confidence == "official" else without_lm_head(model))
+        head = head_split.enter_context(nullcontext(None) if cfg.confidence == "official"
+                                        else without_lm_head(self.model))
         try:
             cbs.generation_begin(state)
-            for blk in range(num_blocks):
-                s, e = P + blk * block_length, P + (blk + 1) * block_length
-                schedule = num_transfer_tokens((canvas[:, s:e] == mask_id).sum(dim=1), steps_per_block)
-                for i in range(steps_per_block):
-                    step = blk * steps_per_block + i
-                    masked = (canvas == mask_id) & gen_region
-                    decoded = gen_region & ~masked
-                    x_in = canvas
-                    groups = {"prompt": prompt_mask, "masked": masked, "decoded": decoded}
-                    if use_cfg:
-                        uncond = canvas.masked_fill(prompt_mask, mask_id)
-                        x_in = torch.cat([canvas, uncond])
-                        groups = {k: torch.cat([v, v]) for k, v in groups.items()}
+            for blk in range(run.num_blocks):
+                block = slice(P + blk * run.block_length, P + (blk + 1) * run.block_length)
+                schedule = num_transfer_tokens((canvas[:, block] == mask_id).sum(dim=1), run.steps_per_block)
+                for i in range(run.steps_per_block):
+                    step = blk * run.steps_per_block + i
+                    rows = rows_to_compute(cfg.block_cache, block, S, i, run.model_shifts)
                     state.step, state.block, state.step_in_block, state.tag = step, blk, i, step
-                    state.canvas, state.masked, state.groups = canvas, masked, groups
+                    x_in = run.forward_input(canvas, state, rows)
                     state.committed, state.logits = None, None
                     cbs.step_begin(state)
 
-                    block_logits = self._forward(x_in, fwd_attn, slice(s - 1, e - 1) if shift else slice(s, e), head)
-                    nfe += 2 if use_cfg else 1
-                    if use_cfg:
+                    read = slice(block.start - 1, block.stop - 1) if run.shift else block  # canvas rows the step reads
+                    block_logits = self._forward(x_in, run.rows_of(run.fwd_attn, rows), read, head, kv, rows)
+                    nfe += 2 if run.use_cfg else 1
+                    if run.use_cfg:
                         cond, unc = torch.chunk(block_logits, 2, dim=0)
                         block_logits = unc + (cfg.cfg_scale + 1) * (cond - unc)
-                    block_masked = masked[:, s:e]
-                    if forced is not None:
-                        commit, x0 = _forced_commit(forced[step], step, s - P, block_masked, mask_id)
+                    block_masked = state.masked[:, block]
+                    if run.forced is not None:
+                        commit, x0 = forced_commit(run.forced[step], step, block.start - P, block_masked, mask_id)
                     else:
-                        x0, conf = self._propose(block_logits, cfg, gens)
-                        conf = conf.masked_fill(~block_masked, -torch.inf)
-                        if cfg.confidence == "official" and cfg.remasking == "low_confidence":
-                            commit = _official_topk(conf, schedule[:, i], s, S)
-                        else:
-                            # Top-k per row with k from the schedule, vectorised: rank of each position in a
-                            # stable descending sort (ties: lowest position first), commit the ranks below k.
-                            order = torch.sort(conf, dim=-1, descending=True, stable=True).indices
-                            ranks = torch.empty_like(order).scatter_(
-                                -1, order, torch.arange(order.shape[-1], device=device).expand_as(order))
-                            commit = (ranks < schedule[:, i:i + 1]) & block_masked
+                        commit, x0 = commit_step(block_logits, block_masked, schedule[:, i], cfg, run.gens,
+                                                 start=block.start, canvas_length=S)
                     canvas = canvas.clone()
-                    canvas[:, s:e] = torch.where(commit, x0, canvas[:, s:e])
+                    canvas[:, block] = torch.where(commit, x0, canvas[:, block])
                     committed = torch.zeros((B, S), dtype=torch.bool, device=device)
-                    committed[:, s:e] = commit
+                    committed[:, block] = commit
 
                     elapsed = timer.elapsed()
                     state.canvas, state.committed, state.nfe, state.elapsed = canvas, committed, nfe, elapsed
                     state.logits = block_logits
-                    rows, cols = commit.nonzero(as_tuple=True)
-                    pos = [[] for _ in range(B)]
-                    toks = [[] for _ in range(B)]
-                    for r, c, t in zip(rows.tolist(), cols.tolist(), canvas[:, s:e][commit].tolist(), strict=True):
-                        pos[r].append(s - P + c)
-                        toks[r].append(t)
-                    trace.append(StepInfo(step, blk, step, nfe, elapsed, pos, toks))
-                    if cbs.step_end(state) or (forced is not None and step == len(forced) - 1):
+                    trace.append(_trace_step(step, blk, nfe, elapsed, commit, canvas[:, block], block.start - P))
+                    if cbs.step_end(state) or (run.forced is not None and step == len(run.forced) - 1):
                         stopped = True
                         break
                 if stopped:
@@ -440,20 +355,84 @@ class MaskedDiffusionGenerator:
                 cbs.generation_end(state)
             finally:
                 head_split.close()
-        wall = timer.elapsed()
+                if kv is not None:
+                    kv.clear()
+        return self._result(canvas, P, stopped, run, cfg, nfe, timer.elapsed(), trace)
 
+    def _result(self, canvas: torch.Tensor, P: int, stopped: bool, run: _Canvas, cfg: GenerationConfig, nfe: int,
+                wall: float, trace: list[StepInfo]) -> GenerationResult:
+        tok, mask_id = self.tokenizer, run.mask_id
         generated = canvas[:, P:].cpu()
         num_tokens = int((generated != mask_id).sum())
         text_fn = (lambda t: tok.decode(t, skip_special_tokens=True)) if tok is not None else None
         out_ids, texts, reasons = [], [], []
-        for r in range(B):
+        for r in range(canvas.shape[0]):
             row = generated[r].tolist()
             if stopped and mask_id in row:  # stopped by a callback: the canvas still has masks
                 row = row[:row.index(mask_id)]
-            row, text, hit = cut_output(row, stop_ids, text_fn, cfg.stop_strings)
+            row, text, hit = cut_output(row, run.stop_ids, text_fn, cfg.stop_strings)
             out_ids.append(row)
             texts.append(text)
             reasons.append("stop" if hit else ("callback" if stopped else "length"))
         return GenerationResult(sequences=canvas.cpu(), prompt_length=P, ids=out_ids, texts=texts, nfe=nfe,
                                 wall_time=wall, num_tokens=num_tokens, trace=trace, finish_reasons=reasons,
                                 kind=self.kind, config=cfg)
+
+
+def _trace_step(step: int, blk: int, nfe: int, elapsed: float, commit: torch.Tensor, block_tokens: torch.Tensor,
+                start: int) -> StepInfo:
+    """The trace entry of one step: per row, the generated indices written and their tokens."""
+    B = commit.shape[0]
+    pos: list[list[int]] = [[] for _ in range(B)]
+    toks: list[list[int]] = [[] for _ in range(B)]
+    rows, cols = commit.nonzero(as_tuple=True)
+    for r, c, t in zip(rows.tolist(), cols.tolist(), block_tokens[commit].tolist(), strict=True):
+        pos[r].append(start + c)
+        toks[r].append(t)
+    return StepInfo(step, blk, step, nfe, elapsed, pos, toks)
+
+
+@dataclass
+class _Canvas:
+    """One generation's fixed inputs, built by :meth:`MaskedDiffusionGenerator._setup`."""
+
+    canvas: torch.Tensor  # [B, S] prompt + gen_length mask tokens
+    attn: torch.Tensor  # [B, S] real tokens
+    prompt_mask: torch.Tensor  # [B, S] real prompt tokens
+    prompt_length: int  # P, the padded prompt length
+    mask_id: int
+    stop_ids: Any
+    steps: int
+    block_length: int
+    num_blocks: int
+    steps_per_block: int
+    shift: bool  # the sampler shifts the logits (Dream's convention)
+    model_shifts: bool  # the model shifts inside its forward (native LLaDA, config.logit_shift)
+    use_cfg: bool
+    forced: list | None
+    device: torch.device
+    fwd_attn: torch.Tensor | None  # the forward's attention mask ([B_fwd, S]), None without padding
+    gens: list[torch.Generator] | None
+
+    def forward_input(self, canvas: torch.Tensor, state: StepState, rows: slice) -> torch.Tensor:
+        """The forward input of one step (with guidance: the canvas, then the canvas with the prompt masked), and
+        the step state's masks: ``masked`` on the canvas, ``groups`` and ``rows`` for the rows computed."""
+        P = self.prompt_length
+        masked = canvas == self.mask_id
+        masked[:, :P] = False  # the prompt never changes (a prompt token equal to the mask id is refused)
+        decoded = ~masked
+        decoded[:, :P] = False
+        x_in = canvas
+        groups = {"prompt": self.prompt_mask, "masked": masked, "decoded": decoded}
+        if self.use_cfg:
+            x_in = torch.cat([canvas, canvas.masked_fill(self.prompt_mask, self.mask_id)])
+            groups = {k: torch.cat([v, v]) for k, v in groups.items()}
+        full = rows == slice(0, canvas.shape[1])
+        state.canvas, state.masked = canvas, masked
+        state.rows = None if full else rows
+        state.groups = groups if full else {k: v[:, rows] for k, v in groups.items()}
+        return x_in if full else x_in[:, rows]
+
+    @staticmethod
+    def rows_of(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+        return mask if mask is None or rows == slice(0, mask.shape[1]) else mask[:, rows]

@@ -176,6 +176,11 @@ class ReusePolicy(GenerationCallback, ABC):
         self._kind = state.kind
 
     def on_step_begin(self, state: StepState) -> None:
+        if getattr(state, "rows", None) is not None:
+            raise ValueError(f"mask reuse ({type(self).__name__}) with a block cache: the step's forward computes "
+                             f"only canvas rows {state.rows.start}..{state.rows.stop - 1}, while the reused masks "
+                             "hold every position; generate with block_cache=None, or use StepSparsity / the "
+                             "step-delta FFN, which follow the rows")
         self._state = state
         self.steps_seen += 1
         self._refresh = bool(self.refresh_step(state))

@@ -160,6 +160,11 @@ class _Cache:
         """The cache of the positions ``rows``: views, so in-place updates reach this cache."""
         return _Cache(*(getattr(self, k)[:, rows] for k in ("x", "g", "u", "h", "y")))
 
+    def write(self, x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> None:
+        """Overwrite every position of this (view of the) cache with freshly computed values."""
+        for k, v in zip(("x", "g", "u", "h", "y"), (x, g, u, h, y), strict=True):
+            getattr(self, k).copy_(v)
+
     def fits(self, x: torch.Tensor) -> str | None:
         """None when x can be a later step of this cache, else what differs."""
         if x.shape != self.x.shape:
@@ -255,19 +260,22 @@ class StepDeltaFFN(nn.Module):
         if x.dim() != 3 or run.state is None:  # outside a generation step: the plain FFN, nothing cached
             self.cache = None
             return self._dense(x)[3]
+        rows = run.rows_of(x)  # with a block cache the forward computes some canvas rows: their part of the cache
+        if self.cache is None and rows is not None:
+            raise ValueError(f"step-delta FFN, layer {self.layer}: the first forward of a generation computes only "
+                             f"canvas rows {rows.start}..{rows.stop - 1}; the cache starts from a whole-canvas step")
         if run.refresh or self.cache is None:
             g, u, h, y = self._dense(x)
-            self.cache = _Cache(x.clone(), g, u, h, y.clone())
+            if rows is None:
+                self.cache = _Cache(x.clone(), g, u, h, y.clone())
+            else:
+                self._cache_part(x, rows).write(x, g, u, h, y)
             run.count(dense_macs, dense_macs)
             exact = y
         else:
-            problem = self.cache.fits(x)
-            if problem is not None:
-                raise ValueError(f"step-delta FFN, layer {self.layer}: this forward's activations do not continue the "
-                                 f"cached canvas ({problem}); a cache holds one canvas of one model in one dtype. "
-                                 "Start a new generation (the cache is cleared at its first step) or refresh.")
-            macs = self._delta_step(x)
-            y = self.cache.y.clone()  # the cache is updated in place at the next step
+            c = self._cache_part(x, rows)
+            macs = self._delta_step(x, c)
+            y = c.y.clone()  # the cache is updated in place at the next step
             run.count(macs, dense_macs)
             exact = None
         if run.measure:
@@ -276,17 +284,28 @@ class StepDeltaFFN(nn.Module):
             run.record_drift(self.layer, y, exact, run.real_positions(x))
         return y
 
-    def _delta_step(self, x: torch.Tensor) -> int:
-        """One step after the refresh: the delta on the cached rows, dense recomputation of the exact rows.
-        Returns the multiply-adds done."""
-        run, c = self._run, self.cache
+    def _cache_part(self, x: torch.Tensor, rows: slice | None) -> _Cache:
+        """The cache of this forward's positions (all of it, or a view of the canvas rows computed), checked
+        against x."""
+        c = self.cache if rows is None else self.cache.view(rows)
+        problem = c.fits(x)
+        if problem is not None:
+            raise ValueError(f"step-delta FFN, layer {self.layer}: this forward's activations do not continue the "
+                             f"cached canvas ({problem}); a cache holds one canvas of one model in one dtype. "
+                             "Start a new generation (the cache is cleared at its first step) or refresh.")
+        return c
+
+    def _delta_step(self, x: torch.Tensor, c: _Cache) -> int:
+        """One step after the refresh: the delta on the cached rows ``c`` (x's positions), dense recomputation of
+        the exact rows. Returns the multiply-adds done."""
+        run = self._run
         T = x.shape[1]
         votes = run.real_positions(x)
         block = run.block_slice(x) if self.config.exact_block else None
         if block is not None:
             # The current block is recomputed densely (newly decoded positions are inside it); the delta runs on the
             # rows before and after it, as views of the cache (updated in place, no copies).
-            macs = self._recompute_rows(x, block)
+            macs = self._recompute_rows(x, block, c)
             slices = [sl for sl in (slice(0, block.start), slice(block.stop, T)) if sl.stop > sl.start]
             parts = [(x[:, sl], c.view(sl), votes[:, sl]) for sl in slices]
             exact = None
@@ -300,7 +319,7 @@ class StepDeltaFFN(nn.Module):
             parts = [(xp, cp, vp.to(x.dtype)) for xp, cp, vp in parts]
             macs += self._input_delta(parts) if self.config.variant == "input" else self._intermediate_delta(parts)
         if exact is not None:
-            macs += self._recompute_mask(x, exact)
+            macs += self._recompute_mask(x, exact, c)
         return macs
 
     @staticmethod
@@ -373,16 +392,14 @@ class StepDeltaFFN(nn.Module):
             macs += self.d * k * B * xp.shape[1]
         return macs
 
-    def _recompute_rows(self, x: torch.Tensor, rows: slice) -> int:
-        """Recompute the positions ``rows`` (a slice) densely into the cache; returns their multiply-adds."""
-        c, xr = self.cache.view(rows), x[:, rows]
-        g, u, h, y = self._dense(xr)
-        c.x.copy_(xr), c.g.copy_(g), c.u.copy_(u), c.h.copy_(h), c.y.copy_(y)
+    def _recompute_rows(self, x: torch.Tensor, rows: slice, c: _Cache) -> int:
+        """Recompute the positions ``rows`` (a slice of x) densely into the cache ``c``; returns their work."""
+        xr = x[:, rows]
+        c.view(rows).write(xr, *self._dense(xr))
         return 3 * self.d * self.d_ff * xr[..., 0].numel()
 
-    def _recompute_mask(self, x: torch.Tensor, rows: torch.Tensor) -> int:
-        """Recompute the positions where ``rows`` [B, T] is True densely into the cache; returns their work."""
-        c = self.cache
+    def _recompute_mask(self, x: torch.Tensor, rows: torch.Tensor, c: _Cache) -> int:
+        """Recompute the positions where ``rows`` [B, T] is True densely into the cache ``c``; returns their work."""
         g, u, h, y = self._dense(x[rows])
         c.x[rows], c.g[rows], c.u[rows], c.h[rows], c.y[rows] = x[rows], g, u, h, y
         return 3 * self.d * self.d_ff * int(rows.sum())
@@ -414,6 +431,7 @@ class StepDeltaRun(GenerationCallback):
         self._masked: torch.Tensor | None = None  # the forward's "masked" group at the previous step
         self._exact: torch.Tensor | None = None
         self._block: slice | None = None
+        self._rows: slice | None = None  # the canvas rows of this step's forward (a block cache), None = all
 
     # ---- callback ----------------------------------------------------------------------------------------
     def on_generation_begin(self, state: StepState) -> None:
@@ -432,7 +450,10 @@ class StepDeltaRun(GenerationCallback):
         # Positions whose token changed since the last step: their cached rows are recomputed densely (with
         # exact_block the whole current block is, and they lie inside it). Decided once per step (one host sync),
         # not per layer: every layer's cache rows are written at every step.
-        masked = state.groups.get("masked") if state.groups else None
+        masked = state.masked  # whole canvas (the forward may compute only some rows: ``state.rows``)
+        if masked is not None and state.forward_batch > masked.shape[0]:  # guidance: [cond; uncond]
+            masked = masked.repeat(state.forward_batch // masked.shape[0], 1)
+        self._rows = state.rows
         exact = None
         if masked is not None and self._masked is not None and masked.shape == self._masked.shape:
             exact = self._masked & ~masked
@@ -455,17 +476,34 @@ class StepDeltaRun(GenerationCallback):
             f.cache = None
 
     # ---- what the FFNs ask --------------------------------------------------------------------------------
+    def rows_of(self, x: torch.Tensor) -> slice | None:
+        """The canvas rows x holds when the step's forward computes only some (a block cache), else None."""
+        rows = self._rows if self.state is not None else None
+        if rows is not None and x.shape[1] != rows.stop - rows.start:
+            raise ValueError(f"step-delta FFN: the step computes canvas rows {rows.start}..{rows.stop - 1} but the FFN "
+                             f"sees {x.shape[1]} positions")
+        return rows
+
+    def _on_rows(self, mask: torch.Tensor) -> torch.Tensor:
+        return mask if self._rows is None else mask[:, self._rows]
+
     def exact_rows(self, x: torch.Tensor) -> torch.Tensor | None:
         """[B_fwd, T] positions decoded (mask -> token) since the previous step, aligned to x (None if none)."""
-        return None if self._exact is None else align_positions(self._exact, x, "exact rows")
+        return None if self._exact is None else align_positions(self._on_rows(self._exact), x, "exact rows")
 
     def block_slice(self, x: torch.Tensor) -> slice | None:
-        """The current block's positions in x's token dimension (right-aligned to the canvas), or None."""
-        return self._block if self._block is not None and x.shape[1] >= self._block.stop else None
+        """The current block's positions in x's token dimension (right-aligned to the canvas, or relative to the
+        rows a block cache computes), or None."""
+        if self._block is None:
+            return None
+        if self._rows is not None:
+            first = self._rows.start
+            return slice(max(self._block.start - first, 0), min(self._block.stop - first, x.shape[1]))
+        return self._block if x.shape[1] >= self._block.stop else None
 
     def real_positions(self, x: torch.Tensor) -> torch.Tensor:
         am = self.state.attention_mask if self.state is not None else None
-        out = None if am is None else align_positions(am.bool(), x, "attention_mask")
+        out = None if am is None else align_positions(self._on_rows(am.bool()), x, "attention_mask")
         return out if out is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
 
     def count(self, macs: int, dense_macs: int) -> None:

@@ -116,6 +116,8 @@ class StepSparsity(GenerationCallback):
         start = state.prompt_length + state.block * block_length
         block = torch.zeros(canvas.shape, dtype=torch.bool, device=canvas.device)
         block[:, start:start + block_length] = True
+        if state.rows is not None:  # a block cache: the forward computes these canvas rows only
+            block = block[:, state.rows]
         return block.repeat(state.forward_batch // block.shape[0], 1) if state.forward_batch else block
 
     def on_step_begin(self, state: StepState) -> None:

@@ -142,6 +142,10 @@ class MaskOverlapTracker(GenerationCallback):
         self._block_ref.clear()
 
     def on_step_begin(self, state: StepState) -> None:
+        if getattr(state, "rows", None) is not None:
+            raise ValueError(f"MaskOverlapTracker with a block cache: the step's forward computes only canvas rows "
+                             f"{state.rows.start}..{state.rows.stop - 1}, so masks of consecutive steps cover "
+                             "different positions; track masks with block_cache=None")
         self._in_step = True
         self._current = {}
         if state.step_in_block == 0:

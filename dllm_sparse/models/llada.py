@@ -61,6 +61,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 __all__ = [
     "LLADA_MASK_TOKEN_ID",
+    "CanvasKVCache",
     "LLaDABlock",
     "LLaDAConfig",
     "LLaDAModel",
@@ -297,6 +298,75 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     return (probs @ v.float()).to(v.dtype)
 
 
+class CanvasKVCache:
+    """Keys and values of every canvas position, per layer: the approximate block caches of Fast-dLLM.
+
+    A masked-diffusion sampler runs one forward over the whole canvas at the start of each block (a *write*:
+    ``canvas_start=0`` and every position), which stores every layer's keys and values (after RoPE, before the
+    grouped-query repeat) and the keys' padding mask. The block's later steps then pass only some rows
+    ``input_ids = canvas[:, a:b]`` with ``canvas_start=a`` (a *read*): those rows get fresh keys and values,
+    written into the store in place, and attend over all the canvas' keys, the other positions' keys coming from
+    the store. What is approximate is only that: the keys and values of the rows not recomputed are those of the
+    last write (Fast-dLLM: the *prefix* cache recomputes the current block and everything after it, the *dual*
+    cache only the current block). Which rows a step recomputes is the sampler's choice
+    (:mod:`dllm_sparse.samplers.block_cache`).
+
+    One cache belongs to one canvas: a read whose batch, canvas length, dtype or device differs from the write,
+    or whose rows run past the canvas, is refused.
+    """
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.key_mask: torch.Tensor | None = None  # [B, S] bool, True = a real key; None = no padding
+        self.shape: tuple[int, int] | None = None  # (B, S) of the last write
+
+    def clear(self) -> None:
+        self.keys.clear()
+        self.values.clear()
+        self.key_mask, self.shape = None, None
+
+    def begin(self, B: int, T: int, start: int,
+              attention_mask: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
+        """Check a forward of T rows from ``start`` against the store; returns (is a write, the key mask [B, S]
+        or None)."""
+        if start == 0 and (self.shape is None or T == self.shape[1]):
+            self.clear()
+            self.shape = (B, T)
+            if attention_mask is not None and not bool(attention_mask.bool().all()):
+                self.key_mask = attention_mask.bool()
+            return True, self.key_mask
+        if self.shape is None:
+            raise ValueError(f"CanvasKVCache: a read of canvas rows {start}..{start + T - 1} before any write; the "
+                             "first forward of a canvas must pass every position with canvas_start=0")
+        if B != self.shape[0] or start < 0 or start + T > self.shape[1]:
+            raise ValueError(f"CanvasKVCache: rows {start}..{start + T - 1} of a batch of {B} do not fit the cached "
+                             f"canvas (batch {self.shape[0]}, {self.shape[1]} positions); start a new canvas with a "
+                             "write (canvas_start=0, every position)")
+        if attention_mask is not None:
+            cached = (self.key_mask[:, start:start + T] if self.key_mask is not None
+                      else torch.ones((B, T), dtype=torch.bool, device=attention_mask.device))
+            same = torch.equal(attention_mask.bool(), cached.to(attention_mask.device))
+            if attention_mask.shape != (B, T) or not same:
+                raise ValueError("CanvasKVCache: the attention_mask of a read must be the written canvas' mask over "
+                                 "the rows read (padding cannot change inside one canvas)")
+        return False, self.key_mask
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int,
+               write: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (write) or overwrite rows ``start:`` (read) of layer ``layer``; returns every canvas key/value."""
+        if write:
+            self.keys[layer], self.values[layer] = k, v
+            return k, v
+        K, V = self.keys[layer], self.values[layer]
+        if K.dtype != k.dtype or K.device != k.device:
+            raise ValueError(f"CanvasKVCache, layer {layer}: keys in {k.dtype} on {k.device} against a store in "
+                             f"{K.dtype} on {K.device}; one cache holds one model in one dtype")
+        K[:, :, start:start + k.shape[2]] = k
+        V[:, :, start:start + v.shape[2]] = v
+        return K, V
+
+
 class LLaDABlock(nn.Module):
     """One LLaMA-style transformer block with bidirectional attention (the original ``LLaDALlamaBlock``)."""
 
@@ -337,7 +407,9 @@ class LLaDABlock(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         attn_mask: torch.Tensor | None = None,
+        cache: tuple | None = None,
     ) -> torch.Tensor:
+        """``cache``: (:class:`CanvasKVCache`, first canvas row of x, is a write) or None."""
         B, T, C = x.shape
         # [B, T, H*hd] -> [B, H, T, hd]
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -347,6 +419,9 @@ class LLaDABlock(nn.Module):
         cos, sin = rope
         q = apply_rotary(q, cos, sin, self.rope_full_precision)
         k = apply_rotary(k, cos, sin, self.rope_full_precision)
+        if cache is not None:  # every canvas position's keys: the fresh rows written into the store
+            store, start, write = cache
+            k, v = store.update(self.layer_id, k, v, start, write)
 
         # Grouped-query attention: query head h reads kv head h // (n_heads // n_kv_heads), i.e. each kv head is
         # repeated in place (repeat_interleave, not tile), the layout the original code and checkpoints use.
@@ -378,11 +453,13 @@ class LLaDABlock(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         attn_mask: torch.Tensor | None = None,
+        cache: tuple | None = None,
     ) -> torch.Tensor:
         """``x``: ``[B, T, d_model]``; ``rope``: ``(cos, sin)`` of shape ``[T, head_dim]``; ``attn_mask``: boolean,
-        broadcastable to ``[B, H, T, T]``, True where attention is allowed (or None for full attention)."""
+        broadcastable to ``[B, H, T, T]`` (``[B, H, T, S]`` with a cache), True where attention is allowed (or None
+        for full attention); ``cache``: see :meth:`attention`."""
         p = self.residual_dropout if self.training else 0.0
-        x = x + F.dropout(self.attention(self.attn_norm(x), rope, attn_mask), p, self.training)
+        x = x + F.dropout(self.attention(self.attn_norm(x), rope, attn_mask, cache), p, self.training)
         x = x + F.dropout(self.mlp(self.ff_norm(x)), p, self.training)
         return x
 
@@ -448,6 +525,8 @@ class LLaDAModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        canvas_cache: CanvasKVCache | None = None,
+        canvas_start: int = 0,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         cfg = self.config
         tr = self.transformer
@@ -459,9 +538,24 @@ class LLaDAModel(nn.Module):
 
         # RoPE tables are cheap ([T, head_dim]); computing them per call avoids buffers that would need special
         # care when the model is built on the meta device and dispatched by accelerate.
-        rope = rotary_cos_sin(T, cfg.d_model // cfg.n_heads, cfg.rope_theta, x.device)
-
-        attn_mask = _padding_mask(attention_mask, B, T)
+        rope = rotary_cos_sin(canvas_start + T, cfg.d_model // cfg.n_heads, cfg.rope_theta, x.device)
+        cache = None
+        if canvas_cache is not None:
+            if cfg.causal:
+                raise ValueError("a CanvasKVCache is for bidirectional (masked-diffusion) attention; this model's "
+                                 "config has causal=True")
+            if attention_mask is not None and attention_mask.shape != (B, T):
+                raise ValueError(f"attention_mask must have shape [batch, seq] = {(B, T)}, got "
+                                 f"{tuple(attention_mask.shape)}")
+            write, key_mask = canvas_cache.begin(B, T, int(canvas_start), attention_mask)
+            rope = (rope[0][canvas_start:], rope[1][canvas_start:])  # the rows' own positions
+            cache = (canvas_cache, int(canvas_start), write)
+            attn_mask = None if key_mask is None else _padding_mask(key_mask.to(x.device), *key_mask.shape)
+        elif canvas_start:
+            raise ValueError("canvas_start is the first canvas row of input_ids under a CanvasKVCache; pass "
+                             "canvas_cache= too (without a cache every forward starts at position 0)")
+        else:
+            attn_mask = _padding_mask(attention_mask, B, T)
         if cfg.causal:
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             # Keep the diagonal: a left-padded first query would otherwise have no key at all (NaN in SDPA).
@@ -473,9 +567,9 @@ class LLaDAModel(nn.Module):
             if hidden_states is not None:
                 hidden_states.append(x)
             if self.gradient_checkpointing and self.training:
-                x = self._gradient_checkpointing_func(block.__call__, x, rope, attn_mask)
+                x = self._gradient_checkpointing_func(block.__call__, x, rope, attn_mask, cache)
             else:
-                x = block(x, rope, attn_mask)
+                x = block(x, rope, attn_mask, cache)
 
         x = tr.ln_f(x)
         if hidden_states is not None:
@@ -586,6 +680,8 @@ class LLaDAModelLM(PreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        canvas_cache: CanvasKVCache | None = None,
+        canvas_start: int = 0,
         **kwargs,
     ) -> MaskedLMOutput | tuple:
         """Bidirectional forward pass.
@@ -598,7 +694,14 @@ class LLaDAModelLM(PreTrainedModel):
             labels: optional ``[B, T]`` targets; positions set to -100 are ignored. The loss is the plain mean
                 cross-entropy over the other positions (the diffusion ELBO weighting is the caller's business).
             output_hidden_states: also return the input of every block plus the final normed state.
-            kwargs: accepted and ignored (e.g. ``use_cache`` from generic callers); LLaDA has no KV cache here.
+            canvas_cache: a :class:`CanvasKVCache` (Fast-dLLM's approximate block caches): with ``canvas_start=0``
+                and the whole canvas, every layer's keys and values are stored; with ``canvas_start=a`` and rows
+                ``a:b`` of the canvas only, those rows attend over every stored key (their own fresh ones written
+                in). ``attention_mask`` is then that of the rows passed. Logit shift (``config.logit_shift``) runs
+                over the rows passed: row 0 of a read has no left neighbour, so pass one row more on the left.
+            canvas_start: the canvas position of ``input_ids[:, 0]`` under a ``canvas_cache`` (RoPE positions).
+            kwargs: accepted and ignored (e.g. ``use_cache`` from generic callers): the KV cache of an
+                autoregressive loop has no meaning for bidirectional attention.
 
         Returns:
             ``MaskedLMOutput`` with ``logits`` ``[B, T, embedding_size]`` in the model dtype (already shifted
@@ -613,6 +716,8 @@ class LLaDAModelLM(PreTrainedModel):
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
+            canvas_cache=canvas_cache,
+            canvas_start=canvas_start,
         )
         if self.config.logit_shift:
             # Position i is predicted from the hidden state at i - 1 (Dream); position 0 has no left neighbour.
