@@ -15,12 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("name", ["dense", "token-intermediate:0.9", "step-input:0.95", "step-intermediate:0.9@every4",
                                   "delta-input:0.25/0.5@block_start", "delta-intermediate:0.3+block@every8",
-                                  "delta-intermediate:0.3,oracle@block_start"])
+                                  "delta-intermediate:0.3,oracle@block_start", "cache-dual", "cache-prefix",
+                                  "cache-dual+delta-intermediate:0.3+block@block_start", "cache-prefix+step-input:0.9"])
 def test_strategy_names_round_trip(name):
     s = parse_strategy(name)
     assert s.name == name
     if s.kind == "delta":
-        assert isinstance(s.delta, StepDelta) and s.delta.name == name
+        assert isinstance(s.delta, StepDelta)
+        assert s.delta.name == name.split("+", 1)[1] if name.startswith("cache-") else s.delta.name == name
+    assert s.block_cache == ({"cache-dual": "dual", "cache-prefix": "prefix"}.get(name.split("+")[0]))
 
 
 @pytest.mark.parametrize("name,match", [
@@ -31,6 +34,9 @@ def test_strategy_names_round_trip(name):
     ("delta-intermediate:0.3/0.5", "takes one fraction"),
     ("delta-input:0/0.5", "fraction must be a number in"),
     ("fast", "unknown strategy"),
+    ("cache-suffix", "unknown strategy"),
+    ("cache-dual+cache-prefix", "one block cache"),
+    ("cache-dual+delta-input:0.25", "needs both fractions"),
 ])
 def test_bad_strategy_names_are_refused(name, match):
     with pytest.raises(ValueError, match=match):
@@ -87,3 +93,22 @@ def test_quality_from_an_earlier_run_is_checked(tmp_path):
         reused_quality(path, {**res, "gen_length": 32}, ["dense"])
     with pytest.raises(ValueError, match=r"no quality for \['token-input:0.9'\]"):
         reused_quality(path, res, ["dense", "token-input:0.9"])
+
+
+def test_the_smoke_run_with_a_block_cache(tmp_path):
+    """A strategy on a cache is judged against dense and against the cache alone; a delta recomputing every feature
+    on the cache is the cache alone (agreement 1 with it)."""
+    out = tmp_path / "tfc"
+    r = subprocess.run([sys.executable, str(ROOT / "experiments" / "trajectory_frontier.py"), "--smoke",
+                        "--threads", "1", "--batches", "1", "--strategies", "cache-dual",
+                        "cache-dual+delta-input:1/1@block_start", "cache-dual+delta-intermediate:0.25@block_start",
+                        "--output-dir", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["strategy"]: row for row in json.loads((out / "trajectory_frontier.json").read_text())["rows"]}
+    exact = rows["cache-dual+delta-input:1/1@block_start"]
+    assert exact["quality_vs_cache"]["replay_agreement"] == 1.0 and exact["quality_vs_cache"]["free_agreement"] == 1.0
+    assert exact["quality"]["free_agreement"] == rows["cache-dual"]["quality"]["free_agreement"]
+    assert "quality_vs_cache" not in rows["cache-dual"] and "vs_cache" not in rows["cache-dual"]["timing"]["1"]
+    vs = rows["cache-dual+delta-intermediate:0.25@block_start"]["timing"]["1"]["vs_cache"]
+    assert vs["speedup"] > 0 and vs["speedup_range"][0] <= vs["speedup_range"][1]
+    assert "against the cache alone" in (out / "summary.md").read_text()

@@ -21,7 +21,11 @@ Every interval is a 95 % percentile bootstrap over prompts (ratio of summed hits
 Strategy names (:func:`parse_strategy`): ``dense``; ``token-<site>:<p>`` (per-token top-p, accelerate_ffn);
 ``step-<site>:<p>`` (one keep-set per sample and step, packed) and ``step-<site>:<p>@<policy>`` (reused between
 refreshes); ``delta-input:<f>/<f_h>[+block][@<policy>]`` and ``delta-intermediate:<f>[,oracle][+block][@<policy>]``
-(:class:`dllm_sparse.samplers.step_delta.StepDelta`, whose ``name`` is this string).
+(:class:`dllm_sparse.samplers.step_delta.StepDelta`, whose ``name`` is this string); ``cache-prefix`` /
+``cache-dual`` (Fast-dLLM's block caches, ``GenerationConfig(block_cache=...)``, dense FFN) and
+``cache-dual+<strategy>`` (any of the above under the cache). A strategy on a cache is also judged against the
+cache alone (``quality_vs_cache``: its free-running generations and trajectories as the reference; ``vs_cache``:
+the speedup over the cache alone's step), the comparison that says what the FFN strategy adds to the cache.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from dllm_sparse.sparsity.rules import TopP
 __all__ = ["Strategy", "parse_strategy", "quality", "timing", "run_trajectory_frontier"]
 
 _SPARSE = re.compile(r"^(token|step)-(input|intermediate|gate|up):([0-9.]+)(?:@([a-z_0-9.:]+))?$")
+_CACHE = re.compile(r"^cache-(prefix|dual)(?:\+(.+))?$")
 _DELTA = re.compile(r"^delta-(input|intermediate):([0-9.]+)(?:/([0-9.]+))?(,oracle)?(\+block)?(?:@([a-z_0-9.:]+))?$")
 
 
@@ -62,6 +67,7 @@ class Strategy:
     p: float | None = None
     policy: str | None = None
     delta: StepDelta | None = None
+    block_cache: str | None = None  # GenerationConfig.block_cache the strategy runs under (prefix / dual)
 
     def attach(self, model) -> tuple[list, Any]:
         """Swap the strategy in; returns (callbacks for the sampler, the object whose report to keep)."""
@@ -83,6 +89,14 @@ class Strategy:
 def parse_strategy(spec: str) -> Strategy:
     """A :class:`Strategy` from its name (see the module docstring); a clear error for anything else."""
     spec = spec.strip()
+    m = _CACHE.match(spec)
+    if m:
+        mode, inner = m.groups()
+        base = parse_strategy(inner) if inner else Strategy("dense", "dense")
+        if base.block_cache is not None:
+            raise ValueError(f"strategy {spec!r}: one block cache per strategy")
+        base.name, base.block_cache = spec, mode
+        return base
     if spec == "dense":
         return Strategy("dense", "dense")
     m = _SPARSE.match(spec)
@@ -108,7 +122,8 @@ def parse_strategy(spec: str) -> Strategy:
                           refresh=policy or "block_start", exact_block=bool(block))
         return Strategy(delta.name, "delta", variant, delta=delta)
     raise ValueError(f"unknown strategy {spec!r}; use dense, token-<site>:<p>, step-<site>:<p>[@policy], "
-                     "delta-input:<f>/<f_h>[+block][@policy] or delta-intermediate:<f>[,oracle][+block][@policy]")
+                     "delta-input:<f>/<f_h>[+block][@policy] or delta-intermediate:<f>[,oracle][+block][@policy], "
+                     "each optionally under a block cache: cache-prefix / cache-dual alone or cache-dual+<strategy>")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -129,14 +144,17 @@ def _probe_hit(text: str | None, keywords: list[str] | None) -> bool | None:
 
 def quality(lm, prompts: list, keywords: list | None, cfg: GenerationConfig, strategy: Strategy,
             dense: list, chat: bool) -> dict:
-    """Per prompt: replay hits / commits on the dense trajectory, free-running token agreement, probe hit."""
+    """Per prompt: replay hits / commits on the reference trajectory ``dense`` (the dense sampler's, or the block
+    cache alone's for the "vs cache alone" columns), free-running token agreement with it, probe hit."""
     items = []
     for i, prompt in enumerate(prompts):
         callbacks, observer = strategy.attach(lm.model)
         try:
-            rep = replay(lm, [prompt], dense[i], callbacks=callbacks, apply_chat_template=chat)
+            rep = replay(lm, [prompt], dense[i], callbacks=callbacks, apply_chat_template=chat,
+                         block_cache=strategy.block_cache)
             report = observer.report() if observer is not None and hasattr(observer, "ffn_work") else None
-            free = generate(lm, prompts=[prompt], config=cfg, apply_chat_template=chat, callbacks=callbacks)
+            free = generate(lm, prompts=[prompt], config=cfg.replace(block_cache=strategy.block_cache),
+                            apply_chat_template=chat, callbacks=callbacks)
         finally:
             strategy.detach(lm.model)
         hits = sum(sum(row) for st in rep.steps for row in st.hits)
@@ -205,7 +223,7 @@ def _timed_replay(lm, prompt_ids: torch.Tensor, trajectory, cfg: GenerationConfi
     callbacks, observer = strategy.attach(lm.model)
     try:
         t0 = time.perf_counter()
-        rep = replay(lm.model, prompt_ids, trajectory, cfg, callbacks=callbacks)
+        rep = replay(lm.model, prompt_ids, trajectory, cfg, callbacks=callbacks, block_cache=strategy.block_cache)
         dt = time.perf_counter() - t0
     finally:
         strategy.detach(lm.model)
@@ -267,12 +285,21 @@ def timing(lm, prompt_ids: list[int], strategies: list[Strategy], batch: int, ca
             if r:
                 samples[s.name].append(t)
     out = {}
-    for name, ts in samples.items():
-        ratios = [d / t for d, t in zip(samples["dense"], ts, strict=True)]
-        out[name] = {"step_s": statistics.median(ts), "speedup": statistics.median(samples["dense"]) /
-                     statistics.median(ts), "speedup_range": [min(ratios), max(ratios)], "samples": ts,
-                     "ffn_work": work[name], "ffn_share": share, "flop_bound": step_flop_bound(share, work[name])}
+    for s in [dense, *strategies]:
+        ts = samples[s.name]
+        out[s.name] = {"step_s": statistics.median(ts), **_speedup(samples["dense"], ts), "samples": ts,
+                       "ffn_work": work[s.name], "ffn_share": share,
+                       "flop_bound": None if s.block_cache else step_flop_bound(share, work[s.name])}
+        alone = f"cache-{s.block_cache}"
+        if s.block_cache is not None and s.name != alone and alone in samples:  # against the cache alone
+            out[s.name]["vs_cache"] = _speedup(samples[alone], ts)
     return out
+
+
+def _speedup(base: list[float], ts: list[float]) -> dict:
+    """Median-over-median speedup of ``ts`` against ``base`` and the [min, max] of the rounds' paired ratios."""
+    ratios = [b / t for b, t in zip(base, ts, strict=True)]
+    return {"speedup": statistics.median(base) / statistics.median(ts), "speedup_range": [min(ratios), max(ratios)]}
 
 
 class _StopAfter:
@@ -322,6 +349,23 @@ def summary_md(res: dict) -> str:
                          if t else "-")
             cells.append(f"{t['flop_bound']:.2f}x" if t and t.get("flop_bound") else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    on_cache = [r for r in res["rows"] if r.get("quality_vs_cache") or any(
+        "vs_cache" in t for t in r.get("timing", {}).values())]
+    if on_cache:
+        lines += ["", "Strategies on top of a block cache, against the cache alone (its own free-running generations "
+                  "and replays of its trajectories as the reference; speedup over the cache alone's step):", "",
+                  "| strategy | replay agreement vs cache | free-running agreement vs cache | "
+                  + " | ".join(f"speedup vs cache (batch {b})" for b in res["batches"]) + " |",
+                  "|---|---|---|" + "---|" * len(res["batches"])]
+        for row in on_cache:
+            q = row.get("quality_vs_cache") or {}
+            cells = [row["strategy"], f"{q['replay_agreement']:.3f}{ci(q.get('replay_ci'))}" if q else "-",
+                     f"{q['free_agreement']:.3f}{ci(q.get('free_ci'))}" if q else "-"]
+            for b in res["batches"]:
+                v = row.get("timing", {}).get(str(b), {}).get("vs_cache")
+                cells.append(f"{v['speedup']:.2f}x [{v['speedup_range'][0]:.2f}, {v['speedup_range'][1]:.2f}]"
+                             if v else "-")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -392,9 +436,16 @@ def run_trajectory_frontier(args, command: str, lm=None, prompts=None, keywords=
         cfg = GenerationConfig(gen_length=args.gen_length, steps=args.gen_length, block_length=args.block_length,
                                temperature=0.0, mask_id=lm.mask_id)
         dense = [generate(lm, prompts=[p], config=cfg, apply_chat_template=chat) for p in prompts]
+        cache_alone: dict[str, list] = {}  # block cache -> its free-running generations (the "vs cache" reference)
         for s in [Strategy("dense", "dense"), *strategies]:
             t0 = time.perf_counter()
             rows[s.name]["quality"] = quality(lm, prompts, keywords, cfg, s, dense, chat)
+            if s.block_cache is not None and s.kind != "dense":  # a strategy on top of a cache: also against it
+                if s.block_cache not in cache_alone:
+                    cache_alone[s.block_cache] = [generate(lm, prompts=[p], config=cfg.replace(
+                        block_cache=s.block_cache), apply_chat_template=chat) for p in prompts]
+                rows[s.name]["quality_vs_cache"] = quality(lm, prompts, keywords, cfg, s, cache_alone[s.block_cache],
+                                                           chat)
             print(f"  quality {s.name}: replay {rows[s.name]['quality']['replay_agreement']:.3f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
     if not args.skip_timing:
