@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--block-length", type=int, default=None,
                    help="diffusion block length (None: 32 when it divides gen_length, else gen_length)")
     g.add_argument("--cfg-scale", type=float, default=0.0, help="diffusion classifier-free guidance (0 = off)")
+    g.add_argument("--block-cache", default=None, choices=["prefix", "dual"],
+                   help="diffusion: Fast-dLLM's approximate block KV cache (native LLaDA only; default: none, "
+                        "every step over the whole canvas)")
     g.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"],
                    help="diffusion remasking strategy")
 
@@ -182,9 +185,10 @@ def run_model(kind: str, name: str, args, sparsity: SparsityConfig, prompts: lis
     if kind == "diffusion":
         block = args.block_length or (32 if n % 32 == 0 else n)
         cfg = cfg.replace(steps=args.steps or n, block_length=block, cfg_scale=args.cfg_scale,
-                          remasking=args.remasking)
+                          remasking=args.remasking, block_cache=args.block_cache)
         print(f"sampler: gen_length {n}, steps {cfg.steps}, block_length {block}, cfg {args.cfg_scale}, "
-              f"{args.remasking}, T={args.temperature}, chat template {'on' if chat else 'off'}")
+              f"{args.remasking}, T={args.temperature}, block cache {args.block_cache or 'none'}, chat template "
+              f"{'on' if chat else 'off'}")
     else:
         print(f"sampler: KV-cached, max_new_tokens {n}, T={args.temperature}, chat template {'on' if chat else 'off'}")
 
@@ -244,7 +248,11 @@ def run_model(kind: str, name: str, args, sparsity: SparsityConfig, prompts: lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.block_cache and args.overlap_out:
+        parser.error("--overlap-out tracks each position's masks from step to step, but with --block-cache a step "
+                     "computes only some canvas rows; drop one of the two")
     import matplotlib
     import torch
 

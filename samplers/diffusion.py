@@ -8,12 +8,15 @@ The loop, per block and per step:
 1. canvas = left-padded prompt + ``gen_length`` mask tokens; prompt positions never change.
 2. At a block's start, n = its masked positions (per row); step i of the block commits n // s tokens, plus one
    on the first n % s steps (s = steps per block).
-3. One forward pass over the whole canvas (no cache); the LM head runs on the rows the step reads only (the
+3. One forward pass over the whole canvas (default; with ``GenerationConfig(block_cache="prefix" | "dual")`` a
+   block's later steps compute only some rows and read the others' keys and values from the block's first step:
+   :mod:`.block_cache`); the LM head runs on the rows the step reads only (the
    current block, shifted one left under Dream's convention) where the family profile names a splittable head
    (:func:`~dllm_sparse.models.families.without_lm_head`). With ``cfg_scale`` w > 0 the canvas with every real
    prompt token replaced by the mask id is batched with it (conditional rows first) and
    logits = uncond + (w + 1)(cond - uncond).
-4. x0 = argmax(logits) at temperature 0; at T > 0 float64 Gumbel-max: argmax(exp(logits) / (-log u)^T).
+4. The step rule (:mod:`.step_rule`): x0 = argmax(logits) at temperature 0; at T > 0 float64 Gumbel-max:
+   argmax(exp(logits) / (-log u)^T).
    Confidence: softmax probability of x0 (``low_confidence``) or u ~ U(0, 1) (``random``); -inf outside the
    current block and at positions that are not masked. The k most confident masked positions of the block
    take x0 (ties: lowest position first, a stable sort); committed tokens are never remasked. With

@@ -239,3 +239,10 @@ def test_llada_vs_llama_threads_auto_reads_idle_cores_and_says_so(monkeypatch):
                 exp.set_threads(bad)
     finally:
         torch.set_num_threads(before)
+
+
+def test_generate_demo_refuses_overlap_tracking_under_a_block_cache(capsys):
+    demo = _script("generate_demo")
+    with pytest.raises(SystemExit):
+        demo.main(["--no-ar", "--block-cache", "dual", "--overlap-out", "x"])
+    assert "--overlap-out tracks each position's masks" in capsys.readouterr().err

@@ -321,3 +321,25 @@ def test_generate_until_passes_the_guidance_and_the_presets_confidence_to_the_sa
     gsm = Instance("generate_until", {}, ("ab", {"until": ["\n"]}), 0, ("gsm8k", 0, 1))
     DllmSparseLM.from_scorer(plain, preset="llada-official", **geom).generate_until([gsm])
     assert seen[-1].cfg_scale == 0.0 and seen[-1].confidence == "official"
+
+
+def test_block_cache_reaches_the_sampler_and_the_identity():
+    """block_cache=dual generates what the sampler gives with that cache, is part of the run identity (another
+    cache key than without it), and is refused for an AR model or an unknown value."""
+    from dllm_sparse.samplers import GenerationConfig, generate
+
+    req = Instance("generate_until", {}, ("abcd", {"until": ["\n"]}), 0, ("t", 0, 1))
+    geom = dict(max_gen_toks=8, gen_steps=8, block_length=4)
+    scorer = _tiny_llada_scorer()
+    cached = DllmSparseLM.from_scorer(scorer, block_cache="dual", **geom)
+    out = cached.generate_until([req])
+    cfg = GenerationConfig(max_new_tokens=8, steps=8, block_length=4, mask_id=3, stop_strings=["\n"],
+                           seed=scorer.seed, block_cache="dual")
+    assert out == [t.split("\n")[0] for t in generate(scorer.model, scorer.tokenizer, ["abcd"], cfg).texts]
+    plain = DllmSparseLM.from_scorer(scorer, **geom)
+    assert cached.run_identity["block_cache"] == "dual" and "block_cache" not in plain.run_identity.to_dict()
+    assert cached.identity != plain.identity
+    with pytest.raises(ValueError, match="block_cache='triple'"):
+        DllmSparseLM.from_scorer(scorer, block_cache="triple")
+    with pytest.raises(ValueError, match="autoregressive"):
+        DllmSparseLM.from_scorer(_ar_scorer(), block_cache="prefix")

@@ -56,7 +56,8 @@ LLaDA evaluation's ``cfg``), ``preset`` (``llada-official``: the official per-ta
 1 / 1 on mmlu, cmmlu, ceval-valid), greedy check off, the ELBO in the official arithmetic (``precision="official"``),
 generation 1024/1024/1024 with the task's cfg and the official confidence; see :mod:`dllm_sparse.eval.presets`;
 explicit arguments win, an explicit ``mc_num`` or ``mc_batch`` for every task),
-``max_gen_toks``, ``gen_steps``, ``block_length``, ``trust_remote_code``, ``add_bos_token``, ``progress``
+``max_gen_toks``, ``gen_steps``, ``block_length``, ``block_cache`` (prefix / dual: Fast-dLLM's approximate
+block KV cache in ``generate_until``, native LLaDA only), ``trust_remote_code``, ``add_bos_token``, ``progress``
 (progress bars, default true; lm-eval's ``disable_tqdm`` and ranks other than 0 turn them off),
 ``data_parallel`` (default: true for a model built from ``pretrained``).
 
@@ -200,13 +201,17 @@ def _batch_size(value: Any) -> int:
 MODEL_ARGS = ("pretrained", "sparsity", "site", "rule", "threshold", "p", "scope", "kind", "dtype", "device",
               "batch_size", "mc_num", "mc_batch", "seed", "shift_logits", "greedy_check", "max_gen_toks",
               "gen_steps", "block_length", "trust_remote_code", "add_bos_token", "cfg", "cfg_scale", "preset",
-              "progress", "data_parallel")
+              "progress", "data_parallel", "block_cache")
 
-def _refuse_diffusion_only_args(kind: str | None, cfg: float | None, preset) -> None:
-    """Guidance (``cfg``) and the ``llada-official`` preset are settings of the diffusion ELBO: an AR model is
-    scored exactly and would ignore them (or fail deep inside), so they are refused for it."""
+def _refuse_diffusion_only_args(kind: str | None, cfg: float | None, preset, block_cache: str | None = None) -> None:
+    """Guidance (``cfg``) and the ``llada-official`` preset are settings of the diffusion ELBO, ``block_cache`` one
+    of the diffusion sampler: an AR model is scored exactly and generates with its own KV cache, and would ignore
+    them (or fail deep inside), so they are refused for it."""
     if kind != "ar":
         return
+    if block_cache is not None:
+        raise ValueError(f"block_cache={block_cache} is a cache of the masked-diffusion sampler; this model is "
+                         "autoregressive (it decodes with its own KV cache): drop block_cache")
     if cfg:
         raise ValueError(f"cfg={cfg} is the guided ELBO of a diffusion model; this model is autoregressive (scored "
                          "exactly, no guidance): drop cfg (or load a diffusion model)")
@@ -279,6 +284,7 @@ class DllmSparseLM(LM):
         add_bos_token: bool | None = None,
         progress: bool | str = True,
         data_parallel: bool | str | None = None,
+        block_cache: str | None = None,
         scorer: Scorer | None = None,
         stats: SparsityStats | None = None,
         **unknown: Any,
@@ -300,6 +306,11 @@ class DllmSparseLM(LM):
             None if v is None else as_positive_int(name, v) for name, v in (
                 ("mc_num", mc_num), ("mc_batch", mc_batch), ("max_gen_toks", max_gen_toks),
                 ("gen_steps", gen_steps), ("block_length", block_length)))
+        block_cache = None if block_cache in (None, "", "none") else str(block_cache).strip().lower()
+        if block_cache not in (None, "prefix", "dual"):
+            raise ValueError(f"block_cache={block_cache!r}: use prefix or dual (Fast-dLLM's approximate block KV "
+                             "caches of the diffusion sampler, for generate_until), or none")
+        self.block_cache = block_cache
         self.preset = None if preset in (None, "", "none") else get_preset(preset)
         # The preset's per-task mc_num / mc_batch (MMLU-style tasks: 1 / 1) apply unless either is given.
         self._preset_mc = self.preset is not None and mc_num is None and mc_batch is None
@@ -370,13 +381,13 @@ class DllmSparseLM(LM):
 
             lm = load_model("smollm2-135m" if pretrained is None else pretrained, dtype=dtype, device=device,
                             kind=kind, trust_remote_code=trust)
-            _refuse_diffusion_only_args(lm.kind, cfg, self.preset)
+            _refuse_diffusion_only_args(lm.kind, cfg, self.preset, block_cache)
             scorer = Scorer.from_loaded(
                 lm, batch_size=bs, mc_num=128 if mc_num is None else mc_num,
                 mc_batch=16 if mc_batch is None else mc_batch, seed=seed, shift_logits=shift_logits,
                 greedy_check=greedy_check, cfg_scale=cfg or 0.0, add_bos_token=add_bos, sparsity=sparsity,
                 stats=stats if stats is not None else SparsityStats() if sparsity is not None else None)
-        _refuse_diffusion_only_args(scorer.kind, None, self.preset)
+        _refuse_diffusion_only_args(scorer.kind, None, self.preset, block_cache)
         _check_layers_exist(scorer.model, scorer.sparsity)
         self.scorer = scorer
         self.max_gen_toks, self.gen_steps, self.block_length = max_gen_toks, gen_steps, block_length
@@ -427,6 +438,8 @@ class DllmSparseLM(LM):
             extra["preset_settings"] = {**dataclasses.asdict(self.preset), "per_task_mc": self._preset_mc}
         if getattr(self.scorer, "precision", "float32") != "float32":
             extra["precision"] = self.scorer.precision
+        if self.block_cache is not None:  # generate_until's tokens change with it
+            extra["block_cache"] = self.block_cache
         return extra
 
     @property
@@ -692,6 +705,7 @@ class DllmSparseLM(LM):
                               logit_shift=sc.shift_logits, cfg_scale=w)
                 if self.preset is not None:
                     cfg_kw["confidence"] = self.preset.confidence
+                cfg_kw["block_cache"] = self.block_cache
             config = GenerationConfig(**cfg_kw)
             for s in range(0, len(idxs), sc.batch_size):
                 chunk = idxs[s:s + sc.batch_size]
