@@ -16,7 +16,8 @@ one set of features per sample shared by its positions, which runs as dense matm
 
 Definitions (``docs/sparsification.md``, "Step-delta FFN"). The FFN is y = W_down (act(W_gate x) * (W_up x)),
 x of size d, the intermediate h of size d_ff. Per FFN and forward row (sample), the cache holds, for every
-position, x_c, g_c = W_gate x_c, u_c = W_up x_c, h_c = act(g_c) * u_c and y_c.
+position, x_c, g_c = W_gate x_c, u_c = W_up x_c, h_c = act(g_c) * u_c and y_c (the intermediate variant reads only
+h_c and y_c and keeps only those current between refreshes).
 
 * A **refresh** (the refresh policy's step, the first step of a generation, or any call outside one) is a dense
   step: every value is computed and cached.
@@ -385,10 +386,9 @@ class StepDeltaFFN(nn.Module):
             dh = torch.zeros_like(cp.h).scatter_(-1, at, h_s - cp.h.gather(-1, at)) if self._triton(xp) else None
             cp.y += self._gathered(dh, self.down_t, s) if dh is not None else torch.bmm(
                 h_s - cp.h.gather(-1, at), _batched_rows(self.down_t, s))
-            cp.g.scatter_(-1, at, g_s)
-            cp.u.scatter_(-1, at, u_s)
+            # Only h_c and y_c are read by this variant: g_c, u_c and x_c are left as the last refresh wrote them
+            # (two [T, d_ff] scatters and a copy per layer saved; the input variant keeps all of them current).
             cp.h.scatter_(-1, at, h_s)
-            cp.x.copy_(xp)
             macs += self.d * k * B * xp.shape[1]
         return macs
 
