@@ -54,10 +54,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=5, help="timing: interleaved repeats (default: %(default)s)")
     ap.add_argument("--skip-quality", action="store_true", help="timing only")
     ap.add_argument("--skip-timing", action="store_true", help="quality only")
-    ap.add_argument("--quality-from", type=Path, default=None,
-                    help="take the quality rows from an earlier run's trajectory_frontier.json (same model, dtype, "
-                         "gen length, block, prompts; every strategy measured there): a quality-only run on a busy "
-                         "machine, then the timing on a quiet one")
+    ap.add_argument("--quality-from", type=Path, nargs="+", default=None,
+                    help="take the quality rows from earlier runs' trajectory_frontier.json files (same model, dtype, "
+                         "gen length, block, prompts; every strategy measured in one of them): quality-only runs on "
+                         "a busy machine, then the timing on a quiet one (default: none)")
     ap.add_argument("--smoke", action="store_true",
                     help="check the code in seconds: a tiny random LLaDA, 2 prompts, gen/canvas 16, block 8, 8 timed "
                          "steps, 1 repeat, batches 1 and 2 (overrides those options)")
@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
     for what, length in (("--gen-length", args.gen_length), ("--canvas", args.canvas)):
         if length % args.block_length:
             ap.error(f"{what} ({length}) must be a multiple of --block-length ({args.block_length})")
-    if args.quality_from is not None and not args.quality_from.is_file():
-        ap.error(f"--quality-from {args.quality_from}: no such file")
+    for path in args.quality_from or []:
+        if not path.is_file():
+            ap.error(f"--quality-from {path}: no such file")
     if args.timing_steps > args.canvas:
         ap.error(f"--timing-steps ({args.timing_steps}) cannot exceed the canvas ({args.canvas}): one token per step")
 

@@ -27,6 +27,12 @@ h_c and y_c and keeps only those current between refreshes).
   |h_t,i - h_c,i| * ||W_down[:, i]||, which costs the full gate and up matmuls). Then
   h_t[S] = act(W_gate[S] x_t) * (W_up[S] x_t), y_t = y_c + W_down[:, S] (h_t[S] - h_c[S]); h_c[S] and y_c are
   updated. Features outside S keep their cached contribution (nothing is zeroed).
+  ``select="held"``: the same contribution rule, applied once at the refresh (over the refresh's h and the
+  positions the delta will cover) and S held until the next refresh. Between refreshes h_c changes only on S and
+  on recomputed rows, so the set a per-step choice would make moves little; holding it lets the refresh pack
+  W_gate[S], W_up[S] and W_down[:, S] once and keep h_c[S] as its own [T, |S|] tensor, so a delta step is three
+  dense matmuls of width |S| and elementwise work on [T, |S|] (no per-step scoring, top-k, gather or scatter over
+  [T, d_ff]).
   Work: 3 d |S| multiply-adds per position (dense: 3 d d_ff).
 * **Input delta** (``variant="input"``, ``fraction`` f = |S_x| / d, ``down_fraction`` f_h = |S_h| / d_ff):
   dx = x_t - x_c is exact and cheap, so S_x holds the input features with the largest summed
@@ -57,7 +63,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -75,7 +81,7 @@ from .reuse import ReusePolicy, make_policy
 __all__ = ["StepDelta", "StepDeltaRun", "step_delta", "apply_step_delta", "VARIANTS", "SELECTORS"]
 
 VARIANTS = ("input", "intermediate")
-SELECTORS = {"input": ("magnitude",), "intermediate": ("contribution", "oracle")}
+SELECTORS = {"input": ("magnitude",), "intermediate": ("contribution", "held", "oracle")}
 
 
 @dataclass(frozen=True)
@@ -85,8 +91,10 @@ class StepDelta:
     ``variant``: ``"input"`` (delta on the input x, then on W_down) or ``"intermediate"`` (delta on h).
     ``fraction``: |S| / d for the input variant, |S| / d_ff for the intermediate one, in (0, 1].
     ``down_fraction``: input variant only, |S_h| / d_ff in (0, 1].
-    ``select``: how S is chosen: input ``"magnitude"``; intermediate ``"contribution"`` or ``"oracle"`` (reads the
-    exact change: a measurement reference, it costs the full gate and up projections).
+    ``select``: how S is chosen: input ``"magnitude"``; intermediate ``"contribution"`` (every step), ``"held"``
+    (the contribution set chosen at the refresh and held to the next one: packed weights, the fast CPU path) or
+    ``"oracle"`` (reads the exact change: a measurement reference, it costs the full gate and up projections).
+    ``"held"`` runs its packed matmuls on every backend (the gathered kernels are for sets that change per step).
     ``refresh``: the refresh policy, a reuse policy of :mod:`dllm_sparse.samplers.reuse` or its name
     (``"block_start"`` default, ``"every4"``, ``"fresh"`` = dense every step).
     ``exact_block``: also recompute the current block's positions exactly at every step (the rows the LM head
@@ -156,15 +164,22 @@ class _Cache:
     u: torch.Tensor
     h: torch.Tensor
     y: torch.Tensor
+    held: _Held | None = None  # select="held": the set S and h_c[S], between two refreshes
 
     def view(self, rows: slice) -> _Cache:
         """The cache of the positions ``rows``: views, so in-place updates reach this cache."""
-        return _Cache(*(getattr(self, k)[:, rows] for k in ("x", "g", "u", "h", "y")))
+        held = None if self.held is None else replace(self.held, h_s=self.held.h_s[:, rows])
+        return _Cache(*(getattr(self, k)[:, rows] for k in ("x", "g", "u", "h", "y")), held=held)
 
-    def write(self, x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> None:
-        """Overwrite every position of this (view of the) cache with freshly computed values."""
+    def write(self, x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, h: torch.Tensor, y: torch.Tensor,
+              kept: tuple[str, ...] = ("x", "g", "u", "h", "y")) -> None:
+        """Overwrite every position of this (view of the) cache with freshly computed values (the ``kept`` ones:
+        the values the variant reads)."""
         for k, v in zip(("x", "g", "u", "h", "y"), (x, g, u, h, y), strict=True):
-            getattr(self, k).copy_(v)
+            if k in kept:
+                getattr(self, k).copy_(v)
+        if self.held is not None:
+            self.held.h_s.copy_(h.gather(-1, self.held.at(h.shape[1])))
 
     def fits(self, x: torch.Tensor) -> str | None:
         """None when x can be a later step of this cache, else what differs."""
@@ -175,6 +190,21 @@ class _Cache:
         if x.device != self.x.device:
             return f"device {x.device} vs the cached {self.x.device}"
         return None
+
+
+@dataclass
+class _Held:
+    """select="held": S [B, k] chosen at the refresh, and h_c[S] [B, T, k] (kept apart from h_c so that a delta step
+    neither gathers nor scatters over d_ff)."""
+
+    s: torch.Tensor
+    h_s: torch.Tensor
+    gate_up: torch.Tensor | None = None  # [B, d, 2k]: W_gate[S]^T and W_up[S]^T side by side (one matmul)
+    down: torch.Tensor | None = None  # [B, k, d]: W_down[:, S]^T
+    bias: torch.Tensor | None = None  # [B, 2k] or None
+
+    def at(self, T: int) -> torch.Tensor:
+        return self.s[:, None, :].expand(self.s.shape[0], T, self.s.shape[1])
 
 
 def _batched_rows(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -197,6 +227,9 @@ class StepDeltaFFN(nn.Module):
         self.d_ff, self.d = ffn.down.weight.shape[1], ffn.down.weight.shape[0]
         self._out: torch.Tensor | None = None
         self.cache: _Cache | None = None
+        # The cached values a delta step reads (and so keeps current): the intermediate variant reads h_c and y_c
+        # only; x_c, g_c, u_c stay as the refresh wrote them (copies over d and d_ff saved on every recomputed row).
+        self.kept = ("x", "g", "u", "h", "y") if config.variant == "input" else ("h", "y")
         # Under torch.compile the step-delta FFN runs eagerly (a graph break per layer): the cache and the step's
         # decisions are Python state that changes at every step, which a traced graph would recompile for. Bound
         # here, not as a decorator: torch.compiler.disable imports dynamo, seconds that every import would pay.
@@ -270,7 +303,9 @@ class StepDeltaFFN(nn.Module):
             if rows is None:
                 self.cache = _Cache(x.clone(), g, u, h, y.clone())
             else:
-                self._cache_part(x, rows).write(x, g, u, h, y)
+                self._cache_part(x, rows).write(x, g, u, h, y, self.kept)
+            if self.config.select == "held":
+                self._hold(x, rows)
             run.count(dense_macs, dense_macs)
             exact = y
         else:
@@ -284,6 +319,30 @@ class StepDeltaFFN(nn.Module):
                 exact = self._dense(x)[3]
             run.record_drift(self.layer, y, exact, run.real_positions(x))
         return y
+
+    def _hold(self, x: torch.Tensor, rows: slice | None) -> None:
+        """select="held", at a refresh: choose S from the refreshed rows (the positions later deltas cover: real
+        ones, outside the current block with exact_block) and pack the weights of S for the steps to the next
+        refresh."""
+        c, run = self.cache, self._run
+        if c.held is not None:  # rows this refresh did not compute keep h_c[old S] current in h_c
+            c.h.scatter_(-1, c.held.at(c.h.shape[1]), c.held.h_s)
+        part = c if rows is None else c.view(rows)
+        votes = run.real_positions(x).clone()
+        block = run.block_slice(x) if self.config.exact_block else None
+        if block is not None:
+            votes[:, block] = False
+        k = max(1, math.ceil(self.config.fraction * self.d_ff))
+        s = self._summed_score([part.h], [(x, part, votes.to(x.dtype))], self.down_norm).topk(k, dim=-1).indices
+        gate, up = self._orig["gate"], self._orig["up"]
+        gate_up = torch.cat([_batched_rows(gate.weight, s), _batched_rows(up.weight, s)], dim=1).transpose(1, 2)
+        bias = None
+        if gate.bias is not None or up.bias is not None:
+            zeros = x.new_zeros(self.d_ff)
+            bias = torch.cat([(gate.bias if gate.bias is not None else zeros)[s],
+                              (up.bias if up.bias is not None else zeros)[s]], dim=-1)
+        c.held = _Held(s, c.h.gather(-1, s[:, None, :].expand(s.shape[0], c.h.shape[1], k)),
+                       gate_up.contiguous(), _batched_rows(self.down_t, s), bias)
 
     def _cache_part(self, x: torch.Tensor, rows: slice | None) -> _Cache:
         """The cache of this forward's positions (all of it, or a view of the canvas rows computed), checked
@@ -318,7 +377,12 @@ class StepDeltaFFN(nn.Module):
             macs = 0
         if parts:
             parts = [(xp, cp, vp.to(x.dtype)) for xp, cp, vp in parts]
-            macs += self._input_delta(parts) if self.config.variant == "input" else self._intermediate_delta(parts)
+            if self.config.variant == "input":
+                macs += self._input_delta(parts)
+            elif self.config.select == "held":
+                macs += self._held_delta(parts)
+            else:
+                macs += self._intermediate_delta(parts)
         if exact is not None:
             macs += self._recompute_mask(x, exact, c)
         return macs
@@ -392,16 +456,36 @@ class StepDeltaFFN(nn.Module):
             macs += self.d * k * B * xp.shape[1]
         return macs
 
+    def _held_delta(self, parts: list) -> int:
+        """select="held": h_t[S] from the packed W_gate[S], W_up[S] (one matmul), y_c += W_down[:, S] (h_t[S] -
+        h_c[S]) from the packed W_down[:, S], h_c[S] = h_t[S]: the intermediate delta with the refresh's S."""
+        act, macs = self._orig["act"], 0
+        for xp, cp, _ in parts:
+            held = cp.held
+            k = held.s.shape[1]
+            gu = torch.bmm(xp, held.gate_up)
+            if held.bias is not None:
+                gu = gu + held.bias[:, None, :]
+            h_s = act(gu[..., :k]) * gu[..., k:]
+            cp.y += torch.bmm(h_s - held.h_s, held.down)
+            held.h_s.copy_(h_s)
+            macs += 3 * self.d * k * xp.shape[0] * xp.shape[1]
+        return macs
+
     def _recompute_rows(self, x: torch.Tensor, rows: slice, c: _Cache) -> int:
         """Recompute the positions ``rows`` (a slice of x) densely into the cache ``c``; returns their work."""
         xr = x[:, rows]
-        c.view(rows).write(xr, *self._dense(xr))
+        c.view(rows).write(xr, *self._dense(xr), self.kept)
         return 3 * self.d * self.d_ff * xr[..., 0].numel()
 
     def _recompute_mask(self, x: torch.Tensor, rows: torch.Tensor, c: _Cache) -> int:
         """Recompute the positions where ``rows`` [B, T] is True densely into the cache ``c``; returns their work."""
         g, u, h, y = self._dense(x[rows])
-        c.x[rows], c.g[rows], c.u[rows], c.h[rows], c.y[rows] = x[rows], g, u, h, y
+        for k, v in zip(("x", "g", "u", "h", "y"), (x[rows], g, u, h, y), strict=True):
+            if k in self.kept:
+                getattr(c, k)[rows] = v
+        if c.held is not None:  # the rows' samples' S: [n, k]
+            c.held.h_s[rows] = h.gather(-1, c.held.s[rows.nonzero(as_tuple=True)[0]])
         return 3 * self.d * self.d_ff * int(rows.sum())
 
     def extra_repr(self) -> str:

@@ -71,6 +71,11 @@ def reference(ffn, xs, masked, config: StepDelta, refresh_steps, exact_block_sli
             h = F.silu(g) * u
             cache = {"x": x.clone(), "g": g, "u": u, "h": h, "y": h @ Wd.T}
             outs.append(cache["y"].clone())
+            if config.select == "held":  # S from the refresh's h over the positions the deltas will cover
+                out_of_block = set(range(T)) - set(range(T)[exact_block_slices[t]] if exact_block_slices else ())
+                k = math.ceil(config.fraction * d_ff)
+                held = [sorted(range(d_ff), key=lambda f, b=b: -sum(abs(float(h[b, i, f])) for i in out_of_block)
+                               * float(down_norm[f]))[:k] for b in range(B)]
             continue
         exact = masked[t - 1] & ~masked[t]
         if exact_block_slices is not None:
@@ -95,7 +100,7 @@ def reference(ffn, xs, masked, config: StepDelta, refresh_steps, exact_block_sli
             if h is not None:
                 dh = h - c["h"]
                 score = [sum(abs(float(dh[i, f])) for i in votes) * float(down_norm[f]) for f in range(d_ff)]
-            s_h = sorted(range(d_ff), key=lambda f: -score[f])[:k_h]
+            s_h = held[b] if config.select == "held" else sorted(range(d_ff), key=lambda f: -score[f])[:k_h]
             for f in s_h:
                 if h is None:  # intermediate variant: h_t[S] from x_t
                     new = F.silu(x[b] @ Wg[f]) * (x[b] @ Wu[f])
@@ -124,6 +129,9 @@ def _originals(ffn):
     StepDelta("input", fraction=0.5, down_fraction=0.25, refresh="every4"),
     StepDelta("intermediate", fraction=0.3),
     StepDelta("intermediate", fraction=0.3, exact_block=True),
+    StepDelta("intermediate", fraction=0.3, select="held"),
+    StepDelta("intermediate", fraction=0.3, select="held", refresh="every4"),
+    StepDelta("intermediate", fraction=0.3, select="held", exact_block=True),
 ], ids=lambda c: c.name)
 def test_step_delta_equals_the_definition(llada64, config):
     with step_delta(llada64, config) as delta:
@@ -309,6 +317,7 @@ def test_triton_code_under_the_interpreter():
 @pytest.mark.parametrize("config", [
     StepDelta("input", fraction=0.25, down_fraction=0.5),
     StepDelta("intermediate", fraction=0.3, exact_block=True),
+    StepDelta("intermediate", fraction=0.3, select="held", exact_block=True),
 ], ids=lambda c: c.name)
 def test_triton_backend_equals_the_torch_backend(config, monkeypatch):
     """Backend "triton" (colsparse_gemm / rowsparse kernels) gives the tokens and, step by step, the FFN outputs of
@@ -330,9 +339,11 @@ def test_triton_backend_equals_the_torch_backend(config, monkeypatch):
             finally:
                 rec.remove()
     assert torch.equal(outputs["torch"][0], outputs["triton"][0])
-    # every delta step of every layer ran the kernels (2 rows: one launch per row and product)
-    per_step = {"input": 3, "intermediate": 3}[config.variant] * 2 * (2 if config.exact_block else 1)
-    assert len(launches) >= per_step * 2 * (CFG.steps - 2) // 2
+    if config.select == "held":  # packed at the refresh: dense matmuls on every backend, no gathered kernel
+        assert not launches
+    else:  # every delta step of every layer ran the kernels (2 rows: one launch per row and product)
+        per_step = {"input": 3, "intermediate": 3}[config.variant] * 2 * (2 if config.exact_block else 1)
+        assert len(launches) >= per_step * 2 * (CFG.steps - 2) // 2
     for layer, ys in outputs["torch"][1].items():
         for t, (a, b) in enumerate(zip(ys, outputs["triton"][1][layer], strict=True)):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=f"layer {layer} step {t}")

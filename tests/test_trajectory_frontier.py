@@ -88,11 +88,21 @@ def test_quality_from_an_earlier_run_is_checked(tmp_path):
     path = tmp_path / "old.json"
     path.write_text(json.dumps({**res, "rows": [{"strategy": "dense", "quality": q},
                                                 {"strategy": "delta-input:0.25/0.5@block_start", "quality": q}]}))
-    assert reused_quality(path, res, ["dense"]) == {"dense": q}
+    assert reused_quality(path, res, ["dense"]) == {"dense": {"quality": q}}
     with pytest.raises(ValueError, match="gen_length: 64 there, 32 here"):
         reused_quality(path, {**res, "gen_length": 32}, ["dense"])
     with pytest.raises(ValueError, match=r"no quality for \['token-input:0.9'\]"):
         reused_quality(path, res, ["dense", "token-input:0.9"])
+    # several files: each strategy from the first that has it, the judgement against a cache carried with it
+    q2, vs = {"replay_agreement": 0.5}, {"replay_agreement": 0.97}
+    more = tmp_path / "more.json"
+    more.write_text(json.dumps({**res, "rows": [{"strategy": "dense", "quality": q2},
+                                                {"strategy": "cache-dual+token-input:0.9", "quality": q2,
+                                                 "quality_vs_cache": vs}]}))
+    got = reused_quality([path, more], res, ["dense", "cache-dual+token-input:0.9"])
+    assert got == {"dense": {"quality": q}, "cache-dual+token-input:0.9": {"quality": q2, "quality_vs_cache": vs}}
+    with pytest.raises(ValueError, match="quality_prompts: 6 there, 8 here"):
+        reused_quality([path, more], {**res, "quality_prompts": 8}, ["dense"])
 
 
 def test_the_smoke_run_with_a_block_cache(tmp_path):

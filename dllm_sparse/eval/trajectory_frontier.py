@@ -20,7 +20,7 @@ Every interval is a 95 % percentile bootstrap over prompts (ratio of summed hits
 
 Strategy names (:func:`parse_strategy`): ``dense``; ``token-<site>:<p>`` (per-token top-p, accelerate_ffn);
 ``step-<site>:<p>`` (one keep-set per sample and step, packed) and ``step-<site>:<p>@<policy>`` (reused between
-refreshes); ``delta-input:<f>/<f_h>[+block][@<policy>]`` and ``delta-intermediate:<f>[,oracle][+block][@<policy>]``
+refreshes); ``delta-input:<f>/<f_h>[+block][@<policy>]`` and ``delta-intermediate:<f>[,held|,oracle][+block][@<policy>]``
 (:class:`dllm_sparse.samplers.step_delta.StepDelta`, whose ``name`` is this string); ``cache-prefix`` /
 ``cache-dual`` (Fast-dLLM's block caches, ``GenerationConfig(block_cache=...)``, dense FFN) and
 ``cache-dual+<strategy>`` (any of the above under the cache). A strategy on a cache is also judged against the
@@ -54,7 +54,7 @@ __all__ = ["Strategy", "parse_strategy", "quality", "timing", "run_trajectory_fr
 
 _SPARSE = re.compile(r"^(token|step)-(input|intermediate|gate|up):([0-9.]+)(?:@([a-z_0-9.:]+))?$")
 _CACHE = re.compile(r"^cache-(prefix|dual)(?:\+(.+))?$")
-_DELTA = re.compile(r"^delta-(input|intermediate):([0-9.]+)(?:/([0-9.]+))?(,oracle)?(\+block)?(?:@([a-z_0-9.:]+))?$")
+_DELTA = re.compile(r"^delta-(input|intermediate):([0-9.]+)(?:/([0-9.]+))?(,oracle|,held)?(\+block)?(?:@([a-z_0-9.:]+))?$")
 
 
 @dataclass
@@ -112,17 +112,17 @@ def parse_strategy(spec: str) -> Strategy:
         return Strategy(spec, kind, site, float(p), policy)
     m = _DELTA.match(spec)
     if m:
-        variant, f, f_h, oracle, block, policy = m.groups()
+        variant, f, f_h, select, block, policy = m.groups()
         if variant == "input" and f_h is None:
             raise ValueError(f"strategy {spec!r}: the input variant needs both fractions, e.g. delta-input:0.25/0.5")
         if variant == "intermediate" and f_h is not None:
             raise ValueError(f"strategy {spec!r}: the intermediate variant takes one fraction, e.g. "
                              "delta-intermediate:0.3")
-        delta = StepDelta(variant, float(f), float(f_h) if f_h else 0.5, select="oracle" if oracle else None,
+        delta = StepDelta(variant, float(f), float(f_h) if f_h else 0.5, select=select[1:] if select else None,
                           refresh=policy or "block_start", exact_block=bool(block))
         return Strategy(delta.name, "delta", variant, delta=delta)
     raise ValueError(f"unknown strategy {spec!r}; use dense, token-<site>:<p>, step-<site>:<p>[@policy], "
-                     "delta-input:<f>/<f_h>[+block][@policy] or delta-intermediate:<f>[,oracle][+block][@policy], "
+                     "delta-input:<f>/<f_h>[+block][@policy] or delta-intermediate:<f>[,held|,oracle][+block][@policy], "
                      "each optionally under a block cache: cache-prefix / cache-dual alone or cache-dual+<strategy>")
 
 
@@ -195,20 +195,26 @@ def summarise(items: list[dict]) -> dict:
 QUALITY_KEYS = ("model", "dtype", "gen_length", "block_length", "quality_prompts")
 
 
-def reused_quality(path: Path, res: dict, names: list[str]) -> dict[str, dict]:
-    """The quality rows of an earlier run (``--quality-from``), refused unless every setting that changes them is
-    the same (model, dtype, gen_length, block_length, prompts) and every strategy asked for was measured there.
-    Quality is deterministic (greedy, no timing), so a quality-only run on a busy machine plus a timing-only run on
-    a quiet one give the same table as one run."""
-    old = json.loads(Path(path).read_text())
-    differ = [f"{k}: {old.get(k)!r} there, {res[k]!r} here" for k in QUALITY_KEYS if old.get(k) != res[k]]
-    if differ:
-        raise ValueError(f"--quality-from {path}: measured with other settings ({'; '.join(differ)}); rerun quality "
-                         "with these settings or match them")
-    have = {r["strategy"]: r["quality"] for r in old["rows"] if r.get("quality")}
+def reused_quality(paths: Path | list[Path], res: dict, names: list[str]) -> dict[str, dict]:
+    """The quality rows of earlier runs (``--quality-from``, one file or several), refused unless every setting
+    that changes them is the same (model, dtype, gen_length, block_length, prompts) and every strategy asked for
+    was measured in one of them (the first file that has a strategy gives it). Quality is deterministic (greedy,
+    no timing), so quality-only runs on a busy machine plus a timing-only run on a quiet one give the same table
+    as one run."""
+    have: dict[str, dict] = {}
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        old = json.loads(Path(path).read_text())
+        differ = [f"{k}: {old.get(k)!r} there, {res[k]!r} here" for k in QUALITY_KEYS if old.get(k) != res[k]]
+        if differ:
+            raise ValueError(f"--quality-from {path}: measured with other settings ({'; '.join(differ)}); rerun "
+                             "quality with these settings or match them")
+        for r in old["rows"]:
+            if r.get("quality") and r["strategy"] not in have:
+                have[r["strategy"]] = {k: r[k] for k in ("quality", "quality_vs_cache") if k in r}
     missing = [n for n in names if n not in have]
     if missing:
-        raise ValueError(f"--quality-from {path}: no quality for {missing}; measured there: {sorted(have)}")
+        raise ValueError(f"--quality-from {' '.join(map(str, [paths] if isinstance(paths, (str, Path)) else paths))}:"
+                         f" no quality for {missing}; measured there: {sorted(have)}")
     return {n: have[n] for n in names}
 
 
@@ -430,8 +436,9 @@ def run_trajectory_frontier(args, command: str, lm=None, prompts=None, keywords=
     rows = {s.name: {"strategy": s.name} for s in [Strategy("dense", "dense"), *strategies]}
     if getattr(args, "quality_from", None) is not None:
         for name, q in reused_quality(args.quality_from, res, list(rows)).items():
-            rows[name]["quality"] = q
-        res["quality_from"] = str(args.quality_from)
+            rows[name].update(q)
+        res["quality_from"] = [str(p) for p in args.quality_from] if isinstance(args.quality_from, list) else str(
+            args.quality_from)
     elif not args.skip_quality:
         cfg = GenerationConfig(gen_length=args.gen_length, steps=args.gen_length, block_length=args.block_length,
                                temperature=0.0, mask_id=lm.mask_id)
