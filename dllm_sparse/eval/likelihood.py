@@ -528,9 +528,10 @@ def _masked_ce(model, noisy, answer_pos, bi, ti, target, *, head_chunk: int | No
     step = n if head_chunk is None else head_chunk
     ces, argmaxes = [], []
     for s in range(0, n, max(step, 1)):
-        part = sel[s:s + step] if cfg_scale == 0 else torch.cat([sel[s:s + step], sel[n + s:n + s + step]])
+        e = min(s + step, n)  # never past the conditional rows: the unconditional ones follow them in sel
+        part = sel[s:e] if cfg_scale == 0 else torch.cat([sel[s:e], sel[n + s:n + e]])
         lg = _rows_to_logits(part, head, cfg_scale, official=False)
-        tgt = target[s:s + step].to(lg.device)
+        tgt = target[s:e].to(lg.device)
         ces.append(F.cross_entropy(lg, tgt, reduction="none"))
         if want_argmax:
             argmaxes.append(lg.argmax(-1))
