@@ -26,8 +26,9 @@ from dllm_sparse.atomic import atomic_write_text
 
 DEFAULT_PHASES = ("generate", "elbo@1024", "elbo@4096", "rolling@1024", "sweep", "lm_eval", "accelerate",
                   "step_delta")
-MEMORY_PHASES = ("generate", "elbo@1024", "elbo@4096", "rolling@1024", "rolling@1024/chunk1024", "accelerate",
-                 "step_delta")
+# Two rows per ELBO forward (--plan-rows): an 8B-shaped forward of 8 x 1024 tokens takes minutes on one shared core.
+MEMORY_PHASES = ("generate", "elbo@1024", "rolling@512", "rolling@512/chunk256", "accelerate", "step_delta")
+SMOKE_CONTEXT = {"1024": "64", "512": "64", "4096": "64", "256": "16"}
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--answer", type=int, default=16, help="elbo@<context>: scored tokens at the end of the context")
     ap.add_argument("--head-chunk", type=int, default=None,
                     help="ELBO: LM head on this many scored rows at a time (None: all at once)")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="generate phase: stop the diffusion sampler after this many steps and extrapolate the time "
+                         "of all --steps (None: run every step)")
     ap.add_argument("--delta-steps", type=int, default=8, help="step_delta phase: sampler steps (one block)")
     ap.add_argument("--lm-eval-gen", type=int, default=8, help="lm_eval phase: generate_until tokens (= steps)")
     ap.add_argument("--smoke", action="store_true",
@@ -69,15 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "subprocess, and write memory_plan.json / .md")
     ap.add_argument("--plan-shapes", nargs="+", default=["llada-8b", "llama-3.1-8b"], help="--memory-plan shapes")
     ap.add_argument("--plan-dtypes", nargs="+", default=["bf16", "fp32"], help="--memory-plan dtypes")
-    ap.add_argument("--plan-steps", type=int, default=4,
+    ap.add_argument("--plan-steps", type=int, default=2,
                     help="--memory-plan: sampler steps per run (a step's memory does not depend on how many run)")
+    ap.add_argument("--plan-rows", type=int, default=2,
+                    help="--memory-plan: ELBO rows per forward pass (mc_num = mc_batch = batch_size)")
+    ap.add_argument("--plan-phases", nargs="+", default=list(MEMORY_PHASES), help="--memory-plan phases")
     ap.add_argument("--output-dir", type=Path, default=Path("runs/shapes_8b"), help="where the JSON files go")
     return ap
 
 
 def _settings(args) -> dict:
     return {k: getattr(args, k) for k in ("prompt", "gen_length", "steps", "block_length", "mc_num", "mc_batch",
-                                          "batch_size", "answer", "head_chunk", "delta_steps", "lm_eval_gen")} | {
+                                          "batch_size", "answer", "head_chunk", "delta_steps", "lm_eval_gen",
+                                          "stop_after")} | {
         "cfg_scales": args.cfg, "work_dir": str(args.output_dir / "work")}
 
 
@@ -97,15 +105,19 @@ def memory_plan(args, argv: list[str]) -> dict:
             for layers in (1, 2):
                 out = args.output_dir / f"{shape}-{layers}l-{dtype}.json"
                 if not out.is_file():  # a rerun resumes: each run's file is written atomically when it ends
-                    # 8 rows x 4096 tokens of fp32 activations (or 4k x 126k fp32 logits of a rolling window) next
-                    # to fp32 weights pass this host's ~9 GB budget: fp32 runs the 1024-token phases only.
-                    phases = MEMORY_PHASES if dtype != "fp32" else [p for p in MEMORY_PHASES
-                                                                    if "4096" not in p and "rolling" not in p]
+                    phases = list(args.plan_phases)
+                    if args.smoke:
+                        for long, short in SMOKE_CONTEXT.items():
+                            phases = [p.replace(f"@{long}", f"@{short}").replace(f"chunk{long}", f"chunk{short}")
+                                      for p in phases]
+                    rows = str(args.plan_rows)
                     cmd = [sys.executable, __file__, "--shape", shape, "--layers", str(layers), "--dtype", dtype,
                            "--threads", str(args.threads), "--output-dir", str(args.output_dir),
-                           "--steps", str(args.plan_steps), "--gen-length", str(args.gen_length),
-                           "--mc-num", str(args.batch_size), "--mc-batch", str(args.batch_size),
-                           "--batch-size", str(args.batch_size), "--phases", *phases]
+                           "--prompt", str(args.prompt), "--gen-length", str(args.gen_length),
+                           "--steps", str(args.steps), "--block-length", str(args.block_length),
+                           "--stop-after", str(args.plan_steps), "--delta-steps", str(args.plan_steps),
+                           "--mc-num", rows, "--mc-batch", rows, "--batch-size", rows, "--answer", str(args.answer),
+                           "--phases", *phases]
                     print(" ".join(cmd), flush=True)
                     subprocess.run(cmd, check=True)
                 runs[f"{shape}/{dtype}/{layers}"] = json.loads(out.read_text())
@@ -140,9 +152,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         _smoke(args, "--phases" in argv)
     for name in ("layers", "threads", "prompt", "gen_length", "steps", "block_length", "mc_num", "mc_batch",
-                 "batch_size", "answer", "delta_steps", "lm_eval_gen", "plan_steps"):
+                 "batch_size", "answer", "delta_steps", "lm_eval_gen", "plan_steps", "plan_rows"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.stop_after is not None and args.stop_after < 1:
+        ap.error(f"--stop-after must be >= 1 (or left out: every step), got {args.stop_after}")
     if args.head_chunk is not None and args.head_chunk < 1:
         ap.error(f"--head-chunk must be >= 1 (or left out: no chunking), got {args.head_chunk}")
     if args.mc_num % args.mc_batch:

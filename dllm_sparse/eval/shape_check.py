@@ -7,7 +7,8 @@ from a checkpoint in the official layout) through the phases named in ``phases``
 * ``load``: ``load_model(checkpoint)`` natively, then ``trust_remote_code=True`` (refused: the official modelling
   file is not at hand);
 * ``generate``: the diffusion sampler (``gen_length``, ``steps``, ``block_length``, for each ``cfg`` in
-  ``cfg_scales``), or the AR loop (``gen_length`` new tokens) for an AR model;
+  ``cfg_scales``; with ``stop_after`` only that many steps run, and the time of all ``steps`` is extrapolated from
+  the seconds per step), or the AR loop (``gen_length`` new tokens) for an AR model;
 * ``elbo@<context>``: the scorer on one request of ``context`` tokens whose last ``answer`` tokens are scored
   (diffusion: the Monte-Carlo ELBO, ``mc_num`` / ``mc_batch`` / ``batch_size`` / ``head_chunk``; AR: exact), and
   ``rolling@<context>``: one rolling window of ``context`` tokens scored whole (the perplexity case, where the
@@ -104,13 +105,30 @@ def phase_generate(lm, s: dict) -> dict:
         res = generate(lm.model, None, ids, cfg)
         out["ar"] = {"new_tokens": res.num_tokens, "seconds": time.perf_counter() - t0, "kv_cache": res.kv_cache}
         return out
+    stop = s.get("stop_after")
     for w in s["cfg_scales"]:
         cfg = GenerationConfig(gen_length=s["gen_length"], steps=s["steps"], block_length=s["block_length"],
                                cfg_scale=w, stop_token_ids=(), mask_id=lm.mask_id)
         t0 = time.perf_counter()
-        res = generate(lm.model, None, ids, cfg)
-        out[f"cfg{w}"] = {"nfe": res.nfe, "tokens": res.num_tokens, "seconds": time.perf_counter() - t0}
+        res = generate(lm.model, None, ids, cfg, callbacks=[_StopAfter(stop)] if stop else None)
+        seconds = time.perf_counter() - t0
+        steps_run = len(res.trace) or s["steps"]
+        out[f"cfg{w}"] = {"nfe": res.nfe, "steps_run": steps_run, "tokens": res.num_tokens, "seconds": seconds,
+                          "seconds_per_step": seconds / steps_run,
+                          # every step runs the same canvas (one forward, two with guidance): time scales with steps
+                          "extrapolated_seconds_all_steps": seconds / steps_run * s["steps"]}
     return out
+
+
+class _StopAfter:
+    """A sampler callback that ends generation after ``steps`` steps (the timing of a step does not depend on
+    which step it is: the canvas is the same size throughout)."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_step_end(self, state):
+        return state.step + 1 >= self.steps
 
 
 def _scorer(lm, s: dict):
@@ -151,7 +169,7 @@ def phase_lm_eval(lm, s: dict) -> dict:
     if lm.kind == "diffusion":
         kw.update(gen_steps=s["lm_eval_gen"], block_length=s["lm_eval_gen"])
     model = DllmSparseLM.from_scorer(_scorer(lm, s), progress=False, **kw)
-    text = "The quick brown fox jumps over the lazy dog. " * 2
+    text = "The quick brown fox jumps over the lazy dog."
     ll = model.loglikelihood([Instance("loglikelihood", {}, ("The quick brown fox", " jumps"), 0, ("t", 0, 1))])
     roll = model.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0, ("t", 0, 1))])
     gen = model.generate_until([Instance("generate_until", {}, ("The quick", {"until": ["\n"]}), 0, ("t", 0, 1))])
