@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,7 +120,10 @@ def memory_plan(args, argv: list[str]) -> dict:
                            "--mc-num", rows, "--mc-batch", rows, "--batch-size", rows, "--answer", str(args.answer),
                            "--phases", *phases]
                     print(" ".join(cmd), flush=True)
-                    subprocess.run(cmd, check=True)
+                    # A fixed mmap threshold: glibc then returns every large freed block to the OS at once (its
+                    # adaptive threshold would keep a freed phase's tensors in the heap, and in the next phase's RSS).
+                    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+                    subprocess.run(cmd, check=True, env=env)
                 runs[f"{shape}/{dtype}/{layers}"] = json.loads(out.read_text())
     plan = {"formula": "peak(L) = peak(1) + (L - 1) * per_layer_weight_bytes; gpu(L) = peak(L) - baseline_rss + "
                        "CUDA allowance", "gpu_sizes_gb": GPU_SIZES_GB, "models": {}}
