@@ -169,6 +169,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.memory_plan:
         return memory_plan(args, argv)
 
+    if "triton" in args.phases and os.environ.get("TRITON_INTERPRET") != "1":
+        import shutil
+
+        if shutil.which("nvidia-smi") is None and "torch" not in sys.modules:  # no GPU: interpret the kernels
+            os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported; on a GPU, pass the phase without it
+            print("the triton phase on a CPU: TRITON_INTERPRET=1 (set before importing Triton)", flush=True)
     import torch
 
     torch.set_num_threads(args.threads)

@@ -18,7 +18,9 @@ from a checkpoint in the official layout) through the phases named in ``phases``
 * ``lm_eval``: the lm-eval model, one request of each kind (loglikelihood, loglikelihood_rolling, generate_until);
 * ``accelerate``: ``accelerate_ffn`` with a shared keep-set (``TopP(0.9, scope="step")``, the packed path) on one
   canvas, against the masking path's logits;
-* ``step_delta``: the step-delta FFN (``StepDelta("input", 0.25, 0.5, exact_block=True)``) over a few sampler steps.
+* ``step_delta``: the step-delta FFN (``StepDelta("input", 0.25, 0.5, exact_block=True)``) over a few sampler steps;
+* ``triton``: the Triton kernels at the shape's FFN matrices against dense references (:func:`phase_triton`; on a
+  CPU under ``TRITON_INTERPRET=1``).
 
 Memory: the resident set size (RSS) of this process, read from ``/proc/self/statm`` by a thread every 2 ms; a
 phase's peak is the highest reading between its start and end (the weights included, since they are resident
@@ -214,9 +216,50 @@ def phase_step_delta(lm, s: dict) -> dict:
             "refresh_steps": report["refresh_steps"]}
 
 
+def phase_triton(lm, s: dict) -> dict:
+    """The Triton kernels at this shape's FFN matrices (W_gate/W_up: d -> d_ff, W_down: d_ff -> d), a few calls
+    each, against dense references: the column-sparse GEMV (one token, threshold fused), the gathered GEMM (4 tokens,
+    the union of their masks), the row-sparse GEMV/GEMM, and the top-p threshold. On a CPU this needs
+    ``TRITON_INTERPRET=1`` in the environment before Triton is imported (the script sets it when asked)."""
+    import torch.nn.functional as F
+
+    from dllm_sparse import top_p_mask_reference
+    from dllm_sparse.kernels import column_sparse_matmul, row_sparse_matmul, topp_threshold
+
+    cfg = lm.model.config
+    d, d_ff = cfg.hidden_size, cfg.intermediate_size
+    g = torch.Generator().manual_seed(4)
+    dtype = next(lm.model.parameters()).dtype
+    out: dict[str, Any] = {"d_model": d, "d_ff": d_ff, "dtype": str(dtype).replace("torch.", "")}
+    for name, d_in, d_out in (("gate/up", d, d_ff), ("down", d_ff, d)):
+        w = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(dtype)
+        wt = w.t().contiguous()
+        for M in (1, 4):
+            x = torch.randn(M, d_in, generator=g).to(dtype)
+            tau = topp_threshold(x, 0.5, backend="triton")  # [M, 1]
+            keep = top_p_mask_reference(x.float(), 0.5)
+            t0 = time.perf_counter()
+            y = column_sparse_matmul(x, wt, threshold=tau, backend="triton")
+            col_s = time.perf_counter() - t0
+            ref_thr = x.abs().float() >= tau.float()
+            ref = F.linear(x.float().masked_fill(~ref_thr, 0), w.float())
+            keep_out = torch.rand(d_out, generator=g) >= 0.5
+            t0 = time.perf_counter()
+            yr = row_sparse_matmul(x, w, keep_out, backend="triton")
+            row_s = time.perf_counter() - t0
+            ref_r = F.linear(x.float(), w.float()).masked_fill(~keep_out, 0)
+            scale = ref.abs().max().item() or 1.0
+            out[f"{name} M={M}"] = {
+                "column_sparse_max_rel_err": (y.float() - ref).abs().max().item() / scale,
+                "row_sparse_max_rel_err": (yr.float() - ref_r).abs().max().item() / (ref_r.abs().max().item() or 1),
+                "threshold_mask_equals_reference": bool(torch.equal(ref_thr, keep)),
+                "column_sparse_s": col_s, "row_sparse_s": row_s}
+    return out
+
+
 PHASES: dict[str, Callable] = {"load": phase_load, "generate": phase_generate, "sweep": phase_sweep,
                                "lm_eval": phase_lm_eval, "accelerate": phase_accelerate,
-                               "step_delta": phase_step_delta}
+                               "step_delta": phase_step_delta, "triton": phase_triton}
 
 
 def _phase_fn(name: str) -> Callable:
@@ -256,7 +299,9 @@ def run_phases(shape: str, layers: int, dtype: str, phases: list[str], settings:
             lm = load_model(checkpoint, dtype=dtype)
             what = "load"
         else:
-            model, kind = build_random(shape, layers, torch_dtype)
+            # Kernel checks alone read only the config and dtype: no weights (the meta device) then.
+            meta = all(p == "triton" for p in phases)
+            model, kind = build_random(shape, layers, torch_dtype, device="meta" if meta else "cpu")
             fields = shape_fields(shape)
             lm = LoadedModel(model, standin_tokenizer(shape), kind, f"random-{shape}-{layers}l",
                              fields.get("mask_token_id") if kind == "diffusion" else None,
