@@ -7,7 +7,8 @@
     python experiments/check_8b_shapes.py --shape llada-8b-mini --layers 2 --smoke    # seconds (the test suite)
 
 Phases (dllm_sparse/eval/shape_check.py): load, generate, elbo@<context>, rolling@<context> (either with
-/chunk<rows>: the ELBO's LM head on that many rows at a time), sweep, lm_eval, accelerate, step_delta. Each prints its seconds and peak RSS; the results go to --output-dir as
+/chunk<rows>: the ELBO's LM head on that many rows at a time), sweep, lm_eval, accelerate, step_delta, triton.
+Each prints its seconds and peak RSS; the results go to --output-dir as
 <shape>-<layers>l-<dtype>.json (every number, the settings, machine, threads, versions). --memory-plan runs the
 memory phases in one subprocess per (shape, layers, dtype), then writes memory_plan.json and memory_plan.md: the
 peaks, the 2-layer prediction from the 1-layer run (peak(L) = peak(1) + (L - 1) x per-layer weight bytes;

@@ -45,8 +45,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("kernels", "decode", "frontier", "train")
 FLOORS = {"torch": "2.13", "transformers": "5.23", "triton": "3.9"}
-FRONTIER_STRATEGIES = ("token-intermediate:0.9", "step-intermediate:0.9@block_start", "delta-input:0.25/0.5@block_start",
-                       "delta-input:0.125/0.25+block@block_start", "delta-intermediate:0.15+block@block_start")
+FRONTIER_STRATEGIES = ("token-intermediate:0.9", "step-intermediate:0.9@block_start",
+                       "delta-input:0.25/0.5@block_start", "delta-input:0.125/0.25+block@block_start",
+                       "delta-intermediate:0.15+block@block_start")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on any device, seconds: the CPU test of the whole script (default: off)")
     ap.add_argument("--train-minutes", type=float, default=2.5, help="training budget of the train part (default: 2.5)")
-    ap.add_argument("--frontier-layers", type=int, default=4, help="layers of the frontier's LLaDA-8B shape (default: 4)")
+    ap.add_argument("--frontier-layers", type=int, default=4,
+                    help="layers of the frontier's LLaDA-8B shape (default: 4)")
     ap.add_argument("--run-part", default=None, help=argparse.SUPPRESS)  # internal: run one part in this process
     return ap
 

@@ -159,7 +159,8 @@ def phase_sweep(lm, s: dict) -> dict:
                       tasks=["builtin_mc"], limit=1, mc_num=s["mc_num"], mc_batch=s["mc_batch"],
                       batch_size=s["batch_size"], progress=False)
     rows = run_sweep(cfg, rank=0, world_size=1)
-    return {"rows": [{k: r.get(k) for k in ("site", "p", "task", "metric", "value", "sparsity", "seconds")} for r in rows]}
+    keep = ("model", "site", "p", "task", "metric", "value", "sparsity", "seconds")
+    return {"rows": [{k: r.get(k) for k in keep} for r in rows if r.get("model") == lm.name]}
 
 
 def phase_lm_eval(lm, s: dict) -> dict:

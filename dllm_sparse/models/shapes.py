@@ -146,8 +146,9 @@ def weight_bytes(name: str, layers: int, dtype: torch.dtype) -> dict[str, int]:
     counted on the meta device: the basis of the memory plan's extrapolation to 32 layers."""
     config_1, config_2 = shape_config(name, 1), shape_config(name, 2)
     family = _shape(name)[0]
-    from dllm_sparse.models.llada import LLaDAModelLM
     from transformers import LlamaForCausalLM
+
+    from dllm_sparse.models.llada import LLaDAModelLM
 
     cls = LLaDAModelLM if family == "llada" else LlamaForCausalLM
     with torch.device("meta"):
