@@ -99,7 +99,7 @@ def _smoke(args, phases_given: bool) -> None:
 
 
 def memory_plan(args, argv: list[str]) -> dict:
-    from dllm_sparse.eval.memory_plan import GPU_SIZES_GB, extrapolate, fits_table
+    from dllm_sparse.eval.memory_plan import GPU_SIZES_GB, extrapolate, fits_table, gpu_estimate
 
     runs: dict[str, dict] = {}
     for shape in args.plan_shapes:
@@ -141,7 +141,7 @@ def memory_plan(args, argv: list[str]) -> dict:
                 err = f"{r['error_2']:+.1%}" if "error_2" in r else "-"
                 two_gb = f"{r['peak_2'] / 1e9:.2f}" if "peak_2" in r else "-"
                 lines.append(f"| {shape} | {dtype} | {r['phase']} | {r['peak_1'] / 1e9:.2f} | "
-                             f"{r['predicted_2'] / 1e9:.2f} | {two_gb} | {err} | {r['gpu_32'] / 1e9:.1f} | "
+                             f"{r['predicted_2'] / 1e9:.2f} | {two_gb} | {err} | {gpu_estimate(r) / 1e9:.1f} | "
                              + " | ".join(fits[r["phase"]]) + " |")
     plan["command"] = " ".join(["python experiments/check_8b_shapes.py", *argv])
     atomic_write_text(args.output_dir / "memory_plan.json", json.dumps(plan, indent=1) + "\n")

@@ -73,6 +73,10 @@ def test_extrapolation_formula():
     assert g["predicted_2"] == 5.5e9 and g["error_2"] == pytest.approx(5.5 / 5.6 - 1)
     assert g["peak_32"] == 5e9 + 31 * 0.5e9
     assert g["gpu_32"] == 5e9 + 31 * 0.5e9 - 0.4e9 + CUDA_OVERHEAD_GB * 1e9
+    # generate grew by 0.6 GB from 1 to 2 layers, more than its 0.5 GB of weights: the slope estimate is larger
+    assert g["gpu_32_slope"] == pytest.approx(5e9 + 31 * 0.6e9 - 0.4e9 + CUDA_OVERHEAD_GB * 1e9)
     fits = fits_table(list(rows.values()), layers=32)
-    assert fits["generate"] == ["yes", "yes", "yes", "yes"]  # 22.1 GB
-    assert rows["elbo"]["gpu_32"] == pytest.approx(24.1e9) and fits["elbo"] == ["no", "yes", "yes", "yes"]
+    assert fits["generate"] == ["no", "yes", "yes", "yes"]  # 25.2 GB by the slope, 22.1 GB by the weights alone
+    # elbo grew by 0.4 GB, less than the weights: a layer never adds less than its weights
+    assert rows["elbo"]["gpu_32_slope"] == rows["elbo"]["gpu_32"] == pytest.approx(24.1e9)
+    assert fits["elbo"] == ["no", "yes", "yes", "yes"]
