@@ -80,3 +80,14 @@ def test_extrapolation_formula():
     # elbo grew by 0.4 GB, less than the weights: a layer never adds less than its weights
     assert rows["elbo"]["gpu_32_slope"] == rows["elbo"]["gpu_32"] == pytest.approx(24.1e9)
     assert fits["elbo"] == ["no", "yes", "yes", "yes"]
+
+
+def test_committed_memory_table_is_what_the_committed_runs_give(tmp_path):
+    committed = Path(__file__).resolve().parents[1] / "docs" / "results" / "shapes_8b" / "memory"
+    for f in committed.glob("llada-8b-*.json"):
+        (tmp_path / f.name).write_text(f.read_text())
+    _script().main(["--memory-plan", "--plan-shapes", "llada-8b", "--plan-dtypes", "bf16", "fp32",
+                    "--output-dir", str(tmp_path)])  # every run's file is there: nothing is measured again
+    table = (tmp_path / "memory_plan.md").read_text()
+    assert table == (committed / "memory_plan.md").read_text()
+    assert table in (Path(__file__).resolve().parents[1] / "docs" / "memory.md").read_text()  # the doc shows it
