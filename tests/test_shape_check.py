@@ -82,12 +82,14 @@ def test_extrapolation_formula():
     assert fits["elbo"] == ["no", "yes", "yes", "yes"]
 
 
-def test_committed_memory_table_is_what_the_committed_runs_give(tmp_path):
+@pytest.mark.parametrize("shape, dtypes, table_file", [("llada-8b", ["bf16", "fp32"], "memory_plan.md"),
+                                                       ("llama-3.1-8b", ["bf16"], "memory_plan_llama-3.1-8b.md")])
+def test_committed_memory_table_is_what_the_committed_runs_give(tmp_path, shape, dtypes, table_file):
     committed = Path(__file__).resolve().parents[1] / "docs" / "results" / "shapes_8b" / "memory"
-    for f in committed.glob("llada-8b-*.json"):
+    for f in committed.glob(f"{shape}-*.json"):
         (tmp_path / f.name).write_text(f.read_text())
-    _script().main(["--memory-plan", "--plan-shapes", "llada-8b", "--plan-dtypes", "bf16", "fp32",
+    _script().main(["--memory-plan", "--plan-shapes", shape, "--plan-dtypes", *dtypes,
                     "--output-dir", str(tmp_path)])  # every run's file is there: nothing is measured again
     table = (tmp_path / "memory_plan.md").read_text()
-    assert table == (committed / "memory_plan.md").read_text()
+    assert table == (committed / table_file).read_text()
     assert table in (Path(__file__).resolve().parents[1] / "docs" / "memory.md").read_text()  # the doc shows it

@@ -35,7 +35,7 @@ def extrapolate(one: dict, two: dict | None, layers: int = 32) -> list[dict[str,
     measured_two = {r["phase"]: r for r in (two or {}).get("rows", [])}
     out = []
     for r in one["rows"]:
-        if r.get("error"):
+        if r.get("error") or "skipped" in (r.get("details") or {}):  # a phase that did not run for this model
             continue
         pred2 = r["rss_peak"] + per_layer
         row = {"phase": r["phase"], "peak_1": r["rss_peak"], "predicted_2": pred2,
