@@ -13,6 +13,8 @@ Three tables, printed and saved as JSON + PNG in --output-dir, named after the d
    Masks come from a real model's FFN activations with --model, else from random heavy-tailed vectors
    (Student-t, 3 degrees of freedom), and each row says which.
 3. The GEMM time at that union density vs dense.
+4. M tokens sharing one kept set of a fixed sparsity (a shared keep-set, a reused mask): the gathered GEMM (GEMV at
+   M = 1) vs dense, with the bound 1 / (1 - s).
 
 On a GPU timings use triton.testing.do_bench; on CPU time.perf_counter medians after a warmup. CPU numbers
 measure the PyTorch fallbacks (index_select + matmul), not the kernels: they only prove the script runs.
@@ -224,6 +226,33 @@ def bench_tokens(sources, tokens, device, dtype, timer, be) -> list[dict]:
     return rows
 
 
+def bench_shared(shapes, sparsities, tokens, device, dtype, timer, be) -> list[dict]:
+    """4. M tokens sharing ONE kept set of a fixed sparsity s (a shared keep-set of a denoising step, a reused
+    mask): the gathered GEMM (the GEMV for M = 1) over the kept rows of W^T vs dense; bound 1 / (1 - s)."""
+    import torch
+    import torch.nn.functional as F
+
+    from dllm_sparse.kernels import column_sparse_matmul
+
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for name, d_in, d_out in shapes:
+        w = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(device=device, dtype=dtype)
+        wt = w.t().contiguous()
+        for M in tokens:
+            x = torch.randn(M, d_in, generator=g).to(device=device, dtype=dtype)
+            dense_ms = timer(partial(F.linear, x, w))
+            for s in sparsities:
+                keep = (torch.rand(d_in, generator=g) >= s).to(device)
+                ms = timer(partial(column_sparse_matmul, x, wt, keep=keep, backend=be))
+                rows.append({"shape": name, "d_in": d_in, "d_out": d_out, "tokens": M, "sparsity": s,
+                             "kept": int(keep.sum()), "dense_ms": dense_ms, "shared_ms": ms,
+                             "speedup": dense_ms / ms, "bound": 1 / (1 - s)})
+                print(f"{name:22s} M={M:4d} s={s:4.2f}  shared-set {'GEMV' if M == 1 else 'GEMM'} {ms:8.3f} ms vs "
+                      f"dense {dense_ms:8.3f} ms ({dense_ms / ms:5.2f}x, bound {1 / (1 - s):5.2f}x)")
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------------------
@@ -278,8 +307,25 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default=None, help="None: cuda when available, else cpu")
     ap.add_argument("--backend", default=None, choices=["auto", "triton", "torch"],
                     help="kernel backend (None: $DLLM_SPARSE_KERNELS, else auto = Triton on CUDA, PyTorch elsewhere)")
+    ap.add_argument("--shapes", nargs="+", default=None,
+                    help="only the shapes whose name starts with one of these (llama-3.1-8b, llada-8b, smollm2-135m; "
+                         "None: every shape, --quick: smollm2-135m)")
+    ap.add_argument("--sparsities", type=float, nargs="+", default=None,
+                    help="input sparsities of tables 1 and 4 (None: 0 0.25 0.5 0.7 0.9; --quick: 0 0.5 0.9)")
+    ap.add_argument("--tokens", type=int, nargs="+", default=None,
+                    help="token counts M of tables 2-4 (None: 1 8 32 128 256; --quick: 1 8 32)")
     ap.add_argument("--output-dir", default="experiments/results", help="where the JSON and the plot go")
     args = ap.parse_args(argv)
+    for s in args.sparsities or ():
+        if not 0 <= s < 1:
+            ap.error(f"--sparsities: {s} is not in [0, 1)")
+    for m in args.tokens or ():
+        if m < 1:
+            ap.error(f"--tokens: {m} is not >= 1")
+    known = sorted({name.split(" ")[0] for name, _, _ in SHAPES})
+    for prefix in args.shapes or ():
+        if prefix not in known:
+            ap.error(f"--shapes: unknown shape {prefix!r}; choose from {known}")
     import torch
 
     from dllm_sparse.kernels import backend
@@ -298,8 +344,11 @@ def main(argv=None) -> dict:
     print(json.dumps(meta))
 
     shapes = [s for s in SHAPES if s[0].startswith("smollm2")] if args.quick else SHAPES
-    sparsities = (0.0, 0.5, 0.9) if args.quick else SPARSITIES
-    tokens = (1, 8, 32) if args.quick else TOKENS
+    if args.shapes:
+        shapes = [s for s in SHAPES if s[0].split(" ")[0] in args.shapes]
+    sparsities = tuple(args.sparsities or ((0.0, 0.5, 0.9) if args.quick else SPARSITIES))
+    tokens = tuple(args.tokens or ((1, 8, 32) if args.quick else TOKENS))
+    meta.update(shapes=[s[0] for s in shapes], sparsities=sparsities, tokens=tokens)
     one = bench_one_token(shapes, sparsities, device, dtype, timer, be)
 
     sources = []
@@ -315,8 +364,9 @@ def main(argv=None) -> dict:
             acts = heavy_tailed(max(tokens), d_in, generator=g, device="cpu", dtype=torch.float32)
             sources.append((f"random Student-t(3) (d_in {d_in})", site, acts, d_out))
     many = bench_tokens(sources, tokens, device, dtype, timer, be)
+    shared = bench_shared(shapes, sparsities, tokens, device, dtype, timer, be)
 
-    result = {"meta": meta, "one_token": one, "tokens": many}
+    result = {"meta": meta, "one_token": one, "tokens": many, "shared": shared}
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"kernel_bench_{slug(meta['device'])}" + ("_quick" if args.quick else "")

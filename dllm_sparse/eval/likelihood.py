@@ -449,17 +449,15 @@ def _check_precision(precision: str) -> str:
     return precision
 
 
-def _guided_logits(model: torch.nn.Module, noisy: torch.Tensor, answer_pos: torch.Tensor, bi: torch.Tensor,
-                   ti: torch.Tensor, *, mask_id: int, cfg_scale: float, shift_logits: bool, stats, tag, groups,
-                   row_weights: torch.Tensor | None = None, precision: str = "float32") -> torch.Tensor:
-    """Float32 logits at the positions (bi, ti) of the rows ``noisy`` [n, T], from ONE forward pass
-    (``precision="official"``: in the model's dtype, guided in it, with the LM head over every position).
-
-    With ``cfg_scale`` w > 0 the same rows with every prompt position (``~answer_pos``) replaced by ``mask_id``
-    are batched after them (the official ``get_log_likelihood``), and logits = uncond + (w + 1)(cond − uncond).
-    Where the family allows it the LM head is applied to the selected positions only (the forward returns final
-    hidden states, shifted when the model shifts itself): no vocabulary projection of the others."""
-    n = noisy.shape[0]
+def _guided_rows(model: torch.nn.Module, noisy: torch.Tensor, answer_pos: torch.Tensor, bi: torch.Tensor,
+                 ti: torch.Tensor, *, mask_id: int, cfg_scale: float, shift_logits: bool, stats, tag, groups,
+                 row_weights: torch.Tensor | None = None, precision: str = "float32"):
+    """ONE forward pass over the rows ``noisy`` [n, T] (and, with ``cfg_scale`` w > 0, the same rows with every
+    prompt position (``~answer_pos``) replaced by ``mask_id``, batched after them: the official
+    ``get_log_likelihood``); returns ``(sel, head)``: the final hidden states at the positions (bi, ti), conditional
+    rows first, and the LM head to apply to them, where the family allows splitting the head off (no vocabulary
+    projection of the other positions); else their logits and None (``precision="official"``: always, the head
+    over every position as the official code runs it)."""
     x = noisy
     if cfg_scale > 0:
         x = torch.cat([noisy, noisy.masked_fill(~answer_pos, mask_id)])
@@ -474,8 +472,16 @@ def _guided_logits(model: torch.nn.Module, noisy: torch.Tensor, answer_pos: torc
         out = model(input_ids=x.to(device)).logits  # hidden states when head is not None
     if shift_logits:
         out = torch.cat([out[:, :1], out[:, :-1]], dim=1)
+    n = noisy.shape[0]
     b, t = bi.to(out.device), ti.to(out.device)
     sel = out[b, t] if cfg_scale == 0 else torch.cat([out[:n][b, t], out[n:][b, t]])
+    return sel, head
+
+
+def _rows_to_logits(sel: torch.Tensor, head: torch.nn.Linear | None, cfg_scale: float,
+                    official: bool) -> torch.Tensor:
+    """Guided logits of the rows from :func:`_guided_rows` (conditional rows, then as many unconditional ones
+    when ``cfg_scale`` > 0): head, float32 (unless official), then uncond + (w + 1)(cond − uncond)."""
     if head is not None:
         with torch.no_grad():
             sel = F.linear(sel.to(head.weight.device), head.weight, head.bias)
@@ -483,8 +489,55 @@ def _guided_logits(model: torch.nn.Module, noisy: torch.Tensor, answer_pos: torc
         sel = sel.float()
     if cfg_scale == 0:
         return sel
-    cond, uncond = sel[:len(bi)], sel[len(bi):]
+    k = sel.shape[0] // 2
+    cond, uncond = sel[:k], sel[k:]
     return uncond + (cfg_scale + 1) * (cond - uncond)
+
+
+def _guided_logits(model: torch.nn.Module, noisy: torch.Tensor, answer_pos: torch.Tensor, bi: torch.Tensor,
+                   ti: torch.Tensor, *, mask_id: int, cfg_scale: float, shift_logits: bool, stats, tag, groups,
+                   row_weights: torch.Tensor | None = None, precision: str = "float32") -> torch.Tensor:
+    """Float32 logits at the positions (bi, ti) of the rows ``noisy`` [n, T], from ONE forward pass
+    (``precision="official"``: in the model's dtype, guided in it, with the LM head over every position);
+    :func:`_guided_rows` then :func:`_rows_to_logits`."""
+    sel, head = _guided_rows(model, noisy, answer_pos, bi, ti, mask_id=mask_id, cfg_scale=cfg_scale,
+                             shift_logits=shift_logits, stats=stats, tag=tag, groups=groups, row_weights=row_weights,
+                             precision=precision)
+    return _rows_to_logits(sel, head, cfg_scale, precision == "official")
+
+
+def check_head_chunk(head_chunk: int | None) -> int | None:
+    """``head_chunk``: None (the LM head over every scored row at once) or a whole number of rows >= 1."""
+    if head_chunk is None:
+        return None
+    if isinstance(head_chunk, bool) or not isinstance(head_chunk, int) or head_chunk <= 0:
+        raise ValueError(f"head_chunk must be a whole number of rows >= 1 (or None: no chunking), got {head_chunk!r}; "
+                         "e.g. head_chunk=4096 holds 4096 x vocabulary float32 logits at a time")
+    return head_chunk
+
+
+def _masked_ce(model, noisy, answer_pos, bi, ti, target, *, head_chunk: int | None, want_argmax: bool,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cross-entropy (float32 path) of every scored row (bi, ti) against ``target``, and its argmax when asked:
+    the LM head, the guidance and the cross-entropy run on ``head_chunk`` rows at a time (None: all at once), so
+    at most head_chunk x vocabulary logits (x 2 with guidance) exist at once. Each row's value is computed from
+    its own hidden state alone either way."""
+    sel, head = _guided_rows(model, noisy, answer_pos, bi, ti, **kwargs)
+    cfg_scale = kwargs["cfg_scale"]
+    n = len(bi)
+    step = n if head_chunk is None else head_chunk
+    ces, argmaxes = [], []
+    for s in range(0, n, max(step, 1)):
+        e = min(s + step, n)  # never past the conditional rows: the unconditional ones follow them in sel
+        part = sel[s:e] if cfg_scale == 0 else torch.cat([sel[s:e], sel[n + s:n + e]])
+        lg = _rows_to_logits(part, head, cfg_scale, official=False)
+        tgt = target[s:e].to(lg.device)
+        ces.append(F.cross_entropy(lg, tgt, reduction="none"))
+        if want_argmax:
+            argmaxes.append(lg.argmax(-1))
+        del lg
+    ce = torch.cat(ces) if ces else sel.new_zeros(0, dtype=torch.float32)
+    return ce, (torch.cat(argmaxes) if want_argmax else None)
 
 
 def diffusion_elbo_tokens(
@@ -505,6 +558,7 @@ def diffusion_elbo_tokens(
     ratio_bins: int = 0,
     progress: bool = False,
     precision: str = "float32",
+    head_chunk: int | None = None,
 ) -> list[tuple[float, bool]]:
     """Monte-Carlo ELBO estimate of ``log p(answer | prompt)`` for each (prompt ids, answer ids) request.
 
@@ -517,14 +571,21 @@ def diffusion_elbo_tokens(
     (0 = none); the masks do not depend on it, so guided and unguided estimates share their random numbers.
     ``greedy_check``: ``"iterative"`` / ``"one_pass"`` / ``"off"`` (see :func:`greedy_check_mode` and the module
     docstring). ``precision``: ``"float32"`` or ``"official"`` (the official computation bit for bit, with its
-    batch layout: ``batch_size`` and ``dedupe`` are then not used; module docstring). Returns ``(ll, is_greedy)``
-    per request.
+    batch layout: ``batch_size`` and ``dedupe`` are then not used; module docstring). ``head_chunk``: the LM head,
+    guidance and cross-entropy of a forward pass's scored positions run on this many rows at a time (None: all at
+    once; a rolling window of 4096 tokens at mc_batch 8 scores ~16k positions, 8 GB of float32 logits at a
+    126k vocabulary; see docs/memory.md); the official precision runs the head over every position and refuses it.
+    Returns ``(ll, is_greedy)`` per request.
     """
+    head_chunk = check_head_chunk(head_chunk)
     batch_size = batch_size or mc_batch
     cfg_scale = _check_cfg_scale(cfg_scale)
     check = greedy_check_mode(greedy_check)
     official = _check_precision(precision) == "official"
     dedupe = dedupe and not official  # the official code runs every drawn row
+    if official and head_chunk is not None:
+        raise ValueError(f"head_chunk={head_chunk} with precision='official': the official evaluation runs the LM head "
+                         "over every position at once (bit for bit); use precision='float32' to chunk the head")
     if keys is not None and len(keys) != len(requests):
         raise ValueError("keys must have one entry per request")
     # 1. The rows of every item: (item, answer mask, multiplicity); multiplicity 0 marks the one-pass check row.
@@ -582,19 +643,26 @@ def diffusion_elbo_tokens(
             for k in range(ratio_bins):
                 groups[f"ratio{k / ratio_bins:.2f}-{(k + 1) / ratio_bins:.2f}"] = (bins == k)[:, None].expand_as(clean)
         bi, ti = is_mask.nonzero(as_tuple=True)
-        lg = _guided_logits(model, noisy, answer_pos, bi, ti, mask_id=mask_id, cfg_scale=cfg_scale,
-                            shift_logits=shift_logits, stats=stats, tag="elbo", groups=groups,
-                            row_weights=weight if dedupe else None, precision=precision)
-        target = clean[bi, ti].to(lg.device)
-        if official and rows[chunk[0]][2] > 0:
-            minibatch_losses[rows[chunk[0]][0]].append(_official_minibatch_loss(lg, target, is_mask, bi, answer_pos))
-            if bar is not None:
-                bar.update(1)
-            continue
-        ce = F.cross_entropy(lg, target, reduction="none").double().cpu()
+        target = clean[bi, ti]
+        common = dict(mask_id=mask_id, cfg_scale=cfg_scale, shift_logits=shift_logits, stats=stats, tag="elbo",
+                      groups=groups, row_weights=weight if dedupe else None, precision=precision)
+        if official:
+            lg = _guided_logits(model, noisy, answer_pos, bi, ti, **common)
+            target = target.to(lg.device)
+            if rows[chunk[0]][2] > 0:
+                minibatch_losses[rows[chunk[0]][0]].append(
+                    _official_minibatch_loss(lg, target, is_mask, bi, answer_pos))
+                if bar is not None:
+                    bar.update(1)
+                continue
+            ce, argmax = F.cross_entropy(lg, target, reduction="none"), lg.argmax(-1)
+        else:
+            ce, argmax = _masked_ce(model, noisy, answer_pos, bi, ti, target, head_chunk=head_chunk,
+                                    want_argmax=check == "one_pass", **common)
+        ce = ce.double().cpu()
         row_ce = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, bi, ce)
         wrong = torch.zeros(len(chunk), dtype=torch.float64).index_add_(
-            0, bi, (lg.argmax(-1) != target).double().cpu()) if check == "one_pass" else None
+            0, bi, (argmax.cpu() != target.cpu()).double()) if check == "one_pass" else None
         for b, r in enumerate(chunk):
             i, m, mult = rows[r]
             if mult == 0:
@@ -741,7 +809,8 @@ class Scorer:
     ``logit_shift`` (the ``shift_logits`` default) from it. Diffusion only: ``cfg_scale`` (guided ELBO, the default
     of every call; each verb takes ``cfg_scale=`` for that call alone) and ``greedy_check`` (``"iterative"``,
     ``"one_pass"`` or ``"off"``; ``True`` = ``"iterative"``) and ``precision`` (``"float32"`` or ``"official"``,
-    the official computation bit for bit), see the module docstring. AR only:
+    the official computation bit for bit), see the module docstring, and ``head_chunk`` (the LM head on that many
+    scored rows at a time, :func:`diffusion_elbo_tokens`; part of the identity when set). AR only:
     ``share_context`` (default True) scores the requests sharing a context (multiple-choice items) from one
     forward pass of it when every rule of the call acts per token (``scope="token"``; other scopes and
     ``share_context=False`` take one pass per request; see :func:`ar_loglikelihood_tokens`).
@@ -773,6 +842,7 @@ class Scorer:
         progress: bool = False,
         precision: str = "float32",
         share_context: bool = True,
+        head_chunk: int | None = None,
     ):
         if kind not in ("ar", "diffusion"):
             raise ValueError(f"kind must be 'ar' or 'diffusion', got {kind!r}")
@@ -809,6 +879,10 @@ class Scorer:
                              "computes the exact log-likelihood (leave precision at 'float32')")
         self.dedupe, self.ratio_bins, self.progress = dedupe, ratio_bins, progress
         self.share_context = bool(share_context)
+        self.head_chunk = check_head_chunk(head_chunk)
+        if self.head_chunk is not None and (kind != "diffusion" or self.precision == "official"):
+            raise ValueError(f"head_chunk={head_chunk} chunks the LM head of the diffusion ELBO (precision 'float32'); "
+                             f"this scorer is kind={kind!r}, precision={self.precision!r}: leave head_chunk at None")
         self._sparsity = _as_configs(sparsity)
         self.stats = stats
 
@@ -843,6 +917,8 @@ class Scorer:
             est += f"/cfg{w!r}" if w > 0 else ""
             est += f"/greedy-{self.greedy_check}" if self.greedy_check != "off" else ""
             est += f"/precision-{self.precision}" if self.precision != "float32" else ""
+            # Row-chunked head products may round differently on some BLAS (kernel choice depends on the row count).
+            est += f"/head-chunk{self.head_chunk}" if self.head_chunk is not None else ""
         if self.kind == "ar" and not self.share_context:
             est += "/ctx-per-request"  # other float rounding than the shared context pass (the default)
         return f"{self.name}|{self.kind}|{sp}|{est}|bos{int(self.add_bos_token)}"
@@ -939,7 +1015,8 @@ class Scorer:
                 self.model, requests, mask_id=self.mask_id, mc_num=self.mc_num, mc_batch=self.mc_batch,
                 batch_size=max(self.batch_size, 1), seed=self.seed, keys=keys, shift_logits=self.shift_logits,
                 dedupe=self.dedupe, cfg_scale=cfg_scale, greedy_check=self.greedy_check, stats=stats,
-                ratio_bins=self.ratio_bins, progress=self.progress, precision=self.precision)
+                ratio_bins=self.ratio_bins, progress=self.progress, precision=self.precision,
+                head_chunk=self.head_chunk)
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]], keys: Sequence[Hashable] | None = None, *,
                       sparsity=SCORER_DEFAULT, stats=SCORER_DEFAULT,

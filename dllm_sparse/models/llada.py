@@ -66,11 +66,13 @@ __all__ = [
     "LLaDAConfig",
     "LLaDAModel",
     "LLaDAModelLM",
+    "IGNORED_FIELDS",
     "RMSNorm",
     "add_remote_code",
     "apply_rotary",
     "rotary_cos_sin",
     "tiny_llada_config",
+    "unread_fields",
 ]
 
 #: Id of ``<|mdm_mask|>`` in the LLaDA-8B tokenizer: the absorbing "masked" state of the diffusion process.
@@ -469,8 +471,41 @@ class LLaDABlock(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 
+#: Keys of the released ``config.json`` that this file does not read, with the values under which not reading them
+#: changes nothing (None: any value). ``init_*`` pick an initialiser, ``precision`` the training precision and
+#: ``flash_attention`` a kernel; ``alibi_bias_max`` and ``attention_layer_norm_with_affine`` only matter with ALiBi or
+#: QK-norm (refused below); ``multi_query_attention=True`` means one key/value head.
+IGNORED_FIELDS: dict[str, tuple | None] = {
+    "alibi_bias_max": None, "attention_layer_norm_with_affine": None, "flash_attention": None,
+    "init_cutoff_factor": None, "init_device": None, "init_fn": None, "precision": None,
+    "multi_query_attention": (None, False),
+}
+#: Bookkeeping keys of a saved config (transformers' own, the checkpoint's, peft's / this package's notes).
+_BOOKKEEPING = ("auto_map", "architectures", "transformers_version", "torch_dtype", "dtype", "model_type",
+                "_name_or_path", "_commit_hash", "_attn_implementation_autoset", "base_model_name_or_path")
+
+
+def unread_fields(config: LLaDAConfig) -> dict[str, object]:
+    """Fields of ``config`` that this file neither reads nor knows to be harmless (for instance ``rope_scaling``
+    or ``clip_qkv`` from another OLMo-derived model): a model built from it would silently compute something else.
+    Names starting with ``dllm_sparse`` are this package's own notes and are allowed."""
+    known = set(LLaDAConfig.__dataclass_fields__) | set(PretrainedConfig().to_dict()) | set(_BOOKKEEPING)
+    known |= set(LLaDAConfig.attribute_map)
+    out = {}
+    for key, value in config.to_dict().items():
+        if key in IGNORED_FIELDS:
+            allowed = IGNORED_FIELDS[key]
+            if allowed is not None and value not in allowed and not (key == "multi_query_attention"
+                                                                      and config.n_kv_heads == 1):
+                out[key] = value
+        elif key not in known and not key.startswith("dllm_sparse"):
+            out[key] = value
+    return out
+
+
 def _check_supported(config: LLaDAConfig) -> None:
-    """Refuse architecture variants of the original OLMo-derived code that this file does not implement."""
+    """Refuse architecture variants of the original OLMo-derived code that this file does not implement, and
+    fields it would silently ignore (:func:`unread_fields`)."""
     expected = {
         "block_type": "llama",
         "activation_type": "silu",
@@ -489,6 +524,13 @@ def _check_supported(config: LLaDAConfig) -> None:
             f"dllm_sparse.models.llada implements only the LLaDA-8B block layout ({expected}); this config has "
             f"{wrong}. Load it with the checkpoint's own code (trust_remote_code=True, without importing "
             "dllm_sparse.models.llada)."
+        )
+    unread = unread_fields(config)
+    if unread:
+        raise ValueError(
+            f"dllm_sparse.models.llada does not read the config field(s) {unread}: a model built from this config "
+            "would ignore them and compute something else. Remove them from config.json when they do not apply, or "
+            "load the checkpoint with its own code (trust_remote_code=True, its modelling file next to config.json)."
         )
     config.check_shapes()
 

