@@ -80,10 +80,10 @@ def critical_sparsity(points: Sequence[tuple[float, float]], threshold: float = 
 
     i = passing[-1]
     s1 = pts[i][0]
+    first_fail = next((j for j, (_, r) in enumerate(pts) if r < threshold), None)
+    first = s1 if first_fail is None else None if first_fail == 0 else crossing(first_fail - 1)
     if i + 1 >= len(pts):
-        return CriticalSparsity(s1, s1, False, len(pts), threshold, s1)
-    first_fail = next(j for j, (_, r) in enumerate(pts) if r < threshold)
-    first = None if first_fail == 0 else crossing(first_fail - 1)
+        return CriticalSparsity(s1, s1, False, len(pts), threshold, first)
     return CriticalSparsity(s1, crossing(i), True, len(pts), threshold, first)
 
 
