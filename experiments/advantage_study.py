@@ -74,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--search-rows", type=int, default=16,
                     help="held-out answers the calibration search runs on before the full check (default: 16)")
     ap.add_argument("--noise-seed", type=int, default=0, help="seed of the noise control's ε (default: 0)")
+    ap.add_argument("--sigma-max", type=float, default=1.0,
+                    help="upper end of the noise control's σ search range, in units of each matrix's rms "
+                         "(default: 1.0; the lower end is 1e-3)")
     ap.add_argument("--quant-group", type=int, default=32, help="group size of the quant control (default: 32)")
     ap.add_argument("--trajectory", nargs="*", default=[], metavar="LABEL=ADAPTER_DIR",
                     help="adapters of the twin's training to add to the trajectory (default: none; the converted "
@@ -110,6 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')} must be a whole number >= 1, got {getattr(args, name)}")
     if args.limit is not None and args.limit < 1:
         ap.error(f"--limit must be a whole number >= 1 (got {args.limit}); leave it out to use every item")
+    if not args.sigma_max > 1e-3:
+        ap.error(f"--sigma-max must be > 1e-3 (the lower end of the range), got {args.sigma_max}")
     if args.target_ppl is not None and not args.target_ppl > 0:
         ap.error(f"--target-ppl must be > 0 (got {args.target_ppl}); e.g. the twin's ELBO perplexity 31.5")
     traj = []
@@ -174,7 +179,7 @@ def main(argv=None) -> int:
     # 1. Controls, calibrated (or read back). Nothing is written before every calibration has succeeded.
     cal_identity = {"parent": args.ar_model, "parent_weights": parent_hash, "target": target,
                     "tolerance": args.tolerance, "heldout_rows": len(rows_held), "search_rows": args.search_rows,
-                    "noise_seed": args.noise_seed, "quant_group": args.quant_group}
+                    "noise_seed": args.noise_seed, "quant_group": args.quant_group, "sigma_max": args.sigma_max}
     cal_path = out / "calibration.json"
     calibrations = dict(_stored(cal_path, cal_identity, "calibrations") or {})
     from dllm_sparse.eval.heldout import Calibration
@@ -186,7 +191,8 @@ def main(argv=None) -> int:
         print(f"calibrating {method} to perplexity {target:.4g} ({target_source}) ...", flush=True)
         try:
             cal = calibrate(parent, method, target, rows_held, tolerance=args.tolerance,
-                            search_rows=args.search_rows, seed=args.noise_seed, group=args.quant_group)
+                            search_rows=args.search_rows, seed=args.noise_seed, group=args.quant_group,
+                            sigma_range=(1e-3, args.sigma_max))
         except CalibrationError as e:
             raise SystemExit(f"control {method!r} cannot be calibrated: {e}. Nothing of it was written.") from None
         calibrations[method] = {**cal.to_dict(), "seconds": time.perf_counter() - t}

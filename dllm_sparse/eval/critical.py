@@ -196,11 +196,13 @@ def _relative_replicates(boot, row: dict, metric: str | None):
 def critical_replicates(rows: Sequence[dict], boot, threshold: float = 0.99, metric: str | None = None,
                         cap: bool = True) -> dict[tuple[str, str, str], dict[str, np.ndarray]]:
     """Per (model, site, task) (and ``avg_curve``): the critical sparsity of every bootstrap replicate,
-    ``{"last_passing": [n_boot], "interpolated": [n_boot]}`` (NaN where no point passes). Curves with a point
+    ``{"last_passing": [n_boot], "interpolated": [n_boot], "first_crossing": [n_boot]}`` (NaN where no point
+    passes). Curves with a point
     that cannot be resampled are left out. Computed once per ``boot`` and settings (``Bootstrap.memo``)."""
     if rows is not boot.rows:  # other rows than the bootstrap's own: nothing to share
         return _critical_replicates(rows, boot, threshold, metric, cap)
-    return boot.memo(("critical", threshold, metric, cap),
+    metric_key = tuple(sorted(metric.items())) if isinstance(metric, dict) else metric
+    return boot.memo(("critical", threshold, metric_key, cap),
                      lambda: _critical_replicates(rows, boot, threshold, metric, cap))
 
 

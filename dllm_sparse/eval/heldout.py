@@ -157,10 +157,12 @@ def _noise(probe: _Probe, target: float, tol: float, aim: float, sigma_range, se
     f_lo, f_hi = f(lo), f(hi)
     if f_hi < 0:
         raise CalibrationError(f"noise range exhausted: the largest sigma {sigma_range[1]:g} gives perplexity "
-                               f"{target * math.exp(f_hi):.3g}, below the target {target:.3g}; raise sigma_range")
+                               f"{target * math.exp(f_hi):.3g}, below the target {target:.3g}; raise the upper end of "
+                               "sigma_range (--sigma-max)")
     if f_lo > 0:
         raise CalibrationError(f"noise too large already: the smallest sigma {sigma_range[0]:g} gives perplexity "
-                               f"{target * math.exp(f_lo):.3g}, above the target {target:.3g}; lower sigma_range")
+                               f"{target * math.exp(f_lo):.3g}, above the target {target:.3g}; lower the lower end of "
+                               "sigma_range")
     best = min(((lo, f_lo), (hi, f_hi)), key=lambda t: abs(t[1]))
     side = 0
     for _ in range(max_steps):
