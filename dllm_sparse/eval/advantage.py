@@ -216,10 +216,12 @@ def plot_advantage(table: Sequence[dict], trajectory: Mapping[str, dict], calibr
                 r = idx.get((name, site))
                 if r is None or r.get("interpolated") is None:
                     continue
+                v, v_lo, v_hi = r["interpolated"], r.get("interpolated_lo"), r.get("interpolated_hi")
                 xs.append(ppl)
-                ys.append(100 * r["interpolated"])
-                lo.append(100 * (r["interpolated"] - (r.get("interpolated_lo") or r["interpolated"])))
-                hi.append(100 * ((r.get("interpolated_hi") or r["interpolated"]) - r["interpolated"]))
+                ys.append(100 * v)
+                # A percentile interval need not contain the point estimate: the bar is clipped at the point.
+                lo.append(0.0 if v_lo is None else max(0.0, 100 * (v - v_lo)))
+                hi.append(0.0 if v_hi is None else max(0.0, 100 * (v_hi - v)))
             if xs:
                 ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, color=color, capsize=3, ms=5, label=label)
         ref = idx.get((parent, site))

@@ -186,10 +186,10 @@ def _noise(probe: _Probe, target: float, tol: float, aim: float, sigma_range, se
     return Degradation("noise", {"sigma": math.exp(best[0])}, seed)
 
 
-def _quant(probe: _Probe, target: float, group: int, full: bool) -> Degradation:
+def _quant(probe: _Probe, target: float, group: int, full: bool, start_bits: int = 8) -> Degradation:
     n_blocks = len(block_linears(probe.work.model))
     prev = None
-    for bits in range(8, 1, -1):  # every block at `bits`
+    for bits in range(start_bits, 1, -1):  # every block at `bits`
         p = probe.ppl(Degradation("quant", {"bits": bits, "k": n_blocks, "group": group}), full)
         if p >= target:
             break
@@ -210,6 +210,8 @@ def _quant(probe: _Probe, target: float, group: int, full: bool) -> Degradation:
         else:
             lo = mid
     k = min((lo, hi), key=lambda k: abs(math.log(scores[k] / target)))
+    if k == 0:  # no block at `bits`: say it as every block at bits + 1 (the same model, a plainer name)
+        return Degradation("quant", {"bits": bits + 1, "k": n_blocks, "group": group})
     return Degradation("quant", {"bits": bits, "k": k, "group": group})
 
 
@@ -239,7 +241,8 @@ def calibrate(lm, method: str, target: float, rows, *, tolerance: float = 0.15, 
     else:
         d = _quant(probe, target, group, full=False)
     ppl = probe.ppl(d, full=True)
-    if method == "noise" and abs(ppl / target - 1) > aim and len(probe.search) < len(rows):
+    refine = min(tolerance / 3, 0.05)  # refine on the full text when the subset's setting is off by more
+    if method == "noise" and abs(ppl / target - 1) > refine and len(probe.search) < len(rows):
         # The search subset and the full text disagree: refine on the full text, from the subset's sigma.
         s = d.params["sigma"]
         try:
@@ -248,7 +251,8 @@ def calibrate(lm, method: str, target: float, rows, *, tolerance: float = 0.15, 
             d = _noise(probe, target, tolerance, aim, sigma_range, seed, max_steps, full=True)
         ppl = probe.ppl(d, full=True)
     elif method == "quant" and abs(ppl / target - 1) > tolerance and len(probe.search) < len(rows):
-        d = _quant(probe, target, group, full=True)
+        # the bit search again on the full text, from one bit above the subset's setting
+        d = _quant(probe, target, group, full=True, start_bits=min(16, d.params["bits"] + 1))
         ppl = probe.ppl(d, full=True)
     cal = Calibration(d, target, ppl, tolerance, parent, len(rows), probe.steps)
     if not cal.within:

@@ -86,9 +86,8 @@ def plot_relative_performance(rows: Sequence[dict], out_dir: str | Path, task: s
                 if crit.interpolated is not None:
                     ax.axvline(100 * crit.interpolated, color=c, ls=":", lw=1)
                     if crit_ci is not None:
-                        ax.errorbar([100 * crit.interpolated], [threshold], xerr=[[100 * (crit.interpolated -
-                                    crit_ci[0])], [100 * (crit_ci[1] - crit.interpolated)]], color=c, capsize=3,
-                                    lw=1.2, zorder=4)
+                        ax.errorbar([100 * crit.interpolated], [threshold], xerr=_bar(crit.interpolated, crit_ci),
+                                    color=c, capsize=3, lw=1.2, zorder=4)
                     ax.plot([100 * crit.interpolated], [threshold], marker="*", color=c, ms=11, mec="black",
                             mew=0.5, zorder=5)
                 first = crit.first_crossing
@@ -97,9 +96,8 @@ def plot_relative_performance(rows: Sequence[dict], out_dir: str | Path, task: s
                     first_ci = (boot.interval(crit_reps[(model, site, task)]["first_crossing"])
                                 if (model, site, task) in crit_reps else None)
                     if first_ci is not None:
-                        ax.errorbar([100 * first], [threshold], xerr=[[100 * (first - first_ci[0])],
-                                    [100 * (first_ci[1] - first)]], color=c, capsize=2, lw=0.8, ls="none",
-                                    zorder=4)
+                        ax.errorbar([100 * first], [threshold], xerr=_bar(first, first_ci), color=c, capsize=2,
+                                    lw=0.8, ls="none", zorder=4)
                     ax.plot([100 * first], [threshold], marker="v", color=c, ms=7, mec="black", mew=0.5, zorder=5)
         for ax in axes[:, col]:
             ax.axhline(threshold, color="grey", ls="--", lw=1)
@@ -119,6 +117,12 @@ def plot_relative_performance(rows: Sequence[dict], out_dir: str | Path, task: s
                  fontsize=10)
     fig.tight_layout()
     return save_figure(fig, Path(out_dir) / f"relative_performance_{task}")
+
+
+def _bar(value: float, ci: tuple[float, float]) -> list[list[float]]:
+    """Error-bar extents (in %) of ``ci`` around ``value``; a percentile interval need not contain the point
+    estimate (few items, a step-like curve), and the bar is then clipped at the point."""
+    return [[max(0.0, 100 * (value - ci[0]))], [max(0.0, 100 * (ci[1] - value))]]
 
 
 def plot_layer_heatmaps(rows: Sequence[dict], out_dir: str | Path, task: str = AVG_CURVE) -> list[Path]:
