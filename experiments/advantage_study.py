@@ -165,6 +165,14 @@ def main(argv=None) -> int:
     from dllm_sparse.models.twin import adapted_twin, untrained_twin
 
     out = Path(args.output_dir)
+    if args.twin == DEFAULT_TWIN:  # the embedded twin says which base it was trained from
+        from dllm_sparse.models.adapt import read_adapter_meta
+        from dllm_sparse.models.twin import SMOLLM2_MDM_ADAPTER
+
+        base = read_adapter_meta(SMOLLM2_MDM_ADAPTER).get("base")
+        if base != args.ar_model:
+            raise SystemExit(f"--twin {DEFAULT_TWIN} was trained from {base!r}, not from --ar-model "
+                             f"{args.ar_model!r}: the controls must degrade the twin's own parent")
     phases: dict[str, float] = {}
     target, target_source = (args.target_ppl, "--target-ppl") if args.target_ppl else model_card_target()
     target = check_target(target)

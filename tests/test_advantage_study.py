@@ -155,6 +155,13 @@ def test_a_trajectory_adapter_of_another_base_is_refused_before_the_sweep(tiny_p
     assert not (out / "rows.jsonl").exists()
 
 
+def test_the_embedded_twin_with_another_parent_is_refused(tiny_pair, tmp_path):
+    out = tmp_path / "study"
+    with pytest.raises(SystemExit, match="was trained from 'smollm2-135m', not from --ar-model"):
+        _script().main(["--smoke", "--ar-model", str(tiny_pair[0]), "--output-dir", str(out)])
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_smoke_run_on_the_embedded_pair(tmp_path):
     out = tmp_path / "smoke"
