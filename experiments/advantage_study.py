@@ -154,7 +154,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     import dllm_sparse  # noqa: F401  (registers the embedded models)
     from dllm_sparse.eval.advantage import comparisons_markdown, plot_advantage, site_comparisons, study_report
-    from dllm_sparse.eval.critical import critical_replicates, critical_table, markdown_report, write_critical
+    from dllm_sparse.eval.critical import (
+        critical_replicates,
+        critical_table,
+        markdown_report,
+        model_differences,
+        write_critical,
+    )
     from dllm_sparse.eval.heldout import CalibrationError, calibrate, check_target, heldout_answers, heldout_perplexity
     from dllm_sparse.eval.identity import weights_hash
     from dllm_sparse.eval.plots import plot_relative_performance
@@ -267,12 +273,13 @@ def main(argv=None) -> int:
     boot = paths["bootstrap"]
     margin = {"builtin_mc": "margin"} if "builtin_mc" in args.tasks else None
     table_m = critical_table(rows, metric=margin, boot=boot) if margin else []
-    if margin:
-        atomic_write_text(out / "critical_sparsity_margin.md",
-                          markdown_report(table_m, boot=boot).replace(
-                              "# Critical sparsity", "# Critical sparsity with the margin metric on builtin_mc", 1))
     reps = critical_replicates(rows, boot)
     reps_m = critical_replicates(rows, boot, metric=margin) if margin else {}
+    if margin:
+        kinds = {r["model"]: r.get("kind", "") for r in rows}
+        atomic_write_text(out / "critical_sparsity_margin.md",
+                          markdown_report(table_m, boot=boot, diffs=model_differences(reps_m, kinds, boot)).replace(
+                              "# Critical sparsity", "# Critical sparsity with the margin metric on builtin_mc", 1))
     valid = {name: cal.within for name, (_, cal) in controls.items()}
     labels = {name: name.split("+", 1)[1].split(":")[0] for name in controls}
     kw = {"twin": twin.name, "parent": parent.name, "controls": valid}
