@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     parent_hash = weights_hash(parent.model)
     phases["loading the parent"] = time.perf_counter() - t
 
-    # 1. Controls, calibrated (or read back). Nothing is written before every calibration has succeeded.
+    # 1. Controls, calibrated (or read back), each stored as soon as it has succeeded.
     cal_identity = {"parent": args.ar_model, "parent_weights": parent_hash, "target": target,
                     "tolerance": args.tolerance, "heldout_rows": len(rows_held), "search_rows": args.search_rows,
                     "noise_seed": args.noise_seed, "quant_group": args.quant_group, "sigma_max": args.sigma_max}
@@ -211,6 +211,11 @@ def main(argv=None) -> int:
             raise SystemExit(f"control {method!r} cannot be calibrated: {e}. Nothing of it was written.") from None
         calibrations[method] = {**cal.to_dict(), "seconds": time.perf_counter() - t}
         phases[f"calibrating {method}"] = time.perf_counter() - t
+        # Kept at once (a complete entry; a kill in the next calibration does not lose this one). A control that
+        # failed above wrote nothing, and a fresh folder is made only once a calibration has succeeded.
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cal_path, {"identity": cal_identity, "target_source": target_source,
+                                     "entries": calibrations})
         print(f"  {cal.degradation.id}: perplexity {cal.ppl:.4g} ({100 * (cal.ppl / target - 1):+.1f} % from the "
               f"target; parent {cal.parent_ppl:.4g}) in {len(cal.steps)} evaluations", flush=True)
     out.mkdir(parents=True, exist_ok=True)

@@ -125,6 +125,24 @@ def test_an_unreachable_target_stops_the_study_and_leaves_no_folder(tiny_pair, t
     assert not out.exists()
 
 
+def test_a_failing_second_control_keeps_the_first_and_writes_nothing_of_itself(tiny_pair, tmp_path, monkeypatch):
+    import dllm_sparse.eval.heldout as heldout
+
+    real = heldout.calibrate
+
+    def calibrate(lm, method, *a, **k):
+        if method == "quant":
+            raise heldout.CalibrationError("quantisation too mild (forced by the test)")
+        return real(lm, method, *a, **k)
+
+    monkeypatch.setattr(heldout, "calibrate", calibrate)
+    out = tmp_path / "study"
+    with pytest.raises(SystemExit, match="control 'quant' cannot be calibrated: quantisation too mild"):
+        _script().main(_args(tiny_pair, out, "--target-ppl", str(_target(tiny_pair))))
+    assert sorted(p.name for p in out.iterdir()) == ["calibration.json"]
+    assert set(json.loads((out / "calibration.json").read_text())["entries"]) == {"noise"}
+
+
 @pytest.mark.parametrize("flag, value, match", [("--target-ppl", "0", "--target-ppl must be > 0"),
                                                 ("--target-ppl", "-2", "--target-ppl must be > 0"),
                                                 ("--heldout-rows", "0", "--heldout-rows must be"),
