@@ -285,6 +285,8 @@ def test_calibration_reaches_the_target_and_its_perplexity_is_the_degraded_model
         assert "too mild" in str(e) or "closest setting" in str(e)
         return
     assert cal.within and abs(cal.ppl / target - 1) <= 0.15
+    assert len({(st["setting"], st["answers"]) for st in cal.steps}) == len(cal.steps)  # nothing evaluated twice
+    assert {"setting": cal.degradation.id, "ppl": cal.ppl, "answers": len(rows)} in cal.steps
     assert cal.parent_ppl == pytest.approx(parent, rel=1e-5)
     weak = degraded_copy(tiny_parent, cal.degradation)
     assert _reference_ppl(weak.model, rows) == pytest.approx(cal.ppl, rel=1e-5)  # the setting reproduces it

@@ -128,6 +128,7 @@ class _Probe:
         self.rows, self.search = rows, rows[:search_rows]
         self.batch_size, self.seed = batch_size, seed
         self._noise = None
+        self._seen: dict[tuple[str, bool], float] = {}
         self.steps: list[dict] = []
 
     def noise(self):
@@ -137,6 +138,10 @@ class _Probe:
 
     @torch.no_grad()
     def ppl(self, d: Degradation, full: bool = False) -> float:
+        """The perplexity of the parent under ``d`` on the search rows (or all rows); each setting computed once."""
+        key = (d.id, full)
+        if key in self._seen:
+            return self._seen[key]
         for i, ls in enumerate(block_linears(self.work.model)):
             for n, lin in ls:
                 lin.weight.copy_(self.original[(i, n)])
@@ -144,6 +149,7 @@ class _Probe:
         rows = self.rows if full else self.search
         p = heldout_perplexity(self.work, rows, batch_size=self.batch_size)
         self.steps.append({"setting": d.id, "ppl": p, "answers": len(rows)})
+        self._seen[key] = p
         return p
 
 
