@@ -183,7 +183,7 @@ def heldout_loss(trainable, rows, mask_id, args, accelerator) -> float:
 # ---- checkpoints ------------------------------------------------------------------------------------------------
 
 # Settings that may change between resumes of one run: the budget (train further) and checkpoint cadence.
-_RESUMABLE = {"minutes", "max_steps", "ckpt_minutes", "export", "run_dir"}
+_RESUMABLE = {"minutes", "max_steps", "ckpt_minutes", "export", "run_dir", "save_adapter_every"}
 
 
 def resume_settings(args, source: str, train_rows: list) -> dict:
@@ -296,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-steps", type=int, default=_NO_STEP_LIMIT,
                     help="stop after this many steps (and schedule the learning rate by steps)")
     ap.add_argument("--ckpt-minutes", type=float, default=5.0, help="minutes between checkpoints (default: 5)")
+    ap.add_argument("--save-adapter-every", type=int, default=0,
+                    help="also save the adapter every N steps to <run-dir>/adapters/step-<N> (the training "
+                         "trajectory of experiments/advantage_study.py; default: 0 = never)")
     ap.add_argument("--batch-size", type=int, default=8, help="rows per step (default: 8)")
     ap.add_argument("--lr", type=float, default=5e-4, help="learning rate (default: 5e-4)")
     ap.add_argument("--mask-lr", type=float, default=1e-3, help="learning rate of the mask-row delta")
@@ -408,6 +411,8 @@ def main(argv: list[str] | None = None) -> None:
             accelerator.print(f"step {state['step']} loss {sum(recent) / len(recent):.3f} lr {lr:.2e} {dt:.2f}s/step "
                               f"tokens {state['tokens']} elapsed {state['elapsed']:.0f}s")
         done = state["elapsed"] >= budget or state["step"] >= args.max_steps
+        if args.save_adapter_every and state["step"] % args.save_adapter_every == 0 and accelerator.is_main_process:
+            save_step_adapter(args, unwrapped, mask_id, run_dir / "adapters" / f"step-{state['step']}", state)
         want_ckpt = torch.tensor(float(time.time() - t_last_ckpt > args.ckpt_minutes * 60), device=accelerator.device)
         if done or float(accelerator.reduce(want_ckpt, "max")):
             state["heldout"].append({"step": state["step"],
@@ -422,19 +427,39 @@ def main(argv: list[str] | None = None) -> None:
         export(args, unwrapped, mask_id, state, source, len(train_rows), len(held_rows), world)
 
 
+def _adapter_meta(args, trainable, mask_id) -> dict:
+    from dllm_sparse.models.adapt import MASK_TOKEN, adapter_bytes
+
+    return {"base": args.base, "conversion": "dllm_sparse.models.adapt.convert_causal_lm", "logit_shift": True,
+            "mask_token": MASK_TOKEN, "mask_token_id": mask_id,
+            "estimated_bytes": adapter_bytes(trainable.get_base_model().config, args.r)}
+
+
+def save_step_adapter(args, trainable, mask_id, out: Path, state) -> None:
+    """An adapter of the run so far (the same files as --export writes, plus the step and tokens seen), written
+    to a temporary folder and renamed, so a kill never leaves half an adapter."""
+    if args.full:
+        raise SystemExit("--save-adapter-every saves LoRA adapters; it does not apply to --full")
+    import shutil
+
+    from dllm_sparse.models.adapt import save_adapter
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(tmp, trainable, {**_adapter_meta(args, trainable, mask_id), "step": state["step"],
+                                  "tokens": state["tokens"], "elapsed_s": round(state["elapsed"], 1)})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
 def export(args, trainable, mask_id, state, source, n_train, n_held, world) -> None:
     out = args.export
     out.mkdir(parents=True, exist_ok=True)
     if args.full:
         raise SystemExit("--export writes a LoRA adapter; with --full save the model with save_pretrained instead")
-    from dllm_sparse.models.adapt import MASK_TOKEN, adapter_bytes, save_adapter
+    from dllm_sparse.models.adapt import save_adapter
 
-    meta = {
-        "base": args.base, "conversion": "dllm_sparse.models.adapt.convert_causal_lm", "logit_shift": True,
-        "mask_token": MASK_TOKEN, "mask_token_id": mask_id,
-        "estimated_bytes": adapter_bytes(trainable.get_base_model().config, args.r),
-    }
-    meta = save_adapter(out, trainable, meta)
+    meta = save_adapter(out, trainable, _adapter_meta(args, trainable, mask_id))
     log = {
         "source": source, "train_rows": n_train, "heldout_rows": n_held,
         "steps": state["step"], "wall_s": round(state["elapsed"], 1), "tokens": state["tokens"],

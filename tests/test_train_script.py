@@ -82,6 +82,26 @@ def test_train_export_is_a_peft_adapter_that_merges_to_the_trained_model(tiny_ba
                                   untrained.get_input_embeddings().weight[mask_id])
 
 
+def test_save_adapter_every_writes_the_trajectory_and_its_last_point_is_the_export(tiny_base, text_rows, tmp_path):
+    from safetensors.torch import load_file
+
+    from dllm_sparse.models.adapt import read_adapter_meta
+
+    run, out = tmp_path / "run", tmp_path / "adapter"
+    _script().main(_args(tiny_base, text_rows, run, "--max-steps", "4", "--save-adapter-every", "2",
+                         "--export", str(out)))
+    saved = sorted(p.name for p in (run / "adapters").iterdir())
+    assert saved == ["step-2", "step-4"]  # no temporary folder left behind
+    metas = [read_adapter_meta(run / "adapters" / n) for n in saved]
+    assert [m["step"] for m in metas] == [2, 4] and metas[0]["tokens"] < metas[1]["tokens"]
+    last, first = (load_file(run / "adapters" / n / "adapter_model.safetensors") for n in ("step-4", "step-2"))
+    exported = load_file(out / "adapter_model.safetensors")
+    assert set(last) == set(exported)
+    for k in exported:
+        torch.testing.assert_close(last[k], exported[k], rtol=0, atol=0)
+    assert any(not torch.equal(first[k], last[k]) for k in last), "step 2 and step 4 adapters are the same"
+
+
 def test_resume_continues_and_refuses_other_settings(tiny_base, text_rows, tmp_path):
     run = tmp_path / "run"
     _script().main(_args(tiny_base, text_rows, run, "--max-steps", "2"))

@@ -25,8 +25,10 @@ has such an undefined point is left out whole (not computed from the remaining p
 the interval says so: ``*_replicates`` in the critical-sparsity records, ``replicates`` in the model differences,
 ``(k/n replicates)`` after the interval in the Markdown tables, and a warning.
 
-Metrics that can be resampled: ``acc``, ``acc_norm`` (mean of 0/1 per item) and ``ppl`` / ``nll_per_token``
-(exp of minus the summed log-likelihood over the summed token counts). Rows without per-item scores (lm-eval
+Metrics that can be resampled: ``acc``, ``acc_norm`` (mean of 0/1 per item), ``margin`` (mean of the per-item
+log-probability margin, :func:`dllm_sparse.eval.tasks.choice_margin`; its relative performance is defined only
+where the dense margin of the drawn items is > 0) and ``ppl`` / ``nll_per_token`` (exp of minus the summed
+log-likelihood over the summed token counts). Rows without per-item scores (lm-eval
 tasks other than the built-in ones, folders written by older versions) get no interval, and every aggregate that
 needs them says ``None``.
 """
@@ -45,7 +47,7 @@ from dllm_sparse.sparsity.config import DENSE
 __all__ = ["item_scores", "Bootstrap", "RESAMPLABLE", "percentile_interval", "finite_count", "replicates_note"]
 
 #: Metrics whose value can be recomputed from per-item scores.
-RESAMPLABLE = ("acc", "acc_norm", "ppl", "nll_per_token")
+RESAMPLABLE = ("acc", "acc_norm", "margin", "ppl", "nll_per_token")
 
 
 def item_scores(details: Sequence[dict]) -> dict | None:
@@ -55,9 +57,12 @@ def item_scores(details: Sequence[dict]) -> dict | None:
     if not details:
         return None
     if all("pred" in d and "gold" in d for d in details):
-        return {"ids": [str(d["id"]) for d in details],
-                "acc": [int(d["pred"] == d["gold"]) for d in details],
-                "acc_norm": [int(d.get("pred_norm", d["pred"]) == d["gold"]) for d in details]}
+        out = {"ids": [str(d["id"]) for d in details],
+               "acc": [int(d["pred"] == d["gold"]) for d in details],
+               "acc_norm": [int(d.get("pred_norm", d["pred"]) == d["gold"]) for d in details]}
+        if all("margin" in d for d in details):
+            out["margin"] = [float(d["margin"]) for d in details]
+        return out
     if all("ll" in d and "tokens" in d for d in details):
         return {"ids": [str(d["id"]) for d in details], "ll": [float(d["ll"]) for d in details],
                 "tokens": [int(d["tokens"]) for d in details]}
@@ -67,7 +72,7 @@ def item_scores(details: Sequence[dict]) -> dict | None:
 def _metric_replicates(items: dict, metric: str, weights: np.ndarray) -> np.ndarray | None:
     """The metric under each replicate's item counts ``weights`` [B, n]; None when it cannot be resampled."""
     n = len(items["ids"])
-    if metric in ("acc", "acc_norm") and metric in items:
+    if metric in ("acc", "acc_norm", "margin") and metric in items:
         return weights @ np.asarray(items[metric], dtype=np.float64) / n
     if metric in ("ppl", "nll_per_token") and "ll" in items:
         nll = -(weights @ np.asarray(items["ll"], dtype=np.float64)) / np.maximum(
@@ -76,8 +81,11 @@ def _metric_replicates(items: dict, metric: str, weights: np.ndarray) -> np.ndar
     return None
 
 
-def _relative(value: np.ndarray, dense: np.ndarray, higher_is_better: bool) -> np.ndarray:
+def _relative(value: np.ndarray, dense: np.ndarray, higher_is_better: bool,
+              positive_dense: bool = False) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
+        if positive_dense:  # a margin: "fraction kept" only of a positive dense margin
+            return np.where(dense > 0, value / np.where(dense > 0, dense, 1.0), np.nan)
         if higher_is_better:
             # 0/0: both wrong on every drawn item, nothing was lost (as relative_performance says for 0 == 0).
             return np.where(dense != 0, value / np.where(dense != 0, dense, 1.0), np.where(value == 0, 1.0, np.nan))
@@ -163,26 +171,33 @@ class Bootstrap:
         """[n_boot, n_items] multinomial item counts of every replicate of ``task`` (None: not resampled)."""
         return self._weights.get(task)
 
-    def metric(self, row: dict) -> np.ndarray | None:
-        """[n_boot] replicates of the row's primary metric; None when it cannot be resampled."""
-        key = row.get("key") or id(row)
+    def metric(self, row: dict, metric: str | None = None) -> np.ndarray | None:
+        """[n_boot] replicates of the row's primary metric (or of ``metric``); None when it cannot be
+        resampled."""
+        metric = metric or row["metric"]
+        key = (row.get("key") or id(row), metric)
         if key not in self._cache:
             w, items = self._weights.get(row["task"]), row.get("items")
-            self._cache[key] = None if w is None or not items else _metric_replicates(items, row["metric"], w)
+            self._cache[key] = None if w is None or not items else _metric_replicates(items, metric, w)
         return self._cache[key]
 
-    def relative(self, row: dict) -> np.ndarray | None:
-        """[n_boot] replicates of the row's relative performance (the same items in the row and its dense row)."""
+    def relative(self, row: dict, metric: str | None = None) -> np.ndarray | None:
+        """[n_boot] replicates of the row's relative performance in its primary metric (or in ``metric``), the
+        same items in the row and its dense row."""
+        from dllm_sparse.eval.tasks import POSITIVE_DENSE_METRICS
+
+        metric = metric or row["metric"]
         if row["site"] == DENSE:
             w = self._weights.get(row["task"])
             return None if w is None else np.ones(self.n_boot)
         dense = self._dense.get((row["model"], row["task"]))
         if dense is None:
             return None
-        v, d = self.metric(row), self.metric(dense)
+        v, d = self.metric(row, metric), self.metric(dense, metric)
         if v is None or d is None:
             return None
-        return _relative(v, d, row.get("higher_is_better", True))
+        hib = (row.get("higher_is_better_all") or {}).get(metric, row.get("higher_is_better", True))
+        return _relative(v, d, hib, metric in POSITIVE_DENSE_METRICS)
 
     def relative_interval(self, row: dict) -> tuple[float, float] | None:
         """The percentile interval of :meth:`relative`; warns when some replicates have no value (their drawn

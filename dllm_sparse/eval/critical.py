@@ -9,6 +9,11 @@ reported and always labelled:
 * ``interpolated``: linear interpolation, on measured sparsity, between that point and the next grid point
   (in measured sparsity), which fails: s* = s1 + (r1 − 0.99)·(s2 − s1)/(r1 − r2). When no grid point fails
   the curve is not bracketed and ``interpolated`` = ``last_passing`` (a lower bound, shown with "≥").
+* ``first_crossing``: where the curve, followed from dense towards sparse (increasing measured sparsity), first
+  falls below 0.99: the same interpolation between the first failing point and the point before it. On a
+  monotone curve it equals ``interpolated``; on a non-monotone one (a dip below 0.99 and a recovery) it lies
+  below it. None when the first point already fails; = ``interpolated`` when no point fails. The paper's
+  definition is the highest passing one (``interpolated``); this one says how much a claim depends on a dip.
 
 Per (model, site, task), and over tasks in two ways: ``avg_curve`` (critical sparsity of the task-averaged
 curve: at each threshold, the mean over tasks of the relative performance and the mean measured sparsity; this
@@ -38,10 +43,12 @@ from dllm_sparse.sparsity.config import DENSE
 __all__ = [
     "CriticalSparsity", "critical_sparsity", "curves", "critical_table", "markdown_table", "write_critical",
     "SITE_ORDER", "AVG_CURVE", "MEAN_OF_TASKS", "ordered_sites", "point_replicates", "critical_replicates",
-    "model_differences", "differences_markdown", "CSV_FIELDS",
+    "model_differences", "differences_markdown", "CSV_FIELDS", "VARIANTS", "metric_for",
 ]
 
 SITE_ORDER = ("intermediate", "input", "gate", "up")  # the paper's Table 1 column order
+#: The critical-sparsity values of a curve (module docstring), each with its interval.
+VARIANTS = ("interpolated", "last_passing", "first_crossing")
 AVG_CURVE = "avg_curve"
 MEAN_OF_TASKS = "mean_of_tasks"
 
@@ -53,6 +60,7 @@ class CriticalSparsity:
     bracketed: bool  # a failing point lies beyond the last passing one (else the values are lower bounds)
     n_points: int
     threshold: float = 0.99
+    first_crossing: float | None = None  # interpolated first fall below the threshold (module docstring)
 
 
 def _finite(x) -> bool:
@@ -65,13 +73,18 @@ def critical_sparsity(points: Sequence[tuple[float, float]], threshold: float = 
     passing = [i for i, (_, r) in enumerate(pts) if r >= threshold]
     if not passing:
         return CriticalSparsity(None, None, False, len(pts), threshold)
+
+    def crossing(i: int) -> float:  # between passing point i and failing point i + 1
+        (s1, r1), (s2, r2) = pts[i], pts[i + 1]
+        return s1 + (r1 - threshold) * (s2 - s1) / (r1 - r2) if r1 != r2 else s1
+
     i = passing[-1]
-    s1, r1 = pts[i]
+    s1 = pts[i][0]
+    first_fail = next((j for j, (_, r) in enumerate(pts) if r < threshold), None)
+    first = s1 if first_fail is None else None if first_fail == 0 else crossing(first_fail - 1)
     if i + 1 >= len(pts):
-        return CriticalSparsity(s1, s1, False, len(pts), threshold)
-    s2, r2 = pts[i + 1]  # fails, since i is the last passing index
-    interp = s1 + (r1 - threshold) * (s2 - s1) / (r1 - r2) if r1 != r2 else s1
-    return CriticalSparsity(s1, interp, True, len(pts), threshold)
+        return CriticalSparsity(s1, s1, False, len(pts), threshold, first)
+    return CriticalSparsity(s1, crossing(i), True, len(pts), threshold, first)
 
 
 def _dense_to_sparse(rule: str | None, threshold: float) -> float:
@@ -83,17 +96,25 @@ def _dense_to_sparse(rule: str | None, threshold: float) -> float:
     return -threshold if cls is None or cls.denser_when_larger else threshold
 
 
-def curves(rows: Sequence[dict], metric: str | None = None,
+def metric_for(metric: str | dict[str, str] | None, task: str) -> str | None:
+    """The metric a task's curve uses: ``metric`` (one name for every task), ``metric[task]`` (a {task: name}
+    dict; tasks not in it keep their primary metric), or None (each row's primary metric)."""
+    return metric.get(task) if isinstance(metric, dict) else metric
+
+
+def curves(rows: Sequence[dict], metric: str | dict[str, str] | None = None,
            cap: bool = True) -> dict[tuple[str, str, str], list[dict]]:
     """{(model, site, task): [points]} with points {p, sparsity, relative, per_layer}; adds the task-averaged
     curve under task ``avg_curve`` (each task's relative performance capped at 1 first unless ``cap=False``; see
-    the module docstring). ``metric``: use another metric than each row's primary one."""
+    the module docstring). ``metric``: use another metric than each row's primary one (:func:`metric_for`: one
+    name, or a {task: name} dict such as ``{"builtin_mc": "margin"}``)."""
     dense = {(r["model"], r["task"]): r for r in rows if r["site"] == DENSE}
     out: dict[tuple[str, str, str], list[dict]] = {}
     for r in rows:
         if r["site"] == DENSE:
             continue
-        rel = r.get("relative_performance") if metric is None else (r.get("relative") or {}).get(metric)
+        m = metric_for(metric, r["task"])
+        rel = r.get("relative_performance") if m is None else (r.get("relative") or {}).get(m)
         if rel is None or r.get("sparsity") is None:
             continue
         out.setdefault((r["model"], r["site"], r["task"]), []).append(
@@ -136,7 +157,7 @@ def point_replicates(rows: Sequence[dict], boot, metric: str | None = None,
     """Bootstrap replicates ([n_boot] relative performances) of every point of :func:`curves`, in the same
     order, with the point's fixed measured sparsity: ``{(model, site, task): [(sparsity, replicates) | None]}``.
     The task-averaged curve's points average the tasks' capped replicates of the same draw. None: a point
-    without per-item scores (or ``metric`` is not the rows' primary one, which is not resampled)."""
+    without per-item scores of its metric (:data:`~dllm_sparse.eval.bootstrap.RESAMPLABLE` metrics only)."""
     by_key = {r["key"]: r for r in rows if r.get("key") is not None}
     out: dict[tuple[str, str, str], list] = {}
     cv = curves(rows, metric, cap)
@@ -146,7 +167,7 @@ def point_replicates(rows: Sequence[dict], boot, metric: str | None = None,
         reps = []
         for pt in pts:
             row = by_key.get(pt["key"])
-            rep = None if metric is not None or row is None else boot.relative(row)
+            rep = None if row is None else _relative_replicates(boot, row, metric_for(metric, task))
             reps.append(None if rep is None else (pt["sparsity"], rep))
         out[(model, site, task)] = reps
     for (model, site, task), pts in cv.items():
@@ -157,21 +178,31 @@ def point_replicates(rows: Sequence[dict], boot, metric: str | None = None,
             per_task = []
             for key in pt["keys"]:
                 row = by_key.get(key)
-                rep = None if metric is not None or row is None else boot.relative(row)
+                rep = None if row is None else _relative_replicates(boot, row, metric_for(metric, row["task"]))
                 per_task.append(None if rep is None else (np.minimum(rep, 1.0) if cap else rep))
             reps.append(None if any(r is None for r in per_task) else (pt["sparsity"], np.mean(per_task, axis=0)))
         out[(model, site, task)] = reps
     return out
 
 
+def _relative_replicates(boot, row: dict, metric: str | None):
+    from dllm_sparse.eval.bootstrap import RESAMPLABLE
+
+    if metric is not None and metric not in RESAMPLABLE:
+        return None
+    return boot.relative(row, metric)
+
+
 def critical_replicates(rows: Sequence[dict], boot, threshold: float = 0.99, metric: str | None = None,
                         cap: bool = True) -> dict[tuple[str, str, str], dict[str, np.ndarray]]:
     """Per (model, site, task) (and ``avg_curve``): the critical sparsity of every bootstrap replicate,
-    ``{"last_passing": [n_boot], "interpolated": [n_boot]}`` (NaN where no point passes). Curves with a point
+    ``{"last_passing": [n_boot], "interpolated": [n_boot], "first_crossing": [n_boot]}`` (NaN where no point
+    passes). Curves with a point
     that cannot be resampled are left out. Computed once per ``boot`` and settings (``Bootstrap.memo``)."""
     if rows is not boot.rows:  # other rows than the bootstrap's own: nothing to share
         return _critical_replicates(rows, boot, threshold, metric, cap)
-    return boot.memo(("critical", threshold, metric, cap),
+    metric_key = tuple(sorted(metric.items())) if isinstance(metric, dict) else metric
+    return boot.memo(("critical", threshold, metric_key, cap),
                      lambda: _critical_replicates(rows, boot, threshold, metric, cap))
 
 
@@ -182,14 +213,15 @@ def _critical_replicates(rows, boot, threshold, metric, cap) -> dict:
             continue
         xs = [s for s, _ in reps]
         ys = np.stack([rep for _, rep in reps], axis=1)  # [n_boot, points]
-        last, interp = np.full(len(ys), np.nan), np.full(len(ys), np.nan)
+        last, interp, first = (np.full(len(ys), np.nan) for _ in range(3))
         for b, row in enumerate(ys):
             if not np.isfinite(row).all():  # an undefined point (dense 0 on the drawn items): no value, counted
                 continue
             c = critical_sparsity(list(zip(xs, row.tolist(), strict=True)), threshold)
             last[b] = np.nan if c.last_passing is None else c.last_passing
             interp[b] = np.nan if c.interpolated is None else c.interpolated
-        out[key] = {"last_passing": last, "interpolated": interp}
+            first[b] = np.nan if c.first_crossing is None else c.first_crossing
+        out[key] = {"last_passing": last, "interpolated": interp, "first_crossing": first}
     return out
 
 
@@ -251,10 +283,11 @@ def critical_table(rows: Sequence[dict], threshold: float = 0.99, metric: str | 
     for (model, site), cs in sorted(per_ms.items()):
         rs = per_ms_reps[(model, site)]
         mean_reps = None if any(r is None for r in rs) else {
-            v: np.mean([r[v] for r in rs], axis=0) for v in ("last_passing", "interpolated")}
+            v: np.mean([r[v] for r in rs], axis=0) for v in VARIANTS}
         table.append({"model": model, "kind": kinds.get(model, ""), "site": site, "task": MEAN_OF_TASKS,
                       "last_passing": mean([c.last_passing for c in cs]),
                       "interpolated": mean([c.interpolated for c in cs]),
+                      "first_crossing": mean([c.first_crossing for c in cs]),
                       "bracketed": all(c.bracketed for c in cs), "n_points": sum(c.n_points for c in cs),
                       "threshold": threshold, **_intervals(mean_reps, boot)})
     _warn_dropped(table)
@@ -269,7 +302,7 @@ def _intervals(reps: dict | None, boot) -> dict:
     """The percentile intervals of a record and how many replicates each comes from (``*_replicates``, of
     ``replicates_drawn``)."""
     out = {}
-    for v in ("interpolated", "last_passing"):
+    for v in VARIANTS:
         ci = None if reps is None or boot is None else boot.interval(reps[v])
         out[f"{v}_lo"], out[f"{v}_hi"] = (None, None) if ci is None else ci
         out[f"{v}_replicates"] = None if reps is None or boot is None else finite_count(reps[v])
@@ -345,7 +378,7 @@ def markdown_report(table: Sequence[dict], threshold: float = 0.99, cap: bool = 
                f" Brackets: {100 * boot.level:g} % paired bootstrap interval over items ({boot.n_boot} replicates, "
                f"seed {boot.seed}; items per task: {boot.describe()['items']}).")
     dropped = any(replicates_note(r.get(f"{v}_replicates"), r.get("replicates_drawn"))
-                  for r in table for v in ("interpolated", "last_passing"))
+                  for r in table for v in VARIANTS)
     dropped |= any(replicates_note(d.get("replicates"), d.get("replicates_drawn")) for d in diffs)
     if dropped:
         ci_note += f" '(k/n replicates)': that interval comes from the k of n replicates with a value; {_WHY_NO_VALUE}."
@@ -367,6 +400,11 @@ def markdown_report(table: Sequence[dict], threshold: float = 0.99, cap: bool = 
         "",
         markdown_table(table, AVG_CURVE, "last_passing"),
         "",
+        f"## First crossing (interpolated where the curve first falls below {threshold:g}, from dense towards "
+        "sparse; equals the interpolated value on a monotone curve)",
+        "",
+        markdown_table(table, AVG_CURVE, "first_crossing"),
+        "",
     ]
     if boot is not None:
         parts += ["## Diffusion vs AR (task-averaged curve, interpolated; paired over the same items)", "",
@@ -385,13 +423,13 @@ def markdown_report(table: Sequence[dict], threshold: float = 0.99, cap: bool = 
 
 #: Columns of critical_sparsity.csv: critical sparsities in percent (the Markdown's unit), said in the name.
 CSV_FIELDS = ["model", "kind", "site", "task", "interpolated_pct", "interpolated_lo_pct", "interpolated_hi_pct",
-              "last_passing_pct", "last_passing_lo_pct", "last_passing_hi_pct", "bracketed", "n_points",
-              "threshold"]
+              "last_passing_pct", "last_passing_lo_pct", "last_passing_hi_pct", "first_crossing_pct",
+              "first_crossing_lo_pct", "first_crossing_hi_pct", "bracketed", "n_points", "threshold"]
 
 
 def _csv_record(rec: dict) -> dict:
     out = {k: rec.get(k) for k in ("model", "kind", "site", "task", "bracketed", "n_points", "threshold")}
-    for v in ("interpolated", "last_passing"):
+    for v in VARIANTS:
         for suffix in ("", "_lo", "_hi"):
             x = rec.get(v + suffix)
             out[f"{v}{suffix}_pct"] = None if x is None else round(100 * x, 4)

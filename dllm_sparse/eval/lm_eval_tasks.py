@@ -34,6 +34,7 @@ from dllm_sparse.eval.likelihood import SCORER_DEFAULT
 from dllm_sparse.eval.lm_eval_model import DllmSparseLM  # registers --model dllm_sparse (see the docstring)
 from dllm_sparse.eval.tasks import (
     LM_EVAL_TASKS,
+    MC_HIGHER_IS_BETTER,
     PERPLEXITY_HIGHER_IS_BETTER,
     MCItem,
     TaskResult,
@@ -132,9 +133,10 @@ def evaluate_builtin(name: str, scorer, limit=None, *, sparsity=SCORER_DEFAULT, 
         items = [MCItem(s["doc"]["id"], s["doc"]["context"], list(s["doc"]["choices"]), int(s["doc"]["gold"]),
                         s["doc"].get("category") or "") for s in samples]
         lls = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
-        _, details = score_multiple_choice(items, lls)
-        return TaskResult(name, "acc", metrics["acc"], {m: metrics[m] for m in ("acc", "acc_norm")},
-                          {"acc": True, "acc_norm": True}, len(items), details)
+        own, details = score_multiple_choice(items, lls)  # margin is not an lm-eval metric: from the same lls
+        return TaskResult(name, "acc", metrics["acc"], {**{m: metrics[m] for m in ("acc", "acc_norm")},
+                                                        "margin": own["margin"]},
+                          dict(MC_HIGHER_IS_BETTER), len(items), details)
     lls = [float(s["filtered_resps"][0]) for s in samples]
     tokens = [lm.rolling_tokens[(task, s["doc_id"])] for s in samples]
     texts = [s["doc"]["text"] for s in samples]

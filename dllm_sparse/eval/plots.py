@@ -1,7 +1,8 @@
 """Figures (matplotlib, Agg backend; every figure saved as PNG and PDF).
 
 * :func:`plot_relative_performance`: relative performance vs *measured* sparsity, one panel per site, all
-  models on the same axes, the 99 % line and a marker at each model's interpolated critical sparsity.
+  models on the same axes, the 99 % line and a marker at each model's interpolated critical sparsity (and a
+  second one at its first crossing where a non-monotone curve crosses lower).
 * :func:`plot_layer_heatmaps`: per site, per-layer measured sparsity (layer × threshold), one panel per model.
 * :func:`plot_step_sparsity`: measured sparsity against the denoising step of a diffusion generation, or,
   when only likelihood passes are available, against the mask ratio of the ELBO passes; the axis label says
@@ -85,11 +86,19 @@ def plot_relative_performance(rows: Sequence[dict], out_dir: str | Path, task: s
                 if crit.interpolated is not None:
                     ax.axvline(100 * crit.interpolated, color=c, ls=":", lw=1)
                     if crit_ci is not None:
-                        ax.errorbar([100 * crit.interpolated], [threshold], xerr=[[100 * (crit.interpolated -
-                                    crit_ci[0])], [100 * (crit_ci[1] - crit.interpolated)]], color=c, capsize=3,
-                                    lw=1.2, zorder=4)
+                        ax.errorbar([100 * crit.interpolated], [threshold], xerr=_bar(crit.interpolated, crit_ci),
+                                    color=c, capsize=3, lw=1.2, zorder=4)
                     ax.plot([100 * crit.interpolated], [threshold], marker="*", color=c, ms=11, mec="black",
                             mew=0.5, zorder=5)
+                first = crit.first_crossing
+                if first is not None and crit.interpolated is not None and first < crit.interpolated - 1e-9:
+                    # A non-monotone curve: where it first falls below the threshold, with its own interval.
+                    first_ci = (boot.interval(crit_reps[(model, site, task)]["first_crossing"])
+                                if (model, site, task) in crit_reps else None)
+                    if first_ci is not None:
+                        ax.errorbar([100 * first], [threshold], xerr=_bar(first, first_ci), color=c, capsize=2,
+                                    lw=0.8, ls="none", zorder=4)
+                    ax.plot([100 * first], [threshold], marker="v", color=c, ms=7, mec="black", mew=0.5, zorder=5)
         for ax in axes[:, col]:
             ax.axhline(threshold, color="grey", ls="--", lw=1)
             ax.grid(alpha=0.3)
@@ -103,10 +112,17 @@ def plot_relative_performance(rows: Sequence[dict], out_dir: str | Path, task: s
     axes[0][-1].legend(fontsize=8, loc="lower left")
     what = "mean over tasks" if task == AVG_CURVE else task
     bands = "; bands and bars: 95 % paired bootstrap intervals over items" if boot is not None else ""
-    fig.suptitle(f"Relative performance vs measured sparsity ({what}); ★ = interpolated critical sparsity, "
-                 f"dashed = {100 * threshold:g} %{bands}", fontsize=10)
+    fig.suptitle(f"Relative performance vs measured sparsity ({what}); ★ = interpolated critical sparsity "
+                 f"(highest passing), ▼ = first crossing where it lies lower, dashed = {100 * threshold:g} %{bands}",
+                 fontsize=10)
     fig.tight_layout()
     return save_figure(fig, Path(out_dir) / f"relative_performance_{task}")
+
+
+def _bar(value: float, ci: tuple[float, float]) -> list[list[float]]:
+    """Error-bar extents (in %) of ``ci`` around ``value``; a percentile interval need not contain the point
+    estimate (few items, a step-like curve), and the bar is then clipped at the point."""
+    return [[max(0.0, 100 * (value - ci[0]))], [max(0.0, 100 * (ci[1] - value))]]
 
 
 def plot_layer_heatmaps(rows: Sequence[dict], out_dir: str | Path, task: str = AVG_CURVE) -> list[Path]:

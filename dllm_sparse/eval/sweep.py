@@ -75,7 +75,7 @@ from dllm_sparse.eval.rows import (
     share_of,
 )
 from dllm_sparse.eval.rows import json_default as _json_default
-from dllm_sparse.eval.tasks import Task, check_limit, get_task, relative_performance
+from dllm_sparse.eval.tasks import POSITIVE_DENSE_METRICS, Task, check_limit, get_task, relative_performance
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig
 from dllm_sparse.sparsity.rules import make_rule, rule_name
 from dllm_sparse.sparsity.sites import ALL_SITES
@@ -197,7 +197,8 @@ def _set_relative(row: dict, dense: dict) -> None:
     hib = row.get("higher_is_better_all", {})
     row["dense_value"] = dense["value"]
     row["dense_metrics"] = dense["metrics"]
-    row["relative"] = {m: relative_performance(v, dense["metrics"].get(m), hib.get(m, True))
+    row["relative"] = {m: relative_performance(v, dense["metrics"].get(m), hib.get(m, True),
+                                               positive_dense=m in POSITIVE_DENSE_METRICS)
                        for m, v in row["metrics"].items() if m in dense["metrics"]}
     row["relative_performance"] = row["relative"].get(row["metric"])
 

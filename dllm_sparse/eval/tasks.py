@@ -1,6 +1,6 @@
 """Evaluation tasks: the built-in offline suite, and lm-evaluation-harness tasks through one interface.
 
-    task = get_task("builtin_mc")            # 64 templated multiple-choice items (acc, acc_norm)
+    task = get_task("builtin_mc")            # 64 templated multiple-choice items (acc, acc_norm, margin)
     task = get_task("builtin_ppl")           # 48 held-out passages (perplexity; ELBO perplexity for diffusion)
     task = get_task("hellaswag")             # any lm-eval task name (needs `pip install -e .[eval]`)
     task = get_task("arc_easy:acc_norm")     # ... with the metric to report
@@ -47,7 +47,8 @@ from dllm_sparse.eval.likelihood import SCORER_DEFAULT
 __all__ = [
     "TaskResult", "Task", "MCItem", "MultipleChoiceTask", "PerplexityTask", "LmEvalTask", "BuiltinLmEvalTask",
     "BUILTIN_TASKS", "LM_EVAL_TASKS", "SCORINGS", "get_task", "load_builtin_mc", "load_builtin_passages",
-    "builtin_dataset", "builtin_request_key", "perplexity_metrics", "score_multiple_choice",
+    "builtin_dataset", "builtin_request_key", "perplexity_metrics", "score_multiple_choice", "choice_margin",
+    "MC_HIGHER_IS_BETTER", "POSITIVE_DENSE_METRICS",
     "relative_performance", "apply_limit", "check_limit",
 ]
 
@@ -75,10 +76,19 @@ class TaskResult:
     details: list[dict] = field(default_factory=list)  # per-item scores (built-in tasks)
 
 
-def relative_performance(value: float, dense_value: float, higher_is_better: bool = True) -> float:
-    """sparse / dense for higher-is-better metrics, dense / sparse for lower-is-better ones (perplexity)."""
+#: Metrics whose ratio sparse / dense means "fraction kept" only when the dense value is > 0 (a margin can be
+#: negative: a weak model's mean margin may be <= 0, and then no ratio says how much of it was kept).
+POSITIVE_DENSE_METRICS = ("margin",)
+
+
+def relative_performance(value: float, dense_value: float, higher_is_better: bool = True,
+                         positive_dense: bool = False) -> float:
+    """sparse / dense for higher-is-better metrics, dense / sparse for lower-is-better ones (perplexity).
+    ``positive_dense`` (the :data:`POSITIVE_DENSE_METRICS`): NaN unless the dense value is > 0."""
     if value is None or dense_value is None:
         return float("nan")
+    if positive_dense:
+        return value / dense_value if dense_value > 0 else float("nan")
     if higher_is_better:
         return value / dense_value if dense_value else (1.0 if value == dense_value else float("nan"))
     return dense_value / value if value else float("nan")
@@ -149,13 +159,21 @@ class MCItem:
     category: str = ""
 
 
+def choice_margin(ll: Sequence[float], gold: int) -> float:
+    """The continuous multiple-choice score of one item (docs/advantage.md): log p(gold) minus the mean of the
+    wrong choices' log p, in nats (the summed log-likelihoods ``acc`` compares). NaN for a single-choice item."""
+    wrong = [x for j, x in enumerate(ll) if j != gold]
+    return float(ll[gold]) - sum(map(float, wrong)) / len(wrong) if wrong else float("nan")
+
+
 def score_multiple_choice(items: Sequence[MCItem], lls: Sequence[Sequence[float]]) -> tuple[dict, list[dict]]:
     """lm-eval conventions: ``acc`` = the choice with the highest summed log-likelihood is the gold one;
     ``acc_norm`` = the same after dividing each log-likelihood by the choice's length in characters.
-    Ties go to the first choice (numpy argmax). Returns (metrics, per-item details)."""
+    Ties go to the first choice (numpy argmax). Also ``margin``, the mean over items of :func:`choice_margin`
+    (not an lm-eval metric; a continuous companion of ``acc``). Returns (metrics, per-item details)."""
     if len(items) != len(lls):
         raise ValueError("one list of log-likelihoods per item")
-    details, acc, acc_norm = [], 0, 0
+    details, acc, acc_norm, margin = [], 0, 0, 0.0
     for item, ll in zip(items, lls, strict=True):
         if len(ll) != len(item.choices):
             raise ValueError(f"item {item.id}: {len(ll)} scores for {len(item.choices)} choices")
@@ -164,10 +182,16 @@ def score_multiple_choice(items: Sequence[MCItem], lls: Sequence[Sequence[float]
         pred_norm = max(range(len(ll)), key=lambda j: (norm[j], -j))
         acc += pred == item.gold
         acc_norm += pred_norm == item.gold
+        m = choice_margin(ll, item.gold)
+        margin += m
         details.append({"id": item.id, "lls": list(map(float, ll)), "pred": pred, "pred_norm": pred_norm,
-                        "gold": item.gold})
+                        "gold": item.gold, "margin": m})
     n = max(len(items), 1)
-    return {"acc": acc / n, "acc_norm": acc_norm / n}, details
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "margin": margin / n}, details
+
+
+#: Which way each multiple-choice metric is better.
+MC_HIGHER_IS_BETTER = {"acc": True, "acc_norm": True, "margin": True}
 
 
 class MultipleChoiceTask(Task):
@@ -192,7 +216,7 @@ class MultipleChoiceTask(Task):
             lls[i].append(ll)
         metrics, details = score_multiple_choice(items, lls)
         return TaskResult(self.name, self.metric, metrics[self.metric], metrics,
-                          {"acc": True, "acc_norm": True}, len(items), details)
+                          dict(MC_HIGHER_IS_BETTER), len(items), details)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from dllm_sparse.models.adapt import ADAPTER_META, adapter_hash, load_adapted_mo
 from dllm_sparse.models.llada import LLaDAModelLM
 from dllm_sparse.models.loading import _smollm2_hf_dir, build_lock, cache_dir, save_to_cache, share_cache_entry
 
-__all__ = ["SMOLLM2_MDM_ADAPTER", "build_adapted_model", "smollm2_mdm_dir"]
+__all__ = ["SMOLLM2_MDM_ADAPTER", "build_adapted_model", "smollm2_mdm_dir", "untrained_twin", "adapted_twin"]
 
 #: The shipped adapter directory.
 SMOLLM2_MDM_ADAPTER = Path(__file__).resolve().parents[1] / "data" / "smollm2-135m-mdm"
@@ -54,3 +54,45 @@ def smollm2_mdm_dir(adapter_dir: str | Path = SMOLLM2_MDM_ADAPTER, **_: Any) -> 
 
 
 # load_model("smollm2-135m-mdm") -> the directory above, loaded as model_type "llada" (kind "diffusion").
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Points of the twin's training trajectory (experiments/advantage_study.py)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _fresh_base(parent):
+    """A float32 deep copy of the AR parent's model and tokenizer (the conversion consumes its base)."""
+    import copy
+
+    return copy.deepcopy(parent.model).float(), copy.deepcopy(parent.tokenizer)
+
+
+def untrained_twin(parent, name: str | None = None):
+    """The twin before any training: the AR ``parent`` (a LoadedModel) converted to the LLaDA architecture with
+    the shipped adapter's settings (Dream logit shift, the mask token appended at the mean embedding), no adapter.
+    A :class:`~dllm_sparse.models.loading.LoadedModel` of kind ``diffusion`` named ``<parent>-mdm@untrained``."""
+    from dllm_sparse.models.adapt import add_mask_token, convert_causal_lm, read_adapter_meta
+    from dllm_sparse.models.loading import LoadedModel
+
+    meta = read_adapter_meta(SMOLLM2_MDM_ADAPTER)
+    base, tok = _fresh_base(parent)
+    model = convert_causal_lm(base, logit_shift=bool(meta.get("logit_shift", True))).eval()
+    mask_id = add_mask_token(model, tok)
+    return LoadedModel(model, tok, "diffusion", name or f"{parent.name}-mdm@untrained", mask_id, "llada")
+
+
+def adapted_twin(parent, adapter_dir: str | Path, name: str):
+    """The AR ``parent`` converted and merged with the adapter in ``adapter_dir`` (a checkpoint of the twin's
+    training, e.g. ``adapt_ar_to_diffusion.py --save-adapter-every``). Refused, naming both, when the adapter
+    was trained on another base model than ``parent``."""
+    from dllm_sparse.models.adapt import read_adapter_meta
+    from dllm_sparse.models.loading import LoadedModel
+
+    meta = read_adapter_meta(adapter_dir)
+    if meta.get("base") != parent.name:
+        raise ValueError(f"{adapter_dir} is an adapter of base model {meta.get('base')!r}, not of {parent.name!r}: "
+                         "a trajectory point must be a checkpoint of the twin's own parent")
+    base, tok = _fresh_base(parent)
+    model = load_adapted_model(base, adapter_dir, tok)
+    return LoadedModel(model, tok, "diffusion", name, tok.mask_token_id, "llada")
