@@ -394,9 +394,12 @@ def plot(res: dict, out_dir: Path) -> str | None:
             xerr = [[t["speedup"] - t["speedup_range"][0]], [t["speedup_range"][1] - t["speedup"]]]
             ax.errorbar(t["speedup"], val, yerr=[[val - lohi[0]], [lohi[1] - val]], xerr=xerr, fmt="o",
                         color=f"C{i % 10}", label=r["strategy"], capsize=2)
+            if t.get("flop_bound"):  # where the point would sit if only the FFN's multiply-adds counted
+                ax.plot([t["speedup"], t["flop_bound"]], [val, val], ls=":", lw=0.8, color=f"C{i % 10}")
+                ax.plot(t["flop_bound"], val, marker="x", color=f"C{i % 10}")
         ax.axvline(1.0, color="k", lw=0.6)
         ax.axhline(0.99, color="tab:red", lw=0.6, ls="--")
-        ax.set_xlabel(f"measured speedup of a denoising step vs dense (batch {b})")
+        ax.set_xlabel(f"measured speedup of a denoising step vs dense (batch {b}); x: FLOP bound")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
