@@ -13,7 +13,20 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["cpu_flags", "slow_bf16_reason", "parse_proc_stat", "idle_cores", "auto_threads"]
+__all__ = ["cpu_name", "cpu_flags", "slow_bf16_reason", "parse_proc_stat", "idle_cores", "auto_threads"]
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's processor or machine name where it is missing)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def cpu_flags() -> set[str]:

@@ -335,20 +335,14 @@ def main(argv=None) -> int:
 def machine_description(threads: int) -> str:
     """CPU model, cores, the flags that decide matmul speed, torch threads and versions (for stated times)."""
     import os
-    import platform
 
     import torch
     import transformers
 
-    from dllm_sparse.hardware import cpu_flags
+    from dllm_sparse.hardware import cpu_flags, cpu_name
 
     fast = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_name()
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (f"{cpu}, {os.cpu_count()} cores ({affinity} usable by this process; {' '.join(fast) or 'no AVX2'}), "
             f"{threads} torch threads, torch {torch.__version__}, transformers {transformers.__version__}")

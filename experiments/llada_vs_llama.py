@@ -240,20 +240,14 @@ def time_breakdown(rows: list[dict], started: float, status: dict, phases: dict[
 
 def machine_description(threads: int) -> str:
     """CPU model, cores, the flags that decide matmul speed, torch threads and versions (for stated times)."""
-    import platform
 
     import torch
 
-    from dllm_sparse.hardware import cpu_flags
+    from dllm_sparse.hardware import cpu_flags, cpu_name
 
     flags = cpu_flags()
     fast = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_name()
     import transformers
 
     return (f"{cpu}, {os.cpu_count()} cores ({' '.join(fast) or 'no AVX2'}), {threads} torch threads, "

@@ -28,7 +28,7 @@ import platform
 import time
 from pathlib import Path
 
-from dllm_sparse.hardware import cpu_flags, slow_bf16_reason
+from dllm_sparse.hardware import cpu_flags, cpu_name, slow_bf16_reason
 
 SITES = ("input", "gate", "up", "intermediate")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "masking_overhead"
@@ -85,14 +85,7 @@ def machine_info(threads: int, note: str) -> dict:
     import transformers
 
     flags = cpu_flags()
-    model_name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model_name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model_name = cpu_name()
     return {
         "cpu": model_name,
         "avx2": "avx2" in flags,

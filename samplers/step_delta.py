@@ -199,9 +199,9 @@ class _Held:
 
     s: torch.Tensor
     h_s: torch.Tensor
-    gate_up: torch.Tensor | None = None  # [B, d, 2k]: W_gate[S]^T and W_up[S]^T side by side (one matmul)
-    down: torch.Tensor | None = None  # [B, k, d]: W_down[:, S]^T
-    bias: torch.Tensor | None = None  # [B, 2k] or None
+    gate_up: torch.Tensor  # [B, d, 2k]: W_gate[S]^T and W_up[S]^T side by side (one matmul)
+    down: torch.Tensor  # [B, k, d]: W_down[:, S]^T
+    bias: torch.Tensor | None  # [B, 2k], or None when neither projection has a bias
 
     def at(self, T: int) -> torch.Tensor:
         return self.s[:, None, :].expand(self.s.shape[0], T, self.s.shape[1])

@@ -233,9 +233,9 @@ def machine() -> dict:
     except OSError:
         pass
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma")
-    model_name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                       if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-        else platform.processor()
+    from dllm_sparse.hardware import cpu_name
+
+    model_name = cpu_name()
     import transformers
 
     return {"cpu": model_name, "cpu_flags": [f for f in wanted if f in flags.split()], "cores": os.cpu_count(),

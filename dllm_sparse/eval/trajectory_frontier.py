@@ -20,7 +20,8 @@ Every interval is a 95 % percentile bootstrap over prompts (ratio of summed hits
 
 Strategy names (:func:`parse_strategy`): ``dense``; ``token-<site>:<p>`` (per-token top-p, accelerate_ffn);
 ``step-<site>:<p>`` (one keep-set per sample and step, packed) and ``step-<site>:<p>@<policy>`` (reused between
-refreshes); ``delta-input:<f>/<f_h>[+block][@<policy>]`` and ``delta-intermediate:<f>[,held|,oracle][+block][@<policy>]``
+refreshes); ``delta-input:<f>/<f_h>[+block][@<policy>]`` and
+``delta-intermediate:<f>[,held|,oracle][+block][@<policy>]``
 (:class:`dllm_sparse.samplers.step_delta.StepDelta`, whose ``name`` is this string); ``cache-prefix`` /
 ``cache-dual`` (Fast-dLLM's block caches, ``GenerationConfig(block_cache=...)``, dense FFN) and
 ``cache-dual+<strategy>`` (any of the above under the cache). A strategy on a cache is also judged against the
@@ -54,7 +55,8 @@ __all__ = ["Strategy", "parse_strategy", "quality", "timing", "run_trajectory_fr
 
 _SPARSE = re.compile(r"^(token|step)-(input|intermediate|gate|up):([0-9.]+)(?:@([a-z_0-9.:]+))?$")
 _CACHE = re.compile(r"^cache-(prefix|dual)(?:\+(.+))?$")
-_DELTA = re.compile(r"^delta-(input|intermediate):([0-9.]+)(?:/([0-9.]+))?(,oracle|,held)?(\+block)?(?:@([a-z_0-9.:]+))?$")
+_DELTA = re.compile(r"^delta-(input|intermediate):([0-9.]+)(?:/([0-9.]+))?(,oracle|,held)?(\+block)?"
+                    r"(?:@([a-z_0-9.:]+))?$")
 
 
 @dataclass
@@ -122,7 +124,8 @@ def parse_strategy(spec: str) -> Strategy:
                           refresh=policy or "block_start", exact_block=bool(block))
         return Strategy(delta.name, "delta", variant, delta=delta)
     raise ValueError(f"unknown strategy {spec!r}; use dense, token-<site>:<p>, step-<site>:<p>[@policy], "
-                     "delta-input:<f>/<f_h>[+block][@policy] or delta-intermediate:<f>[,held|,oracle][+block][@policy], "
+                     "delta-input:<f>/<f_h>[+block][@policy] or "
+                     "delta-intermediate:<f>[,held|,oracle][+block][@policy], "
                      "each optionally under a block cache: cache-prefix / cache-dual alone or cache-dual+<strategy>")
 
 
