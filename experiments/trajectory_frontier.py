@@ -2,6 +2,11 @@
 
     python experiments/trajectory_frontier.py                       # CPU defaults: the embedded twin, fp32, 2 threads
     python experiments/trajectory_frontier.py --skip-timing --prompts 20
+    # the probe score on 20 prompts for what was replayed on 8: prompts 8-19 free-running only, then one table
+    python experiments/trajectory_frontier.py --skip-timing --skip-replay --first-prompt 8 --prompts 12 \
+        --output-dir runs/tf_probe_rest
+    python experiments/trajectory_frontier.py --skip-quality --prompts 20 \
+        --quality-from runs/trajectory_frontier/trajectory_frontier.json runs/tf_probe_rest/trajectory_frontier.json
     python experiments/trajectory_frontier.py --smoke               # a tiny random LLaDA, seconds (the test suite)
 
 Strategies (names: dllm_sparse/eval/trajectory_frontier.py; definitions: docs/sparsification.md):
@@ -45,6 +50,12 @@ def main(argv: list[str] | None = None) -> dict:
                     help="strategy names, compared with dense (default: %(default)s)")
     ap.add_argument("--prompts", type=int, default=8,
                     help="capability-probe prompts for quality (default: %(default)s)")
+    ap.add_argument("--first-prompt", type=int, default=0,
+                    help="quality on the probe prompts from this index on (0-based; with --quality-from, runs over "
+                         "other ranges merge prompt by prompt) (default: %(default)s)")
+    ap.add_argument("--skip-replay", action="store_true",
+                    help="quality without the replay (teacher-forced) agreement: free-running agreement and the "
+                         "probe score only, half the cost")
     ap.add_argument("--gen-length", type=int, default=64,
                     help="quality runs: gen_length = steps (default: %(default)s)")
     ap.add_argument("--block-length", type=int, default=32, help="block length (default: %(default)s)")
@@ -58,6 +69,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="take the quality rows from earlier runs' trajectory_frontier.json files (same model, dtype, "
                          "gen length, block, prompts; every strategy measured in one of them): quality-only runs on "
                          "a busy machine, then the timing on a quiet one (default: none)")
+    ap.add_argument("--timing-from", type=Path, default=None,
+                    help="take the timing rows from an earlier run's trajectory_frontier.json (same model, dtype, "
+                         "threads, canvas, timed steps, repeats, batches, block; every strategy timed there): new "
+                         "quality on old timing without timing again (default: none)")
     ap.add_argument("--smoke", action="store_true",
                     help="check the code in seconds: a tiny random LLaDA, 2 prompts, gen/canvas 16, block 8, 8 timed "
                          "steps, 1 repeat, batches 1 and 2 (overrides those options)")
@@ -67,6 +82,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         args.prompts, args.gen_length, args.block_length, args.canvas = 2, 16, 8, 16
         args.timing_steps, args.repeats, args.batches = 8, 1, [1, 2]
+    if args.first_prompt < 0:
+        ap.error(f"--first-prompt must be >= 0, got {args.first_prompt}")
+    if args.skip_replay and args.skip_quality:
+        ap.error("--skip-replay is a quality option; it means nothing with --skip-quality")
     for name in ("prompts", "gen_length", "block_length", "canvas", "timing_steps", "repeats", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -75,6 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
     for what, length in (("--gen-length", args.gen_length), ("--canvas", args.canvas)):
         if length % args.block_length:
             ap.error(f"{what} ({length}) must be a multiple of --block-length ({args.block_length})")
+    if args.timing_from is not None and not args.timing_from.is_file():
+        ap.error(f"--timing-from {args.timing_from}: no such file")
+    if args.timing_from is not None and args.skip_timing:
+        ap.error("--timing-from and --skip-timing contradict each other: drop one")
     for path in args.quality_from or []:
         if not path.is_file():
             ap.error(f"--quality-from {path}: no such file")
@@ -103,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     lm = LoadedModel(model=model, tokenizer=None, kind="diffusion", name="tiny-llada (smoke)", mask_id=99,
                      family="llada")
     args.model = lm.name
-    prompts = [[5, 17, 3, 9, 40, 2], [7, 7, 21, 2, 11, 30]][:args.prompts]
+    prompts = [[5, 17, 3, 9, 40, 2], [7, 7, 21, 2, 11, 30], [3, 8, 8, 50, 1, 6]][
+        args.first_prompt:args.first_prompt + args.prompts]
     return run_trajectory_frontier(args, command, lm=lm, prompts=prompts, keywords=None, chat=False)
 
 

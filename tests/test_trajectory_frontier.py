@@ -46,6 +46,7 @@ def test_bad_strategy_names_are_refused(name, match):
 def test_agreement_is_the_ratio_of_sums_with_a_bootstrap_interval():
     items = [{"hits": 9, "commits": 10, "same_tokens": 5, "tokens": 10, "probe_hit": True, "ffn_work": 0.3},
              {"hits": 30, "commits": 30, "same_tokens": 10, "tokens": 10, "probe_hit": False, "ffn_work": 0.5}]
+    assert summarise([*items, {**items[0], "hits": None, "commits": None}])["replay_agreement"] == 39 / 40
     out = summarise(items)
     assert out["replay_agreement"] == 39 / 40 and out["free_agreement"] == 15 / 20
     assert out["probe_score"] == 1 and out["probe_items"] == 2 and out["ffn_work"] == 0.4
@@ -79,30 +80,88 @@ def test_the_smoke_run_writes_every_output(tmp_path):
     assert "| delta-input:0.25/0.5@block_start |" in (out / "summary.md").read_text()
 
 
-def test_quality_from_an_earlier_run_is_checked(tmp_path):
-    """--quality-from takes the quality rows of a run with the same settings, and refuses another's, naming it."""
-    from dllm_sparse.eval.trajectory_frontier import reused_quality
+def _item(i, hits, commits=10, same=5, probe=True, sha=None):
+    from dllm_sparse.eval.trajectory_frontier import prompt_fingerprint
 
-    res = {"model": "m", "dtype": "fp32", "gen_length": 64, "block_length": 32, "quality_prompts": 6}
-    q = {"replay_agreement": 0.99}
-    path = tmp_path / "old.json"
-    path.write_text(json.dumps({**res, "rows": [{"strategy": "dense", "quality": q},
-                                                {"strategy": "delta-input:0.25/0.5@block_start", "quality": q}]}))
-    assert reused_quality(path, res, ["dense"]) == {"dense": {"quality": q}}
+    return {"prompt": i, "prompt_sha": sha or prompt_fingerprint(f"p{i}"), "hits": hits, "commits": commits if hits
+            is not None else None, "same_tokens": same, "tokens": 10, "probe_hit": probe, "ffn_work": None}
+
+
+def test_quality_from_earlier_runs_is_checked_and_merged_prompt_by_prompt(tmp_path):
+    """--quality-from takes the per-prompt items of runs with the same settings, merges them over prompts and
+    summarises afresh; another setting, a missing prompt, another prompt under the same index are refused."""
+    from dllm_sparse.eval.trajectory_frontier import prompt_fingerprint, reused_quality
+
+    res = {"model": "m", "dtype": "fp32", "gen_length": 64, "block_length": 32, "first_prompt": 0}
+    shas = [prompt_fingerprint(f"p{i}") for i in range(4)]
+    head = tmp_path / "head.json"  # prompts 0-1 with replay
+    head.write_text(json.dumps({**res, "rows": [
+        {"strategy": "dense", "quality": summarise([_item(0, 10), _item(1, 10)])},
+        {"strategy": "s", "quality": summarise([_item(0, 9), _item(1, 7)]),
+         "quality_vs_cache": summarise([_item(0, 10), _item(1, 8)])}]}))
+    tail = tmp_path / "tail.json"  # prompts 2-3 free-running only (and a repeat of prompt 1, which head gives)
+    tail.write_text(json.dumps({**res, "first_prompt": 2, "rows": [
+        {"strategy": "dense", "quality": summarise([_item(2, None), _item(3, None)])},
+        {"strategy": "s", "quality": summarise([_item(1, 0, probe=False), _item(2, None, same=1, probe=False),
+                                                _item(3, None, same=3)]),
+         "quality_vs_cache": summarise([_item(2, None), _item(3, None)])}]}))
+    got = reused_quality([head, tail], res, ["dense", "s"], shas)
+    q = got["s"]["quality"]
+    # an independent count: replay on prompts 0-1 (9 + 7 of 20), free on all four (5 + 5 + 1 + 3 of 40)
+    assert q["replay_agreement"] == 16 / 20 and q["replay_prompts"] == 2 and q["prompts"] == 4
+    assert q["free_agreement"] == 14 / 40 and (q["probe_score"], q["probe_items"]) == (3, 4)
+    assert got["s"]["quality_vs_cache"]["replay_agreement"] == 18 / 20
+    assert got["dense"]["quality"]["replay_agreement"] == 1.0
+    # a table over the first two prompts needs only head
+    two = reused_quality(head, res, ["s"], shas[:2])["s"]["quality"]
+    assert two["replay_agreement"] == 16 / 20 and two["prompts"] == 2
     with pytest.raises(ValueError, match="gen_length: 64 there, 32 here"):
-        reused_quality(path, {**res, "gen_length": 32}, ["dense"])
-    with pytest.raises(ValueError, match=r"no quality for \['token-input:0.9'\]"):
-        reused_quality(path, res, ["dense", "token-input:0.9"])
-    # several files: each strategy from the first that has it, the judgement against a cache carried with it
-    q2, vs = {"replay_agreement": 0.5}, {"replay_agreement": 0.97}
-    more = tmp_path / "more.json"
-    more.write_text(json.dumps({**res, "rows": [{"strategy": "dense", "quality": q2},
-                                                {"strategy": "cache-dual+token-input:0.9", "quality": q2,
-                                                 "quality_vs_cache": vs}]}))
-    got = reused_quality([path, more], res, ["dense", "cache-dual+token-input:0.9"])
-    assert got == {"dense": {"quality": q}, "cache-dual+token-input:0.9": {"quality": q2, "quality_vs_cache": vs}}
-    with pytest.raises(ValueError, match="quality_prompts: 6 there, 8 here"):
-        reused_quality([path, more], {**res, "quality_prompts": 8}, ["dense"])
+        reused_quality(head, {**res, "gen_length": 32}, ["dense"], shas[:2])
+    with pytest.raises(ValueError, match=r"no item for prompt\(s\) \[2, 3\]; measure them \(--first-prompt 2"):
+        reused_quality(head, res, ["dense"], shas)
+    with pytest.raises(ValueError, match=r"no quality for 'token-input:0.9'"):
+        reused_quality(head, res, ["token-input:0.9"], shas[:2])
+    with pytest.raises(ValueError, match=r"prompt\(s\) \[1\] were other prompts there"):
+        reused_quality(head, res, ["dense"], [shas[0], prompt_fingerprint("another prompt")])
+    old = tmp_path / "old.json"  # written before items carried fingerprints
+    old.write_text(json.dumps({**res, "rows": [{"strategy": "dense", "quality": {"items": [
+        {k: v for k, v in _item(0, 10).items() if k != "prompt_sha"}]}}]}))
+    with pytest.raises(ValueError, match="no prompt fingerprint"):
+        reused_quality(old, res, ["dense"], shas[:1])
+
+
+def test_a_free_running_only_run_merges_with_a_replayed_one(tmp_path):
+    """The smoke twin: prompt 0 replayed, prompts 1-2 free-running only, merged into one 3-prompt table whose
+    numbers equal one run over the three prompts with replay where it was replayed."""
+    script = [sys.executable, str(ROOT / "experiments" / "trajectory_frontier.py"), "--smoke", "--threads", "1",
+              "--strategies", "delta-input:0.25/0.5@block_start"]
+
+    def run(*extra):
+        r = subprocess.run([*script, *extra], capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    run("--skip-timing", "--output-dir", str(tmp_path / "a"))  # smoke: prompts 0-1, replayed
+    run("--skip-timing", "--skip-replay", "--first-prompt", "1", "--output-dir", str(tmp_path / "b"))  # 1-2
+    b = json.loads((tmp_path / "b" / "trajectory_frontier.json").read_text())
+    assert all(it["hits"] is None for r in b["rows"] for it in r["quality"]["items"])
+    assert [it["prompt"] for it in b["rows"][1]["quality"]["items"]] == [1, 2]
+    a = json.loads((tmp_path / "a" / "trajectory_frontier.json").read_text())
+    from dllm_sparse.eval.trajectory_frontier import prompt_fingerprint, reused_quality
+
+    res = {k: a[k] for k in ("model", "dtype", "gen_length", "block_length")} | {"first_prompt": 0}
+    shas = [it["prompt_sha"] for it in a["rows"][0]["quality"]["items"]] + [
+        b["rows"][0]["quality"]["items"][1]["prompt_sha"]]
+    assert shas[0] == prompt_fingerprint([5, 17, 3, 9, 40, 2])
+    got = reused_quality([tmp_path / "a" / "trajectory_frontier.json", tmp_path / "b" / "trajectory_frontier.json"],
+                         res, ["dense", "delta-input:0.25/0.5@block_start"], shas)
+    for row_a, row_b in zip(a["rows"], b["rows"], strict=True):
+        merged, replayed = got[row_a["strategy"]]["quality"], row_a["quality"]
+        assert merged["prompts"] == 3 and merged["replay_prompts"] == 2
+        assert merged["replay_agreement"] == replayed["replay_agreement"]
+        # prompt 1 ran free in both runs (greedy): head's item is kept, and it equals the tail's
+        assert merged["items"][1] == replayed["items"][1]
+        assert merged["items"][1]["same_tokens"] == row_b["quality"]["items"][0]["same_tokens"]
+        assert merged["items"][2] == row_b["quality"]["items"][1]
 
 
 def test_the_smoke_run_with_a_block_cache(tmp_path):
@@ -122,3 +181,24 @@ def test_the_smoke_run_with_a_block_cache(tmp_path):
     vs = rows["cache-dual+delta-intermediate:0.25@block_start"]["timing"]["1"]["vs_cache"]
     assert vs["speedup"] > 0 and vs["speedup_range"][0] <= vs["speedup_range"][1]
     assert "against the cache alone" in (out / "summary.md").read_text()
+
+
+def test_timing_from_an_earlier_run_is_checked(tmp_path):
+    """--timing-from takes the timing rows of a run timed with the same settings and carries its conditions;
+    another setting or an untimed strategy is refused, naming it."""
+    from dllm_sparse.eval.trajectory_frontier import reused_timing
+
+    res = {"model": "m", "dtype": "fp32", "threads": 2, "canvas": 128, "timing_steps": 32, "repeats": 5,
+           "batches": [1, 4], "block_length": 32}
+    t = {"1": {"speedup": 1.3}, "4": {"speedup": 1.4}}
+    path = tmp_path / "timed.json"
+    path.write_text(json.dumps({**res, "command": "python x", "machine": {"cpu": "c"}, "load_before": 0.1,
+                                "load_after": 2.0, "noisy": False,
+                                "rows": [{"strategy": "dense", "timing": t}, {"strategy": "s", "timing": t}]}))
+    got = dict(res)
+    assert reused_timing(path, got, ["dense", "s"]) == {"dense": t, "s": t}
+    assert got["timing_source"]["command"] == "python x" and got["timing_source"]["load_after"] == 2.0
+    with pytest.raises(ValueError, match="threads: 2 there, 1 here"):
+        reused_timing(path, {**res, "threads": 1}, ["dense"])
+    with pytest.raises(ValueError, match=r"no timing for \['other'\]"):
+        reused_timing(path, dict(res), ["dense", "other"])

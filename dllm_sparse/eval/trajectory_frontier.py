@@ -31,6 +31,7 @@ the speedup over the cache alone's step), the comparison that says what the FFN 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -145,25 +146,38 @@ def _probe_hit(text: str | None, keywords: list[str] | None) -> bool | None:
     return any(k.lower() in text.lower() for k in keywords)
 
 
+def prompt_fingerprint(prompt) -> str:
+    """A short sha256 of a prompt (its text, or its token ids): the key under which a prompt's quality is reused."""
+    raw = prompt if isinstance(prompt, str) else ",".join(map(str, prompt))
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
 def quality(lm, prompts: list, keywords: list | None, cfg: GenerationConfig, strategy: Strategy,
-            dense: list, chat: bool) -> dict:
+            dense: list, chat: bool, first: int = 0, with_replay: bool = True) -> dict:
     """Per prompt: replay hits / commits on the reference trajectory ``dense`` (the dense sampler's, or the block
-    cache alone's for the "vs cache alone" columns), free-running token agreement with it, probe hit."""
+    cache alone's for the "vs cache alone" columns), free-running token agreement with it, probe hit.
+
+    ``first`` is the index of ``prompts[0]`` in the probe list (items carry absolute indices and the prompt's
+    fingerprint, so runs over other prompt ranges can be merged, :func:`reused_quality`); ``with_replay=False``
+    skips the replay (hits / commits ``None``): the free-running columns and the probe score alone cost half."""
     items = []
     for i, prompt in enumerate(prompts):
         callbacks, observer = strategy.attach(lm.model)
         try:
             rep = replay(lm, [prompt], dense[i], callbacks=callbacks, apply_chat_template=chat,
-                         block_cache=strategy.block_cache)
+                         block_cache=strategy.block_cache) if with_replay else None
             report = observer.report() if observer is not None and hasattr(observer, "ffn_work") else None
             free = generate(lm, prompts=[prompt], config=cfg.replace(block_cache=strategy.block_cache),
                             apply_chat_template=chat, callbacks=callbacks)
+            if report is None and observer is not None and hasattr(observer, "ffn_work"):
+                report = observer.report()  # no replay: the FFN work of the free run
         finally:
             strategy.detach(lm.model)
-        hits = sum(sum(row) for st in rep.steps for row in st.hits)
-        commits = sum(len(row) for st in rep.steps for row in st.hits)
+        hits = sum(sum(row) for st in rep.steps for row in st.hits) if rep else None
+        commits = sum(len(row) for st in rep.steps for row in st.hits) if rep else None
         same, total = _token_agreement(free.ids[0], dense[i].ids[0])
-        items.append({"prompt": i, "hits": hits, "commits": commits, "same_tokens": same, "tokens": total,
+        items.append({"prompt": first + i, "prompt_sha": prompt_fingerprint(prompt), "hits": hits,
+                      "commits": commits, "same_tokens": same, "tokens": total,
                       "probe_hit": _probe_hit(free.texts[0] if free.texts else None,
                                               keywords[i] if keywords else None),
                       "ffn_work": report["ffn_work"] if report else None})
@@ -181,10 +195,15 @@ def _ratio_interval(num: np.ndarray, den: np.ndarray, replicates: int = 1000, se
 
 
 def summarise(items: list[dict]) -> dict:
-    hits, commits = np.array([r["hits"] for r in items], float), np.array([r["commits"] for r in items], float)
+    """The quality of one strategy from its per-prompt items; replay agreement over the items that were replayed
+    (``replay_prompts`` of them: a free-running-only run over more prompts adds to the probe score alone)."""
+    replayed = [r for r in items if r["hits"] is not None]
+    hits = np.array([r["hits"] for r in replayed], float)
+    commits = np.array([r["commits"] for r in replayed], float)
     same, toks = np.array([r["same_tokens"] for r in items], float), np.array([r["tokens"] for r in items], float)
-    out = {"items": items, "prompts": len(items),
-           "replay_agreement": float(hits.sum() / commits.sum()), "replay_ci": _ratio_interval(hits, commits),
+    out = {"items": items, "prompts": len(items), "replay_prompts": len(replayed),
+           "replay_agreement": float(hits.sum() / commits.sum()) if replayed else None,
+           "replay_ci": _ratio_interval(hits, commits) if replayed else None,
            "free_agreement": float(same.sum() / max(toks.sum(), 1)), "free_ci": _ratio_interval(same, toks)}
     probe = [r["probe_hit"] for r in items if r["probe_hit"] is not None]
     if probe:
@@ -195,29 +214,77 @@ def summarise(items: list[dict]) -> dict:
     return out
 
 
-QUALITY_KEYS = ("model", "dtype", "gen_length", "block_length", "quality_prompts")
+QUALITY_KEYS = ("model", "dtype", "gen_length", "block_length")
 
 
-def reused_quality(paths: Path | list[Path], res: dict, names: list[str]) -> dict[str, dict]:
-    """The quality rows of earlier runs (``--quality-from``, one file or several), refused unless every setting
-    that changes them is the same (model, dtype, gen_length, block_length, prompts) and every strategy asked for
-    was measured in one of them (the first file that has a strategy gives it). Quality is deterministic (greedy,
-    no timing), so quality-only runs on a busy machine plus a timing-only run on a quiet one give the same table
-    as one run."""
-    have: dict[str, dict] = {}
-    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+def reused_quality(paths: Path | list[Path], res: dict, names: list[str], shas: list[str]) -> dict[str, dict]:
+    """The quality of earlier runs (``--quality-from``, one file or several), merged prompt by prompt.
+
+    Refused unless every setting that changes a number is the same (model, dtype, gen_length, block_length) and,
+    for every strategy asked for, the files hold an item for each prompt of this run (``res["first_prompt"]`` on,
+    ``shas`` their fingerprints, :func:`prompt_fingerprint`; an item whose prompt differs is refused). The first
+    file that has a prompt's item gives it; the items are then summarised afresh, so quality runs over prompts
+    0-7 with replay and 8-19 without it give one table over 20 prompts. Quality is deterministic (greedy, no
+    timing): quality-only runs on a busy machine plus a timing-only run on a quiet one give the same table as one
+    run."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    have: dict[tuple[str, str], dict[int, dict]] = {}  # (strategy, kind) -> prompt index -> item
+    for path in paths:
         old = json.loads(Path(path).read_text())
         differ = [f"{k}: {old.get(k)!r} there, {res[k]!r} here" for k in QUALITY_KEYS if old.get(k) != res[k]]
         if differ:
             raise ValueError(f"--quality-from {path}: measured with other settings ({'; '.join(differ)}); rerun "
                              "quality with these settings or match them")
         for r in old["rows"]:
-            if r.get("quality") and r["strategy"] not in have:
-                have[r["strategy"]] = {k: r[k] for k in ("quality", "quality_vs_cache") if k in r}
+            for kind in ("quality", "quality_vs_cache"):
+                for item in (r.get(kind) or {}).get("items", []):
+                    if "prompt_sha" not in item:
+                        raise ValueError(f"--quality-from {path}: its items carry no prompt fingerprint (measured "
+                                         "before prompts were fingerprinted); rerun its quality")
+                    have.setdefault((r["strategy"], kind), {}).setdefault(item["prompt"], item)
+    first = res.get("first_prompt", 0)
+    wanted = range(first, first + len(shas))
+    out: dict[str, dict] = {}
+    for name in names:
+        got: dict[str, dict] = {}
+        for kind in ("quality", "quality_vs_cache"):
+            by_prompt = have.get((name, kind))
+            if by_prompt is None:
+                continue
+            missing = [i for i in wanted if i not in by_prompt]
+            if missing:
+                raise ValueError(f"--quality-from: {name} ({kind}) has no item for prompt(s) {missing}; measure "
+                                 f"them (--first-prompt {missing[0]} --prompts {len(missing)}) and add the file")
+            wrong = [i for i in wanted if by_prompt[i]["prompt_sha"] != shas[i - first]]
+            if wrong:
+                raise ValueError(f"--quality-from: {name}: prompt(s) {wrong} were other prompts there (fingerprints "
+                                 "differ): the probe list changed; rerun their quality")
+            got[kind] = summarise([by_prompt[i] for i in wanted])
+        if "quality" not in got:
+            raise ValueError(f"--quality-from {' '.join(map(str, paths))}: no quality for {name!r}; measured there: "
+                             f"{sorted({s for s, k in have if k == 'quality'})}")
+        out[name] = got
+    return out
+
+
+TIMING_KEYS = ("model", "dtype", "threads", "canvas", "timing_steps", "repeats", "batches", "block_length")
+
+
+def reused_timing(path: Path, res: dict, names: list[str]) -> dict[str, dict]:
+    """The timing rows of an earlier run (``--timing-from``): refused unless every setting that changes them is
+    the same (model, dtype, threads, canvas, timed steps, repeats, batches, block) and every strategy asked for was
+    timed there. Its machine, load and command are carried along (``res["timing_source"]``)."""
+    old = json.loads(Path(path).read_text())
+    differ = [f"{k}: {old.get(k)!r} there, {res[k]!r} here" for k in TIMING_KEYS if old.get(k) != res[k]]
+    if differ:
+        raise ValueError(f"--timing-from {path}: timed with other settings ({'; '.join(differ)}); match them")
+    have = {r["strategy"]: r["timing"] for r in old["rows"] if r.get("timing")}
     missing = [n for n in names if n not in have]
     if missing:
-        raise ValueError(f"--quality-from {' '.join(map(str, [paths] if isinstance(paths, (str, Path)) else paths))}:"
-                         f" no quality for {missing}; measured there: {sorted(have)}")
+        raise ValueError(f"--timing-from {path}: no timing for {missing}; timed there: {sorted(have)}")
+    res["timing_source"] = {"path": str(path), "command": old["command"], "machine": old["machine"],
+                            "load_before": old["load_before"], "load_after": old["load_after"],
+                            "noisy": old["noisy"]}
     return {n: have[n] for n in names}
 
 
@@ -328,11 +395,20 @@ def summary_md(res: dict) -> str:
     def ci(c):
         return f" [{c[0]:.3f}, {c[1]:.3f}]" if c else ""
 
-    lines = [f"# Trajectory frontier: {res['model']}", "", f"Command: `{res['command']}`", "",
+    def replay_cell(q):
+        if not q or q.get("replay_agreement") is None:
+            return "-"
+        n = f" ({q['replay_prompts']} prompts)" if q.get("replay_prompts", q["prompts"]) != q["prompts"] else ""
+        return f"{q['replay_agreement']:.3f}{ci(q.get('replay_ci'))}{n}"
+
+    source = (f"Timing from `{res['timing_source']['path']}`, measured by `{res['timing_source']['command']}`.\n\n"
+              if "timing_source" in res else "")
+    lines = [f"# Trajectory frontier: {res['model']}", "", f"Command: `{res['command']}`", "", source +
              f"Machine: {res['machine']['cpu']} ({', '.join(res['machine']['cpu_flags'])}), {res['threads']} threads, "
              f"torch {res['machine']['torch']}; load average {res['load_before']:.2f} before, {res['load_after']:.2f} "
              f"after{'; NOT quiet: other work shared the CPU, timings are noisy' if res['noisy'] else ''}.", "",
-             f"Quality: {res['quality_prompts']} probe prompts, gen_length {res['gen_length']} = steps, block "
+             f"Quality: {res['quality_prompts']} probe prompts (from prompt {res.get('first_prompt', 0)}; replay on "
+             f"those a row says, else all), gen_length {res['gen_length']} = steps, block "
              f"{res['block_length']}, greedy; 95 % bootstrap intervals over prompts. Timing: canvas "
              f"{res['canvas']} + prompt, block {res['block_length']}, the first {res['timing_steps']} steps, median of "
              f"{res['repeats']} interleaved repeats, [min, max] of the repeats' paired ratios.", "",
@@ -349,8 +425,7 @@ def summary_md(res: dict) -> str:
         if t1.get("ffn_work") is not None:
             work += f" ({t1['ffn_work']:.3f})"
         cells = [row["strategy"],
-                 f"{q['replay_agreement']:.3f}{ci(q.get('replay_ci'))}" if q else "-",
-                 f"{q['free_agreement']:.3f}{ci(q.get('free_ci'))}" if q else "-",
+                 replay_cell(q), f"{q['free_agreement']:.3f}{ci(q.get('free_ci'))}" if q else "-",
                  f"{q['probe_score']}/{q['probe_items']}" if "probe_score" in q else "-", work]
         for b in res["batches"]:
             t = row.get("timing", {}).get(str(b))
@@ -368,7 +443,7 @@ def summary_md(res: dict) -> str:
                   "|---|---|---|" + "---|" * len(res["batches"])]
         for row in on_cache:
             q = row.get("quality_vs_cache") or {}
-            cells = [row["strategy"], f"{q['replay_agreement']:.3f}{ci(q.get('replay_ci'))}" if q else "-",
+            cells = [row["strategy"], replay_cell(q),
                      f"{q['free_agreement']:.3f}{ci(q.get('free_ci'))}" if q else "-"]
             for b in res["batches"]:
                 v = row.get("timing", {}).get(str(b), {}).get("vs_cache")
@@ -393,7 +468,10 @@ def plot(res: dict, out_dir: Path) -> str | None:
                                           ("free", "free-running token agreement with dense")), strict=True):
         for i, r in enumerate(rows):
             q, t = r["quality"], r["timing"][b]
-            val, lohi = q[f"{metric}_agreement"], q.get(f"{metric}_ci") or (q[f"{metric}_agreement"],) * 2
+            val = q[f"{metric}_agreement"]
+            if val is None:  # a free-running-only row has no replay point
+                continue
+            lohi = q.get(f"{metric}_ci") or (val, val)
             xerr = [[t["speedup"] - t["speedup_range"][0]], [t["speedup_range"][1] - t["speedup"]]]
             ax.errorbar(t["speedup"], val, yerr=[[val - lohi[0]], [lohi[1] - val]], xerr=xerr, fmt="o",
                         color=f"C{i % 10}", label=r["strategy"], capsize=2)
@@ -431,17 +509,23 @@ def run_trajectory_frontier(args, command: str, lm=None, prompts=None, keywords=
         from dllm_sparse import load_model
 
         lm = load_model(args.model, dtype=args.dtype)
+        first = getattr(args, "first_prompt", 0)
         probe = [json.loads(line) for line in (Path(__file__).resolve().parents[1] / "data" /
-                                               "capability_probe.jsonl").open()][:args.prompts]
+                                               "capability_probe.jsonl").open()][first:first + args.prompts]
+        if len(probe) < args.prompts:
+            raise ValueError(f"--first-prompt {first} --prompts {args.prompts}: the capability probe has only "
+                             f"{first + len(probe)} prompts")
         prompts, keywords = [q["prompt"] for q in probe], [q["keywords"] for q in probe]
     res: dict[str, Any] = {"model": args.model, "dtype": args.dtype, "threads": args.threads, "command": command,
                            "machine": machine(), "load_before": load_before, "gen_length": args.gen_length,
                            "block_length": args.block_length, "canvas": args.canvas, "timing_steps": args.timing_steps,
                            "repeats": args.repeats, "batches": args.batches, "quality_prompts": len(prompts),
-                           "rows": []}
+                           "first_prompt": getattr(args, "first_prompt", 0),
+                           "replay": not getattr(args, "skip_replay", False), "rows": []}
     rows = {s.name: {"strategy": s.name} for s in [Strategy("dense", "dense"), *strategies]}
     if getattr(args, "quality_from", None) is not None:
-        for name, q in reused_quality(args.quality_from, res, list(rows)).items():
+        shas = [prompt_fingerprint(p) for p in prompts]
+        for name, q in reused_quality(args.quality_from, res, list(rows), shas).items():
             rows[name].update(q)
         res["quality_from"] = [str(p) for p in args.quality_from] if isinstance(args.quality_from, list) else str(
             args.quality_from)
@@ -452,16 +536,23 @@ def run_trajectory_frontier(args, command: str, lm=None, prompts=None, keywords=
         cache_alone: dict[str, list] = {}  # block cache -> its free-running generations (the "vs cache" reference)
         for s in [Strategy("dense", "dense"), *strategies]:
             t0 = time.perf_counter()
-            rows[s.name]["quality"] = quality(lm, prompts, keywords, cfg, s, dense, chat)
+            rows[s.name]["quality"] = quality(lm, prompts, keywords, cfg, s, dense, chat, res["first_prompt"],
+                                              res["replay"])
             if s.block_cache is not None and s.kind != "dense":  # a strategy on top of a cache: also against it
                 if s.block_cache not in cache_alone:
                     cache_alone[s.block_cache] = [generate(lm, prompts=[p], config=cfg.replace(
                         block_cache=s.block_cache), apply_chat_template=chat) for p in prompts]
                 rows[s.name]["quality_vs_cache"] = quality(lm, prompts, keywords, cfg, s, cache_alone[s.block_cache],
-                                                           chat)
-            print(f"  quality {s.name}: replay {rows[s.name]['quality']['replay_agreement']:.3f} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    if not args.skip_timing:
+                                                           chat, res["first_prompt"], res["replay"])
+            q = rows[s.name]["quality"]
+            shown = f"replay {q['replay_agreement']:.3f}" if q["replay_agreement"] is not None else "no replay"
+            print(f"  quality {s.name}: {shown}, free {q['free_agreement']:.3f}, probe "
+                  f"{q.get('probe_score', '-')}/{q.get('probe_items', '-')} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+    if getattr(args, "timing_from", None) is not None:
+        for name, t in reused_timing(args.timing_from, res, list(rows)).items():
+            rows[name]["timing"] = t
+    elif not args.skip_timing:
         first = prompts[0]
         if isinstance(first, str):
             text = lm.tokenizer.apply_chat_template([{"role": "user", "content": first}], tokenize=False,
@@ -476,6 +567,10 @@ def run_trajectory_frontier(args, command: str, lm=None, prompts=None, keywords=
     res["rows"] = list(rows.values())
     res["load_after"] = os.getloadavg()[0]
     res["noisy"] = res["load_after"] > args.threads + 0.5
+    if "timing_source" in res:  # the timing's own conditions, not this (quick) run's
+        src = res["timing_source"]
+        res["machine"], res["load_before"], res["load_after"], res["noisy"] = (
+            src["machine"], src["load_before"], src["load_after"], src["noisy"])
     res["figure"] = plot(res, args.output_dir)
     atomic_write_text(args.output_dir / "trajectory_frontier.json", json.dumps(res, indent=1, default=str) + "\n")
     atomic_write_text(args.output_dir / "summary.md", summary_md(res))
