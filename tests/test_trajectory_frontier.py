@@ -145,6 +145,7 @@ def test_a_free_running_only_run_merges_with_a_replayed_one(tmp_path):
     b = json.loads((tmp_path / "b" / "trajectory_frontier.json").read_text())
     assert all(it["hits"] is None for r in b["rows"] for it in r["quality"]["items"])
     assert [it["prompt"] for it in b["rows"][1]["quality"]["items"]] == [1, 2]
+    assert 0.0 < b["rows"][1]["quality"]["ffn_work"] < 1.0  # without a replay: the free run's FFN work
     a = json.loads((tmp_path / "a" / "trajectory_frontier.json").read_text())
     from dllm_sparse.eval.trajectory_frontier import prompt_fingerprint, reused_quality
 

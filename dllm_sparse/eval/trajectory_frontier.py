@@ -166,10 +166,11 @@ def quality(lm, prompts: list, keywords: list | None, cfg: GenerationConfig, str
         try:
             rep = replay(lm, [prompt], dense[i], callbacks=callbacks, apply_chat_template=chat,
                          block_cache=strategy.block_cache) if with_replay else None
-            report = observer.report() if observer is not None and hasattr(observer, "ffn_work") else None
+            measures = observer is not None and hasattr(observer, "ffn_work")
+            report = observer.report() if measures and rep is not None else None  # the replay's FFN work
             free = generate(lm, prompts=[prompt], config=cfg.replace(block_cache=strategy.block_cache),
                             apply_chat_template=chat, callbacks=callbacks)
-            if report is None and observer is not None and hasattr(observer, "ffn_work"):
+            if measures and report is None:
                 report = observer.report()  # no replay: the FFN work of the free run
         finally:
             strategy.detach(lm.model)
@@ -217,6 +218,11 @@ def summarise(items: list[dict]) -> dict:
 QUALITY_KEYS = ("model", "dtype", "gen_length", "block_length")
 
 
+def _settings_differ(old: dict, res: dict, keys: tuple[str, ...]) -> list[str]:
+    """What an earlier run's settings ``old`` and this run's ``res`` disagree on, one "k: a there, b here" each."""
+    return [f"{k}: {old.get(k)!r} there, {res[k]!r} here" for k in keys if old.get(k) != res[k]]
+
+
 def reused_quality(paths: Path | list[Path], res: dict, names: list[str], shas: list[str]) -> dict[str, dict]:
     """The quality of earlier runs (``--quality-from``, one file or several), merged prompt by prompt.
 
@@ -231,7 +237,7 @@ def reused_quality(paths: Path | list[Path], res: dict, names: list[str], shas: 
     have: dict[tuple[str, str], dict[int, dict]] = {}  # (strategy, kind) -> prompt index -> item
     for path in paths:
         old = json.loads(Path(path).read_text())
-        differ = [f"{k}: {old.get(k)!r} there, {res[k]!r} here" for k in QUALITY_KEYS if old.get(k) != res[k]]
+        differ = _settings_differ(old, res, QUALITY_KEYS)
         if differ:
             raise ValueError(f"--quality-from {path}: measured with other settings ({'; '.join(differ)}); rerun "
                              "quality with these settings or match them")
@@ -275,7 +281,7 @@ def reused_timing(path: Path, res: dict, names: list[str]) -> dict[str, dict]:
     the same (model, dtype, threads, canvas, timed steps, repeats, batches, block) and every strategy asked for was
     timed there. Its machine, load and command are carried along (``res["timing_source"]``)."""
     old = json.loads(Path(path).read_text())
-    differ = [f"{k}: {old.get(k)!r} there, {res[k]!r} here" for k in TIMING_KEYS if old.get(k) != res[k]]
+    differ = _settings_differ(old, res, TIMING_KEYS)
     if differ:
         raise ValueError(f"--timing-from {path}: timed with other settings ({'; '.join(differ)}); match them")
     have = {r["strategy"]: r["timing"] for r in old["rows"] if r.get("timing")}
