@@ -7,7 +7,7 @@
     python experiments/check_8b_shapes.py --shape llada-8b-mini --layers 2 --smoke    # seconds (the test suite)
 
 Phases (dllm_sparse/eval/shape_check.py): load, generate, elbo@<context>, rolling@<context> (either with
-/chunk<rows>: the ELBO's LM head on that many rows at a time), sweep, lm_eval, accelerate, step_delta, triton.
+/chunk<rows>: the LM head on that many rows at a time), sweep, lm_eval, accelerate, step_delta, triton.
 Each prints its seconds and peak RSS; the results go to --output-dir as
 <shape>-<layers>l-<dtype>.json (every number, the settings, machine, threads, versions). --memory-plan runs the
 memory phases in one subprocess per (shape, layers, dtype), then writes memory_plan.json and memory_plan.md: the
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=8, help="ELBO rows per forward pass")
     ap.add_argument("--answer", type=int, default=16, help="elbo@<context>: scored tokens at the end of the context")
     ap.add_argument("--head-chunk", type=int, default=None,
-                    help="ELBO: LM head on this many scored rows at a time (None: all at once)")
+                    help="LM head (ELBO or AR scorer) on this many scored rows at a time (None: all at once)")
     ap.add_argument("--stop-after", type=int, default=None,
                     help="generate phase: stop the diffusion sampler after this many steps and extrapolate the time "
                          "of all --steps (None: run every step)")

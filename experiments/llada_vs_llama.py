@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mc-batch", type=int, default=None, help="stratified mini-batch b of the ELBO (default: "
                                                                "min(16, mc_num))")
     ap.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
+    ap.add_argument("--head-chunk", type=int, default=None,
+                    help="LM head on this many scored rows at a time (bounds logit memory for long rolling windows "
+                         "at a 126k vocabulary, docs/memory.md; default: all at once; part of the cell keys)")
     ap.add_argument("--cfg-scale", type=float, default=None,
                     help="guided ELBO w of the diffusion model for every task (default 0: no guidance)")
     ap.add_argument("--preset", default=None, choices=sorted(PRESETS),
@@ -321,13 +324,14 @@ def main(argv=None) -> int:
               f"thresholds: {thresholds}\n"
               f"tasks: {args.tasks}, limit: {limit}\nguided ELBO cfg_scale: {cfg_scale}"
               f"{f' (preset {preset.name})' if preset else ''}\nmc_num: {mc_num}, mc_batch: {mc_batch}, batch_size: "
-              f"{args.batch_size}, dtype: {dtype}, device: {device}, seed: {args.seed}, processes: {world}, "
+              f"{args.batch_size}{f', head_chunk: {args.head_chunk}' if args.head_chunk else ''}, dtype: {dtype}, device: {device}, seed: {args.seed}, processes: {world}, "
               f"CPU threads: {threads_why}\n"
               f"output: {out}")
     cfg = SweepConfig(models=models, output_dir=out, sites=args.sites, rule=args.rule, thresholds=thresholds,
                       tasks=args.tasks, limit=limit, mc_num=mc_num, mc_batch=mc_batch, batch_size=args.batch_size,
                       seed=args.seed, dtype=dtype, device=device, include_path=args.include_path,
-                      progress=not args.no_progress, cfg_scale=cfg_scale, scope=args.scope)
+                      progress=not args.no_progress, cfg_scale=cfg_scale, scope=args.scope,
+                      head_chunk=args.head_chunk)
     rows = run_sweep(cfg)
     if rank != 0:
         return 0

@@ -336,7 +336,24 @@ def test_without_lm_head_keeps_the_head_where_unsafe():
     llada.__class__ = remote_cls  # a checkpoint's own code: what follows its head is unknown
     with without_lm_head(llada) as head:
         assert head is None
-    with without_lm_head(build_tiny_model("llama")) as head:  # AR profiles name no head
-        assert head is None
+    gemma = build_tiny_model("gemma3")  # soft-capping follows its head: the profile names none
+    with without_lm_head(gemma) as head:
+        assert head is None and isinstance(gemma.lm_head, nn.Linear)
     with without_lm_head(nn.Linear(2, 2)) as head:  # unknown architecture
         assert head is None
+
+
+def test_without_lm_head_splits_the_head_of_llama_style_ar_models():
+    """Llama, Qwen2 and Mistral end their forward with the head: split off, the forward returns the final hidden
+    states, and the head applied to them gives the forward's logits; the head is back after the block."""
+    for family in ("llama", "qwen2", "mistral"):
+        model = build_tiny_model(family).eval()
+        ids, original = torch.tensor([[3, 9, 27, 4]]), model.lm_head
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+            with without_lm_head(model) as head:
+                assert head is original and isinstance(model.lm_head, nn.Identity)
+                hidden = model(input_ids=ids).logits
+                assert hidden.shape[-1] == model.config.hidden_size
+            torch.testing.assert_close(torch.nn.functional.linear(hidden, head.weight, head.bias), logits)
+        assert model.lm_head is original

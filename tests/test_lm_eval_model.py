@@ -210,6 +210,10 @@ def _from_args(args: str):
     ("max_gen_toks=-5", r"max_gen_toks=-5: expected a whole number >= 1"),
     ("gen_steps=0", r"gen_steps=0: expected a whole number >= 1"),
     ("block_length=2.5", r"block_length=2.5: expected a whole number >= 1"),
+    ("head_chunk=0", r"head_chunk=0: expected a whole number >= 1"),
+    ("head_chunk=-8", r"head_chunk=-8: expected a whole number >= 1"),
+    ("head_chunk=1.5", r"head_chunk=1.5: expected a whole number >= 1"),
+    ("preset=llada-official,head_chunk=512", r"head_chunk=512 with preset=llada-official: .* official arithmetic"),
     ("add_bos_token=ture", r"add_bos_token='ture': expected a boolean: true or false"),
     ("shift_logits=flase", r"shift_logits='flase': expected a boolean"),
     ("trust_remote_code=maybe", r"trust_remote_code='maybe': expected a boolean"),
@@ -259,6 +263,18 @@ def test_model_args_checked_against_the_loaded_model(tiny_ar_dir, args, message)
         _from_args(f"pretrained={tiny_ar_dir},{args}")
     lm = _from_args(f"pretrained={tiny_ar_dir},sparsity=input:top_p:0.9:layers=1/-1,batch_size=2.0,cfg=0")
     assert lm.sparsity[0].layers == (-1, 1) and lm.scorer.batch_size == 2 and lm.scorer.cfg_scale == 0.0
+
+
+def test_head_chunk_reaches_the_scorer_and_the_identity(tiny_ar_dir):
+    plain = _from_args(f"pretrained={tiny_ar_dir},batch_size=2")
+    chunked = _from_args(f"pretrained={tiny_ar_dir},batch_size=2,head_chunk=3")
+    assert chunked.scorer.head_chunk == 3 and plain.scorer.head_chunk is None
+    assert chunked.run_identity["head_chunk"] == 3 and "head_chunk" not in plain.run_identity.to_dict()
+    want = plain.scorer.loglikelihood_rolling(["a window long enough to take several chunks of three rows"])
+    got = chunked.scorer.loglikelihood_rolling(["a window long enough to take several chunks of three rows"])
+    assert got[0] == pytest.approx(want[0], rel=1e-5)
+    with pytest.raises(TypeError, match="head_chunk would be ignored"):
+        DllmSparseLM.from_scorer(plain.scorer, head_chunk=4)
 
 
 def test_from_scorer_refuses_settings_it_would_drop():

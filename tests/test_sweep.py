@@ -282,3 +282,24 @@ def test_a_corrupt_row_is_named_by_line_not_taken_for_an_old_folder(tmp_path, fu
                                            "lines") as err:
         run_sweep(_cfg(tmp_path), task_factory=counter)
     assert "old way" not in str(err.value) and "upgrade_cell_keys" not in str(err.value) and counter.calls == 0
+
+
+def test_head_chunk_cells_have_their_own_keys_and_the_unchunked_scores(tmp_path):
+    """head_chunk is part of the key (another row count per head product may round differently), and the
+    scores equal the unchunked sweep's up to that rounding; a combined {"cfg", "head_chunk"} key is valid."""
+    from dllm_sparse.eval.sweep import _key_problem
+
+    plain = run_sweep(_cfg(tmp_path / "plain", sites=["input"], thresholds=[1.0, 0.5]), task_factory=Counter())
+    chunked = run_sweep(_cfg(tmp_path / "chunked", sites=["input"], thresholds=[1.0, 0.5], head_chunk=2,
+                             cfg_scale={"mc": 0.5}), task_factory=Counter())
+    plain_by = {(r["model"], r["task"], r["site"], r["p"]): r for r in plain}
+    for r in chunked:
+        opts = json.loads(r["key"])[-1]
+        assert opts == ({"cfg": 0.5, "head_chunk": 2} if r["task"] == "mc" else {"head_chunk": 2})
+        assert _key_problem(r["key"]) is None
+        if r["task"] == "ppl":  # unguided: the plain sweep's cell, chunked
+            assert r["value"] == pytest.approx(plain_by[(r["model"], r["task"], r["site"], r["p"])]["value"],
+                                               rel=1e-5)
+    assert _key_problem(json.dumps(json.loads(chunked[0]["key"])[:-1] + [{"head_chunk": 0.5}])) is not None
+    with pytest.raises(ValueError, match="head_chunk must be a whole number of rows >= 1"):
+        _cfg(tmp_path / "bad", head_chunk=0)

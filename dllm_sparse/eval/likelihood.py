@@ -187,6 +187,7 @@ def ar_loglikelihood_tokens(
     stats: SparsityStats | None = None,
     progress: bool = False,
     share_context: bool = False,
+    head_chunk: int | None = None,
 ) -> list[tuple[float, bool]]:
     """Exact ``(sum log p(continuation | context), is_greedy)`` for token-id requests of a causal LM.
 
@@ -201,7 +202,18 @@ def ar_loglikelihood_tokens(
     token (a rule selecting over a sequence, or a keep-set shared by the context's tokens, would see another
     set of tokens); the :class:`Scorer` turns it on exactly then. Models without a KV cache keyword take one
     pass per request.
+
+    ``head_chunk`` (None: off): the one-pass-per-request path projects each request's continuation through the LM
+    head ``head_chunk`` rows at a time, so at most ``head_chunk`` x vocabulary logits exist at once instead of
+    ``batch_size`` x continuation x vocabulary (a rolling window of 4096 tokens at batch 16 and a 128k vocabulary:
+    33 GB in float32). The forward then returns final hidden states (the head split off by
+    :func:`~dllm_sparse.models.families.without_lm_head`); where the head cannot be split off (remote code, an
+    offloaded head), the forward's logits are used and only the float32 copy and the log-softmax are chunked.
+    Each position's value comes from its own hidden state either way: equal to the unchunked path up to float
+    rounding. The shared-context path (multiple-choice items: one position per context, short continuations)
+    is not chunked.
     """
+    head_chunk = check_head_chunk(head_chunk)
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     seqs = []
@@ -231,6 +243,22 @@ def ar_loglikelihood_tokens(
     use_keep = _accepts(model, "logits_to_keep") and padding_side == "left"
     use_pos = _accepts(model, "position_ids")
     bar = _progress(len(seqs), "loglikelihood (AR)", progress)
+    split = ExitStack()
+    head = split.enter_context(without_lm_head(model)) if head_chunk is not None and order else None
+    with split:
+        _ar_per_request(model, seqs, order, results, batch_size=batch_size, padding_side=padding_side,
+                        pad_id=pad_id, device=device, use_keep=use_keep, use_pos=use_pos, stats=stats,
+                        head=head, head_chunk=head_chunk, bar=bar)
+    if bar is not None:
+        bar.close()
+    return results  # type: ignore[return-value]
+
+
+def _ar_per_request(model, seqs, order, results, *, batch_size, padding_side, pad_id, device, use_keep, use_pos,
+                    stats, head, head_chunk, bar) -> None:
+    """The one-pass-per-request path of :func:`ar_loglikelihood_tokens`: requests ``order`` (longest first),
+    ``batch_size`` per forward pass; writes ``results[i]``. With ``head`` (split off the forward) the forward
+    returns hidden states and the head runs on ``head_chunk`` continuation rows at a time."""
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         inputs = [seqs[i][0][:-1] for i in idx]
@@ -253,24 +281,35 @@ def ar_loglikelihood_tokens(
             kwargs["logits_to_keep"] = max_cont
         groups = {"context": (att.bool() & ~cont_group), "continuation": cont_group}
         with torch.no_grad(), _tagged(stats, "ar", groups):
-            logits = model(**kwargs).logits
-        offset = T - logits.shape[1]  # logits cover input positions offset .. T-1
+            out = model(**kwargs).logits  # hidden states when the head is split off
+        offset = T - out.shape[1]  # the output covers input positions offset .. T-1
         for r, i in enumerate(idx):
             full, nc = seqs[i]
             n = len(full) - 1
             end = T if padding_side == "left" else n
             pos = torch.arange(end - nc, end) - offset
-            lg = logits[r, pos.to(logits.device)].float()
-            target = torch.tensor(full[-nc:], device=lg.device)
-            logp = F.log_softmax(lg, dim=-1)
-            ll = logp.gather(-1, target[:, None]).sum().item()
-            greedy = bool((lg.argmax(-1) == target).all().item())
-            results[i] = (ll, greedy)
+            rows = out[r, pos.to(out.device)]
+            if head_chunk is None:
+                results[i] = _score_continuation(rows, full[-nc:])
+            else:
+                results[i] = _score_chunked(rows, full[-nc:], head, head_chunk)
+        del out
         if bar is not None:
             bar.update(len(idx))
-    if bar is not None:
-        bar.close()
-    return results  # type: ignore[return-value]
+
+
+def _score_chunked(rows: torch.Tensor, target: Sequence[int], head: torch.nn.Linear | None,
+                   chunk: int) -> tuple[float, bool]:
+    """:func:`_score_continuation` of ``rows`` (hidden states when ``head`` is given, else logits) ``chunk`` rows
+    at a time: the per-chunk log-likelihoods summed in float64."""
+    ll, greedy = 0.0, True
+    with torch.no_grad():
+        for s in range(0, rows.shape[0], chunk):
+            part = rows[s:s + chunk]
+            lg = part if head is None else F.linear(part, head.weight, head.bias)
+            part_ll, part_greedy = _score_continuation(lg, target[s:s + chunk])
+            ll, greedy = ll + part_ll, greedy and part_greedy
+    return ll, greedy
 
 
 def _score_continuation(logits: torch.Tensor, target: Sequence[int]) -> tuple[float, bool]:
@@ -810,7 +849,8 @@ class Scorer:
     of every call; each verb takes ``cfg_scale=`` for that call alone) and ``greedy_check`` (``"iterative"``,
     ``"one_pass"`` or ``"off"``; ``True`` = ``"iterative"``) and ``precision`` (``"float32"`` or ``"official"``,
     the official computation bit for bit), see the module docstring, and ``head_chunk`` (the LM head on that many
-    scored rows at a time, :func:`diffusion_elbo_tokens`; part of the identity when set). AR only:
+    scored rows at a time, :func:`diffusion_elbo_tokens` and, for an AR scorer, :func:`ar_loglikelihood_tokens`;
+    part of the identity when set). AR only:
     ``share_context`` (default True) scores the requests sharing a context (multiple-choice items) from one
     forward pass of it when every rule of the call acts per token (``scope="token"``; other scopes and
     ``share_context=False`` take one pass per request; see :func:`ar_loglikelihood_tokens`).
@@ -880,9 +920,10 @@ class Scorer:
         self.dedupe, self.ratio_bins, self.progress = dedupe, ratio_bins, progress
         self.share_context = bool(share_context)
         self.head_chunk = check_head_chunk(head_chunk)
-        if self.head_chunk is not None and (kind != "diffusion" or self.precision == "official"):
-            raise ValueError(f"head_chunk={head_chunk} chunks the LM head of the diffusion ELBO (precision 'float32'); "
-                             f"this scorer is kind={kind!r}, precision={self.precision!r}: leave head_chunk at None")
+        if self.head_chunk is not None and self.precision == "official":
+            raise ValueError(f"head_chunk={head_chunk} with precision='official': the official evaluation runs the "
+                             "LM head over every position at once; leave head_chunk at None (or use precision "
+                             "'float32')")
         self._sparsity = _as_configs(sparsity)
         self.stats = stats
 
@@ -921,6 +962,8 @@ class Scorer:
             est += f"/head-chunk{self.head_chunk}" if self.head_chunk is not None else ""
         if self.kind == "ar" and not self.share_context:
             est += "/ctx-per-request"  # other float rounding than the shared context pass (the default)
+        if self.kind == "ar" and self.head_chunk is not None:
+            est += f"/head-chunk{self.head_chunk}"  # other float rounding (another row count per head product)
         return f"{self.name}|{self.kind}|{sp}|{est}|bos{int(self.add_bos_token)}"
 
     @property
@@ -1010,7 +1053,7 @@ class Scorer:
                 return ar_loglikelihood_tokens(
                     self.model, requests, batch_size=self.batch_size, padding_side=self.padding_side,
                     pad_id=self.pad_id, max_length=self.max_length, stats=stats, progress=self.progress,
-                    share_context=share)
+                    share_context=share, head_chunk=self.head_chunk)
             return diffusion_elbo_tokens(
                 self.model, requests, mask_id=self.mask_id, mc_num=self.mc_num, mc_batch=self.mc_batch,
                 batch_size=max(self.batch_size, 1), seed=self.seed, keys=keys, shift_logits=self.shift_logits,

@@ -57,7 +57,9 @@ LLaDA evaluation's ``cfg``), ``preset`` (``llada-official``: the official per-ta
 generation 1024/1024/1024 with the task's cfg and the official confidence; see :mod:`dllm_sparse.eval.presets`;
 explicit arguments win, an explicit ``mc_num`` or ``mc_batch`` for every task),
 ``max_gen_toks``, ``gen_steps``, ``block_length``, ``block_cache`` (prefix / dual: Fast-dLLM's approximate
-block KV cache in ``generate_until``, native LLaDA only), ``trust_remote_code``, ``add_bos_token``, ``progress``
+block KV cache in ``generate_until``, native LLaDA only), ``head_chunk`` (the LM head on that many scored rows at
+a time in the log-likelihoods: the bound on logit memory for long rolling windows; refused with the
+``llada-official`` preset, whose official arithmetic runs the head over every position), ``trust_remote_code``, ``add_bos_token``, ``progress``
 (progress bars, default true; lm-eval's ``disable_tqdm`` and ranks other than 0 turn them off),
 ``data_parallel`` (default: true for a model built from ``pretrained``).
 
@@ -93,8 +95,8 @@ fields out). Use one cache path per configuration, e.g. ``--use_cache cache/{lm.
 Unknown model arguments (a typo such as ``sitee=input``) are refused with the list of valid ones: a misspelt
 sparsity argument would otherwise give a dense run. Values are read strictly (:mod:`dllm_sparse.eval.model_args`;
 the error names the argument, the value and the accepted form): booleans are true/false (yes/no, on/off, 1/0),
-counts (``batch_size``, ``mc_num``, ``mc_batch``, ``max_gen_toks``, ``gen_steps``, ``block_length``) whole
-numbers >= 1, ``seed`` a whole number >= 0, ``cfg`` a finite number >= 0, ``threshold``/``p`` finite numbers. A
+counts (``batch_size``, ``mc_num``, ``mc_batch``, ``max_gen_toks``, ``gen_steps``, ``block_length``,
+``head_chunk``) whole numbers >= 1, ``seed`` a whole number >= 0, ``cfg`` a finite number >= 0, ``threshold``/``p`` finite numbers. A
 sparsity piece (``rule``, ``scope``, ...) next to a whole ``sparsity`` id, or without a ``site``, is refused (it
 would be dropped); layer indices are checked against the loaded model; ``cfg`` > 0 and ``preset`` are refused for
 an autoregressive model (they are settings of the diffusion ELBO). With ``scorer=`` / :meth:`from_scorer` the
@@ -201,7 +203,7 @@ def _batch_size(value: Any) -> int:
 MODEL_ARGS = ("pretrained", "sparsity", "site", "rule", "threshold", "p", "scope", "kind", "dtype", "device",
               "batch_size", "mc_num", "mc_batch", "seed", "shift_logits", "greedy_check", "max_gen_toks",
               "gen_steps", "block_length", "trust_remote_code", "add_bos_token", "cfg", "cfg_scale", "preset",
-              "progress", "data_parallel", "block_cache")
+              "progress", "data_parallel", "block_cache", "head_chunk")
 
 def _refuse_diffusion_only_args(kind: str | None, cfg: float | None, preset, block_cache: str | None = None) -> None:
     """Guidance (``cfg``) and the ``llada-official`` preset are settings of the diffusion ELBO, ``block_cache`` one
@@ -285,6 +287,7 @@ class DllmSparseLM(LM):
         progress: bool | str = True,
         data_parallel: bool | str | None = None,
         block_cache: str | None = None,
+        head_chunk: int | None = None,
         scorer: Scorer | None = None,
         stats: SparsityStats | None = None,
         **unknown: Any,
@@ -311,7 +314,12 @@ class DllmSparseLM(LM):
             raise ValueError(f"block_cache={block_cache!r}: use prefix or dual (Fast-dLLM's approximate block KV "
                              "caches of the diffusion sampler, for generate_until), or none")
         self.block_cache = block_cache
+        head_chunk = None if head_chunk in (None, "", "none") else as_positive_int("head_chunk", head_chunk)
         self.preset = None if preset in (None, "", "none") else get_preset(preset)
+        if self.preset is not None and head_chunk is not None and self.preset.precision == "official":
+            raise ValueError(f"head_chunk={head_chunk} with preset={self.preset.name}: the preset scores in the "
+                             "official arithmetic, which runs the LM head over every position at once; drop "
+                             "head_chunk (or the preset)")
         # The preset's per-task mc_num / mc_batch (MMLU-style tasks: 1 / 1) apply unless either is given.
         self._preset_mc = self.preset is not None and mc_num is None and mc_batch is None
         if self.preset is not None:
@@ -347,7 +355,7 @@ class DllmSparseLM(LM):
             scorer_args = dict(pretrained=pretrained, kind=kind, dtype=dtype, device=device, batch_size=batch_size,
                                mc_num=mc_num, mc_batch=mc_batch, seed=seed, shift_logits=shift_logits,
                                greedy_check=greedy_check, trust_remote_code=trust_remote_code,
-                               add_bos_token=add_bos_token)
+                               add_bos_token=add_bos_token, head_chunk=head_chunk)
             if self.preset is not None:
                 # With a preset, mc_num / mc_batch equal to the scorer's say "the scorer's for every task" (instead of
                 # the preset's per-task values): allowed; any other value would be ignored, so it is refused below.
@@ -386,6 +394,7 @@ class DllmSparseLM(LM):
                 lm, batch_size=bs, mc_num=128 if mc_num is None else mc_num,
                 mc_batch=16 if mc_batch is None else mc_batch, seed=seed, shift_logits=shift_logits,
                 greedy_check=greedy_check, cfg_scale=cfg or 0.0, add_bos_token=add_bos, sparsity=sparsity,
+                head_chunk=head_chunk,
                 stats=stats if stats is not None else SparsityStats() if sparsity is not None else None)
         _refuse_diffusion_only_args(scorer.kind, None, self.preset, block_cache)
         _check_layers_exist(scorer.model, scorer.sparsity)
@@ -440,6 +449,8 @@ class DllmSparseLM(LM):
             extra["precision"] = self.scorer.precision
         if self.block_cache is not None:  # generate_until's tokens change with it
             extra["block_cache"] = self.block_cache
+        if getattr(self.scorer, "head_chunk", None) is not None:  # another row count per head product: rounding
+            extra["head_chunk"] = self.scorer.head_chunk
         return extra
 
     @property

@@ -12,8 +12,8 @@ from a checkpoint in the official layout) through the phases named in ``phases``
 * ``elbo@<context>``: the scorer on one request of ``context`` tokens whose last ``answer`` tokens are scored
   (diffusion: the Monte-Carlo ELBO, ``mc_num`` / ``mc_batch`` / ``batch_size`` / ``head_chunk``; AR: exact), and
   ``rolling@<context>``: one rolling window of ``context`` tokens scored whole (the perplexity case, where the
-  LM head sees every masked position); either with ``/chunk<rows>`` (``elbo@4096/chunk2048``): the ELBO's LM head
-  on that many scored rows at a time;
+  LM head sees every masked position); either with ``/chunk<rows>`` (``elbo@4096/chunk2048``): the LM head (of
+  the ELBO or of the AR scorer) on that many scored rows at a time;
 * ``sweep``: one cell of :func:`dllm_sparse.eval.sweep.run_sweep` (builtin_mc, one item, ``input`` top-p 0.9);
 * ``lm_eval``: the lm-eval model, one request of each kind (loglikelihood, loglikelihood_rolling, generate_until);
 * ``accelerate``: ``accelerate_ffn`` with a shared keep-set (``TopP(0.9, scope="step")``, the packed path) on one
@@ -136,9 +136,9 @@ class _StopAfter:
 def _scorer(lm, s: dict):
     from dllm_sparse.eval.likelihood import Scorer
 
-    kw = {"batch_size": s["batch_size"]}
+    kw = {"batch_size": s["batch_size"], "head_chunk": s.get("head_chunk")}
     if lm.kind == "diffusion":
-        kw.update(mc_num=s["mc_num"], mc_batch=s["mc_batch"], head_chunk=s.get("head_chunk"))
+        kw.update(mc_num=s["mc_num"], mc_batch=s["mc_batch"])
     return Scorer.from_loaded(lm, **kw)
 
 

@@ -253,9 +253,15 @@ class SweepConfig:
     # Guided ELBO w of the diffusion models (a float for every task or a {task: w} dict, e.g. the official
     # LLaDA per-task values of dllm_sparse.eval.presets); autoregressive models ignore it.
     cfg_scale: float | dict[str, float] = 0.0
+    # The LM head on this many scored rows at a time (Scorer(head_chunk=...)): bounds the logits' memory for long
+    # rolling windows at a large vocabulary; None = all at once. Part of the cell key when set.
+    head_chunk: int | None = None
 
     def __post_init__(self):
+        from dllm_sparse.eval.likelihood import check_head_chunk
+
         self.rule = rule_name(self.rule)
+        check_head_chunk(self.head_chunk)
         self.configs()  # a bad site or threshold fails here, not after the first model has loaded
         for task in self.tasks:
             check_limit(self.limit_for(task), what=f"limit of task {task!r}")
@@ -291,10 +297,16 @@ MODEL_IDENTITY_FIELDS = ("weights", "kind", "param_dtype", "device_type")
 
 
 def _key(model: str, task: str, sparsity_id: str, limit, mc_num: int, mc_batch: int, seed: int, dtype: str,
-         batch_size: int, cfg_scale: float = 0.0) -> str:
+         batch_size: int, cfg_scale: float = 0.0, head_chunk: int | None = None) -> str:
     k = [str(model), task, sparsity_id, limit, mc_num, mc_batch, seed, str(dtype), int(batch_size)]
-    if cfg_scale:  # appended only when guided, so the keys of unguided cells stay what they were
-        k.append({"cfg": float(cfg_scale)})
+    # Options appended only when set, so the keys of unguided, unchunked cells stay what they were.
+    options: dict[str, Any] = {}
+    if cfg_scale:
+        options["cfg"] = float(cfg_scale)
+    if head_chunk is not None:
+        options["head_chunk"] = int(head_chunk)
+    if options:
+        k.append(options)
     return json.dumps(k, separators=(",", ":"))
 
 
@@ -309,7 +321,7 @@ def cell_key(cfg: SweepConfig, model: str, task: str, config: SparsityConfig | N
     """The key of a cell: :func:`cell_identity` as a JSON list in :data:`KEY_FIELDS` order (the sparsity as
     its config id, ``dense`` for the dense cell)."""
     ident = cell_identity(cfg, model, task, config)
-    return _key(*(ident[f] for f in KEY_FIELDS), cfg_scale=cfg.cfg_for(task))
+    return _key(*(ident[f] for f in KEY_FIELDS), cfg_scale=cfg.cfg_for(task), head_chunk=cfg.head_chunk)
 
 
 def model_identity(lm) -> dict:
@@ -418,8 +430,8 @@ def upgrade_cell_keys(output_dir: str | Path, batch_size: int | None = None) -> 
 
 
 def _key_problem(key: Any) -> str | None:
-    """What is wrong with a cell key of the current form (:data:`KEY_FIELDS`, plus ``{"cfg": w}`` for a guided
-    cell), or None when it is one."""
+    """What is wrong with a cell key of the current form (:data:`KEY_FIELDS`, plus ``{"cfg": w, "head_chunk": n}``
+    holding the options that are set), or None when it is one."""
     if not isinstance(key, str):
         return f"its key is {type(key).__name__} {key!r:.60}, not a string"
     try:
@@ -441,9 +453,13 @@ def _key_problem(key: Any) -> str | None:
     for name, value in zip(KEY_FIELDS, k, strict=False):
         if not checks[name](value):
             return f"its key's {name} field is {value!r:.60}, which is not a valid {name}"
-    if len(k) > len(KEY_FIELDS) and not (isinstance(k[-1], dict) and set(k[-1]) == {"cfg"}
-                                         and isinstance(k[-1]["cfg"], (int, float))):
-        return f"its key's last field {k[-1]!r:.60} is not the guidance {{\"cfg\": w}}"
+    if len(k) > len(KEY_FIELDS):
+        opts = k[-1]
+        number = {"cfg": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "head_chunk": whole}
+        if not (isinstance(opts, dict) and opts and set(opts) <= set(number)
+                and all(number[n](v) for n, v in opts.items())):
+            return (f"its key's last field {opts!r:.60} is not the options "
+                    "{\"cfg\": w, \"head_chunk\": n} (either or both)")
     return None
 
 
@@ -617,7 +633,7 @@ def run_sweep(
             spec, dtype=cfg.dtype, device=device)
         load_seconds[_model_name(spec)] = time.perf_counter() - t_load
         scorer = Scorer.from_loaded(lm, batch_size=cfg.batch_size, mc_num=cfg.mc_num, mc_batch=cfg.mc_batch,
-                                    seed=cfg.seed, ratio_bins=cfg.ratio_bins)
+                                    seed=cfg.seed, ratio_bins=cfg.ratio_bins, head_chunk=cfg.head_chunk)
         name = _model_name(spec)
         loaded = model_identity(lm)
         _check_model_identity(out, existing, name, cfg, loaded)

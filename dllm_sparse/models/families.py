@@ -113,10 +113,13 @@ class FFNModules:
 _LLAMA_NAMES = dict(layers="model.layers", ffn="mlp", gate="gate_proj", up="up_proj", down="down_proj", act="act_fn")
 
 # The registry, searched front to back (families registered later come first).
+# Llama, Qwen2 and Mistral's *ForCausalLM forward ends with ``logits = self.lm_head(hidden_states)`` (checked in
+# transformers 5.23-5.24), so their head can be split off; Gemma 3's is followed by logit soft-capping and its
+# multimodal class nests the flag in a sub-config, so it keeps its head.
 PROFILES: list[FamilyProfile] = [
-    FamilyProfile("llama", ("llama",), **_LLAMA_NAMES),  # Llama 2/3.x, SmolLM2
-    FamilyProfile("qwen2", ("qwen2",), **_LLAMA_NAMES),  # Qwen2, Qwen2.5
-    FamilyProfile("mistral", ("mistral",), **_LLAMA_NAMES),
+    FamilyProfile("llama", ("llama",), **_LLAMA_NAMES, head="lm_head"),  # Llama 2/3.x, SmolLM2
+    FamilyProfile("qwen2", ("qwen2",), **_LLAMA_NAMES, head="lm_head"),  # Qwen2, Qwen2.5
+    FamilyProfile("mistral", ("mistral",), **_LLAMA_NAMES, head="lm_head"),
     FamilyProfile("gemma3", ("gemma3", "gemma3_text"), **_LLAMA_NAMES, activation="gelu_tanh"),
     # Dream-7B: Qwen2.5 names; predicts token i + 1 at position i like its AR parent.
     FamilyProfile("dream", ("dream",), **_LLAMA_NAMES, kind="diffusion", mask_id=151666, logit_shift=True),
