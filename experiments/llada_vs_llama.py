@@ -324,7 +324,8 @@ def main(argv=None) -> int:
               f"thresholds: {thresholds}\n"
               f"tasks: {args.tasks}, limit: {limit}\nguided ELBO cfg_scale: {cfg_scale}"
               f"{f' (preset {preset.name})' if preset else ''}\nmc_num: {mc_num}, mc_batch: {mc_batch}, batch_size: "
-              f"{args.batch_size}{f', head_chunk: {args.head_chunk}' if args.head_chunk else ''}, dtype: {dtype}, device: {device}, seed: {args.seed}, processes: {world}, "
+              f"{args.batch_size}{f', head_chunk: {args.head_chunk}' if args.head_chunk else ''}, dtype: {dtype}, "
+              f"device: {device}, seed: {args.seed}, processes: {world}, "
               f"CPU threads: {threads_why}\n"
               f"output: {out}")
     cfg = SweepConfig(models=models, output_dir=out, sites=args.sites, rule=args.rule, thresholds=thresholds,

@@ -59,9 +59,9 @@ explicit arguments win, an explicit ``mc_num`` or ``mc_batch`` for every task),
 ``max_gen_toks``, ``gen_steps``, ``block_length``, ``block_cache`` (prefix / dual: Fast-dLLM's approximate
 block KV cache in ``generate_until``, native LLaDA only), ``head_chunk`` (the LM head on that many scored rows at
 a time in the log-likelihoods: the bound on logit memory for long rolling windows; refused with the
-``llada-official`` preset, whose official arithmetic runs the head over every position), ``trust_remote_code``, ``add_bos_token``, ``progress``
-(progress bars, default true; lm-eval's ``disable_tqdm`` and ranks other than 0 turn them off),
-``data_parallel`` (default: true for a model built from ``pretrained``).
+``llada-official`` preset, whose official arithmetic runs the head over every position), ``trust_remote_code``,
+``add_bos_token``, ``progress`` (progress bars, default true; lm-eval's ``disable_tqdm`` and ranks other than 0
+turn them off), ``data_parallel`` (default: true for a model built from ``pretrained``).
 
 Chat templates: ``--apply_chat_template`` (optionally ``--system_instruction``, ``--fewshot_as_multiturn``) renders
 every request with the tokenizer's chat template (``tokenizer.apply_chat_template``, as HFLM does; both kinds),
@@ -96,11 +96,12 @@ Unknown model arguments (a typo such as ``sitee=input``) are refused with the li
 sparsity argument would otherwise give a dense run. Values are read strictly (:mod:`dllm_sparse.eval.model_args`;
 the error names the argument, the value and the accepted form): booleans are true/false (yes/no, on/off, 1/0),
 counts (``batch_size``, ``mc_num``, ``mc_batch``, ``max_gen_toks``, ``gen_steps``, ``block_length``,
-``head_chunk``) whole numbers >= 1, ``seed`` a whole number >= 0, ``cfg`` a finite number >= 0, ``threshold``/``p`` finite numbers. A
-sparsity piece (``rule``, ``scope``, ...) next to a whole ``sparsity`` id, or without a ``site``, is refused (it
-would be dropped); layer indices are checked against the loaded model; ``cfg`` > 0 and ``preset`` are refused for
-an autoregressive model (they are settings of the diffusion ELBO). With ``scorer=`` / :meth:`from_scorer` the
-scorer's own settings (``batch_size``, ``mc_num``, ``seed``, ...) cannot be given again.
+``head_chunk``) whole numbers >= 1, ``seed`` a whole number >= 0, ``cfg`` a finite number >= 0,
+``threshold``/``p`` finite numbers. A sparsity piece (``rule``, ``scope``, ...) next to a whole ``sparsity`` id,
+or without a ``site``, is refused (it would be dropped); layer indices are checked against the loaded model;
+``cfg`` > 0 and ``preset`` are refused for an autoregressive model (they are settings of the diffusion ELBO). With
+``scorer=`` / :meth:`from_scorer` the scorer's own settings (``batch_size``, ``mc_num``, ``seed``, ...) cannot be
+given again.
 """
 
 from __future__ import annotations
