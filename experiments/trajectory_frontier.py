@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--timing-steps", type=int, default=32, help="timing: steps replayed (default: %(default)s)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="timing batch sizes (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=5, help="timing: interleaved repeats (default: %(default)s)")
+    ap.add_argument("--profile", action="store_true",
+                    help="timing: also one torch.profiler replay per strategy, a step's time split into matrix "
+                         "products, attention, other ops and unattributed (default: off)")
     ap.add_argument("--skip-quality", action="store_true", help="timing only")
     ap.add_argument("--skip-timing", action="store_true", help="quality only")
     ap.add_argument("--quality-from", type=Path, nargs="+", default=None,

@@ -59,7 +59,7 @@ def test_the_smoke_run_writes_every_output(tmp_path):
     out = tmp_path / "tf"
     r = subprocess.run([sys.executable, str(ROOT / "experiments" / "trajectory_frontier.py"), "--smoke",
                         "--threads", "1", "--strategies", "step-intermediate:0.9@block_start",
-                        "delta-input:0.25/0.5@block_start", "delta-input:1/1@block_start",
+                        "delta-input:0.25/0.5@block_start", "delta-input:1/1@block_start", "--profile",
                         "--output-dir", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "trajectory_frontier.json").read_text())
@@ -78,6 +78,13 @@ def test_the_smoke_run_writes_every_output(tmp_path):
     assert rows["delta-input:1/1@block_start"]["timing"]["1"]["flop_bound"] <= 1.0
     assert (out / "trajectory_frontier.png").stat().st_size > 1000
     assert "| delta-input:0.25/0.5@block_start |" in (out / "summary.md").read_text()
+    for row in res["rows"]:  # --profile: a step's time split by op group, the groups within the wall time
+        pr = row["timing"]["1"]["profile"]
+        assert pr["matmul_ms"] > 0 and pr["attention_ms"] > 0 and pr["other_ops_ms"] > 0
+        assert pr["unattributed_ms"] == pytest.approx(pr["wall_ms"] - pr["matmul_ms"] - pr["attention_ms"]
+                                                      - pr["other_ops_ms"])
+        assert pr["unattributed_ms"] > -0.05 * pr["wall_ms"]  # op self times on one thread never exceed the wall
+    assert "Where a step's time goes" in (out / "summary.md").read_text()
 
 
 def _item(i, hits, commits=10, same=5, probe=True, sha=None):

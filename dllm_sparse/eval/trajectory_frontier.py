@@ -348,10 +348,44 @@ def step_flop_bound(share: float, work: float | None) -> float | None:
     return None if work is None else 1.0 / (1.0 - share * (1.0 - work))
 
 
+# Matrix products as torch.profiler names their CPU kernels (aten::linear and aten::matmul only dispatch to these).
+_MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
+
+
+def _step_profile(lm, prompt_ids: torch.Tensor, trajectory, cfg: GenerationConfig, strategy: Strategy) -> dict:
+    """Where a step's time goes: one replay of ``trajectory`` with ``strategy`` under torch.profiler, the self time
+    of its ops in three groups, ms per step: matrix products (:data:`_MATMUL_OPS`), attention (the scaled
+    dot-product attention kernels) and every other op (norms, rotary, activation, residual adds, copies, top-k,
+    gathers); ``unattributed_ms`` = wall time - op time (Python, hooks, the sampler's bookkeeping). Profiling adds
+    a cost per op, so small ops weigh more here than in the timed rounds; compare strategies with each other."""
+    from torch.profiler import ProfilerActivity, profile
+
+    callbacks, _ = strategy.attach(lm.model)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            rep = replay(lm.model, prompt_ids, trajectory, cfg, callbacks=callbacks, block_cache=strategy.block_cache)
+            wall = time.perf_counter() - t0
+    finally:
+        strategy.detach(lm.model)
+    groups = {"matmul_ms": 0.0, "attention_ms": 0.0, "other_ops_ms": 0.0}
+    for e in prof.key_averages():
+        name = e.key
+        group = ("matmul_ms" if name in _MATMUL_OPS else "attention_ms" if "scaled_dot_product" in name
+                 or "flash_attention" in name else "other_ops_ms")
+        groups[group] += e.self_cpu_time_total / 1e3  # microseconds -> ms
+    n = len(rep.steps)
+    out = {k: v / n for k, v in groups.items()}
+    out["wall_ms"] = wall * 1e3 / n
+    out["unattributed_ms"] = out["wall_ms"] - sum(groups.values()) / n
+    return out
+
+
 def timing(lm, prompt_ids: list[int], strategies: list[Strategy], batch: int, canvas: int, block_length: int,
-           steps: int, repeats: int) -> dict:
+           steps: int, repeats: int, profile: bool = False) -> dict:
     """Median seconds per step per strategy (and dense) over ``repeats`` interleaved rounds after a warm-up, with
-    the [min, max] over rounds of dense / strategy (each round's ratio)."""
+    the [min, max] over rounds of dense / strategy (each round's ratio); with ``profile``, also each strategy's
+    :func:`_step_profile` (one more replay, after the timed rounds)."""
     ids = torch.tensor([prompt_ids] * batch)
     cfg = GenerationConfig(gen_length=canvas, steps=canvas, block_length=block_length, temperature=0.0,
                            stop_token_ids=(), mask_id=lm.mask_id)
@@ -375,6 +409,8 @@ def timing(lm, prompt_ids: list[int], strategies: list[Strategy], batch: int, ca
         alone = f"cache-{s.block_cache}"
         if s.block_cache is not None and s.name != alone and alone in samples:  # against the cache alone
             out[s.name]["vs_cache"] = _speedup(samples[alone], ts)
+        if profile:
+            out[s.name]["profile"] = _step_profile(lm, ids, recorded.trace, cfg, s)
     return out
 
 
@@ -456,6 +492,20 @@ def summary_md(res: dict) -> str:
                 cells.append(f"{v['speedup']:.2f}x [{v['speedup_range'][0]:.2f}, {v['speedup_range'][1]:.2f}]"
                              if v else "-")
             lines.append("| " + " | ".join(cells) + " |")
+    profiled = [r for r in res["rows"] if any("profile" in t for t in r.get("timing", {}).values())]
+    if profiled:
+        lines += ["", "Where a step's time goes (torch.profiler, one more replay per strategy after the timed rounds; "
+                  "ms per step; op self times: matrix products, attention, every other op; unattributed = wall - "
+                  "ops: Python, hooks, bookkeeping; profiling inflates small ops):", "",
+                  "| strategy | batch | wall | matmul | attention | other ops | unattributed |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in profiled:
+            for b in res["batches"]:
+                pr = row.get("timing", {}).get(str(b), {}).get("profile")
+                if pr:
+                    lines.append(f"| {row['strategy']} | {b} | {pr['wall_ms']:.1f} | {pr['matmul_ms']:.1f} | "
+                                 f"{pr['attention_ms']:.1f} | {pr['other_ops_ms']:.1f} | "
+                                 f"{pr['unattributed_ms']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -566,7 +616,7 @@ def run_trajectory_frontier(args, command: str, lm=None, prompts=None, keywords=
             first = list(lm.tokenizer.encode(text, add_special_tokens=False))
         for b in args.batches:
             t = timing(lm, list(first), strategies, b, args.canvas, args.block_length, args.timing_steps,
-                       args.repeats)
+                       args.repeats, profile=getattr(args, "profile", False))
             for name, v in t.items():
                 rows[name].setdefault("timing", {})[str(b)] = v
             print(f"  timing batch {b}: " + ", ".join(f"{k} {v['speedup']:.2f}x" for k, v in t.items()), flush=True)
