@@ -82,8 +82,10 @@ def test_extrapolation_formula():
     assert fits["elbo"] == ["no", "yes", "yes", "yes"]
 
 
-@pytest.mark.parametrize("shape, dtypes, table_file", [("llada-8b", ["bf16", "fp32"], "memory_plan.md"),
-                                                       ("llama-3.1-8b", ["bf16", "fp32"], "memory_plan_llama-3.1-8b.md")])
+@pytest.mark.parametrize("shape, dtypes, table_file", [
+    ("llada-8b", ["bf16", "fp32"], "memory_plan.md"),
+    ("llama-3.1-8b", ["bf16", "fp32"], "memory_plan_llama-3.1-8b.md"),
+])
 def test_committed_memory_table_is_what_the_committed_runs_give(tmp_path, shape, dtypes, table_file):
     committed = Path(__file__).resolve().parents[1] / "docs" / "results" / "shapes_8b" / "memory"
     for f in committed.glob(f"{shape}-*.json"):

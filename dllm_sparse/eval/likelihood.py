@@ -243,9 +243,7 @@ def ar_loglikelihood_tokens(
     use_keep = _accepts(model, "logits_to_keep") and padding_side == "left"
     use_pos = _accepts(model, "position_ids")
     bar = _progress(len(seqs), "loglikelihood (AR)", progress)
-    split = ExitStack()
-    head = split.enter_context(without_lm_head(model)) if head_chunk is not None and order else None
-    with split:
+    with without_lm_head(model) if head_chunk is not None else nullcontext(None) as head:
         _ar_per_request(model, seqs, order, results, batch_size=batch_size, padding_side=padding_side,
                         pad_id=pad_id, device=device, use_keep=use_keep, use_pos=use_pos, stats=stats,
                         head=head, head_chunk=head_chunk, bar=bar)
@@ -958,12 +956,10 @@ class Scorer:
             est += f"/cfg{w!r}" if w > 0 else ""
             est += f"/greedy-{self.greedy_check}" if self.greedy_check != "off" else ""
             est += f"/precision-{self.precision}" if self.precision != "float32" else ""
-            # Row-chunked head products may round differently on some BLAS (kernel choice depends on the row count).
-            est += f"/head-chunk{self.head_chunk}" if self.head_chunk is not None else ""
         if self.kind == "ar" and not self.share_context:
             est += "/ctx-per-request"  # other float rounding than the shared context pass (the default)
-        if self.kind == "ar" and self.head_chunk is not None:
-            est += f"/head-chunk{self.head_chunk}"  # other float rounding (another row count per head product)
+        # Row-chunked head products may round differently on some BLAS (kernel choice depends on the row count).
+        est += f"/head-chunk{self.head_chunk}" if self.head_chunk is not None else ""
         return f"{self.name}|{self.kind}|{sp}|{est}|bos{int(self.add_bos_token)}"
 
     @property
