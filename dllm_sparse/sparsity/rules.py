@@ -212,10 +212,11 @@ def top_p_mask_row_sort(x: torch.Tensor, p: float) -> torch.Tensor:
     keep every non-zero entry, as :meth:`SparsityRule.mask` defines). The CPU path of ``TopP``.
 
     The row sort is NumPy's on float32 values (vectorised; a float32 row sorts in about half the time of the
-    same row in float64, and far faster than ``torch.sort``): fp32 / bf16 / fp16 values are exactly float32, and
-    float32 -> float64 is exact and monotone, so the sorted row equals the reference's float64 sorted row. The
-    same ``torch.cumsum`` in float64 then gives the same running sums, target and tau, rounding included.
-    float64 input sorts in float64; other devices run the reference."""
+    same row in float64, and far faster than ``torch.sort``), in place: fp32 / bf16 / fp16 values are exactly float32, and float32 -> float64 is
+    exact and monotone, so the sorted row equals the reference's float64 sorted row. The same ``torch.cumsum``
+    in float64 then gives the same running sums, target and tau, rounding included; the cut is found by a
+    binary search (the running sums of |v| never decrease). float64 input sorts in float64; other devices
+    run the reference."""
     p = _check_p(p)
     if p >= 1.0 or x.numel() == 0:
         return x.detach() != 0  # |v| != 0 <=> v != 0 (NaN included)
@@ -225,15 +226,25 @@ def top_p_mask_row_sort(x: torch.Tensor, p: float) -> torch.Tensor:
     a = x.detach().reshape(-1, d).abs()
     if a.dtype != torch.float64:
         a = a.float()
-    desc = torch.from_numpy(np.sort(a.neg().numpy(), axis=-1)).neg_().to(torch.float64)  # |v| descending
-    csum = desc.cumsum(dim=-1)
-    target = p * csum[:, -1:]
-    tau = desc.gather(1, (csum < target).sum(dim=-1, keepdim=True).clamp_(max=d - 1))
-    # tau is one of the row's values, so comparing in the row's own dtype is the float64 comparison.
-    keep = ~(a < tau.to(a.dtype)) & (a != 0)
-    return _keep_nan_rows(x, keep.reshape(x.shape))
+    desc = a.neg()
+    desc.numpy().sort(axis=-1)  # -|v| ascending, in place ...
+    desc.neg_()  # ... = |v| descending
+    csum = desc.cumsum(dim=-1, dtype=torch.float64)
+    total = csum[:, -1:]
+    # The reference's k - 1 = the number of running sums below the target (NaN rows are settled below).
+    k_minus_1 = torch.searchsorted(csum, p * total).clamp_(max=d - 1)
+    tau = desc.gather(1, k_minus_1)
+    # tau > 0 unless the row is all zeros; there the smallest positive value keeps nothing, as zeros never are.
+    # With tau > 0, |v| >= tau is the reference's "not |v| < tau and v != 0" in one pass.
+    keep = a >= torch.where(tau > 0, tau, _SMALLEST_POSITIVE[tau.dtype])
+    nan_rows = total.isnan().squeeze(-1)  # |v| sums to NaN exactly when the row holds a NaN
+    if bool(nan_rows.any()):
+        rows = nan_rows.nonzero().squeeze(-1)
+        keep[rows] = x.detach().reshape(-1, d)[rows] != 0
+    return keep.reshape(x.shape)
 
 
+_SMALLEST_POSITIVE = {torch.float32: float(np.nextafter(np.float32(0), np.float32(1))), torch.float64: math.ulp(0.0)}
 def _top_p_mask_sorted(x: torch.Tensor, p: float) -> torch.Tensor:
     """:func:`top_p_mask_reference` step for step, with the row sort done by NumPy (values only, ~20x faster
     than ``torch.sort`` on CPU). The sorted values are the same numbers (ties are equal values), and the same
