@@ -211,9 +211,10 @@ def top_p_mask_row_sort(x: torch.Tensor, p: float) -> torch.Tensor:
     """Top-p keep-mask by the reference's own steps, bit-identical to :func:`top_p_mask_reference` (NaN rows
     keep every non-zero entry, as :meth:`SparsityRule.mask` defines). The CPU path of ``TopP``.
 
-    The row sort is NumPy's on float32 values (vectorised; a float32 row sorts in about half the time of the
-    same row in float64, and far faster than ``torch.sort``), in place: fp32 / bf16 / fp16 values are exactly float32, and float32 -> float64 is
-    exact and monotone, so the sorted row equals the reference's float64 sorted row. The same ``torch.cumsum``
+    The row sort is NumPy's on float32 values, in place (vectorised; a float32 row sorts in about half the time
+    of the same row in float64, and far faster than ``torch.sort``): fp32 / bf16 / fp16 values are exactly
+    float32, and float32 -> float64 is exact and monotone, so the sorted row equals the reference's float64
+    sorted row. The same ``torch.cumsum``
     in float64 then gives the same running sums, target and tau, rounding included; the cut is found by a
     binary search (the running sums of |v| never decrease). float64 input sorts in float64; other devices
     run the reference."""
