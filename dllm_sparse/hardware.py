@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["cpu_name", "cpu_flags", "slow_bf16_reason", "parse_proc_stat", "idle_cores", "auto_threads"]
+__all__ = ["cpu_name", "cpu_flags", "machine_description", "slow_bf16_reason", "parse_proc_stat", "idle_cores",
+           "auto_threads"]
 
 
 def cpu_name() -> str:
@@ -38,6 +39,18 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def machine_description(threads: int) -> str:
+    """One line for stated times: CPU model, cores (and how many this process may use), the flags that decide
+    matmul speed, torch's threads and the library versions."""
+    import torch
+    import transformers
+
+    fast = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"{cpu_name()}, {os.cpu_count()} cores ({usable} usable by this process; {' '.join(fast) or 'no AVX2'}), "
+            f"{threads} torch threads, torch {torch.__version__}, transformers {transformers.__version__}")
 
 
 def slow_bf16_reason(device: str = "cpu", flags: set[str] | None = None) -> str | None:

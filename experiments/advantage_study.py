@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 # Only light modules before the arguments are parsed (--help answers without importing torch).
+from dllm_sparse.hardware import machine_description
 from dllm_sparse.sparsity.sites import ALL_SITES, SitesAction
 
 REPO = Path(__file__).resolve().parents[1]
@@ -330,22 +331,6 @@ def main(argv=None) -> int:
     print(f"report: {out / 'advantage.md'}\nwall time {wall / 60:.1f} min; phases (s): "
           + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
     return 0
-
-
-def machine_description(threads: int) -> str:
-    """CPU model, cores, the flags that decide matmul speed, torch threads and versions (for stated times)."""
-    import os
-
-    import torch
-    import transformers
-
-    from dllm_sparse.hardware import cpu_flags, cpu_name
-
-    fast = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
-    cpu = cpu_name()
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cpu}, {os.cpu_count()} cores ({affinity} usable by this process; {' '.join(fast) or 'no AVX2'}), "
-            f"{threads} torch threads, torch {torch.__version__}, transformers {transformers.__version__}")
 
 
 def _shipped_tokens() -> int | None:

@@ -29,14 +29,15 @@ oversubscribed OpenMP threads spin and made a forward pass up to 8x slower in ou
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
+from dllm_sparse.eval.presets import PRESETS
+
 # Only light modules here, so that --help answers at once; torch and the package's heavy modules are imported
 # by the functions that use them, after the arguments are parsed.
-from dllm_sparse.eval.presets import PRESETS
+from dllm_sparse.hardware import machine_description
 from dllm_sparse.sparsity.names import RULE_NAMES, SCOPES
 from dllm_sparse.sparsity.sites import ALL_SITES, SitesAction
 
@@ -239,22 +240,6 @@ def time_breakdown(rows: list[dict], started: float, status: dict, phases: dict[
     parts.update(phases)
     parts["other (start-up, imports, bookkeeping)"] = max(0.0, wall - sum(parts.values()))
     return list(parts.items())
-
-
-def machine_description(threads: int) -> str:
-    """CPU model, cores, the flags that decide matmul speed, torch threads and versions (for stated times)."""
-
-    import torch
-
-    from dllm_sparse.hardware import cpu_flags, cpu_name
-
-    flags = cpu_flags()
-    fast = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    cpu = cpu_name()
-    import transformers
-
-    return (f"{cpu}, {os.cpu_count()} cores ({' '.join(fast) or 'no AVX2'}), {threads} torch threads, "
-            f"torch {torch.__version__}, transformers {transformers.__version__}")
 
 
 def set_threads(spec: str) -> tuple[int, str]:
