@@ -33,10 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-from dllm_sparse.eval.presets import PRESETS
-
 # Only light modules here, so that --help answers at once; torch and the package's heavy modules are imported
 # by the functions that use them, after the arguments are parsed.
+from dllm_sparse.eval.presets import PRESETS
 from dllm_sparse.hardware import machine_description
 from dllm_sparse.sparsity.names import RULE_NAMES, SCOPES
 from dllm_sparse.sparsity.sites import ALL_SITES, SitesAction

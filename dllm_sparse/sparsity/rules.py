@@ -207,6 +207,10 @@ def top_p_mask_histogram(x: torch.Tensor, p: float) -> torch.Tensor:
     return keep.reshape(x.shape)
 
 
+# The smallest positive value of each dtype (a subnormal): a threshold that keeps every non-zero entry.
+_SMALLEST_POSITIVE = {torch.float32: float(np.nextafter(np.float32(0), np.float32(1))), torch.float64: math.ulp(0.0)}
+
+
 def top_p_mask_row_sort(x: torch.Tensor, p: float) -> torch.Tensor:
     """Top-p keep-mask by the reference's own steps, bit-identical to :func:`top_p_mask_reference` (NaN rows
     keep every non-zero entry, as :meth:`SparsityRule.mask` defines). The CPU path of ``TopP``.
@@ -214,10 +218,9 @@ def top_p_mask_row_sort(x: torch.Tensor, p: float) -> torch.Tensor:
     The row sort is NumPy's on float32 values, in place (vectorised; a float32 row sorts in about half the time
     of the same row in float64, and far faster than ``torch.sort``): fp32 / bf16 / fp16 values are exactly
     float32, and float32 -> float64 is exact and monotone, so the sorted row equals the reference's float64
-    sorted row. The same ``torch.cumsum``
-    in float64 then gives the same running sums, target and tau, rounding included; the cut is found by a
-    binary search (the running sums of |v| never decrease). float64 input sorts in float64; other devices
-    run the reference."""
+    sorted row. The same ``torch.cumsum`` in float64 then gives the same running sums, target and tau, rounding
+    included; the cut is found by a binary search (the running sums of |v| never decrease). float64 input sorts
+    in float64; other devices run the reference."""
     p = _check_p(p)
     if p >= 1.0 or x.numel() == 0:
         return x.detach() != 0  # |v| != 0 <=> v != 0 (NaN included)
@@ -245,7 +248,6 @@ def top_p_mask_row_sort(x: torch.Tensor, p: float) -> torch.Tensor:
     return keep.reshape(x.shape)
 
 
-_SMALLEST_POSITIVE = {torch.float32: float(np.nextafter(np.float32(0), np.float32(1))), torch.float64: math.ulp(0.0)}
 def _top_p_mask_sorted(x: torch.Tensor, p: float) -> torch.Tensor:
     """:func:`top_p_mask_reference` step for step, with the row sort done by NumPy (values only, ~20x faster
     than ``torch.sort`` on CPU). The sorted values are the same numbers (ties are equal values), and the same
