@@ -292,7 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-answer", type=int, default=97, help="answer tokens kept per row (default: 97)")
     ap.add_argument("--run-dir", type=Path, default=None, help="checkpoints + log (default: cache/runs/<name>)")
     ap.add_argument("--export", type=Path, help="write the adapter + log + plot here at the end")
-    ap.add_argument("--minutes", type=float, default=30.0, help="wall-clock training budget (all resumes)")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="wall-clock training budget, all resumes (default: 30; none when --max-steps is given, so "
+                         "the run takes exactly that many steps however slow the machine is)")
     ap.add_argument("--max-steps", type=int, default=_NO_STEP_LIMIT,
                     help="stop after this many steps (and schedule the learning rate by steps)")
     ap.add_argument("--ckpt-minutes", type=float, default=5.0, help="minutes between checkpoints (default: 5)")
@@ -321,8 +323,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("batch_size", "max_steps", "threads", "r", "warmup"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.minutes is None and args.max_steps == _NO_STEP_LIMIT:
+        args.minutes = 30.0
     for name in ("minutes", "lr"):
-        if not getattr(args, name) > 0:
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
             ap.error(f"--{name} must be positive, got {getattr(args, name)}")
     import torch
 
@@ -363,13 +367,14 @@ def main(argv: list[str] | None = None) -> None:
         check_resume(state.get("settings"), settings, ckpt)
         accelerator.print(f"resumed at step {state['step']} ({state['elapsed']:.0f}s trained)")
     elif args.init_adapter:
-        state["init_adapter"] = {"dir": str(args.init_adapter), "hash": adapter_hash(args.init_adapter)}
+        state["init_adapter"] = {"dir": str(args.init_adapter), "hash": adapter_hash(args.init_adapter),
+                                 "tokens": _tokens_seen(args.init_adapter)}
         accelerator.print(f"initialised the LoRA factors and the mask row from {args.init_adapter}")
     state["settings"] = settings
     model, opt = accelerator.prepare(trainable, opt)
     unwrapped = accelerator.unwrap_model(model)
     params = [p for g in opt.param_groups for p in g["params"]]
-    budget = args.minutes * 60
+    budget = float("inf") if args.minutes is None else args.minutes * 60  # None: --max-steps alone decides
     if not state["heldout"]:
         state["heldout"].append({"step": 0, "loss": heldout_loss(unwrapped, held_rows, mask_id, args, accelerator)})
         accelerator.print(f"held-out loss at start {state['heldout'][-1]['loss']:.3f}")
@@ -435,6 +440,27 @@ def _adapter_meta(args, trainable, mask_id) -> dict:
             "estimated_bytes": adapter_bytes(trainable.get_base_model().config, args.r)}
 
 
+def _tokens_seen(adapter_dir: Path) -> int | None:
+    """Training tokens an adapter has seen in all its stages (its metadata's ``tokens_total``, else its ``tokens``,
+    else its train_log.json's), or None when it does not say."""
+    from dllm_sparse.models.adapt import read_adapter_meta
+
+    meta = read_adapter_meta(adapter_dir)
+    if meta.get("tokens_total", meta.get("tokens")) is not None:
+        return int(meta.get("tokens_total", meta.get("tokens")))
+    try:
+        log = json.loads((Path(adapter_dir) / "train_log.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return log.get("tokens_total", log.get("tokens"))
+
+
+def _token_counts(state) -> dict:
+    """``tokens``: this run's; ``tokens_total``: with the tokens of the adapter it started from (when known)."""
+    before = (state.get("init_adapter") or {}).get("tokens")
+    return {"tokens": state["tokens"], **({"tokens_total": before + state["tokens"]} if before is not None else {})}
+
+
 def save_step_adapter(args, trainable, mask_id, out: Path, state) -> None:
     """An adapter of the run so far (the same files as --export writes, plus the step and tokens seen), written
     to a temporary folder and renamed, so a kill never leaves half an adapter."""
@@ -447,7 +473,7 @@ def save_step_adapter(args, trainable, mask_id, out: Path, state) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(tmp, trainable, {**_adapter_meta(args, trainable, mask_id), "step": state["step"],
-                                  "tokens": state["tokens"], "elapsed_s": round(state["elapsed"], 1)})
+                                  **_token_counts(state), "elapsed_s": round(state["elapsed"], 1)})
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 
@@ -459,10 +485,11 @@ def export(args, trainable, mask_id, state, source, n_train, n_held, world) -> N
         raise SystemExit("--export writes a LoRA adapter; with --full save the model with save_pretrained instead")
     from dllm_sparse.models.adapt import save_adapter
 
-    meta = save_adapter(out, trainable, _adapter_meta(args, trainable, mask_id))
+    meta = save_adapter(out, trainable, {**_adapter_meta(args, trainable, mask_id), "step": state["step"],
+                                         **_token_counts(state)})
     log = {
         "source": source, "train_rows": n_train, "heldout_rows": n_held,
-        "steps": state["step"], "wall_s": round(state["elapsed"], 1), "tokens": state["tokens"],
+        "steps": state["step"], "wall_s": round(state["elapsed"], 1), **_token_counts(state),
         "answer_tokens": state["answer_tokens"], "masked_tokens": state["masked_tokens"],
         "final_loss_mean_last50": round(sum(r["loss"] for r in state["log"][-50:]) / max(1, len(state["log"][-50:])),
                                         4),

@@ -239,7 +239,9 @@ def main(argv=None) -> int:
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"--trajectory {label}={path}: {e}") from None
         meta = read_adapter_meta(path)
-        points.append((lm, {"label": label, "tokens": meta.get("tokens"), "step": meta.get("step")}))
+        # tokens_total: all stages (a stage-2 adapter counts the stage-1 tokens it started from)
+        points.append((lm, {"label": label, "tokens": meta.get("tokens_total", meta.get("tokens")),
+                            "step": meta.get("step")}))
     shipped_tokens = _shipped_tokens()
     points.append((twin, {"label": "shipped (stage 2)", "tokens": shipped_tokens}))
     phases["loading the twin and trajectory points"] = time.perf_counter() - t
@@ -251,6 +253,7 @@ def main(argv=None) -> int:
     for lm, info in points:
         h = weights_hash(lm.model)
         if lm.name in traj and traj[lm.name]["weights"] == h:
+            traj[lm.name] = {**traj[lm.name], **info}  # the perplexity is kept; label and tokens are this run's
             continue
         print(f"held-out ELBO perplexity of {lm.name} (mc_num {args.ppl_mc_num}) ...", flush=True)
         p = heldout_perplexity(lm, rows_held, mc_num=args.ppl_mc_num, mc_batch=min(8, args.ppl_mc_num), seed=0)
@@ -292,11 +295,12 @@ def main(argv=None) -> int:
     recs = {"primary": site_comparisons(reps, boot, variant="interpolated", **kw),
             "first_crossing": site_comparisons(reps, boot, variant="first_crossing", **kw),
             "margin": site_comparisons(reps_m, boot, variant="interpolated", **kw) if margin else []}
+    missing = [] if args.trajectory else MISSING_POINTS  # points passed: the table lists what the run holds
     report = study_report(recs, labels, calibrations, traj, paths["table"], table_m, target, target_source,
-                          MISSING_POINTS, twin.name, parent.name)
+                          missing, twin.name, parent.name)
     atomic_write_text(out / "advantage.md", report)
     atomic_write_json(out / "advantage.json", {"comparisons": recs, "calibration": calibrations,
-                                               "trajectory": traj, "missing_points": MISSING_POINTS,
+                                               "trajectory": traj, "missing_points": missing,
                                                "target": target, "target_source": target_source})
     flat = []
     for variant, rs in recs.items():

@@ -23,7 +23,10 @@ grid (top-p 1, 0.995, 0.99, 0.98, 0.95, 0.9); on a CPU with mc_num 2 (run time i
 mc_num 128, bf16 and ``device="auto"``. The tables carry 95 % paired bootstrap intervals over items
 (``--n-boot``). ``--threads auto`` (default) uses one intra-op thread per idle core (the idle CPU time of each
 core over 0.5 s, from /proc/stat; the choice and its reason are printed): on a busy shared machine,
-oversubscribed OpenMP threads spin and made a forward pass up to 8x slower in our measurements.
+oversubscribed OpenMP threads spin and made a forward pass up to 8x slower in our measurements. ``--workers
+auto`` (default) then runs the sweep in one process per thread, each with one thread and its own model copy,
+taking cells one at a time (:func:`dllm_sparse.eval.sweep.run_sweep`): the small forward passes of the built-in
+tasks use two cores poorly from one process. ``--workers 1`` keeps one process with all the threads.
 """
 
 from __future__ import annotations
@@ -96,6 +99,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", default="auto",
                     help="torch intra-op threads on CPU: a number, or 'auto' (default: one per core idle over 0.5 s, "
                          "read from /proc/stat; printed with its reason)")
+    ap.add_argument("--workers", default="auto",
+                    help="processes computing the cells on a CPU, sharing the --threads between them; each loads "
+                         "its own copy of the model it is on: a number, or 'auto' (default: one per thread, each "
+                         "with one thread; 1 on a GPU or under a launcher). On a 2-core CPU two one-thread workers "
+                         "ran the sweep faster than one two-thread process (README); the thread count can move a "
+                         "value by float noise, as the CPU kind can (each row records its threads)")
     ap.add_argument("--no-cap", action="store_true",
                     help="task-averaged curve: average the raw relative performances (default: each task capped "
                          "at 1 first, so a task above dense cannot hide another's loss)")
@@ -221,24 +230,29 @@ def elbo_ratio_profile(rows: list[dict], p: float) -> list[dict]:
     return out
 
 
-def time_breakdown(rows: list[dict], started: float, status: dict, phases: dict[str, float],
-                   wall: float) -> list[tuple[str, float]]:
+Parts = list[tuple[str, float]]
+
+
+def time_breakdown(rows: list[dict], started: float, status: dict, phases: dict[str, float], wall: float,
+                   workers: int = 1, sweep_wall: float = 0.0) -> tuple[Parts, Parts]:
     """Where this run's wall time went: model loading, the dense and the sparse passes per model and task (the
     cells this run computed, by their ``finished_at``), the tables with their bootstrap, the figures, the step
-    profile, and the rest (start-up, imports, bookkeeping)."""
+    profile, and the rest (start-up, imports, bookkeeping). With several workers the sweep is one wall-time part
+    and its passes (computed side by side) are returned apart, as compute seconds summed over the processes."""
     from dllm_sparse.sparsity.config import DENSE
 
-    parts: dict[str, float] = {}
+    cells: dict[str, float] = {}
     for name, s in (status.get("load_seconds_this_run") or {}).items():
-        parts[f"loading {name}"] = s
+        cells[f"loading {name}"] = s
     for r in rows:
         if r.get("finished_at", 0) >= started and r.get("seconds"):
             what = "dense pass" if r["site"] == DENSE else "sparse cells"
             key = f"{r['model']} {r['task']}: {what}"
-            parts[key] = parts.get(key, 0.0) + r["seconds"]
+            cells[key] = cells.get(key, 0.0) + r["seconds"]
+    parts = dict(cells) if workers == 1 else {f"sweep ({workers} processes side by side, starts included)": sweep_wall}
     parts.update(phases)
     parts["other (start-up, imports, bookkeeping)"] = max(0.0, wall - sum(parts.values()))
-    return list(parts.items())
+    return list(parts.items()), ([] if workers == 1 else list(cells.items()))
 
 
 def set_threads(spec: str) -> tuple[int, str]:
@@ -259,6 +273,27 @@ def set_threads(spec: str) -> tuple[int, str]:
     n, why = auto_threads(torch.get_num_threads(), idle_cores(0.5))
     torch.set_num_threads(n)
     return n, f"{why}, --threads auto"
+
+
+def resolve_workers(spec: str, threads: int, on_cpu: bool, world: int) -> tuple[int, int, str]:
+    """``(workers, threads per worker, why)`` from ``--workers`` and the threads ``--threads`` gave."""
+    if spec == "auto":
+        n = threads if on_cpu and world == 1 else 1
+        why = "auto: one per thread" if n > 1 else "auto"
+    else:
+        try:
+            n = int(spec)
+        except ValueError:
+            raise SystemExit(f"--workers takes a whole number >= 1 or 'auto', got {spec!r}") from None
+        if n < 1:
+            raise SystemExit(f"--workers takes a whole number >= 1 or 'auto', got {spec!r}")
+        why = f"--workers {spec}"
+        if n > 1 and not on_cpu:
+            raise SystemExit(f"--workers {n} is for a CPU run (on a GPU use one process per GPU: accelerate launch)")
+        if n > 1 and world > 1:
+            raise SystemExit(f"--workers {n} under a launcher ({world} processes): use one or the other")
+    per = max(1, threads // n)
+    return n, per, f"{n} process{'es' if n > 1 else ''} x {per} thread{'s' if per > 1 else ''} ({why})"
 
 
 def main(argv=None) -> int:
@@ -282,6 +317,8 @@ def main(argv=None) -> int:
     dtype = args.dtype or ("bf16" if gpu else "fp32")
     on_cpu = device == "cpu" or not gpu
     threads, threads_why = set_threads(args.threads) if on_cpu else (torch.get_num_threads(), "not on CPU")
+    rank, world, _ = process_info()
+    workers, worker_threads, workers_why = resolve_workers(args.workers, threads, on_cpu, world)
     preset = get_preset(args.preset) if args.preset else None
     if preset is not None and args.cfg_scale is not None:
         raise SystemExit(f"--preset {preset.name} sets the guidance per task; drop --cfg-scale (or the preset)")
@@ -295,7 +332,6 @@ def main(argv=None) -> int:
     args.step_p = args.step_threshold if args.step_threshold is not None else default_step
     args.scope = args.scope or ("sequence" if args.rule == "paper_top_p" else "token")
     models, notes = resolve_models(args)
-    rank, world, _ = process_info()
     out = Path(args.output_dir)
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"--limit must be a whole number >= 1 (got {args.limit}); leave it out to use every item")
@@ -310,17 +346,22 @@ def main(argv=None) -> int:
               f"{f' (preset {preset.name})' if preset else ''}\nmc_num: {mc_num}, mc_batch: {mc_batch}, batch_size: "
               f"{args.batch_size}{f', head_chunk: {args.head_chunk}' if args.head_chunk else ''}, dtype: {dtype}, "
               f"device: {device}, seed: {args.seed}, processes: {world}, "
-              f"CPU threads: {threads_why}\n"
+              f"CPU threads: {threads_why}; sweep: {workers_why}\n"
               f"output: {out}")
     cfg = SweepConfig(models=models, output_dir=out, sites=args.sites, rule=args.rule, thresholds=thresholds,
                       tasks=args.tasks, limit=limit, mc_num=mc_num, mc_batch=mc_batch, batch_size=args.batch_size,
                       seed=args.seed, dtype=dtype, device=device, include_path=args.include_path,
                       progress=not args.no_progress, cfg_scale=cfg_scale, scope=args.scope,
                       head_chunk=args.head_chunk)
-    rows = run_sweep(cfg)
+    t_start = time.perf_counter()
+    if workers > 1:
+        torch.set_num_threads(worker_threads)
+    rows = run_sweep(cfg, workers=workers, worker_threads=worker_threads)
+    torch.set_num_threads(threads)
     if rank != 0:
         return 0
     t_sweep = time.perf_counter() - t0
+    sweep_wall = time.perf_counter() - t_start
     planned = planned_keys(cfg)
     rows = [r for r in rows if r["key"] in planned]  # this configuration's cells only
     t_tables = time.perf_counter()
@@ -346,9 +387,13 @@ def main(argv=None) -> int:
     fig_paths += plot_step_sparsity(profile, figs)
     phases["step profile (generation + figure)"] = time.perf_counter() - t_profile
     wall = time.perf_counter() - t0
-    breakdown = time_breakdown(rows, started, read_json_or_none(out / "status.json") or {}, phases, wall)
+    status = read_json_or_none(out / "status.json") or {}
+    breakdown, worker_seconds = time_breakdown(rows, started, status, phases, wall, workers, sweep_wall)
+    machine = machine_description(threads) + (f"; sweep in {workers_why}" if workers > 1 else "")
     summary = {"wall_seconds": wall, "sweep_seconds": t_sweep, "models": models, "notes": notes,
-               "time_breakdown_seconds": dict(breakdown), "machine": machine_description(threads),
+               "time_breakdown_seconds": dict(breakdown), "machine": machine, "workers": workers,
+               "threads_per_worker": worker_threads,
+               **({"compute_seconds_summed_over_workers": dict(worker_seconds)} if workers > 1 else {}),
                "critical_csv": str(paths["csv"]), "critical_markdown": str(paths["markdown"]),
                "figures": [str(p) for p in fig_paths], "rows": str(out / "rows.jsonl")}
     atomic_write_json(out / "summary.json", summary)
@@ -372,7 +417,11 @@ def main(argv=None) -> int:
     print("\ntime breakdown (this run):")
     for name, sec in breakdown:
         print(f"  {sec:8.1f} s  {100 * sec / wall:5.1f} %  {name}")
-    print(f"\nwall time: {wall / 60:.1f} min on {machine_description(threads)} (rows: {out / 'rows.jsonl'})")
+    if workers > 1:
+        print(f"the sweep's compute, summed over its {workers} processes:")
+        for name, sec in worker_seconds:
+            print(f"  {sec:8.1f} s  {name}")
+    print(f"\nwall time: {wall / 60:.1f} min on {machine} (rows: {out / 'rows.jsonl'})")
     return 0
 
 

@@ -246,3 +246,20 @@ def test_generate_demo_refuses_overlap_tracking_under_a_block_cache(capsys):
     with pytest.raises(SystemExit):
         demo.main(["--no-ar", "--block-cache", "dual", "--overlap-out", "x"])
     assert "--overlap-out tracks each position's masks" in capsys.readouterr().err
+
+
+def test_llada_vs_llama_workers_split_the_threads_and_refuse_what_cannot_run():
+    exp = _script("llada_vs_llama")
+    assert exp.resolve_workers("auto", 2, on_cpu=True, world=1)[:2] == (2, 1)  # one per thread, one thread each
+    assert exp.resolve_workers("auto", 1, on_cpu=True, world=1)[:2] == (1, 1)
+    assert exp.resolve_workers("auto", 8, on_cpu=False, world=1)[:2] == (1, 8)  # a GPU: one process
+    assert exp.resolve_workers("auto", 2, on_cpu=True, world=2)[:2] == (1, 2)  # a launcher already splits
+    assert exp.resolve_workers("1", 2, on_cpu=True, world=1)[:2] == (1, 2)
+    assert exp.resolve_workers("2", 4, on_cpu=True, world=1)[:2] == (2, 2)
+    for bad in ("0", "-2", "two", "1.5"):
+        with pytest.raises(SystemExit, match="--workers takes a whole number"):
+            exp.resolve_workers(bad, 2, on_cpu=True, world=1)
+    with pytest.raises(SystemExit, match="is for a CPU run"):
+        exp.resolve_workers("2", 2, on_cpu=False, world=1)
+    with pytest.raises(SystemExit, match="under a launcher"):
+        exp.resolve_workers("2", 2, on_cpu=True, world=2)

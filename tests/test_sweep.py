@@ -208,7 +208,7 @@ run_sweep(cfg, task_factory=Counter())
 """
 
 
-def test_two_identical_sweeps_at_once_into_a_fresh_folder(tmp_path, full_run):
+def test_two_identical_sweeps_at_once_into_a_fresh_folder(tmp_path):
     """Two processes run the same sweep into one folder that does not exist yet: both finish (one used to exit
     with FileNotFoundError on a temporary name the two shared), and rows.jsonl holds every cell once, with
     the single run's values."""
@@ -218,9 +218,16 @@ def test_two_identical_sweeps_at_once_into_a_fresh_folder(tmp_path, full_run):
     import time
     from pathlib import Path
 
+    import torch
+
     from dllm_sparse.eval.sweep import planned_keys
 
-    _, rows, _ = full_run
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reference at the workers' one thread: a reduction split over two may round
+    try:                      # another way (a tiny model's perplexity moved in the 8th digit)
+        rows = run_sweep(_cfg(tmp_path / "reference"), task_factory=Counter())
+    finally:
+        torch.set_num_threads(threads)
     out = tmp_path / "shared"
     tests = str(Path(__file__).resolve().parent)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -303,3 +310,90 @@ def test_head_chunk_cells_have_their_own_keys_and_the_unchunked_scores(tmp_path)
     assert _key_problem(json.dumps(json.loads(chunked[0]["key"])[:-1] + [{"head_chunk": 0.5}])) is not None
     with pytest.raises(ValueError, match="head_chunk must be a whole number of rows >= 1"):
         _cfg(tmp_path / "bad", head_chunk=0)
+
+
+# ---- workers: processes sharing the units of one sweep ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_pair(tmp_path_factory):
+    """A tiny AR model and a tiny native LLaDA saved as checkpoints (workers load models by path)."""
+    import torch
+    from conftest import build_byte_hf_tokenizer
+
+    from dllm_sparse.models.llada import LLaDAModelLM, tiny_llada_config
+
+    root = tmp_path_factory.mktemp("pair")
+    build_tiny_model("llama", vocab_size=260, seed=1).save_pretrained(root / "ar")
+    torch.manual_seed(2)
+    LLaDAModelLM(tiny_llada_config(vocab_size=260, embedding_size=260, mask_token_id=3)).eval().save_pretrained(
+        root / "mdm")
+    for d in ("ar", "mdm"):
+        build_byte_hf_tokenizer().save_pretrained(root / d)
+    return [str(root / "ar"), str(root / "mdm")]
+
+
+def _saved_cfg(out, models):
+    return SweepConfig(models=models, output_dir=out, sites=["input", "intermediate"], thresholds=[1.0, 0.9, 0.5],
+                       tasks=["builtin_mc", "builtin_ppl"], limit=3, mc_num=2, mc_batch=2, batch_size=4,
+                       progress=False)
+
+
+def test_workers_compute_every_cell_once_with_the_single_process_values(tmp_path, saved_pair):
+    """Three processes (this one and two workers, one thread each) share one sweep: every cell is written once,
+    each by one process (the claims), with the values a single process computes, and no claim is left."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = run_sweep(_saved_cfg(tmp_path / "one", saved_pair))
+        shared = run_sweep(_saved_cfg(tmp_path / "three", saved_pair), workers=3, worker_threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    lines = (tmp_path / "three" / "rows.jsonl").read_text().splitlines()
+    keys = [json.loads(line)["key"] for line in lines]
+    assert len(keys) == len(set(keys)) == len(single)
+    assert _table(shared) == _table(single)
+    assert {json.loads(line)["rank"] for line in lines} == {0}
+    assert json.loads((tmp_path / "three" / ".claims.json").read_text()) == {}
+
+
+def test_a_claimed_unit_waits_for_its_process_and_a_dead_claim_is_taken_over(tmp_path, saved_pair):
+    """A unit claimed by a live process is left to it (this run computes the rest and waits); once that process
+    is gone (a killed sweep) its claim is stale and the unit is computed here. A claim of a pid that does not run
+    is taken over at once."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from dllm_sparse.eval.sweep import CLAIMS_NAME, _plan
+
+    cfg = _saved_cfg(tmp_path, saved_pair)
+    plan = _plan(cfg)
+    held, dead_claim = plan[1].keys[0], plan[2].keys[0]
+    import threading
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(4)"])
+    threading.Thread(target=sleeper.wait, daemon=True).start()  # reaped when it ends: no zombie keeps its pid
+    host = socket.gethostname()
+    (tmp_path / CLAIMS_NAME).write_text(json.dumps({held: {"pid": sleeper.pid, "host": host},
+                                                    dead_claim: {"pid": 2 ** 22 + 12345, "host": host}}))
+    try:
+        rows = {r["key"]: r for r in run_sweep(cfg)}
+    finally:
+        sleeper.wait()
+    ended = time.time()
+    assert set(rows) == {k for u in plan for k in u.keys}
+    others = [r["finished_at"] for k, r in rows.items() if k != held]
+    assert rows[held]["finished_at"] > max(others)  # left to the live claim until its process ended
+    assert rows[held]["finished_at"] <= ended
+
+
+def test_workers_refuse_loaded_models_and_bad_counts(tmp_path):
+    with pytest.raises(ValueError, match="by name or path"):
+        run_sweep(_cfg(tmp_path / "a"), workers=2)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="workers must be a whole number"):
+            run_sweep(_cfg(tmp_path / "b"), workers=bad)

@@ -100,6 +100,29 @@ def test_save_adapter_every_writes_the_trajectory_and_its_last_point_is_the_expo
     for k in exported:
         torch.testing.assert_close(last[k], exported[k], rtol=0, atol=0)
     assert any(not torch.equal(first[k], last[k]) for k in last), "step 2 and step 4 adapters are the same"
+    assert "tokens_total" not in metas[0]  # trained from the base: its tokens are all it has seen
+
+    # A next stage from the step-2 adapter counts the tokens of both stages (the trajectory's x-axis).
+    run2 = tmp_path / "run2"
+    _script().main(_args(tiny_base, text_rows, run2, "--max-steps", "2", "--save-adapter-every", "2",
+                         "--init-adapter", str(run / "adapters" / "step-2"), "--export", str(tmp_path / "a2")))
+    meta2 = read_adapter_meta(run2 / "adapters" / "step-2")
+    assert meta2["tokens_total"] == metas[0]["tokens"] + meta2["tokens"]
+    assert read_adapter_meta(tmp_path / "a2")["tokens_total"] == meta2["tokens_total"]
+
+
+def test_max_steps_alone_takes_every_step_however_slow(tiny_base, text_rows, tmp_path, monkeypatch):
+    """--max-steps without --minutes is not cut by the 30-minute default budget (a re-created stage once stopped
+    at 109 of 205 steps on a busy machine): here every clock reading is 31 minutes after the last."""
+    import itertools
+    import time
+
+    clock = itertools.count(0, 31 * 60)
+    monkeypatch.setattr(time, "time", lambda: float(next(clock)))
+    out = tmp_path / "adapter"
+    _script().main(_args(tiny_base, text_rows, tmp_path / "run", "--max-steps", "3", "--export", str(out)))
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["steps"] == 3 and log["hyperparameters"]["minutes"] is None
 
 
 def test_resume_continues_and_refuses_other_settings(tiny_base, text_rows, tmp_path):

@@ -190,8 +190,18 @@ def study_report(recs: Mapping[str, Sequence[dict]], labels: Mapping[str, str], 
     for name, t in trajectory.items():
         tok = "n/a" if t.get("tokens") is None else f"{t['tokens']:,}"
         out.append(f"| {t['label']} | {tok} | {t['elbo_ppl']:.4g} | {name} |")
-    out += ["", "Points not in this run:", ""] + [f"- {m['point']}: {m['why']}" for m in missing] + [""]
+    if missing:
+        out += ["", "Points not in this run:", ""] + [f"- {m['point']}: {m['why']}" for m in missing]
+    out += [""]
     return "\n".join(out)
+
+
+def _with_bars(r: Mapping) -> tuple[float, float, float]:
+    """A critical-sparsity row's point (%) and the lengths of its error bar below and above."""
+    v, v_lo, v_hi = r["interpolated"], r.get("interpolated_lo"), r.get("interpolated_hi")
+    # A percentile interval need not contain the point estimate: the bar is clipped at the point.
+    return (100 * v, 0.0 if v_lo is None else max(0.0, 100 * (v - v_lo)),
+            0.0 if v_hi is None else max(0.0, 100 * (v_hi - v)))
 
 
 def plot_advantage(table: Sequence[dict], trajectory: Mapping[str, dict], calibrations: Mapping[str, dict], *,
@@ -216,12 +226,11 @@ def plot_advantage(table: Sequence[dict], trajectory: Mapping[str, dict], calibr
                 r = idx.get((name, site))
                 if r is None or r.get("interpolated") is None:
                     continue
-                v, v_lo, v_hi = r["interpolated"], r.get("interpolated_lo"), r.get("interpolated_hi")
+                y, y_lo, y_hi = _with_bars(r)
                 xs.append(ppl)
-                ys.append(100 * v)
-                # A percentile interval need not contain the point estimate: the bar is clipped at the point.
-                lo.append(0.0 if v_lo is None else max(0.0, 100 * (v - v_lo)))
-                hi.append(0.0 if v_hi is None else max(0.0, 100 * (v_hi - v)))
+                ys.append(y)
+                lo.append(y_lo)
+                hi.append(y_hi)
             if xs:
                 ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, color=color, capsize=3, ms=5, label=label)
         ref = idx.get((parent, site))
@@ -241,13 +250,16 @@ def plot_advantage(table: Sequence[dict], trajectory: Mapping[str, dict], calibr
     if len(pts) >= 2:
         fig, axes = plt.subplots(1, len(sites), figsize=(4.2 * len(sites), 3.4), squeeze=False)
         for ax, site in zip(axes[0], sites, strict=True):
-            xs, ys = [], []
+            xs, ys, lo, hi = [], [], [], []
             for tok, name in sorted(pts):
                 r = idx.get((name, site))
                 if r is not None and r.get("interpolated") is not None:
+                    y, y_lo, y_hi = _with_bars(r)
                     xs.append(tok)
-                    ys.append(100 * r["interpolated"])
-            ax.plot(xs, ys, "o-", color="C0")
+                    ys.append(y)
+                    lo.append(y_lo)
+                    hi.append(y_hi)
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", color="C0", capsize=3, ms=5)
             ref = idx.get((parent, site))
             if ref is not None and ref.get("interpolated") is not None:
                 ax.axhline(100 * ref["interpolated"], color="k", ls="--", lw=0.8)
@@ -255,6 +267,8 @@ def plot_advantage(table: Sequence[dict], trajectory: Mapping[str, dict], calibr
             ax.set_xlabel("training tokens seen")
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("critical sparsity (%)")
+        fig.suptitle("Critical sparsity of the twin vs training tokens (bars: 95 % paired bootstrap; dashed: AR "
+                     "parent)", fontsize=10)
         fig.tight_layout()
         paths += save_figure(fig, Path(out_dir) / "critical_vs_tokens")
     return paths

@@ -45,6 +45,20 @@ Guarantees:
   and a row is appended only when no rows file of the folder holds its key yet; whole-file rewrites go through
   :mod:`dllm_sparse.atomic` (a temporary name per writer). No row is lost or duplicated (a cell both computed
   at the same moment is written once).
+* **Claims.** A plain run (no launcher) takes its units one at a time: under the lock it claims the next unit
+  no live process holds (``<output_dir>/.claims.json``: the unit's first key -> pid and host), computes it and
+  releases the claim. Sweeps into one folder at once therefore split the work instead of each computing all
+  of it; a unit claimed by another process is left to it (this run waits for it before finishing), and a
+  claim whose process no longer runs (a killed sweep) is taken over. A claim made on another machine (a shared
+  file system) cannot be checked and is respected until released.
+* **Workers.** ``run_sweep(cfg, workers=N, worker_threads=T)`` starts N - 1 more processes (spawned, each with
+  T torch threads and its own copy of the model it is on) that sweep the same configuration into the same
+  folder through the claims; this process computes too, waits for them and merges. Models must be given by
+  name or path. On a CPU, small forward passes use two cores poorly (a 2-thread forward of 16 rows x 6 tokens
+  ran 1.2x faster than one thread), so one-thread workers, one per core, finish a sweep sooner. The thread
+  count is not part of the cell key, but like the CPU kind it can move a value by float noise (a reduction
+  split another way: a tiny model's perplexity read 262.6053877 at one thread, 262.6053901 at two), so every
+  row records the ``threads`` it was computed with; workers each use ``worker_threads``.
 """
 
 from __future__ import annotations
@@ -52,10 +66,11 @@ from __future__ import annotations
 import gc
 import json
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -538,6 +553,111 @@ def planned_keys(cfg: SweepConfig) -> set[str]:
     return {k for u in _plan(cfg) for k in u.keys}
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Claims and workers: several processes sharing one folder's units
+# ---------------------------------------------------------------------------------------------------------
+
+#: Which process computes which unit: {first key of the unit: {"pid", "host"}}, read and written under the lock.
+CLAIMS_NAME = ".claims.json"
+
+
+def _read_claims(out: Path) -> dict[str, dict]:
+    try:
+        data = json.loads((out / CLAIMS_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _claim_alive(claim: Any) -> bool:
+    """Whether the process holding a claim still runs (a killed sweep's claims are taken over). A claim made on
+    another machine (a shared file system) counts as alive: its process cannot be asked."""
+    if not isinstance(claim, dict) or not isinstance(claim.get("pid"), int):
+        return False
+    if claim.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(claim["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _live_claims(out: Path) -> dict[str, dict]:
+    return {k: c for k, c in _read_claims(out).items() if _claim_alive(c) and c.get("pid") != os.getpid()}
+
+
+def _next_model(out: Path, units: Sequence[_Unit]) -> int | None:
+    """The model index of the first unit no other live process has claimed, or None."""
+    with folder_lock(out):
+        taken = _live_claims(out) if out.is_dir() else {}
+    return next((u.model_index for u in units if u.keys[0] not in taken), None)
+
+
+def _claim(out: Path, units: Sequence[_Unit]) -> _Unit | None:
+    """Claim the first of ``units`` that no other live process has claimed (stale claims are dropped); None when
+    every one is taken."""
+    with folder_lock(out):
+        claims = _live_claims(out)
+        unit = next((u for u in units if u.keys[0] not in claims), None)
+        if unit is not None:
+            claims[unit.keys[0]] = {"pid": os.getpid(), "host": socket.gethostname()}
+            atomic_write_json(out / CLAIMS_NAME, claims)
+    return unit
+
+
+def _release(out: Path, unit: _Unit) -> None:
+    with folder_lock(out):
+        claims = _live_claims(out)
+        claims.pop(unit.keys[0], None)
+        atomic_write_json(out / CLAIMS_NAME, claims)
+
+
+def _check_workers_arg(workers: Any) -> int:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a whole number >= 1, got {workers!r} (1: this process alone)")
+    return workers
+
+
+def _start_workers(cfg: SweepConfig, workers: int, threads: int | None, custom: list[str]) -> list:
+    """Start ``workers - 1`` processes (spawned: a fresh interpreter, no forked OpenMP state) that sweep the same
+    configuration into the same folder; each takes units by claim, so none is computed twice."""
+    if workers == 1:
+        return []
+    in_memory = [_model_name(m) for m in cfg.models if not isinstance(m, (str, os.PathLike))]
+    if in_memory:
+        raise ValueError(f"workers={workers} needs every model given by name or path (a worker loads its own copy); "
+                         f"{in_memory} are loaded objects: pass their names/paths, or workers=1")
+    if custom:
+        raise ValueError(f"workers={workers} uses the default loader and tasks (a worker is a fresh process); "
+                         f"drop {' / '.join(custom)}, or use workers=1")
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    threads = torch.get_num_threads() if threads is None else threads
+    quiet = replace(cfg, progress=False)
+    procs = [ctx.Process(target=_worker_main, args=(quiet, threads, os.getpid()), name=f"sweep-worker-{i + 1}")
+             for i in range(workers - 1)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def _worker_main(cfg: SweepConfig, threads: int, parent: int) -> None:
+    torch.set_num_threads(threads)
+    run_sweep(cfg, rank=0, world_size=1, _worker=True, _parent=parent)
+
+
+def _check_workers(procs: Sequence, finished: bool = False) -> None:
+    """A worker that failed stops the run (its traceback is on stderr): the parent would otherwise wait for it."""
+    for p in procs:
+        if p.exitcode not in (None, 0) or (finished and p.exitcode is None):
+            raise RuntimeError(f"sweep worker {p.name} exited with code {p.exitcode} (its error is printed above); "
+                               "rerun the same command to resume, or pass workers=1")
+
+
 def _barrier(world: int) -> None:
     if world <= 1:
         return
@@ -559,12 +679,21 @@ def run_sweep(
     rank: int | None = None,
     world_size: int | None = None,
     on_row: Callable[[dict], None] | None = None,
+    workers: int = 1,
+    worker_threads: int | None = None,
+    _worker: bool = False,
+    _parent: int | None = None,
 ) -> list[dict]:
     """Run (or resume) the sweep; returns every row of the folder (after merging, on rank 0).
 
     ``loader(name, dtype=, device=)`` defaults to :func:`dllm_sparse.load_model`; ``task_factory(name)`` to
     :func:`dllm_sparse.eval.tasks.get_task`. ``rank``/``world_size`` default to the launcher's environment.
-    ``on_row`` is called with every row written (progress reporting, tests)."""
+    ``on_row`` is called with every row written (progress reporting, tests). ``workers`` > 1 (a plain run, models
+    given by name or path): that many processes in all compute the units, this one and ``workers - 1`` started
+    here, each with ``worker_threads`` torch threads (default: this process's) and its own copy of the model it
+    is on; they take units one at a time from the folder (module docstring, "Workers")."""
+    workers = _check_workers_arg(workers)
+    custom = [what for what, f in (("loader=", loader), ("task_factory=", task_factory)) if f is not None]
     env_rank, env_world, local_rank = process_info()
     rank = env_rank if rank is None else rank
     world = env_world if world_size is None else world_size
@@ -625,47 +754,81 @@ def run_sweep(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc=f"sweep (rank {rank})" if world > 1 else "sweep", dynamic_ncols=True)
+    procs = _start_workers(cfg, workers, worker_threads, custom) if world == 1 and todo else []
     opened = False
-    for mi in sorted({u.model_index for u in todo}):
-        spec = cfg.models[mi]
-        t_load = time.perf_counter()
-        lm = spec if hasattr(spec, "model") and hasattr(spec, "kind") else loader(
-            spec, dtype=cfg.dtype, device=device)
-        load_seconds[_model_name(spec)] = time.perf_counter() - t_load
-        scorer = Scorer.from_loaded(lm, batch_size=cfg.batch_size, mc_num=cfg.mc_num, mc_batch=cfg.mc_batch,
-                                    seed=cfg.seed, ratio_bins=cfg.ratio_bins, head_chunk=cfg.head_chunk)
-        name = _model_name(spec)
-        loaded = model_identity(lm)
-        _check_model_identity(out, existing, name, cfg, loaded)
-        opened = opened or open_folder()
-        for unit in [u for u in todo if u.model_index == mi]:
+    current: tuple | None = None  # (model index, loaded model, scorer, name, identity)
+    try:
+        while True:
             refresh()
-            if all(k in done for k in unit.keys):  # another sweep into this folder has finished it
-                if bar is not None:
-                    bar.update(1)
+            pending = [u for u in todo if not all(k in done for k in u.keys)]
+            if bar is not None:
+                bar.n = len(todo) - len(pending)
+                bar.refresh()
+            if not pending or (_parent is not None and os.getppid() != _parent):  # done, or the parent is gone
+                break
+            _check_workers(procs)
+            unit = None
+            if current is not None:
+                mine = [u for u in pending if u.model_index == current[0]]
+                # A launcher's rank owns its share; a plain run claims each unit (several may share the folder).
+                unit = (mine[0] if mine else None) if world > 1 else _claim(out, mine)
+            if unit is None:  # load the next model that has a unit left to take
+                others = [u for u in pending if current is None or u.model_index != current[0]]
+                mi = (others[0].model_index if others else None) if world > 1 else _next_model(out, others)
+                if mi is None:  # every pending unit is being computed by another process
+                    time.sleep(0.5)
+                    continue
+                current = None  # free the last model before loading the next
+                gc.collect()
+                spec = cfg.models[mi]
+                t_load = time.perf_counter()
+                lm = spec if hasattr(spec, "model") and hasattr(spec, "kind") else loader(
+                    spec, dtype=cfg.dtype, device=device)
+                load_seconds[_model_name(spec)] = time.perf_counter() - t_load
+                scorer = Scorer.from_loaded(lm, batch_size=cfg.batch_size, mc_num=cfg.mc_num,
+                                            mc_batch=cfg.mc_batch, seed=cfg.seed, ratio_bins=cfg.ratio_bins,
+                                            head_chunk=cfg.head_chunk)
+                name = _model_name(spec)
+                loaded = model_identity(lm)
+                _check_model_identity(out, existing, name, cfg, loaded)
+                current = (mi, lm, scorer, name, loaded)
+                opened = opened or open_folder()
+                del lm, scorer
                 continue
-            if unit.task not in tasks:
-                tasks[unit.task] = task_factory(unit.task)
-            if lm.kind == "diffusion":
-                scorer.cfg_scale = cfg.cfg_for(unit.task)
-            if bar is not None:
-                bar.set_postfix_str(f"{name} {unit.task} {DENSE if unit.config is None else unit.config.id}")
-            rows = _run_unit(cfg, scorer, lm, name, tasks[unit.task], unit, dense_rows, rank, loaded)
-            for row in _append_new_rows(out, path, [r for r in rows if r["key"] not in done]):
-                done.add(row["key"])
-                if on_row is not None:
-                    on_row(row)
-            if bar is not None:
-                bar.update(1)
-        del scorer, lm
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+            mi, lm, scorer, name, loaded = current
+            try:
+                if unit.task not in tasks:
+                    tasks[unit.task] = task_factory(unit.task)
+                if lm.kind == "diffusion":
+                    scorer.cfg_scale = cfg.cfg_for(unit.task)
+                if bar is not None:
+                    bar.set_postfix_str(f"{name} {unit.task} {DENSE if unit.config is None else unit.config.id}")
+                rows = _run_unit(cfg, scorer, lm, name, tasks[unit.task], unit, dense_rows, rank, loaded)
+                for row in _append_new_rows(out, path, [r for r in rows if r["key"] not in done]):
+                    done.add(row["key"])
+                    if on_row is not None:
+                        on_row(row)
+            finally:
+                if world == 1:
+                    _release(out, unit)
+        for p in procs:
+            p.join()
+        _check_workers(procs, finished=True)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+    current = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     if not opened:  # nothing left to compute on this rank
         open_folder()
     if bar is not None:
         bar.close()
     _barrier(world)
+    if _worker:
+        return []
     if rank == 0:
         rows = finalize(out)
         _write_status(out, cfg, rows, load_seconds)
@@ -694,6 +857,7 @@ def _base_row(cfg: SweepConfig, lm, name: str, task: str, config: SparsityConfig
         "mc_num": cfg.mc_num if lm.kind == "diffusion" else None,
         "mc_batch": cfg.mc_batch if lm.kind == "diffusion" else None, "batch_size": cfg.batch_size, "rank": rank,
         "model_identity": loaded, "cfg_scale": cfg.cfg_for(task) if lm.kind == "diffusion" else None,
+        "threads": torch.get_num_threads(),
     }
 
 
