@@ -255,6 +255,16 @@ def time_breakdown(rows: list[dict], started: float, status: dict, phases: dict[
     return list(parts.items()), ([] if workers == 1 else list(cells.items()))
 
 
+def _whole_number(option: str, spec: str) -> int:
+    try:
+        n = int(spec)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise SystemExit(f"{option} takes a whole number >= 1 or 'auto', got {spec!r}")
+    return n
+
+
 def set_threads(spec: str) -> tuple[int, str]:
     """Set torch's intra-op threads from ``--threads``; returns (threads, why, for the screen)."""
     import torch
@@ -262,12 +272,7 @@ def set_threads(spec: str) -> tuple[int, str]:
     from dllm_sparse.hardware import auto_threads, idle_cores
 
     if spec != "auto":
-        try:
-            n = int(spec)
-        except ValueError:
-            raise SystemExit(f"--threads takes a whole number >= 1 or 'auto', got {spec!r}") from None
-        if n < 1:
-            raise SystemExit(f"--threads takes a whole number >= 1 or 'auto', got {spec!r}")
+        n = _whole_number("--threads", spec)
         torch.set_num_threads(n)
         return torch.get_num_threads(), f"{torch.get_num_threads()} (--threads {spec})"
     n, why = auto_threads(torch.get_num_threads(), idle_cores(0.5))
@@ -281,12 +286,7 @@ def resolve_workers(spec: str, threads: int, on_cpu: bool, world: int) -> tuple[
         n = threads if on_cpu and world == 1 else 1
         why = "auto: one per thread" if n > 1 else "auto"
     else:
-        try:
-            n = int(spec)
-        except ValueError:
-            raise SystemExit(f"--workers takes a whole number >= 1 or 'auto', got {spec!r}") from None
-        if n < 1:
-            raise SystemExit(f"--workers takes a whole number >= 1 or 'auto', got {spec!r}")
+        n = _whole_number("--workers", spec)
         why = f"--workers {spec}"
         if n > 1 and not on_cpu:
             raise SystemExit(f"--workers {n} is for a CPU run (on a GPU use one process per GPU: accelerate launch)")
