@@ -397,3 +397,6 @@ def test_workers_refuse_loaded_models_and_bad_counts(tmp_path):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="workers must be a whole number"):
             run_sweep(_cfg(tmp_path / "b"), workers=bad)
+    with pytest.raises(ValueError, match="under a launcher"):
+        run_sweep(_cfg(tmp_path / "c"), workers=2, rank=0, world_size=2)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()  # refused before anything is written

@@ -697,6 +697,9 @@ def run_sweep(
     env_rank, env_world, local_rank = process_info()
     rank = env_rank if rank is None else rank
     world = env_world if world_size is None else world_size
+    if workers > 1 and world > 1:
+        raise ValueError(f"workers={workers} under a launcher ({world} processes): the launcher's ranks already split "
+                         "the units; use one or the other")
     out = Path(cfg.output_dir)
     if task_factory is None:
         def task_factory(name: str) -> Task:
