@@ -26,7 +26,8 @@ core over 0.5 s, from /proc/stat; the choice and its reason are printed): on a b
 oversubscribed OpenMP threads spin and made a forward pass up to 8x slower in our measurements. ``--workers
 auto`` (default) then runs the sweep in one process per thread, each with one thread and its own model copy,
 taking cells one at a time (:func:`dllm_sparse.eval.sweep.run_sweep`): the small forward passes of the built-in
-tasks use two cores poorly from one process. ``--workers 1`` keeps one process with all the threads.
+tasks use two cores only in part from one process (1.5-1.8x from a second thread, measured in the README), and
+the top-p row sort runs on one core. ``--workers 1`` keeps one process with all the threads.
 """
 
 from __future__ import annotations

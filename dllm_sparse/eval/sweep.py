@@ -54,8 +54,10 @@ Guarantees:
 * **Workers.** ``run_sweep(cfg, workers=N, worker_threads=T)`` starts N - 1 more processes (spawned, each with
   T torch threads and its own copy of the model it is on) that sweep the same configuration into the same
   folder through the claims; this process computes too, waits for them and merges. Models must be given by
-  name or path. On a CPU, small forward passes use two cores poorly (a 2-thread forward of 16 rows x 6 tokens
-  ran 1.2x faster than one thread), so one-thread workers, one per core, finish a sweep sooner. The thread
+  name or path. On a CPU, one process uses two cores only in part on small forward passes (quiet 2-core AVX2
+  CPU: a dense pass of the twin's multiple-choice task 9.6-10.3 s at 1 thread, 6.5-6.7 s at 2, 1.5x; its
+  perplexity task 1.8x), and the top-p row sort runs on one core; one-thread workers, one per core, ran the main
+  experiment in 9 min 33 s against 13 min 53 s for one 2-thread process. The thread
   count is not part of the cell key, but like the CPU kind it can move a value by float noise (a reduction
   split another way: a tiny model's perplexity read 262.6053877 at one thread, 262.6053901 at two), so every
   row records the ``threads`` it was computed with; workers each use ``worker_threads``.
