@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from dllm_sparse.cache import cache_dir
 from dllm_sparse.models.families import detect_family, family_named
 
 __all__ = ["LoadedModel", "load_model", "load_options", "check_available", "EMBEDDED_MODELS", "register_embedded",
@@ -83,12 +84,6 @@ def model_device(model: torch.nn.Module) -> torch.device:
 # ---------------------------------------------------------------------------------------------------------
 # Cache and the embedded SmolLM2 GGUF
 # ---------------------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """``$DLLM_SPARSE_CACHE``, else ``~/.cache/dllm_sparse``."""
-    root = os.environ.get("DLLM_SPARSE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dllm_sparse")
-    return Path(root)
 
 
 def smollm2_gguf_path(download: bool = True) -> Path:

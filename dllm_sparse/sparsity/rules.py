@@ -16,6 +16,7 @@ as ``not |v| < tau``, so the kernels (which work with thresholds) keep the same 
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -23,6 +24,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from dllm_sparse.sparsity import native
 from dllm_sparse.sparsity.names import RULE_NAMES, SCOPES, SHARED_SCOPES
 
 __all__ = [
@@ -431,6 +433,12 @@ class SparsityRule(ABC):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x.masked_fill(~self.mask(x), 0)
 
+    def apply_fused(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(x * keep, zeros per row)`` computed in one pass, or None where this rule has no fused kernel for
+        ``x`` (the hooks then compute ``keep = mask(x)`` and ``x * keep``). ``x * keep`` as PyTorch computes it:
+        a dropped entry is a zero with x's sign. Rules that return a result guarantee ``keep == (out != 0)``."""
+        return None
+
     @abstractmethod
     def _row_mask(self, x: torch.Tensor) -> torch.Tensor:
         """Keep-mask along the last dimension."""
@@ -517,7 +525,8 @@ class SharedSelection:
         return x.masked_fill(~self.mask(x), 0)
 
 
-TOP_P_METHODS = ("auto", "row_sort", "histogram", "bisect", "sort")
+TOP_P_METHODS = ("auto", "native", "row_sort", "histogram", "bisect", "sort")
+_native_fallback_said = False  # "auto" says once per process that it runs the row sort for want of the kernel
 
 
 @dataclass(frozen=True)
@@ -527,16 +536,18 @@ class TopP(SparsityRule):
     ``method``: how the threshold is found; every method gives the reference's masks (tests/test_rules.py).
 
     - ``"sort"``: the reference itself (:func:`top_p_mask_reference`: a row sort and a float64 running sum);
+    - ``"native"``: the compiled CPU kernel (:mod:`dllm_sparse.sparsity.native`: a mass histogram with exact sums,
+      no sort, the masked output and zero counts in the same pass), bit-identical to the reference; fp32 / bf16 /
+      fp16 CPU tensors;
     - ``"row_sort"``: :func:`top_p_mask_row_sort`, the reference's steps with NumPy's float32 row sort,
       bit-identical to the reference;
-    - ``"histogram"``: :func:`top_p_mask_histogram`, a mass histogram refined inside its boundary bucket,
+    - ``"histogram"``: :func:`top_p_mask_histogram`, the native kernel's idea in PyTorch ops (slower),
       bit-identical to the reference (rows it cannot prove exact go to the reference);
     - ``"bisect"``: :func:`top_p_mask`, 32 bisection passes on the threshold, no sort (the GPU path; equal to
       the reference up to the rounding of the mass sums);
-    - ``"auto"`` (default): ``"row_sort"`` on CPU, ``"bisect"`` elsewhere. On a loaded 2-core AVX512 CPU, on
-      SmolLM2-135M's activations (one thread, fastest of 15 interleaved runs), ``"row_sort"`` took 0.26-0.9x the
-      histogram's time on 128 x 1536 / 128 x 576 rows and 0.4-0.8x on 1024-row batches, but for one 1024 x 1536
-      fp32 case (1.1x); the histogram had replaced the sort reference (``torch.sort``: ~27 ms for 128 x 1536).
+    - ``"auto"`` (default): on CPU ``"native"`` where the kernel builds and serves the dtype (else
+      ``"row_sort"``, said once), and ``"row_sort"`` inside ``torch.compile`` (ctypes cannot be traced);
+      ``"bisect"`` elsewhere. Speeds: docs/results/masking_overhead.
     """
 
     name: ClassVar[str] = "top_p"
@@ -552,20 +563,49 @@ class TopP(SparsityRule):
             raise ValueError(f"method must be one of {TOP_P_METHODS}, got {self.method!r}")
 
     def _method_for(self, x: torch.Tensor) -> str:
-        if self.method == "auto":
-            return "row_sort" if x.device.type == "cpu" else "bisect"
-        return self.method
+        if self.method != "auto":
+            return self.method
+        if x.device.type != "cpu":
+            return "bisect"
+        if x.dtype not in native.DTYPES or self.p >= 1.0 or torch.compiler.is_compiling():
+            return "row_sort"
+        if native.available():
+            return "native"
+        global _native_fallback_said
+        if not _native_fallback_said:
+            _native_fallback_said = True
+            warnings.warn(f"top-p runs NumPy's row sort (the same masks, 2-3x slower): the compiled CPU kernel is "
+                          f"not available ({native.unavailable_reason()})", RuntimeWarning, stacklevel=3)
+        return "row_sort"
+
+    def apply_fused(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(x * keep, zeros per row)`` in one pass where the native kernel serves ``x`` (see
+        :meth:`SparsityRule.apply_fused`); the keep-mask is then exactly ``out != 0``."""
+        if self.scope != "token" or self.p >= 1.0 or (torch.is_grad_enabled() and x.requires_grad):
+            return None
+        if x.numel() == 0 or self._method_for(x) != "native":
+            return None
+        return native.top_p_rows(x, self.p)
 
     def _mask_rows(self, x):
         method = self._method_for(x)
+        if method == "native":
+            return self._native_mask(x)  # NaN rows keep every non-zero entry, in the kernel
         if method == "histogram":
             return top_p_mask_histogram(x, self.p)  # keeps NaN rows itself, in the same pass
         if method == "row_sort":
             return top_p_mask_row_sort(x, self.p)  # keeps NaN rows itself
         return super()._mask_rows(x)
 
+    def _native_mask(self, x):
+        if self.p >= 1.0 or x.numel() == 0:
+            return x.detach() != 0
+        return native.top_p_rows(x, self.p)[0] != 0
+
     def _row_mask(self, x):
         method = self._method_for(x)
+        if method == "native":
+            return self._native_mask(x)
         if method == "sort":
             return top_p_mask_reference(x, self.p)
         if method == "bisect":

@@ -72,9 +72,16 @@ class SparsityStats:
             self.tag, self.groups, self.row_weights = old
 
     # ---- accumulation (called from the hooks) ------------------------------------------------------------
-    def add(self, layer: int, site: str, out: torch.Tensor, valid: torch.Tensor | None) -> None:
-        """Count the zeros of ``out`` [..., d]; ``valid`` is a [batch, tokens] mask of real tokens or None."""
-        zeros = (out == 0).sum(dim=-1)  # [...]: zero entries per token
+    def add(self, layer: int, site: str, out: torch.Tensor, valid: torch.Tensor | None,
+            zeros: torch.Tensor | None = None) -> None:
+        """Count the zeros of ``out`` [..., d]; ``valid`` is a [batch, tokens] mask of real tokens or None.
+        ``zeros``: the zero entries of each token of ``out`` (shape ``out.shape[:-1]``) where the caller has
+        them already (a fused kernel counts them as it writes ``out``)."""
+        if zeros is None:
+            zeros = (out == 0).sum(dim=-1)  # [...]: zero entries per token
+        elif zeros.shape != out.shape[:-1]:
+            raise ValueError(f"zeros has shape {tuple(zeros.shape)}; one count per token of out {tuple(out.shape)} "
+                             f"is {tuple(out.shape[:-1])}")
         names, weights, tokens = self._group_weights(valid, zeros)
         z = torch.mv(weights, zeros.reshape(-1).to(torch.float64))  # [G]: zeros of each group's tokens
         key = (self.tag, layer, str(site), names)

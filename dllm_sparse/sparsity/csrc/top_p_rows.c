@@ -1,0 +1,182 @@
+/* Per-token top-p on CPU, fused: each row's threshold, its masked output and its zero count, in one call.
+ *
+ * Bit-identical to the reference rule (sort |v| descending, float64 running sum, tau = the first sorted entry
+ * whose running sum reaches p * total, keep |v| >= tau, never a zero), without sorting the row:
+ *
+ *   1. A row's |v| lying within SPAN octaves of its maximum (the "exact range") have every partial sum, in any
+ *      order, exactly representable in float64: they are integer multiples of the smallest one's last bit,
+ *      and d of them stay below 2^53 such units when SPAN = 52 - 23 - ceil(log2 d) (float32 has 24
+ *      significant bits). So the reference's running sums over the exact range are exact sums, and its tau is
+ *      the largest entry t whose exact mass sum(|v| >= t) reaches the target.
+ *   2. Entries below the exact range (the "tail") are where the reference's running sum rounds. It adds them
+ *      last, in descending order: the tail is sorted (it is a few entries, when any) and added one by one to
+ *      the exact sum, which gives the reference's total bit for bit; if the target falls inside the tail, the
+ *      same walk finds tau.
+ *   3. Otherwise tau lies in the exact range: a mass histogram (2^SUB buckets per octave; the bucket is a
+ *      shift of the float32 bit pattern, which is monotone in the value for non-negative floats) finds the
+ *      bucket where the running mass from the top reaches the target, and only that bucket's entries (about
+ *      1 % of a row) are sorted.
+ *
+ * Special rows, as the reference and the project's rule contract treat them: a row holding a NaN keeps every
+ * non-zero entry; a row holding an infinity keeps its infinite entries (tau = inf); an all-zero row keeps
+ * nothing. The output is x * keep as PyTorch computes it (a dropped entry becomes a zero with x's sign), so
+ * the keep-mask is exactly out != 0 and is not written.
+ *
+ * Rows are shared among OpenMP threads (the caller passes PyTorch's intra-op thread count).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define SUB 5  /* 2^SUB buckets per octave: about 1 % of a row's entries share the boundary bucket */
+#define ABS_MASK 0x7FFFFFFFu
+#define INF_BITS 0x7F800000u
+
+static inline float float_of(uint32_t b) { float v; memcpy(&v, &b, 4); return v; }
+static inline uint32_t bits_of(float v) { uint32_t b; memcpy(&b, &v, 4); return b; }
+
+static int cmp_desc(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x < y) - (x > y);
+}
+
+static void sort_desc(float *v, int64_t n) {
+    if (n > 32) { qsort(v, (size_t)n, sizeof(float), cmp_desc); return; }
+    for (int64_t i = 1; i < n; i++) {  /* insertion sort: the boundary bucket and the tail are this small */
+        float t = v[i];
+        int64_t j = i - 1;
+        while (j >= 0 && v[j] < t) { v[j + 1] = v[j]; j--; }
+        v[j + 1] = t;
+    }
+}
+
+/* The entries with |v| >= threshold reach the target first in the sorted run `v` (descending) starting from
+ * mass `start`: the reference's tau is the entry at which start + running sum first reaches the target. */
+static uint32_t first_reaching(const float *v, int64_t n, double start, double target) {
+    double c = start;
+    for (int64_t i = 0; i < n; i++) {
+        c += (double)v[i];
+        if (c >= target) return bits_of(v[i]);
+    }
+    return 1u;  /* not reached (only when p * total > total, which p <= 1 excludes): keep every non-zero */
+}
+
+/* tau of one finite row with a positive maximum, as a float32 bit pattern. */
+static uint32_t row_tau(const uint32_t *x, int64_t d, uint32_t max_bits, double p, int span, double *hist,
+                        float *scratch) {
+    const int64_t n_oct = span + 1, n_exact = n_oct << SUB;
+    /* Bucket 0 = the top 2^-SUB octave of the maximum's octave, then one per 2^-SUB octave down; bucket
+     * n_exact gathers the tail. Zeros land in a bucket too but add no mass. */
+    const int64_t top = (int64_t)(((max_bits >> 23) + 1) << SUB) - 1;
+    /* Four interleaved histograms: consecutive entries often share a bucket, and one histogram would wait on
+     * its own last store. Exact in any order (point 1 above). */
+    const int64_t stride = n_exact + 1;
+    memset(hist, 0, 4 * (size_t)stride * sizeof(double));
+    double *h0 = hist, *h1 = h0 + stride, *h2 = h1 + stride, *h3 = h2 + stride;
+#define BUCKET(b) ((size_t)(top - (int64_t)((b) >> (23 - SUB)) < n_exact ? top - (int64_t)((b) >> (23 - SUB)) : n_exact))
+    int64_t i = 0;
+    for (; i + 4 <= d; i += 4) {
+        uint32_t b0 = x[i] & ABS_MASK, b1 = x[i + 1] & ABS_MASK, b2 = x[i + 2] & ABS_MASK, b3 = x[i + 3] & ABS_MASK;
+        h0[BUCKET(b0)] += (double)float_of(b0);
+        h1[BUCKET(b1)] += (double)float_of(b1);
+        h2[BUCKET(b2)] += (double)float_of(b2);
+        h3[BUCKET(b3)] += (double)float_of(b3);
+    }
+    for (; i < d; i++) { uint32_t b = x[i] & ABS_MASK; h0[BUCKET(b)] += (double)float_of(b); }
+#undef BUCKET
+    const double tail_mass = h0[n_exact] + h1[n_exact] + h2[n_exact] + h3[n_exact];
+    /* Per-octave masses, then their sum: exact in any order, so independent accumulators. */
+    for (int64_t j = 0; j < n_exact; j++) h0[j] += h1[j] + h2[j] + h3[j];
+    double *oct = h1;  /* h1.. are spent once folded into h0 */
+    double exact = 0.0;
+    for (int64_t o = 0; o < n_oct; o++) {
+        const double *h = h0 + (o << SUB);
+        double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+        for (int j = 0; j < (1 << SUB); j += 4) { a0 += h[j]; a1 += h[j + 1]; a2 += h[j + 2]; a3 += h[j + 3]; }
+        oct[o] = (a0 + a1) + (a2 + a3);
+        exact += oct[o];
+    }
+    double total = exact;
+    int64_t n_tail = 0;
+    if (tail_mass > 0.0) {  /* point 2: the tail, in descending order, added one by one */
+        const uint32_t exact_floor = (uint32_t)(top - n_exact + 1) << (23 - SUB);  /* smallest exact-range bits */
+        for (int64_t k = 0; k < d; k++) {
+            uint32_t b = x[k] & ABS_MASK;
+            if (b != 0 && b < exact_floor) scratch[n_tail++] = float_of(b);
+        }
+        sort_desc(scratch, n_tail);
+        for (int64_t k = 0; k < n_tail; k++) total += (double)scratch[k];
+    }
+    const double target = p * total;
+    if (target > exact) return first_reaching(scratch, n_tail, exact, target);
+    /* Point 3: the boundary bucket, octave first. */
+    double reach = 0.0;
+    int64_t o = 0;
+    while (o < n_oct - 1 && !(oct[o] > 0.0 && reach + oct[o] >= target)) reach += oct[o++];
+    int64_t boundary = o << SUB;
+    while (boundary < ((o + 1) << SUB) - 1 && !(h0[boundary] > 0.0 && reach + h0[boundary] >= target))
+        reach += h0[boundary++];
+    /* The boundary bucket's entries: bit patterns in [lo, lo + width). */
+    const uint32_t lo = (uint32_t)(top - boundary) << (23 - SUB), width = 1u << (23 - SUB);
+    int64_t n = 0, k = 0;
+    for (; k + 16 <= d; k += 16) {  /* 16 at a time (vectorised); few blocks hold one */
+        uint32_t nearest = UINT32_MAX;  /* min of |v| bits - lo, wrapping: below width iff the block has one */
+        for (int j = 0; j < 16; j++) {
+            uint32_t off = (x[k + j] & ABS_MASK) - lo;
+            nearest = off < nearest ? off : nearest;
+        }
+        if (nearest < width)
+            for (int j = 0; j < 16; j++)
+                if ((x[k + j] & ABS_MASK) - lo < width) scratch[n++] = float_of(x[k + j] & ABS_MASK);
+    }
+    for (; k < d; k++)
+        if ((x[k] & ABS_MASK) - lo < width) scratch[n++] = float_of(x[k] & ABS_MASK);
+    sort_desc(scratch, n);
+    return first_reaching(scratch, n, reach, target);
+}
+
+/* One row: tau, then out = x * keep and the row's zero count. hist, scratch: the caller's work space. */
+static int64_t one_row(const uint32_t *x, uint32_t *out, int64_t d, double p, int span, double *hist,
+                       float *scratch) {
+    uint32_t max_bits = 0;
+    for (int64_t i = 0; i < d; i++) {
+        uint32_t b = x[i] & ABS_MASK;
+        max_bits = b > max_bits ? b : max_bits;
+    }
+    uint32_t tau;
+    if (max_bits > INF_BITS) tau = 1u;             /* NaN row: keep every non-zero entry */
+    else if (max_bits == INF_BITS) tau = INF_BITS;  /* the running sum is inf from the first inf on */
+    else if (max_bits == 0) tau = 1u;               /* all zeros: nothing is non-zero, nothing is kept */
+    else tau = row_tau(x, d, max_bits, p, span, hist, scratch);
+    /* A dropped entry is finite (tau <= inf; a NaN row keeps every non-zero), so x * 0 = x's sign bit. */
+    int64_t kept = 0;
+    for (int64_t i = 0; i < d; i++) {
+        uint32_t k = (x[i] & ABS_MASK) >= tau;
+        out[i] = x[i] & (-k | 0x80000000u);
+        kept += k;
+    }
+    return d - kept;  /* kept entries are non-zero (tau >= 1): zeros = entries not kept */
+}
+
+/* x, out: [rows, d] float32, contiguous (out may not alias x); zeros: [rows] int64. span: the exact range in
+ * octaves, 52 - 23 - ceil(log2 d) >= 0. Rows are shared among n_threads OpenMP threads: built against the
+ * libgomp that PyTorch has loaded, these are PyTorch's own intra-op threads (no second pool competing for the
+ * cores). Returns 0, or -1 when memory could not be had. */
+int top_p_rows_f32(const float *x, int64_t rows, int64_t d, double p, int span, float *out, int64_t *zeros,
+                   int n_threads) {
+    const size_t hist_len = 4 * (size_t)((((int64_t)span + 1) << SUB) + 1);
+    int failed = 0;
+#pragma omp parallel num_threads(n_threads > 0 ? n_threads : 1) if (rows > 1 && n_threads > 1) reduction(| : failed)
+    {
+        double *hist = malloc(hist_len * sizeof(double));
+        float *scratch = malloc((size_t)d * sizeof(float));
+        failed = !hist || !scratch;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++)
+            if (!failed)
+                zeros[r] = one_row((const uint32_t *)x + r * d, (uint32_t *)out + r * d, d, p, span, hist, scratch);
+        free(hist);
+        free(scratch);
+    }
+    return failed ? -1 : 0;
+}
