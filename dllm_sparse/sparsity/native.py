@@ -18,6 +18,7 @@ feature flags (``-march=native``). Concurrent first uses build once (a file lock
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -48,6 +49,7 @@ def _compiler() -> str:
     return os.environ.get("CC") or "cc"
 
 
+@functools.cache  # asked for the library's name and again for the build line: one subprocess per compiler
 def _compiler_version(cc: str) -> str:
     try:
         run = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)

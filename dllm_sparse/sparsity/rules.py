@@ -595,7 +595,7 @@ class TopP(SparsityRule):
             return top_p_mask_histogram(x, self.p)  # keeps NaN rows itself, in the same pass
         if method == "row_sort":
             return top_p_mask_row_sort(x, self.p)  # keeps NaN rows itself
-        return super()._mask_rows(x)
+        return super()._mask_rows(x)  # "sort" / "bisect": _row_mask
 
     def _native_mask(self, x):
         if self.p >= 1.0 or x.numel() == 0:
@@ -603,16 +603,9 @@ class TopP(SparsityRule):
         return native.top_p_rows(x, self.p)[0] != 0
 
     def _row_mask(self, x):
-        method = self._method_for(x)
-        if method == "native":
-            return self._native_mask(x)
-        if method == "sort":
-            return top_p_mask_reference(x, self.p)
-        if method == "bisect":
-            return top_p_mask(x, self.p)
-        if method == "row_sort":
-            return top_p_mask_row_sort(x, self.p)
-        return top_p_mask_histogram(x, self.p)
+        # Reached (through SparsityRule._mask_rows, which adds the NaN rows) only for "sort" and "bisect": the
+        # other methods keep NaN rows themselves and are dispatched in _mask_rows above.
+        return top_p_mask_reference(x, self.p) if self._method_for(x) == "sort" else top_p_mask(x, self.p)
 
     @property
     def threshold(self) -> float:
