@@ -37,8 +37,26 @@ if __name__ == "dllm_sparse.kernels":
         "PackedKeepSet",
     ]
 else:
-    # Imported as a top-level ``kernels`` (the repo root is on sys.path, e.g. ``python -m pytest`` run from it).
-    # transformers probes for Hugging Face's own ``kernels`` package by importing that name while it is itself
-    # being imported; importing dllm_sparse from here would then be circular. Stay an empty module without a
-    # __version__, which the probe reads as "not installed". The package lives at dllm_sparse.kernels.
-    __all__ = []
+    # Imported as a top-level ``kernels``: the repository root is on sys.path (a prompt, a notebook or
+    # ``python -m pytest`` started there), so this folder shadows Hugging Face's ``kernels`` distribution, which
+    # transformers >= 5.25 imports at start-up. This folder is only ever meant as ``dllm_sparse.kernels``, so hand the
+    # name over: load the ``kernels`` found on the rest of sys.path in place of this module, or fail exactly as
+    # ``import kernels`` fails where the distribution is not installed.
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    _root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    _elsewhere = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != _root]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
+    if _spec is None or _spec.loader is None:
+        raise ModuleNotFoundError("No module named 'kernels' (this repository's kernels/ folder is dllm_sparse.kernels,"
+                                  " not a top-level package)", name="kernels")
+    _real = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _real  # the import statement returns what sys.modules holds once this file has run
+    try:
+        _spec.loader.exec_module(_real)
+    except BaseException:
+        del sys.modules["kernels"]
+        raise

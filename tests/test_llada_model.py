@@ -144,6 +144,55 @@ def test_real_llada_8b_config_loads_with_extra_keys(tmp_path):
     assert cfg.dtype == torch.bfloat16
 
 
+# Every field of the official configuration class's ``ModelConfig`` (configuration_llada.py of the released
+# checkpoints), which its ``LLaDAConfig.__init__`` writes into every config it saves; the official defaults.
+OFFICIAL_MODEL_CONFIG_DEFAULTS = {
+    "d_model": 768, "n_heads": 12, "n_kv_heads": None, "n_layers": 12, "mlp_ratio": 4, "mlp_hidden_size": None,
+    "activation_type": "swiglu", "block_type": "sequential", "block_group_size": 1, "alibi": False,
+    "alibi_bias_max": 8.0, "rope": False, "rope_full_precision": True, "flash_attention": True,
+    "attention_dropout": 0.1, "multi_query_attention": None, "attention_layer_norm": False, "residual_dropout": 0.1,
+    "embedding_dropout": 0.1, "input_emb_norm": False, "layer_norm_type": "default", "layer_norm_with_affine": True,
+    "rms_norm_eps": 1e-05, "attention_layer_norm_with_affine": True, "max_sequence_length": 1024,
+    "train_max_sequence_length": 1024, "rope_theta": 10000.0, "include_qkv_bias": False, "include_bias": False,
+    "bias_for_layer_norm": None, "scale_logits": False, "vocab_size": 50257, "embedding_size": 50304,
+    "weight_tying": True, "eos_token_id": 50256, "pad_token_id": 50256, "mask_token_id": 50256, "init_device": None,
+    "init_fn": "normal", "init_std": 0.02, "init_cutoff_factor": None, "precision": None,
+}
+
+
+def test_every_official_config_field_is_read_or_known_to_be_ignored():
+    read = set(LLaDAConfig.__dataclass_fields__)
+    unclassified = set(OFFICIAL_MODEL_CONFIG_DEFAULTS) - read - set(llada.IGNORED_FIELDS)
+    assert not unclassified, f"official fields neither read nor listed as ignored: {unclassified}"
+
+
+@pytest.mark.parametrize("train_max_sequence_length", [1024, 4096])
+def test_config_saved_by_the_official_class_loads_natively(tmp_path, train_max_sequence_length):
+    """A checkpoint re-saved with the official code carries every ModelConfig field (train_max_sequence_length
+    included, which LLaDA-1.5 omits): it loads without remote code and computes what the same weights compute without
+    the extra fields."""
+    model = _tiny_model()
+    model.save_pretrained(tmp_path)
+    official = dict(OFFICIAL_MODEL_CONFIG_DEFAULTS)
+    official.update({k: v for k, v in LLADA_8B_CONFIG.items() if k in OFFICIAL_MODEL_CONFIG_DEFAULTS})
+    official.update(d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=128, vocab_size=100,
+                    embedding_size=100, max_sequence_length=128, rope_theta=10000.0, mask_token_id=99,
+                    eos_token_id=98, pad_token_id=98, train_max_sequence_length=train_max_sequence_length,
+                    use_cache=False, architectures=["LLaDAModelLM"], model_type="llada", torch_dtype="float32")
+    assert set(OFFICIAL_MODEL_CONFIG_DEFAULTS) <= set(official)
+    (tmp_path / "config.json").write_text(json.dumps(official))
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert type(loaded) is LLaDAModelLM and loaded.config.train_max_sequence_length == train_max_sequence_length
+    ids = _ids(1, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_fields_the_official_code_does_not_have_are_still_refused():
+    with pytest.raises(ValueError, match="does not read the config field"):
+        LLaDAModelLM(tiny_llada_config(rope_scaling={"type": "linear", "factor": 2.0}))
+
+
 def test_unsupported_variant_loads_config_but_refuses_model():
     cfg = tiny_llada_config(block_type="sequential")
     assert cfg.block_type == "sequential"

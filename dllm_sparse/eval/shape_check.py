@@ -57,17 +57,18 @@ def rss_bytes() -> int:
 class PeakRSS:
     """``with PeakRSS() as p: ...`` then ``p.peak`` (bytes): the highest RSS seen by a polling thread."""
 
-    def __init__(self, interval: float = 0.002):
+    def __init__(self, interval: float = 0.002, read: Callable[[], int] = rss_bytes):
         self.interval, self.start, self.peak = interval, 0, 0
+        self._read = read  # injectable so that the poller can be tested without the allocator
         self._stop = threading.Event()
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
+            self.peak = max(self.peak, self._read())
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakRSS:
-        self.start = self.peak = rss_bytes()
+        self.start = self.peak = self._read()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
         return self
@@ -75,7 +76,7 @@ class PeakRSS:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
+        self.peak = max(self.peak, self._read())
 
 
 def _prompt(n: int, vocab: int, seed: int = 0) -> list[int]:

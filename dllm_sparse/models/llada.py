@@ -471,13 +471,19 @@ class LLaDABlock(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 
-#: Keys of the released ``config.json`` that this file does not read, with the values under which not reading them
-#: changes nothing (None: any value). ``init_*`` pick an initialiser, ``precision`` the training precision and
-#: ``flash_attention`` a kernel; ``alibi_bias_max`` and ``attention_layer_norm_with_affine`` only matter with ALiBi or
-#: QK-norm (refused below); ``multi_query_attention=True`` means one key/value head.
+#: Fields that the official ``LLaDAConfig`` writes (every field of its ``ModelConfig``) and this file does not
+#: read, with the values under which not reading them changes nothing (None: any value). Each is one that the
+#: official modelling code itself ignores at inference, or reads only in a branch refused below:
+#: ``init_fn`` / ``init_cutoff_factor`` / ``init_device`` pick the initialiser and where it runs;
+#: ``precision`` records the training precision; ``flash_attention`` picks a kernel;
+#: ``train_max_sequence_length`` is the training length (the official modelling code never reads it; the rotary
+#: tables follow ``max_sequence_length``); ``alibi_bias_max`` and ``attention_layer_norm_with_affine`` matter only
+#: with ALiBi or QK-norm (both refused by ``_check_supported``); ``multi_query_attention=True`` means one key/value
+#: head, which is what ``n_kv_heads == 1`` already says.
 IGNORED_FIELDS: dict[str, tuple | None] = {
     "alibi_bias_max": None, "attention_layer_norm_with_affine": None, "flash_attention": None,
     "init_cutoff_factor": None, "init_device": None, "init_fn": None, "precision": None,
+    "train_max_sequence_length": None,
     "multi_query_attention": (None, False),
 }
 #: Bookkeeping keys of a saved config (transformers' own, the checkpoint's, peft's / this package's notes).
