@@ -1,26 +1,40 @@
-"""The README's Python examples run as written (a README that drifts from the code is a bug)."""
+"""The README's and the docs pages' Python examples run as written (a page that drifts from the code is a bug), the
+README stays a front door (short), and every relative link of the README and the docs points at a file that exists."""
 
 import re
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+README_MAX_LINES = 300
 
 
-def _python_blocks():
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+def _python_blocks(page: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+
+
+def _examples():
+    """Every ```python block of every page, as (page, index, code); one that compiles (torch.compile on a CPU: tens
+    of seconds) runs with the slow tests."""
+    for page in PAGES:
+        for index, code in enumerate(_python_blocks(page)):
+            marks = [pytest.mark.slow] if "torch.compile(" in code else []
+            yield pytest.param(page, index, code, marks=marks, id=f"{page.relative_to(ROOT)}[{index}]")
 
 
 def test_readme_has_examples():
-    assert len(_python_blocks()) >= 2
+    assert len(_python_blocks(README)) >= 3  # sparsify, generate with per-step sparsity, accelerate_ffn
 
 
-# An example that compiles (torch.compile on a CPU: tens of seconds) runs with the slow tests.
-@pytest.mark.parametrize("index", [pytest.param(i, marks=pytest.mark.slow) if "torch.compile(" in block else i
-                                   for i, block in enumerate(_python_blocks())])
-def test_readme_example_runs(index, capsys):
-    code = _python_blocks()[index]
+def test_docs_have_examples():
+    assert sum(len(_python_blocks(p)) for p in PAGES if p != README) >= 10
+
+
+@pytest.mark.parametrize("page, index, code", list(_examples()))
+def test_example_runs(page, index, code, capsys):
     if "smollm2-135m" in code:
         from dllm_sparse.models.loading import smollm2_gguf_path
 
@@ -32,13 +46,65 @@ def test_readme_example_runs(index, capsys):
 
     saved = list(PROFILES)  # an example that registers a family must not change the families later tests see
     try:
-        exec(compile(code, f"README.md[python block {index}]", "exec"), {})
+        exec(compile(code, f"{page.relative_to(ROOT)}[python block {index}]", "exec"), {})
     finally:
         PROFILES[:] = saved
     out = capsys.readouterr().out
     if "for site in ALL_SITES" in code:
         values = [float(v) for v in re.findall(r"measured sparsity ([\d.]+)%", out)]
         assert len(values) == 4 and all(5 < v < 95 for v in values), out
+
+
+def test_readme_is_a_front_door():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES, (
+        f"README.md has {len(lines)} lines, more than {README_MAX_LINES}: move the details to a page in docs/ "
+        "and link it from the README's 'Read next' table")
+
+
+# [text](target) and ![alt](target); a target may carry a title ("...") or an #anchor, which are not part of the path
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+
+
+def _relative_links(page: Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold no links
+    text = re.sub(r"`[^`\n]*`", "", text)  # nor do code spans
+    return [t for t in LINK.findall(text) if not re.match(r"[a-z][a-z0-9+.-]*:", t) and not t.startswith("#")]
+
+
+def test_the_link_finder_sees_links():
+    page = ROOT / "docs" / "index.md"
+    found = _relative_links(page)
+    assert "definitions.md" in found and "../README.md" in found, found
+    assert _relative_links(README), "the README links no page"
+
+
+def _anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#{1,6} (.+)$", text, flags=re.M)}
+
+
+def test_anchors_are_githubs():
+    assert _anchors(ROOT / "docs" / "advantage.md") >= {"the-verdict-rule-per-site", "running-the-study"}
+    assert "policies-dllm_sparsesamplersreuse" in _anchors(ROOT / "docs" / "mask_reuse.md")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_point_at_files(page):
+    links = _relative_links(page)
+    broken = [t for t in links if not (page.parent / t.split("#", 1)[0]).exists()]
+    assert not broken, f"{page.relative_to(ROOT)} links to missing files: {broken}"
+    text = re.sub(r"`[^`\n]*`", "", re.sub(r"```.*?```", "", page.read_text(), flags=re.S))
+    same_page = re.findall(r"\]\((#[^)\s]+)\)", text)
+    missing = []
+    for link in links + same_page:
+        path, _, anchor = link.partition("#")
+        target = page.parent / path if path else page
+        if anchor and target.suffix == ".md" and anchor not in _anchors(target):
+            missing.append(link)
+    assert not missing, f"{page.relative_to(ROOT)} links to headings that do not exist: {missing}"
 
 
 def test_ci_installs_as_the_readme_says():
