@@ -107,6 +107,18 @@ def test_relative_links_point_at_files(page):
     assert not missing, f"{page.relative_to(ROOT)} links to headings that do not exist: {missing}"
 
 
+def test_architecture_lists_every_module():
+    """docs/architecture.md has one line per module of the library and per script: a new one gets its line."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    files = [f for folder in ("dllm_sparse", "samplers", "kernels") for f in (ROOT / folder).rglob("*.py")
+             if f.name != "__init__.py"]
+    files += [f for f in (ROOT / "experiments").iterdir() if f.suffix in (".py", ".sh")]
+    files += list((ROOT / "dllm_sparse").rglob("*.c"))
+    assert len(files) > 60
+    missing = [str(f.relative_to(ROOT)) for f in files if f"`{f.name}`" not in text and f"`csrc/{f.name}`" not in text]
+    assert not missing, f"docs/architecture.md does not list {missing}"
+
+
 def test_ci_installs_as_the_readme_says():
     """.ci/run installs what the README's install block installs: the same torch version, the README's CPU index when
     CI_TORCH_INDEX names it (the plain line, a local CPU wheel, otherwise), then the same project install line."""
