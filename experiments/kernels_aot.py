@@ -170,6 +170,44 @@ def loop_bodies(ptx: str) -> list[str]:
     return bodies
 
 
+def sass_loops(cubin: bytes) -> list[list[str]] | None:
+    """The SASS instructions of every loop of a cubin (from a branch target to a later branch back to it), by
+    cuobjdump from the Triton wheel; None when this Triton ships no cuobjdump."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    code, labels, pending = [], {}, []
+    for line in text.splitlines():
+        m = re.match(r"^\s*(\.L_x_\d+):", line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            addr = int(m.group(1), 16)
+            labels.update({name: addr for name in pending})
+            pending = []
+            code.append((addr, m.group(2)))
+    loops = []
+    for addr, ins in code:
+        m = re.search(r"\bBRA\s+(?:`\((\.L_x_\d+)\)|0x([0-9a-f]+))", ins)
+        if not m:
+            continue
+        target = labels.get(m.group(1)) if m.group(1) else int(m.group(2), 16)
+        if target is not None and target <= addr:
+            loops.append([i for a, i in code if target <= a <= addr])
+    return loops
+
+
 def describe(key: tuple) -> str:
     name, signature, constexprs, attrs, num_warps = key
     dtype = next(ty[1:] for arg, ty in signature if ty.startswith("*") and arg in ("x_ptr",))

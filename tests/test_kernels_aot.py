@@ -161,6 +161,10 @@ _PTX_CHECK = textwrap.dedent("""
                      "cvt_f64": [len([l for l in b.splitlines() if "cvt.f64" in l or "cvt.rn.f64" in l])
                                  for b in loops],
                      "v4_loads": [b.count("ld.global.v4") for b in loops], **ka.ptxas_usage(log)}
+        sass = ka.sass_loops(kernel.asm["cubin"])
+        if sass is not None:
+            out[name]["sass"] = [[i.split()[0] if not i.startswith("@") else i.split()[1] for i in loop
+                                  if "LDG" in i or "BAR" in i] for loop in sass]
     print(json.dumps(out))
 """)
 
@@ -177,6 +181,9 @@ def test_compiled_gemv_and_topp_loops():
     gemv = out["_colsparse_gemv_kernel"]
     assert gemv["loops"] == 1 and gemv["bar"] == [0], gemv
     assert gemv["v4_loads"] == [8], gemv  # 64 x 128 bf16 per iteration: 128 bytes per thread, 8 x 16 bytes
+    if "sass" in gemv:  # ptxas kept the 8 wide loads (no barrier between them) in the machine code
+        (ops,) = [loop for loop in gemv["sass"] if "LDG.E.128" in loop]
+        assert ops.count("LDG.E.128") == 8 and not any(op.startswith("BAR") for op in ops), ops
     for block in (4096, 16384):
         topp = out[f"_topp_threshold_kernel{block}"]
         assert topp["loops"] == 1 and topp["cvt_f64"] == [0], topp  # the one loop: the bisection
