@@ -175,12 +175,12 @@ def diffusion_step(model, ids: torch.Tensor):
 
 
 def step_ms(step, device: torch.device) -> tuple[float, str]:
-    """(milliseconds, how): a CUDA-graph replay of ``step`` on the GPU (kernels/bench.graph_step_ms), else a CPU
-    median of eager calls."""
-    from dllm_sparse.kernels.bench import cpu_ms, graph_step_ms
+    """(milliseconds, how): the median of 20 CUDA-graph replays of ``step`` on the GPU (kernels/bench.graph_ms),
+    else a CPU median of eager calls."""
+    from dllm_sparse.kernels.bench import cpu_ms, graph_ms
 
     if device.type == "cuda":
-        return graph_step_ms(step)
+        return graph_ms(step, calls=1, replays=20)
     return cpu_ms(step, 0.05), "cpu"
 
 

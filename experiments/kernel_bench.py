@@ -16,12 +16,13 @@ Three tables, printed and saved as JSON + PNG in --output-dir, named after the d
 4. M tokens sharing one kept set of a fixed sparsity (a shared keep-set, a reused mask): the gathered GEMM (GEMV at
    M = 1) vs dense, with the bound 1 / (1 - s).
 
-On a GPU every call, dense (cuBLAS) and sparse alike, is timed under CUDA graphs (triton.testing.do_bench_cudagraph:
-replays of a captured graph, so Python's per-call host cost is not in the figure); a call that cannot be captured
-(a host sync) is timed eagerly and its row says which op synced (``timing``). Each GPU row carries its roofline
-(dllm_sparse/kernels/roofline.py: bytes of the kept weights, activations and outputs at the GPU's bandwidth) and
-the share of it reached (``of_bound``: bound / measured). On CPU: time.perf_counter medians after a warmup, of the
-PyTorch fallbacks (index_select + matmul), not of the kernels: they only prove the script runs.
+On a GPU every call, dense (cuBLAS) and sparse alike, is timed under CUDA graphs (dllm_sparse/kernels/bench.py:
+20 calls captured in one graph, the median of 25 replays; Python's per-call host cost is not in the figure); a call
+that cannot be captured (a host sync) is timed eagerly and its row says which op synced (``timing``). Each GPU row
+carries its roofline (dllm_sparse/kernels/roofline.py: bytes of the kept weights, activations and outputs at the
+GPU's bandwidth) and the share of it reached (``of_bound``: bound / measured). On CPU: time.perf_counter medians
+after a warmup, of the PyTorch fallbacks (index_select + matmul), not of the kernels: they only prove the script
+runs.
 
 Rows are appended as they finish to ``<output-dir>/<stem>.jsonl`` (and to ``--rows`` when given), each with the
 environment (GPU, driver, torch, Triton, backend): a run killed half-way keeps what it measured. The full JSON and
@@ -80,7 +81,7 @@ class Timer:
 
             ms, how = float(do_bench(fn, warmup=25, rep=100)), "eager: --eager"
         else:
-            ms, how = graph_ms(fn)
+            ms, how = graph_ms(fn, calls=20)
         self.how[label] = how
         return ms
 

@@ -3,7 +3,7 @@ measures the GPU's work rather than Python's (CUDA graphs), naming the op when a
 
     env = environment(device, backend="triton")          # GPU, driver, torch, Triton, CUDA, numpy, backend
     append_row("rows.jsonl", {**row, "env": env})         # one JSON line, flushed: a killed run keeps its rows
-    ms, how = graph_ms(fn)                                 # CUDA graph replays; "eager: <why>" when it could not
+    ms, how = graph_ms(fn, calls=20)                       # CUDA graph replays; "eager: <why>" when it could not
 
 Why graphs: one Python call of a sparse op costs tens of microseconds of host time (experiments/op_host_cost.py),
 as much as the kernel itself at 8B shapes, so eager timings of back-to-back calls measure Python. A captured
@@ -26,7 +26,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["environment", "append_row", "host_sync_site", "graph_ms", "graph_step_ms", "cpu_ms"]
+__all__ = ["environment", "append_row", "host_sync_site", "graph_ms", "cpu_ms"]
 
 
 @functools.cache
@@ -115,53 +115,52 @@ def host_sync_site(fn: Callable[[], object]) -> str | None:
         torch.cuda.set_sync_debug_mode(previous)
 
 
-def graph_ms(fn: Callable[[], object], rep_ms: int = 100) -> tuple[float, str]:
-    """(milliseconds per call, how it was timed): ``triton.testing.do_bench_cudagraph`` (the median of graph
-    replays) when ``fn`` can be captured; otherwise ``do_bench`` eagerly, with the reason (the synchronising op)."""
-    from triton.testing import do_bench, do_bench_cudagraph
+def _replay_ms(run: Callable[[], object], replays: int) -> float:
+    """Median milliseconds of ``run()`` over ``replays`` runs, each between two CUDA events."""
+    import torch
 
-    fn()  # first call outside the checks: compilation, autotuning and allocator growth are not captured work
-    sync = host_sync_site(fn)
-    if sync is not None:
-        return float(do_bench(fn, warmup=25, rep=rep_ms)), f"eager: host sync, {sync}"
-    try:
-        return float(do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")), "cuda_graph"
-    except Exception as e:  # noqa: BLE001 - any capture failure is recorded with the eager time instead
-        return float(do_bench(fn, warmup=25, rep=rep_ms)), f"eager: capture failed, {type(e).__name__}: {e}"
+    run()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
+    torch.cuda.synchronize()
+    for start, end in events:
+        start.record()
+        run()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
-def graph_step_ms(step: Callable[[], object], replays: int = 20, warmup: int = 2) -> tuple[float, str]:
-    """(milliseconds per step, how): one step (a decode step, a denoising step) captured in a
-    ``torch.cuda.CUDAGraph`` over the step's own fixed inputs and replayed ``replays`` times between CUDA events;
-    eager CUDA-event timing with the reason when the step synchronises with the host or fails to capture."""
+def graph_ms(fn: Callable[[], object], calls: int = 1, replays: int = 25, warmup: int = 2) -> tuple[float, str]:
+    """(milliseconds per call of ``fn``, how it was timed): ``calls`` back-to-back calls captured in one
+    ``torch.cuda.CUDAGraph`` (after ``warmup`` calls on a side stream, as capture needs: compilation, lazy inits,
+    the allocator), the median of ``replays`` replays divided by ``calls``: "cuda_graph". A call that synchronises
+    with the host, or fails to capture, is timed eagerly the same way: "eager: <the synchronising op or the error>".
+    The inputs are whatever tensors ``fn`` closes over; replays reuse them (and, for weights larger than L2, read
+    them from HBM every time; smaller ones may stay in L2)."""
     import torch
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up on a side stream, as capture does (allocator, lazy inits, compiles)
+    with torch.cuda.stream(side):
         for _ in range(warmup):
-            step()
+            fn()
     torch.cuda.current_stream().wait_stream(side)
-    how = "cuda_graph"
-    run = step
-    sync = host_sync_site(step)
+
+    def eager():
+        for _ in range(calls):
+            fn()
+
+    run, how = eager, "cuda_graph"
+    sync = host_sync_site(fn)
     if sync is not None:
         how = f"eager: host sync, {sync}"
     else:
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                step()
+                eager()
             run = graph.replay
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any capture failure is recorded with the eager time instead
             torch.cuda.synchronize()
-            how = f"eager: capture failed, {type(e).__name__}: {e}"
-    run()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(replays):
-        run()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays, how
+            how = f"eager: capture failed, {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return _replay_ms(run, replays) / calls, how
