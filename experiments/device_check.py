@@ -52,8 +52,9 @@ Versions: the device image may be older than this project's floors (torch >= 2.1
 first, as capabilities rather than numbers: CUDA (refused without it, except --smoke), ``torch.library.custom_op``
 (the kernels' custom ops; torch >= 2.4), Triton >= 3.0 importable (the kernels parts), transformers configs being
 dataclasses (the native LLaDA's config; transformers 5), and the optional modules each part imports (peft,
-accelerate, matplotlib, pytest). A part whose requirement is missing is refused with the reason; versions below the
-floors are recorded in the summary's preflight and every part still runs (its outcome says whether that mattered).
+accelerate, matplotlib, pytest; the kernels part runs without matplotlib, skipping its plot). A part whose
+requirement is missing is refused with the reason; versions below the floors are recorded in the summary's
+preflight and every part still runs (its outcome says whether that mattered).
 
 Not installed on the device: when ``import dllm_sparse.samplers`` fails, the package is put on PYTHONPATH from the
 working tree (a folder of symlinks, <work-dir>/.pkg, mapping dllm_sparse/, samplers/ and kernels/ as pyproject.toml
@@ -63,6 +64,7 @@ installs them; in the work folder, never in $OUT, which must hold no symlinks).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -164,8 +166,6 @@ def package_path(where: Path, force: bool = False) -> str | None:
     package already serves (and ``force`` is off). It is a folder of symlinks, ``where/.pkg``: keep it out of
     the returned folder."""
     if not force:
-        import importlib.util
-
         try:  # finds the subpackages without importing them (dllm_sparse/__init__ itself is light)
             if all(importlib.util.find_spec(m) for m in ("dllm_sparse.samplers", "dllm_sparse.kernels")):
                 return None
@@ -242,8 +242,8 @@ def preflight(smoke: bool) -> dict:
     triton_refusal = info["refused"].get("kernels")
     if triton_refusal:
         info["refused"].setdefault("kernel_tests", triton_refusal)
-    needs = {"train": ("peft", "accelerate", "matplotlib"), "kernels": ("matplotlib",),
-             "frontier": ("matplotlib", "numpy"), "kernel_tests": ("pytest",)}
+    needs = {"train": ("peft", "accelerate", "matplotlib"), "frontier": ("matplotlib", "numpy"),
+             "kernel_tests": ("pytest",)}  # kernels: without matplotlib it runs with --no-plot
     for part, mods in needs.items():
         gone = [m for m in mods if m not in info["versions"]]
         if gone:
@@ -364,6 +364,8 @@ def plan_part(name: str, args, work: Path, out: Path) -> Part:
         part.output_bytes = 100_000
     elif name == "kernels":
         bench = [py, "-u", str(ROOT / "experiments/kernel_bench.py"), "--output-dir", str(here)] + rows
+        if importlib.util.find_spec("matplotlib") is None:
+            bench.append("--no-plot")
         if args.smoke:
             part.commands = [bench + ["--quick", "--tokens", "1", "4", "--sparsities", "0.5", "--roofline-gpu", "H100"]]
             part.estimate_s, part.output_bytes = kernel_bench_work(["smollm2-135m"], [0.5], [1, 4], KERNEL_SOURCES[:2])
