@@ -44,9 +44,10 @@ is refused before it starts, naming the parts; so is one whose planned output wo
 run also stops starting parts once the budget is spent.
 
 Stopping and rerunning. SIGTERM / SIGINT stop the running part's whole process group, record it as stopped, pack
-what exists and exit. A lock file (<work-dir>/device_check.lock, holding the pid) refuses a second run into the same
-work folder while the first is alive; a dead holder's lock is taken over, saying so. A work folder holding a
-previous run is refused unless --resume (keep its finished parts, rerun the others) or --fresh (start over).
+what exists and exit; a part also dies with this script when that is SIGKILLed (Linux: PR_SET_PDEATHSIG). A lock
+file (<work-dir>/device_check.lock, holding the pid) refuses a second run into the same work folder while the first
+is alive; a dead holder's lock is taken over, saying so. A work folder holding a previous run is refused unless
+--resume (keep its finished parts, rerun the others) or --fresh (start over).
 
 Versions: the device image may be older than this project's floors (torch >= 2.13, transformers >= 5.23). Checked
 first, as capabilities rather than numbers: CUDA (refused without it, except --smoke), ``torch.library.custom_op``
@@ -492,11 +493,20 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     proc.wait()
 
 
+def _die_with_parent() -> None:
+    """In the part's process, before exec (Linux): SIGKILL it when device_check dies, even by SIGKILL, which no
+    handler sees; its own process group, outside ours, would otherwise outlive us."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def run_command(cmd: list[str], env: dict, cwd: Path, limit_s: float, log: Log) -> int | str:
     """Run ``cmd`` in its own process group, its output line by line into ``log``; the return code, or
     "timeout" when it ran past ``limit_s`` (the group is then stopped). A Stopped signal stops it and propagates."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_die_with_parent)
 
     def pump():
         for line in iter(proc.stdout.readline, b""):

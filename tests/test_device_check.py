@@ -245,6 +245,32 @@ def test_a_part_past_its_limit_is_stopped_with_its_children(tmp_path):
     assert not _pid_alive(pid), "the part's own child outlived the part's limit"
 
 
+def test_a_part_dies_with_a_killed_device_check(tmp_path):
+    """SIGKILL reaches no handler: the part (in its own process group) must still not outlive device_check."""
+    code = ("import importlib.util, os, sys; "
+            f"spec = importlib.util.spec_from_file_location('dc', {str(ROOT / 'experiments' / 'device_check.py')!r}); "
+            "m = importlib.util.module_from_spec(spec); sys.modules['dc'] = m; spec.loader.exec_module(m); "
+            "from pathlib import Path; log = m.Log(Path(sys.argv[1])); "
+            "m.run_command([sys.executable, '-u', '-c', 'import os, time; print(\"part\", os.getpid(), flush=True); "
+            "time.sleep(120)'], dict(os.environ), Path(sys.argv[2]), 120, log)")
+    parent = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "log.txt"), str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 120
+        while "part" not in ((tmp_path / "log.txt").read_text() if (tmp_path / "log.txt").exists() else ""):
+            assert time.monotonic() < deadline and parent.poll() is None
+            time.sleep(0.1)
+        part = int((tmp_path / "log.txt").read_text().split("part")[1].split()[0])
+        parent.kill()
+        parent.wait()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    deadline = time.monotonic() + 10
+    while _pid_alive(part) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _pid_alive(part), "the part outlived a SIGKILLed device_check"
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
