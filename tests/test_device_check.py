@@ -361,3 +361,23 @@ def test_pytest_from_the_repository_root_would_shadow_the_shim(tmp_path):
     assert Path(origin(ROOT)).resolve() == (ROOT / "dllm_sparse" / "__init__.py").resolve()
     assert not (ROOT / "dllm_sparse" / "samplers").exists() and not (ROOT / "dllm_sparse" / "kernels").exists()
     assert origin(tmp_path / ".pkg").startswith(shim) and origin(tmp_path).startswith(shim)
+
+
+def test_shell_script_falls_back_to_python3(tmp_path):
+    """The device image has `python3` and no `python`: with no $PYTHON and no .venv the script runs python3,
+    unbuffered, passing $OUT and the options on."""
+    (tmp_path / "repo" / "experiments").mkdir(parents=True)
+    script = tmp_path / "repo" / "experiments" / "device_check.sh"
+    script.write_text((ROOT / "experiments" / "device_check.sh").read_text())
+    (tmp_path / "repo" / "experiments" / "device_check.py").write_text(
+        "import sys; print(*sys.orig_argv)")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    (bin_dir / "dirname").symlink_to("/usr/bin/dirname")
+    env = {"PATH": str(bin_dir), "OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["/bin/bash", str(script), "--smoke"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    exe, unbuffered, script_path, *argv = proc.stdout.split()
+    assert (exe, unbuffered, script_path) == ("python3", "-u", "experiments/device_check.py")
+    assert argv == ["--output-dir", str(tmp_path / "out"), "--smoke"]
