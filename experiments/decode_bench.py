@@ -9,7 +9,14 @@ Speed does not depend on the weights, so a randomly initialised model of a real 
 (its measured sparsity is that of random activations, though: for sparsity figures use a real model).
 AR decoding is a minimal greedy KV-cached loop over the transformers model (prefill excluded from the
 timing); a diffusion step is one forward pass over the whole canvas plus the argmax (the sampler's
-remasking bookkeeping is excluded). Eager mode, no CUDA graphs.
+remasking bookkeeping is excluded). Those loops run eagerly, Python included.
+
+The step alone, as the GPU runs it: one AR decode step (one token over a StaticCache at a fixed position, so the
+shapes never change) and one denoising step, each captured in a CUDA graph and replayed (dense, then with the
+sparse FFN swapped in): ``*_step_ms`` with ``*_step_timing`` saying "cuda_graph", or "eager: ..." naming the op
+that synchronised with the host and kept the step out of a graph. On CPU the same step functions run eagerly.
+Every measurement is appended, as it finishes, to ``<output-dir>/<stem>.jsonl`` (and ``--rows``) with the
+environment (GPU, driver, torch, Triton, backend).
 
 The bound: with a fraction f of the bytes read per step sitting in the matrices the site lets us skip, and
 a skipped fraction s of them, the bandwidth bound is 1 / (1 - f * s). For AR decode s is the measured
@@ -21,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -124,6 +130,58 @@ def denoising_steps(model, canvas: torch.Tensor, steps: int) -> float:
             model(input_ids=canvas).logits.argmax(-1)
     sync(canvas.device)
     return (time.perf_counter() - t0) / steps
+
+
+def ar_step(model, prompt: torch.Tensor):
+    """One greedy decode step after ``prompt``, over a StaticCache at a fixed position (len(prompt)): the step's
+    inputs are fixed tensors and nothing changes shape, so a CUDA graph can capture it; every replay rewrites the
+    same cache slot (the cost of a decode step at context len(prompt) + 1)."""
+    import torch
+    from transformers import StaticCache
+
+    from dllm_sparse.samplers.kv_cache import cache_keyword
+
+    n, device = prompt.shape[1], prompt.device
+    key = cache_keyword(model)
+    cache = StaticCache(config=model.config, max_cache_len=n + 1)
+    with torch.no_grad():
+        out = model(input_ids=prompt, use_cache=True, cache_position=torch.arange(n, device=device), **{key: cache})
+    token = out.logits[:, -1:].argmax(-1)
+    position = torch.tensor([n], device=device)
+    # transformers >= 5.24 counts each layer's length in a device tensor that every update advances (and ignores
+    # cache_position): set it back to n before each step, in the step, so that graph replays rewind it too.
+    counters = [layer.cumulative_length for layer in getattr(cache, "layers", ())
+                if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)]
+
+    def step():
+        for counter in counters:
+            counter.fill_(n)
+        with torch.no_grad():
+            return model(input_ids=token, position_ids=position[None], cache_position=position, use_cache=True,
+                         **{key: cache}).logits.argmax(-1)
+
+    return step
+
+
+def diffusion_step(model, ids: torch.Tensor):
+    """One denoising step over the fixed canvas ``ids``: the forward pass and the argmax."""
+    import torch
+
+    def step():
+        with torch.no_grad():
+            return model(input_ids=ids).logits.argmax(-1)
+
+    return step
+
+
+def step_ms(step, device: torch.device) -> tuple[float, str]:
+    """(milliseconds, how): the median of 20 CUDA-graph replays of ``step`` on the GPU (kernels/bench.graph_ms),
+    else a CPU median of eager calls."""
+    from dllm_sparse.kernels.bench import cpu_ms, graph_ms
+
+    if device.type == "cuda":
+        return graph_ms(step, calls=1, replays=20)
+    return cpu_ms(step, 0.05), "cpu"
 
 
 def timed(fn, repeats: int) -> float:
@@ -234,13 +292,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--backend", default=None, choices=["auto", "triton", "torch"],
                     help="kernel backend (None: $DLLM_SPARSE_KERNELS, else auto = Triton on CUDA, PyTorch elsewhere)")
     ap.add_argument("--output-dir", default="experiments/results", help="where the JSON goes")
+    ap.add_argument("--rows", type=Path, default=None,
+                    help="also append every measurement, as it finishes, to this JSONL file")
     args = ap.parse_args(argv)
     if args.tokens < 2:
         ap.error("--tokens must be at least 2 (the first token comes from the untimed prefill)")
+    for name in ("layers", "prompt_len", "gen_length", "steps", "repeats"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     import torch
 
     from dllm_sparse import SparsityConfig, load_model, make_rule
     from dllm_sparse.kernels import accelerate_ffn, backend, restore_ffn
+    from dllm_sparse.kernels.roofline import bound_us, gpu_key
     from dllm_sparse.sparsity.config import slug
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -269,29 +334,47 @@ def main(argv=None) -> dict:
         work = lambda: denoising_steps(model, ids, args.steps)  # noqa: E731
         context = ids.shape[1]
 
-    try:
-        import triton
+    from dllm_sparse.kernels.bench import append_row, environment
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    meta = {
-        "model": name, "kind": kind, "site": site.value, "rule": rule.to_dict(), "dtype": str(dtype)[6:],
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "backend": backend(ids, args.backend), "torch": torch.__version__, "triton": triton_version,
-        "command": " ".join([Path(sys.executable).name] + sys.argv), "weights": "real" if args.model else "random",
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+    meta = {"model": name, "kind": kind, "site": site.value, "rule": rule.to_dict(), "dtype": str(dtype)[6:],
+            "weights": "real" if args.model else "random", **environment(device, backend(ids, args.backend))}
     if device.type != "cuda":
         meta["note"] = "CPU: the PyTorch fallbacks, not the Triton kernels; a smoke run, not a measurement"
-    print(json.dumps(meta))
+    print(json.dumps(meta), flush=True)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"decode_bench_{slug(name)}_{site.value}_{slug(meta['device'])}"
+    (out / f"{stem}.jsonl").write_text("")  # this run's rows; --rows is appended to only
+
+    def emit(row: dict) -> None:
+        for path in [out / f"{stem}.jsonl"] + ([args.rows] if args.rows else []):
+            append_row(path, {"bench": "decode", "model": name, "kind": kind, **row, "env": meta})
+        print(json.dumps(row), flush=True)
+
+    # The step alone, captured (dense, then sparse): first, as the figure that measures the GPU's work.
+    make_step = (lambda: ar_step(model, prompt)) if kind == "ar" else (lambda: diffusion_step(model, ids))
+    steps = {}
+    for label in ("dense", "sparse"):
+        if label == "sparse":
+            accelerate_ffn(model, config, backend=args.backend)
+        try:
+            ms, how = step_ms(make_step(), device)
+            steps[label] = {"ms": ms, "timing": how}
+        except Exception as e:  # noqa: BLE001 - recorded (e.g. a transformers without StaticCache); the loops run
+            steps[label] = {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            if label == "sparse":
+                restore_ffn(model)
+        emit({"measure": f"{label}_step", **steps[label]})
 
     dense_s = timed(work, args.repeats)
+    emit({"measure": "dense_loop", "seconds": dense_s})
     accelerate_ffn(model, config, backend=args.backend)
     try:
         sparse_s = timed(work, args.repeats)
     finally:
         restore_ffn(model)
+    emit({"measure": "sparse_loop", "seconds": sparse_s})
     sparsity = measure_sparsity(model, config, ids, kind, min(args.tokens, 16), args.backend)
     check = check_against_masking_path(model, config, ids, args.backend)
     fraction = byte_fraction(model, site, context, kind)
@@ -302,6 +385,18 @@ def main(argv=None) -> dict:
     else:
         result.update(dense_s_per_step=dense_s, sparse_s_per_step=sparse_s, tokens_per_step=ids.shape[1])
     result.update(speedup=dense_s / sparse_s, bound=1 / (1 - fraction["f"] * s_eff), effective_sparsity=s_eff)
+    for label, got in steps.items():
+        result.update({f"{label}_step_{k}": v for k, v in got.items()})
+    if "ms" in steps.get("dense", {}) and "ms" in steps.get("sparse", {}):
+        result["step_speedup"] = steps["dense"]["ms"] / steps["sparse"]["ms"]
+    gpu = gpu_key(meta["device"])
+    if gpu is not None:  # bytes per step at the GPU's bandwidth: dense, and with f * s of them skipped
+        step_bytes = fraction["weight_bytes"] + fraction["kv_bytes"]
+        result["dense_step_bound_us"] = bound_us(step_bytes, gpu)
+        result["sparse_step_bound_us"] = bound_us(int(step_bytes * (1 - fraction["f"] * s_eff)), gpu)
+        for label in ("dense", "sparse"):
+            if "ms" in steps.get(label, {}):
+                result[f"{label}_step_of_bound"] = result[f"{label}_step_bound_us"] / (steps[label]["ms"] * 1e3)
 
     if kind == "ar":
         print(f"{name}: dense {1 / dense_s:8.2f} tok/s   "
@@ -312,9 +407,12 @@ def main(argv=None) -> dict:
     print(f"speedup {result['speedup']:.2f}x   bound 1/(1 - f*s) = {result['bound']:.2f}x   "
           f"(f = {fraction['f']:.2f} of the bytes per step, s = {s_eff:.2f})   "
           f"logit diff vs masking path {check['max_abs_diff']:.2e} (logits up to {check['max_abs_logit']:.1f})")
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"decode_bench_{slug(name)}_{site.value}_{slug(meta['device'])}.json"
+    for label, got in steps.items():
+        share = (f", {result[f'{label}_step_of_bound']:.0%} of the {gpu} bound "
+                 f"{result[f'{label}_step_bound_us']:.0f} us" if f"{label}_step_of_bound" in result else "")
+        print(f"{label} step alone: " + (f"{got['ms']:.3f} ms ({got['timing']}{share})" if "ms" in got
+                                         else got["error"]), flush=True)
+    path = out / f"{stem}.json"
     atomic_write_text(path, json.dumps(result, indent=1))
     print(f"wrote {path}")
     return result

@@ -16,18 +16,23 @@ Three tables, printed and saved as JSON + PNG in --output-dir, named after the d
 4. M tokens sharing one kept set of a fixed sparsity (a shared keep-set, a reused mask): the gathered GEMM (GEMV at
    M = 1) vs dense, with the bound 1 / (1 - s).
 
-On a GPU timings use triton.testing.do_bench; on CPU time.perf_counter medians after a warmup. CPU numbers
-measure the PyTorch fallbacks (index_select + matmul), not the kernels: they only prove the script runs.
+On a GPU every call, dense (cuBLAS) and sparse alike, is timed under CUDA graphs (dllm_sparse/kernels/bench.py:
+20 calls captured in one graph, the median of 25 replays; Python's per-call host cost is not in the figure); a call
+that cannot be captured (a host sync) is timed eagerly and its row says which op synced (``timing``). Each GPU row
+carries its roofline (dllm_sparse/kernels/roofline.py: bytes of the kept weights, activations and outputs at the
+GPU's bandwidth) and the share of it reached (``of_bound``: bound / measured). On CPU: time.perf_counter medians
+after a warmup, of the PyTorch fallbacks (index_select + matmul), not of the kernels: they only prove the script
+runs.
+
+Rows are appended as they finish to ``<output-dir>/<stem>.jsonl`` (and to ``--rows`` when given), each with the
+environment (GPU, driver, torch, Triton, backend): a run killed half-way keeps what it measured. The full JSON and
+the plot are written at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import sys
-import time
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,46 +63,59 @@ TOP_P = (0.5, 0.7, 0.9)
 # --------------------------------------------------------------------------------------------------------
 
 
-def make_timer(device: torch.device, quick: bool):
-    """fn -> milliseconds per call."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
+class Timer:
+    """fn -> milliseconds per call; ``how`` records how each labelled call was timed ("cuda_graph", "eager: <why>"
+    or "cpu") for the row being built."""
 
-        return lambda fn: float(do_bench(fn, warmup=25, rep=100))
+    def __init__(self, device: torch.device, quick: bool, eager: bool = False):
+        self.cuda, self.quick, self.eager = device.type == "cuda", quick, eager
+        self.how: dict[str, str] = {}
 
-    def cpu_time(fn):
-        for _ in range(2):
-            fn()
-        budget, times = (0.02 if quick else 0.2), []
-        start = time.perf_counter()
-        while len(times) < 3 or (time.perf_counter() - start < budget and len(times) < 200):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+    def __call__(self, fn, label: str) -> float:
+        from dllm_sparse.kernels.bench import cpu_ms, graph_ms
 
-    return cpu_time
+        if not self.cuda:
+            ms, how = cpu_ms(fn, 0.02 if self.quick else 0.2), "cpu"
+        elif self.eager:
+            from triton.testing import do_bench
+
+            ms, how = float(do_bench(fn, warmup=25, rep=100)), "eager: --eager"
+        else:
+            ms, how = graph_ms(fn, calls=20)
+        self.how[label] = how
+        return ms
+
+    def take(self) -> dict[str, str]:
+        """The labels timed since the last take (for one row), and forget them."""
+        how, self.how = self.how, {}
+        return how
 
 
-def environment(device: torch.device) -> dict:
-    import torch
+class Rows:
+    """Each finished row goes to the run's JSONL file (and ``--rows``) at once, with the environment."""
 
-    try:
-        import triton
+    def __init__(self, paths, env: dict):
+        from dllm_sparse.kernels.bench import append_row
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {
-        "device": name,
-        "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+        self.paths, self.env, self._append = paths, env, append_row
+
+    def add(self, table: str, row: dict, timer: Timer) -> dict:
+        row["timing"] = timer.take()
+        for path in self.paths:
+            self._append(path, {"table": table, **row, "env": self.env})
+        return row
+
+
+def with_bound(row: dict, ms: float, env: dict, prefix: str, **shape) -> str:
+    """Add ``<prefix>bound_us`` and ``<prefix>of_bound`` (kernels/roofline.py) to ``row``; the printed share."""
+    from dllm_sparse.kernels.roofline import share_of_bound
+
+    got = share_of_bound(ms * 1e3, row["d_in"], row["d_out"], env.get("roofline_gpu") or env["device"],
+                         dtype=env["dtype"], **shape)
+    if not got:
+        return ""
+    row[f"{prefix}bound_us"], row[f"{prefix}of_bound"] = got["bound_us"], got["of_bound"]
+    return f" [{got['of_bound']:4.0%} of the {got['bound_gpu']} bound {got['bound_us']:.1f} us]"
 
 
 def heavy_tailed(*shape, generator, device, dtype) -> torch.Tensor:
@@ -114,7 +132,7 @@ def heavy_tailed(*shape, generator, device, dtype) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------
 
 
-def bench_one_token(shapes, sparsities, device, dtype, timer, be) -> list[dict]:
+def bench_one_token(shapes, sparsities, device, dtype, timer, be, rows_out: Rows) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
@@ -127,16 +145,18 @@ def bench_one_token(shapes, sparsities, device, dtype, timer, be) -> list[dict]:
         w = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(device=device, dtype=dtype)
         wt = w.t().contiguous()
         x = heavy_tailed(1, d_in, generator=g, device=device, dtype=dtype)
-        dense_ms = timer(partial(F.linear, x, w))
-        thr_ms = timer(partial(topp_threshold, x, 0.5, backend=be))
+        dense_ms = timer(partial(F.linear, x, w), "dense")
+        thr_ms = timer(partial(topp_threshold, x, 0.5, backend=be), "topp_threshold")
+        shared_how = timer.take()
         a = x.abs().float().flatten().sort().values
         for s in sparsities:
             n_masked = int(round(s * d_in))
             tau = torch.zeros(1, 1, device=device) if n_masked == 0 else a[n_masked].reshape(1, 1)
             kept_in = int(((x.abs().float() >= tau) & (x != 0)).sum())
-            col_ms = timer(partial(column_sparse_matmul, x, wt, threshold=tau, backend=be))
+            col_ms = timer(partial(column_sparse_matmul, x, wt, threshold=tau, backend=be), "column_sparse")
             keep_out = torch.rand(d_out, generator=g).to(device) >= s
-            row_ms = timer(partial(row_sparse_matmul, x, w, keep_out, backend=be))
+            row_ms = timer(partial(row_sparse_matmul, x, w, keep_out, backend=be), "row_sparse")
+            timer.how.update(shared_how)
             col_bytes = kept_in * d_out * elt
             rows.append({
                 "shape": name, "d_in": d_in, "d_out": d_out, "sparsity": s,
@@ -150,9 +170,18 @@ def bench_one_token(shapes, sparsities, device, dtype, timer, be) -> list[dict]:
                 "column_sparse_GBps": col_bytes / col_ms / 1e6,
             })
             r = rows[-1]
-            print(f"{name:22s} s={s:4.2f}  dense {dense_ms:8.3f} ms  col-sparse {col_ms:8.3f} ms "
-                  f"({r['speedup']:5.2f}x, bound {r['bound']:5.2f}x, {r['column_sparse_GBps']:7.1f} GB/s)  "
-                  f"row-sparse {row_ms:8.3f} ms ({r['row_speedup']:5.2f}x)  +top-p {thr_ms:.3f} ms")
+            env = rows_out.env
+            dense_share = with_bound(r, dense_ms, env, "dense_")
+            col_share = with_bound(r, col_ms, env, "column_sparse_", sparsity=r["measured_sparsity"])
+            # Row-sparse reads kept rows of W [d_out, d_in]: the same byte count as a column-sparse call with d_in
+            # and d_out swapped (kept rows x row length, plus x and y).
+            row_bound = dict(r, d_in=d_out, d_out=d_in)
+            with_bound(row_bound, row_ms, env, "row_sparse_", sparsity=1 - float(keep_out.float().mean()))
+            r.update({k: v for k, v in row_bound.items() if k.startswith("row_sparse_")})
+            rows_out.add("one_token", r, timer)
+            print(f"{name:22s} s={s:4.2f}  dense {dense_ms:8.3f} ms{dense_share}  col-sparse {col_ms:8.3f} ms "
+                  f"({r['speedup']:5.2f}x, bound {r['bound']:5.2f}x, {r['column_sparse_GBps']:7.1f} GB/s){col_share}  "
+                  f"row-sparse {row_ms:8.3f} ms ({r['row_speedup']:5.2f}x)  +top-p {thr_ms:.3f} ms", flush=True)
     return rows
 
 
@@ -189,7 +218,7 @@ def real_activations(model_name: str, max_tokens: int, device) -> dict[str, torc
     return {k: v.float() for k, v in got.items()}
 
 
-def bench_tokens(sources, tokens, device, dtype, timer, be) -> list[dict]:
+def bench_tokens(sources, tokens, device, dtype, timer, be, rows_out: Rows) -> list[dict]:
     """sources: (label, site, activations [T, d_in], d_out); the first M rows are the M tokens."""
     import torch
     import torch.nn.functional as F
@@ -208,25 +237,29 @@ def bench_tokens(sources, tokens, device, dtype, timer, be) -> list[dict]:
             x = acts[:M].to(device=device, dtype=dtype)
             w = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(device=device, dtype=dtype)
             wt = w.t().contiguous()
-            dense_ms = timer(partial(F.linear, x, w))
+            dense_ms = timer(partial(F.linear, x, w), "dense")
+            dense_how = timer.take()
             for p in TOP_P:
                 keep = TopP(p).mask(x)
                 xs = x.masked_fill(~keep, 0)
                 union = float(union_density(keep))
-                ms = timer(partial(column_sparse_matmul, xs, wt, backend=be))
+                ms = timer(partial(column_sparse_matmul, xs, wt, backend=be), "sparse")
+                timer.how.update(dense_how)
                 rows.append({
                     "activations": label, "site": site, "d_in": d_in, "d_out": d_out, "tokens": M, "top_p": p,
                     "token_sparsity": 1 - float(keep.float().mean()), "union_density": union,
                     "dense_ms": dense_ms, "sparse_ms": ms, "speedup": dense_ms / ms, "bound": 1 / max(union, 1e-9),
                 })
                 r = rows[-1]
+                share = with_bound(r, ms, rows_out.env, "sparse_", tokens=M, sparsity=min(1 - union, 0.999999))
+                rows_out.add("tokens", r, timer)
                 print(f"{label:34s} {site:12s} M={M:4d} p={p:.1f}  token sparsity {r['token_sparsity']:.2f}  "
                       f"union density {union:.2f}  GEMM {ms:8.3f} ms vs dense {dense_ms:8.3f} ms "
-                      f"({r['speedup']:5.2f}x, bound {r['bound']:5.2f}x)")
+                      f"({r['speedup']:5.2f}x, bound {r['bound']:5.2f}x){share}", flush=True)
     return rows
 
 
-def bench_shared(shapes, sparsities, tokens, device, dtype, timer, be) -> list[dict]:
+def bench_shared(shapes, sparsities, tokens, device, dtype, timer, be, rows_out: Rows) -> list[dict]:
     """4. M tokens sharing ONE kept set of a fixed sparsity s (a shared keep-set of a denoising step, a reused
     mask): the gathered GEMM (the GEMV for M = 1) over the kept rows of W^T vs dense; bound 1 / (1 - s)."""
     import torch
@@ -241,15 +274,23 @@ def bench_shared(shapes, sparsities, tokens, device, dtype, timer, be) -> list[d
         wt = w.t().contiguous()
         for M in tokens:
             x = torch.randn(M, d_in, generator=g).to(device=device, dtype=dtype)
-            dense_ms = timer(partial(F.linear, x, w))
+            dense_ms = timer(partial(F.linear, x, w), "dense")
+            dense_how = timer.take()
             for s in sparsities:
                 keep = (torch.rand(d_in, generator=g) >= s).to(device)
-                ms = timer(partial(column_sparse_matmul, x, wt, keep=keep, backend=be))
+                ms = timer(partial(column_sparse_matmul, x, wt, keep=keep, backend=be), "shared")
+                timer.how.update(dense_how)
+                kept = int(keep.sum())
                 rows.append({"shape": name, "d_in": d_in, "d_out": d_out, "tokens": M, "sparsity": s,
-                             "kept": int(keep.sum()), "dense_ms": dense_ms, "shared_ms": ms,
+                             "kept": kept, "dense_ms": dense_ms, "shared_ms": ms,
                              "speedup": dense_ms / ms, "bound": 1 / (1 - s)})
-                print(f"{name:22s} M={M:4d} s={s:4.2f}  shared-set {'GEMV' if M == 1 else 'GEMM'} {ms:8.3f} ms vs "
-                      f"dense {dense_ms:8.3f} ms ({dense_ms / ms:5.2f}x, bound {1 / (1 - s):5.2f}x)")
+                r = rows[-1]
+                dense_share = with_bound(r, dense_ms, rows_out.env, "dense_", tokens=M)
+                share = with_bound(r, ms, rows_out.env, "shared_", tokens=M, sparsity=min(1 - kept / d_in, 0.999999))
+                rows_out.add("shared", r, timer)
+                print(f"{name:22s} M={M:4d} s={s:4.2f}  shared-set {'GEMV' if M == 1 else 'GEMM'} {ms:8.3f} ms{share} "
+                      f"vs dense {dense_ms:8.3f} ms{dense_share} ({dense_ms / ms:5.2f}x, bound {1 / (1 - s):5.2f}x)",
+                      flush=True)
     return rows
 
 
@@ -315,6 +356,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--tokens", type=int, nargs="+", default=None,
                     help="token counts M of tables 2-4 (None: 1 8 32 128 256; --quick: 1 8 32)")
     ap.add_argument("--output-dir", default="experiments/results", help="where the JSON and the plot go")
+    ap.add_argument("--rows", type=Path, default=None,
+                    help="also append every row, as it finishes, to this JSONL file (the device check's rows file)")
+    ap.add_argument("--eager", action="store_true",
+                    help="GPU: time eager calls (triton.testing.do_bench) instead of CUDA-graph replays")
+    ap.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    ap.add_argument("--roofline-gpu", default=None, choices=["H100", "H100 PCIe", "H200"],
+                    help="compute each row's bound for this GPU (None: the device's own; a CPU has none)")
     args = ap.parse_args(argv)
     for s in args.sparsities or ():
         if not 0 <= s < 1:
@@ -334,11 +382,14 @@ def main(argv=None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    timer = make_timer(device, args.quick)
+    from dllm_sparse.kernels.bench import environment
+
+    timer = Timer(device, args.quick, args.eager)
     be = args.backend
-    meta = environment(device)
-    meta.update(dtype=str(dtype).replace("torch.", ""), backend=backend(torch.empty(0, device=device), be),
-                quick=args.quick)
+    meta = environment(device, backend(torch.empty(0, device=device), be))
+    meta.update(dtype=str(dtype).replace("torch.", ""), quick=args.quick,
+                timing="cpu" if device.type != "cuda" else "eager" if args.eager else "cuda_graph",
+                roofline_gpu=args.roofline_gpu)
     if device.type != "cuda":
         meta["note"] = "CPU: timings of the PyTorch fallbacks, not of the Triton kernels"
     print(json.dumps(meta))
@@ -349,7 +400,12 @@ def main(argv=None) -> dict:
     sparsities = tuple(args.sparsities or ((0.0, 0.5, 0.9) if args.quick else SPARSITIES))
     tokens = tuple(args.tokens or ((1, 8, 32) if args.quick else TOKENS))
     meta.update(shapes=[s[0] for s in shapes], sparsities=sparsities, tokens=tokens)
-    one = bench_one_token(shapes, sparsities, device, dtype, timer, be)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"kernel_bench_{slug(meta['device'])}" + ("_quick" if args.quick else "")
+    (out / f"{stem}.jsonl").write_text("")  # this run's rows; --rows is appended to only
+    rows_out = Rows([out / f"{stem}.jsonl"] + ([args.rows] if args.rows else []), meta)
+    one = bench_one_token(shapes, sparsities, device, dtype, timer, be, rows_out)
 
     sources = []
     if args.model:
@@ -363,16 +419,14 @@ def main(argv=None) -> dict:
         for site, d_in, d_out in (("input", d_model, d_ff), ("intermediate", d_ff, d_model)):
             acts = heavy_tailed(max(tokens), d_in, generator=g, device="cpu", dtype=torch.float32)
             sources.append((f"random Student-t(3) (d_in {d_in})", site, acts, d_out))
-    many = bench_tokens(sources, tokens, device, dtype, timer, be)
-    shared = bench_shared(shapes, sparsities, tokens, device, dtype, timer, be)
+    many = bench_tokens(sources, tokens, device, dtype, timer, be, rows_out)
+    shared = bench_shared(shapes, sparsities, tokens, device, dtype, timer, be, rows_out)
 
     result = {"meta": meta, "one_token": one, "tokens": many, "shared": shared}
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"kernel_bench_{slug(meta['device'])}" + ("_quick" if args.quick else "")
     atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1))
-    plot(result, out / f"{stem}.png")
-    print(f"wrote {out / stem}.json and .png")
+    if not args.no_plot:
+        plot(result, out / f"{stem}.png")
+    print(f"wrote {out / stem}.json{'' if args.no_plot else ' and .png'} ({out / stem}.jsonl: the rows)")
     return result
 
 
