@@ -312,7 +312,8 @@ def main(argv=None) -> int:
                              **({k: (round(100 * v, 4) if k in ("median", "lo", "hi") else v) for k, v in d.items()}
                                 if d else {}), "verdict": r["verdict"]})
     atomic_write_csv(out / "comparison.csv", flat, ["variant", "site", "comparison", "median", "lo", "hi",
-                                                    "replicates", "replicates_drawn", "p_at_least_0", "verdict"])
+                                                    "replicates", "replicates_drawn", "p_at_least_0", "bound",
+                                                    "verdict"])
     phases["tables + bootstrap + verdicts"] = time.perf_counter() - t
     t = time.perf_counter()
     figs = plot_advantage(paths["table"], traj, calibrations, controls={n: c.ppl for n, (_, c) in controls.items()},

@@ -225,3 +225,62 @@ def test_replicates_without_a_value_are_counted_and_reported():
     assert rec["interpolated_replicates"] == rec["last_passing_replicates"] == used and rec["replicates_drawn"] == 400
     md = markdown_report(table, boot=boot)
     assert f"({used}/400 replicates)" in md and "'(k/n replicates)': that interval comes from the k of n" in md
+
+
+# ---- a side whose curve never fails a grid point is only a lower bound ---------------------------------------
+
+
+def _curve_rows(model, kind, rel_by_sparsity, n=40, seed=0):
+    """Rows of one MC task whose sparse rows lose a fixed set of items: relative performance exactly as given
+    at each (measured) sparsity, identical in every replicate's draw only through the items lost."""
+    rng = np.random.default_rng(seed)
+    dense = _mc(np.ones(n, dtype=bool))
+    rows = [_row(model, kind, "mc", "dense", 1.0, dense)]
+    for i, (s, rel) in enumerate(rel_by_sparsity):
+        acc = np.ones(n, dtype=bool)
+        acc[rng.choice(n, round((1 - rel) * n), replace=False)] = False
+        rows.append(_row(model, kind, "mc", "input", 0.99 - 0.01 * i, _mc(acc), s))
+    return _fill_relative(rows)
+
+
+ALL_PASS = [(0.1, 1.0), (0.2, 1.0)]  # no item lost anywhere: no replicate has a failing point
+
+
+@pytest.mark.parametrize("diffusion, ar, verdict, is_", [
+    # README `--limit 2` case: every point of both curves passes -> two lower bounds, nothing can be concluded
+    (ALL_PASS, [(0.3, 1.0), (0.4, 1.0)], "undetermined: no grid point failed on either side", "undetermined"),
+    # diffusion >= 0.2 against an AR value of ~0.3: "AR higher" may not be claimed from a lower bound
+    (ALL_PASS, [(0.2, 1.0), (0.3, 1.0), (0.5, 0.5)], "undetermined: the diffusion side never failed",
+     "lower bound"),
+    # diffusion >= 0.6 against an AR value of ~0.3: the lower bound already lies above it
+    ([(0.5, 1.0), (0.6, 1.0)], [(0.2, 1.0), (0.3, 1.0), (0.5, 0.5)], "diffusion higher", "lower bound"),
+    # AR >= 0.6 against a diffusion value of ~0.3: "AR higher" follows, "diffusion higher" never could
+    ([(0.2, 1.0), (0.3, 1.0), (0.5, 0.5)], [(0.5, 1.0), (0.6, 1.0)], "AR higher", "upper bound"),
+    ([(0.2, 1.0), (0.3, 1.0), (0.5, 0.5)], ALL_PASS, "undetermined: the AR side never failed", "upper bound"),
+])
+def test_a_verdict_claims_only_what_an_unbracketed_side_allows(diffusion, ar, verdict, is_, tmp_path):
+    rows = _curve_rows("mdm", "diffusion", diffusion) + _curve_rows("ar-m", "ar", ar)
+    boot = Bootstrap(rows, n_boot=200)
+    (d,) = model_differences(critical_replicates(rows, boot), {"mdm": "diffusion", "ar-m": "ar"}, boot)
+    assert d["verdict"].startswith(verdict) and d["difference_is"] == is_
+    if is_ == "undetermined":  # the difference of two lower bounds is no number at all
+        assert d["difference_median"] is None and d["lo"] is None and d["p_diffusion_at_least_ar"] is None
+    md = write_critical(rows, tmp_path, n_boot=200)["markdown"].read_text()
+    section = md.split("## Diffusion vs AR", 1)[1]
+    line = next(x for x in section.splitlines() if x.startswith("| input |"))
+    assert d["verdict"] in line
+    mark = {"lower bound": "≥", "upper bound": "≤"}.get(is_)
+    assert (mark in line) if mark else ("| undetermined |" in line and "[" not in line)
+
+
+def test_difference_bound_of_each_pair_of_sides():
+    from dllm_sparse.eval.critical import difference_bound
+
+    used = np.array([True, True, False])
+    closed, open_in_unused, open_ = np.array([1, 1, 1], bool), np.array([1, 1, 0], bool), np.array([1, 0, 1], bool)
+    assert difference_bound(closed, closed, used) == "exact"
+    assert difference_bound(open_in_unused, closed, used) == "exact"  # a replicate without a value does not count
+    assert difference_bound(open_, closed, used) == "lower bound"
+    assert difference_bound(closed, open_, used) == "upper bound"
+    assert difference_bound(open_, open_, used) == "undetermined"
+    assert difference_bound(None, None, used) == "exact"
