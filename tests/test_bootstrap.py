@@ -284,3 +284,32 @@ def test_difference_bound_of_each_pair_of_sides():
     assert difference_bound(closed, open_, used) == "upper bound"
     assert difference_bound(open_, open_, used) == "undetermined"
     assert difference_bound(None, None, used) == "exact"
+
+
+# ---- per-item scores that do not line up are refused ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda it: it.update(acc=it["acc"][:-1]), r"items\['acc'\] holds 4 values but items\['ids'\] holds 5 ids"),
+    (lambda it: it.update(ids=it["ids"] + ["extra"]), r"items\['acc'\] holds 5 values but items\['ids'\] holds 6"),
+    (lambda it: it.update(acc_norm="11011"), r"items\['acc_norm'\] holds a str"),
+    (lambda it: it["acc"].__setitem__(2, "1"), r"items\['acc'\]\[2\] is '1', not a finite number"),
+    (lambda it: it["acc"].__setitem__(0, float("nan")), r"items\['acc'\]\[0\] is nan, not a finite number"),
+    (lambda it: it.pop("ids"), r"its items are dict .* not \{\"ids\""),
+])
+def test_per_item_scores_that_do_not_line_up_are_refused(edit, message):
+    rows = _fill_relative([_row("m", "ar", "mc", "dense", 1.0, _mc([1, 0, 1, 1, 0])),
+                           _row("m", "ar", "mc", "input", 0.9, _mc([1, 0, 0, 1, 0]), 0.3)])
+    Bootstrap(rows, n_boot=10)  # as written: fine
+    edit(rows[1]["items"])
+    with pytest.raises(ValueError, match=r"row .* \(m / mc / input p=0.9\): " + message):
+        Bootstrap(rows, n_boot=10)
+
+
+def test_a_log_likelihood_may_be_minus_infinity_but_not_nan():
+    rows = [_row("m", "ar", "ppl", "dense", 1.0, _ppl([-3.0, -4.0], [2, 2]), metric="ppl")]
+    rows.append({**rows[0], "site": "input", "key": "k2", "items": _ppl([-3.0, -math.inf], [2, 2])})
+    Bootstrap(rows, n_boot=10)
+    rows[1]["items"]["ll"][1] = float("nan")
+    with pytest.raises(ValueError, match=r"items\['ll'\]\[1\] is nan, not a finite number \(or -inf\)"):
+        Bootstrap(rows, n_boot=10)
