@@ -222,18 +222,20 @@ def test_generate_demo_writes_its_trace(tmp_path, monkeypatch):
                              "config": str(SparsityConfig.parse("input:top_p:0.9"))}]
 
 
-def test_llada_vs_llama_threads_auto_reads_idle_cores_and_says_so(monkeypatch):
-    import torch
+def test_llada_vs_llama_threads_auto_takes_the_usable_cores_and_says_so(monkeypatch):
+    import os
 
-    import dllm_sparse.hardware as hardware
+    import torch
 
     exp = _script("llada_vs_llama")
     before = torch.get_num_threads()
-    monkeypatch.setattr(hardware, "idle_cores", lambda interval=0.5: 0.2)  # a busy machine
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1}, raising=False)  # one core for this process
     try:
         n, why = exp.set_threads("auto")
         assert n == 1 == torch.get_num_threads()
-        assert why.startswith("1 (0.2 of") and "--threads auto" in why
+        assert why.startswith("1 (one per core this process may run on") and "--threads auto" in why
+        n, why = exp.set_threads("3")
+        assert n == 3 == torch.get_num_threads() and why == "3 (--threads 3)"
         for bad in ("abc", "0", "-2", "1.5"):
             with pytest.raises(SystemExit, match=f"--threads takes a whole number >= 1 or 'auto', got '{bad}'"):
                 exp.set_threads(bad)
