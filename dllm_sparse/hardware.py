@@ -46,7 +46,8 @@ def machine_description(threads: int) -> str:
 
     fast = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
     return (f"{cpu_name()}, {os.cpu_count()} cores ({usable_cores()} usable by this process; "
-            f"{' '.join(fast) or 'no AVX2'}), {threads} torch threads, torch {torch.__version__}, transformers {transformers.__version__}")
+            f"{' '.join(fast) or 'no AVX2'}), {threads} torch threads, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}")
 
 
 def slow_bf16_reason(device: str = "cpu", flags: set[str] | None = None) -> str | None:
