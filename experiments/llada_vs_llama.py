@@ -114,7 +114,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--n-boot", type=int, default=1000,
                     help="bootstrap replicates of the intervals (paired over items; 0: no intervals)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.n_boot < 0:
+        ap.error(f"--n-boot must be a whole number >= 0 (got {args.n_boot}; 0: no intervals)")
+    if args.limit is not None and args.limit < 1:
+        ap.error(f"--limit must be a whole number >= 1 (got {args.limit}); leave it out to use every item")
+    return args
 
 
 def resolve_models(args) -> tuple[list[str], list[str]]:
@@ -336,8 +341,6 @@ def main(argv=None) -> int:
     args.scope = args.scope or ("sequence" if args.rule == "paper_top_p" else "token")
     models, notes = resolve_models(args)
     out = Path(args.output_dir)
-    if args.limit is not None and args.limit < 1:
-        raise SystemExit(f"--limit must be a whole number >= 1 (got {args.limit}); leave it out to use every item")
     if launch_note(world):
         notes.append(launch_note(world))
     if rank == 0:

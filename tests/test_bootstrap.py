@@ -191,9 +191,15 @@ def test_difference_verdicts_claim_only_what_the_interval_allows():
     assert d["verdict"] == "no detectable difference" and d["lo"] <= 0 <= d["hi"]
 
 
-def test_bad_settings_are_refused():
+def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="n_boot"):
         Bootstrap([], n_boot=0)
+    rows = _pair_rows(np.random.default_rng(0))
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=r"n_boot must be a whole number >= 0 \(0: no intervals\)"):
+            write_critical(rows, tmp_path, n_boot=bad)
+    paths = write_critical(rows, tmp_path, n_boot=0)  # documented: no intervals, no comparison
+    assert paths["bootstrap"] is None and paths["differences"] == [] and paths["comparison"] is None
     with pytest.raises(ValueError, match="level"):
         Bootstrap([], level=95)
     assert percentile_interval([float("nan")]) is None

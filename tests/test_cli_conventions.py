@@ -250,6 +250,19 @@ def test_generate_demo_refuses_overlap_tracking_under_a_block_cache(capsys):
     assert "--overlap-out tracks each position's masks" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--n-boot", "-1"], "--n-boot must be a whole number >= 0 (got -1; 0: no intervals)"),
+    (["--limit", "0"], "--limit must be a whole number >= 1 (got 0)"),
+    (["--limit", "-3"], "--limit must be a whole number >= 1 (got -3)"),
+])
+def test_llada_vs_llama_refuses_bad_counts_before_any_work(args, message, capsys):
+    exp = _script("llada_vs_llama")
+    with pytest.raises(SystemExit):
+        exp.parse_args(args)
+    assert message in capsys.readouterr().err
+    assert exp.parse_args(["--n-boot", "0"]).n_boot == 0  # documented: no intervals
+
+
 def test_llada_vs_llama_workers_split_the_threads_and_refuse_what_cannot_run():
     exp = _script("llada_vs_llama")
     assert exp.resolve_workers("auto", 2, on_cpu=True, world=1)[:2] == (2, 1)  # one per thread, one thread each

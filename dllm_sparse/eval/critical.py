@@ -500,6 +500,8 @@ def write_critical(rows: Sequence[dict], out_dir: str | Path, threshold: float =
     intervals (:mod:`dllm_sparse.eval.bootstrap`; 0 = no intervals)."""
     from dllm_sparse.eval.bootstrap import Bootstrap
 
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0:
+        raise ValueError(f"n_boot must be a whole number >= 0 (0: no intervals), got {n_boot!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     boot = Bootstrap(rows, n_boot=n_boot, seed=seed, level=level) if n_boot else None
