@@ -256,13 +256,13 @@ ALL_PASS = [(0.1, 1.0), (0.2, 1.0)]  # no item lost anywhere: no replicate has a
     # README `--limit 2` case: every point of both curves passes -> two lower bounds, nothing can be concluded
     (ALL_PASS, [(0.3, 1.0), (0.4, 1.0)], "undetermined: no grid point failed on either side", "undetermined"),
     # diffusion >= 0.2 against an AR value of ~0.3: "AR higher" may not be claimed from a lower bound
-    (ALL_PASS, [(0.2, 1.0), (0.3, 1.0), (0.5, 0.5)], "undetermined: the diffusion side never failed",
+    (ALL_PASS, [(0.2, 1.0), (0.3, 1.0), (0.5, 0.5)], "undetermined: the diffusion side is a lower bound",
      "lower bound"),
     # diffusion >= 0.6 against an AR value of ~0.3: the lower bound already lies above it
     ([(0.5, 1.0), (0.6, 1.0)], [(0.2, 1.0), (0.3, 1.0), (0.5, 0.5)], "diffusion higher", "lower bound"),
     # AR >= 0.6 against a diffusion value of ~0.3: "AR higher" follows, "diffusion higher" never could
     ([(0.2, 1.0), (0.3, 1.0), (0.5, 0.5)], [(0.5, 1.0), (0.6, 1.0)], "AR higher", "upper bound"),
-    ([(0.2, 1.0), (0.3, 1.0), (0.5, 0.5)], ALL_PASS, "undetermined: the AR side never failed", "upper bound"),
+    ([(0.2, 1.0), (0.3, 1.0), (0.5, 0.5)], ALL_PASS, "undetermined: the AR side is a lower bound", "upper bound"),
 ])
 def test_a_verdict_claims_only_what_an_unbracketed_side_allows(diffusion, ar, verdict, is_, tmp_path):
     rows = _curve_rows("mdm", "diffusion", diffusion) + _curve_rows("ar-m", "ar", ar)

@@ -291,19 +291,17 @@ def model_differences(reps: dict[tuple[str, str, str], dict[str, np.ndarray]], k
 def _difference_verdict(ci: tuple[float, float] | None, bound: str) -> str:
     """The verdict of diffusion − AR from its interval and what the replicates are (:func:`difference_bound`)."""
     if bound == UNDETERMINED_BOUND:
-        return "undetermined: no grid point failed on either side (both are lower bounds); extend the grid"
+        return "undetermined: no grid point failed on either side"
     if ci is None:
         return "no interval"
     if ci[0] > 0 and bound in (EXACT, LOWER_BOUND):
         return "diffusion higher"
     if ci[1] < 0 and bound in (EXACT, UPPER_BOUND):
         return "AR higher"
-    if bound == LOWER_BOUND:
-        return ("undetermined: the diffusion side never failed a grid point (a lower bound), so only "
-                "'diffusion higher' could be shown; extend the grid")
-    if bound == UPPER_BOUND:
-        return ("undetermined: the AR side never failed a grid point (a lower bound), so only 'AR higher' could be "
-                "shown; extend the grid")
+    if bound == LOWER_BOUND:  # only "diffusion higher" could be shown
+        return "undetermined: the diffusion side is a lower bound"
+    if bound == UPPER_BOUND:  # only "AR higher" could be shown
+        return "undetermined: the AR side is a lower bound"
     return "no detectable difference"
 
 
@@ -444,8 +442,9 @@ def markdown_report(table: Sequence[dict], threshold: float = 0.99, cap: bool = 
         "diffusion models). '≥' = no grid point failed "
         "(a lower bound); 'none passes' = even the first grid point failed." + ci_note
         + ("" if boot is None else " In the diffusion − AR comparison, '≥' / '≤' mark a difference that is only a "
-           "bound because one side never failed a grid point (only one direction can then be concluded); with "
-           "both sides unbracketed it is undetermined."),
+           "bound because one side's curve never failed a grid point (in some replicates): with the diffusion side "
+           "a lower bound only 'diffusion higher' can be concluded, with the AR side only 'AR higher', with both "
+           "neither; 'undetermined' says which, and a grid reaching sparser thresholds decides it."),
         "",
         f"## Interpolated (linear, on measured sparsity, between the two grid points that bracket {threshold:g})",
         "",
