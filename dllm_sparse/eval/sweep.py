@@ -25,6 +25,11 @@ Guarantees:
   from other weights (a re-converted checkpoint, an overwritten local folder) or on another device type refuse
   the run with a message naming what differs. Folders written before keys held config ids and batch size are
   refused with a message; :func:`upgrade_cell_keys` rewrites their keys (nothing else changes) so they resume.
+* **Rows are checked when read.** Every read of a folder's rows (:func:`load_rows`, so every run and resume)
+  checks each row (:func:`row_problem`): ``value`` a finite number, ``sparsity`` a number in [0, 1] or null (the
+  dense row), ``relative_performance`` a number (NaN where the dense score is 0) or null (its dense row not yet
+  written), ``p`` a finite number, ``kind`` ar / diffusion, ``metrics`` numbers, a valid key. A hand-edited or
+  damaged row is refused naming its file, line and field; a computed row that would not pass is not written.
 * **Batch size changes sparse numbers.** A sparsified forward of a padded batch is not bit-identical to the same
   rows one by one (other kernels, other reduction orders), and an activation near the rule's threshold then
   falls on the other side of it: one AR item moved by 0.34 nats between batch 1 and batch 4. Dense numbers
