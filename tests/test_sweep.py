@@ -502,7 +502,7 @@ def test_a_wait_for_claims_says_what_it_waits_for_and_how_to_release_it(tmp_path
     and pid and that deleting the file releases it, after a minute and then every ten (an injected clock)."""
     import socket
 
-    from dllm_sparse.eval.sweep import CLAIMS_NAME, ClaimWait
+    from dllm_sparse.eval.sweep import CLAIMS_NAME, ClaimWait, process_start
 
     (tmp_path / CLAIMS_NAME).write_text(json.dumps({"k1": {"pid": 7, "host": "node-b", "start": "x:1"},
                                                     "k2": {"pid": 7, "host": "node-b", "start": "x:1"},
@@ -519,6 +519,15 @@ def test_a_wait_for_claims_says_what_it_waits_for_and_how_to_release_it(tmp_path
         assert f"claimed in {path}: pid 7 on host 'node-b' (2 unit(s); another machine" in text
         assert "pid 9 on host 'node-c' (1 unit(s)" in text and f"deleting {path}" in text
     assert socket.gethostname() not in ("node-b", "node-c")
+    # Claims of this host are checked alive (the usual wait for workers' last units): waited for without a message.
+    mine = {"pid": os.getppid(), "host": socket.gethostname(), "start": process_start(os.getppid())}
+    (tmp_path / CLAIMS_NAME).write_text(json.dumps({"k1": mine}))
+    said.clear()
+    quiet = ClaimWait(tmp_path, clock=lambda: now[0], sleep=slept.append, say=said.append)
+    for t in (1000.0, 1100.0, 2000.0):
+        now[0] = t
+        quiet(["k1"])
+    assert said == []
 
 
 def test_a_sweep_waiting_on_another_machines_claims_computes_them_once_released(tmp_path, full_run):

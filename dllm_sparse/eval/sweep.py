@@ -58,7 +58,7 @@ Guarantees:
   (``/proc/<pid>/stat`` and the boot id, :func:`process_start`) tells the claimer from an unrelated process that
   got the same pid later (after a kill or a restart): such a claim is taken over too. A claim made on another
   machine (a shared file system) cannot be checked and is respected until released: while a run waits for
-  claims it says, after a minute and then every ten, which claim file, pids and hosts it waits for and that
+  such claims it says, after a minute and then every ten, which claim file, pids and hosts it waits for and that
   deleting the claim file releases them (:class:`ClaimWait`).
 * **Workers.** ``run_sweep(cfg, workers=N, worker_threads=T)`` starts N - 1 more processes (spawned, each with
   T torch threads and its own copy of the model it is on) that sweep the same configuration into the same
@@ -704,11 +704,12 @@ def _claim(out: Path, units: Sequence[_Unit]) -> _Unit | None:
 
 class ClaimWait:
     """The wait of a sweep whose remaining units are all claimed by other processes: a pause per call, and, once
-    it has waited ``first`` seconds and then every ``every`` seconds, a message (``say``, default: a warning on
-    the ``dllm_sparse.eval.sweep`` logger) naming the claim file, each holder (pid and host, and whether this run
-    can see it running) and how to release a claim whose holder is gone: delete the claim file (or its entries).
-    A claim made on another machine cannot be checked from here, so without that message such a wait would be
-    silent and endless. ``clock`` / ``sleep`` are injectable (tests)."""
+    it has waited ``first`` seconds and then every ``every`` seconds, when a holder is on another machine, a
+    message (``say``, default: a warning on the ``dllm_sparse.eval.sweep`` logger) naming the claim file, each
+    holder (pid and host, and whether this run can see it running) and how to release a claim whose holder is
+    gone: delete the claim file (or its entries). A claim made on another machine cannot be checked from here, so
+    without that message such a wait would be silent and endless; claims of this host are checked alive (the
+    usual wait for workers' last units) and need no message. ``clock`` / ``sleep`` are injectable (tests)."""
 
     def __init__(self, out: Path, *, first: float = 60.0, every: float = 600.0, pause: float = 0.5,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
@@ -719,8 +720,9 @@ class ClaimWait:
         self.since: float | None = None
         self.next_note: float | None = None
 
-    def message(self, keys: Sequence[str], waited: float) -> str:
-        """What this run waits for: the holders of ``keys`` (the first keys of the units left)."""
+    def message(self, keys: Sequence[str], waited: float) -> str | None:
+        """What this run waits for: the holders of ``keys`` (the first keys of the units left); None when every
+        holder runs on this host (checked alive: such a wait ends with them, e.g. the workers' last units)."""
         with folder_lock(self.out):
             claims = _live_claims(self.out) if self.out.is_dir() else {}
         host = socket.gethostname()
@@ -730,6 +732,8 @@ class ClaimWait:
             if c is not None:
                 where = (c.get("pid"), c.get("host"))
                 holders[where] = holders.get(where, 0) + 1
+        if all(h == host for _, h in holders):
+            return None
         parts = [f"pid {pid} on this host ({n} unit(s); it runs: its units finish there)" if h == host else
                  f"pid {pid} on host {h!r} ({n} unit(s); another machine: this run cannot check that it still runs)"
                  for (pid, h), n in holders.items()]
@@ -745,7 +749,9 @@ class ClaimWait:
         if self.since is None:
             self.since, self.next_note = now, now + self.first
         if now >= self.next_note:
-            self.say(self.message(keys, now - self.since))
+            text = self.message(keys, now - self.since)
+            if text is not None:
+                self.say(text)
             self.next_note = now + self.every
         self.sleep(self.pause)
 
