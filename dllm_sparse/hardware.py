@@ -1,5 +1,5 @@
-"""What the machine can do fast: CPU feature flags, whether bf16 matmuls are worth using, and how many cores are
-idle right now (the ``--threads auto`` of the experiments).
+"""What the machine can do fast: CPU feature flags, whether bf16 matmuls are worth using, and how many cores this
+process may use (the ``--threads auto`` of the experiments).
 
 On x86 CPUs without AVX512-BF16 or AMX, PyTorch runs bf16 matmuls on a slow reference GEMM: a bf16 training step
 of the embedded twin measured ~30x slower than fp32 on such a CPU (AVX2 only), while on a CPU with AVX512-BF16
@@ -9,12 +9,9 @@ a bf16 forward was ~2.2x faster than fp32. Scripts that default to bf16 ask :fun
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["cpu_name", "cpu_flags", "machine_description", "slow_bf16_reason", "parse_proc_stat", "idle_cores",
-           "auto_threads"]
+__all__ = ["cpu_name", "cpu_flags", "machine_description", "slow_bf16_reason", "usable_cores", "auto_threads"]
 
 
 def cpu_name() -> str:
@@ -48,9 +45,9 @@ def machine_description(threads: int) -> str:
     import transformers
 
     fast = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cpu_name()}, {os.cpu_count()} cores ({usable} usable by this process; {' '.join(fast) or 'no AVX2'}), "
-            f"{threads} torch threads, torch {torch.__version__}, transformers {transformers.__version__}")
+    return (f"{cpu_name()}, {os.cpu_count()} cores ({usable_cores()} usable by this process; "
+            f"{' '.join(fast) or 'no AVX2'}), {threads} torch threads, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}")
 
 
 def slow_bf16_reason(device: str = "cpu", flags: set[str] | None = None) -> str | None:
@@ -67,61 +64,25 @@ def slow_bf16_reason(device: str = "cpu", flags: set[str] | None = None) -> str 
             "(a bf16 training step measured ~30x slower than fp32 on such a CPU)")
 
 
-def parse_proc_stat(text: str) -> dict[int, tuple[int, int]]:
-    """Per CPU of a ``/proc/stat`` text: ``{cpu index: (idle ticks, total ticks)}`` since boot.
-
-    A ``cpuN`` line holds user nice system idle iowait irq softirq steal [guest guest_nice]. Idle = idle +
-    iowait (a core waiting for I/O would run our threads); total = the first eight fields (guest time is already
-    counted in user, so it is left out; steal, time the hypervisor gave to others, is busy for us). The
-    aggregate ``cpu`` line and every other line are ignored."""
-    out = {}
-    for line in text.splitlines():
-        name, _, rest = line.partition(" ")
-        if not (name.startswith("cpu") and name[3:].isdigit()):
-            continue
-        fields = [int(v) for v in rest.split()]
-        if len(fields) < 4:
-            raise ValueError(f"/proc/stat line {line!r} has {len(fields)} counters; expected at least 4 "
-                             "(user nice system idle ...)")
-        out[int(name[3:])] = (fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8]))
-    return out
+def usable_cores() -> int:
+    """How many cores this process may run on (``os.sched_getaffinity``; ``os.cpu_count()`` where that does not
+    exist)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
-def _read_proc_stat() -> str:
-    return Path("/proc/stat").read_text()
+def auto_threads(cores: int | None = None) -> tuple[int, str]:
+    """``(threads, why)`` of ``--threads auto``: one intra-op thread per core this process may run on
+    (:func:`usable_cores`, or ``cores``).
 
-
-def idle_cores(interval: float = 0.5, read: Callable[[], str] = _read_proc_stat,
-               sleep: Callable[[float], None] = time.sleep, cpus: set[int] | None = None) -> float | None:
-    """How many of ``cpus`` (default: those this process may run on) were idle over the next ``interval``
-    seconds: the sum over those cores of their idle fraction between two samples of ``/proc/stat``
-    (:func:`parse_proc_stat`). None where ``/proc/stat`` cannot be read (not Linux)."""
-    try:
-        first = parse_proc_stat(read())
-        sleep(interval)
-        second = parse_proc_stat(read())
-    except OSError:
-        return None
-    if cpus is None:
-        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(second)
-    idle = 0.0
-    for cpu in cpus:
-        if cpu not in first or cpu not in second:
-            continue
-        d_idle, d_total = second[cpu][0] - first[cpu][0], second[cpu][1] - first[cpu][1]
-        idle += d_idle / d_total if d_total > 0 else 1.0  # no tick counted: nothing ran there
-    return idle
-
-
-def auto_threads(max_threads: int, idle: float | None, interval: float = 0.5) -> tuple[int, str]:
-    """``(threads, why)``: one intra-op thread per idle core (``idle`` from :func:`idle_cores`, rounded to the
-    nearest whole core, measured over ``interval`` seconds), at least 1 and at most ``max_threads``;
-    ``max_threads`` when the idle cores are unknown.
-    Why not more: on a busy machine oversubscribed OpenMP threads spin and wait for each other."""
-    if idle is None:
-        return max_threads, f"{max_threads} (idle cores unknown: /proc/stat unreadable; torch's default)"
-    n = max(1, min(max_threads, int(idle + 0.5)))
-    why = f"{n} ({idle:.1f} of {max_threads} usable cores idle over {interval:g} s"
-    if n == max_threads:
-        return n, why + ")"
-    return n, why + "; the others are busy with other processes: pass --threads N to override)"
+    Why not the idle cores: an earlier version sampled ``/proc/stat`` for 0.5 s at start-up and took one thread
+    per idle core; a core busy for that half second only (another process starting, a test) then made a whole
+    run single-threaded (the main experiment took 1 worker x 1 thread and 18 min instead of ~10). The load of a
+    shared machine changes over a run; a start-up sample does not predict it. Pass ``--threads N`` to use fewer
+    cores on a machine you know to be busy."""
+    n = usable_cores() if cores is None else cores
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"cores must be a whole number >= 1, got {n!r}")
+    return n, (f"{n} (one per core this process may run on; other load on those cores is not measured: pass "
+               "--threads N to use fewer)")

@@ -95,7 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                           "the main experiment on a CPU)")
     ap.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default: 16)")
     ap.add_argument("--seed", type=int, default=1234, help="seed of the sweep's ELBO masks (default: 1234)")
-    ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (default: 1000)")
+    ap.add_argument("--n-boot", type=int, default=1000,
+                    help="bootstrap replicates (default: 1000; at least 1: the verdicts are read from the intervals)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     ap.add_argument("--smoke", action="store_true",
                     help="every stage on a few items: 2 items per task, input site, thresholds 1 and 0.9, 4 "
@@ -103,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.limit = args.limit or 2
+        args.limit = 2 if args.limit is None else args.limit  # a given --limit (0 too) is checked below
         args.sites = ["input"] if args.sites == [s.value for s in ALL_SITES] else args.sites
         args.thresholds = args.thresholds or [1.0, 0.9]
         args.heldout_rows, args.search_rows = min(args.heldout_rows, 4), min(args.search_rows, 2)
@@ -112,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("heldout_rows", "search_rows", "ppl_mc_num", "mc_num", "batch_size", "threads", "quant_group"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be a whole number >= 1, got {getattr(args, name)}")
+    if args.n_boot < 1:
+        ap.error(f"--n-boot must be a whole number >= 1 (got {args.n_boot}): the study's verdicts are read from the "
+                 "bootstrap intervals, so a run without them would have none (e.g. --n-boot 1000)")
     if args.limit is not None and args.limit < 1:
         ap.error(f"--limit must be a whole number >= 1 (got {args.limit}); leave it out to use every item")
     if not args.sigma_max > 1e-3:
@@ -187,9 +191,13 @@ def main(argv=None) -> int:
     parent = load_model(args.ar_model, dtype="fp32")
     if parent.kind != "ar":
         raise SystemExit(f"--ar-model {args.ar_model!r} is a {parent.kind} model; the parent must be autoregressive")
+    twin = load_model(args.twin, dtype="fp32")  # before any work: the study compares a diffusion twin with its parent
+    if twin.kind != "diffusion":
+        raise SystemExit(f"--twin {args.twin!r} is an {twin.kind} model; the twin must be a masked-diffusion model "
+                         f"(e.g. {DEFAULT_TWIN}, the diffusion twin of {DEFAULT_AR})")
     rows_held = heldout_answers(parent.tokenizer, limit=args.heldout_rows)
     parent_hash = weights_hash(parent.model)
-    phases["loading the parent"] = time.perf_counter() - t
+    phases["loading the parent and the twin"] = time.perf_counter() - t
 
     # 1. Controls, calibrated (or read back), each stored as soon as it has succeeded.
     cal_identity = {"parent": args.ar_model, "parent_weights": parent_hash, "target": target,
@@ -229,7 +237,6 @@ def main(argv=None) -> int:
 
     # 2. Trajectory points and their held-out ELBO perplexities.
     t = time.perf_counter()
-    twin = load_model(args.twin, dtype="fp32")
     points = [(untrained_twin(parent), {"label": "converted, untrained", "tokens": 0})]
     for label, path in args.trajectory:
         from dllm_sparse.models.adapt import read_adapter_meta
@@ -244,7 +251,7 @@ def main(argv=None) -> int:
                             "step": meta.get("step")}))
     shipped_tokens = _shipped_tokens()
     points.append((twin, {"label": "shipped (stage 2)", "tokens": shipped_tokens}))
-    phases["loading the twin and trajectory points"] = time.perf_counter() - t
+    phases["loading the trajectory points"] = time.perf_counter() - t
     traj_identity = {"heldout_rows": len(rows_held), "mc_num": args.ppl_mc_num, "mc_batch": min(8, args.ppl_mc_num),
                      "seed": 0, "parent_weights": parent_hash}
     traj_path = out / "trajectory.json"
@@ -312,7 +319,8 @@ def main(argv=None) -> int:
                              **({k: (round(100 * v, 4) if k in ("median", "lo", "hi") else v) for k, v in d.items()}
                                 if d else {}), "verdict": r["verdict"]})
     atomic_write_csv(out / "comparison.csv", flat, ["variant", "site", "comparison", "median", "lo", "hi",
-                                                    "replicates", "replicates_drawn", "p_at_least_0", "verdict"])
+                                                    "replicates", "replicates_drawn", "p_at_least_0", "bound",
+                                                    "verdict"])
     phases["tables + bootstrap + verdicts"] = time.perf_counter() - t
     t = time.perf_counter()
     figs = plot_advantage(paths["table"], traj, calibrations, controls={n: c.ppl for n, (_, c) in controls.items()},

@@ -21,9 +21,11 @@ masked-diffusion twin ``smollm2-135m-mdm`` when that is available (otherwise the
 run says so). Every item of the built-in tasks is scored (64 multiple-choice items, 48 passages) on the quick
 grid (top-p 1, 0.995, 0.99, 0.98, 0.95, 0.9); on a CPU with mc_num 2 (run time in the README), on a GPU with
 mc_num 128, bf16 and ``device="auto"``. The tables carry 95 % paired bootstrap intervals over items
-(``--n-boot``). ``--threads auto`` (default) uses one intra-op thread per idle core (the idle CPU time of each
-core over 0.5 s, from /proc/stat; the choice and its reason are printed): on a busy shared machine,
-oversubscribed OpenMP threads spin and made a forward pass up to 8x slower in our measurements. ``--workers
+(``--n-boot``). ``--threads auto`` (default) uses one intra-op thread per core this process may run on
+(``os.sched_getaffinity``; printed with its reason). It does not measure other load: on a busy shared machine
+oversubscribed OpenMP threads spin (a forward pass up to 8x slower in our measurements), so pass ``--threads N``
+there; a start-up sample of the idle cores, used before, read a briefly busy core as busy for the whole run
+(:func:`dllm_sparse.hardware.auto_threads`). ``--workers
 auto`` (default) then runs the sweep in one process per thread, each with one thread and its own model copy,
 taking cells one at a time (:func:`dllm_sparse.eval.sweep.run_sweep`): the small forward passes of the built-in
 tasks use two cores only in part from one process (1.5-1.8x from a second thread, measured in the README), and
@@ -98,8 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "the grid otherwise)")
     ap.add_argument("--no-step-profile", action="store_true", help="skip the short generation for the step figure")
     ap.add_argument("--threads", default="auto",
-                    help="torch intra-op threads on CPU: a number, or 'auto' (default: one per core idle over 0.5 s, "
-                         "read from /proc/stat; printed with its reason)")
+                    help="torch intra-op threads on CPU: a number, or 'auto' (default: one per core this process "
+                         "may run on; other load is not measured, so pass a number on a busy shared machine)")
     ap.add_argument("--workers", default="auto",
                     help="processes computing the cells on a CPU, sharing the --threads between them; each loads "
                          "its own copy of the model it is on: a number, or 'auto' (default: one per thread, each "
@@ -112,7 +114,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--n-boot", type=int, default=1000,
                     help="bootstrap replicates of the intervals (paired over items; 0: no intervals)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.n_boot < 0:
+        ap.error(f"--n-boot must be a whole number >= 0 (got {args.n_boot}; 0: no intervals)")
+    if args.limit is not None and args.limit < 1:
+        ap.error(f"--limit must be a whole number >= 1 (got {args.limit}); leave it out to use every item")
+    return args
 
 
 def resolve_models(args) -> tuple[list[str], list[str]]:
@@ -270,13 +277,13 @@ def set_threads(spec: str) -> tuple[int, str]:
     """Set torch's intra-op threads from ``--threads``; returns (threads, why, for the screen)."""
     import torch
 
-    from dllm_sparse.hardware import auto_threads, idle_cores
+    from dllm_sparse.hardware import auto_threads
 
     if spec != "auto":
         n = _whole_number("--threads", spec)
         torch.set_num_threads(n)
         return torch.get_num_threads(), f"{torch.get_num_threads()} (--threads {spec})"
-    n, why = auto_threads(torch.get_num_threads(), idle_cores(0.5))
+    n, why = auto_threads()
     torch.set_num_threads(n)
     return n, f"{why}, --threads auto"
 
@@ -334,8 +341,6 @@ def main(argv=None) -> int:
     args.scope = args.scope or ("sequence" if args.rule == "paper_top_p" else "token")
     models, notes = resolve_models(args)
     out = Path(args.output_dir)
-    if args.limit is not None and args.limit < 1:
-        raise SystemExit(f"--limit must be a whole number >= 1 (got {args.limit}); leave it out to use every item")
     if launch_note(world):
         notes.append(launch_note(world))
     if rank == 0:

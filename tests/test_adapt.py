@@ -316,6 +316,26 @@ def test_a_path_outside_the_adapter_is_never_followed(saved_adapter, tmp_path):
         read_adapter_meta(adapter_dir)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("mask_token_id"), r"has no 'mask_token_id', the id of the mask token the adapter was trained"),
+    (lambda m: m.update(mask_token_id="260"), r"has '260' as 'mask_token_id'"),
+    (lambda m: m.update(mask_token_id=-1), r"has -1 as 'mask_token_id'"),
+    (lambda m: m.pop("logit_shift"), r"has no 'logit_shift', whether the converted base shifts its logits"),
+    (lambda m: m.update(logit_shift="yes"), r"has 'yes' as 'logit_shift'"),
+    (lambda m: m.update(mask_token=7), r"has 7 as 'mask_token', the mask token's text"),
+])
+def test_resealed_metadata_without_a_field_the_rebuild_needs_is_refused(saved_adapter, edit, message):
+    """A hand edit that is re-sealed passes the hash check; a missing or mistyped rebuild field is then named,
+    with its file and the fix, instead of a KeyError deep in the rebuild."""
+    from dllm_sparse.models.adapt import seal_adapter_meta
+
+    adapter_dir, _ = saved_adapter
+    _edit_meta(adapter_dir, edit)
+    seal_adapter_meta(adapter_dir)
+    with pytest.raises(ValueError, match=rf"{ADAPTER_META} {message}.*re-export.*seal_adapter_meta"):
+        load_adapted_model(build_tiny_model("llama", tie_word_embeddings=True), adapter_dir)
+
+
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", "\xff\xfe"])
 def test_metadata_that_is_not_a_json_object_is_refused_clearly(saved_adapter, text):
     adapter_dir, _ = saved_adapter

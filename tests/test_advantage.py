@@ -339,6 +339,48 @@ def test_verdict_rule_on_enumerated_cases(tw, cs, tcs, expected):
     assert v == expected, why
 
 
+def _b(lo, hi, bound):
+    return {**_d(lo, hi), "bound": bound}
+
+
+LB, UB, NONE = "lower bound", "upper bound", "undetermined"
+
+
+@pytest.mark.parametrize("tw, cs, tcs, expected", [
+    # lower bounds (the first side's curve never failed a grid point) can still show "above 0"
+    (_b(0.05, 0.2, LB), [_d(-0.1, 0.1), _d(-0.05, 0.1)], [_b(0.01, 0.2, LB), _b(0.02, 0.3, LB)], EXCEEDS),
+    # an upper bound above 0 shows nothing: the true difference may be lower
+    (_b(0.05, 0.2, UB), [_d(-0.1, 0.1), _d(-0.05, 0.1)], [_d(0.01, 0.2), _d(0.02, 0.3)], UNDETERMINED),
+    (_d(0.05, 0.2), [_d(-0.1, 0.1), _d(-0.05, 0.1)], [_d(0.01, 0.2), _b(0.02, 0.3, NONE)], UNDETERMINED),
+    # "no twin - control above 0" holds for an upper bound at or below 0, not for a lower bound
+    (_d(0.05, 0.2), [_d(0.02, 0.2), _d(0.01, 0.3)], [_b(-0.1, 0.1, UB), _d(-0.2, 0.05)], TRACKS),
+    (_d(0.05, 0.2), [_d(0.02, 0.2), _d(0.01, 0.3)], [_b(-0.1, 0.1, LB), _d(-0.2, 0.05)], UNDETERMINED),
+    (_d(0.05, 0.2), [_b(0.02, 0.2, UB), _d(0.01, 0.3)], [_d(-0.1, 0.1), _d(-0.2, 0.05)], UNDETERMINED),
+])
+def test_verdict_rule_with_unbracketed_curves(tw, cs, tcs, expected):
+    names = [f"c{i}" for i in range(len(cs))]
+    v, why = verdict(tw, dict(zip(names, cs, strict=True)), dict(zip(names, tcs, strict=True)))
+    assert v == expected, why
+    if expected == UNDETERMINED:
+        assert "undetermined (" in why  # says which difference is only a bound
+
+
+def test_site_comparisons_mark_a_difference_with_an_unbracketed_side():
+    n = 50
+    base = np.linspace(0.1, 0.2, n)
+    closed, open_ = np.ones(n, bool), np.zeros(n, bool)
+    reps = {("A", "input", "avg_curve"): {"interpolated": base, "bracketed": closed},
+            ("D", "input", "avg_curve"): {"interpolated": base + 0.1, "bracketed": open_},
+            ("C1", "input", "avg_curve"): {"interpolated": base + 0.05, "bracketed": open_},
+            ("C2", "input", "avg_curve"): {"interpolated": base + 0.02, "bracketed": closed}}
+    (rec,) = site_comparisons(reps, _Boot(), twin="D", parent="A", controls={"C1": True, "C2": True})
+    assert rec["twin_minus_parent"]["bound"] == "lower bound"
+    assert rec["twin_minus_control"]["C1"]["bound"] == "undetermined"  # two lower bounds
+    assert rec["twin_minus_control"]["C2"]["bound"] == "lower bound"
+    assert rec["control_minus_parent"]["C2"]["bound"] == "exact"
+    assert rec["verdict"] == UNDETERMINED and "C1" in rec["why"]
+
+
 def test_site_comparisons_pair_the_replicates_and_ignore_invalid_controls():
     g = np.random.default_rng(0)
     n = 400

@@ -146,11 +146,26 @@ def test_a_failing_second_control_keeps_the_first_and_writes_nothing_of_itself(t
 @pytest.mark.parametrize("flag, value, match", [("--target-ppl", "0", "--target-ppl must be > 0"),
                                                 ("--target-ppl", "-2", "--target-ppl must be > 0"),
                                                 ("--heldout-rows", "0", "--heldout-rows must be"),
-                                                ("--trajectory", "noequals", "LABEL=ADAPTER_DIR")])
-def test_bad_arguments_are_refused(flag, value, match, capsys):
+                                                ("--trajectory", "noequals", "LABEL=ADAPTER_DIR"),
+                                                ("--n-boot", "0", "--n-boot must be a whole number >= 1 (got 0)"),
+                                                ("--n-boot", "-5", "--n-boot must be a whole number >= 1"),
+                                                ("--limit", "0", "--limit must be a whole number >= 1 (got 0)")])
+@pytest.mark.parametrize("smoke", [[], ["--smoke"]])
+def test_bad_arguments_are_refused(flag, value, match, smoke, capsys):
     with pytest.raises(SystemExit):
-        _script().parse_args([flag, value])
+        _script().parse_args([*smoke, flag, value])  # --smoke fills in defaults, never over a given value
     assert match in capsys.readouterr().err
+
+
+def test_an_ar_twin_or_a_diffusion_parent_is_refused_before_any_work(tiny_pair, tmp_path):
+    parent, twin = tiny_pair
+    out = tmp_path / "study"
+    with pytest.raises(SystemExit, match=rf"--twin '{parent}' is an ar model; the twin must be a masked-diffusion"):
+        _script().main(_args((parent, parent), out, "--target-ppl", "50"))
+    with pytest.raises(SystemExit, match=rf"--ar-model '{twin}' is a diffusion model; the parent must be "
+                                         "autoregressive"):
+        _script().main(_args((twin, twin), out, "--target-ppl", "50"))
+    assert not out.exists()  # nothing calibrated, nothing written
 
 
 def test_a_trajectory_adapter_of_another_base_is_refused_before_the_sweep(tiny_pair, tmp_path):

@@ -191,9 +191,15 @@ def test_difference_verdicts_claim_only_what_the_interval_allows():
     assert d["verdict"] == "no detectable difference" and d["lo"] <= 0 <= d["hi"]
 
 
-def test_bad_settings_are_refused():
+def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="n_boot"):
         Bootstrap([], n_boot=0)
+    rows = _pair_rows(np.random.default_rng(0))
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=r"n_boot must be a whole number >= 0 \(0: no intervals\)"):
+            write_critical(rows, tmp_path, n_boot=bad)
+    paths = write_critical(rows, tmp_path, n_boot=0)  # documented: no intervals, no comparison
+    assert paths["bootstrap"] is None and paths["differences"] == [] and paths["comparison"] is None
     with pytest.raises(ValueError, match="level"):
         Bootstrap([], level=95)
     assert percentile_interval([float("nan")]) is None
@@ -225,3 +231,91 @@ def test_replicates_without_a_value_are_counted_and_reported():
     assert rec["interpolated_replicates"] == rec["last_passing_replicates"] == used and rec["replicates_drawn"] == 400
     md = markdown_report(table, boot=boot)
     assert f"({used}/400 replicates)" in md and "'(k/n replicates)': that interval comes from the k of n" in md
+
+
+# ---- a side whose curve never fails a grid point is only a lower bound ---------------------------------------
+
+
+def _curve_rows(model, kind, rel_by_sparsity, n=40, seed=0):
+    """Rows of one MC task whose sparse rows lose a fixed set of items: relative performance exactly as given
+    at each (measured) sparsity, identical in every replicate's draw only through the items lost."""
+    rng = np.random.default_rng(seed)
+    dense = _mc(np.ones(n, dtype=bool))
+    rows = [_row(model, kind, "mc", "dense", 1.0, dense)]
+    for i, (s, rel) in enumerate(rel_by_sparsity):
+        acc = np.ones(n, dtype=bool)
+        acc[rng.choice(n, round((1 - rel) * n), replace=False)] = False
+        rows.append(_row(model, kind, "mc", "input", 0.99 - 0.01 * i, _mc(acc), s))
+    return _fill_relative(rows)
+
+
+ALL_PASS = [(0.1, 1.0), (0.2, 1.0)]  # no item lost anywhere: no replicate has a failing point
+
+
+@pytest.mark.parametrize("diffusion, ar, verdict, is_", [
+    # README `--limit 2` case: every point of both curves passes -> two lower bounds, nothing can be concluded
+    (ALL_PASS, [(0.3, 1.0), (0.4, 1.0)], "undetermined: no grid point failed on either side", "undetermined"),
+    # diffusion >= 0.2 against an AR value of ~0.3: "AR higher" may not be claimed from a lower bound
+    (ALL_PASS, [(0.2, 1.0), (0.3, 1.0), (0.5, 0.5)], "undetermined: the diffusion side is a lower bound",
+     "lower bound"),
+    # diffusion >= 0.6 against an AR value of ~0.3: the lower bound already lies above it
+    ([(0.5, 1.0), (0.6, 1.0)], [(0.2, 1.0), (0.3, 1.0), (0.5, 0.5)], "diffusion higher", "lower bound"),
+    # AR >= 0.6 against a diffusion value of ~0.3: "AR higher" follows, "diffusion higher" never could
+    ([(0.2, 1.0), (0.3, 1.0), (0.5, 0.5)], [(0.5, 1.0), (0.6, 1.0)], "AR higher", "upper bound"),
+    ([(0.2, 1.0), (0.3, 1.0), (0.5, 0.5)], ALL_PASS, "undetermined: the AR side is a lower bound", "upper bound"),
+])
+def test_a_verdict_claims_only_what_an_unbracketed_side_allows(diffusion, ar, verdict, is_, tmp_path):
+    rows = _curve_rows("mdm", "diffusion", diffusion) + _curve_rows("ar-m", "ar", ar)
+    boot = Bootstrap(rows, n_boot=200)
+    (d,) = model_differences(critical_replicates(rows, boot), {"mdm": "diffusion", "ar-m": "ar"}, boot)
+    assert d["verdict"].startswith(verdict) and d["difference_is"] == is_
+    if is_ == "undetermined":  # the difference of two lower bounds is no number at all
+        assert d["difference_median"] is None and d["lo"] is None and d["p_diffusion_at_least_ar"] is None
+    md = write_critical(rows, tmp_path, n_boot=200)["markdown"].read_text()
+    section = md.split("## Diffusion vs AR", 1)[1]
+    line = next(x for x in section.splitlines() if x.startswith("| input |"))
+    assert d["verdict"] in line
+    mark = {"lower bound": "≥", "upper bound": "≤"}.get(is_)
+    assert (mark in line) if mark else ("| undetermined |" in line and "[" not in line)
+
+
+def test_difference_bound_of_each_pair_of_sides():
+    from dllm_sparse.eval.critical import difference_bound
+
+    used = np.array([True, True, False])
+    closed, open_in_unused, open_ = np.array([1, 1, 1], bool), np.array([1, 1, 0], bool), np.array([1, 0, 1], bool)
+    assert difference_bound(closed, closed, used) == "exact"
+    assert difference_bound(open_in_unused, closed, used) == "exact"  # a replicate without a value does not count
+    assert difference_bound(open_, closed, used) == "lower bound"
+    assert difference_bound(closed, open_, used) == "upper bound"
+    assert difference_bound(open_, open_, used) == "undetermined"
+    assert difference_bound(None, None, used) == "exact"
+
+
+# ---- per-item scores that do not line up are refused ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda it: it.update(acc=it["acc"][:-1]), r"items\['acc'\] holds 4 values but items\['ids'\] holds 5 ids"),
+    (lambda it: it.update(ids=it["ids"] + ["extra"]), r"items\['acc'\] holds 5 values but items\['ids'\] holds 6"),
+    (lambda it: it.update(acc_norm="11011"), r"items\['acc_norm'\] holds a str"),
+    (lambda it: it["acc"].__setitem__(2, "1"), r"items\['acc'\]\[2\] is '1', not a finite number"),
+    (lambda it: it["acc"].__setitem__(0, float("nan")), r"items\['acc'\]\[0\] is nan, not a finite number"),
+    (lambda it: it.pop("ids"), r"its items are dict .* not \{\"ids\""),
+])
+def test_per_item_scores_that_do_not_line_up_are_refused(edit, message):
+    rows = _fill_relative([_row("m", "ar", "mc", "dense", 1.0, _mc([1, 0, 1, 1, 0])),
+                           _row("m", "ar", "mc", "input", 0.9, _mc([1, 0, 0, 1, 0]), 0.3)])
+    Bootstrap(rows, n_boot=10)  # as written: fine
+    edit(rows[1]["items"])
+    with pytest.raises(ValueError, match=r"row .* \(m / mc / input p=0.9\): " + message):
+        Bootstrap(rows, n_boot=10)
+
+
+def test_a_log_likelihood_may_be_minus_infinity_but_not_nan():
+    rows = [_row("m", "ar", "ppl", "dense", 1.0, _ppl([-3.0, -4.0], [2, 2]), metric="ppl")]
+    rows.append({**rows[0], "site": "input", "key": "k2", "items": _ppl([-3.0, -math.inf], [2, 2])})
+    Bootstrap(rows, n_boot=10)
+    rows[1]["items"]["ll"][1] = float("nan")
+    with pytest.raises(ValueError, match=r"items\['ll'\]\[1\] is nan, not a finite number \(or -inf\)"):
+        Bootstrap(rows, n_boot=10)

@@ -222,18 +222,20 @@ def test_generate_demo_writes_its_trace(tmp_path, monkeypatch):
                              "config": str(SparsityConfig.parse("input:top_p:0.9"))}]
 
 
-def test_llada_vs_llama_threads_auto_reads_idle_cores_and_says_so(monkeypatch):
-    import torch
+def test_llada_vs_llama_threads_auto_takes_the_usable_cores_and_says_so(monkeypatch):
+    import os
 
-    import dllm_sparse.hardware as hardware
+    import torch
 
     exp = _script("llada_vs_llama")
     before = torch.get_num_threads()
-    monkeypatch.setattr(hardware, "idle_cores", lambda interval=0.5: 0.2)  # a busy machine
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1}, raising=False)  # one core for this process
     try:
         n, why = exp.set_threads("auto")
         assert n == 1 == torch.get_num_threads()
-        assert why.startswith("1 (0.2 of") and "--threads auto" in why
+        assert why.startswith("1 (one per core this process may run on") and "--threads auto" in why
+        n, why = exp.set_threads("3")
+        assert n == 3 == torch.get_num_threads() and why == "3 (--threads 3)"
         for bad in ("abc", "0", "-2", "1.5"):
             with pytest.raises(SystemExit, match=f"--threads takes a whole number >= 1 or 'auto', got '{bad}'"):
                 exp.set_threads(bad)
@@ -246,6 +248,19 @@ def test_generate_demo_refuses_overlap_tracking_under_a_block_cache(capsys):
     with pytest.raises(SystemExit):
         demo.main(["--no-ar", "--block-cache", "dual", "--overlap-out", "x"])
     assert "--overlap-out tracks each position's masks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n-boot", "-1"], "--n-boot must be a whole number >= 0 (got -1; 0: no intervals)"),
+    (["--limit", "0"], "--limit must be a whole number >= 1 (got 0)"),
+    (["--limit", "-3"], "--limit must be a whole number >= 1 (got -3)"),
+])
+def test_llada_vs_llama_refuses_bad_counts_before_any_work(args, message, capsys):
+    exp = _script("llada_vs_llama")
+    with pytest.raises(SystemExit):
+        exp.parse_args(args)
+    assert message in capsys.readouterr().err
+    assert exp.parse_args(["--n-boot", "0"]).n_boot == 0  # documented: no intervals
 
 
 def test_llada_vs_llama_workers_split_the_threads_and_refuse_what_cannot_run():

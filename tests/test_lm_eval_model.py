@@ -359,3 +359,119 @@ def test_block_cache_reaches_the_sampler_and_the_identity():
         DllmSparseLM.from_scorer(scorer, block_cache="triple")
     with pytest.raises(ValueError, match="autoregressive"):
         DllmSparseLM.from_scorer(_ar_scorer(), block_cache="prefix")
+
+
+# ---- lm-eval's own arguments (device, batch_size, max_batch_size) next to --model_args -----------------------------
+
+
+@pytest.mark.parametrize("model_args, lm_eval_args, want", [
+    # lm-eval's CLI passes device=cuda:0 and batch_size=1 when the flags are left out: --model_args wins over those
+    ({"device": "cpu"}, {"device": "cuda:0", "batch_size": 1, "max_batch_size": None}, {"device": "cpu",
+                                                                                         "batch_size": 1}),
+    ({"device": "auto"}, {"device": "cuda:0"}, {"device": "auto"}),
+    ({"batch_size": 4}, {"batch_size": 1, "device": "cuda:0"}, {"batch_size": 4, "device": "cuda:0"}),
+    # the same value in both places, or in one place only
+    ({"device": "cpu"}, {"device": "cpu"}, {"device": "cpu"}),
+    ({"batch_size": 4}, {"batch_size": "4"}, {"batch_size": 4}),
+    ({}, {"device": "cpu", "batch_size": "16", "max_batch_size": None}, {"device": "cpu", "batch_size": "16"}),
+    ({"max_batch_size": 8}, {"max_batch_size": None}, {"max_batch_size": 8}),
+])
+def test_lm_eval_arguments_merge_with_model_args(model_args, lm_eval_args, want):
+    from dllm_sparse.eval.lm_eval_model import merge_lm_eval_args
+
+    assert merge_lm_eval_args({"pretrained": "m", **model_args}, lm_eval_args) == {"pretrained": "m", **want}
+
+
+@pytest.mark.parametrize("model_args, lm_eval_args, message", [
+    ({"device": "auto"}, {"device": "cpu"}, r"device is given twice .*device=auto and lm-eval's --device cpu"),
+    ({"batch_size": 4}, {"batch_size": "16"},
+     r"batch_size is given twice .*batch_size=4 and lm-eval's --batch_size 16"),
+    ({"max_batch_size": 4}, {"max_batch_size": 8}, r"max_batch_size is given twice"),
+])
+def test_contradicting_lm_eval_arguments_are_refused(model_args, lm_eval_args, message):
+    with pytest.raises(ValueError, match=message):
+        DllmSparseLM.create_from_arg_obj({"pretrained": MISSING, **model_args}, lm_eval_args)
+
+
+@pytest.mark.parametrize("args, message", [
+    ("batch_size=16,max_batch_size=8", r"batch_size=16 is above max_batch_size=8"),
+    ("max_batch_size=0", r"max_batch_size=0: expected a whole number >= 1"),
+])
+def test_bad_max_batch_size_is_refused(args, message):
+    with pytest.raises(ValueError, match=message):
+        _from_args(f"pretrained={MISSING},{args}")
+
+
+@pytest.fixture(scope="module")
+def cli_models(tmp_path_factory):
+    """A tiny AR model and a tiny native LLaDA saved as `pretrained` directories with a Hugging Face tokenizer."""
+    from conftest import build_byte_hf_tokenizer
+
+    from dllm_sparse.models.llada import LLaDAModelLM, tiny_llada_config
+
+    root = tmp_path_factory.mktemp("cli-models")
+    build_tiny_model("llama", vocab_size=260, seed=3).save_pretrained(root / "ar")
+    torch.manual_seed(2)
+    LLaDAModelLM(tiny_llada_config(vocab_size=260, embedding_size=260, mask_token_id=3)).eval().save_pretrained(
+        root / "mdm")
+    for d in ("ar", "mdm"):
+        build_byte_hf_tokenizer().save_pretrained(root / d)
+    return {"ar": root / "ar", "mdm": root / "mdm"}
+
+
+def _cli_main(args: list[str], out, monkeypatch) -> dict:
+    """The console script's main (lm-eval's own CLI) in this process; the identity of the model it built."""
+    import glob
+    import sys
+
+    from dllm_sparse.eval.identity import RunIdentity
+    from dllm_sparse.eval.lm_eval_model import main
+
+    monkeypatch.setattr(sys, "argv", ["dllm-sparse-lm-eval"])
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    main([*args, "--output_path", str(out)])
+    (path,) = glob.glob(str(out / "**" / "results_*.json"), recursive=True)
+    config = json.loads(open(path).read())["config"]
+    return RunIdentity.from_json(config["dllm_sparse_identity"]).to_dict()
+
+
+# The README's command lines, each with pretrained= a tiny local model, the offline built-in task for the hub task
+# and --limit 1 (mc_num=16 on the paper variant: its mc_num 128 at batch 1 takes a minute). lm-eval's CLI passes
+# device=cuda:0 and batch_size=1 when the flags are left out.
+README_COMMANDS = {
+    "smoke": ("ar", "--model dllm_sparse --model_args pretrained={ar},sparsity=input:top_p:0.9 --tasks dllm_sparse_mc "
+              "--limit 1 --batch_size 16 --device cpu", {"batch_size": 16, "sparsity": "input:top_p:0.9:token"}),
+    "official": ("mdm", "--model dllm_sparse --tasks dllm_sparse_mc --num_fewshot 0 --model_args "
+                 "pretrained={mdm},dtype=bf16,device=auto,preset=llada-official --batch_size 8 --limit 1",
+                 {"batch_size": 8, "preset": "llada-official"}),
+    "paper_variant": ("mdm", "--model dllm_sparse --tasks dllm_sparse_mc --model_args "
+                      "pretrained={mdm},dtype=bf16,device=auto,sparsity=input:paper_top_p:90:sequence,mc_num=16 "
+                      "--limit 1",
+                      {"batch_size": 1, "sparsity": "input:paper_top_p:90.0:sequence"}),
+    # the same argument in --model_args and as lm-eval's flag, or in --model_args over lm-eval's default
+    "device_twice": ("ar", "--model dllm_sparse --model_args pretrained={ar},device=cpu --device cpu --tasks "
+                     "dllm_sparse_mc --limit 1", {"batch_size": 1, "device_type": "cpu"}),
+    "batch_in_model_args": ("ar", "--model dllm_sparse --model_args pretrained={ar},batch_size=4 --tasks "
+                            "dllm_sparse_mc --limit 1", {"batch_size": 4}),
+}
+
+
+# Each run takes ~25 s on a 2-core CPU (most of it lm-eval indexing its tasks): two in the quick suite.
+QUICK = ("official", "batch_in_model_args")
+
+
+@pytest.mark.parametrize("name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in README_COMMANDS])
+def test_readme_command_lines_run_through_the_console_script(name, cli_models, tmp_path, monkeypatch):
+    _, line, want = README_COMMANDS[name]
+    ident = _cli_main(line.format(**cli_models).split(), tmp_path / "out", monkeypatch)
+    assert {k: ident.get(k) for k in want} == want
+
+
+@pytest.mark.slow
+def test_console_script_refuses_a_contradicting_pair(cli_models, tmp_path, monkeypatch):
+    args = f"--model dllm_sparse --model_args pretrained={cli_models['ar']},batch_size=4 --batch_size 16 --tasks " \
+           "dllm_sparse_mc --limit 1"
+    with pytest.raises(ValueError, match=r"batch_size is given twice .*batch_size=4 and lm-eval's --batch_size 16"):
+        _cli_main(args.split(), tmp_path / "out", monkeypatch)

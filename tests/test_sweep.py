@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 from conftest import build_tiny_model
@@ -291,6 +292,67 @@ def test_a_corrupt_row_is_named_by_line_not_taken_for_an_old_folder(tmp_path, fu
     assert "old way" not in str(err.value) and "upgrade_cell_keys" not in str(err.value) and counter.calls == 0
 
 
+@pytest.mark.parametrize("field, value, why", [
+    ("value", "abc", r"its value field is 'abc', not a finite number"),
+    ("value", float("nan"), r"its value field is nan, not a finite number"),
+    ("value", None, r"its value field is None, not a finite number"),
+    ("sparsity", 1.5, r"its sparsity field is 1.5, not a number in \[0, 1\]"),
+    ("sparsity", "0.3", r"its sparsity field is '0.3', not a number in \[0, 1\]"),
+    ("relative_performance", "high", r"its relative_performance field is 'high', not a number"),
+    ("kind", "transformer", r"its kind field is 'transformer', not 'ar' or 'diffusion'"),
+    ("p", True, r"its p field is True, not a finite number"),
+    ("metrics", {"acc": "0.5"}, r"its metrics field is \{'acc': '0.5'\}, not an object of metric name -> number"),
+    ("n_items", -1, r"its n_items field is -1, not a whole number >= 0"),
+    ("value", "<missing>", r"it has no value field"),
+])
+def test_a_row_with_a_bad_field_is_refused_naming_file_line_and_field(tmp_path, full_run, field, value, why):
+    _, rows, _ = full_run
+    bad = dict(next(r for r in rows if r["site"] != DENSE))  # a sparse row: sparsity is a number there
+    if value == "<missing>":
+        del bad[field]
+    else:
+        bad[field] = value
+    lines = [json.dumps(r) for r in rows]
+    lines[4] = json.dumps(bad)
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    pattern = rf"holds 1 corrupt row\(s\): .*rows.jsonl line 5: {why}.*delete those lines"
+    with pytest.raises(RuntimeError, match=pattern):
+        load_rows(tmp_path)  # every reader of a sweep folder
+    counter = Counter()
+    with pytest.raises(RuntimeError, match=pattern):
+        run_sweep(_cfg(tmp_path), task_factory=counter)
+    assert counter.calls == 0
+
+
+def test_the_documented_nulls_and_nan_are_kept(tmp_path, full_run):
+    """A dense row's null sparsity, a sparse row's null relative performance (its dense row not in yet) and a NaN
+    relative performance (dense score 0) are rows as the sweep writes them."""
+    _, rows, _ = full_run
+    sparse = dict(next(r for r in rows if r["site"] != DENSE))
+    sparse.update(relative_performance=None, dense_value=None)
+    other = dict(next(r for r in rows if r["site"] != DENSE and r["key"] != sparse["key"]))
+    other["relative_performance"] = float("nan")
+    edited = {sparse["key"]: sparse, other["key"]: other}
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(edited.get(r["key"], r)) + "\n" for r in rows))
+    assert len(load_rows(tmp_path)) == len(rows)
+
+
+def test_a_computed_row_that_is_not_valid_is_not_written(tmp_path):
+    """A forward pass giving NaN scores stops the sweep naming the cell, rather than writing a row that every later
+    read would refuse."""
+    class NanTask:
+        name, metric = "mc", "acc"
+
+        def evaluate(self, scorer, limit=None, **per_call):
+            res = MultipleChoiceTask("mc", ITEMS).evaluate(scorer, limit, **per_call)
+            res.value = float("nan")
+            return res
+
+    with pytest.raises(RuntimeError, match=r"cell .*: the computed row is not valid \(its value field is nan"):
+        run_sweep(_cfg(tmp_path, tasks=["mc"]), task_factory=lambda name: NanTask())
+    assert load_rows(tmp_path) == []
+
+
 def test_head_chunk_cells_have_their_own_keys_and_the_unchunked_scores(tmp_path):
     """head_chunk is part of the key (another row count per head product may round differently), and the
     scores equal the unchunked sweep's up to that rounding; a combined {"cfg", "head_chunk"} key is valid."""
@@ -368,11 +430,11 @@ def test_a_claimed_unit_waits_for_its_process_and_a_dead_claim_is_taken_over(tmp
     import sys
     import time
 
-    from dllm_sparse.eval.sweep import CLAIMS_NAME, _plan
+    from dllm_sparse.eval.sweep import CLAIMS_NAME, _plan, process_start
 
     cfg = _saved_cfg(tmp_path, saved_pair)
     plan = _plan(cfg)
-    held, dead_claim = plan[1].keys[0], plan[2].keys[0]
+    held, dead_claim, reused = plan[1].keys[0], plan[2].keys[0], plan[3].keys[0]
     import threading
 
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(4)"])
@@ -385,16 +447,107 @@ def test_a_claimed_unit_waits_for_its_process_and_a_dead_claim_is_taken_over(tmp
     reaper = threading.Thread(target=reap, daemon=True)
     reaper.start()
     host = socket.gethostname()
-    (tmp_path / CLAIMS_NAME).write_text(json.dumps({held: {"pid": sleeper.pid, "host": host},
-                                                    dead_claim: {"pid": 2 ** 22 + 12345, "host": host}}))
+    (tmp_path / CLAIMS_NAME).write_text(json.dumps({
+        held: {"pid": sleeper.pid, "host": host, "start": process_start(sleeper.pid)},
+        dead_claim: {"pid": 2 ** 22 + 12345, "host": host, "start": "boot:1"},
+        # a live process that is not the claimer (the pid was reused): its start time differs
+        reused: {"pid": os.getppid(), "host": host, "start": "another-boot:1"}}))
     started = time.time()
+
+    def wait(keys):  # called only while every unit left is claimed by a process judged alive
+        assert reused not in keys, "a claim of a reused pid was taken for its claimer's"
+        time.sleep(0.5)
+
     try:
-        rows = {r["key"]: r for r in run_sweep(cfg)}
+        rows = {r["key"]: r for r in run_sweep(cfg, claim_wait=wait)}
     finally:
         reaper.join()
     assert set(rows) == {k for u in plan for k in u.keys}
     assert gone and rows[held]["finished_at"] >= gone[0]  # left to the live claim until its process ended
     assert rows[dead_claim]["finished_at"] >= started  # the dead pid's claim was taken over in this run
+    assert rows[reused]["finished_at"] >= started  # taken over although a process runs under that pid
+
+
+def test_stat_start_time_counts_fields_from_the_last_parenthesis():
+    from dllm_sparse.eval.sweep import stat_start_time
+
+    fields = ["4242", "(a ) (b) c)", "S"] + [f"f{i}" for i in range(4, 53)]  # fields 1, 2, 3, then f4 .. f52
+    assert stat_start_time(" ".join(fields) + "\n") == "f22"
+
+
+@pytest.mark.parametrize("claim, alive", [
+    ({"pid": 100, "host": "<here>", "start": "boot:500"}, True),  # the claimer itself, still running
+    ({"pid": 100, "host": "<here>", "start": "boot:400"}, False),  # pid 100 now runs another process
+    ({"pid": 100, "host": "<here>", "start": "old-boot:500"}, False),  # ... after a restart
+    ({"pid": 100, "host": "<here>"}, False),  # an older version's claim: cannot be told from a reused pid
+    ({"pid": 101, "host": "<here>", "start": "boot:500"}, False),  # pid 101 does not run
+    ({"pid": 101, "host": "elsewhere", "start": "boot:500"}, True),  # another machine: cannot be checked
+    ({"pid": "100", "host": "<here>", "start": "boot:500"}, False),  # not a claim
+    ("garbage", False),
+])
+def test_a_claim_is_alive_only_while_its_own_process_runs(claim, alive):
+    import os
+    import socket
+
+    from dllm_sparse.eval.sweep import _claim_alive
+
+    running = {os.getpid(): "boot:1", 100: "boot:500"}  # pid -> process_start of what runs there now
+    if isinstance(claim, dict) and claim.get("host") == "<here>":
+        claim = {**claim, "host": socket.gethostname()}
+    assert _claim_alive(claim, start_of=running.get) is alive
+
+
+def test_a_wait_for_claims_says_what_it_waits_for_and_how_to_release_it(tmp_path):
+    """A claim made on another machine cannot be checked: the waiting run names the claim file, the holder's host
+    and pid and that deleting the file releases it, after a minute and then every ten (an injected clock)."""
+    import socket
+
+    from dllm_sparse.eval.sweep import CLAIMS_NAME, ClaimWait, process_start
+
+    (tmp_path / CLAIMS_NAME).write_text(json.dumps({"k1": {"pid": 7, "host": "node-b", "start": "x:1"},
+                                                    "k2": {"pid": 7, "host": "node-b", "start": "x:1"},
+                                                    "k3": {"pid": 9, "host": "node-c", "start": "x:1"}}))
+    now, said, slept = [0.0], [], []
+    wait = ClaimWait(tmp_path, clock=lambda: now[0], sleep=slept.append, say=said.append)
+    for t in (0.0, 30.0, 61.0, 300.0, 660.0, 662.0):
+        now[0] = t
+        wait(["k1", "k2", "k3"])
+    assert len(slept) == 6 and len(said) == 2  # at 61 s and at 662 s (>= 61 + 600)
+    path = str(tmp_path / CLAIMS_NAME)
+    assert "waiting 1 min for 3 unit(s)" in said[0] and "waiting 11 min" in said[1]
+    for text in said:
+        assert f"claimed in {path}: pid 7 on host 'node-b' (2 unit(s); another machine" in text
+        assert "pid 9 on host 'node-c' (1 unit(s)" in text and f"deleting {path}" in text
+    assert socket.gethostname() not in ("node-b", "node-c")
+    # Claims of this host are checked alive (the usual wait for workers' last units): waited for without a message.
+    mine = {"pid": os.getppid(), "host": socket.gethostname(), "start": process_start(os.getppid())}
+    (tmp_path / CLAIMS_NAME).write_text(json.dumps({"k1": mine}))
+    said.clear()
+    quiet = ClaimWait(tmp_path, clock=lambda: now[0], sleep=slept.append, say=said.append)
+    for t in (1000.0, 1100.0, 2000.0):
+        now[0] = t
+        quiet(["k1"])
+    assert said == []
+
+
+def test_a_sweep_waiting_on_another_machines_claims_computes_them_once_released(tmp_path, full_run):
+    """Every unit claimed by another host: the run waits (the injected wait sees every unit), and computes them once
+    the claim file is deleted, the release the wait's message names."""
+    from dllm_sparse.eval.sweep import CLAIMS_NAME, _plan
+
+    cfg = _cfg(tmp_path, tasks=["mc"], sites=["input"], thresholds=[1.0, 0.5])
+    tmp_path.mkdir(exist_ok=True)
+    claims = {u.keys[0]: {"pid": 7, "host": "node-b", "start": "x:1"} for u in _plan(cfg)}
+    (tmp_path / CLAIMS_NAME).write_text(json.dumps(claims))
+    waited = []
+
+    def release(keys):
+        waited.append(list(keys))
+        (tmp_path / CLAIMS_NAME).unlink()
+
+    rows = run_sweep(cfg, task_factory=Counter(), claim_wait=release)
+    assert len(waited) == 1 and set(waited[0]) == set(claims)  # it waited for every unit, nothing computed
+    assert {r["key"] for r in rows} >= set(claims)
 
 
 def test_workers_refuse_loaded_models_and_bad_counts(tmp_path):

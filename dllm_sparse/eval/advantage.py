@@ -16,6 +16,12 @@ the whole 95 % percentile interval is > 0. With fewer than two valid controls: "
 
 A control is valid when its calibration is within tolerance and it has replicates at that site; invalid ones are
 reported and take no part.
+
+Bounds: a critical sparsity whose curve never fails a grid point is only a lower bound (docs/sparsification.md),
+so a difference with such a side is a bound too (:func:`~dllm_sparse.eval.critical.difference_bound`). "Above 0"
+counts only for an exact difference or a lower bound (a − b with a unbracketed); "no δ_C above 0" (rule 2)
+needs each δ_C exact or an upper bound with its interval's lower end at or below 0; anything else leaves that
+difference undetermined and the verdict says which.
 """
 
 from __future__ import annotations
@@ -25,7 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
-from dllm_sparse.eval.critical import AVG_CURVE, ordered_sites
+from dllm_sparse.eval.critical import (
+    AVG_CURVE,
+    EXACT,
+    LOWER_BOUND,
+    UNDETERMINED_BOUND,
+    UPPER_BOUND,
+    difference_bound,
+    ordered_sites,
+)
 
 __all__ = ["VERDICTS", "EXCEEDS", "TRACKS", "UNDETERMINED", "paired_difference", "verdict", "site_comparisons",
            "comparisons_markdown", "MIN_CONTROLS", "study_report", "plot_advantage"]
@@ -37,22 +51,44 @@ VERDICTS = (EXCEEDS, TRACKS, UNDETERMINED)
 MIN_CONTROLS = 2
 
 
-def paired_difference(a: np.ndarray | None, b: np.ndarray | None, boot) -> dict | None:
-    """a − b on the same replicates: median, percentile interval, replicates with a value, P(a ≥ b). None when
-    either side has no replicates or no replicate has both values."""
+def paired_difference(a: np.ndarray | None, b: np.ndarray | None, boot, a_bracketed=None,
+                      b_bracketed=None) -> dict | None:
+    """a − b on the same replicates: median, percentile interval, replicates with a value, P(a ≥ b), and what
+    the difference is (``bound``, :func:`~dllm_sparse.eval.critical.difference_bound`: ``exact``, a ``lower
+    bound`` where a's curve never failed a grid point, an ``upper bound`` where b's never did, ``undetermined``
+    where both; ``a_bracketed`` / ``b_bracketed``: the replicates' ``bracketed`` flags, None = bracketed). None
+    when either side has no replicates or no replicate has both values."""
     if a is None or b is None:
         return None
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    finite = d[np.isfinite(d)]
+    used = np.isfinite(d)
+    finite = d[used]
     ci = boot.interval(finite)
     if ci is None:
         return None
     return {"median": float(np.median(finite)), "lo": ci[0], "hi": ci[1], "replicates": int(finite.size),
-            "replicates_drawn": int(d.size), "p_at_least_0": float(np.mean(finite >= 0))}
+            "replicates_drawn": int(d.size), "p_at_least_0": float(np.mean(finite >= 0)),
+            "bound": difference_bound(a_bracketed, b_bracketed, used)}
 
 
 def _above(d: dict | None) -> bool:
-    return d is not None and d["lo"] > 0
+    """The difference is shown to lie above 0: its interval is, and its replicates are exact or lower bounds (a
+    percentile of lower bounds lies at or below the true one)."""
+    return d is not None and d["lo"] > 0 and d.get("bound", EXACT) in (EXACT, LOWER_BOUND)
+
+
+def _not_above(d: dict | None) -> bool:
+    """The difference is not shown above 0, and would not be with the true values: its interval's lower end is
+    at or below 0, and its replicates are exact or upper bounds."""
+    return d is not None and not d["lo"] > 0 and d.get("bound", EXACT) in (EXACT, UPPER_BOUND)
+
+
+def _state(d: dict | None) -> str:
+    if _above(d):
+        return "above 0"
+    if _not_above(d):
+        return "not above 0"
+    return f"undetermined ({d.get('bound')}: a curve never failed a grid point)" if d is not None else "n/a"
 
 
 def verdict(delta_twin: dict | None, delta_controls: Mapping[str, dict | None],
@@ -63,11 +99,11 @@ def verdict(delta_twin: dict | None, delta_controls: Mapping[str, dict | None],
         return UNDETERMINED, f"{len(names)} valid control(s) with intervals; the rule needs {MIN_CONTROLS}"
     if _above(delta_twin) and all(_above(twin_minus_controls[c]) for c in names):
         return EXCEEDS, "twin − parent and twin − every control lie above 0"
-    if all(_above(delta_controls[c]) for c in names) and not any(_above(twin_minus_controls[c]) for c in names):
+    if all(_above(delta_controls[c]) for c in names) and all(_not_above(twin_minus_controls[c]) for c in names):
         return TRACKS, "every control − parent lies above 0 and no twin − control does"
-    parts = [f"twin − parent {'above 0' if _above(delta_twin) else 'not above 0'}"]
-    parts += [f"{c}: control − parent {'above' if _above(delta_controls[c]) else 'not above'} 0, twin − control "
-              f"{'above' if _above(twin_minus_controls[c]) else 'not above'} 0" for c in names]
+    parts = [f"twin − parent {_state(delta_twin)}"]
+    parts += [f"{c}: control − parent {_state(delta_controls[c])}, twin − control {_state(twin_minus_controls[c])}"
+              for c in names]
     return UNDETERMINED, "; ".join(parts)
 
 
@@ -77,16 +113,17 @@ def site_comparisons(reps: Mapping[tuple[str, str, str], Mapping[str, np.ndarray
     """One record per site: every difference of the rule with its interval, and the verdict. ``controls``: each
     control's name and whether it is valid (calibrated within tolerance); ``variant``: which critical-sparsity
     value of the replicates (``interpolated`` = the paper's highest passing, ``first_crossing``)."""
-    def get(model, site):
-        r = reps.get((model, site, task))
-        return None if r is None else r[variant]
+    def diff(m1, m2, site):  # crit(m1) - crit(m2) on the same replicates
+        r1, r2 = reps.get((m1, site, task)), reps.get((m2, site, task))
+        if r1 is None or r2 is None:
+            return None
+        return paired_difference(r1[variant], r2[variant], boot, r1.get("bracketed"), r2.get("bracketed"))
 
     out = []
     for site in ordered_sites(s for (_, s, t) in reps if t == task):
-        a = get(parent, site)
-        d_twin = paired_difference(get(twin, site), a, boot)
-        d_c = {c: paired_difference(get(c, site), a, boot) for c in controls}
-        t_c = {c: paired_difference(get(twin, site), get(c, site), boot) for c in controls}
+        d_twin = diff(twin, parent, site)
+        d_c = {c: diff(c, parent, site) for c in controls}
+        t_c = {c: diff(twin, c, site) for c in controls}
         valid = [c for c, ok in controls.items() if ok]
         v, why = verdict(d_twin, {c: d_c[c] for c in valid}, {c: t_c[c] for c in valid})
         out.append({"site": site, "variant": variant, "task": task, "twin_minus_parent": d_twin,
@@ -98,8 +135,11 @@ def site_comparisons(reps: Mapping[tuple[str, str, str], Mapping[str, np.ndarray
 def _fmt(d: dict | None) -> str:
     if d is None:
         return "n/a"
+    if d.get("bound") == UNDETERMINED_BOUND:
+        return "undetermined (both ≥)"
     note = "" if d["replicates"] >= d["replicates_drawn"] else f" ({d['replicates']}/{d['replicates_drawn']})"
-    return f"{100 * d['median']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]{note}"
+    mark = {LOWER_BOUND: "≥", UPPER_BOUND: "≤"}.get(d.get("bound", EXACT), "")
+    return f"{mark}{100 * d['median']:+.1f} {mark}[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]{note}"
 
 
 def comparisons_markdown(recs: Sequence[dict], labels: Mapping[str, str] | None = None) -> str:

@@ -36,6 +36,7 @@ needs them says ``None``.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ import numpy as np
 
 from dllm_sparse.sparsity.config import DENSE
 
-__all__ = ["item_scores", "Bootstrap", "RESAMPLABLE", "percentile_interval", "finite_count", "replicates_note"]
+__all__ = ["item_scores", "check_items", "ITEM_FIELDS", "Bootstrap", "RESAMPLABLE", "percentile_interval",
+           "finite_count", "replicates_note"]
 
 #: Metrics whose value can be recomputed from per-item scores.
 RESAMPLABLE = ("acc", "acc_norm", "margin", "ppl", "nll_per_token")
@@ -67,6 +69,42 @@ def item_scores(details: Sequence[dict]) -> dict | None:
         return {"ids": [str(d["id"]) for d in details], "ll": [float(d["ll"]) for d in details],
                 "tokens": [int(d["tokens"]) for d in details]}
     return None
+
+
+#: The per-item lists a row's ``items`` may hold, each one value per id.
+ITEM_FIELDS = ("acc", "acc_norm", "margin", "ll", "tokens")
+_SEQUENCES = (list, tuple, np.ndarray)
+
+
+def check_items(row: dict) -> None:
+    """A row's per-item scores are resampled by position, so every per-item list (:data:`ITEM_FIELDS`) must hold
+    one finite number per id (a log-likelihood may be -inf); anything else (a hand-edited or truncated row) is
+    refused naming the row, the field and the lengths, instead of failing as a NumPy shape error or resampling
+    misaligned items."""
+    items = row.get("items")
+    if items is None or items == {}:  # no per-item scores: the row gets no interval
+        return
+    where = (f"row {row.get('key') or ''} ({row.get('model')} / {row.get('task')} / {row.get('site')} "
+             f"p={row.get('p')})")
+    fix = "rewrite the row from its run (delete its line from rows.jsonl and rerun the sweep)"
+    if not isinstance(items, dict) or not isinstance(items.get("ids"), _SEQUENCES):
+        raise ValueError(f"{where}: its items are {type(items).__name__} {str(items)[:60]!r}, not "
+                         f"{{\"ids\": [...], <per-item lists>}}; {fix}")
+    n = len(items["ids"])
+    for name in ITEM_FIELDS:
+        if name not in items:
+            continue
+        values = items[name]
+        if not isinstance(values, _SEQUENCES) or len(values) != n:
+            got = f"{len(values)} values" if isinstance(values, _SEQUENCES) else f"a {type(values).__name__}"
+            raise ValueError(f"{where}: items[{name!r}] holds {got} but items['ids'] holds {n} ids; every per-item "
+                             f"list needs one value per id; {fix}")
+        # A log-likelihood may be -inf (an answer of probability 0); nothing else may be infinite or NaN.
+        bad = next((i for i, v in enumerate(values) if not isinstance(v, (numbers.Real, np.bool_))
+                    or not (math.isfinite(v) or (name == "ll" and v == -math.inf))), None)
+        if bad is not None:
+            raise ValueError(f"{where}: items[{name!r}][{bad}] is {values[bad]!r}, not a finite number"
+                             f"{' (or -inf)' if name == 'll' else ''}; {fix}")
 
 
 def _metric_replicates(items: dict, metric: str, weights: np.ndarray) -> np.ndarray | None:
@@ -133,6 +171,8 @@ class Bootstrap:
             raise ValueError(f"n_boot must be a whole number >= 1, got {self.n_boot!r}")
         if not 0 < self.level < 1:
             raise ValueError(f"level must lie in (0, 1), e.g. 0.95; got {self.level!r}")
+        for r in self.rows:
+            check_items(r)
         self._dense = {(r["model"], r["task"]): r for r in self.rows if r["site"] == DENSE}
         self._weights: dict[str, np.ndarray | None] = {}
         self._cache: dict[str, np.ndarray | None] = {}

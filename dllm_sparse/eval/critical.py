@@ -43,7 +43,8 @@ from dllm_sparse.sparsity.config import DENSE
 __all__ = [
     "CriticalSparsity", "critical_sparsity", "curves", "critical_table", "markdown_table", "write_critical",
     "SITE_ORDER", "AVG_CURVE", "MEAN_OF_TASKS", "ordered_sites", "point_replicates", "critical_replicates",
-    "model_differences", "differences_markdown", "CSV_FIELDS", "VARIANTS", "metric_for",
+    "model_differences", "differences_markdown", "CSV_FIELDS", "VARIANTS", "metric_for", "difference_bound",
+    "EXACT", "LOWER_BOUND", "UPPER_BOUND", "UNDETERMINED_BOUND",
 ]
 
 SITE_ORDER = ("intermediate", "input", "gate", "up")  # the paper's Table 1 column order
@@ -196,8 +197,9 @@ def _relative_replicates(boot, row: dict, metric: str | None):
 def critical_replicates(rows: Sequence[dict], boot, threshold: float = 0.99, metric: str | None = None,
                         cap: bool = True) -> dict[tuple[str, str, str], dict[str, np.ndarray]]:
     """Per (model, site, task) (and ``avg_curve``): the critical sparsity of every bootstrap replicate,
-    ``{"last_passing": [n_boot], "interpolated": [n_boot], "first_crossing": [n_boot]}`` (NaN where no point
-    passes). Curves with a point
+    ``{"last_passing": [n_boot], "interpolated": [n_boot], "first_crossing": [n_boot], "bracketed": [n_boot]}``
+    (NaN where no point passes; ``bracketed`` False where no point of that replicate's curve fails, so its
+    values are lower bounds). Curves with a point
     that cannot be resampled are left out. Computed once per ``boot`` and settings (``Bootstrap.memo``)."""
     if rows is not boot.rows:  # other rows than the bootstrap's own: nothing to share
         return _critical_replicates(rows, boot, threshold, metric, cap)
@@ -214,6 +216,7 @@ def _critical_replicates(rows, boot, threshold, metric, cap) -> dict:
         xs = [s for s, _ in reps]
         ys = np.stack([rep for _, rep in reps], axis=1)  # [n_boot, points]
         last, interp, first = (np.full(len(ys), np.nan) for _ in range(3))
+        bracketed = np.zeros(len(ys), dtype=bool)
         for b, row in enumerate(ys):
             if not np.isfinite(row).all():  # an undefined point (dense 0 on the drawn items): no value, counted
                 continue
@@ -221,8 +224,27 @@ def _critical_replicates(rows, boot, threshold, metric, cap) -> dict:
             last[b] = np.nan if c.last_passing is None else c.last_passing
             interp[b] = np.nan if c.interpolated is None else c.interpolated
             first[b] = np.nan if c.first_crossing is None else c.first_crossing
-        out[key] = {"last_passing": last, "interpolated": interp, "first_crossing": first}
+            bracketed[b] = c.bracketed
+        out[key] = {"last_passing": last, "interpolated": interp, "first_crossing": first, "bracketed": bracketed}
     return out
+
+
+#: What a difference a − b of two critical sparsities is, replicate by replicate (:func:`difference_bound`).
+EXACT, LOWER_BOUND, UPPER_BOUND, UNDETERMINED_BOUND = "exact", "lower bound", "upper bound", "undetermined"
+
+
+def difference_bound(a_bracketed, b_bracketed, used) -> str:
+    """What the replicates ``used`` (a boolean mask) of a − b are. A critical sparsity whose curve has no failing
+    grid point is only a lower bound (the true value is at or above it), so a − b is: ``exact`` when both sides
+    are bracketed in every used replicate; a ``lower bound`` when only a is unbracketed somewhere (then only
+    "a higher" can be shown: a percentile of lower bounds lies at or below the true one); an ``upper bound`` when
+    only b is (only "b higher" can be shown); ``undetermined`` when both are (no direction can be shown). None for
+    a side means bracketed everywhere (replicates made without that record)."""
+    used = np.asarray(used, dtype=bool)
+    a_open = a_bracketed is not None and bool((~np.asarray(a_bracketed, dtype=bool) & used).any())
+    b_open = b_bracketed is not None and bool((~np.asarray(b_bracketed, dtype=bool) & used).any())
+    return {(False, False): EXACT, (True, False): LOWER_BOUND, (False, True): UPPER_BOUND,
+            (True, True): UNDETERMINED_BOUND}[(a_open, b_open)]
 
 
 def model_differences(reps: dict[tuple[str, str, str], dict[str, np.ndarray]], kinds: dict[str, str], boot,
@@ -230,7 +252,11 @@ def model_differences(reps: dict[tuple[str, str, str], dict[str, np.ndarray]], k
     """For every site and every (diffusion model, AR model) pair: the critical sparsity difference diffusion − AR
     (points of sparsity, on the paired replicates) with its interval and a verdict that claims only what the
     interval allows: "diffusion higher" (interval above 0), "AR higher" (below 0), or "no detectable difference"
-    (the interval holds 0)."""
+    (the interval holds 0). A side whose curve never fails a grid point (in some replicate) has only a lower bound
+    (:func:`difference_bound`, ``difference_is``): with the diffusion side unbracketed only "diffusion higher" can
+    be concluded, with the AR side unbracketed only "AR higher", with both nothing ("undetermined": median,
+    interval and probability are then None); otherwise the verdict says the comparison is undetermined and why,
+    and the median, interval and P(diffusion ≥ AR) are bounds in the direction ``difference_is`` says."""
     out = []
     diff_models = [m for m, k in kinds.items() if k == "diffusion"]
     ar_models = [m for m, k in kinds.items() if k == "ar"]
@@ -242,20 +268,41 @@ def model_differences(reps: dict[tuple[str, str, str], dict[str, np.ndarray]], k
                 if a is None or b is None:
                     continue
                 d = a[variant] - b[variant]
-                finite = d[np.isfinite(d)]
+                used = np.isfinite(d)
+                finite = d[used]
                 ci = boot.interval(finite)
                 if finite.size < d.size:
                     warnings.warn(f"bootstrap: the {site} difference {dm} - {am} comes from {finite.size} of "
                                   f"{d.size} replicates: {_WHY_NO_VALUE}", stacklevel=2)
+                bound = difference_bound(a.get("bracketed"), b.get("bracketed"), used)
                 est = float(np.median(finite)) if finite.size else None
-                verdict = ("no interval" if ci is None else "diffusion higher" if ci[0] > 0 else
-                           "AR higher" if ci[1] < 0 else "no detectable difference")
+                p_at_least = float(np.mean(finite >= 0)) if finite.size else None
+                verdict = _difference_verdict(ci, bound)
+                if bound == UNDETERMINED_BOUND:  # two lower bounds: their difference says nothing
+                    est, ci, p_at_least = None, None, None
                 out.append({"site": site, "diffusion_model": dm, "ar_model": am, "task": task, "variant": variant,
                             "difference_median": est, "lo": None if ci is None else ci[0],
-                            "hi": None if ci is None else ci[1], "verdict": verdict,
-                            "p_diffusion_at_least_ar": float(np.mean(finite >= 0)) if finite.size else None,
+                            "hi": None if ci is None else ci[1], "verdict": verdict, "difference_is": bound,
+                            "p_diffusion_at_least_ar": p_at_least,
                             "replicates": int(finite.size), "replicates_drawn": int(d.size)})
     return out
+
+
+def _difference_verdict(ci: tuple[float, float] | None, bound: str) -> str:
+    """The verdict of diffusion − AR from its interval and what the replicates are (:func:`difference_bound`)."""
+    if bound == UNDETERMINED_BOUND:
+        return "undetermined: no grid point failed on either side"
+    if ci is None:
+        return "no interval"
+    if ci[0] > 0 and bound in (EXACT, LOWER_BOUND):
+        return "diffusion higher"
+    if ci[1] < 0 and bound in (EXACT, UPPER_BOUND):
+        return "AR higher"
+    if bound == LOWER_BOUND:  # only "diffusion higher" could be shown
+        return "undetermined: the diffusion side is a lower bound"
+    if bound == UPPER_BOUND:  # only "AR higher" could be shown
+        return "undetermined: the AR side is a lower bound"
+    return "no detectable difference"
 
 
 def critical_table(rows: Sequence[dict], threshold: float = 0.99, metric: str | None = None,
@@ -362,10 +409,13 @@ def differences_markdown(diffs: Sequence[dict], level: float = 0.95) -> str:
     lines = [f"| site | diffusion − AR (points, median) | {100 * level:g} % interval | verdict | "
              "P(diffusion ≥ AR) |", "|---|---:|---|---|---:|"]
     for d in diffs:
-        med = "n/a" if d["difference_median"] is None else f"{100 * d['difference_median']:+.1f}"
-        ci = "n/a" if d["lo"] is None else (f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
-                                            + replicates_note(d.get("replicates"), d.get("replicates_drawn")))
-        pr = "n/a" if d["p_diffusion_at_least_ar"] is None else f"{d['p_diffusion_at_least_ar']:.2f}"
+        # '≥' / '≤': a bound (one side's curve never failed a grid point), see difference_bound
+        mark = {LOWER_BOUND: "≥", UPPER_BOUND: "≤"}.get(d.get("difference_is", EXACT), "")
+        none = "undetermined" if d.get("difference_is") == UNDETERMINED_BOUND else "n/a"
+        med = none if d["difference_median"] is None else f"{mark}{100 * d['difference_median']:+.1f}"
+        ci = none if d["lo"] is None else (f"{mark}[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+                                           + replicates_note(d.get("replicates"), d.get("replicates_drawn")))
+        pr = none if d["p_diffusion_at_least_ar"] is None else f"{mark}{d['p_diffusion_at_least_ar']:.2f}"
         lines.append(f"| {d['site']} | {med} | {ci} | {d['verdict']} | {pr} |")
     return "\n".join(lines)
 
@@ -390,7 +440,11 @@ def markdown_report(table: Sequence[dict], threshold: float = 0.99, cap: bool = 
         "measured sparsity). Relative performance = "
         "metric_sparse / metric_dense (accuracy) or PPL_dense / PPL_sparse (perplexity; ELBO perplexity for "
         "diffusion models). '≥' = no grid point failed "
-        "(a lower bound); 'none passes' = even the first grid point failed." + ci_note,
+        "(a lower bound); 'none passes' = even the first grid point failed." + ci_note
+        + ("" if boot is None else " In the diffusion − AR comparison, '≥' / '≤' mark a difference that is only a "
+           "bound because one side's curve never failed a grid point (in some replicates): with the diffusion side "
+           "a lower bound only 'diffusion higher' can be concluded, with the AR side only 'AR higher', with both "
+           "neither; 'undetermined' says which, and a grid reaching sparser thresholds decides it."),
         "",
         f"## Interpolated (linear, on measured sparsity, between the two grid points that bracket {threshold:g})",
         "",
@@ -445,6 +499,8 @@ def write_critical(rows: Sequence[dict], out_dir: str | Path, threshold: float =
     intervals (:mod:`dllm_sparse.eval.bootstrap`; 0 = no intervals)."""
     from dllm_sparse.eval.bootstrap import Bootstrap
 
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0:
+        raise ValueError(f"n_boot must be a whole number >= 0 (0: no intervals), got {n_boot!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     boot = Bootstrap(rows, n_boot=n_boot, seed=seed, level=level) if n_boot else None
@@ -464,5 +520,5 @@ def write_critical(rows: Sequence[dict], out_dir: str | Path, threshold: float =
             {k: (round(100 * v, 4) if k in ("difference_median", "lo", "hi") and v is not None else v)
              for k, v in d.items()} for d in diffs],
             ["site", "diffusion_model", "ar_model", "task", "variant", "difference_median", "lo", "hi", "verdict",
-             "p_diffusion_at_least_ar"])
+             "difference_is", "p_diffusion_at_least_ar"])
     return paths

@@ -50,8 +50,9 @@ Model arguments: ``pretrained`` (hub id, local dir, .gguf or embedded name), ``k
 :class:`~dllm_sparse.sparsity.config.SparsityConfig` id ``site:rule:threshold[:scope][:layers=i/j]``, e.g.
 ``input:top_p:0.9``; ``dense``/none = dense), or the same in pieces: ``site``, ``rule`` (top_p, top_k, max_p),
 ``threshold`` (alias ``p``; p for top-p / max-p, the target sparsity for top-k), ``scope``; ``batch_size``,
-``mc_num``, ``mc_batch``, ``seed``, ``shift_logits`` (Dream-style; default by family), ``greedy_check``
-(``iterative``/true, ``one_pass``, ``off``/false), ``cfg`` (alias ``cfg_scale``: guided ELBO w, as the official
+``max_batch_size`` (see lm-eval's own arguments below), ``mc_num``, ``mc_batch``, ``seed``, ``shift_logits``
+(Dream-style; default by family), ``greedy_check`` (``iterative``/true, ``one_pass``, ``off``/false), ``cfg``
+(alias ``cfg_scale``: guided ELBO w, as the official
 LLaDA evaluation's ``cfg``), ``preset`` (``llada-official``: the official per-task cfg and mc_num / mc_batch (128 / 8;
 1 / 1 on mmlu, cmmlu, ceval-valid), greedy check off, the ELBO in the official arithmetic (``precision="official"``),
 generation 1024/1024/1024 with the task's cfg and the official confidence; see :mod:`dllm_sparse.eval.presets`;
@@ -62,6 +63,16 @@ a time in the log-likelihoods: the bound on logit memory for long rolling window
 ``llada-official`` preset, whose official arithmetic runs the head over every position), ``trust_remote_code``,
 ``add_bos_token``, ``progress`` (progress bars, default true; lm-eval's ``disable_tqdm`` and ranks other than 0
 turn them off), ``data_parallel`` (default: true for a model built from ``pretrained``).
+
+lm-eval's own arguments: lm-eval passes ``device``, ``batch_size`` and ``max_batch_size`` to every model beside
+``--model_args`` (from ``--device`` / ``--batch_size`` / ``--max_batch_size``; its CLI passes ``device=cuda:0`` and
+``batch_size=1`` when those flags are left out, even on a machine without a GPU). Each may be given in either
+place (:func:`merge_lm_eval_args`): in one place, that value; in both with the same value, that value; a
+``--model_args`` value wins over lm-eval's default (so ``--model_args device=auto`` or ``device=cpu`` is kept
+when ``--device`` is not given; an explicit ``--device cuda:0`` or ``--batch_size 1`` cannot be told from the
+default and reads the same); two different explicit values are refused naming both. ``max_batch_size`` bounds
+``batch_size=auto`` (16 otherwise) and refuses a larger whole ``batch_size``. With ``device`` a CUDA device and no
+CUDA available, the CPU is used with a warning.
 
 Chat templates: ``--apply_chat_template`` (optionally ``--system_instruction``, ``--fewshot_as_multiturn``) renders
 every request with the tokenizer's chat template (``tokenizer.apply_chat_template``, as HFLM does; both kinds),
@@ -95,8 +106,8 @@ fields out). Use one cache path per configuration, e.g. ``--use_cache cache/{lm.
 Unknown model arguments (a typo such as ``sitee=input``) are refused with the list of valid ones: a misspelt
 sparsity argument would otherwise give a dense run. Values are read strictly (:mod:`dllm_sparse.eval.model_args`;
 the error names the argument, the value and the accepted form): booleans are true/false (yes/no, on/off, 1/0),
-counts (``batch_size``, ``mc_num``, ``mc_batch``, ``max_gen_toks``, ``gen_steps``, ``block_length``,
-``head_chunk``) whole numbers >= 1, ``seed`` a whole number >= 0, ``cfg`` a finite number >= 0,
+counts (``batch_size``, ``max_batch_size``, ``mc_num``, ``mc_batch``, ``max_gen_toks``, ``gen_steps``,
+``block_length``, ``head_chunk``) whole numbers >= 1, ``seed`` a whole number >= 0, ``cfg`` a finite number >= 0,
 ``threshold``/``p`` finite numbers. A sparsity piece (``rule``, ``scope``, ...) next to a whole ``sparsity`` id,
 or without a ``site``, is refused (it would be dropped); layer indices are checked against the loaded model;
 ``cfg`` > 0 and ``preset`` are refused for an autoregressive model (they are settings of the diffusion ELBO). With
@@ -140,7 +151,7 @@ from dllm_sparse.sparsity.config import DENSE, SparsityConfig, slug
 from dllm_sparse.sparsity.rules import make_rule
 from dllm_sparse.sparsity.stats import SparsityStats
 
-__all__ = ["DllmSparseLM", "IDENTITY_KEY", "MODEL_ARGS", "sparsity_from_args"]
+__all__ = ["DllmSparseLM", "IDENTITY_KEY", "MODEL_ARGS", "sparsity_from_args", "merge_lm_eval_args"]
 
 eval_logger = logging.getLogger("lm_eval")
 
@@ -189,22 +200,77 @@ def sparsity_from_args(sparsity: SparsityConfig | str | None = None, site: str |
     return SparsityConfig(site, make_rule(rule or "top_p", 1.0 if threshold is None else threshold, scope=scope))
 
 
-def _batch_size(value: Any) -> int:
-    """``batch_size``: a whole number >= 1, or ``auto`` / ``auto:N`` / None (16: this model sizes its own
-    batches, lm-eval's automatic search does not apply to it)."""
+def _batch_size(value: Any, max_batch_size: Any = None) -> int:
+    """``batch_size``: a whole number >= 1, or ``auto`` / ``auto:N`` / None (16, at most ``max_batch_size``: this
+    model sizes its own batches, lm-eval's automatic search does not apply to it). ``max_batch_size`` (lm-eval's
+    bound on an automatic batch size): a whole number >= 1; a whole ``batch_size`` above it is refused."""
+    cap = None if max_batch_size is None else as_positive_int("max_batch_size", max_batch_size)
     if value is None or (isinstance(value, str) and value.strip().lower().startswith("auto")):
-        return 16
+        return 16 if cap is None else min(16, cap)
     try:
-        return as_positive_int("batch_size", value)
+        bs = as_positive_int("batch_size", value)
     except ValueError as e:
         raise ValueError(f"{e} (or auto)") from None
+    if cap is not None and bs > cap:
+        raise ValueError(f"batch_size={bs} is above max_batch_size={cap} (lm-eval's bound on an automatic batch "
+                         "size): lower batch_size, or drop max_batch_size")
+    return bs
 
 
 #: The model arguments DllmSparseLM accepts (``--model_args k=v,...``); anything else is refused.
 MODEL_ARGS = ("pretrained", "sparsity", "site", "rule", "threshold", "p", "scope", "kind", "dtype", "device",
-              "batch_size", "mc_num", "mc_batch", "seed", "shift_logits", "greedy_check", "max_gen_toks",
-              "gen_steps", "block_length", "trust_remote_code", "add_bos_token", "cfg", "cfg_scale", "preset",
-              "progress", "data_parallel", "block_cache", "head_chunk")
+              "batch_size", "max_batch_size", "mc_num", "mc_batch", "seed", "shift_logits", "greedy_check",
+              "max_gen_toks", "gen_steps", "block_length", "trust_remote_code", "add_bos_token", "cfg", "cfg_scale",
+              "preset", "progress", "data_parallel", "block_cache", "head_chunk")
+
+#: lm-eval's own defaults of the arguments it passes to every model beside ``--model_args`` (the CLI's
+#: ``EvaluatorConfig``), used when lm-eval cannot be asked.
+_LM_EVAL_DEFAULTS = {"device": "cuda:0", "batch_size": 1, "max_batch_size": None}
+
+
+def _lm_eval_defaults() -> dict[str, Any]:
+    """What lm-eval's CLI passes for ``device`` / ``batch_size`` / ``max_batch_size`` when they are not given
+    (0.4.13: ``cuda:0``, 1, None; read from its ``EvaluatorConfig``)."""
+    try:
+        from lm_eval.config.evaluate_config import EvaluatorConfig
+    except ImportError:  # pragma: no cover - other lm-eval versions
+        return dict(_LM_EVAL_DEFAULTS)
+    fields = {f.name: f.default for f in dataclasses.fields(EvaluatorConfig)}
+    return {k: fields.get(k, v) for k, v in _LM_EVAL_DEFAULTS.items()}
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    return str(a).strip().lower() == str(b).strip().lower()
+
+
+def merge_lm_eval_args(model_args: dict[str, Any], lm_eval_args: dict[str, Any] | None) -> dict[str, Any]:
+    """The model's keyword arguments from ``--model_args`` and the ones lm-eval passes beside them
+    (``create_from_arg_string``'s ``additional_config``: ``device``, ``batch_size``, ``max_batch_size`` from
+    ``--device`` / ``--batch_size`` / ``--max_batch_size`` or ``simple_evaluate(...)``; None = not given).
+
+    Precedence: an argument given in one place only is taken from there. Given in both with the same value: that
+    value. Given in both with different values: the ``--model_args`` value wins when lm-eval's is lm-eval's own
+    default (its CLI always passes ``device=cuda:0`` and ``batch_size=1`` when the flags are left out, even on
+    a machine without a GPU, so ``--model_args device=cpu`` or ``device=auto`` must not be overridden by it; an
+    explicit ``--device cuda:0`` / ``--batch_size 1`` cannot be told from the default and reads the same);
+    otherwise the pair contradicts itself and is refused with a ``ValueError`` naming both values."""
+    out = dict(model_args)
+    defaults = _lm_eval_defaults()
+    for name, value in (lm_eval_args or {}).items():
+        if value is None:
+            continue
+        if name not in out or out[name] is None:
+            out[name] = value
+        elif _same_value(out[name], value):
+            continue
+        elif name in defaults and _same_value(value, defaults[name]):
+            eval_logger.info(f"{name}={out[name]!r} from --model_args (lm-eval's {name}={value!r} is its default "
+                             f"when --{name} is not given, and is not applied)")
+        else:
+            raise ValueError(f"{name} is given twice with different values: --model_args {name}={out[name]} and "
+                             f"lm-eval's --{name} {value} (or simple_evaluate({name}=...)); give it in one place "
+                             f"(a --model_args value wins only over lm-eval's default {defaults.get(name)!r})")
+    return out
 
 def _refuse_diffusion_only_args(kind: str | None, cfg: float | None, preset, block_cache: str | None = None) -> None:
     """Guidance (``cfg``) and the ``llada-official`` preset are settings of the diffusion ELBO, ``block_cache`` one
@@ -259,6 +325,20 @@ def _launcher_state():
 class DllmSparseLM(LM):
     """lm-eval model wrapping a :class:`dllm_sparse.eval.likelihood.Scorer` (see the module docstring)."""
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> DllmSparseLM:
+        """lm-eval's constructor from ``--model_args`` (a ``k=v,...`` string) plus its own ``device`` /
+        ``batch_size`` / ``max_batch_size``, merged by :func:`merge_lm_eval_args` (lm-eval's base class would pass
+        an argument given in both places twice: a TypeError before any model loads)."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None) -> DllmSparseLM:
+        """As :meth:`create_from_arg_string` for ``--model_args`` already parsed (lm-eval's CLI passes a dict)."""
+        return cls(**merge_lm_eval_args(dict(arg_dict), additional_config))
+
     def __init__(
         self,
         pretrained: str | None = None,
@@ -272,6 +352,7 @@ class DllmSparseLM(LM):
         dtype: str | None = None,
         device: str | None = None,
         batch_size: int | str | None = None,
+        max_batch_size: int | str | None = None,
         mc_num: int | None = None,
         mc_batch: int | None = None,
         seed: int | None = None,
@@ -294,7 +375,6 @@ class DllmSparseLM(LM):
         **unknown: Any,
     ):
         super().__init__()
-        unknown.pop("max_batch_size", None)  # lm-eval passes it to every model; this one sizes its own batches
         if unknown:
             raise TypeError(
                 f"DllmSparseLM: unknown model argument(s) {sorted(unknown)}; valid ones: {', '.join(MODEL_ARGS)}. "
@@ -354,9 +434,10 @@ class DllmSparseLM(LM):
                 raise TypeError("DllmSparseLM(scorer=...) takes the scorer's cfg_scale; build the scorer with "
                                 f"Scorer(..., cfg_scale={cfg})")
             scorer_args = dict(pretrained=pretrained, kind=kind, dtype=dtype, device=device, batch_size=batch_size,
-                               mc_num=mc_num, mc_batch=mc_batch, seed=seed, shift_logits=shift_logits,
-                               greedy_check=greedy_check, trust_remote_code=trust_remote_code,
-                               add_bos_token=add_bos_token, head_chunk=head_chunk)
+                               max_batch_size=max_batch_size, mc_num=mc_num, mc_batch=mc_batch, seed=seed,
+                               shift_logits=shift_logits, greedy_check=greedy_check,
+                               trust_remote_code=trust_remote_code, add_bos_token=add_bos_token,
+                               head_chunk=head_chunk)
             if self.preset is not None:
                 # With a preset, mc_num / mc_batch equal to the scorer's say "the scorer's for every task" (instead of
                 # the preset's per-task values): allowed; any other value would be ignored, so it is refused below.
@@ -373,7 +454,7 @@ class DllmSparseLM(LM):
             from dllm_sparse.models.loading import load_model
 
             sparsity = sparsity_from_args(sparsity, site, rule, threshold, p, scope)  # fails before a long load
-            bs = _batch_size(batch_size)
+            bs = _batch_size(batch_size, max_batch_size)
             seed = 1234 if seed is None else as_int("seed", seed, minimum=0)
             shift_logits = as_optional_bool("shift_logits", shift_logits)
             trust = False if trust_remote_code is None else as_bool("trust_remote_code", trust_remote_code)

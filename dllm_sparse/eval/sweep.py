@@ -25,6 +25,11 @@ Guarantees:
   from other weights (a re-converted checkpoint, an overwritten local folder) or on another device type refuse
   the run with a message naming what differs. Folders written before keys held config ids and batch size are
   refused with a message; :func:`upgrade_cell_keys` rewrites their keys (nothing else changes) so they resume.
+* **Rows are checked when read.** Every read of a folder's rows (:func:`load_rows`, so every run and resume)
+  checks each row (:func:`row_problem`): ``value`` a finite number, ``sparsity`` a number in [0, 1] or null (the
+  dense row), ``relative_performance`` a number (NaN where the dense score is 0) or null (its dense row not yet
+  written), ``p`` a finite number, ``kind`` ar / diffusion, ``metrics`` numbers, a valid key. A hand-edited or
+  damaged row is refused naming its file, line and field; a computed row that would not pass is not written.
 * **Batch size changes sparse numbers.** A sparsified forward of a padded batch is not bit-identical to the same
   rows one by one (other kernels, other reduction orders), and an activation near the rule's threshold then
   falls on the other side of it: one AR item moved by 0.34 nats between batch 1 and batch 4. Dense numbers
@@ -46,11 +51,15 @@ Guarantees:
   :mod:`dllm_sparse.atomic` (a temporary name per writer). No row is lost or duplicated (a cell both computed
   at the same moment is written once).
 * **Claims.** A plain run (no launcher) takes its units one at a time: under the lock it claims the next unit
-  no live process holds (``<output_dir>/.claims.json``: the unit's first key -> pid and host), computes it and
-  releases the claim. Sweeps into one folder at once therefore split the work instead of each computing all
-  of it; a unit claimed by another process is left to it (this run waits for it before finishing), and a
-  claim whose process no longer runs (a killed sweep) is taken over. A claim made on another machine (a shared
-  file system) cannot be checked and is respected until released.
+  no live process holds (``<output_dir>/.claims.json``: the unit's first key -> pid, host and the process's
+  start time), computes it and releases the claim. Sweeps into one folder at once therefore split the work
+  instead of each computing all of it; a unit claimed by another process is left to it (this run waits for it
+  before finishing), and a claim whose process no longer runs (a killed sweep) is taken over. The start time
+  (``/proc/<pid>/stat`` and the boot id, :func:`process_start`) tells the claimer from an unrelated process that
+  got the same pid later (after a kill or a restart): such a claim is taken over too. A claim made on another
+  machine (a shared file system) cannot be checked and is respected until released: while a run waits for
+  such claims it says, after a minute and then every ten, which claim file, pids and hosts it waits for and that
+  deleting the claim file releases them (:class:`ClaimWait`).
 * **Workers.** ``run_sweep(cfg, workers=N, worker_threads=T)`` starts N - 1 more processes (spawned, each with
   T torch threads and its own copy of the model it is on) that sweep the same configuration into the same
   folder through the claims; this process computes too, waits for them and merges. Models must be given by
@@ -67,6 +76,8 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
+import math
 import os
 import socket
 import time
@@ -101,7 +112,7 @@ from dllm_sparse.sparsity.stats import SparsityStats
 __all__ = [
     "GRIDS", "grid", "SweepConfig", "run_sweep", "read_rows", "JsonlWriter", "finalize", "load_rows",
     "cell_key", "cell_identity", "model_identity", "KEY_FIELDS", "dense_key", "planned_keys", "rows_for", "DENSE",
-    "upgrade_cell_keys",
+    "upgrade_cell_keys", "row_problem", "process_start", "ClaimWait", "CLAIMS_NAME",
 ]
 
 STANDARD_TOP_P = [1.0, 0.995, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.90,
@@ -165,6 +176,12 @@ def _append_new_rows(out: Path, path: Path, rows: Sequence[dict]) -> list[dict]:
     """Append the rows whose key no rows file of the folder holds yet (another sweep into the same folder may
     have written them meanwhile); returns those written. The file is opened for these rows only: a handle kept
     open would keep appending to a file another process's :func:`finalize` has already replaced."""
+    for r in rows:  # a row the next read would refuse is not written (a NaN score: a broken forward pass)
+        why = row_problem(json.loads(json.dumps(r, default=_json_default)))
+        if why is not None:
+            raise RuntimeError(f"cell {r.get('key')}: the computed row is not valid ({why}), so it is not written; "
+                               "the model's scores on this configuration are not numbers (see the row's metrics: "
+                               f"{r.get('metrics')})")
     with folder_lock(out):
         present = {r.get("key") for r in load_rows(out)}
         new = [r for r in rows if r["key"] not in present]
@@ -180,14 +197,23 @@ def _shard_paths(out: Path) -> list[Path]:
 
 
 def load_rows(output_dir: str | Path) -> list[dict]:
-    """Every finished row of a sweep folder (rows.jsonl plus unmerged shards), deduplicated by key."""
+    """Every finished row of a sweep folder (rows.jsonl plus unmerged shards), deduplicated by key. Every row is
+    checked as it is read (:func:`row_problem`); a folder holding a corrupt row is refused with a
+    ``RuntimeError`` naming its file, line and field."""
     out = Path(output_dir)
-    seen, rows = set(), []
+    seen, rows, problems = set(), [], []
     for path in [out / "rows.jsonl", *_shard_paths(out)]:
-        for r in read_rows(path):
-            if r.get("key") not in seen:
-                seen.add(r.get("key"))
+        for line, r in numbered_rows(path, stacklevel=3):
+            why = row_problem(r)
+            if why is not None:
+                problems.append(f"{path} line {line}: {why}")
+            elif r["key"] not in seen:
+                seen.add(r["key"])
                 rows.append(r)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise RuntimeError(f"{out} holds {len(problems)} corrupt row(s): {shown}. Restore the file, or delete those "
+                           "lines (their cells are then computed again), or use a fresh output folder.")
     return rows
 
 
@@ -513,25 +539,54 @@ def _row_key_problem(key: Any) -> str | None:
     return None if old_problem is None else f"{old_problem} (in a key of the old {len(json.loads(key))}-field form)"
 
 
-def _refuse_corrupt_rows(out: Path) -> None:
-    """A row that is not a JSON object, has no ``site``, or whose key is neither a current nor an old one is
-    corrupt (hand-edited, truncated by another tool): refused naming its file, line and what is wrong, rather
-    than read as an old folder (whose fix, the key upgrade, would not help) or crashing later."""
-    problems = []
-    for path in [out / "rows.jsonl", *_shard_paths(out)]:
-        for line, r in numbered_rows(path):
-            if not isinstance(r, dict):
-                why = f"it is a JSON {type(r).__name__}, not an object"
-            elif "key" not in r or "site" not in r:
-                why = f"it has no {'key' if 'key' not in r else 'site'} field"
-            else:
-                why = _row_key_problem(r["key"])
-            if why is not None:
-                problems.append(f"{path} line {line}: {why}")
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise RuntimeError(f"{out} holds {len(problems)} corrupt row(s): {shown}. Restore the file, or delete those "
-                           "lines (their cells are then computed again), or use a fresh output folder.")
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite(v: Any) -> bool:
+    return _number(v) and math.isfinite(v)
+
+
+#: What each field of a row must hold when present (:func:`row_problem`); ``None`` stands for JSON null.
+_ROW_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "model": ("a string", lambda v: isinstance(v, str) and v != ""),
+    "task": ("a string", lambda v: isinstance(v, str) and v != ""),
+    "site": ("a string", lambda v: isinstance(v, str) and v != ""),
+    "metric": ("a string", lambda v: isinstance(v, str) and v != ""),
+    "value": ("a finite number", _finite),
+    "kind": ("'ar' or 'diffusion'", lambda v: v in ("ar", "diffusion")),
+    "p": ("a finite number", _finite),
+    "sparsity": ("a number in [0, 1], or null (the dense row)", lambda v: v is None or (_finite(v) and 0 <= v <= 1)),
+    "relative_performance": ("a number (NaN: undefined, the dense score is 0), or null (its dense row is not in yet)",
+                             lambda v: v is None or _number(v)),
+    "dense_value": ("a finite number, or null (its dense row is not in yet)", lambda v: v is None or _finite(v)),
+    "metrics": ("an object of metric name -> number",
+                lambda v: isinstance(v, dict) and all(isinstance(k, str) and _number(x) for k, x in v.items())),
+    "n_items": ("a whole number >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+}
+#: Fields every row has (the rest are checked when present: rows of older versions lack some).
+_REQUIRED_FIELDS = ("key", "model", "task", "site", "metric", "value")
+
+
+def row_problem(row: Any) -> str | None:
+    """What is wrong with a row read back from a sweep folder, or None. A row is a JSON object with the fields
+    :data:`_REQUIRED_FIELDS`, a key of the current (or an old, upgradable) form, and, for each field of
+    :data:`_ROW_FIELDS` it holds, a value of that form: ``value`` a finite number; ``sparsity`` a number in
+    [0, 1] or null (dense rows); ``relative_performance`` a number (NaN where the dense score is 0) or null (its
+    dense row was not written yet); ``p`` a finite number; ``kind`` ar / diffusion. A hand-edited or damaged row
+    (``"value": "abc"``) would otherwise be kept and poison every table."""
+    if not isinstance(row, dict):
+        return f"it is a JSON {type(row).__name__}, not an object"
+    missing = [f for f in _REQUIRED_FIELDS if f not in row]
+    if missing:
+        return f"it has no {missing[0]} field"
+    why = _row_key_problem(row["key"])
+    if why is not None:
+        return why
+    for name, (form, ok) in _ROW_FIELDS.items():
+        if name in row and not ok(row[name]):
+            return f"its {name} field is {row[name]!r:.60}, not {form}"
+    return None
 
 
 def _refuse_old_keys(out: Path, rows: list[dict]) -> None:
@@ -559,7 +614,8 @@ def planned_keys(cfg: SweepConfig) -> set[str]:
 # Claims and workers: several processes sharing one folder's units
 # ---------------------------------------------------------------------------------------------------------
 
-#: Which process computes which unit: {first key of the unit: {"pid", "host"}}, read and written under the lock.
+#: Which process computes which unit: {first key of the unit: {"pid", "host", "start"}}, read and written under
+#: the lock (``start``: :func:`process_start`, which tells a reused pid from the process that claimed).
 CLAIMS_NAME = ".claims.json"
 
 
@@ -571,13 +627,49 @@ def _read_claims(out: Path) -> dict[str, dict]:
     return data if isinstance(data, dict) else {}
 
 
-def _claim_alive(claim: Any) -> bool:
-    """Whether the process holding a claim still runs (a killed sweep's claims are taken over). A claim made on
-    another machine (a shared file system) counts as alive: its process cannot be asked."""
-    if not isinstance(claim, dict) or not isinstance(claim.get("pid"), int):
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def process_start(pid: int) -> str | None:
+    """Who a pid is: ``"<boot id>:<start time>"`` of the process running as ``pid`` now (Linux: the kernel's boot
+    id and field 22 of ``/proc/<pid>/stat``, the start time in clock ticks after boot), so that a pid reused by
+    another process after the claimer ended (or after a restart) reads differently. None when ``pid`` does not
+    run, or where ``/proc`` cannot be read (not Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = _BOOT_ID.read_text().strip()
+    except OSError:
+        return None
+    return f"{boot}:{stat_start_time(stat)}"
+
+
+def stat_start_time(stat: str) -> str:
+    """Field 22 (``starttime``) of a ``/proc/<pid>/stat`` line. Field 2, the command name in parentheses, may
+    hold spaces and parentheses itself, so the fields are counted from the last ')'."""
+    fields = stat[stat.rindex(")") + 2:].split()
+    return fields[19]  # fields[0] is field 3 (the state), so field 22 is fields[19]
+
+
+def _this_claim() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "start": process_start(os.getpid())}
+
+
+def _claim_alive(claim: Any, start_of: Callable[[int], str | None] = process_start) -> bool:
+    """Whether the process that made a claim still runs (a killed sweep's claims are taken over).
+
+    On this host, with ``/proc``: alive iff ``claim["pid"]`` runs and is the same process (its :func:`process_start`
+    equals the claim's ``start``): a pid reused by an unrelated process after a kill or a restart is recognised
+    as dead, and so is a claim without ``start`` (written by an older version, which cannot be told from a
+    reused pid: at worst that unit is computed twice, and its rows are written once). Without ``/proc``: whether
+    the pid runs (``os.kill(pid, 0)``). A claim made on another machine (a shared file system) counts as alive:
+    its process cannot be asked (the waiting sweep says so, see :class:`ClaimWait`)."""
+    if not isinstance(claim, dict) or not isinstance(claim.get("pid"), int) or isinstance(claim.get("pid"), bool):
         return False
     if claim.get("host") != socket.gethostname():
         return True
+    if start_of(os.getpid()) is not None:  # /proc is readable
+        now = start_of(claim["pid"])
+        return now is not None and claim.get("start") is not None and now == claim["start"]
     try:
         os.kill(claim["pid"], 0)
     except ProcessLookupError:
@@ -605,9 +697,63 @@ def _claim(out: Path, units: Sequence[_Unit]) -> _Unit | None:
         claims = _live_claims(out)
         unit = next((u for u in units if u.keys[0] not in claims), None)
         if unit is not None:
-            claims[unit.keys[0]] = {"pid": os.getpid(), "host": socket.gethostname()}
+            claims[unit.keys[0]] = _this_claim()
             atomic_write_json(out / CLAIMS_NAME, claims)
     return unit
+
+
+class ClaimWait:
+    """The wait of a sweep whose remaining units are all claimed by other processes: a pause per call, and, once
+    it has waited ``first`` seconds and then every ``every`` seconds, when a holder is on another machine, a
+    message (``say``, default: a warning on the ``dllm_sparse.eval.sweep`` logger) naming the claim file, each
+    holder (pid and host, and whether this run can see it running) and how to release a claim whose holder is
+    gone: delete the claim file (or its entries). A claim made on another machine cannot be checked from here, so
+    without that message such a wait would be silent and endless; claims of this host are checked alive (the
+    usual wait for workers' last units) and need no message. ``clock`` / ``sleep`` are injectable (tests)."""
+
+    def __init__(self, out: Path, *, first: float = 60.0, every: float = 600.0, pause: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 say: Callable[[str], None] | None = None):
+        self.out, self.first, self.every, self.pause = Path(out), first, every, pause
+        self.clock, self.sleep = clock, sleep
+        self.say = say if say is not None else logging.getLogger(__name__).warning
+        self.since: float | None = None
+        self.next_note: float | None = None
+
+    def message(self, keys: Sequence[str], waited: float) -> str | None:
+        """What this run waits for: the holders of ``keys`` (the first keys of the units left); None when every
+        holder runs on this host (checked alive: such a wait ends with them, e.g. the workers' last units)."""
+        with folder_lock(self.out):
+            claims = _live_claims(self.out) if self.out.is_dir() else {}
+        host = socket.gethostname()
+        holders: dict[tuple, int] = {}
+        for k in keys:
+            c = claims.get(k)
+            if c is not None:
+                where = (c.get("pid"), c.get("host"))
+                holders[where] = holders.get(where, 0) + 1
+        if all(h == host for _, h in holders):
+            return None
+        parts = [f"pid {pid} on this host ({n} unit(s); it runs: its units finish there)" if h == host else
+                 f"pid {pid} on host {h!r} ({n} unit(s); another machine: this run cannot check that it still runs)"
+                 for (pid, h), n in holders.items()]
+        path = self.out / CLAIMS_NAME
+        return (f"sweep {self.out}: waiting {waited / 60:.0f} min for {len(keys)} unit(s) that other processes "
+                f"claimed in {path}: {'; '.join(parts) or 'none any more'}. If a holder no longer runs (killed, or "
+                f"its machine restarted), release its claims by deleting {path} (or its entries): this run then "
+                "computes those units (a unit whose holder does still run may then be computed twice; its rows are "
+                "written once).")
+
+    def __call__(self, keys: Sequence[str]) -> None:
+        now = self.clock()
+        if self.since is None:
+            self.since, self.next_note = now, now + self.first
+        if now >= self.next_note:
+            text = self.message(keys, now - self.since)
+            if text is not None:
+                self.say(text)
+            self.next_note = now + self.every
+        self.sleep(self.pause)
 
 
 def _release(out: Path, unit: _Unit) -> None:
@@ -683,6 +829,7 @@ def run_sweep(
     on_row: Callable[[dict], None] | None = None,
     workers: int = 1,
     worker_threads: int | None = None,
+    claim_wait: Callable[[Sequence[str]], None] | None = None,
     _worker: bool = False,
     _parent: int | None = None,
 ) -> list[dict]:
@@ -693,7 +840,8 @@ def run_sweep(
     ``on_row`` is called with every row written (progress reporting, tests). ``workers`` > 1 (a plain run, models
     given by name or path): that many processes in all compute the units, this one and ``workers - 1`` started
     here, each with ``worker_threads`` torch threads (default: this process's) and its own copy of the model it
-    is on; they take units one at a time from the folder (module docstring, "Workers")."""
+    is on; they take units one at a time from the folder (module docstring, "Workers"). ``claim_wait(keys)``: called
+    (instead of :class:`ClaimWait`'s pause and messages) while every unit left is claimed by another process."""
     workers = _check_workers_arg(workers)
     custom = [what for what, f in (("loader=", loader), ("task_factory=", task_factory)) if f is not None]
     env_rank, env_world, local_rank = process_info()
@@ -714,8 +862,7 @@ def run_sweep(
         device = f"cuda:{local_rank}"  # data parallel: one full model copy per process
 
     with folder_lock(out):
-        _refuse_corrupt_rows(out)
-        existing = load_rows(out)
+        existing = load_rows(out)  # refuses a corrupt row, naming its file and line
     _refuse_old_keys(out, existing)
     done = {r["key"] for r in existing}
     dense_rows = {r["key"]: r for r in existing if r["site"] == DENSE}
@@ -761,6 +908,7 @@ def run_sweep(
         bar = tqdm(total=len(todo), desc=f"sweep (rank {rank})" if world > 1 else "sweep", dynamic_ncols=True)
     procs = _start_workers(cfg, workers, worker_threads, custom) if world == 1 and todo else []
     opened = False
+    wait = ClaimWait(out) if claim_wait is None else claim_wait
     current: tuple | None = None  # (model index, loaded model, scorer, name, identity)
     try:
         while True:
@@ -781,7 +929,7 @@ def run_sweep(
                 others = [u for u in pending if current is None or u.model_index != current[0]]
                 mi = (others[0].model_index if others else None) if world > 1 else _next_model(out, others)
                 if mi is None:  # every pending unit is being computed by another process
-                    time.sleep(0.5)
+                    wait([u.keys[0] for u in others])
                     continue
                 current = None  # free the last model before loading the next
                 gc.collect()

@@ -437,9 +437,11 @@ def seal_adapter_meta(adapter_dir: str | Path) -> str:
 def read_adapter_meta(adapter_dir: str | Path) -> dict:
     """The :data:`ADAPTER_META` of an adapter directory, checked: the metadata file's bytes against the sha256
     in :data:`ADAPTER_META_SHA256` (so an edited ``logit_shift`` or mask token cannot rebuild another model
-    silently), and each of peft's files (``adapter_config.json``, ``adapter_model.safetensors``: exactly these,
-    by fixed name in the directory, never a path the metadata gives) against its recorded size and sha256.
-    Anything else raises ``ValueError`` naming the file."""
+    silently), each of peft's files (``adapter_config.json``, ``adapter_model.safetensors``: exactly these,
+    by fixed name in the directory, never a path the metadata gives) against its recorded size and sha256, and
+    the fields rebuilding the base needs (``mask_token_id``, a whole number; ``logit_shift``, a boolean;
+    ``mask_token``, a string when present). Anything else raises ``ValueError`` naming the file (and the
+    field)."""
     adapter_dir = Path(adapter_dir)
     path = adapter_dir / ADAPTER_META
     if not path.is_file():
@@ -474,7 +476,27 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict:
                 hashlib.sha256(data).hexdigest() != rec.get("sha256"):
             raise ValueError(f"{file} does not match the size and sha256 in {ADAPTER_META}: the adapter is "
                              f"corrupt or was edited; {fix}")
+    for name, (what, ok, required) in _REBUILD_META.items():
+        if (name in meta or required) and (name not in meta or not ok(meta[name])):
+            found = "has no" if name not in meta else f"has {meta[name]!r:.40} as"
+            raise ValueError(f"{path} {found} {name!r}, {what}, which rebuilding the base needs; {fix} (or, for "
+                             f"metadata you trust, write the right \"{name}\" into it and re-seal it with "
+                             "dllm_sparse.models.adapt.seal_adapter_meta(dir))")
     return meta
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+#: Fields of :data:`ADAPTER_META` that rebuilding the adapter's base reads: (what it is, check, required).
+_REBUILD_META = {
+    "mask_token_id": ("the id of the mask token the adapter was trained with (a whole number >= 0)", _whole, True),
+    "logit_shift": ("whether the converted base shifts its logits Dream-style (true or false)",
+                    lambda v: isinstance(v, bool), True),
+    "mask_token": (f"the mask token's text (default {MASK_TOKEN!r} when absent)",
+                   lambda v: isinstance(v, str) and v != "", False),
+}
 
 
 def load_adapted_model(base: nn.Module, adapter_dir: str | Path, tokenizer=None) -> LLaDAModelLM:
@@ -486,8 +508,8 @@ def load_adapted_model(base: nn.Module, adapter_dir: str | Path, tokenizer=None)
     """
     from peft import PeftModel
 
-    meta = read_adapter_meta(adapter_dir)
-    model = convert_causal_lm(base, logit_shift=bool(meta.get("logit_shift", True)))
+    meta = read_adapter_meta(adapter_dir)  # checks that mask_token_id and logit_shift are there
+    model = convert_causal_lm(base, logit_shift=meta["logit_shift"])
     mask_id = add_mask_token(model, tokenizer, meta.get("mask_token", MASK_TOKEN))
     if mask_id != meta["mask_token_id"]:
         raise ValueError(f"adapter was trained with mask id {meta['mask_token_id']}, the base gives {mask_id}: "
