@@ -137,7 +137,7 @@ from dllm_sparse.eval.model_args import (
 from dllm_sparse.eval.presets import get_preset
 from dllm_sparse.eval.tasks import LM_EVAL_TASKS, builtin_request_key
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig, slug
-from dllm_sparse.sparsity.rules import make_rule
+from dllm_sparse.sparsity.rules import make_rule, rule_name
 from dllm_sparse.sparsity.stats import SparsityStats
 
 __all__ = ["DllmSparseLM", "IDENTITY_KEY", "MODEL_ARGS", "sparsity_from_args"]
@@ -186,7 +186,22 @@ def sparsity_from_args(sparsity: SparsityConfig | str | None = None, site: str |
             raise ValueError(f"{given} given without a site, so it would be ignored and the run dense: give "
                              "site=... too (e.g. site=input,threshold=0.9), or sparsity=input:top_p:0.9")
         return None
-    return SparsityConfig(site, make_rule(rule or "top_p", 1.0 if threshold is None else threshold, scope=scope))
+    rule = rule_name(rule) if rule is not None else "top_p"
+    if threshold is None:
+        if rule != "top_p":  # 1.0 is top-p's identity (keep all the mass); for another rule it means something else
+            raise ValueError(f"site={site!r},rule={rule!r} without a threshold: the default threshold (1.0, top_p's "
+                             f"p = 1, the dense model) applies to rule=top_p only; give {rule}'s threshold "
+                             f"({_THRESHOLD_MEANING[rule]}), e.g. site={site},rule={rule},threshold="
+                             f"{_THRESHOLD_EXAMPLE[rule]}")
+        threshold = 1.0
+    return SparsityConfig(site, make_rule(rule, threshold, scope=scope))
+
+
+# What a rule's threshold means, for the message when it is missing.
+_THRESHOLD_MEANING = {"top_k": "the target sparsity s in [0, 1): keep ceil((1 - s) d) entries",
+                      "max_p": "p in (0, 1]: keep |v_i| >= p max|v|",
+                      "paper_top_p": "p in percent: the paper's LLaDA top-p"}
+_THRESHOLD_EXAMPLE = {"top_k": "0.5", "max_p": "0.1", "paper_top_p": "90"}
 
 
 def _batch_size(value: Any) -> int:
