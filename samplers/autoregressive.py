@@ -135,7 +135,7 @@ class AutoregressiveGenerator:
         prompt_mask = am.bool()
         state = StepState(kind="ar", model=model, config=cfg, batch_size=B, prompt_length=P, num_steps=n_max,
                           canvas=seq, attention_mask=attn, prompt_mask=prompt_mask, forward_batch=B)
-        cbs = CallbackList(callbacks)
+        cbs = CallbackList(callbacks, model=model)
         trace: list[StepInfo] = []
         nfe, stopped = 0, False
         x_in, pos_in = ids, pos
