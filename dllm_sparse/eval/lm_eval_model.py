@@ -49,7 +49,8 @@ Model arguments: ``pretrained`` (hub id, local dir, .gguf or embedded name), ``k
 ``dtype``, ``device`` (``auto`` = accelerate placement), ``sparsity`` (a
 :class:`~dllm_sparse.sparsity.config.SparsityConfig` id ``site:rule:threshold[:scope][:layers=i/j]``, e.g.
 ``input:top_p:0.9``; ``dense``/none = dense), or the same in pieces: ``site``, ``rule`` (top_p, top_k, max_p),
-``threshold`` (alias ``p``; p for top-p / max-p, the target sparsity for top-k), ``scope``; ``batch_size``,
+``threshold`` (alias ``p``; p for top-p / max-p, the target sparsity for top-k; required unless the rule is top_p,
+whose default 1.0 is the dense model), ``scope``; ``batch_size``,
 ``mc_num``, ``mc_batch``, ``seed``, ``shift_logits`` (Dream-style; default by family), ``greedy_check``
 (``iterative``/true, ``one_pass``, ``off``/false), ``cfg`` (alias ``cfg_scale``: guided ELBO w, as the official
 LLaDA evaluation's ``cfg``), ``preset`` (``llada-official``: the official per-task cfg and mc_num / mc_batch (128 / 8;
@@ -158,7 +159,8 @@ def sparsity_from_args(sparsity: SparsityConfig | str | None = None, site: str |
                        rule: str | None = None, threshold: float | None = None, p: float | None = None,
                        scope: str | None = None) -> SparsityConfig | None:
     """The model's one :class:`SparsityConfig` from its model arguments: ``sparsity=input:top_p:0.9`` (or a
-    config object), or the pieces ``site``, ``rule`` (default top_p), ``threshold`` (alias ``p``; default 1.0)
+    config object), or the pieces ``site``, ``rule`` (default top_p), ``threshold`` (alias ``p``; default 1.0 for
+    top_p only, p = 1 keeping every entry; another rule without one is refused, naming what its threshold means)
     and ``scope`` (default token). None means dense. A piece given next to a whole ``sparsity`` id, or without a
     site, is refused: it would be dropped silently (the id already says site, rule, threshold and scope; without
     a site the run is dense)."""
