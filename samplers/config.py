@@ -58,13 +58,27 @@ def _whole_or_none(name: str):
     return lambda value: None if value is None else _whole(name, value)
 
 
-def _token_id(name: str, value) -> int:
-    """A token id: a whole number >= 0 (an int, numpy int or one-element integer tensor; 7.9, True and -1 are
-    errors, never truncated)."""
+def _integer(value) -> int | None:
+    """value as an int when it is an integer (an int, numpy int or one-element integer tensor), else None (7.9,
+    "7" and True are not: never truncated or parsed)."""
+    if isinstance(value, bool):
+        return None
     try:
-        i = None if isinstance(value, bool) else operator.index(value)
+        return operator.index(value)
     except TypeError:
-        i = None
+        return None
+
+
+def _items(name: str, value, what: str) -> tuple:
+    try:
+        return tuple(value)
+    except TypeError:
+        raise ValueError(f"{name} must be {what}, got {value!r}") from None
+
+
+def _token_id(name: str, value) -> int:
+    """A token id: an integer >= 0."""
+    i = _integer(value)
     if i is None or i < 0:
         raise ValueError(f"{name} must be a token id (an integer >= 0), got {value!r}")
     return i
@@ -73,12 +87,13 @@ def _token_id(name: str, value) -> int:
 def _token_ids(value) -> tuple[int, ...] | None:
     if value is None:
         return None
-    items = (value,) if isinstance(value, numbers.Integral) else tuple(value)
-    return tuple(_token_id("stop_token_ids (eos_token_id)", i) for i in items)
+    name = "stop_token_ids (eos_token_id)"
+    items = (value,) if _integer(value) is not None else _items(name, value, "a token id or a sequence of them")
+    return tuple(_token_id(name, i) for i in items)
 
 
 def _stop_strings(value) -> tuple[str, ...]:
-    items = (value,) if isinstance(value, str) else tuple(value)
+    items = (value,) if isinstance(value, str) else _items("stop_strings", value, "a string or a sequence of strings")
     bad = [s for s in items if not isinstance(s, str)]
     if bad:
         raise ValueError(f"stop_strings must be strings, got {bad[0]!r} in {value!r}")
@@ -87,14 +102,13 @@ def _stop_strings(value) -> tuple[str, ...]:
 
 def _seed(value):
     """None, an int, or one int per row."""
-    if value is None or (isinstance(value, numbers.Integral) and not isinstance(value, bool)):
-        return value if value is None else int(value)
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ValueError(f"seed must be None, an int, or a sequence of one int per row, got {value!r}")
-    bad = [s for s in value if isinstance(s, bool) or not isinstance(s, numbers.Integral)]
-    if bad:
-        raise ValueError(f"seed must be None, an int, or a sequence of one int per row, got {bad[0]!r} in {value!r}")
-    return tuple(int(s) for s in value)
+    what = "None, an int, or a sequence of one int per row"
+    if value is None or _integer(value) is not None:
+        return value if value is None else _integer(value)
+    items = () if isinstance(value, (str, bytes)) else _items("seed", value, what)
+    if not items or any(_integer(s) is None for s in items):
+        raise ValueError(f"seed must be {what}, got {value!r}")
+    return tuple(_integer(s) for s in items)
 
 
 def _one_of(name: str, choices: tuple, meaning: str = ""):

@@ -87,6 +87,12 @@ def test_assignment_normalises_like_the_constructor():
     assert (cfg.max_new_tokens, cfg.steps, cfg.stop_token_ids, cfg.stop_strings) == (16, 4, (2,), ("###",))
     assert type(cfg.max_new_tokens) is int and type(cfg.steps) is int and type(cfg.stop_token_ids[0]) is int
     assert cfg == GenerationConfig(gen_length=16, steps=4, stop_token_ids=2, stop_strings="###")
+    cfg.seed = np.array([5, 6])  # one seed per row, from any integer sequence
+    cfg.stop_token_ids = torch.tensor([2, 3])
+    assert cfg.seed == (5, 6) and cfg.stop_token_ids == (2, 3) and type(cfg.seed[0]) is int
+    for name, bad in (("seed", []), ("seed", "7"), ("seed", [1, 2.5]), ("stop_token_ids", 7.9), ("stop_strings", 5)):
+        with pytest.raises(ValueError, match=f"{name}.* must be"):
+            setattr(cfg, name, bad)
     with pytest.raises(AttributeError, match=r"no setting 'gen_lenght'; its settings are \['block_cache'"):
         cfg.gen_lenght = 8  # a typo would otherwise be an ignored attribute
     with pytest.raises(AttributeError):
