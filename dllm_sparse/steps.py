@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["StepState", "GenerationCallback", "CallbackList"]
+__all__ = ["StepState", "GenerationCallback", "CallbackList", "attached_callbacks"]
 
 
 @dataclass
@@ -86,10 +86,26 @@ class GenerationCallback:
         pass
 
 
-class CallbackList:
-    """Runs callbacks in order at step begin/end (reverse order at the end of generation)."""
+def attached_callbacks(model: Any) -> list[Any]:
+    """The callbacks that modules inside ``model`` need at every generation step, once each, in module order: the
+    ``generation_callback`` of each submodule that has one (a step-delta FFN swapped in by
+    :func:`~dllm_sparse.samplers.step_delta.step_delta` names its run there). Without its step such a module would
+    run its plain dense path, silently; so every generator runs these with the callbacks it is given."""
+    out: list[Any] = []
+    for m in model.modules() if hasattr(model, "modules") else ():
+        cb = getattr(m, "generation_callback", None)
+        if cb is not None and not any(cb is c for c in out):
+            out.append(cb)
+    return out
 
-    def __init__(self, callbacks: Iterable[Any] = ()):
+
+class CallbackList:
+    """Runs callbacks in order at step begin/end (reverse order at the end of generation). With ``model``, the
+    callbacks its modules need (:func:`attached_callbacks`) run after the given ones (once, also when given)."""
+
+    def __init__(self, callbacks: Iterable[Any] = (), model: Any = None):
+        callbacks = list(callbacks or ())
+        callbacks += [cb for cb in attached_callbacks(model) if not any(cb is c for c in callbacks)]
         self.items: list[Any] = []
         for cb in callbacks or ():
             if cb is None:

@@ -14,6 +14,13 @@ Every prompt is generated dense and then sparse (one site, every layer, one rule
 framework, masks computed afresh at every forward), and the two outputs are printed next to each other with
 the measured sparsity (mean over layers; AR: prefill and decoded tokens apart; diffusion: all steps, and
 still-masked vs already-decoded positions), NFE and tokens per second.
+
+Before anything is loaded, every setting is checked and a bad one stops the script with one usage line: the device
+(``--device cuda`` on a CPU build of torch, a GPU index this machine lacks), each model (a missing path, a directory
+without config.json, a hub id that is neither reachable nor cached), the dtype, the sparsity rule and threshold,
+the sampler geometry, and diffusion flags (``--steps``, ``--block-length``, ...) when no diffusion model runs.
+Each generation shows a progress bar on stderr (denoising steps or decoded tokens; hidden when stderr is not a
+terminal).
 """
 
 from __future__ import annotations
@@ -161,10 +168,77 @@ def load(kind: str, name: str, args):
                       trust_remote_code=args.trust_remote_code, kind=kind if kind == "diffusion" else None)
 
 
+def sampler_config(kind: str, args):
+    """The GenerationConfig of one side (checked when built: main builds both before loading anything)."""
+    from dllm_sparse.samplers import GenerationConfig
+
+    n = args.max_new_tokens
+    cfg = GenerationConfig(max_new_tokens=n, temperature=args.temperature, seed=args.seed,
+                           stop_strings=tuple(args.stop))
+    if kind != "diffusion":
+        return cfg
+    from dllm_sparse.samplers import validate_geometry
+
+    block = args.block_length or (32 if n % 32 == 0 else n)
+    cfg = cfg.replace(steps=args.steps or n, block_length=block, cfg_scale=args.cfg_scale, remasking=args.remasking,
+                      block_cache=args.block_cache)
+    validate_geometry(n, cfg.steps, block)
+    return cfg
+
+
+def device_problem(device: str) -> str | None:
+    """Why ``--device`` cannot be used on this machine (None when it can), asked before any model is loaded."""
+    import torch
+
+    if device in ("cpu", "auto"):
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"--device {device!r} is not a device; use cpu, cuda, cuda:1, ... or auto"
+    if dev.type == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            return (f"--device {device}: this PyTorch build has no CUDA support (torch {torch.__version__}); use "
+                    "--device cpu, or install a CUDA build of torch")
+        count = torch.cuda.device_count()
+        if count == 0:
+            return f"--device {device}: no CUDA GPU is visible on this machine; use --device cpu"
+        if dev.index is not None and dev.index >= count:
+            return f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+        return None
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        return f"--device {device}: {dev.type} is not available to this PyTorch build here; use --device cpu"
+    return None
+
+
+def model_problem(name: str, trust_remote_code: bool) -> str | None:
+    """Why ``name`` cannot be loaded (None when it may be), from what is on disk: an embedded name, an existing
+    .gguf file or model directory, or a hub id that is reachable or cached. Loads nothing."""
+    from pathlib import Path
+
+    from dllm_sparse.models.loading import check_available, check_local_checkpoint
+
+    try:
+        check_available(name)
+        path = Path(name).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                return f"{name} is a directory without a config.json, not a model checkpoint"
+            check_local_checkpoint(path, name, trust_remote_code)
+        elif path.exists() and path.suffix != ".gguf":
+            return f"{name} is a file but not a .gguf model; give a model directory or a .gguf file"
+    except (OSError, ValueError) as e:
+        return str(e).splitlines()[0]
+    return None
+
+
 def run_model(kind: str, name: str, args, sparsity: SparsityConfig, prompts: list[str]) -> dict | None:
-    from dllm_sparse.samplers import GenerationConfig, MaskOverlapTracker, StepSparsity, generate
+    from dllm_sparse.samplers import MaskOverlapTracker, ProgressBar, StepSparsity, generate
 
     print(f"\n=== {kind.upper()} model: {name} ===", flush=True)
+    print("loading ...", flush=True)
     try:
         lm = load(kind, name, args)
     except (OSError, RuntimeError) as e:  # FileNotFoundError is an OSError
@@ -180,19 +254,17 @@ def run_model(kind: str, name: str, args, sparsity: SparsityConfig, prompts: lis
     tok = lm.tokenizer
     chat = not args.no_chat_template and getattr(tok, "chat_template", None) is not None
     n = args.max_new_tokens
-    cfg = GenerationConfig(max_new_tokens=n, temperature=args.temperature, seed=args.seed,
-                           stop_strings=tuple(args.stop))
+    cfg = sampler_config(kind, args)
     if kind == "diffusion":
-        block = args.block_length or (32 if n % 32 == 0 else n)
-        cfg = cfg.replace(steps=args.steps or n, block_length=block, cfg_scale=args.cfg_scale,
-                          remasking=args.remasking, block_cache=args.block_cache)
+        block = cfg.block_length
         print(f"sampler: gen_length {n}, steps {cfg.steps}, block_length {block}, cfg {args.cfg_scale}, "
               f"{args.remasking}, T={args.temperature}, block cache {args.block_cache or 'none'}, chat template "
               f"{'on' if chat else 'off'}")
     else:
         print(f"sampler: KV-cached, max_new_tokens {n}, T={args.temperature}, chat template {'on' if chat else 'off'}")
 
-    dense = generate(lm, prompts=prompts, config=cfg, apply_chat_template=chat)
+    dense = generate(lm, prompts=prompts, config=cfg, apply_chat_template=chat,
+                     callbacks=[ProgressBar(desc=f"{kind} dense")])
     sparse = sp = tracker = None
     if not args.dense:
         observers, callbacks = [], []
@@ -201,6 +273,7 @@ def run_model(kind: str, name: str, args, sparsity: SparsityConfig, prompts: lis
             chosen = _layers(args.overlap_layers) or sorted({0, n_layers // 2, n_layers - 1})
             tracker = MaskOverlapTracker(layers=chosen, store=False)
             observers, callbacks = [tracker], [tracker]
+        callbacks.append(ProgressBar(desc=f"{kind} sparse"))
         sp = StepSparsity(sparsity, mask_observers=observers)
         sparse = generate(lm, prompts=prompts, config=cfg, sparsity=sp, callbacks=callbacks, apply_chat_template=chat)
 
@@ -247,23 +320,41 @@ def run_model(kind: str, name: str, args, sparsity: SparsityConfig, prompts: lis
     return out
 
 
+# The sampler flags only the diffusion side reads, with their defaults.
+DIFFUSION_FLAGS = {"steps": None, "block_length": None, "cfg_scale": 0.0, "block_cache": None,
+                   "remasking": "low_confidence"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.block_cache and args.overlap_out:
         parser.error("--overlap-out tracks each position's masks from step to step, but with --block-cache a step "
                      "computes only some canvas rows; drop one of the two")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1 (or left out for torch's choice), got {args.threads}")
     import matplotlib
     import torch
 
     matplotlib.use("Agg")  # this script writes figure files; the library leaves the backend to its user
 
+    from dllm_sparse.models.loading import parse_dtype
     from dllm_sparse.sparsity.config import SparsityConfig
     from dllm_sparse.sparsity.rules import make_rule
 
+    # Everything that can be refused is refused here, in one line each, before any model is loaded or run.
+    if problem := device_problem(args.device):
+        parser.error(problem)
+    try:
+        parse_dtype(args.dtype)
+        sparsity = SparsityConfig(args.site, make_rule(args.rule, args.threshold, scope=args.scope),
+                                  _layers(args.layers))
+        for kind in ("ar", "diffusion"):
+            sampler_config(kind, args)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
-    sparsity = SparsityConfig(args.site, make_rule(args.rule, args.threshold, scope=args.scope), _layers(args.layers))
     prompts = args.prompt or DEFAULT_PROMPTS
     runs = []
     if not args.no_ar:
@@ -281,6 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print("nothing to run (both sides disabled)")
         return 1
+    if not any(kind == "diffusion" for kind, _ in runs):
+        given = [f"--{k.replace('_', '-')}" for k, default in DIFFUSION_FLAGS.items() if getattr(args, k) != default]
+        if given:
+            parser.error(f"{', '.join(given)} set(s) the diffusion sampler, but no diffusion model runs (it would be "
+                         "ignored); drop it, or run a diffusion model (--diffusion-model PATH, without --no-diffusion)")
+    for kind, name in runs:
+        if problem := model_problem(name, args.trust_remote_code):
+            parser.error(f"--{'ar' if kind == 'ar' else 'diffusion'}-model: {problem}")
     results = [r for kind, name in runs if (r := run_model(kind, name, args, sparsity, prompts)) is not None]
     if args.trace_out:
         atomic_write_json(args.trace_out, {"args": vars(args), "runs": results})  # unknown objects as str()

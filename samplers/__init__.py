@@ -23,6 +23,7 @@ from .common import encode_prompts, left_pad
 from .config import GenerationConfig, GenerationResult, StepInfo
 from .diffusion import MaskedDiffusionGenerator, num_transfer_tokens, resolve_mask_id, validate_geometry
 from .generate import detect_kind, generate, make_generator
+from .progress import ProgressBar
 from .replay import ReplayResult, ReplayStep, prediction_agreement, replay, trajectory_of
 from .step_sparsity import StepSparsity
 from .tracking import MaskOverlapTracker, PackedMask, mask_overlap
@@ -32,5 +33,5 @@ __all__ = [
     "MaskedDiffusionGenerator", "AutoregressiveGenerator", "generate", "make_generator", "detect_kind",
     "StepSparsity", "MaskOverlapTracker", "PackedMask", "mask_overlap",
     "validate_geometry", "num_transfer_tokens", "resolve_mask_id", "encode_prompts", "left_pad",
-    "replay", "ReplayResult", "ReplayStep", "trajectory_of", "prediction_agreement",
+    "replay", "ReplayResult", "ReplayStep", "trajectory_of", "prediction_agreement", "ProgressBar",
 ]

@@ -41,7 +41,7 @@ from .common import (
     resolve_stop_ids,
     row_generators,
 )
-from .config import GenerationConfig, GenerationResult, StepInfo
+from .config import DIFFUSION_ONLY, GenerationConfig, GenerationResult, StepInfo
 from .kv_cache import cache_keyword, check_cache_length, new_cache
 
 __all__ = ["AutoregressiveGenerator"]
@@ -54,6 +54,18 @@ def _family(model: Any) -> str:
         return detect_family(model).family
     except Exception:  # noqa: BLE001 - any causal LM works
         return ""
+
+
+def _refuse_diffusion_settings(cfg: GenerationConfig, model: Any) -> None:
+    """A setting only the masked-diffusion sampler reads (``steps``, ``block_length``, ``cfg_scale``, ``block_cache``,
+    ...) changed from its default would be ignored by this loop: ``ValueError`` naming it and its default."""
+    given = cfg.diffusion_settings()
+    if given:
+        names = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        reset = ", ".join(f"{k}={DIFFUSION_ONLY[k]!r}" for k in given)
+        raise ValueError(f"{names}: diffusion-only setting(s) of GenerationConfig, which autoregressive generation "
+                         f"({type(model).__name__}) would ignore. Leave them at their defaults for an autoregressive "
+                         f"model (config.replace({reset})), or generate with a masked-diffusion model")
 
 
 class AutoregressiveGenerator:
@@ -100,6 +112,7 @@ class AutoregressiveGenerator:
         cfg = config if config is not None else GenerationConfig()
         if overrides:
             cfg = cfg.replace(**overrides)
+        _refuse_diffusion_settings(cfg, self.model)
         model, tok = self.model, self.tokenizer
         stop_ids = resolve_stop_ids(cfg, model, tok, self.family)
         pad_id = resolve_pad_id(cfg, model, tok, stop_ids)
@@ -122,7 +135,7 @@ class AutoregressiveGenerator:
         prompt_mask = am.bool()
         state = StepState(kind="ar", model=model, config=cfg, batch_size=B, prompt_length=P, num_steps=n_max,
                           canvas=seq, attention_mask=attn, prompt_mask=prompt_mask, forward_batch=B)
-        cbs = CallbackList(callbacks)
+        cbs = CallbackList(callbacks, model=model)
         trace: list[StepInfo] = []
         nfe, stopped = 0, False
         x_in, pos_in = ids, pos

@@ -18,8 +18,9 @@ For a model that shifts its logits inside its forward (a native LLaDA with ``con
 model converted to diffusion: position i is read from the output at i - 1), the recomputed rows start one
 position earlier, at the block's first position minus one, so that the block's first logit is computed too.
 
-Only the native LLaDA (:class:`dllm_sparse.models.llada.LLaDAModelLM`) implements the store; other models are
-refused with the reason.
+Only the native LLaDA (:class:`dllm_sparse.models.llada.LLaDAModelLM`) implements the store; other diffusion models
+are refused with the reason, and an autoregressive generation refuses ``block_cache`` as it refuses every
+diffusion-only setting (:data:`~dllm_sparse.samplers.config.DIFFUSION_ONLY`).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -25,6 +26,7 @@ __all__ = [
     "StepInfo",
     "REMASKING",
     "CONFIDENCE",
+    "DIFFUSION_ONLY",
 ]
 
 REMASKING = ("low_confidence", "random")
@@ -52,6 +54,106 @@ def _finite_nonneg(name: str, value, meaning: str) -> float:
     return x
 
 
+def _whole_or_none(name: str):
+    return lambda value: None if value is None else _whole(name, value)
+
+
+def _integer(value) -> int | None:
+    """value as an int when it is an integer (an int, numpy int or one-element integer tensor), else None (7.9,
+    "7" and True are not: never truncated or parsed)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _items(name: str, value, what: str) -> tuple:
+    try:
+        return tuple(value)
+    except TypeError:
+        raise ValueError(f"{name} must be {what}, got {value!r}") from None
+
+
+def _token_id(name: str, value) -> int:
+    """A token id: an integer >= 0."""
+    i = _integer(value)
+    if i is None or i < 0:
+        raise ValueError(f"{name} must be a token id (an integer >= 0), got {value!r}")
+    return i
+
+
+def _token_ids(value) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    name = "stop_token_ids (eos_token_id)"
+    items = (value,) if _integer(value) is not None else _items(name, value, "a token id or a sequence of them")
+    return tuple(_token_id(name, i) for i in items)
+
+
+def _stop_strings(value) -> tuple[str, ...]:
+    items = (value,) if isinstance(value, str) else _items("stop_strings", value, "a string or a sequence of strings")
+    bad = [s for s in items if not isinstance(s, str)]
+    if bad:
+        raise ValueError(f"stop_strings must be strings, got {bad[0]!r} in {value!r}")
+    return items
+
+
+def _seed(value):
+    """None, an int, or one int per row."""
+    what = "None, an int, or a sequence of one int per row"
+    if value is None or _integer(value) is not None:
+        return value if value is None else _integer(value)
+    items = () if isinstance(value, (str, bytes)) else _items("seed", value, what)
+    if not items or any(_integer(s) is None for s in items):
+        raise ValueError(f"seed must be {what}, got {value!r}")
+    return tuple(_integer(s) for s in items)
+
+
+def _one_of(name: str, choices: tuple, meaning: str = ""):
+    def check(value):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}{meaning}, got {value!r}")
+        return value
+    return check
+
+
+def _bool_or_none(name: str, meaning: str):
+    def check(value):
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{name} must be True, False or None ({meaning}), got {value!r}")
+        return value
+    return check
+
+
+# Each field's check, run on every assignment (so by the constructor too: the dataclass __init__ assigns each
+# field): ``c.gen_length = 7.9`` fails as GenerationConfig(gen_length=7.9) does. Returns the normalised value.
+_CHECKS = {
+    "max_new_tokens": lambda v: _whole("max_new_tokens / gen_length", v),
+    "temperature": lambda v: _finite_nonneg("temperature", v, "0 = greedy, T > 0 samples"),
+    "stop_token_ids": _token_ids,
+    "stop_strings": _stop_strings,
+    "seed": _seed,
+    "pad_id": lambda v: None if v is None else _token_id("pad_id (pad_token_id)", v),
+    "steps": _whole_or_none("steps"),
+    "block_length": _whole_or_none("block_length"),
+    "cfg_scale": lambda v: _finite_nonneg("cfg_scale", v, "0 disables guidance"),
+    "remasking": _one_of("remasking", REMASKING),
+    "mask_id": lambda v: None if v is None else _token_id("mask_id", v),
+    "logit_shift": _bool_or_none("logit_shift", "None = the model family's convention"),
+    "confidence": _one_of("confidence", CONFIDENCE, " ('float64' = the definition, 'official' = the official "
+                          "LLaDA code bit for bit)"),
+    "block_cache": _one_of("block_cache", (None, *BLOCK_CACHES), " (None = exact: every step over the whole canvas; "
+                           "'prefix' / 'dual' = Fast-dLLM's approximate block caches)"),
+}
+
+# The settings only the masked-diffusion sampler reads, with their defaults: an autoregressive generation refuses
+# a config that changes one (it would be ignored).
+DIFFUSION_ONLY = {"steps": None, "block_length": None, "cfg_scale": 0.0, "remasking": "low_confidence",
+                  "mask_id": None, "logit_shift": None, "confidence": "float64", "block_cache": None}
+
+
 @dataclass
 class _GenerationFields:
     """The fields of :class:`GenerationConfig` (documented there)."""
@@ -72,28 +174,16 @@ class _GenerationFields:
     confidence: str = "float64"
     block_cache: str | None = None
 
-    def __post_init__(self):
-        self.max_new_tokens = _whole("max_new_tokens / gen_length", self.max_new_tokens)
-        for name in ("steps", "block_length"):
-            if getattr(self, name) is not None:
-                setattr(self, name, _whole(name, getattr(self, name)))
-        self.temperature = _finite_nonneg("temperature", self.temperature, "0 = greedy, T > 0 samples")
-        self.cfg_scale = _finite_nonneg("cfg_scale", self.cfg_scale, "0 disables guidance")
-        if self.remasking not in REMASKING:
-            raise ValueError(f"remasking must be one of {REMASKING}, got {self.remasking!r}")
-        if self.confidence not in CONFIDENCE:
-            raise ValueError(f"confidence must be one of {CONFIDENCE} ('float64' = the definition, 'official' = "
-                             f"the official LLaDA code bit for bit), got {self.confidence!r}")
-        if self.block_cache not in (None, *BLOCK_CACHES):
-            raise ValueError(f"block_cache must be None (exact: every step over the whole canvas) or one of "
-                             f"{BLOCK_CACHES} (Fast-dLLM's approximate block caches), got {self.block_cache!r}")
-        if isinstance(self.stop_strings, str):
-            self.stop_strings = (self.stop_strings,)
-        self.stop_strings = tuple(self.stop_strings)
-        if self.stop_token_ids is not None:
-            if isinstance(self.stop_token_ids, int):
-                self.stop_token_ids = (self.stop_token_ids,)
-            self.stop_token_ids = tuple(int(i) for i in self.stop_token_ids)
+    def __setattr__(self, name: str, value) -> None:
+        check = _CHECKS.get(name)
+        if check is None and not isinstance(getattr(type(self), name, None), property):  # a typo would be ignored
+            raise AttributeError(f"GenerationConfig has no setting {name!r}; its settings are {sorted(_CHECKS)} "
+                                 "(and the alias gen_length)")
+        super().__setattr__(name, value if check is None else check(value))
+
+    def diffusion_settings(self) -> dict[str, Any]:
+        """The diffusion-only settings this config changes from their defaults (``{name: value}``)."""
+        return {k: getattr(self, k) for k, default in DIFFUSION_ONLY.items() if getattr(self, k) != default}
 
     @property
     def gen_length(self) -> int:
@@ -101,7 +191,7 @@ class _GenerationFields:
 
     @gen_length.setter
     def gen_length(self, value: int) -> None:
-        self.max_new_tokens = int(value)
+        self.max_new_tokens = value  # checked like the constructor's gen_length
 
     # transformers' spellings, read-only (set the canonical field).
     @property
@@ -181,7 +271,11 @@ class GenerationConfig(_GenerationFields):
         pad_id: padding id for left-padded batches (default: tokenizer's pad, else the model config's, else
             the end-of-sequence id).
 
-    Diffusion-only fields (LLaDA sampler, ``docs/generation.md``):
+    Every field is checked when it is set, in the constructor and by assignment alike (``c.gen_length = 7.9`` is
+    refused as ``GenerationConfig(gen_length=7.9)`` is); setting a name that is not a field is an error.
+
+    Diffusion-only fields (LLaDA sampler, ``docs/generation.md``; an autoregressive generation refuses a config
+    that changes one from its default, naming it, since its loop would ignore it):
         steps: denoising steps (default ``gen_length``), a multiple of the number of blocks and at most
             ``gen_length`` (each step commits at least one token; more steps would change nothing).
         block_length: block size (default ``gen_length``: pure diffusion); must divide ``gen_length``.

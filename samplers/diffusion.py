@@ -302,7 +302,7 @@ class MaskedDiffusionGenerator:
         state = StepState(kind="diffusion", model=self.model, config=cfg, batch_size=B, prompt_length=P,
                           num_steps=run.steps, canvas=canvas, attention_mask=run.attn, prompt_mask=run.prompt_mask,
                           forward_batch=2 * B if run.use_cfg else B)
-        cbs = CallbackList(callbacks)
+        cbs = CallbackList(callbacks, model=self.model)
         trace: list[StepInfo] = []
         nfe, stopped = 0, False
         kv = CanvasKVCache() if cfg.block_cache else None

@@ -67,6 +67,7 @@ step; activations with exact zeros that move would differ from dense (never seen
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -339,7 +340,7 @@ class Every(ReusePolicy):
     """Refresh at steps 0, k, 2k, ... of each block; ``Every(1)`` is :class:`Fresh`."""
 
     def __init__(self, k: int, new_positions: str = "fresh"):
-        if int(k) != k or k < 1:
+        if isinstance(k, bool) or not isinstance(k, numbers.Real) or int(k) != k or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         super().__init__(new_positions)
         self.k = int(k)
@@ -516,7 +517,8 @@ class Adaptive(ReusePolicy):
         return sel
 
 
-_SPEC = re.compile(r"^(fresh|block_start|blockstart|every|adaptive)[:=]?([0-9.]*)$")
+_SPEC = re.compile(r"^(fresh|block_start|blockstart|every|adaptive)(?:[:=]?(.*))$")
+_FORMS = "fresh, block_start, every<k> (k a positive integer: every4 or every:4) or adaptive[<bound>] (adaptive0.8)"
 
 
 def make_policy(spec: str | ReusePolicy, new_positions: str = "fresh", **adaptive_kwargs) -> ReusePolicy:
@@ -527,17 +529,24 @@ def make_policy(spec: str | ReusePolicy, new_positions: str = "fresh", **adaptiv
         return spec
     m = _SPEC.match(str(spec).strip().lower())
     if not m:
-        raise ValueError(f"unknown reuse policy {spec!r}; use fresh, every<k>, block_start or adaptive<bound>")
+        raise ValueError(f"unknown reuse policy {spec!r}; use {_FORMS}")
     kind, arg = m.groups()
-    if kind == "fresh":
-        return Fresh(new_positions)
-    if kind in ("block_start", "blockstart"):
-        return BlockStart(new_positions)
+    if kind in ("fresh", "block_start", "blockstart"):
+        if arg:
+            raise ValueError(f"reuse policy {spec!r}: {kind} takes no number; use {_FORMS}")
+        return Fresh(new_positions) if kind == "fresh" else BlockStart(new_positions)
     if kind == "every":
-        if not arg:
-            raise ValueError("every needs k, e.g. every4")
-        return Every(int(float(arg)), new_positions)
-    return Adaptive(float(arg) if arg else 0.7, new_positions=new_positions, **adaptive_kwargs)
+        if not re.fullmatch(r"[0-9]+", arg) or int(arg) < 1:  # every2.5 / every0.5 are not read as every2 / every0
+            raise ValueError(f"reuse policy {spec!r}: k must be a positive integer (every<k>, e.g. every4), got "
+                             f"{arg!r}; use {_FORMS}")
+        return Every(int(arg), new_positions)
+    if not arg:
+        return Adaptive(0.7, new_positions=new_positions, **adaptive_kwargs)
+    try:
+        bound = float(arg)
+    except ValueError:
+        raise ValueError(f"reuse policy {spec!r}: the bound {arg!r} is not a number; use {_FORMS}") from None
+    return Adaptive(bound, new_positions=new_positions, **adaptive_kwargs)
 
 
 def reuse_sparsity(site: FFNSite | str, rule: SparsityRule, policy: str | ReusePolicy,

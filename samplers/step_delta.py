@@ -4,9 +4,14 @@
     from dllm_sparse.samplers.step_delta import StepDelta, step_delta
 
     with step_delta(model, StepDelta("input", fraction=0.25, down_fraction=0.5)) as delta:
-        out = generate(model, tok, prompts, GenerationConfig(gen_length=64, steps=64, block_length=32),
-                       callbacks=[delta])
+        out = generate(model, tok, prompts, GenerationConfig(gen_length=64, steps=64, block_length=32))
     delta.report()      # FFN multiply-adds per step vs dense, refresh steps, (with measure=True) drift per layer
+
+While the FFNs are swapped (inside the ``with`` block, or from :func:`apply_step_delta` to
+:func:`~dllm_sparse.kernels.restore_ffn`), every generation of that model runs the delta: the swapped FFNs name
+their run as their ``generation_callback`` and the generators run it with the callbacks they are given
+(:func:`dllm_sparse.steps.attached_callbacks`), so ``callbacks=[delta]`` is optional (and runs it once). Passing a
+run to a generation of another model, or after its FFNs were restored, is refused: that model would run dense.
 
 Why. Per-token activation masks skip nothing on a denoising step (the canvas is a batch: the union of its
 tokens' masks is dense) and a keep-set shared by the step's positions zeroes features the model needs. But
@@ -488,14 +493,20 @@ class StepDeltaFFN(nn.Module):
             c.held.h_s[rows] = h.gather(-1, c.held.s[rows.nonzero(as_tuple=True)[0]])
         return 3 * self.d * self.d_ff * int(rows.sum())
 
+    @property
+    def generation_callback(self) -> StepDeltaRun:
+        """The run every generation of the model must drive (see :func:`dllm_sparse.steps.attached_callbacks`)."""
+        return self._run
+
     def extra_repr(self) -> str:
         return f"layer={self.layer}, {self.config.name}"
 
 
 @dataclass
 class StepDeltaRun(GenerationCallback):
-    """The callback side of a step-delta FFN: pass it in ``callbacks=`` of the sampler (or replay). It learns the
-    step (and decides refreshes with the policy), and collects the counts :meth:`report` returns."""
+    """The callback side of a step-delta FFN: every generation of the swapped model runs it (the swapped FFNs name it
+    as their ``generation_callback``; passing it in ``callbacks=`` too is fine). It learns the step (and decides
+    refreshes with the policy), and collects the counts :meth:`report` returns."""
 
     config: StepDelta
     measure: bool = False
@@ -503,6 +514,7 @@ class StepDeltaRun(GenerationCallback):
     state: StepState | None = field(default=None, init=False)
     refresh: bool = field(default=True, init=False)
     ffns: list[StepDeltaFFN] = field(default_factory=list, init=False)
+    model: Any = field(default=None, init=False, repr=False, compare=False)  # what apply_step_delta swapped
 
     def __post_init__(self):
         self.policy = make_policy(self.config.refresh)
@@ -522,10 +534,30 @@ class StepDeltaRun(GenerationCallback):
         if state.kind != "diffusion":
             raise ValueError(f"a step-delta FFN needs a masked-diffusion sampler, got a {state.kind!r} generation: an "
                              "autoregressive loop feeds every position once, so there is no earlier value to reuse")
+        self._check_model(state.model)
         for f in self.ffns:
             f.cache = None
         self._first = True
         self._masked = self._exact = None
+
+    def _check_model(self, model: Any) -> None:
+        """Refuse a generation whose model does not hold this run's FFNs: it would run dense, and nothing would be
+        measured."""
+        if model is None or not self.ffns:
+            return
+        inside = {id(m) for m in model.modules()} if isinstance(model, nn.Module) else set()
+        if all(id(f) in inside for f in self.ffns):
+            return
+        applied = _model_name(self.model)
+        if isinstance(self.model, nn.Module) and all(id(f) in {id(m) for m in self.model.modules()}
+                                                     for f in self.ffns):
+            raise ValueError(f"this step-delta run ({self.config.name}) belongs to {applied}, but the generation "
+                             f"runs {_model_name(model)}, which does not hold its FFNs: that model would run dense. "
+                             f"Generate {applied} (its generations run the delta by themselves), or apply a step "
+                             "delta to this model: with step_delta(model, ...)")
+        raise ValueError(f"this step-delta run ({self.config.name}) was restored: its FFNs are no longer in "
+                         f"{applied} (the `with step_delta(...)` block ended, or restore_ffn ran), so "
+                         f"{_model_name(model)} would run dense. Generate inside the with block")
 
     def on_step_begin(self, state: StepState) -> None:
         self.state = state
@@ -602,12 +634,24 @@ class StepDeltaRun(GenerationCallback):
         self.drift.setdefault(layer, []).append((step, float((err / ref.clamp_min(1e-30)).sqrt())))
 
     # ---- results --------------------------------------------------------------------------------------------
+    def _check_ran(self) -> None:
+        if not self.steps:
+            raise RuntimeError(f"no generation step ran with this step-delta run ({self.config.name}), so there is "
+                               f"nothing to report: generate {_model_name(self.model)} inside the "
+                               "`with step_delta(model, ...)` block (or between apply_step_delta and restore_ffn); "
+                               "its generations run the delta by themselves")
+
     def ffn_work(self) -> float:
-        """Mean over steps of (multiply-adds done / dense multiply-adds), refresh steps included."""
+        """Mean over steps of (multiply-adds done / dense multiply-adds), refresh steps included. ``RuntimeError``
+        when no generation step ran."""
+        self._check_ran()
         fr = [s["macs"] / s["dense_macs"] for s in self.steps if s["dense_macs"]]
         return sum(fr) / len(fr) if fr else float("nan")
 
     def report(self) -> dict[str, Any]:
+        """Steps, refresh steps, FFN work (and with ``measure=True`` drift). ``RuntimeError`` when no generation
+        step ran with this run (never a report of zero steps)."""
+        self._check_ran()
         delta_steps = [s for s in self.steps if not s["refresh"] and s["dense_macs"]]
         out = {**self.config.describe(), "name": self.config.name, "steps": len(self.steps),
                "refresh_steps": [s["step"] for s in self.steps if s["refresh"]],
@@ -622,10 +666,19 @@ class StepDeltaRun(GenerationCallback):
         return out
 
 
+def _model_name(model: Any) -> str:
+    """A model as error messages name it: class, checkpoint path when known, and id (two models of one class differ)."""
+    if model is None:
+        return "no model"
+    path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return f"{type(model).__name__}{f' {path!r}' if path else ''} (id {id(model):#x})"
+
+
 def apply_step_delta(model: nn.Module, config: StepDelta | None = None, *, measure: bool = False,
                      **kwargs) -> StepDeltaRun:
-    """Swap every selected FFN of ``model`` (in place) for a step-delta FFN; returns the callback to pass in
-    ``callbacks=`` of :func:`dllm_sparse.samplers.generate` or :func:`~dllm_sparse.samplers.replay`. Undo with
+    """Swap every selected FFN of ``model`` (in place) for a step-delta FFN; returns its run, which every generation
+    of ``model`` (:func:`dllm_sparse.samplers.generate`, :func:`~dllm_sparse.samplers.replay`) drives until the
+    FFNs are restored (giving it in ``callbacks=`` as well is fine). Undo with
     :func:`dllm_sparse.kernels.restore_ffn`. ``StepDelta`` fields may be given as keywords instead of ``config``.
     ``measure=True`` also computes the dense FFN at every call and records the drift (the measurement path)."""
     if config is None:
@@ -652,6 +705,7 @@ def apply_step_delta(model: nn.Module, config: StepDelta | None = None, *, measu
                 raise ValueError(f"layer {ffn.layer}: the {role} projection must be an nn.Linear with real weights "
                                  f"(got {type(m).__name__}); dequantise or load the model onto one device first")
     run = StepDeltaRun(config, measure=measure)
+    run.model = model
     swaps = []
     for ffn in ffns:
         delta = StepDeltaFFN(ffn, config, run)
@@ -667,8 +721,9 @@ def apply_step_delta(model: nn.Module, config: StepDelta | None = None, *, measu
 @contextmanager
 def step_delta(model: nn.Module, config: StepDelta | None = None, *, measure: bool = False,
                **kwargs) -> Iterator[StepDeltaRun]:
-    """``with step_delta(model, StepDelta(...)) as delta: generate(..., callbacks=[delta])`` - swap in, restore on
-    exit (also when the body raises)."""
+    """``with step_delta(model, StepDelta(...)) as delta: generate(model, ...)`` - swap in, restore on exit (also
+    when the body raises). Every generation of ``model`` inside the block runs the delta (``callbacks=[delta]`` is
+    optional); ``delta.report()`` after it."""
     run = apply_step_delta(model, config, measure=measure, **kwargs)
     try:
         yield run

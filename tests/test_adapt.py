@@ -256,6 +256,25 @@ def saved_adapter(tmp_path):
     return out, mask_id
 
 
+def test_loading_an_adapter_warns_nothing(saved_adapter):
+    """peft reads is_gradient_checkpointing from the model it wraps; transformers 5.24 made that a deprecated alias
+    that warns. The native LLaDA answers it itself: loading the twin's adapter raises no warning, and the answer
+    follows the flag that (gradient|activation)_checkpointing_enable sets on the transformer."""
+    adapter_dir, _ = saved_adapter
+    base = build_tiny_model("llama", tie_word_embeddings=True)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_adapted_model(base, adapter_dir)
+    assert not [w for w in caught if "checkpointing" in str(w.message)], [str(w.message) for w in caught]
+    assert model.is_gradient_checkpointing is False
+    model.model.gradient_checkpointing = True
+    assert model.is_gradient_checkpointing is True
+    model.model.gradient_checkpointing = False
+    assert model.is_gradient_checkpointing is False
+
+
 def _edit_meta(adapter_dir, edit):
     meta = json.loads((adapter_dir / ADAPTER_META).read_text())
     edit(meta)

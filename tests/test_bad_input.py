@@ -40,6 +40,96 @@ def test_cfg_scale_nan_infinite_or_negative(w):
         GenerationConfig(cfg_scale=w)
 
 
+# Each GenerationConfig field, a value its check refuses, and the message (the table must name every field).
+FIELD_CHECKS = [
+    ("max_new_tokens", 7.9, r"max_new_tokens / gen_length must be a positive integer, got 7.9"),
+    ("temperature", math.nan, r"temperature must be a finite number >= 0 \(0 = greedy, T > 0 samples\), got nan"),
+    ("stop_token_ids", (2, 7.9), r"stop_token_ids \(eos_token_id\) must be a token id \(an integer >= 0\), got 7.9"),
+    ("stop_strings", ("ok", 5), r"stop_strings must be strings, got 5 in \('ok', 5\)"),
+    ("seed", 1.5, r"seed must be None, an int, or a sequence of one int per row, got 1.5"),
+    ("pad_id", -1, r"pad_id \(pad_token_id\) must be a token id \(an integer >= 0\), got -1"),
+    ("steps", 2.5, r"steps must be a positive integer, got 2.5"),
+    ("block_length", 0, r"block_length must be a positive integer, got 0"),
+    ("cfg_scale", -1.0, r"cfg_scale must be a finite number >= 0 \(0 disables guidance\), got -1.0"),
+    ("remasking", "lowest", r"remasking must be one of \('low_confidence', 'random'\), got 'lowest'"),
+    ("mask_id", True, r"mask_id must be a token id \(an integer >= 0\), got True"),
+    ("logit_shift", "yes", r"logit_shift must be True, False or None \(None = the model family's convention\)"),
+    ("confidence", "float32", r"confidence must be one of \('float64', 'official'\) .*got 'float32'"),
+    ("block_cache", "suffix", r"block_cache must be one of \(None, 'prefix', 'dual'\) .*got 'suffix'"),
+]
+
+
+def test_the_field_table_names_every_field():
+    import dataclasses
+
+    assert [f for f, _, _ in FIELD_CHECKS] == [f.name for f in dataclasses.fields(GenerationConfig)]
+
+
+@pytest.mark.parametrize("name, bad, message", FIELD_CHECKS, ids=[f for f, _, _ in FIELD_CHECKS])
+def test_every_field_is_checked_on_assignment_as_in_the_constructor(name, bad, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationConfig(**{name: bad})
+    cfg = GenerationConfig(gen_length=8, steps=8, stop_token_ids=(1,), seed=3)
+    before = cfg.to_dict()
+    with pytest.raises(ValueError, match=message):
+        setattr(cfg, name, bad)
+    assert cfg.to_dict() == before  # the refused value is not stored
+
+
+def test_assignment_normalises_like_the_constructor():
+    cfg = GenerationConfig(gen_length=8)
+    with pytest.raises(ValueError, match="gen_length must be a positive integer, got 7.9"):
+        cfg.gen_length = 7.9
+    cfg.gen_length = 16.0
+    cfg.steps = np.int64(4)
+    cfg.stop_token_ids = np.int64(2)
+    cfg.stop_strings = "###"
+    assert (cfg.max_new_tokens, cfg.steps, cfg.stop_token_ids, cfg.stop_strings) == (16, 4, (2,), ("###",))
+    assert type(cfg.max_new_tokens) is int and type(cfg.steps) is int and type(cfg.stop_token_ids[0]) is int
+    assert cfg == GenerationConfig(gen_length=16, steps=4, stop_token_ids=2, stop_strings="###")
+    cfg.seed = np.array([5, 6])  # one seed per row, from any integer sequence
+    cfg.stop_token_ids = torch.tensor([2, 3])
+    assert cfg.seed == (5, 6) and cfg.stop_token_ids == (2, 3) and type(cfg.seed[0]) is int
+    for name, bad in (("seed", []), ("seed", "7"), ("seed", [1, 2.5]), ("stop_token_ids", 7.9), ("stop_strings", 5)):
+        with pytest.raises(ValueError, match=f"{name}.* must be"):
+            setattr(cfg, name, bad)
+    with pytest.raises(AttributeError, match=r"no setting 'gen_lenght'; its settings are \['block_cache'"):
+        cfg.gen_lenght = 8  # a typo would otherwise be an ignored attribute
+    with pytest.raises(AttributeError):
+        cfg.do_sample = True  # transformers' spellings are read-only: set the canonical field
+
+
+DIFFUSION_SETTINGS = {"steps": 4, "block_length": 2, "cfg_scale": 0.5, "remasking": "random", "mask_id": 3,
+                      "logit_shift": False, "confidence": "official", "block_cache": "prefix"}
+
+
+def test_every_diffusion_only_setting_is_listed():
+    from dllm_sparse.samplers.config import DIFFUSION_ONLY
+
+    assert set(DIFFUSION_SETTINGS) == set(DIFFUSION_ONLY)
+    assert all(DIFFUSION_ONLY[k] == getattr(GenerationConfig(), k) for k in DIFFUSION_ONLY)  # the defaults
+
+
+@pytest.mark.parametrize("name", list(DIFFUSION_SETTINGS))
+def test_diffusion_only_settings_are_refused_for_an_ar_model(llama, name):
+    value = DIFFUSION_SETTINGS[name]
+    cfg = GenerationConfig(gen_length=4, stop_token_ids=(), **{name: value})
+    message = (rf"{name}={value!r}: diffusion-only setting\(s\) of GenerationConfig, which autoregressive generation "
+               rf"\(LlamaForCausalLM\) would ignore.*config.replace\({name}=")
+    with pytest.raises(ValueError, match=message):
+        generate(llama, None, [[5, 6]], cfg)
+    with pytest.raises(ValueError, match=message):  # as a keyword override too
+        generate(llama, None, [[5, 6]], GenerationConfig(gen_length=4, stop_token_ids=()), **{name: value})
+
+
+def test_diffusion_settings_at_their_defaults_are_fine_for_an_ar_model(llama):
+    cfg = GenerationConfig(gen_length=4, stop_token_ids=(), steps=4, cfg_scale=0.5, block_cache="prefix")
+    with pytest.raises(ValueError, match=r"steps=4, cfg_scale=0.5, block_cache='prefix': diffusion-only"):
+        generate(llama, None, [[5, 6]], cfg)
+    out = generate(llama, None, [[5, 6]], cfg.replace(steps=None, cfg_scale=0.0, block_cache=None))
+    assert out.nfe == 4 and out.kind == "ar"
+
+
 def test_steps_beyond_one_token_per_step_are_refused(llada):
     # 4 blocks of 8: at most 8 steps per block, 32 in all; 64 steps would make 32 forward passes commit nothing.
     with pytest.raises(ValueError, match=r"steps \(64\) gives 16 steps per block \(64 / 4 blocks\), more than the "
@@ -73,7 +163,7 @@ def test_prompts_of_the_wrong_type(kind, prompts, hint, llada, llama):
     with pytest.raises(TypeError, match=rf"prompts must be a string, a list of strings, a list of token-id lists.*"
                                         rf"{hint}"):
         generate(llada if kind == "diffusion" else llama, None, prompts,
-                 GenerationConfig(gen_length=4, steps=4, stop_token_ids=()))
+                 GenerationConfig(gen_length=4, steps=4 if kind == "diffusion" else None, stop_token_ids=()))
 
 
 @pytest.mark.parametrize("layers", [[], [0.7], [True]])
@@ -182,7 +272,7 @@ def test_prompt_ids_outside_the_vocabulary(kind, llada, llama):
     model = llada if kind == "llada" else llama
     vocab = model.get_input_embeddings().num_embeddings
     with pytest.raises(ValueError, match=rf"prompt token ids \[{vocab}\] are outside the model.s vocabulary"):
-        generate(model, None, [[5, vocab, 7]], GenerationConfig(gen_length=4, steps=4, stop_token_ids=()))
+        generate(model, None, [[5, vocab, 7]], GenerationConfig(gen_length=4, stop_token_ids=()))
 
 
 @pytest.mark.parametrize("field", ["pad_id", "mask_id"])
@@ -198,7 +288,7 @@ def test_prompt_longer_than_the_context(kind, llada, llama):
     model = llada if kind == "llada" else llama
     context = model.config.max_position_embeddings
     with pytest.raises(ValueError, match=f"more than the model's context of {context}"):
-        generate(model, None, [[5] * (context - 2)], GenerationConfig(gen_length=4, steps=4, stop_token_ids=()))
+        generate(model, None, [[5] * (context - 2)], GenerationConfig(gen_length=4, stop_token_ids=()))
 
 
 @pytest.mark.parametrize("w", [math.inf, math.nan, -0.5])

@@ -263,6 +263,66 @@ def test_llada_vs_llama_refuses_bad_counts_before_any_work(args, message, capsys
     assert exp.parse_args(["--n-boot", "0"]).n_boot == 0  # documented: no intervals
 
 
+def _demo_refuses(argv, monkeypatch, capsys) -> str:
+    """Run the demo's main with run_model replaced; it must stop with a one-line usage error before any run."""
+    demo = _script("generate_demo")
+    ran = []
+    monkeypatch.setattr(demo, "run_model", lambda *a: ran.append(a))
+    with pytest.raises(SystemExit) as e:
+        demo.main(argv)
+    assert e.value.code == 2 and not ran  # nothing was loaded or generated first
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ": error: " in err  # argparse's form: "<prog>: error: <message>"
+    return err
+
+
+def test_generate_demo_checks_every_model_before_running_any(tmp_path, monkeypatch, capsys):
+    """A missing diffusion checkpoint once failed after the AR demo had run (143 s)."""
+    missing = str(tmp_path / "no-such-checkpoint")
+    err = _demo_refuses(["--diffusion-model", missing, "--device", "cpu"], monkeypatch, capsys)
+    assert f"--diffusion-model: {missing!r}: no such file or directory" in err
+    (tmp_path / "empty").mkdir()
+    err = _demo_refuses(["--no-ar", "--diffusion-model", str(tmp_path / "empty")], monkeypatch, capsys)
+    assert "is a directory without a config.json, not a model checkpoint" in err
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    err = _demo_refuses(["--ar-model", str(tmp_path / "weights.bin"), "--no-diffusion"], monkeypatch, capsys)
+    assert "is a file but not a .gguf model" in err
+    err = _demo_refuses(["--ar-model", str(tmp_path / "m.gguf"), "--no-diffusion"], monkeypatch, capsys)
+    assert "GGUF file not found" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--no-diffusion", "--steps", "8", "--cfg-scale", "1"],
+     "--steps, --cfg-scale set(s) the diffusion sampler, but no diffusion model runs"),
+    (["--max-new-tokens", "48", "--block-length", "32"], "gen_length (48) must be a multiple of block_length (32)"),
+    (["--max-new-tokens", "0"], "max_new_tokens / gen_length must be a positive integer, got 0"),
+    (["--rule", "top_k", "--threshold", "1.0"], "sparsity must be in [0, 1), got 1.0"),
+    (["--dtype", "fp8"], "unknown dtype 'fp8'"),
+    (["--device", "gpu0"], "--device 'gpu0' is not a device; use cpu, cuda, cuda:1, ... or auto"),
+    (["--threads", "0"], "--threads must be >= 1"),
+])
+def test_generate_demo_refuses_bad_settings_before_any_run(argv, message, monkeypatch, capsys):
+    assert message in _demo_refuses(argv, monkeypatch, capsys)
+
+
+def test_generate_demo_checks_the_device(monkeypatch, capsys):
+    """The CUDA cases, constructed: a CPU build of torch, a CUDA build without a visible GPU, an index too high."""
+    import torch
+
+    demo = _script("generate_demo")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None)
+    err = _demo_refuses(["--device", "cuda"], monkeypatch, capsys)
+    assert f"--device cuda: this PyTorch build has no CUDA support (torch {torch.__version__}); use --device cpu" in err
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert demo.device_problem("cuda:0") == "--device cuda:0: no CUDA GPU is visible on this machine; use --device cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert demo.device_problem("cuda:1") is None and demo.device_problem("cuda") is None
+    assert demo.device_problem("cuda:2") == "--device cuda:2: this machine has 2 CUDA GPU(s), cuda:0 to cuda:1"
+    assert demo.device_problem("cpu") is None and demo.device_problem("auto") is None
+
+
 def test_llada_vs_llama_workers_split_the_threads_and_refuse_what_cannot_run():
     exp = _script("llada_vs_llama")
     assert exp.resolve_workers("auto", 2, on_cpu=True, world=1)[:2] == (2, 1)  # one per thread, one thread each

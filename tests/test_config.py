@@ -354,6 +354,9 @@ def test_lm_eval_model_args_build_one_config():
     assert sparsity_from_args(site="input", rule="top-p", threshold=0.9) == want
     assert sparsity_from_args(site="up", rule="top_k", threshold=0.25, scope="sequence").id == "up:top_k:0.25:sequence"
     assert sparsity_from_args(site="input").is_identity  # no threshold: p = 1, as before
+    assert sparsity_from_args(site="input", rule="TOP-P").is_identity  # top-p by any spelling
+    with pytest.raises(ValueError, match="rule='top_k' without a threshold"):  # 1.0 is not top-k's identity
+        sparsity_from_args(site="input", rule="top-k")
     for dense in (None, "dense", "none", ""):
         assert sparsity_from_args(dense) is None and sparsity_from_args(site=dense) is None
     with pytest.raises(ValueError, match="not both"):

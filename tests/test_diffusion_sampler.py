@@ -240,6 +240,26 @@ def test_callback_can_stop(llada):
     assert MASK not in out.ids[0]
 
 
+@pytest.mark.parametrize("kind", ["diffusion", "ar"])
+def test_progress_bar_counts_the_steps(llada, llama, kind):
+    """One tick per forward: the denoising steps (diffusion) or the tokens decoded (AR, which may stop early); the
+    bar is closed at the end, also when a callback stops the generation."""
+    import io
+
+    from dllm_sparse.samplers import ProgressBar
+
+    stream = io.StringIO()
+    bar = ProgressBar(desc="demo", file=stream, disable=False)
+    model = llada if kind == "diffusion" else llama
+    cfg = GenerationConfig(gen_length=8, steps=4, block_length=8) if kind == "diffusion" else GenerationConfig(
+        gen_length=8, stop_token_ids=())
+    out = generate(model, None, [PROMPT], cfg, callbacks=[bar])
+    assert (bar.bar.total, bar.bar.n) == ((4, 4) if kind == "diffusion" else (8, 8)) and out.nfe == bar.bar.n
+    assert "demo" in stream.getvalue() and bar.bar.disable  # tqdm marks a closed bar disabled
+    out = generate(model, None, [PROMPT], cfg, callbacks=[bar, lambda state: state.step == 1])
+    assert bar.bar.n == 2 == out.nfe and bar.bar.disable
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Outputs: stop ids, texts
 # --------------------------------------------------------------------------------------------------------------

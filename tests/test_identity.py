@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -247,14 +248,32 @@ def test_mask_reuse_hub_id_without_network_leaves_no_folder(tmp_path, monkeypatc
     assert not out.exists()
 
 
-def test_generate_demo_hub_id_without_network_writes_no_trace(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["/ckpt/LLaDA-8B", "./model", "runs/a/b", "~/nowhere"])
+def test_a_missing_path_is_named_without_asking_the_hub(name, monkeypatch):
+    """A name that cannot be a hub id is a missing path: said at once, without waiting for the hub."""
+    from dllm_sparse.models import loading
+
+    def hub(*_a, **_k):
+        raise AssertionError("the hub was asked about a path")
+
+    monkeypatch.setattr(loading, "hub_reachable", hub)
+    with pytest.raises(FileNotFoundError, match=rf"{re.escape(repr(name))}: no such file or directory \(it is not a "
+                                                 r"hub id either"):
+        loading.check_available(name)
+    with pytest.raises(AssertionError, match="the hub was asked"):  # a hub id is still asked about
+        loading.check_available("some-org/some-model")
+
+
+def test_generate_demo_hub_id_without_network_writes_no_trace(tmp_path, monkeypatch, capsys):
     from dllm_sparse.models import loading
 
     monkeypatch.setattr(loading, "hub_reachable", lambda timeout=5.0: False)
     exp = _script("generate_demo")
     trace = tmp_path / "out" / "trace.json"
-    with pytest.raises(OSError, match="cannot be reached"):
+    with pytest.raises(SystemExit):  # a one-line usage error, before anything is loaded
         exp.main(["--ar-model", "some-org/not-a-cached-model", "--no-diffusion", "--trace-out", str(trace)])
+    err = capsys.readouterr().err
+    assert "--ar-model: 'some-org/not-a-cached-model' is not a local path" in err and "cannot be reached" in err
     assert not trace.parent.exists()
 
 

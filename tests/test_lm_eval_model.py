@@ -193,6 +193,11 @@ def _from_args(args: str):
     ("sparsity=input:top_p:0.9,rule=top_k", r"not both \(got rule='top_k'\)"),
     ("rule=top_k", r"rule='top_k' given without a site.*run dense"),
     ("scope=step", r"scope='step' given without a site.*run dense"),
+    ("site=input,rule=top_k", r"site='input',rule='top_k' without a threshold: the default threshold \(1.0, "
+                              r"top_p's p = 1.*applies to rule=top_p only.*target sparsity.*"
+                              r"site=input,rule=top_k,threshold=0.5"),
+    ("site=up,rule=max_p", r"rule='max_p' without a threshold.*keep \|v_i\| >= p max.*rule=max_p,threshold=0.1"),
+    ("site=input,rule=paper_top_p", r"rule='paper_top_p' without a threshold.*percent.*threshold=90"),
     ("site=input,p=abc", r"p='abc': expected a finite number"),
     ("site=input,threshold=nan", r"threshold=nan: expected a finite number"),
     ("cfg=abc", r"cfg='abc': expected a finite number"),

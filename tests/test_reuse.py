@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from dllm_sparse import TopP
 from dllm_sparse.samplers import GenerationConfig, MaskOverlapTracker, StepSparsity, generate
 from dllm_sparse.samplers.reuse import Adaptive, BlockStart, Every, Fresh, make_policy, reuse_sparsity
+from dllm_sparse.samplers.step_delta import StepDelta
 
 PROMPTS = [[5, 17, 3, 42, 8], [7, 7, 1]]
 # 2 blocks of 8 positions, 5 steps per block.
@@ -196,6 +197,36 @@ def test_autoregressive_reuses_last_token_mask():
     a = generate(llama, None, PROMPTS, gcfg, sparsity=sp2, callbacks=[pol2])
     b = generate(llama, None, PROMPTS, gcfg, sparsity=sp3)
     assert torch.equal(a.sequences, b.sequences) and _records(sp2) == _records(sp3)
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ("every2.5", r"k must be a positive integer \(every<k>, e.g. every4\), got '2.5'"),
+    ("every0.5", r"k must be a positive integer .*got '0.5'"),
+    ("every0", r"k must be a positive integer .*got '0'"),
+    ("every-1", r"k must be a positive integer .*got '-1'"),
+    ("every", r"k must be a positive integer .*got ''"),
+    ("everyday", r"k must be a positive integer .*got 'day'"),
+    ("fresh4", "fresh takes no number"),
+    ("block_start:2", "block_start takes no number"),
+    ("adaptive0.7.3", r"the bound '0.7.3' is not a number"),
+    ("sometimes", "unknown reuse policy"),
+])
+def test_policy_names_are_read_strictly(spec, problem):
+    """Every refusal names the text and the accepted forms; nothing is rounded (every2.5 is not every2)."""
+    with pytest.raises(ValueError, match=problem) as e:
+        make_policy(spec)
+    assert repr(spec) in str(e.value) and "use fresh, block_start, every<k> (k a positive integer" in str(e.value)
+    with pytest.raises(ValueError, match=problem):  # StepDelta's refresh reads the same names
+        StepDelta(refresh=spec)
+
+
+def test_policy_names_that_are_read():
+    assert make_policy(" Every:12 ").k == 12 and make_policy("every=3").k == 3 and make_policy("every1").k == 1
+    assert isinstance(make_policy("blockstart"), BlockStart) and make_policy("adaptive").bound == 0.7
+    assert make_policy("adaptive:0.85").bound == 0.85
+    for k in (2.5, True, "3"):
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            Every(k)
 
 
 def test_make_policy_and_errors():

@@ -4,6 +4,7 @@ definition's scores, on the very FFN inputs the sampler produced."""
 
 import dataclasses
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -235,6 +236,67 @@ def test_replay_and_outside_generation(llada64):
             plain = llada64(ids).logits
     assert rep.commit_agreement == 1.0
     torch.testing.assert_close(plain, ref, rtol=0, atol=0)
+
+
+# ---- the run is the model's while its FFNs are swapped -------------------------------------------------------
+
+
+def test_generations_inside_the_block_run_the_delta_without_callbacks(llada64):
+    """No callbacks=[delta]: the swapped FFNs bring their run, so the generation is the one the definition test
+    above checks with callbacks=[rec, delta] (same tokens, same counts), not the dense model; giving the run too
+    runs it once."""
+    config = StepDelta("input", fraction=0.25, down_fraction=0.5)
+    dense = generate(llada64, None, PROMPTS, CFG)
+    with step_delta(llada64, config) as given:
+        explicit = generate(llada64, None, PROMPTS, CFG, callbacks=[given])
+    with step_delta(llada64, config) as implicit:
+        out = generate(llada64, None, PROMPTS, CFG)
+    assert torch.equal(out.sequences, explicit.sequences)
+    assert len(given.steps) == len(implicit.steps) == CFG.steps  # once per step, given or not
+    assert implicit.steps == given.steps and implicit.report()["ffn_work"] < 0.8
+    with step_delta(llada64, config, measure=True) as measured:
+        generate(llada64, None, PROMPTS, CFG)
+        replay(llada64, PROMPTS, dense)  # a replay of the model drives it too
+    assert len(measured.steps) == 2 * CFG.steps and measured.report()["drift_max"] > 1e-3  # not the dense FFN
+
+
+def test_apply_step_delta_runs_until_restored(llada64):
+    dense = generate(llada64, None, PROMPTS, CFG)
+    run = apply_step_delta(llada64, StepDelta("intermediate", 0.1))
+    try:
+        delta = generate(llada64, None, PROMPTS, CFG)
+    finally:
+        restore_ffn(llada64)
+    assert len(run.steps) == CFG.steps and run.report()["ffn_work"] < 0.5
+    assert torch.equal(generate(llada64, None, PROMPTS, CFG).sequences, dense.sequences)  # restored: dense again
+    assert len(run.steps) == CFG.steps
+    assert not torch.equal(delta.sequences, dense.sequences)  # f = 0.1 changes the tokens of this tiny model
+
+
+def test_a_report_without_a_generation_is_refused(llada64):
+    with step_delta(llada64, StepDelta()) as delta:
+        pass
+    for ask in (delta.report, delta.ffn_work):
+        with pytest.raises(RuntimeError, match=r"no generation step ran with this step-delta run "
+                                               r"\(delta-input:0.25/0.5@block_start\), so there is nothing to "
+                                               r"report: generate LLaDAModelLM .*inside the `with step_delta"):
+            ask()
+
+
+def test_another_models_generation_or_a_restored_run_is_refused(llada64):
+    torch.manual_seed(1)
+    other = LLaDAModelLM(tiny_llada_config()).eval().double()
+    name_a, name_b = (re.escape(f"LLaDAModelLM (id {id(m):#x})") for m in (llada64, other))
+    with step_delta(llada64, StepDelta()) as delta:
+        with pytest.raises(ValueError, match=rf"belongs to {name_a}, but the generation runs {name_b}, which does not "
+                                             r"hold its FFNs: that model would run dense"):
+            generate(other, None, PROMPTS, CFG, callbacks=[delta])
+        assert not delta.steps
+    with pytest.raises(ValueError, match=rf"was restored: its FFNs are no longer in {name_a} .*so {name_a} would "
+                                         "run dense. Generate inside the with block"):
+        generate(llada64, None, PROMPTS, CFG, callbacks=[delta])
+    with pytest.raises(ValueError, match="was restored"):
+        generate(other, None, PROMPTS, CFG, callbacks=[delta])
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------

@@ -49,10 +49,10 @@ Model arguments: ``pretrained`` (hub id, local dir, .gguf or embedded name), ``k
 ``dtype``, ``device`` (``auto`` = accelerate placement), ``sparsity`` (a
 :class:`~dllm_sparse.sparsity.config.SparsityConfig` id ``site:rule:threshold[:scope][:layers=i/j]``, e.g.
 ``input:top_p:0.9``; ``dense``/none = dense), or the same in pieces: ``site``, ``rule`` (top_p, top_k, max_p),
-``threshold`` (alias ``p``; p for top-p / max-p, the target sparsity for top-k), ``scope``; ``batch_size``,
-``max_batch_size`` (see lm-eval's own arguments below), ``mc_num``, ``mc_batch``, ``seed``, ``shift_logits``
-(Dream-style; default by family), ``greedy_check`` (``iterative``/true, ``one_pass``, ``off``/false), ``cfg``
-(alias ``cfg_scale``: guided ELBO w, as the official
+``threshold`` (alias ``p``; p for top-p / max-p, the target sparsity for top-k; required unless the rule is top_p,
+whose default 1.0 is the dense model), ``scope``; ``batch_size``, ``max_batch_size`` (see lm-eval's own arguments
+below), ``mc_num``, ``mc_batch``, ``seed``, ``shift_logits`` (Dream-style; default by family), ``greedy_check``
+(``iterative``/true, ``one_pass``, ``off``/false), ``cfg`` (alias ``cfg_scale``: guided ELBO w, as the official
 LLaDA evaluation's ``cfg``), ``preset`` (``llada-official``: the official per-task cfg and mc_num / mc_batch (128 / 8;
 1 / 1 on mmlu, cmmlu, ceval-valid), greedy check off, the ELBO in the official arithmetic (``precision="official"``),
 generation 1024/1024/1024 with the task's cfg and the official confidence; see :mod:`dllm_sparse.eval.presets`;
@@ -148,7 +148,7 @@ from dllm_sparse.eval.model_args import (
 from dllm_sparse.eval.presets import get_preset
 from dllm_sparse.eval.tasks import LM_EVAL_TASKS, builtin_request_key
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig, slug
-from dllm_sparse.sparsity.rules import make_rule
+from dllm_sparse.sparsity.rules import make_rule, rule_name
 from dllm_sparse.sparsity.stats import SparsityStats
 
 __all__ = ["DllmSparseLM", "IDENTITY_KEY", "MODEL_ARGS", "sparsity_from_args", "merge_lm_eval_args"]
@@ -169,7 +169,8 @@ def sparsity_from_args(sparsity: SparsityConfig | str | None = None, site: str |
                        rule: str | None = None, threshold: float | None = None, p: float | None = None,
                        scope: str | None = None) -> SparsityConfig | None:
     """The model's one :class:`SparsityConfig` from its model arguments: ``sparsity=input:top_p:0.9`` (or a
-    config object), or the pieces ``site``, ``rule`` (default top_p), ``threshold`` (alias ``p``; default 1.0)
+    config object), or the pieces ``site``, ``rule`` (default top_p), ``threshold`` (alias ``p``; default 1.0 for
+    top_p only, p = 1 keeping every entry; another rule without one is refused, naming what its threshold means)
     and ``scope`` (default token). None means dense. A piece given next to a whole ``sparsity`` id, or without a
     site, is refused: it would be dropped silently (the id already says site, rule, threshold and scope; without
     a site the run is dense)."""
@@ -197,7 +198,22 @@ def sparsity_from_args(sparsity: SparsityConfig | str | None = None, site: str |
             raise ValueError(f"{given} given without a site, so it would be ignored and the run dense: give "
                              "site=... too (e.g. site=input,threshold=0.9), or sparsity=input:top_p:0.9")
         return None
-    return SparsityConfig(site, make_rule(rule or "top_p", 1.0 if threshold is None else threshold, scope=scope))
+    rule = rule_name(rule) if rule is not None else "top_p"
+    if threshold is None:
+        if rule != "top_p":  # 1.0 is top-p's identity (keep all the mass); for another rule it means something else
+            raise ValueError(f"site={site!r},rule={rule!r} without a threshold: the default threshold (1.0, top_p's "
+                             f"p = 1, the dense model) applies to rule=top_p only; give {rule}'s threshold "
+                             f"({_THRESHOLD_MEANING[rule]}), e.g. site={site},rule={rule},threshold="
+                             f"{_THRESHOLD_EXAMPLE[rule]}")
+        threshold = 1.0
+    return SparsityConfig(site, make_rule(rule, threshold, scope=scope))
+
+
+# What a rule's threshold means, for the message when it is missing.
+_THRESHOLD_MEANING = {"top_k": "the target sparsity s in [0, 1): keep ceil((1 - s) d) entries",
+                      "max_p": "p in (0, 1]: keep |v_i| >= p max|v|",
+                      "paper_top_p": "p in percent: the paper's LLaDA top-p"}
+_THRESHOLD_EXAMPLE = {"top_k": "0.5", "max_p": "0.1", "paper_top_p": "90"}
 
 
 def _batch_size(value: Any, max_batch_size: Any = None) -> int:

@@ -695,6 +695,13 @@ class LLaDAModelLM(PreTrainedModel):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        # peft (0.21, the newest) reads this name from every model it wraps (PeftModel.__init__, so each adapter
+        # load and merge), and transformers 5.24 made it a deprecated alias of is_activation_checkpointing that
+        # warns at each read. Answered here with transformers' own test, which every supported version agrees on.
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.transformer.wte
 

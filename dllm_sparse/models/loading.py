@@ -318,6 +318,13 @@ def check_available(name_or_path: str | os.PathLike) -> None:
     if path.suffix == ".gguf":
         _check_gguf(path)
     elif not path.exists():
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(name)
+        except HFValidationError:  # "/ckpt/LLaDA", "./model", "a/b/c": a path, never a hub id; no need to ask the hub
+            raise FileNotFoundError(f"{name!r}: no such file or directory (it is not a hub id either, nor an "
+                                    f"embedded name: {', '.join(sorted(EMBEDDED_MODELS))})") from None
         _check_hub(name)
 
 
