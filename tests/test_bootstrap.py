@@ -279,6 +279,52 @@ def test_a_verdict_claims_only_what_an_unbracketed_side_allows(diffusion, ar, ve
     assert (mark in line) if mark else ("| undetermined |" in line and "[" not in line)
 
 
+@pytest.mark.parametrize("loc, n_a_open, n_b_open, expected", [
+    (-8.0, 1, 0, "AR higher"),  # one raised replicate stays above the 97.5th percentile's neighbours
+    (8.0, 0, 1, "diffusion higher"),
+    (0.0, 1, 1, "no detectable difference"),  # the strict rule would have withheld this one
+    (-8.0, 3, 0, "undetermined: the diffusion side is a lower bound (3 of 60 replicates)"),  # 3 of 60 > 2.5 %
+    (8.0, 0, 3, "undetermined: the AR side is a lower bound (3 of 60 replicates)"),
+    (0.0, 3, 2, "no detectable difference"),
+])
+def test_a_verdict_with_open_replicates_is_the_one_every_completion_gives(loc, n_a_open, n_b_open, expected):
+    """Brute force: a replicate whose side has no failing grid point is only a lower bound of that side, so its true
+    difference is anywhere at or above (diffusion side) or at or below (AR side) the recorded one. Enumerate every
+    completion of the few open replicates to far values; the verdict must be the plain rule's verdict when all
+    completions agree on it, and "undetermined" otherwise."""
+    import itertools
+
+    from dllm_sparse.eval.bootstrap import percentile_interval
+    from dllm_sparse.eval.critical import _difference_verdict
+
+    class Boot:
+        interval = staticmethod(percentile_interval)
+
+    def plain(values) -> str:
+        lo, hi = percentile_interval(values)
+        return "diffusion higher" if lo > 0 else "AR higher" if hi < 0 else "no detectable difference"
+
+    rng = np.random.default_rng(0)
+    d = rng.normal(loc=loc, scale=3.0, size=60)
+    a_open, b_open = np.zeros(60, bool), np.zeros(60, bool)
+    a_open[rng.choice(60, n_a_open, replace=False)] = True
+    b_open[rng.choice(60, n_b_open, replace=False)] = True
+    open_ = np.flatnonzero(a_open | b_open)
+    # A diffusion lower bound may make the difference far higher, an AR lower bound far lower, both either way.
+    moves = [[0.0] + [1000.0] * bool(a_open[i]) + [-1000.0] * bool(b_open[i]) for i in open_]
+    verdicts = set()
+    for shift in itertools.product(*moves):
+        v = d.copy()
+        v[open_] += shift
+        verdicts.add(plain(v))
+    got = _difference_verdict(d, a_open, b_open, Boot())
+    if len(verdicts) == 1:
+        assert got == verdicts.pop()
+    else:
+        assert got.startswith("undetermined: the "), (got, verdicts)
+    assert got == expected
+
+
 def test_difference_bound_of_each_pair_of_sides():
     from dllm_sparse.eval.critical import difference_bound
 

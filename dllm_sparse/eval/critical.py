@@ -253,10 +253,10 @@ def model_differences(reps: dict[tuple[str, str, str], dict[str, np.ndarray]], k
     (points of sparsity, on the paired replicates) with its interval and a verdict that claims only what the
     interval allows: "diffusion higher" (interval above 0), "AR higher" (below 0), or "no detectable difference"
     (the interval holds 0). A side whose curve never fails a grid point (in some replicate) has only a lower bound
-    (:func:`difference_bound`, ``difference_is``): with the diffusion side unbracketed only "diffusion higher" can
-    be concluded, with the AR side unbracketed only "AR higher", with both nothing ("undetermined": median,
-    interval and probability are then None); otherwise the verdict says the comparison is undetermined and why,
-    and the median, interval and P(diffusion ≥ AR) are bounds in the direction ``difference_is`` says."""
+    there, and the verdict is one that every true value at or above those bounds gives (:func:`_difference_verdict`),
+    else "undetermined" with the reason; ``difference_is`` says which sides are bounds somewhere
+    (:func:`difference_bound`), and the median, interval and P(diffusion ≥ AR) are then bounds in that direction.
+    With no grid point failing on either side in any replicate, median, interval and probability are None."""
     out = []
     diff_models = [m for m, k in kinds.items() if k == "diffusion"]
     ar_models = [m for m, k in kinds.items() if k == "ar"]
@@ -277,8 +277,9 @@ def model_differences(reps: dict[tuple[str, str, str], dict[str, np.ndarray]], k
                 bound = difference_bound(a.get("bracketed"), b.get("bracketed"), used)
                 est = float(np.median(finite)) if finite.size else None
                 p_at_least = float(np.mean(finite >= 0)) if finite.size else None
-                verdict = _difference_verdict(ci, bound)
-                if bound == UNDETERMINED_BOUND:  # two lower bounds: their difference says nothing
+                a_open, b_open = (_open(side.get("bracketed"), d.shape)[used] for side in (a, b))
+                verdict = _difference_verdict(finite, a_open, b_open, boot)
+                if a_open.all() and b_open.all():  # two lower bounds in every replicate: their difference says nothing
                     est, ci, p_at_least = None, None, None
                 out.append({"site": site, "diffusion_model": dm, "ar_model": am, "task": task, "variant": variant,
                             "difference_median": est, "lo": None if ci is None else ci[0],
@@ -288,21 +289,42 @@ def model_differences(reps: dict[tuple[str, str, str], dict[str, np.ndarray]], k
     return out
 
 
-def _difference_verdict(ci: tuple[float, float] | None, bound: str) -> str:
-    """The verdict of diffusion − AR from its interval and what the replicates are (:func:`difference_bound`)."""
-    if bound == UNDETERMINED_BOUND:
-        return "undetermined: no grid point failed on either side"
-    if ci is None:
+#: Stands in for an unbounded end of a replicate's difference: it keeps the percentiles' order and, interpolated
+#: with a finite neighbour, stays far beyond any sparsity difference (in points, |d| <= 100).
+_FAR = 1e300
+
+
+def _open(bracketed, shape) -> np.ndarray:
+    """Where a side's replicates are only lower bounds (no failing grid point); none when it was not recorded."""
+    return np.zeros(shape, dtype=bool) if bracketed is None else ~np.asarray(bracketed, dtype=bool)
+
+
+def _difference_verdict(d: np.ndarray, a_open: np.ndarray, b_open: np.ndarray, boot) -> str:
+    """The verdict on diffusion − AR (``d``, one value per replicate) that holds whatever the true values of the
+    unbracketed replicates are. A diffusion value that is only a lower bound can make its replicate's difference
+    arbitrarily high, an AR one arbitrarily low, so each replicate lies in [lo, hi] with lo = -inf where the AR side
+    is open and hi = +inf where the diffusion side is. A verdict is given only when every completion gives it:
+    "diffusion higher" when the interval of the lows lies above 0, "AR higher" when that of the highs lies below 0,
+    "no detectable difference" when the lowest possible upper end and the highest possible lower end still hold 0
+    (the interval of the highs starts at or below 0 and that of the lows ends at or above 0). With every replicate
+    bracketed, lo = hi = d and this is the plain rule on the interval of d."""
+    lo_ci = boot.interval(np.where(b_open, -_FAR, d))
+    hi_ci = boot.interval(np.where(a_open, _FAR, d))
+    if lo_ci is None or hi_ci is None:
         return "no interval"
-    if ci[0] > 0 and bound in (EXACT, LOWER_BOUND):
+    if lo_ci[0] > 0:
         return "diffusion higher"
-    if ci[1] < 0 and bound in (EXACT, UPPER_BOUND):
+    if hi_ci[1] < 0:
         return "AR higher"
-    if bound == LOWER_BOUND:  # only "diffusion higher" could be shown
-        return "undetermined: the diffusion side is a lower bound"
-    if bound == UPPER_BOUND:  # only "AR higher" could be shown
-        return "undetermined: the AR side is a lower bound"
-    return "no detectable difference"
+    if hi_ci[0] <= 0 <= lo_ci[1]:
+        return "no detectable difference"
+    if a_open.all() and b_open.all():
+        return "undetermined: no grid point failed on either side"
+    sides = [(name, int(o.sum())) for name, o in (("diffusion", a_open), ("AR", b_open)) if o.any()]
+    names = " and the ".join(name for name, _ in sides)
+    counts = " and ".join(str(n) for _, n in sides)
+    return (f"undetermined: the {names} side{'s are lower bounds' if len(sides) > 1 else ' is a lower bound'} "
+            f"({counts} of {d.size} replicates)")
 
 
 def critical_table(rows: Sequence[dict], threshold: float = 0.99, metric: str | None = None,
@@ -442,9 +464,9 @@ def markdown_report(table: Sequence[dict], threshold: float = 0.99, cap: bool = 
         "diffusion models). '≥' = no grid point failed "
         "(a lower bound); 'none passes' = even the first grid point failed." + ci_note
         + ("" if boot is None else " In the diffusion − AR comparison, '≥' / '≤' mark a difference that is only a "
-           "bound because one side's curve never failed a grid point (in some replicates): with the diffusion side "
-           "a lower bound only 'diffusion higher' can be concluded, with the AR side only 'AR higher', with both "
-           "neither; 'undetermined' says which, and a grid reaching sparser thresholds decides it."),
+           "bound because one side's curve never failed a grid point (in some replicates); a verdict is given only "
+           "when every true value at or above those bounds gives it, else 'undetermined' says which side is a bound "
+           "in how many replicates, and a grid reaching sparser thresholds decides it."),
         "",
         f"## Interpolated (linear, on measured sparsity, between the two grid points that bracket {threshold:g})",
         "",
