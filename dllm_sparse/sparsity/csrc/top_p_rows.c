@@ -149,6 +149,47 @@ INLINE uint32_t row_tau(const void *x, int kind, int64_t d, uint32_t max_bits, d
     return first_reaching(scratch, n, reach, target);
 }
 
+/* tau of one finite bf16 row with a positive maximum, as a float32 bit pattern: the same steps with one bucket per
+ * bf16 value (a bf16 has 7 fraction bits: 2^7 buckets per octave). The boundary bucket then holds equal values
+ * only, so its value is tau: no second pass over the row and no sort. One histogram (consecutive entries rarely
+ * share one of these finer buckets); the tail is gathered in the same pass. */
+INLINE uint32_t row_tau_bf16(const uint16_t *x, int64_t d, uint32_t max_bits, double p, int span, double *hist,
+                             float *scratch) {
+    const int64_t n_oct = span + 1, n_exact = n_oct << 7;
+    const int64_t top = (int64_t)(((max_bits >> 23) + 1) << 7) - 1;  /* bucket 0: the top of the max's octave */
+    memset(hist, 0, (size_t)n_exact * sizeof(double));
+    int64_t n_tail = 0;
+    for (int64_t i = 0; i < d; i++) {
+        const uint32_t h = x[i] & 0x7FFFu;
+        const int64_t b = top - (int64_t)h;
+        if (b < n_exact) hist[b] += (double)float_of(h << 16);
+        else if (h) scratch[n_tail++] = float_of(h << 16);  /* below the exact range (rare; zeros add nothing) */
+    }
+    /* Per-octave masses and their sum: exact in any order (point 1), so independent accumulators. */
+    double oct[64], exact = 0.0;  /* n_oct <= 30 (span <= 29) */
+    for (int64_t o = 0; o < n_oct; o++) {
+        const double *h = hist + (o << 7);
+        double a[8] = {0};
+        for (int j = 0; j < 128; j += 8)
+            for (int k = 0; k < 8; k++) a[k] += h[j + k];
+        oct[o] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+        exact += oct[o];
+    }
+    double total = exact;
+    if (n_tail) {  /* point 2: the tail, in descending order, added one by one */
+        sort_desc(scratch, n_tail);
+        for (int64_t k = 0; k < n_tail; k++) total += (double)scratch[k];
+    }
+    const double target = p * total;
+    if (target > exact) return first_reaching(scratch, n_tail, exact, target);
+    double reach = 0.0;
+    int64_t o = 0;
+    while (o < n_oct - 1 && !(oct[o] > 0.0 && reach + oct[o] >= target)) reach += oct[o++];
+    int64_t b = o << 7;
+    while (b < ((o + 1) << 7) - 1 && !(hist[b] > 0.0 && reach + hist[b] >= target)) reach += hist[b++];
+    return (uint32_t)(top - b) << 16;
+}
+
 /* One row: tau, then out = x * keep and the row's zero count. hist, scratch: the caller's work space. */
 INLINE int64_t one_row(const void *x, void *out, int kind, int64_t d, double p, int span, double *hist,
                       float *scratch) {
@@ -161,6 +202,7 @@ INLINE int64_t one_row(const void *x, void *out, int kind, int64_t d, double p, 
     if (max_bits > INF_BITS) tau = 1u;             /* NaN row: keep every non-zero entry */
     else if (max_bits == INF_BITS) tau = INF_BITS;  /* the running sum is inf from the first inf on */
     else if (max_bits == 0) tau = 1u;               /* all zeros: nothing is non-zero, nothing is kept */
+    else if (kind == BF16) tau = row_tau_bf16(x, d, max_bits, p, span, hist, scratch);
     else tau = row_tau(x, kind, d, max_bits, p, span, hist, scratch);
     /* A dropped entry is finite (tau <= inf; a NaN row keeps every non-zero), so x * 0 = x's sign bit. */
     int64_t kept = 0;
@@ -191,7 +233,7 @@ INLINE int64_t one_row(const void *x, void *out, int kind, int64_t d, double p, 
 INLINE int top_p_rows(const void *x, int kind, int64_t rows, int64_t d, double p, int span, void *out,
                       int64_t *zeros, int n_threads) {
     const size_t elem = kind == BF16 ? 2 : 4;
-    const size_t hist_len = 4 * (size_t)((((int64_t)span + 1) << SUB) + 1);
+    const size_t hist_len = kind == BF16 ? (size_t)((int64_t)span + 1) << 7 : 4 * (size_t)((((int64_t)span + 1) << SUB) + 1);
     int failed = 0;
 #pragma omp parallel num_threads(n_threads > 0 ? n_threads : 1) if (rows > 1 && n_threads > 1) reduction(| : failed)
     {
