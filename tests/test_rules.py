@@ -466,6 +466,44 @@ def test_row_sort_equals_reference_bit_for_bit(dtype, d):
         assert torch.equal(TopP(0.9).mask(x), top_p_mask_row_sort(x, 0.9))  # auto on CPU is this path
 
 
+def test_row_sort_traces_in_one_graph():
+    """The CPU rule inside torch.compile (TopP "auto" runs the row sort there): one graph (fullgraph=True fails on any
+    graph break, e.g. a host sync such as bool(tensor.any())), the reference's masks, NaN / all-zero rows included."""
+    import torch._dynamo
+
+    hard = _hard_rows(96, seed=5)
+    x = torch.cat([hard["special"], hard["ties"], hard["normal"]])
+    assert x.isnan().any(-1).any() and (x == 0).all(-1).any()  # the rows the NaN / zero handling is for
+    for p in (0.3, 0.7, 1 - 1e-12):
+        torch._dynamo.reset()  # a fresh compile: p a constant of the graph, as in a sparsified model
+        rule = TopP(p)
+        compiled = torch.compile(lambda v, rule=rule: (rule.mask(v), rule(v)), fullgraph=True, backend="eager")
+        keep, out = compiled(x)
+        assert torch.equal(keep, _reference(x, p)), p
+        assert torch.equal(out.view(torch.int32), x.masked_fill(~keep, 0).view(torch.int32))  # NaN included
+
+
+def test_sparsified_model_compiles_without_breaks_from_the_rule(tiny_model, token_ids):
+    """A compiled sparsified model: the only graph breaks are the hooks' statistics (compiler.disable'd by design),
+    none in the rule, and the logits are the eager ones."""
+    import torch._dynamo
+
+    from dllm_sparse import SparsityConfig, sparsify
+
+    model = tiny_model("llama")
+    for site in ("gate",):  # one site: every site's hook calls the same rule.mask
+        with torch.no_grad(), sparsify(model, SparsityConfig(site, TopP(0.7))):
+            eager = model(token_ids).logits
+            torch._dynamo.reset()
+            explained = torch._dynamo.explain(model)(token_ids)
+            rule_breaks = [b.reason for b in explained.break_reasons
+                           if any("rules.py" in frame.filename for frame in b.user_stack)]
+            assert explained.graph_break_count > 0  # the statistics' breaks: explain saw the hooks
+            assert rule_breaks == [], rule_breaks
+            torch._dynamo.reset()
+            assert torch.equal(torch.compile(model, backend="eager")(token_ids).logits, eager)
+
+
 def test_histogram_alone_is_exact_on_narrow_rows(monkeypatch):
     """Rows within the exact range never reach the sorted fallback: the histogram itself finds the reference's
     tau, rounding of the mass sums and all (sums land exactly on targets in the dyadic rows)."""

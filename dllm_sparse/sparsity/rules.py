@@ -222,7 +222,8 @@ def top_p_mask_row_sort(x: torch.Tensor, p: float) -> torch.Tensor:
     float32, and float32 -> float64 is exact and monotone, so the sorted row equals the reference's float64
     sorted row. The same ``torch.cumsum`` in float64 then gives the same running sums, target and tau, rounding
     included; the cut is found by a binary search (the running sums of |v| never decrease). float64 input sorts
-    in float64; other devices run the reference."""
+    in float64; other devices run the reference. Inside ``torch.compile`` the sort is ``torch.sort`` (the same
+    values) and nothing waits on a tensor's value, so the rule traces without a graph break."""
     p = _check_p(p)
     if p >= 1.0 or x.numel() == 0:
         return x.detach() != 0  # |v| != 0 <=> v != 0 (NaN included)
@@ -232,22 +233,25 @@ def top_p_mask_row_sort(x: torch.Tensor, p: float) -> torch.Tensor:
     a = x.detach().reshape(-1, d).abs()
     if a.dtype != torch.float64:
         a = a.float()
-    desc = a.neg()
-    desc.numpy().sort(axis=-1)  # -|v| ascending, in place ...
-    desc.neg_()  # ... = |v| descending
+    if torch.compiler.is_compiling():
+        desc = torch.sort(a, dim=-1, descending=True).values  # traceable; the same values in the same order
+    else:
+        desc = a.neg()
+        desc.numpy().sort(axis=-1)  # -|v| ascending, in place ...
+        desc.neg_()  # ... = |v| descending
     csum = desc.cumsum(dim=-1, dtype=torch.float64)
     total = csum[:, -1:]
     # The reference's k - 1 = the number of running sums below the target (NaN rows are settled below).
     k_minus_1 = torch.searchsorted(csum, p * total).clamp_(max=d - 1)
     tau = desc.gather(1, k_minus_1)
-    # tau > 0 unless the row is all zeros; there the smallest positive value keeps nothing, as zeros never are.
-    # With tau > 0, |v| >= tau is the reference's "not |v| < tau and v != 0" in one pass.
-    keep = a >= torch.where(tau > 0, tau, _SMALLEST_POSITIVE[tau.dtype])
-    nan_rows = total.isnan().squeeze(-1)  # |v| sums to NaN exactly when the row holds a NaN
-    if bool(nan_rows.any()):
-        rows = nan_rows.nonzero().squeeze(-1)
-        keep[rows] = x.detach().reshape(-1, d)[rows] != 0
-    return keep.reshape(x.shape)
+    # One threshold per row, compared as "not |v| < tau" (a NaN entry is never below it), all in tensor ops, so
+    # that torch.compile traces the rule without a graph break:
+    # - tau > 0 unless the row is all zeros; there the smallest positive value keeps nothing (zeros never are);
+    # - a row holding a NaN (its |v| sum to NaN) keeps every non-zero entry: the smallest positive value again.
+    # With tau > 0, "not |v| < tau" is the reference's "not |v| < tau and v != 0".
+    keep_all_nonzero = (tau <= 0) | total.isnan()
+    tau = torch.where(keep_all_nonzero, _SMALLEST_POSITIVE[tau.dtype], tau)
+    return (a < tau).logical_not_().reshape(x.shape)
 
 
 def _top_p_mask_sorted(x: torch.Tensor, p: float) -> torch.Tensor:
