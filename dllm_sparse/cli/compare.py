@@ -51,6 +51,8 @@ from dllm_sparse.sparsity.sites import ALL_SITES, SitesAction
 DEFAULT_AR = "smollm2-135m"
 DEFAULT_DIFFUSION = "smollm2-135m-mdm"
 CPU_MC_NUM = 2  # ELBO samples per item on a CPU (GPU: 128); every item of the built-in tasks is scored
+SMOKE_LIMIT = 2
+SMOKE_THRESHOLDS = (1.0, 0.8)
 
 
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
@@ -94,8 +96,9 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
                          "mc_batch 8 (dllm_sparse.eval.presets; explicit --mc-num / --mc-batch win)")
     ap.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--device", default=None, help="cpu / cuda / auto (default: auto on GPU, cpu otherwise)")
-    ap.add_argument("--output-dir", default="runs/llada_vs_llama",
-                    help="rows, tables, figures and summary (default: runs/llada_vs_llama; a rerun resumes it)")
+    ap.add_argument("--output-dir", default=None,
+                    help="rows, tables, figures and summary (default: runs/llada_vs_llama, with --smoke "
+                         "runs/compare_smoke; a rerun resumes it)")
     ap.add_argument("--seed", type=int, default=1234, help="seed of the ELBO masks (default: 1234)")
     ap.add_argument("--step-threshold", type=float, default=None,
                     help="threshold of the sparsity-vs-denoising-step profile (default: 0.9 for top_p, middle of "
@@ -115,13 +118,55 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
                          "at 1 first, so a task above dense cannot hide another's loss)")
     ap.add_argument("--n-boot", type=int, default=1000,
                     help="bootstrap replicates of the intervals (paired over items; 0: no intervals)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--no-progress", action="store_true",
+                    help="no progress bars (default: bars on stderr when it is a terminal: the sweep's cells, the "
+                         "items of each cell)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="check the whole pipeline in seconds: a tiny random AR model and its tiny random diffusion "
+                         f"counterpart (byte tokenizer, no download), {SMOKE_LIMIT} items per task, thresholds "
+                         f"{' '.join(map(str, SMOKE_THRESHOLDS))} unless given, one process, no step profile; "
+                         "its numbers mean nothing")
     args = ap.parse_args(argv)
+    if args.smoke:
+        given = [o for o, v in (("--diffusion-model", args.diffusion_model), ("--ar-model", args.ar_model)) if v]
+        if given:
+            ap.error(f"--smoke runs its own tiny random models; drop {' and '.join(given)} (or --smoke)")
+        if args.workers not in ("auto", "1"):
+            ap.error(f"--smoke runs in one process (its models are built in memory); drop --workers {args.workers}")
+        args.workers, args.no_step_profile = "1", True  # the byte tokenizer has no chat template to generate with
+        args.limit = SMOKE_LIMIT if args.limit is None else args.limit
+        args.thresholds = args.thresholds or list(SMOKE_THRESHOLDS)
+    args.output_dir = args.output_dir or ("runs/compare_smoke" if args.smoke else "runs/llada_vs_llama")
     if args.n_boot < 0:
         ap.error(f"--n-boot must be a whole number >= 0 (got {args.n_boot}; 0: no intervals)")
     if args.limit is not None and args.limit < 1:
         ap.error(f"--limit must be a whole number >= 1 (got {args.limit}); leave it out to use every item")
     return args
+
+
+def smoke_models() -> list:
+    """``--smoke``'s pair: a tiny random LLaDA and a tiny random LLaMA of the same shape over the byte tokenizer
+    (:class:`dllm_sparse.eval.likelihood.ByteTokenizer`), built in memory: the pipeline runs, the numbers are noise."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dllm_sparse.eval.likelihood import ByteTokenizer
+    from dllm_sparse.models.llada import LLaDAModelLM, tiny_llada_config
+    from dllm_sparse.models.loading import LoadedModel
+
+    tok = ByteTokenizer()
+    torch.manual_seed(0)
+    diffusion = LLaDAModelLM(tiny_llada_config(vocab_size=tok.vocab_size, embedding_size=tok.vocab_size,
+                                               mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id, max_sequence_length=1024)).eval()
+    c = diffusion.config
+    ar = LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=c.d_model, num_hidden_layers=c.n_layers,
+                                      num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
+                                      intermediate_size=c.mlp_hidden_size, max_position_embeddings=1024,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id)).eval()
+    return [LoadedModel(diffusion, tok, "diffusion", "tiny-llada (smoke)", tok.mask_token_id, "llada"),
+            LoadedModel(ar, tok, "ar", "tiny-llama (smoke)", None, "llama")]
 
 
 def resolve_models(args) -> tuple[list[str], list[str]]:
@@ -341,14 +386,16 @@ def main(argv=None, prog: str | None = None) -> int:
     default_step = {"top_p": 0.9, "paper_top_p": 90.0}.get(args.rule, mid)
     args.step_p = args.step_threshold if args.step_threshold is not None else default_step
     args.scope = args.scope or ("sequence" if args.rule == "paper_top_p" else "token")
-    models, notes = resolve_models(args)
+    models, notes = (smoke_models(), ["SMOKE RUN: tiny random models; the numbers mean nothing"]) if args.smoke \
+        else resolve_models(args)
+    names = [getattr(m, "name", m) for m in models]  # --smoke's are built in memory (LoadedModel)
     out = Path(args.output_dir)
     if launch_note(world):
         notes.append(launch_note(world))
     if rank == 0:
         for n in notes:
             print(n)
-        print(f"models: {models}\nsites: {args.sites}\nrule: {args.rule} ({args.scope} scope), "
+        print(f"models: {names}\nsites: {args.sites}\nrule: {args.rule} ({args.scope} scope), "
               f"thresholds: {thresholds}\n"
               f"tasks: {args.tasks}, limit: {limit}\nguided ELBO cfg_scale: {cfg_scale}"
               f"{f' (preset {preset.name})' if preset else ''}\nmc_num: {mc_num}, mc_batch: {mc_batch}, batch_size: "
@@ -386,7 +433,7 @@ def main(argv=None, prog: str | None = None) -> int:
     phases["figures"] = time.perf_counter() - t_figs
     t_profile = time.perf_counter()
     profile = elbo_ratio_profile(rows, args.step_p)
-    diffusion = [m for m in models if any(r["model"] == m and r["kind"] == "diffusion" for r in rows)]
+    diffusion = [m for m in names if any(r["model"] == m and r["kind"] == "diffusion" for r in rows)]
     if diffusion and not args.no_step_profile:
         prof_path = out / "step_profile.json"
         identity = step_profile_identity(diffusion[0], args, device, dtype, rows)
@@ -398,7 +445,7 @@ def main(argv=None, prog: str | None = None) -> int:
     status = read_json_or_none(out / "status.json") or {}
     breakdown, worker_seconds = time_breakdown(rows, started, status, phases, wall, workers, sweep_wall)
     machine = machine_description(threads) + (f"; sweep in {workers_why}" if workers > 1 else "")
-    summary = {"wall_seconds": wall, "sweep_seconds": t_sweep, "models": models, "notes": notes,
+    summary = {"wall_seconds": wall, "sweep_seconds": t_sweep, "models": names, "notes": notes,
                "time_breakdown_seconds": dict(breakdown), "machine": machine, "workers": workers,
                "threads_per_worker": worker_threads,
                **({"compute_seconds_summed_over_workers": dict(worker_seconds)} if workers > 1 else {}),
