@@ -64,7 +64,10 @@ def _parser(prog: str, description: str, table: Table) -> argparse.ArgumentParse
 def _dispatch(prog: str, description: str, table: Table, argv: list[str]) -> int:
     # Only the command's name is parsed here: --help / --version, a missing or unknown command end in argparse's
     # usage message (naming the choices); everything after the name is the command's own.
-    name = _parser(prog, description, table).parse_args(argv[:1]).command
+    parser = _parser(prog, description, table)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        parser.error(f"{argv[0]!r} comes before any command: options go after it ({prog} COMMAND [options])")
+    name = parser.parse_args(argv[:1]).command
     target, line = table[name]
     if isinstance(target, dict):
         return _dispatch(f"{prog} {name}", line, target, argv[1:])

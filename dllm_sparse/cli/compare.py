@@ -76,7 +76,8 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
                    help="threshold grid: quick (6 points) or standard (25 points) of the rule (default: quick)")
     g.add_argument("--thresholds", nargs="+", type=float, help="explicit thresholds (overrides --grid)")
     ap.add_argument("--tasks", nargs="+", default=["builtin_mc", "builtin_ppl"],
-                    help="built-in (builtin_mc, builtin_ppl) or lm-eval task names (name or name:metric)")
+                    help="built-in (builtin_mc, builtin_ppl) or lm-eval task names (name or name:metric; default: "
+                         "builtin_mc builtin_ppl)")
     ap.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs")
     ap.add_argument("--limit", type=int, default=None,
                     help="items per task (default: all: the 64 multiple-choice items and 48 passages of the "
@@ -85,7 +86,7 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
                     help=f"Monte-Carlo samples of the ELBO (default: CPU {CPU_MC_NUM}, GPU 128)")
     ap.add_argument("--mc-batch", type=int, default=None, help="stratified mini-batch b of the ELBO (default: "
                                                                "min(16, mc_num))")
-    ap.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
+    ap.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default: %(default)s)")
     ap.add_argument("--head-chunk", type=int, default=None,
                     help="LM head on this many scored rows at a time (bounds logit memory for long rolling windows "
                          "at a 126k vocabulary, docs/memory.md; default: all at once; part of the cell keys)")
@@ -117,7 +118,8 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
                     help="task-averaged curve: average the raw relative performances (default: each task capped "
                          "at 1 first, so a task above dense cannot hide another's loss)")
     ap.add_argument("--n-boot", type=int, default=1000,
-                    help="bootstrap replicates of the intervals (paired over items; 0: no intervals)")
+                    help="bootstrap replicates of the intervals (paired over items; 0: no intervals; default: "
+                         "%(default)s)")
     ap.add_argument("--no-progress", action="store_true",
                     help="no progress bars (default: bars on stderr when it is a terminal: the sweep's cells, the "
                          "items of each cell)")
