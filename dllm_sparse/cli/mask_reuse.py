@@ -306,6 +306,7 @@ def main(argv=None, prog: str | None = None) -> int:
 
     matplotlib.use("Agg")  # this script writes figure files; the library leaves the backend to its user
     import torch
+    from tqdm.auto import tqdm
 
     from dllm_sparse.eval.reuse_plots import plot_overlap, plot_step_matrices, plot_tracker_heatmaps, plot_tradeoff
     from dllm_sparse.eval.reuse_study import (
@@ -396,7 +397,9 @@ def main(argv=None, prog: str | None = None) -> int:
         ids = encode(model_lm.tokenizer, prompts, chat)
         loaded = model_fields(model_lm)  # weights hash, dtype, device type: part of every key
         plan = [(None, None)] + [(s, p) for s in sites for p in pols]
-        for site, pol in plan:
+        # a bar over this model's cells, on stderr, hidden when it is not a terminal
+        bar = tqdm(plan, desc=f"mask-reuse {kind}", unit="cell", file=sys.stderr, disable=None, dynamic_ncols=True)
+        for site, pol in bar:
             base = {"model": model_lm.name, "kind": kind, "site": site, "policy": pol or "dense", "p": args.p,
                     "new_positions": args.new_positions, "gen": g_cfg.to_dict(), "prompts": ids,
                     "probe": [args.probe_layer, args.probe_positions, args.probe_metric, args.probe_region]
@@ -424,8 +427,8 @@ def main(argv=None, prog: str | None = None) -> int:
                    **row}
             writer.write(row)
             done[key] = row
-            print(f"[mask_reuse] {kind:9s} {site or 'dense':12s} {pol or '':14s} {time.perf_counter() - t0:6.1f}s "
-                  f"sparsity={_f(row.get('sparsity'))} selections={row.get('selections', '–')}", flush=True)
+            bar.write(f"[mask_reuse] {kind:9s} {site or 'dense':12s} {pol or '':14s} {time.perf_counter() - t0:6.1f}s "
+                      f"sparsity={_f(row.get('sparsity'))} selections={row.get('selections', '–')}", file=sys.stdout)
 
     plan_for(lm, "diffusion", policies, gcfg)
     del lm
