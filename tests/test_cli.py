@@ -166,3 +166,12 @@ def test_the_experiment_scripts_are_the_library_commands(script, module):
     r = subprocess.run([sys.executable, f"experiments/{script}.py", "--help"], capture_output=True, text=True,
                        timeout=300, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.startswith(f"usage: {script}.py")
+
+
+def test_python_dash_m_is_the_same_command():
+    r = subprocess.run([sys.executable, "-m", "dllm_sparse.cli", "--version"], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.startswith("dllm-sparse ")
+    r = subprocess.run([sys.executable, "-m", "dllm_sparse.cli", "frontier", "stp"], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 2 and "dllm-sparse frontier: error: argument COMMAND: invalid choice: 'stp'" in r.stderr
