@@ -129,8 +129,8 @@ def positive_int(text: str) -> int:
     return v
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output-dir", type=Path, default=Path(os.environ.get("OUT") or "runs/device_check/out"),
                     help="what comes back: four files (default: $OUT when set, else runs/device_check/out)")
@@ -648,8 +648,8 @@ def pack(work: Path, out: Path) -> dict:
             "left_out_to_fit": left_out}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = build_parser()
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    ap = build_parser(prog)  # prog: `dllm-sparse device-check` runs this
     args = ap.parse_args(argv)
     args.explicit_parts, args.parts = args.parts, args.parts or list(DEFAULT_PARTS)
     if len(set(args.parts)) != len(args.parts):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import dllm_sparse.cli.generate as generate_cli
 from dllm_sparse.sparsity.config import SparsityConfig
 from dllm_sparse.sparsity.sites import parse_sites
 
@@ -212,7 +213,7 @@ def test_generate_demo_writes_its_trace(tmp_path, monkeypatch):
         seen.append((kind, name, sparsity.id))
         return {"model": name, "kind": kind, "ids": torch.tensor([[1, 2]]), "config": sparsity}
 
-    monkeypatch.setattr(demo, "run_model", fake_run)
+    monkeypatch.setattr(generate_cli, "run_model", fake_run)  # the script's main is the library's
     trace = tmp_path / "trace.json"
     assert demo.main(["--no-diffusion", "--prompt", "hi", "--trace-out", str(trace)]) == 0
     assert seen == [("ar", "smollm2-135m", "input:top_p:0.9:token")]
@@ -267,7 +268,7 @@ def _demo_refuses(argv, monkeypatch, capsys) -> str:
     """Run the demo's main with run_model replaced; it must stop with a one-line usage error before any run."""
     demo = _script("generate_demo")
     ran = []
-    monkeypatch.setattr(demo, "run_model", lambda *a: ran.append(a))
+    monkeypatch.setattr(generate_cli, "run_model", lambda *a: ran.append(a))
     with pytest.raises(SystemExit) as e:
         demo.main(argv)
     assert e.value.code == 2 and not ran  # nothing was loaded or generated first

@@ -10,6 +10,7 @@ LAYERS = {
     "dllm_sparse.sparsity": 0, "dllm_sparse.steps": 0, "dllm_sparse.models": 0, "dllm_sparse.atomic": 0,
     "dllm_sparse.samplers": 1, "dllm_sparse.kernels": 1,
     "dllm_sparse.eval": 2,
+    "dllm_sparse.cli": 3,
 }
 # Where each package's files live in the repository.
 FOLDERS = {"dllm_sparse.samplers": ROOT / "samplers", "dllm_sparse.kernels": ROOT / "kernels"}

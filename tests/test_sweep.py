@@ -559,3 +559,36 @@ def test_workers_refuse_loaded_models_and_bad_counts(tmp_path):
     with pytest.raises(ValueError, match="under a launcher"):
         run_sweep(_cfg(tmp_path / "c"), workers=2, rank=0, world_size=2)
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()  # refused before anything is written
+
+
+class _Terminal:
+    """A stderr that says it is a terminal (tqdm draws its bars only on one) and keeps what was written."""
+
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self):
+        return True
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_the_sweep_shows_a_bar_over_its_cells_on_a_terminal_only(tmp_path, monkeypatch, capsys, terminal):
+    # one model, one site, thresholds 1.0 and 0.8: two units (the dense pass with its p = 1 cell, the 0.8 cell)
+    cfg = _cfg(tmp_path, models=_models()[:1], sites=["input"], tasks=["mc"], limit=2, thresholds=[1.0, 0.8],
+               progress=True)
+    err = _Terminal()
+    if terminal:
+        monkeypatch.setattr("sys.stderr", err)
+    rows = run_sweep(cfg, task_factory=Counter())
+    assert len(rows) == 3  # dense, p = 1, p = 0.8
+    if terminal:
+        assert "sweep: 100%" in err.text and "2/2" in err.text and "cell" in err.text
+    else:  # stderr captured by pytest: not a terminal, so no bar at all
+        assert "sweep" not in capsys.readouterr().err
+    monkeypatch.undo()

@@ -80,6 +80,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -905,7 +906,10 @@ def run_sweep(
     if cfg.progress and todo:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc=f"sweep (rank {rank})" if world > 1 else "sweep", dynamic_ncols=True)
+        # One step per unit (a dense pass with its p = 1 cells, or one sparse cell), also those other processes
+        # finish; on stderr, hidden when it is not a terminal (a log file gets no bar redraws).
+        bar = tqdm(total=len(todo), desc=f"sweep (rank {rank})" if world > 1 else "sweep", unit="cell",
+                   file=sys.stderr, disable=None, dynamic_ncols=True)
     procs = _start_workers(cfg, workers, worker_threads, custom) if world == 1 and todo else []
     opened = False
     wait = ClaimWait(out) if claim_wait is None else claim_wait
