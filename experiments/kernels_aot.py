@@ -39,11 +39,15 @@ MAX_TOKENS = 288
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
+                   help=f"published FFN shapes to plan launches for (default: {' '.join(SHAPES)})")
+    p.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=["fp16", "bf16", "fp32"],
+                   help="activation / weight dtypes (default: fp16 bf16; fp32 is checked for spills too)")
     p.add_argument("--tokens", nargs="+", type=int, default=None,
                    help=f"token counts M (default: every M in 1..{MAX_TOKENS})")
-    p.add_argument("--archs", nargs="+", type=int, default=sorted(ARCH_SMS), choices=sorted(ARCH_SMS))
+    p.add_argument("--archs", nargs="+", type=int, default=sorted(ARCH_SMS), choices=sorted(ARCH_SMS),
+                   help="CUDA compute capabilities to compile for, as 80 / 90 (default: 80 90: A100, H100 with "
+                        "108 / 132 SMs)")
     p.add_argument("--json", type=Path, default=None, help="write every row (and the versions) here")
     p.add_argument("--markdown", type=Path, default=None, help="write the table as a markdown file here")
     return p
