@@ -154,12 +154,10 @@ def _tagged(stats: SparsityStats | None, tag: Hashable, groups: dict[str, torch.
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    import sys
-
     from tqdm.auto import tqdm
 
-    # on stderr, hidden when it is not a terminal
-    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, disable=None, dynamic_ncols=True)
+    # Shown whenever enabled (lm-eval's disable_tqdm decides, as for lm-eval's own bars), on stderr.
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def item_generator(seed: int, key: Hashable) -> torch.Generator:
