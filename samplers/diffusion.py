@@ -7,7 +7,9 @@ The loop, per block and per step:
 
 1. canvas = left-padded prompt + ``gen_length`` mask tokens; prompt positions never change.
 2. At a block's start, n = its masked positions (per row); step i of the block commits n // s tokens, plus one
-   on the first n % s steps (s = steps per block).
+   on the first n % s steps (s = steps per block). The block ends when its s steps are spent or none of its
+   positions is masked any more (the same step under this schedule); callbacks read the boundaries from the step
+   state (``StepState.block``, ``block_slice``, ``first_step_of_block``, ``last_step_of_block``).
 3. One forward pass over the whole canvas (default; with ``GenerationConfig(block_cache="prefix" | "dual")`` a
    block's later steps compute only some rows and read the others' keys and values from the block's first step:
    :mod:`.block_cache`); the LM head runs on the rows the step reads only (the
