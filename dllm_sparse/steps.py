@@ -13,7 +13,26 @@ from typing import Any
 
 import torch
 
-__all__ = ["StepState", "GenerationCallback", "CallbackList", "attached_callbacks"]
+__all__ = ["Geometry", "StepState", "GenerationCallback", "CallbackList", "attached_callbacks"]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A generation's block schedule, resolved once by the generator (``StepState.geometry``).
+
+    Diffusion: the ``gen_length`` generated positions are cut into ``num_blocks`` blocks of ``block_length``,
+    decoded left to right; ``steps`` is the most steps the generation may take and ``steps_per_block`` the most
+    one block may take. The fixed schedule (:func:`~dllm_sparse.samplers.step_rule.num_transfer_tokens`) spends
+    exactly ``steps_per_block`` steps on every block; a sampler whose block ends when it has no mask left may
+    spend fewer, so callbacks read the block boundaries from the step state (``block``, ``first_step_of_block``,
+    ``last_step_of_block``), never from these numbers. Autoregressive: one block of ``max_new_tokens`` positions
+    and as many steps (one token per step; the prefill is step 0)."""
+
+    gen_length: int
+    block_length: int
+    num_blocks: int
+    steps: int  # the most steps of the generation
+    steps_per_block: int  # the most steps of one block
 
 
 @dataclass
@@ -34,6 +53,16 @@ class StepState:
     chose from for the current block, [B, block_length, V] (after guidance and any logit shift). Return
     ``True`` or ``{"stop": True}`` from ``on_step_end`` (or call :meth:`request_stop`) to stop generation after
     this step.
+
+    Geometry (set by the generator, read by callbacks instead of re-deriving it from the config):
+    ``geometry`` (:class:`Geometry`) is the resolved schedule; per step, ``block`` is the current block's index,
+    ``step_in_block`` the step's index within it, ``block_slice`` the block's canvas columns
+    (``block_start``/``block_end``), ``first_step_of_block`` whether this is the block's first step and
+    ``last_step_of_block`` whether it is its last: at ``on_step_begin`` by the plan (the block's step budget is
+    spent after this step), at ``on_step_end`` by the outcome (budget spent, or no position of the block is still
+    masked). Autoregressive: a single block, ``block`` 0, ``step_in_block`` = ``step``, ``block_slice`` the
+    ``max_new_tokens`` columns after the prompt. :meth:`for_forward` lays a [B, S] canvas mask out as the forward
+    batch (guidance's unconditional rows repeat the conditional ones; optionally cut to ``rows``).
     """
 
     kind: str  # "diffusion" or "ar"
@@ -42,9 +71,13 @@ class StepState:
     batch_size: int
     prompt_length: int  # padded prompt length P
     num_steps: int  # planned steps (AR: max_new_tokens)
+    geometry: Geometry | None = None
     step: int = 0
     block: int = 0
     step_in_block: int = 0
+    block_slice: slice | None = None  # the current block's canvas columns
+    first_step_of_block: bool = False
+    last_step_of_block: bool = False
     tag: Hashable = 0
     canvas: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None  # [B, S] of real tokens
@@ -62,6 +95,27 @@ class StepState:
 
     def request_stop(self) -> None:
         self.stop_requested = True
+
+    @property
+    def block_start(self) -> int:
+        """The current block's first canvas column."""
+        return self.block_slice.start
+
+    @property
+    def block_end(self) -> int:
+        """One past the current block's last canvas column."""
+        return self.block_slice.stop
+
+    def for_forward(self, mask: torch.Tensor, *, computed_rows: bool = False) -> torch.Tensor:
+        """A per-row canvas mask [B, S] as the forward batch sees it: [forward_batch, S], repeated for the
+        unconditional rows of classifier-free guidance (conditional rows first); with ``computed_rows`` cut to the
+        canvas rows this step's forward computes (``rows``, a block cache)."""
+        if self.forward_batch and self.forward_batch != mask.shape[0]:
+            if self.forward_batch % mask.shape[0]:
+                raise ValueError(f"a mask of {mask.shape[0]} rows cannot be laid out as the forward batch of "
+                                 f"{self.forward_batch} rows; give one row per prompt ({self.batch_size})")
+            mask = mask.repeat(self.forward_batch // mask.shape[0], 1)
+        return mask[:, self.rows] if computed_rows and self.rows is not None else mask
 
 
 class GenerationCallback:

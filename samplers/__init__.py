@@ -16,12 +16,19 @@ Spec: ``docs/generation.md``. The sampler loops are the only place with generati
 everything else (sparsity, statistics, mask tracking) attaches through callbacks and module hooks.
 """
 
-from dllm_sparse.steps import CallbackList, GenerationCallback, StepState
+from dllm_sparse.steps import CallbackList, GenerationCallback, Geometry, StepState
 
 from .autoregressive import AutoregressiveGenerator
 from .common import encode_prompts, left_pad
 from .config import GenerationConfig, GenerationResult, StepInfo
-from .diffusion import MaskedDiffusionGenerator, num_transfer_tokens, resolve_mask_id, validate_geometry
+from .diffusion import (
+    MaskedDiffusionGenerator,
+    fit_geometry,
+    num_transfer_tokens,
+    resolve_geometry,
+    resolve_mask_id,
+    validate_geometry,
+)
 from .generate import detect_kind, generate, make_generator
 from .progress import ProgressBar
 from .replay import ReplayResult, ReplayStep, prediction_agreement, replay, trajectory_of
@@ -29,9 +36,10 @@ from .step_sparsity import StepSparsity
 from .tracking import MaskOverlapTracker, PackedMask, mask_overlap
 
 __all__ = [
-    "GenerationConfig", "GenerationResult", "StepInfo", "StepState", "GenerationCallback", "CallbackList",
+    "GenerationConfig", "GenerationResult", "StepInfo", "StepState", "Geometry", "GenerationCallback", "CallbackList",
     "MaskedDiffusionGenerator", "AutoregressiveGenerator", "generate", "make_generator", "detect_kind",
     "StepSparsity", "MaskOverlapTracker", "PackedMask", "mask_overlap",
-    "validate_geometry", "num_transfer_tokens", "resolve_mask_id", "encode_prompts", "left_pad",
+    "validate_geometry", "resolve_geometry", "fit_geometry", "num_transfer_tokens", "resolve_mask_id",
+    "encode_prompts", "left_pad",
     "replay", "ReplayResult", "ReplayStep", "trajectory_of", "prediction_agreement", "ProgressBar",
 ]

@@ -30,7 +30,7 @@ import torch
 
 from dllm_sparse.models.loading import model_device
 from dllm_sparse.models.wrappers import forward_parameters
-from dllm_sparse.steps import CallbackList, StepState
+from dllm_sparse.steps import CallbackList, Geometry, StepState
 
 from .common import (
     Timer,
@@ -133,8 +133,12 @@ class AutoregressiveGenerator:
         produced = [0] * B
         hit_stop = [False] * B
         prompt_mask = am.bool()
+        # One block: the max_new_tokens positions after the prompt, one token per step (the prefill is step 0).
         state = StepState(kind="ar", model=model, config=cfg, batch_size=B, prompt_length=P, num_steps=n_max,
-                          canvas=seq, attention_mask=attn, prompt_mask=prompt_mask, forward_batch=B)
+                          geometry=Geometry(gen_length=n_max, block_length=n_max, num_blocks=1, steps=n_max,
+                                            steps_per_block=n_max),
+                          block_slice=slice(P, P + n_max), canvas=seq, attention_mask=attn,
+                          prompt_mask=prompt_mask, forward_batch=B)
         cbs = CallbackList(callbacks, model=model)
         trace: list[StepInfo] = []
         nfe, stopped = 0, False
@@ -151,6 +155,7 @@ class AutoregressiveGenerator:
                     decoded[:, P:] = attn[:, P:].bool()
                     groups = {"decoded": decoded}
                 state.step, state.block, state.step_in_block = t, 0, t
+                state.first_step_of_block, state.last_step_of_block = t == 0, t == n_max - 1
                 state.tag = "prefill" if t == 0 else t
                 state.canvas, state.attention_mask, state.groups = seq, attn, groups
                 state.masked = torch.zeros((B, S), dtype=torch.bool, device=device)
@@ -192,13 +197,15 @@ class AutoregressiveGenerator:
                 elapsed = timer.elapsed()
                 state.canvas, state.attention_mask = seq, attn
                 state.committed, state.new_tokens, state.nfe, state.elapsed = committed, nxt, nfe, elapsed
+                all_done = not bool(active.any())
+                state.last_step_of_block = t == n_max - 1 or all_done
                 trace.append(StepInfo(t, 0, state.tag, nfe, elapsed,
                                       [[t] if act[r] else [] for r in range(B)],
                                       [[new[r]] if act[r] else [] for r in range(B)]))
                 if cbs.step_end(state):
                     stopped = True
                     break
-                if not bool(active.any()):
+                if all_done:
                     break
                 x_in = nxt[:, None]
                 pos_in = pos_in[:, -1:] + 1

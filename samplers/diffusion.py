@@ -7,7 +7,9 @@ The loop, per block and per step:
 
 1. canvas = left-padded prompt + ``gen_length`` mask tokens; prompt positions never change.
 2. At a block's start, n = its masked positions (per row); step i of the block commits n // s tokens, plus one
-   on the first n % s steps (s = steps per block).
+   on the first n % s steps (s = steps per block). The block ends when its s steps are spent or none of its
+   positions is masked any more (the same step under this schedule); callbacks read the boundaries from the step
+   state (``StepState.block``, ``block_slice``, ``first_step_of_block``, ``last_step_of_block``).
 3. One forward pass over the whole canvas (default; with ``GenerationConfig(block_cache="prefix" | "dual")`` a
    block's later steps compute only some rows and read the others' keys and values from the block's first step:
    :mod:`.block_cache`); the LM head runs on the rows the step reads only (the
@@ -58,7 +60,7 @@ import torch.nn.functional as F
 from dllm_sparse.models.families import detect_family, family_named, without_lm_head
 from dllm_sparse.models.llada import CanvasKVCache
 from dllm_sparse.models.loading import model_device
-from dllm_sparse.steps import CallbackList, StepState
+from dllm_sparse.steps import CallbackList, Geometry, StepState
 
 from .block_cache import check_block_cache, rows_to_compute
 from .common import (
@@ -73,7 +75,8 @@ from .common import (
 from .config import GenerationConfig, GenerationResult, StepInfo
 from .step_rule import commit_step, forced_commit, forced_steps, num_transfer_tokens
 
-__all__ = ["MaskedDiffusionGenerator", "validate_geometry", "num_transfer_tokens", "resolve_mask_id"]
+__all__ = ["MaskedDiffusionGenerator", "validate_geometry", "resolve_geometry", "fit_geometry",
+           "num_transfer_tokens", "resolve_mask_id"]
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
@@ -121,6 +124,30 @@ def validate_geometry(gen_length: int, steps: int, block_length: int) -> tuple[i
             f"Fix: steps <= {most} (= gen_length {gen_length}; steps={most} commits one token per step), or a "
             f"longer gen_length.")
     return num_blocks, steps_per_block
+
+
+def resolve_geometry(config: GenerationConfig) -> Geometry:
+    """The block schedule of ``config`` (``steps`` and ``block_length`` default to ``gen_length``), checked by
+    :func:`validate_geometry`. The sampler resolves it once per generation and hands it to every callback in
+    ``StepState.geometry``."""
+    gen_length = config.gen_length
+    steps = config.steps if config.steps is not None else gen_length
+    block_length = config.block_length if config.block_length is not None else gen_length
+    num_blocks, steps_per_block = validate_geometry(gen_length, steps, block_length)
+    return Geometry(gen_length=gen_length, block_length=block_length, num_blocks=num_blocks, steps=steps,
+                    steps_per_block=steps_per_block)
+
+
+def fit_geometry(gen_length: int, steps: int | None, block_length: int | None) -> tuple[int, int]:
+    """(steps, block_length) the sampler accepts for a request, as close to the asked ones as the schedule allows
+    (the lm-eval adapter asks per task): a block_length that does not divide gen_length becomes gen_length; steps
+    (default gen_length) are capped at one token per step and rounded down to a multiple of the number of blocks
+    (at least one step per block)."""
+    block = int(block_length or gen_length)
+    block = block if gen_length % block == 0 else gen_length
+    steps = min(int(steps or gen_length), gen_length)
+    num_blocks = gen_length // block
+    return max(num_blocks, steps // num_blocks * num_blocks), block
 
 
 def _refuse_mask_in_prompt(ids: torch.Tensor, attention_mask: torch.Tensor, mask_id: int) -> None:
@@ -231,10 +258,8 @@ class MaskedDiffusionGenerator:
         """Check the request and build the canvas (every refusal happens here, before any forward)."""
         model, tok = self.model, self.tokenizer
         mask_id = resolve_mask_id(model, tok, cfg.mask_id if cfg.mask_id is not None else self.mask_id, self.family)
-        gen_length = cfg.gen_length
-        steps = cfg.steps if cfg.steps is not None else gen_length
-        block_length = cfg.block_length if cfg.block_length is not None else gen_length
-        num_blocks, steps_per_block = validate_geometry(gen_length, steps, block_length)
+        geometry = resolve_geometry(cfg)
+        gen_length = geometry.gen_length
         stop_ids = resolve_stop_ids(cfg, model, tok, self.family)
         pad_id = resolve_pad_id(cfg, model, tok, stop_ids)
 
@@ -257,7 +282,7 @@ class MaskedDiffusionGenerator:
                                  "keys, or generate prompts of equal length (one at a time).")
         shift = self.logit_shift(cfg)
         check_block_cache(cfg.block_cache, model, _is_native_llada(model), shift)
-        forced = forced_steps(forced_commits, B=len(ids), gen_length=gen_length, steps=steps)
+        forced = forced_steps(forced_commits, B=len(ids), gen_length=gen_length, steps=geometry.steps)
         device = model_device(model)
         B, P = ids.shape
         S = P + gen_length
@@ -268,7 +293,7 @@ class MaskedDiffusionGenerator:
         use_cfg = cfg.cfg_scale > 0
         return _Canvas(
             canvas=canvas, attn=attn, prompt_mask=prompt_mask, prompt_length=P, mask_id=mask_id, stop_ids=stop_ids,
-            steps=steps, block_length=block_length, num_blocks=num_blocks, steps_per_block=steps_per_block,
+            geometry=geometry,
             shift=shift, model_shifts=_shifts_itself(model), use_cfg=use_cfg, forced=forced, device=device,
             fwd_attn=(torch.cat([attn, attn]) if use_cfg else attn) if padded else None,
             gens=row_generators(cfg, B, device) if (cfg.temperature > 0 or cfg.remasking == "random") else None)
@@ -299,12 +324,13 @@ class MaskedDiffusionGenerator:
         canvas, mask_id, device = run.canvas, run.mask_id, run.device
         B, S = canvas.shape
         P = S - cfg.gen_length
+        geo = run.geometry
         state = StepState(kind="diffusion", model=self.model, config=cfg, batch_size=B, prompt_length=P,
-                          num_steps=run.steps, canvas=canvas, attention_mask=run.attn, prompt_mask=run.prompt_mask,
-                          forward_batch=2 * B if run.use_cfg else B)
+                          num_steps=geo.steps, geometry=geo, canvas=canvas, attention_mask=run.attn,
+                          prompt_mask=run.prompt_mask, forward_batch=2 * B if run.use_cfg else B)
         cbs = CallbackList(callbacks, model=self.model)
         trace: list[StepInfo] = []
-        nfe, stopped = 0, False
+        nfe, step, stopped = 0, 0, False
         kv = CanvasKVCache() if cfg.block_cache else None
         timer = Timer(device)
         # The LM head runs on the rows each step reads only (see _forward); families whose profile names no
@@ -316,13 +342,18 @@ class MaskedDiffusionGenerator:
                                         else without_lm_head(self.model))
         try:
             cbs.generation_begin(state)
-            for blk in range(run.num_blocks):
-                block = slice(P + blk * run.block_length, P + (blk + 1) * run.block_length)
-                schedule = num_transfer_tokens((canvas[:, block] == mask_id).sum(dim=1), run.steps_per_block)
-                for i in range(run.steps_per_block):
-                    step = blk * run.steps_per_block + i
+            for blk in range(geo.num_blocks):
+                block = slice(P + blk * geo.block_length, P + (blk + 1) * geo.block_length)
+                schedule = num_transfer_tokens((canvas[:, block] == mask_id).sum(dim=1), geo.steps_per_block)
+                # A block ends when its step budget is spent or no position of it is masked any more (the fixed
+                # schedule reaches both together: every step commits at least one of its >= steps_per_block
+                # masked positions); callbacks read the boundaries from the state.
+                i, block_done = 0, False
+                while not block_done:
                     rows = rows_to_compute(cfg.block_cache, block, S, i, run.model_shifts)
                     state.step, state.block, state.step_in_block, state.tag = step, blk, i, step
+                    state.block_slice, state.first_step_of_block = block, i == 0
+                    state.last_step_of_block = i == geo.steps_per_block - 1
                     x_in = run.forward_input(canvas, state, rows)
                     state.committed, state.logits = None, None
                     cbs.step_begin(state)
@@ -343,14 +374,16 @@ class MaskedDiffusionGenerator:
                     canvas[:, block] = torch.where(commit, x0, canvas[:, block])
                     committed = torch.zeros((B, S), dtype=torch.bool, device=device)
                     committed[:, block] = commit
+                    block_done = i == geo.steps_per_block - 1 or not bool((block_masked & ~commit).any())
 
                     elapsed = timer.elapsed()
                     state.canvas, state.committed, state.nfe, state.elapsed = canvas, committed, nfe, elapsed
-                    state.logits = block_logits
+                    state.logits, state.last_step_of_block = block_logits, block_done
                     trace.append(_trace_step(step, blk, nfe, elapsed, commit, canvas[:, block], block.start - P))
                     if cbs.step_end(state) or (run.forced is not None and step == len(run.forced) - 1):
                         stopped = True
                         break
+                    i, step = i + 1, step + 1
                 if stopped:
                     break
         finally:
@@ -405,10 +438,7 @@ class _Canvas:
     prompt_length: int  # P, the padded prompt length
     mask_id: int
     stop_ids: Any
-    steps: int
-    block_length: int
-    num_blocks: int
-    steps_per_block: int
+    geometry: Geometry
     shift: bool  # the sampler shifts the logits (Dream's convention)
     model_shifts: bool  # the model shifts inside its forward (native LLaDA, config.logit_shift)
     use_cfg: bool
@@ -429,11 +459,10 @@ class _Canvas:
         groups = {"prompt": self.prompt_mask, "masked": masked, "decoded": decoded}
         if self.use_cfg:
             x_in = torch.cat([canvas, canvas.masked_fill(self.prompt_mask, self.mask_id)])
-            groups = {k: torch.cat([v, v]) for k, v in groups.items()}
         full = rows == slice(0, canvas.shape[1])
         state.canvas, state.masked = canvas, masked
         state.rows = None if full else rows
-        state.groups = groups if full else {k: v[:, rows] for k, v in groups.items()}
+        state.groups = {k: state.for_forward(v, computed_rows=True) for k, v in groups.items()}
         return x_in if full else x_in[:, rows]
 
     @staticmethod

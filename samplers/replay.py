@@ -117,17 +117,17 @@ def prediction_agreement(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]])
 class _Recorder(GenerationCallback):
     """Last callback of a replay: reads the block logits at every step end."""
 
-    def __init__(self, trajectory: list[dict], block_length: int):
-        self.trajectory, self.block_length = trajectory, block_length
+    def __init__(self, trajectory: list[dict]):
+        self.trajectory = trajectory
         self.steps: list[ReplayStep] = []
 
     def on_step_end(self, state: StepState) -> None:
-        B, P, b = state.batch_size, state.prompt_length, self.block_length
-        start = int(state.block) * b  # generated index of the block's first position
+        B = state.batch_size
+        start = state.block_start - state.prompt_length  # generated index of the block's first position
         logits = state.logits
         x0 = logits.argmax(dim=-1)  # the sampler's x0 at temperature 0
         logp = torch.log_softmax(logits.float(), dim=-1)
-        block_masked = state.masked[:B, P + start:P + start + b]
+        block_masked = state.masked[:B, state.block_slice]
         rec = self.trajectory[int(state.step)]
         positions, argmax, logprobs, hits = [], [], [], []
         for r in range(B):
@@ -176,8 +176,7 @@ def replay(
         config = config.replace(**overrides)
     steps = trajectory_of(trajectory)
     gen = make_generator(model, tokenizer, kind="diffusion")
-    block_length = config.block_length if config.block_length is not None else config.gen_length
-    recorder = _Recorder(steps, block_length)
+    recorder = _Recorder(steps)
     sparsity_cbs = [] if sparsity is None else (list(sparsity) if isinstance(sparsity, (list, tuple)) else [sparsity])
     result = gen.generate(prompts, config, attention_mask=attention_mask, apply_chat_template=apply_chat_template,
                           callbacks=[*sparsity_cbs, *(callbacks or ()), recorder], forced_commits=steps)

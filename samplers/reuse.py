@@ -359,7 +359,7 @@ class BlockStart(ReusePolicy):
     name = "block_start"
 
     def refresh_step(self, state: StepState) -> bool:
-        return int(state.step_in_block) == 0
+        return bool(state.first_step_of_block)
 
 
 class Adaptive(ReusePolicy):
@@ -416,7 +416,7 @@ class Adaptive(ReusePolicy):
     fast_path = False  # the probe needs a fresh mask of one layer at every step: the masking path only
 
     def refresh_step(self, state: StepState) -> bool:
-        return int(state.step_in_block) == 0 or self.bound >= 1.0
+        return bool(state.first_step_of_block) or self.bound >= 1.0
 
     def on_generation_begin(self, state: StepState) -> None:
         super().on_generation_begin(state)

@@ -566,21 +566,15 @@ class StepDeltaRun(GenerationCallback):
         # Positions whose token changed since the last step: their cached rows are recomputed densely (with
         # exact_block the whole current block is, and they lie inside it). Decided once per step (one host sync),
         # not per layer: every layer's cache rows are written at every step.
-        masked = state.masked  # whole canvas (the forward may compute only some rows: ``state.rows``)
-        if masked is not None and state.forward_batch > masked.shape[0]:  # guidance: [cond; uncond]
-            masked = masked.repeat(state.forward_batch // masked.shape[0], 1)
+        # whole canvas (the forward may compute only some rows: ``state.rows``), one row per forward row
+        masked = state.for_forward(state.masked) if state.masked is not None else None
         self._rows = state.rows
         exact = None
         if masked is not None and self._masked is not None and masked.shape == self._masked.shape:
             exact = self._masked & ~masked
         self._exact = exact if exact is not None and bool(exact.any()) else None
         self._masked = masked
-        canvas = state.canvas.shape[1] if state.canvas is not None else None
-        self._block = None
-        if self.config.exact_block and canvas is not None:
-            block_length = getattr(state.config, "block_length", None) or canvas - state.prompt_length
-            start = state.prompt_length + state.block * block_length
-            self._block = slice(start, min(start + block_length, canvas))
+        self._block = state.block_slice if self.config.exact_block else None
         self.steps.append({"step": int(state.step), "refresh": self.refresh, "macs": 0, "dense_macs": 0})
 
     def on_step_end(self, state: StepState) -> None:

@@ -111,14 +111,9 @@ class StepSparsity(GenerationCallback):
             return None
         if self.voters == "masked":
             return state.groups.get("masked") if state.groups else state.masked
-        canvas = state.canvas
-        block_length = getattr(state.config, "block_length", None) or (canvas.shape[1] - state.prompt_length)
-        start = state.prompt_length + state.block * block_length
-        block = torch.zeros(canvas.shape, dtype=torch.bool, device=canvas.device)
-        block[:, start:start + block_length] = True
-        if state.rows is not None:  # a block cache: the forward computes these canvas rows only
-            block = block[:, state.rows]
-        return block.repeat(state.forward_batch // block.shape[0], 1) if state.forward_batch else block
+        block = torch.zeros(state.canvas.shape, dtype=torch.bool, device=state.canvas.device)
+        block[:, state.block_slice] = True
+        return state.for_forward(block, computed_rows=True)  # a block cache computes state.rows only
 
     def on_step_begin(self, state: StepState) -> None:
         self._close_step()

@@ -148,13 +148,11 @@ class MaskOverlapTracker(GenerationCallback):
                              "different positions; track masks with block_cache=None")
         self._in_step = True
         self._current = {}
-        if state.step_in_block == 0:
+        if state.first_step_of_block:
             self._block_ref.clear()
         n = state.batch_size if self.rows == "cond" else state.forward_batch
         groups: dict[str, torch.Tensor] = {}
-        valid = state.attention_mask.bool()
-        if state.forward_batch > valid.shape[0]:  # classifier-free guidance: the batch is [cond; uncond]
-            valid = valid.repeat(state.forward_batch // valid.shape[0], 1)
+        valid = state.for_forward(state.attention_mask.bool())  # classifier-free guidance: [cond; uncond]
         groups["all"] = valid[:n]
         for name, g in state.groups.items():
             g = g[:n].bool()
@@ -174,7 +172,7 @@ class MaskOverlapTracker(GenerationCallback):
             refs = []
             if (layer, site) in self._prev:
                 refs.append(("previous", *self._prev[(layer, site)]))
-            if sib == 0:
+            if state.first_step_of_block:
                 self._block_ref[(layer, site)] = (step, keep)
             if (layer, site) in self._block_ref:
                 refs.append(("block_start", *self._block_ref[(layer, site)]))

@@ -203,6 +203,7 @@ def _f(v, nd=3):
 def write_summary(out_dir: Path, args, notes: list[str], table: list[dict], ov: list[dict], figs: list[str],
                   wall: float, cells_s: float = float("nan")) -> None:
     from dllm_sparse.eval.rows import atomic_write_text
+    from dllm_sparse.samplers import validate_geometry
 
     L = ["# Mask reuse across denoising steps", ""]
     L += [f"Settings: p = {args.p} (top-p), sites {args.sites}, gen_length {args.gen_length}, steps {args.steps}, "
@@ -232,8 +233,8 @@ def write_summary(out_dir: Path, args, notes: list[str], table: list[dict], ov: 
                 if any(c != "–" for c in cells):
                     L.append(f"| {kind} | {site} | {g} | " + " | ".join(cells) + " |")
     L += ["", "Cells: Jaccard / recall of the fresh mask, pooled over all step pairs (t - g, t); gaps of "
-          f"{args.steps // (args.gen_length // args.block_length)} steps or more cross a block boundary (reuse "
-          "policies restart at each block). AR: masks of decoded tokens g tokens apart.", "",
+          f"{validate_geometry(args.gen_length, args.steps, args.block_length)[1]} steps or more cross a block "
+          "boundary (reuse policies restart at each block). AR: masks of decoded tokens g tokens apart.", "",
           "## Policy sweep", "",
           "| kind | site | policy | agree vs fresh | edit-sim vs fresh | same prefix | agree vs dense "
           "| edit-sim vs dense | sparsity | selections/layer | partial | probe | rule ran on | ms/step union "
@@ -325,7 +326,7 @@ def main(argv=None, prog: str | None = None) -> int:
     )
     from dllm_sparse.eval.rows import JsonlWriter, atomic_write_csv, finished
     from dllm_sparse.models.loading import check_available, load_model
-    from dllm_sparse.samplers import GenerationConfig
+    from dllm_sparse.samplers import GenerationConfig, resolve_geometry
     from dllm_sparse.samplers.reuse import make_policy
 
     t_start = time.perf_counter()
@@ -381,7 +382,7 @@ def main(argv=None, prog: str | None = None) -> int:
                              probe_metric=args.probe_metric, track_layers=args.track_layers_list, gaps=args.gaps_list,
                              kernel_repeats=args.kernel_repeats, teacher_forced=args.teacher_forced,
                              passage_ids=args.passage_ids, passage_trajectory=args.passage_traj, keywords=args.keywords)
-    spb = args.steps // (args.gen_length // args.block_length)
+    spb = resolve_geometry(gcfg).steps_per_block
     first = spb if args.steps > spb else 0
     kernel_steps = list(range(first, min(args.steps, first + (args.kernel_steps or spb))))
 

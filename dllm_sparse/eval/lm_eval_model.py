@@ -780,7 +780,7 @@ class DllmSparseLM(LM):
         return [out[i] for i in where]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from dllm_sparse.samplers import GenerationConfig, StepSparsity, generate
+        from dllm_sparse.samplers import GenerationConfig, StepSparsity, fit_geometry, generate
 
         sc = self.scorer
         # Requests by their generation arguments and their guidance (the preset's per-task value, else the
@@ -801,16 +801,11 @@ class DllmSparseLM(LM):
             cfg_kw: dict[str, Any] = dict(max_new_tokens=n_new, temperature=temperature, stop_strings=until,
                                           seed=sc.seed)
             if sc.kind == "diffusion":
-                block = self.block_length or n_new
-                block = block if n_new % int(block) == 0 else n_new
-                steps = self.gen_steps or n_new
-                if steps > n_new:  # a step past one token per step commits nothing (the sampler refuses it)
-                    eval_logger.warning(f"gen_steps={steps} is more than the {n_new} tokens this task generates; "
-                                        f"using {n_new} steps (one token per step)")
-                    steps = n_new
-                num_blocks = n_new // int(block)
-                steps = max(num_blocks, int(steps) // num_blocks * num_blocks)
-                cfg_kw.update(steps=steps, block_length=int(block), mask_id=sc.mask_id,
+                if (self.gen_steps or 0) > n_new:  # a step past one token per step commits nothing
+                    eval_logger.warning(f"gen_steps={self.gen_steps} is more than the {n_new} tokens this task "
+                                        f"generates; using {n_new} steps (one token per step)")
+                steps, block = fit_geometry(n_new, self.gen_steps, self.block_length)
+                cfg_kw.update(steps=steps, block_length=block, mask_id=sc.mask_id,
                               logit_shift=sc.shift_logits, cfg_scale=w)
                 if self.preset is not None:
                     cfg_kw["confidence"] = self.preset.confidence

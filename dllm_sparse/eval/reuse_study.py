@@ -358,11 +358,11 @@ def passage_trajectories(tok, gcfg: GenerationConfig, n: int, prompt_len: int, s
     next ``gen_length`` the answer, written block by block in a random order seeded per passage (the sampler's
     n // s (+1) tokens per step). The same order serves every configuration (common random numbers)."""
     from dllm_sparse.eval.tasks import load_builtin_passages
-    from dllm_sparse.samplers import num_transfer_tokens
+    from dllm_sparse.samplers import num_transfer_tokens, resolve_geometry
 
-    G, bl = gcfg.max_new_tokens, gcfg.block_length
-    spb = gcfg.steps // (G // bl)
-    counts = num_transfer_tokens(torch.full((1, 1), bl), spb)[0].tolist()
+    geometry = resolve_geometry(gcfg)
+    G, bl = geometry.gen_length, geometry.block_length
+    counts = num_transfer_tokens(torch.full((1, 1), bl), geometry.steps_per_block)[0].tolist()
     prompts, orders, answers = [], [], []
     for i, p in enumerate(load_builtin_passages()):
         ids = tok(p["text"], add_special_tokens=False)["input_ids"]

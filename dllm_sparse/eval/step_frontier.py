@@ -61,7 +61,8 @@ def refresh_interval(strategy: str, steps_per_block: int) -> int:
 
 def _step_state(lm, prompt_length: int, step_in_block: int) -> StepState:
     return StepState(kind="diffusion", model=lm.model, config=None, batch_size=1, prompt_length=prompt_length,
-                     num_steps=1, step=step_in_block, block=0, step_in_block=step_in_block, tag=step_in_block)
+                     num_steps=1, step=step_in_block, block=0, step_in_block=step_in_block, tag=step_in_block,
+                     first_step_of_block=step_in_block == 0)
 
 
 class Bench:
