@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 
 __all__ = ["GPUS", "LAUNCH_US", "gpu_key", "kept_rows", "matmul_bytes", "matmul_flops", "bound_us", "expected_us",
-           "share_of_bound"]
+           "share_of_bound", "table_8b"]
 
 # name -> (memory bandwidth in bytes/s, dense bf16/fp16 tensor FLOP/s)
 GPUS = {
@@ -113,3 +113,37 @@ def share_of_bound(measured_us: float, d_in: int, d_out: int, device_name: str, 
     bound = bound_us(matmul_bytes(d_in, d_out, **shape), gpu,
                      matmul_flops(d_in, d_out, **{k: v for k, v in shape.items() if k != "dtype"}))
     return {"bound_us": bound, "of_bound": bound / measured_us, "bound_gpu": gpu}
+
+
+# The FFN products of the published 8B shapes: (model, product, d_in, d_out, matrices sharing the input).
+_8B_PRODUCTS = (
+    ("LLaMA-3.1-8B", "gate or up", 4096, 14336, 1), ("LLaMA-3.1-8B", "gate + up, one launch", 4096, 14336, 2),
+    ("LLaMA-3.1-8B", "down", 14336, 4096, 1),
+    ("LLaDA-8B", "gate or up", 4096, 12288, 1), ("LLaDA-8B", "gate + up, one launch", 4096, 12288, 2),
+    ("LLaDA-8B", "down", 12288, 4096, 1),
+)
+
+
+def _call_bound(d_in: int, d_out: int, sparsity: float, gpu: str, dtype: str, tokens: int, matrices: int) -> float:
+    nbytes = matmul_bytes(d_in, d_out, tokens=tokens, sparsity=sparsity, dtype=dtype, matrices=matrices)
+    return bound_us(nbytes, gpu, matmul_flops(d_in, d_out, tokens=tokens, sparsity=sparsity, matrices=matrices))
+
+
+def table_8b(sparsities=(0.0, 0.5, 0.7, 0.9), tokens=(1, 32), dtype: str = "bf16") -> str:
+    """The Markdown roofline table of docs/kernels.md: every FFN product of the 8B shapes, per token count, with the
+    bound in microseconds on H100 and H200 at each sparsity (the fraction of W^T rows not read; for several tokens,
+    of the union of their keep-masks). ``python -m dllm_sparse.kernels.roofline`` prints it."""
+    head = " / ".join(f"{round(100 * s)}" for s in sparsities)
+    lines = ["| model | product (d_in x d_out) | tokens | MB read, dense | "
+             f"H100 us at {head} % | H200 us at {head} % |", "| --- | --- | ---: | ---: | --- | --- |"]
+    for model, what, d_in, d_out, m in _8B_PRODUCTS:
+        for t in tokens:
+            cells = [" / ".join(f"{_call_bound(d_in, d_out, s, gpu, dtype, t, m):.1f}" for s in sparsities)
+                     for gpu in ("H100", "H200")]
+            mb = matmul_bytes(d_in, d_out, tokens=t, dtype=dtype, matrices=m) / 1e6
+            lines.append(f"| {model} | {what} ({d_in} x {m * d_out}) | {t} | {mb:.0f} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table_8b())

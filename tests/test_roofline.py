@@ -74,3 +74,14 @@ def test_bad_gpu_and_time():
         share_of_bound(0.0, 16, 16, "NVIDIA H100")
     with pytest.raises(ValueError, match="positive time"):
         share_of_bound(float("inf"), 16, 16, "NVIDIA H100")
+
+
+def test_the_docs_table_is_what_the_module_prints():
+    from pathlib import Path
+
+    from dllm_sparse.kernels.roofline import table_8b
+
+    table = table_8b()
+    assert table in (Path(__file__).resolve().parents[1] / "docs" / "kernels.md").read_text()
+    fused = next(ln for ln in table.splitlines() if ln.startswith("| LLaMA-3.1-8B | gate + up") and "| 1 |" in ln)
+    assert "| 70.1 / 35.1 / 21.1 / 7.0 |" in fused  # H100, one token: 70.1 / 35.1 / 21.0 / 7.0 by the weights alone
