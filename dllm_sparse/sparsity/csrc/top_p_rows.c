@@ -75,6 +75,30 @@ static uint32_t first_reaching(const float *v, int64_t n, double start, double t
 }
 
 /* tau of one finite row with a positive maximum, as a float32 bit pattern. */
+/* The row's total mass: the exact range's sum, then the tail entries (scratch[0..n_tail)) sorted descending and
+ * added one by one, as the reference adds them. */
+static double total_with_tail(double exact, float *tail, int64_t n_tail) {
+    double total = exact;
+    if (n_tail) {
+        sort_desc(tail, n_tail);
+        for (int64_t k = 0; k < n_tail; k++) total += (double)tail[k];
+    }
+    return total;
+}
+
+/* The bucket holding the target: octaves first, then the 2^log2_per_octave buckets of that octave, the masses added
+ * in descending order; *reach ends as the mass of the buckets above it. */
+static int64_t boundary_bucket(const double *oct, const double *bucket, int64_t n_oct, int log2_per_octave,
+                               double target, double *reach) {
+    double r = 0.0;
+    int64_t o = 0;
+    while (o < n_oct - 1 && !(oct[o] > 0.0 && r + oct[o] >= target)) r += oct[o++];
+    int64_t b = o << log2_per_octave;
+    while (b < ((o + 1) << log2_per_octave) - 1 && !(bucket[b] > 0.0 && r + bucket[b] >= target)) r += bucket[b++];
+    *reach = r;
+    return b;
+}
+
 INLINE uint32_t row_tau(const void *x, int kind, int64_t d, uint32_t max_bits, double p, int span, double *hist,
                        float *scratch) {
     const int64_t n_oct = span + 1, n_exact = n_oct << SUB;
@@ -110,7 +134,6 @@ INLINE uint32_t row_tau(const void *x, int kind, int64_t d, uint32_t max_bits, d
         oct[o] = (a0 + a1) + (a2 + a3);
         exact += oct[o];
     }
-    double total = exact;
     int64_t n_tail = 0;
     if (tail_mass > 0.0) {  /* point 2: the tail, in descending order, added one by one */
         const uint32_t exact_floor = (uint32_t)(top - n_exact + 1) << (23 - SUB);  /* smallest exact-range bits */
@@ -118,18 +141,12 @@ INLINE uint32_t row_tau(const void *x, int kind, int64_t d, uint32_t max_bits, d
             uint32_t b = abs_bits(x, k, kind);
             if (b != 0 && b < exact_floor) scratch[n_tail++] = float_of(b);
         }
-        sort_desc(scratch, n_tail);
-        for (int64_t k = 0; k < n_tail; k++) total += (double)scratch[k];
     }
-    const double target = p * total;
+    const double target = p * total_with_tail(exact, scratch, n_tail);
     if (target > exact) return first_reaching(scratch, n_tail, exact, target);
     /* Point 3: the boundary bucket, octave first. */
-    double reach = 0.0;
-    int64_t o = 0;
-    while (o < n_oct - 1 && !(oct[o] > 0.0 && reach + oct[o] >= target)) reach += oct[o++];
-    int64_t boundary = o << SUB;
-    while (boundary < ((o + 1) << SUB) - 1 && !(h0[boundary] > 0.0 && reach + h0[boundary] >= target))
-        reach += h0[boundary++];
+    double reach;
+    const int64_t boundary = boundary_bucket(oct, h0, n_oct, SUB, target, &reach);
     /* The boundary bucket's entries: bit patterns in [lo, lo + width). */
     const uint32_t lo = (uint32_t)(top - boundary) << (23 - SUB), width = 1u << (23 - SUB);
     int64_t n = 0, k = 0;
@@ -175,19 +192,10 @@ INLINE uint32_t row_tau_bf16(const uint16_t *x, int64_t d, uint32_t max_bits, do
         oct[o] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
         exact += oct[o];
     }
-    double total = exact;
-    if (n_tail) {  /* point 2: the tail, in descending order, added one by one */
-        sort_desc(scratch, n_tail);
-        for (int64_t k = 0; k < n_tail; k++) total += (double)scratch[k];
-    }
-    const double target = p * total;
+    const double target = p * total_with_tail(exact, scratch, n_tail);  /* point 2: the tail, in order */
     if (target > exact) return first_reaching(scratch, n_tail, exact, target);
-    double reach = 0.0;
-    int64_t o = 0;
-    while (o < n_oct - 1 && !(oct[o] > 0.0 && reach + oct[o] >= target)) reach += oct[o++];
-    int64_t b = o << 7;
-    while (b < ((o + 1) << 7) - 1 && !(hist[b] > 0.0 && reach + hist[b] >= target)) reach += hist[b++];
-    return (uint32_t)(top - b) << 16;
+    double reach;
+    return (uint32_t)(top - boundary_bucket(oct, hist, n_oct, 7, target, &reach)) << 16;
 }
 
 /* One row: tau, then out = x * keep and the row's zero count. hist, scratch: the caller's work space. */
