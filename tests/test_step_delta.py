@@ -260,6 +260,27 @@ def test_generations_inside_the_block_run_the_delta_without_callbacks(llada64):
     assert len(measured.steps) == 2 * CFG.steps and measured.report()["drift_max"] > 1e-3  # not the dense FFN
 
 
+def test_a_wrapped_model_brings_the_run_of_the_model_it_wraps(llada64):
+    """torch.compile's wrapper and a PeftModel hold the swapped FFNs as submodules: generating through them drives the
+    run the plain model's generation drives (the compiled wrapper is checked without compiling: what the generator
+    collects, not what inductor makes of it)."""
+    from peft import LoraConfig, get_peft_model
+
+    from dllm_sparse.steps import attached_callbacks
+
+    config = StepDelta("input", fraction=0.25, down_fraction=0.5)
+    with step_delta(llada64, config) as plain_run:
+        plain = generate(llada64, None, PROMPTS, CFG)
+        assert attached_callbacks(torch.compile(llada64)) == [plain_run]
+    peft_model = get_peft_model(llada64, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=True))
+    try:
+        with step_delta(peft_model, config) as run:
+            out = generate(peft_model, None, PROMPTS, CFG)
+        assert len(run.steps) == CFG.steps and torch.equal(out.sequences, plain.sequences)  # LoRA B = 0: same model
+    finally:
+        peft_model.unload()
+
+
 def test_apply_step_delta_runs_until_restored(llada64):
     dense = generate(llada64, None, PROMPTS, CFG)
     run = apply_step_delta(llada64, StepDelta("intermediate", 0.1))
