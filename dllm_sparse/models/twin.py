@@ -15,9 +15,11 @@ from typing import Any
 
 import torch
 
+from dllm_sparse.cache import cache_dir
 from dllm_sparse.models.adapt import ADAPTER_META, adapter_hash, load_adapted_model
+from dllm_sparse.models.cache_entries import build_lock, save_to_cache, share_cache_entry, smollm2_hf_dir
 from dllm_sparse.models.llada import LLaDAModelLM
-from dllm_sparse.models.loading import _smollm2_hf_dir, build_lock, cache_dir, save_to_cache, share_cache_entry
+from dllm_sparse.models.loaded import LoadedModel
 
 __all__ = ["SMOLLM2_MDM_ADAPTER", "build_adapted_model", "smollm2_mdm_dir", "untrained_twin", "adapted_twin"]
 
@@ -44,7 +46,7 @@ def smollm2_mdm_dir(adapter_dir: str | Path = SMOLLM2_MDM_ADAPTER, **_: Any) -> 
     if (target / "config.json").is_file():
         share_cache_entry(target)  # an entry built before files were made readable (0600 weights) is fixed
         return target
-    base = _smollm2_hf_dir()  # takes its own lock: never while holding ours
+    base = smollm2_hf_dir()  # takes its own lock: never while holding ours
     with build_lock(target):
         if (target / "config.json").is_file():  # another process built it while we waited
             return target
@@ -71,9 +73,8 @@ def _fresh_base(parent):
 def untrained_twin(parent, name: str | None = None):
     """The twin before any training: the AR ``parent`` (a LoadedModel) converted to the LLaDA architecture with
     the shipped adapter's settings (Dream logit shift, the mask token appended at the mean embedding), no adapter.
-    A :class:`~dllm_sparse.models.loading.LoadedModel` of kind ``diffusion`` named ``<parent>-mdm@untrained``."""
+    A :class:`~dllm_sparse.models.loaded.LoadedModel` of kind ``diffusion`` named ``<parent>-mdm@untrained``."""
     from dllm_sparse.models.adapt import add_mask_token, convert_causal_lm, read_adapter_meta
-    from dllm_sparse.models.loading import LoadedModel
 
     meta = read_adapter_meta(SMOLLM2_MDM_ADAPTER)
     base, tok = _fresh_base(parent)
@@ -87,7 +88,6 @@ def adapted_twin(parent, adapter_dir: str | Path, name: str):
     training, e.g. ``adapt_ar_to_diffusion.py --save-adapter-every``). Refused, naming both, when the adapter
     was trained on another base model than ``parent``."""
     from dllm_sparse.models.adapt import read_adapter_meta
-    from dllm_sparse.models.loading import LoadedModel
 
     meta = read_adapter_meta(adapter_dir)
     if meta.get("base") != parent.name:
