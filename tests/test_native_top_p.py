@@ -22,7 +22,7 @@ import torch
 from dllm_sparse import SparsityConfig, TopP, sparsify, top_p_mask_reference
 from dllm_sparse.sparsity import native
 from dllm_sparse.sparsity import rules as rules_module
-from dllm_sparse.sparsity.rules import _keep_nan_rows
+from dllm_sparse.sparsity.top_p import keep_nan_rows
 
 # Skipped only without a compiler: where one works, a kernel that does not build, is refused (its check against the
 # reference failed) or is not loaded fails these tests with the reason.
@@ -30,7 +30,7 @@ needs_kernel = pytest.mark.skipif(shutil.which(native._compiler()) is None, reas
 
 
 def reference_out(x: torch.Tensor, p: float) -> torch.Tensor:
-    return x * _keep_nan_rows(x, top_p_mask_reference(x, p))
+    return x * keep_nan_rows(x, top_p_mask_reference(x, p))
 
 
 def assert_kernel_matches(x: torch.Tensor, p: float) -> None:
@@ -40,7 +40,7 @@ def assert_kernel_matches(x: torch.Tensor, p: float) -> None:
     bits = torch.int32 if x.dtype == torch.float32 else torch.int16
     diff = (out.view(bits) != ref.view(bits)).sum().item()
     assert diff == 0, f"p={p}: {diff} entries differ from x * reference mask"
-    assert torch.equal(out != 0, _keep_nan_rows(x, top_p_mask_reference(x, p)))
+    assert torch.equal(out != 0, keep_nan_rows(x, top_p_mask_reference(x, p)))
     assert torch.equal(zeros, (ref == 0).sum(-1))
 
 

@@ -1,4 +1,4 @@
-"""Sparsification rules (dllm_sparse/rules.py) against independent references written here.
+"""Sparsification rules (dllm_sparse/sparsity/rules.py, top_p.py) against independent references written here.
 
 The brute-force references are plain Python loops over exact values (definitions: docs/sparsification.md, "Rules"); the
 fast top-p path (bisection on the threshold) is compared with the sort reference on many distributions,
@@ -24,8 +24,9 @@ from dllm_sparse import (
     top_p_mask_row_sort,
     top_p_threshold,
 )
-from dllm_sparse.sparsity import rules as rules_module
-from dllm_sparse.sparsity.rules import SparsityRule, _keep_nan_rows
+from dllm_sparse.sparsity import top_p as top_p_module
+from dllm_sparse.sparsity.rules import SparsityRule
+from dllm_sparse.sparsity.top_p import keep_nan_rows
 
 # --------------------------------------------------------------------------------------------------------------
 # Brute-force references (exact rational arithmetic, python loops)
@@ -442,7 +443,7 @@ def _hard_rows(d: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _reference(x, p):
-    return _keep_nan_rows(x, top_p_mask_reference(x, p))  # what SparsityRule.mask returns for the sort method
+    return keep_nan_rows(x, top_p_mask_reference(x, p))  # what SparsityRule.mask returns for the sort method
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -497,7 +498,7 @@ def test_sparsified_model_compiles_without_breaks_from_the_rule(tiny_model, toke
             torch._dynamo.reset()
             explained = torch._dynamo.explain(model)(token_ids)
             rule_breaks = [b.reason for b in explained.break_reasons
-                           if any("rules.py" in frame.filename for frame in b.user_stack)]
+                           if any(frame.filename.endswith(("rules.py", "top_p.py")) for frame in b.user_stack)]
             assert explained.graph_break_count > 0  # the statistics' breaks: explain saw the hooks
             assert rule_breaks == [], rule_breaks
             torch._dynamo.reset()
@@ -510,7 +511,7 @@ def test_histogram_alone_is_exact_on_narrow_rows(monkeypatch):
     def no_fallback(x, p):
         raise AssertionError("the fallback ran on rows of a narrow range")
 
-    monkeypatch.setattr(rules_module, "_top_p_mask_sorted", no_fallback)
+    monkeypatch.setattr(top_p_module, "_top_p_mask_sorted", no_fallback)
     g = torch.Generator().manual_seed(11)
     for x in (torch.randn(64, 1536, generator=g), torch.randint(-40, 41, (300, 97), generator=g).float() / 8,
               (torch.randn(64, 576, generator=g) * 3).bfloat16(), torch.rand(64, 576, generator=g).half()):
@@ -529,13 +530,13 @@ def test_histogram_rows_with_a_tail_below_the_exact_range_are_the_reference():
     x = torch.randn(50, 1536, generator=g)
     x[:, :8] *= 2.0 ** -60
     called = []
-    original = rules_module._top_p_mask_sorted
+    original = top_p_module._top_p_mask_sorted
 
     def spy(rows, p):
         called.append(rows.shape[0])
         return original(rows, p)
 
-    rules_module._top_p_mask_sorted = spy
+    top_p_module._top_p_mask_sorted = spy
     try:
         for p in (0.3, 0.9, 0.999999):
             assert torch.equal(top_p_mask_histogram(x, p), top_p_mask_reference(x, p))
@@ -551,7 +552,7 @@ def test_histogram_rows_with_a_tail_below_the_exact_range_are_the_reference():
             assert torch.equal(top_p_mask_histogram(y, p), top_p_mask_reference(y, p))
             assert called == fallback
     finally:
-        rules_module._top_p_mask_sorted = original
+        top_p_module._top_p_mask_sorted = original
     # Magnitudes spread over 80 octaves (log-uniform): many rows with long tails, every p.
     z = torch.exp2(-80 * torch.rand(400, 1536, generator=g)) * torch.randn(400, 1536, generator=g).sign()
     z[::7, ::3] = 0
@@ -561,7 +562,7 @@ def test_histogram_rows_with_a_tail_below_the_exact_range_are_the_reference():
     # and the fallback alone equals the reference on rows whose running sums round
     wide = _hard_rows(1536, seed=3)["wide_range"]
     for p in P_EDGES[:-1]:
-        assert torch.equal(rules_module._top_p_mask_sorted(wide, p), top_p_mask_reference(wide, p))
+        assert torch.equal(top_p_module._top_p_mask_sorted(wide, p), top_p_mask_reference(wide, p))
 
 
 def test_histogram_on_float64_and_long_rows_uses_the_reference():

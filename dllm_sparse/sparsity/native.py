@@ -201,7 +201,7 @@ def _self_test_rows(d: int = 300) -> torch.Tensor:
 def _self_test(lib: ctypes.CDLL) -> str | None:
     """None when ``lib`` gives the reference rule's output and zero counts on :func:`_self_test_rows` for every
     dtype and a few p (near 0, middle, near 1: the target inside the tail); else the first difference."""
-    from dllm_sparse.sparsity.rules import _keep_nan_rows, top_p_mask_reference
+    from dllm_sparse.sparsity.top_p import keep_nan_rows, top_p_mask_reference
 
     x32 = _self_test_rows()
     for dtype in DTYPES:
@@ -209,7 +209,7 @@ def _self_test(lib: ctypes.CDLL) -> str | None:
         bits = torch.int32 if dtype == torch.float32 else torch.int16
         for p in (1e-300, 0.5, 0.9, 1 - 1e-12):
             out, zeros = _run(lib, x, p)
-            want = x * _keep_nan_rows(x, top_p_mask_reference(x, p))
+            want = x * keep_nan_rows(x, top_p_mask_reference(x, p))
             rows = ((out.view(bits) != want.view(bits)).any(-1) | (zeros != (want == 0).sum(-1))).nonzero()
             if rows.numel():
                 return f"{dtype}, p = {p}: row {int(rows[0])} of the check rows, {rows.numel()} rows differ"
