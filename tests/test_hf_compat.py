@@ -192,9 +192,10 @@ def test_saved_llada_carries_its_code_and_auto_map(llada_dir):
     assert config["auto_map"] == {"AutoConfig": "llada.LLaDAConfig", "AutoModel": "llada.LLaDAModelLM",
                                   "AutoModelForCausalLM": "llada.LLaDAModelLM",
                                   "AutoModelForMaskedLM": "llada.LLaDAModelLM"}
-    from dllm_sparse.models import llada
+    from dllm_sparse.models import llada, llada_config
 
     assert (llada_dir / "llada.py").read_text() == open(llada.__file__).read()
+    assert (llada_dir / "llada_config.py").read_text() == open(llada_config.__file__).read()  # what llada.py imports
 
 
 def _logits_without_dllm_sparse(model_dir, ids: torch.Tensor, tmp_path) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Tests for the native LLaDA implementation (dllm_sparse/llada.py). Tiny models, CPU, float32."""
+"""Tests for the native LLaDA implementation (dllm_sparse/models/llada.py, llada_config.py). Tiny models, CPU, float32."""
 
 import importlib.util
 import json
@@ -558,7 +558,9 @@ def test_resize_token_embeddings_updates_embedding_size(tied):
 
 def test_registration_is_idempotent_on_reimport():
     """Executing the module a second time (a reload, a second copy on sys.path) must not raise."""
-    spec = importlib.util.spec_from_file_location("_llada_second_copy", llada.__file__)
+    # A second copy inside the package: llada.py imports its config module relatively (as the saved remote code
+    # does), so the copy shares the config class and brings its own model class.
+    spec = importlib.util.spec_from_file_location("dllm_sparse.models._llada_second_copy", llada.__file__)
     copy = importlib.util.module_from_spec(spec)
     import sys
 
@@ -566,6 +568,8 @@ def test_registration_is_idempotent_on_reimport():
     try:
         spec.loader.exec_module(copy)
         assert AutoConfig.for_model("llada").__class__ is copy.LLaDAConfig
+        assert copy.LLaDAModelLM is not LLaDAModelLM
+        assert type(AutoModel.from_config(tiny_llada_config())) is copy.LLaDAModelLM  # the copy's registration won
     finally:
         # Give "llada" back to the package's classes so other tests see a single, consistent mapping.
         AutoConfig.register("llada", LLaDAConfig, exist_ok=True)
