@@ -1,4 +1,4 @@
-"""Tests for the native LLaDA implementation (dllm_sparse/models/llada.py, llada_config.py). Tiny models, CPU, float32."""
+"""Tests for the native LLaDA (dllm_sparse/models/llada.py, llada_config.py). Tiny models, CPU, float32."""
 
 import importlib.util
 import json
