@@ -471,7 +471,7 @@ def _check_ffn(ffn: FFNModules) -> None:
                          + ", ".join(f"{role} {shape}" for role, shape in shapes.items()))
 
 
-def _role_path(ffn: FFNModules, role: str) -> tuple[nn.Module, str]:
+def role_path(ffn: FFNModules, role: str) -> tuple[nn.Module, str]:
     """(parent module, attribute name) of a role inside the owner, from the family profile's names."""
     path = getattr(ffn.profile, role)
     prefix, _, leaf = path.rpartition(".")
@@ -550,7 +550,7 @@ def accelerate_ffn(
         if reuse is not None and site is FFNSite.INTERMEDIATE:
             roles = _SWAPPED_REUSED_INTERMEDIATE_FUSED if sparse.fused else _SWAPPED_REUSED_INTERMEDIATE
         for role in roles:
-            parent, name = _role_path(ffn, role)
+            parent, name = role_path(ffn, role)
             swaps.append((parent, name, SparsePart(sparse, role, getattr(parent, name))))
     for parent, name, part in swaps:
         setattr(parent, name, part)

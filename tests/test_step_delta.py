@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from test_kernels import DEVICE, _triton_ready, run_triton_tests_in_interpreter
 
 from dllm_sparse.kernels import accelerate_ffn, is_accelerated, restore_ffn
+from dllm_sparse.kernels import gathered as gathered_module
 from dllm_sparse.models.families import find_ffns
 from dllm_sparse.models.llada import LLaDAModelLM, tiny_llada_config
 from dllm_sparse.samplers import GenerationConfig, generate, replay
-from dllm_sparse.samplers import step_delta as step_delta_module
 from dllm_sparse.samplers.reuse import Adaptive
 from dllm_sparse.samplers.step_delta import StepDelta, apply_step_delta, step_delta
 from dllm_sparse.steps import StepState
@@ -411,8 +411,8 @@ def test_triton_backend_equals_the_torch_backend(config, monkeypatch):
     model = LLaDAModelLM(tiny_llada_config()).eval().to(DEVICE)
     launches = []
     for op in ("_colsparse_gemm_op", "_rowsparse_op"):
-        real = getattr(step_delta_module, op)
-        monkeypatch.setattr(step_delta_module, op, lambda *a, _real=real, _op=op: launches.append(_op) or _real(*a))
+        real = getattr(gathered_module, op)
+        monkeypatch.setattr(gathered_module, op, lambda *a, _real=real, _op=op: launches.append(_op) or _real(*a))
     outputs = {}
     for be in ("torch", "triton"):
         with step_delta(model, dataclasses.replace(config, backend=be)) as delta:
