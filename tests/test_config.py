@@ -10,9 +10,9 @@ import torch
 from conftest import build_tiny_model
 
 from dllm_sparse import FFNSite, MaxP, SparsityConfig, SparsityStats, TopK, TopP, make_rule, sparsify
-from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer
-from dllm_sparse.eval.sweep import SweepConfig, read_rows, run_sweep, upgrade_cell_keys
-from dllm_sparse.eval.tasks import MCItem, MultipleChoiceTask, PerplexityTask
+from dllm_sparse.eval.scoring.scorer import ByteTokenizer, Scorer
+from dllm_sparse.eval.sweep.run import SweepConfig, read_rows, run_sweep, upgrade_cell_keys
+from dllm_sparse.eval.tasks.builtin import MCItem, MultipleChoiceTask, PerplexityTask
 from dllm_sparse.kernels import accelerate_ffn, accelerated_ffn, restore_ffn
 from dllm_sparse.models.loading import LoadedModel
 from dllm_sparse.samplers import GenerationConfig, StepSparsity, generate
@@ -345,7 +345,7 @@ def test_old_sweep_folders_are_refused_then_upgraded(tmp_path, form):
 
 def test_lm_eval_model_args_build_one_config():
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is an optional extra")
-    from dllm_sparse.eval.lm_eval_model import DllmSparseLM, sparsity_from_args
+    from dllm_sparse.eval.tasks.lm_eval_model import DllmSparseLM, sparsity_from_args
 
     want = SparsityConfig("input", TopP(0.9))
     assert sparsity_from_args("input:top_p:0.9") == want

@@ -17,11 +17,11 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is an opt
 from conftest import build_byte_hf_tokenizer, build_tiny_model  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer, SparsityConfig  # noqa: E402
-from dllm_sparse.eval.lm_eval_model import DllmSparseLM, _with_task_dir  # noqa: E402
-from dllm_sparse.eval.lm_eval_tasks import TASK_DIR, evaluate_builtin, task_manager  # noqa: E402
-from dllm_sparse.eval.sweep import SweepConfig, run_sweep  # noqa: E402
-from dllm_sparse.eval.tasks import BuiltinLmEvalTask, get_task  # noqa: E402
+from dllm_sparse.eval.scoring.scorer import ByteTokenizer, Scorer, SparsityConfig  # noqa: E402
+from dllm_sparse.eval.tasks.lm_eval_model import DllmSparseLM, _with_task_dir  # noqa: E402
+from dllm_sparse.eval.tasks.lm_eval_tasks import TASK_DIR, evaluate_builtin, task_manager  # noqa: E402
+from dllm_sparse.eval.sweep.run import SweepConfig, run_sweep  # noqa: E402
+from dllm_sparse.eval.tasks.builtin import BuiltinLmEvalTask, get_task  # noqa: E402
 from dllm_sparse.models.loading import LoadedModel  # noqa: E402
 from dllm_sparse.sparsity.rules import TopP  # noqa: E402
 from dllm_sparse.sparsity.stats import SparsityStats  # noqa: E402
@@ -192,7 +192,7 @@ def test_stock_lm_eval_and_the_console_script_run_the_task(tmp_path):
     runs = {
         "stock": [str(bin_dir / "lm_eval"), *common, "--tasks", f"{TASK_DIR}/dllm_sparse_mc.yaml"],
         "script": [str(bin_dir / "dllm-sparse-lm-eval"), *common, "--tasks", "dllm_sparse_mc"],
-        "module": [sys.executable, "-m", "dllm_sparse.eval.lm_eval_model", "run", *common, "--tasks",
+        "module": [sys.executable, "-m", "dllm_sparse.eval.tasks.lm_eval_model", "run", *common, "--tasks",
                    "dllm_sparse_mc"],
     }
     acc, _ = _reference(model_dir, 3)
@@ -257,7 +257,7 @@ class _FakeLauncher:
 
 
 def test_rank_and_world_size_come_from_the_launcher(monkeypatch):
-    import dllm_sparse.eval.lm_eval_model as module
+    import dllm_sparse.eval.tasks.lm_eval_model as module
 
     monkeypatch.setattr(module, "_launcher_state", lambda: _FakeLauncher())
     lm = DllmSparseLM.from_scorer(_scorer("ar"), data_parallel=True)

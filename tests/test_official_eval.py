@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import build_tiny_model
 
-from dllm_sparse.eval.likelihood import (
+from dllm_sparse.eval.scoring.scorer import (
     ByteTokenizer,
     Scorer,
     SparsityConfig,

@@ -239,7 +239,7 @@ def test_step_sparsity_voters_in_the_diffusion_sampler(voters):
 def test_ar_scorer_shares_over_context_only():
     """AR scoring: the context tokens vote (padding does not), continuation tokens keep per-token masks. With a
     one-token context the shared set is that token's own top-p set, so step equals token exactly."""
-    from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer
+    from dllm_sparse.eval.scoring.scorer import ByteTokenizer, Scorer
 
     model = build_tiny_model("llama", initializer_range=0.2, vocab_size=260)
     step, token = SparsityConfig("input", TopP(0.5, scope="step")), SparsityConfig("input", TopP(0.5))
@@ -262,6 +262,6 @@ def test_sweep_scripts_accept_the_shared_scopes():
     for scope in ("step", "step_wina"):
         assert _script("llada_vs_llama").parse_args(["--scope", scope]).scope == scope
         assert _script("mask_reuse").parse_args(["--scope", scope]).scope == scope
-    from dllm_sparse.eval.reuse_study import StudySettings
+    from dllm_sparse.eval.studies.reuse_study import StudySettings
 
     assert StudySettings(p=0.7, scope="step").rule == TopP(0.7, scope="step")

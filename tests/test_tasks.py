@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dllm_sparse.eval.tasks import (
+from dllm_sparse.eval.tasks.builtin import (
     BUILTIN_TASKS,
     LmEvalTask,
     MCItem,
@@ -102,7 +102,7 @@ def test_relative_performance_and_limit():
 
 
 def test_builtin_scoring_without_lm_eval(monkeypatch):
-    import dllm_sparse.eval.tasks as tasks
+    import dllm_sparse.eval.tasks.builtin as tasks
 
     monkeypatch.setattr(tasks, "lm_eval_available", lambda: False)
     assert isinstance(get_task("builtin_mc"), MultipleChoiceTask)

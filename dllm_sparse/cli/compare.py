@@ -29,7 +29,7 @@ oversubscribed OpenMP threads spin (a forward pass up to 8x slower in our measur
 there; a start-up sample of the idle cores, used before, read a briefly busy core as busy for the whole run
 (:func:`dllm_sparse.hardware.auto_threads`). ``--workers
 auto`` (default) then runs the sweep in one process per thread, each with one thread and its own model copy,
-taking cells one at a time (:func:`dllm_sparse.eval.sweep.run_sweep`): the small forward passes of the built-in
+taking cells one at a time (:func:`dllm_sparse.eval.sweep.run.run_sweep`): the small forward passes of the built-in
 tasks use two cores only in part from one process (1.5-1.8x from a second thread, measured in the README), and
 the top-p row sort runs on one core. ``--workers 1`` keeps one process with all the threads.
 """
@@ -43,7 +43,7 @@ from pathlib import Path
 
 # Only light modules here, so that --help answers at once; torch and the package's heavy modules are imported
 # by the functions that use them, after the arguments are parsed.
-from dllm_sparse.eval.presets import PRESETS
+from dllm_sparse.eval.scoring.presets import PRESETS
 from dllm_sparse.hardware import machine_description
 from dllm_sparse.sparsity.names import RULE_NAMES, SCOPES
 from dllm_sparse.sparsity.sites import ALL_SITES, SitesAction
@@ -94,7 +94,7 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
                     help="guided ELBO w of the diffusion model for every task (default 0: no guidance)")
     ap.add_argument("--preset", default=None, choices=sorted(PRESETS),
                     help="llada-official: the official LLaDA evaluation's per-task guidance, mc_num 128 and "
-                         "mc_batch 8 (dllm_sparse.eval.presets; explicit --mc-num / --mc-batch win)")
+                         "mc_batch 8 (dllm_sparse.eval.scoring.presets; explicit --mc-num / --mc-batch win)")
     ap.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--device", default=None, help="cpu / cuda / auto (default: auto on GPU, cpu otherwise)")
     ap.add_argument("--output-dir", default=None,
@@ -148,11 +148,11 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
 
 def smoke_models() -> list:
     """``--smoke``'s pair: a tiny random LLaDA and a tiny random LLaMA of the same shape over the byte tokenizer
-    (:class:`dllm_sparse.eval.likelihood.ByteTokenizer`), built in memory: the pipeline runs, the numbers are noise."""
+    (:class:`dllm_sparse.eval.scoring.scorer.ByteTokenizer`), built in memory: the pipeline runs, the numbers are noise."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dllm_sparse.eval.likelihood import ByteTokenizer
+    from dllm_sparse.eval.scoring.scorer import ByteTokenizer
     from dllm_sparse.models.llada import LLaDAModelLM, tiny_llada_config
     from dllm_sparse.models.loading import LoadedModel
 
@@ -363,11 +363,11 @@ def main(argv=None, prog: str | None = None) -> int:
     import torch
 
     import dllm_sparse  # noqa: F401  (registers embedded models)
-    from dllm_sparse.eval.critical import AVG_CURVE, differences_markdown, markdown_table, write_critical
-    from dllm_sparse.eval.plots import plot_layer_heatmaps, plot_relative_performance, plot_step_sparsity
-    from dllm_sparse.eval.presets import get_preset
+    from dllm_sparse.eval.analysis.critical import AVG_CURVE, differences_markdown, markdown_table, write_critical
+    from dllm_sparse.eval.analysis.plots import plot_layer_heatmaps, plot_relative_performance, plot_step_sparsity
+    from dllm_sparse.eval.scoring.presets import get_preset
     from dllm_sparse.eval.rows import atomic_write_json, launch_note, process_info, read_json_or_none
-    from dllm_sparse.eval.sweep import SweepConfig, grid, planned_keys, run_sweep
+    from dllm_sparse.eval.sweep.run import SweepConfig, grid, planned_keys, run_sweep
 
     gpu = torch.cuda.is_available()
     device = args.device or ("auto" if gpu else "cpu")

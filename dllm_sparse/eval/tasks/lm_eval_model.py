@@ -3,14 +3,14 @@
 Python API (the supported path; lm-eval >= 0.4.9, tested with 0.4.13)::
 
     import lm_eval
-    from dllm_sparse.eval.lm_eval_model import DllmSparseLM
+    from dllm_sparse.eval.tasks.lm_eval_model import DllmSparseLM
     lm = DllmSparseLM(pretrained="smollm2-135m", sparsity="input:top_p:0.9")   # or a SparsityConfig
     out = lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"], limit=100)
     lm.stats.mean("input")                       # measured sparsity of every forward pass of the run
 
-Command line: ``dllm-sparse-lm-eval`` (also ``python -m dllm_sparse.eval.lm_eval_model``) is lm-eval's own CLI,
+Command line: ``dllm-sparse-lm-eval`` (also ``python -m dllm_sparse.eval.tasks.lm_eval_model``) is lm-eval's own CLI,
 every flag unchanged, with the ``dllm_sparse`` model registered and this package's task folder
-(:data:`dllm_sparse.eval.lm_eval_tasks.TASK_DIR`: ``dllm_sparse_mc``, ``dllm_sparse_ppl``) given as
+(:data:`dllm_sparse.eval.tasks.lm_eval_tasks.TASK_DIR`: ``dllm_sparse_mc``, ``dllm_sparse_ppl``) given as
 ``--include_path`` when the command line names none::
 
     dllm-sparse-lm-eval --model dllm_sparse --model_args pretrained=smollm2-135m,sparsity=input:top_p:0.9 \
@@ -27,8 +27,8 @@ name), no environment variable names plugins, ``--config`` is read with ``yaml.s
 ``--include_path`` is only indexed (``!function`` tags unresolved) before the model is built. The one side
 effect that works: a YAML *file* (or folder) given to ``--tasks`` is loaded with its ``!function`` tags
 resolved before the model is built, and this package's task YAMLs name a function of
-:mod:`dllm_sparse.eval.lm_eval_tasks`, whose import registers the model, so
-``lm_eval --model dllm_sparse --tasks "$(python -m dllm_sparse.eval.lm_eval_tasks)/dllm_sparse_mc.yaml"`` works
+:mod:`dllm_sparse.eval.tasks.lm_eval_tasks`, whose import registers the model, so
+``lm_eval --model dllm_sparse --tasks "$(python -m dllm_sparse.eval.tasks.lm_eval_tasks)/dllm_sparse_mc.yaml"`` works
 (tested; it relies on that order inside lm-eval, the console script does not).
 
 Data parallel: under ``accelerate launch`` / ``torchrun`` a model built from ``pretrained`` reports the launcher's
@@ -55,7 +55,7 @@ below), ``mc_num``, ``mc_batch``, ``seed``, ``shift_logits`` (Dream-style; defau
 (``iterative``/true, ``one_pass``, ``off``/false), ``cfg`` (alias ``cfg_scale``: guided ELBO w, as the official
 LLaDA evaluation's ``cfg``), ``preset`` (``llada-official``: the official per-task cfg and mc_num / mc_batch (128 / 8;
 1 / 1 on mmlu, cmmlu, ceval-valid), greedy check off, the ELBO in the official arithmetic (``precision="official"``),
-generation 1024/1024/1024 with the task's cfg and the official confidence; see :mod:`dllm_sparse.eval.presets`;
+generation 1024/1024/1024 with the task's cfg and the official confidence; see :mod:`dllm_sparse.eval.scoring.presets`;
 explicit arguments win, an explicit ``mc_num`` or ``mc_batch`` for every task),
 ``max_gen_toks``, ``gen_steps``, ``block_length``, ``block_cache`` (prefix / dual: Fast-dLLM's approximate
 block KV cache in ``generate_until``, native LLaDA only), ``head_chunk`` (the LM head on that many scored rows at
@@ -81,7 +81,7 @@ and the template's text is then scored or continued as any other request.
 Semantics:
 
 * ``loglikelihood`` returns ``(ll, is_greedy)``. AR: exact. Diffusion: the Monte-Carlo ELBO of
-  ``dllm_sparse.eval.likelihood`` with masks drawn per request from (seed, task, doc_id, request index), so
+  ``dllm_sparse.eval.scoring.scorer`` with masks drawn per request from (seed, task, doc_id, request index), so
   dense and sparse runs use identical masks; with ``cfg`` > 0 the guided ELBO on the same masks. ``is_greedy``
   for diffusion: ``greedy_check=iterative`` (default here; ``True``) is the official check (unmask one answer
   position per forward pass, the most confident one; greedy iff the answer is reproduced, L extra passes per
@@ -104,7 +104,7 @@ field that differs, a database made by any other configuration (or by an older v
 fields out). Use one cache path per configuration, e.g. ``--use_cache cache/{lm.cache_slug}``.
 
 Unknown model arguments (a typo such as ``sitee=input``) are refused with the list of valid ones: a misspelt
-sparsity argument would otherwise give a dense run. Values are read strictly (:mod:`dllm_sparse.eval.model_args`;
+sparsity argument would otherwise give a dense run. Values are read strictly (:mod:`dllm_sparse.eval.tasks.lm_eval_args`;
 the error names the argument, the value and the accepted form): booleans are true/false (yes/no, on/off, 1/0),
 counts (``batch_size``, ``max_batch_size``, ``mc_num``, ``mc_batch``, ``max_gen_toks``, ``gen_steps``,
 ``block_length``, ``head_chunk``) whole numbers >= 1, ``seed`` a whole number >= 0, ``cfg`` a finite number >= 0,
@@ -124,7 +124,7 @@ try:
     from lm_eval.api.registry import register_model
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "dllm_sparse.eval.lm_eval_model needs lm-evaluation-harness: pip install -e '.[eval]' (or pip install lm-eval)"
+        "dllm_sparse.eval.tasks.lm_eval_model needs lm-evaluation-harness: pip install -e '.[eval]' (or pip install lm-eval)"
     ) from e
 
 import dataclasses
@@ -136,8 +136,8 @@ from contextlib import contextmanager
 from tqdm.auto import tqdm
 
 from dllm_sparse.eval.identity import RunIdentity, run_identity, weights_hash
-from dllm_sparse.eval.likelihood import SCORER_DEFAULT, Scorer, greedy_check_mode
-from dllm_sparse.eval.model_args import (
+from dllm_sparse.eval.scoring.scorer import SCORER_DEFAULT, Scorer, greedy_check_mode
+from dllm_sparse.eval.tasks.lm_eval_args import (
     as_bool,
     as_finite_float,
     as_int,
@@ -145,8 +145,8 @@ from dllm_sparse.eval.model_args import (
     as_optional_bool,
     as_positive_int,
 )
-from dllm_sparse.eval.presets import get_preset
-from dllm_sparse.eval.tasks import LM_EVAL_TASKS, builtin_request_key
+from dllm_sparse.eval.scoring.presets import get_preset
+from dllm_sparse.eval.tasks.builtin import LM_EVAL_TASKS, builtin_request_key
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig, slug
 from dllm_sparse.sparsity.rules import make_rule, rule_name
 from dllm_sparse.sparsity.stats import SparsityStats
@@ -339,7 +339,7 @@ def _launcher_state():
 
 
 class DllmSparseLM(LM):
-    """lm-eval model wrapping a :class:`dllm_sparse.eval.likelihood.Scorer` (see the module docstring)."""
+    """lm-eval model wrapping a :class:`dllm_sparse.eval.scoring.scorer.Scorer` (see the module docstring)."""
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> DllmSparseLM:
@@ -395,7 +395,7 @@ class DllmSparseLM(LM):
             raise TypeError(
                 f"DllmSparseLM: unknown model argument(s) {sorted(unknown)}; valid ones: {', '.join(MODEL_ARGS)}. "
                 "(A misspelt sparsity argument would silently give a dense run.)")
-        # Every value is read strictly here, before a long load (dllm_sparse.eval.model_args).
+        # Every value is read strictly here, before a long load (dllm_sparse.eval.tasks.lm_eval_args).
         cfg = None if cfg is None else as_nonneg_float("cfg", cfg)
         cfg_scale = None if cfg_scale is None else as_nonneg_float("cfg_scale", cfg_scale)
         if cfg is not None and cfg_scale is not None and cfg != cfg_scale:
@@ -684,7 +684,7 @@ class DllmSparseLM(LM):
     def _key(req) -> Hashable:
         """Names a request for the ELBO's per-item generator: (task, document, choice index), independent of
         which other requests are in the batch (a partly cached run draws the same masks as a fresh one). This
-        package's tasks use the built-in scoring's names (:func:`~dllm_sparse.eval.tasks.builtin_request_key`)."""
+        package's tasks use the built-in scoring's names (:func:`~dllm_sparse.eval.tasks.builtin.builtin_request_key`)."""
         builtin = _BUILTIN_NAME.get(req.task_name)
         if builtin is not None and isinstance(req.doc, dict) and "id" in req.doc:
             return builtin_request_key(builtin, req.doc["id"], req.idx if req.request_type == "loglikelihood"
@@ -836,7 +836,7 @@ class DllmSparseLM(LM):
 
 
 # Registered under its package name only: `python -m` runs this file as __main__ and the task YAMLs import it
-# again as dllm_sparse.eval.lm_eval_model, whose class must be the one lm-eval finds (a second class under the
+# again as dllm_sparse.eval.tasks.lm_eval_model, whose class must be the one lm-eval finds (a second class under the
 # same name would be refused by lm-eval's registry).
 if __name__ != "__main__":
     register_model("dllm_sparse", "dllm-sparse")(DllmSparseLM)
@@ -846,7 +846,7 @@ def _with_task_dir(argv: list[str]) -> list[str]:
     """lm-eval CLI arguments with this package's task folder as ``--include_path`` when a ``run`` names none (a
     run naming its own folder cannot also have ours: lm-eval 0.4.13's CLI takes one path; it then reaches
     ``dllm_sparse_mc`` through the YAML file itself, see the error below)."""
-    from dllm_sparse.eval.lm_eval_tasks import TASK_DIR
+    from dllm_sparse.eval.tasks.lm_eval_tasks import TASK_DIR
 
     commands = ("run", "ls", "validate")
     command = argv[0] if argv and argv[0] in commands else "run"
@@ -867,7 +867,7 @@ def _with_task_dir(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``dllm-sparse-lm-eval`` / ``python -m dllm_sparse.eval.lm_eval_model``: lm-eval's CLI (all of its flags)
+    """``dllm-sparse-lm-eval`` / ``python -m dllm_sparse.eval.tasks.lm_eval_model``: lm-eval's CLI (all of its flags)
     with ``--model dllm_sparse`` registered and this package's tasks on the include path."""
     import sys
 
@@ -878,6 +878,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from dllm_sparse.eval.lm_eval_model import main as _package_main  # the registered module's main
+    from dllm_sparse.eval.tasks.lm_eval_model import main as _package_main  # the registered module's main
 
     _package_main()

@@ -19,13 +19,13 @@ import torch.nn.functional as F
 
 from dllm_sparse import SparsityConfig, SparsityStats, TopK, TopP, find_ffns, load_model, sparsify, without_lm_head
 from dllm_sparse.atomic import atomic_write_text
-from dllm_sparse.eval.critical import critical_sparsity
+from dllm_sparse.eval.analysis.critical import critical_sparsity
 from dllm_sparse.kernels import accelerate_ffn, restore_ffn, union_density
 from dllm_sparse.samplers import GenerationConfig, generate
 from dllm_sparse.samplers.reuse import make_policy
 from dllm_sparse.steps import StepState
 
-DATA = Path(__file__).resolve().parents[1] / "data"  # the package's data folder
+DATA = Path(__file__).resolve().parents[2] / "data"  # the package's data folder
 SITES = ("input", "intermediate")
 
 
@@ -433,8 +433,8 @@ def run_frontier(args, command: str) -> dict:
         c.update(measured_sparsity(lm.model, canvas, SparsityConfig(c["site"], c["rule"])))
 
     if not args.skip_quality:
-        from dllm_sparse.eval.likelihood import Scorer
-        from dllm_sparse.eval.tasks import load_builtin_passages
+        from dllm_sparse.eval.scoring.scorer import Scorer
+        from dllm_sparse.eval.tasks.builtin import load_builtin_passages
 
         passages = load_builtin_passages()[:args.passages]
         texts, keys = [p["text"] for p in passages], [p["id"] for p in passages]

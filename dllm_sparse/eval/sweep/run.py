@@ -1,6 +1,6 @@
 """Sweep runner: models × sites × rule thresholds × tasks, one tidy row per cell, resumable.
 
-    from dllm_sparse.eval.sweep import SweepConfig, run_sweep
+    from dllm_sparse.eval.sweep.run import SweepConfig, run_sweep
     rows = run_sweep(SweepConfig(models=["smollm2-135m"], tasks=["builtin_mc", "builtin_ppl"],
                                  thresholds=grid("quick"), output_dir="runs/quick"))
 
@@ -9,7 +9,7 @@ max-p, the target sparsity for top-k; the column keeps its historical name), sco
 and its value, the dense value, the relative performance (sparse/dense; dense/sparse for lower-is-better metrics such as
 perplexity), all metrics, the measured mean sparsity and per-layer sparsities (the x-axis of every curve),
 the number of items, the per-item scores (``items``: what the bootstrap intervals of
-:mod:`dllm_sparse.eval.bootstrap` resample) and the seconds spent.
+:mod:`dllm_sparse.eval.analysis.bootstrap` resample) and the seconds spent.
 
 Guarantees:
 
@@ -91,9 +91,9 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-from dllm_sparse.eval.bootstrap import item_scores
+from dllm_sparse.eval.analysis.bootstrap import item_scores
 from dllm_sparse.eval.identity import RunIdentity, run_identity
-from dllm_sparse.eval.likelihood import Scorer
+from dllm_sparse.eval.scoring.scorer import Scorer
 from dllm_sparse.eval.rows import (
     JsonlWriter,
     atomic_open,
@@ -104,7 +104,7 @@ from dllm_sparse.eval.rows import (
     share_of,
 )
 from dllm_sparse.eval.rows import json_default as _json_default
-from dllm_sparse.eval.tasks import POSITIVE_DENSE_METRICS, Task, check_limit, get_task, relative_performance
+from dllm_sparse.eval.tasks.builtin import POSITIVE_DENSE_METRICS, Task, check_limit, get_task, relative_performance
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig
 from dllm_sparse.sparsity.rules import make_rule, rule_name
 from dllm_sparse.sparsity.sites import ALL_SITES
@@ -295,14 +295,14 @@ class SweepConfig:
     ratio_bins: int = 5  # diffusion: also measure sparsity per mask-ratio bin of the ELBO passes
     progress: bool = True
     # Guided ELBO w of the diffusion models (a float for every task or a {task: w} dict, e.g. the official
-    # LLaDA per-task values of dllm_sparse.eval.presets); autoregressive models ignore it.
+    # LLaDA per-task values of dllm_sparse.eval.scoring.presets); autoregressive models ignore it.
     cfg_scale: float | dict[str, float] = 0.0
     # The LM head on this many scored rows at a time (Scorer(head_chunk=...)): bounds the logits' memory for long
     # rolling windows at a large vocabulary; None = all at once. Part of the cell key when set.
     head_chunk: int | None = None
 
     def __post_init__(self):
-        from dllm_sparse.eval.likelihood import check_head_chunk
+        from dllm_sparse.eval.scoring.scorer import check_head_chunk
 
         self.rule = rule_name(self.rule)
         check_head_chunk(self.head_chunk)
@@ -602,7 +602,7 @@ def _refuse_old_keys(out: Path, rows: list[dict]) -> None:
             f"[{fields}] (e.g. {_old_key_to_new(old[0], bs)}), so they would not be recognised and "
             f"would be computed again. Rewrite the keys in place (values unchanged; the batch size "
             + (f"{bs} from its sweep_config.json" if bs is not None else "N the rows were computed with")
-            + f") with `python -c \"from dllm_sparse.eval.sweep import upgrade_cell_keys; {call}\"`, "
+            + f") with `python -c \"from dllm_sparse.eval.sweep.run import upgrade_cell_keys; {call}\"`, "
             f"or use a fresh output folder.")
 
 
@@ -706,7 +706,7 @@ def _claim(out: Path, units: Sequence[_Unit]) -> _Unit | None:
 class ClaimWait:
     """The wait of a sweep whose remaining units are all claimed by other processes: a pause per call, and, once
     it has waited ``first`` seconds and then every ``every`` seconds, when a holder is on another machine, a
-    message (``say``, default: a warning on the ``dllm_sparse.eval.sweep`` logger) naming the claim file, each
+    message (``say``, default: a warning on the ``dllm_sparse.eval.sweep.run`` logger) naming the claim file, each
     holder (pid and host, and whether this run can see it running) and how to release a claim whose holder is
     gone: delete the claim file (or its entries). A claim made on another machine cannot be checked from here, so
     without that message such a wait would be silent and endless; claims of this host are checked alive (the
@@ -837,7 +837,7 @@ def run_sweep(
     """Run (or resume) the sweep; returns every row of the folder (after merging, on rank 0).
 
     ``loader(name, dtype=, device=)`` defaults to :func:`dllm_sparse.load_model`; ``task_factory(name)`` to
-    :func:`dllm_sparse.eval.tasks.get_task`. ``rank``/``world_size`` default to the launcher's environment.
+    :func:`dllm_sparse.eval.tasks.builtin.get_task`. ``rank``/``world_size`` default to the launcher's environment.
     ``on_row`` is called with every row written (progress reporting, tests). ``workers`` > 1 (a plain run, models
     given by name or path): that many processes in all compute the units, this one and ``workers - 1`` started
     here, each with ``worker_threads`` torch threads (default: this process's) and its own copy of the model it
@@ -1019,7 +1019,7 @@ def _base_row(cfg: SweepConfig, lm, name: str, task: str, config: SparsityConfig
 
 
 def _result_fields(res) -> dict:
-    # "items": the per-item scores the bootstrap intervals resample (dllm_sparse.eval.bootstrap); None for tasks
+    # "items": the per-item scores the bootstrap intervals resample (dllm_sparse.eval.analysis.bootstrap); None for tasks
     # whose scorer gives no per-item details.
     return {"metric": res.metric, "value": res.value, "metrics": res.metrics,
             "higher_is_better": res.higher_is_better.get(res.metric, True),

@@ -12,11 +12,11 @@ read relative to the current directory, not to the YAML).
 ``dllm-sparse-lm-eval`` (lm-eval's CLI with the ``dllm_sparse`` model registered) adds :data:`TASK_DIR` to
 ``--include_path`` by itself; :func:`task_manager` is the same for the Python API. Importing this module
 registers the ``dllm_sparse`` model, which is why a stock ``lm_eval`` also works when it is given the YAML
-file itself (``--tasks "$(python -m dllm_sparse.eval.lm_eval_tasks)/dllm_sparse_mc.yaml"``, which prints
+file itself (``--tasks "$(python -m dllm_sparse.eval.tasks.lm_eval_tasks)/dllm_sparse_mc.yaml"``, which prints
 :data:`TASK_DIR`): lm-eval 0.4.13 resolves the ``!function`` tags of such a file before it builds the model.
 
 :func:`evaluate_builtin` is how the sweep scores ``builtin_mc`` / ``builtin_ppl`` when lm-eval is installed
-(see :mod:`dllm_sparse.eval.tasks`).
+(see :mod:`dllm_sparse.eval.tasks.builtin`).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from typing import Any
 from lm_eval.evaluator import evaluate
 from lm_eval.tasks import TaskManager
 
-from dllm_sparse.eval.likelihood import SCORER_DEFAULT
-from dllm_sparse.eval.lm_eval_model import DllmSparseLM  # registers --model dllm_sparse (see the docstring)
-from dllm_sparse.eval.tasks import (
+from dllm_sparse.eval.scoring.scorer import SCORER_DEFAULT
+from dllm_sparse.eval.tasks.lm_eval_model import DllmSparseLM  # registers --model dllm_sparse (see the docstring)
+from dllm_sparse.eval.tasks.builtin import (
     LM_EVAL_TASKS,
     MC_HIGHER_IS_BETTER,
     PERPLEXITY_HIGHER_IS_BETTER,

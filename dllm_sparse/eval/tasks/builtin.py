@@ -9,7 +9,7 @@
 
 One scoring for the built-in tasks: when lm-evaluation-harness is installed, ``builtin_mc`` and ``builtin_ppl``
 run as its tasks ``dllm_sparse_mc`` / ``dllm_sparse_ppl`` (YAMLs in ``dllm_sparse/data/lm_eval_tasks``, see
-:mod:`dllm_sparse.eval.lm_eval_tasks`) through :class:`~dllm_sparse.eval.lm_eval_model.DllmSparseLM`, and
+:mod:`dllm_sparse.eval.tasks.lm_eval_tasks`) through :class:`~dllm_sparse.eval.tasks.lm_eval_model.DllmSparseLM`, and
 lm-eval computes the metrics: ``acc``/``acc_norm``; ``word_perplexity``, ``byte_perplexity``,
 ``bits_per_byte``. Without lm-eval the same numbers come from :class:`MultipleChoiceTask` /
 :class:`PerplexityTask` below (``get_task(name, scoring="builtin")`` picks them explicitly;
@@ -42,7 +42,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from dllm_sparse.eval.likelihood import SCORER_DEFAULT
+from dllm_sparse.eval.scoring.scorer import SCORER_DEFAULT
 
 __all__ = [
     "TaskResult", "Task", "MCItem", "MultipleChoiceTask", "PerplexityTask", "LmEvalTask", "BuiltinLmEvalTask",
@@ -138,7 +138,7 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, scorer, limit: int | float | None = None, *, sparsity=SCORER_DEFAULT,
                  stats=SCORER_DEFAULT) -> TaskResult:
-        """Score with a :class:`dllm_sparse.eval.likelihood.Scorer`, every call sparsified with ``sparsity`` and
+        """Score with a :class:`dllm_sparse.eval.scoring.scorer.Scorer`, every call sparsified with ``sparsity`` and
         measured into ``stats`` (defaults: the scorer's own, see :meth:`Scorer.loglikelihood`)."""
 
     def __repr__(self) -> str:
@@ -301,7 +301,7 @@ def load_builtin_passages(path: str | Path | None = None) -> list[dict]:
 
 class BuiltinLmEvalTask(Task):
     """``builtin_mc`` / ``builtin_ppl`` scored by lm-evaluation-harness (its tasks ``dllm_sparse_mc`` /
-    ``dllm_sparse_ppl``, metrics computed by lm-eval; see :func:`dllm_sparse.eval.lm_eval_tasks.evaluate_builtin`).
+    ``dllm_sparse_ppl``, metrics computed by lm-eval; see :func:`dllm_sparse.eval.tasks.lm_eval_tasks.evaluate_builtin`).
     Same :class:`TaskResult` (metrics, per-item details) as :class:`MultipleChoiceTask` / :class:`PerplexityTask`."""
 
     def __init__(self, name: str):
@@ -311,7 +311,7 @@ class BuiltinLmEvalTask(Task):
         self.metric = "acc" if name == "builtin_mc" else "ppl"
 
     def evaluate(self, scorer, limit=None, *, sparsity=SCORER_DEFAULT, stats=SCORER_DEFAULT) -> TaskResult:
-        from dllm_sparse.eval.lm_eval_tasks import evaluate_builtin
+        from dllm_sparse.eval.tasks.lm_eval_tasks import evaluate_builtin
 
         return evaluate_builtin(self.name, scorer, limit, sparsity=sparsity, stats=stats)
 
@@ -352,7 +352,7 @@ _PREFERRED = ("acc_norm", "acc", "exact_match", "word_perplexity", "bits_per_byt
 
 
 class LmEvalTask(Task):
-    """An lm-evaluation-harness task run through :class:`dllm_sparse.eval.lm_eval_model.DllmSparseLM`.
+    """An lm-evaluation-harness task run through :class:`dllm_sparse.eval.tasks.lm_eval_model.DllmSparseLM`.
 
     ``metric``: the metric to report (default: the task's first metric among acc, acc_norm, exact_match,
     word_perplexity, bits_per_byte, else its first). ``include_path``: a folder of extra task YAMLs.
@@ -372,7 +372,7 @@ class LmEvalTask(Task):
             from lm_eval.tasks import TaskManager
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError(f"task {self.name!r} needs lm-evaluation-harness: pip install -e '.[eval]' ({e})") from e
-        from dllm_sparse.eval.lm_eval_model import DllmSparseLM
+        from dllm_sparse.eval.tasks.lm_eval_model import DllmSparseLM
 
         lm = DllmSparseLM.from_scorer(scorer, sparsity=sparsity, stats=stats)
         if self._task_manager is None:
