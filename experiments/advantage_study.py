@@ -170,7 +170,8 @@ def main(argv=None) -> int:
     from dllm_sparse.eval.identity import weights_hash
     from dllm_sparse.eval.analysis.plots import plot_relative_performance
     from dllm_sparse.eval.rows import atomic_write_csv, atomic_write_json, atomic_write_text
-    from dllm_sparse.eval.sweep.run import SweepConfig, grid, planned_keys, run_sweep
+    from dllm_sparse.eval.sweep.config import SweepConfig, grid, planned_keys
+    from dllm_sparse.eval.sweep.run import run_sweep
     from dllm_sparse.models.degrade import degraded_copy
     from dllm_sparse.models.loading import load_model
     from dllm_sparse.models.twin import adapted_twin, untrained_twin

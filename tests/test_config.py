@@ -10,8 +10,12 @@ import torch
 from conftest import build_tiny_model
 
 from dllm_sparse import FFNSite, MaxP, SparsityConfig, SparsityStats, TopK, TopP, make_rule, sparsify
-from dllm_sparse.eval.scoring.scorer import ByteTokenizer, Scorer
-from dllm_sparse.eval.sweep.run import SweepConfig, read_rows, run_sweep, upgrade_cell_keys
+from byte_tokenizer import ByteTokenizer
+from dllm_sparse.eval.scoring.scorer import Scorer
+from dllm_sparse.eval.sweep.config import SweepConfig
+from dllm_sparse.eval.rows import read_rows
+from dllm_sparse.eval.sweep.run import run_sweep
+from dllm_sparse.eval.sweep.store import upgrade_cell_keys
 from dllm_sparse.eval.tasks.builtin import MCItem, MultipleChoiceTask, PerplexityTask
 from dllm_sparse.kernels import accelerate_ffn, accelerated_ffn, restore_ffn
 from dllm_sparse.models.loading import LoadedModel

@@ -15,7 +15,9 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.model import CachingLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from dllm_sparse.eval.scoring.scorer import ByteTokenizer, Scorer, SparsityConfig  # noqa: E402
+from byte_tokenizer import ByteTokenizer
+from dllm_sparse.eval.scoring.scorer import Scorer
+from dllm_sparse.sparsity.config import SparsityConfig  # noqa: E402
 from dllm_sparse.eval.tasks.lm_eval_model import DllmSparseLM  # noqa: E402
 from dllm_sparse.eval.tasks.builtin import MCItem, MultipleChoiceTask  # noqa: E402
 from dllm_sparse.sparsity.rules import TopP  # noqa: E402
@@ -121,7 +123,7 @@ def test_rolling_and_generate_until():
 
 
 def test_lm_eval_task_through_the_task_interface(tmp_path):
-    from dllm_sparse.eval.tasks.builtin import LmEvalTask
+    from dllm_sparse.eval.tasks.lm_eval_tasks import LmEvalTask
 
     _write_task(tmp_path)
     scorer = _ar_scorer(sparsity=SparsityConfig("up", TopP(0.7)))

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from conftest import VOCAB, build_tiny_model
 
 import dllm_sparse.eval.scoring.scorer as likelihood
-from dllm_sparse.eval.scoring.scorer import ar_loglikelihood_tokens, diffusion_elbo_tokens
+from dllm_sparse.eval.scoring.autoregressive import ar_loglikelihood_tokens
+from dllm_sparse.eval.scoring.elbo import diffusion_elbo_tokens
 from dllm_sparse.models.families import without_lm_head
 from dllm_sparse.sparsity.config import SparsityConfig
 from dllm_sparse.sparsity.hooks import sparsify
@@ -117,7 +118,8 @@ MC_REQUESTS = ([([5, 6, 7, 8, 9], c) for c in ([10], [11, 12], [13, 14, 15], [16
 
 
 def _scored(model, share, sparsity=None, max_length=None, batch_size=3):
-    from dllm_sparse.eval.scoring.scorer import ByteTokenizer, Scorer
+    from byte_tokenizer import ByteTokenizer
+    from dllm_sparse.eval.scoring.scorer import Scorer
 
     scorer = Scorer(model, ByteTokenizer(), "ar", batch_size=batch_size, max_length=max_length,
                     share_context=share, sparsity=sparsity)
@@ -180,7 +182,7 @@ def test_scopes_that_see_the_whole_sequence_keep_one_pass_per_request(scope):
 
 
 def test_a_model_without_a_kv_cache_keyword_keeps_one_pass_per_request():
-    from dllm_sparse.eval.scoring.scorer import _ar_shared_context
+    from dllm_sparse.eval.scoring.autoregressive import _ar_shared_context
 
     class NoCache(torch.nn.Module):
         def __init__(self, inner):

@@ -239,7 +239,8 @@ def test_step_sparsity_voters_in_the_diffusion_sampler(voters):
 def test_ar_scorer_shares_over_context_only():
     """AR scoring: the context tokens vote (padding does not), continuation tokens keep per-token masks. With a
     one-token context the shared set is that token's own top-p set, so step equals token exactly."""
-    from dllm_sparse.eval.scoring.scorer import ByteTokenizer, Scorer
+    from byte_tokenizer import ByteTokenizer
+    from dllm_sparse.eval.scoring.scorer import Scorer
 
     model = build_tiny_model("llama", initializer_range=0.2, vocab_size=260)
     step, token = SparsityConfig("input", TopP(0.5, scope="step")), SparsityConfig("input", TopP(0.5))

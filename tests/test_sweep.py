@@ -9,8 +9,14 @@ import os
 import pytest
 from conftest import build_tiny_model
 
-from dllm_sparse.eval.scoring.scorer import ByteTokenizer, Scorer, SparsityConfig
-from dllm_sparse.eval.sweep.run import DENSE, SweepConfig, grid, load_rows, read_rows, run_sweep
+from byte_tokenizer import ByteTokenizer
+from dllm_sparse.eval.scoring.scorer import Scorer
+from dllm_sparse.sparsity.config import SparsityConfig
+from dllm_sparse.sparsity.config import DENSE
+from dllm_sparse.eval.sweep.config import SweepConfig, grid
+from dllm_sparse.eval.sweep.store import load_rows
+from dllm_sparse.eval.rows import read_rows
+from dllm_sparse.eval.sweep.run import run_sweep
 from dllm_sparse.eval.tasks.builtin import MCItem, MultipleChoiceTask, PerplexityTask
 from dllm_sparse.models.loading import LoadedModel
 from dllm_sparse.sparsity.rules import TopP
@@ -221,7 +227,7 @@ def test_two_identical_sweeps_at_once_into_a_fresh_folder(tmp_path):
 
     import torch
 
-    from dllm_sparse.eval.sweep.run import planned_keys
+    from dllm_sparse.eval.sweep.config import planned_keys
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the reference at the workers' one thread: a reduction split over two may round
@@ -356,7 +362,7 @@ def test_a_computed_row_that_is_not_valid_is_not_written(tmp_path):
 def test_head_chunk_cells_have_their_own_keys_and_the_unchunked_scores(tmp_path):
     """head_chunk is part of the key (another row count per head product may round differently), and the
     scores equal the unchunked sweep's up to that rounding; a combined {"cfg", "head_chunk"} key is valid."""
-    from dllm_sparse.eval.sweep.run import _key_problem
+    from dllm_sparse.eval.sweep.validate import key_problem as _key_problem
 
     plain = run_sweep(_cfg(tmp_path / "plain", sites=["input"], thresholds=[1.0, 0.5]), task_factory=Counter())
     chunked = run_sweep(_cfg(tmp_path / "chunked", sites=["input"], thresholds=[1.0, 0.5], head_chunk=2,
@@ -430,7 +436,8 @@ def test_a_claimed_unit_waits_for_its_process_and_a_dead_claim_is_taken_over(tmp
     import sys
     import time
 
-    from dllm_sparse.eval.sweep.run import CLAIMS_NAME, _plan, process_start
+    from dllm_sparse.eval.sweep.claims import CLAIMS_NAME, process_start
+    from dllm_sparse.eval.sweep.config import plan as _plan
 
     cfg = _saved_cfg(tmp_path, saved_pair)
     plan = _plan(cfg)
@@ -469,7 +476,7 @@ def test_a_claimed_unit_waits_for_its_process_and_a_dead_claim_is_taken_over(tmp
 
 
 def test_stat_start_time_counts_fields_from_the_last_parenthesis():
-    from dllm_sparse.eval.sweep.run import stat_start_time
+    from dllm_sparse.eval.sweep.claims import stat_start_time
 
     fields = ["4242", "(a ) (b) c)", "S"] + [f"f{i}" for i in range(4, 53)]  # fields 1, 2, 3, then f4 .. f52
     assert stat_start_time(" ".join(fields) + "\n") == "f22"
@@ -489,7 +496,7 @@ def test_a_claim_is_alive_only_while_its_own_process_runs(claim, alive):
     import os
     import socket
 
-    from dllm_sparse.eval.sweep.run import _claim_alive
+    from dllm_sparse.eval.sweep.claims import _claim_alive
 
     running = {os.getpid(): "boot:1", 100: "boot:500"}  # pid -> process_start of what runs there now
     if isinstance(claim, dict) and claim.get("host") == "<here>":
@@ -502,7 +509,7 @@ def test_a_wait_for_claims_says_what_it_waits_for_and_how_to_release_it(tmp_path
     and pid and that deleting the file releases it, after a minute and then every ten (an injected clock)."""
     import socket
 
-    from dllm_sparse.eval.sweep.run import CLAIMS_NAME, ClaimWait, process_start
+    from dllm_sparse.eval.sweep.claims import CLAIMS_NAME, ClaimWait, process_start
 
     (tmp_path / CLAIMS_NAME).write_text(json.dumps({"k1": {"pid": 7, "host": "node-b", "start": "x:1"},
                                                     "k2": {"pid": 7, "host": "node-b", "start": "x:1"},
@@ -533,7 +540,8 @@ def test_a_wait_for_claims_says_what_it_waits_for_and_how_to_release_it(tmp_path
 def test_a_sweep_waiting_on_another_machines_claims_computes_them_once_released(tmp_path, full_run):
     """Every unit claimed by another host: the run waits (the injected wait sees every unit), and computes them once
     the claim file is deleted, the release the wait's message names."""
-    from dllm_sparse.eval.sweep.run import CLAIMS_NAME, _plan
+    from dllm_sparse.eval.sweep.claims import CLAIMS_NAME
+    from dllm_sparse.eval.sweep.config import plan as _plan
 
     cfg = _cfg(tmp_path, tasks=["mc"], sites=["input"], thresholds=[1.0, 0.5])
     tmp_path.mkdir(exist_ok=True)

@@ -6,19 +6,17 @@ import math
 
 import pytest
 
+from dllm_sparse.eval.tasks.registry import BUILTIN_TASKS, get_task
+from dllm_sparse.eval.tasks.lm_eval_tasks import LmEvalTask
 from dllm_sparse.eval.tasks.builtin import (
-    BUILTIN_TASKS,
-    LmEvalTask,
     MCItem,
     MultipleChoiceTask,
     PerplexityTask,
-    apply_limit,
-    get_task,
     load_builtin_mc,
     load_builtin_passages,
-    relative_performance,
     score_multiple_choice,
 )
+from dllm_sparse.eval.tasks.base import apply_limit, relative_performance
 
 
 class FakeScorer:

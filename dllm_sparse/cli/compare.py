@@ -152,7 +152,7 @@ def smoke_models() -> list:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dllm_sparse.eval.scoring.scorer import ByteTokenizer
+    from byte_tokenizer import ByteTokenizer
     from dllm_sparse.models.llada import LLaDAModelLM, tiny_llada_config
     from dllm_sparse.models.loading import LoadedModel
 
@@ -367,7 +367,8 @@ def main(argv=None, prog: str | None = None) -> int:
     from dllm_sparse.eval.analysis.plots import plot_layer_heatmaps, plot_relative_performance, plot_step_sparsity
     from dllm_sparse.eval.scoring.presets import get_preset
     from dllm_sparse.eval.rows import atomic_write_json, launch_note, process_info, read_json_or_none
-    from dllm_sparse.eval.sweep.run import SweepConfig, grid, planned_keys, run_sweep
+    from dllm_sparse.eval.sweep.config import SweepConfig, grid, planned_keys
+    from dllm_sparse.eval.sweep.run import run_sweep
 
     gpu = torch.cuda.is_available()
     device = args.device or ("auto" if gpu else "cpu")

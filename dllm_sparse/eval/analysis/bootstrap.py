@@ -224,7 +224,7 @@ class Bootstrap:
     def relative(self, row: dict, metric: str | None = None) -> np.ndarray | None:
         """[n_boot] replicates of the row's relative performance in its primary metric (or in ``metric``), the
         same items in the row and its dense row."""
-        from dllm_sparse.eval.tasks.builtin import POSITIVE_DENSE_METRICS
+        from dllm_sparse.eval.tasks.base import POSITIVE_DENSE_METRICS
 
         metric = metric or row["metric"]
         if row["site"] == DENSE:

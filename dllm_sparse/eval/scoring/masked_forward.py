@@ -13,7 +13,6 @@ from dllm_sparse.eval.scoring.common import tagged
 from dllm_sparse.models.families import without_lm_head
 from dllm_sparse.models.loading import model_device
 
-
 GREEDY_CHECKS = ("iterative", "one_pass", "off")
 
 

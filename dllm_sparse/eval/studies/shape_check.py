@@ -154,7 +154,8 @@ def phase_elbo(lm, s: dict, context: int, rolling: bool) -> dict:
 
 
 def phase_sweep(lm, s: dict) -> dict:
-    from dllm_sparse.eval.sweep.run import SweepConfig, run_sweep
+    from dllm_sparse.eval.sweep.config import SweepConfig
+    from dllm_sparse.eval.sweep.run import run_sweep
 
     cfg = SweepConfig(models=[lm], output_dir=Path(s["work_dir"]) / "sweep", sites=["input"], thresholds=[0.9],
                       tasks=["builtin_mc"], limit=1, mc_num=s["mc_num"], mc_batch=s["mc_batch"],

@@ -28,14 +28,14 @@ name), no environment variable names plugins, ``--config`` is read with ``yaml.s
 effect that works: a YAML *file* (or folder) given to ``--tasks`` is loaded with its ``!function`` tags
 resolved before the model is built, and this package's task YAMLs name a function of
 :mod:`dllm_sparse.eval.tasks.lm_eval_tasks`, whose import registers the model, so
-``lm_eval --model dllm_sparse --tasks "$(python -m dllm_sparse.eval.tasks.lm_eval_tasks)/dllm_sparse_mc.yaml"`` works
+``lm_eval --model dllm_sparse --tasks "$(python -m dllm_sparse.eval.tasks.lm_eval_entry)/dllm_sparse_mc.yaml"`` works
 (tested; it relies on that order inside lm-eval, the console script does not).
 
 Data parallel: under ``accelerate launch`` / ``torchrun`` a model built from ``pretrained`` reports the launcher's
 ``rank`` / ``world_size`` (``accelerate.PartialState``) and one device per process (``cuda:<local rank>``
 unless ``device`` names one), so lm-eval gives each process its share of the requests and gathers the results
 on rank 0 (as lm-eval's HFLM does). A model wrapped around an existing scorer (:meth:`DllmSparseLM.from_scorer`)
-stays single-process unless ``data_parallel=True`` (the sweep splits cells between ranks itself); HFLM does the
+stays single-process unless ``data_parallel=True`` ; HFLM does the
 same for a model object it is given. lm-eval evens the ranks' shares by repeating a rank's last request; such
 copies are scored once, so the pooled measured sparsity counts each real request once (it equals a
 one-process run's).
@@ -78,7 +78,9 @@ Chat templates: ``--apply_chat_template`` (optionally ``--system_instruction``, 
 every request with the tokenizer's chat template (``tokenizer.apply_chat_template``, as HFLM does; both kinds),
 and the template's text is then scored or continued as any other request.
 
-Semantics:
+Semantics (of :class:`~dllm_sparse.eval.tasks.scorer_lm.ScorerLM`, which this class extends with its model
+arguments, its own sparsity, opened around every request (:meth:`Scorer.sparsified
+<dllm_sparse.eval.scoring.scorer.Scorer.sparsified>`), and the response-cache identity):
 
 * ``loglikelihood`` returns ``(ll, is_greedy)``. AR: exact. Diffusion: the Monte-Carlo ELBO of
   ``dllm_sparse.eval.scoring.scorer`` with masks drawn per request from (seed, task, doc_id, request index), so
@@ -89,7 +91,7 @@ Semantics:
   (``False``) always answers False.
 * ``loglikelihood_rolling``: AR exact (windows of the model's context length); diffusion: the ELBO of the
   whole text given the prefix token (BOS, else EOS). The number of tokens scored per document is kept in
-  :attr:`DllmSparseLM.rolling_tokens` (token-level perplexity).
+  :attr:`~dllm_sparse.eval.tasks.scorer_lm.ScorerLM.rolling_tokens` (token-level perplexity).
 * Requests of this package's tasks (``dllm_sparse_mc``, ``dllm_sparse_ppl``) are named like the built-in
   scoring's (``builtin_mc/<id>/<choice>``), so a diffusion model draws the same ELBO masks in the sweep and here.
 * ``generate_until``: through ``dllm_sparse.samplers.generate`` (LLaDA sampler or AR loop), sparsified with
@@ -117,229 +119,141 @@ given again.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Any
 
 try:
-    from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "dllm_sparse.eval.tasks.lm_eval_model needs lm-evaluation-harness: pip install -e '.[eval]' (or pip install lm-eval)"
+        "dllm_sparse.eval.tasks.lm_eval_model needs lm-evaluation-harness: pip install -e '.[eval]' (or pip install "
+        "lm-eval)"
     ) from e
 
-import dataclasses
-import logging
-import os
-from collections.abc import Hashable
-from contextlib import contextmanager
-
-from tqdm.auto import tqdm
-
 from dllm_sparse.eval.identity import RunIdentity, run_identity, weights_hash
-from dllm_sparse.eval.scoring.scorer import SCORER_DEFAULT, Scorer, greedy_check_mode
+from dllm_sparse.eval.scoring.common import as_configs
+from dllm_sparse.eval.scoring.defaults import MC_BATCH, MC_NUM, SEED
+from dllm_sparse.eval.scoring.masked_forward import greedy_check_mode
+from dllm_sparse.eval.scoring.presets import get_preset
+from dllm_sparse.eval.scoring.scorer import Scorer
+from dllm_sparse.eval.tasks.base import LM_EVAL_TASKS
 from dllm_sparse.eval.tasks.lm_eval_args import (
+    MODEL_ARGS,
     as_bool,
-    as_finite_float,
     as_int,
     as_nonneg_float,
     as_optional_bool,
     as_positive_int,
+    batch_size_arg,
+    check_layers_exist,
+    merge_lm_eval_args,
+    refuse_diffusion_only_args,
+    sparsity_from_args,
 )
-from dllm_sparse.eval.scoring.presets import get_preset
-from dllm_sparse.eval.tasks.builtin import LM_EVAL_TASKS, builtin_request_key
+from dllm_sparse.eval.tasks.lm_eval_tasks import TASK_DIR
+from dllm_sparse.eval.tasks.scorer_lm import ScorerLM, launcher_state
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig, slug
-from dllm_sparse.sparsity.rules import make_rule, rule_name
 from dllm_sparse.sparsity.stats import SparsityStats
 
-__all__ = ["DllmSparseLM", "IDENTITY_KEY", "MODEL_ARGS", "sparsity_from_args", "merge_lm_eval_args"]
+# MODEL_ARGS, sparsity_from_args and merge_lm_eval_args live in lm_eval_args; named here as the model's own.
+__all__ = ["DllmSparseLM", "IDENTITY_KEY", "MODEL_ARGS", "sparsity_from_args", "merge_lm_eval_args", "main"]
 
 eval_logger = logging.getLogger("lm_eval")
 
 IDENTITY_KEY = "__dllm_sparse_identity__"  # lm-eval's own keys are sha256 hex digests, so no collision
 
 
-_NO_SPARSITY = (None, "", "none", DENSE)
+def _read_cfg(cfg: Any, cfg_scale: Any) -> float | None:
+    """The guidance from ``cfg`` or its alias ``cfg_scale`` (a finite number >= 0; both: the same value)."""
+    cfg = None if cfg is None else as_nonneg_float("cfg", cfg)
+    cfg_scale = None if cfg_scale is None else as_nonneg_float("cfg_scale", cfg_scale)
+    if cfg is not None and cfg_scale is not None and cfg != cfg_scale:
+        raise ValueError(f"cfg={cfg} and cfg_scale={cfg_scale} disagree: give one of them (cfg is the official "
+                         "evaluation's name, cfg_scale an alias)")
+    return cfg if cfg is not None else cfg_scale
 
 
-def _is_dense(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and value.strip().lower() in _NO_SPARSITY)
+def _read_block_cache(block_cache: Any) -> str | None:
+    block_cache = None if block_cache in (None, "", "none") else str(block_cache).strip().lower()
+    if block_cache not in (None, "prefix", "dual"):
+        raise ValueError(f"block_cache={block_cache!r}: use prefix or dual (Fast-dLLM's approximate block KV "
+                         "caches of the diffusion sampler, for generate_until), or none")
+    return block_cache
 
 
-def sparsity_from_args(sparsity: SparsityConfig | str | None = None, site: str | None = None,
-                       rule: str | None = None, threshold: float | None = None, p: float | None = None,
-                       scope: str | None = None) -> SparsityConfig | None:
-    """The model's one :class:`SparsityConfig` from its model arguments: ``sparsity=input:top_p:0.9`` (or a
-    config object), or the pieces ``site``, ``rule`` (default top_p), ``threshold`` (alias ``p``; default 1.0 for
-    top_p only, p = 1 keeping every entry; another rule without one is refused, naming what its threshold means)
-    and ``scope`` (default token). None means dense. A piece given next to a whole ``sparsity`` id, or without a
-    site, is refused: it would be dropped silently (the id already says site, rule, threshold and scope; without
-    a site the run is dense)."""
-    if _is_dense(sparsity):
-        sparsity = None
-    if _is_dense(site):
-        site = None
-    threshold = None if threshold is None else as_finite_float("threshold", threshold)
-    p = None if p is None else as_finite_float("p", p)
-    if p is not None and threshold is not None and p != threshold:
-        raise ValueError(f"threshold={threshold} and p={p} disagree: give one of them (p is an alias of threshold)")
-    threshold = threshold if threshold is not None else p
-    pieces = {k: v for k, v in (("site", site), ("rule", rule), ("threshold", threshold), ("scope", scope))
-              if v is not None}
-    if sparsity is not None:
-        if pieces:
-            given = ", ".join(f"{k}={v!r}" for k, v in pieces.items())
-            raise ValueError(f"give either sparsity={sparsity!r} or site/rule/threshold/scope, not both (got {given}): "
-                             "the id already names site, rule, threshold and scope, so the extra argument would be "
-                             "dropped; write it into the id instead, e.g. sparsity=input:top_p:0.9:step")
-        return SparsityConfig.parse(sparsity)
-    if site is None:
-        if pieces:  # without a site the other pieces would be dropped and the run silently dense
-            given = ", ".join(f"{k}={v!r}" for k, v in pieces.items())
-            raise ValueError(f"{given} given without a site, so it would be ignored and the run dense: give "
-                             "site=... too (e.g. site=input,threshold=0.9), or sparsity=input:top_p:0.9")
-        return None
-    rule = rule_name(rule) if rule is not None else "top_p"
-    if threshold is None:
-        if rule != "top_p":  # 1.0 is top-p's identity (keep all the mass); for another rule it means something else
-            raise ValueError(f"site={site!r},rule={rule!r} without a threshold: the default threshold (1.0, top_p's "
-                             f"p = 1, the dense model) applies to rule=top_p only; give {rule}'s threshold "
-                             f"({_THRESHOLD_MEANING[rule]}), e.g. site={site},rule={rule},threshold="
-                             f"{_THRESHOLD_EXAMPLE[rule]}")
-        threshold = 1.0
-    return SparsityConfig(site, make_rule(rule, threshold, scope=scope))
+def _read_preset(preset: Any, head_chunk: int | None, cfg: float | None):
+    """The named preset (None: none), refused next to ``head_chunk`` (when it scores in the official arithmetic)
+    or ``cfg`` (it sets the guidance per task)."""
+    preset = None if preset in (None, "", "none") else get_preset(preset)
+    if preset is not None and head_chunk is not None and preset.precision == "official":
+        raise ValueError(f"head_chunk={head_chunk} with preset={preset.name}: the preset scores in the "
+                         "official arithmetic, which runs the LM head over every position at once; drop "
+                         "head_chunk (or the preset)")
+    if preset is not None and cfg is not None:
+        raise ValueError(f"preset={preset.name} sets the guidance per task; drop cfg={cfg} (or the preset)")
+    return preset
 
 
-# What a rule's threshold means, for the message when it is missing.
-_THRESHOLD_MEANING = {"top_k": "the target sparsity s in [0, 1): keep ceil((1 - s) d) entries",
-                      "max_p": "p in (0, 1]: keep |v_i| >= p max|v|",
-                      "paper_top_p": "p in percent: the paper's LLaDA top-p"}
-_THRESHOLD_EXAMPLE = {"top_k": "0.5", "max_p": "0.1", "paper_top_p": "90"}
-
-
-def _batch_size(value: Any, max_batch_size: Any = None) -> int:
-    """``batch_size``: a whole number >= 1, or ``auto`` / ``auto:N`` / None (16, at most ``max_batch_size``: this
-    model sizes its own batches, lm-eval's automatic search does not apply to it). ``max_batch_size`` (lm-eval's
-    bound on an automatic batch size): a whole number >= 1; a whole ``batch_size`` above it is refused."""
-    cap = None if max_batch_size is None else as_positive_int("max_batch_size", max_batch_size)
-    if value is None or (isinstance(value, str) and value.strip().lower().startswith("auto")):
-        return 16 if cap is None else min(16, cap)
-    try:
-        bs = as_positive_int("batch_size", value)
-    except ValueError as e:
-        raise ValueError(f"{e} (or auto)") from None
-    if cap is not None and bs > cap:
-        raise ValueError(f"batch_size={bs} is above max_batch_size={cap} (lm-eval's bound on an automatic batch "
-                         "size): lower batch_size, or drop max_batch_size")
-    return bs
-
-
-#: The model arguments DllmSparseLM accepts (``--model_args k=v,...``); anything else is refused.
-MODEL_ARGS = ("pretrained", "sparsity", "site", "rule", "threshold", "p", "scope", "kind", "dtype", "device",
-              "batch_size", "max_batch_size", "mc_num", "mc_batch", "seed", "shift_logits", "greedy_check",
-              "max_gen_toks", "gen_steps", "block_length", "trust_remote_code", "add_bos_token", "cfg", "cfg_scale",
-              "preset", "progress", "data_parallel", "block_cache", "head_chunk")
-
-#: lm-eval's own defaults of the arguments it passes to every model beside ``--model_args`` (the CLI's
-#: ``EvaluatorConfig``), used when lm-eval cannot be asked.
-_LM_EVAL_DEFAULTS = {"device": "cuda:0", "batch_size": 1, "max_batch_size": None}
-
-
-def _lm_eval_defaults() -> dict[str, Any]:
-    """What lm-eval's CLI passes for ``device`` / ``batch_size`` / ``max_batch_size`` when they are not given
-    (0.4.13: ``cuda:0``, 1, None; read from its ``EvaluatorConfig``)."""
-    try:
-        from lm_eval.config.evaluate_config import EvaluatorConfig
-    except ImportError:  # pragma: no cover - other lm-eval versions
-        return dict(_LM_EVAL_DEFAULTS)
-    fields = {f.name: f.default for f in dataclasses.fields(EvaluatorConfig)}
-    return {k: fields.get(k, v) for k, v in _LM_EVAL_DEFAULTS.items()}
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    return str(a).strip().lower() == str(b).strip().lower()
-
-
-def merge_lm_eval_args(model_args: dict[str, Any], lm_eval_args: dict[str, Any] | None) -> dict[str, Any]:
-    """The model's keyword arguments from ``--model_args`` and the ones lm-eval passes beside them
-    (``create_from_arg_string``'s ``additional_config``: ``device``, ``batch_size``, ``max_batch_size`` from
-    ``--device`` / ``--batch_size`` / ``--max_batch_size`` or ``simple_evaluate(...)``; None = not given).
-
-    Precedence: an argument given in one place only is taken from there. Given in both with the same value: that
-    value. Given in both with different values: the ``--model_args`` value wins when lm-eval's is lm-eval's own
-    default (its CLI always passes ``device=cuda:0`` and ``batch_size=1`` when the flags are left out, even on
-    a machine without a GPU, so ``--model_args device=cpu`` or ``device=auto`` must not be overridden by it; an
-    explicit ``--device cuda:0`` / ``--batch_size 1`` cannot be told from the default and reads the same);
-    otherwise the pair contradicts itself and is refused with a ``ValueError`` naming both values."""
-    out = dict(model_args)
-    defaults = _lm_eval_defaults()
-    for name, value in (lm_eval_args or {}).items():
-        if value is None:
-            continue
-        if name not in out or out[name] is None:
-            out[name] = value
-        elif _same_value(out[name], value):
-            continue
-        elif name in defaults and _same_value(value, defaults[name]):
-            eval_logger.info(f"{name}={out[name]!r} from --model_args (lm-eval's {name}={value!r} is its default "
-                             f"when --{name} is not given, and is not applied)")
-        else:
-            raise ValueError(f"{name} is given twice with different values: --model_args {name}={out[name]} and "
-                             f"lm-eval's --{name} {value} (or simple_evaluate({name}=...)); give it in one place "
-                             f"(a --model_args value wins only over lm-eval's default {defaults.get(name)!r})")
-    return out
-
-def _refuse_diffusion_only_args(kind: str | None, cfg: float | None, preset, block_cache: str | None = None) -> None:
-    """Guidance (``cfg``) and the ``llada-official`` preset are settings of the diffusion ELBO, ``block_cache`` one
-    of the diffusion sampler: an AR model is scored exactly and generates with its own KV cache, and would ignore
-    them (or fail deep inside), so they are refused for it."""
-    if kind != "ar":
-        return
-    if block_cache is not None:
-        raise ValueError(f"block_cache={block_cache} is a cache of the masked-diffusion sampler; this model is "
-                         "autoregressive (it decodes with its own KV cache): drop block_cache")
-    if cfg:
-        raise ValueError(f"cfg={cfg} is the guided ELBO of a diffusion model; this model is autoregressive (scored "
-                         "exactly, no guidance): drop cfg (or load a diffusion model)")
+def _refuse_scorer_args(scorer: Scorer, preset, cfg: float | None, sparsity_args: dict[str, Any],
+                        scorer_args: dict[str, Any]) -> None:
+    """``DllmSparseLM(scorer=...)`` takes the scorer's sparsity and settings: any of them given again would be
+    dropped, so it is refused (a preset's mc_num / mc_batch equal to the scorer's say "the scorer's for every
+    task" and are allowed)."""
+    if any(v is not None for v in sparsity_args.values()):
+        raise TypeError("DllmSparseLM(scorer=...) takes the scorer's sparsity; to score with another one "
+                        "use DllmSparseLM.from_scorer(scorer, sparsity=..., stats=...)")
+    if cfg is not None:
+        raise TypeError("DllmSparseLM(scorer=...) takes the scorer's cfg_scale; build the scorer with "
+                        f"Scorer(..., cfg_scale={cfg})")
+    scorer_args = dict(scorer_args)
     if preset is not None:
-        raise ValueError(f"preset={preset.name} holds the official settings of a diffusion model's evaluation; this "
-                         "model is autoregressive: drop the preset (or load a diffusion model)")
+        for name in ("mc_num", "mc_batch"):
+            if scorer_args[name] is not None and scorer_args[name] == getattr(scorer, name, None):
+                scorer_args[name] = None
+    given = sorted(k for k, v in scorer_args.items() if v is not None)
+    if given:  # they would be dropped: the scorer was built with its own
+        raise TypeError(f"DllmSparseLM(scorer=...) takes the scorer's settings; {', '.join(given)} would be "
+                        f"ignored: build the scorer with them instead (Scorer(..., {given[0]}=...))")
 
 
-def _check_layers_exist(model, configs) -> None:
-    """Every layer index of the sparsity configs exists in ``model`` (else the hooks would fail only at the first
-    request, after lm-eval has built every task)."""
-    from dllm_sparse.models.families import find_ffns
-    from dllm_sparse.sparsity.hooks import select_layers
-
-    picked = [c for c in configs if c.layers is not None]
-    if not picked:
-        return
-    ffns = find_ffns(model)
-    for config in picked:
-        try:
-            select_layers(ffns, config.layers)
-        except ValueError as e:
-            raise ValueError(f"sparsity={config.id}: {e}; give layer indices in that range (negative ones count "
-                             "from the end)") from None
-
-
-_BUILTIN_NAME = {v: k for k, v in LM_EVAL_TASKS.items()}  # lm-eval task name -> built-in task name
-
-
-def _launcher_state():
-    """accelerate's ``PartialState`` when this process is one of several started by ``accelerate launch`` /
-    ``torchrun`` (``WORLD_SIZE`` > 1; it sets up the process group), else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
+def _load_scorer(*, pretrained, kind, dtype, device, batch_size, max_batch_size, mc_num, mc_batch, seed,
+                 shift_logits, greedy_check, trust_remote_code, add_bos_token, cfg, head_chunk, sparsity_args,
+                 stats, preset, block_cache, dist) -> Scorer:
+    """Load ``pretrained`` and build its scorer with the model arguments (each read strictly before the load)."""
     import torch
-    from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: a gloo group (accelerate's default: none)
-    return state if state.num_processes > 1 else None
+    from dllm_sparse.models.loading import load_model
+
+    sparsity = sparsity_from_args(**sparsity_args)  # fails before a long load
+    bs = batch_size_arg(batch_size, max_batch_size)
+    seed = SEED if seed is None else as_int("seed", seed, minimum=0)
+    shift_logits = as_optional_bool("shift_logits", shift_logits)
+    trust = False if trust_remote_code is None else as_bool("trust_remote_code", trust_remote_code)
+    add_bos = False if add_bos_token is None else as_bool("add_bos_token", add_bos_token)
+    greedy_check = greedy_check_mode("iterative" if greedy_check is None else greedy_check)
+    refuse_diffusion_only_args(kind, cfg, preset)
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        eval_logger.warning(f"device {device!r} requested (lm-eval's CLI default) but CUDA is not available; "
+                            "using the CPU")
+        device = "cpu"
+    if dist is not None and device in (None, "auto", "cuda") and torch.cuda.is_available():
+        device = str(dist.device)  # one full copy per process (device=auto would shard each one)
+        eval_logger.info(f"rank {dist.process_index}/{dist.num_processes}: model on {device}")
+    lm = load_model("smollm2-135m" if pretrained is None else pretrained, dtype=dtype, device=device,
+                    kind=kind, trust_remote_code=trust)
+    refuse_diffusion_only_args(lm.kind, cfg, preset, block_cache)
+    return Scorer.from_loaded(
+        lm, batch_size=bs, mc_num=MC_NUM if mc_num is None else mc_num,
+        mc_batch=MC_BATCH if mc_batch is None else mc_batch, seed=seed, shift_logits=shift_logits,
+        greedy_check=greedy_check, cfg_scale=cfg or 0.0, add_bos_token=add_bos, sparsity=sparsity,
+        head_chunk=head_chunk,
+        stats=stats if stats is not None else SparsityStats() if sparsity is not None else None)
 
 
-class DllmSparseLM(LM):
-    """lm-eval model wrapping a :class:`dllm_sparse.eval.scoring.scorer.Scorer` (see the module docstring)."""
+class DllmSparseLM(ScorerLM):
+    """lm-eval model ``dllm_sparse``: a :class:`~dllm_sparse.eval.tasks.scorer_lm.ScorerLM` built from model
+    arguments, with its own sparsity opened around every request (see the module docstring)."""
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> DllmSparseLM:
@@ -390,137 +304,101 @@ class DllmSparseLM(LM):
         stats: SparsityStats | None = None,
         **unknown: Any,
     ):
-        super().__init__()
         if unknown:
             raise TypeError(
                 f"DllmSparseLM: unknown model argument(s) {sorted(unknown)}; valid ones: {', '.join(MODEL_ARGS)}. "
                 "(A misspelt sparsity argument would silently give a dense run.)")
         # Every value is read strictly here, before a long load (dllm_sparse.eval.tasks.lm_eval_args).
-        cfg = None if cfg is None else as_nonneg_float("cfg", cfg)
-        cfg_scale = None if cfg_scale is None else as_nonneg_float("cfg_scale", cfg_scale)
-        if cfg is not None and cfg_scale is not None and cfg != cfg_scale:
-            raise ValueError(f"cfg={cfg} and cfg_scale={cfg_scale} disagree: give one of them (cfg is the official "
-                             "evaluation's name, cfg_scale an alias)")
-        cfg = cfg if cfg is not None else cfg_scale
+        cfg = _read_cfg(cfg, cfg_scale)
         mc_num, mc_batch, max_gen_toks, gen_steps, block_length = (
             None if v is None else as_positive_int(name, v) for name, v in (
                 ("mc_num", mc_num), ("mc_batch", mc_batch), ("max_gen_toks", max_gen_toks),
                 ("gen_steps", gen_steps), ("block_length", block_length)))
-        block_cache = None if block_cache in (None, "", "none") else str(block_cache).strip().lower()
-        if block_cache not in (None, "prefix", "dual"):
-            raise ValueError(f"block_cache={block_cache!r}: use prefix or dual (Fast-dLLM's approximate block KV "
-                             "caches of the diffusion sampler, for generate_until), or none")
-        self.block_cache = block_cache
+        block_cache = _read_block_cache(block_cache)
         head_chunk = None if head_chunk in (None, "", "none") else as_positive_int("head_chunk", head_chunk)
-        self.preset = None if preset in (None, "", "none") else get_preset(preset)
-        if self.preset is not None and head_chunk is not None and self.preset.precision == "official":
-            raise ValueError(f"head_chunk={head_chunk} with preset={self.preset.name}: the preset scores in the "
-                             "official arithmetic, which runs the LM head over every position at once; drop "
-                             "head_chunk (or the preset)")
+        preset = _read_preset(preset, head_chunk, cfg)
         # The preset's per-task mc_num / mc_batch (MMLU-style tasks: 1 / 1) apply unless either is given.
-        self._preset_mc = self.preset is not None and mc_num is None and mc_batch is None
-        if self.preset is not None:
-            if cfg is not None:
-                raise ValueError(f"preset={self.preset.name} sets the guidance per task; drop cfg={cfg} (or the "
-                                 "preset)")
+        per_task_mc = preset is not None and mc_num is None and mc_batch is None
+        if preset is not None:
             if scorer is None:  # a given scorer keeps its own ELBO settings
-                mc_num = self.preset.mc_num if mc_num is None else mc_num
-                mc_batch = self.preset.mc_batch if mc_batch is None else mc_batch
-                greedy_check = self.preset.greedy_check if greedy_check is None else greedy_check
-            max_gen_toks = self.preset.gen_length if max_gen_toks is None else max_gen_toks
-            gen_steps = self.preset.steps if gen_steps is None else gen_steps
-            block_length = self.preset.block_length if block_length is None else block_length
+                mc_num = preset.mc_num if mc_num is None else mc_num
+                mc_batch = preset.mc_batch if mc_batch is None else mc_batch
+                greedy_check = preset.greedy_check if greedy_check is None else greedy_check
+            max_gen_toks = preset.gen_length if max_gen_toks is None else max_gen_toks
+            gen_steps = preset.steps if gen_steps is None else gen_steps
+            block_length = preset.block_length if block_length is None else block_length
         max_gen_toks = 256 if max_gen_toks is None else max_gen_toks
-        # What this model's calls pass to the scorer: its own defaults unless from_scorer is given others.
-        self._sparsity, self._stats = SCORER_DEFAULT, SCORER_DEFAULT
         # Data parallel (see the module docstring): lm-eval splits requests by rank / world_size.
         data_parallel = as_optional_bool("data_parallel", data_parallel)
-        self._dist = _launcher_state() if (scorer is None if data_parallel is None else data_parallel) else None
-        if self._dist is not None:
-            self._rank, self._world_size = self._dist.process_index, self._dist.num_processes
-        self._peer_stats: list[dict] = []  # rank 0: the other ranks' statistics (SparsityStats.snapshot)
-        self.progress = as_bool("progress", progress)
-        #: Tokens scored per ``loglikelihood_rolling`` document, by (task name, doc id).
-        self.rolling_tokens: dict[tuple, int] = {}
+        dist = launcher_state() if (scorer is None if data_parallel is None else data_parallel) else None
+        progress = as_bool("progress", progress)
+        sparsity_args = dict(sparsity=sparsity, site=site, rule=rule, threshold=threshold, p=p, scope=scope)
         if scorer is not None:
-            if any(v is not None for v in (sparsity, site, rule, threshold, p, scope, stats)):
-                raise TypeError("DllmSparseLM(scorer=...) takes the scorer's sparsity; to score with another one "
-                                "use DllmSparseLM.from_scorer(scorer, sparsity=..., stats=...)")
-            if cfg is not None:
-                raise TypeError("DllmSparseLM(scorer=...) takes the scorer's cfg_scale; build the scorer with "
-                                f"Scorer(..., cfg_scale={cfg})")
-            scorer_args = dict(pretrained=pretrained, kind=kind, dtype=dtype, device=device, batch_size=batch_size,
-                               max_batch_size=max_batch_size, mc_num=mc_num, mc_batch=mc_batch, seed=seed,
-                               shift_logits=shift_logits, greedy_check=greedy_check,
-                               trust_remote_code=trust_remote_code, add_bos_token=add_bos_token,
-                               head_chunk=head_chunk)
-            if self.preset is not None:
-                # With a preset, mc_num / mc_batch equal to the scorer's say "the scorer's for every task" (instead of
-                # the preset's per-task values): allowed; any other value would be ignored, so it is refused below.
-                for name in ("mc_num", "mc_batch"):
-                    if scorer_args[name] is not None and scorer_args[name] == getattr(scorer, name, None):
-                        scorer_args[name] = None
-            given = sorted(k for k, v in scorer_args.items() if v is not None)
-            if given:  # they would be dropped: the scorer was built with its own
-                raise TypeError(f"DllmSparseLM(scorer=...) takes the scorer's settings; {', '.join(given)} would be "
-                                f"ignored: build the scorer with them instead (Scorer(..., {given[0]}=...))")
+            _refuse_scorer_args(scorer, preset, cfg, {**sparsity_args, "stats": stats}, dict(
+                pretrained=pretrained, kind=kind, dtype=dtype, device=device, batch_size=batch_size,
+                max_batch_size=max_batch_size, mc_num=mc_num, mc_batch=mc_batch, seed=seed,
+                shift_logits=shift_logits, greedy_check=greedy_check, trust_remote_code=trust_remote_code,
+                add_bos_token=add_bos_token, head_chunk=head_chunk))
         else:
-            import torch
-
-            from dllm_sparse.models.loading import load_model
-
-            sparsity = sparsity_from_args(sparsity, site, rule, threshold, p, scope)  # fails before a long load
-            bs = _batch_size(batch_size, max_batch_size)
-            seed = 1234 if seed is None else as_int("seed", seed, minimum=0)
-            shift_logits = as_optional_bool("shift_logits", shift_logits)
-            trust = False if trust_remote_code is None else as_bool("trust_remote_code", trust_remote_code)
-            add_bos = False if add_bos_token is None else as_bool("add_bos_token", add_bos_token)
-            greedy_check = greedy_check_mode("iterative" if greedy_check is None else greedy_check)
-            _refuse_diffusion_only_args(kind, cfg, self.preset)
-            if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
-                eval_logger.warning(f"device {device!r} requested (lm-eval's CLI default) but CUDA is not available; "
-                                    "using the CPU")
-                device = "cpu"
-            if self._dist is not None and device in (None, "auto", "cuda") and torch.cuda.is_available():
-                device = str(self._dist.device)  # one full copy per process (device=auto would shard each one)
-                eval_logger.info(f"rank {self.rank}/{self.world_size}: model on {device}")
-
-            lm = load_model("smollm2-135m" if pretrained is None else pretrained, dtype=dtype, device=device,
-                            kind=kind, trust_remote_code=trust)
-            _refuse_diffusion_only_args(lm.kind, cfg, self.preset, block_cache)
-            scorer = Scorer.from_loaded(
-                lm, batch_size=bs, mc_num=128 if mc_num is None else mc_num,
-                mc_batch=16 if mc_batch is None else mc_batch, seed=seed, shift_logits=shift_logits,
-                greedy_check=greedy_check, cfg_scale=cfg or 0.0, add_bos_token=add_bos, sparsity=sparsity,
-                head_chunk=head_chunk,
-                stats=stats if stats is not None else SparsityStats() if sparsity is not None else None)
-        _refuse_diffusion_only_args(scorer.kind, None, self.preset, block_cache)
-        _check_layers_exist(scorer.model, scorer.sparsity)
-        self.scorer = scorer
-        self.max_gen_toks, self.gen_steps, self.block_length = max_gen_toks, gen_steps, block_length
+            scorer = _load_scorer(
+                pretrained=pretrained, kind=kind, dtype=dtype, device=device, batch_size=batch_size,
+                max_batch_size=max_batch_size, mc_num=mc_num, mc_batch=mc_batch, seed=seed, shift_logits=shift_logits,
+                greedy_check=greedy_check, trust_remote_code=trust_remote_code, add_bos_token=add_bos_token, cfg=cfg,
+                head_chunk=head_chunk, sparsity_args=sparsity_args, stats=stats, preset=preset,
+                block_cache=block_cache, dist=dist)
+        refuse_diffusion_only_args(scorer.kind, None, preset, block_cache)
+        check_layers_exist(scorer.model, scorer.sparsity)
+        super().__init__(scorer, progress=progress, preset=preset, per_task_mc=per_task_mc, max_gen_toks=max_gen_toks,
+                         gen_steps=gen_steps, block_length=block_length, block_cache=block_cache, dist=dist)
+        # What every request runs with: the scorer's own sparsity unless from_scorer is given another.
+        self._configs, self._stats = scorer.sparsity, scorer.measured_into
         from dllm_sparse.models.loading import model_device
 
         self._device = model_device(scorer.model)
         self._weights = weights_hash(scorer.model)  # once: the identity is read for every cache check
 
     @classmethod
-    def from_scorer(cls, scorer: Scorer, *, sparsity=SCORER_DEFAULT, stats=SCORER_DEFAULT,
+    def from_scorer(cls, scorer: Scorer, *, sparsity=None, stats: SparsityStats | None = None,
                     **kwargs: Any) -> DllmSparseLM:
         """Wrap an existing scorer (its model and statistics are shared, not copied). ``sparsity``: a
-        :class:`SparsityConfig`, a list of them or None (dense) for every call of this model, leaving the
-        scorer as it is; ``stats``: where those calls measure. Defaults: the scorer's own (as in
-        :meth:`Scorer.loglikelihood`)."""
+        :class:`SparsityConfig`, a list of them, or ``[]`` (dense) for every request of this model, opened around
+        each request and leaving the scorer as it is (default None: the scorer's own sparsity); ``stats``: where
+        those requests measure (default: the scorer's own statistics for its own sparsity, else a fresh
+        :class:`SparsityStats`)."""
         lm = cls(scorer=scorer, **kwargs)
-        _check_layers_exist(scorer.model, scorer.configs_for(sparsity))  # a bad value fails here, not at a request
-        lm._sparsity, lm._stats = sparsity, stats
+        if sparsity is not None:
+            configs = as_configs(sparsity)
+            check_layers_exist(scorer.model, configs)  # a bad value fails here, not at a request
+            lm._configs, lm._stats = configs, stats if stats is not None else SparsityStats() if configs else None
+        elif stats is not None:
+            lm._stats = stats
         return lm
 
     @property
     def sparsity(self) -> list[SparsityConfig]:
-        """The sparsity of every call of this model."""
-        return self.scorer.configs_for(self._sparsity)
+        """The sparsity of every request of this model."""
+        return list(self._configs)
+
+    @property
+    def stats(self) -> SparsityStats | None:
+        """The measured sparsity of every forward pass made through this model (None when dense)."""
+        return self._stats
+
+    # ---- requests: the base class's, with this model's sparsity in force ----------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        with self.scorer.sparsified(self._configs, self._stats):
+            return super().loglikelihood(requests, disable_tqdm)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        with self.scorer.sparsified(self._configs, self._stats):
+            return super().loglikelihood_rolling(requests, disable_tqdm)
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        with self.scorer.sparsified(self._configs, self._stats):
+            return super().generate_until(requests, disable_tqdm)
 
     # ---- identity and cache safety ------------------------------------------------------------------------
+
     @property
     def run_identity(self) -> RunIdentity:
         """Everything that changes the answers (see :mod:`dllm_sparse.eval.identity`): model and weights hash,
@@ -595,245 +473,6 @@ class DllmSparseLM(LM):
                 "preset": None if self.preset is None else self.preset.name,
                 "measured_sparsity": self.measured_sparsity()}
 
-    def measured_sparsity(self) -> dict | None:
-        """``{"ranks": n, "sites": {site: {"mean", "per_layer", "forward_passes"}}}``: per sparsified site the mean
-        over layers, {layer: sparsity} and the forward passes counted, pooled over every rank of a data-parallel
-        run (each rank sends its counts to rank 0 after every request type); None when no forward pass was
-        sparsified (a dense run measures nothing)."""
-        own = self.stats
-        if (own is None or not own.counts) and not any(self._peer_stats):
-            return None
-        pooled = SparsityStats()
-        for snap in [own.snapshot() if own is not None else {}, *self._peer_stats]:
-            pooled.merge(snap)
-        return {"ranks": self.world_size,
-                "sites": {site: {"mean": pooled.mean(site), "per_layer": pooled.per_layer(site),
-                                 "forward_passes": pooled.forward_passes(site)} for site in pooled.sites()}}
-
-    def _share_stats(self) -> None:
-        """Data parallel: send this rank's statistics to rank 0 (every rank calls this after each request type,
-        as lm-eval's own barrier there)."""
-        if self.world_size <= 1:
-            return
-        own = self.stats
-        gathered = self.gather_object(own.snapshot() if own is not None else {}, dst=0)
-        if self.rank == 0:
-            self._peer_stats = [g for i, g in enumerate(gathered) if i != 0]
-
-    # ---- lm-eval properties --------------------------------------------------------------------------------
-    @property
-    def tokenizer(self):
-        return self.scorer.tokenizer
-
-    @property
-    def tokenizer_name(self) -> str:
-        """The tokenizer's name (lm-eval fingerprints chat-templated request caches with it), as HFLM's."""
-        return str(getattr(self.tokenizer, "name_or_path", type(self.tokenizer).__name__)).replace("/", "__")
-
-    def chat_template(self, chat_template: bool | str = False) -> str | None:
-        """The chat template ``--apply_chat_template`` uses (lm-eval's own selection: the tokenizer's template,
-        or the named one of several)."""
-        from lm_eval.api.model import TemplateLM
-
-        return TemplateLM.chat_template(self, chat_template)
-
-    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The chat as the tokenizer's template renders it (as lm-eval's HFLM; the same for both kinds)."""
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None) is None or not hasattr(tok, "apply_chat_template"):
-            raise ValueError(f"--apply_chat_template: the tokenizer {self.tokenizer_name!r} has no chat template; "
-                             "run without --apply_chat_template, or use an instruct model's tokenizer")
-        import jinja2
-
-        kw = dict(tokenize=False, add_generation_prompt=add_generation_prompt,
-                  continue_final_message=not add_generation_prompt)
-        try:
-            return tok.apply_chat_template(chat_history, **kw)
-        except jinja2.exceptions.TemplateError:
-            # Some templates refuse a system turn (HFLM retries the same way).
-            eval_logger.warning("the chat template refused the chat; retrying without its system message")
-            return tok.apply_chat_template([m for m in chat_history if m["role"] != "system"], **kw)
-
-    # ---- data parallel (lm-eval's distributed primitives, as HFLM's) ----------------------------------------
-    def all_gather(self, tensor):
-        if self.world_size <= 1:
-            return tensor
-        from accelerate.utils import gather
-
-        return gather(tensor)
-
-    def gather_object(self, obj, dst: int = 0):
-        if self.world_size <= 1:
-            return [obj]
-        import torch.distributed as dist
-
-        result = [None] * self.world_size if self.rank == dst else None
-        dist.gather_object(obj=obj, object_gather_list=result, dst=dst)
-        return result
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            self._dist.wait_for_everyone()
-
-    @property
-    def stats(self) -> SparsityStats | None:
-        """The measured sparsity of every forward pass made through this model (None when dense)."""
-        return self.scorer.stats if self._stats is SCORER_DEFAULT else self._stats
-
-    @staticmethod
-    def _key(req) -> Hashable:
-        """Names a request for the ELBO's per-item generator: (task, document, choice index), independent of
-        which other requests are in the batch (a partly cached run draws the same masks as a fresh one). This
-        package's tasks use the built-in scoring's names (:func:`~dllm_sparse.eval.tasks.builtin.builtin_request_key`)."""
-        builtin = _BUILTIN_NAME.get(req.task_name)
-        if builtin is not None and isinstance(req.doc, dict) and "id" in req.doc:
-            return builtin_request_key(builtin, req.doc["id"], req.idx if req.request_type == "loglikelihood"
-                                       else None)
-        if req.doc_id is None:
-            return ("args", repr(req.args))
-        return (req.task_name, req.doc_id, req.idx)
-
-    # ---- requests ------------------------------------------------------------------------------------------
-    def _cfg_groups(self, requests) -> dict[tuple[float | None, tuple[int, int] | None], list[int]]:
-        """Request indices by the (guidance, (mc_num, mc_batch)) they are scored with: the preset's per-task
-        values, else None = the scorer's."""
-        groups: dict[tuple[float | None, tuple[int, int] | None], list[int]] = {}
-        for i, req in enumerate(requests):
-            task = req.task_name or ""
-            w = None if self.preset is None else self.preset.cfg_for(task)
-            mc = self.preset.mc_override(task) if self._preset_mc else None
-            groups.setdefault((w, mc), []).append(i)
-        return groups
-
-    @contextmanager
-    def _preset_scorer(self, mc: tuple[int, int] | None = None):
-        """The scorer with the preset's ELBO settings for the calls inside (its precision; ``mc``: mc_num and
-        mc_batch), restored after; unchanged without a preset or for an autoregressive scorer."""
-        sc = self.scorer
-        if self.preset is None or sc.kind != "diffusion":
-            yield
-            return
-        old = sc.precision, sc.mc_num, sc.mc_batch
-        sc.precision = self.preset.precision
-        if mc is not None:
-            sc.mc_num, sc.mc_batch = mc
-        try:
-            yield
-        finally:
-            sc.precision, sc.mc_num, sc.mc_batch = old
-
-    def _show_progress(self, disable_tqdm: bool) -> bool:
-        return self.progress and not disable_tqdm and self.rank == 0
-
-    @contextmanager
-    def _scorer_progress(self, disable_tqdm: bool):
-        """The scorer's tqdm bar (sequences for AR, forward-pass chunks for the ELBO) for the calls inside."""
-        old = self.scorer.progress
-        self.scorer.progress = self._show_progress(disable_tqdm)
-        try:
-            yield
-        finally:
-            self.scorer.progress = old
-
-    @staticmethod
-    def _distinct(requests) -> tuple[list, list[int]]:
-        """The distinct request objects and, per request, its index among them. lm-eval repeats an ``Instance``
-        object when it pads a data-parallel rank's share (and for ``repeats``); a log-likelihood is the same for
-        every copy, so each is scored once and the measured sparsity counts real requests only."""
-        first: dict[int, int] = {}
-        distinct, where = [], []
-        for req in requests:
-            if id(req) not in first:
-                first[id(req)] = len(distinct)
-                distinct.append(req)
-            where.append(first[id(req)])
-        return distinct, where
-
-    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        requests, where = self._distinct(requests)
-        out: list = [None] * len(requests)
-        with self._scorer_progress(disable_tqdm):
-            for (w, mc), idx in self._cfg_groups(requests).items():
-                pairs = [requests[i].args[:2] for i in idx]
-                keys = [self._key(requests[i]) for i in idx]
-                with self._preset_scorer(mc):
-                    res = self.scorer.loglikelihood(pairs, keys=keys, sparsity=self._sparsity, stats=self._stats,
-                                                    cfg_scale=w if self.scorer.kind == "diffusion" else None)
-                for i, r in zip(idx, res, strict=True):
-                    out[i] = r
-        for req, res in zip(requests, out, strict=True):
-            self.cache_hook.add_partial("loglikelihood", req.args, res)
-        self._share_stats()
-        return [out[i] for i in where]
-
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        requests, where = self._distinct(requests)
-        texts = [req.args[0] for req in requests]
-        keys = [self._key(req) for req in requests]
-        with self._scorer_progress(disable_tqdm), self._preset_scorer():
-            scores = self.scorer.loglikelihood_rolling(texts, keys=keys, sparsity=self._sparsity, stats=self._stats)
-        out = [ll for ll, _ in scores]
-        for req, res, (_, n) in zip(requests, out, scores, strict=True):
-            self.rolling_tokens[(req.task_name, req.doc_id)] = n
-            self.cache_hook.add_partial("loglikelihood_rolling", req.args, res)
-        self._share_stats()
-        return [out[i] for i in where]
-
-    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from dllm_sparse.samplers import GenerationConfig, StepSparsity, fit_geometry, generate
-
-        sc = self.scorer
-        # Requests by their generation arguments and their guidance (the preset's per-task value, else the
-        # scorer's cfg_scale), as the official generate_until passes its cfg to the sampler.
-        groups: dict[tuple[str, float], list[int]] = {}
-        for i, req in enumerate(requests):
-            w = sc.cfg_scale if self.preset is None else self.preset.cfg_for(req.task_name or "")
-            groups.setdefault((repr(sorted((req.args[1] or {}).items())), w), []).append(i)
-        out: list[str | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), desc="generate_until", disable=not self._show_progress(disable_tqdm),
-                   leave=False)
-        for (_, w), idxs in groups.items():
-            kw = dict(requests[idxs[0]].args[1] or {})
-            until = kw.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            n_new = int(kw.get("max_gen_toks", self.max_gen_toks))
-            temperature = float(kw.get("temperature", 0.0)) if as_bool("do_sample", kw.get("do_sample", False)) else 0.0
-            cfg_kw: dict[str, Any] = dict(max_new_tokens=n_new, temperature=temperature, stop_strings=until,
-                                          seed=sc.seed)
-            if sc.kind == "diffusion":
-                if (self.gen_steps or 0) > n_new:  # a step past one token per step commits nothing
-                    eval_logger.warning(f"gen_steps={self.gen_steps} is more than the {n_new} tokens this task "
-                                        f"generates; using {n_new} steps (one token per step)")
-                steps, block = fit_geometry(n_new, self.gen_steps, self.block_length)
-                cfg_kw.update(steps=steps, block_length=block, mask_id=sc.mask_id,
-                              logit_shift=sc.shift_logits, cfg_scale=w)
-                if self.preset is not None:
-                    cfg_kw["confidence"] = self.preset.confidence
-                cfg_kw["block_cache"] = self.block_cache
-            config = GenerationConfig(**cfg_kw)
-            for s in range(0, len(idxs), sc.batch_size):
-                chunk = idxs[s:s + sc.batch_size]
-                prompts = [requests[i].args[0] for i in chunk]
-                configs = self.sparsity
-                if len(configs) == 1:
-                    if self._stats is SCORER_DEFAULT and sc.stats is None:
-                        sc.stats = SparsityStats()
-                    res = generate(sc.model, sc.tokenizer, prompts, config, kind=sc.kind,
-                                   sparsity=StepSparsity(configs[0], stats=self.stats))
-                else:
-                    with sc.sparsified(self._sparsity, self._stats):
-                        res = generate(sc.model, sc.tokenizer, prompts, config, kind=sc.kind)
-                for i, text in zip(chunk, res.texts, strict=True):
-                    for stop in until:
-                        if stop and stop in text:
-                            text = text[: text.index(stop)]
-                    out[i] = text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
-                bar.update(len(chunk))
-        bar.close()
-        self._share_stats()
-        return out  # type: ignore[return-value]
-
 
 # Registered under its package name only: `python -m` runs this file as __main__ and the task YAMLs import it
 # again as dllm_sparse.eval.tasks.lm_eval_model, whose class must be the one lm-eval finds (a second class under the
@@ -846,8 +485,6 @@ def _with_task_dir(argv: list[str]) -> list[str]:
     """lm-eval CLI arguments with this package's task folder as ``--include_path`` when a ``run`` names none (a
     run naming its own folder cannot also have ours: lm-eval 0.4.13's CLI takes one path; it then reaches
     ``dllm_sparse_mc`` through the YAML file itself, see the error below)."""
-    from dllm_sparse.eval.tasks.lm_eval_tasks import TASK_DIR
-
     commands = ("run", "ls", "validate")
     command = argv[0] if argv and argv[0] in commands else "run"
     if command != "run" or not argv or argv[0] in ("-h", "--help"):
@@ -858,7 +495,7 @@ def _with_task_dir(argv: list[str]) -> list[str]:
         return argv[:at] + ["--include_path", TASK_DIR] + argv[at:]
     values = [b for a, b in zip(argv[:-1], argv[1:], strict=True) if a == "--tasks"]
     values += [a.split("=", 1)[1] for a in argv if a.startswith("--tasks=")]
-    ours = sorted(t for v in values for t in v.split(",") if t in _BUILTIN_NAME)
+    ours = sorted(t for v in values for t in v.split(",") if t in LM_EVAL_TASKS.values())
     if ours:
         raise SystemExit(f"--tasks {','.join(ours)} with your own --include_path: lm-eval's CLI takes one include "
                          f"path, so give this package's tasks as files instead: --tasks "
