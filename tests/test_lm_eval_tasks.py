@@ -60,8 +60,8 @@ def test_lm_eval_and_builtin_scoring_agree(kind):
     for name, limit in (("builtin_mc", 6), ("builtin_ppl", 3)):
         results = {}
         for scoring in ("lm_eval", "builtin"):
-            stats = SparsityStats()
-            res = get_task(name, scoring=scoring).evaluate(scorer, limit, sparsity=sparse, stats=stats)
+            with scorer.sparsified(sparse) as stats:
+                res = get_task(name, scoring=scoring).evaluate(scorer, limit)
             results[scoring] = (res, stats)
         (lm, lm_stats), (own, own_stats) = results["lm_eval"], results["builtin"]
         assert lm.n == own.n == limit and lm.metric == own.metric and lm.value == own.value
@@ -151,9 +151,9 @@ def _results_file(out: Path) -> dict:
 def _reference(model_dir: Path, limit: int) -> tuple[float, SparsityStats]:
     from dllm_sparse.models.loading import load_model
 
-    stats = SparsityStats()
     scorer = Scorer.from_loaded(load_model(model_dir), batch_size=4)
-    res = evaluate_builtin("builtin_mc", scorer, limit, sparsity=SparsityConfig("input", TopP(0.9)), stats=stats)
+    with scorer.sparsified(SparsityConfig("input", TopP(0.9))) as stats:
+        res = evaluate_builtin("builtin_mc", scorer, limit)
     return res.metrics["acc"], stats
 
 
@@ -263,7 +263,7 @@ class _FakeLauncher:
 def test_rank_and_world_size_come_from_the_launcher(monkeypatch):
     import dllm_sparse.eval.tasks.lm_eval_model as module
 
-    monkeypatch.setattr(module, "_launcher_state", lambda: _FakeLauncher())
+    monkeypatch.setattr(module, "launcher_state", lambda: _FakeLauncher())
     lm = DllmSparseLM.from_scorer(_scorer("ar"), data_parallel=True)
     assert (lm.rank, lm.world_size) == (1, 2)
     assert not lm._show_progress(False)  # bars on rank 0 only
@@ -284,7 +284,8 @@ def test_padding_copies_are_scored_once():
     b = Instance("loglikelihood", {}, ("xy", " zz"), 0, ("t", 1, 1))
     out = lm.loglikelihood([a, b, b, b])  # lm-eval pads a rank's share with copies of its last request
     assert out[1] == out[2] == out[3] and len(out) == 4
-    assert out == [*scorer.loglikelihood([("ab", " c"), ("xy", " zz")], sparsity=config, stats=None), out[1], out[1]]
+    with scorer.sparsified(config):
+        assert out == [*scorer.loglikelihood([("ab", " c"), ("xy", " zz")]), out[1], out[1]]
     assert stats.forward_passes("input") == 1  # one batch of the 2 distinct requests
 
 

@@ -173,7 +173,7 @@ def test_paper_input_and_intermediate_script_is_the_two_configs_together():
         return seen
 
     dense = run()
-    with scorer.sparsified():
+    with scorer.attached():
         seen = run()
     assert torch.equal(seen["ff_proj"], dense["ff_proj"])
     assert torch.equal(seen["up_proj"], PaperTopP(60)(dense["up_proj"]))

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from dllm_sparse.eval import sweep
+from dllm_sparse.eval.sweep import store
 from dllm_sparse.eval.rows import (
     JsonlWriter,
     ProcessInfo,
@@ -126,4 +126,4 @@ def test_torchrun_ranks_and_shares_match_accelerate(tmp_path):
 
 
 def test_the_sweep_uses_these_rows():
-    assert sweep.read_rows is read_rows and sweep.JsonlWriter is JsonlWriter
+    assert store.read_rows is read_rows and store.JsonlWriter is JsonlWriter

@@ -248,14 +248,17 @@ def test_ar_scorer_shares_over_context_only():
     # One pass per request for both scopes (a per-token rule would otherwise share the context pass: the same
     # masks, other float rounding).
     s = Scorer(model, ByteTokenizer(), "ar", batch_size=4, share_context=False)
-    assert s.loglikelihood_tokens(one, sparsity=step) == s.loglikelihood_tokens(one, sparsity=token)
-    longer = [([5, 6, 7, 8, 9], [10, 11]), ([3, 4], [20, 21, 22])]
-    batched = s.loglikelihood_tokens(longer, sparsity=step)  # left-padded batch of two
-    alone = [s.loglikelihood_tokens([r], sparsity=step)[0] for r in longer]
-    assert [b[0] for b in batched] == pytest.approx([a[0] for a in alone], abs=1e-4)
-    assert [b[0] for b in batched] != pytest.approx([t[0] for t in s.loglikelihood_tokens(longer, sparsity=token)],
-                                                    abs=1e-6)
 
+    def scores(requests, config):
+        with s.sparsified(config):
+            return s.loglikelihood_tokens(requests)
+
+    assert scores(one, step) == scores(one, token)
+    longer = [([5, 6, 7, 8, 9], [10, 11]), ([3, 4], [20, 21, 22])]
+    batched = scores(longer, step)  # left-padded batch of two
+    alone = [scores([r], step)[0] for r in longer]
+    assert [b[0] for b in batched] == pytest.approx([a[0] for a in alone], abs=1e-4)
+    assert [b[0] for b in batched] != pytest.approx([t[0] for t in scores(longer, token)], abs=1e-6)
 
 def test_sweep_scripts_accept_the_shared_scopes():
     from test_cli_conventions import _script

@@ -44,9 +44,9 @@ class Counter:
             def __init__(self, task):
                 self.task, self.name, self.metric = task, task.name, task.metric
 
-            def evaluate(self, scorer, limit=None, **per_call):  # per_call: the sweep's sparsity= and stats=
+            def evaluate(self, scorer, limit=None):  # with the sparsity the sweep opened on the scorer
                 counter.calls += 1
-                return self.task.evaluate(scorer, limit, **per_call)
+                return self.task.evaluate(scorer, limit)
 
         return Counted(MultipleChoiceTask("mc", ITEMS) if name == "mc" else PerplexityTask("ppl", PASSAGES))
 
@@ -193,7 +193,8 @@ def test_the_papers_llada_variant_runs_as_a_sweep(tmp_path):
     assert json.loads(cell["key"])[2] == "input:paper_top_p:90.0:sequence"
     lm = _models()[1]
     scorer = Scorer(lm.model, ByteTokenizer(), "diffusion", mask_id=3, mc_num=4, mc_batch=2, batch_size=8, seed=1234)
-    ref = PerplexityTask("ppl", PASSAGES).evaluate(scorer, sparsity=SparsityConfig.paper_llada(90))
+    with scorer.sparsified(SparsityConfig.paper_llada(90)):
+        ref = PerplexityTask("ppl", PASSAGES).evaluate(scorer)
     assert cell["value"] == pytest.approx(ref.value) and 0 < cell["sparsity"] < 1
 
 
