@@ -8,8 +8,8 @@ Steps, each resumable (rerun the same command after a kill: finished work is rea
 
 1. Matched-weakness AR controls: the AR parent degraded by each ``--controls`` method (``noise``, ``quant``;
    :mod:`dllm_sparse.models.degrade`) and calibrated to ``--target-ppl`` on the held-out answers
-   (:mod:`dllm_sparse.eval.studies.heldout`; default target: the twin's ELBO perplexity from its model card). A method that
-   cannot reach the target stops the run with an error naming what it reached; nothing of it is written. The
+   (:mod:`dllm_sparse.eval.studies.heldout`; default target: the twin's ELBO perplexity from its model card). A
+   method that cannot reach the target stops the run with an error naming what it reached; nothing of it is written. The
    calibrations are stored in ``calibration.json`` with their identity (parent weights, target, tolerance,
    held-out rows, seeds); a rerun with other settings into the same folder is refused, naming what differs.
 2. Training trajectory of the twin: the converted model before training, every ``--trajectory`` adapter, and the
@@ -158,7 +158,6 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     import dllm_sparse  # noqa: F401  (registers the embedded models)
-    from dllm_sparse.eval.studies.advantage import comparisons_markdown, plot_advantage, site_comparisons, study_report
     from dllm_sparse.eval.analysis.critical import (
         critical_replicates,
         critical_table,
@@ -166,10 +165,17 @@ def main(argv=None) -> int:
         model_differences,
         write_critical,
     )
-    from dllm_sparse.eval.studies.heldout import CalibrationError, calibrate, check_target, heldout_answers, heldout_perplexity
-    from dllm_sparse.eval.identity import weights_hash
     from dllm_sparse.eval.analysis.plots import plot_relative_performance
+    from dllm_sparse.eval.identity import weights_hash
     from dllm_sparse.eval.rows import atomic_write_csv, atomic_write_json, atomic_write_text
+    from dllm_sparse.eval.studies.advantage import comparisons_markdown, plot_advantage, site_comparisons, study_report
+    from dllm_sparse.eval.studies.heldout import (
+        CalibrationError,
+        calibrate,
+        check_target,
+        heldout_answers,
+        heldout_perplexity,
+    )
     from dllm_sparse.eval.sweep.config import SweepConfig, grid, planned_keys
     from dllm_sparse.eval.sweep.run import run_sweep
     from dllm_sparse.models.degrade import degraded_copy

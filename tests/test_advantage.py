@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import VOCAB, build_tiny_model
 
-from dllm_sparse.eval.studies.advantage import EXCEEDS, TRACKS, UNDETERMINED, site_comparisons, verdict
 from dllm_sparse.eval.analysis.bootstrap import Bootstrap, item_scores
 from dllm_sparse.eval.analysis.critical import critical_replicates, critical_sparsity, critical_table
-from dllm_sparse.eval.tasks.builtin import MCItem, choice_margin, score_multiple_choice
+from dllm_sparse.eval.studies.advantage import EXCEEDS, TRACKS, UNDETERMINED, site_comparisons, verdict
 from dllm_sparse.eval.tasks.base import relative_performance
+from dllm_sparse.eval.tasks.builtin import MCItem, choice_margin, score_multiple_choice
 from dllm_sparse.models.degrade import Degradation, apply_degradation, block_linears, degraded_copy, quantize_groupwise
 
 # ---------------------------------------------------------------------------------------------------------

@@ -294,6 +294,7 @@ def test_prompt_longer_than_the_context(kind, llada, llama):
 @pytest.mark.parametrize("w", [math.inf, math.nan, -0.5])
 def test_scorer_cfg_scale_must_be_finite(w, llada):
     from byte_tokenizer import ByteTokenizer
+
     from dllm_sparse.eval.scoring.scorer import Scorer
 
     with pytest.raises(ValueError, match=r"cfg_scale must be a finite number >= 0"):

@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
+from byte_tokenizer import ByteTokenizer
 from conftest import build_tiny_model
 
 from dllm_sparse import FFNSite, MaxP, SparsityConfig, SparsityStats, TopK, TopP, make_rule, sparsify
-from byte_tokenizer import ByteTokenizer
+from dllm_sparse.eval.rows import read_rows
 from dllm_sparse.eval.scoring.scorer import Scorer
 from dllm_sparse.eval.sweep.config import SweepConfig
-from dllm_sparse.eval.rows import read_rows
 from dllm_sparse.eval.sweep.run import run_sweep
 from dllm_sparse.eval.sweep.store import upgrade_cell_keys
 from dllm_sparse.eval.tasks.builtin import MCItem, MultipleChoiceTask, PerplexityTask

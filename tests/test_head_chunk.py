@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from byte_tokenizer import ByteTokenizer
-from dllm_sparse.eval.scoring.scorer import Scorer
-from dllm_sparse.eval.scoring.elbo import diffusion_elbo_tokens, elbo_masks
+
 from dllm_sparse.eval.scoring.common import item_generator
+from dllm_sparse.eval.scoring.elbo import diffusion_elbo_tokens, elbo_masks
+from dllm_sparse.eval.scoring.scorer import Scorer
 from dllm_sparse.models.llada import LLaDAModelLM, tiny_llada_config
 
 REQUESTS = [([5, 17, 3, 9], [40, 2, 11, 30, 7, 8, 60]), ([7, 7, 21], [2, 11, 30]),

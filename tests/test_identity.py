@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from byte_tokenizer import ByteTokenizer
 from conftest import build_tiny_model
 
 from dllm_sparse.eval.identity import IdentityMismatch, RunIdentity, run_identity, weights_hash
-from byte_tokenizer import ByteTokenizer
-from dllm_sparse.eval.scoring.scorer import Scorer
 from dllm_sparse.eval.rows import atomic_write_json, read_json_or_none, read_rows
+from dllm_sparse.eval.scoring.scorer import Scorer
 from dllm_sparse.eval.sweep.config import SweepConfig
 from dllm_sparse.eval.sweep.run import run_sweep
-from dllm_sparse.eval.tasks.builtin import PerplexityTask
 from dllm_sparse.eval.tasks.base import apply_limit
+from dllm_sparse.eval.tasks.builtin import PerplexityTask
 from dllm_sparse.models.loading import LoadedModel
 from dllm_sparse.sparsity.config import SparsityConfig
 from dllm_sparse.sparsity.rules import MaxP, TopK, TopP

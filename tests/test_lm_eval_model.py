@@ -10,16 +10,16 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is an optional extra: pip install -e '.[eval]'")
 
+from byte_tokenizer import ByteTokenizer  # noqa: E402
 from conftest import build_tiny_model  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.model import CachingLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from byte_tokenizer import ByteTokenizer
-from dllm_sparse.eval.scoring.scorer import Scorer
-from dllm_sparse.sparsity.config import SparsityConfig  # noqa: E402
-from dllm_sparse.eval.tasks.lm_eval_model import DllmSparseLM  # noqa: E402
+from dllm_sparse.eval.scoring.scorer import Scorer  # noqa: E402
 from dllm_sparse.eval.tasks.builtin import MCItem, MultipleChoiceTask  # noqa: E402
+from dllm_sparse.eval.tasks.lm_eval_model import DllmSparseLM  # noqa: E402
+from dllm_sparse.sparsity.config import SparsityConfig  # noqa: E402
 from dllm_sparse.sparsity.rules import TopP  # noqa: E402
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

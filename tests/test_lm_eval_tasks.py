@@ -14,19 +14,18 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is an optional extra: pip install -e '.[eval]'")
 
+from byte_tokenizer import ByteTokenizer  # noqa: E402
 from conftest import build_byte_hf_tokenizer, build_tiny_model  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from byte_tokenizer import ByteTokenizer
-from dllm_sparse.eval.scoring.scorer import Scorer
-from dllm_sparse.sparsity.config import SparsityConfig  # noqa: E402
-from dllm_sparse.eval.tasks.lm_eval_model import DllmSparseLM, _with_task_dir  # noqa: E402
-from dllm_sparse.eval.tasks.lm_eval_tasks import TASK_DIR, evaluate_builtin, task_manager  # noqa: E402
-from dllm_sparse.eval.sweep.config import SweepConfig
+from dllm_sparse.eval.scoring.scorer import Scorer  # noqa: E402
+from dllm_sparse.eval.sweep.config import SweepConfig  # noqa: E402
 from dllm_sparse.eval.sweep.run import run_sweep  # noqa: E402
-from dllm_sparse.eval.tasks.lm_eval_tasks import BuiltinLmEvalTask
+from dllm_sparse.eval.tasks.lm_eval_model import DllmSparseLM, _with_task_dir  # noqa: E402
+from dllm_sparse.eval.tasks.lm_eval_tasks import TASK_DIR, BuiltinLmEvalTask, evaluate_builtin, task_manager  # noqa: E402
 from dllm_sparse.eval.tasks.registry import get_task  # noqa: E402
 from dllm_sparse.models.loading import LoadedModel  # noqa: E402
+from dllm_sparse.sparsity.config import SparsityConfig  # noqa: E402
 from dllm_sparse.sparsity.rules import TopP  # noqa: E402
 from dllm_sparse.sparsity.stats import SparsityStats  # noqa: E402
 

@@ -152,6 +152,7 @@ def test_paper_input_and_intermediate_script_is_the_two_configs_together():
     """docs/sparsification.md: the paper's input + intermediate script = input:paper_top_p and
     intermediate:paper_top_p attached together (up_proj's input and ff_out's input sparsified, ff_proj dense)."""
     from byte_tokenizer import ByteTokenizer
+
     from dllm_sparse.eval.scoring.scorer import Scorer
 
     model = build_tiny_model("llada")

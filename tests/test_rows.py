@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from dllm_sparse.eval.sweep import store
 from dllm_sparse.eval.rows import (
     JsonlWriter,
     ProcessInfo,
@@ -17,6 +16,7 @@ from dllm_sparse.eval.rows import (
     read_rows,
     share_of,
 )
+from dllm_sparse.eval.sweep import store
 
 
 def test_rows_round_trip_and_a_torn_last_line_is_dropped(tmp_path):

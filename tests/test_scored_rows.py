@@ -123,6 +123,7 @@ MC_REQUESTS = ([([5, 6, 7, 8, 9], c) for c in ([10], [11, 12], [13, 14, 15], [16
 
 def _scored(model, share, sparsity=None, max_length=None, batch_size=3):
     from byte_tokenizer import ByteTokenizer
+
     from dllm_sparse.eval.scoring.scorer import Scorer
 
     scorer = Scorer(model, ByteTokenizer(), "ar", batch_size=batch_size, max_length=max_length,

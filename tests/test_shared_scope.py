@@ -240,6 +240,7 @@ def test_ar_scorer_shares_over_context_only():
     """AR scoring: the context tokens vote (padding does not), continuation tokens keep per-token masks. With a
     one-token context the shared set is that token's own top-p set, so step equals token exactly."""
     from byte_tokenizer import ByteTokenizer
+
     from dllm_sparse.eval.scoring.scorer import Scorer
 
     model = build_tiny_model("llama", initializer_range=0.2, vocab_size=260)

@@ -7,18 +7,17 @@ import math
 import os
 
 import pytest
+from byte_tokenizer import ByteTokenizer
 from conftest import build_tiny_model
 
-from byte_tokenizer import ByteTokenizer
-from dllm_sparse.eval.scoring.scorer import Scorer
-from dllm_sparse.sparsity.config import SparsityConfig
-from dllm_sparse.sparsity.config import DENSE
-from dllm_sparse.eval.sweep.config import SweepConfig, grid
-from dllm_sparse.eval.sweep.store import load_rows
 from dllm_sparse.eval.rows import read_rows
+from dllm_sparse.eval.scoring.scorer import Scorer
+from dllm_sparse.eval.sweep.config import SweepConfig, grid
 from dllm_sparse.eval.sweep.run import run_sweep
+from dllm_sparse.eval.sweep.store import load_rows
 from dllm_sparse.eval.tasks.builtin import MCItem, MultipleChoiceTask, PerplexityTask
 from dllm_sparse.models.loading import LoadedModel
+from dllm_sparse.sparsity.config import DENSE, SparsityConfig
 from dllm_sparse.sparsity.rules import TopP
 
 ITEMS = [MCItem("a", "one two", ["three", "four"], 0), MCItem("b", "x y", ["z", "zz", "w"], 2),

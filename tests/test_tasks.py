@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dllm_sparse.eval.tasks.registry import BUILTIN_TASKS, get_task
+from dllm_sparse.eval.tasks.base import apply_limit, relative_performance
 from dllm_sparse.eval.tasks.builtin import (
     MCItem,
     MultipleChoiceTask,
@@ -15,7 +15,7 @@ from dllm_sparse.eval.tasks.builtin import (
     load_builtin_passages,
     score_multiple_choice,
 )
-from dllm_sparse.eval.tasks.base import apply_limit, relative_performance
+from dllm_sparse.eval.tasks.registry import BUILTIN_TASKS, get_task
 
 
 class FakeScorer:

@@ -54,8 +54,8 @@ if TYPE_CHECKING:
 from dllm_sparse.sparsity.sites import SitesAction
 
 # This file is the command line: the study itself (cells, recorders, overlap analysis, kernel timing, the policy
-# table) is dllm_sparse.eval.studies.reuse_study, the figures dllm_sparse.eval.studies.reuse_plots, the teacher-forced replay
-# dllm_sparse.samplers.replay, the resumable cells.jsonl dllm_sparse.eval.rows.
+# table) is dllm_sparse.eval.studies.reuse_study, the figures dllm_sparse.eval.studies.reuse_plots, the
+# teacher-forced replay dllm_sparse.samplers.replay, the resumable cells.jsonl dllm_sparse.eval.rows.
 PROBE = Path(__file__).resolve().parents[1] / "data" / "capability_probe.jsonl"  # installed with the package
 DEFAULT_POLICIES = "fresh,every2,every4,block_start,adaptive0.7,adaptive0.8"
 GROUPS = ("all", "masked", "decoded", "newly_decoded", "prompt")
@@ -309,7 +309,13 @@ def main(argv=None, prog: str | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from dllm_sparse.eval.studies.reuse_plots import plot_overlap, plot_step_matrices, plot_tracker_heatmaps, plot_tradeoff
+    from dllm_sparse.eval.rows import JsonlWriter, atomic_write_csv, finished
+    from dllm_sparse.eval.studies.reuse_plots import (
+        plot_overlap,
+        plot_step_matrices,
+        plot_tracker_heatmaps,
+        plot_tradeoff,
+    )
     from dllm_sparse.eval.studies.reuse_study import (
         MODEL_FIELDS,
         OVERLAP_COLS,
@@ -324,7 +330,6 @@ def main(argv=None, prog: str | None = None) -> int:
         run_cell,
         spread,
     )
-    from dllm_sparse.eval.rows import JsonlWriter, atomic_write_csv, finished
     from dllm_sparse.models.loading import check_available, load_model
     from dllm_sparse.samplers import GenerationConfig, resolve_geometry
     from dllm_sparse.samplers.reuse import make_policy

@@ -33,7 +33,8 @@ import argparse
 import sys
 from pathlib import Path
 
-# Only argparse here, so that --help answers at once: the study (dllm_sparse.eval.studies.trajectory_frontier) imports torch.
+# Only argparse here, so that --help answers at once: the study (dllm_sparse.eval.studies.trajectory_frontier)
+# imports torch.
 DEFAULT_STRATEGIES = (
     "token-intermediate:0.9", "step-intermediate:0.95", "step-intermediate:0.9@block_start",
     "delta-input:0.25/0.5@block_start", "delta-intermediate:0.3+block@block_start",

@@ -8,8 +8,8 @@ site and threshold, and every model. Relative performance is therefore resampled
 numerator and the denominator), and so is the difference between two models evaluated on the same items.
 
 Per replicate the critical sparsity is recomputed from the resampled curves exactly as
-:mod:`dllm_sparse.eval.analysis.critical` computes it (the task-averaged curve: each task's relative performance capped at
-1 unless ``cap=False``, averaged over tasks; the measured sparsity of each point is kept fixed, since it is a
+:mod:`dllm_sparse.eval.analysis.critical` computes it (the task-averaged curve: each task's relative performance
+capped at 1 unless ``cap=False``, averaged over tasks; the measured sparsity of each point is kept fixed, since it is a
 property of the configuration measured over all items, not a noisy score). The interval is the percentile
 interval of the replicates (default 95 %, 1,000 replicates, seed 0: the same rows give the same interval).
 

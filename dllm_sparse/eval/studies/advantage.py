@@ -18,8 +18,8 @@ A control is valid when its calibration is within tolerance and it has replicate
 reported and take no part.
 
 Bounds: a critical sparsity whose curve never fails a grid point is only a lower bound (docs/sparsification.md),
-so a difference with such a side is a bound too (:func:`~dllm_sparse.eval.analysis.critical.difference_bound`). "Above 0"
-counts only for an exact difference or a lower bound (a − b with a unbracketed); "no δ_C above 0" (rule 2)
+so a difference with such a side is a bound too (:func:`~dllm_sparse.eval.analysis.critical.difference_bound`).
+"Above 0" counts only for an exact difference or a lower bound (a − b with a unbracketed); "no δ_C above 0" (rule 2)
 needs each δ_C exact or an upper bound with its interval's lower end at or below 0; anything else leaves that
 difference undetermined and the verdict says which.
 """

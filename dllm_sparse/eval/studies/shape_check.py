@@ -168,12 +168,12 @@ def phase_sweep(lm, s: dict) -> dict:
 def phase_lm_eval(lm, s: dict) -> dict:
     from lm_eval.api.instance import Instance
 
-    from dllm_sparse.eval.tasks.lm_eval_model import DllmSparseLM
+    from dllm_sparse.eval.tasks.scorer_lm import ScorerLM
 
     kw = {"max_gen_toks": s["lm_eval_gen"]}
     if lm.kind == "diffusion":
         kw.update(gen_steps=s["lm_eval_gen"], block_length=s["lm_eval_gen"])
-    model = DllmSparseLM.from_scorer(_scorer(lm, s), progress=False, **kw)
+    model = ScorerLM(_scorer(lm, s), progress=False, **kw)
     text = "The quick brown fox jumps over the lazy dog."
     ll = model.loglikelihood([Instance("loglikelihood", {}, ("The quick brown fox", " jumps"), 0, ("t", 0, 1))])
     roll = model.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0, ("t", 0, 1))])

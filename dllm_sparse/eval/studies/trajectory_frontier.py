@@ -1,8 +1,9 @@
 """The trajectory frontier: quality vs measured speed of whole denoising trajectories, per strategy.
 
-The library side of ``experiments/trajectory_frontier.py``. The step frontier (:mod:`dllm_sparse.eval.studies.step_frontier`)
-times one step on a fixed canvas and scores quality by the ELBO, one forward per sample; strategies that carry
-state from step to step (a reused keep-set, the step-delta FFN) are judged here on trajectories instead:
+The library side of ``experiments/trajectory_frontier.py``. The step frontier
+(:mod:`dllm_sparse.eval.studies.step_frontier`) times one step on a fixed canvas and scores quality by the ELBO, one
+forward per sample; strategies that carry state from step to step (a reused keep-set, the step-delta FFN) are
+judged here on trajectories instead:
 
 * **replay agreement**: the dense greedy trajectory of each prompt is replayed (teacher-forced: every strategy sees
   the very same canvases, :func:`dllm_sparse.samplers.replay`) and a commit is a hit when the strategy's argmax at

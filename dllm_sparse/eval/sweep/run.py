@@ -404,8 +404,8 @@ def _base_row(cfg: SweepConfig, lm, name: str, task: str, config: SparsityConfig
 
 
 def _result_fields(res) -> dict:
-    # "items": the per-item scores the bootstrap intervals resample (dllm_sparse.eval.analysis.bootstrap); None for tasks
-    # whose scorer gives no per-item details.
+    # "items": the per-item scores the bootstrap intervals resample (dllm_sparse.eval.analysis.bootstrap); None for
+    # tasks whose scorer gives no per-item details.
     return {"metric": res.metric, "value": res.value, "metrics": res.metrics,
             "higher_is_better": res.higher_is_better.get(res.metric, True),
             "higher_is_better_all": res.higher_is_better, "n_items": res.n, "items": item_scores(res.details)}

@@ -1,8 +1,9 @@
 """What every evaluation task shares: :class:`Task` (``task.evaluate(scorer, limit)``), :class:`TaskResult`, the
 limit of items, relative performance, and the names of the built-in tasks' requests.
 
-A task scores with whatever sparsity is in force on the scorer: the caller opens it
-(``with scorer.sparsified(config) as stats: task.evaluate(scorer)``, :meth:`~dllm_sparse.eval.scoring.scorer.Scorer.sparsified`).
+A task scores with whatever sparsity is in force on the scorer: the caller opens it, ``with
+scorer.sparsified(config) as stats: task.evaluate(scorer)``
+(:meth:`~dllm_sparse.eval.scoring.scorer.Scorer.sparsified`).
 
 Relative performance (``relative_performance``) is sparse/dense for a higher-is-better metric and dense/sparse
 for a lower-is-better one, so that perplexity gives PPL_dense / PPL_sparse (the "PPL-1%" criterion of the

@@ -11,7 +11,7 @@ and its data; :func:`~dllm_sparse.eval.tasks.registry.get_task` picks a task by 
 
 One scoring for the built-in tasks: when lm-evaluation-harness is installed, ``builtin_mc`` and ``builtin_ppl``
 run as its tasks ``dllm_sparse_mc`` / ``dllm_sparse_ppl`` (YAMLs in ``dllm_sparse/data/lm_eval_tasks``, see
-:mod:`dllm_sparse.eval.tasks.lm_eval_tasks`) through :class:`~dllm_sparse.eval.tasks.lm_eval_model.DllmSparseLM`, and
+:mod:`dllm_sparse.eval.tasks.lm_eval_tasks`) through :class:`~dllm_sparse.eval.tasks.scorer_lm.ScorerLM`, and
 lm-eval computes the metrics: ``acc``/``acc_norm``; ``word_perplexity``, ``byte_perplexity``,
 ``bits_per_byte``. Without lm-eval the same numbers come from :class:`MultipleChoiceTask` /
 :class:`PerplexityTask` below (``get_task(name, scoring="builtin")`` picks them explicitly;
