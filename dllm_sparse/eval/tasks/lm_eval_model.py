@@ -108,13 +108,13 @@ fields out). Use one cache path per configuration, e.g. ``--use_cache cache/{lm.
 Unknown model arguments (a typo such as ``sitee=input``) are refused with the list of valid ones: a misspelt
 sparsity argument would otherwise give a dense run. Values are read strictly
 (:mod:`dllm_sparse.eval.tasks.lm_eval_args`; the error names the argument, the value and the accepted form):
-booleans are true/false (yes/no, on/off, 1/0), counts (``batch_size``, ``max_batch_size``, ``mc_num``,
-``mc_batch``, ``max_gen_toks``, ``gen_steps``, ``block_length``, ``head_chunk``) whole numbers >= 1, ``seed`` a whole number >= 0, ``cfg`` a finite number >= 0,
-``threshold``/``p`` finite numbers. A sparsity piece (``rule``, ``scope``, ...) next to a whole ``sparsity`` id,
-or without a ``site``, is refused (it would be dropped); layer indices are checked against the loaded model;
-``cfg`` > 0 and ``preset`` are refused for an autoregressive model (they are settings of the diffusion ELBO). With
-``scorer=`` / :meth:`from_scorer` the scorer's own settings (``batch_size``, ``mc_num``, ``seed``, ...) cannot be
-given again.
+booleans are true/false (yes/no, on/off, 1/0), counts (``batch_size``, ``max_batch_size``, ``mc_num``, ``mc_batch``,
+``max_gen_toks``, ``gen_steps``, ``block_length``, ``head_chunk``) whole numbers >= 1, ``seed`` a whole number >= 0,
+``cfg`` a finite number >= 0, ``threshold``/``p`` finite numbers. A sparsity piece (``rule``, ``scope``, ...) next
+to a whole ``sparsity`` id, or without a ``site``, is refused (it would be dropped); layer indices are checked
+against the loaded model; ``cfg`` > 0 and ``preset`` are refused for an autoregressive model (they are settings of
+the diffusion ELBO). With ``scorer=`` / :meth:`from_scorer` the scorer's own settings (``batch_size``, ``mc_num``,
+``seed``, ...) cannot be given again.
 """
 
 from __future__ import annotations
