@@ -8,13 +8,13 @@ Steps, each resumable (rerun the same command after a kill: finished work is rea
 
 1. Matched-weakness AR controls: the AR parent degraded by each ``--controls`` method (``noise``, ``quant``;
    :mod:`dllm_sparse.models.degrade`) and calibrated to ``--target-ppl`` on the held-out answers
-   (:mod:`dllm_sparse.eval.heldout`; default target: the twin's ELBO perplexity from its model card). A method that
-   cannot reach the target stops the run with an error naming what it reached; nothing of it is written. The
+   (:mod:`dllm_sparse.eval.studies.heldout`; default target: the twin's ELBO perplexity from its model card). A
+   method that cannot reach the target stops the run with an error naming what it reached; nothing of it is written. The
    calibrations are stored in ``calibration.json`` with their identity (parent weights, target, tolerance,
    held-out rows, seeds); a rerun with other settings into the same folder is refused, naming what differs.
 2. Training trajectory of the twin: the converted model before training, every ``--trajectory`` adapter, and the
    shipped twin, each with its held-out ELBO perplexity (``trajectory.json``, keyed the same way).
-3. One sweep (:mod:`dllm_sparse.eval.sweep`, ``rows.jsonl``) of every model: the parent, the twin, the controls
+3. One sweep (:mod:`dllm_sparse.eval.sweep.run`, ``rows.jsonl``) of every model: the parent, the twin, the controls
    (named ``<parent>+<degradation id>``, so the degradation and its calibrated setting key their rows) and the
    trajectory points, on the same tasks, sites, grid and items.
 4. Tables and verdicts: critical sparsity of every model (``critical_sparsity.md``, with the first crossing), the
@@ -158,19 +158,26 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     import dllm_sparse  # noqa: F401  (registers the embedded models)
-    from dllm_sparse.eval.advantage import comparisons_markdown, plot_advantage, site_comparisons, study_report
-    from dllm_sparse.eval.critical import (
+    from dllm_sparse.eval.analysis.critical import (
         critical_replicates,
         critical_table,
         markdown_report,
         model_differences,
         write_critical,
     )
-    from dllm_sparse.eval.heldout import CalibrationError, calibrate, check_target, heldout_answers, heldout_perplexity
+    from dllm_sparse.eval.analysis.plots import plot_relative_performance
     from dllm_sparse.eval.identity import weights_hash
-    from dllm_sparse.eval.plots import plot_relative_performance
     from dllm_sparse.eval.rows import atomic_write_csv, atomic_write_json, atomic_write_text
-    from dllm_sparse.eval.sweep import SweepConfig, grid, planned_keys, run_sweep
+    from dllm_sparse.eval.studies.advantage import comparisons_markdown, plot_advantage, site_comparisons, study_report
+    from dllm_sparse.eval.studies.heldout import (
+        CalibrationError,
+        calibrate,
+        check_target,
+        heldout_answers,
+        heldout_perplexity,
+    )
+    from dllm_sparse.eval.sweep.config import SweepConfig, grid, planned_keys
+    from dllm_sparse.eval.sweep.run import run_sweep
     from dllm_sparse.models.degrade import degraded_copy
     from dllm_sparse.models.loading import load_model
     from dllm_sparse.models.twin import adapted_twin, untrained_twin
@@ -205,7 +212,7 @@ def main(argv=None) -> int:
                     "noise_seed": args.noise_seed, "quant_group": args.quant_group, "sigma_max": args.sigma_max}
     cal_path = out / "calibration.json"
     calibrations = dict(_stored(cal_path, cal_identity, "calibrations") or {})
-    from dllm_sparse.eval.heldout import Calibration
+    from dllm_sparse.eval.studies.heldout import Calibration
 
     for method in args.controls:
         if method in calibrations:

@@ -6,13 +6,13 @@
     python experiments/check_8b_shapes.py --memory-plan --threads 1     # 1 and 2 layers, fp32 and bf16, each shape
     python experiments/check_8b_shapes.py --shape llada-8b-mini --layers 2 --smoke    # seconds (the test suite)
 
-Phases (dllm_sparse/eval/shape_check.py): load, generate, elbo@<context>, rolling@<context> (either with
+Phases (dllm_sparse/eval/studies/shape_check.py): load, generate, elbo@<context>, rolling@<context> (either with
 /chunk<rows>: the LM head on that many rows at a time), sweep, lm_eval, accelerate, step_delta, triton.
 Each prints its seconds and peak RSS; the results go to --output-dir as
 <shape>-<layers>l-<dtype>.json (every number, the settings, machine, threads, versions). --memory-plan runs the
 memory phases in one subprocess per (shape, layers, dtype), then writes memory_plan.json and memory_plan.md: the
 peaks, the 2-layer prediction from the 1-layer run (peak(L) = peak(1) + (L - 1) x per-layer weight bytes;
-dllm_sparse/eval/memory_plan.py) and what fits a 24 / 48 / 80 / 141 GB GPU at 32 layers.
+dllm_sparse/eval/studies/memory_plan.py) and what fits a 24 / 48 / 80 / 141 GB GPU at 32 layers.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _smoke(args, phases_given: bool) -> None:
 
 
 def memory_plan(args, argv: list[str]) -> dict:
-    from dllm_sparse.eval.memory_plan import GPU_SIZES_GB, extrapolate, fits_table, gpu_estimate
+    from dllm_sparse.eval.studies.memory_plan import GPU_SIZES_GB, extrapolate, fits_table, gpu_estimate
 
     runs: dict[str, dict] = {}
     for shape in args.plan_shapes:
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         path = save_checkpoint(model, args.save, args.shape, max_shard_size=args.max_shard_size)
         print(f"saved {args.shape} ({args.layers} layers, {args.dtype}) in the official layout: {path}")
         return {"saved": str(path)}
-    from dllm_sparse.eval.shape_check import run_phases
+    from dllm_sparse.eval.studies.shape_check import run_phases
 
     phases = list(args.phases)
     if args.checkpoint and "load" not in phases:

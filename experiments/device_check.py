@@ -28,7 +28,7 @@ process group with its own time limit; a failing, timed-out or killed part is re
 * ``decode``: experiments/decode_bench.py: the AR decode step at the LLaMA-3.1-8B shape (input site, top-p 0.5) and
   the denoising step at the LLaDA-8B shape (gen 256), each captured in a CUDA graph, dense and sparse, plus the eager
   loops (tokens/s, s/step), random bf16 weights, 32 layers;
-* ``frontier``: the trajectory frontier's timing (dllm_sparse/eval/trajectory_frontier.py) on a random LLaDA-8B
+* ``frontier``: the trajectory frontier's timing (dllm_sparse/eval/studies/trajectory_frontier.py) on a random LLaDA-8B
   shape of 4 layers, bf16, canvas 128, block 32: per-token top-p, a reused shared keep-set and the step-delta
   strategies with the Triton backend (the gathered delta GEMM's GPU figure, owed by issue #26);
 * ``train`` (only with ``--parts train``: it does not fit one shot with the others):
@@ -267,7 +267,7 @@ def run_frontier(args) -> None:
     trajectory frontier's timing with the Triton backend."""
     import torch
 
-    from dllm_sparse.eval.trajectory_frontier import run_trajectory_frontier
+    from dllm_sparse.eval.studies.trajectory_frontier import run_trajectory_frontier
     from dllm_sparse.models.loading import LoadedModel
     from dllm_sparse.models.shapes import build_random, shape_fields
 

@@ -5,7 +5,7 @@
 1. Perplexity on the held-out distillation answers (``dllm_sparse/data/mdm_corpus/heldout.jsonl``), prompt given:
    exact for the AR model, the Monte-Carlo ELBO bound (``docs/generation.md`` "Likelihood": stratified mask counts,
    random positions, CE x L / masked count, prompt never masked) for the diffusion model, both from
-   :class:`dllm_sparse.eval.likelihood.Scorer` (per-item common random masks). Both are
+   :class:`dllm_sparse.eval.scoring.scorer.Scorer` (per-item common random masks). Both are
    exp(-sum log-likelihood / sum answer tokens); the ELBO one is an upper bound on the diffusion model's true
    perplexity.
 2. Capability probe (``dllm_sparse/data/capability_probe.jsonl``): 20 short factual questions; a hit is an answer
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from dllm_sparse import load_model
     from dllm_sparse import samplers as smp  # one import statement: ruff's isort sorts it the same in any run
-    from dllm_sparse.eval.likelihood import Scorer
+    from dllm_sparse.eval.scoring.scorer import Scorer
 
     GenerationConfig, generate = smp.GenerationConfig, smp.generate
 
@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = encode_heldout(ar.tokenizer, DATA / "mdm_corpus" / "heldout.jsonl", args.heldout)
         n_tok = sum(len(a) for _, a in rows)
         t0 = time.time()
-        with autocast():  # exact AR log-likelihood and the Monte-Carlo ELBO: dllm_sparse.eval.likelihood
-            scorer = "dllm_sparse.eval.likelihood.Scorer"
+        with autocast():  # exact AR log-likelihood and the Monte-Carlo ELBO: dllm_sparse.eval.scoring.scorer
+            scorer = "dllm_sparse.eval.scoring.scorer.Scorer"
             ll_ar = [ll for ll, _ in Scorer.from_loaded(ar, batch_size=8).loglikelihood_tokens(rows)]
             t1 = time.time()
             dm_scorer = Scorer.from_loaded(dm, batch_size=args.mc_batch, mc_num=args.mc_num, mc_batch=args.mc_batch,

@@ -10,11 +10,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lm_eval  # noqa: E402
+from byte_tokenizer import ByteTokenizer
 from conftest import build_tiny_model  # noqa: E402
 
-from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer, SparsityConfig  # noqa: E402
-from dllm_sparse.eval.lm_eval_model import DllmSparseLM  # noqa: E402
-from dllm_sparse.eval.lm_eval_tasks import task_manager  # noqa: E402
+from dllm_sparse.eval.scoring.scorer import Scorer
+from dllm_sparse.eval.tasks.lm_eval_model import DllmSparseLM  # noqa: E402
+from dllm_sparse.eval.tasks.lm_eval_tasks import task_manager  # noqa: E402
+from dllm_sparse.sparsity.config import SparsityConfig  # noqa: E402
 from dllm_sparse.sparsity.rules import TopP  # noqa: E402
 
 LIMIT = 6

@@ -11,10 +11,11 @@ import pytest
 import torch
 from conftest import VOCAB, build_tiny_model
 
-from dllm_sparse.eval.advantage import EXCEEDS, TRACKS, UNDETERMINED, site_comparisons, verdict
-from dllm_sparse.eval.bootstrap import Bootstrap, item_scores
-from dllm_sparse.eval.critical import critical_replicates, critical_sparsity, critical_table
-from dllm_sparse.eval.tasks import MCItem, choice_margin, relative_performance, score_multiple_choice
+from dllm_sparse.eval.analysis.bootstrap import Bootstrap, item_scores
+from dllm_sparse.eval.analysis.critical import critical_replicates, critical_sparsity, critical_table
+from dllm_sparse.eval.studies.advantage import EXCEEDS, TRACKS, UNDETERMINED, site_comparisons, verdict
+from dllm_sparse.eval.tasks.base import relative_performance
+from dllm_sparse.eval.tasks.builtin import MCItem, choice_margin, score_multiple_choice
 from dllm_sparse.models.degrade import Degradation, apply_degradation, block_linears, degraded_copy, quantize_groupwise
 
 # ---------------------------------------------------------------------------------------------------------
@@ -273,7 +274,7 @@ def _reference_ppl(model, rows):
 
 @pytest.mark.parametrize("method", ["noise", "quant"])
 def test_calibration_reaches_the_target_and_its_perplexity_is_the_degraded_models(tiny_parent, method):
-    from dllm_sparse.eval.heldout import CalibrationError, calibrate
+    from dllm_sparse.eval.studies.heldout import CalibrationError, calibrate
 
     rows = _rows()
     parent = _reference_ppl(tiny_parent.model, rows)
@@ -294,7 +295,7 @@ def test_calibration_reaches_the_target_and_its_perplexity_is_the_degraded_model
 
 
 def test_calibration_refuses_bad_or_unreachable_targets(tiny_parent):
-    from dllm_sparse.eval.heldout import CalibrationError, calibrate
+    from dllm_sparse.eval.studies.heldout import CalibrationError, calibrate
 
     rows = _rows()
     for bad in (0, -3.0, float("nan"), float("inf")):
@@ -315,7 +316,7 @@ def test_calibration_refuses_bad_or_unreachable_targets(tiny_parent):
 
 class _Boot:
     def interval(self, x):
-        from dllm_sparse.eval.bootstrap import percentile_interval
+        from dllm_sparse.eval.analysis.bootstrap import percentile_interval
 
         return percentile_interval(x, 0.95)
 

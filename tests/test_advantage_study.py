@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import VOCAB, build_tiny_model
 
-from dllm_sparse.eval.advantage import VERDICTS
+from dllm_sparse.eval.studies.advantage import VERDICTS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "advantage_study.py"
 CHAT = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}> {% endif %}"
@@ -32,7 +32,7 @@ def tiny_pair(tmp_path_factory):
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from dllm_sparse.eval.heldout import heldout_answers
+    from dllm_sparse.eval.studies.heldout import heldout_answers
     from dllm_sparse.models.loading import LoadedModel
     from dllm_sparse.models.twin import untrained_twin
 
@@ -73,7 +73,7 @@ def _args(pair, out, *extra):
 
 
 def _target(pair) -> float:
-    from dllm_sparse.eval.heldout import heldout_answers, heldout_perplexity
+    from dllm_sparse.eval.studies.heldout import heldout_answers, heldout_perplexity
     from dllm_sparse.models.loading import load_model
 
     lm = load_model(str(pair[0]), dtype="fp32")
@@ -126,7 +126,7 @@ def test_an_unreachable_target_stops_the_study_and_leaves_no_folder(tiny_pair, t
 
 
 def test_a_failing_second_control_keeps_the_first_and_writes_nothing_of_itself(tiny_pair, tmp_path, monkeypatch):
-    import dllm_sparse.eval.heldout as heldout
+    import dllm_sparse.eval.studies.heldout as heldout
 
     real = heldout.calibrate
 

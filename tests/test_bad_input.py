@@ -293,7 +293,9 @@ def test_prompt_longer_than_the_context(kind, llada, llama):
 
 @pytest.mark.parametrize("w", [math.inf, math.nan, -0.5])
 def test_scorer_cfg_scale_must_be_finite(w, llada):
-    from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer
+    from byte_tokenizer import ByteTokenizer
+
+    from dllm_sparse.eval.scoring.scorer import Scorer
 
     with pytest.raises(ValueError, match=r"cfg_scale must be a finite number >= 0"):
         Scorer(llada, ByteTokenizer(), "diffusion", mask_id=llada.config.mask_token_id, cfg_scale=w)

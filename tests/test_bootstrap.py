@@ -1,4 +1,4 @@
-"""Paired bootstrap intervals (dllm_sparse.eval.bootstrap, critical.py): against brute-force recomputation from
+"""Paired bootstrap intervals (dllm_sparse.eval.analysis.bootstrap, critical.py): against brute-force recomputation from
 explicitly resampled item lists, and a coverage check on data with a known relative performance."""
 
 import json
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from dllm_sparse.eval.bootstrap import Bootstrap, item_scores, percentile_interval
-from dllm_sparse.eval.critical import (
+from dllm_sparse.eval.analysis.bootstrap import Bootstrap, item_scores, percentile_interval
+from dllm_sparse.eval.analysis.critical import (
     AVG_CURVE,
     critical_replicates,
     critical_sparsity,
@@ -209,7 +209,7 @@ def test_replicates_without_a_value_are_counted_and_reported():
     """The dense model answers 1 item of 5: in about a third of the draws its score is 0, and where the sparse
     rows score on item 1 their relative performance x / 0 is undefined. Those replicates are left out of every
     interval, and the count is in the records, the Markdown and a warning (brute-force count from the draws)."""
-    from dllm_sparse.eval.critical import markdown_report
+    from dllm_sparse.eval.analysis.critical import markdown_report
 
     dense = _row("m", "ar", "mc", "dense", 1.0, _mc([1, 0, 0, 0, 0]))
     sparse = [_row("m", "ar", "mc", "input", 0.9, _mc([1, 1, 0, 0, 0]), 0.2),
@@ -294,8 +294,8 @@ def test_a_verdict_with_open_replicates_is_the_one_every_completion_gives(loc, n
     completions agree on it, and "undetermined" otherwise."""
     import itertools
 
-    from dllm_sparse.eval.bootstrap import percentile_interval
-    from dllm_sparse.eval.critical import _difference_verdict
+    from dllm_sparse.eval.analysis.bootstrap import percentile_interval
+    from dllm_sparse.eval.analysis.critical import _difference_verdict
 
     class Boot:
         interval = staticmethod(percentile_interval)
@@ -326,7 +326,7 @@ def test_a_verdict_with_open_replicates_is_the_one_every_completion_gives(loc, n
 
 
 def test_difference_bound_of_each_pair_of_sides():
-    from dllm_sparse.eval.critical import difference_bound
+    from dllm_sparse.eval.analysis.critical import difference_bound
 
     used = np.array([True, True, False])
     closed, open_in_unused, open_ = np.array([1, 1, 1], bool), np.array([1, 1, 0], bool), np.array([1, 0, 1], bool)

@@ -7,12 +7,16 @@ import json
 
 import pytest
 import torch
+from byte_tokenizer import ByteTokenizer
 from conftest import build_tiny_model
 
 from dllm_sparse import FFNSite, MaxP, SparsityConfig, SparsityStats, TopK, TopP, make_rule, sparsify
-from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer
-from dllm_sparse.eval.sweep import SweepConfig, read_rows, run_sweep, upgrade_cell_keys
-from dllm_sparse.eval.tasks import MCItem, MultipleChoiceTask, PerplexityTask
+from dllm_sparse.eval.rows import read_rows
+from dllm_sparse.eval.scoring.scorer import Scorer
+from dllm_sparse.eval.sweep.config import SweepConfig
+from dllm_sparse.eval.sweep.run import run_sweep
+from dllm_sparse.eval.sweep.store import upgrade_cell_keys
+from dllm_sparse.eval.tasks.builtin import MCItem, MultipleChoiceTask, PerplexityTask
 from dllm_sparse.kernels import accelerate_ffn, accelerated_ffn, restore_ffn
 from dllm_sparse.models.loading import LoadedModel
 from dllm_sparse.samplers import GenerationConfig, StepSparsity, generate
@@ -246,7 +250,7 @@ def _scorer(kind, **kw):
 
 
 @pytest.mark.parametrize("kind", ["ar", "diffusion"])
-def test_scorer_per_call_sparsity_equals_the_configured_scorer(kind):
+def test_scorer_sparsified_block_equals_the_configured_scorer(kind):
     cfg = SparsityConfig("up", TopP(0.6))
     old_way = _scorer(kind, sparsity=cfg)
     ref_ll, ref_roll = old_way.loglikelihood(PAIRS), old_way.loglikelihood_rolling(TEXTS)
@@ -255,37 +259,52 @@ def test_scorer_per_call_sparsity_equals_the_configured_scorer(kind):
 
     scorer = _scorer(kind)
     stats = SparsityStats()
-    assert scorer.loglikelihood(PAIRS, sparsity=cfg, stats=stats) == ref_ll
-    assert scorer.loglikelihood_rolling(TEXTS, sparsity=cfg, stats=stats) == ref_roll
+    with scorer.sparsified(cfg, stats) as measured:
+        assert measured is stats and scorer.sparsity == [cfg] and scorer.measured_into is stats
+        assert scorer.loglikelihood(PAIRS) == ref_ll
+        assert scorer.loglikelihood_rolling(TEXTS) == ref_roll
+        assert scorer.identity() == old_way.identity().replace("|dense|", f"|{cfg.id}|") != _scorer(kind).identity()
     assert ref_ll != dense  # the sparsity does change the numbers, so the equality above is informative
-    assert scorer.sparsity == [] and scorer.stats is None  # nothing was set on the scorer
+    assert scorer.sparsity == [] and scorer.stats is None  # nothing was left on the scorer
     assert stats.mean("up", tag="ar" if kind == "ar" else "elbo") > 0.2
-    assert scorer.loglikelihood(PAIRS) == dense  # still dense by default
-    # and the other way round: a sparse scorer scored dense for one call
-    assert _scorer(kind, sparsity=cfg).loglikelihood(PAIRS, sparsity=None) == dense
-    assert scorer.identity(cfg) == old_way.identity([cfg]) != scorer.config_id
+    assert scorer.loglikelihood(PAIRS) == dense  # dense again after the block
+    # and the other way round: a sparse scorer scored dense inside a dense block
+    sparse = _scorer(kind, sparsity=cfg)
+    with sparse.sparsified(None) as none:
+        assert none is None and sparse.loglikelihood(PAIRS) == dense
+    # a block without stats measures into a fresh SparsityStats, which it yields
+    with scorer.sparsified(cfg) as fresh:
+        assert scorer.loglikelihood(PAIRS) == ref_ll
+    assert fresh is not stats and fresh.mean("up") > 0.2
+    # blocks nest: the innermost wins, the outer one holds again after it
+    with scorer.sparsified(cfg, stats):
+        with scorer.sparsified(None):
+            assert scorer.loglikelihood(PAIRS) == dense
+        assert scorer.loglikelihood(PAIRS) == ref_ll
 
 
-def test_tasks_pass_the_per_call_sparsity():
+def test_tasks_score_with_the_sparsity_in_force():
     cfg = SparsityConfig("intermediate", TopP(0.5), layers=[1])
     items = [MCItem("a", "one two", ["three", "four"], 0), MCItem("b", "x y", ["z", "zz", "w"], 2)]
     for task in (MultipleChoiceTask("mc", items), PerplexityTask("ppl", [{"id": "p", "text": "a small passage"}])):
         ref = task.evaluate(_scorer("ar", sparsity=cfg))
-        stats = SparsityStats()
-        res = task.evaluate(_scorer("ar"), sparsity=cfg, stats=stats)
-        assert res.metrics == ref.metrics and {r["layer"] for r in stats.records()} == {1}
+        dense = task.evaluate(_scorer("ar"))
+        scorer = _scorer("ar")
+        with scorer.sparsified(cfg) as stats:
+            res = task.evaluate(scorer)
+        assert res.metrics == ref.metrics != dense.metrics and {r["layer"] for r in stats.records()} == {1}
 
 
-def test_sweep_cells_are_configs_passed_per_call(tmp_path):
+def test_sweep_cells_are_sparsified_blocks_around_the_task(tmp_path):
     seen = []
 
     class Recording:
         def __init__(self, task):
             self.task, self.name, self.metric = task, task.name, task.metric
 
-        def evaluate(self, scorer, limit=None, *, sparsity, stats):
-            seen.append((list(scorer.sparsity), scorer.stats, sparsity))
-            return self.task.evaluate(scorer, limit, sparsity=sparsity, stats=stats)
+        def evaluate(self, scorer, limit=None):
+            seen.append((scorer.sparsity, scorer.stats, scorer.measured_into))
+            return self.task.evaluate(scorer, limit)
 
     lm = LoadedModel(build_tiny_model("llama", vocab_size=260, seed=1), ByteTokenizer(), "ar", "tiny-ar", None,
                      "llama")
@@ -295,9 +314,10 @@ def test_sweep_cells_are_configs_passed_per_call(tmp_path):
                                                      SparsityConfig("input", TopK(0.5))]
     factory = lambda name: Recording(PerplexityTask("ppl", [{"id": "p", "text": "a small passage"}]))  # noqa: E731
     rows = run_sweep(cfg, task_factory=factory)
-    # the scorer is never configured: every call brings its own sparsity
-    assert all(sp == [] and st is None for sp, st, _ in seen)
-    assert [s for _, _, s in seen] == [[SparsityConfig.identity("input")], SparsityConfig("input", TopK(0.5))]
+    # the scorer is never configured: the sweep opens each cell's sparsity around the task, with its own statistics
+    assert all(st is None and measured is not None for _, st, measured in seen)
+    assert [sp for sp, _, _ in seen] == [[SparsityConfig.identity("input")], [SparsityConfig("input", TopK(0.5))]]
+    assert seen[0][2] is not seen[1][2]
     keys = {r["key"]: r for r in rows}
     assert {json.loads(k)[2] for k in keys} == {DENSE, "input:top_k:0.0:token", "input:top_k:0.5:token"}
     topk = next(r for r in rows if r["p"] == 0.5)
@@ -345,7 +365,7 @@ def test_old_sweep_folders_are_refused_then_upgraded(tmp_path, form):
 
 def test_lm_eval_model_args_build_one_config():
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is an optional extra")
-    from dllm_sparse.eval.lm_eval_model import DllmSparseLM, sparsity_from_args
+    from dllm_sparse.eval.tasks.lm_eval_model import DllmSparseLM, sparsity_from_args
 
     want = SparsityConfig("input", TopP(0.9))
     assert sparsity_from_args("input:top_p:0.9") == want

@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from dllm_sparse.eval.critical import (
+from dllm_sparse.eval.analysis.critical import (
     AVG_CURVE,
     MEAN_OF_TASKS,
     critical_sparsity,
@@ -15,7 +15,7 @@ from dllm_sparse.eval.critical import (
     markdown_table,
     write_critical,
 )
-from dllm_sparse.eval.plots import plot_layer_heatmaps, plot_relative_performance, plot_step_sparsity
+from dllm_sparse.eval.analysis.plots import plot_layer_heatmaps, plot_relative_performance, plot_step_sparsity
 
 
 def test_bracketed_curve_both_variants():

@@ -27,7 +27,8 @@ from dllm_sparse import (
     sparsify,
     without_lm_head,
 )
-from dllm_sparse.eval.likelihood import Scorer, diffusion_elbo_tokens
+from dllm_sparse.eval.scoring.elbo import diffusion_elbo_tokens
+from dllm_sparse.eval.scoring.scorer import Scorer
 from dllm_sparse.kernels import accelerated_ffn, restore_ffn
 from dllm_sparse.models.loading import LoadedModel
 from dllm_sparse.samplers import GenerationConfig, MaskedDiffusionGenerator, generate

@@ -10,8 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from byte_tokenizer import ByteTokenizer
 
-from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer, diffusion_elbo_tokens, elbo_masks, item_generator
+from dllm_sparse.eval.scoring.common import item_generator
+from dllm_sparse.eval.scoring.elbo import diffusion_elbo_tokens, elbo_masks
+from dllm_sparse.eval.scoring.scorer import Scorer
 from dllm_sparse.models.llada import LLaDAModelLM, tiny_llada_config
 
 REQUESTS = [([5, 17, 3, 9], [40, 2, 11, 30, 7, 8, 60]), ([7, 7, 21], [2, 11, 30]),
@@ -107,7 +110,7 @@ def _ar_reference(model, requests):
 def test_ar_chunked_head_equals_unchunked_and_the_reference(chunk, padding_side):
     from conftest import build_tiny_model
 
-    from dllm_sparse.eval.likelihood import ar_loglikelihood_tokens
+    from dllm_sparse.eval.scoring.autoregressive import ar_loglikelihood_tokens
 
     model = build_tiny_model("llama").eval()
     calls = []
@@ -132,7 +135,7 @@ def test_ar_chunked_head_on_a_wrapped_model(how):
     logits and the log-softmax are chunked. The numbers are the plain model's either way."""
     from conftest import build_tiny_model, wrapped_model
 
-    from dllm_sparse.eval.likelihood import ar_loglikelihood_tokens
+    from dllm_sparse.eval.scoring.autoregressive import ar_loglikelihood_tokens
 
     wrapped, reference = wrapped_model(build_tiny_model("llama").eval(), how)
     got = ar_loglikelihood_tokens(wrapped, AR_REQUESTS, batch_size=2, head_chunk=4)

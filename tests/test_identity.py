@@ -13,13 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from byte_tokenizer import ByteTokenizer
 from conftest import build_tiny_model
 
 from dllm_sparse.eval.identity import IdentityMismatch, RunIdentity, run_identity, weights_hash
-from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer
 from dllm_sparse.eval.rows import atomic_write_json, read_json_or_none, read_rows
-from dllm_sparse.eval.sweep import SweepConfig, run_sweep
-from dllm_sparse.eval.tasks import PerplexityTask, apply_limit
+from dllm_sparse.eval.scoring.scorer import Scorer
+from dllm_sparse.eval.sweep.config import SweepConfig
+from dllm_sparse.eval.sweep.run import run_sweep
+from dllm_sparse.eval.tasks.base import apply_limit
+from dllm_sparse.eval.tasks.builtin import PerplexityTask
 from dllm_sparse.models.loading import LoadedModel
 from dllm_sparse.sparsity.config import SparsityConfig
 from dllm_sparse.sparsity.rules import MaxP, TopK, TopP
@@ -82,7 +85,7 @@ lm_eval_needed = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
 
 
 def _lm(dtype=torch.float32, **kw):
-    from dllm_sparse.eval.lm_eval_model import DllmSparseLM
+    from dllm_sparse.eval.tasks.lm_eval_model import DllmSparseLM
 
     model = build_tiny_model("llama", vocab_size=260, seed=3).to(dtype)
     scorer_kw = {k: kw.pop(k) for k in ("batch_size", "sparsity", "greedy_check") if k in kw}
@@ -113,7 +116,7 @@ def test_lm_eval_cache_refuses_every_other_setting(tmp_path, change, field):
 def test_lm_eval_cache_of_an_older_version_is_refused(tmp_path):
     from lm_eval.api.model import CachingLM
 
-    from dllm_sparse.eval.lm_eval_model import IDENTITY_KEY
+    from dllm_sparse.eval.tasks.lm_eval_model import IDENTITY_KEY
 
     db = str(tmp_path / "cache.db")
     CachingLM(_lm(), db)
@@ -128,7 +131,7 @@ def test_lm_eval_cache_of_an_older_version_is_refused(tmp_path):
 @lm_eval_needed
 @pytest.mark.parametrize("args", ["sitee=input", "threshhold=0.9", "sparsity=input:top_p:0.9,batchsize=4"])
 def test_lm_eval_unknown_model_args_are_refused(args):
-    from dllm_sparse.eval.lm_eval_model import MODEL_ARGS, DllmSparseLM
+    from dllm_sparse.eval.tasks.lm_eval_model import MODEL_ARGS, DllmSparseLM
 
     with pytest.raises(TypeError, match=r"unknown model argument.*valid ones: pretrained, sparsity, site") as err:
         DllmSparseLM.create_from_arg_string(args, {"batch_size": 4, "max_batch_size": None, "device": "cpu"})
@@ -350,7 +353,7 @@ def test_weights_hash_is_a_sha256_of_names_shapes_and_samples():
 
 
 def test_mask_reuse_cells_are_keyed_by_dtype_and_weights_and_old_folders_refused(tmp_path):
-    from dllm_sparse.eval.reuse_study import cell_key, check_cell_keys, model_fields
+    from dllm_sparse.eval.studies.reuse_study import cell_key, check_cell_keys, model_fields
 
     fp32, bf16 = _tiny_ar(), _tiny_ar()
     bf16.model.to(torch.bfloat16)

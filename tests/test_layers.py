@@ -20,7 +20,7 @@ def _module_files():
     for package in LAYERS:
         folder = FOLDERS.get(package, ROOT / package.replace(".", "/"))
         if folder.is_dir():
-            for f in sorted(folder.glob("*.py")):
+            for f in sorted(folder.rglob("*.py")):
                 yield package, f
         else:
             yield package, folder.with_suffix(".py")
@@ -69,6 +69,6 @@ def test_no_module_imports_from_a_higher_layer():
 
 def test_the_scan_detects_an_upward_import(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from dllm_sparse.eval.sweep import run_sweep\n")
+    bad.write_text("def f():\n    from dllm_sparse.eval.sweep.run import run_sweep\n")
     names = list(_imports(bad, "dllm_sparse.sparsity"))
-    assert names == ["dllm_sparse.eval.sweep"] and _layer_of(names[0]) == 2 > LAYERS["dllm_sparse.sparsity"]
+    assert names == ["dllm_sparse.eval.sweep.run"] and _layer_of(names[0]) == 2 > LAYERS["dllm_sparse.sparsity"]

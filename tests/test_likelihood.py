@@ -9,19 +9,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from byte_tokenizer import ByteTokenizer
 from conftest import build_tiny_model
 
-from dllm_sparse.eval.likelihood import (
-    ByteTokenizer,
-    Scorer,
-    SparsityConfig,
-    ar_loglikelihood_tokens,
-    diffusion_elbo_tokens,
-    elbo_mask_counts,
-    elbo_masks,
-    item_generator,
-    rolling_windows,
-)
+from dllm_sparse.eval.scoring.autoregressive import ar_loglikelihood_tokens
+from dllm_sparse.eval.scoring.common import item_generator
+from dllm_sparse.eval.scoring.elbo import diffusion_elbo_tokens, elbo_mask_counts, elbo_masks
+from dllm_sparse.eval.scoring.scorer import Scorer, rolling_windows
+from dllm_sparse.sparsity.config import SparsityConfig
 from dllm_sparse.sparsity.rules import TopP
 
 

@@ -10,14 +10,16 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is an optional extra: pip install -e '.[eval]'")
 
+from byte_tokenizer import ByteTokenizer  # noqa: E402
 from conftest import build_tiny_model  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.model import CachingLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer, SparsityConfig  # noqa: E402
-from dllm_sparse.eval.lm_eval_model import DllmSparseLM  # noqa: E402
-from dllm_sparse.eval.tasks import MCItem, MultipleChoiceTask  # noqa: E402
+from dllm_sparse.eval.scoring.scorer import Scorer  # noqa: E402
+from dllm_sparse.eval.tasks.builtin import MCItem, MultipleChoiceTask  # noqa: E402
+from dllm_sparse.eval.tasks.lm_eval_model import DllmSparseLM  # noqa: E402
+from dllm_sparse.sparsity.config import SparsityConfig  # noqa: E402
 from dllm_sparse.sparsity.rules import TopP  # noqa: E402
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -121,7 +123,7 @@ def test_rolling_and_generate_until():
 
 
 def test_lm_eval_task_through_the_task_interface(tmp_path):
-    from dllm_sparse.eval.tasks import LmEvalTask
+    from dllm_sparse.eval.tasks.lm_eval_tasks import LmEvalTask
 
     _write_task(tmp_path)
     scorer = _ar_scorer(sparsity=SparsityConfig("up", TopP(0.7)))
@@ -233,7 +235,7 @@ def test_bad_model_args_are_refused_before_loading(args, message):
 
 
 def test_good_model_args_are_read_as_meant():
-    from dllm_sparse.eval.model_args import as_bool, as_optional_bool, as_positive_int
+    from dllm_sparse.eval.tasks.lm_eval_args import as_bool, as_optional_bool, as_positive_int
 
     for text, want in (("true", True), ("TRUE", True), ("1", True), ("yes", True), ("on", True), ("false", False),
                        ("0", False), ("no", False), ("off", False), (True, True), (0, False)):
@@ -294,7 +296,7 @@ def test_from_scorer_refuses_settings_it_would_drop():
 
 def test_llada_official_preset_holds_the_official_scripts_values():
     """The values of ML-GSAI/LLaDA's eval_llada_lm_eval.sh (one command per task) and eval_llada.py."""
-    from dllm_sparse.eval.presets import get_preset
+    from dllm_sparse.eval.scoring.presets import get_preset
 
     preset = get_preset("llada-official")
     script = {  # task: (num_fewshot, cfg, mc_num, batch_size) of its command
@@ -382,7 +384,7 @@ def test_block_cache_reaches_the_sampler_and_the_identity():
     ({"max_batch_size": 8}, {"max_batch_size": None}, {"max_batch_size": 8}),
 ])
 def test_lm_eval_arguments_merge_with_model_args(model_args, lm_eval_args, want):
-    from dllm_sparse.eval.lm_eval_model import merge_lm_eval_args
+    from dllm_sparse.eval.tasks.lm_eval_model import merge_lm_eval_args
 
     assert merge_lm_eval_args({"pretrained": "m", **model_args}, lm_eval_args) == {"pretrained": "m", **want}
 
@@ -430,7 +432,7 @@ def _cli_main(args: list[str], out, monkeypatch) -> dict:
     import sys
 
     from dllm_sparse.eval.identity import RunIdentity
-    from dllm_sparse.eval.lm_eval_model import main
+    from dllm_sparse.eval.tasks.lm_eval_model import main
 
     monkeypatch.setattr(sys, "argv", ["dllm-sparse-lm-eval"])
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

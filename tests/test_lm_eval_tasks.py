@@ -14,15 +14,18 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is an optional extra: pip install -e '.[eval]'")
 
+from byte_tokenizer import ByteTokenizer  # noqa: E402
 from conftest import build_byte_hf_tokenizer, build_tiny_model  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer, SparsityConfig  # noqa: E402
-from dllm_sparse.eval.lm_eval_model import DllmSparseLM, _with_task_dir  # noqa: E402
-from dllm_sparse.eval.lm_eval_tasks import TASK_DIR, evaluate_builtin, task_manager  # noqa: E402
-from dllm_sparse.eval.sweep import SweepConfig, run_sweep  # noqa: E402
-from dllm_sparse.eval.tasks import BuiltinLmEvalTask, get_task  # noqa: E402
+from dllm_sparse.eval.scoring.scorer import Scorer  # noqa: E402
+from dllm_sparse.eval.sweep.config import SweepConfig  # noqa: E402
+from dllm_sparse.eval.sweep.run import run_sweep  # noqa: E402
+from dllm_sparse.eval.tasks.lm_eval_model import DllmSparseLM, _with_task_dir  # noqa: E402
+from dllm_sparse.eval.tasks.lm_eval_tasks import TASK_DIR, BuiltinLmEvalTask, evaluate_builtin, task_manager  # noqa: E402
+from dllm_sparse.eval.tasks.registry import get_task  # noqa: E402
 from dllm_sparse.models.loading import LoadedModel  # noqa: E402
+from dllm_sparse.sparsity.config import SparsityConfig  # noqa: E402
 from dllm_sparse.sparsity.rules import TopP  # noqa: E402
 from dllm_sparse.sparsity.stats import SparsityStats  # noqa: E402
 
@@ -56,8 +59,8 @@ def test_lm_eval_and_builtin_scoring_agree(kind):
     for name, limit in (("builtin_mc", 6), ("builtin_ppl", 3)):
         results = {}
         for scoring in ("lm_eval", "builtin"):
-            stats = SparsityStats()
-            res = get_task(name, scoring=scoring).evaluate(scorer, limit, sparsity=sparse, stats=stats)
+            with scorer.sparsified(sparse) as stats:
+                res = get_task(name, scoring=scoring).evaluate(scorer, limit)
             results[scoring] = (res, stats)
         (lm, lm_stats), (own, own_stats) = results["lm_eval"], results["builtin"]
         assert lm.n == own.n == limit and lm.metric == own.metric and lm.value == own.value
@@ -147,9 +150,9 @@ def _results_file(out: Path) -> dict:
 def _reference(model_dir: Path, limit: int) -> tuple[float, SparsityStats]:
     from dllm_sparse.models.loading import load_model
 
-    stats = SparsityStats()
     scorer = Scorer.from_loaded(load_model(model_dir), batch_size=4)
-    res = evaluate_builtin("builtin_mc", scorer, limit, sparsity=SparsityConfig("input", TopP(0.9)), stats=stats)
+    with scorer.sparsified(SparsityConfig("input", TopP(0.9))) as stats:
+        res = evaluate_builtin("builtin_mc", scorer, limit)
     return res.metrics["acc"], stats
 
 
@@ -192,7 +195,7 @@ def test_stock_lm_eval_and_the_console_script_run_the_task(tmp_path):
     runs = {
         "stock": [str(bin_dir / "lm_eval"), *common, "--tasks", f"{TASK_DIR}/dllm_sparse_mc.yaml"],
         "script": [str(bin_dir / "dllm-sparse-lm-eval"), *common, "--tasks", "dllm_sparse_mc"],
-        "module": [sys.executable, "-m", "dllm_sparse.eval.lm_eval_model", "run", *common, "--tasks",
+        "module": [sys.executable, "-m", "dllm_sparse.eval.tasks.lm_eval_model", "run", *common, "--tasks",
                    "dllm_sparse_mc"],
     }
     acc, _ = _reference(model_dir, 3)
@@ -257,9 +260,9 @@ class _FakeLauncher:
 
 
 def test_rank_and_world_size_come_from_the_launcher(monkeypatch):
-    import dllm_sparse.eval.lm_eval_model as module
+    import dllm_sparse.eval.tasks.lm_eval_model as module
 
-    monkeypatch.setattr(module, "_launcher_state", lambda: _FakeLauncher())
+    monkeypatch.setattr(module, "launcher_state", lambda: _FakeLauncher())
     lm = DllmSparseLM.from_scorer(_scorer("ar"), data_parallel=True)
     assert (lm.rank, lm.world_size) == (1, 2)
     assert not lm._show_progress(False)  # bars on rank 0 only
@@ -280,7 +283,8 @@ def test_padding_copies_are_scored_once():
     b = Instance("loglikelihood", {}, ("xy", " zz"), 0, ("t", 1, 1))
     out = lm.loglikelihood([a, b, b, b])  # lm-eval pads a rank's share with copies of its last request
     assert out[1] == out[2] == out[3] and len(out) == 4
-    assert out == [*scorer.loglikelihood([("ab", " c"), ("xy", " zz")], sparsity=config, stats=None), out[1], out[1]]
+    with scorer.sparsified(config):
+        assert out == [*scorer.loglikelihood([("ab", " c"), ("xy", " zz")]), out[1], out[1]]
     assert stats.forward_passes("input") == 1  # one batch of the 2 distinct requests
 
 

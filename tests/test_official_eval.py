@@ -9,18 +9,15 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from byte_tokenizer import ByteTokenizer
 from conftest import build_tiny_model
 
-from dllm_sparse.eval.likelihood import (
-    ByteTokenizer,
-    Scorer,
-    SparsityConfig,
-    diffusion_elbo_tokens,
-    elbo_masks,
-    greedy_check_mode,
-    item_generator,
-    iterative_greedy_check,
-)
+from dllm_sparse.eval.scoring.common import item_generator
+from dllm_sparse.eval.scoring.elbo import diffusion_elbo_tokens, elbo_masks
+from dllm_sparse.eval.scoring.greedy import iterative_greedy_check
+from dllm_sparse.eval.scoring.masked_forward import greedy_check_mode
+from dllm_sparse.eval.scoring.scorer import Scorer
+from dllm_sparse.sparsity.config import SparsityConfig
 from dllm_sparse.sparsity.rules import TopP
 
 

@@ -151,7 +151,9 @@ def test_paper_llada_hooks_up_proj_only():
 def test_paper_input_and_intermediate_script_is_the_two_configs_together():
     """docs/sparsification.md: the paper's input + intermediate script = input:paper_top_p and
     intermediate:paper_top_p attached together (up_proj's input and ff_out's input sparsified, ff_proj dense)."""
-    from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer
+    from byte_tokenizer import ByteTokenizer
+
+    from dllm_sparse.eval.scoring.scorer import Scorer
 
     model = build_tiny_model("llada")
     block = model.model.transformer.blocks[0]
@@ -172,7 +174,7 @@ def test_paper_input_and_intermediate_script_is_the_two_configs_together():
         return seen
 
     dense = run()
-    with scorer.sparsified():
+    with scorer.attached():
         seen = run()
     assert torch.equal(seen["ff_proj"], dense["ff_proj"])
     assert torch.equal(seen["up_proj"], PaperTopP(60)(dense["up_proj"]))

@@ -9,7 +9,7 @@ def test_importing_and_plotting_keeps_the_users_backend(tmp_path):
 import matplotlib
 matplotlib.use("svg")
 from dllm_sparse.eval import plots, reuse_plots  # noqa: F401
-from dllm_sparse.eval.plots import plot_relative_performance
+from dllm_sparse.eval.analysis.plots import plot_relative_performance
 rows = [{{"model": "A", "kind": "ar", "site": "dense", "rule": "dense", "p": 1.0, "task": "t",
          "sparsity_by_site": {{"input": 0.0}}, "relative_performance": 1.0}},
         {{"model": "A", "kind": "ar", "site": "input", "rule": "top_p", "p": 0.9, "task": "t", "sparsity": 0.3,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dllm_sparse.eval.critical import write_critical
+from dllm_sparse.eval.analysis.critical import write_critical
 from dllm_sparse.eval.rows import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -248,7 +248,7 @@ def test_make_policy_and_errors():
 
 
 def test_study_quality_helpers():
-    from dllm_sparse.eval.reuse_study import agreement, edit_similarity, first_divergence
+    from dllm_sparse.eval.studies.reuse_study import agreement, edit_similarity, first_divergence
 
     assert agreement([[1, 2, 3]], [[1, 5, 3]]) == pytest.approx(2 / 3)
     assert first_divergence([[1, 2, 3], [4, 5, 6]], [[1, 5, 3], [4, 5, 6]]) == 2.0
@@ -258,7 +258,7 @@ def test_study_quality_helpers():
 def test_study_cell_teacher_forced_replay(llada, tmp_path):
     """A study cell replays the dense trajectory: dense predicts its own commits; p = 1 under any policy predicts
     exactly what dense predicts; a sparse policy changes the likelihood along the trajectory."""
-    from dllm_sparse.eval.reuse_study import StudySettings, run_cell
+    from dllm_sparse.eval.studies.reuse_study import StudySettings, run_cell
     from dllm_sparse.models.loading import LoadedModel
     from dllm_sparse.samplers import replay
 
@@ -297,8 +297,8 @@ class _CharTokenizer:
 
 
 def test_passage_trajectories_write_each_true_token_once_in_sampler_geometry(llada, tmp_path):
-    from dllm_sparse.eval.reuse_study import StudySettings, passage_trajectories, run_cell
-    from dllm_sparse.eval.tasks import load_builtin_passages
+    from dllm_sparse.eval.studies.reuse_study import StudySettings, passage_trajectories, run_cell
+    from dllm_sparse.eval.tasks.builtin import load_builtin_passages
     from dllm_sparse.models.loading import LoadedModel
     from dllm_sparse.samplers import num_transfer_tokens, replay
 

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from dllm_sparse.eval import sweep
 from dllm_sparse.eval.rows import (
     JsonlWriter,
     ProcessInfo,
@@ -17,6 +16,7 @@ from dllm_sparse.eval.rows import (
     read_rows,
     share_of,
 )
+from dllm_sparse.eval.sweep import store
 
 
 def test_rows_round_trip_and_a_torn_last_line_is_dropped(tmp_path):
@@ -126,4 +126,4 @@ def test_torchrun_ranks_and_shares_match_accelerate(tmp_path):
 
 
 def test_the_sweep_uses_these_rows():
-    assert sweep.read_rows is read_rows and sweep.JsonlWriter is JsonlWriter
+    assert store.read_rows is read_rows and store.JsonlWriter is JsonlWriter

@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from conftest import VOCAB, build_tiny_model
 
-import dllm_sparse.eval.likelihood as likelihood
-from dllm_sparse.eval.likelihood import ar_loglikelihood_tokens, diffusion_elbo_tokens
+import dllm_sparse.eval.scoring.autoregressive as autoregressive
+import dllm_sparse.eval.scoring.masked_forward as masked_forward
+from dllm_sparse.eval.scoring.autoregressive import ar_loglikelihood_tokens
+from dllm_sparse.eval.scoring.elbo import diffusion_elbo_tokens
 from dllm_sparse.models.families import without_lm_head
 from dllm_sparse.sparsity.config import SparsityConfig
 from dllm_sparse.sparsity.hooks import sparsify
@@ -31,12 +33,15 @@ def full_head():
     def keep_head(model, profile=None):
         yield None
 
-    saved = likelihood.without_lm_head
-    likelihood.without_lm_head = keep_head
+    modules = (autoregressive, masked_forward)  # where the scorers split the head off
+    saved = [m.without_lm_head for m in modules]
+    for m in modules:
+        m.without_lm_head = keep_head
     try:
         yield
     finally:
-        likelihood.without_lm_head = saved
+        for m, s in zip(modules, saved, strict=True):
+            m.without_lm_head = s
 
 
 def _lora(model, targets):
@@ -99,7 +104,7 @@ def test_ar_continuation_logits_only_equal_the_full_logits(wrap):
     model = build_tiny_model("llama")
     if wrap == "peft":
         model = _lora(model, ["gate_proj", "up_proj"])
-    assert likelihood._accepts(model, "logits_to_keep")  # PeftModel: looked through to the base model's forward
+    assert autoregressive.accepts(model, "logits_to_keep")  # PeftModel: looked through to the base model's forward
     reqs = [([5, 6, 7, 8, 9], [10, 11]), ([3], [4]), ([20, 21], [22, 23, 24, 25]), ([9, 9, 9], [1])]
     ref = [_ar_reference(model, c, x) for c, x in reqs]
     out = ar_loglikelihood_tokens(model, reqs, batch_size=4)
@@ -117,7 +122,9 @@ MC_REQUESTS = ([([5, 6, 7, 8, 9], c) for c in ([10], [11, 12], [13, 14, 15], [16
 
 
 def _scored(model, share, sparsity=None, max_length=None, batch_size=3):
-    from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer
+    from byte_tokenizer import ByteTokenizer
+
+    from dllm_sparse.eval.scoring.scorer import Scorer
 
     scorer = Scorer(model, ByteTokenizer(), "ar", batch_size=batch_size, max_length=max_length,
                     share_context=share, sparsity=sparsity)
@@ -180,7 +187,7 @@ def test_scopes_that_see_the_whole_sequence_keep_one_pass_per_request(scope):
 
 
 def test_a_model_without_a_kv_cache_keyword_keeps_one_pass_per_request():
-    from dllm_sparse.eval.likelihood import _ar_shared_context
+    from dllm_sparse.eval.scoring.autoregressive import _ar_shared_context
 
     class NoCache(torch.nn.Module):
         def __init__(self, inner):

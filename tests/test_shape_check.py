@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dllm_sparse.eval.memory_plan import CUDA_OVERHEAD_GB, extrapolate, fits_table
-from dllm_sparse.eval.shape_check import PeakRSS, rss_bytes
+from dllm_sparse.eval.studies.memory_plan import CUDA_OVERHEAD_GB, extrapolate, fits_table
+from dllm_sparse.eval.studies.shape_check import PeakRSS, rss_bytes
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "check_8b_shapes.py"
 
@@ -49,7 +49,7 @@ def test_rss_bytes_counts_pages_a_child_touches():
     allocator, no pool to reuse) and touches every page; its RSS grows by at least that, then falls when unmapped."""
     code = textwrap.dedent("""
         import mmap
-        from dllm_sparse.eval.shape_check import rss_bytes
+        from dllm_sparse.eval.studies.shape_check import rss_bytes
         size = 64 * 2**20
         before = rss_bytes()
         m = mmap.mmap(-1, size)

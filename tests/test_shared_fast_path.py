@@ -180,7 +180,7 @@ def test_bad_reuse_arguments_are_refused(llada):
 
 
 def test_frontier_helpers():
-    import dllm_sparse.eval.step_frontier as sf
+    import dllm_sparse.eval.studies.step_frontier as sf
 
     assert sf.ideal_ffn_speedup("input", 0.5, False) == pytest.approx(1.5)
     assert sf.ideal_ffn_speedup("intermediate", 0.5, True) == pytest.approx(2.0)

@@ -239,7 +239,9 @@ def test_step_sparsity_voters_in_the_diffusion_sampler(voters):
 def test_ar_scorer_shares_over_context_only():
     """AR scoring: the context tokens vote (padding does not), continuation tokens keep per-token masks. With a
     one-token context the shared set is that token's own top-p set, so step equals token exactly."""
-    from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer
+    from byte_tokenizer import ByteTokenizer
+
+    from dllm_sparse.eval.scoring.scorer import Scorer
 
     model = build_tiny_model("llama", initializer_range=0.2, vocab_size=260)
     step, token = SparsityConfig("input", TopP(0.5, scope="step")), SparsityConfig("input", TopP(0.5))
@@ -247,14 +249,17 @@ def test_ar_scorer_shares_over_context_only():
     # One pass per request for both scopes (a per-token rule would otherwise share the context pass: the same
     # masks, other float rounding).
     s = Scorer(model, ByteTokenizer(), "ar", batch_size=4, share_context=False)
-    assert s.loglikelihood_tokens(one, sparsity=step) == s.loglikelihood_tokens(one, sparsity=token)
-    longer = [([5, 6, 7, 8, 9], [10, 11]), ([3, 4], [20, 21, 22])]
-    batched = s.loglikelihood_tokens(longer, sparsity=step)  # left-padded batch of two
-    alone = [s.loglikelihood_tokens([r], sparsity=step)[0] for r in longer]
-    assert [b[0] for b in batched] == pytest.approx([a[0] for a in alone], abs=1e-4)
-    assert [b[0] for b in batched] != pytest.approx([t[0] for t in s.loglikelihood_tokens(longer, sparsity=token)],
-                                                    abs=1e-6)
 
+    def scores(requests, config):
+        with s.sparsified(config):
+            return s.loglikelihood_tokens(requests)
+
+    assert scores(one, step) == scores(one, token)
+    longer = [([5, 6, 7, 8, 9], [10, 11]), ([3, 4], [20, 21, 22])]
+    batched = scores(longer, step)  # left-padded batch of two
+    alone = [scores([r], step)[0] for r in longer]
+    assert [b[0] for b in batched] == pytest.approx([a[0] for a in alone], abs=1e-4)
+    assert [b[0] for b in batched] != pytest.approx([t[0] for t in scores(longer, token)], abs=1e-6)
 
 def test_sweep_scripts_accept_the_shared_scopes():
     from test_cli_conventions import _script
@@ -262,6 +267,6 @@ def test_sweep_scripts_accept_the_shared_scopes():
     for scope in ("step", "step_wina"):
         assert _script("llada_vs_llama").parse_args(["--scope", scope]).scope == scope
         assert _script("mask_reuse").parse_args(["--scope", scope]).scope == scope
-    from dllm_sparse.eval.reuse_study import StudySettings
+    from dllm_sparse.eval.studies.reuse_study import StudySettings
 
     assert StudySettings(p=0.7, scope="step").rule == TopP(0.7, scope="step")

@@ -7,12 +7,17 @@ import math
 import os
 
 import pytest
+from byte_tokenizer import ByteTokenizer
 from conftest import build_tiny_model
 
-from dllm_sparse.eval.likelihood import ByteTokenizer, Scorer, SparsityConfig
-from dllm_sparse.eval.sweep import DENSE, SweepConfig, grid, load_rows, read_rows, run_sweep
-from dllm_sparse.eval.tasks import MCItem, MultipleChoiceTask, PerplexityTask
+from dllm_sparse.eval.rows import read_rows
+from dllm_sparse.eval.scoring.scorer import Scorer
+from dllm_sparse.eval.sweep.config import SweepConfig, grid
+from dllm_sparse.eval.sweep.run import run_sweep
+from dllm_sparse.eval.sweep.store import load_rows
+from dllm_sparse.eval.tasks.builtin import MCItem, MultipleChoiceTask, PerplexityTask
 from dllm_sparse.models.loading import LoadedModel
+from dllm_sparse.sparsity.config import DENSE, SparsityConfig
 from dllm_sparse.sparsity.rules import TopP
 
 ITEMS = [MCItem("a", "one two", ["three", "four"], 0), MCItem("b", "x y", ["z", "zz", "w"], 2),
@@ -38,9 +43,9 @@ class Counter:
             def __init__(self, task):
                 self.task, self.name, self.metric = task, task.name, task.metric
 
-            def evaluate(self, scorer, limit=None, **per_call):  # per_call: the sweep's sparsity= and stats=
+            def evaluate(self, scorer, limit=None):  # with the sparsity the sweep opened on the scorer
                 counter.calls += 1
-                return self.task.evaluate(scorer, limit, **per_call)
+                return self.task.evaluate(scorer, limit)
 
         return Counted(MultipleChoiceTask("mc", ITEMS) if name == "mc" else PerplexityTask("ppl", PASSAGES))
 
@@ -187,7 +192,8 @@ def test_the_papers_llada_variant_runs_as_a_sweep(tmp_path):
     assert json.loads(cell["key"])[2] == "input:paper_top_p:90.0:sequence"
     lm = _models()[1]
     scorer = Scorer(lm.model, ByteTokenizer(), "diffusion", mask_id=3, mc_num=4, mc_batch=2, batch_size=8, seed=1234)
-    ref = PerplexityTask("ppl", PASSAGES).evaluate(scorer, sparsity=SparsityConfig.paper_llada(90))
+    with scorer.sparsified(SparsityConfig.paper_llada(90)):
+        ref = PerplexityTask("ppl", PASSAGES).evaluate(scorer)
     assert cell["value"] == pytest.approx(ref.value) and 0 < cell["sparsity"] < 1
 
 
@@ -198,7 +204,7 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_sweep import Counter, _cfg
-from dllm_sparse.eval.sweep import run_sweep
+from dllm_sparse.eval.sweep.run import run_sweep
 
 out, me = Path({out!r}), {me}
 cfg = _cfg(out)
@@ -221,7 +227,7 @@ def test_two_identical_sweeps_at_once_into_a_fresh_folder(tmp_path):
 
     import torch
 
-    from dllm_sparse.eval.sweep import planned_keys
+    from dllm_sparse.eval.sweep.config import planned_keys
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the reference at the workers' one thread: a reduction split over two may round
@@ -356,7 +362,7 @@ def test_a_computed_row_that_is_not_valid_is_not_written(tmp_path):
 def test_head_chunk_cells_have_their_own_keys_and_the_unchunked_scores(tmp_path):
     """head_chunk is part of the key (another row count per head product may round differently), and the
     scores equal the unchunked sweep's up to that rounding; a combined {"cfg", "head_chunk"} key is valid."""
-    from dllm_sparse.eval.sweep import _key_problem
+    from dllm_sparse.eval.sweep.validate import key_problem as _key_problem
 
     plain = run_sweep(_cfg(tmp_path / "plain", sites=["input"], thresholds=[1.0, 0.5]), task_factory=Counter())
     chunked = run_sweep(_cfg(tmp_path / "chunked", sites=["input"], thresholds=[1.0, 0.5], head_chunk=2,
@@ -430,7 +436,8 @@ def test_a_claimed_unit_waits_for_its_process_and_a_dead_claim_is_taken_over(tmp
     import sys
     import time
 
-    from dllm_sparse.eval.sweep import CLAIMS_NAME, _plan, process_start
+    from dllm_sparse.eval.sweep.claims import CLAIMS_NAME, process_start
+    from dllm_sparse.eval.sweep.config import plan as _plan
 
     cfg = _saved_cfg(tmp_path, saved_pair)
     plan = _plan(cfg)
@@ -469,7 +476,7 @@ def test_a_claimed_unit_waits_for_its_process_and_a_dead_claim_is_taken_over(tmp
 
 
 def test_stat_start_time_counts_fields_from_the_last_parenthesis():
-    from dllm_sparse.eval.sweep import stat_start_time
+    from dllm_sparse.eval.sweep.claims import stat_start_time
 
     fields = ["4242", "(a ) (b) c)", "S"] + [f"f{i}" for i in range(4, 53)]  # fields 1, 2, 3, then f4 .. f52
     assert stat_start_time(" ".join(fields) + "\n") == "f22"
@@ -489,7 +496,7 @@ def test_a_claim_is_alive_only_while_its_own_process_runs(claim, alive):
     import os
     import socket
 
-    from dllm_sparse.eval.sweep import _claim_alive
+    from dllm_sparse.eval.sweep.claims import _claim_alive
 
     running = {os.getpid(): "boot:1", 100: "boot:500"}  # pid -> process_start of what runs there now
     if isinstance(claim, dict) and claim.get("host") == "<here>":
@@ -502,7 +509,7 @@ def test_a_wait_for_claims_says_what_it_waits_for_and_how_to_release_it(tmp_path
     and pid and that deleting the file releases it, after a minute and then every ten (an injected clock)."""
     import socket
 
-    from dllm_sparse.eval.sweep import CLAIMS_NAME, ClaimWait, process_start
+    from dllm_sparse.eval.sweep.claims import CLAIMS_NAME, ClaimWait, process_start
 
     (tmp_path / CLAIMS_NAME).write_text(json.dumps({"k1": {"pid": 7, "host": "node-b", "start": "x:1"},
                                                     "k2": {"pid": 7, "host": "node-b", "start": "x:1"},
@@ -533,7 +540,8 @@ def test_a_wait_for_claims_says_what_it_waits_for_and_how_to_release_it(tmp_path
 def test_a_sweep_waiting_on_another_machines_claims_computes_them_once_released(tmp_path, full_run):
     """Every unit claimed by another host: the run waits (the injected wait sees every unit), and computes them once
     the claim file is deleted, the release the wait's message names."""
-    from dllm_sparse.eval.sweep import CLAIMS_NAME, _plan
+    from dllm_sparse.eval.sweep.claims import CLAIMS_NAME
+    from dllm_sparse.eval.sweep.config import plan as _plan
 
     cfg = _cfg(tmp_path, tasks=["mc"], sites=["input"], thresholds=[1.0, 0.5])
     tmp_path.mkdir(exist_ok=True)

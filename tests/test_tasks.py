@@ -6,19 +6,16 @@ import math
 
 import pytest
 
-from dllm_sparse.eval.tasks import (
-    BUILTIN_TASKS,
-    LmEvalTask,
+from dllm_sparse.eval.tasks.base import apply_limit, relative_performance
+from dllm_sparse.eval.tasks.builtin import (
     MCItem,
     MultipleChoiceTask,
     PerplexityTask,
-    apply_limit,
-    get_task,
     load_builtin_mc,
     load_builtin_passages,
-    relative_performance,
     score_multiple_choice,
 )
+from dllm_sparse.eval.tasks.registry import BUILTIN_TASKS, get_task
 
 
 class FakeScorer:
@@ -97,12 +94,15 @@ def test_relative_performance_and_limit():
     assert apply_limit(range(10), 3) == [0, 1, 2]
     assert apply_limit(range(10), 0.25) == [0, 1, 2]
     assert apply_limit(range(4), None) == [0, 1, 2, 3]
+    pytest.importorskip("lm_eval")
+    from dllm_sparse.eval.tasks.lm_eval_tasks import LmEvalTask
+
     t = get_task("arc_easy:acc_norm")
     assert isinstance(t, LmEvalTask) and t.name == "arc_easy" and t.metric == "acc_norm"
 
 
 def test_builtin_scoring_without_lm_eval(monkeypatch):
-    import dllm_sparse.eval.tasks as tasks
+    import dllm_sparse.eval.tasks.registry as tasks
 
     monkeypatch.setattr(tasks, "lm_eval_available", lambda: False)
     assert isinstance(get_task("builtin_mc"), MultipleChoiceTask)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dllm_sparse.eval.trajectory_frontier import _ratio_interval, parse_strategy, summarise
+from dllm_sparse.eval.studies.trajectory_frontier import _ratio_interval, parse_strategy, summarise
 from dllm_sparse.samplers.step_delta import StepDelta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def test_the_smoke_run_writes_every_output(tmp_path):
 
 
 def _item(i, hits, commits=10, same=5, probe=True, sha=None):
-    from dllm_sparse.eval.trajectory_frontier import prompt_fingerprint
+    from dllm_sparse.eval.studies.trajectory_frontier import prompt_fingerprint
 
     return {"prompt": i, "prompt_sha": sha or prompt_fingerprint(f"p{i}"), "hits": hits, "commits": commits if hits
             is not None else None, "same_tokens": same, "tokens": 10, "probe_hit": probe, "ffn_work": None}
@@ -97,7 +97,7 @@ def _item(i, hits, commits=10, same=5, probe=True, sha=None):
 def test_quality_from_earlier_runs_is_checked_and_merged_prompt_by_prompt(tmp_path):
     """--quality-from takes the per-prompt items of runs with the same settings, merges them over prompts and
     summarises afresh; another setting, a missing prompt, another prompt under the same index are refused."""
-    from dllm_sparse.eval.trajectory_frontier import prompt_fingerprint, reused_quality
+    from dllm_sparse.eval.studies.trajectory_frontier import prompt_fingerprint, reused_quality
 
     res = {"model": "m", "dtype": "fp32", "gen_length": 64, "block_length": 32, "first_prompt": 0}
     shas = [prompt_fingerprint(f"p{i}") for i in range(4)]
@@ -154,7 +154,7 @@ def test_a_free_running_only_run_merges_with_a_replayed_one(tmp_path):
     assert [it["prompt"] for it in b["rows"][1]["quality"]["items"]] == [1, 2]
     assert 0.0 < b["rows"][1]["quality"]["ffn_work"] < 1.0  # without a replay: the free run's FFN work
     a = json.loads((tmp_path / "a" / "trajectory_frontier.json").read_text())
-    from dllm_sparse.eval.trajectory_frontier import prompt_fingerprint, reused_quality
+    from dllm_sparse.eval.studies.trajectory_frontier import prompt_fingerprint, reused_quality
 
     res = {k: a[k] for k in ("model", "dtype", "gen_length", "block_length")} | {"first_prompt": 0}
     shas = [it["prompt_sha"] for it in a["rows"][0]["quality"]["items"]] + [
@@ -194,7 +194,7 @@ def test_the_smoke_run_with_a_block_cache(tmp_path):
 def test_timing_from_an_earlier_run_is_checked(tmp_path):
     """--timing-from takes the timing rows of a run timed with the same settings and carries its conditions;
     another setting or an untimed strategy is refused, naming it."""
-    from dllm_sparse.eval.trajectory_frontier import reused_timing
+    from dllm_sparse.eval.studies.trajectory_frontier import reused_timing
 
     res = {"model": "m", "dtype": "fp32", "threads": 2, "canvas": 128, "timing_steps": 32, "repeats": 5,
            "batches": [1, 4], "block_length": 32}

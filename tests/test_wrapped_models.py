@@ -8,7 +8,7 @@ import torch
 from conftest import WRAPPERS, wrapped_model
 
 from dllm_sparse import TopP, sparsify
-from dllm_sparse.eval.likelihood import Scorer
+from dllm_sparse.eval.scoring.scorer import Scorer
 
 REQUESTS = [([5, 17, 3], [42, 8]), ([7, 7, 1, 9], [60]), ([60, 2], [33, 4, 5])]
 

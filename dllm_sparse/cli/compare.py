@@ -29,7 +29,7 @@ oversubscribed OpenMP threads spin (a forward pass up to 8x slower in our measur
 there; a start-up sample of the idle cores, used before, read a briefly busy core as busy for the whole run
 (:func:`dllm_sparse.hardware.auto_threads`). ``--workers
 auto`` (default) then runs the sweep in one process per thread, each with one thread and its own model copy,
-taking cells one at a time (:func:`dllm_sparse.eval.sweep.run_sweep`): the small forward passes of the built-in
+taking cells one at a time (:func:`dllm_sparse.eval.sweep.run.run_sweep`): the small forward passes of the built-in
 tasks use two cores only in part from one process (1.5-1.8x from a second thread, measured in the README), and
 the top-p row sort runs on one core. ``--workers 1`` keeps one process with all the threads.
 """
@@ -40,10 +40,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 # Only light modules here, so that --help answers at once; torch and the package's heavy modules are imported
 # by the functions that use them, after the arguments are parsed.
-from dllm_sparse.eval.presets import PRESETS
+from dllm_sparse.eval.scoring.defaults import MC_BATCH, MC_NUM, SEED
+from dllm_sparse.eval.scoring.presets import PRESETS
 from dllm_sparse.hardware import machine_description
 from dllm_sparse.sparsity.names import RULE_NAMES, SCOPES
 from dllm_sparse.sparsity.sites import ALL_SITES, SitesAction
@@ -94,13 +96,13 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
                     help="guided ELBO w of the diffusion model for every task (default 0: no guidance)")
     ap.add_argument("--preset", default=None, choices=sorted(PRESETS),
                     help="llada-official: the official LLaDA evaluation's per-task guidance, mc_num 128 and "
-                         "mc_batch 8 (dllm_sparse.eval.presets; explicit --mc-num / --mc-batch win)")
+                         "mc_batch 8 (dllm_sparse.eval.scoring.presets; explicit --mc-num / --mc-batch win)")
     ap.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--device", default=None, help="cpu / cuda / auto (default: auto on GPU, cpu otherwise)")
     ap.add_argument("--output-dir", default=None,
                     help="rows, tables, figures and summary (default: runs/llada_vs_llama, with --smoke "
                          "runs/compare_smoke; a rerun resumes it)")
-    ap.add_argument("--seed", type=int, default=1234, help="seed of the ELBO masks (default: 1234)")
+    ap.add_argument("--seed", type=int, default=SEED, help=f"seed of the ELBO masks (default: {SEED})")
     ap.add_argument("--step-threshold", type=float, default=None,
                     help="threshold of the sparsity-vs-denoising-step profile (default: 0.9 for top_p, middle of "
                          "the grid otherwise)")
@@ -146,23 +148,40 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     return args
 
 
+def smoke_tokenizer():
+    """``--smoke``'s tokenizer: a Hugging Face tokenizer over UTF-8 bytes (0 pad, 1 bos, 2 eos, 3 mask, then the
+    256 byte symbols: vocabulary 260), built in memory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<mask>"])}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   mask_token="<mask>")
+    fast.model_max_length = 1024
+    return fast
+
+
 def smoke_models() -> list:
-    """``--smoke``'s pair: a tiny random LLaDA and a tiny random LLaMA of the same shape over the byte tokenizer
-    (:class:`dllm_sparse.eval.likelihood.ByteTokenizer`), built in memory: the pipeline runs, the numbers are noise."""
+    """``--smoke``'s pair: a tiny random LLaDA and a tiny random LLaMA of the same shape over a byte tokenizer
+    (:func:`smoke_tokenizer`), built in memory: the pipeline runs, the numbers are noise."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dllm_sparse.eval.likelihood import ByteTokenizer
     from dllm_sparse.models.llada import LLaDAModelLM, tiny_llada_config
     from dllm_sparse.models.loading import LoadedModel
 
-    tok = ByteTokenizer()
+    tok = smoke_tokenizer()
     torch.manual_seed(0)
-    diffusion = LLaDAModelLM(tiny_llada_config(vocab_size=tok.vocab_size, embedding_size=tok.vocab_size,
+    diffusion = LLaDAModelLM(tiny_llada_config(vocab_size=len(tok), embedding_size=len(tok),
                                                mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id,
                                                pad_token_id=tok.pad_token_id, max_sequence_length=1024)).eval()
     c = diffusion.config
-    ar = LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=c.d_model, num_hidden_layers=c.n_layers,
+    ar = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=c.d_model, num_hidden_layers=c.n_layers,
                                       num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
                                       intermediate_size=c.mlp_hidden_size, max_position_embeddings=1024,
                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -360,14 +379,30 @@ def main(argv=None, prog: str | None = None) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # this script writes figure files; the library leaves the backend to its user
-    import torch
 
     import dllm_sparse  # noqa: F401  (registers embedded models)
-    from dllm_sparse.eval.critical import AVG_CURVE, differences_markdown, markdown_table, write_critical
-    from dllm_sparse.eval.plots import plot_layer_heatmaps, plot_relative_performance, plot_step_sparsity
-    from dllm_sparse.eval.presets import get_preset
-    from dllm_sparse.eval.rows import atomic_write_json, launch_note, process_info, read_json_or_none
-    from dllm_sparse.eval.sweep import SweepConfig, grid, planned_keys, run_sweep
+
+    run = resolve_run(args)
+    if run.rank == 0:
+        print_settings(args, run)
+    rows, t_sweep, sweep_wall = run_the_sweep(args, run, t0)
+    if run.rank != 0:
+        return 0
+    report = write_report(args, run, rows)
+    wall = time.perf_counter() - t0
+    breakdown, worker_seconds, machine = write_summary(args, run, rows, report, started, wall, t_sweep, sweep_wall)
+    print_report(args, run, report, breakdown, worker_seconds, machine, wall)
+    return 0
+
+
+def resolve_run(args) -> SimpleNamespace:
+    """Step 1 of :func:`main`: device, dtype, threads and worker processes, the ELBO settings (``--preset`` or the
+    CPU / GPU defaults), the threshold grid and the models (``--smoke``: tiny random ones)."""
+    import torch
+
+    from dllm_sparse.eval.rows import launch_note, process_info
+    from dllm_sparse.eval.scoring.presets import get_preset
+    from dllm_sparse.eval.sweep.config import grid
 
     gpu = torch.cuda.is_available()
     device = args.device or ("auto" if gpu else "cpu")
@@ -379,10 +414,9 @@ def main(argv=None, prog: str | None = None) -> int:
     preset = get_preset(args.preset) if args.preset else None
     if preset is not None and args.cfg_scale is not None:
         raise SystemExit(f"--preset {preset.name} sets the guidance per task; drop --cfg-scale (or the preset)")
-    mc_num = args.mc_num or (preset.mc_num if preset else CPU_MC_NUM if on_cpu else 128)
-    mc_batch = args.mc_batch or min(preset.mc_batch if preset else 16, mc_num)
+    mc_num = args.mc_num or (preset.mc_num if preset else CPU_MC_NUM if on_cpu else MC_NUM)
+    mc_batch = args.mc_batch or min(preset.mc_batch if preset else MC_BATCH, mc_num)
     cfg_scale = {t: preset.cfg_for(t) for t in args.tasks} if preset else (args.cfg_scale or 0.0)
-    limit = args.limit
     thresholds = args.thresholds or grid(args.grid, args.rule)
     mid = sorted(thresholds)[len(thresholds) // 2]
     default_step = {"top_p": 0.9, "paper_top_p": 90.0}.get(args.rule, mid)
@@ -390,40 +424,64 @@ def main(argv=None, prog: str | None = None) -> int:
     args.scope = args.scope or ("sequence" if args.rule == "paper_top_p" else "token")
     models, notes = (smoke_models(), ["SMOKE RUN: tiny random models; the numbers mean nothing"]) if args.smoke \
         else resolve_models(args)
-    names = [getattr(m, "name", m) for m in models]  # --smoke's are built in memory (LoadedModel)
-    out = Path(args.output_dir)
     if launch_note(world):
         notes.append(launch_note(world))
-    if rank == 0:
-        for n in notes:
-            print(n)
-        print(f"models: {names}\nsites: {args.sites}\nrule: {args.rule} ({args.scope} scope), "
-              f"thresholds: {thresholds}\n"
-              f"tasks: {args.tasks}, limit: {limit}\nguided ELBO cfg_scale: {cfg_scale}"
-              f"{f' (preset {preset.name})' if preset else ''}\nmc_num: {mc_num}, mc_batch: {mc_batch}, batch_size: "
-              f"{args.batch_size}{f', head_chunk: {args.head_chunk}' if args.head_chunk else ''}, dtype: {dtype}, "
-              f"device: {device}, seed: {args.seed}, processes: {world}, "
-              f"CPU threads: {threads_why}; sweep: {workers_why}\n"
-              f"output: {out}")
-    cfg = SweepConfig(models=models, output_dir=out, sites=args.sites, rule=args.rule, thresholds=thresholds,
-                      tasks=args.tasks, limit=limit, mc_num=mc_num, mc_batch=mc_batch, batch_size=args.batch_size,
-                      seed=args.seed, dtype=dtype, device=device, include_path=args.include_path,
-                      progress=not args.no_progress, cfg_scale=cfg_scale, scope=args.scope,
-                      head_chunk=args.head_chunk)
+    return SimpleNamespace(
+        device=device, dtype=dtype, threads=threads, threads_why=threads_why, rank=rank, world=world,
+        workers=workers, worker_threads=worker_threads, workers_why=workers_why, preset=preset, mc_num=mc_num,
+        mc_batch=mc_batch, cfg_scale=cfg_scale, limit=args.limit, thresholds=thresholds, models=models, notes=notes,
+        names=[getattr(m, "name", m) for m in models],  # --smoke's are built in memory (LoadedModel)
+        out=Path(args.output_dir))
+
+
+def print_settings(args, run: SimpleNamespace) -> None:
+    for n in run.notes:
+        print(n)
+    print(f"models: {run.names}\nsites: {args.sites}\nrule: {args.rule} ({args.scope} scope), "
+          f"thresholds: {run.thresholds}\n"
+          f"tasks: {args.tasks}, limit: {run.limit}\nguided ELBO cfg_scale: {run.cfg_scale}"
+          f"{f' (preset {run.preset.name})' if run.preset else ''}\nmc_num: {run.mc_num}, mc_batch: {run.mc_batch}, "
+          f"batch_size: {args.batch_size}{f', head_chunk: {args.head_chunk}' if args.head_chunk else ''}, dtype: "
+          f"{run.dtype}, device: {run.device}, seed: {args.seed}, processes: {run.world}, "
+          f"CPU threads: {run.threads_why}; sweep: {run.workers_why}\n"
+          f"output: {run.out}")
+
+
+def run_the_sweep(args, run: SimpleNamespace, t0: float) -> tuple[list[dict], float, float]:
+    """Step 2: the sweep (:func:`dllm_sparse.eval.sweep.run.run_sweep`); returns this configuration's rows (rank 0),
+    the seconds since the start and the sweep's own wall time."""
+    import torch
+
+    from dllm_sparse.eval.sweep.config import SweepConfig, planned_keys
+    from dllm_sparse.eval.sweep.run import run_sweep
+
+    run.cfg = SweepConfig(models=run.models, output_dir=run.out, sites=args.sites, rule=args.rule,
+                          thresholds=run.thresholds, tasks=args.tasks, limit=run.limit, mc_num=run.mc_num,
+                          mc_batch=run.mc_batch, batch_size=args.batch_size, seed=args.seed, dtype=run.dtype,
+                          device=run.device, include_path=args.include_path, progress=not args.no_progress,
+                          cfg_scale=run.cfg_scale, scope=args.scope, head_chunk=args.head_chunk)
     t_start = time.perf_counter()
-    if workers > 1:
-        torch.set_num_threads(worker_threads)
-    rows = run_sweep(cfg, workers=workers, worker_threads=worker_threads)
-    torch.set_num_threads(threads)
-    if rank != 0:
-        return 0
+    if run.workers > 1:
+        torch.set_num_threads(run.worker_threads)
+    rows = run_sweep(run.cfg, workers=run.workers, worker_threads=run.worker_threads)
+    torch.set_num_threads(run.threads)
+    if run.rank != 0:
+        return rows, 0.0, 0.0
     t_sweep = time.perf_counter() - t0
     sweep_wall = time.perf_counter() - t_start
-    planned = planned_keys(cfg)
-    rows = [r for r in rows if r["key"] in planned]  # this configuration's cells only
+    planned = planned_keys(run.cfg)
+    return [r for r in rows if r["key"] in planned], t_sweep, sweep_wall  # this configuration's cells only
+
+
+def write_report(args, run: SimpleNamespace, rows: list[dict]) -> SimpleNamespace:
+    """Step 3: critical-sparsity tables with bootstrap intervals, figures, and the sparsity-vs-step profile (of the
+    first diffusion model, generated unless a stored one matches); the seconds of each phase."""
+    from dllm_sparse.eval.analysis.critical import write_critical
+    from dllm_sparse.eval.analysis.plots import plot_layer_heatmaps, plot_relative_performance, plot_step_sparsity
+
+    out = run.out
     t_tables = time.perf_counter()
     paths = write_critical(rows, out, cap=not args.no_cap, n_boot=args.n_boot)
-    table = paths["table"]
     phases = {"critical-sparsity tables + bootstrap": time.perf_counter() - t_tables}
     t_figs = time.perf_counter()
     figs = out / "figures"
@@ -435,27 +493,46 @@ def main(argv=None, prog: str | None = None) -> int:
     phases["figures"] = time.perf_counter() - t_figs
     t_profile = time.perf_counter()
     profile = elbo_ratio_profile(rows, args.step_p)
-    diffusion = [m for m in names if any(r["model"] == m and r["kind"] == "diffusion" for r in rows)]
+    diffusion = [m for m in run.names if any(r["model"] == m and r["kind"] == "diffusion" for r in rows)]
     if diffusion and not args.no_step_profile:
         prof_path = out / "step_profile.json"
-        identity = step_profile_identity(diffusion[0], args, device, dtype, rows)
+        identity = step_profile_identity(diffusion[0], args, run.device, run.dtype, rows)
         stored = stored_step_profile(prof_path, identity)
-        profile += stored if stored is not None else step_profile(diffusion[0], args, device, dtype, out, identity)
+        profile += stored if stored is not None else step_profile(diffusion[0], args, run.device, run.dtype, out,
+                                                                  identity)
     fig_paths += plot_step_sparsity(profile, figs)
     phases["step profile (generation + figure)"] = time.perf_counter() - t_profile
-    wall = time.perf_counter() - t0
+    return SimpleNamespace(paths=paths, boot=boot, fig_paths=fig_paths, phases=phases, diffusion=diffusion)
+
+
+def write_summary(args, run: SimpleNamespace, rows: list[dict], report: SimpleNamespace, started: float, wall: float,
+                  t_sweep: float, sweep_wall: float) -> tuple[list, list, str]:
+    """Step 4: ``summary.json`` (wall time and its breakdown, machine, workers, the files written)."""
+    from dllm_sparse.eval.rows import atomic_write_json, read_json_or_none
+
+    out, paths = run.out, report.paths
     status = read_json_or_none(out / "status.json") or {}
-    breakdown, worker_seconds = time_breakdown(rows, started, status, phases, wall, workers, sweep_wall)
-    machine = machine_description(threads) + (f"; sweep in {workers_why}" if workers > 1 else "")
-    summary = {"wall_seconds": wall, "sweep_seconds": t_sweep, "models": names, "notes": notes,
-               "time_breakdown_seconds": dict(breakdown), "machine": machine, "workers": workers,
-               "threads_per_worker": worker_threads,
-               **({"compute_seconds_summed_over_workers": dict(worker_seconds)} if workers > 1 else {}),
+    breakdown, worker_seconds = time_breakdown(rows, started, status, report.phases, wall, run.workers, sweep_wall)
+    machine = machine_description(run.threads) + (f"; sweep in {run.workers_why}" if run.workers > 1 else "")
+    summary = {"wall_seconds": wall, "sweep_seconds": t_sweep, "models": run.names, "notes": run.notes,
+               "time_breakdown_seconds": dict(breakdown), "machine": machine, "workers": run.workers,
+               "threads_per_worker": run.worker_threads,
+               **({"compute_seconds_summed_over_workers": dict(worker_seconds)} if run.workers > 1 else {}),
                "critical_csv": str(paths["csv"]), "critical_markdown": str(paths["markdown"]),
-               "figures": [str(p) for p in fig_paths], "rows": str(out / "rows.jsonl")}
+               "figures": [str(p) for p in report.fig_paths], "rows": str(out / "rows.jsonl")}
     atomic_write_json(out / "summary.json", summary)
+    return breakdown, worker_seconds, machine
+
+
+def print_report(args, run: SimpleNamespace, report: SimpleNamespace, breakdown, worker_seconds, machine: str,
+                 wall: float) -> None:
+    """Step 5: the critical-sparsity tables, the files written and the time breakdown, on stdout."""
+    from dllm_sparse.eval.analysis.critical import AVG_CURVE, differences_markdown, markdown_table
+
+    paths, boot = report.paths, report.boot
+    table = paths["table"]
     print()
-    for n in notes:
+    for n in run.notes:
         print(n)
     ci = f" [{100 * boot.level:g} % paired bootstrap interval over items]" if boot is not None else ""
     print(f"Critical sparsity (%), task-averaged curve; interpolated between the two grid points bracketing 0.99{ci}:")
@@ -466,20 +543,19 @@ def main(argv=None, prog: str | None = None) -> int:
         print("\nDiffusion − AR critical sparsity (points; a claim only where the interval excludes 0):")
         print(differences_markdown(paths["differences"], boot.level))
     print(f"\nfull report (per task too): {paths['markdown']}\nCSV: {paths['csv']}\nfigures:")
-    for p in fig_paths:
+    for p in report.fig_paths:
         if p.suffix == ".png":
             print(f"  {p}  (+ .pdf)")
-    if not diffusion:
+    if not report.diffusion:
         print("\n(no diffusion model in this run: the sparsity-vs-step figure was not drawn)")
     print("\ntime breakdown (this run):")
     for name, sec in breakdown:
         print(f"  {sec:8.1f} s  {100 * sec / wall:5.1f} %  {name}")
-    if workers > 1:
-        print(f"the sweep's compute, summed over its {workers} processes:")
+    if run.workers > 1:
+        print(f"the sweep's compute, summed over its {run.workers} processes:")
         for name, sec in worker_seconds:
             print(f"  {sec:8.1f} s  {name}")
-    print(f"\nwall time: {wall / 60:.1f} min on {machine} (rows: {out / 'rows.jsonl'})")
-    return 0
+    print(f"\nwall time: {wall / 60:.1f} min on {machine} (rows: {run.out / 'rows.jsonl'})")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """``dllm-sparse lm-eval``: lm-eval's CLI (``run``, ``ls``, ``validate`` and all their flags) with ``--model
 dllm_sparse`` registered and this package's tasks on the include path; the same as ``dllm-sparse-lm-eval``
-(:func:`dllm_sparse.eval.lm_eval_model.main`)."""
+(:func:`dllm_sparse.eval.tasks.lm_eval_model.main`)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         sys.argv = [prog, *argv]
         cli_evaluate()
         return 0
-    from dllm_sparse.eval.lm_eval_model import main as lm_eval_main  # says what to install when lm-eval is missing
+    from dllm_sparse.eval.tasks.lm_eval_model import (
+        main as lm_eval_main,  # says what to install when lm-eval is missing
+    )
 
     lm_eval_main(argv)
     return 0

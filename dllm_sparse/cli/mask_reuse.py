@@ -22,7 +22,7 @@ denoising steps"; policies in :mod:`dllm_sparse.samplers.reuse`):
    the selection cost on the steps where the policy selects. On a CPU these are PyTorch-fallback timings
    (labelled so), useful for the ratios, not as GPU numbers.
 
-ELBO quality is not measured: :class:`dllm_sparse.eval.likelihood.Scorer` attaches its sparsity without a mask
+ELBO quality is not measured: :class:`dllm_sparse.eval.scoring.scorer.Scorer` attaches its sparsity without a mask
 selector, and its Monte-Carlo forwards are independent single passes with no denoising trajectory to reuse
 masks along.
 
@@ -54,8 +54,8 @@ if TYPE_CHECKING:
 from dllm_sparse.sparsity.sites import SitesAction
 
 # This file is the command line: the study itself (cells, recorders, overlap analysis, kernel timing, the policy
-# table) is dllm_sparse.eval.reuse_study, the figures dllm_sparse.eval.reuse_plots, the teacher-forced replay
-# dllm_sparse.samplers.replay, the resumable cells.jsonl dllm_sparse.eval.rows.
+# table) is dllm_sparse.eval.studies.reuse_study, the figures dllm_sparse.eval.studies.reuse_plots, the
+# teacher-forced replay dllm_sparse.samplers.replay, the resumable cells.jsonl dllm_sparse.eval.rows.
 PROBE = Path(__file__).resolve().parents[1] / "data" / "capability_probe.jsonl"  # installed with the package
 DEFAULT_POLICIES = "fresh,every2,every4,block_start,adaptive0.7,adaptive0.8"
 GROUPS = ("all", "masked", "decoded", "newly_decoded", "prompt")
@@ -309,8 +309,14 @@ def main(argv=None, prog: str | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from dllm_sparse.eval.reuse_plots import plot_overlap, plot_step_matrices, plot_tracker_heatmaps, plot_tradeoff
-    from dllm_sparse.eval.reuse_study import (
+    from dllm_sparse.eval.rows import JsonlWriter, atomic_write_csv, finished
+    from dllm_sparse.eval.studies.reuse_plots import (
+        plot_overlap,
+        plot_step_matrices,
+        plot_tracker_heatmaps,
+        plot_tradeoff,
+    )
+    from dllm_sparse.eval.studies.reuse_study import (
         MODEL_FIELDS,
         OVERLAP_COLS,
         TABLE_COLS,
@@ -324,7 +330,6 @@ def main(argv=None, prog: str | None = None) -> int:
         run_cell,
         spread,
     )
-    from dllm_sparse.eval.rows import JsonlWriter, atomic_write_csv, finished
     from dllm_sparse.models.loading import check_available, load_model
     from dllm_sparse.samplers import GenerationConfig, resolve_geometry
     from dllm_sparse.samplers.reuse import make_policy

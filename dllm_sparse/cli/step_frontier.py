@@ -39,7 +39,7 @@ import argparse
 import sys
 from pathlib import Path
 
-# Only argparse here, so that --help answers at once: the study (dllm_sparse.eval.step_frontier) imports torch.
+# Only argparse here, so that --help answers at once: the study (dllm_sparse.eval.studies.step_frontier) imports torch.
 SITES = ("input", "intermediate")
 
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.canvas % args.block_length:
         ap.error(f"--canvas ({args.canvas}) must be a multiple of --block-length ({args.block_length})")
-    from dllm_sparse.eval.step_frontier import run_frontier
+    from dllm_sparse.eval.studies.step_frontier import run_frontier
 
     command = " ".join(["python", *sys.argv] if argv is None else [prog or "dllm-sparse frontier step", *argv])
     return run_frontier(args, command)

@@ -9,7 +9,7 @@
         --quality-from runs/trajectory_frontier/trajectory_frontier.json runs/tf_probe_rest/trajectory_frontier.json
     dllm-sparse frontier trajectory --smoke               # a tiny random LLaDA, seconds (the test suite)
 
-Strategies (names: dllm_sparse/eval/trajectory_frontier.py; definitions: docs/sparsification.md):
+Strategies (names: dllm_sparse/eval/studies/trajectory_frontier.py; definitions: docs/sparsification.md):
 
 * ``token-<site>:<p>``: per-token top-p (the paper's rule) on the fast path;
 * ``step-<site>:<p>`` and ``step-<site>:<p>@<policy>``: one keep-set per sample, fresh or reused between refreshes;
@@ -33,7 +33,8 @@ import argparse
 import sys
 from pathlib import Path
 
-# Only argparse here, so that --help answers at once: the study (dllm_sparse.eval.trajectory_frontier) imports torch.
+# Only argparse here, so that --help answers at once: the study (dllm_sparse.eval.studies.trajectory_frontier)
+# imports torch.
 DEFAULT_STRATEGIES = (
     "token-intermediate:0.9", "step-intermediate:0.95", "step-intermediate:0.9@block_start",
     "delta-input:0.25/0.5@block_start", "delta-intermediate:0.3+block@block_start",
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     if args.timing_steps > args.canvas:
         ap.error(f"--timing-steps ({args.timing_steps}) cannot exceed the canvas ({args.canvas}): one token per step")
 
-    from dllm_sparse.eval.trajectory_frontier import parse_strategy, run_trajectory_frontier
+    from dllm_sparse.eval.studies.trajectory_frontier import parse_strategy, run_trajectory_frontier
 
     for s in args.strategies:  # a bad name fails here, before any model is loaded
         try:

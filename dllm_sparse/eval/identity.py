@@ -11,9 +11,9 @@ precision; ``dense`` when none), and ``load_options`` when ``load_model`` passed
 that can change the numbers (``attn_implementation``, ``revision``, config-field overrides, ...); callers add
 the settings of their own computation (ELBO: ``mc_num``, ``mc_batch``, ``seed``; ``batch_size``; generation:
 ``gen_steps``, ``block_length``, ``max_gen_toks``, ``greedy_check``; ``limit`` …). Users of it: the lm-eval
-response cache (:mod:`dllm_sparse.eval.lm_eval_model`),
-the sweep cells (:mod:`dllm_sparse.eval.sweep`), the mask-reuse study cells
-(:mod:`dllm_sparse.eval.reuse_study`) and the step profile of ``experiments/llada_vs_llama.py``.
+response cache (:mod:`dllm_sparse.eval.tasks.lm_eval_model`),
+the sweep cells (:mod:`dllm_sparse.eval.sweep.run`), the mask-reuse study cells
+(:mod:`dllm_sparse.eval.studies.reuse_study`) and the step profile of ``experiments/llada_vs_llama.py``.
 
 Batch size is part of every identity: a sparsified forward of a padded batch gives slightly different float
 results than the same rows one by one, and a near-threshold activation can then fall on the other side of the

@@ -9,8 +9,8 @@
 Guarantees: a row is one ``json.dumps`` line written with a single ``write`` and then flushed and fsync'ed, so
 after a kill the file holds every finished row plus at most one torn last line (no newline, or not valid
 JSON). :func:`read_rows` ignores that line, :class:`JsonlWriter` truncates it on open, so a rerun rewrites
-it. Used by the sweep (:mod:`dllm_sparse.eval.sweep`) and the mask-reuse study
-(:mod:`dllm_sparse.eval.reuse_study`). Also :func:`atomic_write_csv`, :func:`atomic_write_json` and
+it. Used by the sweep (:mod:`dllm_sparse.eval.sweep.run`) and the mask-reuse study
+(:mod:`dllm_sparse.eval.studies.reuse_study`). Also :func:`atomic_write_csv`, :func:`atomic_write_json` and
 :func:`atomic_write_text` (write a whole file to a temporary name, fsync, rename: a reader or a rerun after a kill
 sees the old file or the new one, never half of one), :func:`read_json_or_none` (a summary that is missing,
 truncated or unreadable reads as None, to be recomputed) and :func:`process_info` (the rank / world size a

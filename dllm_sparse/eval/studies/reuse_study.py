@@ -357,7 +357,7 @@ def passage_trajectories(tok, gcfg: GenerationConfig, n: int, prompt_len: int, s
     """Built-in held-out passages as (prompt ids, trajectory): the first ``prompt_len`` tokens are the prompt, the
     next ``gen_length`` the answer, written block by block in a random order seeded per passage (the sampler's
     n // s (+1) tokens per step). The same order serves every configuration (common random numbers)."""
-    from dllm_sparse.eval.tasks import load_builtin_passages
+    from dllm_sparse.eval.tasks.builtin import load_builtin_passages
     from dllm_sparse.samplers import num_transfer_tokens, resolve_geometry
 
     geometry = resolve_geometry(gcfg)

@@ -1,8 +1,9 @@
 """The trajectory frontier: quality vs measured speed of whole denoising trajectories, per strategy.
 
-The library side of ``experiments/trajectory_frontier.py``. The step frontier (:mod:`dllm_sparse.eval.step_frontier`)
-times one step on a fixed canvas and scores quality by the ELBO, one forward per sample; strategies that carry
-state from step to step (a reused keep-set, the step-delta FFN) are judged here on trajectories instead:
+The library side of ``experiments/trajectory_frontier.py``. The step frontier
+(:mod:`dllm_sparse.eval.studies.step_frontier`) times one step on a fixed canvas and scores quality by the ELBO, one
+forward per sample; strategies that carry state from step to step (a reused keep-set, the step-delta FFN) are
+judged here on trajectories instead:
 
 * **replay agreement**: the dense greedy trajectory of each prompt is replayed (teacher-forced: every strategy sees
   the very same canvases, :func:`dllm_sparse.samplers.replay`) and a commit is a hit when the strategy's argmax at
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 
 from dllm_sparse.atomic import atomic_write_text
-from dllm_sparse.eval.bootstrap import percentile_interval
+from dllm_sparse.eval.analysis.bootstrap import percentile_interval
 from dllm_sparse.kernels import accelerate_ffn, restore_ffn
 from dllm_sparse.samplers import GenerationConfig, generate, replay
 from dllm_sparse.samplers.reuse import make_policy
@@ -555,7 +556,7 @@ def plot(res: dict, out_dir: Path) -> str | None:
 
 def run_trajectory_frontier(args, command: str, lm=None, prompts=None, keywords=None, chat: bool = True) -> dict:
     """The study for the script's parsed ``args`` (``lm``, ``prompts``, ``keywords`` given by the smoke mode)."""
-    from dllm_sparse.eval.step_frontier import machine
+    from dllm_sparse.eval.studies.step_frontier import machine
 
     torch.set_num_threads(args.threads)
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -566,7 +567,7 @@ def run_trajectory_frontier(args, command: str, lm=None, prompts=None, keywords=
 
         lm = load_model(args.model, dtype=args.dtype)
         first = getattr(args, "first_prompt", 0)
-        probe = [json.loads(line) for line in (Path(__file__).resolve().parents[1] / "data" /
+        probe = [json.loads(line) for line in (Path(__file__).resolve().parents[2] / "data" /
                                                "capability_probe.jsonl").open()][first:first + args.prompts]
         if len(probe) < args.prompts:
             raise ValueError(f"--first-prompt {first} --prompts {args.prompts}: the capability probe has only "

@@ -14,7 +14,7 @@ from a checkpoint in the official layout) through the phases named in ``phases``
   ``rolling@<context>``: one rolling window of ``context`` tokens scored whole (the perplexity case, where the
   LM head sees every masked position); either with ``/chunk<rows>`` (``elbo@4096/chunk2048``): the LM head (of
   the ELBO or of the AR scorer) on that many scored rows at a time;
-* ``sweep``: one cell of :func:`dllm_sparse.eval.sweep.run_sweep` (builtin_mc, one item, ``input`` top-p 0.9);
+* ``sweep``: one cell of :func:`dllm_sparse.eval.sweep.run.run_sweep` (builtin_mc, one item, ``input`` top-p 0.9);
 * ``lm_eval``: the lm-eval model, one request of each kind (loglikelihood, loglikelihood_rolling, generate_until);
 * ``accelerate``: ``accelerate_ffn`` with a shared keep-set (``TopP(0.9, scope="step")``, the packed path) on one
   canvas, against the masking path's logits;
@@ -135,7 +135,7 @@ class _StopAfter:
 
 
 def _scorer(lm, s: dict):
-    from dllm_sparse.eval.likelihood import Scorer
+    from dllm_sparse.eval.scoring.scorer import Scorer
 
     kw = {"batch_size": s["batch_size"], "head_chunk": s.get("head_chunk")}
     if lm.kind == "diffusion":
@@ -154,7 +154,8 @@ def phase_elbo(lm, s: dict, context: int, rolling: bool) -> dict:
 
 
 def phase_sweep(lm, s: dict) -> dict:
-    from dllm_sparse.eval.sweep import SweepConfig, run_sweep
+    from dllm_sparse.eval.sweep.config import SweepConfig
+    from dllm_sparse.eval.sweep.run import run_sweep
 
     cfg = SweepConfig(models=[lm], output_dir=Path(s["work_dir"]) / "sweep", sites=["input"], thresholds=[0.9],
                       tasks=["builtin_mc"], limit=1, mc_num=s["mc_num"], mc_batch=s["mc_batch"],
@@ -167,12 +168,12 @@ def phase_sweep(lm, s: dict) -> dict:
 def phase_lm_eval(lm, s: dict) -> dict:
     from lm_eval.api.instance import Instance
 
-    from dllm_sparse.eval.lm_eval_model import DllmSparseLM
+    from dllm_sparse.eval.tasks.scorer_lm import ScorerLM
 
     kw = {"max_gen_toks": s["lm_eval_gen"]}
     if lm.kind == "diffusion":
         kw.update(gen_steps=s["lm_eval_gen"], block_length=s["lm_eval_gen"])
-    model = DllmSparseLM.from_scorer(_scorer(lm, s), progress=False, **kw)
+    model = ScorerLM(_scorer(lm, s), progress=False, **kw)
     text = "The quick brown fox jumps over the lazy dog."
     ll = model.loglikelihood([Instance("loglikelihood", {}, ("The quick brown fox", " jumps"), 0, ("t", 0, 1))])
     roll = model.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0, ("t", 0, 1))])

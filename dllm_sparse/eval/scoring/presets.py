@@ -20,7 +20,7 @@ ELBO's mini-batch b, ``mc_batch`` here):
 Tasks not in the table (e.g. ``arc_easy``, the built-in tasks) get cfg 0 and mc_num 128 / mc_batch 8: the
 official scripts give no figure for them, and none is invented here. The greedy check is off
 (``is_check_greedy=False``; none of the paper's metrics needs it). The ELBO is computed as the official code
-computes it (``precision="official"`` of :class:`~dllm_sparse.eval.likelihood.Scorer`: guidance and
+computes it (``precision="official"`` of :class:`~dllm_sparse.eval.scoring.scorer.Scorer`: guidance and
 cross-entropy in the model's dtype, its batch layout).
 
 Generation tasks (``generate_until``: bbh, gsm8k, minerva_math, humaneval, mbpp, each a command of

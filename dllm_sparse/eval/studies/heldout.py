@@ -7,7 +7,7 @@
 Held-out text: ``dllm_sparse/data/mdm_corpus/heldout.jsonl``, the 64 answers the twin never trained on; each answer
 is scored given its instruction under the chat template (the prompt is never scored), as the twin's model card
 measures it. Perplexity = exp(−Σ log p / Σ answer tokens); for a masked-diffusion model the Monte-Carlo ELBO of
-:class:`~dllm_sparse.eval.likelihood.Scorer` (an upper bound on its true perplexity).
+:class:`~dllm_sparse.eval.scoring.scorer.Scorer` (an upper bound on its true perplexity).
 
 Calibration (docs/advantage.md): the AR parent's exact perplexity after a degradation
 (:mod:`dllm_sparse.models.degrade`) is brought to ``target``. Search runs on the first ``search_rows`` answers (fast),
@@ -65,7 +65,7 @@ def heldout_answers(tok, path: str | Path = HELDOUT_PATH,
 def heldout_perplexity(lm, rows, *, batch_size: int = 8, mc_num: int = 32, mc_batch: int = 8, seed: int = 0) -> float:
     """exp(−Σ log p / Σ answer tokens) of ``rows`` (:func:`heldout_answers`): exact for an AR model, the ELBO bound
     for a diffusion one (``mc_num`` samples, masks seeded by ``seed`` per answer)."""
-    from dllm_sparse.eval.likelihood import Scorer
+    from dllm_sparse.eval.scoring.scorer import Scorer
 
     kw = {} if lm.kind == "ar" else {"mc_num": mc_num, "mc_batch": mc_batch, "seed": seed}
     scorer = Scorer.from_loaded(lm, batch_size=batch_size, **kw)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dllm_sparse.eval.bootstrap import finite_count, replicates_note
+from dllm_sparse.eval.analysis.bootstrap import finite_count, replicates_note
 from dllm_sparse.eval.rows import atomic_write_csv, atomic_write_text
 from dllm_sparse.sparsity.config import DENSE
 
@@ -158,7 +158,7 @@ def point_replicates(rows: Sequence[dict], boot, metric: str | None = None,
     """Bootstrap replicates ([n_boot] relative performances) of every point of :func:`curves`, in the same
     order, with the point's fixed measured sparsity: ``{(model, site, task): [(sparsity, replicates) | None]}``.
     The task-averaged curve's points average the tasks' capped replicates of the same draw. None: a point
-    without per-item scores of its metric (:data:`~dllm_sparse.eval.bootstrap.RESAMPLABLE` metrics only)."""
+    without per-item scores of its metric (:data:`~dllm_sparse.eval.analysis.bootstrap.RESAMPLABLE` metrics only)."""
     by_key = {r["key"]: r for r in rows if r.get("key") is not None}
     out: dict[tuple[str, str, str], list] = {}
     cv = curves(rows, metric, cap)
@@ -187,7 +187,7 @@ def point_replicates(rows: Sequence[dict], boot, metric: str | None = None,
 
 
 def _relative_replicates(boot, row: dict, metric: str | None):
-    from dllm_sparse.eval.bootstrap import RESAMPLABLE
+    from dllm_sparse.eval.analysis.bootstrap import RESAMPLABLE
 
     if metric is not None and metric not in RESAMPLABLE:
         return None
@@ -331,7 +331,7 @@ def critical_table(rows: Sequence[dict], threshold: float = 0.99, metric: str | 
                    cap: bool = True, boot=None) -> list[dict]:
     """One record per (model, site, task) plus ``avg_curve`` and ``mean_of_tasks`` per (model, site);
     ``cap``: how the task-averaged curve averages (module docstring). ``boot``: a
-    :class:`~dllm_sparse.eval.bootstrap.Bootstrap` of the same rows adds the percentile intervals
+    :class:`~dllm_sparse.eval.analysis.bootstrap.Bootstrap` of the same rows adds the percentile intervals
     ``interpolated_lo`` / ``interpolated_hi`` / ``last_passing_lo`` / ``last_passing_hi`` (None where the rows
     hold no per-item scores)."""
     kinds = {r["model"]: r.get("kind", "") for r in rows}
@@ -518,8 +518,8 @@ def write_critical(rows: Sequence[dict], out_dir: str | Path, threshold: float =
     """Write ``critical_sparsity.csv`` (percent), ``critical_sparsity.md`` and, with a diffusion / AR pair,
     ``model_comparison.csv``; returns ``{"csv", "markdown", "comparison", "table", "differences", "bootstrap"}``.
     ``cap``: how the task-averaged curve averages (module docstring). ``n_boot``: bootstrap replicates of the
-    intervals (:mod:`dllm_sparse.eval.bootstrap`; 0 = no intervals)."""
-    from dllm_sparse.eval.bootstrap import Bootstrap
+    intervals (:mod:`dllm_sparse.eval.analysis.bootstrap`; 0 = no intervals)."""
+    from dllm_sparse.eval.analysis.bootstrap import Bootstrap
 
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0:
         raise ValueError(f"n_boot must be a whole number >= 0 (0: no intervals), got {n_boot!r}")

@@ -29,8 +29,9 @@ CUDA_OVERHEAD_GB = 2.0
 
 
 def extrapolate(one: dict, two: dict | None, layers: int = 32) -> list[dict[str, Any]]:
-    """Per phase of a 1-layer result ``one`` (:func:`dllm_sparse.eval.shape_check.run_phases`), the predicted peak
-    at 2 layers against the measured ``two`` (None: not measured) and the estimate at ``layers`` layers, in bytes."""
+    """Per phase of a 1-layer result ``one`` (:func:`dllm_sparse.eval.studies.shape_check.run_phases`), the predicted
+    peak at 2 layers against the measured ``two`` (None: not measured) and the estimate at ``layers`` layers, in
+    bytes."""
     per_layer = one["weights"]["per_layer"]
     measured_two = {r["phase"]: r for r in (two or {}).get("rows", [])}
     out = []

@@ -1,22 +1,20 @@
-"""The built-in suite as lm-evaluation-harness tasks: ``dllm_sparse_mc`` and ``dllm_sparse_ppl``.
+"""The built-in suite and any lm-evaluation-harness task, scored through lm-eval with a
+:class:`~dllm_sparse.eval.tasks.scorer_lm.ScorerLM` over a scorer (the sparsity in force on the scorer applies).
 
-The task YAMLs are installed with the package (``dllm_sparse/data/lm_eval_tasks``, :data:`TASK_DIR`); their
-``custom_dataset`` is a function of this module that reads the committed JSONL with ``datasets``' json loader,
-so they work from any directory and from a non-editable install (a ``data_files`` path written in a YAML is
-read relative to the current directory, not to the YAML).
+The built-in suite as lm-eval tasks: ``dllm_sparse_mc`` and ``dllm_sparse_ppl``. Their YAMLs are installed with the
+package (``dllm_sparse/data/lm_eval_tasks``, :data:`TASK_DIR`); their ``custom_dataset`` is a function of
+:mod:`~dllm_sparse.eval.tasks.lm_eval_entry` that reads the committed JSONL with ``datasets``' json loader, so
+they work from any directory and from a non-editable install (a ``data_files`` path written in a YAML is read
+relative to the current directory, not to the YAML).
 
 * ``dllm_sparse_mc``: ``multiple_choice`` over ``builtin_mc.jsonl`` (64 items), lm-eval's ``acc`` / ``acc_norm``.
 * ``dllm_sparse_ppl``: ``loglikelihood_rolling`` over ``builtin_passages.jsonl`` (48 passages), lm-eval's
   ``word_perplexity`` / ``byte_perplexity`` / ``bits_per_byte``.
 
-``dllm-sparse-lm-eval`` (lm-eval's CLI with the ``dllm_sparse`` model registered) adds :data:`TASK_DIR` to
-``--include_path`` by itself; :func:`task_manager` is the same for the Python API. Importing this module
-registers the ``dllm_sparse`` model, which is why a stock ``lm_eval`` also works when it is given the YAML
-file itself (``--tasks "$(python -m dllm_sparse.eval.lm_eval_tasks)/dllm_sparse_mc.yaml"``, which prints
-:data:`TASK_DIR`): lm-eval 0.4.13 resolves the ``!function`` tags of such a file before it builds the model.
-
 :func:`evaluate_builtin` is how the sweep scores ``builtin_mc`` / ``builtin_ppl`` when lm-eval is installed
-(see :mod:`dllm_sparse.eval.tasks`).
+(:class:`BuiltinLmEvalTask`, see :mod:`dllm_sparse.eval.tasks.registry`); :class:`LmEvalTask` runs any lm-eval task.
+:func:`task_manager` indexes this package's tasks only (``dllm-sparse-lm-eval`` adds :data:`TASK_DIR` to
+``--include_path`` by itself).
 """
 
 from __future__ import annotations
@@ -27,25 +25,21 @@ import logging
 from importlib import resources
 from typing import Any
 
+import lm_eval
 from lm_eval.evaluator import evaluate
 from lm_eval.tasks import TaskManager
 
-from dllm_sparse.eval.likelihood import SCORER_DEFAULT
-from dllm_sparse.eval.lm_eval_model import DllmSparseLM  # registers --model dllm_sparse (see the docstring)
-from dllm_sparse.eval.tasks import (
-    LM_EVAL_TASKS,
+from dllm_sparse.eval.tasks.base import LM_EVAL_TASKS, Task, TaskResult, builtin_request_key, check_limit
+from dllm_sparse.eval.tasks.builtin import (
     MC_HIGHER_IS_BETTER,
     PERPLEXITY_HIGHER_IS_BETTER,
     MCItem,
-    TaskResult,
-    builtin_dataset,
-    builtin_request_key,
-    check_limit,
     perplexity_metrics,
     score_multiple_choice,
 )
+from dllm_sparse.eval.tasks.scorer_lm import ScorerLM
 
-__all__ = ["TASK_DIR", "builtin_mc_dataset", "builtin_ppl_dataset", "task_manager", "evaluate_builtin"]
+__all__ = ["TASK_DIR", "task_manager", "evaluate_builtin", "BuiltinLmEvalTask", "LmEvalTask"]
 
 #: The folder of the task YAMLs (pass it to lm-eval's ``--include_path`` / ``TaskManager(include_path=...)``).
 TASK_DIR = str(resources.files("dllm_sparse") / "data" / "lm_eval_tasks")
@@ -61,23 +55,6 @@ class _NoKwargsHint(logging.Filter):
 
 
 logging.getLogger("lm_eval.api.task").addFilter(_NoKwargsHint())
-
-
-def _as_splits(dataset) -> Any:
-    import datasets
-
-    return datasets.DatasetDict({"test": dataset})
-
-
-def builtin_mc_dataset(**_metadata: Any):
-    """``custom_dataset`` of ``dllm_sparse_mc``: ``builtin_mc.jsonl`` as a ``DatasetDict`` with a ``test`` split.
-    (lm-eval passes the task's metadata and the model arguments as keywords; the file does not depend on them.)"""
-    return _as_splits(builtin_dataset("builtin_mc.jsonl"))
-
-
-def builtin_ppl_dataset(**_metadata: Any):
-    """``custom_dataset`` of ``dllm_sparse_ppl``: ``builtin_passages.jsonl`` (``test`` split)."""
-    return _as_splits(builtin_dataset("builtin_passages.jsonl"))
 
 
 @contextlib.contextmanager
@@ -102,17 +79,17 @@ def task_manager() -> TaskManager:
     return TaskManager(include_path=TASK_DIR, include_defaults=False)
 
 
-def evaluate_builtin(name: str, scorer, limit=None, *, sparsity=SCORER_DEFAULT, stats=SCORER_DEFAULT) -> TaskResult:
+def evaluate_builtin(name: str, scorer, limit=None) -> TaskResult:
     """Score the built-in task ``name`` (``builtin_mc`` / ``builtin_ppl``) with lm-eval's task object and metrics,
-    through a :class:`DllmSparseLM` over ``scorer`` (every forward pass sparsified with ``sparsity`` and measured
-    into ``stats``, defaults: the scorer's own). Returns the :class:`TaskResult` the built-in code returns: for
+    through a :class:`ScorerLM` over ``scorer`` (every forward pass with the sparsity in force on it). Returns
+    the :class:`TaskResult` the built-in code returns: for
     ``builtin_ppl`` the token-level ``ppl`` / ``nll_per_token`` come from lm-eval's per-passage log-likelihoods
     and the token counts of the model (lm-eval's rolling metrics are per word and per byte)."""
     if name not in LM_EVAL_TASKS:
         raise ValueError(f"{name!r} is not a built-in task; choose one of {sorted(LM_EVAL_TASKS)}")
     task = LM_EVAL_TASKS[name]
     limit = check_limit(limit)
-    lm = DllmSparseLM.from_scorer(scorer, sparsity=sparsity, stats=stats, progress=bool(scorer.progress))
+    lm = ScorerLM(scorer, progress=bool(scorer.progress))
     # lm-eval's evaluate() with what simple_evaluate() would set for a zero-shot task; simple_evaluate itself
     # also collects the environment (`pip list` and more: seconds per call, for every sweep cell) and resets the
     # global random seeds, which the built-in scoring does not draw from (the ELBO has per-item generators).
@@ -148,5 +125,58 @@ def evaluate_builtin(name: str, scorer, limit=None, *, sparsity=SCORER_DEFAULT, 
                       dict(PERPLEXITY_HIGHER_IS_BETTER), len(samples), details)
 
 
-if __name__ == "__main__":
-    print(TASK_DIR)
+class BuiltinLmEvalTask(Task):
+    """``builtin_mc`` / ``builtin_ppl`` scored by lm-evaluation-harness (its tasks ``dllm_sparse_mc`` /
+    ``dllm_sparse_ppl``, metrics computed by lm-eval; see :func:`evaluate_builtin`).
+    Same :class:`TaskResult` (metrics, per-item details) as :class:`~dllm_sparse.eval.tasks.builtin.MultipleChoiceTask`
+    / :class:`~dllm_sparse.eval.tasks.builtin.PerplexityTask`."""
+
+    def __init__(self, name: str):
+        if name not in LM_EVAL_TASKS:
+            raise ValueError(f"{name!r} is not a built-in task; choose one of {sorted(LM_EVAL_TASKS)}")
+        self.name, self.lm_eval_name = name, LM_EVAL_TASKS[name]
+        self.metric = "acc" if name == "builtin_mc" else "ppl"
+
+    def evaluate(self, scorer, limit=None) -> TaskResult:
+        return evaluate_builtin(self.name, scorer, limit)
+
+
+
+
+_PREFERRED = ("acc_norm", "acc", "exact_match", "word_perplexity", "bits_per_byte")
+
+
+class LmEvalTask(Task):
+    """An lm-evaluation-harness task run through a :class:`ScorerLM` over the scorer.
+
+    ``metric``: the metric to report (default: the task's first metric among acc, acc_norm, exact_match,
+    word_perplexity, bits_per_byte, else its first). ``include_path``: a folder of extra task YAMLs.
+    The sparsity in force on the scorer applies and measures, as for the built-in tasks; lm-eval's response cache
+    is not used here (every configuration is computed)."""
+
+    def __init__(self, name: str, metric: str | None = None, include_path: str | None = None,
+                 num_fewshot: int | None = None, include_defaults: bool = True, **simple_evaluate_kwargs: Any):
+        self.name, self.metric, self.include_path = name, metric or "", include_path
+        self.num_fewshot, self.include_defaults, self.kwargs = num_fewshot, include_defaults, simple_evaluate_kwargs
+        self._task_manager = None  # built once (indexing lm-eval's task folder takes tens of seconds)
+
+    def evaluate(self, scorer, limit=None) -> TaskResult:
+        limit = check_limit(limit)
+        lm = ScorerLM(scorer)
+        if self._task_manager is None:
+            self._task_manager = TaskManager(include_path=self.include_path, include_defaults=self.include_defaults)
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=[self.name], limit=limit, num_fewshot=self.num_fewshot, task_manager=self._task_manager,
+            bootstrap_iters=0, log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+            fewshot_random_seed=0, **self.kwargs)
+        res = out["results"][self.name]
+        hib = out.get("higher_is_better", {}).get(self.name, {})
+        metrics = {k.split(",")[0]: float(v) for k, v in res.items()
+                   if isinstance(v, (int, float)) and "_stderr" not in k and k != "alias"}
+        metric = self.metric or next((m for m in _PREFERRED if m in metrics), next(iter(metrics)))
+        if metric not in metrics:
+            raise KeyError(f"lm-eval task {self.name!r} reported {sorted(metrics)}, not {metric!r}")
+        n = out.get("n-samples", {}).get(self.name, {}).get("effective", 0)
+        return TaskResult(self.name, metric, metrics[metric], metrics,
+                          {k: bool(hib.get(k, k not in ("word_perplexity", "byte_perplexity", "bits_per_byte",
+                                                         "perplexity"))) for k in metrics}, int(n))

@@ -1,4 +1,4 @@
-"""Figures of the mask-reuse study (:mod:`dllm_sparse.eval.reuse_study`, ``experiments/mask_reuse.py``).
+"""Figures of the mask-reuse study (:mod:`dllm_sparse.eval.studies.reuse_study`, ``experiments/mask_reuse.py``).
 
 Every function writes PNG files under ``fig_dir`` (matplotlib, Agg backend) and returns their paths:
 overlap vs step gap (Jaccard and recall, per site and per layer), the step-by-step overlap matrix of the

@@ -1,7 +1,7 @@
 """The verdict rule of the advantage study (docs/advantage.md, stated there before any run), on paired bootstrap
 replicates of critical sparsity.
 
-    reps = critical_replicates(rows, boot)                      # dllm_sparse.eval.critical
+    reps = critical_replicates(rows, boot)                      # dllm_sparse.eval.analysis.critical
     recs = site_comparisons(reps, boot, twin="smollm2-135m-mdm", parent="smollm2-135m",
                             controls={"smollm2-135m+noise:...": True, ...})   # name -> valid (calibrated)
     recs[0]["verdict"]                                          # one of VERDICTS
@@ -18,8 +18,8 @@ A control is valid when its calibration is within tolerance and it has replicate
 reported and take no part.
 
 Bounds: a critical sparsity whose curve never fails a grid point is only a lower bound (docs/sparsification.md),
-so a difference with such a side is a bound too (:func:`~dllm_sparse.eval.critical.difference_bound`). "Above 0"
-counts only for an exact difference or a lower bound (a − b with a unbracketed); "no δ_C above 0" (rule 2)
+so a difference with such a side is a bound too (:func:`~dllm_sparse.eval.analysis.critical.difference_bound`).
+"Above 0" counts only for an exact difference or a lower bound (a − b with a unbracketed); "no δ_C above 0" (rule 2)
 needs each δ_C exact or an upper bound with its interval's lower end at or below 0; anything else leaves that
 difference undetermined and the verdict says which.
 """
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dllm_sparse.eval.critical import (
+from dllm_sparse.eval.analysis.critical import (
     AVG_CURVE,
     EXACT,
     LOWER_BOUND,
@@ -54,7 +54,7 @@ MIN_CONTROLS = 2
 def paired_difference(a: np.ndarray | None, b: np.ndarray | None, boot, a_bracketed=None,
                       b_bracketed=None) -> dict | None:
     """a − b on the same replicates: median, percentile interval, replicates with a value, P(a ≥ b), and what
-    the difference is (``bound``, :func:`~dllm_sparse.eval.critical.difference_bound`: ``exact``, a ``lower
+    the difference is (``bound``, :func:`~dllm_sparse.eval.analysis.critical.difference_bound`: ``exact``, a ``lower
     bound`` where a's curve never failed a grid point, an ``upper bound`` where b's never did, ``undetermined``
     where both; ``a_bracketed`` / ``b_bracketed``: the replicates' ``bracketed`` flags, None = bracketed). None
     when either side has no replicates or no replicate has both values."""
@@ -251,7 +251,7 @@ def plot_advantage(table: Sequence[dict], trajectory: Mapping[str, dict], calibr
     as a horizontal reference line. A second figure: the trajectory against training tokens."""
     import matplotlib.pyplot as plt
 
-    from dllm_sparse.eval.plots import save_figure
+    from dllm_sparse.eval.analysis.plots import save_figure
 
     idx = {(r["model"], r["site"]): r for r in table if r["task"] == AVG_CURVE}
     sites = ordered_sites(r["site"] for r in table)

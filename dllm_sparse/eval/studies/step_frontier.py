@@ -19,13 +19,13 @@ import torch.nn.functional as F
 
 from dllm_sparse import SparsityConfig, SparsityStats, TopK, TopP, find_ffns, load_model, sparsify, without_lm_head
 from dllm_sparse.atomic import atomic_write_text
-from dllm_sparse.eval.critical import critical_sparsity
+from dllm_sparse.eval.analysis.critical import critical_sparsity
 from dllm_sparse.kernels import accelerate_ffn, restore_ffn, union_density
 from dllm_sparse.samplers import GenerationConfig, generate
 from dllm_sparse.samplers.reuse import make_policy
 from dllm_sparse.steps import StepState
 
-DATA = Path(__file__).resolve().parents[1] / "data"  # the package's data folder
+DATA = Path(__file__).resolve().parents[2] / "data"  # the package's data folder
 SITES = ("input", "intermediate")
 
 
@@ -175,7 +175,8 @@ def speedup_range(samples: dict, key: str, what: str) -> list[float]:
 
 def elbo_ppl(scorer, texts, keys, config) -> tuple[float, float]:
     stats = SparsityStats()
-    scores = scorer.loglikelihood_rolling(texts, keys, sparsity=config, stats=stats)
+    with scorer.sparsified(config, stats):
+        scores = scorer.loglikelihood_rolling(texts, keys)
     ll, n = sum(s for s, _ in scores), sum(k for _, k in scores)
     sparsity = stats.mean(config.site.value) if config is not None else 0.0
     return float(torch.tensor(-ll / n).exp()), sparsity
@@ -371,14 +372,25 @@ def run_frontier(args, command: str) -> dict:
     prompt = list(lm.tokenizer.encode(text, add_special_tokens=False))
     P = len(prompt)
     canvas = torch.tensor([prompt + [lm.mask_id] * args.canvas])
-    steps_per_block = args.block_length  # steps = canvas length: one token per step
     strategies = strategy_names(args.policies)
 
     res: dict = {"model": args.model, "ar_model": args.ar_model, "dtype": args.dtype, "threads": args.threads,
                  "canvas": args.canvas, "prompt_length": P, "block_length": args.block_length,
                  "strategies": strategies, "command": command, "machine": machine(),
                  "load_before": load_before, "cells": [], "sweep": {}, "break_even": {}, "critical": []}
+    cells, sweep_cells = frontier_cells(args, strategies)
+    if not args.skip_timing:
+        add_timing(res, Bench(lm, canvas, P, args.block_length), args, cells, sweep_cells)
+    for c in cells:
+        c.update(measured_sparsity(lm.model, canvas, SparsityConfig(c["site"], c["rule"])))
+    if not args.skip_quality:
+        add_quality(res, lm, args, probe, cells, strategies)
+    return write_frontier(res, args, cells)
 
+
+def frontier_cells(args, strategies: list[str]) -> tuple[list[dict], list[dict]]:
+    """The cells of the frontier (strategy x site x top-p) and of the top-k sparsity sweep (fresh, and reused by
+    the block-start policy or the first one given)."""
     cells = [{"strategy": st, "site": site, "p": p, "rule": rule_for(st, p), "key": f"{st}|{site}|{p}"}
              for st in strategies for site in args.sites for p in args.top_p]
     sweep_cells = []
@@ -393,83 +405,92 @@ def run_frontier(args, command: str) -> dict:
                                     "key": f"sweep|{reuse}|{site}|{s}", "curve": f"{site}, reused ({reuse})",
                                     "reuse_step_only": True})
 
-    if not args.skip_timing:
-        bench = Bench(lm, canvas, P, args.block_length)
-        print(f"timing {len(cells) + len(sweep_cells)} configurations x {args.repeats} repeats ...", flush=True)
-        med, samples = run_timing(bench, cells + sweep_cells, args.repeats, steps_per_block)
-        res["dense"] = med["dense"]
-        res["repeats"] = args.repeats
-        for c in cells:
-            m = med[c["key"]]
-            c.update({"ffn_s": m["ffn"], "step_s": m["step"], "speedup_ffn": med["dense"]["ffn"] / m["ffn"],
-                      "speedup_step": med["dense"]["step"] / m["step"]})
-            if "ffn_refresh" not in m:  # a reuse strategy's time is a weighted mean of two phases: no single ratio
-                c["speedup_ffn_range"] = speedup_range(samples, c["key"], "ffn")
-                c["speedup_step_range"] = speedup_range(samples, c["key"], "step")
-            for phase in ("refresh", "reuse"):
-                if f"ffn_{phase}" in m:
-                    c[f"speedup_ffn_{phase}"] = med["dense"]["ffn"] / m[f"ffn_{phase}"]
-                    c[f"speedup_step_{phase}"] = med["dense"]["step"] / m[f"step_{phase}"]
-        for c in sweep_cells:
-            m = med[c["key"]]
-            reuse_only = c.get("reuse_step_only")
-            ffn_t, step_t = (m["ffn_reuse"], m["step_reuse"]) if reuse_only else (m["ffn"], m["step"])
-            phase = "_reuse" if reuse_only else ""
-            res["sweep"].setdefault(c["curve"], []).append({
-                "sparsity": c["p"], "speedup_ffn": med["dense"]["ffn"] / ffn_t,
-                "speedup_step": med["dense"]["step"] / step_t,
-                "speedup_ffn_range": speedup_range(samples, c["key"], "ffn" + phase),
-                "speedup_step_range": speedup_range(samples, c["key"], "step" + phase),
-                "ideal_ffn": ideal_ffn_speedup(c["site"], c["p"], bool(reuse_only))})
-        for name, curve in res["sweep"].items():
-            res["break_even"][name] = {
-                "ffn_1x": break_even([(c["sparsity"], c["speedup_ffn"]) for c in curve], 1.0),
-                "step_1x": break_even([(c["sparsity"], c["speedup_step"]) for c in curve], 1.0),
-                "ffn_1.6x": break_even([(c["sparsity"], c["speedup_ffn"]) for c in curve], 1.6),
-                "ffn_1.7x": break_even([(c["sparsity"], c["speedup_ffn"]) for c in curve], 1.7),
-                "step_1.2x": break_even([(c["sparsity"], c["speedup_step"]) for c in curve], 1.2),
-                "step_1.3x": break_even([(c["sparsity"], c["speedup_step"]) for c in curve], 1.3)}
+    return cells, sweep_cells
+
+
+def add_timing(res: dict, bench: Bench, args, cells: list[dict], sweep_cells: list[dict]) -> None:
+    """Times every cell against the dense step (medians and ranges of ``args.repeats`` repeats) into the cells and
+    ``res`` (the sweep's curves and their break-even sparsities)."""
+    steps_per_block = args.block_length  # steps = canvas length: one token per step
+    print(f"timing {len(cells) + len(sweep_cells)} configurations x {args.repeats} repeats ...", flush=True)
+    med, samples = run_timing(bench, cells + sweep_cells, args.repeats, steps_per_block)
+    res["dense"] = med["dense"]
+    res["repeats"] = args.repeats
     for c in cells:
-        c.update(measured_sparsity(lm.model, canvas, SparsityConfig(c["site"], c["rule"])))
+        m = med[c["key"]]
+        c.update({"ffn_s": m["ffn"], "step_s": m["step"], "speedup_ffn": med["dense"]["ffn"] / m["ffn"],
+                  "speedup_step": med["dense"]["step"] / m["step"]})
+        if "ffn_refresh" not in m:  # a reuse strategy's time is a weighted mean of two phases: no single ratio
+            c["speedup_ffn_range"] = speedup_range(samples, c["key"], "ffn")
+            c["speedup_step_range"] = speedup_range(samples, c["key"], "step")
+        for phase in ("refresh", "reuse"):
+            if f"ffn_{phase}" in m:
+                c[f"speedup_ffn_{phase}"] = med["dense"]["ffn"] / m[f"ffn_{phase}"]
+                c[f"speedup_step_{phase}"] = med["dense"]["step"] / m[f"step_{phase}"]
+    for c in sweep_cells:
+        m = med[c["key"]]
+        reuse_only = c.get("reuse_step_only")
+        ffn_t, step_t = (m["ffn_reuse"], m["step_reuse"]) if reuse_only else (m["ffn"], m["step"])
+        phase = "_reuse" if reuse_only else ""
+        res["sweep"].setdefault(c["curve"], []).append({
+            "sparsity": c["p"], "speedup_ffn": med["dense"]["ffn"] / ffn_t,
+            "speedup_step": med["dense"]["step"] / step_t,
+            "speedup_ffn_range": speedup_range(samples, c["key"], "ffn" + phase),
+            "speedup_step_range": speedup_range(samples, c["key"], "step" + phase),
+            "ideal_ffn": ideal_ffn_speedup(c["site"], c["p"], bool(reuse_only))})
+    for name, curve in res["sweep"].items():
+        res["break_even"][name] = {
+            "ffn_1x": break_even([(c["sparsity"], c["speedup_ffn"]) for c in curve], 1.0),
+            "step_1x": break_even([(c["sparsity"], c["speedup_step"]) for c in curve], 1.0),
+            "ffn_1.6x": break_even([(c["sparsity"], c["speedup_ffn"]) for c in curve], 1.6),
+            "ffn_1.7x": break_even([(c["sparsity"], c["speedup_ffn"]) for c in curve], 1.7),
+            "step_1.2x": break_even([(c["sparsity"], c["speedup_step"]) for c in curve], 1.2),
+            "step_1.3x": break_even([(c["sparsity"], c["speedup_step"]) for c in curve], 1.3)}
 
-    if not args.skip_quality:
-        from dllm_sparse.eval.likelihood import Scorer
-        from dllm_sparse.eval.tasks import load_builtin_passages
 
-        passages = load_builtin_passages()[:args.passages]
-        texts, keys = [p["text"] for p in passages], [p["id"] for p in passages]
-        twin = Scorer.from_loaded(lm, mc_num=args.mc_num, mc_batch=args.mc_num, batch_size=args.mc_num)
-        ar = load_model(args.ar_model, dtype=args.dtype)
-        ar_scorer = Scorer.from_loaded(ar, batch_size=8)
-        dense_twin, _ = elbo_ppl(twin, texts, keys, None)
-        dense_ar, _ = elbo_ppl(ar_scorer, texts, keys, None)
-        gcfg = GenerationConfig(gen_length=args.probe_gen, steps=args.probe_gen, block_length=args.probe_gen,
-                                temperature=0.0)
-        prompts = [q["prompt"] for q in probe[:args.probe_prompts]]
-        dense_ids = probe_agreement(lm, prompts, gcfg, "token", None, None)
-        res["dense_quality"] = {"twin_elbo_ppl": dense_twin, "ar_ppl": dense_ar, "passages": len(texts),
-                                "mc_num": args.mc_num, "probe_prompts": len(prompts), "probe_gen": args.probe_gen}
-        elbo_cache: dict = {}
-        for c in cells:
-            config = SparsityConfig(c["site"], c["rule"])
-            if config.id not in elbo_cache:  # a step+policy strategy has the ELBO of step (one forward each)
-                ppl, sp = elbo_ppl(twin, texts, keys, config)
-                ar_ppl, ar_sp = elbo_ppl(ar_scorer, texts, keys, config)
-                elbo_cache[config.id] = (ppl, sp, ar_ppl, ar_sp)
-            ppl, sp, ar_ppl, ar_sp = elbo_cache[config.id]
-            c.update({"elbo_ppl": ppl, "elbo_rel": dense_twin / ppl, "elbo_sparsity": sp, "ar_ppl": ar_ppl,
-                      "ar_rel": dense_ar / ar_ppl, "ar_sparsity": ar_sp,
-                      "probe": probe_agreement(lm, prompts, gcfg, c["strategy"], config, dense_ids)})
-            print(f"  {c['key']}: ELBO rel {c['elbo_rel']:.3f}, AR rel {c['ar_rel']:.3f}, probe {c['probe']:.3f}",
-                  flush=True)
-        for st in strategies:
-            for site in args.sites:
-                pts = [c for c in cells if c["strategy"] == st and c["site"] == site]
-                twin_crit = critical_sparsity([(c["elbo_sparsity"], c["elbo_rel"]) for c in pts])
-                ar_crit = critical_sparsity([(c["ar_sparsity"], c["ar_rel"]) for c in pts])
-                res["critical"].append({"strategy": st, "site": site, "twin": twin_crit.interpolated,
-                                        "ar": ar_crit.interpolated, "twin_bracketed": twin_crit.bracketed})
+def add_quality(res: dict, lm, args, probe: list[dict], cells: list[dict], strategies: list[str]) -> None:
+    """The quality of every cell: the twin's ELBO perplexity and the AR model's perplexity on held-out passages
+    relative to dense, the probe prompts' agreement with dense generation; and the critical sparsities."""
+    from dllm_sparse.eval.scoring.scorer import Scorer
+    from dllm_sparse.eval.tasks.builtin import load_builtin_passages
 
+    passages = load_builtin_passages()[:args.passages]
+    texts, keys = [p["text"] for p in passages], [p["id"] for p in passages]
+    twin = Scorer.from_loaded(lm, mc_num=args.mc_num, mc_batch=args.mc_num, batch_size=args.mc_num)
+    ar = load_model(args.ar_model, dtype=args.dtype)
+    ar_scorer = Scorer.from_loaded(ar, batch_size=8)
+    dense_twin, _ = elbo_ppl(twin, texts, keys, None)
+    dense_ar, _ = elbo_ppl(ar_scorer, texts, keys, None)
+    gcfg = GenerationConfig(gen_length=args.probe_gen, steps=args.probe_gen, block_length=args.probe_gen,
+                            temperature=0.0)
+    prompts = [q["prompt"] for q in probe[:args.probe_prompts]]
+    dense_ids = probe_agreement(lm, prompts, gcfg, "token", None, None)
+    res["dense_quality"] = {"twin_elbo_ppl": dense_twin, "ar_ppl": dense_ar, "passages": len(texts),
+                            "mc_num": args.mc_num, "probe_prompts": len(prompts), "probe_gen": args.probe_gen}
+    elbo_cache: dict = {}
+    for c in cells:
+        config = SparsityConfig(c["site"], c["rule"])
+        if config.id not in elbo_cache:  # a step+policy strategy has the ELBO of step (one forward each)
+            ppl, sp = elbo_ppl(twin, texts, keys, config)
+            ar_ppl, ar_sp = elbo_ppl(ar_scorer, texts, keys, config)
+            elbo_cache[config.id] = (ppl, sp, ar_ppl, ar_sp)
+        ppl, sp, ar_ppl, ar_sp = elbo_cache[config.id]
+        c.update({"elbo_ppl": ppl, "elbo_rel": dense_twin / ppl, "elbo_sparsity": sp, "ar_ppl": ar_ppl,
+                  "ar_rel": dense_ar / ar_ppl, "ar_sparsity": ar_sp,
+                  "probe": probe_agreement(lm, prompts, gcfg, c["strategy"], config, dense_ids)})
+        print(f"  {c['key']}: ELBO rel {c['elbo_rel']:.3f}, AR rel {c['ar_rel']:.3f}, probe {c['probe']:.3f}",
+              flush=True)
+    for st in strategies:
+        for site in args.sites:
+            pts = [c for c in cells if c["strategy"] == st and c["site"] == site]
+            twin_crit = critical_sparsity([(c["elbo_sparsity"], c["elbo_rel"]) for c in pts])
+            ar_crit = critical_sparsity([(c["ar_sparsity"], c["ar_rel"]) for c in pts])
+            res["critical"].append({"strategy": st, "site": site, "twin": twin_crit.interpolated,
+                                    "ar": ar_crit.interpolated, "twin_bracketed": twin_crit.bracketed})
+
+
+def write_frontier(res: dict, args, cells: list[dict]) -> dict:
+    """Writes ``frontier.json``, ``summary.md`` and the figures; prints the summary."""
     res["load_after"] = os.getloadavg()[0]
     # The run's own threads make a load of about args.threads; more than that means other work shared the CPU.
     # (The 1-minute load average at the start still holds whatever ran just before.)

@@ -8,8 +8,8 @@ site and threshold, and every model. Relative performance is therefore resampled
 numerator and the denominator), and so is the difference between two models evaluated on the same items.
 
 Per replicate the critical sparsity is recomputed from the resampled curves exactly as
-:mod:`dllm_sparse.eval.critical` computes it (the task-averaged curve: each task's relative performance capped at
-1 unless ``cap=False``, averaged over tasks; the measured sparsity of each point is kept fixed, since it is a
+:mod:`dllm_sparse.eval.analysis.critical` computes it (the task-averaged curve: each task's relative performance
+capped at 1 unless ``cap=False``, averaged over tasks; the measured sparsity of each point is kept fixed, since it is a
 property of the configuration measured over all items, not a noisy score). The interval is the percentile
 interval of the replicates (default 95 %, 1,000 replicates, seed 0: the same rows give the same interval).
 
@@ -26,7 +26,7 @@ the interval says so: ``*_replicates`` in the critical-sparsity records, ``repli
 ``(k/n replicates)`` after the interval in the Markdown tables, and a warning.
 
 Metrics that can be resampled: ``acc``, ``acc_norm`` (mean of 0/1 per item), ``margin`` (mean of the per-item
-log-probability margin, :func:`dllm_sparse.eval.tasks.choice_margin`; its relative performance is defined only
+log-probability margin, :func:`dllm_sparse.eval.tasks.builtin.choice_margin`; its relative performance is defined only
 where the dense margin of the drawn items is > 0) and ``ppl`` / ``nll_per_token`` (exp of minus the summed
 log-likelihood over the summed token counts). Rows without per-item scores (lm-eval
 tasks other than the built-in ones, folders written by older versions) get no interval, and every aggregate that
@@ -53,7 +53,7 @@ RESAMPLABLE = ("acc", "acc_norm", "margin", "ppl", "nll_per_token")
 
 
 def item_scores(details: Sequence[dict]) -> dict | None:
-    """The compact per-item scores a sweep row stores, from a :class:`~dllm_sparse.eval.tasks.TaskResult`'s
+    """The compact per-item scores a sweep row stores, from a :class:`~dllm_sparse.eval.tasks.builtin.TaskResult`'s
     ``details``: ``{"ids", "acc", "acc_norm"}`` for multiple choice, ``{"ids", "ll", "tokens"}`` for perplexity;
     None when the details are of another kind (or empty)."""
     if not details:
@@ -224,7 +224,7 @@ class Bootstrap:
     def relative(self, row: dict, metric: str | None = None) -> np.ndarray | None:
         """[n_boot] replicates of the row's relative performance in its primary metric (or in ``metric``), the
         same items in the row and its dense row."""
-        from dllm_sparse.eval.tasks import POSITIVE_DENSE_METRICS
+        from dllm_sparse.eval.tasks.base import POSITIVE_DENSE_METRICS
 
         metric = metric or row["metric"]
         if row["site"] == DENSE:

@@ -18,7 +18,7 @@ from pathlib import Path
 # The backend is the user's choice (notebooks keep theirs); the experiment scripts pick Agg for files.
 import matplotlib.pyplot as plt
 
-from dllm_sparse.eval.critical import AVG_CURVE, critical_sparsity, curves, ordered_sites
+from dllm_sparse.eval.analysis.critical import AVG_CURVE, critical_sparsity, curves, ordered_sites
 
 __all__ = ["plot_relative_performance", "plot_layer_heatmaps", "plot_step_sparsity", "save_figure"]
 
@@ -43,10 +43,10 @@ def plot_relative_performance(rows: Sequence[dict], out_dir: str | Path, task: s
                               cap: bool = True) -> list[Path]:
     """One figure for ``task`` (``avg_curve`` = the task-averaged curve, averaged as the table averages it:
     ``cap``). Top row: the whole curve; bottom row: the same, zoomed on the band around ``threshold`` where the
-    critical sparsity is decided. With ``boot`` (a :class:`~dllm_sparse.eval.bootstrap.Bootstrap` of the same
+    critical sparsity is decided. With ``boot`` (a :class:`~dllm_sparse.eval.analysis.bootstrap.Bootstrap` of the same
     rows): shaded 95 % bands of the relative performance and the interval of the interpolated critical
     sparsity as a horizontal bar through the star. Returns the written paths."""
-    from dllm_sparse.eval.critical import critical_replicates, point_replicates
+    from dllm_sparse.eval.analysis.critical import critical_replicates, point_replicates
 
     cv = {k: v for k, v in curves(rows, metric, cap).items() if k[2] == task and v}
     if not cv:
