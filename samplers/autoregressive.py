@@ -129,8 +129,9 @@ class AutoregressiveGenerator:
         cbs = CallbackList(callbacks, model=model)
         # When nothing observes the steps, whether every row has stopped is read every STOP_CHECK_EVERY steps
         # (one host sync each, not one per step); the steps run past the last stop are cut from the result below.
-        # Callbacks see every step's state (last_step_of_block included), and stop strings are read on the host.
-        check_every = 1 if (cbs.items or cfg.stop_strings) else STOP_CHECK_EVERY
+        # Callbacks see every step's state (last_step_of_block included), module hooks (sparsify, statistics) see
+        # every forward, and stop strings are read on the host: then it is read after every step.
+        check_every = 1 if (cbs.items or cfg.stop_strings or _has_forward_hooks(model)) else STOP_CHECK_EVERY
         steps: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # per step: token, row was active, time
         all_done_at: list[torch.Tensor] = []  # per step, on the device: no row is active after it
         n_steps, stopped, checked = n_max, False, 0
@@ -299,6 +300,15 @@ def _stop_at_strings(d: _Decoding, P: int, text_fn: Any, stop_strings: Any) -> N
         if is_active and any(s in text_fn(d.seq[r, P:].tolist()) for s in stop_strings if s):
             d.hit_stop[r] = True
             d.active[r] = False
+
+
+def _has_forward_hooks(model: torch.nn.Module) -> bool:
+    """Whether a forward hook could see a step's forward (a padding-only step past the last stop included)."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def _first_done(all_done_at: list[torch.Tensor], first_step: int) -> int | None:

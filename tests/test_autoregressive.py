@@ -356,3 +356,12 @@ def test_stop_checks_every_k_steps_give_the_per_step_result(llama, monkeypatch, 
     seen = []
     with_cb = generate(llama, None, PROMPTS, cfg, callbacks=[lambda state: seen.append(state.last_step_of_block)])
     assert _fields(with_cb) == results[1] and seen == [False] * (len(seen) - 1) + [True]
+    # A module hook sees every forward: no padding-only step may run past the last stop (k = 64 still set).
+    forwards = []
+    handle = llama.model.embed_tokens.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        reads.clear()
+        assert _fields(generate(llama, None, PROMPTS, cfg)) == results[1]
+    finally:
+        handle.remove()
+    assert len(forwards) == len(reads) == results[1][2]
