@@ -279,7 +279,7 @@ def plot(log: list[dict], heldout: list[dict], path: Path) -> None:
 # ---- main -------------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="smollm2-135m", help="causal LM: load_model name or path")
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="dir with train.jsonl / heldout.jsonl")
@@ -328,9 +328,114 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("minutes", "lr"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             ap.error(f"--{name} must be positive, got {getattr(args, name)}")
+    return args
+
+
+def _start_state(args, ckpt: Path, trainable, opt, source: str, train_rows: list, accelerator) -> dict:
+    """The training state: resumed from ``ckpt`` (refused when its settings differ), or fresh (optionally
+    from ``--init-adapter``)."""
+    from dllm_sparse.models.adapt import adapter_hash
+
+    state = {"step": 0, "elapsed": 0.0, "tokens": 0, "answer_tokens": 0, "masked_tokens": 0, "log": [],
+             "heldout": []}
+    settings = resume_settings(args, source, train_rows)
+    if ckpt.is_file():
+        state = load_ckpt(ckpt, trainable, opt)
+        check_resume(state.get("settings"), settings, ckpt)
+        accelerator.print(f"resumed at step {state['step']} ({state['elapsed']:.0f}s trained)")
+    elif args.init_adapter:
+        state["init_adapter"] = {"dir": str(args.init_adapter), "hash": adapter_hash(args.init_adapter),
+                                 "tokens": _tokens_seen(args.init_adapter)}
+        accelerator.print(f"initialised the LoRA factors and the mask row from {args.init_adapter}")
+    state["settings"] = settings
+    return state
+
+
+def _train_step(args, model, opt, params, rows: list, tok, mask_id: int, step: int, lr: float, rank: int,
+                accelerator, t0: float) -> tuple[float, float, float, list]:
+    """One optimiser step on this process's share of the step's batch. Returns the loss (mean over processes),
+    the gradient norm, the step time (the slowest process's) and the token counts (summed over processes)."""
     import torch
 
-    from dllm_sparse.models.adapt import SFTBatch, adapter_hash, collate_sft, masked_diffusion_loss
+    from dllm_sparse.models.adapt import SFTBatch, collate_sft, masked_diffusion_loss
+
+    batch: SFTBatch = collate_sft(rows, eos_id=tok.eos_token_id)
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step + 7_919 * rank)
+    opt.param_groups[0]["lr"] = lr
+    if len(opt.param_groups) > 1:
+        opt.param_groups[1]["lr"] = args.mask_lr * lr / args.lr
+    with accelerator.autocast():
+        loss, info = masked_diffusion_loss(model, batch, mask_id, eps=args.eps, generator=g)
+    opt.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    gnorm = accelerator.clip_grad_norm_(params, 1.0)
+    opt.step()
+    loss = float(accelerator.reduce(loss.detach(), "mean"))
+    # The slowest process's step time drives the schedule and the stop, so all processes stop together.
+    dt = float(accelerator.reduce(torch.tensor(time.time() - t0, device=accelerator.device), "max"))
+    counts = accelerator.reduce(torch.tensor([info["tokens"], info["answer_tokens"], info["masked_tokens"]],
+                                             device=accelerator.device), "sum").tolist()
+    return loss, gnorm, dt, counts
+
+
+def _record_step(state: dict, loss: float, lr: float, gnorm, dt: float, counts: list, accelerator) -> None:
+    """Count the step's time and tokens into ``state`` and its log (printed every 10 steps)."""
+    state["step"] += 1
+    state["elapsed"] += dt
+    state["tokens"] += int(counts[0])
+    state["answer_tokens"] += int(counts[1])
+    state["masked_tokens"] += int(counts[2])
+    state["log"].append({"step": state["step"], "loss": round(loss, 4), "lr": lr,
+                         "gnorm": round(float(gnorm), 3), "s": round(dt, 2), "elapsed": round(state["elapsed"], 1),
+                         "tokens": state["tokens"]})
+    if state["step"] % 10 == 0:
+        recent = [r["loss"] for r in state["log"][-10:]]
+        accelerator.print(f"step {state['step']} loss {sum(recent) / len(recent):.3f} lr {lr:.2e} {dt:.2f}s/step "
+                          f"tokens {state['tokens']} elapsed {state['elapsed']:.0f}s")
+
+
+def _train(args, accelerator, model, opt, state: dict, train_rows: list, held_rows: list, tok, mask_id: int,
+           run_dir: Path, ckpt: Path) -> None:
+    """The loop: steps until the time budget or --max-steps, step adapters, held-out loss and a checkpoint every
+    --ckpt-minutes and at the end."""
+    import torch
+
+    unwrapped = accelerator.unwrap_model(model)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    params = [p for g in opt.param_groups for p in g["params"]]
+    budget = float("inf") if args.minutes is None else args.minutes * 60  # None: --max-steps alone decides
+    if not state["heldout"]:
+        state["heldout"].append({"step": 0, "loss": heldout_loss(unwrapped, held_rows, mask_id, args, accelerator)})
+        accelerator.print(f"held-out loss at start {state['heldout'][-1]['loss']:.3f}")
+    t_last_ckpt = time.time()
+    while state["elapsed"] < budget and state["step"] < args.max_steps:
+        t0 = time.time()
+        step = state["step"]
+        # Every process builds the same global batch and takes its share of rows, so a run is the same computation
+        # on one process or several (the gradient is averaged over processes).
+        rows = batch_for_step(train_rows, step, args.batch_size, args.seed)[rank::world]
+        lr = lr_at(state["elapsed"], budget, step, args)
+        loss, gnorm, dt, counts = _train_step(args, model, opt, params, rows, tok, mask_id, step, lr, rank,
+                                              accelerator, t0)
+        _record_step(state, loss, lr, gnorm, dt, counts, accelerator)
+        done = state["elapsed"] >= budget or state["step"] >= args.max_steps
+        if args.save_adapter_every and state["step"] % args.save_adapter_every == 0 and accelerator.is_main_process:
+            save_step_adapter(args, unwrapped, mask_id, run_dir / "adapters" / f"step-{state['step']}", state)
+        want_ckpt = torch.tensor(float(time.time() - t_last_ckpt > args.ckpt_minutes * 60), device=accelerator.device)
+        if done or float(accelerator.reduce(want_ckpt, "max")):
+            state["heldout"].append({"step": state["step"],
+                                     "loss": heldout_loss(unwrapped, held_rows, mask_id, args, accelerator)})
+            accelerator.print(f"held-out loss {state['heldout'][-1]['loss']:.3f} at step {state['step']}")
+            if accelerator.is_main_process:
+                save_ckpt(ckpt, unwrapped, opt, state)
+            accelerator.wait_for_everyone()
+            t_last_ckpt = time.time()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import torch
+
     from dllm_sparse.models.loading import cache_dir
 
     if args.bf16 is None:
@@ -348,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # cpu=True without a GPU: otherwise accelerate treats torchrun's CPU processes as independent runs.
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", cpu=not torch.cuda.is_available())
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} does not split over {world} processes: use a multiple")
     trainable, tok, mask_id, (main_params, row_params) = build(args)
@@ -359,77 +464,11 @@ def main(argv: list[str] | None = None) -> None:
     groups = [{"params": main_params, "lr": args.lr}] + ([{"params": row_params, "lr": args.mask_lr}] if row_params
                                                          else [])
     opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
-    state = {"step": 0, "elapsed": 0.0, "tokens": 0, "answer_tokens": 0, "masked_tokens": 0, "log": [],
-             "heldout": []}
-    settings = resume_settings(args, source, train_rows)
-    if ckpt.is_file():
-        state = load_ckpt(ckpt, trainable, opt)
-        check_resume(state.get("settings"), settings, ckpt)
-        accelerator.print(f"resumed at step {state['step']} ({state['elapsed']:.0f}s trained)")
-    elif args.init_adapter:
-        state["init_adapter"] = {"dir": str(args.init_adapter), "hash": adapter_hash(args.init_adapter),
-                                 "tokens": _tokens_seen(args.init_adapter)}
-        accelerator.print(f"initialised the LoRA factors and the mask row from {args.init_adapter}")
-    state["settings"] = settings
+    state = _start_state(args, ckpt, trainable, opt, source, train_rows, accelerator)
     model, opt = accelerator.prepare(trainable, opt)
-    unwrapped = accelerator.unwrap_model(model)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    budget = float("inf") if args.minutes is None else args.minutes * 60  # None: --max-steps alone decides
-    if not state["heldout"]:
-        state["heldout"].append({"step": 0, "loss": heldout_loss(unwrapped, held_rows, mask_id, args, accelerator)})
-        accelerator.print(f"held-out loss at start {state['heldout'][-1]['loss']:.3f}")
-
-    t_last_ckpt = time.time()
-    while state["elapsed"] < budget and state["step"] < args.max_steps:
-        t0 = time.time()
-        step = state["step"]
-        # Every process builds the same global batch and takes its share of rows, so a run is the same computation
-        # on one process or several (the gradient is averaged over processes).
-        rows = batch_for_step(train_rows, step, args.batch_size, args.seed)[rank::world]
-        batch: SFTBatch = collate_sft(rows, eos_id=tok.eos_token_id)
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step + 7_919 * rank)
-        lr = lr_at(state["elapsed"], budget, step, args)
-        opt.param_groups[0]["lr"] = lr
-        if len(opt.param_groups) > 1:
-            opt.param_groups[1]["lr"] = args.mask_lr * lr / args.lr
-        with accelerator.autocast():
-            loss, info = masked_diffusion_loss(model, batch, mask_id, eps=args.eps, generator=g)
-        opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        gnorm = accelerator.clip_grad_norm_(params, 1.0)
-        opt.step()
-        loss = float(accelerator.reduce(loss.detach(), "mean"))
-        # The slowest process's step time drives the schedule and the stop, so all processes stop together.
-        dt = float(accelerator.reduce(torch.tensor(time.time() - t0, device=accelerator.device), "max"))
-        counts = accelerator.reduce(torch.tensor([info["tokens"], info["answer_tokens"], info["masked_tokens"]],
-                                                 device=accelerator.device), "sum").tolist()
-        state["step"] += 1
-        state["elapsed"] += dt
-        state["tokens"] += int(counts[0])
-        state["answer_tokens"] += int(counts[1])
-        state["masked_tokens"] += int(counts[2])
-        state["log"].append({"step": state["step"], "loss": round(loss, 4), "lr": lr,
-                             "gnorm": round(float(gnorm), 3), "s": round(dt, 2), "elapsed": round(state["elapsed"], 1),
-                             "tokens": state["tokens"]})
-        if state["step"] % 10 == 0:
-            recent = [r["loss"] for r in state["log"][-10:]]
-            accelerator.print(f"step {state['step']} loss {sum(recent) / len(recent):.3f} lr {lr:.2e} {dt:.2f}s/step "
-                              f"tokens {state['tokens']} elapsed {state['elapsed']:.0f}s")
-        done = state["elapsed"] >= budget or state["step"] >= args.max_steps
-        if args.save_adapter_every and state["step"] % args.save_adapter_every == 0 and accelerator.is_main_process:
-            save_step_adapter(args, unwrapped, mask_id, run_dir / "adapters" / f"step-{state['step']}", state)
-        want_ckpt = torch.tensor(float(time.time() - t_last_ckpt > args.ckpt_minutes * 60), device=accelerator.device)
-        if done or float(accelerator.reduce(want_ckpt, "max")):
-            state["heldout"].append({"step": state["step"],
-                                     "loss": heldout_loss(unwrapped, held_rows, mask_id, args, accelerator)})
-            accelerator.print(f"held-out loss {state['heldout'][-1]['loss']:.3f} at step {state['step']}")
-            if accelerator.is_main_process:
-                save_ckpt(ckpt, unwrapped, opt, state)
-            accelerator.wait_for_everyone()
-            t_last_ckpt = time.time()
-
+    _train(args, accelerator, model, opt, state, train_rows, held_rows, tok, mask_id, run_dir, ckpt)
     if args.export and accelerator.is_main_process:
-        export(args, unwrapped, mask_id, state, source, len(train_rows), len(held_rows), world)
+        export(args, accelerator.unwrap_model(model), mask_id, state, source, len(train_rows), len(held_rows), world)
 
 
 def _adapter_meta(args, trainable, mask_id) -> dict:

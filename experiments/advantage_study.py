@@ -14,7 +14,7 @@ Steps, each resumable (rerun the same command after a kill: finished work is rea
    held-out rows, seeds); a rerun with other settings into the same folder is refused, naming what differs.
 2. Training trajectory of the twin: the converted model before training, every ``--trajectory`` adapter, and the
    shipped twin, each with its held-out ELBO perplexity (``trajectory.json``, keyed the same way).
-3. One sweep (:mod:`dllm_sparse.eval.sweep.run`, ``rows.jsonl``) of every model: the parent, the twin, the controls
+3. One sweep (:mod:`dllm_sparse.eval.sweep`, ``rows.jsonl``) of every model: the parent, the twin, the controls
    (named ``<parent>+<degradation id>``, so the degradation and its calibrated setting key their rows) and the
    trajectory points, on the same tasks, sites, grid and items.
 4. Tables and verdicts: critical sparsity of every model (``critical_sparsity.md``, with the first crossing), the
@@ -148,53 +148,23 @@ def _stored(path: Path, identity: dict, what: str):
     return data["entries"]
 
 
-def main(argv=None) -> int:
-    t0 = time.perf_counter()
-    args = parse_args(argv)
-    import matplotlib
+def _check_twin_base(args) -> None:
+    """The embedded twin says which base it was trained from: the controls must degrade that parent."""
+    if args.twin != DEFAULT_TWIN:
+        return
+    from dllm_sparse.models.adapt import read_adapter_meta
+    from dllm_sparse.models.twin import SMOLLM2_MDM_ADAPTER
 
-    matplotlib.use("Agg")
-    import torch
+    base = read_adapter_meta(SMOLLM2_MDM_ADAPTER).get("base")
+    if base != args.ar_model:
+        raise SystemExit(f"--twin {DEFAULT_TWIN} was trained from {base!r}, not from --ar-model "
+                         f"{args.ar_model!r}: the controls must degrade the twin's own parent")
 
-    torch.set_num_threads(args.threads)
-    import dllm_sparse  # noqa: F401  (registers the embedded models)
-    from dllm_sparse.eval.analysis.critical import (
-        critical_replicates,
-        critical_table,
-        markdown_report,
-        model_differences,
-        write_critical,
-    )
-    from dllm_sparse.eval.analysis.plots import plot_relative_performance
-    from dllm_sparse.eval.identity import weights_hash
-    from dllm_sparse.eval.rows import atomic_write_csv, atomic_write_json, atomic_write_text
-    from dllm_sparse.eval.studies.advantage import comparisons_markdown, plot_advantage, site_comparisons, study_report
-    from dllm_sparse.eval.studies.heldout import (
-        CalibrationError,
-        calibrate,
-        check_target,
-        heldout_answers,
-        heldout_perplexity,
-    )
-    from dllm_sparse.eval.sweep.config import SweepConfig, grid, planned_keys
-    from dllm_sparse.eval.sweep.run import run_sweep
-    from dllm_sparse.models.degrade import degraded_copy
+
+def _load_parent_and_twin(args):
+    """The AR parent and its diffusion twin (fp32), each checked for its kind before any work."""
     from dllm_sparse.models.loading import load_model
-    from dllm_sparse.models.twin import adapted_twin, untrained_twin
 
-    out = Path(args.output_dir)
-    if args.twin == DEFAULT_TWIN:  # the embedded twin says which base it was trained from
-        from dllm_sparse.models.adapt import read_adapter_meta
-        from dllm_sparse.models.twin import SMOLLM2_MDM_ADAPTER
-
-        base = read_adapter_meta(SMOLLM2_MDM_ADAPTER).get("base")
-        if base != args.ar_model:
-            raise SystemExit(f"--twin {DEFAULT_TWIN} was trained from {base!r}, not from --ar-model "
-                             f"{args.ar_model!r}: the controls must degrade the twin's own parent")
-    phases: dict[str, float] = {}
-    target, target_source = (args.target_ppl, "--target-ppl") if args.target_ppl else model_card_target()
-    target = check_target(target)
-    t = time.perf_counter()
     parent = load_model(args.ar_model, dtype="fp32")
     if parent.kind != "ar":
         raise SystemExit(f"--ar-model {args.ar_model!r} is a {parent.kind} model; the parent must be autoregressive")
@@ -202,18 +172,22 @@ def main(argv=None) -> int:
     if twin.kind != "diffusion":
         raise SystemExit(f"--twin {args.twin!r} is an {twin.kind} model; the twin must be a masked-diffusion model "
                          f"(e.g. {DEFAULT_TWIN}, the diffusion twin of {DEFAULT_AR})")
-    rows_held = heldout_answers(parent.tokenizer, limit=args.heldout_rows)
-    parent_hash = weights_hash(parent.model)
-    phases["loading the parent and the twin"] = time.perf_counter() - t
+    return parent, twin
 
-    # 1. Controls, calibrated (or read back), each stored as soon as it has succeeded.
+
+def _calibrate_controls(args, out: Path, parent, parent_hash: str, rows_held, target: float, target_source: str,
+                        phases: dict[str, float]) -> tuple[dict, dict]:
+    """1. The controls, calibrated to the target perplexity (or read back), each stored as soon as it has
+    succeeded. Returns (calibrations by method, {control name: (degraded copy, Calibration)})."""
+    from dllm_sparse.eval.rows import atomic_write_json
+    from dllm_sparse.eval.studies.heldout import Calibration, CalibrationError, calibrate
+    from dllm_sparse.models.degrade import degraded_copy
+
     cal_identity = {"parent": args.ar_model, "parent_weights": parent_hash, "target": target,
                     "tolerance": args.tolerance, "heldout_rows": len(rows_held), "search_rows": args.search_rows,
                     "noise_seed": args.noise_seed, "quant_group": args.quant_group, "sigma_max": args.sigma_max}
     cal_path = out / "calibration.json"
     calibrations = dict(_stored(cal_path, cal_identity, "calibrations") or {})
-    from dllm_sparse.eval.studies.heldout import Calibration
-
     for method in args.controls:
         if method in calibrations:
             continue
@@ -241,13 +215,16 @@ def main(argv=None) -> int:
         cal = Calibration.from_dict(calibrations[method])
         lm = degraded_copy(parent, cal.degradation)
         controls[lm.name] = (lm, cal)
+    return calibrations, controls
 
-    # 2. Trajectory points and their held-out ELBO perplexities.
-    t = time.perf_counter()
+
+def _trajectory_points(args, parent, twin) -> list:
+    """The twin's training trajectory: (model, info) from the converted untrained twin to the shipped one."""
+    from dllm_sparse.models.adapt import read_adapter_meta
+    from dllm_sparse.models.twin import adapted_twin, untrained_twin
+
     points = [(untrained_twin(parent), {"label": "converted, untrained", "tokens": 0})]
     for label, path in args.trajectory:
-        from dllm_sparse.models.adapt import read_adapter_meta
-
         try:
             lm = adapted_twin(parent, path, f"{args.twin}@{label}")
         except (ValueError, FileNotFoundError) as e:
@@ -256,14 +233,20 @@ def main(argv=None) -> int:
         # tokens_total: all stages (a stage-2 adapter counts the stage-1 tokens it started from)
         points.append((lm, {"label": label, "tokens": meta.get("tokens_total", meta.get("tokens")),
                             "step": meta.get("step")}))
-    shipped_tokens = _shipped_tokens()
-    points.append((twin, {"label": "shipped (stage 2)", "tokens": shipped_tokens}))
-    phases["loading the trajectory points"] = time.perf_counter() - t
+    points.append((twin, {"label": "shipped (stage 2)", "tokens": _shipped_tokens()}))
+    return points
+
+
+def _trajectory_perplexities(args, out: Path, points: list, rows_held, parent_hash: str) -> dict:
+    """2. The held-out ELBO perplexity of every trajectory point (kept per point; reused when its weights match)."""
+    from dllm_sparse.eval.identity import weights_hash
+    from dllm_sparse.eval.rows import atomic_write_json
+    from dllm_sparse.eval.studies.heldout import heldout_perplexity
+
     traj_identity = {"heldout_rows": len(rows_held), "mc_num": args.ppl_mc_num, "mc_batch": min(8, args.ppl_mc_num),
                      "seed": 0, "parent_weights": parent_hash}
     traj_path = out / "trajectory.json"
     traj = dict(_stored(traj_path, traj_identity, "trajectory perplexities") or {})
-    t = time.perf_counter()
     for lm, info in points:
         h = weights_hash(lm.model)
         if lm.name in traj and traj[lm.name]["weights"] == h:
@@ -275,23 +258,38 @@ def main(argv=None) -> int:
         atomic_write_json(traj_path, {"identity": traj_identity, "entries": traj})
         print(f"  {p:.4g}", flush=True)
     atomic_write_json(traj_path, {"identity": traj_identity, "entries": traj})
-    phases["trajectory perplexities"] = time.perf_counter() - t
+    return traj
 
-    # 3. The sweep of every model.
-    models = [parent, twin, *[lm for lm, _ in controls.values()], *[lm for lm, _ in points if lm is not twin]]
+
+def _sweep_rows(args, out: Path, models: list) -> tuple[list[dict], dict[str, float]]:
+    """3. The sweep of every model: its rows, and the cell seconds per model."""
+    from dllm_sparse.eval.sweep.config import SweepConfig, grid, planned_keys
+    from dllm_sparse.eval.sweep.run import run_sweep
+
     cfg = SweepConfig(models=models, output_dir=out, sites=args.sites, thresholds=args.thresholds or grid("quick"),
                       tasks=args.tasks, limit=args.limit, mc_num=args.mc_num, mc_batch=min(16, args.mc_num),
                       batch_size=args.batch_size, seed=args.seed, dtype="fp32", device="cpu",
                       progress=not args.no_progress)
-    t = time.perf_counter()
     rows = [r for r in run_sweep(cfg) if r["key"] in planned_keys(cfg)]
-    phases["sweep (all models)"] = time.perf_counter() - t
-    per_model = {}
+    per_model: dict[str, float] = {}
     for r in rows:
         per_model[r["model"]] = per_model.get(r["model"], 0.0) + (r.get("seconds") or 0.0)
+    return rows, per_model
 
-    # 4. Tables, verdicts, figures.
-    t = time.perf_counter()
+
+def _comparisons(args, out: Path, rows: list[dict], controls: dict, twin, parent) -> tuple[dict, dict, dict, list]:
+    """4a. Critical sparsity tables (with the margin metric on builtin_mc) and the twin-vs-parent-vs-controls
+    comparisons. Returns (comparisons by variant, control labels, write_critical's paths, margin table)."""
+    from dllm_sparse.eval.analysis.critical import (
+        critical_replicates,
+        critical_table,
+        markdown_report,
+        model_differences,
+        write_critical,
+    )
+    from dllm_sparse.eval.rows import atomic_write_text
+    from dllm_sparse.eval.studies.advantage import site_comparisons
+
     paths = write_critical(rows, out, n_boot=args.n_boot)
     boot = paths["bootstrap"]
     margin = {"builtin_mc": "margin"} if "builtin_mc" in args.tasks else None
@@ -309,13 +307,11 @@ def main(argv=None) -> int:
     recs = {"primary": site_comparisons(reps, boot, variant="interpolated", **kw),
             "first_crossing": site_comparisons(reps, boot, variant="first_crossing", **kw),
             "margin": site_comparisons(reps_m, boot, variant="interpolated", **kw) if margin else []}
-    missing = [] if args.trajectory else MISSING_POINTS  # points passed: the table lists what the run holds
-    report = study_report(recs, labels, calibrations, traj, paths["table"], table_m, target, target_source,
-                          missing, twin.name, parent.name)
-    atomic_write_text(out / "advantage.md", report)
-    atomic_write_json(out / "advantage.json", {"comparisons": recs, "calibration": calibrations,
-                                               "trajectory": traj, "missing_points": missing,
-                                               "target": target, "target_source": target_source})
+    return recs, labels, paths, table_m
+
+
+def _comparison_rows(recs: dict, labels: dict, controls: dict) -> list[dict]:
+    """4b. One row per variant, site and comparison (percent points), for comparison.csv."""
     flat = []
     for variant, rs in recs.items():
         for r in rs:
@@ -325,15 +321,67 @@ def main(argv=None) -> int:
                 flat.append({"variant": variant, "site": r["site"], "comparison": what,
                              **({k: (round(100 * v, 4) if k in ("median", "lo", "hi") else v) for k, v in d.items()}
                                 if d else {}), "verdict": r["verdict"]})
-    atomic_write_csv(out / "comparison.csv", flat, ["variant", "site", "comparison", "median", "lo", "hi",
-                                                    "replicates", "replicates_drawn", "p_at_least_0", "bound",
-                                                    "verdict"])
+    return flat
+
+
+def main(argv=None) -> int:
+    t0 = time.perf_counter()
+    args = parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import dllm_sparse  # noqa: F401  (registers the embedded models)
+    from dllm_sparse.eval.analysis.plots import plot_relative_performance
+    from dllm_sparse.eval.identity import weights_hash
+    from dllm_sparse.eval.rows import atomic_write_csv, atomic_write_json, atomic_write_text
+    from dllm_sparse.eval.studies.advantage import comparisons_markdown, plot_advantage, study_report
+    from dllm_sparse.eval.studies.heldout import check_target, heldout_answers
+
+    out = Path(args.output_dir)
+    _check_twin_base(args)
+    phases: dict[str, float] = {}
+    target, target_source = (args.target_ppl, "--target-ppl") if args.target_ppl else model_card_target()
+    target = check_target(target)
+    t = time.perf_counter()
+    parent, twin = _load_parent_and_twin(args)
+    rows_held = heldout_answers(parent.tokenizer, limit=args.heldout_rows)
+    parent_hash = weights_hash(parent.model)
+    phases["loading the parent and the twin"] = time.perf_counter() - t
+    calibrations, controls = _calibrate_controls(args, out, parent, parent_hash, rows_held, target, target_source,
+                                                 phases)
+    t = time.perf_counter()
+    points = _trajectory_points(args, parent, twin)
+    phases["loading the trajectory points"] = time.perf_counter() - t
+    t = time.perf_counter()
+    traj = _trajectory_perplexities(args, out, points, rows_held, parent_hash)
+    phases["trajectory perplexities"] = time.perf_counter() - t
+    t = time.perf_counter()
+    models = [parent, twin, *[lm for lm, _ in controls.values()], *[lm for lm, _ in points if lm is not twin]]
+    rows, per_model = _sweep_rows(args, out, models)
+    phases["sweep (all models)"] = time.perf_counter() - t
+
+    # 4. Tables, verdicts, figures.
+    t = time.perf_counter()
+    recs, labels, paths, table_m = _comparisons(args, out, rows, controls, twin, parent)
+    missing = [] if args.trajectory else MISSING_POINTS  # points passed: the table lists what the run holds
+    report = study_report(recs, labels, calibrations, traj, paths["table"], table_m, target, target_source,
+                          missing, twin.name, parent.name)
+    atomic_write_text(out / "advantage.md", report)
+    atomic_write_json(out / "advantage.json", {"comparisons": recs, "calibration": calibrations,
+                                               "trajectory": traj, "missing_points": missing,
+                                               "target": target, "target_source": target_source})
+    atomic_write_csv(out / "comparison.csv", _comparison_rows(recs, labels, controls),
+                     ["variant", "site", "comparison", "median", "lo", "hi", "replicates", "replicates_drawn",
+                      "p_at_least_0", "bound", "verdict"])
     phases["tables + bootstrap + verdicts"] = time.perf_counter() - t
     t = time.perf_counter()
     figs = plot_advantage(paths["table"], traj, calibrations, controls={n: c.ppl for n, (_, c) in controls.items()},
                           parent=parent.name, parent_ppl=next(iter(calibrations.values()))["parent_ppl"]
                           if calibrations else None, out_dir=out / "figures")
-    figs += plot_relative_performance(rows, out / "figures", boot=boot)
+    figs += plot_relative_performance(rows, out / "figures", boot=paths["bootstrap"])
     phases["figures"] = time.perf_counter() - t
     wall = time.perf_counter() - t0
     summary = {"wall_seconds": wall, "phases_seconds": phases, "sweep_cell_seconds_per_model": per_model,

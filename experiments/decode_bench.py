@@ -272,7 +272,7 @@ class _HelpFormatter(argparse.RawTextHelpFormatter, argparse.ArgumentDefaultsHel
     """--help keeps the description's line breaks and shows every option's default."""
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="model id, directory, or an embedded name (smollm2-135m)")
@@ -301,18 +301,16 @@ def main(argv=None) -> dict:
         v = getattr(args, name)
         if v is not None and v < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    return args
+
+
+def _model_and_work(args, dtype, device):
+    """The model (loaded, or random weights of a real shape), its kind and name, the input ids, the timed loop
+    (``work``: AR greedy decoding, or denoising steps), the prompt and the context length the bytes are counted at."""
     import torch
 
-    from dllm_sparse import SparsityConfig, load_model, make_rule
-    from dllm_sparse.kernels import accelerate_ffn, backend, restore_ffn
-    from dllm_sparse.kernels.roofline import bound_us, gpu_key
-    from dllm_sparse.sparsity.config import slug
+    from dllm_sparse import load_model
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    config = SparsityConfig(args.site, make_rule(args.rule, args.p))
-    site, rule = config.site, config.rule
     if args.model:
         lm = load_model(args.model, dtype=dtype, device=str(device))
         model, kind, name = lm.model.eval(), lm.kind, args.model
@@ -333,9 +331,100 @@ def main(argv=None) -> dict:
         ids = torch.cat([prompt, canvas], dim=1)
         work = lambda: denoising_steps(model, ids, args.steps)  # noqa: E731
         context = ids.shape[1]
+    return model, kind, name, ids, work, prompt, context
 
+
+def _captured_steps(model, config, kind: str, prompt, ids, device, backend, emit) -> dict:
+    """The step alone, captured (dense, then sparse): the figure that measures the GPU's work."""
+    from dllm_sparse.kernels import accelerate_ffn, restore_ffn
+
+    make_step = (lambda: ar_step(model, prompt)) if kind == "ar" else (lambda: diffusion_step(model, ids))
+    steps = {}
+    for label in ("dense", "sparse"):
+        if label == "sparse":
+            accelerate_ffn(model, config, backend=backend)
+        try:
+            ms, how = step_ms(make_step(), device)
+            steps[label] = {"ms": ms, "timing": how}
+        except Exception as e:  # noqa: BLE001 - recorded (e.g. a transformers without StaticCache); the loops run
+            steps[label] = {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            if label == "sparse":
+                restore_ffn(model)
+        emit({"measure": f"{label}_step", **steps[label]})
+    return steps
+
+
+def _timed_loops(model, config, work, repeats: int, backend, emit) -> tuple[float, float]:
+    """Seconds per token (AR) or per step (diffusion) of the loop, dense then with accelerate_ffn."""
+    from dllm_sparse.kernels import accelerate_ffn, restore_ffn
+
+    dense_s = timed(work, repeats)
+    emit({"measure": "dense_loop", "seconds": dense_s})
+    accelerate_ffn(model, config, backend=backend)
+    try:
+        sparse_s = timed(work, repeats)
+    finally:
+        restore_ffn(model)
+    emit({"measure": "sparse_loop", "seconds": sparse_s})
+    return dense_s, sparse_s
+
+
+def _bounds(result: dict, steps: dict, meta: dict, fraction: dict, s_eff: float) -> str | None:
+    """The captured steps against the GPU's bandwidth bound (bytes per step: dense, and with f * s of them
+    skipped), added to ``result``; returns the GPU's key (None off a known GPU)."""
+    from dllm_sparse.kernels.roofline import bound_us, gpu_key
+
+    for label, got in steps.items():
+        result.update({f"{label}_step_{k}": v for k, v in got.items()})
+    if "ms" in steps.get("dense", {}) and "ms" in steps.get("sparse", {}):
+        result["step_speedup"] = steps["dense"]["ms"] / steps["sparse"]["ms"]
+    gpu = gpu_key(meta["device"])
+    if gpu is not None:
+        step_bytes = fraction["weight_bytes"] + fraction["kv_bytes"]
+        result["dense_step_bound_us"] = bound_us(step_bytes, gpu)
+        result["sparse_step_bound_us"] = bound_us(int(step_bytes * (1 - fraction["f"] * s_eff)), gpu)
+        for label in ("dense", "sparse"):
+            if "ms" in steps.get(label, {}):
+                result[f"{label}_step_of_bound"] = result[f"{label}_step_bound_us"] / (steps[label]["ms"] * 1e3)
+    return gpu
+
+
+def _print_result(name: str, kind: str, config, ids, result: dict, steps: dict, gpu) -> None:
+    site, rule = config.site, config.rule
+    sparsity, fraction, check = result["sparsity"], result["bytes"], result["check_vs_masking_path"]
+    if kind == "ar":
+        print(f"{name}: dense {result['dense_tokens_per_s']:8.2f} tok/s   "
+              f"accelerate_ffn({site.value}, {rule}) {result['sparse_tokens_per_s']:8.2f} tok/s")
+    else:
+        print(f"{name}: dense {result['dense_s_per_step']:.4f} s/step   accelerate_ffn({site.value}, {rule}) "
+              f"{result['sparse_s_per_step']:.4f} s/step "
+              f"({ids.shape[1]} tokens, union density {sparsity['union_density']:.2f})")
+    print(f"speedup {result['speedup']:.2f}x   bound 1/(1 - f*s) = {result['bound']:.2f}x   "
+          f"(f = {fraction['f']:.2f} of the bytes per step, s = {result['effective_sparsity']:.2f})   "
+          f"logit diff vs masking path {check['max_abs_diff']:.2e} (logits up to {check['max_abs_logit']:.1f})")
+    for label, got in steps.items():
+        share = (f", {result[f'{label}_step_of_bound']:.0%} of the {gpu} bound "
+                 f"{result[f'{label}_step_bound_us']:.0f} us" if f"{label}_step_of_bound" in result else "")
+        print(f"{label} step alone: " + (f"{got['ms']:.3f} ms ({got['timing']}{share})" if "ms" in got
+                                         else got["error"]), flush=True)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    from dllm_sparse import SparsityConfig, make_rule
+    from dllm_sparse.kernels import backend
     from dllm_sparse.kernels.bench import append_row, environment
+    from dllm_sparse.sparsity.config import slug
 
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    config = SparsityConfig(args.site, make_rule(args.rule, args.p))
+    site, rule = config.site, config.rule
+    model, kind, name, ids, work, prompt, context = _model_and_work(args, dtype, device)
     meta = {"model": name, "kind": kind, "site": site.value, "rule": rule.to_dict(), "dtype": str(dtype)[6:],
             "weights": "real" if args.model else "random", **environment(device, backend(ids, args.backend))}
     if device.type != "cuda":
@@ -351,30 +440,8 @@ def main(argv=None) -> dict:
             append_row(path, {"bench": "decode", "model": name, "kind": kind, **row, "env": meta})
         print(json.dumps(row), flush=True)
 
-    # The step alone, captured (dense, then sparse): first, as the figure that measures the GPU's work.
-    make_step = (lambda: ar_step(model, prompt)) if kind == "ar" else (lambda: diffusion_step(model, ids))
-    steps = {}
-    for label in ("dense", "sparse"):
-        if label == "sparse":
-            accelerate_ffn(model, config, backend=args.backend)
-        try:
-            ms, how = step_ms(make_step(), device)
-            steps[label] = {"ms": ms, "timing": how}
-        except Exception as e:  # noqa: BLE001 - recorded (e.g. a transformers without StaticCache); the loops run
-            steps[label] = {"error": f"{type(e).__name__}: {e}"}
-        finally:
-            if label == "sparse":
-                restore_ffn(model)
-        emit({"measure": f"{label}_step", **steps[label]})
-
-    dense_s = timed(work, args.repeats)
-    emit({"measure": "dense_loop", "seconds": dense_s})
-    accelerate_ffn(model, config, backend=args.backend)
-    try:
-        sparse_s = timed(work, args.repeats)
-    finally:
-        restore_ffn(model)
-    emit({"measure": "sparse_loop", "seconds": sparse_s})
+    steps = _captured_steps(model, config, kind, prompt, ids, device, args.backend, emit)
+    dense_s, sparse_s = _timed_loops(model, config, work, args.repeats, args.backend, emit)
     sparsity = measure_sparsity(model, config, ids, kind, min(args.tokens, 16), args.backend)
     check = check_against_masking_path(model, config, ids, args.backend)
     fraction = byte_fraction(model, site, context, kind)
@@ -385,33 +452,8 @@ def main(argv=None) -> dict:
     else:
         result.update(dense_s_per_step=dense_s, sparse_s_per_step=sparse_s, tokens_per_step=ids.shape[1])
     result.update(speedup=dense_s / sparse_s, bound=1 / (1 - fraction["f"] * s_eff), effective_sparsity=s_eff)
-    for label, got in steps.items():
-        result.update({f"{label}_step_{k}": v for k, v in got.items()})
-    if "ms" in steps.get("dense", {}) and "ms" in steps.get("sparse", {}):
-        result["step_speedup"] = steps["dense"]["ms"] / steps["sparse"]["ms"]
-    gpu = gpu_key(meta["device"])
-    if gpu is not None:  # bytes per step at the GPU's bandwidth: dense, and with f * s of them skipped
-        step_bytes = fraction["weight_bytes"] + fraction["kv_bytes"]
-        result["dense_step_bound_us"] = bound_us(step_bytes, gpu)
-        result["sparse_step_bound_us"] = bound_us(int(step_bytes * (1 - fraction["f"] * s_eff)), gpu)
-        for label in ("dense", "sparse"):
-            if "ms" in steps.get(label, {}):
-                result[f"{label}_step_of_bound"] = result[f"{label}_step_bound_us"] / (steps[label]["ms"] * 1e3)
-
-    if kind == "ar":
-        print(f"{name}: dense {1 / dense_s:8.2f} tok/s   "
-              f"accelerate_ffn({site.value}, {rule}) {1 / sparse_s:8.2f} tok/s")
-    else:
-        print(f"{name}: dense {dense_s:.4f} s/step   accelerate_ffn({site.value}, {rule}) {sparse_s:.4f} s/step "
-              f"({ids.shape[1]} tokens, union density {sparsity['union_density']:.2f})")
-    print(f"speedup {result['speedup']:.2f}x   bound 1/(1 - f*s) = {result['bound']:.2f}x   "
-          f"(f = {fraction['f']:.2f} of the bytes per step, s = {s_eff:.2f})   "
-          f"logit diff vs masking path {check['max_abs_diff']:.2e} (logits up to {check['max_abs_logit']:.1f})")
-    for label, got in steps.items():
-        share = (f", {result[f'{label}_step_of_bound']:.0%} of the {gpu} bound "
-                 f"{result[f'{label}_step_bound_us']:.0f} us" if f"{label}_step_of_bound" in result else "")
-        print(f"{label} step alone: " + (f"{got['ms']:.3f} ms ({got['timing']}{share})" if "ms" in got
-                                         else got["error"]), flush=True)
+    gpu = _bounds(result, steps, meta, fraction, s_eff)
+    _print_result(name, kind, config, ids, result, steps, gpu)
     path = out / f"{stem}.json"
     atomic_write_text(path, json.dumps(result, indent=1))
     print(f"wrote {path}")

@@ -677,17 +677,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
         release_lock(work)
 
 
-def _run(args, out: Path, work: Path, takeover: str | None) -> dict:
-    log = Log(out / "device_check.log")
-    if takeover:
-        log.print(f"[device_check] {takeover}")
-    kept = previous_run(work, args)
+def _package_env(work: Path) -> tuple[str | None, dict]:
+    """The package the parts import (installed, or the working tree through a shim on PYTHONPATH) and the
+    environment of their commands."""
     shim = package_path(work, force=os.environ.get("DLLM_SPARSE_FORCE_SHIM") == "1")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if shim:
         env["PYTHONPATH"] = shim + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         sys.path.insert(0, shim)
-    from dllm_sparse.atomic import atomic_write_json
+    return shim, env
+
+
+def _machine(args, shim: str | None) -> tuple[dict, dict]:
+    """(preflight: what each part needs and what is refused, the environment record)."""
     from dllm_sparse.kernels.bench import environment
 
     info = preflight(args.smoke)
@@ -699,6 +701,79 @@ def _run(args, out: Path, work: Path, takeover: str | None) -> dict:
                               backend=os.environ.get("DLLM_SPARSE_KERNELS", "auto"))
     except ImportError as e:  # preflight has refused every part already
         environ = {"error": f"{type(e).__name__}: {e}"}
+    return info, environ
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM / SIGINT raise :class:`Stopped` once (the summary is then saved and packed, uninterrupted)."""
+    def on_signal(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop is enough; packing must not be interrupted
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+def _run_part(part, args, info: dict, summary: dict, save, log, env: dict, work: Path, out: Path,
+              started: float) -> tuple[bool, Stopped | None]:
+    """Run one part's commands within its limit (or record why it does not run). Returns (whether it ran, the
+    signal that stopped it or None)."""
+    t0 = time.perf_counter()
+    if part.name in info["refused"]:
+        summary["parts"][part.name] = {"outcome": "refused", "reason": info["refused"][part.name]}
+        log.print(f"[{part.name}] refused: {info['refused'][part.name]}")
+        return False, None
+    if part.skipped:
+        summary["parts"][part.name] = {"outcome": "skipped", "reason": part.skipped}
+        log.print(f"[{part.name}] {part.skipped}")
+        return False, None
+    left = args.budget_s - (time.monotonic() - started)
+    limit = SMOKE_LIMIT_S if args.smoke else part.limit_s
+    if not args.smoke and left < part.limit_s:
+        summary["parts"][part.name] = {"outcome": "not started",
+                                       "reason": f"{left:.0f} s left of --budget-s, it may take {limit:.0f} s"}
+        log.print(f"[{part.name}] not started: {left:.0f} s of the budget left, its limit is {limit:.0f} s")
+        return False, None
+    here = work / part.name
+    if here.exists():  # a previous, unfinished attempt: start clean
+        shutil.rmtree(here)
+    here.mkdir(parents=True)
+    summary["parts"][part.name] = {"outcome": "running", "limit_s": limit}
+    save(f"running {part.name}")
+    outcome, detail, stopped = "ok", [], None
+    deadline = time.monotonic() + limit
+    try:
+        for cmd in part.commands:
+            log.print(f"[{part.name}] (limit {deadline - time.monotonic():.0f} s) {' '.join(cmd)}")
+            rc = run_command(cmd, env, work, deadline - time.monotonic(), log)
+            detail.append({"command": cmd, "rc": rc})
+            if rc != 0:
+                outcome = "timeout" if rc == "timeout" else "failed"
+            if rc == "timeout":
+                break
+    except Stopped as e:
+        outcome, stopped = f"stopped by {e}", e
+        detail.append({"command": cmd, "rc": outcome})
+    files = sorted(str(p.relative_to(work)) for p in here.rglob("*") if p.is_file())
+    record = {"outcome": outcome, "seconds": round(time.perf_counter() - t0, 1), "limit_s": limit,
+              "commands": detail, "files": files}
+    if outcome != "ok":
+        record["log_tail"] = _tail(out / "device_check.log", 3000)
+    summary["parts"][part.name] = record
+    log.print(f"[{part.name}] {outcome} in {record['seconds']:.0f} s")
+    return True, stopped
+
+
+def _run(args, out: Path, work: Path, takeover: str | None) -> dict:
+    log = Log(out / "device_check.log")
+    if takeover:
+        log.print(f"[device_check] {takeover}")
+    kept = previous_run(work, args)
+    shim, env = _package_env(work)
+    from dllm_sparse.atomic import atomic_write_json
+
+    info, environ = _machine(args, shim)
     log.print(json.dumps({"preflight": info, "environment": environ}, indent=1))
     plan = [plan_part(name, args, work, out) for name in args.parts if name not in kept]
     summary: dict = {"environment": environ, "preflight": info, "smoke": args.smoke, "state": "planning",
@@ -721,64 +796,16 @@ def _run(args, out: Path, work: Path, takeover: str | None) -> dict:
         save("refused before starting")
         log.print(f"[device_check] refused: {refusal}")
         raise SystemExit(f"device_check: {refusal}")
-
-    def on_signal(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop is enough; packing must not be interrupted
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise Stopped(signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    _stop_on_signals()
     started = time.monotonic()
     stopped = None
     try:
         for part in plan:
-            t0 = time.perf_counter()
-            if part.name in info["refused"]:
-                summary["parts"][part.name] = {"outcome": "refused", "reason": info["refused"][part.name]}
-                log.print(f"[{part.name}] refused: {info['refused'][part.name]}")
-                continue
-            if part.skipped:
-                summary["parts"][part.name] = {"outcome": "skipped", "reason": part.skipped}
-                log.print(f"[{part.name}] {part.skipped}")
-                continue
-            left = args.budget_s - (time.monotonic() - started)
-            limit = SMOKE_LIMIT_S if args.smoke else part.limit_s
-            if not args.smoke and left < part.limit_s:
-                summary["parts"][part.name] = {"outcome": "not started",
-                                               "reason": f"{left:.0f} s left of --budget-s, it may take {limit:.0f} s"}
-                log.print(f"[{part.name}] not started: {left:.0f} s of the budget left, its limit is {limit:.0f} s")
-                continue
-            here = work / part.name
-            if here.exists():  # a previous, unfinished attempt: start clean
-                shutil.rmtree(here)
-            here.mkdir(parents=True)
-            summary["parts"][part.name] = {"outcome": "running", "limit_s": limit}
-            save(f"running {part.name}")
-            outcome, detail = "ok", []
-            deadline = time.monotonic() + limit
-            try:
-                for cmd in part.commands:
-                    log.print(f"[{part.name}] (limit {deadline - time.monotonic():.0f} s) {' '.join(cmd)}")
-                    rc = run_command(cmd, env, work, deadline - time.monotonic(), log)
-                    detail.append({"command": cmd, "rc": rc})
-                    if rc != 0:
-                        outcome = "timeout" if rc == "timeout" else "failed"
-                    if rc == "timeout":
-                        break
-            except Stopped as e:
-                outcome, stopped = f"stopped by {e}", e
-                detail.append({"command": cmd, "rc": outcome})
-            files = sorted(str(p.relative_to(work)) for p in here.rglob("*") if p.is_file())
-            record = {"outcome": outcome, "seconds": round(time.perf_counter() - t0, 1), "limit_s": limit,
-                      "commands": detail, "files": files}
-            if outcome != "ok":
-                record["log_tail"] = _tail(out / "device_check.log", 3000)
-            summary["parts"][part.name] = record
-            log.print(f"[{part.name}] {outcome} in {record['seconds']:.0f} s")
+            ran, stopped = _run_part(part, args, info, summary, save, log, env, work, out, started)
             if stopped:
                 break
-            save(f"after {part.name}")
+            if ran:
+                save(f"after {part.name}")
     except Stopped as e:  # between parts
         stopped = e
     save(f"stopped by {stopped}" if stopped else "finished")

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .dispatch import backend as choose_backend
-from .ops import _colsparse_gemm_op, _rowsparse_op
+from .ops import colsparse_gemm_op, rowsparse_op
 
 __all__ = ["batched_rows", "gathered_matmul", "compact_gathered_matmul", "selected_outputs_matmul",
            "PackedFFNRows"]
@@ -45,7 +45,7 @@ def gathered_matmul(v: torch.Tensor, w_t: torch.Tensor, idx: torch.Tensor, backe
     B, T, k = v.shape[0], v.shape[1], idx.shape[1]
     if choose_backend(v, backend) == "triton":  # the kernel gathers the kept rows inside its tl.dot loop
         count = _kept_count(k, v.device)
-        return torch.stack([_colsparse_gemm_op(v[b].contiguous(), w_t, idx[b].to(torch.int32).contiguous(), count,
+        return torch.stack([colsparse_gemm_op(v[b].contiguous(), w_t, idx[b].to(torch.int32).contiguous(), count,
                                                "triton") for b in range(B)])
     return torch.bmm(v.gather(-1, idx[:, None, :].expand(B, T, k)), batched_rows(w_t, idx))
 
@@ -67,7 +67,7 @@ def selected_outputs_matmul(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor,
     B, T, k = x.shape[0], x.shape[1], idx.shape[1]
     if choose_backend(x, backend) == "triton":  # computes the kept outputs only (zeros elsewhere), then reads them
         count = _kept_count(k, x.device)
-        return torch.stack([_rowsparse_op(x[b].contiguous(), w, idx[b].to(torch.int32).contiguous(), count,
+        return torch.stack([rowsparse_op(x[b].contiguous(), w, idx[b].to(torch.int32).contiguous(), count,
                                           "triton").gather(-1, idx[b][None].expand(T, k)) for b in range(B)])
     return torch.bmm(x, batched_rows(w, idx).transpose(1, 2))
 

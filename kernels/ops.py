@@ -20,6 +20,8 @@ from .dispatch import backend as choose_backend
 
 __all__ = [
     "topp_threshold", "kept_indices", "union_density", "column_sparse_matmul", "row_sparse_matmul",
+    # the custom ops themselves (no reshaping or checks): for kernels built on them (kernels/gathered.py)
+    "topp_threshold_op", "colsparse_gemv_op", "colsparse_gemm_op", "rowsparse_op",
 ]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -43,41 +45,41 @@ def _impl(t: torch.Tensor, override: str):
 
 
 @torch.library.custom_op("dllm_sparse::topp_threshold", mutates_args=())
-def _topp_threshold_op(x: torch.Tensor, p: float, backend: str) -> torch.Tensor:
+def topp_threshold_op(x: torch.Tensor, p: float, backend: str) -> torch.Tensor:
     # .contiguous() is a no-op for the callers below; it guards the kernels' layout assumptions when a
     # compiler hands the op differently strided activations.
     return _impl(x, backend).topp_threshold(x.contiguous(), p)
 
 
-@_topp_threshold_op.register_fake
+@topp_threshold_op.register_fake
 def _(x, p, backend):
     return x.new_empty(x.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("dllm_sparse::colsparse_gemv", mutates_args=())
-def _colsparse_gemv_op(x: torch.Tensor, weight_t: torch.Tensor, tau: torch.Tensor, backend: str) -> torch.Tensor:
+def colsparse_gemv_op(x: torch.Tensor, weight_t: torch.Tensor, tau: torch.Tensor, backend: str) -> torch.Tensor:
     return _impl(x, backend).colsparse_gemv(x.contiguous(), weight_t, tau.contiguous())
 
 
-@_colsparse_gemv_op.register_fake
+@colsparse_gemv_op.register_fake
 def _(x, weight_t, tau, backend):
     return x.new_empty(weight_t.shape[1])
 
 
 @torch.library.custom_op("dllm_sparse::colsparse_gemm", mutates_args=())
-def _colsparse_gemm_op(
+def colsparse_gemm_op(
     x: torch.Tensor, weight_t: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, backend: str,
 ) -> torch.Tensor:
     return _impl(x, backend).colsparse_gemm(x.contiguous(), weight_t, idx.contiguous(), count)
 
 
-@_colsparse_gemm_op.register_fake
+@colsparse_gemm_op.register_fake
 def _(x, weight_t, idx, count, backend):
     return x.new_empty(x.shape[0], weight_t.shape[1])
 
 
 @torch.library.custom_op("dllm_sparse::rowsparse_matmul", mutates_args=())
-def _rowsparse_op(
+def rowsparse_op(
     x: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, backend: str,
 ) -> torch.Tensor:
     impl = _impl(x, backend)
@@ -87,7 +89,7 @@ def _rowsparse_op(
     return impl.rowsparse_gemm(x, weight, idx, count)
 
 
-@_rowsparse_op.register_fake
+@rowsparse_op.register_fake
 def _(x, weight, idx, count, backend):
     return x.new_empty(x.shape[0], weight.shape[0])
 
@@ -120,7 +122,7 @@ def topp_threshold(x: torch.Tensor, p: float, *, backend: str | None = None) -> 
         raise ValueError(f"p must be in (0, 1], got {p}")
     d = x.shape[-1]
     x2 = x.detach().reshape(-1, d).contiguous()
-    return _topp_threshold_op(x2, p, backend or "auto").reshape(*x.shape[:-1], 1)
+    return topp_threshold_op(x2, p, backend or "auto").reshape(*x.shape[:-1], 1)
 
 
 def kept_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,12 +184,12 @@ def column_sparse_matmul(
         y = x2.new_zeros(0, d_out)
     elif M == 1:
         t = tau if tau is not None else torch.zeros(1, device=x.device, dtype=torch.float32)
-        y = _colsparse_gemv_op(x2[0].contiguous(), weight_t, t.contiguous(), be).unsqueeze(0)
+        y = colsparse_gemv_op(x2[0].contiguous(), weight_t, t.contiguous(), be).unsqueeze(0)
     else:
         if tau is not None:
             x2 = x2.masked_fill(x2.abs().float() < tau[:, None], 0)
         idx, count = torch_fallback.kept_indices(x2 != 0)
-        y = _colsparse_gemm_op(x2.contiguous(), weight_t, idx, count, be)
+        y = colsparse_gemm_op(x2.contiguous(), weight_t, idx, count, be)
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, d_out)
@@ -216,7 +218,7 @@ def row_sparse_matmul(
     if x2.shape[0] == 0:
         return x.new_zeros(*lead, d_out)
     idx, count = torch_fallback.kept_indices(keep)
-    y = _rowsparse_op(x2, weight, idx, count, backend or "auto")
+    y = rowsparse_op(x2, weight, idx, count, backend or "auto")
     if bias is not None:
         union = keep.reshape(-1, d_out).any(dim=0)
         y = y + bias.masked_fill(~union, 0)

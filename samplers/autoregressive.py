@@ -24,6 +24,7 @@ text contains a stop string.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -119,101 +120,82 @@ class AutoregressiveGenerator:
         ids, am = encode_prompts(prompts, tok, pad_id, attention_mask, apply_chat_template)
         check_ids_fit(model, ids, am, ids.shape[1] + cfg.max_new_tokens, pad_id=pad_id)
         device = model_device(model)
-        ids, am = ids.to(device), am.to(device)
+        d = _Decoding.start(ids.to(device), am.to(device), new_cache(model) if self._use_cache else None)
         B, P = ids.shape
         n_max = cfg.max_new_tokens
-        pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
-        cache = new_cache(model) if self._use_cache else None
-        gens = row_generators(cfg, B, device) if cfg.temperature > 0 else None
-        stop_t = torch.tensor(stop_ids, dtype=torch.long, device=device)
         text_fn = (lambda t: tok.decode(t, skip_special_tokens=True)) if tok is not None else None
-
-        seq, attn = ids, am
-        active = torch.ones(B, dtype=torch.bool, device=device)
-        produced = [0] * B
-        hit_stop = [False] * B
-        prompt_mask = am.bool()
-        # One block: the max_new_tokens positions after the prompt, one token per step (the prefill is step 0).
-        state = StepState(kind="ar", model=model, config=cfg, batch_size=B, prompt_length=P, num_steps=n_max,
-                          geometry=Geometry(gen_length=n_max, block_length=n_max, num_blocks=1, steps=n_max,
-                                            steps_per_block=n_max),
-                          block_slice=slice(P, P + n_max), canvas=seq, attention_mask=attn,
-                          prompt_mask=prompt_mask, forward_batch=B)
+        pick = _TokenChoice(cfg, B, device, pad_id, stop_ids)
+        state = _step_state(model, cfg, d, B, P, n_max)
         cbs = CallbackList(callbacks, model=model)
-        trace: list[StepInfo] = []
-        nfe, stopped = 0, False
-        x_in, pos_in = ids, pos
+        # When nothing observes the steps, whether every row has stopped is read every STOP_CHECK_EVERY steps
+        # (one host sync each, not one per step); the steps run past the last stop are cut from the result below.
+        # Callbacks see every step's state (last_step_of_block included), module hooks (sparsify, statistics) see
+        # every forward, and stop strings are read on the host: then it is read after every step.
+        check_every = 1 if (cbs.items or cfg.stop_strings or _has_forward_hooks(model)) else STOP_CHECK_EVERY
+        steps: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # per step: token, row was active, time
+        all_done_at: list[torch.Tensor] = []  # per step, on the device: no row is active after it
+        n_steps, stopped, checked = n_max, False, 0
         timer = Timer(device)
         try:
             cbs.generation_begin(state)
             for t in range(n_max):
-                S = seq.shape[1]
-                if t == 0:
-                    groups = {"prompt": prompt_mask}
-                else:
-                    decoded = torch.zeros((B, S), dtype=torch.bool, device=device)
-                    decoded[:, P:] = attn[:, P:].bool()
-                    groups = {"decoded": decoded}
-                state.step, state.block, state.step_in_block = t, 0, t
-                state.first_step_of_block, state.last_step_of_block = t == 0, t == n_max - 1
-                state.tag = "prefill" if t == 0 else t
-                state.canvas, state.attention_mask, state.groups = seq, attn, groups
-                state.masked = torch.zeros((B, S), dtype=torch.bool, device=device)
-                state.prompt_mask = torch.nn.functional.pad(prompt_mask, (0, S - P))
-                state.committed, state.new_tokens = None, None
+                _begin_step(state, d, t, P, n_max)
                 cbs.step_begin(state)
-
-                if self._use_cache:
-                    logits = self._forward(x_in, attn, pos_in, cache)
-                    check_cache_length(cache, S, model)  # python ints from tensor shapes: no host sync
-                else:
-                    full_pos = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)
-                    logits = self._forward(seq, attn, full_pos, None)
-                nfe += 1
-                if cfg.temperature == 0:
-                    nxt = logits.argmax(dim=-1)
-                else:
-                    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
-                    nxt = torch.cat([torch.multinomial(probs[r], 1, generator=gens[r]) for r in range(B)])
-                nxt = torch.where(active, nxt, torch.full_like(nxt, pad_id))
-                seq = torch.cat([seq, nxt[:, None]], dim=1)
-                attn = torch.cat([attn, active.long()[:, None]], dim=1)
-                committed = torch.zeros(seq.shape, dtype=torch.bool, device=device)
-                committed[:, -1] = active
-
-                act = active.tolist()
-                new = nxt.tolist()
-                finished = (active & torch.isin(nxt, stop_t)).tolist()
-                for r in range(B):
-                    if not act[r]:
-                        continue
-                    produced[r] += 1
-                    if not finished[r] and cfg.stop_strings and text_fn is not None:
-                        text = text_fn(seq[r, P:].tolist())
-                        finished[r] = any(s in text for s in cfg.stop_strings if s)
-                    hit_stop[r] = finished[r]
-                active = active & ~torch.tensor(finished, dtype=torch.bool, device=device)
-
+                nxt, was_active = self._decode_step(d, pick)
+                if cfg.stop_strings and text_fn is not None:
+                    _stop_at_strings(d, P, text_fn, cfg.stop_strings)
                 elapsed = timer.elapsed()
-                state.canvas, state.attention_mask = seq, attn
-                state.committed, state.new_tokens, state.nfe, state.elapsed = committed, nxt, nfe, elapsed
-                all_done = not bool(active.any())
-                state.last_step_of_block = t == n_max - 1 or all_done
-                trace.append(StepInfo(t, 0, state.tag, nfe, elapsed,
-                                      [[t] if act[r] else [] for r in range(B)],
-                                      [[new[r]] if act[r] else [] for r in range(B)]))
+                steps.append((nxt, was_active, elapsed))
+                all_done_at.append(~d.active.any())
+                done = None
+                if len(all_done_at) - checked == check_every or t == n_max - 1:
+                    done, checked = _first_done(all_done_at, checked), len(all_done_at)
+                all_done = done is not None
+                _end_step(state, d, nxt, was_active, t + 1, elapsed, last=t == n_max - 1 or all_done)
                 if cbs.step_end(state):
-                    stopped = True
+                    n_steps, stopped = t + 1, True
                     break
                 if all_done:
+                    n_steps = done + 1  # steps after it (at most check_every - 1) fed padding only: not part of it
                     break
-                x_in = nxt[:, None]
-                pos_in = pos_in[:, -1:] + 1
         finally:
             cbs.generation_end(state)
         wall = timer.elapsed()
+        return self._result(cfg, d.seq[:, :P + n_steps], P, steps[:n_steps], d, stop_ids, text_fn, stopped, wall)
 
-        seq_cpu = seq.cpu()
+    def _decode_step(self, d: _Decoding, pick: _TokenChoice) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward and its tokens, with the stop-id bookkeeping on the device (no host sync: at temperature 0
+        a traceable function of the loop's tensors). Returns the tokens and which rows were active."""
+        S = d.seq.shape[1]
+        if self._use_cache:
+            logits = self._forward(d.x_in, d.attn, d.pos_in, d.cache)
+            check_cache_length(d.cache, S, self.model)  # python ints from tensor shapes: no host sync
+        else:
+            full_pos = (d.attn.cumsum(-1) - 1).masked_fill(d.attn == 0, 0)
+            logits = self._forward(d.seq, d.attn, full_pos, None)
+        was_active = d.active
+        nxt = torch.where(was_active, pick(logits), pick.pad)
+        d.seq = torch.cat([d.seq, nxt[:, None]], dim=1)
+        d.attn = torch.cat([d.attn, was_active.long()[:, None]], dim=1)
+        finished = was_active & torch.isin(nxt, pick.stop)
+        d.produced += was_active
+        d.hit_stop |= finished
+        d.active = was_active & ~finished
+        d.x_in, d.pos_in = nxt[:, None], d.pos_in[:, -1:] + 1
+        return nxt, was_active
+
+    def _result(self, cfg: GenerationConfig, seq: torch.Tensor, P: int, steps: list, d: _Decoding,
+                stop_ids: list[int], text_fn: Any, stopped: bool, wall: float) -> GenerationResult:
+        """The result of the steps that ran: ids cut at stop ids / strings, texts, reasons, the per-step trace
+        (read from the device once)."""
+        B, n_max = seq.shape[0], cfg.max_new_tokens
+        seq_cpu, produced, hit_stop = seq.cpu(), d.produced.tolist(), d.hit_stop.tolist()
+        tokens = torch.stack([s[0] for s in steps], 1).tolist() if steps else [[] for _ in range(B)]
+        active = torch.stack([s[1] for s in steps], 1).tolist() if steps else [[] for _ in range(B)]
+        trace = [StepInfo(t, 0, "prefill" if t == 0 else t, t + 1, elapsed,
+                          [[t] if active[r][t] else [] for r in range(B)],
+                          [[tokens[r][t]] if active[r][t] else [] for r in range(B)])
+                 for t, (_, _, elapsed) in enumerate(steps)]
         out_ids, texts, reasons = [], [], []
         for r in range(B):
             row = seq_cpu[r, P:P + produced[r]].tolist()
@@ -224,6 +206,113 @@ class AutoregressiveGenerator:
                 reasons.append("stop")
             else:
                 reasons.append("callback" if stopped and produced[r] < n_max else "length")
-        return GenerationResult(sequences=seq_cpu, prompt_length=P, ids=out_ids, texts=texts, nfe=nfe,
+        return GenerationResult(sequences=seq_cpu, prompt_length=P, ids=out_ids, texts=texts, nfe=len(steps),
                                 wall_time=wall, num_tokens=sum(produced), trace=trace, finish_reasons=reasons,
                                 kind=self.kind, config=cfg, kv_cache=self._use_cache)
+
+
+#: Without callbacks or stop strings, every how many steps the loop reads whether every row has stopped.
+STOP_CHECK_EVERY = 8
+
+
+@dataclass
+class _Decoding:
+    """The loop's tensors between steps, on the model's device."""
+
+    seq: torch.Tensor  # [B, S] prompts and the tokens so far
+    attn: torch.Tensor  # [B, S] attention mask (0 at padding and after a row stopped)
+    x_in: torch.Tensor  # what the next forward is fed: the prompts, then the last token
+    pos_in: torch.Tensor  # their positions
+    cache: Any
+    prompt_mask: torch.Tensor  # [B, P]
+    active: torch.Tensor  # [B] bool: the row has not stopped
+    produced: torch.Tensor  # [B] long: tokens decoded (stop token included)
+    hit_stop: torch.Tensor  # [B] bool: the row stopped at a stop id or string
+
+    @classmethod
+    def start(cls, ids: torch.Tensor, am: torch.Tensor, cache: Any) -> _Decoding:
+        B, device = ids.shape[0], ids.device
+        pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
+        return cls(ids, am, ids, pos, cache, am.bool(), torch.ones(B, dtype=torch.bool, device=device),
+                   torch.zeros(B, dtype=torch.long, device=device), torch.zeros(B, dtype=torch.bool, device=device))
+
+
+class _TokenChoice:
+    """The next token from the last position's logits: greedy at temperature 0, else sampled from
+    softmax(logits / T) with each row's own generator; plus the pad and stop ids as device tensors."""
+
+    def __init__(self, cfg: GenerationConfig, B: int, device: torch.device, pad_id: int, stop_ids: list[int]):
+        self.temperature = cfg.temperature
+        self.gens = row_generators(cfg, B, device) if cfg.temperature > 0 else None
+        self.pad = torch.tensor(pad_id, device=device)
+        self.stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.temperature == 0:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        return torch.cat([torch.multinomial(probs[r], 1, generator=self.gens[r]) for r in range(len(self.gens))])
+
+
+def _step_state(model: Any, cfg: GenerationConfig, d: _Decoding, B: int, P: int, n_max: int) -> StepState:
+    """The state callbacks see. One block: the max_new_tokens positions after the prompt, one token per step
+    (the prefill is step 0)."""
+    return StepState(kind="ar", model=model, config=cfg, batch_size=B, prompt_length=P, num_steps=n_max,
+                     geometry=Geometry(gen_length=n_max, block_length=n_max, num_blocks=1, steps=n_max,
+                                       steps_per_block=n_max),
+                     block_slice=slice(P, P + n_max), canvas=d.seq, attention_mask=d.attn,
+                     prompt_mask=d.prompt_mask, forward_batch=B)
+
+
+def _begin_step(state: StepState, d: _Decoding, t: int, P: int, n_max: int) -> None:
+    """The state before step t's forward: its tag and token groups (the prompt at the prefill, then the decoded
+    tokens)."""
+    B, S = d.seq.shape
+    device = d.seq.device
+    if t == 0:
+        groups = {"prompt": d.prompt_mask}
+    else:
+        decoded = torch.zeros((B, S), dtype=torch.bool, device=device)
+        decoded[:, P:] = d.attn[:, P:].bool()
+        groups = {"decoded": decoded}
+    state.step, state.block, state.step_in_block = t, 0, t
+    state.first_step_of_block, state.last_step_of_block = t == 0, t == n_max - 1
+    state.tag = "prefill" if t == 0 else t
+    state.canvas, state.attention_mask, state.groups = d.seq, d.attn, groups
+    state.masked = torch.zeros((B, S), dtype=torch.bool, device=device)
+    state.prompt_mask = torch.nn.functional.pad(d.prompt_mask, (0, S - P))
+    state.committed, state.new_tokens = None, None
+
+
+def _end_step(state: StepState, d: _Decoding, nxt: torch.Tensor, was_active: torch.Tensor, nfe: int,
+              elapsed: float, last: bool) -> None:
+    """The state after a step's forward: the token each active row committed at the new last position."""
+    committed = torch.zeros(d.seq.shape, dtype=torch.bool, device=d.seq.device)
+    committed[:, -1] = was_active
+    state.canvas, state.attention_mask = d.seq, d.attn
+    state.committed, state.new_tokens, state.nfe, state.elapsed = committed, nxt, nfe, elapsed
+    state.last_step_of_block = last
+
+
+def _stop_at_strings(d: _Decoding, P: int, text_fn: Any, stop_strings: Any) -> None:
+    """Stop the active rows whose decoded text now contains a stop string (read on the host: the text is)."""
+    for r, is_active in enumerate(d.active.tolist()):
+        if is_active and any(s in text_fn(d.seq[r, P:].tolist()) for s in stop_strings if s):
+            d.hit_stop[r] = True
+            d.active[r] = False
+
+
+def _has_forward_hooks(model: torch.nn.Module) -> bool:
+    """Whether a forward hook could see a step's forward (a padding-only step past the last stop included)."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def _first_done(all_done_at: list[torch.Tensor], first_step: int) -> int | None:
+    """The first step from ``first_step`` on (the steps not read yet) after which no row was active, or None
+    (``all_done_at``: one device flag per step). One host sync."""
+    flags = torch.stack(all_done_at[first_step:]).tolist()
+    return next((first_step + i for i, done in enumerate(flags) if done), None)

@@ -320,3 +320,48 @@ def test_prompt_learning_adapter_is_refused_for_cached_decoding(llama):
     assert out.ids == [seq[0, len(prompt):].tolist()]
     bare = AutoregressiveGenerator(llama).generate([prompt], GenerationConfig(max_new_tokens=4, stop_token_ids=()))
     assert out.ids != bare.ids  # the prefix changes the tokens: what a dropped prefix would lose
+
+
+# ---- stop handling without a host sync per step ---------------------------------------------------------------
+
+
+def _fields(out):
+    return (out.sequences.tolist(), out.ids, out.nfe, out.num_tokens, out.finish_reasons,
+            [(s.step, s.tag, s.nfe, s.committed, s.tokens) for s in out.trace])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_stop_checks_every_k_steps_give_the_per_step_result(llama, monkeypatch, temperature):
+    """Without callbacks the loop reads "every row stopped" every STOP_CHECK_EVERY steps (one host sync each) and
+    cuts the steps run past the last stop: the result equals reading it after every step, for any k, with rows
+    stopping at different steps (greedy and seeded sampling)."""
+    from dllm_sparse.samplers import autoregressive
+
+    free = generate(llama, None, PROMPTS, GenerationConfig(max_new_tokens=12, stop_token_ids=(),
+                                                          temperature=temperature, seed=3))
+    eos = free.generated[1, 1].item()  # row 1 stops at step 1; the others later or never
+    cfg = GenerationConfig(max_new_tokens=12, stop_token_ids=[eos], pad_id=PAD, temperature=temperature, seed=3)
+    reads = []
+    real = autoregressive._first_done
+    monkeypatch.setattr(autoregressive, "_first_done", lambda flags, first: reads.append(first) or real(flags, first))
+    results = {}
+    for k in (1, 3, 8, 64):
+        monkeypatch.setattr(autoregressive, "STOP_CHECK_EVERY", k)
+        reads.clear()
+        results[k] = _fields(generate(llama, None, PROMPTS, cfg))
+        assert len(reads) == (results[k][2] if k == 1 else min(-(-results[1][2] // k), 1 + 11 // k))  # per k steps
+    assert results[3] == results[1] and results[8] == results[1] and results[64] == results[1]
+    assert results[1][4][1] == "stop" and results[1][2] > 2  # the rows did stop at different steps
+    # With a callback every step is read (it sees last_step_of_block), and the result is the same again.
+    seen = []
+    with_cb = generate(llama, None, PROMPTS, cfg, callbacks=[lambda state: seen.append(state.last_step_of_block)])
+    assert _fields(with_cb) == results[1] and seen == [False] * (len(seen) - 1) + [True]
+    # A module hook sees every forward: no padding-only step may run past the last stop (k = 64 still set).
+    forwards = []
+    handle = llama.model.embed_tokens.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        reads.clear()
+        assert _fields(generate(llama, None, PROMPTS, cfg)) == results[1]
+    finally:
+        handle.remove()
+    assert len(forwards) == len(reads) == results[1][2]

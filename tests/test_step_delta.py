@@ -410,7 +410,7 @@ def test_triton_backend_equals_the_torch_backend(config, monkeypatch):
     torch.manual_seed(0)
     model = LLaDAModelLM(tiny_llada_config()).eval().to(DEVICE)
     launches = []
-    for op in ("_colsparse_gemm_op", "_rowsparse_op"):
+    for op in ("colsparse_gemm_op", "rowsparse_op"):
         real = getattr(gathered_module, op)
         monkeypatch.setattr(gathered_module, op, lambda *a, _real=real, _op=op: launches.append(_op) or _real(*a))
     outputs = {}

@@ -43,8 +43,9 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dllm_sparse.models.loading import LoadedModel
@@ -301,44 +302,10 @@ def write_summary(out_dir: Path, args, notes: list[str], table: list[dict], ov: 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def main(argv=None, prog: str | None = None) -> int:
-    args = parse_args(argv, prog)
-    import matplotlib
-
-    matplotlib.use("Agg")  # this script writes figure files; the library leaves the backend to its user
-    import torch
-    from tqdm.auto import tqdm
-
-    from dllm_sparse.eval.rows import JsonlWriter, atomic_write_csv, finished
-    from dllm_sparse.eval.studies.reuse_plots import (
-        plot_overlap,
-        plot_step_matrices,
-        plot_tracker_heatmaps,
-        plot_tradeoff,
-    )
-    from dllm_sparse.eval.studies.reuse_study import (
-        MODEL_FIELDS,
-        OVERLAP_COLS,
-        TABLE_COLS,
-        StudySettings,
-        cell_key,
-        check_cell_keys,
-        derive,
-        model_fields,
-        n_layers,
-        passage_trajectories,
-        run_cell,
-        spread,
-    )
-    from dllm_sparse.models.loading import check_available, load_model
-    from dllm_sparse.samplers import GenerationConfig, resolve_geometry
+def _policy_lists(args) -> tuple[list[str], list[str]]:
+    """The diffusion and AR policies, ``fresh`` first (the reference of every other), each checked by name."""
     from dllm_sparse.samplers.reuse import make_policy
 
-    t_start = time.perf_counter()
-    torch.set_num_threads(max(1, args.threads))
-    out_dir = Path(args.output_dir)
-    args.gaps_list = [int(g) for g in _csv_list(args.gaps)]
-    sites = args.sites
     policies = _csv_list(args.policies)
     if "fresh" not in policies:
         policies = ["fresh", *policies]
@@ -347,27 +314,46 @@ def main(argv=None, prog: str | None = None) -> int:
         ar_policies = ["fresh", *ar_policies]
     for spec in {*policies, *ar_policies}:
         make_policy(spec)  # fail early on a typo
-    notes: list[str] = []
+    return policies, ar_policies
 
-    lm, note = load_diffusion(args.model, args.dtype, args.device, not args.no_fallback)
-    run_ar = args.ar_model.lower() != "none" and bool(ar_policies)
-    if run_ar:  # the AR model loads after the diffusion cells (one model in memory at a time): find it now
-        check_available(args.ar_model)
-    # The output folder is created only once the models are known to load: a failure leaves no folder behind.
-    for sub in ("overlap_cells", "overlap_steps", "figures"):
-        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+
+def _model_note(args, note: str) -> str | None:
+    """What the outputs say about the diffusion model: the fallback's note, or the embedded twin's adapter."""
     if note:
-        print(note, file=sys.stderr)
-        notes.append(note)
-    elif args.model == "smollm2-135m-mdm":
+        return note
+    if args.model == "smollm2-135m-mdm":
         from dllm_sparse.models.adapt import adapter_hash
         from dllm_sparse.models.twin import SMOLLM2_MDM_ADAPTER
 
-        notes.append(f"Diffusion model: the embedded smollm2-135m-mdm (adapter {adapter_hash(SMOLLM2_MDM_ADAPTER)}, "
-                     "SmolLM2-135M adapted to masked diffusion with LoRA; see dllm_sparse/data/smollm2-135m-mdm).")
-    L = n_layers(lm.model)
+        return (f"Diffusion model: the embedded smollm2-135m-mdm (adapter {adapter_hash(SMOLLM2_MDM_ADAPTER)}, "
+                "SmolLM2-135M adapted to masked diffusion with LoRA; see dllm_sparse/data/smollm2-135m-mdm).")
+    return None
+
+
+@dataclass
+class _Study:
+    """What every cell of a run shares: its settings and where finished cells go."""
+
+    args: argparse.Namespace
+    prompts: list[str]
+    settings: Any  # dllm_sparse.eval.studies.reuse_study.StudySettings
+    kernel_layers: list[int]
+    kernel_steps: list[int]
+    note: str
+    out_dir: Path
+    done: dict = field(default_factory=dict)  # key -> finished row
+    planned: set = field(default_factory=set)  # the keys of this run's cells
+    writer: Any = None
+
+
+def _study_settings(args, lm: LoadedModel) -> tuple[Any, Any, list[int], list[int], list[str]]:
+    """(generation config, StudySettings, kernel layers, kernel steps, prompts) of the diffusion cells; fills
+    ``args.track_layers_list``, ``args.keywords`` and the passages (the summary reads them)."""
+    from dllm_sparse.eval.studies.reuse_study import StudySettings, n_layers, passage_trajectories, spread
+    from dllm_sparse.samplers import GenerationConfig, resolve_geometry
+
     args.track_layers_list = ([int(x) for x in _csv_list(args.track_layers)] if args.track_layers
-                              else spread(L, 4))
+                              else spread(n_layers(lm.model), 4))
     if args.kernel_layers and args.kernel_layers.lower() == "none":
         kernel_layers = []
     elif args.kernel_layers:
@@ -375,7 +361,6 @@ def main(argv=None, prog: str | None = None) -> int:
     else:
         kernel_layers = args.track_layers_list[1:3] or args.track_layers_list[:1]
     prompts, args.keywords = load_prompts(args)
-    chat = not args.no_chat_template
     gcfg = GenerationConfig(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
                             cfg_scale=args.cfg_scale, stop_token_ids=(), seed=args.seed)
     args.passage_ids, args.passage_traj = (passage_trajectories(lm.tokenizer, gcfg, args.passages,
@@ -390,62 +375,71 @@ def main(argv=None, prog: str | None = None) -> int:
     spb = resolve_geometry(gcfg).steps_per_block
     first = spb if args.steps > spb else 0
     kernel_steps = list(range(first, min(args.steps, first + (args.kernel_steps or spb))))
+    return gcfg, settings, kernel_layers, kernel_steps, prompts
 
-    cells_path = out_dir / "cells.jsonl"
-    done = finished(cells_path)
-    check_cell_keys(done, cells_path)
-    writer = JsonlWriter(cells_path)
-    print(f"[mask_reuse] {len(done)} finished cells in {cells_path}", flush=True)
 
-    planned: set[str] = set()
+def _cell_base(study: _Study, model_lm: LoadedModel, kind: str, site, pol, g_cfg, ids, loaded: dict) -> dict:
+    """The settings that identify one cell (its key)."""
+    args = study.args
+    return {"model": model_lm.name, "kind": kind, "site": site, "policy": pol or "dense", "p": args.p,
+            "new_positions": args.new_positions, "gen": g_cfg.to_dict(), "prompts": ids,
+            "probe": [args.probe_layer, args.probe_positions, args.probe_metric, args.probe_region]
+            if pol and "adaptive" in pol else None, "track": args.track_layers_list if pol == "fresh" else None,
+            "kernel": [study.kernel_layers, study.kernel_steps] if kind == "diffusion" and pol else None,
+            "tf": bool(args.teacher_forced and kind == "diffusion"),
+            "elbo": [len(args.passage_ids), args.passage_prompt_len] if kind == "diffusion" else None,
+            "task": bool(args.keywords), **loaded,
+            **({"scope": args.scope} if args.scope != "token" else {})}  # token keys stay as they were
 
-    def plan_for(model_lm, kind, pols, g_cfg):
-        ids = encode(model_lm.tokenizer, prompts, chat)
-        loaded = model_fields(model_lm)  # weights hash, dtype, device type: part of every key
-        plan = [(None, None)] + [(s, p) for s in sites for p in pols]
-        # a bar over this model's cells, on stderr, hidden when it is not a terminal
-        bar = tqdm(plan, desc=f"mask-reuse {kind}", unit="cell", file=sys.stderr, disable=None, dynamic_ncols=True)
-        for site, pol in bar:
-            base = {"model": model_lm.name, "kind": kind, "site": site, "policy": pol or "dense", "p": args.p,
-                    "new_positions": args.new_positions, "gen": g_cfg.to_dict(), "prompts": ids,
-                    "probe": [args.probe_layer, args.probe_positions, args.probe_metric, args.probe_region]
-                    if pol and "adaptive" in pol else None, "track": args.track_layers_list if pol == "fresh" else None,
-                    "kernel": [kernel_layers, kernel_steps] if kind == "diffusion" and pol else None,
-                    "tf": bool(args.teacher_forced and kind == "diffusion"),
-                    "elbo": [len(args.passage_ids), args.passage_prompt_len] if kind == "diffusion" else None,
-                    "task": bool(args.keywords), **loaded,
-                    **({"scope": args.scope} if args.scope != "token" else {})}  # token keys stay as they were
-            key = cell_key(**base)
-            planned.add(key)
-            if key in done:
-                continue
-            t0 = time.perf_counter()
-            norm = json.loads(key)
-            same = ("model", "kind", "gen", "prompts", "tf", *MODEL_FIELDS)
-            dense_row = next((r for k, r in done.items() if r["policy"] == "dense"
-                              and all(json.loads(k).get(f) == norm[f] for f in same)), None)
-            row = run_cell(model_lm, ids, g_cfg, site, pol, settings, out_dir, key, track=(pol == "fresh"),
-                           kernel_layers=kernel_layers if kind == "diffusion" else [], kernel_steps=kernel_steps,
-                           dense_row=dense_row)
-            row = {"key": key, "model": model_lm.name, "kind": kind, "site": site, "policy": pol or "dense",
-                   "p": args.p, "scope": args.scope, "new_positions": args.new_positions,
-                   "note": note if kind == "diffusion" else "",
-                   **row}
-            writer.write(row)
-            done[key] = row
-            bar.write(f"[mask_reuse] {kind:9s} {site or 'dense':12s} {pol or '':14s} {time.perf_counter() - t0:6.1f}s "
-                      f"sparsity={_f(row.get('sparsity'))} selections={row.get('selections', '–')}", file=sys.stdout)
 
-    plan_for(lm, "diffusion", policies, gcfg)
-    del lm
-    if run_ar:
-        ar = load_model(args.ar_model, dtype=args.dtype, device=None if args.device == "cpu" else args.device)
-        plan_for(ar, "ar", ar_policies, GenerationConfig(max_new_tokens=args.gen_length, stop_token_ids=(),
-                                                         seed=args.seed))
-    writer.close()
+def _run_cells(study: _Study, model_lm: LoadedModel, kind: str, pols: list[str], g_cfg) -> None:
+    """Run (or skip, when finished) the dense cell and every site x policy cell of one model."""
+    from tqdm.auto import tqdm
 
-    # ---- tables, figures, summary (rebuilt from every finished cell of these settings) ----
-    rows = [r for k, r in finished(cells_path).items() if k in planned]
+    from dllm_sparse.eval.studies.reuse_study import MODEL_FIELDS, cell_key, model_fields, run_cell
+
+    args, done = study.args, study.done
+    ids = encode(model_lm.tokenizer, study.prompts, not args.no_chat_template)
+    loaded = model_fields(model_lm)  # weights hash, dtype, device type: part of every key
+    plan = [(None, None)] + [(s, p) for s in args.sites for p in pols]
+    # a bar over this model's cells, on stderr, hidden when it is not a terminal
+    bar = tqdm(plan, desc=f"mask-reuse {kind}", unit="cell", file=sys.stderr, disable=None, dynamic_ncols=True)
+    for site, pol in bar:
+        key = cell_key(**_cell_base(study, model_lm, kind, site, pol, g_cfg, ids, loaded))
+        study.planned.add(key)
+        if key in done:
+            continue
+        t0 = time.perf_counter()
+        norm = json.loads(key)
+        same = ("model", "kind", "gen", "prompts", "tf", *MODEL_FIELDS)
+        dense_row = next((r for k, r in done.items() if r["policy"] == "dense"
+                          and all(json.loads(k).get(f) == norm[f] for f in same)), None)
+        row = run_cell(model_lm, ids, g_cfg, site, pol, study.settings, study.out_dir, key, track=(pol == "fresh"),
+                       kernel_layers=study.kernel_layers if kind == "diffusion" else [],
+                       kernel_steps=study.kernel_steps, dense_row=dense_row)
+        row = {"key": key, "model": model_lm.name, "kind": kind, "site": site, "policy": pol or "dense",
+               "p": args.p, "scope": args.scope, "new_positions": args.new_positions,
+               "note": study.note if kind == "diffusion" else "",
+               **row}
+        study.writer.write(row)
+        done[key] = row
+        bar.write(f"[mask_reuse] {kind:9s} {site or 'dense':12s} {pol or '':14s} {time.perf_counter() - t0:6.1f}s "
+                  f"sparsity={_f(row.get('sparsity'))} selections={row.get('selections', '–')}", file=sys.stdout)
+
+
+def _write_outputs(study: _Study, cells_path: Path, notes: list[str], t_start: float) -> None:
+    """Tables, figures and the summary, rebuilt from every finished cell of these settings."""
+    from dllm_sparse.eval.rows import atomic_write_csv, finished
+    from dllm_sparse.eval.studies.reuse_plots import (
+        plot_overlap,
+        plot_step_matrices,
+        plot_tracker_heatmaps,
+        plot_tradeoff,
+    )
+    from dllm_sparse.eval.studies.reuse_study import OVERLAP_COLS, TABLE_COLS, derive
+
+    out_dir = study.out_dir
+    rows = [r for k, r in finished(cells_path).items() if k in study.planned]
     table = derive(rows)
     atomic_write_csv(out_dir / "policies.csv", table, TABLE_COLS)
     ov = []
@@ -460,8 +454,54 @@ def main(argv=None, prog: str | None = None) -> int:
     figs += plot_tracker_heatmaps(rows, out_dir, out_dir / "figures")
     figs += plot_tradeoff(table, out_dir / "figures")
     wall = time.perf_counter() - t_start
-    write_summary(out_dir, args, notes, table, ov, figs, wall, sum(float(r.get("cell_s") or 0) for r in rows))
+    write_summary(out_dir, study.args, notes, table, ov, figs, wall, sum(float(r.get("cell_s") or 0) for r in rows))
     print(f"[mask_reuse] done in {wall:.0f} s -> {out_dir}/summary.md", flush=True)
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
+    import matplotlib
+
+    matplotlib.use("Agg")  # this script writes figure files; the library leaves the backend to its user
+    import torch
+
+    from dllm_sparse.eval.rows import JsonlWriter, finished
+    from dllm_sparse.eval.studies.reuse_study import check_cell_keys
+    from dllm_sparse.models.loading import check_available, load_model
+    from dllm_sparse.samplers import GenerationConfig
+
+    t_start = time.perf_counter()
+    torch.set_num_threads(max(1, args.threads))
+    out_dir = Path(args.output_dir)
+    args.gaps_list = [int(g) for g in _csv_list(args.gaps)]
+    policies, ar_policies = _policy_lists(args)
+    lm, note = load_diffusion(args.model, args.dtype, args.device, not args.no_fallback)
+    run_ar = args.ar_model.lower() != "none" and bool(ar_policies)
+    if run_ar:  # the AR model loads after the diffusion cells (one model in memory at a time): find it now
+        check_available(args.ar_model)
+    # The output folder is created only once the models are known to load: a failure leaves no folder behind.
+    for sub in ("overlap_cells", "overlap_steps", "figures"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    if note:
+        print(note, file=sys.stderr)
+    model_note = _model_note(args, note)
+    notes = [model_note] if model_note else []
+    gcfg, settings, kernel_layers, kernel_steps, prompts = _study_settings(args, lm)
+
+    cells_path = out_dir / "cells.jsonl"
+    done = finished(cells_path)
+    check_cell_keys(done, cells_path)
+    study = _Study(args, prompts, settings, kernel_layers, kernel_steps, note, out_dir, done,
+                   writer=JsonlWriter(cells_path))
+    print(f"[mask_reuse] {len(done)} finished cells in {cells_path}", flush=True)
+    _run_cells(study, lm, "diffusion", policies, gcfg)
+    del lm
+    if run_ar:
+        ar = load_model(args.ar_model, dtype=args.dtype, device=None if args.device == "cpu" else args.device)
+        _run_cells(study, ar, "ar", ar_policies, GenerationConfig(max_new_tokens=args.gen_length, stop_token_ids=(),
+                                                                   seed=args.seed))
+    study.writer.close()
+    _write_outputs(study, cells_path, notes, t_start)
     return 0
 
 
