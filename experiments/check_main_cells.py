@@ -10,8 +10,11 @@ folder (so the dense passes of the first group serve the later ones), and every 
 committed row of the same key in every field except the ones that record when, where and how long
 (``seconds``, ``finished_at``, ``rank``): the per-item scores (``items``), the metrics, the measured sparsities,
 relative performance, the model identity. Floating-point results depend on the CPU and the thread count: run it on
-the kind of machine the rows were made on (their ``threads`` field: 1; ``--threads``) to expect exact equality.
-Exit status 0 when every row is equal, 1 otherwise (the differing fields are printed).
+the kind of machine the rows were made on (their ``threads`` field: 1; ``--threads``) to expect exact equality. On
+another CPU kind, compare with rows made on this machine instead: ``--results`` takes any sweep folder holding these
+cells (its rows.jsonl and sweep_config.json), e.g. one computed by the code before a change. A ``--work-dir`` that
+already holds the cells is resumed, not recomputed. Exit status 0 when every row is equal, 1 otherwise (the
+differing fields are printed).
 """
 
 from __future__ import annotations
