@@ -135,7 +135,7 @@ def llama() -> torch.nn.Module:
 
 def build_byte_hf_tokenizer(chat_template: str | None = None):
     """A real Hugging Face tokenizer (``PreTrainedTokenizerFast``) over UTF-8 bytes with the ids of
-    :class:`dllm_sparse.eval.scoring.scorer.ByteTokenizer`'s layout: 0 pad, 1 bos, 2 eos, 3 mask, then the 256 bytes
+    :class:`byte_tokenizer.ByteTokenizer`'s layout: 0 pad, 1 bos, 2 eos, 3 mask, then the 256 bytes
     (vocabulary 260, for tiny models built with ``vocab_size=260``). ``chat_template``: a Jinja chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -8,7 +8,8 @@ def test_importing_and_plotting_keeps_the_users_backend(tmp_path):
     code = f"""
 import matplotlib
 matplotlib.use("svg")
-from dllm_sparse.eval import plots, reuse_plots  # noqa: F401
+from dllm_sparse.eval.analysis import plots  # noqa: F401
+from dllm_sparse.eval.studies import reuse_plots  # noqa: F401
 from dllm_sparse.eval.analysis.plots import plot_relative_performance
 rows = [{{"model": "A", "kind": "ar", "site": "dense", "rule": "dense", "p": 1.0, "task": "t",
          "sparsity_by_site": {{"input": 0.0}}, "relative_performance": 1.0}},

@@ -1,1 +1,3 @@
-"""Evaluation, above the samplers: likelihood scorers, tasks, the lm-eval model, sweeps, critical sparsity, plots."""
+"""Evaluation, above the samplers: ``scoring`` (likelihoods and the Scorer), ``tasks`` (built-in and lm-eval tasks,
+the lm-eval model), ``sweep`` (resumable sweeps), ``analysis`` (critical sparsity, bootstrap, plots) and ``studies``
+(each study script's library side); ``identity`` and ``rows`` are shared by all of them."""

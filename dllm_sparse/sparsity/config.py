@@ -7,7 +7,7 @@
 
     with sparsify(model, cfg) as stats: ...                     # every entry point takes it:
     StepSparsity(cfg); accelerate_ffn(model, cfg)               # hooks, samplers, kernels,
-    scorer.loglikelihood(pairs, sparsity=cfg)                   # likelihood scorers, sweeps, lm-eval
+    with scorer.sparsified(cfg): scorer.loglikelihood(pairs)    # likelihood scorers, sweeps, lm-eval
 
 The id is ``site:rule:threshold:scope`` plus ``:layers=i/j/...`` when only some layers are sparsified. The
 threshold is written with ``repr(float)``, the shortest text that reads back to the same float, so two

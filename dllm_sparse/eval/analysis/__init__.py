@@ -1,1 +1,1 @@
-"""analysis"""
+"""What is computed from sweep rows: critical sparsity, paired bootstrap intervals, figures."""

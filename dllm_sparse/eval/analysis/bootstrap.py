@@ -53,7 +53,7 @@ RESAMPLABLE = ("acc", "acc_norm", "margin", "ppl", "nll_per_token")
 
 
 def item_scores(details: Sequence[dict]) -> dict | None:
-    """The compact per-item scores a sweep row stores, from a :class:`~dllm_sparse.eval.tasks.builtin.TaskResult`'s
+    """The compact per-item scores a sweep row stores, from a :class:`~dllm_sparse.eval.tasks.base.TaskResult`'s
     ``details``: ``{"ids", "acc", "acc_norm"}`` for multiple choice, ``{"ids", "ll", "tokens"}`` for perplexity;
     None when the details are of another kind (or empty)."""
     if not details:

@@ -244,7 +244,7 @@ class Scorer:
 
     @property
     def config_id(self) -> str:
-        """:meth:`identity` of the scorer's default sparsity."""
+        """:meth:`identity` of a call made now (the sparsity in force)."""
         return self.identity()
 
     def _default_max_length(self) -> int:

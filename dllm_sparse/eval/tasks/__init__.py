@@ -1,1 +1,1 @@
-"""tasks"""
+"""Evaluation tasks: the built-in offline suite, lm-evaluation-harness tasks, and the lm-eval model ``dllm_sparse``."""
