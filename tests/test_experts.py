@@ -1,0 +1,295 @@
+"""Routed experts are sparsified as FFNs (docs/moe.md): tiny Gemma 4 (enable_moe_block), Qwen3-MoE and Mixtral
+against a hand-written loop over each token's routed experts with brute-force top-p masks, p = 1 bit for bit
+equal to the dense model, statistics per layer and per expert, wrapped models, and the refusals."""
+
+import pytest
+import torch
+from conftest import WRAPPERS, wrapped_model
+from test_adapters_sparsify import brute_top_p_mask
+
+from dllm_sparse import FamilyProfile, TopP, find_ffns, sparsify
+from dllm_sparse.models.families import find_experts
+from dllm_sparse.sparsity.hooks import MaskEvent
+
+transformers = pytest.importorskip("transformers")
+
+SITES = ["input", "gate", "up", "intermediate"]
+
+
+def _randomise(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:  # weights (and 3D expert weights); norms keep their init
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def gemma4(dtype=torch.float32):
+    torch.manual_seed(0)
+    cfg = transformers.Gemma4TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, enable_moe_block=True, num_experts=4, top_k_experts=2,
+        moe_intermediate_size=24, layer_types=["sliding_attention", "full_attention"])
+    return _randomise(transformers.Gemma4ForCausalLM(cfg)).to(dtype)
+
+
+def qwen3_moe(dtype=torch.float32):
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1])
+    return _randomise(transformers.Qwen3MoeForCausalLM(cfg)).to(dtype)
+
+
+def mixtral(dtype=torch.float32):
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2)
+    return _randomise(transformers.MixtralForCausalLM(cfg)).to(dtype)
+
+
+MODELS = {"gemma4": gemma4, "qwen3_moe": qwen3_moe, "mixtral": mixtral}
+IDS = torch.tensor([[5, 17, 3, 42, 8, 9, 60], [7, 7, 1, 9, 33, 4, 2]])
+
+
+def reference_experts(module, hidden, top_k_index, top_k_weights, site, p):
+    """Hand-written: for each token and each of its routed experts, the expert's FFN with the brute-force top-p
+    mask of ``site`` applied by hand. Returns the output and {expert: [zero counts of its (token) vectors]}."""
+    zeros = {}
+    out = torch.zeros(hidden.shape, dtype=torch.float64)
+    act = module.act_fn
+    for t in range(hidden.shape[0]):
+        for k in range(top_k_index.shape[1]):
+            e = int(top_k_index[t, k])
+            w_gate, w_up = module.gate_up_proj[e].chunk(2, dim=0)
+            x = hidden[t]
+
+            def cut(v):
+                v = v * brute_top_p_mask(v, p)
+                zeros.setdefault(e, []).append(int((v == 0).sum()))
+                return v
+
+            x = cut(x) if site == "input" else x
+            g, u = act(w_gate @ x), w_up @ x
+            g = cut(g) if site == "gate" else g
+            u = cut(u) if site == "up" else u
+            h = g * u
+            h = cut(h) if site == "intermediate" else h
+            out[t] += (module.down_proj[e] @ h).double() * float(top_k_weights[t, k])
+    return out, zeros
+
+
+def _capture_experts_calls(model):
+    calls = []
+    handles = [f.experts.register_forward_hook(
+        lambda m, args, out, layer=f.layer: calls.append((layer, m, [a.detach().clone() for a in args], out.detach())))
+        for f in find_experts(model)]
+    return calls, handles
+
+
+def test_profiles_find_the_experts_and_the_dense_ffns():
+    assert [f.layer for f in find_ffns(gemma4())] == [0, 1]  # Gemma 4: dense MLP and experts in every block
+    assert [f.layer for f in find_experts(gemma4())] == [0, 1]
+    assert [f.layer for f in find_ffns(qwen3_moe())] == [1]  # Qwen3-MoE: layer 1 is in mlp_only_layers
+    assert [f.layer for f in find_experts(qwen3_moe())] == [0, 2]
+    assert find_ffns(mixtral()) == [] and [f.layer for f in find_experts(mixtral())] == [0, 1]
+
+
+@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("site", SITES)
+def test_experts_match_the_hand_written_reference(family, site):
+    model, p = MODELS[family](), 0.7
+    calls, handles = _capture_experts_calls(model)
+    with torch.no_grad(), sparsify(model, site, TopP(p)) as stats:
+        model(IDS)
+    for h in handles:
+        h.remove()
+    assert [c[0] for c in calls] == [f.layer for f in find_experts(model)]
+    layer_zeros, layer_entries = {}, {}
+    for layer, module, (hidden, index, weights), got in calls:
+        want, zeros = reference_experts(module, hidden, index, weights, site, p)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        per_expert = stats.per_expert(site)
+        width = hidden.shape[-1] if site == "input" else module.intermediate_dim
+        assert {e for (lay, e) in per_expert if lay == layer} == set(zeros)
+        for e, z in zeros.items():
+            row = per_expert[(layer, e)]
+            assert row["tokens"] == len(z) == int((index == e).sum())  # every (token, expert) pair counted once
+            assert row["sparsity"] == pytest.approx(sum(z) / (len(z) * width))
+        layer_zeros[layer] = sum(sum(z) for z in zeros.values())
+        layer_entries[layer] = index.numel() * width
+        assert stats.per_layer(site, part="experts")[layer] == pytest.approx(layer_zeros[layer] / layer_entries[layer])
+    assert 0 < stats.mean(site, part="experts") < 1
+
+
+@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
+def test_p_one_equals_dense_bit_for_bit(family, dtype, implementation):
+    model = MODELS[family](dtype)
+    model.set_experts_implementation(implementation)
+    with torch.no_grad():
+        dense = model(IDS).logits
+        for site in SITES:
+            with sparsify(model, site, TopP(1.0)) as stats:
+                got = model(IDS).logits
+            assert torch.equal(got, dense), site
+            assert stats.per_expert(site)  # the experts went through the sparse implementation
+    assert model.config._experts_implementation == implementation  # restored
+
+
+def test_bf16_eager_and_grouped_differ_so_p_one_test_discriminates():
+    a, b = gemma4(torch.bfloat16), gemma4(torch.bfloat16)
+    a.set_experts_implementation("eager")
+    with torch.no_grad():
+        assert not torch.equal(a(IDS).logits, b(IDS).logits)
+
+
+def test_pooled_layer_sparsity_weighs_dense_and_expert_entries():
+    model = gemma4()
+    with torch.no_grad(), sparsify(model, "intermediate", TopP(0.6)) as stats:
+        model(IDS)
+    dense_width, expert_width = model.config.intermediate_size, model.config.moe_intermediate_size
+    for layer, pooled in stats.per_layer("intermediate").items():
+        d = stats.per_layer("intermediate", part="dense")[layer]
+        e = stats.per_layer("intermediate", part="experts")[layer]
+        n_tokens, n_pairs = IDS.numel(), IDS.numel() * model.config.top_k_experts
+        want = (d * n_tokens * dense_width + e * n_pairs * expert_width) / (n_tokens * dense_width + n_pairs * expert_width)
+        assert pooled == pytest.approx(want)
+    assert stats.forward_passes("intermediate") == 1
+    records = [r for r in stats.records() if "expert" in r]
+    assert sum(r["tokens"] for r in records if r["layer"] == 0) == IDS.numel() * 2
+
+
+def test_padding_is_not_counted_for_experts():
+    model = qwen3_moe()
+    mask = torch.ones_like(IDS)
+    mask[1, :3] = 0
+    calls, handles = _capture_experts_calls(model)
+    with torch.no_grad(), sparsify(model, "input", TopP(0.8)) as stats:
+        model(IDS, attention_mask=mask)
+    for h in handles:
+        h.remove()
+    real = mask.reshape(-1).bool()
+    for layer, _, (_, index, _), _ in calls:
+        for (lay, e), row in stats.per_expert("input").items():
+            if lay == layer:
+                assert row["tokens"] == int((index[real] == e).sum())
+
+
+def test_layers_select_experts_and_the_rest_run_as_before():
+    model = qwen3_moe()
+    with torch.no_grad():
+        with sparsify(model, "input", TopP(0.5), layers=[1]) as dense_only:
+            model(IDS)
+        with sparsify(model, "input", TopP(0.5), layers=[-1]) as last:
+            model(IDS)
+    assert dense_only.per_layer("input") and not dense_only.expert_counts  # layer 1 is a dense MLP
+    assert {lay for lay, _ in last.per_expert("input")} == {2} and not last.counts
+
+
+def test_record_masks_keeps_expert_masks_with_their_tokens():
+    model = mixtral()
+    seen = []
+    calls, handles = _capture_experts_calls(model)
+    with torch.no_grad(), sparsify(model, "input", TopP(0.6), record_masks=True,
+                                   mask_observers=[seen.append]) as stats:
+        model(IDS)
+    for h in handles:
+        h.remove()
+    hidden = {layer: args[0] for layer, _, args, _ in calls}
+    expert_masks = [m for m in stats.masks if "expert" in m]
+    assert len(expert_masks) == sum(1 for e in seen if e.expert is not None) > 0
+    for m in expert_masks:
+        assert torch.equal(m["keep"], brute_top_p_mask(hidden[m["layer"]][m["tokens"]], 0.6))
+
+
+def test_mask_tracker_refuses_expert_masks_or_skips_them():
+    from samplers.tracking import MaskOverlapTracker
+
+    event = MaskEvent(0, "input", torch.ones(3, 4, dtype=torch.bool), 0, None, expert=2, tokens=torch.arange(3))
+    with pytest.raises(ValueError, match="routed expert 2 of layer 0.*experts='skip'"):
+        MaskOverlapTracker()(event)
+    tracker = MaskOverlapTracker(experts="skip")
+    tracker(event)
+    assert tracker.skipped_expert_events == 1
+    with pytest.raises(ValueError, match="experts must be"):
+        MaskOverlapTracker(experts="maybe")
+
+
+@pytest.mark.parametrize("how", WRAPPERS)
+def test_wrapped_moe_model_equals_the_plain_one(how):
+    wrapped, reference = wrapped_model(qwen3_moe(), how)
+    results = []
+    for model in (wrapped, reference):
+        with sparsify(model, "intermediate", TopP(0.6)) as stats, torch.no_grad():
+            results.append((model(IDS).logits, stats.per_expert("intermediate")))
+    (got, got_experts), (want, want_experts) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got_experts == want_experts and got_experts
+
+
+def test_hooks_and_implementation_are_restored_when_the_body_raises():
+    model = gemma4()
+    with torch.no_grad():
+        dense = model(IDS).logits
+        with pytest.raises(RuntimeError, match="boom"), sparsify(model, "input", TopP(0.3)):
+            raise RuntimeError("boom")
+        assert model.config._experts_implementation == "grouped_mm"
+        assert torch.equal(model(IDS).logits, dense)
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------
+def test_unsupported_experts_implementation_is_refused():
+    model = qwen3_moe()
+    model.config._experts_implementation_internal = "deepgemm"
+    with pytest.raises(ValueError, match=r"Qwen3MoeExperts runs experts_implementation='deepgemm'.*grouped_mm"):
+        with sparsify(model, "input", TopP(0.5)):
+            pass
+
+
+def test_an_experts_module_outside_the_experts_interface_is_refused():
+    class HandRolledExperts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(2, 2))
+
+    model = qwen3_moe()
+    for f in find_experts(model):
+        f.block.mlp.experts = HandRolledExperts()
+    with pytest.raises(ValueError, match="HandRolledExperts does not dispatch through.*Qwen3MoeExperts"):
+        sparsify(model, "gate", TopP(0.5)).__enter__()
+
+
+def test_a_site_on_experts_without_that_projection_is_refused():
+    model = mixtral()
+    find_experts(model)[0].experts.has_gate = False
+    with pytest.raises(ValueError, match=r"layer 0: experts module MixtralExperts.*no gate projection"):
+        sparsify(model, "gate", TopP(0.5)).__enter__()
+
+
+def test_shared_scopes_and_mask_selectors_are_refused_for_experts():
+    model = gemma4()
+    with pytest.raises(ValueError, match="scope 'step' is not defined for them"):
+        sparsify(model, "input", TopP(0.5, scope="step")).__enter__()
+    with pytest.raises(ValueError, match="mask selectors"):
+        sparsify(model, "input", TopP(0.5), select_mask=lambda *a: None).__enter__()
+    assert model.config._experts_implementation == "grouped_mm"
+
+
+def test_nested_blocks_on_the_same_experts_are_refused():
+    model = mixtral()
+    with sparsify(model, "input", TopP(0.5)):
+        with pytest.raises(ValueError, match="already sparsified by another active sparsify block"):
+            sparsify(model, "up", TopP(0.5)).__enter__()
+    assert model.config._experts_implementation == "grouped_mm"
+
+
+def test_a_profile_without_experts_on_an_moe_model_names_the_missing_projections():
+    dense_only = FamilyProfile("mixtral", ("mixtral",), layers="model.layers", ffn="mlp", gate="gate_proj",
+                               up="up_proj", down="down_proj", act="act_fn")
+    with pytest.raises(ValueError, match="family 'mixtral' does not fit MixtralForCausalLM.*gate_proj/up_proj"):
+        find_ffns(mixtral(), dense_only)
+    assert find_experts(mixtral(), dense_only) == []
