@@ -34,10 +34,10 @@ def gemma4(dtype=torch.float32):
     return _randomise(transformers.Gemma4ForCausalLM(cfg)).to(dtype)
 
 
-def qwen3_moe(dtype=torch.float32):
+def qwen3_moe(dtype=torch.float32, vocab_size=64):
     torch.manual_seed(0)
     cfg = transformers.Qwen3MoeConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=3,
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=3,
         num_attention_heads=2, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1])
     return _randomise(transformers.Qwen3MoeForCausalLM(cfg)).to(dtype)
 
@@ -239,6 +239,36 @@ def test_hooks_and_implementation_are_restored_when_the_body_raises():
             raise RuntimeError("boom")
         assert model.config._experts_implementation == "grouped_mm"
         assert torch.equal(model(IDS).logits, dense)
+
+
+def test_sweep_rows_and_critical_sparsity_count_the_experts(tmp_path):
+    from dllm_sparse.eval.critical import critical_sparsity, curves
+    from dllm_sparse.eval.likelihood import ByteTokenizer
+    from dllm_sparse.eval.sweep import DENSE, SweepConfig, run_sweep
+    from dllm_sparse.eval.tasks import MCItem, MultipleChoiceTask
+    from dllm_sparse.models.loading import LoadedModel
+
+    items = [MCItem("a", "one two", ["three", "four"], 0), MCItem("b", "x y", ["z", "zz", "w"], 2)]
+    lm = LoadedModel(qwen3_moe(vocab_size=260), ByteTokenizer(), "ar", "tiny-moe", None, "qwen3_moe")
+    cfg = SweepConfig(models=[lm], output_dir=tmp_path, sites=["intermediate"], thresholds=[1.0, 0.5],
+                      tasks=["mc"], batch_size=8, progress=False)
+    rows = run_sweep(cfg, task_factory=lambda name: MultipleChoiceTask("mc", items))
+    dense = next(r for r in rows if r["site"] == DENSE)
+    one, half = (next(r for r in rows if r["site"] == "intermediate" and r["p"] == p) for p in (1.0, 0.5))
+    assert one["value"] == dense["value"]
+    assert one["sparsity_experts"] == 0 < half["sparsity_experts"] and 0 < half["sparsity_dense"]
+    # The row's sparsity is the mean over layers of each layer's pooled sparsity: layers 0 and 2 are experts only,
+    # layer 1 the dense MLP only.
+    assert half["sparsity"] == pytest.approx(sum(half["per_layer_sparsity"]) / 3)
+    assert half["per_layer_sparsity"][1] == pytest.approx(half["sparsity_dense"])
+    assert half["sparsity_experts"] == pytest.approx((half["per_layer_sparsity"][0] + half["per_layer_sparsity"][2]) / 2)
+    seen = {k: tokens for k, (_, tokens) in half["per_expert_sparsity"].items()}
+    assert {k.split("/")[0] for k in seen} == {"0", "2"}
+    assert sum(t for k, t in seen.items() if k.startswith("0/")) == sum(t for k, t in seen.items() if k.startswith("2/"))
+    points = curves(rows)[("tiny-moe", "intermediate", "mc")]
+    assert [pt["sparsity"] for pt in points] == [one["sparsity"], half["sparsity"]]
+    crit = critical_sparsity([(pt["sparsity"], pt["relative"]) for pt in points])  # on the pooled x-axis
+    assert crit.last_passing == max(pt["sparsity"] for pt in points if pt["relative"] >= 0.99)
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------

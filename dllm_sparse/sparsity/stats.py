@@ -210,6 +210,16 @@ class SparsityStats:
         rows.sort(key=lambda r: (str(r["tag"]), r["group"], r["site"], r["layer"], r.get("expert", -1)))
         return rows
 
+    def expert_fields(self, site: str) -> dict:
+        """What a sweep row adds for routed experts (nothing for a model without them): ``sparsity_dense`` and
+        ``sparsity_experts`` (the two parts of the pooled ``sparsity``, each a mean over its layers) and
+        ``per_expert_sparsity`` {"layer/expert": [sparsity, tokens seen]}."""
+        if not any(k[3] == str(site) for k in self.expert_counts):
+            return {}
+        return {"sparsity_dense": self.mean(site, part="dense"), "sparsity_experts": self.mean(site, part="experts"),
+                "per_expert_sparsity": {f"{layer}/{e}": [v["sparsity"], v["tokens"]]
+                                        for (layer, e), v in self.per_expert(site).items()}}
+
     def per_expert(self, site: str | None = None, tag: Hashable | None = None,
                    group: str = ALL) -> dict[tuple[int, int], dict]:
         """{(layer, expert): {"sparsity", "tokens"}} of routed experts, pooled over tags (or for one ``tag``);
