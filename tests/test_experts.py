@@ -312,7 +312,7 @@ def test_shared_scopes_and_mask_selectors_are_refused_for_experts():
 def test_nested_blocks_on_the_same_experts_are_refused():
     model = mixtral()
     with sparsify(model, "input", TopP(0.5)):
-        with pytest.raises(ValueError, match="already sparsified by another active sparsify block"):
+        with pytest.raises(ValueError, match="already sparsified"):
             sparsify(model, "up", TopP(0.5)).__enter__()
     assert model.config._experts_implementation == "grouped_mm"
 

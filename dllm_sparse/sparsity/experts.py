@@ -32,7 +32,7 @@ from dllm_sparse.models.families import ExpertsModules
 from dllm_sparse.sparsity.sites import FFNSite
 
 __all__ = ["IMPLEMENTATION", "SUPPORTED_IMPLEMENTATIONS", "TESTED_CLASSES", "check_experts", "attach_experts",
-           "expert_ffn"]
+           "expert_ffn", "run_experts", "is_attached"]
 
 IMPLEMENTATION = "dllm_sparse"
 #: The implementations whose numbers the sparse one reproduces at p = 1 (others run fused GPU kernels or change
@@ -106,8 +106,8 @@ def check_experts(found: ExpertsModules) -> None:
         raise ValueError(f"{where} cannot be sparsified: {'; '.join(problems)}. {supported}")
     current = _previous_name(module)
     if id(module) in _ACTIVE:
-        raise ValueError(f"{where} is already sparsified by another active sparsify block; nest blocks on "
-                         "different layers, or end the first block")
+        raise ValueError(f"{where} is already sparsified (by an active sparsify block, or accelerate_ffn); "
+                         "sparsify different layers, or end the first block (restore_ffn(model))")
     if current not in SUPPORTED_IMPLEMENTATIONS:
         raise ValueError(f"{where} runs experts_implementation={current!r}, which sparsify does not reproduce; "
                          f"supported: {', '.join(SUPPORTED_IMPLEMENTATIONS)}. Switch first, e.g. "
@@ -133,6 +133,11 @@ def attach_experts(found: list[ExpertsModules], run_for_layer: Callable[[int], C
         _detach(attached)
         raise
     return lambda: _detach(attached)
+
+
+def is_attached(module: nn.Module) -> bool:
+    """Whether ``module``'s experts run sparsified now."""
+    return id(module) in _ACTIVE
 
 
 def _detach(attached: list[ExpertsModules]) -> None:
@@ -172,13 +177,11 @@ def expert_ffn(module: nn.Module, e: int, x: torch.Tensor, site: FFNSite | None,
 
 
 def run_experts(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor, site: FFNSite | None,
-                apply_to: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
-                on_counts: Callable[[list[int]], None] | None = None) -> torch.Tensor:
-    """Every expert on the tokens routed to it, ``apply_to(expert, tokens, v)`` sparsifying ``site``'s vectors v
-    [n, width] of the tokens (flat indices into hidden_states) routed to that expert; the output combined as the
-    model's previous implementation combines it (see the module docstring). ``on_counts``: receives the number of
-    (token, slot) pairs routed to each expert."""
+                top_k_weights: torch.Tensor,
+                ffn: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Every expert on the tokens routed to it: ``ffn(expert, x, tokens)`` computes expert ``expert`` on x [n, d]
+    (the hidden states of the tokens routed to it; ``tokens`` [n] their flat indices into hidden_states); the
+    output combined as the model's previous implementation combines it (see the module docstring)."""
     num_tokens, top_k = top_k_index.shape
     expert_ids = top_k_index.reshape(-1)
     order = torch.argsort(expert_ids, stable=True)
@@ -186,8 +189,6 @@ def run_experts(module: nn.Module, hidden_states: torch.Tensor, top_k_index: tor
     if len(counts) > module.num_experts:
         raise ValueError(f"{type(module).__name__}: the router chose expert ids up to {len(counts) - 1}, but the "
                          f"module holds {module.num_experts} experts")
-    if on_counts is not None:
-        on_counts(counts)
     weights = top_k_weights.reshape(-1)
     eager = _previous_name(module) == "eager"
     out = torch.zeros_like(hidden_states) if eager else None
@@ -199,8 +200,7 @@ def run_experts(module: nn.Module, hidden_states: torch.Tensor, top_k_index: tor
         pairs = order[start:start + n]
         start += n
         tokens = pairs // top_k
-        y = expert_ffn(module, e, hidden_states[tokens], site, lambda v: apply_to(e, tokens, v))
-        y = y * weights[pairs, None]
+        y = ffn(e, hidden_states[tokens], tokens) * weights[pairs, None]
         if eager:  # the eager loop: add each expert's share in the model's dtype, in expert order
             out.index_add_(0, tokens, y.to(out.dtype))
         else:  # grouped_mm / batched_mm: keep each (token, slot) product, then one sum over the slots

@@ -201,15 +201,15 @@ class Sparsifier:
             check_experts(found)
 
     def _experts_runner(self, layer: int):
-        from dllm_sparse.sparsity.experts import run_experts
+        from dllm_sparse.sparsity.experts import expert_ffn, run_experts
 
         def run(module, hidden_states, top_k_index, top_k_weights):
             self.stats.add_expert_call(layer, self.site)
             shape = self._token_shape.get(layer)
             if shape is None or math.prod(shape) != hidden_states.shape[0]:
                 shape = (hidden_states.shape[0],)  # not [batch, tokens]: every token counted, as for the dense FFN
-            return run_experts(module, hidden_states, top_k_index, top_k_weights, self.site,
-                               lambda e, tokens, v: self._apply_expert(layer, e, tokens, shape, v))
+            return run_experts(module, hidden_states, top_k_index, top_k_weights, lambda e, x, tokens: expert_ffn(
+                module, e, x, self.site, lambda v: self._apply_expert(layer, e, tokens, shape, v)))
 
         return run
 
