@@ -5,6 +5,7 @@ experts, restore_ffn gives the dense model back bit for bit, and what the kernel
 import pytest
 import torch
 from test_experts import IDS, MODELS, SITES, gemma4, mixtral, qwen3_moe
+from test_kernels import DEVICE, _triton_ready, run_triton_tests_in_interpreter
 
 from dllm_sparse import SparsityStats, TopK, TopP, sparsify
 from dllm_sparse.kernels import accelerate_ffn, accelerated_ffn, is_accelerated, restore_ffn
@@ -29,6 +30,31 @@ def test_kernels_equal_the_masking_path(family, site, rule):
     for k, row in want_experts.items():
         assert got_experts[k]["tokens"] == row["tokens"]
         assert got_experts[k]["sparsity"] == pytest.approx(row["sparsity"], abs=0.02)  # ties at the threshold
+
+
+@pytest.fixture(params=["torch", "triton"])
+def be(request):
+    if request.param == "triton" and (reason := _triton_ready()):
+        pytest.skip(reason)
+    return request.param
+
+
+def test_triton_code_under_the_interpreter():
+    run_triton_tests_in_interpreter(__file__)
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_each_backend_equals_the_masking_path(site, be):
+    model = mixtral().to(DEVICE)
+    ids = IDS.to(DEVICE)
+    with torch.no_grad():
+        dense = model(ids).logits
+        with sparsify(model, site, TopP(0.6)):
+            want = model(ids).logits
+        with accelerated_ffn(model, site=site, rule=TopP(0.6), backend=be):
+            got = model(ids).logits
+    assert (want - dense).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_restore_gives_the_dense_model_back_bit_for_bit():
@@ -70,6 +96,38 @@ def test_a_peft_adapter_on_the_expert_weights_is_refused():
     with pytest.raises(ValueError, match="Qwen3MoeExperts is wrapped.*merge_and_unload"):
         accelerate_ffn(wrapped, site="gate", rule=TopP(0.5), layers=[0], backend="torch")
     assert not is_accelerated(wrapped)
+
+
+def test_kernels_on_a_compiled_moe_model_equal_the_plain_one():
+    model = qwen3_moe()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        with accelerated_ffn(model, site="input", rule=TopP(0.6), backend="torch"):
+            want = model(IDS).logits
+        with accelerated_ffn(compiled, site="input", rule=TopP(0.6), backend="torch"):
+            got = compiled(IDS).logits
+        dense = model(IDS).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, dense)
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["--tokens", "0"], "--tokens must be >= 1"),
+    (["--top-k", "9", "--experts", "8"], "cannot exceed --experts"),
+    (["--p", "0"], "--p must be in"),
+    (["--threads", "0"], "--threads must be >= 1"),
+])
+def test_moe_bench_refuses_bad_arguments(argv, why, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "moe_bench.py"
+    spec = importlib.util.spec_from_file_location("moe_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert why in capsys.readouterr().err
 
 
 def test_offloaded_expert_weights_are_refused():
