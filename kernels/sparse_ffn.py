@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from dllm_sparse.models.families import FFNModules, count_layers, find_experts, find_ffns
 from dllm_sparse.sparsity.config import SparsityConfig, as_config
+from dllm_sparse.sparsity.experts import check_every_experts_module_found
 from dllm_sparse.sparsity.hooks import column_norms, select_layers
 from dllm_sparse.sparsity.rules import SHARED_SCOPES, SparsityRule, TopP
 from dllm_sparse.sparsity.sites import FFNSite
@@ -542,7 +543,9 @@ def accelerate_ffn(
         raise ValueError("this model's FFNs are already accelerated; call restore_ffn(model) before swapping again")
     n_layers = count_layers(model)
     ffns = select_layers(find_ffns(model), config.layers, n_layers)
-    experts = select_layers(find_experts(model), config.layers, n_layers)  # routed experts: sparse_experts.py
+    all_experts = find_experts(model)
+    check_every_experts_module_found(model, all_experts)
+    experts = select_layers(all_experts, config.layers, n_layers)  # routed experts: sparse_experts.py
     if experts and reuse is not None:
         raise ValueError(f"reuse is not defined for routed experts (layers {[e.layer for e in experts]}): the tokens "
                          "routed to an expert change between steps; drop reuse, or select layers without experts")

@@ -317,6 +317,25 @@ def test_nested_blocks_on_the_same_experts_are_refused():
     assert model.config._experts_implementation == "grouped_mm"
 
 
+def test_experts_the_profile_does_not_name_are_refused_not_left_dense():
+    from dllm_sparse import register_family
+    from dllm_sparse.kernels import accelerate_ffn
+    from dllm_sparse.models.families import PROFILES
+
+    saved = list(PROFILES)
+    try:  # a Gemma 4 profile written before MoE: the dense MLP resolves, the experts are not named
+        register_family(FamilyProfile("gemma4", ("gemma4_text",), layers="model.layers", ffn="mlp", gate="gate_proj",
+                                      up="up_proj", down="down_proj", act="act_fn", activation="gelu_tanh"))
+        model = gemma4()
+        with pytest.raises(ValueError, match=r"routed experts the family profile 'gemma4' does not name "
+                                             r"\(model.layers.0.experts \(Gemma4TextExperts\).*experts="):
+            sparsify(model, "input", TopP(0.5)).__enter__()
+        with pytest.raises(ValueError, match="does not name"):
+            accelerate_ffn(model, site="input", rule=TopP(0.5), backend="torch")
+    finally:
+        PROFILES[:] = saved
+
+
 def test_a_profile_without_experts_on_an_moe_model_names_the_missing_projections():
     dense_only = FamilyProfile("mixtral", ("mixtral",), layers="model.layers", ffn="mlp", gate="gate_proj",
                                up="up_proj", down="down_proj", act="act_fn")

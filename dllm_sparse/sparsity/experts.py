@@ -32,7 +32,8 @@ from dllm_sparse.models.families import ExpertsModules
 from dllm_sparse.sparsity.sites import FFNSite
 
 __all__ = ["IMPLEMENTATION", "SUPPORTED_IMPLEMENTATIONS", "TESTED_CLASSES", "check_experts", "attach_experts",
-           "expert_ffn", "run_experts", "is_attached"]
+           "expert_ffn", "run_experts", "is_attached",
+           "check_every_experts_module_found"]
 
 IMPLEMENTATION = "dllm_sparse"
 #: The implementations whose numbers the sparse one reproduces at p = 1 (others run fused GPU kernels or change
@@ -112,6 +113,27 @@ def check_experts(found: ExpertsModules) -> None:
         raise ValueError(f"{where} runs experts_implementation={current!r}, which sparsify does not reproduce; "
                          f"supported: {', '.join(SUPPORTED_IMPLEMENTATIONS)}. Switch first, e.g. "
                          "model.set_experts_implementation('grouped_mm')")
+
+
+def _dispatches_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is an experts module run through transformers' ExpertsInterface."""
+    return hasattr(type(module).forward, "__wrapped__") and hasattr(module, "has_gate") and hasattr(module,
+                                                                                                    "num_experts")
+
+
+def check_every_experts_module_found(model: nn.Module, found: list[ExpertsModules]) -> None:
+    """Refuse a model holding ExpertsInterface modules that its family profile does not name: they would run dense
+    while the statistics report the rest as sparse."""
+    known = {id(f.experts) for f in found}
+    missed = [(name, type(m).__name__) for name, m in model.named_modules()
+              if _dispatches_experts(m) and id(m) not in known]
+    if missed:
+        from dllm_sparse.models.families import detect_family
+
+        family = found[0].profile.family if found else detect_family(model).family
+        raise ValueError(f"{type(model).__name__} has routed experts the family profile {family!r} does not name ({', '.join(f'{n} ({c})' for n, c in missed[:3])}"
+                         f"{', ...' if len(missed) > 3 else ''}), so sparsify would leave them dense. Name them in "
+                         "the profile: register_family(FamilyProfile(..., experts='<path inside a block>'))")
 
 
 def attach_experts(found: list[ExpertsModules], run_for_layer: Callable[[int], Callable]) -> Callable[[], None]:

@@ -98,7 +98,9 @@ class Sparsifier:
         all_ffns = find_ffns(model)
         n_layers = count_layers(model)
         self.ffns = select_layers(all_ffns, self.config.layers, n_layers)
-        self.experts = select_layers(find_experts(model), self.config.layers, n_layers)
+        all_experts = find_experts(model)
+        _check_every_experts_module_found(model, all_experts)
+        self.experts = select_layers(all_experts, self.config.layers, n_layers)
         if self.experts:
             self._check_experts_supported()
         self._detach_experts = None
@@ -337,6 +339,13 @@ class Sparsifier:
         self._token_shape.clear()
         self._input_cache.clear()
         self._valid = None
+
+
+def _check_every_experts_module_found(model: nn.Module, found) -> None:
+    if any(hasattr(m, "num_experts") for m in model.modules()):  # only MoE models pay for the import
+        from dllm_sparse.sparsity.experts import check_every_experts_module_found
+
+        check_every_experts_module_found(model, found)
 
 
 def column_norms(ffn: FFNModules, site: FFNSite | str) -> torch.Tensor:
