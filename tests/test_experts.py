@@ -271,6 +271,23 @@ def test_sweep_rows_and_critical_sparsity_count_the_experts(tmp_path):
     assert crit.last_passing == max(pt["sparsity"] for pt in points if pt["relative"] >= 0.99)
 
 
+def test_generation_counts_experts_per_step_prefill_and_cached_decode():
+    from dllm_sparse.samplers import GenerationConfig, generate
+    from samplers.step_sparsity import StepSparsity
+
+    model = qwen3_moe()
+    prompts = torch.tensor([[0, 5, 17, 3], [7, 7, 1, 9]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])  # row 0 left-padded
+    sp = StepSparsity("intermediate", TopP(0.7))
+    generate(model, None, prompts, GenerationConfig(max_new_tokens=3, stop_token_ids=()), attention_mask=mask,
+             callbacks=[sp])
+    tokens = {tag: sum(v["tokens"] for (layer, _), v in sp.stats.per_expert("intermediate", tag=tag).items()
+                       if layer == 0) for tag in sp.stats.tags}
+    top_k = model.config.num_experts_per_tok
+    assert tokens == {"prefill": 7 * top_k, 1: 2 * top_k, 2: 2 * top_k}  # real prompt tokens, then one per row
+    assert 0 < sp.stats.mean("intermediate", tag=2, part="experts") < 1
+
+
 # ---- bad input ------------------------------------------------------------------------------------------------
 def test_unsupported_experts_implementation_is_refused():
     model = qwen3_moe()
