@@ -190,6 +190,16 @@ def test_layers_select_experts_and_the_rest_run_as_before():
     assert {lay for lay, _ in last.per_expert("input")} == {2} and not last.counts
 
 
+def test_lm_eval_layer_check_counts_blocks_not_dense_ffns():
+    from dllm_sparse import SparsityConfig
+    from dllm_sparse.eval.lm_eval_model import _check_layers_exist
+
+    model = qwen3_moe()  # one dense FFN (layer 1) among three blocks
+    _check_layers_exist(model, [SparsityConfig("input", TopP(0.5), layers=(0, 2))])
+    with pytest.raises(ValueError, match="layer 3 out of range: the model has 3 FFN layers"):
+        _check_layers_exist(model, [SparsityConfig("input", TopP(0.5), layers=(3,))])
+
+
 def test_record_masks_keeps_expert_masks_with_their_tokens():
     model = mixtral()
     seen = []
@@ -324,6 +334,17 @@ def test_shared_scopes_and_mask_selectors_are_refused_for_experts():
     with pytest.raises(ValueError, match="mask selectors"):
         sparsify(model, "input", TopP(0.5), select_mask=lambda *a: None).__enter__()
     assert model.config._experts_implementation == "grouped_mm"
+
+
+def test_an_activation_module_shared_by_dense_ffn_and_experts_is_refused_at_the_gate_site():
+    model = gemma4()
+    for layer in model.model.layers:
+        layer.experts.act_fn = layer.mlp.act_fn
+    with pytest.raises(ValueError, match="activation module is the dense FFN's"):
+        sparsify(model, "gate", TopP(0.5)).__enter__()
+    with torch.no_grad(), sparsify(model, "input", TopP(0.5)) as stats:  # other sites do not hook the activation
+        model(IDS)
+    assert stats.per_expert("input")
 
 
 def test_nested_blocks_on_the_same_experts_are_refused():

@@ -201,6 +201,11 @@ class Sparsifier:
                              "to an expert change between steps. Use fresh masks, or layers without experts")
         for found in self.experts:
             check_experts(found)
+        dense_acts = {id(f.act) for f in self.ffns}
+        if self.site is FFNSite.GATE and any(id(found.experts.act_fn) in dense_acts for found in self.experts):
+            raise ValueError(f"{where}; their activation module is the dense FFN's, so the gate site's hook on it "
+                             "would also mask the experts' activations a second time; give the experts their own "
+                             "activation module")
 
     def _experts_runner(self, layer: int):
         from dllm_sparse.sparsity.experts import expert_ffn, run_experts
