@@ -52,6 +52,9 @@ class SparseExperts:
                  backend: str | None = None):
         self.layer, self.site, self.rule, self.stats, self.backend = found.layer, site, rule, stats, backend
         self.module = m = found.experts
+        # Counters stay out of a compiled graph; bound here, not as a decorator (that would import dynamo with the
+        # package, as in sparse_ffn.SparseFFN)
+        self._count = torch.compiler.disable(self._count_now)
         # [E, 2I, d] and [E, d, I] views in the nn.Linear layout, whatever the stored one
         self._gate_up = (lambda: m.gate_up_proj.transpose(1, 2)) if m.is_transposed else (lambda: m.gate_up_proj)
         self._down = (lambda: m.down_proj.transpose(1, 2)) if m.is_transposed else (lambda: m.down_proj)
@@ -75,8 +78,7 @@ class SparseExperts:
             self._count(e, tokens, v.masked_fill(~kept, 0))
         return keep, tau, kept
 
-    @torch.compiler.disable
-    def _count(self, e: int, tokens: torch.Tensor, v: torch.Tensor) -> None:
+    def _count_now(self, e: int, tokens: torch.Tensor, v: torch.Tensor) -> None:
         self.stats.add_routed(self.layer, self.site, e, v, tokens, (self._num_tokens,), None)
 
     def _bias(self, name: str, e: int):
