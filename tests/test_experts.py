@@ -275,10 +275,12 @@ def test_sweep_rows_and_critical_sparsity_count_the_experts(tmp_path):
     # layer 1 the dense MLP only.
     assert half["sparsity"] == pytest.approx(sum(half["per_layer_sparsity"]) / 3)
     assert half["per_layer_sparsity"][1] == pytest.approx(half["sparsity_dense"])
-    assert half["sparsity_experts"] == pytest.approx((half["per_layer_sparsity"][0] + half["per_layer_sparsity"][2]) / 2)
+    per_layer = half["per_layer_sparsity"]
+    assert half["sparsity_experts"] == pytest.approx((per_layer[0] + per_layer[2]) / 2)
     seen = {k: tokens for k, (_, tokens) in half["per_expert_sparsity"].items()}
     assert {k.split("/")[0] for k in seen} == {"0", "2"}
-    assert sum(t for k, t in seen.items() if k.startswith("0/")) == sum(t for k, t in seen.items() if k.startswith("2/"))
+    tokens_of_layer = [sum(t for k, t in seen.items() if k.startswith(f"{layer}/")) for layer in (0, 2)]
+    assert tokens_of_layer[0] == tokens_of_layer[1]
     points = curves(rows)[("tiny-moe", "intermediate", "mc")]
     assert [pt["sparsity"] for pt in points] == [one["sparsity"], half["sparsity"]]
     crit = critical_sparsity([(pt["sparsity"], pt["relative"]) for pt in points])  # on the pooled x-axis
