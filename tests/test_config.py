@@ -276,6 +276,12 @@ def test_scorer_sparsified_block_equals_the_configured_scorer(kind):
     with scorer.sparsified(cfg) as fresh:
         assert scorer.loglikelihood(PAIRS) == ref_ll
     assert fresh is not stats and fresh.mean("up") > 0.2
+    # what a block takes: a config, a list of them on distinct sites, or None; anything else is refused
+    with pytest.raises(TypeError, match="SparsityConfig.parse"), scorer.sparsified("up:top_p:0.6"):
+        pass
+    with pytest.raises(ValueError, match="one SparsityConfig per site"), scorer.sparsified([cfg, cfg]):
+        pass
+    assert scorer.sparsity == []  # a refused block leaves nothing in force
     # blocks nest: the innermost wins, the outer one holds again after it
     with scorer.sparsified(cfg, stats):
         with scorer.sparsified(None):
