@@ -8,6 +8,15 @@ pipelines hand a scheduler the model output. Definitions (``docs/generation.md``
   ``confidence="official"``) or u ~ U(0, 1) (``random``); -inf at positions that are not masked;
 * commit: the k most confident masked positions of the block (k from :func:`num_transfer_tokens`), ties lowest
   position first (a stable sort), or ``torch.topk`` order over the whole canvas row (``confidence="official"``);
+* parallel decoding (Fast-dLLM, ``GenerationConfig(confidence_threshold=t)`` or ``confidence_factor=f``): k is
+  not fixed in advance but read off the step's confidences (:func:`parallel_count`): the threshold rule commits
+  every masked position of the block with confidence >= t, and at least the most confident one (k = max(1,
+  #{confidence >= t})); the factor rule commits the n most confident for the largest n such that the i-th most
+  confident has confidence >= 1 - f / (i + 1) for every i = 2..n, at least one. The k positions are then taken as
+  above (the same tie order), so t > 1 is the one-token-per-step sampler. A block ends when none of its
+  positions is masked, so ``steps`` is an upper bound (``gen_length``: one token per step at worst).
+  ``confidence="official"`` also reproduces a quirk of Fast-dLLM's factor code: when the first position to fail
+  is the block's last masked one, it commits that one too (all n);
 * teacher forcing: a recorded step's positions and tokens instead of the sampler's own choice.
 """
 
@@ -19,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["num_transfer_tokens", "propose", "commit_step", "forced_steps", "forced_commit"]
+__all__ = ["num_transfer_tokens", "propose", "parallel_count", "commit_step", "forced_steps", "forced_commit"]
 
 
 def num_transfer_tokens(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -68,12 +77,35 @@ def _top_k(conf: torch.Tensor, k: torch.Tensor, block_masked: torch.Tensor) -> t
     return (ranks < k) & block_masked
 
 
+def parallel_count(conf: torch.Tensor, block_masked: torch.Tensor, config: Any) -> torch.Tensor:
+    """[B] tokens to commit this step under parallel decoding (``confidence_threshold`` / ``confidence_factor``):
+    at least one while a position of the block is masked, none once it has none. ``conf`` [B, b] holds the
+    confidences of the block's masked positions (-inf elsewhere)."""
+    n = block_masked.sum(dim=-1)
+    conf = conf.to(torch.float64)  # compared in float64 (a bf16 compare would round t itself)
+    if config.confidence_threshold is not None:
+        k = ((conf >= config.confidence_threshold) & block_masked).sum(dim=-1)
+    else:
+        ranked = conf.sort(dim=-1, descending=True).values  # the masked ones first
+        i = torch.arange(ranked.shape[-1], device=conf.device)
+        bar = 1 - config.confidence_factor / (i + 2).to(torch.float64)  # rank i (0-based) is the (i + 1)-th
+        bar[0] = -torch.inf  # the most confident is always committed
+        passes = (ranked >= bar) & (i < n[:, None])
+        k = passes.long().cumprod(dim=-1).sum(dim=-1)  # the passing run from the top
+        if config.confidence == "official":
+            k = torch.where(k == n - 1, n, k)  # Fast-dLLM: a failure at the last rank commits it too
+    return torch.minimum(k.clamp(min=1), n)
+
+
 def commit_step(block_logits: torch.Tensor, block_masked: torch.Tensor, k: torch.Tensor, config: Any,
                 gens: list[torch.Generator] | None, *, start: int, canvas_length: int) -> tuple[torch.Tensor, ...]:
     """The sampler's own choice for one step: (commit [B, b] bool, x0 [B, b]). ``k`` [B]: tokens to commit per
-    row; ``start``: the block's first canvas position (the official selection ranks over the whole canvas row)."""
+    row (replaced by :func:`parallel_count` under parallel decoding); ``start``: the block's first canvas position
+    (the official selection ranks over the whole canvas row)."""
     x0, conf = propose(block_logits, config, gens)
     conf = conf.masked_fill(~block_masked, -torch.inf)
+    if config.confidence_threshold is not None or config.confidence_factor is not None:
+        k = parallel_count(conf, block_masked, config)
     if config.confidence == "official" and config.remasking == "low_confidence":
         return _official_topk(conf, k, start, canvas_length), x0
     return _top_k(conf, k[:, None], block_masked), x0
