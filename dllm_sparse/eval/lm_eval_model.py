@@ -58,7 +58,9 @@ LLaDA evaluation's ``cfg``), ``preset`` (``llada-official``: the official per-ta
 generation 1024/1024/1024 with the task's cfg and the official confidence; see :mod:`dllm_sparse.eval.presets`;
 explicit arguments win, an explicit ``mc_num`` or ``mc_batch`` for every task),
 ``max_gen_toks``, ``gen_steps``, ``block_length``, ``block_cache`` (prefix / dual: Fast-dLLM's approximate
-block KV cache in ``generate_until``, native LLaDA only), ``head_chunk`` (the LM head on that many scored rows at
+block KV cache in ``generate_until``, native LLaDA only), ``confidence_threshold`` (Fast-dLLM's parallel decoding in
+``generate_until``: each step commits every masked position of the block with confidence >= it; no ``gen_steps``),
+``head_chunk`` (the LM head on that many scored rows at
 a time in the log-likelihoods: the bound on logit memory for long rolling windows; refused with the
 ``llada-official`` preset, whose official arithmetic runs the head over every position), ``trust_remote_code``,
 ``add_bos_token``, ``progress`` (progress bars, default true; lm-eval's ``disable_tqdm`` and ranks other than 0
@@ -237,7 +239,7 @@ def _batch_size(value: Any, max_batch_size: Any = None) -> int:
 MODEL_ARGS = ("pretrained", "sparsity", "site", "rule", "threshold", "p", "scope", "kind", "dtype", "device",
               "batch_size", "max_batch_size", "mc_num", "mc_batch", "seed", "shift_logits", "greedy_check",
               "max_gen_toks", "gen_steps", "block_length", "trust_remote_code", "add_bos_token", "cfg", "cfg_scale",
-              "preset", "progress", "data_parallel", "block_cache", "head_chunk")
+              "preset", "progress", "data_parallel", "block_cache", "head_chunk", "confidence_threshold")
 
 #: lm-eval's own defaults of the arguments it passes to every model beside ``--model_args`` (the CLI's
 #: ``EvaluatorConfig``), used when lm-eval cannot be asked.
@@ -386,6 +388,7 @@ class DllmSparseLM(LM):
         data_parallel: bool | str | None = None,
         block_cache: str | None = None,
         head_chunk: int | None = None,
+        confidence_threshold: float | str | None = None,
         scorer: Scorer | None = None,
         stats: SparsityStats | None = None,
         **unknown: Any,
@@ -411,6 +414,12 @@ class DllmSparseLM(LM):
             raise ValueError(f"block_cache={block_cache!r}: use prefix or dual (Fast-dLLM's approximate block KV "
                              "caches of the diffusion sampler, for generate_until), or none")
         self.block_cache = block_cache
+        # Fast-dLLM's parallel decoding in generate_until (steps = the task's tokens, an upper bound)
+        self.confidence_threshold = (None if confidence_threshold in (None, "", "none") else
+                                     as_nonneg_float("confidence_threshold", confidence_threshold) or None)
+        if confidence_threshold not in (None, "", "none") and (self.confidence_threshold is None or gen_steps):
+            raise ValueError(f"confidence_threshold={confidence_threshold!r}: give a number > 0 and no gen_steps "
+                             "(the threshold sets the steps; at most one token per step = max_gen_toks)")
         head_chunk = None if head_chunk in (None, "", "none") else as_positive_int("head_chunk", head_chunk)
         self.preset = None if preset in (None, "", "none") else get_preset(preset)
         if self.preset is not None and head_chunk is not None and self.preset.precision == "official":
@@ -495,6 +504,9 @@ class DllmSparseLM(LM):
                 head_chunk=head_chunk,
                 stats=stats if stats is not None else SparsityStats() if sparsity is not None else None)
         _refuse_diffusion_only_args(scorer.kind, None, self.preset, block_cache)
+        if self.confidence_threshold is not None and scorer.kind == "ar":
+            raise ValueError("confidence_threshold is parallel decoding of the masked-diffusion sampler; this model "
+                             "is autoregressive: drop confidence_threshold")
         _check_layers_exist(scorer.model, scorer.sparsity)
         self.scorer = scorer
         self.max_gen_toks, self.gen_steps, self.block_length = max_gen_toks, gen_steps, block_length
@@ -547,6 +559,8 @@ class DllmSparseLM(LM):
             extra["precision"] = self.scorer.precision
         if self.block_cache is not None:  # generate_until's tokens change with it
             extra["block_cache"] = self.block_cache
+        if self.confidence_threshold is not None:  # generate_until's tokens change with it
+            extra["confidence_threshold"] = self.confidence_threshold
         if getattr(self.scorer, "head_chunk", None) is not None:  # another row count per head product: rounding
             extra["head_chunk"] = self.scorer.head_chunk
         return extra
@@ -810,6 +824,8 @@ class DllmSparseLM(LM):
                 if self.preset is not None:
                     cfg_kw["confidence"] = self.preset.confidence
                 cfg_kw["block_cache"] = self.block_cache
+                if self.confidence_threshold is not None:  # steps become the bound: one token per step at worst
+                    cfg_kw.update(steps=n_new, confidence_threshold=self.confidence_threshold)
             config = GenerationConfig(**cfg_kw)
             for s in range(0, len(idxs), sc.batch_size):
                 chunk = idxs[s:s + sc.batch_size]
