@@ -33,7 +33,9 @@ Random numbers (documented so that a reference implementation can draw the very 
 ``torch.Generator`` on the model's device seeded with ``seed + r`` (``GenerationConfig.seed``). At every step
 and for every row, in this order: if T > 0, ``torch.rand((block_length, V), dtype=float64)`` for the
 Gumbel-max of the current block's positions (position-major, V = logits width); then, with ``random``
-remasking, ``torch.rand((block_length,), dtype=float64)`` for the confidences. Nothing else is drawn. Noise
+remasking, ``torch.rand((block_length,), dtype=float64)`` for the confidences; a row with no masked position left
+in the current block draws nothing (only parallel decoding has such steps: the row waits for the batch's other
+rows to finish the block). Nothing else is drawn. Noise
 is only drawn for the current block (the only positions that can be committed), so it does not depend on the
 prompt length or on padding: a row of a batch draws what the same prompt draws alone with that row's seed.
 

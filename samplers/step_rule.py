@@ -38,21 +38,30 @@ def num_transfer_tokens(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
     return n // steps + extra.long()
 
 
-def propose(logits: torch.Tensor, config: Any, gens: list[torch.Generator] | None):
+def propose(logits: torch.Tensor, config: Any, gens: list[torch.Generator] | None,
+            active: list[bool] | None = None):
     """Block logits [B, b, V] -> (x0 [B, b], confidence [B, b]). Draws the step's random numbers (per row, in
-    the documented order: the Gumbel noise, then the random confidences)."""
+    the documented order: the Gumbel noise, then the random confidences), only for the ``active`` rows (those
+    with a masked position in the block; default all): under parallel decoding a row whose block is done waits
+    for the others without drawing, so it draws what it draws alone (the fixed schedule keeps every row active)."""
     B, b, V = logits.shape
+    active = [True] * B if active is None else active
+
+    def draw(shape, g, on):
+        return (torch.rand(shape, generator=g, dtype=torch.float64, device=logits.device) if on
+                else torch.full(shape, 0.5, dtype=torch.float64, device=logits.device))  # never committed
+
     if config.temperature == 0:
         x0 = logits.argmax(dim=-1)
     else:
-        u = torch.stack([torch.rand((b, V), generator=g, dtype=torch.float64, device=logits.device) for g in gens])
+        u = torch.stack([draw((b, V), g, on) for g, on in zip(gens, active, strict=True)])
         x0 = (logits.to(torch.float64).exp() / (-torch.log(u)) ** config.temperature).argmax(dim=-1)
     if config.remasking == "low_confidence":
         # official: the softmax in the model's dtype, as the official generate.py computes it
         p = F.softmax(logits if config.confidence == "official" else logits.to(torch.float64), dim=-1)
         conf = torch.gather(p, -1, x0[..., None]).squeeze(-1)
     else:
-        conf = torch.stack([torch.rand((b,), generator=g, dtype=torch.float64, device=logits.device) for g in gens])
+        conf = torch.stack([draw((b,), g, on) for g, on in zip(gens, active, strict=True)])
     return x0, conf
 
 
@@ -102,7 +111,7 @@ def commit_step(block_logits: torch.Tensor, block_masked: torch.Tensor, k: torch
     """The sampler's own choice for one step: (commit [B, b] bool, x0 [B, b]). ``k`` [B]: tokens to commit per
     row (replaced by :func:`parallel_count` under parallel decoding); ``start``: the block's first canvas position
     (the official selection ranks over the whole canvas row)."""
-    x0, conf = propose(block_logits, config, gens)
+    x0, conf = propose(block_logits, config, gens, block_masked.any(dim=-1).tolist())
     conf = conf.masked_fill(~block_masked, -torch.inf)
     if config.confidence_threshold is not None or config.confidence_factor is not None:
         k = parallel_count(conf, block_masked, config)

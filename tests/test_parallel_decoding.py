@@ -107,6 +107,20 @@ def test_parity_with_the_fast_dllm_reference(llada, rule, cfg_scale):
     assert 2 < len(out.trace) < 16  # the case tests the rule: neither one token per step nor a block per step
 
 
+@pytest.mark.parametrize("remasking", ["low_confidence", "random"])
+def test_sampling_rows_of_a_batch_draw_what_they_draw_alone(llada, remasking):
+    """At T > 0 a row whose block is done waits for the other rows without drawing random numbers, so each row of
+    a batch is the same prompt generated alone with that row's seed, although the batch takes more steps."""
+    kw = dict(temperature=1.0, remasking=remasking, confidence_threshold=0.5 if remasking == "random" else 0.2)
+    batch = generate(llada, None, PROMPTS, _cfg(seed=[11, 12], **kw))
+    alone = [generate(llada, None, [p], _cfg(seed=s, **kw)) for p, s in zip(PROMPTS, [11, 12], strict=True)]
+    for r, a in enumerate(alone):
+        assert batch.generated[r].tolist() == a.generated[0].tolist()
+    # the case tests it: a row waited in the first block, so without the rule its later draws would shift
+    assert any(s.block == 0 and not (s.committed[0] and s.committed[1]) for s in batch.trace)
+    assert not (batch.generated == MASK).any()
+
+
 def test_a_threshold_above_one_is_the_one_token_per_step_sampler(llada):
     for cache in (None, "prefix", "dual"):
         exact = generate(llada, None, PROMPTS, _cfg(steps=16, block_cache=cache))
