@@ -172,10 +172,10 @@ def plot(res: dict, path: Path) -> str:
         for i, r in enumerate(run["rows"]):
             lo, hi = r["speedup_range"]
             ax.errorbar(r["speedup"], r["agreement"], xerr=[[r["speedup"] - lo], [hi - r["speedup"]]], fmt="o",
-                        color=f"C{i % 10}", capsize=2,
+                        color=plt.cm.tab20(i % 20), capsize=2,
                         label=f"{r['strategy']} (probe {r['probe_score']}/{r['probe_items']})")
         ax.axvline(1.0, color="k", lw=0.6)
-        ax.set_xlabel("speedup of a whole generation over the exact sampler (median over prompts, [min, max])")
+        ax.set_xlabel("speedup over the exact sampler (median over prompts, [min, max])")
         ax.set_ylabel("token agreement with the exact sampler")
         ax.set_title(f"{run['gen_length']} tokens, blocks of {run['block_length']}", fontsize=9)
         ax.grid(alpha=0.3)
