@@ -54,6 +54,18 @@ def _finite_nonneg(name: str, value, meaning: str) -> float:
     return x
 
 
+def _positive_or_none(name: str, meaning: str):
+    """None, or a finite number > 0 (0, negatives, NaN and infinity are errors naming the setting)."""
+    def check(value):
+        if value is None:
+            return None
+        x = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+        if not (math.isfinite(x) and x > 0):  # a string is not parsed
+            raise ValueError(f"{name} must be None or a finite number > 0 ({meaning}), got {value!r}")
+        return x
+    return check
+
+
 def _whole_or_none(name: str):
     return lambda value: None if value is None else _whole(name, value)
 
@@ -146,12 +158,17 @@ _CHECKS = {
                           "LLaDA code bit for bit)"),
     "block_cache": _one_of("block_cache", (None, *BLOCK_CACHES), " (None = exact: every step over the whole canvas; "
                            "'prefix' / 'dual' = Fast-dLLM's approximate block caches)"),
+    "confidence_threshold": _positive_or_none("confidence_threshold", "None = the fixed schedule; t commits every "
+                                              "masked position of the block with confidence >= t, at least one"),
+    "confidence_factor": _positive_or_none("confidence_factor", "None = the fixed schedule; f commits the n most "
+                                           "confident positions while the n-th has confidence >= 1 - f / (n + 1)"),
 }
 
 # The settings only the masked-diffusion sampler reads, with their defaults: an autoregressive generation refuses
 # a config that changes one (it would be ignored).
 DIFFUSION_ONLY = {"steps": None, "block_length": None, "cfg_scale": 0.0, "remasking": "low_confidence",
-                  "mask_id": None, "logit_shift": None, "confidence": "float64", "block_cache": None}
+                  "mask_id": None, "logit_shift": None, "confidence": "float64", "block_cache": None,
+                  "confidence_threshold": None, "confidence_factor": None}
 
 
 @dataclass
@@ -173,6 +190,8 @@ class _GenerationFields:
     logit_shift: bool | None = None
     confidence: str = "float64"
     block_cache: str | None = None
+    confidence_threshold: float | None = None
+    confidence_factor: float | None = None
 
     def __setattr__(self, name: str, value) -> None:
         check = _CHECKS.get(name)
@@ -294,6 +313,16 @@ class GenerationConfig(_GenerationFields):
             first step runs over the whole canvas and stores every layer's keys and values; its later steps
             recompute the block and what follows it (prefix) or the block alone (dual) and read the other
             positions' keys and values from the store (:mod:`dllm_sparse.samplers.block_cache`).
+        confidence_threshold: ``None`` (default: the fixed schedule, n // s (+1) tokens per step) or t > 0:
+            Fast-dLLM's parallel decoding. Each step commits every masked position of the current block whose
+            confidence is >= t, and at least the most confident one; a block ends when none of its positions is
+            masked, so the number of steps varies (t > 1 commits one token per step: the exact sampler with
+            ``steps = gen_length``). ``steps`` is then the upper bound: it must be ``gen_length`` (the default),
+            the most steps a block of one token per step can take (:mod:`dllm_sparse.samplers.step_rule`).
+        confidence_factor: ``None`` or f > 0: Fast-dLLM's factor rule. Each step commits the n most confident
+            masked positions of the block for the largest n such that the i-th most confident (i = 2..n) has
+            confidence >= 1 - f / (i + 1); at least one. Same step bound as ``confidence_threshold``; the two
+            are exclusive.
     """
 
 

@@ -9,7 +9,10 @@ The loop, per block and per step:
 2. At a block's start, n = its masked positions (per row); step i of the block commits n // s tokens, plus one
    on the first n % s steps (s = steps per block). The block ends when its s steps are spent or none of its
    positions is masked any more (the same step under this schedule); callbacks read the boundaries from the step
-   state (``StepState.block``, ``block_slice``, ``first_step_of_block``, ``last_step_of_block``).
+   state (``StepState.block``, ``block_slice``, ``first_step_of_block``, ``last_step_of_block``). Parallel
+   decoding (``GenerationConfig(confidence_threshold=t)`` / ``confidence_factor=f``, Fast-dLLM) reads each step's
+   count off its confidences instead (:func:`~dllm_sparse.samplers.step_rule.parallel_count`), so blocks take a
+   varying number of steps, at most ``block_length`` (``steps`` = ``gen_length``, an upper bound).
 3. One forward pass over the whole canvas (default; with ``GenerationConfig(block_cache="prefix" | "dual")`` a
    block's later steps compute only some rows and read the others' keys and values from the block's first step:
    :mod:`.block_cache`); the LM head runs on the rows the step reads only (the
@@ -30,7 +33,9 @@ Random numbers (documented so that a reference implementation can draw the very 
 ``torch.Generator`` on the model's device seeded with ``seed + r`` (``GenerationConfig.seed``). At every step
 and for every row, in this order: if T > 0, ``torch.rand((block_length, V), dtype=float64)`` for the
 Gumbel-max of the current block's positions (position-major, V = logits width); then, with ``random``
-remasking, ``torch.rand((block_length,), dtype=float64)`` for the confidences. Nothing else is drawn. Noise
+remasking, ``torch.rand((block_length,), dtype=float64)`` for the confidences; a row with no masked position left
+in the current block draws nothing (only parallel decoding has such steps: the row waits for the batch's other
+rows to finish the block). Nothing else is drawn. Noise
 is only drawn for the current block (the only positions that can be committed), so it does not depend on the
 prompt length or on padding: a row of a batch draws what the same prompt draws alone with that row's seed.
 
@@ -75,7 +80,7 @@ from .common import (
 from .config import GenerationConfig, GenerationResult, StepInfo
 from .step_rule import commit_step, forced_commit, forced_steps, num_transfer_tokens
 
-__all__ = ["MaskedDiffusionGenerator", "validate_geometry", "resolve_geometry", "fit_geometry",
+__all__ = ["MaskedDiffusionGenerator", "validate_geometry", "resolve_geometry", "check_parallel", "fit_geometry",
            "num_transfer_tokens", "resolve_mask_id"]
 
 def _divisors(n: int) -> list[int]:
@@ -134,8 +139,27 @@ def resolve_geometry(config: GenerationConfig) -> Geometry:
     steps = config.steps if config.steps is not None else gen_length
     block_length = config.block_length if config.block_length is not None else gen_length
     num_blocks, steps_per_block = validate_geometry(gen_length, steps, block_length)
+    check_parallel(config, steps, steps_per_block, block_length)
     return Geometry(gen_length=gen_length, block_length=block_length, num_blocks=num_blocks, steps=steps,
                     steps_per_block=steps_per_block)
+
+
+def check_parallel(config: GenerationConfig, steps: int, steps_per_block: int, block_length: int) -> None:
+    """Parallel decoding (``confidence_threshold`` / ``confidence_factor``) ends a block when it has no mask left,
+    and a step may commit a single token, so a block may need ``block_length`` steps: ``steps`` is an upper bound
+    only when it gives every block that many (``steps = gen_length``, the default). ``ValueError`` otherwise, and
+    for both rules at once."""
+    if config.confidence_threshold is None and config.confidence_factor is None:
+        return
+    if config.confidence_threshold is not None and config.confidence_factor is not None:
+        raise ValueError(f"confidence_threshold={config.confidence_threshold} and confidence_factor="
+                         f"{config.confidence_factor} are two parallel-decoding rules; give one of them")
+    if steps_per_block < block_length:
+        rule = "confidence_threshold" if config.confidence_threshold is not None else "confidence_factor"
+        raise ValueError(f"steps ({steps}) gives {steps_per_block} steps per block, fewer than the block's "
+                         f"{block_length} positions: with {rule} a step may commit a single token, so steps cannot "
+                         f"be an upper bound of the steps a block takes. Fix: steps={config.gen_length} (= gen_length) "
+                         "or leave steps at None")
 
 
 def fit_geometry(gen_length: int, steps: int | None, block_length: int | None) -> tuple[int, int]:
@@ -347,7 +371,8 @@ class MaskedDiffusionGenerator:
                 schedule = num_transfer_tokens((canvas[:, block] == mask_id).sum(dim=1), geo.steps_per_block)
                 # A block ends when its step budget is spent or no position of it is masked any more (the fixed
                 # schedule reaches both together: every step commits at least one of its >= steps_per_block
-                # masked positions); callbacks read the boundaries from the state.
+                # masked positions; parallel decoding often ends it early); callbacks read the boundaries from
+                # the state.
                 i, block_done = 0, False
                 while not block_done:
                     rows = rows_to_compute(cfg.block_cache, block, S, i, run.model_shifts)

@@ -8,6 +8,15 @@ pipelines hand a scheduler the model output. Definitions (``docs/generation.md``
   ``confidence="official"``) or u ~ U(0, 1) (``random``); -inf at positions that are not masked;
 * commit: the k most confident masked positions of the block (k from :func:`num_transfer_tokens`), ties lowest
   position first (a stable sort), or ``torch.topk`` order over the whole canvas row (``confidence="official"``);
+* parallel decoding (Fast-dLLM, ``GenerationConfig(confidence_threshold=t)`` or ``confidence_factor=f``): k is
+  not fixed in advance but read off the step's confidences (:func:`parallel_count`): the threshold rule commits
+  every masked position of the block with confidence >= t, and at least the most confident one (k = max(1,
+  #{confidence >= t})); the factor rule commits the n most confident for the largest n such that the i-th most
+  confident has confidence >= 1 - f / (i + 1) for every i = 2..n, at least one. The k positions are then taken as
+  above (the same tie order), so t > 1 is the one-token-per-step sampler. A block ends when none of its
+  positions is masked, so ``steps`` is an upper bound (``gen_length``: one token per step at worst).
+  ``confidence="official"`` also reproduces a quirk of Fast-dLLM's factor code: when the first position to fail
+  is the block's last masked one, it commits that one too (all n);
 * teacher forcing: a recorded step's positions and tokens instead of the sampler's own choice.
 """
 
@@ -19,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["num_transfer_tokens", "propose", "commit_step", "forced_steps", "forced_commit"]
+__all__ = ["num_transfer_tokens", "propose", "parallel_count", "commit_step", "forced_steps", "forced_commit"]
 
 
 def num_transfer_tokens(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -29,21 +38,30 @@ def num_transfer_tokens(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
     return n // steps + extra.long()
 
 
-def propose(logits: torch.Tensor, config: Any, gens: list[torch.Generator] | None):
+def propose(logits: torch.Tensor, config: Any, gens: list[torch.Generator] | None,
+            active: list[bool] | None = None):
     """Block logits [B, b, V] -> (x0 [B, b], confidence [B, b]). Draws the step's random numbers (per row, in
-    the documented order: the Gumbel noise, then the random confidences)."""
+    the documented order: the Gumbel noise, then the random confidences), only for the ``active`` rows (those
+    with a masked position in the block; default all): under parallel decoding a row whose block is done waits
+    for the others without drawing, so it draws what it draws alone (the fixed schedule keeps every row active)."""
     B, b, V = logits.shape
+    active = [True] * B if active is None else active
+
+    def draw(shape, g, on):
+        return (torch.rand(shape, generator=g, dtype=torch.float64, device=logits.device) if on
+                else torch.full(shape, 0.5, dtype=torch.float64, device=logits.device))  # never committed
+
     if config.temperature == 0:
         x0 = logits.argmax(dim=-1)
     else:
-        u = torch.stack([torch.rand((b, V), generator=g, dtype=torch.float64, device=logits.device) for g in gens])
+        u = torch.stack([draw((b, V), g, on) for g, on in zip(gens, active, strict=True)])
         x0 = (logits.to(torch.float64).exp() / (-torch.log(u)) ** config.temperature).argmax(dim=-1)
     if config.remasking == "low_confidence":
         # official: the softmax in the model's dtype, as the official generate.py computes it
         p = F.softmax(logits if config.confidence == "official" else logits.to(torch.float64), dim=-1)
         conf = torch.gather(p, -1, x0[..., None]).squeeze(-1)
     else:
-        conf = torch.stack([torch.rand((b,), generator=g, dtype=torch.float64, device=logits.device) for g in gens])
+        conf = torch.stack([draw((b,), g, on) for g, on in zip(gens, active, strict=True)])
     return x0, conf
 
 
@@ -68,12 +86,35 @@ def _top_k(conf: torch.Tensor, k: torch.Tensor, block_masked: torch.Tensor) -> t
     return (ranks < k) & block_masked
 
 
+def parallel_count(conf: torch.Tensor, block_masked: torch.Tensor, config: Any) -> torch.Tensor:
+    """[B] tokens to commit this step under parallel decoding (``confidence_threshold`` / ``confidence_factor``):
+    at least one while a position of the block is masked, none once it has none. ``conf`` [B, b] holds the
+    confidences of the block's masked positions (-inf elsewhere)."""
+    n = block_masked.sum(dim=-1)
+    conf = conf.to(torch.float64)  # compared in float64 (a bf16 compare would round t itself)
+    if config.confidence_threshold is not None:
+        k = ((conf >= config.confidence_threshold) & block_masked).sum(dim=-1)
+    else:
+        ranked = conf.sort(dim=-1, descending=True).values  # the masked ones first
+        i = torch.arange(ranked.shape[-1], device=conf.device)
+        bar = 1 - config.confidence_factor / (i + 2).to(torch.float64)  # rank i (0-based) is the (i + 1)-th
+        bar[0] = -torch.inf  # the most confident is always committed
+        passes = (ranked >= bar) & (i < n[:, None])
+        k = passes.long().cumprod(dim=-1).sum(dim=-1)  # the passing run from the top
+        if config.confidence == "official":
+            k = torch.where(k == n - 1, n, k)  # Fast-dLLM: a failure at the last rank commits it too
+    return torch.minimum(k.clamp(min=1), n)
+
+
 def commit_step(block_logits: torch.Tensor, block_masked: torch.Tensor, k: torch.Tensor, config: Any,
                 gens: list[torch.Generator] | None, *, start: int, canvas_length: int) -> tuple[torch.Tensor, ...]:
     """The sampler's own choice for one step: (commit [B, b] bool, x0 [B, b]). ``k`` [B]: tokens to commit per
-    row; ``start``: the block's first canvas position (the official selection ranks over the whole canvas row)."""
-    x0, conf = propose(block_logits, config, gens)
+    row (replaced by :func:`parallel_count` under parallel decoding); ``start``: the block's first canvas position
+    (the official selection ranks over the whole canvas row)."""
+    x0, conf = propose(block_logits, config, gens, block_masked.any(dim=-1).tolist())
     conf = conf.masked_fill(~block_masked, -torch.inf)
+    if config.confidence_threshold is not None or config.confidence_factor is not None:
+        k = parallel_count(conf, block_masked, config)
     if config.confidence == "official" and config.remasking == "low_confidence":
         return _official_topk(conf, k, start, canvas_length), x0
     return _top_k(conf, k[:, None], block_masked), x0

@@ -56,6 +56,8 @@ FIELD_CHECKS = [
     ("logit_shift", "yes", r"logit_shift must be True, False or None \(None = the model family's convention\)"),
     ("confidence", "float32", r"confidence must be one of \('float64', 'official'\) .*got 'float32'"),
     ("block_cache", "suffix", r"block_cache must be one of \(None, 'prefix', 'dual'\) .*got 'suffix'"),
+    ("confidence_threshold", 0.0, r"confidence_threshold must be None or a finite number > 0 .*got 0.0"),
+    ("confidence_factor", float("nan"), r"confidence_factor must be None or a finite number > 0 .*got nan"),
 ]
 
 
@@ -100,7 +102,8 @@ def test_assignment_normalises_like_the_constructor():
 
 
 DIFFUSION_SETTINGS = {"steps": 4, "block_length": 2, "cfg_scale": 0.5, "remasking": "random", "mask_id": 3,
-                      "logit_shift": False, "confidence": "official", "block_cache": "prefix"}
+                      "logit_shift": False, "confidence": "official", "block_cache": "prefix",
+                      "confidence_threshold": 0.9, "confidence_factor": 1.0}
 
 
 def test_every_diffusion_only_setting_is_listed():

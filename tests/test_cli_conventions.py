@@ -301,6 +301,12 @@ def test_generate_demo_checks_every_model_before_running_any(tmp_path, monkeypat
     (["--dtype", "fp8"], "unknown dtype 'fp8'"),
     (["--device", "gpu0"], "--device 'gpu0' is not a device; use cpu, cuda, cuda:1, ... or auto"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--confidence-threshold", "0"], "confidence_threshold must be None or a finite number > 0"),
+    (["--confidence-threshold", "nan"], "confidence_threshold must be None or a finite number > 0"),
+    (["--max-new-tokens", "64", "--steps", "32", "--confidence-threshold", "0.9"],
+     "steps (32) gives 16 steps per block, fewer than the block's 32 positions: with confidence_threshold"),
+    (["--no-diffusion", "--confidence-threshold", "0.9"],
+     "--confidence-threshold set(s) the diffusion sampler, but no diffusion model runs"),
 ])
 def test_generate_demo_refuses_bad_settings_before_any_run(argv, message, monkeypatch, capsys):
     assert message in _demo_refuses(argv, monkeypatch, capsys)

@@ -368,6 +368,31 @@ def test_block_cache_reaches_the_sampler_and_the_identity():
         DllmSparseLM.from_scorer(_ar_scorer(), block_cache="prefix")
 
 
+def test_confidence_threshold_reaches_the_sampler_and_the_identity():
+    """confidence_threshold generates what the parallel sampler gives (steps = the task's tokens), is part of the
+    run identity, and is refused for an AR model, with gen_steps, or when not a number > 0."""
+    from dllm_sparse.samplers import GenerationConfig, generate
+
+    req = Instance("generate_until", {}, ("abcd", {"until": ["\n"]}), 0, ("t", 0, 1))
+    scorer = _tiny_llada_scorer()
+    par = DllmSparseLM.from_scorer(scorer, confidence_threshold="0.05", max_gen_toks=8, block_length=4)
+    out = par.generate_until([req])
+    cfg = GenerationConfig(max_new_tokens=8, steps=8, block_length=4, mask_id=3, stop_strings=["\n"],
+                           seed=scorer.seed, confidence_threshold=0.05)
+    ref = generate(scorer.model, scorer.tokenizer, ["abcd"], cfg)
+    assert out == [t.split("\n")[0] for t in ref.texts]
+    plain = DllmSparseLM.from_scorer(scorer, max_gen_toks=8, block_length=4)
+    assert par.run_identity["confidence_threshold"] == 0.05
+    assert "confidence_threshold" not in plain.run_identity.to_dict() and par.identity != plain.identity
+    for bad in ("0", "-1", "nan", "abc"):
+        with pytest.raises(ValueError, match="confidence_threshold"):
+            DllmSparseLM.from_scorer(scorer, confidence_threshold=bad)
+    with pytest.raises(ValueError, match="no gen_steps"):
+        DllmSparseLM.from_scorer(scorer, confidence_threshold=0.9, gen_steps=4)
+    with pytest.raises(ValueError, match="autoregressive"):
+        DllmSparseLM.from_scorer(_ar_scorer(), confidence_threshold=0.9)
+
+
 # ---- lm-eval's own arguments (device, batch_size, max_batch_size) next to --model_args -----------------------------
 
 

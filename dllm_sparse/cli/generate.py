@@ -116,6 +116,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "every step over the whole canvas)")
     g.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"],
                    help="diffusion remasking strategy")
+    g.add_argument("--confidence-threshold", type=float, default=None,
+                   help="diffusion: Fast-dLLM's parallel decoding, each step commits every masked position of the "
+                        "block with confidence >= this (at least one); steps is then an upper bound and must be "
+                        "gen_length (default: none, the fixed schedule)")
 
     g = p.add_argument_group("output")
     g.add_argument("--trace-out", default=None,
@@ -178,12 +182,12 @@ def sampler_config(kind: str, args):
                            stop_strings=tuple(args.stop))
     if kind != "diffusion":
         return cfg
-    from dllm_sparse.samplers import validate_geometry
+    from dllm_sparse.samplers import resolve_geometry
 
     block = args.block_length or (32 if n % 32 == 0 else n)
     cfg = cfg.replace(steps=args.steps or n, block_length=block, cfg_scale=args.cfg_scale, remasking=args.remasking,
-                      block_cache=args.block_cache)
-    validate_geometry(n, cfg.steps, block)
+                      block_cache=args.block_cache, confidence_threshold=args.confidence_threshold)
+    resolve_geometry(cfg)  # the block schedule, and steps as the bound of parallel decoding
     return cfg
 
 
@@ -259,7 +263,8 @@ def run_model(kind: str, name: str, args, sparsity: SparsityConfig, prompts: lis
     if kind == "diffusion":
         block = cfg.block_length
         print(f"sampler: gen_length {n}, steps {cfg.steps}, block_length {block}, cfg {args.cfg_scale}, "
-              f"{args.remasking}, T={args.temperature}, block cache {args.block_cache or 'none'}, chat template "
+              f"{args.remasking}, T={args.temperature}, block cache {args.block_cache or 'none'}, confidence "
+              f"threshold {args.confidence_threshold or 'none'}, chat template "
               f"{'on' if chat else 'off'}")
     else:
         print(f"sampler: KV-cached, max_new_tokens {n}, T={args.temperature}, chat template {'on' if chat else 'off'}")
@@ -323,7 +328,7 @@ def run_model(kind: str, name: str, args, sparsity: SparsityConfig, prompts: lis
 
 # The sampler flags only the diffusion side reads, with their defaults.
 DIFFUSION_FLAGS = {"steps": None, "block_length": None, "cfg_scale": 0.0, "block_cache": None,
-                   "remasking": "low_confidence"}
+                   "remasking": "low_confidence", "confidence_threshold": None}
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

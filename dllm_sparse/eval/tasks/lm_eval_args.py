@@ -185,7 +185,8 @@ def batch_size_arg(value: Any, max_batch_size: Any = None) -> int:
 MODEL_ARGS = ("pretrained", "sparsity", "site", "rule", "threshold", "p", "scope", "kind", "dtype", "device",
               "batch_size", "max_batch_size", "mc_num", "mc_batch", "seed", "shift_logits", "greedy_check",
               "max_gen_toks", "gen_steps", "block_length", "trust_remote_code", "add_bos_token", "cfg", "cfg_scale",
-              "preset", "progress", "data_parallel", "block_cache", "head_chunk")
+              "preset", "progress", "data_parallel", "block_cache", "head_chunk",
+              "confidence_threshold")
 
 #: lm-eval's own defaults of the arguments it passes to every model beside ``--model_args`` (the CLI's
 #: ``EvaluatorConfig``), used when lm-eval cannot be asked.

@@ -58,9 +58,11 @@ LLaDA evaluation's ``cfg``), ``preset`` (``llada-official``: the official per-ta
 generation 1024/1024/1024 with the task's cfg and the official confidence; see :mod:`dllm_sparse.eval.scoring.presets`;
 explicit arguments win, an explicit ``mc_num`` or ``mc_batch`` for every task),
 ``max_gen_toks``, ``gen_steps``, ``block_length``, ``block_cache`` (prefix / dual: Fast-dLLM's approximate
-block KV cache in ``generate_until``, native LLaDA only), ``head_chunk`` (the LM head on that many scored rows at
-a time in the log-likelihoods: the bound on logit memory for long rolling windows; refused with the
-``llada-official`` preset, whose official arithmetic runs the head over every position), ``trust_remote_code``,
+block KV cache in ``generate_until``, native LLaDA only), ``confidence_threshold`` (Fast-dLLM's parallel decoding
+in ``generate_until``: each step commits every masked position of the block with confidence >= it, and at least the
+most confident one; the steps are then bounded by the tokens, so no ``gen_steps``), ``head_chunk`` (the LM head on
+that many scored rows at a time in the log-likelihoods: the bound on logit memory for long rolling windows; refused
+with the ``llada-official`` preset, whose official arithmetic runs the head over every position), ``trust_remote_code``,
 ``add_bos_token``, ``progress`` (progress bars, default true; lm-eval's ``disable_tqdm`` and ranks other than 0
 turn them off), ``data_parallel`` (default: true for a model built from ``pretrained``).
 
@@ -182,6 +184,16 @@ def _read_block_cache(block_cache: Any) -> str | None:
     return block_cache
 
 
+def _read_confidence_threshold(threshold: Any, gen_steps: int | None) -> float | None:
+    if threshold in (None, "", "none"):
+        return None
+    value = as_nonneg_float("confidence_threshold", threshold)
+    if value == 0 or gen_steps is not None:
+        raise ValueError(f"confidence_threshold={threshold!r}: give a number > 0 and no gen_steps (the threshold "
+                         "sets the steps; at most one token per step = max_gen_toks)")
+    return value
+
+
 def _read_preset(preset: Any, head_chunk: int | None, cfg: float | None):
     """The named preset (None: none), refused next to ``head_chunk`` (when it scores in the official arithmetic)
     or ``cfg`` (it sets the guidance per task)."""
@@ -300,6 +312,7 @@ class DllmSparseLM(ScorerLM):
         data_parallel: bool | str | None = None,
         block_cache: str | None = None,
         head_chunk: int | None = None,
+        confidence_threshold: float | str | None = None,
         scorer: Scorer | None = None,
         stats: SparsityStats | None = None,
         **unknown: Any,
@@ -315,6 +328,7 @@ class DllmSparseLM(ScorerLM):
                 ("mc_num", mc_num), ("mc_batch", mc_batch), ("max_gen_toks", max_gen_toks),
                 ("gen_steps", gen_steps), ("block_length", block_length)))
         block_cache = _read_block_cache(block_cache)
+        confidence_threshold = _read_confidence_threshold(confidence_threshold, gen_steps)
         head_chunk = None if head_chunk in (None, "", "none") else as_positive_int("head_chunk", head_chunk)
         preset = _read_preset(preset, head_chunk, cfg)
         # The preset's per-task mc_num / mc_batch (MMLU-style tasks: 1 / 1) apply unless either is given.
@@ -347,9 +361,13 @@ class DllmSparseLM(ScorerLM):
                 head_chunk=head_chunk, sparsity_args=sparsity_args, stats=stats, preset=preset,
                 block_cache=block_cache, dist=dist)
         refuse_diffusion_only_args(scorer.kind, None, preset, block_cache)
+        if confidence_threshold is not None and scorer.kind == "ar":
+            raise ValueError("confidence_threshold is parallel decoding of the masked-diffusion sampler; this model "
+                             "is autoregressive: drop confidence_threshold")
         check_layers_exist(scorer.model, scorer.sparsity)
         super().__init__(scorer, progress=progress, preset=preset, per_task_mc=per_task_mc, max_gen_toks=max_gen_toks,
-                         gen_steps=gen_steps, block_length=block_length, block_cache=block_cache, dist=dist)
+                         gen_steps=gen_steps, block_length=block_length, block_cache=block_cache,
+                         confidence_threshold=confidence_threshold, dist=dist)
         # What every request runs with: the scorer's own sparsity unless from_scorer is given another.
         self._configs, self._stats = scorer.sparsity, scorer.measured_into
         from dllm_sparse.models.loading import model_device
@@ -425,6 +443,8 @@ class DllmSparseLM(ScorerLM):
             extra["precision"] = self.scorer.precision
         if self.block_cache is not None:  # generate_until's tokens change with it
             extra["block_cache"] = self.block_cache
+        if self.confidence_threshold is not None:  # generate_until's tokens change with it
+            extra["confidence_threshold"] = self.confidence_threshold
         if getattr(self.scorer, "head_chunk", None) is not None:  # another row count per head product: rounding
             extra["head_chunk"] = self.scorer.head_chunk
         return extra

@@ -67,16 +67,17 @@ class ScorerLM(LM):
     """lm-eval model over ``scorer`` (see the module docstring). ``progress``: the scorer's progress bars during
     requests (lm-eval's ``disable_tqdm`` and ranks other than 0 turn them off); ``preset``: an
     :class:`~dllm_sparse.eval.scoring.presets.EvalPreset` (``per_task_mc``: its per-task mc_num / mc_batch apply);
-    ``max_gen_toks`` / ``gen_steps`` / ``block_length`` / ``block_cache``: ``generate_until``'s defaults; ``dist``:
+    ``max_gen_toks`` / ``gen_steps`` / ``block_length`` / ``block_cache`` / ``confidence_threshold``:
+    ``generate_until``'s defaults; ``dist``:
     the launcher state of a data-parallel run (:func:`launcher_state`), None for one process."""
 
     def __init__(self, scorer, *, progress: bool = True, preset=None, per_task_mc: bool = False,
                  max_gen_toks: int = 256, gen_steps: int | None = None, block_length: int | None = None,
-                 block_cache: str | None = None, dist=None):
+                 block_cache: str | None = None, confidence_threshold: float | None = None, dist=None):
         super().__init__()
         self.scorer, self.progress, self.preset, self._preset_mc = scorer, bool(progress), preset, per_task_mc
         self.max_gen_toks, self.gen_steps, self.block_length = max_gen_toks, gen_steps, block_length
-        self.block_cache = block_cache
+        self.block_cache, self.confidence_threshold = block_cache, confidence_threshold
         self._dist = dist
         if dist is not None:
             self._rank, self._world_size = dist.process_index, dist.num_processes
@@ -299,6 +300,8 @@ class ScorerLM(LM):
                 if self.preset is not None:
                     cfg_kw["confidence"] = self.preset.confidence
                 cfg_kw["block_cache"] = self.block_cache
+                if self.confidence_threshold is not None:  # steps become the bound: one token per step at worst
+                    cfg_kw.update(steps=n_new, confidence_threshold=self.confidence_threshold)
             config = GenerationConfig(**cfg_kw)
             for s in range(0, len(idxs), sc.batch_size):
                 chunk = idxs[s:s + sc.batch_size]
