@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from dllm_sparse.cache import cache_dir
+from dllm_sparse.models.diffusion_gemma import check_vision_config, is_diffusion_gemma, share_encoder_ffns
 from dllm_sparse.models.families import detect_family, family_named
 
 __all__ = ["LoadedModel", "load_model", "load_options", "check_available", "EMBEDDED_MODELS", "register_embedded",
@@ -510,6 +511,7 @@ def load_model(
         kwargs["local_files_only"] = True  # no network: read the local Hugging Face cache without retries
     if isinstance(path, Path) and not gguf_file:
         check_local_checkpoint(path / options.get("subfolder", ""), name, trust_remote_code)
+        check_vision_config(path / options.get("subfolder", ""), name)
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001 - a GGUF parser raises anything on a damaged file
@@ -530,6 +532,8 @@ def load_model(
     by_type = family_named(getattr(config, "model_type", ""))  # before loading: picks the Auto class
     is_diffusion = kind == "diffusion" or (by_type is not None and by_type.kind == "diffusion")
     auto_cls = AutoModel if is_diffusion else AutoModelForCausalLM
+    if by_type is not None and by_type.loader:
+        auto_cls = getattr(importlib.import_module("transformers"), by_type.loader)
     model_kwargs = {**kwargs, **{k: options[k] for k in FILE_OPTIONS + MODEL_OPTIONS if k in options}}
     if overrides:
         model_kwargs["config"] = config
@@ -558,8 +562,10 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(tokenizer, **{k: v for k, v in kwargs.items() if k != "subfolder"})
 
     profile = detect_family(model)
+    if is_diffusion_gemma(model):
+        share_encoder_ffns(model)
     kind = kind or profile.kind
-    if kind == "diffusion":
+    if kind == "diffusion" and profile.noise == "mask":
         mask_id = mask_id if mask_id is not None else getattr(config, "mask_token_id", None)
         mask_id = mask_id if mask_id is not None else profile.mask_id
         if mask_id is None:
