@@ -885,7 +885,8 @@ class Scorer:
     ):
         if kind not in ("ar", "diffusion"):
             raise ValueError(f"kind must be 'ar' or 'diffusion', got {kind!r}")
-        if kind == "diffusion" and mask_id is None:
+        uniform = getattr(family_named(family), "noise", "mask") == "uniform"  # DiffusionGemma: no mask token
+        if kind == "diffusion" and mask_id is None and not uniform:
             from dllm_sparse.samplers.diffusion import resolve_mask_id  # the samplers' order: config, tokenizer, family
 
             try:
@@ -1051,6 +1052,11 @@ class Scorer:
                     self.model, requests, batch_size=self.batch_size, padding_side=self.padding_side,
                     pad_id=self.pad_id, max_length=self.max_length, stats=stats, progress=self.progress,
                     share_context=share, head_chunk=self.head_chunk)
+            if self.mask_id is None:  # uniform-noise block diffusion (DiffusionGemma)
+                from dllm_sparse.eval.block_diffusion_elbo import block_diffusion_loglikelihood
+
+                return block_diffusion_loglikelihood(self.model, requests, mc_num=self.mc_num, mc_batch=self.mc_batch,
+                                                     seed=self.seed, keys=keys, stats=stats)
             return diffusion_elbo_tokens(
                 self.model, requests, mask_id=self.mask_id, mc_num=self.mc_num, mc_batch=self.mc_batch,
                 batch_size=max(self.batch_size, 1), seed=self.seed, keys=keys, shift_logits=self.shift_logits,

@@ -1,0 +1,98 @@
+"""The likelihood the sweep uses for DiffusionGemma (uniform-noise block diffusion): a Monte-Carlo denoising score.
+
+DiffusionGemma generates an answer canvas by canvas (``config.canvas_length`` tokens each): the causal encoder
+writes the prompt and the finished canvases into a KV cache, the bidirectional decoder denoises the next canvas.
+For a (context, answer) request the answer is cut into those canvases; canvas j is scored given the context plus
+canvases 0..j-1 (the cache the decoder would read at generation). Within a canvas of L tokens, each of the
+``mc_num`` Monte-Carlo rows noises n of its positions (n and the positions drawn exactly as the masked-diffusion
+ELBO draws its masks, :func:`~dllm_sparse.eval.likelihood.elbo_masks`, stratified over n = 1..L) by replacing
+them with tokens drawn uniformly from the vocabulary, runs the decoder on that canvas (no self-conditioning, as
+at a canvas's first step), and scores the cross-entropy of the true tokens at the noised positions, weighted by
+L / n. log p(answer | context) ~ -(sum over canvases of the mean over rows).
+
+Why this and not the training ELBO: the ELBO of uniform-state diffusion needs the training noise schedule and
+its per-time weights, which neither transformers' code nor the model card publishes (the released sampler only
+runs inference). The estimator above is LLaDA's masked-diffusion ELBO with uniform noise in place of the mask
+token; for masked diffusion it is a bound, for uniform noise it is a consistent denoising score, not a bound.
+The sweep uses relative performance (sparse / dense on the same draws), for which a proxy that scores the
+model's own denoising task is what matters. The draws of an item come from a generator seeded by (seed, item key,
+canvas), so the dense model and every sparse configuration see the same noise (common random numbers).
+
+Statistics: encoder forwards are tagged ``"prefill"`` (group ``prompt``), decoder forwards ``"elbo"`` (groups
+``answer`` and ``masked``, the noised positions). Every forward is one item's mini-batch of ``mc_batch`` rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from dllm_sparse.models.diffusion_gemma import share_encoder_ffns
+from dllm_sparse.models.wrappers import unwrap_model
+from dllm_sparse.sparsity.stats import SparsityStats
+
+__all__ = ["block_diffusion_loglikelihood"]
+
+
+def _tagged(stats: SparsityStats | None, tag: Hashable, groups: dict[str, torch.Tensor]):
+    from contextlib import nullcontext
+
+    return nullcontext() if stats is None else stats.tagged(tag, groups)
+
+
+@torch.no_grad()
+def block_diffusion_loglikelihood(
+    model: torch.nn.Module,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    mc_num: int = 128,
+    mc_batch: int = 16,
+    seed: int = 0,
+    keys: Sequence[Hashable] | None = None,
+    stats: SparsityStats | None = None,
+) -> list[tuple[float, bool]]:
+    """``(log-likelihood estimate, False)`` per (context ids, answer ids) request (see the module docstring).
+    ``keys`` name the items for their draws (default: the token ids). ``is_greedy`` is not computed (False)."""
+    from transformers import DynamicCache
+
+    from dllm_sparse.eval.likelihood import _content_key, elbo_masks, item_generator
+
+    inner = share_encoder_ffns(unwrap_model(model))
+    if keys is not None and len(keys) != len(requests):
+        raise ValueError(f"{len(keys)} keys for {len(requests)} requests")
+    if mc_num < 1 or mc_batch < 1 or mc_num % mc_batch:
+        raise ValueError(f"mc_num ({mc_num}) must be a positive multiple of mc_batch ({mc_batch})")
+    canvas, vocab = int(inner.config.canvas_length), int(inner.config.text_config.vocab_size)
+    device = next(inner.parameters()).device
+    out = []
+    for i, (context, answer) in enumerate(requests):
+        context, answer = list(context), list(answer)
+        if not context or not answer:
+            raise ValueError(f"request {i}: context and answer need at least one token each")
+        key = keys[i] if keys is not None else _content_key(context, answer)
+        total = 0.0
+        for start in range(0, len(answer), canvas):
+            target = torch.tensor(answer[start:start + canvas])
+            L = len(target)
+            gen = item_generator(seed, (key, start))
+            masks = elbo_masks(L, mc_num, mc_batch, gen)  # [mc_num, L]: the noised positions of each row
+            noise = torch.randint(0, vocab, (mc_num, L), generator=gen)
+            prefix = torch.tensor(context + answer[:start], device=device)
+            loss = 0.0
+            for rows in torch.split(torch.arange(mc_num), mc_batch):
+                m = masks[rows].to(device)
+                noisy = torch.where(m, noise[rows].to(device), target.to(device))
+                cache = DynamicCache(config=inner.config.get_text_config(decoder=True))
+                ctx = prefix.expand(len(rows), -1)
+                with _tagged(stats, "prefill", {"prompt": torch.ones_like(ctx, dtype=torch.bool)}):
+                    inner.model.encoder(input_ids=ctx, cache=cache)
+                with _tagged(stats, "elbo", {"answer": torch.ones_like(m), "masked": m}):
+                    logits = inner(decoder_input_ids=noisy, cache=cache).logits.float()
+                ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.to(device).repeat(len(rows)),
+                                     reduction="none").reshape(len(rows), L)
+                loss += float(((ce * m).sum(dim=1, dtype=torch.float64) * L / m.sum(dim=1)).sum())
+            total -= loss / mc_num
+        out.append((total, False))
+    return out
