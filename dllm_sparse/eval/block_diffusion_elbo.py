@@ -19,7 +19,8 @@ model's own denoising task is what matters. The draws of an item come from a gen
 canvas), so the dense model and every sparse configuration see the same noise (common random numbers).
 
 Statistics: encoder forwards are tagged ``"prefill"`` (group ``prompt``), decoder forwards ``"elbo"`` (groups
-``answer`` and ``masked``, the noised positions). Every forward is one item's mini-batch of ``mc_batch`` rows.
+``answer`` and ``masked``, the noised positions). The encoder runs once per canvas (``mc_batch`` copies of the
+prefix; the decoder reads the cache without writing it), the decoder once per mini-batch of ``mc_batch`` rows.
 """
 
 from __future__ import annotations
@@ -80,14 +81,16 @@ def block_diffusion_loglikelihood(
             masks = elbo_masks(L, mc_num, mc_batch, gen)  # [mc_num, L]: the noised positions of each row
             noise = torch.randint(0, vocab, (mc_num, L), generator=gen)
             prefix = torch.tensor(context + answer[:start], device=device)
+            # One encoder pass of the prefix for the mini-batch's rows; the decoder only reads the cache, so
+            # every mini-batch of this canvas reuses it.
+            cache = DynamicCache(config=inner.config.get_text_config(decoder=True))
+            ctx = prefix.expand(mc_batch, -1)
+            with _tagged(stats, "prefill", {"prompt": torch.ones_like(ctx, dtype=torch.bool)}):
+                inner.model.encoder(input_ids=ctx, cache=cache)
             loss = 0.0
             for rows in torch.split(torch.arange(mc_num), mc_batch):
                 m = masks[rows].to(device)
                 noisy = torch.where(m, noise[rows].to(device), target.to(device))
-                cache = DynamicCache(config=inner.config.get_text_config(decoder=True))
-                ctx = prefix.expand(len(rows), -1)
-                with _tagged(stats, "prefill", {"prompt": torch.ones_like(ctx, dtype=torch.bool)}):
-                    inner.model.encoder(input_ids=ctx, cache=cache)
                 with _tagged(stats, "elbo", {"answer": torch.ones_like(m), "masked": m}):
                     logits = inner(decoder_input_ids=noisy, cache=cache).logits.float()
                 ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.to(device).repeat(len(rows)),
