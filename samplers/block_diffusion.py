@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from dllm_sparse.models.diffusion_gemma import share_encoder_ffns, text_stacks
+from dllm_sparse.models.loading import model_device
 from dllm_sparse.models.wrappers import unwrap_model
 from dllm_sparse.steps import CallbackList, Geometry, StepState
 
@@ -50,6 +51,13 @@ class BlockDiffusionGenerator:
     def __init__(self, model: Any, tokenizer: Any = None):
         self.model, self.tokenizer = model, tokenizer
         self.inner = share_encoder_ffns(unwrap_model(model))
+        if any(p.device.type == "meta" for p in self.inner.parameters()):
+            # Measured: the offloaded model's generations differ from run to run with the same seed.
+            raise ValueError("this DiffusionGemma model has offloaded weights (accelerate's cpu_offload, or a "
+                             "device_map with cpu/disk entries); its decoder reads embed_tokens.weight for "
+                             "self-conditioning outside that module's own forward, which the offload hooks do not "
+                             "load, so its generations are not reproducible. Load it without offloading "
+                             "(device='cpu' / 'cuda', or a device_map onto devices only)")
 
     def _plan(self, cfg: GenerationConfig) -> Geometry:
         canvas = int(self.inner.config.canvas_length)
@@ -80,7 +88,7 @@ class BlockDiffusionGenerator:
         tok = self.tokenizer
         pad = cfg.pad_id if cfg.pad_id is not None else getattr(tok, "pad_token_id", None) or 0
         ids, attn = encode_prompts(prompts, tok, pad, attention_mask, apply_chat_template)
-        device = next(self.inner.parameters()).device
+        device = model_device(self.inner)
         ids, attn = ids.to(device), attn.to(device)
         B, P = ids.shape
         stop_ids = resolve_stop_ids(cfg, self.inner, tok)

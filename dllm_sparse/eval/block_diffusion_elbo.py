@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from dllm_sparse.models.diffusion_gemma import share_encoder_ffns
+from dllm_sparse.models.loading import model_device
 from dllm_sparse.models.wrappers import unwrap_model
 from dllm_sparse.sparsity.stats import SparsityStats
 
@@ -66,7 +67,7 @@ def block_diffusion_loglikelihood(
     if mc_num < 1 or mc_batch < 1 or mc_num % mc_batch:
         raise ValueError(f"mc_num ({mc_num}) must be a positive multiple of mc_batch ({mc_batch})")
     canvas, vocab = int(inner.config.canvas_length), int(inner.config.text_config.vocab_size)
-    device = next(inner.parameters()).device
+    device = model_device(inner)
     out = []
     for i, (context, answer) in enumerate(requests):
         context, answer = list(context), list(answer)
