@@ -30,13 +30,13 @@ from typing import Any
 
 import torch
 
-from dllm_sparse.models.diffusion_gemma import share_encoder_ffns, text_stacks
+from dllm_sparse.models.diffusion_gemma import share_encoder_ffns
 from dllm_sparse.models.loading import model_device
 from dllm_sparse.models.wrappers import unwrap_model
 from dllm_sparse.steps import CallbackList, Geometry, StepState
 
 from .common import Timer, cut_output, encode_prompts, resolve_stop_ids
-from .config import DIFFUSION_ONLY, GenerationConfig, GenerationResult
+from .config import GenerationConfig, GenerationResult
 
 __all__ = ["BlockDiffusionGenerator"]
 
@@ -61,7 +61,8 @@ class BlockDiffusionGenerator:
 
     def _plan(self, cfg: GenerationConfig) -> Geometry:
         canvas = int(self.inner.config.canvas_length)
-        bad = {k: v for k, v in cfg.diffusion_settings().items() if k not in _ALLOWED}
+        bad = {k: v for k, v in cfg.diffusion_settings().items()
+               if k not in _ALLOWED and not (k == "logit_shift" and v is False)}  # it does not shift: False is true
         if bad or cfg.temperature != 0:
             bad.update({"temperature": cfg.temperature} if cfg.temperature != 0 else {})
             raise ValueError(f"DiffusionGemma generates with its released sampler (its own temperature schedule, no "

@@ -55,7 +55,8 @@ def test_sharing_the_encoder_ffns_changes_no_logit():
     # build_moe_random shared them; a fresh model of the same weights without sharing is the reference.
     ref = type(model)(model.config).eval()
     ref.load_state_dict(model.state_dict())
-    ids, canvas = torch.tensor([[5, 6, 7, 8, 9]]), torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    canvas = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
     assert not any(e.mlp is d.mlp for e, d in zip(*text_stacks(ref), strict=True))
     with torch.no_grad():
         want = ref(input_ids=ids, decoder_input_ids=canvas).logits

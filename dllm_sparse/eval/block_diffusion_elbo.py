@@ -16,7 +16,9 @@ runs inference). The estimator above is LLaDA's masked-diffusion ELBO with unifo
 token; for masked diffusion it is a bound, for uniform noise it is a consistent denoising score, not a bound.
 The sweep uses relative performance (sparse / dense on the same draws), for which a proxy that scores the
 model's own denoising task is what matters. The draws of an item come from a generator seeded by (seed, item key,
-canvas), so the dense model and every sparse configuration see the same noise (common random numbers).
+canvas), so the dense model and every sparse configuration see the same noise (common random numbers). The caller
+supplies the draw (``draw(L, key) -> (masks [mc_num, L], generator)``; the :class:`Scorer` gives the ELBO's
+``elbo_masks`` and ``item_generator``), which keeps this module independent of the scorer's.
 
 Statistics: encoder forwards are tagged ``"prefill"`` (group ``prompt``), decoder forwards ``"elbo"`` (groups
 ``answer`` and ``masked``, the noised positions). The encoder runs once per canvas (``mc_batch`` copies of the
@@ -25,7 +27,7 @@ prefix; the decoder reads the cache without writing it), the decoder once per mi
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,23 +51,20 @@ def block_diffusion_loglikelihood(
     model: torch.nn.Module,
     requests: Sequence[tuple[Sequence[int], Sequence[int]]],
     *,
-    mc_num: int = 128,
+    draw: Callable[[int, Hashable], tuple[torch.Tensor, torch.Generator]],
+    keys: Sequence[Hashable],
     mc_batch: int = 16,
-    seed: int = 0,
-    keys: Sequence[Hashable] | None = None,
     stats: SparsityStats | None = None,
 ) -> list[tuple[float, bool]]:
     """``(log-likelihood estimate, False)`` per (context ids, answer ids) request (see the module docstring).
-    ``keys`` name the items for their draws (default: the token ids). ``is_greedy`` is not computed (False)."""
+    ``draw(L, key)``: the noised positions [mc_num, L] of a canvas of L tokens and the generator to draw its noise
+    tokens from; ``keys`` name the items (with the canvas's start: ``(key, start)``). ``mc_batch``: rows per
+    decoder forward (a divisor of mc_num). ``is_greedy`` is not computed (False)."""
     from transformers import DynamicCache
 
-    from dllm_sparse.eval.likelihood import _content_key, elbo_masks, item_generator
-
     inner = share_encoder_ffns(unwrap_model(model))
-    if keys is not None and len(keys) != len(requests):
+    if len(keys) != len(requests):
         raise ValueError(f"{len(keys)} keys for {len(requests)} requests")
-    if mc_num < 1 or mc_batch < 1 or mc_num % mc_batch:
-        raise ValueError(f"mc_num ({mc_num}) must be a positive multiple of mc_batch ({mc_batch})")
     canvas, vocab = int(inner.config.canvas_length), int(inner.config.text_config.vocab_size)
     device = model_device(inner)
     out = []
@@ -73,13 +72,15 @@ def block_diffusion_loglikelihood(
         context, answer = list(context), list(answer)
         if not context or not answer:
             raise ValueError(f"request {i}: context and answer need at least one token each")
-        key = keys[i] if keys is not None else _content_key(context, answer)
+        key = keys[i]
         total = 0.0
         for start in range(0, len(answer), canvas):
             target = torch.tensor(answer[start:start + canvas])
             L = len(target)
-            gen = item_generator(seed, (key, start))
-            masks = elbo_masks(L, mc_num, mc_batch, gen)  # [mc_num, L]: the noised positions of each row
+            masks, gen = draw(L, (key, start))  # [mc_num, L]: the noised positions of each row
+            mc_num = masks.shape[0]
+            if mc_num % mc_batch:
+                raise ValueError(f"mc_num ({mc_num}) must be a multiple of mc_batch ({mc_batch})")
             noise = torch.randint(0, vocab, (mc_num, L), generator=gen)
             prefix = torch.tensor(context + answer[:start], device=device)
             # One encoder pass of the prefix for the mini-batch's rows; the decoder only reads the cache, so

@@ -1055,8 +1055,13 @@ class Scorer:
             if self.mask_id is None:  # uniform-noise block diffusion (DiffusionGemma)
                 from dllm_sparse.eval.block_diffusion_elbo import block_diffusion_loglikelihood
 
-                return block_diffusion_loglikelihood(self.model, requests, mc_num=self.mc_num, mc_batch=self.mc_batch,
-                                                     seed=self.seed, keys=keys, stats=stats)
+                def draw(L: int, key: Hashable):  # the ELBO's draws (common random numbers)
+                    g = item_generator(self.seed, key)
+                    return elbo_masks(L, self.mc_num, self.mc_batch, g), g
+
+                keys = keys if keys is not None else [_content_key(c, a) for c, a in requests]
+                return block_diffusion_loglikelihood(self.model, requests, draw=draw, keys=keys,
+                                                     mc_batch=self.mc_batch, stats=stats)
             return diffusion_elbo_tokens(
                 self.model, requests, mask_id=self.mask_id, mc_num=self.mc_num, mc_batch=self.mc_batch,
                 batch_size=max(self.batch_size, 1), seed=self.seed, keys=keys, shift_logits=self.shift_logits,
