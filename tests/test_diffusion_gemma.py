@@ -247,3 +247,19 @@ def test_wrapped_models_generate_and_score_like_the_plain_one(dirs, how):
     kw = dict(kind="diffusion", family="diffusion_gemma", mc_num=2, mc_batch=2)
     assert Scorer(wrapped, plain.tokenizer, **kw).loglikelihood_tokens(req)[0][0] == pytest.approx(
         Scorer(reference, plain.tokenizer, **kw).loglikelihood_tokens(req)[0][0], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compare_runs_the_pair_end_to_end(dirs, tmp_path):
+    from dllm_sparse.cli import main
+
+    out = tmp_path / "pair"
+    assert main(["compare", "--diffusion-model", str(dirs[DG]), "--ar-model", str(dirs[G4]), "--sites", "input",
+                 "--limit", "2", "--mc-num", "2", "--thresholds", "1.0", "0.9", "--threads", "1", "--workers", "1",
+                 "--n-boot", "0", "--no-progress", "--output-dir", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert {(r["model"], r["p"]) for r in rows if r["site"] == "input"} == {
+        (str(dirs[m]), p) for m in (DG, G4) for p in (1.0, 0.9)}
+    assert all(r["relative_performance"] == 1.0 for r in rows if r["p"] == 1.0)  # top-p 1 keeps every feature
+    profile = json.loads((out / "step_profile.json").read_text())["rows"]
+    assert {r["x"] for r in profile} and all(isinstance(r["x"], int) for r in profile)  # the decoder's steps
