@@ -263,3 +263,23 @@ def test_compare_runs_the_pair_end_to_end(dirs, tmp_path):
     assert all(r["relative_performance"] == 1.0 for r in rows if r["p"] == 1.0)  # top-p 1 keeps every feature
     profile = json.loads((out / "step_profile.json").read_text())["rows"]
     assert {r["x"] for r in profile} and all(isinstance(r["x"], int) for r in profile)  # the decoder's steps
+
+
+@pytest.mark.parametrize("setting", [dict(greedy_check="iterative"), dict(head_chunk=4), dict(cfg_scale=0.5),
+                                     dict(precision="official")])
+def test_masked_elbo_settings_are_refused_for_the_uniform_noise_score(dg, setting):
+    scorer = Scorer.from_loaded(dg, mc_num=2, mc_batch=2, **setting)
+    with pytest.raises(ValueError, match=next(iter(setting))):
+        scorer.loglikelihood_tokens([([20, 21], [30, 31])])
+
+
+def test_ratio_bins_group_the_decoder_rows_by_their_noised_fraction(dg):
+    stats = SparsityStats()
+    scorer = Scorer.from_loaded(dg, mc_num=4, mc_batch=2, ratio_bins=2)
+    scorer.loglikelihood_tokens([([20, 21], [30, 31, 32, 33])], keys=["k"], stats=stats,
+                                sparsity=SparsityConfig("input", TopP(0.8)))
+    g = item_generator(1234, ("k", 0))
+    counts = elbo_masks(4, 4, 2, g).sum(dim=1)  # the rows' noised counts, as the scorer draws them
+    rows = {r["group"]: r["tokens"] for r in stats.records() if r["tag"] == "elbo" and r["layer"] == 0}
+    assert rows["ratio0.00-0.50"] == 4 * int((counts <= 2).sum())  # every position of a row counts in its bin
+    assert rows["ratio0.50-1.00"] == 4 * int((counts > 2).sum())

@@ -55,11 +55,14 @@ def block_diffusion_loglikelihood(
     keys: Sequence[Hashable],
     mc_batch: int = 16,
     stats: SparsityStats | None = None,
+    ratio_bins: int = 0,
 ) -> list[tuple[float, bool]]:
     """``(log-likelihood estimate, False)`` per (context ids, answer ids) request (see the module docstring).
     ``draw(L, key)``: the noised positions [mc_num, L] of a canvas of L tokens and the generator to draw its noise
     tokens from; ``keys`` name the items (with the canvas's start: ``(key, start)``). ``mc_batch``: rows per
-    decoder forward (a divisor of mc_num). ``is_greedy`` is not computed (False)."""
+    decoder forward (a divisor of mc_num). ``ratio_bins``: also group the decoder rows by their noised fraction
+    n / L into that many bins (``ratio0.00-0.20`` ..., as the masked ELBO groups by mask ratio). ``is_greedy`` is
+    not computed (False)."""
     from transformers import DynamicCache
 
     inner = share_encoder_ffns(unwrap_model(model))
@@ -93,7 +96,14 @@ def block_diffusion_loglikelihood(
             for rows in torch.split(torch.arange(mc_num), mc_batch):
                 m = masks[rows].to(device)
                 noisy = torch.where(m, noise[rows].to(device), target.to(device))
-                with _tagged(stats, "elbo", {"answer": torch.ones_like(m), "masked": m}):
+                groups = {"answer": torch.ones_like(m), "masked": m}
+                if ratio_bins:
+                    ratio = m.sum(dim=1, dtype=torch.float64) / L
+                    bins = (torch.ceil(ratio * ratio_bins).long() - 1).clamp(0, ratio_bins - 1)
+                    for k in range(ratio_bins):
+                        name = f"ratio{k / ratio_bins:.2f}-{(k + 1) / ratio_bins:.2f}"
+                        groups[name] = (bins == k)[:, None].expand_as(m)
+                with _tagged(stats, "elbo", groups):
                     logits = inner(decoder_input_ids=noisy, cache=cache).logits.float()
                 ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.to(device).repeat(len(rows)),
                                      reduction="none").reshape(len(rows), L)

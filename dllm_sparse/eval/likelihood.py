@@ -1055,13 +1055,20 @@ class Scorer:
             if self.mask_id is None:  # uniform-noise block diffusion (DiffusionGemma)
                 from dllm_sparse.eval.block_diffusion_elbo import block_diffusion_loglikelihood
 
+                unsupported = {k: v for k, v in (("cfg_scale", cfg_scale), ("greedy_check", self.greedy_check),
+                               ("precision", self.precision), ("head_chunk", self.head_chunk))
+                               if v not in (0.0, "off", "float32", None)}
+                if unsupported:
+                    raise ValueError(f"{unsupported}: settings of the masked-diffusion ELBO that the block-diffusion "
+                                     "score of this uniform-noise model does not have; leave them at their defaults")
+
                 def draw(L: int, key: Hashable):  # the ELBO's draws (common random numbers)
                     g = item_generator(self.seed, key)
                     return elbo_masks(L, self.mc_num, self.mc_batch, g), g
 
                 keys = keys if keys is not None else [_content_key(c, a) for c, a in requests]
                 return block_diffusion_loglikelihood(self.model, requests, draw=draw, keys=keys,
-                                                     mc_batch=self.mc_batch, stats=stats)
+                                                     mc_batch=self.mc_batch, stats=stats, ratio_bins=self.ratio_bins)
             return diffusion_elbo_tokens(
                 self.model, requests, mask_id=self.mask_id, mc_num=self.mc_num, mc_batch=self.mc_batch,
                 batch_size=max(self.batch_size, 1), seed=self.seed, keys=keys, shift_logits=self.shift_logits,
