@@ -103,6 +103,13 @@ def _smoke(args, phases_given: bool) -> None:
 
 def memory_plan(args, argv: list[str]) -> dict:
     from dllm_sparse.eval.memory_plan import GPU_SIZES_GB, extrapolate, fits_table, gpu_estimate
+    from dllm_sparse.models.shapes import published_layers
+
+    depths = {published_layers(shape) for shape in args.plan_shapes}  # 32 for the 8B shapes, 30 for the 26B-A4B pair
+    if len(depths) > 1:
+        raise SystemExit(f"--plan-shapes {' '.join(args.plan_shapes)}: one table extrapolates to one depth; plan the "
+                         "shapes of different published depths in separate runs (separate --output-dir)")
+    (L,) = depths
 
     runs: dict[str, dict] = {}
     for shape in args.plan_shapes:
@@ -131,13 +138,6 @@ def memory_plan(args, argv: list[str]) -> dict:
                 runs[f"{shape}/{dtype}/{layers}"] = json.loads(out.read_text())
     plan = {"formula": "peak(L) = peak(1) + (L - 1) * per_layer_weight_bytes; gpu(L) = peak(L) - baseline_rss + "
                        "CUDA allowance", "gpu_sizes_gb": GPU_SIZES_GB, "models": {}}
-    from dllm_sparse.models.shapes import published_layers
-
-    depths = {published_layers(shape) for shape in args.plan_shapes}  # 32 for the 8B shapes, 30 for the 26B-A4B pair
-    if len(depths) > 1:
-        raise SystemExit(f"--plan-shapes {' '.join(args.plan_shapes)}: one table extrapolates to one depth; plan the "
-                         "shapes of different published depths in separate runs (separate --output-dir)")
-    (L,) = depths
     lines = [f"| model | dtype | phase | peak 1 layer (GB) | predicted 2 (GB) | measured 2 (GB) | error | GPU est. {L} "
              "layers (GB) | " + " | ".join(f"{g} GB" for g in GPU_SIZES_GB) + " |",
              "|---|---|---|---:|---:|---:|---:|---:|" + "---|" * len(GPU_SIZES_GB)]

@@ -283,3 +283,30 @@ def test_ratio_bins_group_the_decoder_rows_by_their_noised_fraction(dg):
     rows = {r["group"]: r["tokens"] for r in stats.records() if r["tag"] == "elbo" and r["layer"] == 0}
     assert rows["ratio0.00-0.50"] == 4 * int((counts <= 2).sum())  # every position of a row counts in its bin
     assert rows["ratio0.50-1.00"] == 4 * int((counts > 2).sum())
+
+
+def test_bad_shape_input_is_named(tmp_path):
+    from dllm_sparse.eval.block_diffusion_elbo import block_diffusion_loglikelihood
+    from dllm_sparse.models.shapes import published_layers, shape_family
+
+    with pytest.raises(ValueError, match="unknown MoE shape 'gemma4-27b'"):
+        moe_config("gemma4-27b")
+    with pytest.raises(ValueError, match="layers must be a whole number >= 1"):
+        moe_config(DG, layers=0)
+    assert (published_layers("diffusion-gemma-26b-a4b"), published_layers("llada-8b")) == (30, 32)
+    assert (shape_family(DG), shape_family(G4), shape_family("llama-3.1-8b")) == ("diffusion_gemma", "gemma4", "llama")
+    model, _ = build_moe_random(DG, layers=1)
+    with pytest.raises(ValueError, match="1 keys for 2 requests"):
+        block_diffusion_loglikelihood(model, [([1], [2]), ([3], [4])], draw=None, keys=["a"])
+    # One memory table extrapolates to one published depth: the 8B shapes (32) and the pair (30) are refused together.
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "check_8b_shapes.py"
+    spec = importlib.util.spec_from_file_location("check_8b_shapes", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit, match="one table extrapolates to one depth"):
+        mod.memory_plan(mod.build_parser().parse_args(
+            ["--memory-plan", "--plan-shapes", "llada-8b", "diffusion-gemma-26b-a4b", "--output-dir", str(tmp_path)]),
+            [])
