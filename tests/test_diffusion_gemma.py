@@ -310,3 +310,21 @@ def test_bad_shape_input_is_named(tmp_path):
         mod.memory_plan(mod.build_parser().parse_args(
             ["--memory-plan", "--plan-shapes", "llada-8b", "diffusion-gemma-26b-a4b", "--output-dir", str(tmp_path)]),
             [])
+
+
+def test_committed_moe_memory_table_is_what_the_committed_runs_give(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    committed = root / "docs" / "results" / "shapes_moe" / "memory"
+    for f in committed.glob("*-[12]l-bf16.json"):
+        (tmp_path / f.name).write_text(f.read_text())
+    spec = importlib.util.spec_from_file_location("check_8b_shapes", root / "experiments" / "check_8b_shapes.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--memory-plan", "--plan-shapes", "diffusion-gemma-26b-a4b", "gemma4-26b-a4b", "--plan-dtypes", "bf16",
+              "--output-dir", str(tmp_path)])  # every run's file is there: nothing is measured again
+    table = (tmp_path / "memory_plan.md").read_text()
+    assert table == (committed / "memory_plan.md").read_text()
+    assert table in (root / "docs" / "memory.md").read_text()
