@@ -3,6 +3,7 @@
     python experiments/kernels_aot.py                       # all: both shapes, fp16 + bf16, M = 1..288, sm_80 + sm_90
     python experiments/kernels_aot.py --markdown /tmp/aot.md   # also write the table that docs/kernels.md holds
     python experiments/kernels_aot.py --tokens 1 4 64 --dtypes bf16 --archs 90 --shapes llama-3.1-8b   # a subset
+    python experiments/kernels_aot.py --shapes qwen3-30b-a3b-expert --archs 90   # one MoE expert's products
 
 What it does. The launchers of dllm_sparse.kernels.triton_kernels are called with ``meta`` tensors of the real shapes
 inside ``recording_launches(num_sms)`` (108 SMs for sm_80 = A100, 132 for sm_90 = H100), for every call an
@@ -32,15 +33,19 @@ import sys
 import time
 from pathlib import Path
 
-SHAPES = {"llama-3.1-8b": (4096, 14336), "llada-8b": (4096, 12288)}  # (hidden d, FFN width d_ff)
+SHAPES = {"llama-3.1-8b": (4096, 14336), "llada-8b": (4096, 12288),  # (hidden d, FFN width d_ff)
+          # one routed expert of Qwen3-30B-A3B (hidden 2048, expert width 768): accelerate_ffn runs each expert's
+          # products on its gathered tokens with the same kernels (kernels/sparse_experts.py, docs/moe.md)
+          "qwen3-30b-a3b-expert": (2048, 768)}
+DEFAULT_SHAPES = ("llama-3.1-8b", "llada-8b")  # the docs' table; experts: --shapes qwen3-30b-a3b-expert
 ARCH_SMS = {80: 108, 90: 132}  # compute capability -> SMs of the GPU the launchers are planned for (A100, H100)
 MAX_TOKENS = 288
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
-                   help=f"published FFN shapes to plan launches for (default: {' '.join(SHAPES)})")
+    p.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), choices=list(SHAPES),
+                   help=f"published FFN shapes to plan launches for (default: {' '.join(DEFAULT_SHAPES)})")
     p.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=["fp16", "bf16", "fp32"],
                    help="activation / weight dtypes (default: fp16 bf16; fp32 is checked for spills too)")
     p.add_argument("--tokens", nargs="+", type=int, default=None,

@@ -50,14 +50,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dllm_sparse.models.families import FFNModules, find_ffns
+from dllm_sparse.models.families import FFNModules, count_layers, find_experts, find_ffns
 from dllm_sparse.sparsity.config import SparsityConfig, as_config
+from dllm_sparse.sparsity.experts import check_every_experts_module_found
 from dllm_sparse.sparsity.hooks import column_norms, select_layers
 from dllm_sparse.sparsity.rules import SHARED_SCOPES, SparsityRule, TopP
 from dllm_sparse.sparsity.sites import FFNSite
 from dllm_sparse.sparsity.stats import SparsityStats
 
 from .dispatch import backend as choose_backend
+from .sparse_experts import accelerate_experts, experts_accelerated, restore_experts
 from .ops import column_sparse_matmul, row_sparse_matmul, topp_threshold
 
 __all__ = ["SparseFFN", "SparsePart", "PackedKeepSet", "accelerate_ffn", "restore_ffn", "accelerated_ffn",
@@ -479,7 +481,7 @@ def _role_path(ffn: FFNModules, role: str) -> tuple[nn.Module, str]:
 
 
 def is_accelerated(model: nn.Module) -> bool:
-    return any(isinstance(m, SparsePart) for m in model.modules())
+    return any(isinstance(m, SparsePart) for m in model.modules()) or experts_accelerated(model)
 
 
 def _kernel_config(config, rule, layers, site, caller: str) -> SparsityConfig:
@@ -539,10 +541,19 @@ def accelerate_ffn(
             raise ValueError(f"reuse on the fast path is for the input and intermediate sites, got {site.value!r}")
     if is_accelerated(model):
         raise ValueError("this model's FFNs are already accelerated; call restore_ffn(model) before swapping again")
-    ffns = select_layers(find_ffns(model), config.layers)
+    n_layers = count_layers(model)
+    ffns = select_layers(find_ffns(model), config.layers, n_layers)
+    all_experts = find_experts(model)
+    check_every_experts_module_found(model, all_experts)
+    experts = select_layers(all_experts, config.layers, n_layers)  # routed experts: sparse_experts.py
+    if experts and reuse is not None:
+        raise ValueError(f"reuse is not defined for routed experts (layers {[e.layer for e in experts]}): the tokens "
+                         "routed to an expert change between steps; drop reuse, or select layers without experts")
     for ffn in ffns:  # validate everything before touching the model
         _check_ffn(ffn)
         choose_backend(ffn.down.weight, backend)  # a bad backend name fails here, not at the first forward
+    for found in experts:
+        choose_backend(found.experts.down_proj, backend)
     swaps = []
     for ffn in ffns:
         sparse = SparseFFN(ffn, site, rule, stats, backend, reuse)
@@ -552,6 +563,8 @@ def accelerate_ffn(
         for role in roles:
             parent, name = _role_path(ffn, role)
             swaps.append((parent, name, SparsePart(sparse, role, getattr(parent, name))))
+    if experts:  # validates every experts module before attaching any
+        accelerate_experts(experts, site, rule, stats, backend)
     for parent, name, part in swaps:
         setattr(parent, name, part)
     return model
@@ -560,6 +573,7 @@ def accelerate_ffn(
 def restore_ffn(model: nn.Module) -> nn.Module:
     """Put back every module that :func:`accelerate_ffn` replaced (the very same objects); returns the model.
     A model that is not accelerated is returned unchanged."""
+    restore_experts(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, SparsePart):

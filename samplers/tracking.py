@@ -86,12 +86,21 @@ class MaskOverlapTracker(GenerationCallback):
 
     Use it both as a ``mask_observers`` entry of the sparsifier (e.g. ``StepSparsity(...,
     mask_observers=[tracker])``) and as a generation callback (``callbacks=[tracker]``).
+
+    Routed experts (docs/moe.md): the tokens routed to an expert change from step to step, so a step-to-step
+    overlap of an expert's masks is not defined. ``experts="refuse"`` (default) raises at the first expert mask;
+    ``experts="skip"`` tracks the dense FFNs only and counts the expert masks it passed over in
+    ``skipped_expert_events``. ``SparsityStats(record_masks=True)`` records expert masks with their tokens.
     """
 
     def __init__(self, layers: Iterable[int] | None = None, sites: Iterable[FFNSite | str] | None = None,
-                 store: bool = True, rows: str = "cond"):
+                 store: bool = True, rows: str = "cond", experts: str = "refuse"):
         if rows not in ("cond", "all"):
             raise ValueError(f"rows must be 'cond' or 'all', got {rows!r}")
+        if experts not in ("refuse", "skip"):
+            raise ValueError(f"experts must be 'refuse' or 'skip', got {experts!r}")
+        self.experts = experts
+        self.skipped_expert_events = 0
         if layers is not None:
             layers = list(layers)
             if not layers or any(isinstance(i, bool) or int(i) != i for i in layers):
@@ -117,6 +126,14 @@ class MaskOverlapTracker(GenerationCallback):
     # ---- mask observer ---------------------------------------------------------------------------------------
     def __call__(self, event: MaskEvent) -> None:
         layer, site = int(event.layer), str(event.site)
+        if event.expert is not None:
+            if self.experts == "refuse":
+                raise ValueError(f"MaskOverlapTracker got the mask of routed expert {event.expert} of layer {layer}: "
+                                 "the tokens routed to an expert change between steps, so their overlap is not "
+                                 "defined. Pass MaskOverlapTracker(experts='skip') to track the dense FFNs only, "
+                                 "or record expert masks with SparsityStats(record_masks=True)")
+            self.skipped_expert_events += 1
+            return
         self._seen_layers.add(layer)
         if self.layers is not None and layer not in self.layers:
             return

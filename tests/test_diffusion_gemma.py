@@ -109,14 +109,14 @@ def test_steps_match_the_released_generate_and_are_tagged(dg):
     out = generate(dg, prompts=prompt, config=cfg,  # dense, every step's place recorded at its end
                    callbacks=[lambda st: seen.append((st.tag, st.block, st.step_in_block))])
     assert torch.equal(out.sequences, want)
-    tracker = MaskOverlapTracker()
+    tracker = MaskOverlapTracker(experts="skip")  # expert masks have no step-to-step overlap (docs/moe.md)
     sp = StepSparsity("input", TopP(0.9), mask_observers=[tracker])
     out = generate(dg, prompts=prompt, config=cfg, sparsity=sp, callbacks=[tracker])
     assert out.nfe == 6 and sp.tags() == ["prefill", 0, 1, 2, 3, 4, 5]
     assert seen == [("prefill", 0, 0), (0, 0, 0), (1, 0, 1), (2, 0, 2), ("prefill", 1, 0), (3, 1, 0), (4, 1, 1),
                      (5, 1, 2)]
     canvas = dg.model.config.canvas_length
-    rows = {(r["tag"], r["group"], r["layer"]): r["tokens"] for r in sp.records()}
+    rows = {(r["tag"], r["group"], r["layer"]): r["tokens"] for r in sp.records() if "expert" not in r}
     # Prefill: the prompt, then the first canvas written into the cache; steps: the whole canvas.
     assert rows[("prefill", "all", 0)] == 4 + canvas
     assert all(rows[(t, "all", 1)] == canvas for t in range(6))
@@ -124,24 +124,42 @@ def test_steps_match_the_released_generate_and_are_tagged(dg):
     for t in (1, 2, 4, 5):  # later steps: noise where the previous step did not accept
         assert rows.get((t, "masked", 0), 0) + rows.get((t, "decoded", 0), 0) == canvas
     assert tracker.records()
+    # Expert rows: every token reaches top_k experts, in the encoder's forwards and the decoder's steps alike.
+    top_k = dg.model.config.text_config.top_k_experts
+    routed: dict = {}
+    for r in sp.records():
+        if "expert" in r and r["group"] == "all":
+            routed[(r["tag"], r["layer"])] = routed.get((r["tag"], r["layer"]), 0) + r["tokens"]
+    assert routed[("prefill", 0)] == top_k * (4 + canvas)
+    assert all(routed[(t, 1)] == top_k * canvas for t in range(6))
 
 
 def test_step_sparsity_equals_a_brute_force_top_p_of_the_decoder_inputs(dg):
     from dllm_sparse import top_p_mask_reference
 
-    inputs = []
-    layer = text_stacks(dg.model)[1][0].mlp
-    handle = layer.gate_proj.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().clone()))
+    inputs, routed = [], []
+    block = text_stacks(dg.model)[1][0]
+    handles = [block.mlp.gate_proj.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().clone())),
+               # the experts' input and routing (hidden states [N, d], top-k indices [N, k]), before any rule
+               block.experts.register_forward_pre_hook(lambda m, a: routed.append((a[0].clone(), a[1].clone())))]
     try:
         sp = StepSparsity("input", TopP(0.7), layers=[0])
         generate(dg, prompts=[[10, 11]], config=GenerationConfig(gen_length=16, steps=2, seed=1), sparsity=sp)
     finally:
-        handle.remove()
-    # The hook sees the dense input before the rule zeroes it (a pre-hook registered before sparsify's).
-    per_step = sp.per_step()
-    for tag, x in zip(["prefill", 0, 1], inputs, strict=True):
+        for h in handles:
+            h.remove()
+    # The hooks see the dense input before the rule zeroes it (registered before sparsify's). The input site's
+    # vector of a (token, expert) pair is the token's routed hidden state, the same for its k experts.
+    for tag, x, (h, index) in zip(["prefill", 0, 1], inputs, routed, strict=True):
         keep = top_p_mask_reference(x.float().reshape(-1, x.shape[-1]), 0.7)
-        assert per_step[tag] == pytest.approx(1 - keep.float().mean().item(), abs=1e-9)
+        assert sp.stats.mean("input", tag=tag, part="dense") == pytest.approx(1 - keep.double().mean().item(),
+                                                                             abs=1e-9)
+        per_expert = sp.stats.per_expert("input", tag=tag)
+        for e in index.unique().tolist():
+            tokens = (index == e).any(dim=1)
+            want = 1 - top_p_mask_reference(h[tokens].float(), 0.7).double().mean().item()
+            assert per_expert[(0, e)]["tokens"] == int(tokens.sum())
+            assert per_expert[(0, e)]["sparsity"] == pytest.approx(want, abs=1e-9)
 
 
 def _reference_loglikelihood(model, context, answer, mc_num, mc_batch, seed, key):
@@ -280,7 +298,8 @@ def test_ratio_bins_group_the_decoder_rows_by_their_noised_fraction(dg):
                                 sparsity=SparsityConfig("input", TopP(0.8)))
     g = item_generator(1234, ("k", 0))
     counts = elbo_masks(4, 4, 2, g).sum(dim=1)  # the rows' noised counts, as the scorer draws them
-    rows = {r["group"]: r["tokens"] for r in stats.records() if r["tag"] == "elbo" and r["layer"] == 0}
+    rows = {r["group"]: r["tokens"] for r in stats.records()
+            if r["tag"] == "elbo" and r["layer"] == 0 and "expert" not in r}
     assert rows["ratio0.00-0.50"] == 4 * int((counts <= 2).sum())  # every position of a row counts in its bin
     assert rows["ratio0.50-1.00"] == 4 * int((counts > 2).sum())
 

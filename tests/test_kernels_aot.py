@@ -203,6 +203,19 @@ def test_aot_quick_subset():
         assert any(kernel in r for r in rows), kernel
 
 
+def test_aot_moe_expert_shape_for_sm90():
+    """One routed expert's products (Qwen3-30B-A3B: hidden 2048, expert width 768; accelerate_ffn runs them on the
+    same kernels over each expert's gathered tokens) compile for sm_90 with no spill."""
+    _needs_nvidia_backend()
+    proc = _child([str(SCRIPT), "--shapes", "qwen3-30b-a3b-expert", "--dtypes", "bf16", "--tokens", "1", "48",
+                   "--archs", "90"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("sm_90")]
+    assert rows and all(re.search(r"spill\s+0 B", r) for r in rows), rows
+    for kernel in ("topp_threshold", "colsparse_gemv", "colsparse_gemm", "rowsparse_gemv", "rowsparse_gemm"):
+        assert any(kernel in r for r in rows), kernel
+
+
 @pytest.mark.slow
 def test_aot_every_8b_specialization_and_the_docs_table(tmp_path):
     """Every specialization at both 8B shapes, fp16 and bf16, M = 1..288, sm_80 and sm_90: compiles, no spill; under

@@ -308,16 +308,17 @@ def _refuse_diffusion_only_args(kind: str | None, cfg: float | None, preset, blo
 def _check_layers_exist(model, configs) -> None:
     """Every layer index of the sparsity configs exists in ``model`` (else the hooks would fail only at the first
     request, after lm-eval has built every task)."""
-    from dllm_sparse.models.families import find_ffns
+    from dllm_sparse.models.families import count_layers, find_ffns
     from dllm_sparse.sparsity.hooks import select_layers
 
     picked = [c for c in configs if c.layers is not None]
     if not picked:
         return
     ffns = find_ffns(model)
+    n_layers = count_layers(model)  # block count: an MoE block may hold experts instead of a dense FFN
     for config in picked:
         try:
-            select_layers(ffns, config.layers)
+            select_layers(ffns, config.layers, n_layers)
         except ValueError as e:
             raise ValueError(f"sparsity={config.id}: {e}; give layer indices in that range (negative ones count "
                              "from the end)") from None

@@ -1027,7 +1027,7 @@ def _result_fields(res) -> dict:
 
 
 def _groups(stats: SparsityStats, site: str) -> dict[str, float]:
-    names = sorted({k[1] for k in stats.counts if k[3] == site})
+    names = sorted({k[1] for k in [*stats.counts, *stats.expert_counts] if k[3] == site})
     return {g: stats.mean(site, group=g) for g in names}
 
 
@@ -1054,7 +1054,8 @@ def _run_unit(cfg: SweepConfig, scorer: Scorer, lm, name: str, task: Task, unit:
             site = c.site.value
             row = {**_base_row(cfg, lm, name, unit.task, c, rank, loaded), **_result_fields(res),
                    "sparsity": stats.mean(site), "per_layer_sparsity": list(stats.per_layer(site).values()),
-                   "sparsity_groups": _groups(stats, site), "seconds": 0.0, "source": "dense_pass",
+                   "sparsity_groups": _groups(stats, site), **stats.expert_fields(site), "seconds": 0.0,
+                   "source": "dense_pass",
                    "finished_at": time.time()}
             _set_relative(row, dense)
             rows.append(row)
@@ -1064,7 +1065,7 @@ def _run_unit(cfg: SweepConfig, scorer: Scorer, lm, name: str, task: Task, unit:
     row = {**_base_row(cfg, lm, name, unit.task, unit.config, rank, loaded), **_result_fields(res),
            "dense_value": None, "dense_metrics": None, "relative": None, "relative_performance": None,
            "sparsity": stats.mean(site), "per_layer_sparsity": list(stats.per_layer(site).values()),
-           "sparsity_groups": _groups(stats, site), "seconds": time.perf_counter() - t0,
+           "sparsity_groups": _groups(stats, site), **stats.expert_fields(site), "seconds": time.perf_counter() - t0,
            "source": "measured", "finished_at": time.time()}
     dense = dense_rows.get(dense_key(row["key"]))
     if dense is not None:

@@ -35,6 +35,9 @@ __all__ = [
     "detect_family",
     "family_named",
     "find_ffns",
+    "ExpertsModules",
+    "find_experts",
+    "count_layers",
     "without_lm_head",
 ]
 
@@ -68,6 +71,11 @@ class FamilyProfile:
     # tokens and there is no mask id: DiffusionGemma, generated and scored by dllm_sparse's block-diffusion code)
     noise: str = "mask"
     loader: str = ""  # the transformers class that loads the family when the Auto classes would pick another
+    # Mixture-of-experts: the routed experts module, a path inside a block ("experts" for Gemma 4, "mlp.experts"
+    # for Qwen3-MoE / Mixtral). Its class must dispatch through transformers' ExpertsInterface (3D gate_up_proj /
+    # down_proj weights); the sparsifier runs its experts as FFNs (docs/moe.md). Blocks whose dense FFN is missing
+    # (a Qwen3-MoE layer is either a dense MLP or a sparse MoE block) are then allowed.
+    experts: str = ""
 
     def __post_init__(self):
         # Normalise what is easy to get wrong by hand: a bare string for a tuple, mixed case, lists.
@@ -117,6 +125,16 @@ class FFNModules:
     gate_up: nn.Module | None = None
 
 
+@dataclass
+class ExpertsModules:
+    """One layer's routed experts, resolved on a live model (the module holding the 3D expert weights)."""
+
+    layer: int
+    block: nn.Module
+    experts: nn.Module
+    profile: FamilyProfile
+
+
 _LLAMA_NAMES = dict(layers="model.layers", ffn="mlp", gate="gate_proj", up="up_proj", down="down_proj", act="act_fn")
 
 # The registry, searched front to back (families registered later come first).
@@ -128,16 +146,21 @@ PROFILES: list[FamilyProfile] = [
     FamilyProfile("qwen2", ("qwen2",), **_LLAMA_NAMES, head="lm_head"),  # Qwen2, Qwen2.5
     FamilyProfile("mistral", ("mistral",), **_LLAMA_NAMES, head="lm_head"),
     FamilyProfile("gemma3", ("gemma3", "gemma3_text"), **_LLAMA_NAMES, activation="gelu_tanh"),
-    # Gemma 4 (its MoE variant adds routed experts beside each layer's dense MLP, which is what these names find).
-    # The multimodal class keeps its text layers in model.language_model.layers; a text-only one in model.layers.
+    # Gemma 4: every block has the dense MLP; with enable_moe_block it also runs routed experts beside it
+    # (block.experts, fed the pre-FFN hidden state through their own norm). The multimodal class keeps its text
+    # layers in model.language_model.layers, a text-only one in model.layers.
     FamilyProfile("gemma4", ("gemma4",), **{**_LLAMA_NAMES, "layers": "language_model.layers"},
-                  activation="gelu_tanh"),
-    FamilyProfile("gemma4_text", ("gemma4_text",), **_LLAMA_NAMES, activation="gelu_tanh"),
-    # DiffusionGemma (dllm_sparse.models.diffusion_gemma): the decoder's MLPs; the encoder runs through the same
-    # modules once share_encoder_ffns has run (load_model does it). Its head is followed by logit soft-capping.
+                  activation="gelu_tanh", experts="experts"),
+    FamilyProfile("gemma4_text", ("gemma4_text",), **_LLAMA_NAMES, activation="gelu_tanh", experts="experts"),
+    # DiffusionGemma (dllm_sparse.models.diffusion_gemma): the decoder's MLPs and experts; the encoder runs through
+    # the same modules once share_encoder_ffns has run (load_model does it). Its head is followed by soft-capping.
     FamilyProfile("diffusion_gemma", ("diffusion_gemma",), **{**_LLAMA_NAMES, "layers": "decoder.layers"},
                   activation="gelu_tanh", kind="diffusion", noise="uniform",
-                  loader="DiffusionGemmaForBlockDiffusion"),
+                  loader="DiffusionGemmaForBlockDiffusion", experts="experts"),
+    # Qwen3-MoE / Mixtral: block.mlp is a sparse MoE block (router + experts), or a dense MLP in Qwen3-MoE's
+    # mlp_only_layers.
+    FamilyProfile("qwen3_moe", ("qwen3_moe",), **_LLAMA_NAMES, experts="mlp.experts", head="lm_head"),
+    FamilyProfile("mixtral", ("mixtral",), **_LLAMA_NAMES, experts="mlp.experts", head="lm_head"),
     # Dream-7B: Qwen2.5 names; predicts token i + 1 at position i like its AR parent.
     FamilyProfile("dream", ("dream",), **_LLAMA_NAMES, kind="diffusion", mask_id=151666, logit_shift=True),
     FamilyProfile(
@@ -187,22 +210,28 @@ def _get(module: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def _resolve(model: nn.Module, profile: FamilyProfile) -> list[FFNModules] | None:
-    """The profile's FFNs on this model, or None when its names do not fit."""
-    candidates = [
+def _candidate_blocks(model: nn.Module, profile: FamilyProfile) -> list[nn.ModuleList]:
+    return [
         m for name, m in model.named_modules()
         if isinstance(m, nn.ModuleList)
         and (name == profile.layers or name.endswith("." + profile.layers)
              or profile.layers.endswith("." + name))  # a base model (LlamaModel: "layers" of "model.layers")
     ]
+
+
+def _resolve_blocks(model: nn.Module, profile: FamilyProfile) -> tuple[nn.ModuleList, list[FFNModules]] | None:
+    """The profile's blocks and dense FFNs on this model, or None when its names do not fit. A block may lack the
+    dense FFN only when the profile has experts and the block holds them."""
     names = (profile.gate_up,) if profile.fused else (profile.gate, profile.up)
-    for blocks in candidates:
+    for blocks in _candidate_blocks(model, profile):
         ffns = []
         for i, block in enumerate(blocks):
             owner = _get(block, profile.ffn)
             parts = [_get(owner, n) if owner is not None else None for n in (*names, profile.down)]
             act = getattr(owner, profile.act, None) if owner is not None else None
             if any(p is None for p in parts) or not isinstance(act, nn.Module):
+                if profile.experts and _get(block, profile.experts) is not None:
+                    continue  # an MoE block without a dense FFN
                 break
             if profile.fused:
                 gate_up, down = parts
@@ -211,9 +240,15 @@ def _resolve(model: nn.Module, profile: FamilyProfile) -> list[FFNModules] | Non
                 gate, up, down = parts
                 ffns.append(FFNModules(i, block, gate, up, down, act, profile, owner))
         else:
-            if ffns:
-                return ffns
+            if ffns or (profile.experts and len(blocks)):
+                return blocks, ffns
     return None
+
+
+def _resolve(model: nn.Module, profile: FamilyProfile) -> list[FFNModules] | None:
+    """The profile's dense FFNs on this model, or None when its names do not fit."""
+    found = _resolve_blocks(model, profile)
+    return None if found is None else found[1]
 
 
 def _supported() -> str:
@@ -245,6 +280,33 @@ def find_ffns(model: nn.Module, profile: FamilyProfile | None = None) -> list[FF
         raise ValueError(f"family {profile.family!r} does not fit {type(model).__name__}: no "
                          f"'{profile.layers}' blocks with {names}/{profile.down}/{profile.act}")
     return ffns
+
+
+def find_experts(model: nn.Module, profile: FamilyProfile | None = None) -> list[ExpertsModules]:
+    """Every layer's routed experts module, in layer order ([] for a model without routed experts)."""
+    profile = profile or detect_family(model)
+    found = _resolve_blocks(model, profile) if profile.experts else None
+    if found is None:
+        return []
+    return [ExpertsModules(i, block, _unwrap_adapters(experts), profile) for i, block in enumerate(found[0])
+            if (experts := _get(block, profile.experts)) is not None]
+
+
+def _unwrap_adapters(module: nn.Module) -> nn.Module:
+    """The module under peft's wrappers: a LoRA on the expert weights (``ParamWrapper``) holds the experts module as
+    ``base_layer`` and runs it with the adapted weights in place."""
+    while isinstance(getattr(module, "base_layer", None), nn.Module):
+        module = module.base_layer
+    return module
+
+
+def count_layers(model: nn.Module, profile: FamilyProfile | None = None) -> int:
+    """The number of blocks (layer indices run 0..count-1 over dense FFNs and experts alike)."""
+    profile = profile or detect_family(model)
+    found = _resolve_blocks(model, profile)
+    if found is None:
+        find_ffns(model, profile)  # raises the error that names what does not fit
+    return len(found[0])
 
 
 def _splittable_head(model: nn.Module, profile: FamilyProfile | None) -> tuple[nn.Module, str, nn.Linear] | None:

@@ -24,6 +24,7 @@ the graph (``torch.compiler.disable``), so they count exactly as without compila
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from dllm_sparse.models.families import FFNModules, find_ffns
+from dllm_sparse.models.families import FFNModules, count_layers, find_experts, find_ffns
 from dllm_sparse.sparsity.config import SparsityConfig, as_config
 from dllm_sparse.sparsity.rules import SHARED_SCOPES, SharedSelection, SparsityRule
 from dllm_sparse.sparsity.sites import FFNSite
@@ -59,6 +60,10 @@ class MaskEvent:
     keep: torch.Tensor  # bool [..., d], True = kept
     tag: object  # the statistics' current tag (step index, "prefill", ...)
     valid: torch.Tensor | None  # [batch, S] attention mask of real tokens, if the model was given one
+    # Routed experts (docs/moe.md): the expert, and the flat indices [n] of the tokens routed to it (rows of the
+    # layer's [batch * tokens] activations); keep is then [n, d]. None for a dense FFN.
+    expert: int | None = None
+    tokens: torch.Tensor | None = None
 
 
 # A mask selector replaces "apply the rule" with anything that returns a keep-mask, e.g. a mask-reuse
@@ -91,7 +96,15 @@ class Sparsifier:
         self.observers = list(mask_observers)
         self.select_mask = select_mask
         all_ffns = find_ffns(model)
-        self.ffns = select_layers(all_ffns, self.config.layers)
+        n_layers = count_layers(model)
+        self.ffns = select_layers(all_ffns, self.config.layers, n_layers)
+        all_experts = find_experts(model)
+        _check_every_experts_module_found(model, all_experts)
+        self.experts = select_layers(all_experts, self.config.layers, n_layers)
+        if self.experts:
+            self._check_experts_supported()
+        self._detach_experts = None
+        self._token_shape: dict[int, tuple[int, ...]] = {}  # layer -> [batch, tokens] of the block in flight
         if self.site is FFNSite.GATE:
             acts = [id(f.act) for f in all_ffns]
             if len(set(acts)) != len(acts):
@@ -174,6 +187,69 @@ class Sparsifier:
         for observer in self.observers:
             observer(MaskEvent(layer, self.site, keep, self.stats.tag, valid))
 
+    # ---- routed experts (docs/moe.md) ---------------------------------------------------------------------------
+    def _check_experts_supported(self) -> None:
+        from dllm_sparse.sparsity.experts import check_experts
+
+        where = f"{type(self.model).__name__} has routed experts (layers {[e.layer for e in self.experts]})"
+        if self.rule.scope != "token":
+            raise ValueError(f"{where}; scope {self.rule.scope!r} is not defined for them (the tokens routed to an "
+                             "expert change from call to call): use scope='token', or sparsify only layers "
+                             "without experts (layers=...)")
+        if self.select_mask is not None:
+            raise ValueError(f"{where}; mask selectors (mask reuse) are not defined for experts: the tokens routed "
+                             "to an expert change between steps. Use fresh masks, or layers without experts")
+        for found in self.experts:
+            check_experts(found)
+        dense_acts = {id(f.act) for f in self.ffns}
+        if self.site is FFNSite.GATE and any(id(found.experts.act_fn) in dense_acts for found in self.experts):
+            raise ValueError(f"{where}; their activation module is the dense FFN's, so the gate site's hook on it "
+                             "would also mask the experts' activations a second time; give the experts their own "
+                             "activation module")
+
+    def _experts_runner(self, layer: int):
+        from dllm_sparse.sparsity.experts import expert_ffn, run_experts
+
+        def run(module, hidden_states, top_k_index, top_k_weights):
+            self.stats.add_expert_call(layer, self.site)
+            shape = self._token_shape.get(layer)
+            if shape is None or math.prod(shape) != hidden_states.shape[0]:
+                shape = (hidden_states.shape[0],)  # not [batch, tokens]: every token counted, as for the dense FFN
+            return run_experts(module, hidden_states, top_k_index, top_k_weights, lambda e, x, tokens: expert_ffn(
+                module, e, x, self.site, lambda v: self._apply_expert(layer, e, tokens, shape, v)))
+
+        return run
+
+    def _apply_expert(self, layer: int, expert: int, tokens: torch.Tensor, shape: tuple[int, ...],
+                      x: torch.Tensor) -> torch.Tensor:
+        """The rule on expert ``expert``'s vectors x [n, d] (one per routed token; per-token scope)."""
+        fused = self.rule.apply_fused(x)
+        out, zeros, keep = (fused[0], fused[1], None) if fused is not None else (None, None, self.rule.mask(x))
+        if out is None:
+            out = x * keep
+        self._observe_expert(layer, expert, tokens, shape, out, keep, zeros)
+        return out
+
+    def _observe_expert_now(self, layer, expert, tokens, shape, out, keep, zeros) -> None:
+        valid = self._valid if len(shape) == 2 else None
+        self.stats.add_routed(layer, self.site, expert, out, tokens, shape, valid, zeros=zeros)
+        if keep is None and (self.stats.record_masks or self.observers):
+            keep = out != 0
+        if self.stats.record_masks:
+            self.stats.add_mask(layer, self.site, keep, expert=expert, tokens=tokens)
+        for observer in self.observers:
+            observer(MaskEvent(layer, self.site, keep, self.stats.tag, valid, expert, tokens))
+
+    def _capture_token_shape(self, layer: int):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(x, torch.Tensor) and x.dim() == 3:
+                self._token_shape[layer] = tuple(x.shape[:2])
+            else:
+                self._token_shape.pop(layer, None)
+
+        return hook
+
     # ---- hooks -----------------------------------------------------------------------------------------------
     def attach(self) -> Sparsifier:
         if self._handles:
@@ -181,11 +257,25 @@ class Sparsifier:
         guard_module_hooks()
         self._select_outside_graph = torch.compiler.disable(self._select_now)
         self._observe = torch.compiler.disable(self._observe_now)
+        self._observe_expert = torch.compiler.disable(self._observe_expert_now)
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
             self._handles.append(self.model.register_forward_hook(self._release_mask))
             for ffn in self.ffns:
                 self._attach_one(ffn)
+            if self.experts:
+                from dllm_sparse.sparsity.experts import attach_experts
+
+                for found in self.experts:
+                    # Every block that runs this experts module (DiffusionGemma's encoder layer runs its decoder
+                    # layer's, dllm_sparse.models.diffusion_gemma) tells the [batch, tokens] of its call.
+                    path = found.profile.experts
+                    blocks = [m for m in self.model.modules() if m is found.block or (
+                        m is not found.experts and _module_at(m, path) is found.experts)]
+                    for block in blocks:
+                        self._handles.append(block.register_forward_pre_hook(
+                            self._capture_token_shape(found.layer), with_kwargs=True))
+                self._detach_experts = attach_experts(self.experts, self._experts_runner)
         except BaseException:
             self.detach()
             raise
@@ -251,11 +341,29 @@ class Sparsifier:
         self._input_cache.clear()
 
     def detach(self) -> None:
+        if self._detach_experts is not None:
+            self._detach_experts()
+            self._detach_experts = None
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._token_shape.clear()
         self._input_cache.clear()
         self._valid = None
+
+
+def _check_every_experts_module_found(model: nn.Module, found) -> None:
+    if any(hasattr(m, "num_experts") for m in model.modules()):  # only MoE models pay for the import
+        from dllm_sparse.sparsity.experts import check_every_experts_module_found
+
+        check_every_experts_module_found(model, found)
+
+
+def _module_at(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def column_norms(ffn: FFNModules, site: FFNSite | str) -> torch.Tensor:
@@ -302,16 +410,19 @@ def guard_module_hooks() -> None:
         torch.compiler.reset()
 
 
-def select_layers(ffns: list[FFNModules], layers: Iterable[int] | None) -> list[FFNModules]:
+def select_layers(ffns: list, layers: Iterable[int] | None, n_layers: int | None = None) -> list:
+    """The entries of ``ffns`` (FFNModules / ExpertsModules, in layer order) whose layer is in ``layers`` (None:
+    all). ``n_layers``: the model's number of blocks (default ``len(ffns)``, one FFN per block); negative
+    indices count from it."""
     if layers is None:
         return ffns
-    n = len(ffns)
-    chosen = []
+    n = len(ffns) if n_layers is None else n_layers
+    chosen = set()
     for i in layers:
         if not -n <= int(i) < n:
             raise ValueError(f"layer {i} out of range: the model has {n} FFN layers (0..{n - 1})")
-        chosen.append(ffns[int(i) % n])
-    return sorted({f.layer: f for f in chosen}.values(), key=lambda f: f.layer)
+        chosen.add(int(i) % n)
+    return [f for f in ffns if f.layer in chosen]
 
 
 @contextmanager

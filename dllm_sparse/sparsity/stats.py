@@ -6,6 +6,12 @@ report is asked for. Per hook call the zeros of every token group are counted in
 (the groups' token weights, built once per forward pass and shared by every layer and site) and added to one
 running vector per (tag, layer, site); :attr:`SparsityStats.counts` spreads those vectors into per-group
 counts when read.
+
+Routed experts (docs/moe.md) are counted per (tag, group, layer, site, expert) in :attr:`SparsityStats.expert_counts`:
+one vector per (token, expert) pair routed, so an expert's ``tokens`` is how many tokens it saw. A layer's sparsity
+at a site (:meth:`SparsityStats.per_layer`, hence :meth:`SparsityStats.mean`) pools every vector computed at that
+site in that layer, the dense FFN's (one per token) and the experts' (one per routed pair), weighted by their
+entries: the fraction of zero entries among all entries the layer computed there.
 """
 
 from __future__ import annotations
@@ -43,7 +49,10 @@ class SparsityStats:
     # Per-row weights [batch] of the forward calls in flight (see :meth:`tagged`); None = every row counts once.
     row_weights: torch.Tensor | None = None
     _counts: dict[tuple, _Count] = field(default_factory=dict, init=False, repr=False)
-    # (tag, layer, site, group names) -> [zeros per group, tokens per group, calls, width], not yet in _counts
+    _expert_counts: dict[tuple, _Count] = field(default_factory=dict, init=False, repr=False)
+    _expert_calls: dict[tuple, int] = field(default_factory=dict, init=False, repr=False)  # (tag, layer, site)
+    # (tag, layer, site, group names, expert or None) -> [zeros per group, tokens per group, calls, width], not yet
+    # in _counts / _expert_counts
     _pending: dict[tuple, list] = field(default_factory=dict, init=False, repr=False)
     # The token weights of the forward pass in flight: (what they were built from, names, weights [G, N], tokens)
     _weights: tuple | None = field(default=None, init=False, repr=False)
@@ -53,6 +62,12 @@ class SparsityStats:
         """{(tag, group, layer, site): counts}: every hook call so far."""
         self._flush()
         return self._counts
+
+    @property
+    def expert_counts(self) -> dict[tuple, _Count]:
+        """{(tag, group, layer, site, expert): counts} of routed experts; ``tokens`` = (token, expert) pairs."""
+        self._flush()
+        return self._expert_counts
 
     # ---- tagging ---------------------------------------------------------------------------------------
     @contextmanager
@@ -84,10 +99,30 @@ class SparsityStats:
                              f"is {tuple(out.shape[:-1])}")
         names, weights, tokens = self._group_weights(valid, zeros)
         z = torch.mv(weights, zeros.reshape(-1).to(torch.float64))  # [G]: zeros of each group's tokens
-        key = (self.tag, layer, str(site), names)
+        self._add_pending((self.tag, layer, str(site), names, None), z, tokens, out.shape[-1])
+
+    def add_expert_call(self, layer: int, site: str) -> None:
+        """One forward call of a layer's experts (every call, whichever experts it reached)."""
+        key = (self.tag, layer, str(site))
+        self._expert_calls[key] = self._expert_calls.get(key, 0) + 1
+
+    def add_routed(self, layer: int, site: str, expert: int, out: torch.Tensor, tokens: torch.Tensor,
+                   token_shape: tuple[int, ...], valid: torch.Tensor | None, zeros: torch.Tensor | None = None) -> None:
+        """Count the zeros of expert ``expert``'s vectors ``out`` [n, d], one per routed token: ``tokens`` [n] are
+        the tokens' flat indices into the layer's activations of shape ``token_shape`` ([batch, tokens]), so
+        padding, token groups and row weights apply to them as to the dense FFN's."""
+        if zeros is None:
+            zeros = (out == 0).sum(dim=-1)
+        shaped = torch.empty(token_shape, dtype=torch.bool, device=out.device)  # only its shape and device are read
+        names, weights, _ = self._group_weights(valid, shaped)
+        routed = weights[:, tokens.to(weights.device)]  # [G, n]: each routed token's weight in each group
+        z = torch.mv(routed, zeros.to(torch.float64))
+        self._add_pending((self.tag, layer, str(site), names, int(expert)), z, routed.sum(dim=-1), out.shape[-1])
+
+    def _add_pending(self, key: tuple, z: torch.Tensor, tokens: torch.Tensor, width: int) -> None:
         pending = self._pending.get(key)
         if pending is None:
-            self._pending[key] = [z, tokens, 1, out.shape[-1]]
+            self._pending[key] = [z, tokens, 1, width]
         else:
             pending[0] = pending[0] + z
             pending[1] = pending[1] + tokens
@@ -120,12 +155,15 @@ class SparsityStats:
 
     def _flush(self) -> None:
         """Spread the pending per-(tag, layer, site) vectors into the per-group counts."""
-        for (tag, layer, site, names), (z, n, calls, width) in self._pending.items():
+        for (tag, layer, site, names, expert), (z, n, calls, width) in self._pending.items():
             for g, name in enumerate(names):
-                key = (tag, name, layer, site)
-                c = self._counts.get(key)
+                if expert is None:
+                    key, counts = (tag, name, layer, site), self._counts
+                else:
+                    key, counts = (tag, name, layer, site, expert), self._expert_counts
+                c = counts.get(key)
                 if c is None:
-                    self._counts[key] = _Count(z[g], n[g], width, calls)
+                    counts[key] = _Count(z[g], n[g], width, calls)
                 else:
                     c.zeros = c.zeros + z[g]
                     c.tokens = c.tokens + n[g]
@@ -144,8 +182,14 @@ class SparsityStats:
             self.row_weights = w = w.to(zeros.device)  # once, not at every call
         return w[:, None].expand_as(zeros)
 
-    def add_mask(self, layer: int, site: str, keep: torch.Tensor) -> None:
-        self.masks.append({"tag": self.tag, "layer": layer, "site": str(site), "keep": keep.detach().cpu()})
+    def add_mask(self, layer: int, site: str, keep: torch.Tensor, expert: int | None = None,
+                 tokens: torch.Tensor | None = None) -> None:
+        """Record a keep-mask; an expert's mask [n, d] comes with its expert index and the flat indices [n] of the
+        tokens routed to it (rows of the layer's [batch * tokens] activations)."""
+        record = {"tag": self.tag, "layer": layer, "site": str(site), "keep": keep.detach().cpu()}
+        if expert is not None:
+            record.update(expert=int(expert), tokens=tokens.detach().cpu())
+        self.masks.append(record)
 
     # ---- reports -------------------------------------------------------------------------------------------
     def records(self) -> list[dict]:
@@ -157,32 +201,72 @@ class SparsityStats:
                 "tag": tag, "group": group, "layer": layer, "site": site, "tokens": int(tokens), "width": c.width,
                 "sparsity": float(c.zeros) / (tokens * c.width) if tokens else float("nan"),
             })
-        rows.sort(key=lambda r: (str(r["tag"]), r["group"], r["site"], r["layer"]))
+        for (tag, group, layer, site, expert), c in self.expert_counts.items():
+            tokens = float(c.tokens)
+            rows.append({
+                "tag": tag, "group": group, "layer": layer, "site": site, "expert": expert, "tokens": int(tokens),
+                "width": c.width, "sparsity": float(c.zeros) / (tokens * c.width) if tokens else float("nan"),
+            })
+        rows.sort(key=lambda r: (str(r["tag"]), r["group"], r["site"], r["layer"], r.get("expert", -1)))
         return rows
+
+    def expert_fields(self, site: str) -> dict:
+        """What a sweep row adds for routed experts (nothing for a model without them): ``sparsity_dense`` and
+        ``sparsity_experts`` (the two parts of the pooled ``sparsity``, each a mean over its layers) and
+        ``per_expert_sparsity`` {"layer/expert": [sparsity, tokens seen]}."""
+        if not any(k[3] == str(site) for k in self.expert_counts):
+            return {}
+        return {"sparsity_dense": self.mean(site, part="dense"), "sparsity_experts": self.mean(site, part="experts"),
+                "per_expert_sparsity": {f"{layer}/{e}": [v["sparsity"], v["tokens"]]
+                                        for (layer, e), v in self.per_expert(site).items()}}
+
+    def per_expert(self, site: str | None = None, tag: Hashable | None = None,
+                   group: str = ALL) -> dict[tuple[int, int], dict]:
+        """{(layer, expert): {"sparsity", "tokens"}} of routed experts, pooled over tags (or for one ``tag``);
+        ``tokens`` = how many tokens the expert saw (an expert never routed to has no entry)."""
+        site = self._one_site(site)
+        zeros: dict[tuple[int, int], float] = {}
+        entries: dict[tuple[int, int], float] = {}
+        tokens: dict[tuple[int, int], float] = {}
+        for (t, g, layer, s, expert), c in self.expert_counts.items():
+            if s == site and g == group and (tag is None or t == tag):
+                k = (layer, expert)
+                zeros[k] = zeros.get(k, 0.0) + float(c.zeros)
+                entries[k] = entries.get(k, 0.0) + float(c.tokens) * c.width
+                tokens[k] = tokens.get(k, 0.0) + float(c.tokens)
+        return {k: {"sparsity": zeros[k] / entries[k] if entries[k] else float("nan"), "tokens": int(tokens[k])}
+                for k in sorted(zeros)}
 
     @property
     def tags(self) -> list:
         return list(dict.fromkeys(k[0] for k in self.counts))
 
-    def per_layer(self, site: str | None = None, tag: Hashable | None = None, group: str = ALL) -> dict[int, float]:
+    def per_layer(self, site: str | None = None, tag: Hashable | None = None, group: str = ALL,
+                  part: str = "all") -> dict[int, float]:
         """Sparsity per layer, pooled over tags (or for one ``tag``); ``site`` may be omitted when only one
-        site was measured."""
+        site was measured. ``part``: ``"all"`` pools the dense FFN's vectors and the routed experts' (see the
+        module docstring), ``"dense"`` / ``"experts"`` counts one of them."""
+        if part not in ("all", "dense", "experts"):
+            raise ValueError(f"part must be 'all', 'dense' or 'experts', got {part!r}")
         site = self._one_site(site)
         zeros: dict[int, float] = {}
         entries: dict[int, float] = {}
-        for (t, g, layer, s), c in self.counts.items():
+        counts = [] if part == "experts" else [(k, c) for k, c in self.counts.items()]
+        if part != "dense":
+            counts += [(k[:4], c) for k, c in self.expert_counts.items()]
+        for (t, g, layer, s), c in counts:
             if s == site and g == group and (tag is None or t == tag):
                 zeros[layer] = zeros.get(layer, 0.0) + float(c.zeros)
                 entries[layer] = entries.get(layer, 0.0) + float(c.tokens) * c.width
         return {k: (zeros[k] / entries[k] if entries[k] else float("nan")) for k in sorted(zeros)}
 
-    def mean(self, site: str | None = None, tag: Hashable | None = None, group: str = ALL) -> float:
+    def mean(self, site: str | None = None, tag: Hashable | None = None, group: str = ALL, part: str = "all") -> float:
         """Mean over layers of the per-layer sparsity (the figure every curve uses as its x-axis)."""
-        per = [v for v in self.per_layer(site, tag, group).values() if v == v]
+        per = [v for v in self.per_layer(site, tag, group, part).values() if v == v]
         return sum(per) / len(per) if per else float("nan")
 
     def sites(self) -> list[str]:
-        return sorted({k[3] for k in self.counts})
+        return sorted({k[3] for k in self.counts} | {k[3] for k in self.expert_counts})
 
     def forward_passes(self, site: str | None = None, tag: Hashable | None = None, group: str = ALL) -> int:
         """Forward passes of the model counted at ``site`` (pooled over tags, or for one ``tag``): every pass
@@ -192,20 +276,31 @@ class SparsityStats:
         for (t, g, layer, s), c in self.counts.items():
             if s == site and g == group and (tag is None or t == tag):
                 calls[layer] = calls.get(layer, 0) + c.calls
+        for (t, layer, s), n in self._expert_calls.items():
+            if s == site and (tag is None or t == tag):
+                calls[layer] = max(calls.get(layer, 0), n)  # a layer's dense FFN and experts run once per pass each
         return max(calls.values(), default=0)
 
     # ---- moving counts between processes ------------------------------------------------------------------
     def snapshot(self) -> dict:
         """The counts as plain Python numbers, keyed like :attr:`counts`: picklable and device-free, so another
         process can send them (``torch.distributed.gather_object``) to be added with :meth:`merge`."""
-        return {k: (float(c.zeros), float(c.tokens), c.width, c.calls) for k, c in self.counts.items()}
+        out = {k: (float(c.zeros), float(c.tokens), c.width, c.calls) for k, c in self.counts.items()}
+        out.update({k: (float(c.zeros), float(c.tokens), c.width, c.calls) for k, c in self.expert_counts.items()})
+        out.update({("expert_calls", *k): n for k, n in self._expert_calls.items()})
+        return out
 
     def merge(self, snapshot: dict) -> None:
         """Add the counts of a :meth:`snapshot` (e.g. another rank's) to these statistics."""
-        for key, (zeros, tokens, width, calls) in snapshot.items():
-            c = self.counts.get(key)
+        for key, value in snapshot.items():
+            if key[0] == "expert_calls":
+                self._expert_calls[key[1:]] = self._expert_calls.get(key[1:], 0) + int(value)
+                continue
+            zeros, tokens, width, calls = value
+            counts = self.expert_counts if len(key) == 5 else self.counts
+            c = counts.get(key)
             if c is None:
-                self.counts[key] = _Count(torch.tensor(zeros, dtype=torch.float64),
+                counts[key] = _Count(torch.tensor(zeros, dtype=torch.float64),
                                           torch.tensor(tokens, dtype=torch.float64), int(width), int(calls))
                 continue
             if c.width != width:
@@ -228,6 +323,8 @@ class SparsityStats:
             "per_layer": {s: self.per_layer(s) for s in self.sites()},
             "forward_passes": {s: self.forward_passes(s) for s in self.sites()},
             "records": self.records(),
+            **({"per_expert": {s: {f"{layer}/{e}": v for (layer, e), v in self.per_expert(s).items()}
+                               for s in self.sites()}} if self.expert_counts else {}),
         }
 
     def to_json(self, path=None, **kw) -> str:
