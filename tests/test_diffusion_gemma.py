@@ -272,13 +272,19 @@ def test_compare_runs_the_pair_end_to_end(dirs, tmp_path):
     from dllm_sparse.cli import main
 
     out = tmp_path / "pair"
-    assert main(["compare", "--diffusion-model", str(dirs[DG]), "--ar-model", str(dirs[G4]), "--sites", "input",
+    # Two sites: a model with routed experts measures each site's identity cell in a dense pass of its own.
+    assert main(["compare", "--diffusion-model", str(dirs[DG]), "--ar-model", str(dirs[G4]), "--sites", "input", "up",
                  "--limit", "2", "--mc-num", "2", "--thresholds", "1.0", "0.9", "--threads", "1", "--workers", "1",
                  "--n-boot", "0", "--no-progress", "--output-dir", str(out)]) == 0
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
-    assert {(r["model"], r["p"]) for r in rows if r["site"] == "input"} == {
-        (str(dirs[m]), p) for m in (DG, G4) for p in (1.0, 0.9)}
+    assert {(r["model"], r["site"], r["p"]) for r in rows if r["site"] != "dense"} == {
+        (str(dirs[m]), site, p) for m in (DG, G4) for site in ("input", "up") for p in (1.0, 0.9)}
     assert all(r["relative_performance"] == 1.0 for r in rows if r["p"] == 1.0)  # top-p 1 keeps every feature
+    # Expert rows: every layer's 8 experts, and the experts' part of the pooled sparsity.
+    for r in rows:
+        if r["site"] != "dense":
+            assert len(r["per_expert_sparsity"]) <= 2 * 8 and r["sparsity_experts"] == r["sparsity_experts"]
+            assert (r["sparsity_experts"] > 0.0) == (r["p"] < 1.0)
     profile = json.loads((out / "step_profile.json").read_text())["rows"]
     assert {r["x"] for r in profile} and all(isinstance(r["x"], int) for r in profile)  # the decoder's steps
 

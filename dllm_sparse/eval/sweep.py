@@ -105,6 +105,7 @@ from dllm_sparse.eval.rows import (
 )
 from dllm_sparse.eval.rows import json_default as _json_default
 from dllm_sparse.eval.tasks import POSITIVE_DENSE_METRICS, Task, check_limit, get_task, relative_performance
+from dllm_sparse.models.families import find_experts
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig
 from dllm_sparse.sparsity.rules import make_rule, rule_name
 from dllm_sparse.sparsity.sites import ALL_SITES
@@ -1039,8 +1040,11 @@ def _run_unit(cfg: SweepConfig, scorer: Scorer, lm, name: str, task: Task, unit:
     if unit.config is None:
         # Identity configs (top-p at p = 1) on every site with an identity cell: one dense pass measures them all.
         sites = dict.fromkeys(c.site for c in unit.identity_cells)
-        res = task.evaluate(scorer, limit, sparsity=[SparsityConfig.identity(s, cfg.scope) for s in sites],
-                            stats=stats)
+        configs = [SparsityConfig.identity(s, cfg.scope) for s in sites]
+        # Routed experts take one sparsify block at a time (dllm_sparse.sparsity.experts), so a model with them
+        # measures each site in a dense pass of its own (the same scores every time: each pass is dense).
+        for group in [[c] for c in configs] if find_experts(lm.model) else [configs]:
+            res = task.evaluate(scorer, limit, sparsity=group, stats=stats)
         seconds = time.perf_counter() - t0
         dense = {**_base_row(cfg, lm, name, unit.task, None, rank, loaded), **_result_fields(res),
                  "dense_value": res.value, "dense_metrics": res.metrics, "relative_performance": 1.0,
