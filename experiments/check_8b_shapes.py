@@ -12,7 +12,8 @@ Each prints its seconds and peak RSS; the results go to --output-dir as
 <shape>-<layers>l-<dtype>.json (every number, the settings, machine, threads, versions). --memory-plan runs the
 memory phases in one subprocess per (shape, layers, dtype), then writes memory_plan.json and memory_plan.md: the
 peaks, the 2-layer prediction from the 1-layer run (peak(L) = peak(1) + (L - 1) x per-layer weight bytes;
-dllm_sparse/eval/studies/memory_plan.py) and what fits a 24 / 48 / 80 / 141 GB GPU at 32 layers.
+dllm_sparse/eval/studies/memory_plan.py) and what fits a 24 / 48 / 80 / 141 GB GPU at the published depth (32 layers; 30
+for the 26B-A4B pair of dllm_sparse/models/gemma_shapes.py).
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=_HelpFormatter)
     ap.add_argument("--shape", default="llada-8b",
-                    help="llada-8b, llama-3.1-8b, or their scaled-down -mini versions (dllm_sparse.models.shapes)")
-    ap.add_argument("--layers", type=int, default=1, help="transformer blocks (the published models have 32)")
+                    help="llada-8b, llama-3.1-8b, diffusion-gemma-26b-a4b, gemma4-26b-a4b, or their scaled-down -mini "
+                         "versions (dllm_sparse.models.shapes, gemma_shapes)")
+    ap.add_argument("--layers", type=int, default=1,
+                    help="transformer blocks (the published 8B models have 32, the 26B-A4B pair 30)")
     ap.add_argument("--dtype", default="bf16", help="fp32 or bf16")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--phases", nargs="+", default=list(DEFAULT_PHASES), help="phases to run, in order")
@@ -100,6 +103,13 @@ def _smoke(args, phases_given: bool) -> None:
 
 def memory_plan(args, argv: list[str]) -> dict:
     from dllm_sparse.eval.studies.memory_plan import GPU_SIZES_GB, extrapolate, fits_table, gpu_estimate
+    from dllm_sparse.models.shapes import published_layers
+
+    depths = {published_layers(shape) for shape in args.plan_shapes}  # 32 for the 8B shapes, 30 for the 26B-A4B pair
+    if len(depths) > 1:
+        raise SystemExit(f"--plan-shapes {' '.join(args.plan_shapes)}: one table extrapolates to one depth; plan the "
+                         "shapes of different published depths in separate runs (separate --output-dir)")
+    (L,) = depths
 
     runs: dict[str, dict] = {}
     for shape in args.plan_shapes:
@@ -128,20 +138,21 @@ def memory_plan(args, argv: list[str]) -> dict:
                 runs[f"{shape}/{dtype}/{layers}"] = json.loads(out.read_text())
     plan = {"formula": "peak(L) = peak(1) + (L - 1) * per_layer_weight_bytes; gpu(L) = peak(L) - baseline_rss + "
                        "CUDA allowance", "gpu_sizes_gb": GPU_SIZES_GB, "models": {}}
-    lines = ["| model | dtype | phase | peak 1 layer (GB) | predicted 2 (GB) | measured 2 (GB) | error | GPU est. 32 "
+    lines = [f"| model | dtype | phase | peak 1 layer (GB) | predicted 2 (GB) | measured 2 (GB) | error | GPU est. {L} "
              "layers (GB) | " + " | ".join(f"{g} GB" for g in GPU_SIZES_GB) + " |",
              "|---|---|---|---:|---:|---:|---:|---:|" + "---|" * len(GPU_SIZES_GB)]
     for shape in args.plan_shapes:
         for dtype in args.plan_dtypes:
             one, two = runs[f"{shape}/{dtype}/1"], runs[f"{shape}/{dtype}/2"]
-            rows = extrapolate(one, two)
-            fits = fits_table(rows)
-            plan["models"][f"{shape}/{dtype}"] = {"rows": rows, "fits": fits, "weights_32": one["weights"]}
+            rows = extrapolate(one, two, L)
+            fits = fits_table(rows, L)
+            plan["models"][f"{shape}/{dtype}"] = {"rows": rows, "fits": fits, "layers": L,
+                                                  f"weights_{L}": one["weights"]}
             for r in rows:
                 err = f"{r['error_2']:+.1%}" if "error_2" in r else "-"
                 two_gb = f"{r['peak_2'] / 1e9:.2f}" if "peak_2" in r else "-"
                 lines.append(f"| {shape} | {dtype} | {r['phase']} | {r['peak_1'] / 1e9:.2f} | "
-                             f"{r['predicted_2'] / 1e9:.2f} | {two_gb} | {err} | {gpu_estimate(r) / 1e9:.1f} | "
+                             f"{r['predicted_2'] / 1e9:.2f} | {two_gb} | {err} | {gpu_estimate(r, L) / 1e9:.1f} | "
                              + " | ".join(fits[r["phase"]]) + " |")
     plan["command"] = " ".join(["python experiments/check_8b_shapes.py", *argv])
     atomic_write_text(args.output_dir / "memory_plan.json", json.dumps(plan, indent=1) + "\n")

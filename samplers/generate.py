@@ -13,7 +13,10 @@ from typing import Any
 
 import torch
 
+from dllm_sparse.models.diffusion_gemma import is_diffusion_gemma
+
 from .autoregressive import AutoregressiveGenerator
+from .block_diffusion import BlockDiffusionGenerator
 from .config import GenerationConfig, GenerationResult
 from .diffusion import MaskedDiffusionGenerator
 
@@ -52,6 +55,8 @@ def make_generator(model: Any, tokenizer: Any = None, kind: str | None = None, m
     else:
         family = None
     kind = kind or detect_kind(model)
+    if kind == "diffusion" and is_diffusion_gemma(model):  # uniform-noise block diffusion: its own sampler
+        return BlockDiffusionGenerator(model, tokenizer)
     if kind == "diffusion":
         return MaskedDiffusionGenerator(model, tokenizer, mask_id=mask_id, family=family)
     if kind == "ar":

@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 KINDS = ("ar", "diffusion")
+NOISES = ("mask", "uniform")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,10 @@ class FamilyProfile:
     # family's forward ends with that module, so a scorer can swap it out and project masked positions alone.
     head: str = ""
     head_unless: tuple[str, ...] = ()  # config flags that add work after the head (then the head stays)
+    # diffusion: "mask" (a mask token marks the noised positions) or "uniform" (noised positions hold random
+    # tokens and there is no mask id: DiffusionGemma, generated and scored by dllm_sparse's block-diffusion code)
+    noise: str = "mask"
+    loader: str = ""  # the transformers class that loads the family when the Auto classes would pick another
     # Mixture-of-experts: the routed experts module, a path inside a block ("experts" for Gemma 4, "mlp.experts"
     # for Qwen3-MoE / Mixtral). Its class must dispatch through transformers' ExpertsInterface (3D gate_up_proj /
     # down_proj weights); the sparsifier runs its experts as FFNs (docs/moe.md). Blocks whose dense FFN is missing
@@ -93,8 +98,10 @@ class FamilyProfile:
         if not self.gate_up and not (self.gate and self.up):
             raise ValueError(f"{where}: name the gate and up projections (gate=..., up=...) or one fused "
                              "projection (gate_up=...)")
-        if self.kind == "ar" and (self.mask_id is not None or self.logit_shift):
-            raise ValueError(f"{where}: mask_id and logit_shift describe masked-diffusion models; set "
+        if self.noise not in NOISES:
+            raise ValueError(f"{where}: noise must be one of {NOISES}, got {self.noise!r}")
+        if self.kind == "ar" and (self.mask_id is not None or self.logit_shift or self.noise != "mask"):
+            raise ValueError(f"{where}: mask_id, logit_shift and noise describe diffusion models; set "
                              "kind='diffusion' or leave them out")
 
     @property
@@ -139,9 +146,17 @@ PROFILES: list[FamilyProfile] = [
     FamilyProfile("qwen2", ("qwen2",), **_LLAMA_NAMES, head="lm_head"),  # Qwen2, Qwen2.5
     FamilyProfile("mistral", ("mistral",), **_LLAMA_NAMES, head="lm_head"),
     FamilyProfile("gemma3", ("gemma3", "gemma3_text"), **_LLAMA_NAMES, activation="gelu_tanh"),
-    # Gemma 4 text: every block has the dense MLP; with enable_moe_block it also runs routed experts beside it
-    # (block.experts, fed the pre-FFN hidden state through their own norm).
-    FamilyProfile("gemma4", ("gemma4", "gemma4_text"), **_LLAMA_NAMES, activation="gelu_tanh", experts="experts"),
+    # Gemma 4: every block has the dense MLP; with enable_moe_block it also runs routed experts beside it
+    # (block.experts, fed the pre-FFN hidden state through their own norm). The multimodal class keeps its text
+    # layers in model.language_model.layers, a text-only one in model.layers.
+    FamilyProfile("gemma4", ("gemma4",), **{**_LLAMA_NAMES, "layers": "language_model.layers"},
+                  activation="gelu_tanh", experts="experts"),
+    FamilyProfile("gemma4_text", ("gemma4_text",), **_LLAMA_NAMES, activation="gelu_tanh", experts="experts"),
+    # DiffusionGemma (dllm_sparse.models.diffusion_gemma): the decoder's MLPs and experts; the encoder runs through
+    # the same modules once share_encoder_ffns has run (load_model does it). Its head is followed by soft-capping.
+    FamilyProfile("diffusion_gemma", ("diffusion_gemma",), **{**_LLAMA_NAMES, "layers": "decoder.layers"},
+                  activation="gelu_tanh", kind="diffusion", noise="uniform",
+                  loader="DiffusionGemmaForBlockDiffusion", experts="experts"),
     # Qwen3-MoE / Mixtral: block.mlp is a sparse MoE block (router + experts), or a dense MLP in Qwen3-MoE's
     # mlp_only_layers.
     FamilyProfile("qwen3_moe", ("qwen3_moe",), **_LLAMA_NAMES, experts="mlp.experts", head="lm_head"),

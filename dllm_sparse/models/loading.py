@@ -14,6 +14,7 @@ re-exported here, with the cache helpers, under their old names.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,7 @@ from dllm_sparse.models.cache_entries import (  # noqa: F401  (re-exported: thei
     smollm2_hf_dir,
     with_remote_code,
 )
+from dllm_sparse.models.diffusion_gemma import check_vision_config, is_diffusion_gemma, share_encoder_ffns
 from dllm_sparse.models.families import detect_family, family_named
 from dllm_sparse.models.loaded import LoadedModel, load_options, model_device  # noqa: F401  (re-exported)
 
@@ -293,6 +295,7 @@ def load_model(
     kwargs = _source_kwargs(options, trust_remote_code, gguf_file, hub_offline_but_cached)
     if isinstance(path, Path) and not gguf_file:
         check_local_checkpoint(path / options.get("subfolder", ""), name, trust_remote_code)
+        check_vision_config(path / options.get("subfolder", ""), name)
     config = _read_config(path, kwargs, gguf_file, name)
     _refuse_unknown(options, config)
     if tokenizer is None and not gguf_file:
@@ -309,8 +312,10 @@ def load_model(
         model._dllm_sparse_load_options = {k: _jsonable_option(v) for k, v in sorted(numeric.items())}
     tokenizer = _load_tokenizer(tokenizer, path, kwargs)
     profile = detect_family(model)
+    if is_diffusion_gemma(model):
+        share_encoder_ffns(model)
     kind = kind or profile.kind
-    if kind == "diffusion":
+    if kind == "diffusion" and profile.noise == "mask":
         mask_id = mask_id if mask_id is not None else getattr(config, "mask_token_id", None)
         mask_id = mask_id if mask_id is not None else profile.mask_id
         if mask_id is None:
@@ -385,6 +390,8 @@ def _from_pretrained(path: Path | str, config: Any, kwargs: dict[str, Any], opti
     by_type = family_named(getattr(config, "model_type", ""))  # before loading: picks the Auto class
     is_diffusion = kind == "diffusion" or (by_type is not None and by_type.kind == "diffusion")
     auto_cls = AutoModel if is_diffusion else AutoModelForCausalLM
+    if by_type is not None and by_type.loader:
+        auto_cls = getattr(importlib.import_module("transformers"), by_type.loader)
     model_kwargs = {**kwargs, **{k: options[k] for k in FILE_OPTIONS + MODEL_OPTIONS if k in options}}
     if overrides:
         model_kwargs["config"] = config

@@ -34,8 +34,11 @@ from typing import Any
 
 import torch
 
+from dllm_sparse.models import gemma_shapes
+from dllm_sparse.models.gemma_shapes import MOE_SHAPES
+
 __all__ = ["LLADA_8B_CONFIG", "LLAMA_31_8B_CONFIG", "SHAPES", "shape_config", "build_random", "save_checkpoint",
-           "standin_tokenizer", "weight_bytes"]
+           "standin_tokenizer", "weight_bytes", "shape_family", "published_layers", "MOE_SHAPES"]
 
 #: ``config.json`` of ``GSAI-ML/LLaDA-8B-Base`` as released (field set and values). ``auto_map`` names the
 #: checkpoint's own remote code.
@@ -94,12 +97,31 @@ SHAPES: dict[str, tuple[str, dict, dict, dict[int, str], int | None]] = {
 
 def _shape(name: str):
     if name not in SHAPES:
-        raise ValueError(f"unknown shape {name!r}; choose one of {sorted(SHAPES)}")
+        raise ValueError(f"unknown shape {name!r}; choose one of {sorted(SHAPES) + sorted(MOE_SHAPES)}")
     return SHAPES[name]
+
+
+# The MoE pair (DiffusionGemma 26B-A4B, Gemma 4 26B-A4B) lives in dllm_sparse.models.gemma_shapes; every function
+# below hands its names there, so the shape checks and the memory plan take them like the 8B shapes.
+
+
+def shape_family(name: str) -> str:
+    """The family profile name of a shape's model (llada, llama, diffusion_gemma, gemma4)."""
+    return MOE_SHAPES[name][0] if name in MOE_SHAPES else _shape(name)[0]
+
+
+def published_layers(name: str) -> int:
+    """The number of transformer blocks of the published model (the memory plan's extrapolation target)."""
+    fields = shape_fields(name)
+    if name in MOE_SHAPES:
+        return fields["text_config"]["num_hidden_layers"]
+    return fields["n_layers" if _shape(name)[0] == "llada" else "num_hidden_layers"]
 
 
 def shape_fields(name: str, layers: int | None = None) -> dict[str, Any]:
     """The ``config.json`` fields of a shape (published values, ``-mini`` overrides), ``layers`` blocks."""
+    if name in MOE_SHAPES:
+        return gemma_shapes.moe_fields(name, layers)
     family, published, overrides, _, _ = _shape(name)
     fields = {**copy.deepcopy(published), **overrides}
     if layers is not None:
@@ -111,6 +133,8 @@ def shape_fields(name: str, layers: int | None = None) -> dict[str, Any]:
 
 def shape_config(name: str, layers: int | None = None):
     """The transformers config of a shape, truncated to ``layers`` blocks (None: the published 32)."""
+    if name in MOE_SHAPES:
+        return gemma_shapes.moe_config(name, layers)
     family = _shape(name)[0]
     fields = shape_fields(name, layers)
     for key in ("architectures", "auto_map", "transformers_version", "torch_dtype", "model_type"):
@@ -129,6 +153,8 @@ def build_random(name: str, layers: int | None = None, dtype: torch.dtype = torc
     """A randomly initialised model of a shape (``kind``: ``"diffusion"`` for LLaDA, ``"ar"`` for LLaMA), built
     directly in ``dtype`` on ``device`` (no float32 copy first: an 8B-vocabulary fp32 model is 4 GB of embedding
     and head alone)."""
+    if name in MOE_SHAPES:
+        return gemma_shapes.build_moe_random(name, layers, dtype, device, seed)
     family = _shape(name)[0]
     config = shape_config(name, layers)
     torch.manual_seed(seed)
@@ -144,6 +170,8 @@ def build_random(name: str, layers: int | None = None, dtype: torch.dtype = torc
 def weight_bytes(name: str, layers: int, dtype: torch.dtype) -> dict[str, int]:
     """Bytes of the weights of a shape, split into the per-layer part and the rest (embedding, head, final norm),
     counted on the meta device: the basis of the memory plan's extrapolation to 32 layers."""
+    if name in MOE_SHAPES:
+        return gemma_shapes.moe_weight_bytes(name, layers, dtype)
     config_1, config_2 = shape_config(name, 1), shape_config(name, 2)
     family = _shape(name)[0]
     from transformers import LlamaForCausalLM
@@ -164,6 +192,8 @@ def standin_tokenizer(name: str):
     """A byte-level tokenizer with a shape's vocabulary size: ids 0-255 are the bytes (every text encodes), the
     published special tokens sit at their published ids, every other id is an unreachable filler token.
     Not the real tokenizer (its merges are not at hand): a text's token count is its byte count."""
+    if name in MOE_SHAPES:
+        return gemma_shapes.moe_standin_tokenizer(name)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -200,6 +230,8 @@ def save_checkpoint(model: torch.nn.Module, directory: str | os.PathLike, name: 
     with the published field names and values (the model's layer count), sharded safetensors with
     ``model.safetensors.index.json``, and the tokenizer stand-in. For LLaDA, ``auto_map`` names the released
     remote code (``configuration_llada.py``, ``modeling_llada.py``), which is not written. Returns the directory."""
+    if name in MOE_SHAPES:
+        return gemma_shapes.save_moe_checkpoint(model, directory, name, max_shard_size, tokenizer)
     from safetensors.torch import save_file
 
     directory = Path(directory)

@@ -267,8 +267,14 @@ class Sparsifier:
                 from dllm_sparse.sparsity.experts import attach_experts
 
                 for found in self.experts:
-                    self._handles.append(found.block.register_forward_pre_hook(
-                        self._capture_token_shape(found.layer), with_kwargs=True))
+                    # Every block that runs this experts module (DiffusionGemma's encoder layer runs its decoder
+                    # layer's, dllm_sparse.models.diffusion_gemma) tells the [batch, tokens] of its call.
+                    path = found.profile.experts
+                    blocks = [m for m in self.model.modules() if m is found.block or (
+                        m is not found.experts and _module_at(m, path) is found.experts)]
+                    for block in blocks:
+                        self._handles.append(block.register_forward_pre_hook(
+                            self._capture_token_shape(found.layer), with_kwargs=True))
                 self._detach_experts = attach_experts(self.experts, self._experts_runner)
         except BaseException:
             self.detach()
@@ -351,6 +357,13 @@ def _check_every_experts_module_found(model: nn.Module, found) -> None:
         from dllm_sparse.sparsity.experts import check_every_experts_module_found
 
         check_every_experts_module_found(model, found)
+
+
+def _module_at(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def column_norms(ffn: FFNModules, site: FFNSite | str) -> torch.Tensor:

@@ -78,9 +78,9 @@ from typing import Any
 import torch
 
 from dllm_sparse.eval.scoring.autoregressive import ar_loglikelihood_tokens
-from dllm_sparse.eval.scoring.common import as_configs, check_head_chunk, content_key
+from dllm_sparse.eval.scoring.common import as_configs, check_head_chunk, content_key, item_generator
 from dllm_sparse.eval.scoring.defaults import MC_BATCH, MC_NUM, SEED
-from dllm_sparse.eval.scoring.elbo import diffusion_elbo_tokens
+from dllm_sparse.eval.scoring.elbo import diffusion_elbo_tokens, elbo_masks
 from dllm_sparse.eval.scoring.masked_forward import check_cfg_scale, check_precision, greedy_check_mode
 from dllm_sparse.models.families import family_named
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig
@@ -166,7 +166,8 @@ class Scorer:
     ):
         if kind not in ("ar", "diffusion"):
             raise ValueError(f"kind must be 'ar' or 'diffusion', got {kind!r}")
-        if kind == "diffusion" and mask_id is None:
+        uniform = getattr(family_named(family), "noise", "mask") == "uniform"  # DiffusionGemma: no mask token
+        if kind == "diffusion" and mask_id is None and not uniform:
             from dllm_sparse.samplers.diffusion import resolve_mask_id  # the samplers' order: config, tokenizer, family
 
             try:
@@ -351,12 +352,33 @@ class Scorer:
                     self.model, requests, batch_size=self.batch_size, padding_side=self.padding_side,
                     pad_id=self.pad_id, max_length=self.max_length, stats=stats, progress=self.progress,
                     share_context=share, head_chunk=self.head_chunk)
+            if self.mask_id is None:  # uniform-noise block diffusion (DiffusionGemma)
+                return self._block_diffusion_tokens(requests, keys, cfg_scale, stats)
             return diffusion_elbo_tokens(
                 self.model, requests, mask_id=self.mask_id, mc_num=self.mc_num, mc_batch=self.mc_batch,
                 batch_size=max(self.batch_size, 1), seed=self.seed, keys=keys, shift_logits=self.shift_logits,
                 dedupe=self.dedupe, cfg_scale=cfg_scale, greedy_check=self.greedy_check, stats=stats,
                 ratio_bins=self.ratio_bins, progress=self.progress, precision=self.precision,
                 head_chunk=self.head_chunk)
+
+    def _block_diffusion_tokens(self, requests, keys, cfg_scale: float, stats) -> list[tuple[float, bool]]:
+        """The block-diffusion score of a uniform-noise model (:mod:`.block_diffusion`), with the ELBO's draws."""
+        from dllm_sparse.eval.scoring.block_diffusion import block_diffusion_loglikelihood
+
+        unsupported = {k: v for k, v in (("cfg_scale", cfg_scale), ("greedy_check", self.greedy_check),
+                                         ("precision", self.precision), ("head_chunk", self.head_chunk))
+                       if v not in (0.0, "off", "float32", None)}
+        if unsupported:
+            raise ValueError(f"{unsupported}: settings of the masked-diffusion ELBO that the block-diffusion "
+                             "score of this uniform-noise model does not have; leave them at their defaults")
+
+        def draw(L: int, key: Hashable):  # the ELBO's draws (common random numbers)
+            g = item_generator(self.seed, key)
+            return elbo_masks(L, self.mc_num, self.mc_batch, g), g
+
+        keys = keys if keys is not None else [content_key(c, a) for c, a in requests]
+        return block_diffusion_loglikelihood(self.model, requests, draw=draw, keys=keys, mc_batch=self.mc_batch,
+                                             stats=stats, ratio_bins=self.ratio_bins)
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]], keys: Sequence[Hashable] | None = None, *,
                       cfg_scale: float | None = None) -> list[tuple[float, bool]]:

@@ -109,13 +109,16 @@ def phase_generate(lm, s: dict) -> dict:
         out["ar"] = {"new_tokens": res.num_tokens, "seconds": time.perf_counter() - t0, "kv_cache": res.kv_cache}
         return out
     stop = s.get("stop_after")
-    for w in s["cfg_scales"]:
-        cfg = GenerationConfig(gen_length=s["gen_length"], steps=s["steps"], block_length=s["block_length"],
+    uniform = lm.mask_id is None  # DiffusionGemma: its canvas is its block, and it has no guidance
+    for w in [0.0] if uniform else s["cfg_scales"]:
+        # The released DiffusionGemma sampler cannot stop between steps: it is given only the steps to run.
+        cfg = GenerationConfig(gen_length=s["gen_length"], steps=(stop or s["steps"]) if uniform else s["steps"],
+                               block_length=None if uniform else s["block_length"],
                                cfg_scale=w, stop_token_ids=(), mask_id=lm.mask_id)
         t0 = time.perf_counter()
-        res = generate(lm.model, None, ids, cfg, callbacks=[_StopAfter(stop)] if stop else None)
+        res = generate(lm.model, None, ids, cfg, callbacks=[_StopAfter(stop)] if stop and not uniform else None)
         seconds = time.perf_counter() - t0
-        steps_run = len(res.trace) or s["steps"]
+        steps_run = (res.nfe if uniform else len(res.trace)) or s["steps"]
         out[f"cfg{w}"] = {"nfe": res.nfe, "steps_run": steps_run, "tokens": res.num_tokens, "seconds": seconds,
                           "seconds_per_step": seconds / steps_run,
                           # every step runs the same canvas (one forward, two with guidance): time scales with steps
@@ -185,6 +188,9 @@ def phase_accelerate(lm, s: dict) -> dict:
     from dllm_sparse import SparsityConfig, TopP, sparsify
     from dllm_sparse.kernels import accelerate_ffn, restore_ffn
 
+    if lm.kind == "diffusion" and lm.mask_id is None:
+        return {"skipped": "DiffusionGemma's forward draws a random canvas per call, so two forwards of one input "
+                           "differ; the packed path is not checked on it here"}
     config = SparsityConfig("input", TopP(0.9, scope="step"))
     ids = torch.tensor([_prompt(s["prompt"] + s["gen_length"], 256, seed=2)])
     with torch.no_grad():
@@ -202,7 +208,7 @@ def phase_accelerate(lm, s: dict) -> dict:
 
 
 def phase_step_delta(lm, s: dict) -> dict:
-    if lm.kind != "diffusion":
+    if lm.kind != "diffusion" or lm.mask_id is None:
         return {"skipped": "the step-delta FFN is a masked-diffusion strategy"}
     from dllm_sparse.samplers import GenerationConfig, generate
     from dllm_sparse.samplers.step_delta import StepDelta, step_delta
@@ -285,7 +291,7 @@ def run_phases(shape: str, layers: int, dtype: str, phases: list[str], settings:
     """Build (or, with ``checkpoint``, load) one model and run ``phases`` on it; returns the rows (one per phase,
     plus ``build``/``load``) with seconds and RSS, and the environment."""
     from dllm_sparse.models.loading import LoadedModel, parse_dtype
-    from dllm_sparse.models.shapes import build_random, shape_fields, standin_tokenizer, weight_bytes
+    from dllm_sparse.models.shapes import build_random, shape_family, shape_fields, standin_tokenizer, weight_bytes
 
     fns = [(p, _phase_fn(p)) for p in phases]  # a bad phase name fails before the model is built
     torch_dtype = parse_dtype(dtype)
@@ -307,8 +313,7 @@ def run_phases(shape: str, layers: int, dtype: str, phases: list[str], settings:
             model, kind = build_random(shape, layers, torch_dtype, device="meta" if meta else "cpu")
             fields = shape_fields(shape)
             lm = LoadedModel(model, standin_tokenizer(shape), kind, f"random-{shape}-{layers}l",
-                             fields.get("mask_token_id") if kind == "diffusion" else None,
-                             "llada" if kind == "diffusion" else "llama")
+                             fields.get("mask_token_id") if kind == "diffusion" else None, shape_family(shape))
             what = "build"
         seconds = time.perf_counter() - t0
     res["rows"].append({"phase": what, "seconds": seconds, "rss_start": mem.start, "rss_peak": mem.peak})

@@ -110,6 +110,7 @@ from dllm_sparse.eval.sweep.store import (
 )
 from dllm_sparse.eval.tasks.base import Task
 from dllm_sparse.eval.tasks.registry import get_task
+from dllm_sparse.models.families import find_experts
 from dllm_sparse.sparsity.config import DENSE, SparsityConfig
 from dllm_sparse.sparsity.stats import SparsityStats
 
@@ -423,8 +424,12 @@ def _run_unit(cfg: SweepConfig, scorer: Scorer, lm, name: str, task: Task, unit:
     t0 = time.perf_counter()
     # The dense pass runs identity configs (top-p at p = 1) on every site with an identity cell: one dense pass
     # measures them all (unit.sparsity, built once in the plan).
-    with scorer.sparsified(unit.sparsity, stats):
-        res = task.evaluate(scorer, limit)
+    # Routed experts take one sparsify block at a time (dllm_sparse.sparsity.experts), so a model with them
+    # measures each site's identity config in a dense pass of its own (the same scores every time: each is dense).
+    one_by_one = unit.config is None and len(unit.sparsity) > 1 and find_experts(lm.model)
+    for group in [[c] for c in unit.sparsity] if one_by_one else [unit.sparsity]:
+        with scorer.sparsified(group, stats):
+            res = task.evaluate(scorer, limit)
     if unit.config is None:
         seconds = time.perf_counter() - t0
         dense = {**_base_row(cfg, lm, name, unit.task, None, rank, loaded), **_result_fields(res),
