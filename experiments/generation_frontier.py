@@ -5,6 +5,10 @@ sparsity on top (library: :mod:`dllm_sparse.eval.studies.generation_frontier`; r
     python experiments/generation_frontier.py                 # the embedded twin, fp32, 1 thread, 64 tokens
     python experiments/generation_frontier.py --gen-lengths 64 128 --prompts 20
     python experiments/generation_frontier.py --smoke         # a tiny random LLaDA, seconds
+
+Resumable: every finished (gen length, prompt, strategy) unit is kept in ``<output-dir>/units.jsonl``; rerun the
+same command after a stop, or with a larger ``--prompts`` or more ``--gen-lengths``/``--strategies`` to extend it
+(finished units are read back; a changed setting is refused, naming it: use another ``--output-dir``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompts", type=int, default=20, help="capability-probe prompts (default: %(default)s)")
     ap.add_argument("--gen-lengths", type=int, nargs="+", default=[64], help="tokens generated (default: %(default)s)")
     ap.add_argument("--block-length", type=int, default=32, help="block length (default: %(default)s)")
-    ap.add_argument("--smoke", action="store_true", help="a tiny random LLaDA, 2 prompts, 16 tokens, blocks of 8")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a tiny random LLaDA, 4 prompts (fewer with --prompts), 16 tokens, blocks of 8")
     ap.add_argument("--output-dir", type=Path, default=Path("runs/generation_frontier"),
                     help="where the results go (default: %(default)s)")
     args = ap.parse_args(argv)
@@ -42,7 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--gen-lengths {args.gen_lengths}: each must be a positive multiple of --block-length "
                  f"({args.block_length})")
 
-    from dllm_sparse.eval.studies.generation_frontier import parse_generation_strategy, run_study
+    from dllm_sparse.eval.identity import IdentityMismatch
+    from dllm_sparse.eval.studies.generation_frontier import parse_generation_strategy
 
     for s in args.strategies:  # a bad name fails here, before any model is loaded
         try:
@@ -50,6 +56,15 @@ def main(argv: list[str] | None = None) -> dict:
         except ValueError as e:
             ap.error(str(e))
     command = " ".join(["python", *(sys.argv if argv is None else ["experiments/generation_frontier.py", *argv])])
+    try:
+        return _run(args, command)
+    except IdentityMismatch as e:  # the output folder holds units of other settings: say which, no traceback
+        raise SystemExit(f"generation_frontier: {e}") from None
+
+
+def _run(args, command: str) -> dict:
+    from dllm_sparse.eval.studies.generation_frontier import run_study
+
     if not args.smoke:
         return run_study(args, command)
 
@@ -63,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     lm = LoadedModel(model=model, tokenizer=None, kind="diffusion", name="tiny-llada (smoke)", mask_id=99,
                      family="llada")
     args.model, args.gen_lengths, args.block_length = lm.name, [16], 8
-    prompts = [[5, 17, 3, 9, 40, 2], [7, 7, 21, 2, 11, 30]][:args.prompts]
+    prompts = [[5, 17, 3, 9, 40, 2], [7, 7, 21, 2, 11, 30], [12, 4, 4, 60, 1, 8], [33, 2, 19, 5, 5, 70]][:args.prompts]
     return run_study(args, command, lm=lm, prompts=prompts, keywords=None, chat=False)
 
 

@@ -16,16 +16,29 @@ time, forward passes, probe hit (a keyword of the capability probe in the answer
 exact sampler's answer. The strategies run interleaved prompt by prompt (round-robin, the order rotated per
 prompt), so every prompt is a paired repeat: the speedup is the median over prompts of exact time / strategy time,
 with its [min, max]. Quality is deterministic (greedy), so one generation per prompt and strategy gives both.
+
+Resume: each finished unit (gen_length, prompt, strategy) is appended to ``<output dir>/units.jsonl``
+(:class:`~dllm_sparse.eval.rows.JsonlWriter`: one fsync'ed line, a torn last line dropped) with its raw
+measurements (answer ids and text, forward passes, tokens, wall time, FFN work, probe hit), the session that
+measured it (host, CPU, threads, load average) and its identity (:func:`unit_identity`: the model's name, weights
+hash, kind, dtype and device type, threads, the chat template, the unit's full generation config, the strategy's
+full definition, the prompt's hash and its probe keywords). A rerun reads the finished units back instead of
+recomputing them (so ``--prompts 20`` after ``--prompts 8`` runs only prompts 8..19), refuses a folder whose units
+were made with other settings (:class:`~dllm_sparse.eval.identity.IdentityMismatch` naming each field), and derives
+the tables from every finished unit of the planned prompts (a prompt counts once all its strategies finished).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
 import re
 import statistics
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +46,8 @@ import numpy as np
 import torch
 
 from dllm_sparse.atomic import atomic_write_text
+from dllm_sparse.eval.identity import RunIdentity, run_identity
+from dllm_sparse.eval.rows import JsonlWriter, finished
 from dllm_sparse.eval.studies.trajectory_frontier import (
     Strategy,
     _probe_hit,
@@ -42,7 +57,15 @@ from dllm_sparse.eval.studies.trajectory_frontier import (
 )
 from dllm_sparse.samplers import GenerationConfig, generate
 
-__all__ = ["GenStrategy", "parse_generation_strategy", "run_generation_frontier", "summarise_strategy"]
+__all__ = ["GenStrategy", "parse_generation_strategy", "run_generation_frontier", "summarise_strategy", "UnitRows",
+           "unit_identity", "UNITS_FILE"]
+
+#: The rows file of finished units in the output folder.
+UNITS_FILE = "units.jsonl"
+#: The raw measurements of a unit, stored in its row; every table number is derived from them.
+MEASURED = ("ids", "text", "nfe", "tokens", "wall_s", "ffn_work", "probe_hit")
+#: Bumped when a unit's computation changes in a way no setting shows (old rows then refuse to mix).
+UNIT_FORMAT = 1
 
 _THRESHOLD = re.compile(r"^t([0-9.]+)(?:\+(.+))?$")
 
@@ -116,42 +139,167 @@ def summarise_strategy(name: str, items: list[dict], exact_items: list[dict]) ->
     return row
 
 
+def _with_exact(strategies: list[GenStrategy]) -> list[GenStrategy]:
+    """The strategies with the exact sampler first (every ratio and agreement is against it)."""
+    if "exact" in [s.name for s in strategies]:
+        return strategies
+    return [parse_generation_strategy("exact"), *strategies]
+
+
+def _base_config(lm, gen_length: int, block_length: int) -> GenerationConfig:
+    return GenerationConfig(gen_length=gen_length, steps=gen_length, block_length=block_length, temperature=0.0,
+                            mask_id=lm.mask_id)
+
+
+def _digest(value: Any) -> str:
+    return "sha256:" + hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_fields(lm, *, threads: int, chat: bool) -> RunIdentity:
+    """What every unit of a run shares: the model (:func:`~dllm_sparse.eval.identity.run_identity`: name,
+    weights hash, kind, dtype, device type, load options), the torch threads (they change the times), the chat
+    template (its hash; None without one) and the unit format."""
+    template = getattr(getattr(lm, "tokenizer", None), "chat_template", None) if chat else None
+    return run_identity(lm, threads=threads, chat=chat, chat_template=_digest(template) if template else None,
+                        unit_format=UNIT_FORMAT)
+
+
+def unit_identity(run: RunIdentity, cfg: GenerationConfig, s: GenStrategy, prompt: Any,
+                  keywords: Any) -> RunIdentity:
+    """Every setting that can change a unit's numbers: the run's fields, the unit's full generation config (the
+    strategy's threshold and block cache applied), the strategy's full definition, the prompt's hash and its
+    probe keywords."""
+    return run.updated(generation=s.config(cfg).to_dict(), strategy={"threshold": s.threshold, **asdict(s.inner)},
+                       prompt=_digest(prompt), keywords=keywords)
+
+
+def unit_key(gen_length: int, prompt: int, strategy: str) -> str:
+    return json.dumps([gen_length, prompt, strategy])
+
+
+def new_session() -> dict:
+    """Who measures the units of this process: an id, the host, the CPU, the start time."""
+    from dllm_sparse.hardware import cpu_name
+
+    return {"id": uuid.uuid4().hex[:12], "host": platform.node(), "cpu": cpu_name(), "started_at": time.time()}
+
+
+@dataclass
+class UnitRows:
+    """The finished units of a run (``path``: a JSONL rows file; None keeps them in memory) and where new ones go.
+    ``computed`` counts the units this process measured."""
+
+    path: Path | None
+    session: dict = field(default_factory=new_session)
+    done: dict = field(default_factory=dict)
+    computed: int = 0
+    _writer: Any = None
+
+    def __post_init__(self):
+        if self.path is not None:
+            self.done = finished(self.path)
+
+    def check(self, planned: dict[str, RunIdentity], run: RunIdentity) -> None:
+        """Refuse finished units made with other settings: a planned unit must match its whole identity, any
+        other unit of the folder the run's fields (one folder, one model and machine setting)."""
+        fix = (f"Start another --output-dir (this one holds those units), or rerun with the settings "
+               f"{self.path} was made with.")
+        for key, row in self.done.items():
+            stored = row.get("identity") if isinstance(row.get("identity"), dict) else {}
+            if key in planned:
+                planned[key].require_same(stored, what=f"{self.path}: unit {key}", fix=fix)
+            else:
+                run.require_same({k: stored[k] for k in run if k in stored}, what=f"{self.path}: unit {key}",
+                                 fix=fix)
+
+    def add(self, key: str, ident: RunIdentity, unit: dict, measured: dict) -> dict:
+        row = {"key": key, **unit, **{k: measured[k] for k in MEASURED}, "session": self.session,
+               "load_avg": os.getloadavg()[0], "finished_at": time.time(), "identity": ident.to_dict()}
+        if self.path is not None:
+            if self._writer is None:
+                self._writer = JsonlWriter(self.path)  # opened on the first new unit: drops a torn last line
+            self._writer.write(row)
+        self.done[key] = row
+        self.computed += 1
+        return row
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def sessions_of(rows: list[dict]) -> list[dict]:
+    """The sessions that measured ``rows``: id, host, CPU, threads, units, [min, max] load average."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        s = r["session"]
+        e = out.setdefault(s["id"], {**s, "threads": r["identity"].get("threads"), "units": 0, "load_avg": []})
+        e["units"] += 1
+        e["load_avg"].append(r["load_avg"])
+    for e in out.values():
+        e["load_avg"] = [min(e["load_avg"]), max(e["load_avg"])]
+    return sorted(out.values(), key=lambda e: e["started_at"])
+
+
+def derive_run(done: dict, gen_length: int, block_length: int, n_prompts: int,
+               strategies: list[GenStrategy]) -> dict:
+    """The rows of one gen_length from the finished units: the prompts among the first ``n_prompts`` whose every
+    strategy has finished (each prompt a paired repeat), summarised per strategy."""
+    keys = {i: [unit_key(gen_length, i, s.name) for s in strategies] for i in range(n_prompts)}
+    full = [i for i in range(n_prompts) if all(k in done for k in keys[i])]
+    items = {s.name: [{**{k: done[unit_key(gen_length, i, s.name)][k] for k in MEASURED}, "prompt": i,
+                       "session": done[unit_key(gen_length, i, s.name)]["session"]["id"]} for i in full]
+             for s in strategies}
+    rows = [summarise_strategy(s.name, items[s.name], items["exact"]) for s in strategies] if full else []
+    return {"gen_length": gen_length, "block_length": block_length, "prompts": len(full), "rows": rows,
+            "sessions": sessions_of([done[k] for i in full for k in keys[i]])}
+
+
 def run_generation_frontier(lm, prompts: list, keywords: list | None, strategies: list[GenStrategy], *,
-                            gen_length: int, block_length: int, chat: bool, log=print, on_prompt=None) -> dict:
-    """Every strategy on every prompt, interleaved; returns ``{"rows": [...], ...}`` (exact first).
-    ``on_prompt(run)`` is called with the rows so far after each prompt (a long run can be stopped and kept)."""
-    names = [s.name for s in strategies]
-    if "exact" not in names:
-        strategies = [parse_generation_strategy("exact"), *strategies]
-    cfg = GenerationConfig(gen_length=gen_length, steps=gen_length, block_length=block_length, temperature=0.0,
-                           mask_id=lm.mask_id)
-    _generate_one(lm, prompts[0], cfg.replace(gen_length=block_length, steps=block_length), strategies[0], chat)
-    items: dict[str, list[dict]] = {s.name: [] for s in strategies}
+                            gen_length: int, block_length: int, chat: bool, units: UnitRows | None = None,
+                            run: RunIdentity | None = None, log=print, on_prompt=None) -> dict:
+    """Every strategy on every prompt, interleaved; returns ``{"rows": [...], ...}`` (exact first). Units already
+    in ``units`` are read back, not recomputed; new ones are added to it (``run``: the run's fields, default
+    :func:`run_fields` at the current torch threads). ``on_prompt(run)`` is called with the rows so far after each
+    prompt (a long run can be stopped and kept)."""
+    strategies = _with_exact(strategies)
+    units = units if units is not None else UnitRows(None)
+    run = run if run is not None else run_fields(lm, threads=torch.get_num_threads(), chat=chat)
+    cfg = _base_config(lm, gen_length, block_length)
+    warmed = False
     for i, prompt in enumerate(prompts):
-        k = i % len(strategies)
+        k, computed = i % len(strategies), units.computed
         for s in strategies[k:] + strategies[:k]:  # rotated: no strategy always runs first
+            key = unit_key(gen_length, i, s.name)
+            if key in units.done:
+                continue
+            if not warmed:  # one short generation before the first timed one (lazy: a finished run needs none)
+                _generate_one(lm, prompt, cfg.replace(gen_length=block_length, steps=block_length), strategies[0],
+                              chat)
+                warmed = True
             it = _generate_one(lm, prompt, cfg, s, chat)
-            it["prompt"] = i
             it["probe_hit"] = _probe_hit(it["text"], keywords[i] if keywords else None)
-            items[s.name].append(it)
-        log(f"  prompt {i}: " + ", ".join(f"{s.name} {items[s.name][-1]['wall_s']:.1f}s/"
-                                          f"{items[s.name][-1]['nfe']}f" for s in strategies), flush=True)
-        run = {"gen_length": gen_length, "block_length": block_length, "prompts": i + 1,
-               "rows": [summarise_strategy(s.name, items[s.name], items["exact"]) for s in strategies]}
+            units.add(key, unit_identity(run, cfg, s, prompt, keywords[i] if keywords else None),
+                      {"gen_length": gen_length, "prompt": i, "strategy": s.name}, it)
+        done = {s.name: units.done[unit_key(gen_length, i, s.name)] for s in strategies}
+        log(f"  prompt {i}" + (" (finished before, read back)" if units.computed == computed else "") + ": "
+            + ", ".join(f"{n} {r['wall_s']:.1f}s/{r['nfe']}f" for n, r in done.items()), flush=True)
+        result = derive_run(units.done, gen_length, block_length, i + 1, strategies)
         if on_prompt is not None:
-            on_prompt(run)
-    return run
+            on_prompt(result)
+    return result
 
 
 def summary_md(res: dict) -> str:
     lines = [f"# Whole-generation frontier: {res['model']}", "", f"Command: `{res['command']}`", "",
-             f"Machine: {res['machine']['cpu']} ({', '.join(res['machine']['cpu_flags'])}), "
-             f"{res['threads']} thread(s), torch {res['machine']['torch']}; load average "
+             f"This session's machine: {res['machine']['cpu']} ({', '.join(res['machine']['cpu_flags'])}), "
+             f"{res['threads']} thread(s), torch {res['machine']['torch']}; this session's load average "
              f"{res['load_before']:.2f} before, {res['load_after']:.2f} after (a load above the thread count means a "
              "shared machine and noisy timings).", ""]
     for run in res["runs"]:
         lines += [f"## {run['gen_length']} tokens, blocks of {run['block_length']}, {run['prompts']} probe prompts",
-                  "",
+                  "", *([_sessions_line(run["sessions"]), ""] if run.get("sessions") else []),
                   "| strategy | tokens/s (median [min, max]) | speedup vs exact (median [min, max]) | "
                   "forwards / token | probe (95 % CI) | agreement with exact | FFN work |",
                   "|---|---|---|---|---|---|---|"]
@@ -167,6 +315,22 @@ def summary_md(res: dict) -> str:
                          + (f"{r['ffn_work']:.3f}" if r["ffn_work"] is not None else "-") + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _sessions_line(sessions: list[dict]) -> str:
+    """Where the units of a table were measured: one session, or (a resumed run) several, with their hosts and
+    load averages, since the machine's state may differ between them."""
+    units = sum(s["units"] for s in sessions)
+    hosts = sorted({s["host"] for s in sessions})
+    lo, hi = (min(s["load_avg"][0] for s in sessions), max(s["load_avg"][1] for s in sessions)) if sessions else (0, 0)
+    line = (f"Units: {units} from {len(sessions)} session(s) on {len(hosts)} host(s) ({', '.join(hosts)}), "
+            f"threads {sorted({s['threads'] for s in sessions})}, load average {lo:.2f} to {hi:.2f} over the units.")
+    if len(sessions) > 1:
+        line += (" A resumed run: its units were timed in different sessions, so absolute tokens/s may shift "
+                 "between them; the paired ratios within a prompt are what to read (per session: "
+                 + "; ".join(f"{s['host']} {s['units']} units, load {s['load_avg'][0]:.2f} to {s['load_avg'][1]:.2f}"
+                             for s in sessions) + ").")
+    return line
 
 
 def plot(res: dict, path: Path) -> str:
@@ -197,11 +361,11 @@ def plot(res: dict, path: Path) -> str:
 
 def run_study(args, command: str, lm=None, prompts=None, keywords=None, chat: bool = True) -> dict:
     """The study for the script's parsed ``args``: one run per ``--gen-lengths`` entry; writes
-    ``generation_frontier.json``, ``summary.md`` and ``generation_frontier.png`` to ``args.output_dir``."""
+    ``generation_frontier.json``, ``summary.md`` and ``generation_frontier.png`` to ``args.output_dir``, and each
+    finished unit to its ``units.jsonl`` (a rerun reads them back; other settings are refused)."""
     from dllm_sparse.eval.studies.step_frontier import machine
 
-    torch.set_num_threads(args.threads)
-    strategies = [parse_generation_strategy(s) for s in args.strategies]
+    strategies = _with_exact([parse_generation_strategy(s) for s in args.strategies])
     load_before = os.getloadavg()[0]
     if lm is None:
         from dllm_sparse import load_model
@@ -210,19 +374,33 @@ def run_study(args, command: str, lm=None, prompts=None, keywords=None, chat: bo
         probe = [json.loads(line) for line in (Path(__file__).resolve().parents[1] / "data" /
                                                "capability_probe.jsonl").open()][:args.prompts]
         prompts, keywords = [q["prompt"] for q in probe], [q["keywords"] for q in probe]
+    run = run_fields(lm, threads=args.threads, chat=chat)
+    units = UnitRows(args.output_dir / UNITS_FILE)
+    planned = {unit_key(n, i, s.name): unit_identity(run, _base_config(lm, n, args.block_length), s, p,
+                                                     keywords[i] if keywords else None)
+               for n in args.gen_lengths for i, p in enumerate(prompts) for s in strategies}
+    units.check(planned, run)  # before anything is computed or written
+    torch.set_num_threads(args.threads)
+    print(f"{len(units.done)} finished units in {units.path}; {len(set(planned) - set(units.done))} of "
+          f"{len(planned)} to run", flush=True)
     res: dict[str, Any] = {"model": args.model, "dtype": args.dtype, "threads": args.threads, "command": command,
-                           "machine": machine(), "load_before": load_before, "runs": []}
+                           "machine": machine(), "session": units.session, "units_file": UNITS_FILE,
+                           "load_before": load_before, "runs": []}
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
     def write(run: dict, k: int) -> None:  # after every prompt: the rows so far, kept if the run is stopped
         res["runs"][k:] = [run]
         res["load_after"] = os.getloadavg()[0]
+        res["units_computed"] = units.computed
         res["figure"] = plot(res, args.output_dir / "generation_frontier.png")
         atomic_write_text(args.output_dir / "generation_frontier.json", json.dumps(res, indent=1, default=str) + "\n")
         atomic_write_text(args.output_dir / "summary.md", summary_md(res))
 
-    for k, n in enumerate(args.gen_lengths):
-        run_generation_frontier(lm, prompts, keywords, strategies, gen_length=n, block_length=args.block_length,
-                                chat=chat, on_prompt=lambda run, k=k: write(run, k))
+    try:
+        for k, n in enumerate(args.gen_lengths):
+            run_generation_frontier(lm, prompts, keywords, strategies, gen_length=n, block_length=args.block_length,
+                                    chat=chat, units=units, run=run, on_prompt=lambda r, k=k: write(r, k))
+    finally:
+        units.close()
     print(summary_md(res))
     return res
