@@ -161,7 +161,7 @@ def test_a_changed_setting_is_refused_naming_it(tmp_path, monkeypatch):
         _smoke(tmp_path, 1)
 
 
-def test_a_changed_prompt_is_refused_naming_it(tmp_path):
+def _tiny_study(tmp_path):
     import argparse
 
     import torch
@@ -174,6 +174,29 @@ def test_a_changed_prompt_is_refused_naming_it(tmp_path):
                      name="tiny", mask_id=99, family="llada")
     args = argparse.Namespace(strategies=["exact"], model="tiny", dtype="fp32", threads=torch.get_num_threads(),
                               gen_lengths=[8], block_length=8, output_dir=tmp_path)
+    return lm, args
+
+
+def test_a_changed_prompt_is_refused_naming_it(tmp_path):
+    lm, args = _tiny_study(tmp_path)
     gf.run_study(args, "test", lm=lm, prompts=[[5, 17, 3]], keywords=None, chat=False)
     with pytest.raises(identity.IdentityMismatch, match="prompt: "):
         gf.run_study(args, "test", lm=lm, prompts=[[5, 17, 4]], keywords=None, chat=False)
+
+
+def test_units_of_other_settings_are_refused_even_when_no_key_is_shared(tmp_path, monkeypatch):
+    lm, args = _tiny_study(tmp_path)
+    gf.run_study(args, "test", lm=lm, prompts=[[5, 17, 3]], keywords=None, chat=False)
+    args.gen_lengths = [16]  # other units entirely, but the folder's are of another dtype: refused
+    monkeypatch.setattr(gf, "run_identity", lambda lm, **kw: identity.run_identity(lm, dtype="bfloat16", **kw))
+    with pytest.raises(identity.IdentityMismatch, match='dtype: "float32" -> "bfloat16"'):
+        gf.run_study(args, "test", lm=lm, prompts=[[5, 17, 3]], keywords=None, chat=False)
+
+
+def test_a_folder_of_a_run_made_before_resume_is_refused(tmp_path):
+    lm, args = _tiny_study(tmp_path)
+    old = '{"runs": []}\n'  # a results file without units.jsonl beside it
+    (tmp_path / "generation_frontier.json").write_text(old)
+    with pytest.raises(identity.IdentityMismatch, match="before resume existed.*another --output-dir"):
+        gf.run_study(args, "test", lm=lm, prompts=[[5, 17, 3]], keywords=None, chat=False)
+    assert (tmp_path / "generation_frontier.json").read_text() == old and not (tmp_path / gf.UNITS_FILE).exists()

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from dllm_sparse.atomic import atomic_write_text
-from dllm_sparse.eval.identity import RunIdentity, run_identity
+from dllm_sparse.eval.identity import IdentityMismatch, RunIdentity, run_identity
 from dllm_sparse.eval.rows import JsonlWriter, finished
 from dllm_sparse.eval.studies.trajectory_frontier import (
     Strategy,
@@ -376,6 +376,12 @@ def run_study(args, command: str, lm=None, prompts=None, keywords=None, chat: bo
         prompts, keywords = [q["prompt"] for q in probe], [q["keywords"] for q in probe]
     run = run_fields(lm, threads=args.threads, chat=chat)
     units = UnitRows(args.output_dir / UNITS_FILE)
+    if (args.output_dir / "generation_frontier.json").is_file() and units.path is not None and not units.done:
+        raise IdentityMismatch(
+            f"{args.output_dir} holds a generation_frontier.json without finished units ({UNITS_FILE}): a run made "
+            "before resume existed (its answers' token ids, which agreement needs, were not kept), or one stopped "
+            "before its first unit. Its results cannot be read back and a run here would overwrite them: use "
+            "another --output-dir (or move generation_frontier.json away).")
     planned = {unit_key(n, i, s.name): unit_identity(run, _base_config(lm, n, args.block_length), s, p,
                                                      keywords[i] if keywords else None)
                for n in args.gen_lengths for i, p in enumerate(prompts) for s in strategies}
