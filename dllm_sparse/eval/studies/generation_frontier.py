@@ -20,7 +20,7 @@ with its [min, max]. Quality is deterministic (greedy), so one generation per pr
 Resume: each finished unit (gen_length, prompt, strategy) is appended to ``<output dir>/units.jsonl``
 (:class:`~dllm_sparse.eval.rows.JsonlWriter`: one fsync'ed line, a torn last line dropped) with its raw
 measurements (answer ids and text, forward passes, tokens, wall time, FFN work, probe hit), the session that
-measured it (host, CPU, threads, load average) and its identity (:func:`unit_identity`: the model's name, weights
+measured it (an id, host, CPU, load average) and its identity (:func:`unit_identity`: the model's name, weights
 hash, kind, dtype and device type, threads, the chat template, the unit's full generation config, the strategy's
 full definition, the prompt's hash and its probe keywords). A rerun reads the finished units back instead of
 recomputing them (so ``--prompts 20`` after ``--prompts 8`` runs only prompts 8..19), refuses a folder whose units
@@ -193,7 +193,7 @@ class UnitRows:
     session: dict = field(default_factory=new_session)
     done: dict = field(default_factory=dict)
     computed: int = 0
-    _writer: Any = None
+    _writer: Any = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.path is not None:
