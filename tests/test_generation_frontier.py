@@ -200,3 +200,12 @@ def test_a_folder_of_a_run_made_before_resume_is_refused(tmp_path):
     with pytest.raises(identity.IdentityMismatch, match="before resume existed.*another --output-dir"):
         gf.run_study(args, "test", lm=lm, prompts=[[5, 17, 3]], keywords=None, chat=False)
     assert (tmp_path / "generation_frontier.json").read_text() == old and not (tmp_path / gf.UNITS_FILE).exists()
+
+
+def test_more_prompts_than_the_probe_has_are_refused(tmp_path):
+    import argparse
+
+    args = argparse.Namespace(strategies=["exact"], model="smollm2-135m-mdm", dtype="fp32", threads=1, prompts=21,
+                              gen_lengths=[32], block_length=32, output_dir=tmp_path)
+    with pytest.raises(ValueError, match="--prompts 21: the capability probe has only 20 prompts"):
+        gf.run_study(args, "test")  # before any model loads

@@ -363,16 +363,18 @@ def run_study(args, command: str, lm=None, prompts=None, keywords=None, chat: bo
     """The study for the script's parsed ``args``: one run per ``--gen-lengths`` entry; writes
     ``generation_frontier.json``, ``summary.md`` and ``generation_frontier.png`` to ``args.output_dir``, and each
     finished unit to its ``units.jsonl`` (a rerun reads them back; other settings are refused)."""
-    from dllm_sparse.eval.studies.step_frontier import machine
+    from dllm_sparse.eval.studies.step_frontier import DATA, machine
 
     strategies = _with_exact([parse_generation_strategy(s) for s in args.strategies])
     load_before = os.getloadavg()[0]
     if lm is None:
         from dllm_sparse import load_model
 
+        probe = [json.loads(line) for line in (DATA / "capability_probe.jsonl").open()][:args.prompts]
+        if len(probe) < args.prompts:  # checked before the model loads
+            raise ValueError(f"--prompts {args.prompts}: the capability probe has only {len(probe)} prompts; pass "
+                             f"--prompts {len(probe)} or fewer")
         lm = load_model(args.model, dtype=args.dtype)
-        probe = [json.loads(line) for line in (Path(__file__).resolve().parents[1] / "data" /
-                                               "capability_probe.jsonl").open()][:args.prompts]
         prompts, keywords = [q["prompt"] for q in probe], [q["keywords"] for q in probe]
     run = run_fields(lm, threads=args.threads, chat=chat)
     units = UnitRows(args.output_dir / UNITS_FILE)
