@@ -4,10 +4,13 @@ Tiny random models of the ``-mini`` shapes (dllm_sparse.models.gemma_shapes), sa
 
 import json
 import shutil
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from dllm_sparse import load_model
 from dllm_sparse.eval.scoring.common import item_generator
@@ -64,6 +67,81 @@ def test_sharing_the_encoder_ffns_changes_no_logit():
         want = ref(input_ids=ids, decoder_input_ids=canvas).logits
         got = model(input_ids=ids, decoder_input_ids=canvas).logits
     assert torch.equal(got, want)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the real (non-meta) tensor storages alive, and their peak, while the mode is on: every storage an op
+    returns is counted until its last reference goes (a storage's Python object lives as long as the storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                if id(storage) not in self.live:
+                    self.live[id(storage)] = storage.nbytes()
+                    weakref.finalize(storage, self.live.pop, id(storage), None)
+        self.peak = max(self.peak, sum(self.live.values()))
+        return out
+
+
+def _plain_build(name, layers, seed=0):
+    """How build_moe_random built DiffusionGemma before: every module on the CPU, the encoder tied afterwards."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    torch.manual_seed(seed)
+    return DiffusionGemmaForBlockDiffusion._from_config(moe_config(name, layers))
+
+
+def test_diffusion_gemma_is_built_with_one_copy_of_each_layer():
+    with LiveBytes() as plain:
+        ref = _plain_build(DG, layers=2)
+    with LiveBytes() as mem:
+        model, _ = build_moe_random(DG, layers=2, seed=1)
+    unique = {p.data_ptr(): p for p in model.parameters()}.values()
+    weights = sum(p.nbytes for p in unique)
+    assert weights == moe_weight_bytes(DG, 2, torch.float32)["total"]  # the meta count, tied weights once
+    assert sum(p.numel() for p in unique) == sum(p.numel() for p in ref.parameters())  # same parameters as before
+    largest = max(p.nbytes for p in unique)
+    # The plain build holds the encoder's own layers (and embedding) until they are tied: far over the weights.
+    assert plain.peak > weights + 2 * moe_weight_bytes(DG, 2, torch.float32)["per_layer"]
+    # This one never holds more than the model plus one parameter's worth of temporaries.
+    assert weights <= mem.peak <= weights + sum(b.nbytes for b in model.buffers()) + largest
+    # Every encoder text weight is the decoder's storage (the released checkpoint's tying).
+    encoder, decoder = text_stacks(model)
+    for enc, dec in zip(encoder, decoder, strict=True):
+        e, d = dict(enc.named_parameters()), dict(dec.named_parameters())
+        assert e and e.keys() <= d.keys()
+        assert all(e[k].data_ptr() == d[k].data_ptr() for k in e)
+    inner = model.model
+    assert inner.encoder.language_model.embed_tokens.weight.data_ptr() == inner.decoder.embed_tokens.weight.data_ptr()
+    assert model.lm_head.weight.data_ptr() == inner.decoder.embed_tokens.weight.data_ptr()
+
+
+def test_the_one_copy_build_initialises_like_the_plain_build():
+    """Same constants and buffers as the plain build, random weights of the same distribution (other draws: the
+    random stream runs in another order), reproducible from the seed."""
+    ref = _plain_build(DG, layers=2).state_dict()
+    for dtype in (torch.float32, torch.bfloat16):
+        model, _ = build_moe_random(DG, layers=2, seed=1, dtype=dtype)
+        got = model.state_dict()
+        assert got.keys() == ref.keys()
+        for k, want in ref.items():
+            assert got[k].dtype == (dtype if want.is_floating_point() and "inv_freq" not in k else want.dtype), k
+            if want.numel() < 2 or want.min() == want.max():  # norms, scales, layer scalars: constants
+                assert torch.equal(got[k].float(), want.float()), k
+            else:  # normal(0, initializer_range) in both
+                assert abs(got[k].float().std() / want.float().std() - 1) < 0.25, k
+        assert all(b.device.type == "cpu" for b in model.buffers())
+    again, _ = build_moe_random(DG, layers=2, seed=1, dtype=torch.bfloat16)
+    other, _ = build_moe_random(DG, layers=2, seed=2, dtype=torch.bfloat16)
+    key = "model.decoder.layers.0.experts.gate_up_proj"
+    assert torch.equal(again.state_dict()[key], got[key]) and not torch.equal(other.state_dict()[key], got[key])
 
 
 def test_untied_encoder_and_decoder_are_refused():

@@ -108,16 +108,50 @@ def _model_class(name: str):
 def build_moe_random(name: str, layers: int | None = None, dtype: torch.dtype = torch.float32,
                      device: str | torch.device = "cpu", seed: int = 0) -> tuple[torch.nn.Module, str]:
     """A randomly initialised model of a shape (``kind``: ``"diffusion"`` for DiffusionGemma, ``"ar"`` for Gemma 4),
-    built directly in ``dtype`` on ``device``; DiffusionGemma's encoder runs through the decoder's FFN modules."""
+    built directly in ``dtype`` on ``device``; DiffusionGemma's encoder runs through the decoder's FFN modules.
+
+    DiffusionGemma is built with one copy of each layer: its parameters start on the meta device, are tied
+    (encoder -> decoder, as the checkpoint loader ties them), and only then get storage and their random values
+    (:func:`_materialise_tied`), so building never holds the encoder's copy that tying would throw away."""
     from dllm_sparse.models.diffusion_gemma import share_encoder_ffns
 
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = _model_class(name)._from_config(moe_config(name, layers), dtype=dtype)
     family = _moe(name)[0]
+    cls, config = _model_class(name), moe_config(name, layers)
+    torch.manual_seed(seed)
+    if family != "diffusion_gemma" or torch.device(device).type == "meta":
+        with torch.device(device):
+            model = cls._from_config(config, dtype=dtype)
+    else:
+        from accelerate import init_empty_weights
+
+        # Parameters on meta, buffers built for real: some (the encoder layers' layer_scalar) get their values only
+        # from their constructor, not from _init_weights.
+        with torch.device(device), init_empty_weights(include_buffers=False):
+            model = cls._from_config(config, dtype=dtype)
+        model.tie_weights()  # again: under init_empty_weights, tying re-registers each parameter as a new object
+        _materialise_tied(model, device)
     if family == "diffusion_gemma":
         share_encoder_ffns(model)
     return model.eval(), "diffusion" if family == "diffusion_gemma" else "ar"
+
+
+@torch.no_grad()
+def _materialise_tied(model: torch.nn.Module, device: str | torch.device) -> None:
+    """Give a model's meta parameters storage on ``device``, one tensor per ``Parameter`` object (tied parameters
+    stay one tensor; ``nn.Module.to_empty`` allocates each occurrence and unties them), then run transformers'
+    weight init over the whole model. The random values differ from a build made directly on ``device`` (the
+    random stream is drawn in another order)."""
+    real: dict[int, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}  # id -> (meta, real); keeps ids unique
+    for module in model.modules():
+        for key, param in module._parameters.items():
+            if param is None or not param.is_meta:
+                continue
+            if id(param) not in real:
+                real[id(param)] = (param, torch.nn.Parameter(torch.empty_like(param, device=device),
+                                                             requires_grad=param.requires_grad))
+            module._parameters[key] = real[id(param)][1]
+        module.__dict__.pop("_is_hf_initialized", None)  # post_init "initialised" the meta tensors: do it again
+    model.initialize_weights()
 
 
 def moe_weight_bytes(name: str, layers: int, dtype: torch.dtype) -> dict[str, int]:
