@@ -47,6 +47,14 @@ def _tagged(stats: SparsityStats | None, tag: Hashable, groups: dict[str, torch.
 
 
 @torch.no_grad()
+def _cache_argument(model) -> str:
+    """The name DiffusionGemma's forward gives its KV cache: ``cache`` from transformers 5.25, ``past_key_values``
+    before (5.23 / 5.24, the floor of the supported range)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def block_diffusion_loglikelihood(
     model: torch.nn.Module,
     requests: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -69,6 +77,7 @@ def block_diffusion_loglikelihood(
     if len(keys) != len(requests):
         raise ValueError(f"{len(keys)} keys for {len(requests)} requests")
     canvas, vocab = int(inner.config.canvas_length), int(inner.config.text_config.vocab_size)
+    cache_arg = _cache_argument(inner)
     device = model_device(inner)
     out = []
     for i, (context, answer) in enumerate(requests):
@@ -91,7 +100,7 @@ def block_diffusion_loglikelihood(
             cache = DynamicCache(config=inner.config.get_text_config(decoder=True))
             ctx = prefix.expand(mc_batch, -1)
             with _tagged(stats, "prefill", {"prompt": torch.ones_like(ctx, dtype=torch.bool)}):
-                inner.model.encoder(input_ids=ctx, cache=cache)
+                inner.model.encoder(input_ids=ctx, **{cache_arg: cache})
             loss = 0.0
             for rows in torch.split(torch.arange(mc_num), mc_batch):
                 m = masks[rows].to(device)
@@ -104,7 +113,7 @@ def block_diffusion_loglikelihood(
                         name = f"ratio{k / ratio_bins:.2f}-{(k + 1) / ratio_bins:.2f}"
                         groups[name] = (bins == k)[:, None].expand_as(m)
                 with _tagged(stats, "elbo", groups):
-                    logits = inner(decoder_input_ids=noisy, cache=cache).logits.float()
+                    logits = inner(decoder_input_ids=noisy, **{cache_arg: cache}).logits.float()
                 ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.to(device).repeat(len(rows)),
                                      reduction="none").reshape(len(rows), L)
                 loss += float(((ce * m).sum(dim=1, dtype=torch.float64) * L / m.sum(dim=1)).sum())
