@@ -16,7 +16,7 @@ from dllm_sparse.cli import COMMANDS, FRONTIERS, main
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = [["compare"], ["generate"], ["mask-reuse"], ["frontier"], ["frontier", "step"],
-               ["frontier", "trajectory"], ["device-check"], ["lm-eval"]]
+               ["frontier", "trajectory"], ["frontier", "generation"], ["device-check"], ["lm-eval"]]
 
 # Runs `dllm-sparse ARGS` through the entry point's function in a fresh interpreter, then says how it exited and
 # whether torch (or transformers, which imports it) had been imported by then.
@@ -79,7 +79,7 @@ def test_device_check_outside_a_clone_says_it_needs_one(tmp_path):
 @pytest.mark.parametrize("args, message", [
     ([], "the following arguments are required: COMMAND"),
     (["comapre"], "argument COMMAND: invalid choice: 'comapre' (choose from 'compare', 'generate'"),
-    (["frontier", "steps"], "argument COMMAND: invalid choice: 'steps' (choose from 'step', 'trajectory')"),
+    (["frontier", "steps"], "argument COMMAND: invalid choice: 'steps' (choose from 'step', 'trajectory', 'generation')"),
     (["--limit", "2", "compare"], "'--limit' comes before any command: options go after it"),
     (["compare", "--bogus"], "dllm-sparse compare: error: unrecognized arguments: --bogus"),
 ])
@@ -112,7 +112,7 @@ def _parser_of(args: list[str], monkeypatch) -> argparse.ArgumentParser:
 
 
 @pytest.mark.parametrize("args", [["compare"], ["generate"], ["mask-reuse"], ["frontier", "step"],
-                                  ["frontier", "trajectory"]], ids=" ".join)
+                                  ["frontier", "trajectory"], ["frontier", "generation"]], ids=" ".join)
 def test_every_option_shows_its_default(args, monkeypatch):
     parser = _parser_of(args, monkeypatch)
     fmt = parser._get_formatter()
@@ -157,7 +157,8 @@ def test_compare_smoke_refuses_what_it_would_ignore(argv, message, capsys):
 
 @pytest.mark.parametrize("script, module", [("llada_vs_llama", "compare"), ("generate_demo", "generate"),
                                             ("mask_reuse", "mask_reuse"), ("step_frontier", "step_frontier"),
-                                            ("trajectory_frontier", "trajectory_frontier")])
+                                            ("trajectory_frontier", "trajectory_frontier"),
+                                            ("generation_frontier", "generation_frontier")])
 def test_the_experiment_scripts_are_the_library_commands(script, module):
     spec = importlib.util.spec_from_file_location(f"_wrapper_{script}", ROOT / "experiments" / f"{script}.py")
     wrapper = importlib.util.module_from_spec(spec)

@@ -5,6 +5,7 @@
     dllm-sparse mask-reuse               # keep-mask stability across denoising steps and the reuse policies
     dllm-sparse frontier step            # quality vs measured speed of one denoising step, per strategy
     dllm-sparse frontier trajectory      # the same over whole denoising trajectories
+    dllm-sparse frontier generation      # whole generations: caches, parallel decoding, FFN sparsity on top
     dllm-sparse device-check --smoke     # the prepared GPU check (in a clone: it runs the repository's tests)
     dllm-sparse lm-eval run --model dllm_sparse ...   # lm-eval's CLI with this package's model and tasks
     dllm-sparse COMMAND --help           # a command's options and their defaults
@@ -26,6 +27,8 @@ FRONTIERS: Table = {
     "step": ("dllm_sparse.cli.step_frontier", "quality vs measured speed of one denoising step, per strategy"),
     "trajectory": ("dllm_sparse.cli.trajectory_frontier",
                    "quality vs measured speed over whole denoising trajectories, per strategy"),
+    "generation": ("dllm_sparse.cli.generation_frontier",
+                   "speed and quality of whole generations: block caches, parallel decoding, FFN sparsity on top"),
 }
 COMMANDS: Table = {
     "compare": ("dllm_sparse.cli.compare",
@@ -34,7 +37,7 @@ COMMANDS: Table = {
     "generate": ("dllm_sparse.cli.generate", "generate with and without FFN activation sparsity, side by side"),
     "mask-reuse": ("dllm_sparse.cli.mask_reuse",
                    "how stable FFN keep-masks are across denoising steps, and what reusing them costs and buys"),
-    "frontier": (FRONTIERS, "quality vs measured speed: 'frontier step' or 'frontier trajectory'"),
+    "frontier": (FRONTIERS, "quality vs measured speed: 'frontier step', 'trajectory' or 'generation'"),
     "device-check": ("dllm_sparse.cli.device_check",
                      "the prepared GPU check (runs the repository's tests and benchmarks: needs a clone)"),
     "lm-eval": ("dllm_sparse.cli.lm_eval", "lm-eval's CLI with --model dllm_sparse and this package's tasks"),

@@ -120,15 +120,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     if not args.smoke:
         return run_trajectory_frontier(args, command)
 
-    import torch
+    from dllm_sparse.cli.smoke import smoke_llada
 
-    from dllm_sparse.models.llada import LLaDAModelLM, tiny_llada_config
-    from dllm_sparse.models.loading import LoadedModel
-
-    torch.manual_seed(0)
-    model = LLaDAModelLM(tiny_llada_config(max_sequence_length=512)).eval()
-    lm = LoadedModel(model=model, tokenizer=None, kind="diffusion", name="tiny-llada (smoke)", mask_id=99,
-                     family="llada")
+    lm = smoke_llada(max_sequence_length=512)
     args.model = lm.name
     prompts = [[5, 17, 3, 9, 40, 2], [7, 7, 21, 2, 11, 30], [3, 8, 8, 50, 1, 6]][
         args.first_prompt:args.first_prompt + args.prompts]

@@ -1,9 +1,9 @@
 """The whole-generation frontier: speed and quality of complete generations, per decoding strategy.
 
-The library side of ``experiments/generation_frontier.py``. Where the trajectory frontier
-(:mod:`dllm_sparse.eval.studies.trajectory_frontier`) times a replay of a fixed trajectory, here every strategy
-generates on its own, as a user runs it, so the levers that change the number of steps count too: Fast-dLLM's
-block caches (``GenerationConfig(block_cache=...)``) and confidence-threshold parallel decoding
+The library side of ``dllm-sparse frontier generation`` (``experiments/generation_frontier.py``). Where the
+trajectory frontier (:mod:`dllm_sparse.eval.studies.trajectory_frontier`) times a replay of a fixed trajectory,
+here every strategy generates on its own, as a user runs it, so the levers that change the number of steps count
+too: Fast-dLLM's block caches (``GenerationConfig(block_cache=...)``) and confidence-threshold parallel decoding
 (``confidence_threshold``), and FFN sparsity on top of them.
 
 Strategy names (:func:`parse_generation_strategy`): ``exact`` (the one-token-per-step sampler, steps =

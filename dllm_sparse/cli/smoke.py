@@ -1,0 +1,17 @@
+"""The tiny random LLaDA that the frontier commands' ``--smoke`` runs on: seconds on a CPU, no download."""
+
+from __future__ import annotations
+
+
+def smoke_llada(**config) -> "LoadedModel":  # noqa: F821  (imported below: --help must not load torch)
+    """A seeded tiny random LLaDA (``tiny_llada_config(**config)``) as a :class:`LoadedModel` with no tokenizer
+    (prompts are token ids) and mask id 99."""
+    import torch
+
+    from dllm_sparse.models.llada import LLaDAModelLM, tiny_llada_config
+    from dllm_sparse.models.loading import LoadedModel
+
+    torch.manual_seed(0)
+    model = LLaDAModelLM(tiny_llada_config(**config)).eval()
+    return LoadedModel(model=model, tokenizer=None, kind="diffusion", name="tiny-llada (smoke)", mask_id=99,
+                       family="llada")
