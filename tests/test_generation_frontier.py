@@ -41,6 +41,29 @@ def test_row_arithmetic():
     assert summarise_strategy("exact", exact, exact)["speedup"] == 1.0
 
 
+def test_base_of_is_the_strategy_one_lever_shorter():
+    names = ["exact", "t0.9", "cache-dual", "t0.9+cache-dual", "t0.9+cache-dual+delta-intermediate:0.15",
+             "cache-dual+step-intermediate:0.9", "t0.5+cache-dual"]
+    assert gf.base_of("t0.9+cache-dual+delta-intermediate:0.15", names) == "t0.9+cache-dual"  # longest, not t0.9
+    assert gf.base_of("t0.9+cache-dual", names) == "t0.9"
+    assert gf.base_of("cache-dual+step-intermediate:0.9", names) == "cache-dual"
+    assert gf.base_of("t0.5+cache-dual", names) is None  # t0.5 is not in the run
+    assert gf.base_of("cache-dual", names) is None and gf.base_of("exact", names) is None
+
+
+def test_over_base_pairs_by_prompt():
+    base = [{"wall_s": w, "probe_hit": h, "session": "a"} for w, h in ((2.0, True), (3.0, False), (4.0, True))]
+    top = [{"wall_s": w, "probe_hit": h, "session": s} for w, h, s in ((1.0, False, "a"), (3.0, True, "a"),
+                                                                        (1.0, True, "b"))]
+    o = gf.over_base("top", "base", top, base)
+    assert o["speedup"] == pytest.approx(2.0)  # median of 2/1, 3/3, 4/1
+    assert o["speedup_range"] == pytest.approx([1.0, 4.0])
+    assert 1.0 <= o["speedup_ci"][0] <= o["speedup"] <= o["speedup_ci"][1] <= 4.0
+    assert (o["probe_gained"], o["probe_lost"], o["same_session"], o["prompts"]) == (1, 1, 2, 3)
+    same = gf.over_base("top", "base", base, base)
+    assert same["speedup"] == 1.0 and same["speedup_ci"] == [1.0, 1.0]
+
+
 def _script():
     spec = importlib.util.spec_from_file_location(
         "generation_frontier_script", Path(__file__).resolve().parents[1] / "experiments" / "generation_frontier.py")
@@ -61,6 +84,9 @@ def test_the_smoke_run_writes_every_row(tmp_path):
     by = {r["strategy"]: r for r in rows}
     assert by["exact"]["forwards_per_token"] == 1.0 and by["exact"]["agreement"] == 1.0
     assert by["t0.1"]["forwards_per_token"] < 1.0  # the threshold took fewer forwards than tokens
+    steps = {o["strategy"]: o["base"] for o in res["runs"][0]["over_base"]}
+    assert steps == {"t0.1+cache-dual": "t0.1", "t0.1+cache-dual+token-intermediate:0.9": "t0.1+cache-dual"}
+    assert "on top of" in (tmp_path / "summary.md").read_text()
     assert (tmp_path / "generation_frontier.png").is_file() and (tmp_path / "summary.md").is_file()
     with pytest.raises(SystemExit):
         script.main(["--smoke", "--strategies", "t-1"])

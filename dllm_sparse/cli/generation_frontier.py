@@ -18,7 +18,10 @@ import sys
 from pathlib import Path
 
 DEFAULT_STRATEGIES = (
-    "exact", "cache-prefix", "cache-dual", "t0.9", "t0.7", "t0.5", "t0.7+cache-dual", "t0.5+cache-dual",
+    "exact", "cache-prefix", "cache-dual", "t0.9", "t0.7", "t0.5",
+    "t0.9+cache-dual", "t0.7+cache-dual", "t0.5+cache-dual",
+    "t0.9+cache-dual+token-intermediate:0.9", "t0.9+cache-dual+step-intermediate:0.9",
+    "t0.9+cache-dual+delta-intermediate:0.15,held@block_start",
     "t0.5+cache-dual+token-intermediate:0.9", "t0.5+cache-dual+step-intermediate:0.9",
     "t0.5+cache-dual+delta-intermediate:0.15,held@block_start",
 )

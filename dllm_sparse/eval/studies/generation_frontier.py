@@ -57,8 +57,8 @@ from dllm_sparse.eval.studies.trajectory_frontier import (
 )
 from dllm_sparse.samplers import GenerationConfig, generate
 
-__all__ = ["GenStrategy", "parse_generation_strategy", "run_generation_frontier", "summarise_strategy", "UnitRows",
-           "unit_identity", "UNITS_FILE"]
+__all__ = ["GenStrategy", "base_of", "over_base", "parse_generation_strategy", "run_generation_frontier",
+           "summarise_strategy", "UnitRows", "unit_identity", "UNITS_FILE"]
 
 #: The rows file of finished units in the output folder.
 UNITS_FILE = "units.jsonl"
@@ -252,8 +252,34 @@ def derive_run(done: dict, gen_length: int, block_length: int, n_prompts: int,
                        "session": done[unit_key(gen_length, i, s.name)]["session"]["id"]} for i in full]
              for s in strategies}
     rows = [summarise_strategy(s.name, items[s.name], items["exact"]) for s in strategies] if full else []
+    names = [s.name for s in strategies]
+    steps = [over_base(n, base, items[n], items[base]) for n in names if (base := base_of(n, names))] if full else []
     return {"gen_length": gen_length, "block_length": block_length, "prompts": len(full), "rows": rows,
-            "sessions": sessions_of([done[k] for i in full for k in keys[i]])}
+            "over_base": steps, "sessions": sessions_of([done[k] for i in full for k in keys[i]])}
+
+
+def base_of(name: str, names: list[str]) -> str | None:
+    """The strategy of the run that ``name`` adds one lever to (``t0.9+cache-dual+delta-...`` extends
+    ``t0.9+cache-dual``, which extends ``t0.9``): the longest other name followed by ``+``; None if none."""
+    bases = [b for b in names if name.startswith(b + "+")]
+    return max(bases, key=len) if bases else None
+
+
+def over_base(name: str, base: str, items: list[dict], base_items: list[dict], replicates: int = 2000,
+              seed: int = 0) -> dict:
+    """What the last lever of ``name`` adds on top of ``base``, paired by prompt: the speedup (median over prompts
+    of base time / strategy time, its 95 % percentile-bootstrap interval over prompts, [min, max]), the probe
+    items gained and lost, and how many pairs were timed in the same session (the others compare sessions)."""
+    ratios = np.array([b["wall_s"] / it["wall_s"] for it, b in zip(items, base_items, strict=True)])
+    rng = np.random.default_rng(seed)
+    boot = np.median(ratios[rng.integers(0, len(ratios), size=(replicates, len(ratios)))], axis=1)
+    pairs = list(zip(items, base_items, strict=True))
+    return {"strategy": name, "base": base, "prompts": len(ratios), "speedup": float(np.median(ratios)),
+            "speedup_ci": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+            "speedup_range": [float(ratios.min()), float(ratios.max())],
+            "probe_gained": sum(bool(it["probe_hit"]) and b["probe_hit"] is False for it, b in pairs),
+            "probe_lost": sum(it["probe_hit"] is False and bool(b["probe_hit"]) for it, b in pairs),
+            "same_session": sum(it["session"] == b["session"] for it, b in pairs)}
 
 
 def run_generation_frontier(lm, prompts: list, keywords: list | None, strategies: list[GenStrategy], *,
@@ -314,6 +340,17 @@ def summary_md(res: dict) -> str:
                          f"{r['agreement']:.3f}" + (f" [{a[0]:.3f}, {a[1]:.3f}]" if a else "") + " | "
                          + (f"{r['ffn_work']:.3f}" if r["ffn_work"] is not None else "-") + " |")
         lines.append("")
+        if run.get("over_base"):
+            lines += ["What each strategy's last lever adds on top of the strategy it extends, paired by prompt "
+                      "(speedup: median of base time / strategy time, 95 % bootstrap interval over prompts, "
+                      "[min, max]; probe items gained and lost against the base; pairs timed in one session):", "",
+                      "| strategy | on top of | speedup (95 % CI) [min, max] | probe +gained / -lost | same session |",
+                      "|---|---|---|---|---|"]
+            for o in run["over_base"]:
+                lines.append(f"| {o['strategy']} | {o['base']} | {o['speedup']:.2f}x ({o['speedup_ci'][0]:.2f}, "
+                             f"{o['speedup_ci'][1]:.2f}) [{o['speedup_range'][0]:.2f}, {o['speedup_range'][1]:.2f}] "
+                             f"| +{o['probe_gained']} / -{o['probe_lost']} | {o['same_session']}/{o['prompts']} |")
+            lines.append("")
     return "\n".join(lines)
 
 
