@@ -376,21 +376,37 @@ def plot(res: dict, path: Path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(res["runs"]), figsize=(6.5 * len(res["runs"]), 4.8), squeeze=False)
-    for ax, run in zip(axes[0], res["runs"], strict=True):
+    # Top: the probe score (the quality bar; dashed: one item below the exact sampler's, the parity line).
+    # Bottom: token agreement with the exact sampler. x: speedup over it, median over prompts with [min, max].
+    n = len(res["runs"])
+    fig, axes = plt.subplots(2, n, figsize=(6.5 * n + 4.5, 8.0), squeeze=False, sharex="col")
+    markers = "osD^v<>P*X"
+    for col, run in enumerate(res["runs"]):
+        top, bottom = axes[0][col], axes[1][col]
         for i, r in enumerate(run["rows"]):
             lo, hi = r["speedup_range"]
-            ax.errorbar(r["speedup"], r["agreement"], xerr=[[r["speedup"] - lo], [hi - r["speedup"]]], fmt="o",
-                        color=plt.cm.tab20(i % 20), capsize=2,
-                        label=f"{r['strategy']} (probe {r['probe_score']}/{r['probe_items']})")
-        ax.axvline(1.0, color="k", lw=0.6)
-        ax.set_xlabel("speedup over the exact sampler (median over prompts, [min, max])")
-        ax.set_ylabel("token agreement with the exact sampler")
-        ax.set_title(f"{run['gen_length']} tokens, blocks of {run['block_length']}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+            style = {"fmt": markers[i % len(markers)], "color": plt.cm.tab20(i % 20), "capsize": 2}
+            xerr = [[r["speedup"] - lo], [hi - r["speedup"]]]
+            if r["probe_score"] is not None:
+                ci = r.get("probe_ci") or [r["probe_score"]] * 2
+                top.errorbar(r["speedup"], r["probe_score"], xerr=xerr,
+                             yerr=[[r["probe_score"] - ci[0]], [ci[1] - r["probe_score"]]], alpha=0.85, **style)
+            probe = f" (probe {r['probe_score']}/{r['probe_items']})" if r["probe_score"] is not None else ""
+            bottom.errorbar(r["speedup"], r["agreement"], xerr=xerr, **style,
+                            label=f"{r['strategy']}{probe}" if col == 0 else None)
+        exact = next((r for r in run["rows"] if r["strategy"] == "exact"), None)
+        if exact is not None and exact["probe_score"] is not None:
+            top.axhline(exact["probe_score"] - 1, color="k", lw=0.6, ls="--")
+        for ax in (top, bottom):
+            ax.axvline(1.0, color="k", lw=0.6)
+            ax.grid(alpha=0.3)
+        top.set_ylabel(f"probe score (of {run['prompts']}, 95 % CI)")
+        bottom.set_ylabel("token agreement with the exact sampler")
+        bottom.set_xlabel("speedup over the exact sampler (median over prompts, [min, max])")
+        top.set_title(f"{run['gen_length']} tokens, blocks of {run['block_length']}", fontsize=9)
+    fig.legend(loc="center right", fontsize=6.5)
+    fig.subplots_adjust(right=1 - 4.4 / (6.5 * n + 4.5))
     fig.suptitle(f"{res['model']}: whole generations ({res['threads']} thread, shared CPU)", fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
