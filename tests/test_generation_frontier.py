@@ -35,6 +35,7 @@ def test_row_arithmetic():
     row = summarise_strategy("fast", fast, exact)
     assert row["speedup"] == pytest.approx(3.0)  # median of 2 / 1 and 4 / 1
     assert row["speedup_range"] == [2.0, 4.0]
+    assert 2.0 <= row["speedup_ci"][0] <= row["speedup_ci"][1] <= 4.0  # a bootstrap median of {2, 4} stays inside
     assert row["tokens_per_s"] == pytest.approx(4.0) and row["forwards_per_token"] == pytest.approx(3 / 8)
     assert row["agreement"] == pytest.approx(7 / 8)
     assert row["probe_score"] == 2 and row["probe_items"] == 2 and row["ffn_work"] == pytest.approx(0.6)
@@ -49,6 +50,12 @@ def test_base_of_is_the_strategy_one_lever_shorter():
     assert gf.base_of("cache-dual+step-intermediate:0.9", names) == "cache-dual"
     assert gf.base_of("t0.5+cache-dual", names) is None  # t0.5 is not in the run
     assert gf.base_of("cache-dual", names) is None and gf.base_of("exact", names) is None
+
+
+def test_median_interval():
+    assert gf.median_interval([3.0] * 5) == [3.0, 3.0]
+    lo, hi = gf.median_interval([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0])
+    assert 1.0 <= lo < 5.0 < hi <= 9.0  # brackets the median, inside the data
 
 
 def test_over_base_pairs_by_prompt():

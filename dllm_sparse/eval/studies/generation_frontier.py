@@ -57,7 +57,7 @@ from dllm_sparse.eval.studies.trajectory_frontier import (
 )
 from dllm_sparse.samplers import GenerationConfig, generate
 
-__all__ = ["GenStrategy", "base_of", "over_base", "parse_generation_strategy", "run_generation_frontier",
+__all__ = ["GenStrategy", "base_of", "median_interval", "over_base", "parse_generation_strategy", "run_generation_frontier",
            "summarise_strategy", "UnitRows", "unit_identity", "UNITS_FILE"]
 
 #: The rows file of finished units in the output folder.
@@ -115,7 +115,7 @@ def _generate_one(lm, prompt, cfg: GenerationConfig, s: GenStrategy, chat: bool)
 
 def summarise_strategy(name: str, items: list[dict], exact_items: list[dict]) -> dict:
     """One row: tokens per second and speedup over the exact sampler (median over prompts of the paired ratios,
-    [min, max]), forward passes per token, probe score with a 95 % bootstrap interval over prompts, token
+    its 95 % bootstrap interval over prompts, [min, max]), forward passes per token, probe score with a 95 % bootstrap interval over prompts, token
     agreement with the exact sampler's answers (and its interval)."""
     tps = [it["tokens"] / it["wall_s"] for it in items]
     ratios = [e["wall_s"] / it["wall_s"] for it, e in zip(items, exact_items, strict=True)]
@@ -125,7 +125,8 @@ def summarise_strategy(name: str, items: list[dict], exact_items: list[dict]) ->
     row: dict[str, Any] = {
         "strategy": name, "prompts": len(items),
         "tokens_per_s": statistics.median(tps), "tokens_per_s_range": [min(tps), max(tps)],
-        "speedup": statistics.median(ratios), "speedup_range": [min(ratios), max(ratios)],
+        "speedup": statistics.median(ratios), "speedup_ci": median_interval(ratios),
+        "speedup_range": [min(ratios), max(ratios)],
         "forwards_per_token": sum(it["nfe"] for it in items) / sum(it["tokens"] for it in items),
         "agreement": float(same.sum() / max(total.sum(), 1)), "agreement_ci": _ratio_interval(same, total),
         "probe_score": sum(hits) if hits else None, "probe_items": len(hits),
@@ -265,18 +266,22 @@ def base_of(name: str, names: list[str]) -> str | None:
     return max(bases, key=len) if bases else None
 
 
+def median_interval(values: list[float], replicates: int = 2000, seed: int = 0) -> list[float]:
+    """95 % percentile-bootstrap interval of the median of ``values`` (resampled with replacement)."""
+    v = np.asarray(values, float)
+    boot = np.median(v[np.random.default_rng(seed).integers(0, len(v), size=(replicates, len(v)))], axis=1)
+    return [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+
+
 def over_base(name: str, base: str, items: list[dict], base_items: list[dict], replicates: int = 2000,
               seed: int = 0) -> dict:
     """What the last lever of ``name`` adds on top of ``base``, paired by prompt: the speedup (median over prompts
     of base time / strategy time, its 95 % percentile-bootstrap interval over prompts, [min, max]), the probe
     items gained and lost, and how many pairs were timed in the same session (the others compare sessions)."""
-    ratios = np.array([b["wall_s"] / it["wall_s"] for it, b in zip(items, base_items, strict=True)])
-    rng = np.random.default_rng(seed)
-    boot = np.median(ratios[rng.integers(0, len(ratios), size=(replicates, len(ratios)))], axis=1)
+    ratios = [b["wall_s"] / it["wall_s"] for it, b in zip(items, base_items, strict=True)]
     pairs = list(zip(items, base_items, strict=True))
-    return {"strategy": name, "base": base, "prompts": len(ratios), "speedup": float(np.median(ratios)),
-            "speedup_ci": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
-            "speedup_range": [float(ratios.min()), float(ratios.max())],
+    return {"strategy": name, "base": base, "prompts": len(ratios), "speedup": statistics.median(ratios),
+            "speedup_ci": median_interval(ratios, replicates, seed), "speedup_range": [min(ratios), max(ratios)],
             "probe_gained": sum(bool(it["probe_hit"]) and b["probe_hit"] is False for it, b in pairs),
             "probe_lost": sum(it["probe_hit"] is False and bool(b["probe_hit"]) for it, b in pairs),
             "same_session": sum(it["session"] == b["session"] for it, b in pairs)}
@@ -326,7 +331,7 @@ def summary_md(res: dict) -> str:
     for run in res["runs"]:
         lines += [f"## {run['gen_length']} tokens, blocks of {run['block_length']}, {run['prompts']} probe prompts",
                   "", *([_sessions_line(run["sessions"]), ""] if run.get("sessions") else []),
-                  "| strategy | tokens/s (median [min, max]) | speedup vs exact (median [min, max]) | "
+                  "| strategy | tokens/s (median [min, max]) | speedup vs exact (median (95 % CI) [min, max]) | "
                   "forwards / token | probe (95 % CI) | agreement with exact | FFN work |",
                   "|---|---|---|---|---|---|---|"]
         for r in run["rows"]:
@@ -335,7 +340,8 @@ def summary_md(res: dict) -> str:
                      if r["probe_score"] is not None else "-")
             a = r["agreement_ci"]
             lines.append(f"| {r['strategy']} | {r['tokens_per_s']:.2f} [{r['tokens_per_s_range'][0]:.2f}, "
-                         f"{r['tokens_per_s_range'][1]:.2f}] | {r['speedup']:.2f}x [{r['speedup_range'][0]:.2f}, "
+                         f"{r['tokens_per_s_range'][1]:.2f}] | {r['speedup']:.2f}x{_ci(r.get('speedup_ci'))} "
+                         f"[{r['speedup_range'][0]:.2f}, "
                          f"{r['speedup_range'][1]:.2f}] | {r['forwards_per_token']:.3f} | {probe} | "
                          f"{r['agreement']:.3f}" + (f" [{a[0]:.3f}, {a[1]:.3f}]" if a else "") + " | "
                          + (f"{r['ffn_work']:.3f}" if r["ffn_work"] is not None else "-") + " |")
@@ -352,6 +358,10 @@ def summary_md(res: dict) -> str:
                              f"| +{o['probe_gained']} / -{o['probe_lost']} | {o['same_session']}/{o['prompts']} |")
             lines.append("")
     return "\n".join(lines)
+
+
+def _ci(ci: list[float] | None) -> str:
+    return f" ({ci[0]:.2f}, {ci[1]:.2f})" if ci else ""
 
 
 def _sessions_line(sessions: list[dict]) -> str:
