@@ -177,8 +177,8 @@ def be(request):
     return request.param
 
 
-def test_triton_code_under_the_interpreter():
-    run_triton_tests_in_interpreter(__file__)
+def test_triton_code_under_the_interpreter(request):
+    run_triton_tests_in_interpreter(__file__, request)
 
 
 @pytest.mark.parametrize("site", SITES)

@@ -53,25 +53,59 @@ def _triton_ready() -> str | None:
     return None
 
 
-def run_triton_tests_in_interpreter(test_file: str, timeout: int = 600) -> None:
-    """Run the Triton-parametrised tests of ``test_file`` in a child pytest with TRITON_INTERPRET=1 (CPU only)."""
+INTERPRETER_TEST = "test_triton_code_under_the_interpreter"
+
+
+def run_triton_tests_in_interpreter(test_file: str, request, timeout: int = 900) -> None:
+    """The Triton-parametrised tests of ``test_file``, run by a child pytest with TRITON_INTERPRET=1 (CPU only).
+
+    One child runs them for every test file of this session that has this test (one interpreter start and one
+    import of torch and Triton instead of one per file: the default suite's time); each file's test then asserts
+    its own file's results in the child's JUnit report: at least one passed, none failed or skipped."""
     if DEVICE == "cuda":
         pytest.skip("CUDA is available: the compiled Triton kernels ran in the tests themselves")
     if interpreter_active():
         pytest.skip("this is already the interpreter run")
     if not triton_available():
         pytest.skip("triton is not installed")
+    runs = request.session.__dict__.setdefault("_dllm_sparse_triton_interpreter", {})
+    me = str(Path(test_file).resolve())
+    if me not in runs:
+        files = sorted({str(Path(it.path).resolve()) for it in request.session.items
+                        if getattr(it, "originalname", it.name) == INTERPRETER_TEST} | {me})
+        result = _interpret(files, timeout)
+        runs.update({f: result for f in files})
+    result = runs[me]
+    cases = result["cases"].get(me, [])
+    failed = [name for name, outcome in cases if outcome != "passed"]
+    assert cases and not failed, (f"interpreted Triton tests of {Path(me).name}: "
+                                  f"{'none ran' if not cases else 'not passed: ' + ', '.join(failed)}\n"
+                                  f"{result['tail']}")
+
+
+def _interpret(files: list[str], timeout: int) -> dict:
+    """One child pytest over ``files`` under the interpreter; its test cases by file, as (name, outcome)."""
+    import tempfile
+    import xml.etree.ElementTree as ET
+
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    cmd = [sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider",
-           "-k", "triton and not interpreter and not sm90"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    tail = proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, f"interpreted Triton tests failed:\n{tail}"
-    assert " passed" in proc.stdout and " skipped" not in proc.stdout.splitlines()[-1], tail
+    with tempfile.TemporaryDirectory() as tmp:
+        junit = Path(tmp) / "junit.xml"
+        cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+               "-k", "triton and not interpreter and not sm90"]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        tail = proc.stdout[-6000:] + proc.stderr[-2000:]
+        assert junit.is_file(), f"the interpreted Triton run wrote no report (exit {proc.returncode}):\n{tail}"
+        cases: dict[str, list] = {}
+        for case in ET.parse(junit).getroot().iter("testcase"):
+            path = str((REPO / (case.get("classname", "").replace(".", "/") + ".py")).resolve())
+            outcome = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
+            cases.setdefault(path, []).append((case.get("name"), outcome))
+    return {"cases": cases, "tail": tail, "returncode": proc.returncode}
 
 
-def test_triton_code_under_the_interpreter():
-    run_triton_tests_in_interpreter(__file__)
+def test_triton_code_under_the_interpreter(request):
+    run_triton_tests_in_interpreter(__file__, request)
 
 
 @pytest.fixture(params=["torch", "triton"])

@@ -53,8 +53,8 @@ def test_shared_fast_path_equals_masking_path(family, site, scope, shape):
     torch.testing.assert_close(fast, masked, rtol=1e-5, atol=1e-5)
 
 
-def test_triton_code_under_the_interpreter():
-    run_triton_tests_in_interpreter(__file__)
+def test_triton_code_under_the_interpreter(request):
+    run_triton_tests_in_interpreter(__file__, request)
 
 
 @pytest.mark.parametrize("family", ["llama", "llada"])

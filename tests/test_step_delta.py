@@ -393,8 +393,8 @@ def test_a_cache_for_another_canvas_or_dtype_is_refused(llada64):
 # ---- the Triton backend (the gathered kernels read the kept rows in place) ------------------------------------
 
 
-def test_triton_code_under_the_interpreter():
-    run_triton_tests_in_interpreter(__file__)
+def test_triton_code_under_the_interpreter(request):
+    run_triton_tests_in_interpreter(__file__, request)
 
 
 @pytest.mark.parametrize("config", [
