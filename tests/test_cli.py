@@ -79,7 +79,8 @@ def test_device_check_outside_a_clone_says_it_needs_one(tmp_path):
 @pytest.mark.parametrize("args, message", [
     ([], "the following arguments are required: COMMAND"),
     (["comapre"], "argument COMMAND: invalid choice: 'comapre' (choose from 'compare', 'generate'"),
-    (["frontier", "steps"], "argument COMMAND: invalid choice: 'steps' (choose from 'step', 'trajectory', 'generation')"),
+    (["frontier", "steps"],
+     "argument COMMAND: invalid choice: 'steps' (choose from 'step', 'trajectory', 'generation')"),
     (["--limit", "2", "compare"], "'--limit' comes before any command: options go after it"),
     (["compare", "--bogus"], "dllm-sparse compare: error: unrecognized arguments: --bogus"),
 ])

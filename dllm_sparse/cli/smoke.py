@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-def smoke_llada(**config) -> "LoadedModel":  # noqa: F821  (imported below: --help must not load torch)
+if TYPE_CHECKING:  # imported inside the function at run time: --help must not load torch
+    from dllm_sparse.models.loading import LoadedModel
+
+
+def smoke_llada(**config) -> LoadedModel:
     """A seeded tiny random LLaDA (``tiny_llada_config(**config)``) as a :class:`LoadedModel` with no tokenizer
     (prompts are token ids) and mask id 99."""
     import torch

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from dllm_sparse.atomic import atomic_write_text
+from dllm_sparse.eval.analysis.bootstrap import percentile_interval
 from dllm_sparse.eval.identity import IdentityMismatch, RunIdentity, run_identity
 from dllm_sparse.eval.rows import JsonlWriter, finished
 from dllm_sparse.eval.studies.trajectory_frontier import (
@@ -57,8 +58,8 @@ from dllm_sparse.eval.studies.trajectory_frontier import (
 )
 from dllm_sparse.samplers import GenerationConfig, generate
 
-__all__ = ["GenStrategy", "base_of", "median_interval", "over_base", "parse_generation_strategy", "run_generation_frontier",
-           "summarise_strategy", "UnitRows", "unit_identity", "UNITS_FILE"]
+__all__ = ["GenStrategy", "base_of", "median_interval", "over_base", "parse_generation_strategy",
+           "run_generation_frontier", "summarise_strategy", "UnitRows", "unit_identity", "UNITS_FILE"]
 
 #: The rows file of finished units in the output folder.
 UNITS_FILE = "units.jsonl"
@@ -115,8 +116,8 @@ def _generate_one(lm, prompt, cfg: GenerationConfig, s: GenStrategy, chat: bool)
 
 def summarise_strategy(name: str, items: list[dict], exact_items: list[dict]) -> dict:
     """One row: tokens per second and speedup over the exact sampler (median over prompts of the paired ratios,
-    its 95 % bootstrap interval over prompts, [min, max]), forward passes per token, probe score with a 95 % bootstrap interval over prompts, token
-    agreement with the exact sampler's answers (and its interval)."""
+    its 95 % bootstrap interval over prompts, [min, max]), forward passes per token, probe score with a 95 %
+    bootstrap interval over prompts, token agreement with the exact sampler's answers (and its interval)."""
     tps = [it["tokens"] / it["wall_s"] for it in items]
     ratios = [e["wall_s"] / it["wall_s"] for it, e in zip(items, exact_items, strict=True)]
     agree = [_token_agreement(it["ids"], e["ids"]) for it, e in zip(items, exact_items, strict=True)]
@@ -270,7 +271,7 @@ def median_interval(values: list[float], replicates: int = 2000, seed: int = 0) 
     """95 % percentile-bootstrap interval of the median of ``values`` (resampled with replacement)."""
     v = np.asarray(values, float)
     boot = np.median(v[np.random.default_rng(seed).integers(0, len(v), size=(replicates, len(v)))], axis=1)
-    return [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+    return list(percentile_interval(boot))
 
 
 def over_base(name: str, base: str, items: list[dict], base_items: list[dict], replicates: int = 2000,
